@@ -1,0 +1,2 @@
+//! `keyserver`: the IST Mesh control plane.
+fn main() {}

@@ -1,0 +1,35 @@
+//! # meshlib — the reusable core of IST Mesh
+//!
+//! IST Mesh gives every instance of a deployment a private, encrypted network
+//! (WireGuard) to every other instance of the same deployment. This crate holds
+//! everything the `sidecar` and the `keyserver` share, and everything an
+//! embedder needs.
+//!
+//! ## Layout
+//!
+//! Pure modules (no sockets, no tasks, no clock; time is an argument):
+//! - [`ids`] — parsed identifiers: [`ids::NetworkId`], [`ids::InstanceName`],
+//!   [`ids::AppId`], [`ids::ProcessType`].
+//! - [`keys`] — WireGuard key pairs in `wg`'s text form.
+//! - [`netmap`] — the versioned network map, its members and deltas.
+//! - [`ist`] — Inter Service Traffic names (seed 004): `.warp` hostnames,
+//!   `WARP_IST_*` variables, conflicts, overrides, `warp.config.js`.
+//! - [`names`] — private DNS names (`<instance>.internal`, the seed-003
+//!   `private-network.internal.` names) and their resolution against a map.
+//! - [`ipam`] — address allocation in a network range, with quarantine.
+//! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
+//!   strings.
+//!
+//! Driver modules (files):
+//! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+
+#![warn(missing_docs)]
+
+pub mod fsutil;
+pub mod ids;
+pub mod ipam;
+pub mod ist;
+pub mod keys;
+pub mod names;
+pub mod netmap;
+pub mod render;

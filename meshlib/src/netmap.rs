@@ -1,0 +1,243 @@
+//! The network map: everything one member needs to know about its network,
+//! versioned by a generation number.
+//!
+//! The keyserver sends a [`NetworkMap`] snapshot, then [`MapDelta`]s; a member
+//! applies them in order with [`NetworkMap::apply`]. Pure data, no I/O.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AppId, InstanceName, NetworkId, ProcessType};
+use crate::keys::PublicKey;
+
+/// One instance's sidecar in one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The membership's WireGuard public key (the private key never leaves the
+    /// instance). Unique in the network; the member's identity in the map.
+    pub public_key: PublicKey,
+    /// The member's private (overlay) address, inside the network's range.
+    pub ip: Ipv4Addr,
+    /// Underlay endpoints where the member's WireGuard socket can be reached:
+    /// those it advertised first, then the address the keyserver observed.
+    pub endpoints: Vec<SocketAddr>,
+    /// The service (app) name as the user wrote it, any Unicode: the input of
+    /// the IST encodings (`<encoded>.warp`, `WARP_IST_<encoded>`).
+    pub service: String,
+    /// The DNS-label id of the app (seed 003's `<app-id>`).
+    pub app_id: AppId,
+    /// The process type (`web` by default).
+    pub process_type: ProcessType,
+    /// 1-based index of the member within (app, process type).
+    pub index: u32,
+    /// The instance name, unique in the network (`<instance>.internal`).
+    pub instance: InstanceName,
+    /// Free-form label of the runner (host) the instance runs on.
+    pub runner: String,
+}
+
+/// Everything one member needs about its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMap {
+    /// The network's id (`pn-<uuid>`).
+    pub network: NetworkId,
+    /// The network's human name.
+    pub name: String,
+    /// The network's address range (default `10.240.0.0/22`).
+    pub range: Ipv4Net,
+    /// Version of this map; every change the keyserver makes increments it.
+    pub generation: u64,
+    /// All members, keyed by public key.
+    pub members: BTreeMap<PublicKey, Member>,
+}
+
+/// One change to a network map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapChange {
+    /// A member joined or one of its fields changed (endpoints, mostly).
+    Upsert(Member),
+    /// A member left or was revoked.
+    Remove(PublicKey),
+}
+
+/// The changes that take a map from generation `from` to generation `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapDelta {
+    /// The generation the delta applies to.
+    pub from: u64,
+    /// The generation after the delta.
+    pub to: u64,
+    /// The changes, applied in order.
+    pub changes: Vec<MapChange>,
+}
+
+/// Why a delta cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// The delta starts at another generation than the map's: the member must
+    /// ask for a snapshot (or the deltas it missed).
+    #[error("delta from generation {delta_from} does not apply to map generation {map}")]
+    GenerationGap {
+        /// The map's generation.
+        map: u64,
+        /// The delta's starting generation.
+        delta_from: u64,
+    },
+    /// The delta goes backwards.
+    #[error("delta goes from generation {from} back to {to}")]
+    Backwards {
+        /// Starting generation.
+        from: u64,
+        /// Ending generation.
+        to: u64,
+    },
+}
+
+impl NetworkMap {
+    /// An empty map of a network, at generation 0.
+    pub fn new(network: NetworkId, name: impl Into<String>, range: Ipv4Net) -> Self {
+        Self {
+            network,
+            name: name.into(),
+            range,
+            generation: 0,
+            members: BTreeMap::new(),
+        }
+    }
+
+    /// Applies `delta` if it starts at this map's generation. On error the map
+    /// is unchanged.
+    pub fn apply(&mut self, delta: &MapDelta) -> Result<(), DeltaError> {
+        if delta.from != self.generation {
+            return Err(DeltaError::GenerationGap {
+                map: self.generation,
+                delta_from: delta.from,
+            });
+        }
+        if delta.to < delta.from {
+            return Err(DeltaError::Backwards {
+                from: delta.from,
+                to: delta.to,
+            });
+        }
+        for change in &delta.changes {
+            match change {
+                MapChange::Upsert(m) => {
+                    self.members.insert(m.public_key, m.clone());
+                }
+                MapChange::Remove(k) => {
+                    self.members.remove(k);
+                }
+            }
+        }
+        self.generation = delta.to;
+        Ok(())
+    }
+
+    /// The member with this instance name.
+    pub fn by_instance(&self, name: &InstanceName) -> Option<&Member> {
+        self.members.values().find(|m| &m.instance == name)
+    }
+
+    /// The members that offer one service, ordered by (process type is `web`
+    /// first, then type, then index): the first is the service's primary
+    /// address for the IST variables.
+    pub fn service_members<'a>(&'a self, service: &str) -> Vec<&'a Member> {
+        let mut out: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| m.service == service)
+            .collect();
+        out.sort_by(|a, b| {
+            (!a.process_type.is_web(), &a.process_type, a.index)
+                .cmp(&(!b.process_type.is_web(), &b.process_type, b.index))
+        });
+        out
+    }
+
+    /// The distinct service names of the network, sorted.
+    pub fn services(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.members.values().map(|m| m.service.as_str()).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    /// A member for tests: `service`/`ptype`/`index`, instance `inst`, ip `10.240.0.<n>`.
+    pub(crate) fn member(inst: &str, service: &str, ptype: &str, index: u32, n: u8) -> Member {
+        Member {
+            public_key: PrivateKey::generate().public_key(),
+            ip: Ipv4Addr::new(10, 240, 0, n),
+            endpoints: vec![],
+            service: service.to_owned(),
+            app_id: crate::ist::hostname_label(service).unwrap().parse().unwrap(),
+            process_type: ptype.parse().unwrap(),
+            index,
+            instance: inst.parse().unwrap(),
+            runner: "r1".to_owned(),
+        }
+    }
+
+    pub(crate) fn empty_map() -> NetworkMap {
+        NetworkMap::new(
+            "pn-ad0fd6a1-d05e-40ea-bf63-c4f8a75a9d8c".parse().unwrap(),
+            "prod",
+            "10.240.0.0/22".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn deltas_apply_in_order_only() {
+        let mut map = empty_map();
+        let a = member("a", "api", "web", 1, 1);
+        let b = member("b", "api", "worker", 1, 2);
+        let d1 = MapDelta {
+            from: 0,
+            to: 2,
+            changes: vec![MapChange::Upsert(a.clone()), MapChange::Upsert(b.clone())],
+        };
+        map.apply(&d1).unwrap();
+        assert_eq!(map.members.len(), 2);
+        // Replaying the same delta is a gap, and changes nothing.
+        let before = map.clone();
+        assert!(matches!(map.apply(&d1), Err(DeltaError::GenerationGap { .. })));
+        assert_eq!(map, before);
+        let d2 = MapDelta {
+            from: 2,
+            to: 3,
+            changes: vec![MapChange::Remove(a.public_key)],
+        };
+        map.apply(&d2).unwrap();
+        assert_eq!(map.generation, 3);
+        assert_eq!(map.service_members("api"), vec![&b]);
+        let back = MapDelta { from: 3, to: 1, changes: vec![] };
+        assert!(matches!(map.apply(&back), Err(DeltaError::Backwards { .. })));
+    }
+
+    #[test]
+    fn service_members_web_first() {
+        let mut map = empty_map();
+        for m in [
+            member("w2", "api", "worker", 1, 5),
+            member("a2", "api", "web", 2, 4),
+            member("a1", "api", "web", 1, 3),
+        ] {
+            map.members.insert(m.public_key, m);
+        }
+        let names: Vec<&str> = map
+            .service_members("api")
+            .iter()
+            .map(|m| m.instance.as_str())
+            .collect();
+        assert_eq!(names, ["a1", "a2", "w2"]);
+    }
+}

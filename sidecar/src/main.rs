@@ -1,0 +1,2 @@
+//! `sidecar`: the IST Mesh agent beside each instance.
+fn main() {}
