@@ -17,6 +17,7 @@
 //! - [`names`] — private DNS names (`<instance>.internal`, the seed-003
 //!   `private-network.internal.` names) and their resolution against a map.
 //! - [`ipam`] — address allocation in a network range, with quarantine.
+//! - [`dns`] — private DNS answers on the wire (hickory-proto), from a name index.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
 //!   strings.
 //!
@@ -25,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dns;
 pub mod fsutil;
 pub mod ids;
 pub mod ipam;
