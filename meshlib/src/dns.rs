@@ -161,6 +161,16 @@ fn encode(mut response: Message, request: &Message, transport: Transport) -> Rep
     truncated.to_vec().map_or(Reply::Drop, Reply::Respond)
 }
 
+/// SERVFAIL for `query` (its id, opcode, RD bit and question), for when no
+/// upstream answers. `None` if the query does not parse.
+pub fn servfail_for(query: &[u8]) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    let mut response = response_to(&request);
+    response.set_response_code(ResponseCode::ServFail);
+    response.add_queries(request.queries().iter().cloned());
+    response.to_vec().ok()
+}
+
 /// The upstream resolvers of a `resolv.conf` text: its `nameserver` lines,
 /// port 53, in order. Malformed lines and comments are skipped; IPv6 zone
 /// suffixes (`fe80::1%eth0`) are not supported and skipped.
