@@ -2,9 +2,17 @@
 //! exposed so tests (and embedders) run them in-process.
 //!
 //! ## Layout
+//! - [`config`] — the configuration (TOML, kebab-case), with defaults.
 //! - [`dns`] — the private DNS server: answers from the current name index,
 //!   forwards everything else to the machine's upstream resolvers.
+//! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
+//! - [`state`] — the state directory: private key (0600) and map cache.
+//! - [`supervise`] — `sidecar run`: the child process, its env and signals.
 
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod dns;
+pub mod outputs;
+pub mod state;
+pub mod supervise;
