@@ -7,6 +7,7 @@
 //!   forwards everything else to the machine's upstream resolvers.
 //! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
 //! - [`state`] — the state directory: private key (0600) and map cache.
+//! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
 //! - [`supervise`] — `sidecar run`: the child process, its env and signals.
 
 #![warn(missing_docs)]
@@ -15,4 +16,5 @@ pub mod config;
 pub mod dns;
 pub mod outputs;
 pub mod state;
+pub mod status;
 pub mod supervise;
