@@ -201,6 +201,14 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
     out
 }
 
+/// A per-peer metric: name, help, type, and how to read it.
+type PeerMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PeerStatus) -> u64,
+);
+
 /// Escapes a Prometheus label value.
 fn label(v: &str) -> String {
     v.replace('\\', r"\\")
@@ -236,7 +244,7 @@ pub fn render_prometheus(s: &Status) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
-    let per_peer: [(&str, &str, &str, fn(&PeerStatus) -> u64); 4] = [
+    let per_peer: [PeerMetric; 4] = [
         (
             "istmesh_peer_rx_bytes_total",
             "Bytes received from the peer.",
