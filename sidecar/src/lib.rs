@@ -6,6 +6,7 @@
 //! - [`dns`] — the private DNS server: answers from the current name index,
 //!   forwards everything else to the machine's upstream resolvers.
 //! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
+//! - [`resolver`] — upstream resolvers, and pointing resolv.conf at the sidecar.
 //! - [`state`] — the state directory: private key (0600) and map cache.
 //! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
 //! - [`supervise`] — `sidecar run`: the child process, its env and signals.
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod dns;
 pub mod outputs;
+pub mod resolver;
 pub mod state;
 pub mod status;
 pub mod supervise;
