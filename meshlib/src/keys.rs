@@ -117,7 +117,9 @@ pub struct PrivateKey(x25519_dalek::StaticSecret);
 impl PrivateKey {
     /// A new random key from the operating system's generator.
     pub fn generate() -> Self {
-        Self(x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng))
+        Self(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ))
     }
 
     /// The matching public key.
@@ -164,7 +166,8 @@ mod tests {
     #[test]
     fn matches_wg_pubkey() {
         // `echo yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk= | wg pubkey`
-        let private = PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
+        let private =
+            PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
         assert_eq!(
             private.public_key().to_string(),
             "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="

@@ -22,6 +22,10 @@
 //!
 //! Driver modules (files):
 //! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//!
+//! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
+//! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
+//!   TUN device, and the `wg`-compatible UAPI socket.
 
 #![warn(missing_docs)]
 
@@ -33,3 +37,4 @@ pub mod keys;
 pub mod names;
 pub mod netmap;
 pub mod render;
+pub mod wg;

@@ -152,8 +152,11 @@ impl NetworkMap {
             .filter(|m| m.service == service)
             .collect();
         out.sort_by(|a, b| {
-            (!a.process_type.is_web(), &a.process_type, a.index)
-                .cmp(&(!b.process_type.is_web(), &b.process_type, b.index))
+            (!a.process_type.is_web(), &a.process_type, a.index).cmp(&(
+                !b.process_type.is_web(),
+                &b.process_type,
+                b.index,
+            ))
         });
         out
     }
@@ -179,7 +182,10 @@ pub(crate) mod tests {
             ip: Ipv4Addr::new(10, 240, 0, n),
             endpoints: vec![],
             service: service.to_owned(),
-            app_id: crate::ist::hostname_label(service).unwrap().parse().unwrap(),
+            app_id: crate::ist::hostname_label(service)
+                .unwrap()
+                .parse()
+                .unwrap(),
             process_type: ptype.parse().unwrap(),
             index,
             instance: inst.parse().unwrap(),
@@ -209,7 +215,10 @@ pub(crate) mod tests {
         assert_eq!(map.members.len(), 2);
         // Replaying the same delta is a gap, and changes nothing.
         let before = map.clone();
-        assert!(matches!(map.apply(&d1), Err(DeltaError::GenerationGap { .. })));
+        assert!(matches!(
+            map.apply(&d1),
+            Err(DeltaError::GenerationGap { .. })
+        ));
         assert_eq!(map, before);
         let d2 = MapDelta {
             from: 2,
@@ -219,8 +228,15 @@ pub(crate) mod tests {
         map.apply(&d2).unwrap();
         assert_eq!(map.generation, 3);
         assert_eq!(map.service_members("api"), vec![&b]);
-        let back = MapDelta { from: 3, to: 1, changes: vec![] };
-        assert!(matches!(map.apply(&back), Err(DeltaError::Backwards { .. })));
+        let back = MapDelta {
+            from: 3,
+            to: 1,
+            changes: vec![],
+        };
+        assert!(matches!(
+            map.apply(&back),
+            Err(DeltaError::Backwards { .. })
+        ));
     }
 
     #[test]
