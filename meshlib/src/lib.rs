@@ -24,6 +24,10 @@
 //!
 //! Driver modules (files):
 //! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//!
+//! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
+//! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
+//!   TUN device, and the `wg`-compatible UAPI socket.
 
 #![warn(missing_docs)]
 
@@ -37,3 +41,4 @@ pub mod names;
 pub mod netmap;
 pub mod reconcile;
 pub mod render;
+pub mod wg;

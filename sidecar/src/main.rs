@@ -3,8 +3,11 @@
 //! Subcommands:
 //! - `ist-names [NAME...]` — print the IST hostname and variables of service
 //!   names (seed 004), one TSV line each.
+//! - `wg [-f] <ifname>` — the data plane alone: a userspace WireGuard
+//!   interface configured through its UAPI socket (a `wireguard-go` drop-in).
 
 mod ist_names;
+mod wg_cmd;
 
 use std::process::ExitCode;
 
@@ -27,11 +30,21 @@ enum Command {
     /// Print `name<TAB>hostname<TAB>generic-variable<TAB>shell-variable` for
     /// each service name (from the arguments, or stdin one per line).
     IstNames(ist_names::Args),
+    /// Run a plain userspace WireGuard interface, configured only through
+    /// its UAPI socket (`wg show` / `wg set`): a drop-in for `wireguard-go`.
+    Wg(wg_cmd::WgArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::IstNames(args) => ist_names::run(args),
+        Command::Wg(args) => match wg_cmd::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidecar wg: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -1,0 +1,157 @@
+//! The "instance side" of the engine: where clear-text IP packets come from
+//! and go to. [`Device`] is the small abstraction (batches of packets in and
+//! out); [`TunDevice`] is the Linux TUN implementation (kernel-interface
+//! mode) on `tun-rs`, with `IFF_VNET_HDR` offloads: the kernel hands us TSO
+//! super-packets that `tun-rs` splits, and we hand back GRO-coalesced ones.
+//! A userspace (smoltcp) device can implement the same trait later.
+
+use std::io;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tun_rs::{DeviceBuilder, GROTable, InterruptEvent, SyncDevice};
+
+/// Default MTU of the tunnel interface (room for the WireGuard and UDP/IPv6
+/// headers inside a 1500-byte underlay).
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// Largest packet the device can hand over in one read (a TSO super-packet).
+pub const MAX_SUPER_PACKET: usize = 65_535 + tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Number of packets one read or write batch holds at most.
+pub const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+
+/// A source and sink of clear-text IP packets, read and written in batches.
+///
+/// Call order: one thread calls [`Device::recv_batch`] in a loop; another
+/// calls [`Device::send_batch`]; [`Device::interrupt`] from any thread makes a
+/// blocked `recv_batch` return [`io::ErrorKind::Interrupted`].
+pub trait Device: Send + Sync + 'static {
+    /// Bytes the caller must leave free before each packet given to
+    /// [`Device::send_batch`] (and that `recv_batch` leaves before each one).
+    fn headroom(&self) -> usize;
+
+    /// Reads at least one packet: packet `i` is `bufs[i][headroom..headroom +
+    /// sizes[i]]`. `scratch` holds a super-packet before it is split (size it
+    /// [`MAX_SUPER_PACKET`]). Returns the number of packets.
+    fn recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize>;
+
+    /// Writes packets, each `bufs[i][headroom..]` (buffers may be grown and
+    /// modified to coalesce packets).
+    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()>;
+
+    /// Wakes a blocked [`Device::recv_batch`] for shutdown.
+    fn interrupt(&self);
+}
+
+/// How to create the TUN interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunConfig {
+    /// Interface name (at most 15 bytes on Linux).
+    pub name: String,
+    /// MTU; [`DEFAULT_MTU`] by default.
+    pub mtu: u16,
+    /// The member's address with the network's prefix length (e.g.
+    /// `10.240.0.5/22`): the kernel derives the route for the whole range from
+    /// it. `None` leaves the interface unaddressed (plain `wireguard-go`
+    /// behaviour: the user runs `ip addr add`).
+    pub address: Option<IpNet>,
+    /// Use `IFF_VNET_HDR` offloads (TSO in, GRO out). On by default.
+    pub offload: bool,
+}
+
+impl TunConfig {
+    /// A config with the defaults: MTU 1420, no address, offloads on.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            mtu: DEFAULT_MTU,
+            address: None,
+            offload: true,
+        }
+    }
+}
+
+/// A Linux TUN interface (needs `CAP_NET_ADMIN` and `/dev/net/tun`).
+pub struct TunDevice {
+    dev: SyncDevice,
+    offload: bool,
+    stop: InterruptEvent,
+    gro: parking_lot::Mutex<GROTable>,
+}
+
+impl TunDevice {
+    /// Creates the interface, sets its address (the kernel adds the route of
+    /// its prefix, through netlink), its MTU, and brings it up.
+    pub fn create(cfg: &TunConfig) -> io::Result<Self> {
+        let mut builder = DeviceBuilder::new()
+            .name(&cfg.name)
+            .mtu(cfg.mtu)
+            .offload(cfg.offload)
+            .enable(true);
+        if let Some(net) = cfg.address {
+            builder = match net.addr() {
+                IpAddr::V4(a) => builder.ipv4(a, net.prefix_len(), None),
+                IpAddr::V6(a) => builder.ipv6(a, net.prefix_len()),
+            };
+        }
+        let dev = builder.build_sync()?;
+        let offload = cfg.offload && dev.tcp_gso();
+        Ok(Self {
+            dev,
+            offload,
+            stop: InterruptEvent::new()?,
+            gro: parking_lot::Mutex::new(GROTable::default()),
+        })
+    }
+
+    /// The interface name as the kernel knows it.
+    pub fn name(&self) -> io::Result<String> {
+        self.dev.name()
+    }
+
+    /// True when TSO/GRO offloads are active.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+}
+
+impl Device for TunDevice {
+    fn headroom(&self) -> usize {
+        if self.offload {
+            tun_rs::VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        }
+    }
+
+    fn recv_batch(
+        &self,
+        scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        let off = self.headroom();
+        if self.stop.is_trigger() {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        self.dev
+            .recv_multiple_intr(scratch, bufs, sizes, off, &self.stop)
+    }
+
+    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        let mut gro = self.gro.lock();
+        self.dev
+            .send_multiple(&mut gro, bufs, self.headroom())
+            .map(|_| ())
+    }
+
+    fn interrupt(&self) {
+        let _ = self.stop.trigger();
+    }
+}

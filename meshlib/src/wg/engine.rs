@@ -1,0 +1,419 @@
+//! The engine: peer table + key + UDP socket + device, and the Rust API to
+//! change them live. The packet loops are in [`super::io`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use boringtun::noise::Tunn;
+use parking_lot::{Mutex, RwLock};
+use rand_core::RngCore;
+
+use super::device::Device;
+use super::io::{self, Udp};
+use super::peer::{Peer, PeerConfig, PeerStats};
+use super::table::PeerTable;
+use super::uapi::{self, InterfaceInfo, PeerChange, PeerInfo, SetRequest};
+use crate::keys::{PrivateKey, PublicKey};
+
+/// Why an engine operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The UDP socket could not be created or bound (port in use, ...).
+    #[error("cannot bind UDP port {port}: {source}")]
+    Bind {
+        /// The port asked for.
+        port: u16,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A worker thread could not be started.
+    #[error("cannot start engine thread: {0}")]
+    Thread(std::io::Error),
+    /// No free 24-bit receiver index was found (table full).
+    #[error("no free peer index")]
+    NoFreeIndex,
+}
+
+impl EngineError {
+    /// The UAPI `errno=` value for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            EngineError::Bind { .. } => uapi::ERRNO_PORT_IN_USE,
+            _ => uapi::ERRNO_INVALID,
+        }
+    }
+}
+
+/// Engine-wide configuration at start.
+#[derive(Clone, Default)]
+pub struct EngineConfig {
+    /// UDP port to listen on; 0 (the default) picks a free one.
+    pub listen_port: u16,
+    /// The interface's private key; `None` until set (nothing flows).
+    pub private_key: Option<PrivateKey>,
+    /// Firewall mark for the UDP socket; 0 (the default) sets none.
+    pub fwmark: u32,
+}
+
+/// Drops not attributable to a configured peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Handshake initiations from a key that is not a peer (not answered).
+    pub unknown_key: u64,
+    /// Datagrams naming a receiver index no peer holds (e.g. removed peers).
+    pub unknown_index: u64,
+    /// Datagrams that are not WireGuard messages.
+    pub malformed: u64,
+    /// Outbound packets to an address no peer's allowed IPs cover.
+    pub no_route: u64,
+}
+
+/// Counters shared by the loops.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub unknown_key: AtomicU64,
+    pub unknown_index: AtomicU64,
+    pub malformed: AtomicU64,
+    pub no_route: AtomicU64,
+}
+
+/// The interface's static key pair, as boringtun takes it.
+#[derive(Clone)]
+pub(crate) struct StaticKey {
+    pub secret: x25519_dalek::StaticSecret,
+    pub public: x25519_dalek::PublicKey,
+}
+
+/// A packet loop's body.
+type LoopFn = fn(Arc<Shared>);
+
+/// State shared between the API and the packet loops.
+pub(crate) struct Shared {
+    pub table: RwLock<PeerTable<Peer>>,
+    pub key: RwLock<Option<StaticKey>>,
+    pub udp: RwLock<Arc<Udp>>,
+    /// Bumped whenever `udp` is replaced, so loops notice cheaply.
+    pub udp_generation: AtomicU64,
+    pub fwmark: AtomicU32,
+    pub device: Arc<dyn Device>,
+    pub stop: AtomicBool,
+    /// Set when a loop ended on its own (e.g. the interface was deleted).
+    pub failed: AtomicBool,
+    pub counters: Counters,
+    pub epoch: Instant,
+}
+
+impl Shared {
+    /// Milliseconds since the engine started (never 0).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+/// A multi-peer WireGuard engine: one `boringtun::noise::Tunn` per peer, a
+/// UDP socket, a [`Device`] for the clear-text side, and three threads (device
+/// → network with encryption, network → device with decryption, timers).
+///
+/// Every method may be called while traffic flows; changes to one peer do
+/// not disturb the others. Dropping the engine stops it.
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn static_key(key: &PrivateKey) -> StaticKey {
+    let secret = key.to_dalek();
+    let public = x25519_dalek::PublicKey::from(&secret);
+    StaticKey { secret, public }
+}
+
+impl Engine {
+    /// Binds the UDP socket and starts the packet loops on `device`.
+    pub fn start(device: Arc<dyn Device>, config: EngineConfig) -> Result<Self, EngineError> {
+        let udp =
+            Udp::bind(config.listen_port, config.fwmark).map_err(|source| EngineError::Bind {
+                port: config.listen_port,
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            table: RwLock::new(PeerTable::new()),
+            key: RwLock::new(config.private_key.as_ref().map(static_key)),
+            udp: RwLock::new(Arc::new(udp)),
+            udp_generation: AtomicU64::new(0),
+            fwmark: AtomicU32::new(config.fwmark),
+            device,
+            stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            counters: Counters::default(),
+            epoch: Instant::now(),
+        });
+        let engine = Engine {
+            shared: shared.clone(),
+            threads: Mutex::new(Vec::new()),
+        };
+        let loops: [(&str, LoopFn); 3] = [
+            ("wg-tun", io::device_loop),
+            ("wg-udp", io::network_loop),
+            ("wg-timers", io::timer_loop),
+        ];
+        for (name, f) in loops {
+            let s = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(s))
+                .map_err(EngineError::Thread)?;
+            engine.threads.lock().push(handle);
+        }
+        Ok(engine)
+    }
+
+    /// Sets (or with `None` clears) the private key; sessions restart.
+    pub fn set_private_key(&self, key: Option<PrivateKey>) {
+        let new = key.as_ref().map(static_key);
+        // Lock order everywhere: table, then key.
+        let table = self.shared.table.read();
+        let mut slot = self.shared.key.write();
+        if let Some(k) = &new {
+            for (_, peer) in table.iter() {
+                peer.tunn
+                    .lock()
+                    .set_static_private(k.secret.clone(), k.public, None);
+            }
+        }
+        *slot = new;
+    }
+
+    /// The public key of the interface, if a private key is set.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.shared.key.read().as_ref().map(|k| k.public.into())
+    }
+
+    /// The bound UDP port.
+    pub fn listen_port(&self) -> u16 {
+        self.shared.udp.read().port
+    }
+
+    /// Rebinds the UDP socket to `port` (0: any). Peers and sessions stay.
+    pub fn set_listen_port(&self, port: u16) -> Result<(), EngineError> {
+        if port != 0 && port == self.listen_port() {
+            return Ok(());
+        }
+        let fwmark = self.shared.fwmark.load(Relaxed);
+        let udp = Udp::bind(port, fwmark).map_err(|source| EngineError::Bind { port, source })?;
+        *self.shared.udp.write() = Arc::new(udp);
+        self.shared.udp_generation.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Sets the firewall mark of the UDP socket (0 clears it).
+    pub fn set_fwmark(&self, mark: u32) -> Result<(), EngineError> {
+        self.shared.fwmark.store(mark, Relaxed);
+        let udp = self.shared.udp.read().clone();
+        udp.set_mark(mark).map_err(|source| EngineError::Bind {
+            port: udp.port,
+            source,
+        })
+    }
+
+    /// Adds the peer, or replaces the configuration of an existing one
+    /// (allowed IPs, endpoint, keepalive, preshared key) keeping its session.
+    pub fn set_peer(&self, config: PeerConfig) -> Result<(), EngineError> {
+        self.apply_peer_change(&PeerChange {
+            public_key: config.public_key,
+            remove: false,
+            update_only: false,
+            preshared_key: Some(config.preshared_key.unwrap_or([0; 32])),
+            endpoint: config.endpoint,
+            persistent_keepalive: Some(config.persistent_keepalive),
+            replace_allowed_ips: true,
+            allowed_ips: config.allowed_ips,
+        })
+    }
+
+    /// Removes a peer; its packets are refused from this call on. Returns
+    /// whether it existed.
+    pub fn remove_peer(&self, key: &PublicKey) -> bool {
+        self.shared.table.write().remove(key).is_some()
+    }
+
+    /// Counters and state of one peer.
+    pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
+        let table = self.shared.table.read();
+        let (index, peer) = table.by_key(key)?;
+        Some(peer.stats(table.allowed_of(index), SystemTime::now()))
+    }
+
+    /// Counters and state of every peer, sorted by public key.
+    pub fn peers(&self) -> Vec<PeerStats> {
+        let table = self.shared.table.read();
+        let now = SystemTime::now();
+        let mut all: Vec<_> = table
+            .iter()
+            .map(|(i, p)| p.stats(table.allowed_of(i), now))
+            .collect();
+        all.sort_by_key(|p| p.public_key);
+        all
+    }
+
+    /// Drops not attributable to a peer.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            unknown_key: c.unknown_key.load(Relaxed),
+            unknown_index: c.unknown_index.load(Relaxed),
+            malformed: c.malformed.load(Relaxed),
+            no_route: c.no_route.load(Relaxed),
+        }
+    }
+
+    /// True once a packet loop has ended by itself (device gone).
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Relaxed)
+    }
+
+    /// Applies one UAPI peer section (add, update, remove).
+    pub fn apply_peer_change(&self, change: &PeerChange) -> Result<(), EngineError> {
+        let mut table = self.shared.table.write();
+        if change.remove {
+            table.remove(&change.public_key);
+            return Ok(());
+        }
+        let index = match table.by_key(&change.public_key) {
+            Some((index, _)) => index,
+            None if change.update_only => return Ok(()),
+            None => self.insert_peer(&mut table, change.public_key)?,
+        };
+        let Some(peer) = table.by_index(index).cloned() else {
+            return Ok(());
+        };
+        if let Some(psk) = change.preshared_key {
+            self.set_preshared_key(&peer, index, psk);
+        }
+        if let Some(ep) = change.endpoint {
+            *peer.endpoint.lock() = Some(ep);
+        }
+        if let Some(ka) = change.persistent_keepalive {
+            peer.keepalive.store(ka, Relaxed);
+        }
+        if change.replace_allowed_ips {
+            table.clear_allowed(index);
+        }
+        for net in &change.allowed_ips {
+            table.add_allowed(index, *net);
+        }
+        Ok(())
+    }
+
+    fn new_tunn(&self, key: PublicKey, psk: Option<[u8; 32]>, index: u32) -> Tunn {
+        let secret = match &*self.shared.key.read() {
+            Some(k) => k.secret.clone(),
+            // Placeholder until a key is set (`set_private_key` replaces it);
+            // the loops move no packet while the key is unset.
+            None => x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng),
+        };
+        Tunn::new(secret, key.to_dalek(), psk, None, index, None)
+    }
+
+    fn insert_peer(&self, table: &mut PeerTable<Peer>, key: PublicKey) -> Result<u32, EngineError> {
+        let index = (0..64)
+            .map(|_| rand_core::OsRng.next_u32() & 0x00ff_ffff)
+            .find(|i| *i != 0 && !table.index_in_use(*i))
+            .ok_or(EngineError::NoFreeIndex)?;
+        let peer = Peer::new(key, self.new_tunn(key, None, index));
+        table.insert(key, index, Arc::new(peer));
+        Ok(index)
+    }
+
+    fn set_preshared_key(&self, peer: &Peer, index: u32, psk: [u8; 32]) {
+        let psk = (psk != [0; 32]).then_some(psk);
+        let mut current = peer.preshared_key.lock();
+        if *current != psk {
+            *current = psk;
+            *peer.tunn.lock() = self.new_tunn(peer.key, psk, index);
+        }
+    }
+
+    /// Applies a UAPI `set=1` request, in order.
+    pub fn apply_set(&self, req: &SetRequest) -> Result<(), EngineError> {
+        if let Some(key) = &req.private_key {
+            self.set_private_key(key.clone());
+        }
+        if let Some(port) = req.listen_port {
+            self.set_listen_port(port)?;
+        }
+        if let Some(mark) = req.fwmark {
+            self.set_fwmark(mark)?;
+        }
+        if req.replace_peers {
+            self.shared.table.write().clear();
+        }
+        for change in &req.peers {
+            self.apply_peer_change(change)?;
+        }
+        Ok(())
+    }
+
+    /// The state a UAPI `get=1` reports.
+    pub fn interface_info(&self, private_key: Option<PrivateKey>) -> InterfaceInfo {
+        let table = self.shared.table.read();
+        let now = SystemTime::now();
+        let mut peers: Vec<PeerInfo> = table
+            .iter()
+            .map(|(i, p)| {
+                let s = p.stats(table.allowed_of(i), now);
+                PeerInfo {
+                    public_key: s.public_key,
+                    preshared_key: *p.preshared_key.lock(),
+                    endpoint: s.endpoint,
+                    allowed_ips: s.allowed_ips,
+                    last_handshake: s.last_handshake,
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                    persistent_keepalive: s.persistent_keepalive,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| p.public_key);
+        InterfaceInfo {
+            private_key,
+            listen_port: self.listen_port(),
+            fwmark: self.shared.fwmark.load(Relaxed),
+            peers,
+        }
+    }
+
+    /// The private key, for the UAPI `get=1` answer only.
+    pub(crate) fn private_key(&self) -> Option<PrivateKey> {
+        self.shared
+            .key
+            .read()
+            .as_ref()
+            .map(|k| PrivateKey::from_bytes(k.secret.to_bytes()))
+    }
+
+    /// The endpoint the engine currently sends to for `key`.
+    pub fn endpoint(&self, key: &PublicKey) -> Option<SocketAddr> {
+        let table = self.shared.table.read();
+        let (_, peer) = table.by_key(key)?;
+        let ep = *peer.endpoint.lock();
+        ep
+    }
+
+    /// Stops the loops and waits for them.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Relaxed);
+        self.shared.device.interrupt();
+        for handle in self.threads.lock().drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,496 @@
+//! The engine's packet loops (drivers): device → network (encrypt, batched
+//! UDP GSO send), network → device (batched GRO receive, decrypt, allowed-IP
+//! check, GRO-coalesced device write), and the timers. Buffers are allocated
+//! once per loop; the hot path allocates nothing.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::device::{BATCH, MAX_SUPER_PACKET};
+use super::engine::Shared;
+use super::peer::Peer;
+
+/// Socket buffer size asked for (as wireguard-go does).
+const SOCKET_BUFFER: usize = 7 << 20;
+/// How often a blocked receive wakes to look at the stop flag and the socket.
+const POLL: Duration = Duration::from_millis(200);
+/// Timer tick (boringtun's timers have this granularity at best).
+const TICK: Duration = Duration::from_millis(100);
+/// Largest UDP payload handled; bigger datagrams cannot come from a peer.
+const MAX_DATAGRAM: usize = 65_535;
+/// Most bytes packed into one GSO send.
+const MAX_GSO_BYTES: usize = 64_000;
+/// Room the encrypted form of one packet needs beyond its clear text
+/// (header, tag, padding to 16), and boringtun's 148-byte minimum.
+const OVERHEAD: usize = 32 + 16;
+
+/// The UDP socket with its quinn-udp state (GSO/GRO capabilities).
+pub(crate) struct Udp {
+    pub sock: std::net::UdpSocket,
+    pub state: UdpSocketState,
+    pub port: u16,
+}
+
+impl Udp {
+    /// A UDP/IPv4 socket on `port` with large buffers, address reuse, an
+    /// optional mark, and a receive timeout of [`POLL`].
+    pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_address(true)?;
+        force_buffers(&s);
+        if fwmark != 0 {
+            s.set_mark(fwmark)?;
+        }
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.set_read_timeout(Some(POLL))?;
+        let sock: std::net::UdpSocket = s.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        let port = sock.local_addr()?.port();
+        Ok(Self { sock, state, port })
+    }
+
+    /// Sets `SO_MARK`.
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.sock).set_mark(mark)
+    }
+
+    /// Sends `contents` to `to`, as GSO segments of `segment` bytes when it
+    /// holds more than one datagram. Errors are dropped packets (UDP).
+    fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        if let Err(e) = self.state.try_send(UdpSockRef::from(&self.sock), &t) {
+            tracing::trace!("udp send to {to}: {e}");
+        }
+    }
+}
+
+/// Asks for [`SOCKET_BUFFER`] bytes of socket buffer, past `rmem_max` when
+/// privileged (`SO_*BUFFORCE`), else as much as allowed.
+fn force_buffers(s: &Socket) {
+    use std::os::fd::AsRawFd;
+    let size = SOCKET_BUFFER as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for opt in [force, plain] {
+            // SAFETY: valid fd, pointer to a c_int living across the call,
+            // and its exact size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// The socket to use now, re-read only when the engine replaced it.
+struct CurrentUdp {
+    generation: u64,
+    udp: Arc<Udp>,
+}
+
+impl CurrentUdp {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            generation: shared.udp_generation.load(Relaxed),
+            udp: shared.udp.read().clone(),
+        }
+    }
+
+    fn refresh(&mut self, shared: &Shared) -> &Arc<Udp> {
+        let generation = shared.udp_generation.load(Relaxed);
+        if generation != self.generation {
+            *self = Self::new(shared);
+        }
+        &self.udp
+    }
+}
+
+/// Consecutive encrypted datagrams to one destination, packed for one GSO
+/// send: all `segment` bytes long except possibly the last.
+struct GsoBatch {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+    dest: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    max_segments: usize,
+}
+
+impl GsoBatch {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; 2 * MAX_GSO_BYTES + 2 * MAX_DATAGRAM],
+            start: 0,
+            len: 0,
+            dest: None,
+            segment: 0,
+            count: 0,
+            max_segments: 1,
+        }
+    }
+
+    /// Space to encrypt the next datagram into (at least `need` bytes).
+    fn space(&mut self, udp: &Udp, need: usize) -> &mut [u8] {
+        if self.start + self.len + need > self.buf.len() {
+            self.flush(udp);
+            self.start = 0;
+        }
+        let at = self.start + self.len;
+        &mut self.buf[at..at + need]
+    }
+
+    /// Accounts the `n` bytes just written by [`Self::space`] as a datagram
+    /// to `dest`; sends what cannot be merged with it.
+    fn commit(&mut self, udp: &Udp, dest: SocketAddr, n: usize) {
+        let mergeable = self.dest == Some(dest)
+            && n <= self.segment
+            && self.count < self.max_segments
+            && self.len + n <= MAX_GSO_BYTES
+            && (self.len % self.segment) == 0;
+        if !mergeable {
+            let at = self.start + self.len;
+            self.flush(udp);
+            self.start = at;
+            self.dest = Some(dest);
+            self.segment = n;
+            self.max_segments = udp.state.max_gso_segments().max(1);
+        }
+        self.len += n;
+        self.count += 1;
+    }
+
+    fn flush(&mut self, udp: &Udp) {
+        if let Some(dest) = self.dest.take() {
+            let data = &self.buf[self.start..self.start + self.len];
+            udp.send(dest, data, self.segment);
+        }
+        self.start += self.len;
+        self.len = 0;
+        self.count = 0;
+        if self.start > MAX_GSO_BYTES + MAX_DATAGRAM {
+            self.start = 0;
+        }
+    }
+}
+
+/// Reads a batch of clear-text packets, encrypts each for the peer its
+/// destination routes to, and sends them in GSO batches.
+pub(crate) fn device_loop(shared: Arc<Shared>) {
+    let device = shared.device.clone();
+    let off = device.headroom();
+    let mut scratch = vec![0u8; MAX_SUPER_PACKET];
+    let mut bufs = vec![vec![0u8; off + MAX_DATAGRAM]; BATCH];
+    let mut sizes = vec![0usize; BATCH];
+    let mut out = GsoBatch::new();
+    let mut udp = CurrentUdp::new(&shared);
+    let mut errors = 0u32;
+    while !shared.stop.load(Relaxed) {
+        let n = match device.recv_batch(&mut scratch, &mut bufs, &mut sizes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                errors += 1;
+                tracing::debug!("device read: {e}");
+                if errors > 100 || e.raw_os_error() == Some(libc::EBADFD) {
+                    shared.failed.store(true, Relaxed);
+                    break;
+                }
+                continue;
+            }
+        };
+        errors = 0;
+        if shared.key.read().is_none() {
+            continue;
+        }
+        let udp = udp.refresh(&shared);
+        let mut last: Option<(IpAddr, Arc<Peer>)> = None;
+        for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+            let packet = &buf[off..off + size];
+            encrypt_one(&shared, udp, &mut out, &mut last, packet);
+        }
+        out.flush(udp);
+    }
+}
+
+/// Encrypts one packet into `out`; `last` caches the previous route.
+fn encrypt_one(
+    shared: &Shared,
+    udp: &Udp,
+    out: &mut GsoBatch,
+    last: &mut Option<(IpAddr, Arc<Peer>)>,
+    packet: &[u8],
+) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        return;
+    };
+    let peer = match last {
+        Some((ip, p)) if *ip == dst => p.clone(),
+        _ => match shared.table.read().by_ip(dst) {
+            Some((_, p)) => {
+                *last = Some((dst, p.clone()));
+                p.clone()
+            }
+            None => {
+                shared.counters.no_route.fetch_add(1, Relaxed);
+                return;
+            }
+        },
+    };
+    let Some(endpoint) = *peer.endpoint.lock() else {
+        peer.drop_no_endpoint.fetch_add(1, Relaxed);
+        return;
+    };
+    let need = (packet.len() + OVERHEAD).max(148);
+    if need > MAX_DATAGRAM {
+        return;
+    }
+    let space = out.space(udp, need);
+    let n = match peer.tunn.lock().encapsulate(packet, space) {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        _ => return,
+    };
+    peer.tx_bytes.fetch_add(n as u64, Relaxed);
+    peer.last_tx_ms.store(shared.now_ms(), Relaxed);
+    out.commit(udp, endpoint, n);
+}
+
+/// Clear-text packets decrypted from one receive batch, waiting to be
+/// written to the device together (so the device can coalesce them).
+struct DeviceBatch {
+    bufs: Vec<Vec<u8>>,
+    count: usize,
+    off: usize,
+}
+
+impl DeviceBatch {
+    fn flush(&mut self, shared: &Shared) {
+        if self.count > 0 {
+            if let Err(e) = shared.device.send_batch(&mut self.bufs[..self.count]) {
+                tracing::trace!("device write: {e}");
+            }
+            self.count = 0;
+        }
+    }
+}
+
+/// Receives datagram batches (GRO), decrypts them, checks inner sources
+/// against the sender's allowed IPs, and writes the packets to the device.
+pub(crate) fn network_loop(shared: Arc<Shared>) {
+    let off = shared.device.headroom();
+    let mut rx = vec![vec![0u8; MAX_DATAGRAM]; quinn_udp::BATCH_SIZE];
+    let mut meta = vec![RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    let mut dev = DeviceBatch {
+        bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
+        count: 0,
+        off,
+    };
+    let mut reply = vec![0u8; MAX_DATAGRAM];
+    let mut current = CurrentUdp::new(&shared);
+    while !shared.stop.load(Relaxed) {
+        let udp = current.refresh(&shared).clone();
+        let n = {
+            let mut bufs = rx.iter_mut();
+            let mut iovs: [IoSliceMut; quinn_udp::BATCH_SIZE] =
+                std::array::from_fn(|_| IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b)));
+            match udp
+                .state
+                .recv(UdpSockRef::from(&udp.sock), &mut iovs, &mut meta)
+            {
+                Ok(n) => n,
+                Err(_) => continue,
+            }
+        };
+        for (buf, m) in rx.iter().zip(&meta).take(n) {
+            let stride = m.stride.max(1);
+            for dgram in buf[..m.len].chunks(stride) {
+                let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                decrypt_one(&shared, &udp, &mut dev, &mut reply, from, dgram);
+                if dev.count == dev.bufs.len() {
+                    dev.flush(&shared);
+                }
+            }
+        }
+        dev.flush(&shared);
+    }
+}
+
+/// The peer a datagram is for: by sender key for handshake initiations, by
+/// receiver index otherwise. Counts why when there is none.
+fn peer_for(shared: &Shared, dgram: &[u8]) -> Option<Arc<Peer>> {
+    let table = shared.table.read();
+    let counters = &shared.counters;
+    let index = match Tunn::parse_incoming_packet(dgram) {
+        Ok(Packet::HandshakeInit(init)) => {
+            let key = shared.key.read();
+            let k = key.as_ref()?;
+            let half = parse_handshake_anon(&k.secret, &k.public, &init).ok();
+            let peer = half.and_then(|h| {
+                let key = crate::keys::PublicKey::from_bytes(h.peer_static_public);
+                table.by_key(&key).map(|(_, p)| p.clone())
+            });
+            if peer.is_none() {
+                counters.unknown_key.fetch_add(1, Relaxed);
+            }
+            return peer;
+        }
+        Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
+        Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
+        Ok(Packet::PacketData(p)) => p.receiver_idx,
+        Err(_) => {
+            counters.malformed.fetch_add(1, Relaxed);
+            return None;
+        }
+    };
+    let peer = table.by_index(index >> 8).cloned();
+    if peer.is_none() {
+        counters.unknown_index.fetch_add(1, Relaxed);
+    }
+    peer
+}
+
+/// Decrypts one datagram for its peer and queues the clear text for the
+/// device, or sends the protocol answer (handshake response, queued data).
+fn decrypt_one(
+    shared: &Shared,
+    udp: &Udp,
+    dev: &mut DeviceBatch,
+    reply: &mut [u8],
+    from: SocketAddr,
+    dgram: &[u8],
+) {
+    let Some(peer) = peer_for(shared, dgram) else {
+        return;
+    };
+    let off = dev.off;
+    let buf = &mut dev.bufs[dev.count];
+    buf.resize(off + dgram.len(), 0);
+    let mut tunn = peer.tunn.lock();
+    let (len, src) = match tunn.decapsulate(Some(from.ip()), dgram, &mut buf[off..]) {
+        TunnResult::WriteToTunnelV4(p, src) => (p.len(), IpAddr::V4(src)),
+        TunnResult::WriteToTunnelV6(p, src) => (p.len(), IpAddr::V6(src)),
+        TunnResult::Done => {
+            drop(tunn);
+            authenticated(&peer, from, dgram.len());
+            return;
+        }
+        TunnResult::WriteToNetwork(p) => {
+            let n = p.len();
+            udp.send(from, &buf[off..off + n], n);
+            flush_queued(&mut tunn, udp, from, reply, &peer);
+            drop(tunn);
+            authenticated(&peer, from, dgram.len());
+            peer.last_tx_ms.store(shared.now_ms(), Relaxed);
+            return;
+        }
+        TunnResult::Err(e) => {
+            if !matches!(e, WireGuardError::UnderLoad) {
+                peer.drop_rejected.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+    };
+    drop(tunn);
+    authenticated(&peer, from, dgram.len());
+    let allowed = shared
+        .table
+        .read()
+        .by_ip(src)
+        .is_some_and(|(_, p)| Arc::ptr_eq(p, &peer));
+    if !allowed {
+        peer.drop_spoofed.fetch_add(1, Relaxed);
+        return;
+    }
+    buf.truncate(off + len);
+    buf[..off].fill(0);
+    dev.count += 1;
+}
+
+/// Records an authenticated datagram: counters and endpoint roaming.
+fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
+    peer.rx_bytes.fetch_add(len as u64, Relaxed);
+    let mut ep = peer.endpoint.lock();
+    if *ep != Some(from) {
+        *ep = Some(from);
+    }
+}
+
+/// After a handshake message, sends the packets boringtun queued meanwhile.
+fn flush_queued(tunn: &mut Tunn, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer: &Peer) {
+    for _ in 0..1024 {
+        match tunn.decapsulate(None, &[], buf) {
+            TunnResult::WriteToNetwork(p) => {
+                peer.tx_bytes.fetch_add(p.len() as u64, Relaxed);
+                let n = p.len();
+                udp.send(to, &buf[..n], n);
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Every [`TICK`]: boringtun's timers (handshake retries, rekeys, passive
+/// keepalives) and our persistent keepalives, for every peer.
+pub(crate) fn timer_loop(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut current = CurrentUdp::new(&shared);
+    while !shared.stop.load(Relaxed) {
+        std::thread::sleep(TICK);
+        if shared.key.read().is_none() {
+            continue;
+        }
+        let udp = current.refresh(&shared);
+        let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();
+        let now = shared.now_ms();
+        for peer in peers {
+            tick_peer(&peer, udp, &mut buf, now);
+        }
+    }
+}
+
+fn tick_peer(peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u64) {
+    let endpoint = *peer.endpoint.lock();
+    let mut tunn = peer.tunn.lock();
+    let mut sent = 0usize;
+    if let TunnResult::WriteToNetwork(p) = tunn.update_timers(buf) {
+        sent = p.len();
+    }
+    let ka = u64::from(peer.keepalive.load(Relaxed)) * 1000;
+    let last = peer.last_tx_ms.load(Relaxed);
+    if sent == 0 && ka > 0 && (last == 0 || now_ms.saturating_sub(last) >= ka) {
+        if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&[], buf) {
+            sent = p.len();
+        }
+    }
+    drop(tunn);
+    if let (Some(to), true) = (endpoint, sent > 0) {
+        udp.send(to, &buf[..sent], sent);
+        peer.tx_bytes.fetch_add(sent as u64, Relaxed);
+        peer.last_tx_ms.store(now_ms, Relaxed);
+    }
+}

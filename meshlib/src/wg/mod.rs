@@ -1,0 +1,44 @@
+//! The WireGuard data plane: a multi-peer engine on `boringtun::noise::Tunn`
+//! (one per peer), interoperating with stock WireGuard (`wireguard-go`, `wg`).
+//!
+//! ## Layout
+//!
+//! Pure:
+//! - [`table`] — the generic longest-prefix table ([`AllowedIps`]) and the
+//!   three-way peer index ([`PeerTable`]: by key, receiver index, allowed IP).
+//! - [`uapi`] — the cross-platform UAPI (`get=1` / `set=1`) parser and renderer.
+//!
+//! Drivers:
+//! - [`device`] — the clear-text side: the [`Device`] trait and the Linux TUN
+//!   implementation [`TunDevice`] (tun-rs, with TSO/GRO offloads).
+//! - [`Engine`] — the peer table, key, UDP socket (quinn-udp: GSO/GRO and
+//!   `recvmmsg`) and three threads: device → network (encrypt), network →
+//!   device (decrypt, allowed-IP check, roaming), timers. Encryption and
+//!   decryption run on different threads, so both cores work while each
+//!   peer's packets stay in order.
+//! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
+//!   `wg set` work on the interface.
+//!
+//! Typical use (kernel-interface mode):
+//! ```no_run
+//! # use std::sync::Arc;
+//! use meshlib::wg::{Engine, EngineConfig, TunConfig, TunDevice, UapiServer};
+//! let tun = TunDevice::create(&TunConfig::new("mesh0"))?;
+//! let engine = Arc::new(Engine::start(Arc::new(tun), EngineConfig::default())?);
+//! let _uapi = UapiServer::start(engine.clone(), &meshlib::wg::uapi_server::socket_path("mesh0"))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod device;
+mod engine;
+mod io;
+mod peer;
+pub mod table;
+pub mod uapi;
+pub mod uapi_server;
+
+pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
+pub use peer::{PeerConfig, PeerDrops, PeerStats};
+pub use table::{AllowedIps, PeerTable};
+pub use uapi_server::UapiServer;

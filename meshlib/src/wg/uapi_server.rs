@@ -1,0 +1,178 @@
+//! The UAPI socket server (driver): `/var/run/wireguard/<ifname>.sock`,
+//! speaking [`super::uapi`] so the stock `wg show` / `wg set` work.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::engine::Engine;
+use super::uapi::{SetRequest, ERRNO_INVALID, ERRNO_UNKNOWN_OP};
+
+/// Directory of the UAPI sockets, shared by every namespace.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+/// Longest request line accepted.
+const MAX_LINE: u64 = 4096;
+/// Most lines in one `set=1` request.
+const MAX_SET_LINES: usize = 65_536;
+/// Most connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// A client that sends nothing for this long is dropped.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the UAPI server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UapiServerError {
+    /// Another live process already serves this interface's socket.
+    #[error("UAPI socket {0} is in use")]
+    InUse(PathBuf),
+    /// Creating the directory or binding the socket failed.
+    #[error("cannot bind UAPI socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The UAPI socket path of interface `ifname`.
+pub fn socket_path(ifname: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{ifname}.sock"))
+}
+
+/// A running UAPI server; dropping it stops it and removes the socket.
+pub struct UapiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UapiServer {
+    /// Binds `path` (removing a stale socket, refusing a live one) and serves
+    /// `engine` on it from a thread.
+    pub fn start(engine: Arc<Engine>, path: &Path) -> Result<Self, UapiServerError> {
+        let bind_err = |source| UapiServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(UapiServerError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wg-uapi".into())
+            .spawn(move || accept_loop(listener, engine, stop2))
+            .map_err(bind_err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UapiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, engine: Arc<Engine>, stop: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Relaxed) {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if active.load(Relaxed) >= MAX_CONNECTIONS {
+            continue; // dropped: the client sees the connection closed
+        }
+        active.fetch_add(1, Relaxed);
+        let (engine, active) = (engine.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wg-uapi-conn".into())
+            .spawn(move || {
+                let _ = serve(&engine, stream);
+                active.fetch_sub(1, Relaxed);
+            });
+        if spawned.is_err() {
+            tracing::warn!("cannot start a UAPI connection thread");
+        }
+    }
+}
+
+/// Reads one line (without its newline); `None` at end of stream.
+fn read_line(r: &mut impl BufRead) -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    let n = r.by_ref().take(MAX_LINE).read_line(&mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with('\n') {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    line.pop();
+    Ok(Some(line))
+}
+
+/// Serves requests on one connection until it closes or misbehaves.
+fn serve(engine: &Engine, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut w = stream;
+    while let Some(op) = read_line(&mut reader)? {
+        let mut body = Vec::new();
+        while let Some(line) = read_line(&mut reader)? {
+            if line.is_empty() {
+                break;
+            }
+            if body.len() >= MAX_SET_LINES {
+                return w.write_all(format!("errno={ERRNO_INVALID}\n\n").as_bytes());
+            }
+            body.push(line);
+        }
+        let answer = match op.as_str() {
+            "get=1" if body.is_empty() => engine.interface_info(engine.private_key()).render(),
+            "set=1" => {
+                let errno = match SetRequest::parse(body.iter().map(String::as_str)) {
+                    Ok(req) => engine.apply_set(&req).err().map_or(0, |e| e.errno()),
+                    Err(e) => e.errno(),
+                };
+                format!("errno={errno}\n\n")
+            }
+            _ => {
+                w.write_all(format!("errno={ERRNO_UNKNOWN_OP}\n\n").as_bytes())?;
+                return Ok(());
+            }
+        };
+        w.write_all(answer.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `sidecar wg [-f|--foreground] <ifname>`: the data-plane engine alone, as a
+//! plain userspace WireGuard interface configured only through its UAPI
+//! socket — a drop-in for `wireguard-go <ifname>` (same argument, same
+//! socket, same foreground flag).
+//!
+//! Without `-f` it re-executes itself with `-f`, detached (new session,
+//! standard streams on `/dev/null`), and returns once the UAPI socket exists.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use meshlib::wg::{uapi_server, Engine, EngineConfig, TunConfig, TunDevice, UapiServer};
+
+/// Arguments of `sidecar wg`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WgArgs {
+    /// Stay in the foreground (do not daemonize).
+    #[arg(short = 'f', long = "foreground")]
+    pub foreground: bool,
+    /// Name of the TUN interface to create (also names the UAPI socket).
+    pub ifname: String,
+}
+
+/// How long the parent waits for the daemon's UAPI socket.
+const DAEMON_START: Duration = Duration::from_secs(10);
+
+/// Set by SIGINT/SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Runs the subcommand.
+pub fn run(args: &WgArgs) -> anyhow::Result<()> {
+    if args.ifname.is_empty() || args.ifname.len() > 15 || args.ifname.contains('/') {
+        bail!("invalid interface name {:?}", args.ifname);
+    }
+    if args.foreground {
+        run_foreground(&args.ifname)
+    } else {
+        daemonize(&args.ifname)
+    }
+}
+
+/// Re-executes this program with `-f` inserted before the interface name
+/// (the last argument), detached, and waits for its UAPI socket.
+fn daemonize(ifname: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating own executable")?;
+    let mut argv: Vec<String> = std::env::args().skip(1).collect();
+    argv.pop();
+    argv.push("-f".into());
+    argv.push(ifname.into());
+    let mut cmd = Command::new(exe);
+    cmd.args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    let sock = uapi_server::socket_path(ifname);
+    let started = Instant::now();
+    while started.elapsed() < DAEMON_START {
+        if let Some(status) = child.try_wait()? {
+            bail!("daemon exited early: {status}");
+        }
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("daemon did not open {} in time", sock.display())
+}
+
+/// Creates the TUN interface in the current network namespace, starts the
+/// engine and its UAPI socket, and runs until SIGINT/SIGTERM or until the
+/// interface disappears.
+fn run_foreground(ifname: &str) -> anyhow::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    let tun = TunDevice::create(&TunConfig::new(ifname))
+        .with_context(|| format!("creating TUN interface {ifname}"))?;
+    eprintln!(
+        "sidecar wg: interface {ifname} up (offloads {})",
+        if tun.offload() { "on" } else { "off" }
+    );
+    let engine = Arc::new(Engine::start(Arc::new(tun), EngineConfig::default())?);
+    let path = uapi_server::socket_path(ifname);
+    let server = UapiServer::start(engine.clone(), &path)?;
+    while !STOP.load(Ordering::SeqCst) && !engine.has_failed() && interface_exists(ifname) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    engine.shutdown();
+    Ok(())
+}
+
+fn interface_exists(ifname: &str) -> bool {
+    Path::new("/sys/class/net").join(ifname).exists()
+}

@@ -1,0 +1,222 @@
+//! End-to-end data-plane tests with real peers in network namespaces: our
+//! engine (as `sidecar wg`, and in-process through its Rust API) against
+//! Debian's `wireguard-go`, configured with Debian's `wg`.
+//!
+//! Needs root, `/dev/net/tun`, `wireguard-go`, `wg` and `ping`; skipped with
+//! a message otherwise. Run: `cargo test --test dataplane_netns`.
+
+mod dataplane_support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dataplane_support::*;
+use meshlib::keys::{PrivateKey, PublicKey};
+use meshlib::wg::{Engine, EngineConfig, PeerConfig, TunConfig, TunDevice};
+
+/// Starts an engine in-process, its TUN interface and socket in `host`'s
+/// namespace, addressed `<overlay>/22` by the engine itself (netlink).
+fn engine_in(host: &Host) -> Arc<Engine> {
+    let h = host.clone();
+    in_ns(&host.ns, move || {
+        let mut cfg = TunConfig::new(&h.ifname);
+        cfg.address = Some(format!("{}/22", h.overlay).parse().unwrap());
+        let tun = TunDevice::create(&cfg).expect("create TUN");
+        let config = EngineConfig {
+            listen_port: 51820,
+            private_key: Some(PrivateKey::from_base64(&h.private_key).unwrap()),
+            fwmark: 0,
+        };
+        Arc::new(Engine::start(Arc::new(tun), config).expect("start engine"))
+    })
+    .join()
+    .expect("engine thread")
+}
+
+fn key(host: &Host) -> PublicKey {
+    host.public_key.parse().unwrap()
+}
+
+/// `peer` as the Rust API's config: its /32 (plus `extra`), its endpoint.
+fn peer_config(peer: &Host, extra: &[&str]) -> PeerConfig {
+    let mut allowed_ips: Vec<ipnet::IpNet> = vec![format!("{}/32", peer.overlay).parse().unwrap()];
+    allowed_ips.extend(extra.iter().map(|e| e.parse::<ipnet::IpNet>().unwrap()));
+    PeerConfig {
+        public_key: key(peer),
+        preshared_key: None,
+        endpoint: Some(format!("{}:51820", peer.underlay).parse().unwrap()),
+        allowed_ips,
+        persistent_keepalive: 0,
+    }
+}
+
+fn assert_transfer(from: &Host, to: &Host, port: u16, len: usize) {
+    let (sent, sent_hash, got, got_hash) = tcp_transfer(from, to, port, len);
+    assert_eq!(sent, len);
+    assert_eq!(got, sent, "bytes received {} -> {}", from.ns, to.ns);
+    assert_eq!(got_hash, sent_hash, "checksum {} -> {}", from.ns, to.ns);
+}
+
+#[test]
+fn interoperates_with_wireguard_go_and_wg_show_reports() {
+    require_netns!();
+    let mut t = Topo::new();
+    let (a, b) = (t.host(1), t.host(2));
+    t.start(Impl::Ours, &a);
+    t.start(Impl::WireguardGo, &b);
+
+    // wireguard-go initiates; ours has no endpoint and learns it (roaming).
+    add_peer(&a, &b, false, &[]);
+    add_peer(&b, &a, true, &[]);
+    assert!(ping(&b, &a.overlay, None, 3), "wireguard-go -> ours");
+    let d = dump(&a);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].endpoint, format!("{}:51820", b.underlay));
+
+    // Fresh sessions; now ours initiates (wireguard-go has no endpoint).
+    remove_peer(&a, &b);
+    remove_peer(&b, &a);
+    assert!(dump(&a).is_empty());
+    add_peer(&a, &b, true, &[]);
+    add_peer(&b, &a, false, &[]);
+    assert!(ping(&a, &b.overlay, None, 3), "ours -> wireguard-go");
+    assert_eq!(dump(&b)[0].endpoint, format!("{}:51820", a.underlay));
+
+    assert_transfer(&a, &b, 5201, 8 << 20);
+    assert_transfer(&b, &a, 5202, 8 << 20);
+    assert_eq!(udp_echo(&a, &b, 5300, 200), 200, "UDP datagrams echoed");
+
+    // `wg show` on our interface: peer, endpoint, allowed IPs, handshake, bytes.
+    let d = dump(&a);
+    assert_eq!(d.len(), 1);
+    let p = &d[0];
+    assert_eq!(p.public_key, b.public_key);
+    assert_eq!(p.endpoint, format!("{}:51820", b.underlay));
+    assert_eq!(p.allowed_ips, format!("{}/32", b.overlay));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now.abs_diff(p.latest_handshake) < 60,
+        "handshake time {}",
+        p.latest_handshake
+    );
+    assert!(
+        p.rx > 8 << 20 && p.tx > 8 << 20,
+        "counters rx {} tx {}",
+        p.rx,
+        p.tx
+    );
+    let human = wg(&a, &["show", &a.ifname]);
+    for needle in [
+        format!("peer: {}", b.public_key),
+        "latest handshake:".to_string(),
+        "transfer:".to_string(),
+        "listening port: 51820".to_string(),
+    ] {
+        assert!(human.contains(&needle), "{needle:?} missing in:\n{human}");
+    }
+}
+
+#[test]
+fn three_peer_mesh_survives_live_removal() {
+    require_netns!();
+    let mut t = Topo::new();
+    let (a, b, c) = (t.host(1), t.host(2), t.host(3));
+    let engine = engine_in(&a);
+    engine.set_peer(peer_config(&b, &[])).unwrap();
+    engine.set_peer(peer_config(&c, &[])).unwrap();
+    t.start(Impl::Ours, &b);
+    t.start(Impl::WireguardGo, &c);
+    for (h, others) in [(&b, [&a, &c]), (&c, [&a, &b])] {
+        for o in others {
+            add_peer(h, o, true, &[]);
+        }
+    }
+    for (from, to) in [(&a, &b), (&a, &c), (&b, &a), (&b, &c), (&c, &a), (&c, &b)] {
+        assert!(ping(from, &to.overlay, None, 3), "{} -> {}", from.ns, to.ns);
+    }
+
+    // Remove C everywhere while A and B move data.
+    let (a2, b2) = (a.clone(), b.clone());
+    let transfer = std::thread::spawn(move || assert_transfer(&a2, &b2, 5203, 32 << 20));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(engine.remove_peer(&key(&c)));
+    remove_peer(&b, &c);
+    transfer.join().expect("A -> B transfer during removal");
+
+    assert!(engine.peer_stats(&key(&c)).is_none());
+    let refused_before = engine.stats().unknown_index;
+    assert!(
+        !ping(&c, &a.overlay, None, 3),
+        "removed peer still reaches A"
+    );
+    assert!(
+        engine.stats().unknown_index > refused_before,
+        "C's packets were not refused by index"
+    );
+    assert!(!ping(&a, &c.overlay, None, 2), "A still reaches removed C");
+    assert!(
+        !ping(&c, &b.overlay, None, 2),
+        "removed peer still reaches B"
+    );
+    assert!(ping(&a, &b.overlay, None, 3) && ping(&b, &a.overlay, None, 3));
+    let stats = engine.peer_stats(&key(&b)).expect("B still a peer");
+    assert!(stats.rx_bytes > 0 && stats.tx_bytes > 32 << 20);
+}
+
+#[test]
+fn spoofed_source_and_unknown_key_are_refused() {
+    require_netns!();
+    let mut t = Topo::new();
+    let (a, b, c) = (t.host(1), t.host(2), t.host(3));
+    let engine = engine_in(&a);
+    // D exists only as a key whose allowed IP B will try to impersonate.
+    let d_key = PrivateKey::generate().public_key();
+    engine.set_peer(peer_config(&b, &[])).unwrap();
+    engine
+        .set_peer(PeerConfig {
+            public_key: d_key,
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.240.0.99/32".parse().unwrap()],
+            persistent_keepalive: 0,
+        })
+        .unwrap();
+    t.start(Impl::WireguardGo, &b);
+    add_peer(&b, &a, true, &[]);
+    must(
+        "ip",
+        &[
+            "-n",
+            &b.ns,
+            "addr",
+            "add",
+            "10.240.0.99/32",
+            "dev",
+            &b.ifname,
+        ],
+    );
+    assert!(ping(&b, &a.overlay, None, 2), "legitimate source works");
+
+    let before = engine.peer_stats(&key(&b)).unwrap().drops;
+    assert!(!ping(&b, &a.overlay, Some("10.240.0.99"), 3));
+    let after = engine.peer_stats(&key(&b)).unwrap().drops;
+    assert!(
+        after.spoofed_source >= before.spoofed_source + 3,
+        "{after:?}"
+    );
+    let d = engine.peer_stats(&d_key).unwrap();
+    assert_eq!(d.drops.no_endpoint, 0, "spoofed packet was answered");
+    assert_eq!(d.rx_bytes, 0);
+
+    // C knows A, A does not know C: no handshake answer at all.
+    t.start(Impl::WireguardGo, &c);
+    add_peer(&c, &a, true, &[]);
+    assert!(!ping(&c, &a.overlay, None, 3));
+    assert_eq!(dump(&c)[0].latest_handshake, 0, "C got a handshake");
+    assert_eq!(dump(&c)[0].rx, 0, "A answered C");
+    assert!(engine.stats().unknown_key >= 1);
+    assert!(engine.peer_stats(&key(&c)).is_none());
+}
