@@ -19,12 +19,17 @@
 //! - [`ipam`] — address allocation in a network range, with quarantine.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
 //!   strings.
+//! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
+//!   tokens, length framing and version.
 //!
 //! Driver modules (files):
 //! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//! - [`control`] — the key-distribution client: QUIC with a pinned
+//!   certificate, join, snapshot and deltas, resume, heartbeats.
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod fsutil;
 pub mod ids;
 pub mod ipam;
@@ -32,4 +37,5 @@ pub mod ist;
 pub mod keys;
 pub mod names;
 pub mod netmap;
+pub mod proto;
 pub mod render;
