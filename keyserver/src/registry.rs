@@ -280,7 +280,12 @@ impl Network {
 
     /// Bumps the generation with one change; returns the change and the
     /// network record write.
-    fn record(&mut self, change: MapChange, removed: Option<PublicKey>, cap: usize) -> (Change, StoreOp) {
+    fn record(
+        &mut self,
+        change: MapChange,
+        removed: Option<PublicKey>,
+        cap: usize,
+    ) -> (Change, StoreOp) {
         let from = self.rec.generation;
         self.rec.generation += 1;
         let delta = MapDelta {
@@ -359,7 +364,12 @@ impl Registry {
     /// Rebuilds the registry from stored records. Records that do not fit
     /// (a member of a missing network, an address clash) are skipped with a
     /// warning returned in the second value.
-    pub fn load(records: Records, log_cap: usize, quarantine: Duration, now: SystemTime) -> (Self, Vec<String>) {
+    pub fn load(
+        records: Records,
+        log_cap: usize,
+        quarantine: Duration,
+        now: SystemTime,
+    ) -> (Self, Vec<String>) {
         let mut reg = Self {
             networks: HashMap::new(),
             names: HashMap::new(),
@@ -386,13 +396,15 @@ impl Registry {
                 warnings.push(format!("member {}: {e}", m.member.public_key));
                 continue;
             }
-            net.instances.insert(m.member.instance.clone(), m.member.public_key);
+            net.instances
+                .insert(m.member.instance.clone(), m.member.public_key);
             net.members.insert(m.member.public_key, m);
         }
         let now_s = unix(now);
         for (id, ip, until) in records.quarantine {
             if let (Some(net), true) = (reg.networks.get_mut(&id), until > now_s) {
-                net.alloc.quarantine_until(ip, UNIX_EPOCH + Duration::from_secs(until));
+                net.alloc
+                    .quarantine_until(ip, UNIX_EPOCH + Duration::from_secs(until));
             }
         }
         for t in records.tokens {
@@ -507,7 +519,11 @@ impl Registry {
     }
 
     /// Deletes a token by its public id.
-    pub fn delete_token(&mut self, network: NetworkId, id: &str) -> Result<Vec<StoreOp>, AdminError> {
+    pub fn delete_token(
+        &mut self,
+        network: NetworkId,
+        id: &str,
+    ) -> Result<Vec<StoreOp>, AdminError> {
         let hash = self
             .tokens
             .values()
@@ -558,7 +574,11 @@ impl Registry {
         if let Some(s) = tok.service.as_ref().filter(|s| **s != req.service) {
             return Err(ProtoOpError::TokenBinding(format!("service {s:?}")));
         }
-        if let Some(p) = tok.process_type.as_ref().filter(|p| **p != req.process_type) {
+        if let Some(p) = tok
+            .process_type
+            .as_ref()
+            .filter(|p| **p != req.process_type)
+        {
             return Err(ProtoOpError::TokenBinding(format!("process type {p}")));
         }
         Ok(hash)
@@ -581,7 +601,11 @@ impl Registry {
         if net.members.contains_key(&req.public_key) {
             return Err(ProtoOpError::KeyInUse);
         }
-        if let Some(name) = req.instance.as_ref().filter(|n| net.instances.contains_key(n)) {
+        if let Some(name) = req
+            .instance
+            .as_ref()
+            .filter(|n| net.instances.contains_key(n))
+        {
             return Err(ProtoOpError::InstanceTaken(name.clone()));
         }
         let app_id = req.app_id.clone().unwrap_or_else(|| {
@@ -621,7 +645,8 @@ impl Registry {
             joined: unix(now),
             last_seen: unix(now),
         };
-        net.instances.insert(member.instance.clone(), member.public_key);
+        net.instances
+            .insert(member.instance.clone(), member.public_key);
         net.members.insert(member.public_key, rec.clone());
         let (change, net_op) = net.record(MapChange::Upsert(member.clone()), None, log_cap);
         let map = net.snapshot();
@@ -642,7 +667,12 @@ impl Registry {
     }
 
     /// The member with this key, if the credential matches.
-    fn authenticate(&self, network: NetworkId, key: &PublicKey, credential: &Secret) -> Result<&MemberRecord, ProtoOpError> {
+    fn authenticate(
+        &self,
+        network: NetworkId,
+        key: &PublicKey,
+        credential: &Secret,
+    ) -> Result<&MemberRecord, ProtoOpError> {
         let rec = self
             .networks
             .get(&network)
@@ -657,12 +687,21 @@ impl Registry {
     }
 
     /// Resumes a member: checks its credential, updates its endpoints, and
-    /// says how to catch it up from `req.generation`.
-    pub fn resume(&mut self, req: &ResumeRequest, observed: SocketAddr, now: SystemTime) -> Result<Resumed, ProtoOpError> {
+    /// says how to catch it up from `req.generation` (the catch-up includes
+    /// the endpoint change).
+    pub fn resume(
+        &mut self,
+        req: &ResumeRequest,
+        observed: SocketAddr,
+        now: SystemTime,
+    ) -> Result<Resumed, ProtoOpError> {
         self.authenticate(req.network, &req.public_key, &req.credential)?;
+        let (change, ops) =
+            self.update_endpoints(req.network, &req.public_key, &req.endpoints, observed, now);
         let catchup = self.networks[&req.network].catchup(req.generation);
-        let (change, ops) = self.update_endpoints(req.network, &req.public_key, &req.endpoints, observed, now);
-        let member = self.networks[&req.network].members[&req.public_key].member.clone();
+        let member = self.networks[&req.network].members[&req.public_key]
+            .member
+            .clone();
         Ok(Resumed {
             member,
             catchup,
@@ -767,7 +806,11 @@ fn default_instance(net: &Network, app: &AppId, ptype: &ProcessType, index: u32)
     let base: String = format!("{app}-{ptype}-{index}");
     let mut n = 1u32;
     loop {
-        let text = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        let text = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
         let cut = text.len().min(63);
         let trimmed = text[..cut].trim_end_matches('-');
         if let Ok(name) = trimmed.parse::<InstanceName>() {
@@ -804,10 +847,20 @@ mod tests {
 
     fn setup(range: &str, uses: u32) -> (Registry, NetworkId, Secret) {
         let (mut reg, _) = Registry::load(Records::default(), 4, Duration::from_secs(60), now());
-        let (net, _) = reg.create_network("prod", range.parse().unwrap(), now()).unwrap();
-        let secret = [1; 32];
-        reg.create_token(net.id, &secret, uses, Duration::from_secs(3600), None, None, now())
+        let (net, _) = reg
+            .create_network("prod", range.parse().unwrap(), now())
             .unwrap();
+        let secret = [1; 32];
+        reg.create_token(
+            net.id,
+            &secret,
+            uses,
+            Duration::from_secs(3600),
+            None,
+            None,
+            now(),
+        )
+        .unwrap();
         (reg, net.id, secret)
     }
 
@@ -816,8 +869,22 @@ mod tests {
     #[test]
     fn join_assigns_ip_index_name_and_logs() {
         let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
-        let a = reg.join(&req(net, secret, "api"), OBS.parse().unwrap(), &[2; 32], now()).unwrap();
-        let b = reg.join(&req(net, secret, "api"), OBS.parse().unwrap(), &[3; 32], now()).unwrap();
+        let a = reg
+            .join(
+                &req(net, secret, "api"),
+                OBS.parse().unwrap(),
+                &[2; 32],
+                now(),
+            )
+            .unwrap();
+        let b = reg
+            .join(
+                &req(net, secret, "api"),
+                OBS.parse().unwrap(),
+                &[3; 32],
+                now(),
+            )
+            .unwrap();
         assert_eq!(a.member.ip, Ipv4Addr::new(10, 240, 0, 1));
         assert_eq!(b.member.ip, Ipv4Addr::new(10, 240, 0, 2));
         assert_eq!((a.member.index, b.member.index), (1, 2));
@@ -833,7 +900,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         for i in 0..4 {
-            reg.join(&req(net, secret, "db"), OBS.parse().unwrap(), &[i; 32], now()).unwrap();
+            reg.join(
+                &req(net, secret, "db"),
+                OBS.parse().unwrap(),
+                &[i; 32],
+                now(),
+            )
+            .unwrap();
         }
         assert!(matches!(reg.catchup(net, 1), Some(Catchup::Snapshot(_))));
         assert!(matches!(reg.catchup(net, 6), Some(Catchup::UpToDate)));
@@ -845,28 +918,43 @@ mod tests {
         let (mut reg, net, secret) = setup("10.240.0.0/30", 1);
         let obs = OBS.parse().unwrap();
         assert_eq!(
-            reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], now()).unwrap_err(),
+            reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], now())
+                .unwrap_err(),
             ProtoOpError::InvalidToken
         );
         let later = now() + Duration::from_secs(7200);
         assert_eq!(
-            reg.join(&req(net, secret, "api"), obs, &[2; 32], later).unwrap_err(),
+            reg.join(&req(net, secret, "api"), obs, &[2; 32], later)
+                .unwrap_err(),
             ProtoOpError::TokenExpired
         );
         assert_eq!(reg.member_count(net), 0);
         assert_eq!(reg.tokens(net)[0].uses_left, 1);
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], now()).unwrap();
+        reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+            .unwrap();
         assert_eq!(
-            reg.join(&req(net, secret, "api"), obs, &[2; 32], now()).unwrap_err(),
+            reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+                .unwrap_err(),
             ProtoOpError::TokenUsedUp
         );
         // /30 has two hosts: a second token fills it, the third join is refused.
-        reg.create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now()).unwrap();
-        reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now()).unwrap();
+        let (t2, _) = reg
+            .create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now())
+            .unwrap();
+        reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+            .unwrap();
         let gen = reg.network(net).unwrap().generation;
-        let err = reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now()).unwrap_err();
+        let err = reg
+            .join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+            .unwrap_err();
         assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
-        assert_eq!(reg.tokens(net).last().unwrap().uses_left, 4);
+        let left = reg
+            .tokens(net)
+            .into_iter()
+            .find(|t| t.id == t2.id)
+            .unwrap()
+            .uses_left;
+        assert_eq!(left, 4);
         assert_eq!(reg.network(net).unwrap().generation, gen);
     }
 
@@ -874,7 +962,9 @@ mod tests {
     fn resume_needs_the_credential_and_remove_releases() {
         let (mut reg, net, secret) = setup("10.240.0.0/22", 5);
         let obs: SocketAddr = OBS.parse().unwrap();
-        let j = reg.join(&req(net, secret, "api"), obs, &[7; 32], now()).unwrap();
+        let j = reg
+            .join(&req(net, secret, "api"), obs, &[7; 32], now())
+            .unwrap();
         let key = j.member.public_key;
         let mut r = ResumeRequest {
             network: net,
@@ -883,16 +973,26 @@ mod tests {
             generation: 1,
             endpoints: vec![],
         };
-        assert_eq!(reg.resume(&r, obs, now()).unwrap_err(), ProtoOpError::BadCredential);
+        assert_eq!(
+            reg.resume(&r, obs, now()).unwrap_err(),
+            ProtoOpError::BadCredential
+        );
         r.credential = [7; 32];
         let res = reg.resume(&r, obs, now()).unwrap();
         assert!(matches!(res.catchup, Catchup::UpToDate));
         assert!(res.change.is_none());
-        let (change, _) = reg.remove_member(net, j.member.instance.as_str(), now()).unwrap();
+        let (change, _) = reg
+            .remove_member(net, j.member.instance.as_str(), now())
+            .unwrap();
         assert_eq!(change.removed, Some(key));
-        assert_eq!(reg.resume(&r, obs, now()).unwrap_err(), ProtoOpError::BadCredential);
+        assert_eq!(
+            reg.resume(&r, obs, now()).unwrap_err(),
+            ProtoOpError::BadCredential
+        );
         // The released address is quarantined: the next member gets .2.
-        let k = reg.join(&req(net, secret, "api"), obs, &[1; 32], now()).unwrap();
+        let k = reg
+            .join(&req(net, secret, "api"), obs, &[1; 32], now())
+            .unwrap();
         assert_eq!(k.member.ip, Ipv4Addr::new(10, 240, 0, 2));
         assert_eq!(k.member.index, 1);
     }

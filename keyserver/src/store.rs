@@ -66,11 +66,11 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        let database = Database::create(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;
-        let txn = db.begin_write().map_err(db_err)?;
+        let txn = database.begin_write().map_err(db_err)?;
         {
             txn.open_table(NETWORKS).map_err(db)?;
             txn.open_table(TOKENS).map_err(db)?;
@@ -78,7 +78,7 @@ impl RedbStore {
             txn.open_table(QUARANTINE).map_err(db)?;
         }
         txn.commit().map_err(db)?;
-        Ok(Self { db })
+        Ok(Self { db: database })
     }
 }
 

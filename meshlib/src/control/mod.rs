@@ -129,8 +129,9 @@ pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ControlError
     quinn::Endpoint::client(bind).map_err(|e| ControlError::Setup(e.to_string()))
 }
 
-/// The quinn client configuration pinning `fingerprint`.
-fn quic_config(
+/// The quinn client configuration pinning `fingerprint` (ALPN, TLS 1.3,
+/// keep-alive and idle timeout from `cfg`).
+pub fn quic_config(
     fingerprint: [u8; 32],
     cfg: &ClientConfig,
 ) -> Result<quinn::ClientConfig, ControlError> {
