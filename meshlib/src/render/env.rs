@@ -14,6 +14,25 @@
 
 use std::fmt::Write as _;
 
+use crate::ist::table::IstTable;
+use crate::names::primary_members;
+use crate::netmap::NetworkMap;
+
+/// The IST variables of a network: every variable of every service in `ist`
+/// (overrides and conflicts applied), set to the address of the service's
+/// first primary member. Services without members get no variables. Sorted
+/// by variable name.
+pub fn ist_variables(map: &NetworkMap, ist: &IstTable) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = ist
+        .entries
+        .iter()
+        .filter_map(|e| Some((e, primary_members(map, &e.service).first()?.ip)))
+        .flat_map(|(e, ip)| e.variables.iter().map(move |v| (v.clone(), ip.to_string())))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Whether `name` can be a shell variable: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn is_shell_identifier(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -117,6 +136,25 @@ mod tests {
         assert_eq!(
             String::from_utf8(out.stdout).unwrap(),
             "10.240.0.4|it's \"$HOME\" \\ x|a\nb|"
+        );
+    }
+
+    #[test]
+    fn variables_of_a_map() {
+        use crate::ist::config::Overrides;
+        use crate::netmap::tests::{empty_map, member};
+        let mut map = empty_map();
+        for m in [
+            member("d-2", "my db", "web", 2, 7),
+            member("d-1", "my db", "web", 1, 6),
+        ] {
+            map.members.insert(m.public_key, m);
+        }
+        // "ghost" has no member: no variable.
+        let table = IstTable::build(["my db", "ghost"], &Overrides::default());
+        assert_eq!(
+            ist_variables(&map, &table),
+            [("WARP_IST_my_db".to_string(), "10.240.0.6".to_string())]
         );
     }
 

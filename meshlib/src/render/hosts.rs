@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! # BEGIN ist-mesh <tag> (managed by the IST Mesh sidecar; edits are overwritten)
-//! 10.240.0.2	api.warp api-1.internal
+//! 10.240.0.2 api.warp api-1.internal
 //! # END ist-mesh <tag>
 //! ```
 //!
@@ -16,8 +16,13 @@
 //! idempotent: the same input gives the same output, so a caller can compare
 //! and skip writing.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+
+use crate::ist::table::IstTable;
+use crate::names::primary_members;
+use crate::netmap::NetworkMap;
 
 /// Why a hosts file's managed section cannot be found unambiguously. The file
 /// is left alone: guessing could delete the user's lines.
@@ -69,6 +74,29 @@ pub fn render_section(tag: &str, entries: &[(IpAddr, Vec<String>)]) -> String {
     out.push_str(&end_line(tag));
     out.push('\n');
     out
+}
+
+/// The hosts lines of a network: for every member its `<instance>.internal`,
+/// and for every service its IST hostnames (from `ist`, overrides and
+/// conflicts applied) on each of its primary members. One entry per address,
+/// sorted by address; names in a stable order (IST names first).
+pub fn map_entries(map: &NetworkMap, ist: &IstTable) -> Vec<(IpAddr, Vec<String>)> {
+    let mut by_ip: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for e in &ist.entries {
+        for m in primary_members(map, &e.service) {
+            by_ip
+                .entry(m.ip.into())
+                .or_default()
+                .extend(e.hostnames.iter().cloned());
+        }
+    }
+    for m in map.members.values() {
+        by_ip
+            .entry(m.ip.into())
+            .or_default()
+            .push(format!("{}.internal", m.instance));
+    }
+    by_ip.into_iter().collect()
 }
 
 /// Where the section of `tag` is: byte range of its lines, end included.
@@ -186,6 +214,33 @@ mod tests {
         // A tag that is a prefix of another tag does not match it.
         let out = replace_section(&other, "pn", &render_section("pn", &[])).unwrap();
         assert!(out.starts_with(&other));
+    }
+
+    #[test]
+    fn entries_of_a_map() {
+        use crate::ist::config::Overrides;
+        use crate::netmap::tests::{empty_map, member};
+        let mut map = empty_map();
+        for m in [
+            member("a-1", "api", "web", 1, 2),
+            member("w-1", "api", "worker", 1, 3),
+        ] {
+            map.members.insert(m.public_key, m);
+        }
+        let got = map_entries(
+            &map,
+            &IstTable::build(map.services(), &Overrides::default()),
+        );
+        assert_eq!(
+            got,
+            [
+                (
+                    [10, 240, 0, 2].into(),
+                    vec!["api.warp".to_string(), "a-1.internal".to_string()]
+                ),
+                ([10, 240, 0, 3].into(), vec!["w-1.internal".to_string()]),
+            ]
+        );
     }
 
     #[test]
