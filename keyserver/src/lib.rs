@@ -201,6 +201,16 @@ impl Keyserver {
         let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx)));
         let result = http.await.map_err(ServeError::Http);
         let _ = quic_task.await;
+        // Blocking store operations started by dropped sessions may still
+        // hold the state for a moment; wait (bounded) so the store is closed
+        // when this returns and a restart on the same directory can open it.
+        let shared = self.shared;
+        for _ in 0..500 {
+            if Arc::strong_count(&shared) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         result
     }
 }

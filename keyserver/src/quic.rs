@@ -77,10 +77,12 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             () = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
@@ -94,7 +96,7 @@ pub async fn run(
         };
         let shared = shared.clone();
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             tokio::select! {
                 () = connection(incoming, shared) => {}
                 _ = stop.changed() => {}
@@ -104,6 +106,8 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     endpoint.close(0u32.into(), b"shutdown");
+    // Every session has released the shared state when this returns.
+    while tasks.join_next().await.is_some() {}
 }
 
 /// A session's fatal end: tell the client why, then close.
