@@ -1,2 +1,292 @@
 //! `keyserver`: the IST Mesh control plane.
-fn main() {}
+//!
+//! `keyserver serve` runs the servers. The admin subcommands (`network`,
+//! `token`, `member`) talk to a running keyserver's HTTP API: by default the
+//! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
+//! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use keyserver::admin::AdminClient;
+use keyserver::config::Config;
+use keyserver::Keyserver;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "IST Mesh keyserver: networks, join tokens, addresses, key distribution"
+)]
+struct Cli {
+    /// State directory (store, certificate, admin token).
+    #[arg(long, env = "KEYSERVER_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the QUIC endpoint and the admin API.
+    Serve(ServeArgs),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage members.
+    #[command(subcommand)]
+    Member(MemberCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (flags and env override it).
+    #[arg(long, env = "KEYSERVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// QUIC listen address.
+    #[arg(long, env = "KEYSERVER_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// Admin API listen address.
+    #[arg(long, env = "KEYSERVER_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// QUIC address to put into join tokens (repeatable).
+    #[arg(long, env = "KEYSERVER_ADVERTISE", value_delimiter = ',')]
+    advertise: Vec<SocketAddr>,
+    /// Log filter.
+    #[arg(long, env = "KEYSERVER_LOG")]
+    log_level: Option<String>,
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// Admin API base URL (default: `<data-dir>/api.url`).
+    #[arg(long, env = "KEYSERVER_API")]
+    api: Option<String>,
+    /// File holding the admin bearer token (default: `<data-dir>/admin-token`).
+    #[arg(long, env = "KEYSERVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a network.
+    Create {
+        /// Human name.
+        name: String,
+        /// Address range.
+        #[arg(long, default_value = "10.240.0.0/22")]
+        range: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List networks.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token (printed once).
+    Create {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Number of joins.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime (`30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h")]
+        expires: String,
+        /// Bind the token to one service (app).
+        #[arg(long)]
+        app: Option<String>,
+        /// Bind the token to one process type.
+        #[arg(long = "type")]
+        process_type: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List tokens (not their secrets).
+    List {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// List members.
+    List {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove (revoke) a member by public key or instance name.
+    Remove {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Public key or instance name.
+        member: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    let data_dir = cli.data_dir;
+    match cli.cmd {
+        Cmd::Serve(args) => rt.block_on(serve(data_dir, args)),
+        cmd => rt.block_on(admin(
+            data_dir.unwrap_or_else(|| Config::default().data_dir),
+            cmd,
+        )),
+    }
+}
+
+async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    config.data_dir = data_dir.unwrap_or(config.data_dir);
+    config.quic_listen = args.quic_listen.unwrap_or(config.quic_listen);
+    config.api_listen = args.api_listen.unwrap_or(config.api_listen);
+    if !args.advertise.is_empty() {
+        config.advertise = args.advertise;
+    }
+    config.log_level = args.log_level.unwrap_or(config.log_level);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log_level)?)
+        .init();
+    let ks = Keyserver::open(&config).context("opening the data directory")?;
+    let quic = ks.bind_quic(config.quic_listen)?;
+    let api = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("binding the admin API on {}", config.api_listen))?;
+    let api_addr = api.local_addr()?;
+    meshlib::fsutil::write_atomic(
+        &config.data_dir.join("api.url"),
+        format!("http://{api_addr}\n").as_bytes(),
+        0o644,
+    )?;
+    println!(
+        "keyserver: QUIC on {}, admin API on http://{api_addr}",
+        quic.local_addr()?
+    );
+    println!(
+        "certificate sha256: {}",
+        meshlib::proto::hex(&ks.fingerprint())
+    );
+    println!(
+        "admin token file: {}",
+        config.data_dir.join("admin-token").display()
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    ks.serve(quic, api, config.advertise, shutdown).await?;
+    Ok(())
+}
+
+fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClient> {
+    let base = match api.api {
+        Some(url) => url,
+        None => {
+            let path = data_dir.join("api.url");
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "no --api given and cannot read {} (is the keyserver running?)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    let token_path = api
+        .token_file
+        .unwrap_or_else(|| data_dir.join("admin-token"));
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("reading {}", token_path.display()))?;
+    Ok(AdminClient::new(&base, &token))
+}
+
+async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
+    let out = match cmd {
+        Cmd::Serve(_) => unreachable!("handled in main"),
+        Cmd::Network(NetworkCmd::Create { name, range, api }) => {
+            let body = json!({ "name": name, "range": range });
+            client(&data_dir, api)?
+                .call(Method::POST, "/v1/networks", Some(&body))
+                .await?
+        }
+        Cmd::Network(NetworkCmd::List { api }) => {
+            client(&data_dir, api)?
+                .call(Method::GET, "/v1/networks", None)
+                .await?
+        }
+        Cmd::Token(TokenCmd::Create {
+            network,
+            uses,
+            expires,
+            app,
+            process_type,
+            api,
+        }) => {
+            let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type });
+            let path = format!("/v1/networks/{network}/tokens");
+            client(&data_dir, api)?
+                .call(Method::POST, &path, Some(&body))
+                .await?
+        }
+        Cmd::Token(TokenCmd::List { network, api }) => {
+            let path = format!("/v1/networks/{network}/tokens");
+            client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?
+        }
+        Cmd::Member(MemberCmd::List { network, api }) => {
+            let path = format!("/v1/networks/{network}/members");
+            client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?
+        }
+        Cmd::Member(MemberCmd::Remove {
+            network,
+            member,
+            api,
+        }) => {
+            let member = member
+                .replace('+', "%2B")
+                .replace('/', "%2F")
+                .replace('=', "%3D");
+            let path = format!("/v1/networks/{network}/members/{member}");
+            client(&data_dir, api)?
+                .call(Method::DELETE, &path, None)
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

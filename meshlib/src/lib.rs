@@ -21,9 +21,13 @@
 //! - [`dns`] — private DNS answers on the wire (hickory-proto), from a name index.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
 //!   strings.
+//! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
+//!   tokens, length framing and version.
 //!
 //! Driver modules (files):
 //! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//! - [`control`] — the key-distribution client: QUIC with a pinned
+//!   certificate, join, snapshot and deltas, resume, heartbeats.
 //!
 //! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
 //! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
@@ -31,6 +35,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod dns;
 pub mod fsutil;
 pub mod ids;
@@ -39,6 +44,7 @@ pub mod ist;
 pub mod keys;
 pub mod names;
 pub mod netmap;
+pub mod proto;
 pub mod reconcile;
 pub mod render;
 pub mod wg;

@@ -1,0 +1,225 @@
+//! # keyserver — the IST Mesh control plane
+//!
+//! Networks, join tokens, address allocation and public-key distribution,
+//! pushed to sidecars over QUIC. The keyserver never sees a private key.
+//!
+//! ## Layout
+//!
+//! Pure core:
+//! - [`registry`] — networks, tokens, members, allocation, per-network change
+//!   log; every operation returns the store writes and the change to push.
+//!
+//! Drivers:
+//! - [`store`] — the [`store::Store`] trait and the embedded redb store.
+//! - [`server`] — registry + store under one lock, per-network push channels.
+//! - [`quic`] — the sidecar protocol over QUIC ([`meshlib::proto`]).
+//! - [`http`] — the admin API (axum, bearer token, `/openapi.json`).
+//! - [`config`] — plain-data configuration (TOML, flags map onto it).
+//! - [`admin`] — the HTTP client the admin subcommands use.
+//!
+//! [`Keyserver::open`] prepares the data directory (store, self-signed
+//! certificate, admin token, all created on first start);
+//! [`Keyserver::serve`] runs both servers on listeners the caller bound until
+//! a shutdown future completes, so tests run it in-process on port 0.
+
+pub mod admin;
+pub mod config;
+pub mod http;
+pub mod quic;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use meshlib::fsutil;
+use rand_core::RngCore as _;
+
+use crate::config::Config;
+use crate::server::Shared;
+use crate::store::{RedbStore, StoreError};
+
+/// Why the data directory could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory or a secret file could not be written.
+    #[error(transparent)]
+    Write(#[from] fsutil::WriteError),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The certificate could not be generated.
+    #[error("cannot generate the certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// The store could not be opened or loaded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The HTTP server failed.
+    #[error("admin API: {0}")]
+    Http(std::io::Error),
+    /// The QUIC endpoint has no local address.
+    #[error("QUIC endpoint: {0}")]
+    Quic(std::io::Error),
+}
+
+/// A keyserver with its data directory opened.
+#[derive(Debug)]
+pub struct Keyserver {
+    shared: Arc<Shared>,
+    admin_token: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+/// Reads `path`, or creates it with `make` (mode 0600) if missing.
+fn read_or_create(
+    path: &Path,
+    make: impl FnOnce() -> Result<Vec<u8>, OpenError>,
+) -> Result<Vec<u8>, OpenError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = make()?;
+            fsutil::write_secret(path, &bytes)?;
+            Ok(bytes)
+        }
+        Err(source) => Err(OpenError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl Keyserver {
+    /// Opens the data directory: creates it (0700), the certificate and key
+    /// (`cert.der`, `key.der`), the admin token (`admin-token`, 0600) and the
+    /// store (`state.redb`) on first start; loads the state.
+    pub fn open(config: &Config) -> Result<Self, OpenError> {
+        let dir = &config.data_dir;
+        fsutil::create_private_dir(dir)?;
+        let key_path = dir.join("key.der");
+        let cert_path = dir.join("cert.der");
+        if !key_path.exists() || !cert_path.exists() {
+            let ck =
+                rcgen::generate_simple_self_signed(vec![meshlib::proto::SERVER_NAME.to_owned()])?;
+            fsutil::write_secret(&key_path, &ck.signing_key.serialize_der())?;
+            fsutil::write_atomic(&cert_path, ck.cert.der(), 0o644)?;
+        }
+        let key_der = read_or_create(&key_path, || unreachable_missing(&key_path))?;
+        let cert_der = read_or_create(&cert_path, || unreachable_missing(&cert_path))?;
+        let token = read_or_create(&dir.join("admin-token"), || {
+            let mut secret = [0u8; 32];
+            rand_core::OsRng.fill_bytes(&mut secret);
+            Ok(URL_SAFE_NO_PAD.encode(secret).into_bytes())
+        })?;
+        let admin_token = String::from_utf8_lossy(&token).trim().to_owned();
+        let store = RedbStore::open(&dir.join("state.redb"))?;
+        let fp = meshlib::proto::sha256(&cert_der);
+        let (shared, warnings) =
+            Shared::new(Box::new(store), config.limits(), fp, SystemTime::now())?;
+        for w in warnings {
+            tracing::warn!("skipped stored record: {w}");
+        }
+        Ok(Self {
+            shared: Arc::new(shared),
+            admin_token,
+            cert_der,
+            key_der,
+        })
+    }
+
+    /// SHA-256 of the QUIC certificate: clients pin it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.shared.cert_sha256
+    }
+
+    /// The admin API bearer token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// The shared state (for status, tests and benchmarks).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Binds the QUIC endpoint with this keyserver's certificate.
+    pub fn bind_quic(&self, addr: SocketAddr) -> Result<quinn::Endpoint, quic::QuicSetupError> {
+        quic::endpoint(
+            addr,
+            self.cert_der.clone(),
+            self.key_der.clone(),
+            &self.shared.limits,
+        )
+    }
+
+    /// Serves QUIC on `quic` and the admin API on `api` until `shutdown`
+    /// completes. `advertise` goes into join tokens (empty: the QUIC
+    /// endpoint's address, loopback if unspecified).
+    pub async fn serve(
+        self,
+        quic: quinn::Endpoint,
+        api: tokio::net::TcpListener,
+        advertise: Vec<SocketAddr>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let mut advertise = advertise;
+        if advertise.is_empty() {
+            let mut local = quic.local_addr().map_err(ServeError::Quic)?;
+            if local.ip().is_unspecified() {
+                local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            advertise.push(local);
+        }
+        let _ = self.shared.advertise.set(advertise);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let router = http::router(self.shared.clone(), self.admin_token.clone());
+        let http = axum::serve(api, router).with_graceful_shutdown(wait(stop_rx.clone()));
+        let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx)));
+        let result = http.await.map_err(ServeError::Http);
+        let _ = quic_task.await;
+        // Blocking store operations started by dropped sessions may still
+        // hold the state for a moment; wait (bounded) so the store is closed
+        // when this returns and a restart on the same directory can open it.
+        let shared = self.shared;
+        for _ in 0..500 {
+            if Arc::strong_count(&shared) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        result
+    }
+}
+
+/// The certificate files were just written; missing now means a race with
+/// another process.
+fn unreachable_missing(path: &Path) -> Result<Vec<u8>, OpenError> {
+    Err(OpenError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "vanished after creation"),
+    })
+}

@@ -1,0 +1,437 @@
+//! The QUIC driver: accepts sidecars, runs the control protocol
+//! ([`meshlib::proto`]) on one bidirectional stream per connection, and
+//! forwards the network's pushes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshlib::ids::NetworkId;
+use meshlib::keys::PublicKey;
+use meshlib::proto::{
+    self, ClientMsg, ErrorCode, FrameError, Hello, ProtoError, Request, ServerMsg, Welcome,
+};
+use rand_core::RngCore as _;
+use tokio::sync::{broadcast, mpsc, Semaphore};
+
+use meshlib::netmap::Member;
+
+use crate::registry::{Catchup, Change, ProtoOpError};
+use crate::server::{OpError, Push, Shared};
+
+/// Why the QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicSetupError {
+    /// The certificate or key is unusable.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Builds the QUIC server endpoint on `addr` with the keyserver's certificate.
+pub fn endpoint(
+    addr: SocketAddr,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+    limits: &crate::server::Limits,
+) -> Result<quinn::Endpoint, QuicSetupError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )
+        .map_err(|e| tls_err(&e))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout).map_err(|e| tls_err(&e))?;
+    transport
+        .max_idle_timeout(Some(idle))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, addr).map_err(|source| QuicSetupError::Bind { addr, source })
+}
+
+/// Accepts connections until `shutdown` completes, at most
+/// `limits.max_connections` at a time (more are refused).
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "connection limit reached, refusing {}",
+                incoming.remote_address()
+            );
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = connection(incoming, shared) => {}
+                _ = stop.changed() => {}
+            }
+            drop(permit);
+        });
+    }
+    let _ = stop_tx.send(true);
+    endpoint.close(0u32.into(), b"shutdown");
+    // Every session has released the shared state when this returns.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A session's fatal end: tell the client why, then close.
+struct Fatal(ErrorCode, String);
+
+impl From<FrameError> for Fatal {
+    fn from(e: FrameError) -> Self {
+        Fatal(ErrorCode::Malformed, e.to_string())
+    }
+}
+
+/// Handles one connection from handshake to close.
+async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let timeout = shared.limits.handshake_timeout;
+    let Ok(Ok(conn)) = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await
+    else {
+        return;
+    };
+    let Ok(Ok((mut send, recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
+        conn.close(1u32.into(), b"no control stream");
+        return;
+    };
+    let result = session(&conn, &mut send, recv, &shared).await;
+    if let Err(Fatal(code, message)) = result {
+        let msg = ServerMsg::Error(ProtoError { code, message });
+        let _ = proto::write_frame(&mut send, &msg, shared.limits.max_frame).await;
+    }
+    let _ = send.finish();
+    // Let the client read the last frame before the connection goes away.
+    let _ = tokio::time::timeout(timeout, send.stopped()).await;
+    conn.close(0u32.into(), b"done");
+}
+
+/// Spawns the task that reads client frames (keeps the session loop cancel-safe).
+fn spawn_reader(
+    mut recv: quinn::RecvStream,
+    max: usize,
+) -> mpsc::Receiver<Result<ClientMsg, FrameError>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let msg = proto::read_frame::<ClientMsg, _>(&mut recv, max).await;
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Where a session stands.
+struct Session {
+    network: NetworkId,
+    key: PublicKey,
+    /// Last generation sent to the client.
+    sent: u64,
+    observed: SocketAddr,
+}
+
+/// Runs `f` on a blocking thread (store commits fsync).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Fatal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))
+}
+
+/// Maps a refused or failed operation to a fatal session error.
+fn op_fatal(e: OpError<ProtoOpError>) -> Fatal {
+    match e {
+        OpError::Refused(e) => Fatal(e.code(), e.to_string()),
+        OpError::Store(e) => Fatal(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+/// The control protocol on one stream.
+async fn session(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: &Arc<Shared>,
+) -> Result<(), Fatal> {
+    let max = shared.limits.max_frame;
+    let hello: Hello = tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        proto::read_frame(&mut recv, max),
+    )
+    .await
+    .map_err(|_| Fatal(ErrorCode::Malformed, "no hello in time".into()))??;
+    if hello.version != proto::VERSION {
+        return Err(Fatal(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "server speaks version {}, client {}",
+                proto::VERSION,
+                hello.version
+            ),
+        ));
+    }
+    let observed = conn.remote_address();
+    let (welcome, first, mut pushes) = match hello.request {
+        Request::Join(req) => join(shared, req, observed).await?,
+        Request::Resume(req) => resume(shared, req, observed).await?,
+    };
+    let mut s = Session {
+        network: welcome.network,
+        key: match &first {
+            First::Snapshot(_, key) | First::Catchup(_, key, _) => *key,
+        },
+        sent: 0,
+        observed,
+    };
+    proto::write_frame(send, &ServerMsg::Welcome(welcome), max).await?;
+    match first {
+        First::Snapshot(map, _) => {
+            s.sent = map.generation;
+            proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
+        }
+        First::Catchup(c, _, gen) => {
+            s.sent = gen;
+            send_catchup(send, &mut s, c, max).await?;
+        }
+    }
+    let mut client = spawn_reader(recv, max);
+    loop {
+        tokio::select! {
+            push = pushes.recv() => on_push(send, &mut s, shared, push).await?,
+            msg = client.recv() => match msg {
+                None | Some(Err(FrameError::Closed)) => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(msg)) => on_client(send, &mut s, shared, msg).await?,
+            },
+        }
+    }
+}
+
+/// What a fresh session sends after the welcome.
+enum First {
+    /// A join: the whole map.
+    Snapshot(meshlib::netmap::NetworkMap, PublicKey),
+    /// A resume: catch-up (including the resume's own endpoint change) from
+    /// the client's generation.
+    Catchup(Catchup, PublicKey, u64),
+}
+
+type Started = (Welcome, First, broadcast::Receiver<Push>);
+
+async fn join(
+    shared: &Arc<Shared>,
+    req: proto::JoinRequest,
+    observed: SocketAddr,
+) -> Result<Started, Fatal> {
+    let mut credential = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut credential);
+    let sh = shared.clone();
+    let (joined, pushes) = blocking(move || {
+        sh.mutate(
+            |reg| {
+                let j = reg.join(&req, observed, &credential, SystemTime::now())?;
+                let (ops, change) = (j.ops.clone(), j.change.clone());
+                Ok((j, ops, vec![change]))
+            },
+            |_, j, sh| sh.subscribe(j.map.network),
+        )
+    })
+    .await?
+    .map_err(op_fatal)?;
+    let welcome = welcome_of(
+        &joined.member,
+        joined.map.network,
+        Some(credential),
+        observed,
+    );
+    let key = joined.member.public_key;
+    Ok((welcome, First::Snapshot(joined.map, key), pushes))
+}
+
+async fn resume(
+    shared: &Arc<Shared>,
+    req: proto::ResumeRequest,
+    observed: SocketAddr,
+) -> Result<Started, Fatal> {
+    let sh = shared.clone();
+    let (network, from) = (req.network, req.generation);
+    let (resumed, pushes) = blocking(move || {
+        sh.mutate(
+            |reg| {
+                let r = reg.resume(&req, observed, SystemTime::now())?;
+                let changes: Vec<Change> = r.change.iter().cloned().collect();
+                let ops = r.ops.clone();
+                Ok((r, ops, changes))
+            },
+            |_, _, sh| sh.subscribe(network),
+        )
+    })
+    .await?
+    .map_err(op_fatal)?;
+    let welcome = welcome_of(&resumed.member, network, None, observed);
+    let key = resumed.member.public_key;
+    Ok((welcome, First::Catchup(resumed.catchup, key, from), pushes))
+}
+
+fn welcome_of(
+    m: &Member,
+    network: NetworkId,
+    credential: Option<[u8; 32]>,
+    observed: SocketAddr,
+) -> Welcome {
+    Welcome {
+        version: proto::VERSION,
+        network,
+        ip: m.ip,
+        index: m.index,
+        instance: m.instance.clone(),
+        app_id: m.app_id.clone(),
+        credential,
+        observed,
+    }
+}
+
+/// Sends a catch-up and advances `s.sent`.
+async fn send_catchup(
+    send: &mut quinn::SendStream,
+    s: &mut Session,
+    c: Catchup,
+    max: usize,
+) -> Result<(), Fatal> {
+    match c {
+        Catchup::UpToDate => {}
+        Catchup::Delta(d) => {
+            s.sent = d.to;
+            proto::write_frame(send, &ServerMsg::Delta(d), max).await?;
+        }
+        Catchup::Snapshot(map) => {
+            s.sent = map.generation;
+            proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Forwards one push (or catches up after a gap or lag).
+async fn on_push(
+    send: &mut quinn::SendStream,
+    s: &mut Session,
+    shared: &Arc<Shared>,
+    push: Result<Push, broadcast::error::RecvError>,
+) -> Result<(), Fatal> {
+    let revoked = || {
+        Fatal(
+            ErrorCode::Revoked,
+            "this member was removed from its network".into(),
+        )
+    };
+    match push {
+        Ok(p) if p.to <= s.sent => Ok(()),
+        Ok(p) if p.from == s.sent => {
+            send.write_all(&p.frame)
+                .await
+                .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
+            s.sent = p.to;
+            if p.removed == Some(s.key) {
+                return Err(revoked());
+            }
+            Ok(())
+        }
+        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+            let (net, key, sent) = (s.network, s.key, s.sent);
+            let (still, c) = shared.read(|r| (r.is_member(net, &key), r.catchup(net, sent)));
+            if !still {
+                return Err(revoked());
+            }
+            if let Some(c) = c {
+                send_catchup(send, s, c, shared.limits.max_frame).await?;
+            }
+            Ok(())
+        }
+        Err(broadcast::error::RecvError::Closed) => {
+            Err(Fatal(ErrorCode::Internal, "shutting down".into()))
+        }
+    }
+}
+
+/// Handles one client message.
+async fn on_client(
+    send: &mut quinn::SendStream,
+    s: &mut Session,
+    shared: &Arc<Shared>,
+    msg: ClientMsg,
+) -> Result<(), Fatal> {
+    let max = shared.limits.max_frame;
+    match msg {
+        ClientMsg::Heartbeat => {
+            let generation = shared.heartbeat(s.network, &s.key, SystemTime::now());
+            proto::write_frame(send, &ServerMsg::HeartbeatAck { generation }, max).await?;
+        }
+        ClientMsg::UpdateEndpoints(eps) => {
+            let (sh, net, key, obs) = (shared.clone(), s.network, s.key, s.observed);
+            blocking(move || {
+                sh.mutate(
+                    |reg| {
+                        let (change, ops) =
+                            reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
+                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+                    },
+                    |_, _, _| (),
+                )
+            })
+            .await?
+            .map_err(op_fatal)?;
+        }
+        ClientMsg::GetMap(net) if net == s.network => {
+            if let Some(map) = shared.read(|r| r.snapshot(net)) {
+                s.sent = map.generation;
+                proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
+            }
+        }
+        ClientMsg::GetMap(other) => {
+            let err = ProtoError {
+                code: ErrorCode::Forbidden,
+                message: format!("not a member of network {other}"),
+            };
+            proto::write_frame(send, &ServerMsg::Error(err), max).await?;
+        }
+    }
+    Ok(())
+}

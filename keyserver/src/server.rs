@@ -1,0 +1,219 @@
+//! The shared state of a running keyserver: the [`Registry`] and its
+//! [`Store`] under one lock, and one push channel per network.
+//!
+//! Every mutation runs as: lock, registry operation (validates, changes
+//! memory), store commit (atomic, durable), publish the change's frame to the
+//! network's channel — all under the lock, so pushes leave in generation
+//! order. A failed commit reloads the registry from the store, so memory never
+//! runs ahead of disk. The frame of a change is encoded once and the same
+//! bytes go to every subscriber: work per change is O(members affected).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use meshlib::ids::NetworkId;
+use meshlib::keys::PublicKey;
+use meshlib::proto::{self, ServerMsg};
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::registry::{Change, Records, Registry, StoreOp};
+use crate::store::{Store, StoreError};
+
+/// Limits and tunables of the servers (plain data; see [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest control frame accepted or sent.
+    pub max_frame: usize,
+    /// Most simultaneous QUIC connections.
+    pub max_connections: usize,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Time allowed from connection to a valid hello.
+    pub handshake_timeout: Duration,
+    /// Pushes buffered per subscriber before it must catch up from the log.
+    pub push_buffer: usize,
+    /// Deltas kept per network for resumes.
+    pub change_log: usize,
+    /// Quarantine of released addresses.
+    pub quarantine: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: proto::DEFAULT_MAX_FRAME,
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            push_buffer: 1024,
+            change_log: 1024,
+            quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
+        }
+    }
+}
+
+/// One pushed change, encoded once.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// Generation the delta starts from.
+    pub from: u64,
+    /// Generation after the delta.
+    pub to: u64,
+    /// The encoded [`ServerMsg::Delta`] frame.
+    pub frame: Arc<[u8]>,
+    /// The member this change removed, if any.
+    pub removed: Option<PublicKey>,
+}
+
+/// Why a mutation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError<E> {
+    /// The operation itself refused (nothing changed).
+    #[error(transparent)]
+    Refused(E),
+    /// The store could not commit (nothing changed).
+    #[error("store commit failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Registry + store under one lock.
+struct Core {
+    reg: Registry,
+    store: Box<dyn Store>,
+}
+
+/// The state every driver task shares.
+pub struct Shared {
+    core: Mutex<Core>,
+    hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
+    /// Limits.
+    pub limits: Limits,
+    /// SHA-256 of the QUIC certificate (goes into tokens).
+    pub cert_sha256: [u8; 32],
+    /// QUIC addresses written into tokens; set when serving starts.
+    pub advertise: OnceLock<Vec<SocketAddr>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Loads the registry from `store`. Returns warnings about skipped records.
+    pub fn new(
+        store: Box<dyn Store>,
+        limits: Limits,
+        cert_sha256: [u8; 32],
+        now: SystemTime,
+    ) -> Result<(Self, Vec<String>), StoreError> {
+        let records = store.load()?;
+        let (reg, warnings) = Self::build(records, &limits, now);
+        let shared = Self {
+            core: Mutex::new(Core { reg, store }),
+            hubs: Mutex::new(HashMap::new()),
+            limits,
+            cert_sha256,
+            advertise: OnceLock::new(),
+        };
+        Ok((shared, warnings))
+    }
+
+    fn build(records: Records, limits: &Limits, now: SystemTime) -> (Registry, Vec<String>) {
+        Registry::load(records, limits.change_log, limits.quarantine, now)
+    }
+
+    /// Reads the registry.
+    pub fn read<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        f(&self.core.lock().reg)
+    }
+
+    /// Runs one mutation: `f` changes the registry and returns its result,
+    /// the writes and the changes to push; the writes are committed, then the
+    /// changes published. `after` runs under the same lock once everything
+    /// succeeded (to subscribe without missing a push).
+    pub fn mutate<T, E, R>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        after: impl FnOnce(&Registry, &T, &Self) -> R,
+    ) -> Result<(T, R), OpError<E>> {
+        let mut core = self.core.lock();
+        let (value, ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
+        if !ops.is_empty() {
+            if let Err(e) = core.store.commit(&ops) {
+                // Memory ran ahead of disk: rebuild it from disk.
+                tracing::error!("store commit failed, reloading state: {e}");
+                if let Ok(records) = core.store.load() {
+                    core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
+                }
+                return Err(OpError::Store(e));
+            }
+        }
+        for change in changes {
+            self.publish(change);
+        }
+        let extra = after(&core.reg, &value, self);
+        Ok((value, extra))
+    }
+
+    /// Sends a change to the subscribers of its network.
+    fn publish(&self, change: Change) {
+        let hubs = self.hubs.lock();
+        let Some(tx) = hubs.get(&change.network) else {
+            return;
+        };
+        if tx.receiver_count() == 0 {
+            return;
+        }
+        let (from, to) = (change.delta.from, change.delta.to);
+        let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(change.delta), usize::MAX) else {
+            return;
+        };
+        // No receivers is fine: nobody to tell.
+        let _ = tx.send(Push {
+            from,
+            to,
+            frame: frame.into(),
+            removed: change.removed,
+        });
+    }
+
+    /// Subscribes to a network's pushes. Call under the registry lock (from a
+    /// [`Shared::mutate`] `after` closure or [`Shared::subscribe_at`]).
+    pub fn subscribe(&self, network: NetworkId) -> broadcast::Receiver<Push> {
+        self.hubs
+            .lock()
+            .entry(network)
+            .or_insert_with(|| broadcast::channel(self.limits.push_buffer.max(16)).0)
+            .subscribe()
+    }
+
+    /// Runs `f` under the registry lock and subscribes at the same instant.
+    pub fn subscribe_at<T>(
+        &self,
+        network: NetworkId,
+        f: impl FnOnce(&Registry) -> T,
+    ) -> (T, broadcast::Receiver<Push>) {
+        let core = self.core.lock();
+        let value = f(&core.reg);
+        (value, self.subscribe(network))
+    }
+
+    /// A heartbeat: memory-only update; returns the network's generation.
+    pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) -> u64 {
+        self.core.lock().reg.heartbeat(network, key, now)
+    }
+
+    /// Number of open push subscriptions across networks (for status).
+    pub fn subscribers(&self) -> usize {
+        self.hubs
+            .lock()
+            .values()
+            .map(|tx| tx.receiver_count())
+            .sum()
+    }
+}

@@ -1,0 +1,173 @@
+//! The control protocol against a real keyserver on loopback: join, map,
+//! deltas, endpoint updates, heartbeats, resume, revocation timing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::Method;
+use meshlib::control::{self, ControlError, Event};
+use meshlib::netmap::MapChange;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_map_deltas_heartbeat_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    let net = h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 5, "expires": "1h"})).await;
+    assert_eq!(token.network, net);
+    let ep = client_endpoint();
+
+    let (_ka, mut a) = join(&ep, &token, "api").await;
+    assert_eq!(a.welcome().ip.to_string(), "10.240.0.1");
+    assert_eq!(a.welcome().index, 1);
+    assert!(a.welcome().credential.is_some());
+    assert_eq!(a.map().members.len(), 1);
+    assert_eq!(a.map().network, net);
+    let me = &a.map().members[&_ka.public_key()];
+    // Advertised endpoint first, then the observed one.
+    assert_eq!(me.endpoints[0].to_string(), "192.0.2.10:51820");
+    assert_eq!(me.endpoints[1], a.welcome().observed);
+
+    let (kb, mut b) = join(&ep, &token, "api").await;
+    assert_eq!(b.welcome().ip.to_string(), "10.240.0.2");
+    assert_eq!(b.welcome().index, 2);
+    assert_eq!(
+        b.welcome().app_id,
+        a.welcome().app_id,
+        "same service, same app id"
+    );
+    assert_eq!(b.map().members.len(), 2);
+    // A receives B as a delta.
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().members.len() == 2
+    })
+    .await;
+    assert_eq!(a.map(), b.map());
+
+    // Endpoint update reaches A.
+    let new_ep = "198.51.100.7:4000".parse().unwrap();
+    b.update_endpoints(vec![new_ep]).await.unwrap();
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().members[&kb.public_key()].endpoints.first() == Some(&new_ep)
+    })
+    .await;
+    b.heartbeat().await.unwrap();
+    loop {
+        match b.next_event().await.unwrap() {
+            Event::HeartbeatAck { generation } => {
+                assert!(generation >= 3);
+                break;
+            }
+            Event::Delta(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // B goes away; C joins; B resumes from its generation and gets only the delta.
+    let resume_req = b.resume_request(kb.public_key(), vec![new_ep]);
+    let cached = b.map().clone();
+    b.close();
+    let (kc, _c) = join(&ep, &token, "worker").await;
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().members.len() == 3
+    })
+    .await;
+    let mut b2 = control::resume(&ep, &[h.quic], h.fingerprint, cached, resume_req, &cfg())
+        .await
+        .unwrap();
+    assert_eq!(b2.welcome().ip.to_string(), "10.240.0.2");
+    assert!(b2.welcome().credential.is_none());
+    let ev = tokio::time::timeout(Duration::from_secs(5), b2.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    match ev {
+        Event::Delta(d) => assert!(d
+            .changes
+            .iter()
+            .any(|c| matches!(c, MapChange::Upsert(m) if m.public_key == kc.public_key()))),
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().generation == b2.map().generation
+    })
+    .await;
+    assert_eq!(b2.map(), a.map());
+    assert_eq!(h.members("prod").await.len(), 3);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_every_member_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 50})).await;
+    let ep = client_endpoint();
+    let mut sessions = Vec::new();
+    for _ in 0..30 {
+        sessions.push(join(&ep, &token, "api").await);
+    }
+    for (_, s) in sessions.iter_mut() {
+        until(s, Duration::from_secs(10), |s| s.map().members.len() == 30).await;
+    }
+    let (victim_key, mut victim) = sessions.remove(0);
+    let victim_pk = victim_key.public_key();
+    let start = Instant::now();
+    let path = format!("/v1/networks/prod/members/{}", victim.welcome().instance);
+    h.call(Method::DELETE, &path, None).await.unwrap();
+    let waits = sessions.into_iter().map(|(_, mut s)| async move {
+        until(&mut s, Duration::from_secs(5), |s| {
+            !s.map().members.contains_key(&victim_pk)
+        })
+        .await;
+        start.elapsed()
+    });
+    let times = futures_join_all(waits).await;
+    let last = times.iter().max().unwrap();
+    eprintln!("revocation reached the last of 29 members in {last:?}");
+    assert!(*last < Duration::from_secs(1), "took {last:?}");
+    // The victim is told, and cannot come back with its credential.
+    let err = loop {
+        match victim.next_event().await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, ControlError::Revoked(_)), "{err:?}");
+    let req = victim.resume_request(victim_pk, vec![]);
+    let again = control::resume(
+        &ep,
+        &[h.quic],
+        h.fingerprint,
+        victim.map().clone(),
+        req,
+        &cfg(),
+    )
+    .await;
+    match again {
+        Err(ControlError::Refused(e)) => {
+            assert_eq!(e.code, meshlib::proto::ErrorCode::BadCredential)
+        }
+        other => panic!("revoked member resumed: {other:?}"),
+    }
+    assert_eq!(h.members("prod").await.len(), 29);
+    h.stop().await;
+}
+
+/// Runs futures concurrently on the runtime.
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

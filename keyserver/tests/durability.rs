@@ -1,0 +1,212 @@
+//! State survives a clean restart and a `kill -9`: networks, members (same
+//! IPs), tokens (use counts), credentials, generations. Also drives the admin
+//! subcommands of the real binary.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use meshlib::control::{self, Event};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_restart_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 5})).await;
+    let ep = client_endpoint();
+    let (k1, s1) = join(&ep, &token, "api").await;
+    let (_k2, _s2) = join(&ep, &token, "api").await;
+    let (_k3, s3) = join(&ep, &token, "db").await;
+    let members = h.members("prod").await;
+    let req = s1.resume_request(k1.public_key(), vec!["192.0.2.10:51820".parse().unwrap()]);
+    let map = s1.map().clone();
+    // Remove one member: its address goes into quarantine.
+    let path = format!("/v1/networks/prod/members/{}", s3.welcome().instance);
+    h.call(hyper::Method::DELETE, &path, None).await.unwrap();
+    let fp = h.fingerprint;
+    h.stop().await;
+    drop((s1, s3));
+
+    let h = Harness::start(dir.path(), |_| {}).await;
+    assert_eq!(h.fingerprint, fp, "certificate kept");
+    let after = h.members("prod").await;
+    assert_eq!(after, members[..2].to_vec(), "members and their IPs kept");
+    assert_eq!(h.tokens("prod").await[0]["uses_left"], 2);
+    // Resume from the old map: catch-up by snapshot (log is memory-only) or delta.
+    let mut s1 = control::resume(&ep, &[h.quic], h.fingerprint, map, req, &cfg())
+        .await
+        .unwrap();
+    assert_eq!(s1.welcome().ip.to_string(), "10.240.0.1");
+    until(&mut s1, Duration::from_secs(5), |s| {
+        s.map().members.len() == 2
+    })
+    .await;
+    // A newcomer gets .4: .3 is quarantined across the restart.
+    let token = h.token("prod", json!({"uses": 1})).await;
+    let (_k4, s4) = join(&ep, &token, "api").await;
+    assert_eq!(s4.welcome().ip.to_string(), "10.240.0.4");
+    s1.heartbeat().await.unwrap();
+    loop {
+        if let Event::HeartbeatAck { generation } = s1.next_event().await.unwrap() {
+            assert_eq!(generation, s4.map().generation);
+            break;
+        }
+    }
+    h.stop().await;
+}
+
+/// A keyserver child process; killed with SIGKILL on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyserver")
+}
+
+/// Starts `keyserver serve` on loopback port 0; returns it once `api.url` exists.
+fn spawn_server(dir: &Path) -> Proc {
+    let _ = std::fs::remove_file(dir.join("api.url"));
+    let child = Command::new(bin())
+        .args([
+            "serve",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("KEYSERVER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("api.url").exists() {
+        assert!(Instant::now() < deadline, "keyserver did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
+}
+
+/// Runs an admin subcommand against the server of `dir`; returns its JSON.
+fn cli(dir: &Path, args: &[&str]) -> Value {
+    let out = Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_nothing_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = spawn_server(dir);
+    let net = cli(dir, &["network", "create", "prod"]);
+    assert_eq!(net["range"], "10.240.0.0/22");
+    let tok = cli(
+        dir,
+        &[
+            "token",
+            "create",
+            "--network",
+            "prod",
+            "--uses",
+            "20",
+            "--expires",
+            "1h",
+            "--app",
+            "api",
+        ],
+    );
+    let token: meshlib::proto::JoinToken = tok["token"].as_str().unwrap().parse().unwrap();
+    let ep = client_endpoint();
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.push(join(&ep, &token, "api").await);
+    }
+    let before = cli(dir, &["member", "list", "--network", "prod"]);
+    assert_eq!(before.as_array().unwrap().len(), 10);
+    let victim = sessions[0].1.welcome().instance.to_string();
+    cli(dir, &["member", "remove", "--network", "prod", &victim]);
+    let before = cli(dir, &["member", "list", "--network", "prod"]);
+    let (k, s) = sessions.pop().unwrap();
+    let req = s.resume_request(k.public_key(), vec!["192.0.2.10:51820".parse().unwrap()]);
+    // SIGKILL, no shutdown path at all.
+    drop(server);
+    drop(sessions);
+
+    let _server = spawn_server(dir);
+    let after = cli(dir, &["member", "list", "--network", "prod"]);
+    let ips = |v: &Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["public_key"].as_str().unwrap().into(),
+                    m["ip"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(ips(&after), ips(&before));
+    assert_eq!(after.as_array().unwrap().len(), 9);
+    let tokens = cli(dir, &["token", "list", "--network", "prod"]);
+    assert_eq!(tokens[0]["uses_left"], 10);
+    assert_eq!(tokens[0]["service"], "api");
+    // The member resumes with its credential at the new address.
+    let url = std::fs::read_to_string(dir.join("api.url")).unwrap();
+    let h_token = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    let admin = keyserver::admin::AdminClient::new(url.trim(), &h_token);
+    let fresh = admin
+        .call(
+            hyper::Method::POST,
+            "/v1/networks/prod/tokens",
+            Some(&json!({"uses": 1})),
+        )
+        .await
+        .unwrap();
+    let fresh: meshlib::proto::JoinToken = fresh["token"].as_str().unwrap().parse().unwrap();
+    let mut s = control::resume(
+        &ep,
+        &fresh.addrs,
+        fresh.cert_sha256,
+        s.map().clone(),
+        req,
+        &cfg(),
+    )
+    .await
+    .unwrap();
+    until(&mut s, Duration::from_secs(5), |s| {
+        s.map().members.len() == 9
+    })
+    .await;
+    // The admin token file is private.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

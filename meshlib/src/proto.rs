@@ -1,0 +1,432 @@
+//! The control protocol between a sidecar and the keyserver: messages, join
+//! tokens and length framing. Pure data plus two small async frame helpers.
+//!
+//! ## The exchange (one QUIC bidirectional stream per membership)
+//!
+//! 1. The client opens a bidirectional stream and sends one [`Hello`]: the
+//!    protocol [`VERSION`] and either a [`Request::Join`] (token secret, public
+//!    key, metadata) or a [`Request::Resume`] (member credential, last known
+//!    generation).
+//! 2. The server answers [`ServerMsg::Welcome`] (assigned IP, index, instance
+//!    name, and on join the member credential), then either
+//!    [`ServerMsg::Snapshot`] or the [`ServerMsg::Delta`]s the client missed —
+//!    or a single [`ServerMsg::Error`] and closes the stream.
+//! 3. From then on the server pushes [`ServerMsg::Delta`]s in generation order;
+//!    the client sends [`ClientMsg::Heartbeat`] and
+//!    [`ClientMsg::UpdateEndpoints`] whenever it likes. A revoked member
+//!    receives [`ServerMsg::Error`] with [`ErrorCode::Revoked`].
+//!
+//! ## Framing
+//!
+//! Every message is a 4-byte big-endian length followed by that many bytes of
+//! postcard. A frame longer than the configured maximum is rejected before any
+//! byte of it is buffered ([`FrameError::TooLarge`]).
+//!
+//! ## Reconnect proof
+//!
+//! At join the keyserver issues a random 32-byte member credential
+//! ([`Welcome::credential`]); it stores only its SHA-256. A resume must present
+//! it: knowing a member's public key (which every peer does) is not enough.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::ids::{AppId, InstanceName, NetworkId, ProcessType};
+use crate::keys::PublicKey;
+use crate::netmap::{MapDelta, NetworkMap};
+
+/// The protocol version this build speaks; sent in the first message.
+pub const VERSION: u16 = 1;
+
+/// The QUIC ALPN identifier of the control protocol.
+pub const ALPN: &[u8] = b"istm-control/1";
+
+/// The TLS server name clients use; the certificate is pinned by fingerprint,
+/// so the name only has to match what the keyserver's certificate carries.
+pub const SERVER_NAME: &str = "keyserver.ist-mesh.internal";
+
+/// Default maximum frame size: 1 MiB. A full 1022-member snapshot is about
+/// 1022 × ~200 bytes ≈ 200 KiB in postcard (two endpoints and ~40-byte names
+/// per member), so this leaves a factor of five.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// A 32-byte secret (token secret, member credential).
+pub type Secret = [u8; 32];
+
+/// Text prefix of a join token.
+const TOKEN_PREFIX: &str = "istm1.";
+
+/// A join token: everything `sidecar up --token T` needs to reach a keyserver
+/// and join one network. Text form `istm1.<base64url(postcard)>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// Where the keyserver's QUIC endpoint listens.
+    pub addrs: Vec<SocketAddr>,
+    /// SHA-256 of the keyserver's certificate (DER), pinned by the client.
+    pub cert_sha256: [u8; 32],
+    /// The network the token lets a member join.
+    pub network: NetworkId,
+    /// The secret; the keyserver stores only its SHA-256.
+    pub secret: Secret,
+}
+
+/// Why a join token's text is not a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenParseError {
+    /// The text does not start with `istm1.` (unknown or missing version).
+    #[error("join token must start with '{TOKEN_PREFIX}'")]
+    BadPrefix,
+    /// The part after the prefix is not base64url.
+    #[error("join token is not valid base64url")]
+    BadBase64,
+    /// The decoded bytes are not a token.
+    #[error("join token content is malformed")]
+    BadContent,
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // postcard of a plain struct cannot fail (no maps, no unsupported types).
+        let bytes = postcard::to_stdvec(self).map_err(|_| fmt::Error)?;
+        write!(f, "{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+    }
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("addrs", &self.addrs)
+            .field("network", &self.network)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromStr for JoinToken {
+    type Err = TokenParseError;
+    fn from_str(s: &str) -> Result<Self, TokenParseError> {
+        let body = s
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TokenParseError::BadPrefix)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenParseError::BadBase64)?;
+        postcard::from_bytes(&bytes).map_err(|_| TokenParseError::BadContent)
+    }
+}
+
+/// The first message a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's protocol version ([`VERSION`]).
+    pub version: u16,
+    /// What the client asks for.
+    pub request: Request,
+}
+
+/// Join a network, or come back to one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First contact, with a join token.
+    Join(JoinRequest),
+    /// Reconnect of an existing member.
+    Resume(ResumeRequest),
+}
+
+/// Metadata of a joining member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The network named in the token.
+    pub network: NetworkId,
+    /// The token's secret.
+    pub token_secret: Secret,
+    /// The membership's WireGuard public key (generated on the instance).
+    pub public_key: PublicKey,
+    /// The service (app) name, any Unicode.
+    pub service: String,
+    /// The app's DNS-label id; `None` lets the keyserver reuse the id of the
+    /// service's other members or assign a fresh `ap-<uuid>`.
+    pub app_id: Option<AppId>,
+    /// The process type (`web` by default).
+    pub process_type: ProcessType,
+    /// The wanted instance name; `None` lets the keyserver pick one.
+    pub instance: Option<InstanceName>,
+    /// Label of the runner (host).
+    pub runner: String,
+    /// Underlay endpoints where the member's WireGuard socket listens.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// A reconnecting member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// The member's network.
+    pub network: NetworkId,
+    /// The member's public key.
+    pub public_key: PublicKey,
+    /// The credential issued at join ([`Welcome::credential`]).
+    pub credential: Secret,
+    /// The last generation the client applied (0: send a snapshot).
+    pub generation: u64,
+    /// Current underlay endpoints (they may have changed while away).
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// What the keyserver assigned to a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's protocol version.
+    pub version: u16,
+    /// The member's network.
+    pub network: NetworkId,
+    /// The member's private IP.
+    pub ip: Ipv4Addr,
+    /// The 1-based index within (app, process type).
+    pub index: u32,
+    /// The member's instance name.
+    pub instance: InstanceName,
+    /// The member's app id.
+    pub app_id: AppId,
+    /// The reconnect credential: `Some` on join only (shown once).
+    pub credential: Option<Secret>,
+    /// The client address the keyserver sees (useful behind NAT).
+    pub observed: SocketAddr,
+}
+
+/// Messages from client to server after the [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// I am alive; the server answers [`ServerMsg::HeartbeatAck`].
+    Heartbeat,
+    /// My underlay endpoints changed.
+    UpdateEndpoints(Vec<SocketAddr>),
+    /// Send me the map of this network (only the member's own network is
+    /// allowed; anything else is [`ErrorCode::Forbidden`]).
+    GetMap(NetworkId),
+}
+
+/// Messages from server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Answer to the [`Hello`].
+    Welcome(Welcome),
+    /// The whole map.
+    Snapshot(NetworkMap),
+    /// Changes since the last generation sent.
+    Delta(MapDelta),
+    /// Answer to a heartbeat, with the network's current generation.
+    HeartbeatAck {
+        /// The network's current generation.
+        generation: u64,
+    },
+    /// A request failed; fatal codes close the stream.
+    Error(ProtoError),
+}
+
+/// An error reported to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtoError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Error kinds of the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The client speaks another protocol version.
+    UnsupportedVersion,
+    /// The token is unknown or belongs to another network.
+    InvalidToken,
+    /// The token has expired.
+    TokenExpired,
+    /// The token has no uses left.
+    TokenUsedUp,
+    /// The token is bound to another app or process type.
+    TokenBinding,
+    /// The network does not exist.
+    UnknownNetwork,
+    /// The network's range has no free address.
+    NetworkFull,
+    /// The public key is already a member (resume instead).
+    KeyInUse,
+    /// The instance name is taken in the network.
+    InstanceTaken,
+    /// Unknown member or wrong credential.
+    BadCredential,
+    /// The member asked about a network that is not its own.
+    Forbidden,
+    /// The member was removed.
+    Revoked,
+    /// A frame could not be decoded, or was too large.
+    Malformed,
+    /// The keyserver is at its connection limit.
+    Busy,
+    /// An internal failure (store write); nothing changed.
+    Internal,
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream ended cleanly before a frame started.
+    #[error("stream closed")]
+    Closed,
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The announced frame length is above the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The frame's bytes are not a valid message.
+    #[error("malformed frame: {0}")]
+    Decode(postcard::Error),
+    /// The message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(postcard::Error),
+}
+
+/// Encodes `msg` as one frame (length prefix + postcard).
+pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = postcard::to_extend(msg, vec![0u8; 4]).map_err(FrameError::Encode)?;
+    let len = buf.len() - 4;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Decodes one frame's payload (without its length prefix).
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(FrameError::Decode)
+}
+
+/// Reads one frame and decodes it. Not cancel-safe: drive it from one task.
+pub async fn read_frame<T, R>(r: &mut R, max: usize) -> Result<T, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]).await? {
+            0 if got == 0 => return Err(FrameError::Closed),
+            0 => return Err(FrameError::Truncated),
+            n => got += n,
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
+    decode_payload(&payload)
+}
+
+/// Encodes and writes one frame.
+pub async fn write_frame<T, W>(w: &mut W, msg: &T, max: usize) -> Result<(), FrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let frame = encode_frame(msg, max)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// SHA-256 of some bytes (certificate fingerprints, secret hashes).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A fingerprint as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip_and_rejects() {
+        let t = JoinToken {
+            addrs: vec!["127.0.0.1:7443".parse().unwrap()],
+            cert_sha256: [7; 32],
+            network: NetworkId::random(),
+            secret: [9; 32],
+        };
+        let text = t.to_string();
+        assert!(text.starts_with("istm1."));
+        assert_eq!(text.parse::<JoinToken>().unwrap(), t);
+        assert_eq!("x".parse::<JoinToken>(), Err(TokenParseError::BadPrefix));
+        assert_eq!(
+            "istm1.!!".parse::<JoinToken>(),
+            Err(TokenParseError::BadBase64)
+        );
+        assert_eq!(
+            "istm1.AAAA".parse::<JoinToken>(),
+            Err(TokenParseError::BadContent)
+        );
+        assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits() {
+        let msg = ClientMsg::UpdateEndpoints(vec!["192.0.2.1:51820".parse().unwrap()]);
+        let frame = encode_frame(&msg, 1024).unwrap();
+        let got: ClientMsg = read_frame(&mut &frame[..], 1024).await.unwrap();
+        assert_eq!(got, msg);
+        // Truncated inside the payload and inside the length.
+        let short = &frame[..frame.len() - 1];
+        let err = read_frame::<ClientMsg, _>(&mut &short[..], 1024).await;
+        assert!(matches!(err, Err(FrameError::Truncated)), "{err:?}");
+        let err = read_frame::<ClientMsg, _>(&mut &frame[..2], 1024).await;
+        assert!(matches!(err, Err(FrameError::Truncated)), "{err:?}");
+        let err = read_frame::<ClientMsg, _>(&mut &[][..], 1024).await;
+        assert!(matches!(err, Err(FrameError::Closed)), "{err:?}");
+        // Oversized announcement, rejected before reading the body.
+        let big = (1u32 << 30).to_be_bytes();
+        let err = read_frame::<ClientMsg, _>(&mut &big[..], 1024).await;
+        assert!(matches!(err, Err(FrameError::TooLarge { .. })), "{err:?}");
+        // Garbage payload.
+        let junk = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let err = read_frame::<ClientMsg, _>(&mut &junk[..], 1024).await;
+        assert!(matches!(err, Err(FrameError::Decode(_))), "{err:?}");
+        assert!(matches!(
+            encode_frame(&msg, 2),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}
