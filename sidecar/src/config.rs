@@ -45,6 +45,17 @@ pub enum Mode {
     Userspace,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(Mode::Kernel),
+            "userspace" => Ok(Mode::Userspace),
+            other => Err(format!("unknown mode {other:?} (kernel or userspace)")),
+        }
+    }
+}
+
 /// DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]

@@ -2,6 +2,8 @@
 //! exposed so tests (and embedders) run them in-process.
 //!
 //! ## Layout
+//! - [`agent`] — `sidecar up`/`run`: join or resume, data plane, outputs, servers.
+//! - [`cli`] — flags and `ISTM_*` variables of `up`/`run`, over the config.
 //! - [`config`] — the configuration (TOML, kebab-case), with defaults.
 //! - [`dns`] — the private DNS server: answers from the current name index,
 //!   forwards everything else to the machine's upstream resolvers.
@@ -13,6 +15,8 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod outputs;

@@ -15,6 +15,30 @@ use meshlib::netmap::NetworkMap;
 pub const KEY_FILE: &str = "private.key";
 /// File of the cached network map (JSON).
 pub const MAP_FILE: &str = "map.json";
+/// File of the membership: what a restart needs to resume (mode 0600: it
+/// holds the reconnect credential).
+pub const MEMBERSHIP_FILE: &str = "membership.json";
+
+/// This member's standing in its network, kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    /// The network.
+    pub network: meshlib::ids::NetworkId,
+    /// The network's range (so the interface can be addressed before any map).
+    pub range: ipnet::Ipv4Net,
+    /// The keyserver's QUIC addresses.
+    pub keyserver: Vec<std::net::SocketAddr>,
+    /// SHA-256 of the keyserver's certificate, hex.
+    pub cert_sha256: String,
+    /// The reconnect credential, base64 (secret).
+    pub credential: String,
+    /// The member's private IP.
+    pub ip: std::net::Ipv4Addr,
+    /// The member's index within (app, type).
+    pub index: u32,
+    /// The member's instance name.
+    pub instance: meshlib::ids::InstanceName,
+}
 
 /// Why the state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +59,8 @@ pub enum StateError {
         "{0}: not a WireGuard private key (32 bytes of base64); move it away to generate a new one"
     )]
     BadKey(PathBuf),
-    /// The cached map is unreadable.
-    #[error("{path}: corrupt map cache: {message}")]
+    /// The cached map or membership is unreadable.
+    #[error("{path}: corrupt state file: {message}")]
     BadMap {
         /// The file.
         path: PathBuf,
@@ -90,6 +114,38 @@ impl StateDir {
             }
             Err(source) => Err(StateError::Read { path, source }),
         }
+    }
+
+    /// The membership, if this member joined before.
+    pub fn load_membership(&self) -> Result<Option<Membership>, StateError> {
+        let path = self.dir.join(MEMBERSHIP_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StateError::BadMap {
+                    path,
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    /// Saves the membership (mode 0600).
+    pub fn save_membership(&self, m: &Membership) -> Result<(), StateError> {
+        let path = self.dir.join(MEMBERSHIP_FILE);
+        let json = serde_json::to_vec_pretty(m).map_err(|e| StateError::BadMap {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_secret(&path, &json)?;
+        Ok(())
+    }
+
+    /// Forgets the membership and the map (after a revocation).
+    pub fn forget_membership(&self) {
+        let _ = fs::remove_file(self.dir.join(MEMBERSHIP_FILE));
+        let _ = fs::remove_file(self.dir.join(MAP_FILE));
     }
 
     /// Caches `map` (atomically; unchanged maps are not rewritten).

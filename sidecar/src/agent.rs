@@ -1,0 +1,766 @@
+//! `sidecar up` and `sidecar run`: join (or resume) the network, run the data
+//! plane, and keep DNS, `/etc/hosts`, the env files and the engine's peers in
+//! step with every network-map change.
+//!
+//! Tasks:
+//! - **control**: one QUIC session to the keyserver; on loss, resume with
+//!   backoff from the last applied generation. Every map it yields goes to
+//!   the apply loop.
+//! - **apply**: a map in, then outputs (DNS index, hosts, env), the engine's
+//!   peers (by pure diff) and the map cache on disk.
+//! - **dns**, **status**, **metrics**: servers reading shared state.
+//!
+//! Static stability: with a membership and a cached map in the state
+//! directory, the data plane starts from the cache before the keyserver is
+//! reached, and keeps running while it is away.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ipnet::{IpNet, Ipv4Net};
+use meshlib::control::{self, ClientConfig, ControlError, Event, MemberMeta, Session};
+use meshlib::keys::{PrivateKey, PublicKey};
+use meshlib::names::NameIndex;
+use meshlib::netmap::NetworkMap;
+use meshlib::proto::{JoinToken, Secret, TokenParseError};
+use meshlib::reconcile::{desired_peers, diff, DesiredPeers, PeerDiff};
+use meshlib::wg::{
+    uapi_server, Engine, EngineConfig, PeerConfig, TunConfig, TunDevice, UapiServer,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, ConfigError, Mode};
+use crate::outputs::{OutputConfig, Outputs};
+use crate::state::{Membership, StateDir, StateError};
+use crate::status::{ControlState, PeerStatus, Status, StatusSource};
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory is unusable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// First start without a token.
+    #[error("this member has not joined yet: a join token is needed (--token or ISTM_TOKEN)")]
+    NoToken,
+    /// The token does not parse.
+    #[error("join token: {0}")]
+    Token(#[from] TokenParseError),
+    /// No service name to join as.
+    #[error("no service name: set --service (or `service` in the config)")]
+    NoService,
+    /// The keyserver refused for good (bad token, full network, ...).
+    #[error("the keyserver refused: {0}")]
+    Refused(ControlError),
+    /// This member was removed from its network.
+    #[error("revoked by the keyserver: {0}")]
+    Revoked(String),
+    /// The data plane could not start.
+    #[error("data plane: {0}")]
+    DataPlane(String),
+    /// A local socket could not be opened.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being opened.
+        what: String,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// Userspace mode is not built yet.
+    #[error("userspace mode is not available yet; use mode = \"kernel\" (needs CAP_NET_ADMIN and /dev/net/tun)")]
+    Userspace,
+    /// The keyserver was never reached before shutdown, with nothing cached.
+    #[error("stopped before the first join completed")]
+    Interrupted,
+}
+
+/// How long to wait between reconnect attempts: doubling from 0.5 s to 15 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << attempt.min(5))).min(Duration::from_secs(15))
+}
+
+/// How often the session sends a heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// State shared between the tasks (status reads it).
+struct Shared {
+    control: Mutex<ControlState>,
+    map: Mutex<NetworkMap>,
+    conflicts: Mutex<Vec<String>>,
+}
+
+/// A running agent: the data plane and the tasks around it.
+pub struct Agent {
+    config: Config,
+    state: StateDir,
+    key: PrivateKey,
+    membership: Membership,
+    engine: Arc<Engine>,
+    _uapi: UapiServer,
+    shared: Arc<Shared>,
+    outputs: Outputs,
+    peers: DesiredPeers,
+    names: watch::Receiver<Arc<NameIndex>>,
+}
+
+impl Agent {
+    /// Joins (or loads the membership), starts the engine from the best map
+    /// available, and applies it once. Returns the agent and, when it just
+    /// joined, the live session.
+    pub async fn start(
+        config: Config,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(Self, Option<Session>), AgentError> {
+        config.validate()?;
+        if config.mode == Mode::Userspace {
+            return Err(AgentError::Userspace);
+        }
+        let state = StateDir::open(&config.state_dir)?;
+        let (key, generated) = state.load_or_create_key()?;
+        if generated {
+            tracing::info!(public_key = %key.public_key(), "generated a new member key");
+        }
+        let (membership, map, session) = match state.load_membership()? {
+            Some(m) => {
+                let map = state
+                    .load_map()?
+                    .filter(|map| map.network == m.network)
+                    .unwrap_or_else(|| NetworkMap::new(m.network, "", m.range));
+                (m, map, None)
+            }
+            None => {
+                let session = first_join(&config, &key, shutdown).await?;
+                let (m, map) = membership_of(&session, &config)?;
+                state.save_membership(&m)?;
+                (m, map, Some(session))
+            }
+        };
+        let engine = start_engine(&config, &key, &membership)?;
+        let uapi = UapiServer::start(engine.clone(), &uapi_server::socket_path(&config.interface))
+            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        let (names_tx, names) = watch::channel(Arc::new(NameIndex::default()));
+        let outputs = Outputs::new(
+            OutputConfig {
+                hosts_file: config.hosts_file.clone(),
+                env_dir: config.env_files.then(|| config.state_dir.clone()),
+                overrides: config.overrides()?,
+            },
+            names_tx,
+        );
+        let shared = Arc::new(Shared {
+            control: Mutex::new(ControlState::Connecting {
+                attempt: 0,
+                last_error: None,
+            }),
+            map: Mutex::new(map.clone()),
+            conflicts: Mutex::new(Vec::new()),
+        });
+        let mut agent = Agent {
+            config,
+            state,
+            key,
+            membership,
+            engine,
+            _uapi: uapi,
+            shared,
+            outputs,
+            peers: DesiredPeers::new(),
+            names,
+        };
+        agent.apply(map);
+        Ok((agent, session))
+    }
+
+    /// Applies one map: outputs, engine peers, cache.
+    pub fn apply(&mut self, map: NetworkMap) {
+        let report = self.outputs.apply(&map);
+        *self.shared.conflicts.lock() = report.conflicts.iter().map(|c| c.to_string()).collect();
+        let own = self.key.public_key();
+        let prefer_v4 = true;
+        let desired = desired_peers(&map, &own, self.config.persistent_keepalive, prefer_v4);
+        for change in diff(&self.peers, &desired) {
+            match change {
+                PeerDiff::Remove(k) => {
+                    self.engine.remove_peer(&k);
+                }
+                PeerDiff::Upsert(p) => {
+                    let cfg = PeerConfig {
+                        public_key: p.public_key,
+                        preshared_key: None,
+                        endpoint: p.endpoint,
+                        allowed_ips: p.allowed_ips,
+                        persistent_keepalive: p.persistent_keepalive,
+                    };
+                    if let Err(e) = self.engine.set_peer(cfg) {
+                        tracing::warn!(peer = %p.public_key, error = %e, "cannot configure peer");
+                    }
+                }
+            }
+        }
+        self.peers = desired;
+        if map.generation > 0 {
+            if let Err(e) = self.state.save_map(&map) {
+                tracing::warn!(error = %e, "cannot cache the network map");
+            }
+        }
+        tracing::info!(
+            generation = map.generation,
+            peers = self.peers.len(),
+            "network map applied"
+        );
+        *self.shared.map.lock() = map;
+    }
+
+    /// The IST variables for `sidecar run`'s child.
+    pub fn variables(&self) -> Vec<(String, String)> {
+        self.outputs.variables(&self.shared.map.lock())
+    }
+
+    /// The name index the DNS server answers from.
+    pub fn names(&self) -> watch::Receiver<Arc<NameIndex>> {
+        self.names.clone()
+    }
+
+    /// A status snapshot source for `sidecar status` and metrics.
+    pub fn status_source(&self) -> StatusSource {
+        let (shared, engine) = (self.shared.clone(), self.engine.clone());
+        let (interface, public_key) = (
+            self.config.interface.clone(),
+            self.key.public_key().to_string(),
+        );
+        let (instance, ip) = (self.membership.instance.to_string(), self.membership.ip);
+        Arc::new(move || {
+            let map = shared.map.lock().clone();
+            let peers = engine
+                .peers()
+                .into_iter()
+                .map(|p| {
+                    let m = map.members.get(&p.public_key);
+                    PeerStatus {
+                        public_key: p.public_key.to_string(),
+                        instance: m.map(|m| m.instance.to_string()).unwrap_or_default(),
+                        service: m.map(|m| m.service.clone()).unwrap_or_default(),
+                        ip: m.map_or(Ipv4Addr::UNSPECIFIED, |m| m.ip),
+                        endpoint: p.endpoint,
+                        last_handshake: p
+                            .last_handshake
+                            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs()),
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                        drops_spoofed: p.drops.spoofed_source,
+                    }
+                })
+                .collect();
+            Status {
+                network: map.network.to_string(),
+                instance: instance.clone(),
+                ip: Some(ip),
+                public_key: public_key.clone(),
+                interface: interface.clone(),
+                listen_port: engine.listen_port(),
+                generation: map.generation,
+                control: Some(shared.control.lock().clone()),
+                conflicts: shared.conflicts.lock().clone(),
+                peers,
+            }
+        })
+    }
+
+    /// The endpoints to advertise: the configured ones, else every local
+    /// non-loopback address (outside the overlay range) with our port.
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        advertised_endpoints(
+            &self.config,
+            self.engine.listen_port(),
+            self.membership.range,
+        )
+    }
+
+    /// Runs the control and apply loops until `shutdown` turns true, or the
+    /// member is revoked.
+    pub async fn run(
+        mut self,
+        session: Option<Session>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
+        let (maps_tx, mut maps_rx) = mpsc::channel::<NetworkMap>(16);
+        let ctl = Controller {
+            membership: self.membership.clone(),
+            public_key: self.key.public_key(),
+            endpoints: self.endpoints(),
+            shared: self.shared.clone(),
+            state: self.state.clone(),
+        };
+        let control = tokio::spawn(ctl.run(session, maps_tx, shutdown.clone()));
+        let result = loop {
+            tokio::select! {
+                map = maps_rx.recv() => match map {
+                    Some(map) => self.apply(map),
+                    None => break control.await.unwrap_or(Ok(())),
+                },
+                _ = shutdown.changed() => break Ok(()),
+            }
+        };
+        self.stop(result.is_err());
+        result
+    }
+
+    /// Tears down: peers (on revocation), hosts section, resolver.
+    fn stop(&mut self, revoked: bool) {
+        let map = self.shared.map.lock().clone();
+        self.outputs.remove_hosts_section(&map);
+        if self.config.dns.set_resolver {
+            let _ =
+                crate::resolver::restore(std::path::Path::new(RESOLV_CONF), &self.config.state_dir);
+        }
+        if revoked {
+            for key in self.peers.keys() {
+                self.engine.remove_peer(key);
+            }
+            self.state.forget_membership();
+        }
+        self.engine.shutdown();
+    }
+}
+
+/// The machine's resolver configuration.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The endpoints to advertise for `config` with the engine on `port`.
+pub fn advertised_endpoints(config: &Config, port: u16, overlay: Ipv4Net) -> Vec<SocketAddr> {
+    if !config.endpoints.is_empty() {
+        return config.endpoints.clone();
+    }
+    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !overlay.contains(v4) && !v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    out.sort_by_key(|a| (!a.is_ipv4(), *a));
+    out.dedup();
+    out.truncate(8);
+    out
+}
+
+/// Creates the TUN interface with the member's address and starts the engine.
+fn start_engine(
+    config: &Config,
+    key: &PrivateKey,
+    m: &Membership,
+) -> Result<Arc<Engine>, AgentError> {
+    let mut tun_config = TunConfig::new(&config.interface);
+    let addr = Ipv4Net::new(m.ip, m.range.prefix_len())
+        .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+    tun_config.address = Some(IpNet::V4(addr));
+    let tun = TunDevice::create(&tun_config).map_err(|e| {
+        AgentError::DataPlane(format!("creating TUN interface {}: {e}", config.interface))
+    })?;
+    let engine = Engine::start(
+        Arc::new(tun),
+        EngineConfig {
+            listen_port: config.listen_port,
+            private_key: Some(key.clone()),
+            fwmark: 0,
+        },
+    )
+    .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+    tracing::info!(interface = %config.interface, address = %addr, port = engine.listen_port(), "data plane up");
+    Ok(Arc::new(engine))
+}
+
+/// The QUIC client endpoint for the keyserver's family.
+fn quic_endpoint(addrs: &[SocketAddr]) -> Result<quinn::Endpoint, ControlError> {
+    let v6 = addrs.first().is_some_and(|a| a.is_ipv6());
+    let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .expect("literal");
+    control::client_endpoint(bind)
+}
+
+/// Whether an error is worth retrying (the keyserver may come back).
+fn transient(e: &ControlError) -> bool {
+    matches!(
+        e,
+        ControlError::Connect(_)
+            | ControlError::Connection(_)
+            | ControlError::Timeout
+            | ControlError::Frame(_)
+    )
+}
+
+/// Joins with the token, retrying transient failures until `shutdown`.
+async fn first_join(
+    config: &Config,
+    key: &PrivateKey,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Session, AgentError> {
+    let token: JoinToken = config
+        .token
+        .as_deref()
+        .ok_or(AgentError::NoToken)?
+        .parse()?;
+    let service = config.service.clone().ok_or(AgentError::NoService)?;
+    let runner = config.runner.clone().unwrap_or_else(hostname);
+    let port = if config.listen_port == 0 {
+        51820
+    } else {
+        config.listen_port
+    };
+    let endpoints = advertised_endpoints(config, port, meshlib::ipam::DEFAULT_RANGE);
+    let endpoint = quic_endpoint(&token.addrs).map_err(AgentError::Refused)?;
+    for attempt in 0u32.. {
+        let meta = MemberMeta {
+            public_key: key.public_key(),
+            service: service.clone(),
+            app_id: None,
+            process_type: config.process_type.clone(),
+            instance: config.instance.clone(),
+            runner: runner.clone(),
+            endpoints: endpoints.clone(),
+        };
+        match control::join(&endpoint, &token, meta, &ClientConfig::default()).await {
+            Ok(session) => {
+                let w = session.welcome();
+                tracing::info!(network = %w.network, ip = %w.ip, instance = %w.instance, "joined");
+                return Ok(session);
+            }
+            Err(e) if transient(&e) => {
+                tracing::warn!(error = %e, attempt, "keyserver unreachable; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(attempt)) => {}
+                    _ = shutdown.changed() => return Err(AgentError::Interrupted),
+                }
+            }
+            Err(e) => return Err(AgentError::Refused(e)),
+        }
+    }
+    Err(AgentError::Interrupted)
+}
+
+/// The membership and map a fresh join gives.
+fn membership_of(
+    session: &Session,
+    config: &Config,
+) -> Result<(Membership, NetworkMap), AgentError> {
+    let token: JoinToken = config
+        .token
+        .as_deref()
+        .ok_or(AgentError::NoToken)?
+        .parse()?;
+    let w = session.welcome();
+    let map = session.map().clone();
+    let m = Membership {
+        network: w.network,
+        range: map.range,
+        keyserver: token.addrs.clone(),
+        cert_sha256: meshlib::proto::hex(&token.cert_sha256),
+        credential: STANDARD.encode(session.credential()),
+        ip: w.ip,
+        index: w.index,
+        instance: w.instance.clone(),
+    };
+    Ok((m, map))
+}
+
+/// This machine's hostname (the default runner label).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "runner".into())
+}
+
+/// The control task: one session at a time, resumed with backoff.
+struct Controller {
+    membership: Membership,
+    public_key: PublicKey,
+    endpoints: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+    state: StateDir,
+}
+
+impl Controller {
+    async fn run(
+        self,
+        mut session: Option<Session>,
+        maps: mpsc::Sender<NetworkMap>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
+        let endpoint = quic_endpoint(&self.membership.keyserver).map_err(AgentError::Refused)?;
+        let mut attempt = 0u32;
+        loop {
+            let mut s = match session.take() {
+                Some(s) => s,
+                None => match self.resume(&endpoint).await {
+                    Ok(s) => s,
+                    Err(e) if transient(&e) => {
+                        *self.shared.control.lock() = ControlState::Connecting {
+                            attempt: attempt + 1,
+                            last_error: Some(e.to_string()),
+                        };
+                        tracing::warn!(error = %e, attempt, "keyserver unreachable; running from the cached map");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff(attempt)) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(ControlError::Revoked(reason)) => return Err(self.revoked(reason)),
+                    Err(ControlError::Refused(e))
+                        if e.code == meshlib::proto::ErrorCode::Revoked
+                            || e.code == meshlib::proto::ErrorCode::BadCredential =>
+                    {
+                        return Err(self.revoked(e.message))
+                    }
+                    Err(e) => return Err(AgentError::Refused(e)),
+                },
+            };
+            attempt = 0;
+            let server = self
+                .membership
+                .keyserver
+                .first()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            *self.shared.control.lock() = ControlState::Connected { server };
+            if maps.send(s.map().clone()).await.is_err() {
+                return Ok(());
+            }
+            match self.follow(&mut s, &maps, &mut shutdown).await {
+                Ok(true) => {
+                    s.close();
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(AgentError::Revoked(reason)) => return Err(self.revoked(reason)),
+                Err(e) => return Err(e),
+            }
+            *self.shared.control.lock() = ControlState::Connecting {
+                attempt: 1,
+                last_error: Some("connection lost".into()),
+            };
+        }
+    }
+
+    /// Follows one session: forwards every new map. `Ok(true)` on shutdown,
+    /// `Ok(false)` when the connection is lost.
+    async fn follow(
+        &self,
+        s: &mut Session,
+        maps: &mpsc::Sender<NetworkMap>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, AgentError> {
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                ev = s.next_event() => match ev {
+                    Ok(Event::Delta(_) | Event::Snapshot) => {
+                        if maps.send(s.map().clone()).await.is_err() {
+                            return Ok(true);
+                        }
+                    }
+                    Ok(Event::HeartbeatAck { .. }) => {}
+                    Ok(Event::Rejected(e)) => tracing::warn!(error = %e.message, "keyserver rejected a request"),
+                    Err(ControlError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control connection lost; data plane keeps running");
+                        return Ok(false);
+                    }
+                },
+                _ = beat.tick() => {
+                    if s.heartbeat().await.is_err() {
+                        return Ok(false);
+                    }
+                }
+                _ = shutdown.changed() => return Ok(true),
+            }
+        }
+    }
+
+    async fn resume(&self, endpoint: &quinn::Endpoint) -> Result<Session, ControlError> {
+        let m = &self.membership;
+        let map = self.shared.map.lock().clone();
+        let credential: Secret = STANDARD
+            .decode(&m.credential)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                ControlError::Setup("corrupt credential in the membership file".into())
+            })?;
+        let fingerprint = parse_hex32(&m.cert_sha256).ok_or_else(|| {
+            ControlError::Setup("corrupt certificate fingerprint in the membership file".into())
+        })?;
+        let request = meshlib::proto::ResumeRequest {
+            network: m.network,
+            public_key: self.public_key,
+            credential,
+            generation: map.generation,
+            endpoints: self.endpoints.clone(),
+        };
+        control::resume(
+            endpoint,
+            &m.keyserver,
+            fingerprint,
+            map,
+            request,
+            &ClientConfig::default(),
+        )
+        .await
+    }
+
+    fn revoked(&self, reason: String) -> AgentError {
+        tracing::error!(%reason, "this member was revoked; tunnels are going down");
+        *self.shared.control.lock() = ControlState::Revoked {
+            reason: reason.clone(),
+        };
+        self.state.forget_membership();
+        AgentError::Revoked(reason)
+    }
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Where the agent's local servers listen.
+#[derive(Debug, Clone)]
+pub struct LocalServers {
+    /// The DNS address, if serving.
+    pub dns: Option<SocketAddr>,
+    /// The status socket.
+    pub status: PathBuf,
+    /// The metrics address, if serving.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts DNS, the status socket and metrics for `agent`; they stop when
+/// `shutdown` turns true. A port that cannot be bound is a warning (the
+/// tunnels matter more), except DNS when it was asked for explicitly.
+pub async fn start_servers(
+    agent: &Agent,
+    shutdown: watch::Receiver<bool>,
+) -> Result<LocalServers, AgentError> {
+    let config = &agent.config;
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut dns = None;
+    if config.dns.enabled {
+        let listen = config.dns.listen;
+        let io = |what: &str| {
+            let what = format!("{what} {listen}");
+            move |source| AgentError::Io { what, source }
+        };
+        let udp = tokio::net::UdpSocket::bind(listen)
+            .await
+            .map_err(io("DNS (UDP) on"))?;
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(io("DNS (TCP) on"))?;
+        let resolv = std::path::Path::new(RESOLV_CONF);
+        let upstreams =
+            crate::resolver::upstreams(&config.dns.upstreams, &config.state_dir, resolv, listen);
+        if config.dns.set_resolver {
+            if let Err(e) = crate::resolver::take_over(resolv, listen, &config.state_dir) {
+                tracing::warn!(error = %e, "cannot point resolv.conf at the sidecar");
+            }
+        }
+        let dns_config = crate::dns::DnsConfig {
+            ttl: config.dns.ttl,
+            upstreams,
+            ..crate::dns::DnsConfig::default()
+        };
+        tokio::spawn(crate::dns::serve(
+            udp,
+            tcp,
+            agent.names(),
+            dns_config,
+            stop(shutdown.clone()),
+        ));
+        dns = Some(listen);
+    }
+    let status = config.status_socket_path();
+    let _ = std::fs::remove_file(&status);
+    match tokio::net::UnixListener::bind(&status) {
+        Ok(l) => {
+            tokio::spawn(crate::status::serve_status(
+                l,
+                agent.status_source(),
+                stop(shutdown.clone()),
+            ));
+        }
+        Err(e) => tracing::warn!(path = %status.display(), error = %e, "no status socket"),
+    }
+    let mut metrics = None;
+    if let Some(addr) = config.metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                metrics = l.local_addr().ok();
+                tokio::spawn(crate::status::serve_metrics(
+                    l,
+                    agent.status_source(),
+                    stop(shutdown),
+                ));
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "no metrics listener"),
+        }
+    }
+    Ok(LocalServers {
+        dns,
+        status,
+        metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(0), Duration::from_millis(500));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(30), Duration::from_secs(15));
+    }
+
+    #[test]
+    fn advertised_endpoints_skip_loopback_and_overlay() {
+        let mut c = Config::default();
+        let eps = advertised_endpoints(&c, 51820, meshlib::ipam::DEFAULT_RANGE);
+        assert!(eps
+            .iter()
+            .all(|e| !e.ip().is_loopback() && e.port() == 51820));
+        c.endpoints = vec!["192.0.2.1:1".parse().unwrap()];
+        assert_eq!(
+            advertised_endpoints(&c, 51820, meshlib::ipam::DEFAULT_RANGE),
+            c.endpoints
+        );
+        assert_eq!(parse_hex32(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_hex32("zz"), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! Flags and environment variables of `sidecar up` / `sidecar run`, mapped
+//! onto [`Config`]: flags win over the environment (`ISTM_*`), which wins
+//! over the config file, which wins over the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshlib::ids::{InstanceName, ProcessType};
+
+use crate::config::{Config, ConfigError, Mode};
+
+/// Options shared by `sidecar up` and `sidecar run`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UpArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "ISTM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Join token (first start only).
+    #[arg(long, env = "ISTM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Service (app) name of this instance.
+    #[arg(long, env = "ISTM_SERVICE")]
+    pub service: Option<String>,
+    /// Process type (default web).
+    #[arg(long, env = "ISTM_PROCESS_TYPE")]
+    pub process_type: Option<ProcessType>,
+    /// Wanted instance name (default: assigned by the keyserver).
+    #[arg(long, env = "ISTM_INSTANCE")]
+    pub instance: Option<InstanceName>,
+    /// Runner (host) label (default: the hostname).
+    #[arg(long, env = "ISTM_RUNNER")]
+    pub runner: Option<String>,
+    /// WireGuard UDP port (default 51820; 0 picks one).
+    #[arg(long, env = "ISTM_LISTEN_PORT")]
+    pub listen_port: Option<u16>,
+    /// Endpoint to advertise (ip:port); repeat or comma-separate.
+    #[arg(long = "endpoint", env = "ISTM_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<SocketAddr>,
+    /// State directory (default /var/lib/ist-mesh).
+    #[arg(long, env = "ISTM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// kernel (TUN) or userspace.
+    #[arg(long, env = "ISTM_MODE")]
+    pub mode: Option<Mode>,
+    /// TUN interface name (default istm0).
+    #[arg(long, env = "ISTM_INTERFACE")]
+    pub interface: Option<String>,
+    /// Hosts file to manage (default /etc/hosts; "" for none).
+    #[arg(long, env = "ISTM_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+    /// DNS listen address (default 127.0.0.77:53).
+    #[arg(long, env = "ISTM_DNS_LISTEN")]
+    pub dns_listen: Option<SocketAddr>,
+    /// Upstream resolver; repeat or comma-separate (default: resolv.conf's).
+    #[arg(
+        long = "dns-upstream",
+        env = "ISTM_DNS_UPSTREAMS",
+        value_delimiter = ','
+    )]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Serve no DNS.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// Point /etc/resolv.conf at the sidecar's DNS (needs port 53).
+    #[arg(long)]
+    pub set_resolver: bool,
+    /// Metrics listen address, or "off" (default 127.0.0.1:9477).
+    #[arg(long, env = "ISTM_METRICS")]
+    pub metrics: Option<String>,
+    /// warp.config.js to read `ist` overrides from.
+    #[arg(long, env = "ISTM_WARP_CONFIG")]
+    pub warp_config: Option<PathBuf>,
+    /// Status socket path (default <state-dir>/status.sock).
+    #[arg(long, env = "ISTM_STATUS_SOCKET")]
+    pub status_socket: Option<PathBuf>,
+}
+
+/// Why the flags do not make a config.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The config file is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--metrics` is neither an address nor "off".
+    #[error("--metrics: {0:?} is neither ip:port nor \"off\"")]
+    Metrics(String),
+}
+
+impl UpArgs {
+    /// The effective configuration.
+    pub fn to_config(&self) -> Result<Config, CliError> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident => $target:expr),*) => {$(
+                if let Some(v) = &self.$field { $target = v.clone().into(); }
+            )*};
+        }
+        set!(token => c.token, service => c.service, instance => c.instance, runner => c.runner,
+             state_dir => c.state_dir, warp_config => c.warp_config, status_socket => c.status_socket);
+        set!(process_type => c.process_type, listen_port => c.listen_port, mode => c.mode,
+             interface => c.interface, dns_listen => c.dns.listen);
+        if let Some(h) = &self.hosts_file {
+            c.hosts_file = (!h.as_os_str().is_empty()).then(|| h.clone());
+        }
+        if !self.endpoints.is_empty() {
+            c.endpoints = self.endpoints.clone();
+        }
+        if !self.dns_upstreams.is_empty() {
+            c.dns.upstreams = self.dns_upstreams.clone();
+        }
+        c.dns.enabled &= !self.no_dns;
+        c.dns.set_resolver |= self.set_resolver;
+        if let Some(m) = &self.metrics {
+            c.metrics = match m.as_str() {
+                "off" | "" => None,
+                a => Some(a.parse().map_err(|_| CliError::Metrics(a.to_owned()))?),
+            };
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "service = \"from-file\"\nlisten-port = 1000\ninterface = \"filex\"\n",
+        )
+        .unwrap();
+        let args = UpArgs {
+            config: Some(file),
+            service: Some("from-flag".into()),
+            hosts_file: Some(PathBuf::new()),
+            metrics: Some("off".into()),
+            no_dns: true,
+            ..UpArgs::default()
+        };
+        let c = args.to_config().unwrap();
+        assert_eq!(c.service.as_deref(), Some("from-flag"));
+        assert_eq!(c.listen_port, 1000);
+        assert_eq!(c.interface, "filex");
+        assert_eq!(c.hosts_file, None);
+        assert_eq!(c.metrics, None);
+        assert!(!c.dns.enabled);
+        let bad = UpArgs {
+            metrics: Some("nope".into()),
+            ..UpArgs::default()
+        };
+        assert!(matches!(bad.to_config(), Err(CliError::Metrics(_))));
+    }
+}
