@@ -51,7 +51,9 @@ impl Udp {
             s.set_mark(fwmark)?;
         }
         s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-        s.set_read_timeout(Some(POLL))?;
+        // Non-blocking: quinn-udp's recvmmsg passes no MSG_WAITFORONE, so a
+        // blocking socket would wait for a full batch. We poll instead.
+        s.set_nonblocking(true)?;
         let sock: std::net::UdpSocket = s.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let port = sock.local_addr()?.port();
@@ -73,11 +75,43 @@ impl Udp {
             segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
-        if let Err(e) = self.state.try_send(UdpSockRef::from(&self.sock), &t) {
-            tracing::trace!("udp send to {to}: {e}");
+        // A full socket buffer is back-pressure: wait for room (bounded),
+        // as a blocking send would.
+        for _ in 0..SEND_RETRIES {
+            match self.state.try_send(UdpSockRef::from(&self.sock), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_fd(&self.sock, libc::POLLOUT, POLL);
+                }
+                Err(e) => {
+                    tracing::trace!("udp send to {to}: {e}");
+                    return;
+                }
+                Ok(()) => return,
+            }
         }
     }
+
+    /// Waits until a datagram may be read, at most [`POLL`].
+    fn wait_readable(&self) {
+        wait_fd(&self.sock, libc::POLLIN, POLL);
+    }
 }
+
+/// Most waits for socket buffer room before a send is dropped.
+const SEND_RETRIES: usize = 8;
+
+/// `poll(2)` on one descriptor for `events`, at most `timeout`.
+fn wait_fd(fd: &impl std::os::fd::AsRawFd, events: libc::c_short, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+impl Udp {}
 
 /// Asks for [`SOCKET_BUFFER`] bytes of socket buffer, past `rmem_max` when
 /// privileged (`SO_*BUFFORCE`), else as much as allowed.
@@ -323,7 +357,10 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
                 .recv(UdpSockRef::from(&udp.sock), &mut iovs, &mut meta)
             {
                 Ok(n) => n,
-                Err(_) => continue,
+                Err(_) => {
+                    udp.wait_readable();
+                    continue;
+                }
             }
         };
         for (buf, m) in rx.iter().zip(&meta).take(n) {
