@@ -37,6 +37,9 @@ pub mod table;
 pub mod uapi;
 pub mod uapi_server;
 
+#[cfg(test)]
+mod tests;
+
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
 pub use peer::{PeerConfig, PeerDrops, PeerStats};
