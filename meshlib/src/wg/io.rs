@@ -38,26 +38,47 @@ pub(crate) struct Udp {
     pub sock: std::net::UdpSocket,
     pub state: UdpSocketState,
     pub port: u16,
+    /// An IPv6 socket also carrying IPv4 (as v4-mapped addresses).
+    pub dual: bool,
 }
 
 impl Udp {
-    /// A UDP/IPv4 socket on `port` with large buffers, address reuse, an
-    /// optional mark, and a receive timeout of [`POLL`].
+    /// A dual-stack UDP socket on `port` (IPv4-only where IPv6 is off) with
+    /// large buffers, address reuse, an optional mark, non-blocking.
     pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        Self::bind_domain(Domain::IPV6, port, fwmark)
+            .or_else(|_| Self::bind_domain(Domain::IPV4, port, fwmark))
+    }
+
+    fn bind_domain(domain: Domain, port: u16, fwmark: u32) -> io::Result<Self> {
+        let dual = domain == Domain::IPV6;
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if dual {
+            s.set_only_v6(false)?;
+        }
         s.set_reuse_address(true)?;
         force_buffers(&s);
         if fwmark != 0 {
             s.set_mark(fwmark)?;
         }
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        let any: IpAddr = if dual {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        s.bind(&SocketAddr::new(any, port).into())?;
         // Non-blocking: quinn-udp's recvmmsg passes no MSG_WAITFORONE, so a
         // blocking socket would wait for a full batch. We poll instead.
         s.set_nonblocking(true)?;
         let sock: std::net::UdpSocket = s.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let port = sock.local_addr()?.port();
-        Ok(Self { sock, state, port })
+        Ok(Self {
+            sock,
+            state,
+            port,
+            dual,
+        })
     }
 
     /// Sets `SO_MARK`.
@@ -68,8 +89,14 @@ impl Udp {
     /// Sends `contents` to `to`, as GSO segments of `segment` bytes when it
     /// holds more than one datagram. Errors are dropped packets (UDP).
     fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) {
+        let destination = match to {
+            SocketAddr::V4(v4) if self.dual => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => to,
+        };
         let t = Transmit {
-            destination: to,
+            destination,
             ecn: None,
             contents,
             segment_size: (contents.len() > segment).then_some(segment),

@@ -290,3 +290,24 @@ fn uapi_socket_get_set_and_malformed_input() {
         Err(uapi_server::UapiServerError::InUse(_))
     ));
 }
+
+#[test]
+fn ipv6_underlay_endpoint_works_on_the_dual_stack_socket() {
+    let (a, b) = (Node::new(), Node::new());
+    let v6 = |n: &Node| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, n.engine.listen_port()));
+    for (me, other, ip) in [(&a, &b, "10.240.0.2/32"), (&b, &a, "10.240.0.1/32")] {
+        me.engine
+            .set_peer(PeerConfig {
+                public_key: other.key,
+                preshared_key: None,
+                endpoint: Some(v6(other)),
+                allowed_ips: vec![ip.parse().unwrap()],
+                persistent_keepalive: 0,
+            })
+            .unwrap();
+    }
+    let p = packet(A_IP, B_IP, 300, 3);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+    assert_eq!(b.engine.endpoint(&a.key), Some(v6(&a)));
+}
