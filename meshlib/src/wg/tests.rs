@@ -311,3 +311,80 @@ fn ipv6_underlay_endpoint_works_on_the_dual_stack_socket() {
     assert_eq!(b.recv(WAIT), Some(p));
     assert_eq!(b.engine.endpoint(&a.key), Some(v6(&a)));
 }
+
+/// Polls `cond` every 10 ms for at most `limit`.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+#[test]
+fn persistent_keepalive_handshakes_without_traffic() {
+    let (a, b) = (Node::new(), Node::new());
+    b.add(&a, "10.240.0.1");
+    a.engine
+        .set_peer(PeerConfig {
+            public_key: b.key,
+            preshared_key: None,
+            endpoint: Some(b.endpoint()),
+            allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
+            persistent_keepalive: 1,
+        })
+        .unwrap();
+    assert!(eventually(Duration::from_secs(3), || {
+        b.engine
+            .peer_stats(&a.key)
+            .unwrap()
+            .last_handshake
+            .is_some()
+    }));
+    let rx = b.engine.peer_stats(&a.key).unwrap().rx_bytes;
+    // Keepalives keep arriving, one a second.
+    assert!(eventually(Duration::from_secs(3), || {
+        b.engine.peer_stats(&a.key).unwrap().rx_bytes > rx
+    }));
+    assert_eq!(
+        b.recv(Duration::from_millis(50)),
+        None,
+        "keepalives are not packets"
+    );
+}
+
+#[test]
+fn preshared_key_must_match() {
+    let (a, b) = pair();
+    let with_psk = |me: &Node, other: &Node, ip: &str, psk: [u8; 32]| {
+        me.engine
+            .set_peer(PeerConfig {
+                public_key: other.key,
+                preshared_key: Some(psk),
+                endpoint: Some(other.endpoint()),
+                allowed_ips: vec![ip.parse().unwrap()],
+                persistent_keepalive: 0,
+            })
+            .unwrap();
+    };
+    with_psk(&a, &b, "10.240.0.2/32", [5; 32]);
+    with_psk(&b, &a, "10.240.0.1/32", [5; 32]);
+    let p = packet(A_IP, B_IP, 100, 1);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p), "same preshared key");
+
+    let (c, d) = pair();
+    with_psk(&c, &d, "10.240.0.2/32", [6; 32]);
+    with_psk(&d, &c, "10.240.0.1/32", [7; 32]);
+    c.send(packet(A_IP, B_IP, 100, 2));
+    assert_eq!(d.recv(Duration::from_millis(800)), None, "different keys");
+    assert!(c
+        .engine
+        .peer_stats(&d.key)
+        .unwrap()
+        .last_handshake
+        .is_none());
+}
