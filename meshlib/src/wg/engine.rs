@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime};
 
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
@@ -85,7 +86,15 @@ pub(crate) struct Counters {
 pub(crate) struct StaticKey {
     pub secret: x25519_dalek::StaticSecret,
     pub public: x25519_dalek::PublicKey,
+    /// Checks `mac1` of handshake initiations before any Diffie-Hellman work
+    /// and answers with cookies when more than [`HANDSHAKE_RATE_LIMIT`] a
+    /// second arrive (the loops reset it every second).
+    pub limiter: Arc<RateLimiter>,
 }
+
+/// Handshake initiations a second, over all peers, before cookies are asked
+/// for (boringtun's device uses the same figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// A packet loop's body.
 type LoopFn = fn(Arc<Shared>);
@@ -127,7 +136,12 @@ pub struct Engine {
 fn static_key(key: &PrivateKey) -> StaticKey {
     let secret = key.to_dalek();
     let public = x25519_dalek::PublicKey::from(&secret);
-    StaticKey { secret, public }
+    let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+    StaticKey {
+        secret,
+        public,
+        limiter,
+    }
 }
 
 impl Engine {

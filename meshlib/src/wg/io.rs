@@ -406,13 +406,26 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
 
 /// The peer a datagram is for: by sender key for handshake initiations, by
 /// receiver index otherwise. Counts why when there is none.
-fn peer_for(shared: &Shared, dgram: &[u8]) -> Option<Arc<Peer>> {
+fn peer_for(shared: &Shared, udp: &Udp, from: SocketAddr, dgram: &[u8]) -> Option<Arc<Peer>> {
     let table = shared.table.read();
     let counters = &shared.counters;
     let index = match Tunn::parse_incoming_packet(dgram) {
-        Ok(Packet::HandshakeInit(init)) => {
+        Ok(Packet::HandshakeInit(_)) => {
             let key = shared.key.read();
             let k = key.as_ref()?;
+            let mut cookie = [0u8; 64];
+            let init = match k.limiter.verify_packet(Some(from.ip()), dgram, &mut cookie) {
+                Ok(Packet::HandshakeInit(init)) => init,
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    let n = reply.len();
+                    udp.send(from, &cookie[..n], n);
+                    return None;
+                }
+                _ => {
+                    counters.malformed.fetch_add(1, Relaxed);
+                    return None;
+                }
+            };
             let half = parse_handshake_anon(&k.secret, &k.public, &init).ok();
             let peer = half.and_then(|h| {
                 let key = crate::keys::PublicKey::from_bytes(h.peer_static_public);
@@ -448,7 +461,7 @@ fn decrypt_one(
     from: SocketAddr,
     dgram: &[u8],
 ) {
-    let Some(peer) = peer_for(shared, dgram) else {
+    let Some(peer) = peer_for(shared, udp, from, dgram) else {
         return;
     };
     let off = dev.off;
@@ -523,10 +536,14 @@ fn flush_queued(tunn: &mut Tunn, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut current = CurrentUdp::new(&shared);
+    let mut ticks = 0u32;
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(TICK);
-        if shared.key.read().is_none() {
-            continue;
+        ticks = ticks.wrapping_add(1);
+        match &*shared.key.read() {
+            None => continue,
+            Some(k) if ticks % 10 == 0 => k.limiter.reset_count(),
+            Some(_) => {}
         }
         let udp = current.refresh(&shared);
         let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();
