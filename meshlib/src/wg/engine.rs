@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
@@ -247,6 +247,25 @@ impl Engine {
         })
     }
 
+    /// Makes the peer set exactly `desired` (the sidecar's network map):
+    /// peers not in it are removed, the others added or updated in place
+    /// (sessions kept; an endpoint of `None` keeps the roamed one).
+    pub fn sync_peers(&self, desired: &[PeerConfig]) -> Result<(), EngineError> {
+        let keep: std::collections::HashSet<PublicKey> =
+            desired.iter().map(|p| p.public_key).collect();
+        let current: Vec<PublicKey> = self
+            .shared
+            .table
+            .read()
+            .iter()
+            .map(|(_, p)| p.key)
+            .collect();
+        for key in current.iter().filter(|k| !keep.contains(k)) {
+            self.remove_peer(key);
+        }
+        desired.iter().try_for_each(|p| self.set_peer(p.clone()))
+    }
+
     /// Removes a peer; its packets are refused from this call on. Returns
     /// whether it existed.
     pub fn remove_peer(&self, key: &PublicKey) -> bool {
@@ -257,16 +276,15 @@ impl Engine {
     pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
         let table = self.shared.table.read();
         let (index, peer) = table.by_key(key)?;
-        Some(peer.stats(table.allowed_of(index), SystemTime::now()))
+        Some(peer.stats(table.allowed_of(index)))
     }
 
     /// Counters and state of every peer, sorted by public key.
     pub fn peers(&self) -> Vec<PeerStats> {
         let table = self.shared.table.read();
-        let now = SystemTime::now();
         let mut all: Vec<_> = table
             .iter()
-            .map(|(i, p)| p.stats(table.allowed_of(i), now))
+            .map(|(i, p)| p.stats(table.allowed_of(i)))
             .collect();
         all.sort_by_key(|p| p.public_key);
         all
@@ -373,11 +391,10 @@ impl Engine {
     /// The state a UAPI `get=1` reports.
     pub fn interface_info(&self, private_key: Option<PrivateKey>) -> InterfaceInfo {
         let table = self.shared.table.read();
-        let now = SystemTime::now();
         let mut peers: Vec<PeerInfo> = table
             .iter()
             .map(|(i, p)| {
-                let s = p.stats(table.allowed_of(i), now);
+                let s = p.stats(table.allowed_of(i));
                 PeerInfo {
                     public_key: s.public_key,
                     preshared_key: *p.preshared_key.lock(),

@@ -473,6 +473,9 @@ fn decrypt_one(
         TunnResult::WriteToTunnelV6(p, src) => (p.len(), IpAddr::V6(src)),
         TunnResult::Done => {
             drop(tunn);
+            if is_handshake(dgram) {
+                *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
+            }
             authenticated(&peer, from, dgram.len());
             return;
         }
@@ -481,6 +484,9 @@ fn decrypt_one(
             udp.send(from, &buf[off..off + n], n);
             flush_queued(&mut tunn, udp, from, reply, &peer);
             drop(tunn);
+            if is_handshake(dgram) {
+                *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
+            }
             authenticated(&peer, from, dgram.len());
             peer.last_tx_ms.store(shared.now_ms(), Relaxed);
             return;
@@ -506,6 +512,12 @@ fn decrypt_one(
     buf.truncate(off + len);
     buf[..off].fill(0);
     dev.count += 1;
+}
+
+/// True for a handshake initiation or response (message types 1 and 2),
+/// which, once accepted, complete a handshake on our side.
+fn is_handshake(dgram: &[u8]) -> bool {
+    matches!(dgram.first(), Some(1 | 2))
 }
 
 /// Records an authenticated datagram: counters and endpoint roaming.

@@ -414,3 +414,41 @@ fn garbage_datagrams_are_counted_and_change_nothing() {
     a.send(p.clone());
     assert_eq!(b.recv(WAIT), Some(p));
 }
+
+#[test]
+fn sync_peers_removes_the_absent_and_keeps_sessions() {
+    let (a, b) = pair();
+    let c = Node::new();
+    b.add(&c, "10.240.0.3");
+    a.send(packet(A_IP, B_IP, 100, 1));
+    assert!(b.recv(WAIT).is_some());
+    let before = b.engine.peer_stats(&a.key).unwrap().last_handshake;
+    assert!(before.is_some());
+    // A new session would now be at least 30 ms younger.
+    std::thread::sleep(Duration::from_millis(30));
+    let desired = PeerConfig {
+        public_key: a.key,
+        preshared_key: None,
+        endpoint: None,
+        allowed_ips: vec![
+            "10.240.0.1/32".parse().unwrap(),
+            "10.240.2.0/24".parse().unwrap(),
+        ],
+        persistent_keepalive: 0,
+    };
+    b.engine.sync_peers(&[desired]).unwrap();
+    let peers = b.engine.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, a.key);
+    assert_eq!(peers[0].allowed_ips.len(), 2);
+    assert_eq!(
+        peers[0].endpoint,
+        Some(a.endpoint()),
+        "roamed endpoint kept"
+    );
+    let p = packet([10, 240, 2, 5], B_IP, 100, 2);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+    let after = b.engine.peer_stats(&a.key).unwrap().last_handshake;
+    assert_eq!(after, before, "same session");
+}
