@@ -6,7 +6,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("wg") {
         use clap::Parser;
         #[derive(clap::Parser)]
-        #[command(name = "sidecar wg")]
+        #[command(name = "sidecar wg", bin_name = "sidecar wg")]
         struct Cli {
             #[command(flatten)]
             wg: wg_cmd::WgArgs,
