@@ -184,12 +184,21 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Sets (or with `None` clears) the private key; sessions restart.
+    /// Sets (or with `None` clears) the private key; sessions restart
+    /// unless the key is the one already set (`wg setconf` re-sends it).
     pub fn set_private_key(&self, key: Option<PrivateKey>) {
         let new = key.as_ref().map(static_key);
         // Lock order everywhere: table, then key.
         let table = self.shared.table.read();
         let mut slot = self.shared.key.write();
+        let same = match (&*slot, &new) {
+            (Some(old), Some(new)) => old.public == new.public,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
         if let Some(k) = &new {
             for (_, peer) in table.iter() {
                 peer.tunn
@@ -211,6 +220,7 @@ impl Engine {
     }
 
     /// Rebinds the UDP socket to `port` (0: any). Peers and sessions stay.
+    /// The new socket lives in the network namespace of the calling thread.
     pub fn set_listen_port(&self, port: u16) -> Result<(), EngineError> {
         if port != 0 && port == self.listen_port() {
             return Ok(());
