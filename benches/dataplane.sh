@@ -89,9 +89,9 @@ iperf() {
         awk '/receiver/ { v = $(NF-2) } END { if (v == "") v = 0; print v }'
 }
 
-# Average ping RTT in ms: $1 namespace, $2 address.
+# Average ping RTT in ms over 50 pings 20 ms apart: $1 namespace, $2 address.
 rtt() {
-    ip netns exec "$1" ping -c 20 -i 0.05 -W 2 "$2" 2>/dev/null |
+    ip netns exec "$1" ping -c 50 -i 0.02 -W 2 "$2" 2>/dev/null |
         awk -F'/' '/^rtt/ { print $5 } END {}' | head -1
 }
 
@@ -104,11 +104,12 @@ measure() {
     ip netns exec "$NS_A" iperf3 -s -D -p 5201 >/dev/null 2>&1
     sleep 0.3
     ip netns exec "$NS_A" ping -c 3 -i 0.2 -W 2 "$b_addr" >/dev/null 2>&1 || true
+    # Idle RTT first (after the warm-up ping), the same for every impl.
+    RESULT[$label,rtt]=$(rtt "$NS_A" "$b_addr")
     RESULT[$label,1up]=$(iperf "$NS_A" "$b_addr")
     RESULT[$label,1down]=$(iperf "$NS_B" "$a_addr")
     RESULT[$label,4up]=$(iperf "$NS_A" "$b_addr" -P 4)
     RESULT[$label,4down]=$(iperf "$NS_B" "$a_addr" -P 4)
-    RESULT[$label,rtt]=$(rtt "$NS_A" "$b_addr")
     pkill_ns_iperf
 }
 

@@ -6,7 +6,6 @@
 //! Without `-f` it re-executes itself with `-f`, detached (new session,
 //! standard streams on `/dev/null`), and returns once the UAPI socket exists.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -112,6 +111,12 @@ fn run_foreground(ifname: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the interface still exists in this network namespace (asked of
+/// the kernel, not of `/sys`, which may belong to another namespace).
 fn interface_exists(ifname: &str) -> bool {
-    Path::new("/sys/class/net").join(ifname).exists()
+    let Ok(name) = std::ffi::CString::new(ifname) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }

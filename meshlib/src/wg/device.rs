@@ -21,6 +21,10 @@ pub const MAX_SUPER_PACKET: usize = 65_535 + tun_rs::VIRTIO_NET_HDR_LEN;
 /// Number of packets one read or write batch holds at most.
 pub const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 
+/// Free packet slots needed to read one more super-packet into a batch
+/// (64 KiB split at the smallest useful MSS).
+const DRAIN_ROOM: usize = 64;
+
 /// A source and sink of clear-text IP packets, read and written in batches.
 ///
 /// Call order: one thread calls [`Device::recv_batch`] in a loop; another
@@ -101,6 +105,9 @@ impl TunDevice {
             };
         }
         let dev = builder.build_sync()?;
+        // Non-blocking, so a batch can drain every queued packet after the
+        // first (interruptible) wait without blocking again.
+        dev.set_nonblocking(true)?;
         let offload = cfg.offload && dev.tcp_gso();
         Ok(Self {
             dev,
@@ -140,8 +147,20 @@ impl Device for TunDevice {
         if self.stop.is_trigger() {
             return Err(io::ErrorKind::Interrupted.into());
         }
-        self.dev
-            .recv_multiple_intr(scratch, bufs, sizes, off, &self.stop)
+        let mut n = self
+            .dev
+            .recv_multiple_intr(scratch, bufs, sizes, off, &self.stop)?;
+        // Drain what else is queued while a whole super-packet still fits.
+        while bufs.len() - n >= DRAIN_ROOM {
+            match self
+                .dev
+                .recv_multiple(scratch, &mut bufs[n..], &mut sizes[n..], off)
+            {
+                Ok(more) => n += more,
+                Err(_) => break,
+            }
+        }
+        Ok(n)
     }
 
     fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
@@ -85,7 +86,15 @@ pub(crate) struct Counters {
 pub(crate) struct StaticKey {
     pub secret: x25519_dalek::StaticSecret,
     pub public: x25519_dalek::PublicKey,
+    /// Checks `mac1` of handshake initiations before any Diffie-Hellman work
+    /// and answers with cookies when more than [`HANDSHAKE_RATE_LIMIT`] a
+    /// second arrive (the loops reset it every second).
+    pub limiter: Arc<RateLimiter>,
 }
+
+/// Handshake initiations a second, over all peers, before cookies are asked
+/// for (boringtun's device uses the same figure).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// A packet loop's body.
 type LoopFn = fn(Arc<Shared>);
@@ -127,7 +136,12 @@ pub struct Engine {
 fn static_key(key: &PrivateKey) -> StaticKey {
     let secret = key.to_dalek();
     let public = x25519_dalek::PublicKey::from(&secret);
-    StaticKey { secret, public }
+    let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+    StaticKey {
+        secret,
+        public,
+        limiter,
+    }
 }
 
 impl Engine {
@@ -170,12 +184,21 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Sets (or with `None` clears) the private key; sessions restart.
+    /// Sets (or with `None` clears) the private key; sessions restart
+    /// unless the key is the one already set (`wg setconf` re-sends it).
     pub fn set_private_key(&self, key: Option<PrivateKey>) {
         let new = key.as_ref().map(static_key);
         // Lock order everywhere: table, then key.
         let table = self.shared.table.read();
         let mut slot = self.shared.key.write();
+        let same = match (&*slot, &new) {
+            (Some(old), Some(new)) => old.public == new.public,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
         if let Some(k) = &new {
             for (_, peer) in table.iter() {
                 peer.tunn
@@ -197,6 +220,7 @@ impl Engine {
     }
 
     /// Rebinds the UDP socket to `port` (0: any). Peers and sessions stay.
+    /// The new socket lives in the network namespace of the calling thread.
     pub fn set_listen_port(&self, port: u16) -> Result<(), EngineError> {
         if port != 0 && port == self.listen_port() {
             return Ok(());
@@ -233,6 +257,25 @@ impl Engine {
         })
     }
 
+    /// Makes the peer set exactly `desired` (the sidecar's network map):
+    /// peers not in it are removed, the others added or updated in place
+    /// (sessions kept; an endpoint of `None` keeps the roamed one).
+    pub fn sync_peers(&self, desired: &[PeerConfig]) -> Result<(), EngineError> {
+        let keep: std::collections::HashSet<PublicKey> =
+            desired.iter().map(|p| p.public_key).collect();
+        let current: Vec<PublicKey> = self
+            .shared
+            .table
+            .read()
+            .iter()
+            .map(|(_, p)| p.key)
+            .collect();
+        for key in current.iter().filter(|k| !keep.contains(k)) {
+            self.remove_peer(key);
+        }
+        desired.iter().try_for_each(|p| self.set_peer(p.clone()))
+    }
+
     /// Removes a peer; its packets are refused from this call on. Returns
     /// whether it existed.
     pub fn remove_peer(&self, key: &PublicKey) -> bool {
@@ -243,16 +286,15 @@ impl Engine {
     pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
         let table = self.shared.table.read();
         let (index, peer) = table.by_key(key)?;
-        Some(peer.stats(table.allowed_of(index), SystemTime::now()))
+        Some(peer.stats(table.allowed_of(index)))
     }
 
     /// Counters and state of every peer, sorted by public key.
     pub fn peers(&self) -> Vec<PeerStats> {
         let table = self.shared.table.read();
-        let now = SystemTime::now();
         let mut all: Vec<_> = table
             .iter()
-            .map(|(i, p)| p.stats(table.allowed_of(i), now))
+            .map(|(i, p)| p.stats(table.allowed_of(i)))
             .collect();
         all.sort_by_key(|p| p.public_key);
         all
@@ -359,11 +401,10 @@ impl Engine {
     /// The state a UAPI `get=1` reports.
     pub fn interface_info(&self, private_key: Option<PrivateKey>) -> InterfaceInfo {
         let table = self.shared.table.read();
-        let now = SystemTime::now();
         let mut peers: Vec<PeerInfo> = table
             .iter()
             .map(|(i, p)| {
-                let s = p.stats(table.allowed_of(i), now);
+                let s = p.stats(table.allowed_of(i));
                 PeerInfo {
                     public_key: s.public_key,
                     preshared_key: *p.preshared_key.lock(),

@@ -38,24 +38,47 @@ pub(crate) struct Udp {
     pub sock: std::net::UdpSocket,
     pub state: UdpSocketState,
     pub port: u16,
+    /// An IPv6 socket also carrying IPv4 (as v4-mapped addresses).
+    pub dual: bool,
 }
 
 impl Udp {
-    /// A UDP/IPv4 socket on `port` with large buffers, address reuse, an
-    /// optional mark, and a receive timeout of [`POLL`].
+    /// A dual-stack UDP socket on `port` (IPv4-only where IPv6 is off) with
+    /// large buffers, address reuse, an optional mark, non-blocking.
     pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        Self::bind_domain(Domain::IPV6, port, fwmark)
+            .or_else(|_| Self::bind_domain(Domain::IPV4, port, fwmark))
+    }
+
+    fn bind_domain(domain: Domain, port: u16, fwmark: u32) -> io::Result<Self> {
+        let dual = domain == Domain::IPV6;
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if dual {
+            s.set_only_v6(false)?;
+        }
         s.set_reuse_address(true)?;
         force_buffers(&s);
         if fwmark != 0 {
             s.set_mark(fwmark)?;
         }
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-        s.set_read_timeout(Some(POLL))?;
+        let any: IpAddr = if dual {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        s.bind(&SocketAddr::new(any, port).into())?;
+        // Non-blocking: quinn-udp's recvmmsg passes no MSG_WAITFORONE, so a
+        // blocking socket would wait for a full batch. We poll instead.
+        s.set_nonblocking(true)?;
         let sock: std::net::UdpSocket = s.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let port = sock.local_addr()?.port();
-        Ok(Self { sock, state, port })
+        Ok(Self {
+            sock,
+            state,
+            port,
+            dual,
+        })
     }
 
     /// Sets `SO_MARK`.
@@ -66,18 +89,56 @@ impl Udp {
     /// Sends `contents` to `to`, as GSO segments of `segment` bytes when it
     /// holds more than one datagram. Errors are dropped packets (UDP).
     fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) {
+        let destination = match to {
+            SocketAddr::V4(v4) if self.dual => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => to,
+        };
         let t = Transmit {
-            destination: to,
+            destination,
             ecn: None,
             contents,
             segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
-        if let Err(e) = self.state.try_send(UdpSockRef::from(&self.sock), &t) {
-            tracing::trace!("udp send to {to}: {e}");
+        // A full socket buffer is back-pressure: wait for room (bounded),
+        // as a blocking send would.
+        for _ in 0..SEND_RETRIES {
+            match self.state.try_send(UdpSockRef::from(&self.sock), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_fd(&self.sock, libc::POLLOUT, POLL);
+                }
+                Err(e) => {
+                    tracing::trace!("udp send to {to}: {e}");
+                    return;
+                }
+                Ok(()) => return,
+            }
         }
     }
+
+    /// Waits until a datagram may be read, at most [`POLL`].
+    fn wait_readable(&self) {
+        wait_fd(&self.sock, libc::POLLIN, POLL);
+    }
 }
+
+/// Most waits for socket buffer room before a send is dropped.
+const SEND_RETRIES: usize = 8;
+
+/// `poll(2)` on one descriptor for `events`, at most `timeout`.
+fn wait_fd(fd: &impl std::os::fd::AsRawFd, events: libc::c_short, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+impl Udp {}
 
 /// Asks for [`SOCKET_BUFFER`] bytes of socket buffer, past `rmem_max` when
 /// privileged (`SO_*BUFFORCE`), else as much as allowed.
@@ -323,7 +384,10 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
                 .recv(UdpSockRef::from(&udp.sock), &mut iovs, &mut meta)
             {
                 Ok(n) => n,
-                Err(_) => continue,
+                Err(_) => {
+                    udp.wait_readable();
+                    continue;
+                }
             }
         };
         for (buf, m) in rx.iter().zip(&meta).take(n) {
@@ -342,13 +406,26 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
 
 /// The peer a datagram is for: by sender key for handshake initiations, by
 /// receiver index otherwise. Counts why when there is none.
-fn peer_for(shared: &Shared, dgram: &[u8]) -> Option<Arc<Peer>> {
+fn peer_for(shared: &Shared, udp: &Udp, from: SocketAddr, dgram: &[u8]) -> Option<Arc<Peer>> {
     let table = shared.table.read();
     let counters = &shared.counters;
     let index = match Tunn::parse_incoming_packet(dgram) {
-        Ok(Packet::HandshakeInit(init)) => {
+        Ok(Packet::HandshakeInit(_)) => {
             let key = shared.key.read();
             let k = key.as_ref()?;
+            let mut cookie = [0u8; 64];
+            let init = match k.limiter.verify_packet(Some(from.ip()), dgram, &mut cookie) {
+                Ok(Packet::HandshakeInit(init)) => init,
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    let n = reply.len();
+                    udp.send(from, &cookie[..n], n);
+                    return None;
+                }
+                _ => {
+                    counters.malformed.fetch_add(1, Relaxed);
+                    return None;
+                }
+            };
             let half = parse_handshake_anon(&k.secret, &k.public, &init).ok();
             let peer = half.and_then(|h| {
                 let key = crate::keys::PublicKey::from_bytes(h.peer_static_public);
@@ -384,7 +461,7 @@ fn decrypt_one(
     from: SocketAddr,
     dgram: &[u8],
 ) {
-    let Some(peer) = peer_for(shared, dgram) else {
+    let Some(peer) = peer_for(shared, udp, from, dgram) else {
         return;
     };
     let off = dev.off;
@@ -396,6 +473,9 @@ fn decrypt_one(
         TunnResult::WriteToTunnelV6(p, src) => (p.len(), IpAddr::V6(src)),
         TunnResult::Done => {
             drop(tunn);
+            if is_handshake(dgram) {
+                *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
+            }
             authenticated(&peer, from, dgram.len());
             return;
         }
@@ -404,6 +484,9 @@ fn decrypt_one(
             udp.send(from, &buf[off..off + n], n);
             flush_queued(&mut tunn, udp, from, reply, &peer);
             drop(tunn);
+            if is_handshake(dgram) {
+                *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
+            }
             authenticated(&peer, from, dgram.len());
             peer.last_tx_ms.store(shared.now_ms(), Relaxed);
             return;
@@ -429,6 +512,12 @@ fn decrypt_one(
     buf.truncate(off + len);
     buf[..off].fill(0);
     dev.count += 1;
+}
+
+/// True for a handshake initiation or response (message types 1 and 2),
+/// which, once accepted, complete a handshake on our side.
+fn is_handshake(dgram: &[u8]) -> bool {
+    matches!(dgram.first(), Some(1 | 2))
 }
 
 /// Records an authenticated datagram: counters and endpoint roaming.
@@ -459,10 +548,14 @@ fn flush_queued(tunn: &mut Tunn, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut current = CurrentUdp::new(&shared);
+    let mut ticks = 0u32;
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(TICK);
-        if shared.key.read().is_none() {
-            continue;
+        ticks = ticks.wrapping_add(1);
+        match &*shared.key.read() {
+            None => continue,
+            Some(k) if ticks % 10 == 0 => k.limiter.reset_count(),
+            Some(_) => {}
         }
         let udp = current.refresh(&shared);
         let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();

@@ -19,6 +19,17 @@
 //! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
 //!   `wg set` work on the interface.
 //!
+//! Threads and namespaces: the engine's sockets and threads belong to the
+//! network namespace of the thread that calls [`Engine::start`] (and
+//! [`Engine::set_listen_port`], which rebinds); [`TunDevice::create`] makes
+//! the interface in the caller's namespace too.
+//!
+//! Known limits: crypto for one peer and one direction runs on one thread
+//! (boringtun's `Tunn` encrypts under `&mut self`), so a single peer uses
+//! one core per direction; there is no per-peer crypto pool across cores yet.
+//! The UDP socket sets DF (quinn-udp's default), so the underlay must carry
+//! MTU + 80 bytes.
+//!
 //! Typical use (kernel-interface mode):
 //! ```no_run
 //! # use std::sync::Arc;
@@ -36,6 +47,9 @@ mod peer;
 pub mod table;
 pub mod uapi;
 pub mod uapi_server;
+
+#[cfg(test)]
+mod tests;
 
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats};

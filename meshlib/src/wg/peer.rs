@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use boringtun::noise::Tunn;
 use ipnet::IpNet;
@@ -65,6 +65,9 @@ pub(crate) struct Peer {
     pub preshared_key: Mutex<Option<[u8; 32]>>,
     pub endpoint: Mutex<Option<SocketAddr>>,
     pub keepalive: AtomicU16,
+    /// Wall-clock time of the last completed handshake (responder: init
+    /// answered; initiator: response accepted), as wireguard-go reports it.
+    pub last_handshake: Mutex<Option<SystemTime>>,
     /// Milliseconds since the engine's epoch of the last datagram sent
     /// (0: never), for persistent keepalive.
     pub last_tx_ms: AtomicU64,
@@ -83,6 +86,7 @@ impl Peer {
             preshared_key: Mutex::new(None),
             endpoint: Mutex::new(None),
             keepalive: AtomicU16::new(0),
+            last_handshake: Mutex::new(None),
             last_tx_ms: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
@@ -92,14 +96,13 @@ impl Peer {
         }
     }
 
-    /// Snapshot of the counters; `now` converts the session's age to a time.
-    pub fn stats(&self, allowed_ips: Vec<IpNet>, now: SystemTime) -> PeerStats {
-        let since: Option<Duration> = self.tunn.lock().time_since_last_handshake();
+    /// Snapshot of the counters.
+    pub fn stats(&self, allowed_ips: Vec<IpNet>) -> PeerStats {
         PeerStats {
             public_key: self.key,
             endpoint: *self.endpoint.lock(),
             allowed_ips,
-            last_handshake: since.and_then(|d| now.checked_sub(d)),
+            last_handshake: *self.last_handshake.lock(),
             rx_bytes: self.rx_bytes.load(Relaxed),
             tx_bytes: self.tx_bytes.load(Relaxed),
             persistent_keepalive: self.keepalive.load(Relaxed),

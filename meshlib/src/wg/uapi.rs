@@ -332,6 +332,57 @@ mod tests {
     }
 
     #[test]
+    fn random_input_never_panics() {
+        // Deterministic xorshift; lines built from the protocol's own tokens.
+        let tokens = [
+            "public_key=",
+            "private_key=",
+            "allowed_ip=",
+            "endpoint=",
+            "remove=",
+            "true",
+            "listen_port=",
+            "replace_peers=",
+            "=",
+            "10.240.0.1/32",
+            "[::1]:51820",
+            K1,
+            "/",
+            ":",
+            "é",
+            "65536",
+            "-1",
+            "",
+            "update_only=",
+            "persistent_keepalive_interval=",
+            "preshared_key=",
+            "protocol_version=",
+            "fwmark=",
+            "\0",
+            "0",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let lines: Vec<String> = (0..1 + next(6))
+                .map(|_| {
+                    (0..1 + next(4))
+                        .map(|_| tokens[next(tokens.len())])
+                        .collect()
+                })
+                .collect();
+            if let Err(e) = SetRequest::parse(lines.iter().map(String::as_str)) {
+                assert_eq!(e.errno(), ERRNO_INVALID);
+            }
+        }
+    }
+
+    #[test]
     fn renders_get_answer() {
         let info = InterfaceInfo {
             private_key: Some(PrivateKey::from_bytes([7; 32])),

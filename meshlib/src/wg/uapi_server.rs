@@ -48,6 +48,7 @@ pub fn socket_path(ifname: &str) -> PathBuf {
 /// A running UAPI server; dropping it stops it and removes the socket.
 pub struct UapiServer {
     path: PathBuf,
+    listener: Arc<UnixListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -68,17 +69,17 @@ impl UapiServer {
             return Err(UapiServerError::InUse(path.to_path_buf()));
         }
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let listener = Arc::new(UnixListener::bind(path).map_err(bind_err)?);
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        listener.set_nonblocking(true).map_err(bind_err)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, listener2) = (stop.clone(), listener.clone());
         let thread = std::thread::Builder::new()
             .name("wg-uapi".into())
-            .spawn(move || accept_loop(listener, engine, stop2))
+            .spawn(move || accept_loop(&listener2, engine, stop2))
             .map_err(bind_err)?;
         Ok(Self {
             path: path.to_path_buf(),
+            listener,
             stop,
             thread: Some(thread),
         })
@@ -93,6 +94,9 @@ impl UapiServer {
 impl Drop for UapiServer {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
+        // Wake the blocking accept (shutdown makes it fail at once, even if
+        // the socket file was removed meanwhile); it sees the flag and returns.
+        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -100,13 +104,18 @@ impl Drop for UapiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, engine: Arc<Engine>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: &UnixListener, engine: Arc<Engine>, stop: Arc<AtomicBool>) {
     let active = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Relaxed) {
-        let stream = match listener.accept() {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Relaxed) {
+            return;
+        }
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(_) => {
-                std::thread::sleep(Duration::from_millis(20));
+                // e.g. EMFILE: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
@@ -143,7 +152,6 @@ fn read_line(r: &mut impl BufRead) -> std::io::Result<Option<String>> {
 
 /// Serves requests on one connection until it closes or misbehaves.
 fn serve(engine: &Engine, stream: UnixStream) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut w = stream;

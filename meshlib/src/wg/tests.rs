@@ -1,0 +1,454 @@
+//! In-process engine tests on loopback UDP with an in-memory [`Device`]
+//! (no root needed): handshake and data, allowed-IP enforcement, live
+//! removal, unknown keys, and the UAPI socket.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::keys::{PrivateKey, PublicKey};
+
+/// A device whose "kernel side" is a pair of channels.
+struct MemDevice {
+    inbox: Mutex<mpsc::Receiver<Vec<u8>>>,
+    outbox: Mutex<mpsc::Sender<Vec<u8>>>,
+    stop: AtomicBool,
+}
+
+impl Device for MemDevice {
+    fn headroom(&self) -> usize {
+        0
+    }
+
+    fn recv_batch(
+        &self,
+        _scratch: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        let inbox = self.inbox.lock();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if let Ok(p) = inbox.recv_timeout(Duration::from_millis(20)) {
+                bufs[0][..p.len()].copy_from_slice(&p);
+                sizes[0] = p.len();
+                return Ok(1);
+            }
+        }
+    }
+
+    fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {
+        let out = self.outbox.lock();
+        for b in bufs {
+            let _ = out.send(b.clone());
+        }
+        Ok(())
+    }
+
+    fn interrupt(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An engine on a loopback port with its device's two ends.
+struct Node {
+    engine: Arc<Engine>,
+    key: PublicKey,
+    to_engine: mpsc::Sender<Vec<u8>>,
+    from_engine: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Node {
+    fn new() -> Self {
+        let (to_engine, inbox) = mpsc::channel();
+        let (outbox, from_engine) = mpsc::channel();
+        let dev = MemDevice {
+            inbox: Mutex::new(inbox),
+            outbox: Mutex::new(outbox),
+            stop: AtomicBool::new(false),
+        };
+        let private = PrivateKey::generate();
+        let key = private.public_key();
+        let config = EngineConfig {
+            listen_port: 0,
+            private_key: Some(private),
+            fwmark: 0,
+        };
+        let engine = Arc::new(Engine::start(Arc::new(dev), config).expect("engine"));
+        Node {
+            engine,
+            key,
+            to_engine,
+            from_engine,
+        }
+    }
+
+    fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.engine.listen_port()))
+    }
+
+    /// Makes `other` a peer with allowed IP `ip`/32.
+    fn add(&self, other: &Node, ip: &str) {
+        self.engine
+            .set_peer(PeerConfig {
+                public_key: other.key,
+                preshared_key: None,
+                endpoint: Some(other.endpoint()),
+                allowed_ips: vec![format!("{ip}/32").parse().unwrap()],
+                persistent_keepalive: 0,
+            })
+            .unwrap();
+    }
+
+    fn send(&self, packet: Vec<u8>) {
+        self.to_engine.send(packet).unwrap();
+    }
+
+    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+        self.from_engine.recv_timeout(wait).ok()
+    }
+}
+
+/// An IPv4/UDP packet of `len` bytes from `src` to `dst`.
+fn packet(src: [u8; 4], dst: [u8; 4], len: usize, fill: u8) -> Vec<u8> {
+    let mut p = vec![fill; len];
+    p[0] = 0x45;
+    p[1] = 0;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p
+}
+
+const A_IP: [u8; 4] = [10, 240, 0, 1];
+const B_IP: [u8; 4] = [10, 240, 0, 2];
+const WAIT: Duration = Duration::from_secs(5);
+
+fn pair() -> (Node, Node) {
+    let (a, b) = (Node::new(), Node::new());
+    a.add(&b, "10.240.0.2");
+    b.add(&a, "10.240.0.1");
+    (a, b)
+}
+
+#[test]
+fn handshake_then_data_both_ways_with_counters() {
+    let (a, b) = pair();
+    let p = packet(A_IP, B_IP, 1000, 7);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p), "A -> B");
+    let q = packet(B_IP, A_IP, 60, 9);
+    b.send(q.clone());
+    assert_eq!(a.recv(WAIT), Some(q), "B -> A");
+    let s = a.engine.peer_stats(&b.key).unwrap();
+    assert!(s.last_handshake.is_some());
+    assert!(s.tx_bytes >= 1000 && s.rx_bytes >= 60, "{s:?}");
+    assert_eq!(s.endpoint, Some(b.endpoint()));
+    assert_eq!(s.drops, PeerDrops::default());
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped_and_counted() {
+    let (a, b) = pair();
+    a.send(packet(A_IP, B_IP, 100, 1));
+    assert!(b.recv(WAIT).is_some());
+    a.send(packet([10, 240, 0, 9], B_IP, 100, 2));
+    assert_eq!(b.recv(Duration::from_millis(500)), None);
+    let drops = b.engine.peer_stats(&a.key).unwrap().drops;
+    assert_eq!(drops.spoofed_source, 1);
+}
+
+#[test]
+fn removed_peer_is_refused_at_once_and_others_keep_flowing() {
+    let (a, b) = pair();
+    let c = Node::new();
+    c.add(&b, "10.240.0.2");
+    b.add(&c, "10.240.0.3");
+    a.send(packet(A_IP, B_IP, 100, 1));
+    c.send(packet([10, 240, 0, 3], B_IP, 100, 3));
+    assert!(b.recv(WAIT).is_some() && b.recv(WAIT).is_some());
+    assert!(b.engine.remove_peer(&a.key));
+    a.send(packet(A_IP, B_IP, 100, 4));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.engine.stats().unknown_index == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(b.engine.stats().unknown_index, 1);
+    let q = packet([10, 240, 0, 3], B_IP, 200, 5);
+    c.send(q.clone());
+    assert_eq!(b.recv(WAIT), Some(q), "C still flows");
+    assert!(b.engine.peer_stats(&a.key).is_none());
+}
+
+#[test]
+fn unknown_key_gets_no_handshake() {
+    let (_a, b) = pair();
+    let c = Node::new();
+    c.add(&b, "10.240.0.2");
+    c.send(packet([10, 240, 0, 3], B_IP, 100, 1));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b.engine.stats().unknown_key == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(b.engine.stats().unknown_key >= 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let s = c.engine.peer_stats(&b.key).unwrap();
+    assert_eq!((s.last_handshake, s.rx_bytes), (None, 0));
+}
+
+#[test]
+fn live_update_of_allowed_ips_and_endpoint() {
+    let (a, b) = pair();
+    a.send(packet(A_IP, B_IP, 100, 1));
+    assert!(b.recv(WAIT).is_some());
+    // B now also accepts 10.240.1.0/24 from A (UAPI-style incremental add).
+    let change = uapi::PeerChange {
+        public_key: a.key,
+        remove: false,
+        update_only: true,
+        preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: Some(5),
+        replace_allowed_ips: false,
+        allowed_ips: vec!["10.240.1.0/24".parse().unwrap()],
+    };
+    b.engine.apply_peer_change(&change).unwrap();
+    let p = packet([10, 240, 1, 77], B_IP, 100, 2);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+    let s = b.engine.peer_stats(&a.key).unwrap();
+    assert_eq!(s.persistent_keepalive, 5);
+    assert_eq!(s.allowed_ips.len(), 2);
+}
+
+fn uapi_exchange(path: &std::path::Path, request: &str) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        out.push_str(&line);
+        if line.starts_with("errno=") {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn uapi_socket_get_set_and_malformed_input() {
+    let (a, b) = pair();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sock");
+    let _server = UapiServer::start(b.engine.clone(), &path).unwrap();
+    let got = uapi_exchange(&path, "get=1\n\n");
+    assert!(
+        got.contains(&format!("public_key={}\n", a.key.to_hex())),
+        "{got}"
+    );
+    assert!(got.contains(&format!("listen_port={}\n", b.engine.listen_port())));
+    assert!(got.contains("allowed_ip=10.240.0.1/32\n"));
+    assert!(got.ends_with("errno=0\n"));
+
+    assert_eq!(
+        uapi_exchange(&path, "set=1\nlisten_port=abc\n\n"),
+        "errno=-22\n"
+    );
+    assert_eq!(
+        uapi_exchange(&path, "set=1\nallowed_ip=1.2.3.4/32\n\n"),
+        "errno=-22\n"
+    );
+    assert_eq!(uapi_exchange(&path, "bogus=1\n\n"), "errno=-95\n");
+    let k = PrivateKey::generate().public_key();
+    let set = format!(
+        "set=1\npublic_key={}\nallowed_ip=10.9.0.0/16\n\n",
+        k.to_hex()
+    );
+    assert_eq!(uapi_exchange(&path, &set), "errno=0\n");
+    assert_eq!(b.engine.peer_stats(&k).unwrap().allowed_ips.len(), 1);
+    let rm = format!("set=1\npublic_key={}\nremove=true\n\n", k.to_hex());
+    assert_eq!(uapi_exchange(&path, &rm), "errno=0\n");
+    assert!(b.engine.peer_stats(&k).is_none());
+    // A second server on a live socket is refused.
+    assert!(matches!(
+        UapiServer::start(b.engine.clone(), &path),
+        Err(uapi_server::UapiServerError::InUse(_))
+    ));
+}
+
+#[test]
+fn ipv6_underlay_endpoint_works_on_the_dual_stack_socket() {
+    let (a, b) = (Node::new(), Node::new());
+    let v6 = |n: &Node| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, n.engine.listen_port()));
+    for (me, other, ip) in [(&a, &b, "10.240.0.2/32"), (&b, &a, "10.240.0.1/32")] {
+        me.engine
+            .set_peer(PeerConfig {
+                public_key: other.key,
+                preshared_key: None,
+                endpoint: Some(v6(other)),
+                allowed_ips: vec![ip.parse().unwrap()],
+                persistent_keepalive: 0,
+            })
+            .unwrap();
+    }
+    let p = packet(A_IP, B_IP, 300, 3);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+    assert_eq!(b.engine.endpoint(&a.key), Some(v6(&a)));
+}
+
+/// Polls `cond` every 10 ms for at most `limit`.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+#[test]
+fn persistent_keepalive_handshakes_without_traffic() {
+    let (a, b) = (Node::new(), Node::new());
+    b.add(&a, "10.240.0.1");
+    a.engine
+        .set_peer(PeerConfig {
+            public_key: b.key,
+            preshared_key: None,
+            endpoint: Some(b.endpoint()),
+            allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
+            persistent_keepalive: 1,
+        })
+        .unwrap();
+    assert!(eventually(Duration::from_secs(3), || {
+        b.engine
+            .peer_stats(&a.key)
+            .unwrap()
+            .last_handshake
+            .is_some()
+    }));
+    let rx = b.engine.peer_stats(&a.key).unwrap().rx_bytes;
+    // Keepalives keep arriving, one a second.
+    assert!(eventually(Duration::from_secs(3), || {
+        b.engine.peer_stats(&a.key).unwrap().rx_bytes > rx
+    }));
+    assert_eq!(
+        b.recv(Duration::from_millis(50)),
+        None,
+        "keepalives are not packets"
+    );
+}
+
+#[test]
+fn preshared_key_must_match() {
+    let (a, b) = pair();
+    let with_psk = |me: &Node, other: &Node, ip: &str, psk: [u8; 32]| {
+        me.engine
+            .set_peer(PeerConfig {
+                public_key: other.key,
+                preshared_key: Some(psk),
+                endpoint: Some(other.endpoint()),
+                allowed_ips: vec![ip.parse().unwrap()],
+                persistent_keepalive: 0,
+            })
+            .unwrap();
+    };
+    with_psk(&a, &b, "10.240.0.2/32", [5; 32]);
+    with_psk(&b, &a, "10.240.0.1/32", [5; 32]);
+    let p = packet(A_IP, B_IP, 100, 1);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p), "same preshared key");
+
+    let (c, d) = pair();
+    with_psk(&c, &d, "10.240.0.2/32", [6; 32]);
+    with_psk(&d, &c, "10.240.0.1/32", [7; 32]);
+    c.send(packet(A_IP, B_IP, 100, 2));
+    assert_eq!(d.recv(Duration::from_millis(800)), None, "different keys");
+    assert!(c
+        .engine
+        .peer_stats(&d.key)
+        .unwrap()
+        .last_handshake
+        .is_none());
+}
+
+#[test]
+fn garbage_datagrams_are_counted_and_change_nothing() {
+    let (a, b) = pair();
+    let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut forged_init = vec![0x5au8; 148];
+    forged_init[..4].copy_from_slice(&1u32.to_le_bytes()); // bad mac1
+    let mut data = vec![0u8; 64];
+    data[..4].copy_from_slice(&4u32.to_le_bytes()); // unknown receiver index 0
+    for d in [&b"x"[..], &[0xff; 40][..], &forged_init[..], &data[..]] {
+        raw.send_to(d, b.endpoint()).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let s = b.engine.stats();
+            s.malformed == 3 && s.unknown_index == 1
+        }),
+        "{:?}",
+        b.engine.stats()
+    );
+    assert_eq!(b.engine.stats().unknown_key, 0, "no DH for a bad mac1");
+    // The real peer is unaffected.
+    let p = packet(A_IP, B_IP, 100, 1);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+}
+
+#[test]
+fn sync_peers_removes_the_absent_and_keeps_sessions() {
+    let (a, b) = pair();
+    let c = Node::new();
+    b.add(&c, "10.240.0.3");
+    a.send(packet(A_IP, B_IP, 100, 1));
+    assert!(b.recv(WAIT).is_some());
+    let before = b.engine.peer_stats(&a.key).unwrap().last_handshake;
+    assert!(before.is_some());
+    // A new session would now be at least 30 ms younger.
+    std::thread::sleep(Duration::from_millis(30));
+    let desired = PeerConfig {
+        public_key: a.key,
+        preshared_key: None,
+        endpoint: None,
+        allowed_ips: vec![
+            "10.240.0.1/32".parse().unwrap(),
+            "10.240.2.0/24".parse().unwrap(),
+        ],
+        persistent_keepalive: 0,
+    };
+    b.engine.sync_peers(&[desired]).unwrap();
+    let peers = b.engine.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].public_key, a.key);
+    assert_eq!(peers[0].allowed_ips.len(), 2);
+    assert_eq!(
+        peers[0].endpoint,
+        Some(a.endpoint()),
+        "roamed endpoint kept"
+    );
+    let p = packet([10, 240, 2, 5], B_IP, 100, 2);
+    a.send(p.clone());
+    assert_eq!(b.recv(WAIT), Some(p));
+    let after = b.engine.peer_stats(&a.key).unwrap().last_handshake;
+    assert_eq!(after, before, "same session");
+}
