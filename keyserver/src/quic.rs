@@ -65,7 +65,35 @@ pub fn endpoint(
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, addr).map_err(|source| QuicSetupError::Bind { addr, source })
+    let bind = |source| QuicSetupError::Bind { addr, source };
+    let socket = udp_socket(addr).map_err(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+    .map_err(bind)
+}
+
+/// Socket buffer size asked for: one keyserver socket carries the pushes to
+/// every member, and a burst (one change to a thousand members, a snapshot
+/// per join) overflows the kernel's default buffers, turning into losses and
+/// retransmission delays. Best effort: the kernel caps it at `rmem_max`/`wmem_max`.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// The UDP socket of the endpoint, with large buffers.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts connections until `shutdown` completes, at most
