@@ -996,4 +996,40 @@ mod tests {
         assert_eq!(k.member.ip, Ipv4Addr::new(10, 240, 0, 2));
         assert_eq!(k.member.index, 1);
     }
+
+    #[test]
+    fn full_default_range_holds_1022_and_its_snapshot_fits_a_frame() {
+        let (mut reg, net, secret) = setup("10.240.0.0/22", 2000);
+        let obs: SocketAddr = "[2001:db8::1]:51820".parse().unwrap();
+        for i in 0..1022u32 {
+            let mut r = req(
+                net,
+                secret,
+                &format!("a-rather-long-service-name-number-{:04}", i % 50),
+            );
+            r.endpoints = vec![
+                "203.0.113.200:51820".parse().unwrap(),
+                "[2001:db8::2]:51820".parse().unwrap(),
+            ];
+            r.runner = "runner-with-a-long-label-eu-west-3".into();
+            reg.join(&r, obs, &[0; 32], now()).unwrap();
+        }
+        let err = reg
+            .join(&req(net, secret, "x"), obs, &[0; 32], now())
+            .unwrap_err();
+        assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
+        let map = reg.snapshot(net).unwrap();
+        assert_eq!(map.members.len(), 1022);
+        let frame = meshlib::proto::encode_frame(
+            &meshlib::proto::ServerMsg::Snapshot(map),
+            meshlib::proto::DEFAULT_MAX_FRAME,
+        )
+        .expect("a full /22 snapshot fits the default frame limit");
+        eprintln!("full /22 snapshot frame: {} bytes", frame.len());
+        assert!(
+            frame.len() < meshlib::proto::DEFAULT_MAX_FRAME / 2,
+            "{} bytes",
+            frame.len()
+        );
+    }
 }
