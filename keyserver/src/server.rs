@@ -217,3 +217,104 @@ impl Shared {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use meshlib::keys::PrivateKey;
+    use meshlib::proto::JoinRequest;
+
+    use super::*;
+    use crate::store::RedbStore;
+
+    /// The real store, with a switch that makes commits fail (a full disk).
+    struct Flaky {
+        inner: RedbStore,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Store for Flaky {
+        fn load(&self) -> Result<Records, StoreError> {
+            self.inner.load()
+        }
+        fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Db("disk full (injected)".into()));
+            }
+            self.inner.commit(ops)
+        }
+    }
+
+    #[test]
+    fn failed_commit_leaves_memory_as_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = Flaky {
+            inner: RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            fail: fail.clone(),
+        };
+        let now = SystemTime::now();
+        let (shared, _) = Shared::new(Box::new(store), Limits::default(), [0; 32], now).unwrap();
+        let (net, ()) = shared
+            .mutate(
+                |r| {
+                    r.create_network("prod", meshlib::ipam::DEFAULT_RANGE, now)
+                        .map(|(n, ops)| (n, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        shared
+            .mutate(
+                |r| {
+                    r.create_token(
+                        net.id,
+                        &[1; 32],
+                        5,
+                        Duration::from_secs(60),
+                        None,
+                        None,
+                        now,
+                    )
+                    .map(|(t, ops)| (t, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        let join = |shared: &Shared| {
+            let req = JoinRequest {
+                network: net.id,
+                token_secret: [1; 32],
+                public_key: PrivateKey::generate().public_key(),
+                service: "api".into(),
+                app_id: None,
+                process_type: Default::default(),
+                instance: None,
+                runner: "r".into(),
+                endpoints: vec![],
+            };
+            shared.mutate(
+                |r| {
+                    let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], now)?;
+                    Ok::<_, crate::registry::ProtoOpError>((j.member.ip, j.ops, vec![j.change]))
+                },
+                |_, _, _| (),
+            )
+        };
+        let (ip1, ()) = join(&shared).unwrap();
+        fail.store(true, Ordering::SeqCst);
+        assert!(matches!(join(&shared), Err(OpError::Store(_))));
+        // Memory was rebuilt from disk: one member, the token used once.
+        assert_eq!(shared.read(|r| r.member_count(net.id)), 1);
+        assert_eq!(shared.read(|r| r.tokens(net.id)[0].uses_left), 4);
+        assert_eq!(shared.read(|r| r.network(net.id).unwrap().generation), 1);
+        fail.store(false, Ordering::SeqCst);
+        let (ip2, ()) = join(&shared).unwrap();
+        assert_eq!(
+            u32::from(ip2),
+            u32::from(ip1) + 1,
+            "the failed join's address was not consumed"
+        );
+    }
+}
