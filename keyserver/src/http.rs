@@ -204,6 +204,7 @@ async fn remove_member(
         let (gen, ()) = api.shared.mutate(
             |reg| {
                 let (change, ops) = reg.remove_member(id, &member, SystemTime::now())?;
+                tracing::info!(network = %id, %member, generation = change.delta.to, "member removed");
                 Ok((change.delta.to, ops, vec![change]))
             },
             |_, _, _| (),

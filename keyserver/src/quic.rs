@@ -160,6 +160,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let result = session(&conn, &mut send, recv, &shared).await;
     if let Err(Fatal(code, message)) = result {
+        tracing::debug!(remote = %conn.remote_address(), ?code, %message, "session ended");
         let msg = ServerMsg::Error(ProtoError { code, message });
         let _ = proto::write_frame(&mut send, &msg, shared.limits.max_frame).await;
     }

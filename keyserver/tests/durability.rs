@@ -210,3 +210,26 @@ async fn kill_9_loses_nothing_committed() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn sigterm_stops_cleanly_and_a_restart_opens_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut server = spawn_server(dir);
+    cli(dir, &["network", "create", "prod"]);
+    let pid = server.0.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = server.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "keyserver ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let _server = spawn_server(dir);
+    let nets = cli(dir, &["network", "list"]);
+    assert_eq!(nets[0]["name"], "prod");
+}
