@@ -312,12 +312,12 @@ impl Network {
         }
         match self.log.front() {
             Some(first) if generation >= first.from && generation < now => {
-                let changes = self
-                    .log
-                    .iter()
-                    .filter(|d| d.from >= generation)
-                    .flat_map(|d| d.changes.iter().cloned())
-                    .collect();
+                let changes = compact(
+                    self.log
+                        .iter()
+                        .filter(|d| d.from >= generation)
+                        .flat_map(|d| d.changes.iter()),
+                );
                 Catchup::Delta(MapDelta {
                     from: generation,
                     to: now,
@@ -798,6 +798,24 @@ impl Registry {
         ];
         Ok((change, ops))
     }
+}
+
+/// Keeps only the last change of each member: changes to different members
+/// commute, and a later change of one member supersedes its earlier ones, so
+/// the result takes a map to the same state with at most one change per member.
+fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
+    let key = |c: &MapChange| match c {
+        MapChange::Upsert(m) => m.public_key,
+        MapChange::Remove(k) => *k,
+    };
+    let all: Vec<&MapChange> = changes.collect();
+    let last: HashMap<PublicKey, usize> =
+        all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, c)| last[&key(c)] == *i)
+        .map(|(_, c)| (*c).clone())
+        .collect()
 }
 
 /// `<app>-<type>-<index>`, made unique with a numeric suffix if an explicit
