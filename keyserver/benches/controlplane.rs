@@ -243,6 +243,7 @@ async fn fan_out(
 struct Figures {
     joins: usize,
     join_rate: f64,
+    cpu_per_join: Duration,
     fan_median: Duration,
     fan_worst: Duration,
     cpu_per_change: Duration,
@@ -260,6 +261,7 @@ async fn scenario(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut all = Vec::new();
     let mut join_time = Duration::ZERO;
+    let cpu0 = server.cpu();
     let mut first = (String::new(), Vec::new(), 0);
     for n in 0..networks {
         let name = format!("{tag}-{n}");
@@ -275,6 +277,7 @@ async fn scenario(
             all.extend(members);
         }
     }
+    let cpu_per_join = (server.cpu() - cpu0) / (networks * per_network) as u32;
     let rss_kib = server.rss_kib();
     let (name, mut members, id0) = first;
     let changes = 10;
@@ -286,6 +289,7 @@ async fn scenario(
         Figures {
             joins,
             join_rate: joins as f64 / join_time.as_secs_f64(),
+            cpu_per_join,
             fan_median,
             fan_worst,
             cpu_per_change,
@@ -297,8 +301,8 @@ async fn scenario(
 
 fn print(name: &str, f: &Figures) {
     println!(
-        "{name:<22} joins {:>5}  join rate {:>7.0}/s  change->all median {:>8.1?} worst {:>8.1?}  keyserver CPU/change {:>6.1?}  keyserver RSS {:>6} KiB",
-        f.joins, f.join_rate, f.fan_median, f.fan_worst, f.cpu_per_change, f.rss_kib
+        "{name:<22} joins {:>5}  join rate {:>5.0}/s (keyserver CPU/join {:>6.1?})  change->all median {:>8.1?} worst {:>8.1?}  keyserver CPU/change {:>6.1?}  keyserver RSS {:>6} KiB",
+        f.joins, f.join_rate, f.cpu_per_join, f.fan_median, f.fan_worst, f.cpu_per_change, f.rss_kib
     );
 }
 
