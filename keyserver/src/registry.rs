@@ -188,6 +188,10 @@ pub enum ProtoOpError {
     /// Unknown member or wrong credential (deliberately the same error).
     #[error("unknown member or wrong credential")]
     BadCredential,
+    /// Metadata out of bounds: every member carries it to every peer, so
+    /// its size is limited.
+    #[error("invalid member metadata: {0}")]
+    InvalidMetadata(String),
 }
 
 impl ProtoOpError {
@@ -203,6 +207,7 @@ impl ProtoOpError {
             Self::InstanceTaken(_) => ErrorCode::InstanceTaken,
             Self::NetworkFull(_) => ErrorCode::NetworkFull,
             Self::BadCredential => ErrorCode::BadCredential,
+            Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
         }
     }
 }
@@ -584,6 +589,29 @@ impl Registry {
         Ok(hash)
     }
 
+    /// Most endpoints a member may advertise.
+    pub const MAX_ENDPOINTS: usize = 16;
+    /// Longest service name and runner label, in bytes.
+    pub const MAX_LABEL: usize = 128;
+
+    /// Checks the size limits of a join's metadata.
+    fn check_metadata(req: &JoinRequest) -> Result<(), ProtoOpError> {
+        let bad = |what: String| Err(ProtoOpError::InvalidMetadata(what));
+        if req.service.is_empty() || req.service.len() > Self::MAX_LABEL {
+            return bad(format!("service name must be 1-{} bytes", Self::MAX_LABEL));
+        }
+        if req.runner.len() > Self::MAX_LABEL {
+            return bad(format!(
+                "runner label must be at most {} bytes",
+                Self::MAX_LABEL
+            ));
+        }
+        if req.endpoints.len() > Self::MAX_ENDPOINTS {
+            return bad(format!("at most {} endpoints", Self::MAX_ENDPOINTS));
+        }
+        Ok(())
+    }
+
     /// Joins a member. `credential` is the fresh secret the driver generated;
     /// only its hash is kept.
     pub fn join(
@@ -597,6 +625,7 @@ impl Registry {
             .networks
             .get(&req.network)
             .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
+        Self::check_metadata(req)?;
         let token_hash = self.check_token(req, now)?;
         if net.members.contains_key(&req.public_key) {
             return Err(ProtoOpError::KeyInUse);
@@ -728,7 +757,11 @@ impl Registry {
             return (None, vec![]);
         };
         rec.last_seen = unix(now);
-        let mut eps: Vec<SocketAddr> = endpoints.iter().take(16).copied().collect();
+        let mut eps: Vec<SocketAddr> = endpoints
+            .iter()
+            .take(Self::MAX_ENDPOINTS)
+            .copied()
+            .collect();
         if !eps.contains(&observed) {
             eps.push(observed);
         }

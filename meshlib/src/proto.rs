@@ -275,6 +275,9 @@ pub enum ErrorCode {
     Revoked,
     /// A frame could not be decoded, or was too large.
     Malformed,
+    /// Join metadata out of bounds (empty or over-long service name or
+    /// runner label, too many endpoints).
+    InvalidMetadata,
     /// The keyserver is at its connection limit.
     Busy,
     /// An internal failure (store write); nothing changed.
