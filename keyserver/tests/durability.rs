@@ -233,3 +233,59 @@ fn sigterm_stops_cleanly_and_a_restart_opens_the_store() {
     let nets = cli(dir, &["network", "list"]);
     assert_eq!(nets[0]["name"], "prod");
 }
+
+#[test]
+fn serve_reads_a_toml_file_and_env_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("keyserver.toml");
+    let toml = format!(
+        "data-dir = {:?}\nquic-listen = \"127.0.0.1:0\"\napi-listen = \"127.0.0.1:1\"\nlog-level = \"warn\"\nmax-connections = 8\n",
+        data.display().to_string()
+    );
+    std::fs::write(&config, toml).unwrap();
+    // The environment overrides the file's (unusable) API port.
+    let child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("KEYSERVER_API_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.join("api.url").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "keyserver did not start from its config file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Admin subcommands find it through KEYSERVER_DATA_DIR.
+    let out = Command::new(bin())
+        .args(["network", "create", "from-env"])
+        .env("KEYSERVER_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "from-env");
+    // A bad config file is a clear error, not a panic.
+    std::fs::write(&config, "max-frames = 1\n").unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max-frames") && !err.contains("panicked"),
+        "{err}"
+    );
+}
