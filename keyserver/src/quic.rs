@@ -194,7 +194,11 @@ struct Session {
     key: PublicKey,
     /// Last generation sent to the client.
     sent: u64,
+    /// The client's address as last seen on the connection (QUIC follows a
+    /// client whose address changes, e.g. a NAT rebinding).
     observed: SocketAddr,
+    /// The endpoints the member advertised last.
+    advertised: Vec<SocketAddr>,
 }
 
 /// Runs `f` on a blocking thread (store commits fsync).
@@ -237,9 +241,17 @@ async fn session(
         ));
     }
     let observed = conn.remote_address();
-    let (welcome, first, mut pushes) = match hello.request {
-        Request::Join(req) => join(shared, req, observed).await?,
-        Request::Resume(req) => resume(shared, req, observed).await?,
+    let (welcome, first, mut pushes, advertised) = match hello.request {
+        Request::Join(req) => {
+            let advertised = req.endpoints.clone();
+            let (w, f, p) = join(shared, req, observed).await?;
+            (w, f, p, advertised)
+        }
+        Request::Resume(req) => {
+            let advertised = req.endpoints.clone();
+            let (w, f, p) = resume(shared, req, observed).await?;
+            (w, f, p, advertised)
+        }
     };
     let mut s = Session {
         network: welcome.network,
@@ -248,6 +260,7 @@ async fn session(
         },
         sent: 0,
         observed,
+        advertised,
     };
     proto::write_frame(send, &ServerMsg::Welcome(welcome), max).await?;
     match first {
@@ -267,7 +280,11 @@ async fn session(
             msg = client.recv() => match msg {
                 None | Some(Err(FrameError::Closed)) => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
-                Some(Ok(msg)) => on_client(send, &mut s, shared, msg).await?,
+                Some(Ok(msg)) => {
+                    let roamed = conn.remote_address() != s.observed;
+                    s.observed = conn.remote_address();
+                    on_client(send, &mut s, shared, msg, roamed).await?;
+                }
             },
         }
     }
@@ -420,34 +437,41 @@ async fn on_push(
     }
 }
 
-/// Handles one client message.
+/// Handles one client message. `roamed`: the client's address changed
+/// since the last message, so its observed endpoint is updated too.
 async fn on_client(
     send: &mut quinn::SendStream,
     s: &mut Session,
     shared: &Arc<Shared>,
     msg: ClientMsg,
+    roamed: bool,
 ) -> Result<(), Fatal> {
     let max = shared.limits.max_frame;
+    if let ClientMsg::UpdateEndpoints(eps) = &msg {
+        s.advertised.clone_from(eps);
+    }
+    if roamed || matches!(msg, ClientMsg::UpdateEndpoints(_)) {
+        let (sh, net, key) = (shared.clone(), s.network, s.key);
+        let (eps, obs) = (s.advertised.clone(), s.observed);
+        blocking(move || {
+            sh.mutate(
+                |reg| {
+                    let (change, ops) =
+                        reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
+                    Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+                },
+                |_, _, _| (),
+            )
+        })
+        .await?
+        .map_err(op_fatal)?;
+    }
     match msg {
         ClientMsg::Heartbeat => {
             let generation = shared.heartbeat(s.network, &s.key, SystemTime::now());
             proto::write_frame(send, &ServerMsg::HeartbeatAck { generation }, max).await?;
         }
-        ClientMsg::UpdateEndpoints(eps) => {
-            let (sh, net, key, obs) = (shared.clone(), s.network, s.key, s.observed);
-            blocking(move || {
-                sh.mutate(
-                    |reg| {
-                        let (change, ops) =
-                            reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
-                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
-                    },
-                    |_, _, _| (),
-                )
-            })
-            .await?
-            .map_err(op_fatal)?;
-        }
+        ClientMsg::UpdateEndpoints(_) => {}
         ClientMsg::GetMap(net) if net == s.network => {
             if let Some(map) = shared.read(|r| r.snapshot(net)) {
                 s.sent = map.generation;

@@ -269,3 +269,38 @@ async fn a_lagging_member_catches_up() {
     );
     h.stop().await;
 }
+
+/// A member whose address changes under the same connection (a NAT
+/// rebinding) gets its observed endpoint updated for every peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_endpoint_follows_a_rebinding() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 2})).await;
+    let (ep_a, ep_b) = (client_endpoint(), client_endpoint());
+    let (_ka, mut a) = join(&ep_a, &token, "api").await;
+    let (kb, mut b) = join(&ep_b, &token, "api").await;
+    let first = b.welcome().observed;
+    assert_eq!(first, ep_b.local_addr().unwrap());
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().members.len() == 2
+    })
+    .await;
+    ep_b.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let moved = ep_b.local_addr().unwrap();
+    assert_ne!(moved, first);
+    b.heartbeat().await.unwrap();
+    until(&mut a, Duration::from_secs(5), |s| {
+        let eps = &s.map().members[&kb.public_key()].endpoints;
+        eps.contains(&moved) && !eps.contains(&first)
+    })
+    .await;
+    // The advertised endpoint stays first.
+    assert_eq!(
+        a.map().members[&kb.public_key()].endpoints[0].to_string(),
+        "192.0.2.10:51820"
+    );
+    h.stop().await;
+}
