@@ -1,11 +1,12 @@
 //! Every parser of outside input, fed arbitrary text: it returns a value or an
 //! error, never panics; and what it accepts round-trips.
 
+use meshlib::dns::{handle, parse_resolv_conf, Transport};
 use meshlib::ids::{InstanceName, NetworkId};
 use meshlib::ist::config::{parse_toml, parse_warp_config_js};
 use meshlib::ist::{encode, hostname_label, shell_safe};
 use meshlib::keys::PublicKey;
-use meshlib::names::InternalName;
+use meshlib::names::{InternalName, NameIndex};
 use meshlib::render::hosts::{render_section, replace_section};
 use proptest::prelude::*;
 
@@ -102,6 +103,18 @@ proptest! {
                 prop_assert_eq!(removed, expect);
             }
         }
+    }
+
+    #[test]
+    fn dns_queries_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+        let idx = NameIndex::default();
+        let _ = handle(&bytes, &idx, 30, Transport::Udp);
+        let _ = handle(&bytes, &idx, 30, Transport::Tcp);
+    }
+
+    #[test]
+    fn resolv_conf_never_panics(text in any::<String>()) {
+        let _ = parse_resolv_conf(&text);
     }
 
     #[test]
