@@ -292,6 +292,8 @@ async fn create_token(
         cert_sha256: api.shared.cert_sha256,
         network: id,
         secret,
+        service: body.service.clone(),
+        process_type: body.process_type.clone(),
     };
     let rec = blocking(move || {
         let (rec, ()) = api.shared.mutate(

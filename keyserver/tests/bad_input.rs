@@ -62,6 +62,15 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         )
         .await;
     assert_eq!(
+        bound.service.as_deref(),
+        Some("db"),
+        "the token carries its binding"
+    );
+    assert_eq!(
+        bound.process_type.as_ref().map(|p| p.as_str()),
+        Some("worker")
+    );
+    assert_eq!(
         refused(control::join(&ep, &bound, meta("api").1, &cfg()).await),
         ErrorCode::TokenBinding
     );

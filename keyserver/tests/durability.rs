@@ -23,7 +23,9 @@ async fn clean_restart_keeps_everything() {
     let (_k2, _s2) = join(&ep, &token, "api").await;
     let (_k3, s3) = join(&ep, &token, "db").await;
     let members = h.members("prod").await;
-    let req = s1.resume_request(k1.public_key(), vec!["192.0.2.10:51820".parse().unwrap()]);
+    // What a sidecar keeps on disk to come back without its token.
+    let kept = s1.membership().to_bytes();
+    assert_eq!(s1.membership().public_key, k1.public_key());
     let map = s1.map().clone();
     // Remove one member: its address goes into quarantine.
     let path = format!("/v1/networks/prod/members/{}", s3.welcome().instance);
@@ -38,7 +40,11 @@ async fn clean_restart_keeps_everything() {
     assert_eq!(after, members[..2].to_vec(), "members and their IPs kept");
     assert_eq!(h.tokens("prod").await[0]["uses_left"], 2);
     // Resume from the old map: catch-up by snapshot (log is memory-only) or delta.
-    let mut s1 = control::resume(&ep, &[h.quic], h.fingerprint, map, req, &cfg())
+    // The new instance listens on new ports: point the kept membership there.
+    let mut membership = control::Membership::from_bytes(&kept).unwrap();
+    membership.addrs = vec![h.quic];
+    let endpoints = vec!["192.0.2.10:51820".parse().unwrap()];
+    let mut s1 = control::resume_membership(&ep, &membership, map, endpoints, &cfg())
         .await
         .unwrap();
     assert_eq!(s1.welcome().ip.to_string(), "10.240.0.1");

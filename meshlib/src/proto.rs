@@ -76,6 +76,11 @@ pub struct JoinToken {
     pub network: NetworkId,
     /// The secret; the keyserver stores only its SHA-256.
     pub secret: Secret,
+    /// The service the token is bound to, if any (a hint for the sidecar's
+    /// default; the keyserver enforces the binding).
+    pub service: Option<String>,
+    /// The process type the token is bound to, if any (same: a hint).
+    pub process_type: Option<ProcessType>,
 }
 
 /// Why a join token's text is not a token.
@@ -390,6 +395,8 @@ mod tests {
             cert_sha256: [7; 32],
             network: NetworkId::random(),
             secret: [9; 32],
+            service: Some("api ✓".into()),
+            process_type: Some("worker".parse().unwrap()),
         };
         let text = t.to_string();
         assert!(text.starts_with("istm1."));
