@@ -192,7 +192,7 @@ async fn list_members(
     Path(net): Path<String>,
 ) -> Result<Json<Vec<MemberInfo>>, ApiError> {
     let id = resolve(&api, &net)?;
-    Ok(Json(api.shared.read(|r| r.members(id))))
+    Ok(Json(api.shared.members(id)))
 }
 
 async fn remove_member(

@@ -468,7 +468,10 @@ async fn on_client(
     }
     match msg {
         ClientMsg::Heartbeat => {
-            let generation = shared.heartbeat(s.network, &s.key, SystemTime::now());
+            shared.heartbeat(s.network, &s.key, SystemTime::now());
+            // The generation this session has delivered: the client compares
+            // it with its map to notice anything lost.
+            let generation = s.sent;
             proto::write_frame(send, &ServerMsg::HeartbeatAck { generation }, max).await?;
         }
         ClientMsg::UpdateEndpoints(_) => {}

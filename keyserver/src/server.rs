@@ -89,6 +89,8 @@ struct Core {
 pub struct Shared {
     core: Mutex<Core>,
     hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
+    /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
+    seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
     /// Limits.
     pub limits: Limits,
     /// SHA-256 of the QUIC certificate (goes into tokens).
@@ -116,6 +118,7 @@ impl Shared {
         let shared = Self {
             core: Mutex::new(Core { reg, store }),
             hubs: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
@@ -162,6 +165,9 @@ impl Shared {
 
     /// Sends a change to the subscribers of its network.
     fn publish(&self, change: Change) {
+        if let Some(key) = &change.removed {
+            self.seen.lock().remove(&(change.network, *key));
+        }
         let hubs = self.hubs.lock();
         let Some(tx) = hubs.get(&change.network) else {
             return;
@@ -203,9 +209,26 @@ impl Shared {
         (value, self.subscribe(network))
     }
 
-    /// A heartbeat: memory-only update; returns the network's generation.
-    pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) -> u64 {
-        self.core.lock().reg.heartbeat(network, key, now)
+    /// Notes a heartbeat. Memory only and off the registry lock (which a
+    /// store commit may hold): a thousand members heartbeating must not
+    /// queue behind fsyncs. The stored `last_seen` is refreshed with the
+    /// member's next stored change.
+    pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) {
+        self.seen
+            .lock()
+            .insert((network, *key), crate::registry::unix(now));
+    }
+
+    /// Members of a network, `last_seen` including heartbeats.
+    pub fn members(&self, network: NetworkId) -> Vec<crate::registry::MemberInfo> {
+        let mut list = self.read(|r| r.members(network));
+        let seen = self.seen.lock();
+        for m in &mut list {
+            if let Some(t) = seen.get(&(network, m.member.public_key)) {
+                m.last_seen = m.last_seen.max(*t);
+            }
+        }
+        list
     }
 
     /// Number of open push subscriptions across networks (for status).
@@ -303,6 +326,14 @@ mod tests {
             )
         };
         let (ip1, ()) = join(&shared).unwrap();
+        // Heartbeats show in the member list without a store write.
+        let key = shared.read(|r| r.members(net.id))[0].member.public_key;
+        let later = now + Duration::from_secs(100);
+        shared.heartbeat(net.id, &key, later);
+        assert_eq!(
+            shared.members(net.id)[0].last_seen,
+            crate::registry::unix(later)
+        );
         fail.store(true, Ordering::SeqCst);
         assert!(matches!(join(&shared), Err(OpError::Store(_))));
         // Memory was rebuilt from disk: one member, the token used once.

@@ -59,6 +59,11 @@ async fn join_map_deltas_heartbeat_and_resume() {
         match b.next_event().await.unwrap() {
             Event::HeartbeatAck { generation } => {
                 assert!(generation >= 3);
+                assert_eq!(
+                    generation,
+                    b.map().generation,
+                    "everything before the ack was applied"
+                );
                 break;
             }
             Event::Delta(_) => continue,

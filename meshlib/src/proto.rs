@@ -227,9 +227,11 @@ pub enum ServerMsg {
     Snapshot(NetworkMap),
     /// Changes since the last generation sent.
     Delta(MapDelta),
-    /// Answer to a heartbeat, with the network's current generation.
+    /// Answer to a heartbeat, with the generation the server has delivered
+    /// on this stream (a client whose map is older lost something and asks
+    /// for [`ClientMsg::GetMap`]).
     HeartbeatAck {
-        /// The network's current generation.
+        /// The last generation sent on this stream.
         generation: u64,
     },
     /// A request failed; fatal codes close the stream.

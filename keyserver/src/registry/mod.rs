@@ -533,18 +533,6 @@ impl Registry {
         (Some(change), vec![stored, net_op])
     }
 
-    /// Notes a heartbeat (memory only; persisted with the next member write)
-    /// and returns the network's generation.
-    pub fn heartbeat(&mut self, network: NetworkId, key: &PublicKey, now: SystemTime) -> u64 {
-        let Some(net) = self.networks.get_mut(&network) else {
-            return 0;
-        };
-        if let Some(rec) = net.members.get_mut(key) {
-            rec.last_seen = unix(now);
-        }
-        net.rec.generation
-    }
-
     /// Whether the member still exists.
     pub fn is_member(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.networks

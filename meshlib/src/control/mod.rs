@@ -155,7 +155,8 @@ pub enum Event {
     Snapshot,
     /// The server answered a heartbeat.
     HeartbeatAck {
-        /// The network's generation at the server.
+        /// The last generation the server sent on this stream (equal to the
+        /// map's generation once everything before the answer is applied).
         generation: u64,
     },
     /// The server refused one request but keeps the session (e.g.
