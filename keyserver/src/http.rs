@@ -192,7 +192,7 @@ async fn list_members(
     Path(net): Path<String>,
 ) -> Result<Json<Vec<MemberInfo>>, ApiError> {
     let id = resolve(&api, &net)?;
-    Ok(Json(api.shared.read(|r| r.members(id))))
+    Ok(Json(api.shared.members(id)))
 }
 
 async fn remove_member(
@@ -204,6 +204,7 @@ async fn remove_member(
         let (gen, ()) = api.shared.mutate(
             |reg| {
                 let (change, ops) = reg.remove_member(id, &member, SystemTime::now())?;
+                tracing::info!(network = %id, %member, generation = change.delta.to, "member removed");
                 Ok((change.delta.to, ops, vec![change]))
             },
             |_, _, _| (),
@@ -291,6 +292,8 @@ async fn create_token(
         cert_sha256: api.shared.cert_sha256,
         network: id,
         secret,
+        service: body.service.clone(),
+        process_type: body.process_type.clone(),
     };
     let rec = blocking(move || {
         let (rec, ()) = api.shared.mutate(

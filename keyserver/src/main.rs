@@ -201,8 +201,15 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         "admin token file: {}",
         config.data_dir.join("admin-token").display()
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGINT (Ctrl-C) or SIGTERM (service managers) stop both servers; the
+    // store needs no shutdown step (every commit is already durable).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     };
     ks.serve(quic, api, config.advertise, shutdown).await?;
     Ok(())

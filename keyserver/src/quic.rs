@@ -65,7 +65,35 @@ pub fn endpoint(
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, addr).map_err(|source| QuicSetupError::Bind { addr, source })
+    let bind = |source| QuicSetupError::Bind { addr, source };
+    let socket = udp_socket(addr).map_err(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+    .map_err(bind)
+}
+
+/// Socket buffer size asked for: one keyserver socket carries the pushes to
+/// every member, and a burst (one change to a thousand members, a snapshot
+/// per join) overflows the kernel's default buffers, turning into losses and
+/// retransmission delays. Best effort: the kernel caps it at `rmem_max`/`wmem_max`.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// The UDP socket of the endpoint, with large buffers.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts connections until `shutdown` completes, at most
@@ -132,6 +160,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let result = session(&conn, &mut send, recv, &shared).await;
     if let Err(Fatal(code, message)) = result {
+        tracing::debug!(remote = %conn.remote_address(), ?code, %message, "session ended");
         let msg = ServerMsg::Error(ProtoError { code, message });
         let _ = proto::write_frame(&mut send, &msg, shared.limits.max_frame).await;
     }
@@ -165,7 +194,11 @@ struct Session {
     key: PublicKey,
     /// Last generation sent to the client.
     sent: u64,
+    /// The client's address as last seen on the connection (QUIC follows a
+    /// client whose address changes, e.g. a NAT rebinding).
     observed: SocketAddr,
+    /// The endpoints the member advertised last.
+    advertised: Vec<SocketAddr>,
 }
 
 /// Runs `f` on a blocking thread (store commits fsync).
@@ -208,9 +241,17 @@ async fn session(
         ));
     }
     let observed = conn.remote_address();
-    let (welcome, first, mut pushes) = match hello.request {
-        Request::Join(req) => join(shared, req, observed).await?,
-        Request::Resume(req) => resume(shared, req, observed).await?,
+    let (welcome, first, mut pushes, advertised) = match hello.request {
+        Request::Join(req) => {
+            let advertised = req.endpoints.clone();
+            let (w, f, p) = join(shared, req, observed).await?;
+            (w, f, p, advertised)
+        }
+        Request::Resume(req) => {
+            let advertised = req.endpoints.clone();
+            let (w, f, p) = resume(shared, req, observed).await?;
+            (w, f, p, advertised)
+        }
     };
     let mut s = Session {
         network: welcome.network,
@@ -219,6 +260,7 @@ async fn session(
         },
         sent: 0,
         observed,
+        advertised,
     };
     proto::write_frame(send, &ServerMsg::Welcome(welcome), max).await?;
     match first {
@@ -238,7 +280,11 @@ async fn session(
             msg = client.recv() => match msg {
                 None | Some(Err(FrameError::Closed)) => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
-                Some(Ok(msg)) => on_client(send, &mut s, shared, msg).await?,
+                Some(Ok(msg)) => {
+                    let roamed = conn.remote_address() != s.observed;
+                    s.observed = conn.remote_address();
+                    on_client(send, &mut s, shared, msg, roamed).await?;
+                }
             },
         }
     }
@@ -391,34 +437,44 @@ async fn on_push(
     }
 }
 
-/// Handles one client message.
+/// Handles one client message. `roamed`: the client's address changed
+/// since the last message, so its observed endpoint is updated too.
 async fn on_client(
     send: &mut quinn::SendStream,
     s: &mut Session,
     shared: &Arc<Shared>,
     msg: ClientMsg,
+    roamed: bool,
 ) -> Result<(), Fatal> {
     let max = shared.limits.max_frame;
+    if let ClientMsg::UpdateEndpoints(eps) = &msg {
+        s.advertised.clone_from(eps);
+    }
+    if roamed || matches!(msg, ClientMsg::UpdateEndpoints(_)) {
+        let (sh, net, key) = (shared.clone(), s.network, s.key);
+        let (eps, obs) = (s.advertised.clone(), s.observed);
+        blocking(move || {
+            sh.mutate(
+                |reg| {
+                    let (change, ops) =
+                        reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
+                    Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+                },
+                |_, _, _| (),
+            )
+        })
+        .await?
+        .map_err(op_fatal)?;
+    }
     match msg {
         ClientMsg::Heartbeat => {
-            let generation = shared.heartbeat(s.network, &s.key, SystemTime::now());
+            shared.heartbeat(s.network, &s.key, SystemTime::now());
+            // The generation this session has delivered: the client compares
+            // it with its map to notice anything lost.
+            let generation = s.sent;
             proto::write_frame(send, &ServerMsg::HeartbeatAck { generation }, max).await?;
         }
-        ClientMsg::UpdateEndpoints(eps) => {
-            let (sh, net, key, obs) = (shared.clone(), s.network, s.key, s.observed);
-            blocking(move || {
-                sh.mutate(
-                    |reg| {
-                        let (change, ops) =
-                            reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
-                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
-                    },
-                    |_, _, _| (),
-                )
-            })
-            .await?
-            .map_err(op_fatal)?;
-        }
+        ClientMsg::UpdateEndpoints(_) => {}
         ClientMsg::GetMap(net) if net == s.network => {
             if let Some(map) = shared.read(|r| r.snapshot(net)) {
                 s.sent = map.generation;

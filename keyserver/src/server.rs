@@ -89,6 +89,8 @@ struct Core {
 pub struct Shared {
     core: Mutex<Core>,
     hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
+    /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
+    seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
     /// Limits.
     pub limits: Limits,
     /// SHA-256 of the QUIC certificate (goes into tokens).
@@ -116,6 +118,7 @@ impl Shared {
         let shared = Self {
             core: Mutex::new(Core { reg, store }),
             hubs: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
@@ -162,6 +165,9 @@ impl Shared {
 
     /// Sends a change to the subscribers of its network.
     fn publish(&self, change: Change) {
+        if let Some(key) = &change.removed {
+            self.seen.lock().remove(&(change.network, *key));
+        }
         let hubs = self.hubs.lock();
         let Some(tx) = hubs.get(&change.network) else {
             return;
@@ -203,9 +209,26 @@ impl Shared {
         (value, self.subscribe(network))
     }
 
-    /// A heartbeat: memory-only update; returns the network's generation.
-    pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) -> u64 {
-        self.core.lock().reg.heartbeat(network, key, now)
+    /// Notes a heartbeat. Memory only and off the registry lock (which a
+    /// store commit may hold): a thousand members heartbeating must not
+    /// queue behind fsyncs. The stored `last_seen` is refreshed with the
+    /// member's next stored change.
+    pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) {
+        self.seen
+            .lock()
+            .insert((network, *key), crate::registry::unix(now));
+    }
+
+    /// Members of a network, `last_seen` including heartbeats.
+    pub fn members(&self, network: NetworkId) -> Vec<crate::registry::MemberInfo> {
+        let mut list = self.read(|r| r.members(network));
+        let seen = self.seen.lock();
+        for m in &mut list {
+            if let Some(t) = seen.get(&(network, m.member.public_key)) {
+                m.last_seen = m.last_seen.max(*t);
+            }
+        }
+        list
     }
 
     /// Number of open push subscriptions across networks (for status).
@@ -215,5 +238,114 @@ impl Shared {
             .values()
             .map(|tx| tx.receiver_count())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use meshlib::keys::PrivateKey;
+    use meshlib::proto::JoinRequest;
+
+    use super::*;
+    use crate::store::RedbStore;
+
+    /// The real store, with a switch that makes commits fail (a full disk).
+    struct Flaky {
+        inner: RedbStore,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Store for Flaky {
+        fn load(&self) -> Result<Records, StoreError> {
+            self.inner.load()
+        }
+        fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Db("disk full (injected)".into()));
+            }
+            self.inner.commit(ops)
+        }
+    }
+
+    #[test]
+    fn failed_commit_leaves_memory_as_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = Flaky {
+            inner: RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            fail: fail.clone(),
+        };
+        let now = SystemTime::now();
+        let (shared, _) = Shared::new(Box::new(store), Limits::default(), [0; 32], now).unwrap();
+        let (net, ()) = shared
+            .mutate(
+                |r| {
+                    r.create_network("prod", meshlib::ipam::DEFAULT_RANGE, now)
+                        .map(|(n, ops)| (n, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        shared
+            .mutate(
+                |r| {
+                    r.create_token(
+                        net.id,
+                        &[1; 32],
+                        5,
+                        Duration::from_secs(60),
+                        None,
+                        None,
+                        now,
+                    )
+                    .map(|(t, ops)| (t, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        let join = |shared: &Shared| {
+            let req = JoinRequest {
+                network: net.id,
+                token_secret: [1; 32],
+                public_key: PrivateKey::generate().public_key(),
+                service: "api".into(),
+                app_id: None,
+                process_type: Default::default(),
+                instance: None,
+                runner: "r".into(),
+                endpoints: vec![],
+            };
+            shared.mutate(
+                |r| {
+                    let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], now)?;
+                    Ok::<_, crate::registry::ProtoOpError>((j.member.ip, j.ops, vec![j.change]))
+                },
+                |_, _, _| (),
+            )
+        };
+        let (ip1, ()) = join(&shared).unwrap();
+        // Heartbeats show in the member list without a store write.
+        let key = shared.read(|r| r.members(net.id))[0].member.public_key;
+        let later = now + Duration::from_secs(100);
+        shared.heartbeat(net.id, &key, later);
+        assert_eq!(
+            shared.members(net.id)[0].last_seen,
+            crate::registry::unix(later)
+        );
+        fail.store(true, Ordering::SeqCst);
+        assert!(matches!(join(&shared), Err(OpError::Store(_))));
+        // Memory was rebuilt from disk: one member, the token used once.
+        assert_eq!(shared.read(|r| r.member_count(net.id)), 1);
+        assert_eq!(shared.read(|r| r.tokens(net.id)[0].uses_left), 4);
+        assert_eq!(shared.read(|r| r.network(net.id).unwrap().generation), 1);
+        fail.store(false, Ordering::SeqCst);
+        let (ip2, ()) = join(&shared).unwrap();
+        assert_eq!(
+            u32::from(ip2),
+            u32::from(ip1) + 1,
+            "the failed join's address was not consumed"
+        );
     }
 }

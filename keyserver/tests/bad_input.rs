@@ -62,8 +62,30 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         )
         .await;
     assert_eq!(
+        bound.service.as_deref(),
+        Some("db"),
+        "the token carries its binding"
+    );
+    assert_eq!(
+        bound.process_type.as_ref().map(|p| p.as_str()),
+        Some("worker")
+    );
+    assert_eq!(
         refused(control::join(&ep, &bound, meta("api").1, &cfg()).await),
         ErrorCode::TokenBinding
+    );
+    // Oversized metadata (every peer would carry it).
+    let mut fat = meta("api").1;
+    fat.service = "x".repeat(10_000);
+    assert_eq!(
+        refused(control::join(&ep, &good, fat, &cfg()).await),
+        ErrorCode::InvalidMetadata
+    );
+    let mut many = meta("api").1;
+    many.endpoints = vec!["192.0.2.1:1".parse().unwrap(); 100];
+    assert_eq!(
+        refused(control::join(&ep, &good, many, &cfg()).await),
+        ErrorCode::InvalidMetadata
     );
     // The same public key again (a stolen key cannot join as that member).
     let mut dup = meta("api").1;

@@ -59,6 +59,11 @@ async fn join_map_deltas_heartbeat_and_resume() {
         match b.next_event().await.unwrap() {
             Event::HeartbeatAck { generation } => {
                 assert!(generation >= 3);
+                assert_eq!(
+                    generation,
+                    b.map().generation,
+                    "everything before the ack was applied"
+                );
                 break;
             }
             Event::Delta(_) => continue,
@@ -170,4 +175,137 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// A member that stops reading falls behind the push buffer; once it reads
+/// again it is caught up from the change log (or a snapshot) and converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_member_catches_up() {
+    use meshlib::proto::{self, Hello, JoinRequest, Request, ServerMsg};
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |c| c.push_buffer = 16).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 5})).await;
+    let ep = client_endpoint();
+    // A raw client with a tiny stream window, so the server's writes to it
+    // block as soon as it stops reading.
+    let mut config = control::quic_config(h.fingerprint, &cfg()).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(2048u32.into());
+    config.transport_config(std::sync::Arc::new(transport));
+    let conn = ep
+        .connect_with(config, h.quic, proto::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_ka, meta_a) = meta("api");
+    let hello = Hello {
+        version: proto::VERSION,
+        request: Request::Join(JoinRequest {
+            network: token.network,
+            token_secret: token.secret,
+            public_key: meta_a.public_key,
+            service: meta_a.service,
+            app_id: None,
+            process_type: meta_a.process_type,
+            instance: None,
+            runner: meta_a.runner,
+            endpoints: vec![],
+        }),
+    };
+    proto::write_frame(&mut send, &hello, 1 << 20)
+        .await
+        .unwrap();
+    let max = 1 << 20;
+    assert!(matches!(
+        proto::read_frame(&mut recv, max).await.unwrap(),
+        ServerMsg::Welcome(_)
+    ));
+    let ServerMsg::Snapshot(mut map) = proto::read_frame(&mut recv, max).await.unwrap() else {
+        panic!("expected a snapshot");
+    };
+    // B makes 200 changes while A does not read.
+    let (kb, mut b) = join(&ep, &token, "api").await;
+    for port in 1..=200u16 {
+        let addr = std::net::SocketAddr::from(([198, 51, 100, 9], port));
+        b.update_endpoints(vec![addr]).await.unwrap();
+    }
+    let want_last = std::net::SocketAddr::from(([198, 51, 100, 9], 200));
+    until(&mut b, Duration::from_secs(10), |s| {
+        s.map().members[&kb.public_key()].endpoints.first() == Some(&want_last)
+    })
+    .await;
+    let target = b.map().generation;
+    // A reads again: deltas, then a catch-up, until it reaches B's generation.
+    let (mut snapshots, mut widest) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while map.generation < target {
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {} of {target}",
+            map.generation
+        );
+        match proto::read_frame(&mut recv, max).await.unwrap() {
+            ServerMsg::Delta(d) => {
+                widest = widest.max(d.to - d.from);
+                assert!(
+                    d.changes.len() <= 2,
+                    "catch-up deltas hold one change per member"
+                );
+                map.apply(&d).expect("deltas arrive without gaps");
+            }
+            ServerMsg::Snapshot(m) => {
+                snapshots += 1;
+                map = m;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(&map, b.map());
+    eprintln!(
+        "lagging member converged: {snapshots} snapshot(s), widest delta {widest} generations"
+    );
+    // The push buffer (16) overflowed: the member got a merged catch-up
+    // delta from the change log or a snapshot, not 200 single steps.
+    assert!(
+        snapshots > 0 || widest > 1,
+        "the lag path was not exercised"
+    );
+    h.stop().await;
+}
+
+/// A member whose address changes under the same connection (a NAT
+/// rebinding) gets its observed endpoint updated for every peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observed_endpoint_follows_a_rebinding() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 2})).await;
+    let (ep_a, ep_b) = (client_endpoint(), client_endpoint());
+    let (_ka, mut a) = join(&ep_a, &token, "api").await;
+    let (kb, mut b) = join(&ep_b, &token, "api").await;
+    let first = b.welcome().observed;
+    assert_eq!(first, ep_b.local_addr().unwrap());
+    until(&mut a, Duration::from_secs(5), |s| {
+        s.map().members.len() == 2
+    })
+    .await;
+    ep_b.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let moved = ep_b.local_addr().unwrap();
+    assert_ne!(moved, first);
+    b.heartbeat().await.unwrap();
+    until(&mut a, Duration::from_secs(5), |s| {
+        let eps = &s.map().members[&kb.public_key()].endpoints;
+        eps.contains(&moved) && !eps.contains(&first)
+    })
+    .await;
+    // The advertised endpoint stays first.
+    assert_eq!(
+        a.map().members[&kb.public_key()].endpoints[0].to_string(),
+        "192.0.2.10:51820"
+    );
+    h.stop().await;
 }

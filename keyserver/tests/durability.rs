@@ -23,7 +23,9 @@ async fn clean_restart_keeps_everything() {
     let (_k2, _s2) = join(&ep, &token, "api").await;
     let (_k3, s3) = join(&ep, &token, "db").await;
     let members = h.members("prod").await;
-    let req = s1.resume_request(k1.public_key(), vec!["192.0.2.10:51820".parse().unwrap()]);
+    // What a sidecar keeps on disk to come back without its token.
+    let kept = s1.membership().to_bytes();
+    assert_eq!(s1.membership().public_key, k1.public_key());
     let map = s1.map().clone();
     // Remove one member: its address goes into quarantine.
     let path = format!("/v1/networks/prod/members/{}", s3.welcome().instance);
@@ -38,7 +40,11 @@ async fn clean_restart_keeps_everything() {
     assert_eq!(after, members[..2].to_vec(), "members and their IPs kept");
     assert_eq!(h.tokens("prod").await[0]["uses_left"], 2);
     // Resume from the old map: catch-up by snapshot (log is memory-only) or delta.
-    let mut s1 = control::resume(&ep, &[h.quic], h.fingerprint, map, req, &cfg())
+    // The new instance listens on new ports: point the kept membership there.
+    let mut membership = control::Membership::from_bytes(&kept).unwrap();
+    membership.addrs = vec![h.quic];
+    let endpoints = vec!["192.0.2.10:51820".parse().unwrap()];
+    let mut s1 = control::resume_membership(&ep, &membership, map, endpoints, &cfg())
         .await
         .unwrap();
     assert_eq!(s1.welcome().ip.to_string(), "10.240.0.1");
@@ -209,4 +215,84 @@ async fn kill_9_loses_nothing_committed() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_restart_opens_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut server = spawn_server(dir);
+    cli(dir, &["network", "create", "prod"]);
+    let pid = libc::pid_t::try_from(server.0.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = server.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "keyserver ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let _server = spawn_server(dir);
+    let nets = cli(dir, &["network", "list"]);
+    assert_eq!(nets[0]["name"], "prod");
+}
+
+#[test]
+fn serve_reads_a_toml_file_and_env_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("keyserver.toml");
+    let toml = format!(
+        "data-dir = {:?}\nquic-listen = \"127.0.0.1:0\"\napi-listen = \"127.0.0.1:1\"\nlog-level = \"warn\"\nmax-connections = 8\n",
+        data.display().to_string()
+    );
+    std::fs::write(&config, toml).unwrap();
+    // The environment overrides the file's (unusable) API port.
+    let child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("KEYSERVER_API_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.join("api.url").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "keyserver did not start from its config file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Admin subcommands find it through KEYSERVER_DATA_DIR.
+    let out = Command::new(bin())
+        .args(["network", "create", "from-env"])
+        .env("KEYSERVER_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "from-env");
+    // A bad config file is a clear error, not a panic.
+    std::fs::write(&config, "max-frames = 1\n").unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max-frames") && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -52,9 +52,10 @@ pub const ALPN: &[u8] = b"istm-control/1";
 /// so the name only has to match what the keyserver's certificate carries.
 pub const SERVER_NAME: &str = "keyserver.ist-mesh.internal";
 
-/// Default maximum frame size: 1 MiB. A full 1022-member snapshot is about
-/// 1022 × ~200 bytes ≈ 200 KiB in postcard (two endpoints and ~40-byte names
-/// per member), so this leaves a factor of five.
+/// Default maximum frame size: 1 MiB. A full 1022-member snapshot with two
+/// endpoints, a 40-character service name and a 63-character instance name
+/// per member is 289 KB in postcard (measured by a keyserver test), so this
+/// leaves a factor of three and a half.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 
 /// A 32-byte secret (token secret, member credential).
@@ -75,6 +76,11 @@ pub struct JoinToken {
     pub network: NetworkId,
     /// The secret; the keyserver stores only its SHA-256.
     pub secret: Secret,
+    /// The service the token is bound to, if any (a hint for the sidecar's
+    /// default; the keyserver enforces the binding).
+    pub service: Option<String>,
+    /// The process type the token is bound to, if any (same: a hint).
+    pub process_type: Option<ProcessType>,
 }
 
 /// Why a join token's text is not a token.
@@ -221,9 +227,11 @@ pub enum ServerMsg {
     Snapshot(NetworkMap),
     /// Changes since the last generation sent.
     Delta(MapDelta),
-    /// Answer to a heartbeat, with the network's current generation.
+    /// Answer to a heartbeat, with the generation the server has delivered
+    /// on this stream (a client whose map is older lost something and asks
+    /// for [`ClientMsg::GetMap`]).
     HeartbeatAck {
-        /// The network's current generation.
+        /// The last generation sent on this stream.
         generation: u64,
     },
     /// A request failed; fatal codes close the stream.
@@ -274,6 +282,9 @@ pub enum ErrorCode {
     Revoked,
     /// A frame could not be decoded, or was too large.
     Malformed,
+    /// Join metadata out of bounds (empty or over-long service name or
+    /// runner label, too many endpoints).
+    InvalidMetadata,
     /// The keyserver is at its connection limit.
     Busy,
     /// An internal failure (store write); nothing changed.
@@ -386,6 +397,8 @@ mod tests {
             cert_sha256: [7; 32],
             network: NetworkId::random(),
             secret: [9; 32],
+            service: Some("api ✓".into()),
+            process_type: Some("worker".parse().unwrap()),
         };
         let text = t.to_string();
         assert!(text.starts_with("istm1."));
@@ -428,5 +441,28 @@ mod tests {
             encode_frame(&msg, 2),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes from a peer: every message type decodes to a value
+        /// or an error, never a panic; the frame reader too.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = decode_payload::<Hello>(&bytes);
+            let _ = decode_payload::<ClientMsg>(&bytes);
+            let _ = decode_payload::<ServerMsg>(&bytes);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _ = rt.block_on(read_frame::<Hello, _>(&mut &bytes[..], 256));
+        }
+
+        /// Arbitrary token text: parsed or refused, never a panic; accepted
+        /// tokens round-trip.
+        #[test]
+        fn arbitrary_token_text_never_panics(body in "[A-Za-z0-9_\\-]{0,200}") {
+            let text = format!("istm1.{body}");
+            if let Ok(t) = text.parse::<JoinToken>() {
+                proptest::prop_assert_eq!(t.to_string().parse::<JoinToken>().unwrap(), t);
+            }
+        }
     }
 }

@@ -107,6 +107,45 @@ pub enum ControlError {
     Timeout,
 }
 
+/// What a member keeps (mode 0600) to come back without its token: where the
+/// keyserver is, its pinned certificate, and the member's credential.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    /// Keyserver QUIC addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// SHA-256 of the keyserver's certificate.
+    pub cert_sha256: [u8; 32],
+    /// The member's network.
+    pub network: NetworkId,
+    /// The membership's public key.
+    pub public_key: PublicKey,
+    /// The reconnect credential.
+    pub credential: Secret,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("addrs", &self.addrs)
+            .field("network", &self.network)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// The stored form (postcard); write it with mode 0600.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("plain struct encodes")
+    }
+
+    /// Parses the stored form.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ControlError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| ControlError::Protocol(format!("membership file: {e}")))
+    }
+}
+
 /// Something the session received, already applied to [`Session::map`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -116,7 +155,8 @@ pub enum Event {
     Snapshot,
     /// The server answered a heartbeat.
     HeartbeatAck {
-        /// The network's generation at the server.
+        /// The last generation the server sent on this stream (equal to the
+        /// map's generation once everything before the answer is applied).
         generation: u64,
     },
     /// The server refused one request but keeps the session (e.g.
@@ -272,6 +312,33 @@ pub async fn resume(
     Ok(session)
 }
 
+/// Resumes a stored [`Membership`] from a cached map (use an empty map of
+/// generation 0 to get a snapshot).
+pub async fn resume_membership(
+    endpoint: &quinn::Endpoint,
+    membership: &Membership,
+    map: NetworkMap,
+    endpoints: Vec<SocketAddr>,
+    cfg: &ClientConfig,
+) -> Result<Session, ControlError> {
+    let request = ResumeRequest {
+        network: membership.network,
+        public_key: membership.public_key,
+        credential: membership.credential,
+        generation: map.generation,
+        endpoints,
+    };
+    resume(
+        endpoint,
+        &membership.addrs,
+        membership.cert_sha256,
+        map,
+        request,
+        cfg,
+    )
+    .await
+}
+
 /// Opens the stream, sends `hello` and waits for the welcome.
 async fn start(
     endpoint: &quinn::Endpoint,
@@ -297,6 +364,10 @@ async fn start(
         Some(Err(e)) => return Err(e.into()),
         None => return Err(ControlError::Connection("stream closed".into())),
     };
+    let public_key = match &hello.request {
+        Request::Join(j) => j.public_key,
+        Request::Resume(r) => r.public_key,
+    };
     Ok(Session {
         credential: welcome.credential.unwrap_or_default(),
         conn,
@@ -305,6 +376,9 @@ async fn start(
         welcome,
         map,
         max_frame: cfg.max_frame,
+        addrs: addrs.to_vec(),
+        fingerprint,
+        public_key,
     })
 }
 
@@ -325,6 +399,12 @@ pub struct Session {
     credential: Secret,
     /// Frame size limit.
     max_frame: usize,
+    /// The keyserver addresses used (for [`Session::membership`]).
+    addrs: Vec<SocketAddr>,
+    /// The pinned certificate fingerprint.
+    fingerprint: [u8; 32],
+    /// The member's public key.
+    public_key: PublicKey,
 }
 
 impl Session {
@@ -346,6 +426,17 @@ impl Session {
     /// The reconnect credential; keep it (mode 0600) to [`resume`] later.
     pub fn credential(&self) -> Secret {
         self.credential
+    }
+
+    /// What to keep to [`resume_membership`] later without the token.
+    pub fn membership(&self) -> Membership {
+        Membership {
+            addrs: self.addrs.clone(),
+            cert_sha256: self.fingerprint,
+            network: self.welcome.network,
+            public_key: self.public_key,
+            credential: self.credential,
+        }
     }
 
     /// The request to resume this membership later from the current map.

@@ -8,155 +8,28 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+mod network;
+mod records;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use meshlib::ids::{AppId, InstanceName, NetworkId, ProcessType};
-use meshlib::ipam::{Allocator, IpamError};
+use meshlib::ipam::IpamError;
 use meshlib::keys::PublicKey;
-use meshlib::netmap::{MapChange, MapDelta, Member, NetworkMap};
+use meshlib::netmap::{MapChange, Member, NetworkMap};
 use meshlib::proto::{sha256, ErrorCode, JoinRequest, ResumeRequest, Secret};
-use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-/// Seconds since the Unix epoch (the stored form of times).
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// A stored network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkRecord {
-    /// `pn-<uuid>`.
-    pub id: NetworkId,
-    /// Human name, unique on this keyserver.
-    pub name: String,
-    /// Address range.
-    pub range: Ipv4Net,
-    /// Current generation of the network map; stored with every change so a
-    /// restart continues the sequence and resumes stay correct.
-    pub generation: u64,
-    /// Creation time (Unix seconds).
-    pub created: u64,
-}
-
-/// A stored join token (never the secret: only its SHA-256).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    /// Short public id (`tk-` + 12 hex digits of the hash), for listing and deletion.
-    pub id: String,
-    /// SHA-256 of the secret (not shown by the admin API).
-    pub hash: [u8; 32],
-    /// The network it lets members join.
-    pub network: NetworkId,
-    /// Joins left.
-    pub uses_left: u32,
-    /// Expiry (Unix seconds).
-    pub expires: u64,
-    /// If set, only members of this service may join with it.
-    pub service: Option<String>,
-    /// If set, only members of this process type may join with it.
-    pub process_type: Option<ProcessType>,
-    /// Creation time (Unix seconds).
-    pub created: u64,
-}
-
-/// A stored member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberRecord {
-    /// The member's network.
-    pub network: NetworkId,
-    /// What every peer sees.
-    pub member: Member,
-    /// SHA-256 of the reconnect credential.
-    pub credential_hash: [u8; 32],
-    /// Join time (Unix seconds).
-    pub joined: u64,
-    /// Last contact (Unix seconds): join, resume, heartbeat, endpoint update.
-    pub last_seen: u64,
-}
-
-/// One write for the store; a list of them is committed atomically.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StoreOp {
-    /// Insert or replace a network.
-    PutNetwork(NetworkRecord),
-    /// Insert or replace a token.
-    PutToken(TokenRecord),
-    /// Delete a token by hash.
-    DeleteToken([u8; 32]),
-    /// Insert or replace a member.
-    PutMember(MemberRecord),
-    /// Delete a member.
-    DeleteMember(NetworkId, PublicKey),
-    /// Keep an address in quarantine until a time (Unix seconds).
-    PutQuarantine(NetworkId, Ipv4Addr, u64),
-    /// Forget a quarantine entry.
-    DeleteQuarantine(NetworkId, Ipv4Addr),
-}
-
-/// Everything the store holds, as loaded at start.
-#[derive(Debug, Clone, Default)]
-pub struct Records {
-    /// All networks.
-    pub networks: Vec<NetworkRecord>,
-    /// All tokens.
-    pub tokens: Vec<TokenRecord>,
-    /// All members.
-    pub members: Vec<MemberRecord>,
-    /// Quarantined addresses.
-    pub quarantine: Vec<(NetworkId, Ipv4Addr, u64)>,
-}
-
-/// A change to push: one delta of one network.
-#[derive(Debug, Clone)]
-pub struct Change {
-    /// The network.
-    pub network: NetworkId,
-    /// The delta (from the previous generation to the new one).
-    pub delta: MapDelta,
-    /// The member removed by this change, if any (its own session ends).
-    pub removed: Option<PublicKey>,
-}
-
-/// How to bring a member up to date.
-#[derive(Debug, Clone)]
-pub enum Catchup {
-    /// Nothing missed.
-    UpToDate,
-    /// The missed changes, merged into one delta.
-    Delta(MapDelta),
-    /// Too old (or from the future): the whole map.
-    Snapshot(NetworkMap),
-}
-
-/// Result of a join.
-#[derive(Debug, Clone)]
-pub struct Joined {
-    /// The new member.
-    pub member: Member,
-    /// The map including the new member.
-    pub map: NetworkMap,
-    /// The change to push to the others.
-    pub change: Change,
-    /// Writes to commit.
-    pub ops: Vec<StoreOp>,
-}
-
-/// Result of a resume.
-#[derive(Debug, Clone)]
-pub struct Resumed {
-    /// The member as stored.
-    pub member: Member,
-    /// What to send first.
-    pub catchup: Catchup,
-    /// An endpoint change to push, if the endpoints changed.
-    pub change: Option<Change>,
-    /// Writes to commit.
-    pub ops: Vec<StoreOp>,
-}
+use network::{default_instance, Network};
+pub use records::{
+    unix, Catchup, Change, Joined, MemberInfo, MemberRecord, NetworkRecord, Records, Resumed,
+    StoreOp, TokenRecord,
+};
 
 /// Why a protocol operation (join, resume, endpoint update) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +61,10 @@ pub enum ProtoOpError {
     /// Unknown member or wrong credential (deliberately the same error).
     #[error("unknown member or wrong credential")]
     BadCredential,
+    /// Metadata out of bounds: every member carries it to every peer, so
+    /// its size is limited.
+    #[error("invalid member metadata: {0}")]
+    InvalidMetadata(String),
 }
 
 impl ProtoOpError {
@@ -203,6 +80,7 @@ impl ProtoOpError {
             Self::InstanceTaken(_) => ErrorCode::InstanceTaken,
             Self::NetworkFull(_) => ErrorCode::NetworkFull,
             Self::BadCredential => ErrorCode::BadCredential,
+            Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
         }
     }
 }
@@ -231,121 +109,6 @@ pub enum AdminError {
     /// No such token.
     #[error("unknown token {0:?}")]
     UnknownToken(String),
-}
-
-/// A member as the admin API lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MemberInfo {
-    /// The member.
-    #[serde(flatten)]
-    pub member: Member,
-    /// Join time (Unix seconds).
-    pub joined: u64,
-    /// Last contact (Unix seconds).
-    pub last_seen: u64,
-}
-
-/// One network in memory.
-#[derive(Debug)]
-struct Network {
-    rec: NetworkRecord,
-    alloc: Allocator,
-    members: BTreeMap<PublicKey, MemberRecord>,
-    instances: HashMap<InstanceName, PublicKey>,
-    /// Recent deltas, oldest first, contiguous, ending at `rec.generation`.
-    log: VecDeque<MapDelta>,
-}
-
-impl Network {
-    fn new(rec: NetworkRecord, quarantine: Duration) -> Result<Self, IpamError> {
-        Ok(Self {
-            alloc: Allocator::new(rec.range, quarantine)?,
-            rec,
-            members: BTreeMap::new(),
-            instances: HashMap::new(),
-            log: VecDeque::new(),
-        })
-    }
-
-    fn snapshot(&self) -> NetworkMap {
-        let mut map = NetworkMap::new(self.rec.id, self.rec.name.clone(), self.rec.range);
-        map.generation = self.rec.generation;
-        map.members = self
-            .members
-            .iter()
-            .map(|(k, r)| (*k, r.member.clone()))
-            .collect();
-        map
-    }
-
-    /// Bumps the generation with one change; returns the change and the
-    /// network record write.
-    fn record(
-        &mut self,
-        change: MapChange,
-        removed: Option<PublicKey>,
-        cap: usize,
-    ) -> (Change, StoreOp) {
-        let from = self.rec.generation;
-        self.rec.generation += 1;
-        let delta = MapDelta {
-            from,
-            to: self.rec.generation,
-            changes: vec![change],
-        };
-        self.log.push_back(delta.clone());
-        while self.log.len() > cap {
-            self.log.pop_front();
-        }
-        let change = Change {
-            network: self.rec.id,
-            delta,
-            removed,
-        };
-        (change, StoreOp::PutNetwork(self.rec.clone()))
-    }
-
-    fn catchup(&self, generation: u64) -> Catchup {
-        let now = self.rec.generation;
-        if generation == now {
-            return Catchup::UpToDate;
-        }
-        match self.log.front() {
-            Some(first) if generation >= first.from && generation < now => {
-                let changes = self
-                    .log
-                    .iter()
-                    .filter(|d| d.from >= generation)
-                    .flat_map(|d| d.changes.iter().cloned())
-                    .collect();
-                Catchup::Delta(MapDelta {
-                    from: generation,
-                    to: now,
-                    changes,
-                })
-            }
-            _ => Catchup::Snapshot(self.snapshot()),
-        }
-    }
-
-    fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
-        let mut taken: Vec<u32> = self
-            .members
-            .values()
-            .filter(|r| &r.member.app_id == app && &r.member.process_type == ptype)
-            .map(|r| r.member.index)
-            .collect();
-        taken.sort_unstable();
-        let mut next = 1;
-        for i in taken {
-            if i == next {
-                next += 1;
-            } else if i > next {
-                break;
-            }
-        }
-        next
-    }
 }
 
 /// All state of one keyserver.
@@ -584,6 +347,29 @@ impl Registry {
         Ok(hash)
     }
 
+    /// Most endpoints a member may advertise.
+    pub const MAX_ENDPOINTS: usize = 16;
+    /// Longest service name and runner label, in bytes.
+    pub const MAX_LABEL: usize = 128;
+
+    /// Checks the size limits of a join's metadata.
+    fn check_metadata(req: &JoinRequest) -> Result<(), ProtoOpError> {
+        let bad = |what: String| Err(ProtoOpError::InvalidMetadata(what));
+        if req.service.is_empty() || req.service.len() > Self::MAX_LABEL {
+            return bad(format!("service name must be 1-{} bytes", Self::MAX_LABEL));
+        }
+        if req.runner.len() > Self::MAX_LABEL {
+            return bad(format!(
+                "runner label must be at most {} bytes",
+                Self::MAX_LABEL
+            ));
+        }
+        if req.endpoints.len() > Self::MAX_ENDPOINTS {
+            return bad(format!("at most {} endpoints", Self::MAX_ENDPOINTS));
+        }
+        Ok(())
+    }
+
     /// Joins a member. `credential` is the fresh secret the driver generated;
     /// only its hash is kept.
     pub fn join(
@@ -597,6 +383,7 @@ impl Registry {
             .networks
             .get(&req.network)
             .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
+        Self::check_metadata(req)?;
         let token_hash = self.check_token(req, now)?;
         if net.members.contains_key(&req.public_key) {
             return Err(ProtoOpError::KeyInUse);
@@ -728,7 +515,11 @@ impl Registry {
             return (None, vec![]);
         };
         rec.last_seen = unix(now);
-        let mut eps: Vec<SocketAddr> = endpoints.iter().take(16).copied().collect();
+        let mut eps: Vec<SocketAddr> = endpoints
+            .iter()
+            .take(Self::MAX_ENDPOINTS)
+            .copied()
+            .collect();
         if !eps.contains(&observed) {
             eps.push(observed);
         }
@@ -740,18 +531,6 @@ impl Registry {
         let stored = StoreOp::PutMember(rec.clone());
         let (change, net_op) = net.record(MapChange::Upsert(member), None, log_cap);
         (Some(change), vec![stored, net_op])
-    }
-
-    /// Notes a heartbeat (memory only; persisted with the next member write)
-    /// and returns the network's generation.
-    pub fn heartbeat(&mut self, network: NetworkId, key: &PublicKey, now: SystemTime) -> u64 {
-        let Some(net) = self.networks.get_mut(&network) else {
-            return 0;
-        };
-        if let Some(rec) = net.members.get_mut(key) {
-            rec.last_seen = unix(now);
-        }
-        net.rec.generation
     }
 
     /// Whether the member still exists.
@@ -797,203 +576,5 @@ impl Registry {
             net_op,
         ];
         Ok((change, ops))
-    }
-}
-
-/// `<app>-<type>-<index>`, made unique with a numeric suffix if an explicit
-/// name took it.
-fn default_instance(net: &Network, app: &AppId, ptype: &ProcessType, index: u32) -> InstanceName {
-    let base: String = format!("{app}-{ptype}-{index}");
-    let mut n = 1u32;
-    loop {
-        let text = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{n}")
-        };
-        let cut = text.len().min(63);
-        let trimmed = text[..cut].trim_end_matches('-');
-        if let Ok(name) = trimmed.parse::<InstanceName>() {
-            if !net.instances.contains_key(&name) {
-                return name;
-            }
-        }
-        n += 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use meshlib::keys::PrivateKey;
-
-    fn now() -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-    }
-
-    fn req(net: NetworkId, secret: Secret, service: &str) -> JoinRequest {
-        JoinRequest {
-            network: net,
-            token_secret: secret,
-            public_key: PrivateKey::generate().public_key(),
-            service: service.into(),
-            app_id: None,
-            process_type: ProcessType::default(),
-            instance: None,
-            runner: "r1".into(),
-            endpoints: vec![],
-        }
-    }
-
-    fn setup(range: &str, uses: u32) -> (Registry, NetworkId, Secret) {
-        let (mut reg, _) = Registry::load(Records::default(), 4, Duration::from_secs(60), now());
-        let (net, _) = reg
-            .create_network("prod", range.parse().unwrap(), now())
-            .unwrap();
-        let secret = [1; 32];
-        reg.create_token(
-            net.id,
-            &secret,
-            uses,
-            Duration::from_secs(3600),
-            None,
-            None,
-            now(),
-        )
-        .unwrap();
-        (reg, net.id, secret)
-    }
-
-    const OBS: &str = "127.0.0.1:5000";
-
-    #[test]
-    fn join_assigns_ip_index_name_and_logs() {
-        let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
-        let a = reg
-            .join(
-                &req(net, secret, "api"),
-                OBS.parse().unwrap(),
-                &[2; 32],
-                now(),
-            )
-            .unwrap();
-        let b = reg
-            .join(
-                &req(net, secret, "api"),
-                OBS.parse().unwrap(),
-                &[3; 32],
-                now(),
-            )
-            .unwrap();
-        assert_eq!(a.member.ip, Ipv4Addr::new(10, 240, 0, 1));
-        assert_eq!(b.member.ip, Ipv4Addr::new(10, 240, 0, 2));
-        assert_eq!((a.member.index, b.member.index), (1, 2));
-        assert_eq!(a.member.app_id, b.member.app_id);
-        assert_ne!(a.member.instance, b.member.instance);
-        assert_eq!(b.map.members.len(), 2);
-        assert_eq!(b.change.delta.from, 1);
-        assert_eq!(b.change.delta.to, 2);
-        assert_eq!(reg.tokens(net)[0].uses_left, 8);
-        // Catch-up by deltas, then by snapshot once the log (cap 4) is exceeded.
-        match reg.catchup(net, 1).unwrap() {
-            Catchup::Delta(d) => assert_eq!((d.from, d.to, d.changes.len()), (1, 2, 1)),
-            other => panic!("{other:?}"),
-        }
-        for i in 0..4 {
-            reg.join(
-                &req(net, secret, "db"),
-                OBS.parse().unwrap(),
-                &[i; 32],
-                now(),
-            )
-            .unwrap();
-        }
-        assert!(matches!(reg.catchup(net, 1), Some(Catchup::Snapshot(_))));
-        assert!(matches!(reg.catchup(net, 6), Some(Catchup::UpToDate)));
-        assert!(matches!(reg.catchup(net, 99), Some(Catchup::Snapshot(_))));
-    }
-
-    #[test]
-    fn token_rules_leave_state_unchanged() {
-        let (mut reg, net, secret) = setup("10.240.0.0/30", 1);
-        let obs = OBS.parse().unwrap();
-        assert_eq!(
-            reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], now())
-                .unwrap_err(),
-            ProtoOpError::InvalidToken
-        );
-        let later = now() + Duration::from_secs(7200);
-        assert_eq!(
-            reg.join(&req(net, secret, "api"), obs, &[2; 32], later)
-                .unwrap_err(),
-            ProtoOpError::TokenExpired
-        );
-        assert_eq!(reg.member_count(net), 0);
-        assert_eq!(reg.tokens(net)[0].uses_left, 1);
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
-            .unwrap();
-        assert_eq!(
-            reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
-                .unwrap_err(),
-            ProtoOpError::TokenUsedUp
-        );
-        // /30 has two hosts: a second token fills it, the third join is refused.
-        let (t2, _) = reg
-            .create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now())
-            .unwrap();
-        reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
-            .unwrap();
-        let gen = reg.network(net).unwrap().generation;
-        let err = reg
-            .join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
-            .unwrap_err();
-        assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
-        let left = reg
-            .tokens(net)
-            .into_iter()
-            .find(|t| t.id == t2.id)
-            .unwrap()
-            .uses_left;
-        assert_eq!(left, 4);
-        assert_eq!(reg.network(net).unwrap().generation, gen);
-    }
-
-    #[test]
-    fn resume_needs_the_credential_and_remove_releases() {
-        let (mut reg, net, secret) = setup("10.240.0.0/22", 5);
-        let obs: SocketAddr = OBS.parse().unwrap();
-        let j = reg
-            .join(&req(net, secret, "api"), obs, &[7; 32], now())
-            .unwrap();
-        let key = j.member.public_key;
-        let mut r = ResumeRequest {
-            network: net,
-            public_key: key,
-            credential: [8; 32],
-            generation: 1,
-            endpoints: vec![],
-        };
-        assert_eq!(
-            reg.resume(&r, obs, now()).unwrap_err(),
-            ProtoOpError::BadCredential
-        );
-        r.credential = [7; 32];
-        let res = reg.resume(&r, obs, now()).unwrap();
-        assert!(matches!(res.catchup, Catchup::UpToDate));
-        assert!(res.change.is_none());
-        let (change, _) = reg
-            .remove_member(net, j.member.instance.as_str(), now())
-            .unwrap();
-        assert_eq!(change.removed, Some(key));
-        assert_eq!(
-            reg.resume(&r, obs, now()).unwrap_err(),
-            ProtoOpError::BadCredential
-        );
-        // The released address is quarantined: the next member gets .2.
-        let k = reg
-            .join(&req(net, secret, "api"), obs, &[1; 32], now())
-            .unwrap();
-        assert_eq!(k.member.ip, Ipv4Addr::new(10, 240, 0, 2));
-        assert_eq!(k.member.index, 1);
     }
 }

@@ -1,0 +1,159 @@
+//! One network in memory: members, allocator, change log, catch-up.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use meshlib::ids::{AppId, InstanceName, ProcessType};
+use meshlib::ipam::{Allocator, IpamError};
+use meshlib::keys::PublicKey;
+use meshlib::netmap::{MapChange, MapDelta, NetworkMap};
+
+use super::{Catchup, Change, MemberRecord, NetworkRecord, StoreOp};
+
+/// One network in memory.
+#[derive(Debug)]
+pub(super) struct Network {
+    pub(super) rec: NetworkRecord,
+    pub(super) alloc: Allocator,
+    pub(super) members: BTreeMap<PublicKey, MemberRecord>,
+    pub(super) instances: HashMap<InstanceName, PublicKey>,
+    /// Recent deltas, oldest first, contiguous, ending at `rec.generation`.
+    pub(super) log: VecDeque<MapDelta>,
+}
+
+impl Network {
+    pub(super) fn new(rec: NetworkRecord, quarantine: Duration) -> Result<Self, IpamError> {
+        Ok(Self {
+            alloc: Allocator::new(rec.range, quarantine)?,
+            rec,
+            members: BTreeMap::new(),
+            instances: HashMap::new(),
+            log: VecDeque::new(),
+        })
+    }
+
+    pub(super) fn snapshot(&self) -> NetworkMap {
+        let mut map = NetworkMap::new(self.rec.id, self.rec.name.clone(), self.rec.range);
+        map.generation = self.rec.generation;
+        map.members = self
+            .members
+            .iter()
+            .map(|(k, r)| (*k, r.member.clone()))
+            .collect();
+        map
+    }
+
+    /// Bumps the generation with one change; returns the change and the
+    /// network record write.
+    pub(super) fn record(
+        &mut self,
+        change: MapChange,
+        removed: Option<PublicKey>,
+        cap: usize,
+    ) -> (Change, StoreOp) {
+        let from = self.rec.generation;
+        self.rec.generation += 1;
+        let delta = MapDelta {
+            from,
+            to: self.rec.generation,
+            changes: vec![change],
+        };
+        self.log.push_back(delta.clone());
+        while self.log.len() > cap {
+            self.log.pop_front();
+        }
+        let change = Change {
+            network: self.rec.id,
+            delta,
+            removed,
+        };
+        (change, StoreOp::PutNetwork(self.rec.clone()))
+    }
+
+    pub(super) fn catchup(&self, generation: u64) -> Catchup {
+        let now = self.rec.generation;
+        if generation == now {
+            return Catchup::UpToDate;
+        }
+        match self.log.front() {
+            Some(first) if generation >= first.from && generation < now => {
+                let changes = compact(
+                    self.log
+                        .iter()
+                        .filter(|d| d.from >= generation)
+                        .flat_map(|d| d.changes.iter()),
+                );
+                Catchup::Delta(MapDelta {
+                    from: generation,
+                    to: now,
+                    changes,
+                })
+            }
+            _ => Catchup::Snapshot(self.snapshot()),
+        }
+    }
+
+    pub(super) fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
+        let mut taken: Vec<u32> = self
+            .members
+            .values()
+            .filter(|r| &r.member.app_id == app && &r.member.process_type == ptype)
+            .map(|r| r.member.index)
+            .collect();
+        taken.sort_unstable();
+        let mut next = 1;
+        for i in taken {
+            if i == next {
+                next += 1;
+            } else if i > next {
+                break;
+            }
+        }
+        next
+    }
+}
+
+/// Keeps only the last change of each member: changes to different members
+/// commute, and a later change of one member supersedes its earlier ones, so
+/// the result takes a map to the same state with at most one change per member.
+fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
+    let key = |c: &MapChange| match c {
+        MapChange::Upsert(m) => m.public_key,
+        MapChange::Remove(k) => *k,
+    };
+    let all: Vec<&MapChange> = changes.collect();
+    let last: HashMap<PublicKey, usize> =
+        all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, c)| last[&key(c)] == *i)
+        .map(|(_, c)| (*c).clone())
+        .collect()
+}
+
+/// `<app>-<type>-<index>`, made unique with a numeric suffix if an explicit
+/// name took it.
+pub(super) fn default_instance(
+    net: &Network,
+    app: &AppId,
+    ptype: &ProcessType,
+    index: u32,
+) -> InstanceName {
+    let base: String = format!("{app}-{ptype}-{index}");
+    let mut n = 1u32;
+    loop {
+        let text = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        let cut = text.len().min(63);
+        let trimmed = text[..cut].trim_end_matches('-');
+        if let Ok(name) = trimmed.parse::<InstanceName>() {
+            if !net.instances.contains_key(&name) {
+                return name;
+            }
+        }
+        n += 1;
+    }
+}

@@ -1,0 +1,159 @@
+//! Stored records, store writes and operation results of the registry.
+
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use meshlib::ids::{NetworkId, ProcessType};
+use meshlib::keys::PublicKey;
+use meshlib::netmap::{MapDelta, Member, NetworkMap};
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch (the stored form of times).
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A stored network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// `pn-<uuid>`.
+    pub id: NetworkId,
+    /// Human name, unique on this keyserver.
+    pub name: String,
+    /// Address range.
+    pub range: Ipv4Net,
+    /// Current generation of the network map; stored with every change so a
+    /// restart continues the sequence and resumes stay correct.
+    pub generation: u64,
+    /// Creation time (Unix seconds).
+    pub created: u64,
+}
+
+/// A stored join token (never the secret: only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Short public id (`tk-` + 12 hex digits of the hash), for listing and deletion.
+    pub id: String,
+    /// SHA-256 of the secret (not shown by the admin API).
+    pub hash: [u8; 32],
+    /// The network it lets members join.
+    pub network: NetworkId,
+    /// Joins left.
+    pub uses_left: u32,
+    /// Expiry (Unix seconds).
+    pub expires: u64,
+    /// If set, only members of this service may join with it.
+    pub service: Option<String>,
+    /// If set, only members of this process type may join with it.
+    pub process_type: Option<ProcessType>,
+    /// Creation time (Unix seconds).
+    pub created: u64,
+}
+
+/// A stored member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The member's network.
+    pub network: NetworkId,
+    /// What every peer sees.
+    pub member: Member,
+    /// SHA-256 of the reconnect credential.
+    pub credential_hash: [u8; 32],
+    /// Join time (Unix seconds).
+    pub joined: u64,
+    /// Last contact (Unix seconds): join, resume, heartbeat, endpoint update.
+    pub last_seen: u64,
+}
+
+/// One write for the store; a list of them is committed atomically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreOp {
+    /// Insert or replace a network.
+    PutNetwork(NetworkRecord),
+    /// Insert or replace a token.
+    PutToken(TokenRecord),
+    /// Delete a token by hash.
+    DeleteToken([u8; 32]),
+    /// Insert or replace a member.
+    PutMember(MemberRecord),
+    /// Delete a member.
+    DeleteMember(NetworkId, PublicKey),
+    /// Keep an address in quarantine until a time (Unix seconds).
+    PutQuarantine(NetworkId, Ipv4Addr, u64),
+    /// Forget a quarantine entry.
+    DeleteQuarantine(NetworkId, Ipv4Addr),
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    /// All networks.
+    pub networks: Vec<NetworkRecord>,
+    /// All tokens.
+    pub tokens: Vec<TokenRecord>,
+    /// All members.
+    pub members: Vec<MemberRecord>,
+    /// Quarantined addresses.
+    pub quarantine: Vec<(NetworkId, Ipv4Addr, u64)>,
+}
+
+/// A change to push: one delta of one network.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The network.
+    pub network: NetworkId,
+    /// The delta (from the previous generation to the new one).
+    pub delta: MapDelta,
+    /// The member removed by this change, if any (its own session ends).
+    pub removed: Option<PublicKey>,
+}
+
+/// How to bring a member up to date.
+#[derive(Debug, Clone)]
+pub enum Catchup {
+    /// Nothing missed.
+    UpToDate,
+    /// The missed changes, merged into one delta.
+    Delta(MapDelta),
+    /// Too old (or from the future): the whole map.
+    Snapshot(NetworkMap),
+}
+
+/// Result of a join.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The new member.
+    pub member: Member,
+    /// The map including the new member.
+    pub map: NetworkMap,
+    /// The change to push to the others.
+    pub change: Change,
+    /// Writes to commit.
+    pub ops: Vec<StoreOp>,
+}
+
+/// Result of a resume.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The member as stored.
+    pub member: Member,
+    /// What to send first.
+    pub catchup: Catchup,
+    /// An endpoint change to push, if the endpoints changed.
+    pub change: Option<Change>,
+    /// Writes to commit.
+    pub ops: Vec<StoreOp>,
+}
+
+/// A member as the admin API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The member.
+    #[serde(flatten)]
+    pub member: Member,
+    /// Join time (Unix seconds).
+    pub joined: u64,
+    /// Last contact (Unix seconds).
+    pub last_seen: u64,
+}
