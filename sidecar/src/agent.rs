@@ -19,14 +19,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use ipnet::{IpNet, Ipv4Net};
 use meshlib::control::{self, ClientConfig, ControlError, Event, MemberMeta, Session};
-use meshlib::keys::{PrivateKey, PublicKey};
+use meshlib::keys::PrivateKey;
 use meshlib::names::NameIndex;
 use meshlib::netmap::NetworkMap;
-use meshlib::proto::{JoinToken, Secret, TokenParseError};
+use meshlib::proto::{JoinToken, TokenParseError};
 use meshlib::reconcile::{desired_peers, diff, DesiredPeers, PeerDiff};
 use meshlib::wg::{
     uapi_server, Engine, EngineConfig, PeerConfig, TunConfig, TunDevice, UapiServer,
@@ -77,6 +75,9 @@ pub enum AgentError {
     /// Userspace mode is not built yet.
     #[error("userspace mode is not available yet; use mode = \"kernel\" (needs CAP_NET_ADMIN and /dev/net/tun)")]
     Userspace,
+    /// The membership file belongs to another key than the key file.
+    #[error("the state directory's membership belongs to another key; move membership.json away to join anew")]
+    KeyMismatch,
     /// The keyserver was never reached before shutdown, with nothing cached.
     #[error("stopped before the first join completed")]
     Interrupted,
@@ -130,15 +131,19 @@ impl Agent {
         }
         let (membership, map, session) = match state.load_membership()? {
             Some(m) => {
+                if m.control.public_key != key.public_key() {
+                    return Err(AgentError::KeyMismatch);
+                }
+                let network = m.control.network;
                 let map = state
                     .load_map()?
-                    .filter(|map| map.network == m.network)
-                    .unwrap_or_else(|| NetworkMap::new(m.network, "", m.range));
+                    .filter(|map| map.network == network)
+                    .unwrap_or_else(|| NetworkMap::new(network, "", m.range));
                 (m, map, None)
             }
             None => {
                 let session = first_join(&config, &key, shutdown).await?;
-                let (m, map) = membership_of(&session, &config)?;
+                let (m, map) = membership_of(&session);
                 state.save_membership(&m)?;
                 (m, map, Some(session))
             }
@@ -295,7 +300,6 @@ impl Agent {
         let (maps_tx, mut maps_rx) = mpsc::channel::<NetworkMap>(16);
         let ctl = Controller {
             membership: self.membership.clone(),
-            public_key: self.key.public_key(),
             endpoints: self.endpoints(),
             shared: self.shared.clone(),
             state: self.state.clone(),
@@ -414,7 +418,15 @@ async fn first_join(
         .as_deref()
         .ok_or(AgentError::NoToken)?
         .parse()?;
-    let service = config.service.clone().ok_or(AgentError::NoService)?;
+    let service = config
+        .service
+        .clone()
+        .or_else(|| token.service.clone())
+        .ok_or(AgentError::NoService)?;
+    let process_type = match (&token.process_type, config.process_type.is_web()) {
+        (Some(bound), true) => bound.clone(),
+        _ => config.process_type.clone(),
+    };
     let runner = config.runner.clone().unwrap_or_else(hostname);
     let port = if config.listen_port == 0 {
         51820
@@ -428,7 +440,7 @@ async fn first_join(
             public_key: key.public_key(),
             service: service.clone(),
             app_id: None,
-            process_type: config.process_type.clone(),
+            process_type: process_type.clone(),
             instance: config.instance.clone(),
             runner: runner.clone(),
             endpoints: endpoints.clone(),
@@ -453,28 +465,17 @@ async fn first_join(
 }
 
 /// The membership and map a fresh join gives.
-fn membership_of(
-    session: &Session,
-    config: &Config,
-) -> Result<(Membership, NetworkMap), AgentError> {
-    let token: JoinToken = config
-        .token
-        .as_deref()
-        .ok_or(AgentError::NoToken)?
-        .parse()?;
+fn membership_of(session: &Session) -> (Membership, NetworkMap) {
     let w = session.welcome();
     let map = session.map().clone();
     let m = Membership {
-        network: w.network,
+        control: session.membership(),
         range: map.range,
-        keyserver: token.addrs.clone(),
-        cert_sha256: meshlib::proto::hex(&token.cert_sha256),
-        credential: STANDARD.encode(session.credential()),
         ip: w.ip,
         index: w.index,
         instance: w.instance.clone(),
     };
-    Ok((m, map))
+    (m, map)
 }
 
 /// This machine's hostname (the default runner label).
@@ -489,7 +490,6 @@ fn hostname() -> String {
 /// The control task: one session at a time, resumed with backoff.
 struct Controller {
     membership: Membership,
-    public_key: PublicKey,
     endpoints: Vec<SocketAddr>,
     shared: Arc<Shared>,
     state: StateDir,
@@ -502,7 +502,8 @@ impl Controller {
         maps: mpsc::Sender<NetworkMap>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
-        let endpoint = quic_endpoint(&self.membership.keyserver).map_err(AgentError::Refused)?;
+        let endpoint =
+            quic_endpoint(&self.membership.control.addrs).map_err(AgentError::Refused)?;
         let mut attempt = 0u32;
         loop {
             let mut s = match session.take() {
@@ -535,7 +536,8 @@ impl Controller {
             attempt = 0;
             let server = self
                 .membership
-                .keyserver
+                .control
+                .addrs
                 .first()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
@@ -596,32 +598,14 @@ impl Controller {
     }
 
     async fn resume(&self, endpoint: &quinn::Endpoint) -> Result<Session, ControlError> {
-        let m = &self.membership;
         let map = self.shared.map.lock().clone();
-        let credential: Secret = STANDARD
-            .decode(&m.credential)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                ControlError::Setup("corrupt credential in the membership file".into())
-            })?;
-        let fingerprint = parse_hex32(&m.cert_sha256).ok_or_else(|| {
-            ControlError::Setup("corrupt certificate fingerprint in the membership file".into())
-        })?;
-        let request = meshlib::proto::ResumeRequest {
-            network: m.network,
-            public_key: self.public_key,
-            credential,
-            generation: map.generation,
-            endpoints: self.endpoints.clone(),
-        };
-        control::resume(
+        let cfg = ClientConfig::default();
+        control::resume_membership(
             endpoint,
-            &m.keyserver,
-            fingerprint,
+            &self.membership.control,
             map,
-            request,
-            &ClientConfig::default(),
+            self.endpoints.clone(),
+            &cfg,
         )
         .await
     }
@@ -634,17 +618,6 @@ impl Controller {
         self.state.forget_membership();
         AgentError::Revoked(reason)
     }
-}
-
-fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Where the agent's local servers listen.
@@ -760,7 +733,5 @@ mod tests {
             advertised_endpoints(&c, 51820, meshlib::ipam::DEFAULT_RANGE),
             c.endpoints
         );
-        assert_eq!(parse_hex32(&"ab".repeat(32)), Some([0xab; 32]));
-        assert_eq!(parse_hex32("zz"), None);
     }
 }

@@ -19,19 +19,15 @@ pub const MAP_FILE: &str = "map.json";
 /// holds the reconnect credential).
 pub const MEMBERSHIP_FILE: &str = "membership.json";
 
-/// This member's standing in its network, kept across restarts.
+/// This member's standing in its network, kept across restarts: what the
+/// keyserver needs to accept a resume (mode 0600: it holds the reconnect
+/// credential) and what the data plane needs before any map arrives.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Membership {
-    /// The network.
-    pub network: meshlib::ids::NetworkId,
+    /// Keyserver addresses, pinned certificate, network, key, credential.
+    pub control: meshlib::control::Membership,
     /// The network's range (so the interface can be addressed before any map).
     pub range: ipnet::Ipv4Net,
-    /// The keyserver's QUIC addresses.
-    pub keyserver: Vec<std::net::SocketAddr>,
-    /// SHA-256 of the keyserver's certificate, hex.
-    pub cert_sha256: String,
-    /// The reconnect credential, base64 (secret).
-    pub credential: String,
     /// The member's private IP.
     pub ip: std::net::Ipv4Addr,
     /// The member's index within (app, type).
