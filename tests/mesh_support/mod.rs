@@ -1,0 +1,286 @@
+//! A whole mesh in network namespaces: a keyserver host and sidecar hosts on
+//! one bridged underlay (192.0.2.0/24, from [`Topo`]). Sidecars run as the
+//! real `sidecar` binary under `ip netns exec`, so each sees its own
+//! `/etc/hosts` and `/etc/resolv.conf` (bind-mounted from
+//! `/etc/netns/<ns>/`). Everything is removed on drop, also on panic.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::dataplane_support::{must, run, Host, Topo};
+
+/// A binary of this workspace, next to the test executable's directory
+/// (`target/<profile>/`). `cargo test --workspace` builds them.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+/// The keyserver's QUIC port inside its namespace.
+pub const QUIC_PORT: u16 = 7000;
+
+/// One running sidecar.
+pub struct Sidecar {
+    /// Its host (namespace, underlay address).
+    pub host: Host,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its TUN interface (unique: UAPI sockets are shared by namespaces).
+    pub interface: String,
+    /// The service it joined as.
+    pub service: String,
+    /// Its log file.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A keyserver host, sidecar hosts, and their cleanup.
+pub struct Mesh {
+    /// The namespaces (dropped last: it kills what runs inside).
+    pub topo: Topo,
+    /// The keyserver's host.
+    pub ks: Host,
+    /// The keyserver's data directory.
+    pub ks_dir: PathBuf,
+    keyserver: Option<Child>,
+    etc_dirs: Vec<PathBuf>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Mesh {
+    /// A topology with a running keyserver on host 1 and one network `prod`.
+    pub fn new() -> Self {
+        let mut topo = Topo::new();
+        let ks = topo.host(1);
+        let ks_dir = topo.temp_path("keyserver");
+        let mut mesh = Mesh {
+            topo,
+            ks,
+            ks_dir,
+            keyserver: None,
+            etc_dirs: Vec::new(),
+            sockets: Vec::new(),
+        };
+        mesh.start_keyserver();
+        mesh.admin(&["network", "create", "prod"]);
+        mesh
+    }
+
+    /// Starts (or restarts) the keyserver and waits for its admin API.
+    pub fn start_keyserver(&mut self) {
+        let log = std::fs::File::create(self.topo.temp_path("keyserver.log")).unwrap();
+        let quic = format!("{}:{QUIC_PORT}", self.ks.underlay);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ks.ns])
+            .arg(bin("keyserver"))
+            .args(["serve", "--data-dir"])
+            .arg(&self.ks_dir)
+            .args(["--quic-listen", &quic, "--api-listen", "127.0.0.1:7001"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start keyserver");
+        self.keyserver = Some(child);
+        let api = self.ks_dir.join("api.url");
+        let start = Instant::now();
+        while !(api.exists() && self.try_admin(&["network", "list"]).is_some()) {
+            assert!(start.elapsed() < Duration::from_secs(20), "keyserver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the keyserver with SIGKILL.
+    pub fn kill_keyserver(&mut self) {
+        if let Some(mut c) = self.keyserver.take() {
+            // `ip netns exec` execs the keyserver: the child is the keyserver.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn try_admin(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ks.ns])
+            .arg(bin("keyserver"))
+            .arg("--data-dir")
+            .arg(&self.ks_dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a keyserver admin subcommand that must succeed.
+    pub fn admin(&self, args: &[&str]) -> String {
+        self.try_admin(args).unwrap_or_else(|| panic!("keyserver {args:?} failed"))
+    }
+
+    /// A fresh join token for `prod` (10 uses).
+    pub fn token(&self) -> String {
+        let out = self.admin(&["token", "create", "--network", "prod", "--uses", "10"]);
+        out.split(|c: char| c.is_whitespace() || c == '"')
+            .find(|w| w.starts_with("istm1."))
+            .expect("token in output")
+            .to_owned()
+    }
+
+    /// Adds host `i` with its own `/etc/hosts` (a user line, no trailing
+    /// newline) and `/etc/resolv.conf`.
+    pub fn host(&mut self, i: u8) -> Host {
+        let host = self.topo.host(i);
+        let etc = PathBuf::from("/etc/netns").join(&host.ns);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), "127.0.0.1\tlocalhost\n# user's line\n192.0.2.250 keep.me").unwrap();
+        std::fs::write(etc.join("resolv.conf"), "nameserver 192.0.2.253\n").unwrap();
+        self.etc_dirs.push(etc);
+        host
+    }
+
+    /// Starts `sidecar <args...>` on `host` as `service`; `extra` are more flags.
+    pub fn sidecar(&mut self, host: &Host, service: &str, subcommand: &str, extra: &[&str]) -> Sidecar {
+        let state_dir = self.topo.temp_path(&format!("state-{}", host.ns));
+        let interface = format!("m{}", &host.ifname[1..]);
+        self.sockets.push(PathBuf::from(format!("/var/run/wireguard/{interface}.sock")));
+        let log = self.topo.temp_path(&format!("{}.log", host.ns));
+        let mut sc = Sidecar {
+            host: host.clone(),
+            state_dir,
+            interface,
+            service: service.to_owned(),
+            log,
+            child: None,
+        };
+        sc.start(subcommand, extra);
+        sc
+    }
+}
+
+impl Sidecar {
+    /// (Re)starts the sidecar process.
+    pub fn start(&mut self, subcommand: &str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host.ns])
+            .arg(bin("sidecar"))
+            .arg(subcommand)
+            .args(["--service", &self.service, "--interface", &self.interface, "--metrics", "off"])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .env("ISTM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sidecar");
+        self.child = Some(child);
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL after 3 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let start = Instant::now();
+            while matches!(c.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(3) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// `sidecar status --json`, parsed, if the sidecar answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(bin("sidecar"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state_dir)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the status shows at least `peers` peers; returns the status.
+    pub fn wait_peers(&self, peers: usize, limit: Duration) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status() {
+                if s["peers"].as_array().map_or(0, Vec::len) >= peers {
+                    return s;
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{}: fewer than {peers} peers after {limit:?}; log:\n{}",
+                self.host.ns,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// This member's private IP (from its status).
+    pub fn ip(&self) -> String {
+        self.status().expect("status")["ip"].as_str().expect("ip").to_owned()
+    }
+
+    /// Runs a shell command inside the host's namespace (with its /etc files).
+    pub fn sh(&self, script: &str) -> std::process::Output {
+        run("ip", &["netns", "exec", &self.host.ns, "sh", "-c", script])
+    }
+
+    /// Runs a shell command inside the host's namespace that must succeed.
+    pub fn must_sh(&self, script: &str) -> String {
+        must("ip", &["netns", "exec", &self.host.ns, "sh", "-c", script])
+    }
+
+    /// The host's `/etc/hosts` as its processes see it.
+    pub fn hosts_file(&self) -> String {
+        std::fs::read_to_string(PathBuf::from("/etc/netns").join(&self.host.ns).join("hosts")).unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.kill_keyserver();
+        for dir in &self.etc_dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        // `topo` drops next: it kills what is left in the namespaces and
+        // deletes them.
+    }
+}
