@@ -27,9 +27,15 @@ async fn join_map_deltas_heartbeat_and_resume() {
     assert_eq!(a.map().members.len(), 1);
     assert_eq!(a.map().network, net);
     let me = &a.map().members[&_ka.public_key()];
-    // Advertised endpoint first, then the observed one.
+    // Advertised endpoint first, then the observed address with the
+    // WireGuard port (the observed port is QUIC's, useless to peers).
     assert_eq!(me.endpoints[0].to_string(), "192.0.2.10:51820");
-    assert_eq!(me.endpoints[1], a.welcome().observed);
+    let observed = a.welcome().observed;
+    assert_eq!(
+        me.endpoints[1],
+        std::net::SocketAddr::new(observed.ip(), 51820)
+    );
+    assert_eq!(me.endpoints.len(), 2);
 
     let (kb, mut b) = join(&ep, &token, "api").await;
     assert_eq!(b.welcome().ip.to_string(), "10.240.0.2");
@@ -292,14 +298,19 @@ async fn observed_endpoint_follows_a_rebinding() {
         s.map().members.len() == 2
     })
     .await;
-    ep_b.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+    // The member moves to another address (as after a NAT rebinding).
+    ep_b.rebind(std::net::UdpSocket::bind("127.0.0.2:0").unwrap())
         .unwrap();
     let moved = ep_b.local_addr().unwrap();
-    assert_ne!(moved, first);
+    assert_ne!(moved.ip(), first.ip());
     b.heartbeat().await.unwrap();
+    let (old_wg, new_wg) = (
+        std::net::SocketAddr::new(first.ip(), 51820),
+        std::net::SocketAddr::new(moved.ip(), 51820),
+    );
     until(&mut a, Duration::from_secs(5), |s| {
         let eps = &s.map().members[&kb.public_key()].endpoints;
-        eps.contains(&moved) && !eps.contains(&first)
+        eps.contains(&new_wg) && !eps.contains(&old_wg)
     })
     .await;
     // The advertised endpoint stays first.

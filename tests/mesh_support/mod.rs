@@ -95,7 +95,10 @@ impl Mesh {
         let api = self.ks_dir.join("api.url");
         let start = Instant::now();
         while !(api.exists() && self.try_admin(&["network", "list"]).is_some()) {
-            assert!(start.elapsed() < Duration::from_secs(20), "keyserver did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "keyserver did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,12 +121,15 @@ impl Mesh {
             .args(args)
             .output()
             .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs a keyserver admin subcommand that must succeed.
     pub fn admin(&self, args: &[&str]) -> String {
-        self.try_admin(args).unwrap_or_else(|| panic!("keyserver {args:?} failed"))
+        self.try_admin(args)
+            .unwrap_or_else(|| panic!("keyserver {args:?} failed"))
     }
 
     /// A fresh join token for `prod` (10 uses).
@@ -141,17 +147,29 @@ impl Mesh {
         let host = self.topo.host(i);
         let etc = PathBuf::from("/etc/netns").join(&host.ns);
         std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(etc.join("hosts"), "127.0.0.1\tlocalhost\n# user's line\n192.0.2.250 keep.me").unwrap();
+        std::fs::write(
+            etc.join("hosts"),
+            "127.0.0.1\tlocalhost\n# user's line\n192.0.2.250 keep.me",
+        )
+        .unwrap();
         std::fs::write(etc.join("resolv.conf"), "nameserver 192.0.2.253\n").unwrap();
         self.etc_dirs.push(etc);
         host
     }
 
     /// Starts `sidecar <args...>` on `host` as `service`; `extra` are more flags.
-    pub fn sidecar(&mut self, host: &Host, service: &str, subcommand: &str, extra: &[&str]) -> Sidecar {
+    pub fn sidecar(
+        &mut self,
+        host: &Host,
+        service: &str,
+        subcommand: &str,
+        extra: &[&str],
+    ) -> Sidecar {
         let state_dir = self.topo.temp_path(&format!("state-{}", host.ns));
         let interface = format!("m{}", &host.ifname[1..]);
-        self.sockets.push(PathBuf::from(format!("/var/run/wireguard/{interface}.sock")));
+        self.sockets.push(PathBuf::from(format!(
+            "/var/run/wireguard/{interface}.sock"
+        )));
         let log = self.topo.temp_path(&format!("{}.log", host.ns));
         let mut sc = Sidecar {
             host: host.clone(),
@@ -169,12 +187,23 @@ impl Mesh {
 impl Sidecar {
     /// (Re)starts the sidecar process.
     pub fn start(&mut self, subcommand: &str, extra: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.host.ns])
             .arg(bin("sidecar"))
             .arg(subcommand)
-            .args(["--service", &self.service, "--interface", &self.interface, "--metrics", "off"])
+            .args([
+                "--service",
+                &self.service,
+                "--interface",
+                &self.interface,
+                "--metrics",
+                "off",
+            ])
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(extra)
@@ -246,7 +275,10 @@ impl Sidecar {
 
     /// This member's private IP (from its status).
     pub fn ip(&self) -> String {
-        self.status().expect("status")["ip"].as_str().expect("ip").to_owned()
+        self.status().expect("status")["ip"]
+            .as_str()
+            .expect("ip")
+            .to_owned()
     }
 
     /// Runs a shell command inside the host's namespace (with its /etc files).
@@ -261,7 +293,12 @@ impl Sidecar {
 
     /// The host's `/etc/hosts` as its processes see it.
     pub fn hosts_file(&self) -> String {
-        std::fs::read_to_string(PathBuf::from("/etc/netns").join(&self.host.ns).join("hosts")).unwrap()
+        std::fs::read_to_string(
+            PathBuf::from("/etc/netns")
+                .join(&self.host.ns)
+                .join("hosts"),
+        )
+        .unwrap()
     }
 }
 

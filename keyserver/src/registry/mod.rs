@@ -404,15 +404,20 @@ impl Registry {
         let index = net.lowest_free_index(&app_id, &req.process_type);
         let instance = match &req.instance {
             Some(name) => name.clone(),
-            None => default_instance(net, &app_id, &req.process_type, index),
+            None => default_instance(net, &req.service, &app_id, &req.process_type, index),
         };
         let log_cap = self.log_cap;
         let net = self.networks.get_mut(&req.network).expect("checked above");
         // Last fallible step: the allocation. Nothing has changed before it.
         let ip = net.alloc.allocate(now).map_err(ProtoOpError::NetworkFull)?;
-        let mut endpoints = req.endpoints.clone();
-        if !endpoints.contains(&observed) {
-            endpoints.push(observed);
+        let mut endpoints: Vec<SocketAddr> = req
+            .endpoints
+            .iter()
+            .take(Self::MAX_ENDPOINTS)
+            .copied()
+            .collect();
+        if let Some(seen) = observed_endpoint(&endpoints, observed) {
+            endpoints.push(seen);
         }
         let member = Member {
             public_key: req.public_key,
@@ -497,7 +502,8 @@ impl Registry {
         })
     }
 
-    /// Records new endpoints (plus the observed address) of a member; a
+    /// Records new endpoints (plus the observed address, see
+    /// [`observed_endpoint`]) of a member; a
     /// change only if they differ.
     pub fn update_endpoints(
         &mut self,
@@ -520,8 +526,8 @@ impl Registry {
             .take(Self::MAX_ENDPOINTS)
             .copied()
             .collect();
-        if !eps.contains(&observed) {
-            eps.push(observed);
+        if let Some(seen) = observed_endpoint(&eps, observed) {
+            eps.push(seen);
         }
         if eps == rec.member.endpoints {
             return (None, vec![]);
@@ -577,4 +583,16 @@ impl Registry {
         ];
         Ok((change, ops))
     }
+}
+
+/// The WireGuard endpoint the keyserver can vouch for: the address it
+/// observed the member's control connection come from (the member's public
+/// address behind NAT), with the port of the member's first advertised
+/// endpoint. The observed port is the QUIC socket's, which says nothing about
+/// the WireGuard socket, so without an advertised endpoint there is nothing to
+/// add. `None` also when the advertised list already holds it.
+pub fn observed_endpoint(advertised: &[SocketAddr], observed: SocketAddr) -> Option<SocketAddr> {
+    let port = advertised.first()?.port();
+    let seen = SocketAddr::new(observed.ip().to_canonical(), port);
+    (!advertised.contains(&seen)).then_some(seen)
 }

@@ -131,15 +131,22 @@ fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
         .collect()
 }
 
-/// `<app>-<type>-<index>`, made unique with a numeric suffix if an explicit
-/// name took it.
+/// `<service>-<type>-<index>` (the service's `.warp` label, e.g.
+/// `my-db-web-1`; the app id when the service has no usable label), made
+/// unique with a numeric suffix if an explicit name took it.
 pub(super) fn default_instance(
     net: &Network,
+    service: &str,
     app: &AppId,
     ptype: &ProcessType,
     index: u32,
 ) -> InstanceName {
-    let base: String = format!("{app}-{ptype}-{index}");
+    let label = meshlib::ist::hostname_label(service)
+        .ok()
+        .map(|l| l.trim_matches('-').to_owned())
+        .filter(|l| !l.is_empty() && l.len() <= 40 && l.parse::<AppId>().is_ok())
+        .unwrap_or_else(|| app.to_string());
+    let base: String = format!("{label}-{ptype}-{index}");
     let mut n = 1u32;
     loop {
         let text = if n == 1 {

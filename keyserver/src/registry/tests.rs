@@ -210,3 +210,29 @@ fn full_default_range_holds_1022_and_its_snapshot_fits_a_frame() {
         frame.len()
     );
 }
+
+#[test]
+fn observed_endpoint_takes_the_wireguard_port() {
+    use super::observed_endpoint;
+    let adv: Vec<std::net::SocketAddr> = vec!["192.0.2.10:51820".parse().unwrap()];
+    // Behind NAT: the public address, with the WireGuard port.
+    assert_eq!(
+        observed_endpoint(&adv, "203.0.113.5:40000".parse().unwrap()),
+        Some("203.0.113.5:51820".parse().unwrap())
+    );
+    // Same address as advertised: nothing new.
+    assert_eq!(
+        observed_endpoint(&adv, "192.0.2.10:40000".parse().unwrap()),
+        None
+    );
+    // A v4-mapped observation is the IPv4 address.
+    assert_eq!(
+        observed_endpoint(&adv, "[::ffff:192.0.2.10]:1".parse().unwrap()),
+        None
+    );
+    // Nothing advertised: the QUIC port would be wrong, so nothing is added.
+    assert_eq!(
+        observed_endpoint(&[], "203.0.113.5:40000".parse().unwrap()),
+        None
+    );
+}
