@@ -298,9 +298,15 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (maps_tx, mut maps_rx) = mpsc::channel::<NetworkMap>(16);
+        let (config, port, range) = (
+            self.config.clone(),
+            self.engine.listen_port(),
+            self.membership.range,
+        );
         let ctl = Controller {
             membership: self.membership.clone(),
-            endpoints: self.endpoints(),
+            endpoints: Mutex::new(self.endpoints()),
+            detect: Box::new(move || advertised_endpoints(&config, port, range)),
             shared: self.shared.clone(),
             state: self.state.clone(),
         };
@@ -490,7 +496,10 @@ fn hostname() -> String {
 /// The control task: one session at a time, resumed with backoff.
 struct Controller {
     membership: Membership,
-    endpoints: Vec<SocketAddr>,
+    /// The endpoints last advertised.
+    endpoints: Mutex<Vec<SocketAddr>>,
+    /// Finds the endpoints to advertise now (addresses may change).
+    detect: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
     shared: Arc<Shared>,
     state: StateDir,
 }
@@ -591,6 +600,14 @@ impl Controller {
                     if s.heartbeat().await.is_err() {
                         return Ok(false);
                     }
+                    let now = (self.detect)();
+                    if now != *self.endpoints.lock() {
+                        tracing::info!(endpoints = ?now, "local endpoints changed; telling the keyserver");
+                        if s.update_endpoints(now.clone()).await.is_err() {
+                            return Ok(false);
+                        }
+                        *self.endpoints.lock() = now;
+                    }
                 }
                 _ = shutdown.changed() => return Ok(true),
             }
@@ -604,7 +621,7 @@ impl Controller {
             endpoint,
             &self.membership.control,
             map,
-            self.endpoints.clone(),
+            (self.detect)(),
             &cfg,
         )
         .await
