@@ -60,21 +60,32 @@ async fn join_map_deltas_heartbeat_and_resume() {
         s.map().members[&kb.public_key()].endpoints.first() == Some(&new_ep)
     })
     .await;
-    b.heartbeat().await.unwrap();
+    // Every heartbeat answer reports a generation B has applied; B's own
+    // change (generation 3) reaches it through its stream, possibly after an
+    // answer that was already on its way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match b.next_event().await.unwrap() {
-            Event::HeartbeatAck { generation } => {
-                assert!(generation >= 3);
-                assert_eq!(
-                    generation,
-                    b.map().generation,
-                    "everything before the ack was applied"
-                );
-                break;
+        b.heartbeat().await.unwrap();
+        let generation = loop {
+            match b.next_event().await.unwrap() {
+                Event::HeartbeatAck { generation } => break generation,
+                Event::Delta(_) => continue,
+                other => panic!("unexpected {other:?}"),
             }
-            Event::Delta(_) => continue,
-            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(
+            generation,
+            b.map().generation,
+            "everything before the ack was applied"
+        );
+        if generation >= 3 {
+            break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never saw its own endpoint change"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // B goes away; C joins; B resumes from its generation and gets only the delta.
