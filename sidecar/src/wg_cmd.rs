@@ -20,6 +20,9 @@ pub struct WgArgs {
     /// Stay in the foreground (do not daemonize).
     #[arg(short = 'f', long = "foreground")]
     pub foreground: bool,
+    /// TUN queues, each read and encrypted by its own thread.
+    #[arg(long, env = "IST_WG_QUEUES", default_value_t = 1)]
+    pub queues: usize,
     /// Name of the TUN interface to create (also names the UAPI socket).
     pub ifname: String,
 }
@@ -43,7 +46,7 @@ pub fn run(args: &WgArgs) -> anyhow::Result<()> {
         bail!("invalid interface name {:?}", args.ifname);
     }
     if args.foreground {
-        run_foreground(&args.ifname)
+        run_foreground(&args.ifname, args.queues)
     } else {
         daemonize(&args.ifname)
     }
@@ -97,7 +100,7 @@ fn daemonize(ifname: &str) -> anyhow::Result<()> {
 /// Creates the TUN interface in the current network namespace, starts the
 /// engine and its UAPI socket, and runs until SIGINT/SIGTERM or until the
 /// interface disappears.
-fn run_foreground(ifname: &str) -> anyhow::Result<()> {
+fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe {
@@ -107,8 +110,10 @@ fn run_foreground(ifname: &str) -> anyhow::Result<()> {
             )
         };
     }
-    let tun = TunDevice::create(&TunConfig::new(ifname))
-        .with_context(|| format!("creating TUN interface {ifname}"))?;
+    let mut config = TunConfig::new(ifname);
+    config.queues = queues.clamp(1, 16);
+    let tun =
+        TunDevice::create(&config).with_context(|| format!("creating TUN interface {ifname}"))?;
     eprintln!(
         "sidecar wg: interface {ifname} up (offloads {})",
         if tun.offload() { "on" } else { "off" }

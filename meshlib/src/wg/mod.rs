@@ -24,9 +24,11 @@
 //! [`Engine::set_listen_port`], which rebinds); [`TunDevice::create`] makes
 //! the interface in the caller's namespace too.
 //!
-//! Known limits: crypto for one peer and one direction runs on one thread
-//! (boringtun's `Tunn` encrypts under `&mut self`), so a single peer uses
-//! one core per direction; there is no per-peer crypto pool across cores yet.
+//! Cores: decryption runs on the network thread, encryption on one thread
+//! per TUN queue ([`TunConfig::queues`], `IFF_MULTI_QUEUE`; the kernel keeps
+//! each flow on one queue, so a flow's packets stay in order). One peer's
+//! crypto is serialized by its `Tunn` (boringtun encrypts under `&mut self`),
+//! so extra queues help only with several peers.
 //! The UDP socket sets DF (quinn-udp's default), so the underlay must carry
 //! MTU + 80 bytes.
 //!
