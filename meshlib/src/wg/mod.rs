@@ -12,7 +12,7 @@
 //! - [`device`] — the clear-text side: the [`Device`] trait and the Linux TUN
 //!   implementation [`TunDevice`] (tun-rs, with TSO/GRO offloads).
 //! - [`Engine`] — the peer table, key, UDP socket (quinn-udp: GSO/GRO and
-//!   `recvmmsg`) and three threads: device → network (encrypt), network →
+//!   `recvmmsg`) and its threads: device → network (encrypt), network →
 //!   device (decrypt, allowed-IP check, roaming), timers. Encryption and
 //!   decryption run on different threads, so both cores work while each
 //!   peer's packets stay in order.
@@ -28,7 +28,10 @@
 //! per TUN queue ([`TunConfig::queues`], `IFF_MULTI_QUEUE`; the kernel keeps
 //! each flow on one queue, so a flow's packets stay in order). One peer's
 //! crypto is serialized by its `Tunn` (boringtun encrypts under `&mut self`),
-//! so extra queues help only with several peers.
+//! so extra queues help only with several peers; and with more than one
+//! queue, two flows to the same peer may interleave differently on the wire
+//! (each flow keeps its order; the receiver's replay window accepts it).
+//!
 //! The UDP socket sets DF (quinn-udp's default), so the underlay must carry
 //! MTU + 80 bytes.
 //!
