@@ -17,6 +17,8 @@
 //! - [`names`] — private DNS names (`<instance>.internal`, the seed-003
 //!   `private-network.internal.` names) and their resolution against a map.
 //! - [`ipam`] — address allocation in a network range, with quarantine.
+//! - [`reconcile`] — the peers a map asks for, and the diff between two such sets.
+//! - [`dns`] — private DNS answers on the wire (hickory-proto), from a name index.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
 //!   strings.
 //!
@@ -29,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dns;
 pub mod fsutil;
 pub mod ids;
 pub mod ipam;
@@ -36,5 +39,6 @@ pub mod ist;
 pub mod keys;
 pub mod names;
 pub mod netmap;
+pub mod reconcile;
 pub mod render;
 pub mod wg;

@@ -1,0 +1,22 @@
+//! The IST Mesh sidecar as a library: the drivers the `sidecar` binary runs,
+//! exposed so tests (and embedders) run them in-process.
+//!
+//! ## Layout
+//! - [`config`] — the configuration (TOML, kebab-case), with defaults.
+//! - [`dns`] — the private DNS server: answers from the current name index,
+//!   forwards everything else to the machine's upstream resolvers.
+//! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
+//! - [`resolver`] — upstream resolvers, and pointing resolv.conf at the sidecar.
+//! - [`state`] — the state directory: private key (0600) and map cache.
+//! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
+//! - [`supervise`] — `sidecar run`: the child process, its env and signals.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dns;
+pub mod outputs;
+pub mod resolver;
+pub mod state;
+pub mod status;
+pub mod supervise;

@@ -1,0 +1,251 @@
+//! What a network map turns into on the instance: the IST names (conflicts
+//! reported by service name), the DNS index (swapped in whole), the managed
+//! `/etc/hosts` section and the env files. [`Outputs::apply`] runs on the
+//! first map and on every change; unchanged files are not rewritten.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use meshlib::fsutil::{update_hosts_file, write_atomic};
+use meshlib::ist::config::Overrides;
+use meshlib::ist::table::{Conflict, IstTable};
+use meshlib::names::NameIndex;
+use meshlib::netmap::NetworkMap;
+use meshlib::render::{env, hosts};
+use tokio::sync::watch;
+
+/// Name of the dotenv file in the state directory.
+pub const DOTENV_FILE: &str = "ist.env";
+/// Name of the shell env file in the state directory.
+pub const SHELL_ENV_FILE: &str = "ist.sh";
+
+/// Where the outputs go.
+#[derive(Debug, Clone)]
+pub struct OutputConfig {
+    /// The hosts file with our managed section; `None` leaves hosts alone.
+    pub hosts_file: Option<PathBuf>,
+    /// Directory for `ist.env` / `ist.sh`; `None` writes none.
+    pub env_dir: Option<PathBuf>,
+    /// IST overrides (warp.config.js, then the config's own).
+    pub overrides: Overrides,
+}
+
+/// What one [`Outputs::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Names claimed by several services (withheld from all of them).
+    pub conflicts: Vec<Conflict>,
+    /// Service names that cannot be encoded.
+    pub invalid_services: Vec<String>,
+    /// Whether the hosts file was rewritten.
+    pub hosts_changed: bool,
+    /// Whether the env files were rewritten.
+    pub env_changed: bool,
+    /// Why the hosts file could not be written (the rest still works).
+    pub hosts_error: Option<String>,
+}
+
+/// The outputs of one member.
+pub struct Outputs {
+    config: OutputConfig,
+    names: watch::Sender<Arc<NameIndex>>,
+    table: IstTable,
+}
+
+impl Outputs {
+    /// Outputs writing per `config` and publishing name indexes on `names`.
+    pub fn new(config: OutputConfig, names: watch::Sender<Arc<NameIndex>>) -> Self {
+        Self {
+            config,
+            names,
+            table: IstTable::default(),
+        }
+    }
+
+    /// The current IST table (for `sidecar run` and status).
+    pub fn table(&self) -> &IstTable {
+        &self.table
+    }
+
+    /// The IST variables of `map` with the current overrides.
+    pub fn variables(&self, map: &NetworkMap) -> Vec<(String, String)> {
+        env::ist_variables(map, &self.table)
+    }
+
+    /// Recomputes everything from `map` and writes what changed.
+    pub fn apply(&mut self, map: &NetworkMap) -> ApplyReport {
+        self.table = IstTable::build(map.services(), &self.config.overrides);
+        let mut report = ApplyReport {
+            conflicts: self.table.conflicts.clone(),
+            invalid_services: self.table.invalid.iter().map(|(s, _)| s.clone()).collect(),
+            ..ApplyReport::default()
+        };
+        for c in &report.conflicts {
+            tracing::warn!(kind = %c.kind, name = %c.name, services = ?c.services, "IST name conflict: {c}");
+        }
+        for (service, e) in &self.table.invalid {
+            tracing::warn!(service = %service, "service name has no IST names: {e}");
+        }
+        // DNS first: it is what changes "the moment a delta arrives".
+        self.names
+            .send_replace(Arc::new(NameIndex::build(map, &self.table)));
+        self.write_hosts(map, &mut report);
+        self.write_env(map, &mut report);
+        report
+    }
+
+    fn write_hosts(&self, map: &NetworkMap, report: &mut ApplyReport) {
+        let Some(path) = &self.config.hosts_file else {
+            return;
+        };
+        let section = hosts::render_section(
+            &map.network.to_string(),
+            &hosts::map_entries(map, &self.table),
+        );
+        match update_hosts_file(path, &map.network.to_string(), &section) {
+            Ok(changed) => report.hosts_changed = changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update the hosts file; DNS and variables still work");
+                report.hosts_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn write_env(&self, map: &NetworkMap, report: &mut ApplyReport) {
+        let Some(dir) = &self.config.env_dir else {
+            return;
+        };
+        let vars = self.variables(map);
+        let pairs = || vars.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (file, text) in [
+            (DOTENV_FILE, env::render_dotenv(pairs())),
+            (SHELL_ENV_FILE, env::render_shell(pairs())),
+        ] {
+            match write_atomic(&dir.join(file), text.as_bytes(), 0o644) {
+                Ok(changed) => report.env_changed |= changed,
+                Err(e) => tracing::warn!(error = %e, "cannot write env file"),
+            }
+        }
+    }
+
+    /// Removes our hosts section (on `sidecar down`).
+    pub fn remove_hosts_section(&self, map: &NetworkMap) {
+        if let Some(path) = &self.config.hosts_file {
+            if let Err(e) = update_hosts_file(path, &map.network.to_string(), "") {
+                tracing::warn!(error = %e, "cannot clean the hosts file");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlib::keys::PrivateKey;
+    use meshlib::names::Lookup;
+    use meshlib::netmap::Member;
+    use std::net::Ipv4Addr;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn member(inst: &str, service: &str, n: u8) -> Member {
+        Member {
+            public_key: PrivateKey::generate().public_key(),
+            ip: Ipv4Addr::new(10, 240, 0, n),
+            endpoints: vec![],
+            service: service.into(),
+            app_id: meshlib::ist::hostname_label(service)
+                .unwrap()
+                .parse()
+                .unwrap(),
+            process_type: Default::default(),
+            index: 1,
+            instance: inst.parse().unwrap(),
+            runner: "r".into(),
+        }
+    }
+
+    #[test]
+    fn apply_writes_everything_and_reports_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts_path = dir.path().join("hosts");
+        std::fs::write(&hosts_path, "127.0.0.1 localhost\n").unwrap();
+        let (tx, rx) = watch::channel(Arc::new(NameIndex::default()));
+        let mut out = Outputs::new(
+            OutputConfig {
+                hosts_file: Some(hosts_path.clone()),
+                env_dir: Some(dir.path().to_owned()),
+                overrides: Overrides::default(),
+            },
+            tx,
+        );
+        let mut map = NetworkMap::new(
+            meshlib::ids::NetworkId::random(),
+            "prod",
+            meshlib::ipam::DEFAULT_RANGE,
+        );
+        for m in [
+            member("api-1", "api", 1),
+            member("db-1", "my-db", 2),
+            member("db-2", "my db", 3),
+        ] {
+            map.members.insert(m.public_key, m);
+        }
+        let r = out.apply(&map);
+        assert!(r.hosts_changed && r.env_changed && r.hosts_error.is_none());
+        assert_eq!(
+            r.conflicts
+                .iter()
+                .filter(|c| c.name == "my-db.warp")
+                .count(),
+            1
+        );
+        assert_eq!(
+            rx.borrow().lookup("api.warp"),
+            Lookup::Found(&[Ipv4Addr::new(10, 240, 0, 1)])
+        );
+        let hosts = std::fs::read_to_string(&hosts_path).unwrap();
+        assert!(hosts.starts_with("127.0.0.1 localhost\n# BEGIN ist-mesh pn-"));
+        assert!(hosts.contains("10.240.0.1\tapi.warp api-1.internal\n"));
+        assert!(!hosts.contains("my-db.warp"), "conflicting name withheld");
+        let dotenv = std::fs::read_to_string(dir.path().join(DOTENV_FILE)).unwrap();
+        assert!(dotenv.contains("WARP_IST_api=10.240.0.1\n"));
+        // Same map again: nothing rewritten.
+        let r = out.apply(&map);
+        assert!(!r.hosts_changed && !r.env_changed);
+    }
+
+    #[test]
+    fn read_only_hosts_is_a_warning_and_the_rest_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        let hosts_path = ro.join("hosts");
+        // A directory where the hosts file should be: writing fails for root too.
+        std::fs::create_dir(&hosts_path).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let (tx, rx) = watch::channel(Arc::new(NameIndex::default()));
+        let mut out = Outputs::new(
+            OutputConfig {
+                hosts_file: Some(hosts_path),
+                env_dir: Some(dir.path().to_owned()),
+                overrides: Overrides::default(),
+            },
+            tx,
+        );
+        let mut map = NetworkMap::new(
+            meshlib::ids::NetworkId::random(),
+            "prod",
+            meshlib::ipam::DEFAULT_RANGE,
+        );
+        let m = member("api-1", "api", 1);
+        map.members.insert(m.public_key, m);
+        let r = out.apply(&map);
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(r.hosts_error.is_some());
+        assert!(r.env_changed);
+        assert!(matches!(
+            rx.borrow().lookup("api-1.internal"),
+            Lookup::Found(_)
+        ));
+    }
+}
