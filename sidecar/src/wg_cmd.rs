@@ -17,8 +17,15 @@ use meshlib::wg::{uapi_server, Engine, EngineConfig, TunConfig, TunDevice, UapiS
 /// Arguments of `sidecar wg`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WgArgs {
-    /// Stay in the foreground (do not daemonize).
-    #[arg(short = 'f', long = "foreground")]
+    /// Stay in the foreground (do not daemonize); also set by
+    /// `WG_PROCESS_FOREGROUND=1`, as for wireguard-go.
+    #[arg(
+        short = 'f',
+        long = "foreground",
+        env = "WG_PROCESS_FOREGROUND",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     pub foreground: bool,
     /// TUN queues, each read and encrypted by its own thread.
     #[arg(long, env = "IST_WG_QUEUES", default_value_t = 1)]
