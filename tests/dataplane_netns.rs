@@ -14,13 +14,15 @@ use dataplane_support::*;
 use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::wg::{Engine, EngineConfig, PeerConfig, TunConfig, TunDevice};
 
-/// Starts an engine in-process, its TUN interface and socket in `host`'s
-/// namespace, addressed `<overlay>/22` by the engine itself (netlink).
-fn engine_in(host: &Host) -> Arc<Engine> {
+/// Starts an engine in-process, its TUN interface (with `queues` queues)
+/// and socket in `host`'s namespace, addressed `<overlay>/22` by the engine
+/// itself (netlink).
+fn engine_in(host: &Host, queues: usize) -> Arc<Engine> {
     let h = host.clone();
     in_ns(&host.ns, move || {
         let mut cfg = TunConfig::new(&h.ifname);
         cfg.address = Some(format!("{}/22", h.overlay).parse().unwrap());
+        cfg.queues = queues;
         let tun = TunDevice::create(&cfg).expect("create TUN");
         let config = EngineConfig {
             listen_port: 51820,
@@ -124,7 +126,8 @@ fn three_peer_mesh_survives_live_removal() {
     require_netns!();
     let mut t = Topo::new();
     let (a, b, c) = (t.host(1), t.host(2), t.host(3));
-    let engine = engine_in(&a);
+    // Two TUN queues: two encrypting threads share the peers' flows.
+    let engine = engine_in(&a, 2);
     engine.set_peer(peer_config(&b, &[])).unwrap();
     engine.set_peer(peer_config(&c, &[])).unwrap();
     t.start(Impl::Ours, &b);
@@ -171,7 +174,7 @@ fn spoofed_source_and_unknown_key_are_refused() {
     require_netns!();
     let mut t = Topo::new();
     let (a, b, c) = (t.host(1), t.host(2), t.host(3));
-    let engine = engine_in(&a);
+    let engine = engine_in(&a, 1);
     // D exists only as a key whose allowed IP B will try to impersonate.
     let d_key = PrivateKey::generate().public_key();
     engine.set_peer(peer_config(&b, &[])).unwrap();

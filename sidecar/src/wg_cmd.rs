@@ -17,12 +17,25 @@ use meshlib::wg::{uapi_server, Engine, EngineConfig, TunConfig, TunDevice, UapiS
 /// Arguments of `sidecar wg`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WgArgs {
-    /// Stay in the foreground (do not daemonize).
-    #[arg(short = 'f', long = "foreground")]
+    /// Stay in the foreground (do not daemonize); also set by
+    /// `WG_PROCESS_FOREGROUND=1`, as for wireguard-go.
+    #[arg(
+        short = 'f',
+        long = "foreground",
+        env = "WG_PROCESS_FOREGROUND",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     pub foreground: bool,
+    /// TUN queues, each read and encrypted by its own thread.
+    #[arg(long, env = "IST_WG_QUEUES", default_value_t = 1)]
+    pub queues: usize,
     /// Name of the TUN interface to create (also names the UAPI socket).
     pub ifname: String,
 }
+
+/// Set in the daemon's environment by the parent that detached it.
+const DAEMON_ENV: &str = "IST_WG_DAEMON";
 
 /// How long the parent waits for the daemon's UAPI socket.
 const DAEMON_START: Duration = Duration::from_secs(10);
@@ -40,7 +53,7 @@ pub fn run(args: &WgArgs) -> anyhow::Result<()> {
         bail!("invalid interface name {:?}", args.ifname);
     }
     if args.foreground {
-        run_foreground(&args.ifname)
+        run_foreground(&args.ifname, args.queues)
     } else {
         daemonize(&args.ifname)
     }
@@ -49,16 +62,23 @@ pub fn run(args: &WgArgs) -> anyhow::Result<()> {
 /// Re-executes this program with `-f` inserted before the interface name
 /// (the last argument), detached, and waits for its UAPI socket.
 fn daemonize(ifname: &str) -> anyhow::Result<()> {
+    let sock = uapi_server::socket_path(ifname);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!("{ifname} is already served at {}", sock.display());
+    }
     let exe = std::env::current_exe().context("locating own executable")?;
     let mut argv: Vec<String> = std::env::args().skip(1).collect();
     argv.pop();
     argv.push("-f".into());
     argv.push(ifname.into());
     let mut cmd = Command::new(exe);
+    // stderr stays a pipe until the daemon is up, so that a start-up error
+    // (no TUN, no root) reaches the user through this parent.
     cmd.args(&argv)
+        .env(DAEMON_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe and touches no Rust state.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -67,11 +87,14 @@ fn daemonize(ifname: &str) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting the daemon")?;
-    let sock = uapi_server::socket_path(ifname);
     let started = Instant::now();
     while started.elapsed() < DAEMON_START {
         if let Some(status) = child.try_wait()? {
-            bail!("daemon exited early: {status}");
+            let mut why = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut why);
+            }
+            bail!("daemon exited early ({status}): {}", why.trim());
         }
         if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
             return Ok(());
@@ -84,7 +107,7 @@ fn daemonize(ifname: &str) -> anyhow::Result<()> {
 /// Creates the TUN interface in the current network namespace, starts the
 /// engine and its UAPI socket, and runs until SIGINT/SIGTERM or until the
 /// interface disappears.
-fn run_foreground(ifname: &str) -> anyhow::Result<()> {
+fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe {
@@ -94,8 +117,10 @@ fn run_foreground(ifname: &str) -> anyhow::Result<()> {
             )
         };
     }
-    let tun = TunDevice::create(&TunConfig::new(ifname))
-        .with_context(|| format!("creating TUN interface {ifname}"))?;
+    let mut config = TunConfig::new(ifname);
+    config.queues = queues.clamp(1, 16);
+    let tun =
+        TunDevice::create(&config).with_context(|| format!("creating TUN interface {ifname}"))?;
     eprintln!(
         "sidecar wg: interface {ifname} up (offloads {})",
         if tun.offload() { "on" } else { "off" }
@@ -103,12 +128,25 @@ fn run_foreground(ifname: &str) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::start(Arc::new(tun), EngineConfig::default())?);
     let path = uapi_server::socket_path(ifname);
     let server = UapiServer::start(engine.clone(), &path)?;
+    if std::env::var_os(DAEMON_ENV).is_some() {
+        detach_stderr();
+    }
     while !STOP.load(Ordering::SeqCst) && !engine.has_failed() && interface_exists(ifname) {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(server);
     engine.shutdown();
     Ok(())
+}
+
+/// Points stderr at `/dev/null` once the daemon runs (its parent, reading
+/// the start-up pipe, is gone).
+fn detach_stderr() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both descriptors are valid; dup2 replaces fd 2 atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 2) };
+    }
 }
 
 /// Whether the interface still exists in this network namespace (asked of

@@ -35,11 +35,19 @@ pub trait Device: Send + Sync + 'static {
     /// [`Device::send_batch`] (and that `recv_batch` leaves before each one).
     fn headroom(&self) -> usize;
 
-    /// Reads at least one packet: packet `i` is `bufs[i][headroom..headroom +
+    /// Number of independent receive queues; the engine reads each from its
+    /// own thread (packets of one flow stay on one queue). 1 by default.
+    fn queues(&self) -> usize {
+        1
+    }
+
+    /// Reads at least one packet from receive queue `queue` (below
+    /// [`Device::queues`]): packet `i` is `bufs[i][headroom..headroom +
     /// sizes[i]]`. `scratch` holds a super-packet before it is split (size it
     /// [`MAX_SUPER_PACKET`]). Returns the number of packets.
     fn recv_batch(
         &self,
+        queue: usize,
         scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
@@ -67,6 +75,10 @@ pub struct TunConfig {
     pub address: Option<IpNet>,
     /// Use `IFF_VNET_HDR` offloads (TSO in, GRO out). On by default.
     pub offload: bool,
+    /// TUN queues (`IFF_MULTI_QUEUE` when above 1), each read by its own
+    /// encrypting thread, so several peers' traffic is encrypted on several
+    /// cores. 1 by default.
+    pub queues: usize,
 }
 
 impl TunConfig {
@@ -77,13 +89,16 @@ impl TunConfig {
             mtu: DEFAULT_MTU,
             address: None,
             offload: true,
+            queues: 1,
         }
     }
 }
 
 /// A Linux TUN interface (needs `CAP_NET_ADMIN` and `/dev/net/tun`).
 pub struct TunDevice {
+    /// Queue 0 (also used for writes), then the extra queues.
     dev: SyncDevice,
+    extra: Vec<SyncDevice>,
     offload: bool,
     stop: InterruptEvent,
     gro: parking_lot::Mutex<GROTable>,
@@ -97,6 +112,7 @@ impl TunDevice {
             .name(&cfg.name)
             .mtu(cfg.mtu)
             .offload(cfg.offload)
+            .multi_queue(cfg.queues > 1)
             .enable(true);
         if let Some(net) = cfg.address {
             builder = match net.addr() {
@@ -108,9 +124,17 @@ impl TunDevice {
         // Non-blocking, so a batch can drain every queued packet after the
         // first (interruptible) wait without blocking again.
         dev.set_nonblocking(true)?;
+        let extra = (1..cfg.queues.max(1))
+            .map(|_| {
+                let q = dev.try_clone()?;
+                q.set_nonblocking(true)?;
+                Ok(q)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         let offload = cfg.offload && dev.tcp_gso();
         Ok(Self {
             dev,
+            extra,
             offload,
             stop: InterruptEvent::new()?,
             gro: parking_lot::Mutex::new(GROTable::default()),
@@ -137,8 +161,13 @@ impl Device for TunDevice {
         }
     }
 
+    fn queues(&self) -> usize {
+        1 + self.extra.len()
+    }
+
     fn recv_batch(
         &self,
+        queue: usize,
         scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
@@ -147,15 +176,14 @@ impl Device for TunDevice {
         if self.stop.is_trigger() {
             return Err(io::ErrorKind::Interrupted.into());
         }
-        let mut n = self
-            .dev
-            .recv_multiple_intr(scratch, bufs, sizes, off, &self.stop)?;
+        let dev = match queue {
+            0 => &self.dev,
+            q => self.extra.get(q - 1).ok_or(io::ErrorKind::InvalidInput)?,
+        };
+        let mut n = dev.recv_multiple_intr(scratch, bufs, sizes, off, &self.stop)?;
         // Drain what else is queued while a whole super-packet still fits.
         while bufs.len() - n >= DRAIN_ROOM {
-            match self
-                .dev
-                .recv_multiple(scratch, &mut bufs[n..], &mut sizes[n..], off)
-            {
+            match dev.recv_multiple(scratch, &mut bufs[n..], &mut sizes[n..], off) {
                 Ok(more) => n += more,
                 Err(_) => break,
             }

@@ -97,7 +97,7 @@ pub(crate) struct StaticKey {
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// A packet loop's body.
-type LoopFn = fn(Arc<Shared>);
+type LoopFn = Box<dyn FnOnce(Arc<Shared>) + Send>;
 
 /// State shared between the API and the packet loops.
 pub(crate) struct Shared {
@@ -168,15 +168,20 @@ impl Engine {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
         };
-        let loops: [(&str, LoopFn); 3] = [
-            ("wg-tun", io::device_loop),
-            ("wg-udp", io::network_loop),
-            ("wg-timers", io::timer_loop),
+        let mut loops: Vec<(String, LoopFn)> = vec![
+            ("wg-udp".into(), Box::new(io::network_loop)),
+            ("wg-timers".into(), Box::new(io::timer_loop)),
         ];
+        for q in 0..shared.device.queues() {
+            loops.push((
+                format!("wg-tun{q}"),
+                Box::new(move |s| io::device_loop(s, q)),
+            ));
+        }
         for (name, f) in loops {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
-                .name(name.into())
+                .name(name)
                 .spawn(move || f(s))
                 .map_err(EngineError::Thread)?;
             engine.threads.lock().push(handle);

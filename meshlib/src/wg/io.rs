@@ -262,7 +262,7 @@ impl GsoBatch {
 
 /// Reads a batch of clear-text packets, encrypts each for the peer its
 /// destination routes to, and sends them in GSO batches.
-pub(crate) fn device_loop(shared: Arc<Shared>) {
+pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
     let device = shared.device.clone();
     let off = device.headroom();
     let mut scratch = vec![0u8; MAX_SUPER_PACKET];
@@ -272,7 +272,7 @@ pub(crate) fn device_loop(shared: Arc<Shared>) {
     let mut udp = CurrentUdp::new(&shared);
     let mut errors = 0u32;
     while !shared.stop.load(Relaxed) {
-        let n = match device.recv_batch(&mut scratch, &mut bufs, &mut sizes) {
+        let n = match device.recv_batch(queue, &mut scratch, &mut bufs, &mut sizes) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {

@@ -12,7 +12,7 @@
 //! - [`device`] — the clear-text side: the [`Device`] trait and the Linux TUN
 //!   implementation [`TunDevice`] (tun-rs, with TSO/GRO offloads).
 //! - [`Engine`] — the peer table, key, UDP socket (quinn-udp: GSO/GRO and
-//!   `recvmmsg`) and three threads: device → network (encrypt), network →
+//!   `recvmmsg`) and its threads: device → network (encrypt), network →
 //!   device (decrypt, allowed-IP check, roaming), timers. Encryption and
 //!   decryption run on different threads, so both cores work while each
 //!   peer's packets stay in order.
@@ -24,9 +24,14 @@
 //! [`Engine::set_listen_port`], which rebinds); [`TunDevice::create`] makes
 //! the interface in the caller's namespace too.
 //!
-//! Known limits: crypto for one peer and one direction runs on one thread
-//! (boringtun's `Tunn` encrypts under `&mut self`), so a single peer uses
-//! one core per direction; there is no per-peer crypto pool across cores yet.
+//! Cores: decryption runs on the network thread, encryption on one thread
+//! per TUN queue ([`TunConfig::queues`], `IFF_MULTI_QUEUE`; the kernel keeps
+//! each flow on one queue, so a flow's packets stay in order). One peer's
+//! crypto is serialized by its `Tunn` (boringtun encrypts under `&mut self`),
+//! so extra queues help only with several peers; and with more than one
+//! queue, two flows to the same peer may interleave differently on the wire
+//! (each flow keeps its order; the receiver's replay window accepts it).
+//!
 //! The UDP socket sets DF (quinn-udp's default), so the underlay must carry
 //! MTU + 80 bytes.
 //!

@@ -28,6 +28,7 @@ impl Device for MemDevice {
 
     fn recv_batch(
         &self,
+        _queue: usize,
         _scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
