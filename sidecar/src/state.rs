@@ -57,7 +57,7 @@ pub enum StateError {
     BadKey(PathBuf),
     /// The cached map or membership is unreadable.
     #[error("{path}: corrupt state file: {message}")]
-    BadMap {
+    BadFile {
         /// The file.
         path: PathBuf,
         /// The parser's message.
@@ -112,13 +112,16 @@ impl StateDir {
         }
     }
 
-    /// The membership, if this member joined before.
-    pub fn load_membership(&self) -> Result<Option<Membership>, StateError> {
-        let path = self.dir.join(MEMBERSHIP_FILE);
+    /// Reads a JSON state file; `None` if it does not exist.
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        file: &str,
+    ) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(file);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| StateError::BadMap {
+                .map_err(|e| StateError::BadFile {
                     path,
                     message: e.to_string(),
                 }),
@@ -127,13 +130,28 @@ impl StateDir {
         }
     }
 
-    /// Saves the membership (mode 0600).
-    pub fn save_membership(&self, m: &Membership) -> Result<(), StateError> {
-        let path = self.dir.join(MEMBERSHIP_FILE);
-        let json = serde_json::to_vec_pretty(m).map_err(|e| StateError::BadMap {
+    /// Encodes a state file as JSON; the caller writes it with the right mode.
+    fn to_json<T: serde::Serialize>(
+        &self,
+        file: &str,
+        value: &T,
+    ) -> Result<(PathBuf, Vec<u8>), StateError> {
+        let path = self.dir.join(file);
+        let json = serde_json::to_vec_pretty(value).map_err(|e| StateError::BadFile {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        Ok((path, json))
+    }
+
+    /// The membership, if this member joined before.
+    pub fn load_membership(&self) -> Result<Option<Membership>, StateError> {
+        self.read_json(MEMBERSHIP_FILE)
+    }
+
+    /// Saves the membership (mode 0600).
+    pub fn save_membership(&self, m: &Membership) -> Result<(), StateError> {
+        let (path, json) = self.to_json(MEMBERSHIP_FILE, m)?;
         write_secret(&path, &json)?;
         Ok(())
     }
@@ -146,28 +164,14 @@ impl StateDir {
 
     /// Caches `map` (atomically; unchanged maps are not rewritten).
     pub fn save_map(&self, map: &NetworkMap) -> Result<(), StateError> {
-        let path = self.dir.join(MAP_FILE);
-        let json = serde_json::to_vec_pretty(map).map_err(|e| StateError::BadMap {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let (path, json) = self.to_json(MAP_FILE, map)?;
         write_atomic(&path, &json, 0o600)?;
         Ok(())
     }
 
     /// The cached map, if any.
     pub fn load_map(&self) -> Result<Option<NetworkMap>, StateError> {
-        let path = self.dir.join(MAP_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StateError::BadMap {
-                    path,
-                    message: e.to_string(),
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Read { path, source }),
-        }
+        self.read_json(MAP_FILE)
     }
 }
 
@@ -215,6 +219,6 @@ mod tests {
         state.save_map(&map).unwrap();
         assert_eq!(state.load_map().unwrap(), Some(map));
         fs::write(state.path().join(MAP_FILE), "{").unwrap();
-        assert!(matches!(state.load_map(), Err(StateError::BadMap { .. })));
+        assert!(matches!(state.load_map(), Err(StateError::BadFile { .. })));
     }
 }

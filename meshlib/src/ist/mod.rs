@@ -146,46 +146,22 @@ pub fn encode(name: &str) -> Result<IstNames, IstError> {
 mod tests {
     use super::*;
 
-    /// Every row of seed 004's table: name, hostname, generic, shell.
-    const SEED_TABLE: &[(&str, &str, &str, &str)] = &[
-        ("my-db", "my-db.warp", "WARP_IST_my-db", "WARP_IST_my_db"),
-        ("my db", "my-db.warp", "WARP_IST_my_db", "WARP_IST_my_db"),
-        ("my=db", "my-db.warp", "WARP_IST_my_db", "WARP_IST_my_db"),
-        (
-            "my-db:dev",
-            "my-db-dev.warp",
-            "WARP_IST_my-db:dev",
-            "WARP_IST_my_db_dev",
-        ),
-        (
-            "My-DB-",
-            "my-db-.warp",
-            "WARP_IST_My-DB-",
-            "WARP_IST_My_DB_",
-        ),
-        (
-            "mes-données",
-            "xn--mes-donnes-i7a.warp",
-            "WARP_IST_mes-donnees",
-            "WARP_IST_mes_donnees",
-        ),
-        (
-            "✅ db",
-            "xn---db-8g6a.warp",
-            "WARP_IST__db-8g6a",
-            "WARP_IST__db_8g6a",
-        ),
-        (
-            "我的数据",
-            "xn--wnu53ab8bw85a.warp",
-            "WARP_IST_wnu53ab8bw85a",
-            "WARP_IST_wnu53ab8bw85a",
-        ),
-    ];
+    /// Seed 004's table, then more names (`tests/data/ist_vectors.tsv`,
+    /// shared with the `sidecar ist-names` test).
+    const VECTORS: &str = include_str!("../../tests/data/ist_vectors.tsv");
 
     #[test]
-    fn seed_table() {
-        for &(name, host, generic, shell) in SEED_TABLE {
+    fn seed_table_and_more_vectors() {
+        let rows: Vec<Vec<&str>> = VECTORS
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split('\t').collect())
+            .collect();
+        assert_eq!(rows.len(), 18);
+        for row in rows {
+            let [name, host, generic, shell] = row[..] else {
+                panic!("bad vector row {row:?}")
+            };
             let got = encode(name).unwrap();
             assert_eq!(got.hostname, host, "hostname of {name:?}");
             assert_eq!(got.variable, generic, "variable of {name:?}");
