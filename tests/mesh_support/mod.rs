@@ -29,6 +29,15 @@ pub fn bin(name: &str) -> PathBuf {
 /// The keyserver's QUIC port inside its namespace.
 pub const QUIC_PORT: u16 = 7000;
 
+/// A runner: a host on the underlay that NATs its instances.
+pub struct Runner {
+    /// The runner's host (its underlay address is the instances' public one).
+    pub host: Host,
+    /// Its number (1..=3).
+    pub k: u8,
+    next: u8,
+}
+
 /// One running sidecar.
 pub struct Sidecar {
     /// Its host (namespace, underlay address).
@@ -48,6 +57,8 @@ pub struct Sidecar {
 pub struct Mesh {
     /// The namespaces (dropped last: it kills what runs inside).
     pub topo: Topo,
+    /// Instance namespaces made here (not by `topo`), removed on drop.
+    extra_ns: Vec<String>,
     /// The keyserver's host.
     pub ks: Host,
     /// The keyserver's data directory.
@@ -68,6 +79,7 @@ impl Mesh {
             ks,
             ks_dir,
             keyserver: None,
+            extra_ns: Vec::new(),
             etc_dirs: Vec::new(),
             sockets: Vec::new(),
         };
@@ -134,11 +146,145 @@ impl Mesh {
 
     /// A fresh join token for `prod` (10 uses).
     pub fn token(&self) -> String {
-        let out = self.admin(&["token", "create", "--network", "prod", "--uses", "10"]);
+        self.token_for("prod", 10)
+    }
+
+    /// A fresh join token for `network` with `uses` uses.
+    pub fn token_for(&self, network: &str, uses: u32) -> String {
+        let uses = uses.to_string();
+        let out = self.admin(&["token", "create", "--network", network, "--uses", &uses]);
         out.split(|c: char| c.is_whitespace() || c == '"')
             .find(|w| w.starts_with("istm1."))
             .expect("token in output")
             .to_owned()
+    }
+
+    /// Adds runner `k` (1..=3): host `k + 1` on the underlay, with a bridge
+    /// for its instances on `198.51.100.<64(k-1)>/26` (gateway `.1` of it),
+    /// forwarding, and NAT: instances leave as the runner's address, and
+    /// each instance's WireGuard port is forwarded to it.
+    pub fn runner(&mut self, k: u8) -> Runner {
+        let host = self.topo.host(k + 1);
+        let base = 64 * (k - 1);
+        let ns = host.ns.clone();
+        must("ip", &["-n", &ns, "link", "add", "ibr", "type", "bridge"]);
+        must(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.51.100.{}/26", base + 1),
+                "dev",
+                "ibr",
+            ],
+        );
+        must("ip", &["-n", &ns, "link", "set", "ibr", "up"]);
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+        for rule in [
+            "add table ip istnat".to_string(),
+            "add chain ip istnat pre { type nat hook prerouting priority -100 ; }".to_string(),
+            "add chain ip istnat post { type nat hook postrouting priority 100 ; }".to_string(),
+            format!("add rule ip istnat post ip saddr 198.51.100.{base}/26 oifname != \"ibr\" masquerade"),
+        ] {
+            must("ip", &["netns", "exec", &ns, "nft", &rule]);
+        }
+        Runner { host, k, next: 2 }
+    }
+
+    /// Adds an instance namespace behind `runner`, with its own /etc files;
+    /// its WireGuard port `port` is forwarded from the runner's address.
+    pub fn instance(&mut self, runner: &mut Runner, port: u16) -> Host {
+        let n = runner.next;
+        runner.next += 1;
+        let ns = format!("{}i{n}", runner.host.ns);
+        must("ip", &["netns", "add", &ns]);
+        self.extra_ns.push(ns.clone());
+        let (v, b) = (
+            format!("iv{}{}{n}", self.topo.tag, runner.k),
+            format!("ib{}{}{n}", self.topo.tag, runner.k),
+        );
+        must(
+            "ip",
+            &[
+                "link",
+                "add",
+                &v,
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &runner.host.ns,
+            ],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &runner.host.ns,
+                "link",
+                "set",
+                &b,
+                "master",
+                "ibr",
+                "up",
+            ],
+        );
+        let base = 64 * (u16::from(runner.k) - 1);
+        let ip = format!("198.51.100.{}", base + u16::from(n));
+        must(
+            "ip",
+            &["-n", &ns, "addr", "add", &format!("{ip}/26"), "dev", &v],
+        );
+        must("ip", &["-n", &ns, "link", "set", &v, "up"]);
+        must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        must(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.51.100.{}", base + 1),
+            ],
+        );
+        let rule = format!("add rule ip istnat pre udp dport {port} dnat to {ip}:{port}");
+        must("ip", &["netns", "exec", &runner.host.ns, "nft", &rule]);
+        let etc = PathBuf::from("/etc/netns").join(&ns);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("hosts"), "127.0.0.1\tlocalhost\n").unwrap();
+        std::fs::write(
+            etc.join("resolv.conf"),
+            "nameserver 127.0.0.77\noptions timeout:1 attempts:1\n",
+        )
+        .unwrap();
+        self.etc_dirs.push(etc);
+        Host {
+            ns,
+            ifname: format!("x{}{}{n}", self.topo.tag, runner.k),
+            underlay: ip,
+            overlay: String::new(),
+            private_key: String::new(),
+            public_key: String::new(),
+            key_file: PathBuf::new(),
+        }
     }
 
     /// Adds host `i` with its own `/etc/hosts` (a user line, no trailing
@@ -152,7 +298,11 @@ impl Mesh {
             "127.0.0.1\tlocalhost\n# user's line\n192.0.2.250 keep.me",
         )
         .unwrap();
-        std::fs::write(etc.join("resolv.conf"), "nameserver 192.0.2.253\n").unwrap();
+        std::fs::write(
+            etc.join("resolv.conf"),
+            "nameserver 127.0.0.77\noptions timeout:1 attempts:1\n",
+        )
+        .unwrap();
         self.etc_dirs.push(etc);
         host
     }
@@ -311,6 +461,13 @@ impl Drop for Sidecar {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.kill_keyserver();
+        for ns in &self.extra_ns {
+            let pids = run("ip", &["netns", "pids", ns]);
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = run("kill", &["-9", pid]);
+            }
+            let _ = run("ip", &["netns", "del", ns]);
+        }
         for dir in &self.etc_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
