@@ -393,9 +393,9 @@ fn preshared_key_must_match() {
 fn garbage_datagrams_are_counted_and_change_nothing() {
     let (a, b) = pair();
     let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut forged_init = vec![0x5au8; 148];
+    let mut forged_init = [0x5au8; 148];
     forged_init[..4].copy_from_slice(&1u32.to_le_bytes()); // bad mac1
-    let mut data = vec![0u8; 64];
+    let mut data = [0u8; 64];
     data[..4].copy_from_slice(&4u32.to_le_bytes()); // unknown receiver index 0
     for d in [&b"x"[..], &[0xff; 40][..], &forged_init[..], &data[..]] {
         raw.send_to(d, b.endpoint()).unwrap();
