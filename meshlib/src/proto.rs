@@ -168,6 +168,8 @@ pub struct JoinRequest {
     pub runner: String,
     /// Underlay endpoints where the member's WireGuard socket listens.
     pub endpoints: Vec<SocketAddr>,
+    /// Ports the instance serves ([`crate::netmap::Member::ports`]).
+    pub ports: Vec<u16>,
 }
 
 /// A reconnecting member.

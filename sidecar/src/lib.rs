@@ -12,6 +12,8 @@
 //! - [`state`] — the state directory: private key (0600) and map cache.
 //! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
 //! - [`supervise`] — `sidecar run`: the child process, its env and signals.
+//! - [`userspace`] — userspace mode: the smoltcp stack under the engine and
+//!   loopback listeners for the services this instance reaches.
 
 #![warn(missing_docs)]
 
@@ -24,3 +26,4 @@ pub mod resolver;
 pub mod state;
 pub mod status;
 pub mod supervise;
+pub mod userspace;

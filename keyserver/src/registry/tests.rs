@@ -19,6 +19,7 @@ fn req(net: NetworkId, secret: Secret, service: &str) -> JoinRequest {
         process_type: ProcessType::default(),
         instance: None,
         runner: "r1".into(),
+        ports: vec![],
         endpoints: vec![],
     }
 }

@@ -73,6 +73,8 @@ pub struct MemberMeta {
     pub runner: String,
     /// Underlay endpoints of the member's WireGuard socket.
     pub endpoints: Vec<SocketAddr>,
+    /// Ports the instance serves ([`crate::netmap::Member::ports`]).
+    pub ports: Vec<u16>,
 }
 
 /// Why a control session failed.
@@ -269,6 +271,7 @@ pub async fn join(
             instance: meta.instance,
             runner: meta.runner,
             endpoints: meta.endpoints,
+            ports: meta.ports,
         }),
     };
     let placeholder = NetworkMap::new(token.network, "", "0.0.0.0/32".parse().expect("literal"));

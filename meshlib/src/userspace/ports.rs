@@ -4,6 +4,9 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
+/// Most ports a member announces (the keyserver's limit).
+pub const MAX_ANNOUNCED: usize = 64;
+
 /// First octets of the loopback addresses standing for remote members.
 pub const LOOPBACK_PREFIX: [u8; 2] = [127, 77];
 
