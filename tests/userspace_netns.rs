@@ -1,0 +1,267 @@
+//! Userspace mode against other implementations, across network namespaces
+//! (issue 6): an in-process userspace member (engine + smoltcp stack, no TUN)
+//! and a stock `wireguard-go` peer; and a `sidecar up --mode userspace`
+//! member and a kernel-mode (TUN) sidecar through a real keyserver. TCP with
+//! SHA-256 checks and UDP, both ways. Needs root (namespaces, TUN for the
+//! other side); skipped with a message otherwise. The rootless subset is in
+//! `meshlib/src/userspace/tests.rs`.
+
+mod dataplane_support;
+mod mesh_support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dataplane_support::{in_ns, wg, Impl, Topo};
+use mesh_support::Mesh;
+use meshlib::keys::PrivateKey;
+use meshlib::userspace::ports::loopback_for;
+use meshlib::userspace::{Stack, StackConfig};
+use meshlib::wg::{Engine, EngineConfig, PeerConfig};
+use sha2::{Digest, Sha256};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// A TCP server in `ns` on `bind` that answers each connection with the
+/// SHA-256 of everything it read (until the client half-closes).
+fn sha_server(ns: &str, bind: SocketAddr) {
+    let (tx, rx) = mpsc::channel();
+    in_ns(ns, move || {
+        let l = TcpListener::bind(bind).expect("bind sha server");
+        tx.send(()).unwrap();
+        for _ in 0..4 {
+            let Ok((mut s, _)) = l.accept() else { return };
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let _ = s.write_all(&h.finalize());
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("server up");
+}
+
+/// From `ns`, sends `len` pseudo-random bytes to `to` and checks the SHA-256
+/// that comes back; retried while the path comes up.
+fn sha_transfer(ns: &str, to: SocketAddr, len: usize) -> bool {
+    in_ns(ns, move || {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let want = Sha256::digest(&data).to_vec();
+        for _ in 0..10 {
+            let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            if s.write_all(&data).is_err() {
+                continue;
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            return got == want;
+        }
+        false
+    })
+    .join()
+    .unwrap()
+}
+
+/// A UDP echo server in `ns` on `bind` (for 30 s at most).
+fn udp_echo_server(ns: &str, bind: SocketAddr) {
+    let (tx, rx) = mpsc::channel();
+    in_ns(ns, move || {
+        let s = UdpSocket::bind(bind).expect("bind udp echo");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("udp up");
+}
+
+/// From `ns`, `count` datagrams to `to`; how many came back intact.
+fn udp_round_trips(ns: &str, to: SocketAddr, count: usize) -> usize {
+    in_ns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut ok = 0;
+        let mut buf = vec![0u8; 2048];
+        for i in 0..count {
+            let msg = vec![i as u8; 1000];
+            for _ in 0..10 {
+                s.send_to(&msg, to).unwrap();
+                if let Ok(n) = s.recv(&mut buf) {
+                    ok += usize::from(buf[..n] == msg[..]);
+                    break;
+                }
+            }
+        }
+        ok
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn userspace_member_talks_to_wireguard_go() {
+    require_netns!();
+    let mut topo = Topo::new();
+    let (h1, h2) = (topo.host(1), topo.host(2));
+    topo.start(Impl::WireguardGo, &h1);
+    let key = PrivateKey::generate();
+    let us_pub = key.public_key().to_string();
+    let us_ip: IpAddr = h2.overlay.parse().unwrap();
+    wg(
+        &h1,
+        &[
+            "set",
+            &h1.ifname,
+            "peer",
+            &us_pub,
+            "allowed-ips",
+            &format!("{us_ip}/32"),
+            "endpoint",
+            &format!("{}:51820", h2.underlay),
+        ],
+    );
+    // h1's instance (kernel stack behind wireguard-go) and h2's (loopback).
+    let go_ip: IpAddr = h1.overlay.parse().unwrap();
+    sha_server(&h1.ns, SocketAddr::new(go_ip, 7001));
+    udp_echo_server(&h1.ns, SocketAddr::new(go_ip, 7003));
+    sha_server(&h2.ns, "127.0.0.1:7002".parse().unwrap());
+    udp_echo_server(&h2.ns, "127.0.0.1:7004".parse().unwrap());
+
+    // The userspace member, in h2's namespace (its threads inherit it).
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let go_pub: meshlib::keys::PublicKey = h1.public_key.parse().unwrap();
+    let go_ep: SocketAddr = format!("{}:51820", h1.underlay).parse().unwrap();
+    let member = in_ns(&h2.ns, move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let (stack, dev) = Stack::start(StackConfig::new(us_ip, 22)).unwrap();
+            let engine = Engine::start(
+                dev,
+                EngineConfig {
+                    listen_port: 51820,
+                    private_key: Some(key),
+                    fwmark: 0,
+                },
+            )
+            .unwrap();
+            engine
+                .set_peer(PeerConfig {
+                    public_key: go_pub,
+                    preshared_key: None,
+                    endpoint: Some(go_ep),
+                    allowed_ips: vec![ipnet::IpNet::from(go_ip)],
+                    persistent_keepalive: 0,
+                })
+                .unwrap();
+            let stack = std::sync::Arc::new(stack);
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addrs = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
+            let (s1, s2) = (stack.clone(), stack.clone());
+            tokio::spawn(async move { s1.forward_tcp(tcp, SocketAddr::new(go_ip, 7001)).await });
+            tokio::spawn(async move { s2.forward_udp(udp, SocketAddr::new(go_ip, 7003)).await });
+            ready_tx.send(addrs).unwrap();
+            let _ =
+                tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(120)))
+                    .await;
+            engine.shutdown();
+        });
+    });
+    let (tcp_fwd, udp_fwd) = ready_rx.recv_timeout(SETTLE).expect("userspace member up");
+
+    assert!(
+        sha_transfer(&h1.ns, SocketAddr::new(us_ip, 7002), 2 << 20),
+        "wireguard-go -> userspace TCP, SHA-256 intact"
+    );
+    assert!(
+        sha_transfer(&h2.ns, tcp_fwd, 2 << 20),
+        "userspace -> wireguard-go TCP, SHA-256 intact"
+    );
+    assert_eq!(
+        udp_round_trips(&h1.ns, SocketAddr::new(us_ip, 7004), 5),
+        5,
+        "wireguard-go -> userspace UDP"
+    );
+    assert_eq!(
+        udp_round_trips(&h2.ns, udp_fwd, 5),
+        5,
+        "userspace -> wireguard-go UDP"
+    );
+    stop_tx.send(()).unwrap();
+    member.join().unwrap();
+}
+
+#[test]
+fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
+    require_netns!();
+    let mut mesh = Mesh::new();
+    let token = mesh.token();
+    let (ha, hb) = (mesh.host(2), mesh.host(3));
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token, "--port", "9090"]);
+    let b = mesh.sidecar(
+        &hb,
+        "web",
+        "up",
+        &["--token", &token, "--mode", "userspace", "--port", "8080"],
+    );
+    a.wait_peers(1, SETTLE);
+    let b_status = b.wait_peers(1, SETTLE);
+    assert_eq!(
+        b_status["peers"][0]["service"], "api",
+        "status works in userspace mode"
+    );
+    let (a_ip, b_ip): (Ipv4Addr, Ipv4Addr) = (a.ip().parse().unwrap(), b.ip().parse().unwrap());
+    let a_local = loopback_for(IpAddr::V4(a_ip));
+
+    // Outputs of the userspace member point at the loopback relay.
+    let hosts = b.hosts_file();
+    assert!(hosts.contains(&format!("{a_local}\tapi.warp")), "{hosts}");
+    let env = std::fs::read_to_string(b.state_dir.join("ist.env")).unwrap();
+    assert!(env.contains(&format!("WARP_IST_api={a_local}\n")), "{env}");
+    // The UAPI socket answers `wg show` in userspace mode too.
+    let show = b.must_sh(&format!("wg show {} peers", b.interface));
+    assert!(!show.trim().is_empty(), "wg show lists the peer");
+
+    // TUN member -> userspace member's instance (127.0.0.1:8080 in B).
+    sha_server(&hb.ns, "127.0.0.1:8080".parse().unwrap());
+    udp_echo_server(&hb.ns, "127.0.0.1:8080".parse().unwrap());
+    assert!(
+        sha_transfer(&ha.ns, SocketAddr::from((b_ip, 8080)), 1 << 20),
+        "A -> B TCP"
+    );
+    assert_eq!(
+        udp_round_trips(&ha.ns, SocketAddr::from((b_ip, 8080)), 5),
+        5,
+        "A -> B UDP"
+    );
+    // Userspace member -> TUN member, through the loopback relay by name.
+    sha_server(&ha.ns, SocketAddr::from((a_ip, 9090)));
+    udp_echo_server(&ha.ns, SocketAddr::from((a_ip, 9090)));
+    assert!(
+        sha_transfer(&hb.ns, SocketAddr::from((a_local, 9090)), 1 << 20),
+        "B -> A TCP"
+    );
+    assert_eq!(
+        udp_round_trips(&hb.ns, SocketAddr::from((a_local, 9090)), 5),
+        5,
+        "B -> A UDP"
+    );
+    let by_name = b.must_sh("getent hosts api.warp");
+    assert!(by_name.starts_with(&a_local.to_string()), "{by_name}");
+}
