@@ -280,3 +280,50 @@ fn openings_are_recognised_only_for_our_address() {
     assert_eq!(opening(&[0x45, 0, 0], me), None);
     assert_eq!(opening(&[], me), None);
 }
+
+/// Proves "no privileges needed": as root, re-runs this module's other
+/// tests as `nobody` (a copy of this test binary, via `runuser`). As a
+/// non-root user the other tests already prove it, so it skips.
+#[test]
+fn rootless_subset_passes_as_nobody() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: already not root; the other userspace tests are the proof");
+        return;
+    }
+    let runuser = std::path::Path::new("/usr/sbin/runuser");
+    if !runuser.exists() {
+        eprintln!("SKIPPED: needs runuser (util-linux) to drop to nobody");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("meshlib-tests");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(runuser)
+        .args(["-u", "nobody", "--"])
+        .arg(&exe)
+        .args([
+            "userspace::",
+            "--skip",
+            "rootless_subset",
+            "--test-threads",
+            "2",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "as nobody:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("test userspace::tests::tcp_both_ways_through_two_userspace_members ... ok")
+            && text.contains("test userspace::tests::udp_both_ways_with_flows_per_sender ... ok"),
+        "{text}"
+    );
+}
