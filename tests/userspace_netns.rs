@@ -265,3 +265,63 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     let by_name = b.must_sh("getent hosts api.warp");
     assert!(by_name.starts_with(&a_local.to_string()), "{by_name}");
 }
+
+#[test]
+fn tunnel_forwards_a_local_port_by_name_and_leaves_on_exit() {
+    require_netns!();
+    let mut mesh = Mesh::new();
+    let token = mesh.token();
+    let (ha, ht) = (mesh.host(2), mesh.host(3));
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
+    let a_status = a.wait_peers(0, SETTLE);
+    let a_ip: Ipv4Addr = a.ip().parse().unwrap();
+    let instance = a_status["instance"].as_str().unwrap().to_owned();
+    sha_server(&ha.ns, SocketAddr::from((a_ip, 9090)));
+
+    let log = std::fs::File::create(mesh.topo.temp_path("tunnel.log")).unwrap();
+    let mut tunnel = std::process::Command::new("ip")
+        .args(["netns", "exec", &ht.ns])
+        .arg(mesh_support::bin("sidecar"))
+        .args(["tunnel", "--token", &token, "127.0.0.1:15000"])
+        .arg(format!("{instance}.internal:9090"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start tunnel");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(tunnel.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(line.starts_with("forwarding 127.0.0.1:15000"), "{line:?}");
+    a.wait_peers(1, SETTLE);
+    assert!(
+        sha_transfer(&ht.ns, "127.0.0.1:15000".parse().unwrap(), 1 << 20),
+        "tunnel -> {instance}.internal:9090, SHA-256 intact"
+    );
+    // SAFETY: kill(2) on our own child (`ip netns exec` execs the sidecar).
+    unsafe { libc::kill(tunnel.id() as libc::pid_t, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    while matches!(tunnel.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = tunnel.try_wait().unwrap();
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "tunnel exits cleanly: {status:?}"
+    );
+    // The keyserver removed the tunnel member: A forgets it.
+    let start = std::time::Instant::now();
+    loop {
+        let peers = a.status().and_then(|s| s["peers"].as_array().map(Vec::len));
+        if peers == Some(0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "tunnel member not removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -481,6 +481,26 @@ async fn on_client(
                 proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
             }
         }
+        ClientMsg::Leave => {
+            let (sh, net, key) = (shared.clone(), s.network, s.key);
+            let left = blocking(move || {
+                sh.mutate(
+                    |reg| {
+                        let (change, ops) =
+                            reg.remove_member(net, &key.to_string(), SystemTime::now())?;
+                        tracing::info!(network = %net, member = %key, "member left");
+                        Ok::<_, crate::registry::AdminError>(((), ops, vec![change]))
+                    },
+                    |_, _, _| (),
+                )
+            })
+            .await?;
+            if let Err(e) = left {
+                tracing::warn!(member = %s.key, "leave failed: {e}");
+                return Err(Fatal(ErrorCode::Internal, e.to_string()));
+            }
+            return Err(Fatal(ErrorCode::Revoked, "left the network".into()));
+        }
         ClientMsg::GetMap(other) => {
             let err = ProtoError {
                 code: ErrorCode::Forbidden,

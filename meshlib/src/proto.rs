@@ -218,6 +218,10 @@ pub enum ClientMsg {
     /// Send me the map of this network (only the member's own network is
     /// allowed; anything else is [`ErrorCode::Forbidden`]).
     GetMap(NetworkId),
+    /// Remove me from the network now (a short-lived member such as
+    /// `sidecar tunnel` leaving); the server ends the stream with
+    /// [`ErrorCode::Revoked`]. Last variant, so older encodings still hold.
+    Leave,
 }
 
 /// Messages from server to client.

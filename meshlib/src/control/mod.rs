@@ -513,6 +513,20 @@ impl Session {
         self.send(&ClientMsg::UpdateEndpoints(endpoints)).await
     }
 
+    /// Leaves the network: the keyserver removes this member (peers drop it
+    /// within a second) and ends the stream; waits up to `limit` for that
+    /// end, then closes the connection. True when the end was seen.
+    pub async fn leave(mut self, limit: std::time::Duration) -> bool {
+        let mut ended = false;
+        if self.send(&ClientMsg::Leave).await.is_ok() {
+            ended = tokio::time::timeout(limit, async { while self.next_event().await.is_ok() {} })
+                .await
+                .is_ok();
+        }
+        self.close();
+        ended
+    }
+
     /// Closes the connection.
     pub fn close(self) {
         self.conn.close(0u32.into(), b"bye");
