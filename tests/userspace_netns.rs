@@ -213,7 +213,8 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     let mut mesh = Mesh::new();
     let token = mesh.token();
     let (ha, hb) = (mesh.host(2), mesh.host(3));
-    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token, "--port", "9090"]);
+    // A declares no ports: they are found listening (after the join).
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
     let b = mesh.sidecar(
         &hb,
         "web",
@@ -250,9 +251,23 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
         5,
         "A -> B UDP"
     );
-    // Userspace member -> TUN member, through the loopback relay by name.
-    sha_server(&ha.ns, SocketAddr::from((a_ip, 9090)));
-    udp_echo_server(&ha.ns, SocketAddr::from((a_ip, 9090)));
+    // Userspace member -> TUN member, through the loopback relay. A's port
+    // is discovered from its listening sockets and announced with the next
+    // heartbeat (10 s); B then listens on it.
+    sha_server(&ha.ns, "0.0.0.0:9090".parse().unwrap());
+    udp_echo_server(&ha.ns, "0.0.0.0:9090".parse().unwrap());
+    let relay = SocketAddr::from((a_local, 9090));
+    let up = in_ns(&hb.ns, move || {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(40) {
+            if TcpStream::connect_timeout(&relay, Duration::from_secs(1)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    });
+    assert!(up.join().unwrap(), "B listens for A's discovered port 9090");
     assert!(
         sha_transfer(&hb.ns, SocketAddr::from((a_local, 9090)), 1 << 20),
         "B -> A TCP"

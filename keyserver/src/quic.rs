@@ -481,6 +481,20 @@ async fn on_client(
                 proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
             }
         }
+        ClientMsg::UpdatePorts(ports) => {
+            let (sh, net, key) = (shared.clone(), s.network, s.key);
+            blocking(move || {
+                sh.mutate(
+                    |reg| {
+                        let (change, ops) = reg.update_ports(net, &key, &ports);
+                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+                    },
+                    |_, _, _| (),
+                )
+            })
+            .await?
+            .map_err(op_fatal)?;
+        }
         ClientMsg::Leave => {
             let (sh, net, key) = (shared.clone(), s.network, s.key);
             let left = blocking(move || {

@@ -220,8 +220,11 @@ pub enum ClientMsg {
     GetMap(NetworkId),
     /// Remove me from the network now (a short-lived member such as
     /// `sidecar tunnel` leaving); the server ends the stream with
-    /// [`ErrorCode::Revoked`]. Last variant, so older encodings still hold.
+    /// [`ErrorCode::Revoked`]. Appended, so older encodings still hold.
     Leave,
+    /// The ports my instance serves changed
+    /// ([`crate::netmap::Member::ports`]).
+    UpdatePorts(Vec<u16>),
 }
 
 /// Messages from server to client.

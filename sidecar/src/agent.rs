@@ -299,6 +299,16 @@ impl Agent {
         )
     }
 
+    /// The ports the map holds for this member.
+    fn own_ports(&self) -> Vec<u16> {
+        let own = self.key.public_key();
+        let map = self.shared.map.lock();
+        map.members
+            .get(&own)
+            .map(|m| m.ports.clone())
+            .unwrap_or_default()
+    }
+
     /// Runs the control and apply loops until `shutdown` turns true, or the
     /// member is revoked.
     pub async fn run(
@@ -316,6 +326,11 @@ impl Agent {
             membership: self.membership.clone(),
             endpoints: Mutex::new(self.endpoints()),
             detect: Box::new(move || advertised_endpoints(&config, port, range)),
+            ports: Mutex::new(self.own_ports()),
+            detect_ports: {
+                let config = self.config.clone();
+                Box::new(move || crate::userspace::announced_ports(&config))
+            },
             shared: self.shared.clone(),
             state: self.state.clone(),
         };
@@ -513,6 +528,11 @@ struct Controller {
     endpoints: Mutex<Vec<SocketAddr>>,
     /// Finds the endpoints to advertise now (addresses may change).
     detect: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
+    /// The service ports last announced.
+    ports: Mutex<Vec<u16>>,
+    /// Finds the ports to announce now (the instance may start listening
+    /// after the join).
+    detect_ports: Box<dyn Fn() -> Vec<u16> + Send + Sync>,
     shared: Arc<Shared>,
     state: StateDir,
 }
@@ -620,6 +640,14 @@ impl Controller {
                             return Ok(false);
                         }
                         *self.endpoints.lock() = now;
+                    }
+                    let ports = (self.detect_ports)();
+                    if ports != *self.ports.lock() {
+                        tracing::info!(?ports, "service ports changed; telling the keyserver");
+                        if s.update_ports(ports.clone()).await.is_err() {
+                            return Ok(false);
+                        }
+                        *self.ports.lock() = ports;
                     }
                 }
                 _ = shutdown.changed() => return Ok(true),

@@ -61,18 +61,30 @@ pub fn address_map(own: PublicKey) -> AddressMap {
     })
 }
 
-/// The ports to announce at join: the configured ones, else those found
-/// listening on loopback (`/proc/net/tcp{,6}`).
+/// The ports to announce (at join, then with each heartbeat): the
+/// configured ones, else those found listening on loopback
+/// (`/proc/net/tcp{,6}`); sorted, without duplicates.
 pub fn announced_ports(config: &Config) -> Vec<u16> {
     if !config.ports.is_empty() {
-        return config.ports.clone();
+        let mut p = config.ports.clone();
+        p.sort_unstable();
+        p.dedup();
+        return p;
     }
     let text: String = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .collect();
+    // Not the sidecar's own listeners.
+    let own: Vec<u16> = config
+        .metrics
+        .iter()
+        .chain([&config.dns.listen])
+        .map(|a| a.port())
+        .collect();
     listening_ports(&text)
         .into_iter()
+        .filter(|p| !own.contains(p))
         .take(meshlib::userspace::ports::MAX_ANNOUNCED)
         .collect()
 }

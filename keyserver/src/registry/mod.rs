@@ -545,6 +545,35 @@ impl Registry {
         (Some(change), vec![stored, net_op])
     }
 
+    /// Records the ports a member's instance serves (out-of-bounds lists are
+    /// ignored: at most [`Self::MAX_PORTS`], none 0).
+    pub fn update_ports(
+        &mut self,
+        network: NetworkId,
+        key: &PublicKey,
+        ports: &[u16],
+    ) -> (Option<Change>, Vec<StoreOp>) {
+        let log_cap = self.log_cap;
+        if ports.len() > Self::MAX_PORTS || ports.contains(&0) {
+            return (None, vec![]);
+        }
+        let Some(net) = self.networks.get_mut(&network) else {
+            return (None, vec![]);
+        };
+        let Some(rec) = net.members.get_mut(key) else {
+            return (None, vec![]);
+        };
+        let ports = dedup_ports(ports);
+        if ports == rec.member.ports {
+            return (None, vec![]);
+        }
+        rec.member.ports = ports;
+        let member = rec.member.clone();
+        let stored = StoreOp::PutMember(rec.clone());
+        let (change, net_op) = net.record(MapChange::Upsert(member), None, log_cap);
+        (Some(change), vec![stored, net_op])
+    }
+
     /// Whether the member still exists.
     pub fn is_member(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.networks

@@ -513,6 +513,11 @@ impl Session {
         self.send(&ClientMsg::UpdateEndpoints(endpoints)).await
     }
 
+    /// Tells the server the ports the instance now serves.
+    pub async fn update_ports(&mut self, ports: Vec<u16>) -> Result<(), ControlError> {
+        self.send(&ClientMsg::UpdatePorts(ports)).await
+    }
+
     /// Leaves the network: the keyserver removes this member (peers drop it
     /// within a second) and ends the stream; waits up to `limit` for that
     /// end, then closes the connection. True when the end was seen.
