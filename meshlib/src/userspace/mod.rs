@@ -111,6 +111,9 @@ pub struct StackStats {
 /// Listening sockets kept per port at most (connection openings arriving
 /// together).
 const MAX_LISTENERS: usize = 16;
+/// Idle listening sockets over all ports at most: a peer scanning ports
+/// gets resets beyond this instead of growing the socket set.
+const MAX_IDLE_LISTENERS: usize = 256;
 /// Time given to a closing socket to finish its FIN exchange.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 /// Longest sleep of the stack thread (bounds shutdown latency).
@@ -319,8 +322,8 @@ impl Drop for Stack {
 /// A connection opening seen in an inbound packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Opening {
-    /// A TCP SYN (without ACK) to this port.
-    Tcp(u16),
+    /// A TCP SYN (without ACK) to this port, from this peer.
+    Tcp(u16, SocketAddr),
     /// A UDP datagram to this port.
     Udp(u16),
 }
@@ -328,17 +331,20 @@ pub(crate) enum Opening {
 /// What `packet` opens on `me`, if anything (pure; malformed packets give
 /// `None`).
 pub(crate) fn opening(packet: &[u8], me: IpAddr) -> Option<Opening> {
-    let (proto, dst, payload): (IpProtocol, IpAddr, &[u8]) = match packet.first()? >> 4 {
+    let (proto, src, dst, payload): (IpProtocol, IpAddr, IpAddr, &[u8]) = match packet.first()? >> 4
+    {
         4 => {
             let ip = Ipv4Packet::new_checked(packet).ok()?;
             if ip.more_frags() || ip.frag_offset() != 0 {
                 return None;
             }
-            (ip.next_header(), IpAddr::V4(ip.dst_addr()), ip.payload())
+            let (s, d) = (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()));
+            (ip.next_header(), s, d, ip.payload())
         }
         6 => {
             let ip = Ipv6Packet::new_checked(packet).ok()?;
-            (ip.next_header(), IpAddr::V6(ip.dst_addr()), ip.payload())
+            let (s, d) = (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()));
+            (ip.next_header(), s, d, ip.payload())
         }
         _ => return None,
     };
@@ -348,7 +354,8 @@ pub(crate) fn opening(packet: &[u8], me: IpAddr) -> Option<Opening> {
     match proto {
         IpProtocol::Tcp => {
             let t = TcpPacket::new_checked(payload).ok()?;
-            (t.syn() && !t.ack()).then_some(Opening::Tcp(t.dst_port()))
+            let from = SocketAddr::new(src, t.src_port());
+            (t.syn() && !t.ack()).then_some(Opening::Tcp(t.dst_port(), from))
         }
         IpProtocol::Udp => Some(Opening::Udp(
             UdpPacket::new_checked(payload).ok()?.dst_port(),
@@ -365,13 +372,24 @@ fn stack_loop(inner: Arc<Inner>) {
         let delay = {
             let mut net = inner.net.lock();
             seen.clear();
-            let budget = inner.queues.inbound_len().min(RX_ROUND);
             let me = inner.cfg.address;
-            inner.queues.scan_inbound(budget, |p| {
-                if let Some(o) = opening(p, me) {
-                    seen.push(o);
-                }
-            });
+            let budget = inner
+                .queues
+                .scan_inbound(RX_ROUND, |p| match opening(p, me) {
+                    Some(Opening::Tcp(port, from)) if has_connection(&net, port, from) => {
+                        // A repeated SYN of a connection being opened: an idle
+                        // listener earlier in the socket set would take it and
+                        // open a second socket for the same peer. Dropped when
+                        // such a listener exists; the socket repeats its SYN-ACK
+                        // on its own.
+                        net.listeners.get(&port).is_none_or(Vec::is_empty)
+                    }
+                    Some(o) => {
+                        seen.push(o);
+                        true
+                    }
+                    None => true,
+                });
             open_for(&inner, &mut net, &seen);
             let now = inner.now();
             let mut phy = Phy {
@@ -402,10 +420,19 @@ fn stack_loop(inner: Arc<Inner>) {
 fn open_for(inner: &Arc<Inner>, net: &mut Net, seen: &[Opening]) {
     for (i, o) in seen.iter().enumerate() {
         match *o {
-            Opening::Tcp(port) => {
-                let want = seen[..=i].iter().filter(|x| **x == *o).count();
+            Opening::Tcp(port, _) => {
+                // Distinct peers opening this port (a SYN repeated in one
+                // batch needs no second listener).
+                let want = seen[..=i]
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, x)| {
+                        matches!(x, Opening::Tcp(p, _) if *p == port) && !seen[..j].contains(x)
+                    })
+                    .count();
                 let have = net.listeners.get(&port).map_or(0, Vec::len);
-                if have < want.min(MAX_LISTENERS) {
+                let idle: usize = net.listeners.values().map(Vec::len).sum();
+                if have < want.min(MAX_LISTENERS) && idle < MAX_IDLE_LISTENERS {
                     let mut s = Net::tcp_socket(inner.cfg.tcp_buffer);
                     if s.listen((IpAddress::from(inner.cfg.address), port)).is_ok() {
                         let h = net.sockets.add(s);
@@ -422,6 +449,17 @@ fn open_for(inner: &Arc<Inner>, net: &mut Net, seen: &[Opening]) {
             }
         }
     }
+}
+
+/// True when a TCP socket (not listening) already serves `from` on `port`.
+fn has_connection(net: &Net, port: u16, from: SocketAddr) -> bool {
+    let from = smoltcp::wire::IpEndpoint::from(from);
+    net.sockets.iter().any(|(_, s)| match s {
+        smoltcp::socket::Socket::Tcp(t) => {
+            t.remote_endpoint() == Some(from) && t.local_endpoint().is_some_and(|l| l.port == port)
+        }
+        _ => false,
+    })
 }
 
 /// Listening sockets that left `Listen` got a connection: relay them.

@@ -124,13 +124,21 @@ impl Queues {
         self.inbound.lock().len()
     }
 
-    /// Calls `f` on each waiting inbound packet (the first `limit`), without
-    /// removing them: the stack looks for connection openings before smoltcp
-    /// sees them.
-    pub fn scan_inbound(&self, limit: usize, mut f: impl FnMut(&[u8])) {
-        for p in self.inbound.lock().iter().take(limit) {
-            f(p);
+    /// Calls `f` on each of the first `limit` waiting inbound packets, so the
+    /// stack sees connection openings before smoltcp does; drops those for
+    /// which `f` returns false. Returns how many of them are left.
+    pub fn scan_inbound(&self, limit: usize, mut f: impl FnMut(&[u8]) -> bool) -> usize {
+        let mut q = self.inbound.lock();
+        let (mut kept, mut seen) = (0, 0);
+        while seen < limit && kept < q.len() {
+            seen += 1;
+            if f(&q[kept]) {
+                kept += 1;
+            } else if let Some(p) = q.remove(kept) {
+                self.give(p);
+            }
         }
+        kept
     }
 
     /// Stops: a blocked [`StackDevice::recv_batch`] returns `Interrupted`.

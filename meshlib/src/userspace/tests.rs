@@ -236,49 +236,106 @@ async fn idle_udp_flows_are_closed() {
     assert_eq!(count(), 0, "closed after idle");
 }
 
+/// An IPv4 TCP packet from `src`:`sport` to `dst`:`dport` with `control`.
+fn tcp_packet(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    control: smoltcp::wire::TcpControl,
+) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr};
+    let tcp = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control,
+        seq_number: smoltcp::wire::TcpSeqNumber(1),
+        ack_number: None,
+        window_len: 1000,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src.into(),
+        dst_addr: dst.into(),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; 20 + tcp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut p, &caps);
+    let mut t = TcpPacket::new_unchecked(p.payload_mut());
+    tcp.emit(&mut t, &ip.src_addr.into(), &ip.dst_addr.into(), &caps);
+    buf
+}
+
 #[test]
 fn openings_are_recognised_only_for_our_address() {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr};
+    use smoltcp::wire::TcpControl;
     let me: IpAddr = "10.240.0.2".parse().unwrap();
-    let syn = |dst: [u8; 4], control| {
-        let tcp = TcpRepr {
-            src_port: 40_000,
-            dst_port: 8080,
-            control,
-            seq_number: smoltcp::wire::TcpSeqNumber(1),
-            ack_number: None,
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload: &[],
-        };
-        let ip = Ipv4Repr {
-            src_addr: [10, 240, 0, 1].into(),
-            dst_addr: dst.into(),
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; 20 + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-        ip.emit(&mut p, &caps);
-        let mut t = TcpPacket::new_unchecked(p.payload_mut());
-        tcp.emit(&mut t, &ip.src_addr.into(), &ip.dst_addr.into(), &caps);
-        buf
-    };
+    let from: SocketAddr = "10.240.0.1:40000".parse().unwrap();
+    let syn = |dst, control| tcp_packet([10, 240, 0, 1], 40_000, dst, 8080, control);
     assert_eq!(
         opening(&syn([10, 240, 0, 2], TcpControl::Syn), me),
-        Some(Opening::Tcp(8080))
+        Some(Opening::Tcp(8080, from))
     );
     assert_eq!(opening(&syn([10, 240, 0, 3], TcpControl::Syn), me), None);
     assert_eq!(opening(&syn([10, 240, 0, 2], TcpControl::None), me), None);
     assert_eq!(opening(&[0x45, 0, 0], me), None);
     assert_eq!(opening(&[], me), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_syns_open_one_connection() {
+    use crate::wg::device::Device as _;
+    use smoltcp::wire::TcpControl;
+    let port = tcp_echo().await;
+    let me: IpAddr = "10.240.0.2".parse().unwrap();
+    let (stack, dev) = Stack::start(StackConfig::new(me, 22)).unwrap();
+    let syn = tcp_packet(
+        [10, 240, 0, 1],
+        40_000,
+        [10, 240, 0, 2],
+        port,
+        TcpControl::Syn,
+    );
+    let other = tcp_packet(
+        [10, 240, 0, 1],
+        40_001,
+        [10, 240, 0, 2],
+        port,
+        TcpControl::Syn,
+    );
+    // A placeholder in the socket set's first slot, freed later, so that a
+    // listener created afterwards sits before the connection's socket.
+    let placeholder = stack.inner.net.lock().sockets.add(Net::tcp_socket(1024));
+    // The same SYN twice in one batch, and a SYN of another peer port.
+    dev.send_batch(&mut [syn.clone(), syn.clone(), other])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stack.inner.net.lock().sockets.remove(placeholder);
+    // The first SYN again (a retransmission).
+    dev.send_batch(&mut [syn]).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let net = stack.inner.net.lock();
+    let from = smoltcp::wire::IpEndpoint::from("10.240.0.1:40000".parse::<SocketAddr>().unwrap());
+    let sockets: Vec<_> = net
+        .sockets
+        .iter()
+        .filter_map(|(_, s)| match s {
+            smoltcp::socket::Socket::Tcp(t) if t.remote_endpoint() == Some(from) => Some(t.state()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sockets.len(), 1, "one socket for one peer: {sockets:?}");
+    assert_eq!(stack.stats().tcp_inbound, 2, "two peers, two relays");
 }
 
 /// Proves "no privileges needed": as root, re-runs this module's other
@@ -326,4 +383,36 @@ fn rootless_subset_passes_as_nobody() {
             && text.contains("test userspace::tests::udp_both_ways_with_flows_per_sender ... ok"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_scan_is_bounded_and_real_connections_still_work() {
+    let (a, b) = pair();
+    let echo_b = tcp_echo().await;
+    // 300 SYNs to closed ports of B through the tunnel.
+    let mut joins = Vec::new();
+    for port in 1..=300u16 {
+        let to = a.forward(&b, port).await;
+        joins.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(to).await.unwrap();
+            let mut buf = [0u8; 1];
+            let _ = tokio::time::timeout(WAIT, s.read(&mut buf)).await;
+        }));
+    }
+    for j in joins {
+        j.await.unwrap();
+    }
+    let idle: usize = b
+        .stack
+        .inner
+        .net
+        .lock()
+        .listeners
+        .values()
+        .map(Vec::len)
+        .sum();
+    assert!(idle <= MAX_IDLE_LISTENERS, "{idle} idle listeners");
+    let to_b = a.forward(&b, echo_b).await;
+    let p = data(10_000, 9);
+    assert_eq!(echo_through(to_b, &p).await, p, "still serving");
 }
