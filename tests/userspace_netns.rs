@@ -340,3 +340,123 @@ fn tunnel_forwards_a_local_port_by_name_and_leaves_on_exit() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Kills a child process on drop (also when the test panics).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn rootless_userspace_sidecar_reaches_and_serves_a_tun_sidecar() {
+    require_netns!();
+    const NOBODY: u32 = 65534;
+    let mut mesh = Mesh::new();
+    let token = mesh.token();
+    let (ha, hb) = (mesh.host(2), mesh.host(3));
+    // A's instance listens before A joins: its port is announced at join.
+    sha_server(&ha.ns, "0.0.0.0:9090".parse().unwrap());
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
+
+    // B: `sidecar up --mode userspace` as nobody, with a state directory
+    // of its own and an unprivileged DNS port.
+    let state = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(state.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let iface = format!("nb{}", std::process::id() % 100_000);
+    let log = std::fs::File::create(mesh.topo.temp_path("rootless.log")).unwrap();
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hb.ns,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args(["--clear-groups", "--"])
+        .arg(mesh_support::bin("sidecar"))
+        .args([
+            "up",
+            "--mode",
+            "userspace",
+            "--service",
+            "web",
+            "--token",
+            &token,
+        ])
+        .args(["--interface", &iface, "--metrics", "off", "--port", "8080"])
+        .args(["--dns-listen", "127.0.0.77:5353", "--hosts-file"])
+        .arg(state.path().join("hosts"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("ISTM_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start rootless sidecar");
+    let b = KillOnDrop(child);
+    // `ip netns exec` and `setpriv` exec, so the child becomes the sidecar.
+    let as_nobody = || {
+        std::fs::read_to_string(format!("/proc/{}/status", b.0.id()))
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t65534\t")))
+    };
+    let start = std::time::Instant::now();
+    while !as_nobody() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(as_nobody(), "the sidecar runs as nobody");
+    let status = || -> Option<serde_json::Value> {
+        let out = std::process::Command::new(mesh_support::bin("sidecar"))
+            .args(["status", "--json", "--state-dir"])
+            .arg(state.path())
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let start = std::time::Instant::now();
+    let b_status = loop {
+        if let Some(s) = status().filter(|s| s["peers"].as_array().is_some_and(|p| !p.is_empty())) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "rootless sidecar: no peer; log:\n{}",
+            std::fs::read_to_string(mesh.topo.temp_path("rootless.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let b_ip: Ipv4Addr = b_status["ip"].as_str().unwrap().parse().unwrap();
+    a.wait_peers(1, SETTLE);
+
+    // UAPI without privileges: the socket is in the state directory.
+    let mut uapi =
+        std::os::unix::net::UnixStream::connect(state.path().join(format!("{iface}.sock")))
+            .expect("UAPI socket in the state directory");
+    uapi.write_all(b"get=1\n\n").unwrap();
+    let mut answer = String::new();
+    uapi.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&uapi), &mut answer);
+    assert!(
+        answer.starts_with("private_key=") || answer.starts_with("listen_port="),
+        "{answer:?}"
+    );
+
+    // B -> A through the loopback relay; A -> B's instance on 127.0.0.1.
+    let a_local = loopback_for(IpAddr::V4(a.ip().parse().unwrap()));
+    let env = std::fs::read_to_string(state.path().join("ist.env")).unwrap();
+    assert!(env.contains(&format!("WARP_IST_api={a_local}\n")), "{env}");
+    assert!(
+        sha_transfer(&hb.ns, SocketAddr::from((a_local, 9090)), 1 << 20),
+        "rootless B -> A TCP"
+    );
+    sha_server(&hb.ns, "127.0.0.1:8080".parse().unwrap());
+    assert!(
+        sha_transfer(&ha.ns, SocketAddr::from((b_ip, 8080)), 1 << 20),
+        "A -> rootless B TCP"
+    );
+}

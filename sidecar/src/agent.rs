@@ -151,8 +151,13 @@ impl Agent {
                 (e, Some(u))
             }
         };
-        let uapi = UapiServer::start(engine.clone(), &uapi_server::socket_path(&config.interface))
-            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        let uapi = match config.mode {
+            Mode::Kernel => {
+                UapiServer::start(engine.clone(), &uapi_server::socket_path(&config.interface))
+                    .map_err(|e| AgentError::DataPlane(e.to_string()))?
+            }
+            Mode::Userspace => crate::userspace::start_uapi(engine.clone(), &config)?,
+        };
         let (names_tx, names) = watch::channel(Arc::new(NameIndex::default()));
         let mut outputs = Outputs::new(
             OutputConfig {

@@ -17,7 +17,8 @@ use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::netmap::NetworkMap;
 use meshlib::userspace::ports::{listening_ports, loopback_for};
 use meshlib::userspace::{Stack, StackConfig};
-use meshlib::wg::{Engine, EngineConfig};
+use meshlib::wg::uapi_server::{self, UapiServerError};
+use meshlib::wg::{Engine, EngineConfig, UapiServer};
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentError;
@@ -87,6 +88,25 @@ pub fn announced_ports(config: &Config) -> Vec<u16> {
         .filter(|p| !own.contains(p))
         .take(meshlib::userspace::ports::MAX_ANNOUNCED)
         .collect()
+}
+
+/// Starts the UAPI server at the standard path
+/// (`/var/run/wireguard/<interface>.sock`, where `wg` looks), or, when that
+/// directory is not writable (no privileges), at
+/// `<state-dir>/<interface>.sock`.
+pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, AgentError> {
+    let standard = uapi_server::socket_path(&config.interface);
+    match UapiServer::start(engine.clone(), &standard) {
+        Ok(s) => Ok(s),
+        Err(UapiServerError::Bind { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            let path = config.state_dir.join(format!("{}.sock", config.interface));
+            tracing::warn!(%source, path = %path.display(), "no access to the standard UAPI directory; serving UAPI in the state directory");
+            UapiServer::start(engine, &path).map_err(|e| AgentError::DataPlane(e.to_string()))
+        }
+        Err(e) => Err(AgentError::DataPlane(e.to_string())),
+    }
 }
 
 /// The userspace data plane: the stack and the running forwards.
