@@ -3,7 +3,7 @@
 //! registers the socket's waker and is woken by the stack thread's poll.
 
 use std::future::poll_fn;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
@@ -43,13 +43,18 @@ pub(super) fn spawn_outbound(inner: Arc<Inner>, stream: TcpStream, dst: SocketAd
     rt.spawn(relay(inner, h, stream));
 }
 
-/// Connects to the instance on `port` and relays the accepted socket `h`
-/// to it; a refused connection resets the tunnel side.
+/// Connects to the instance on `port` (with the default host 127.0.0.1,
+/// also `[::1]`: services listening on IPv6 loopback only) and relays the
+/// accepted socket `h` to it; a refused connection resets the tunnel side.
 pub(super) fn spawn_inbound(inner: Arc<Inner>, h: SocketHandle, port: u16) {
     let rt = inner.rt.clone();
     rt.spawn(async move {
         let target = SocketAddr::new(inner.cfg.inbound_host, port);
-        match TcpStream::connect(target).await {
+        let mut conn = TcpStream::connect(target).await;
+        if conn.is_err() && target.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            conn = TcpStream::connect((Ipv6Addr::LOCALHOST, port)).await;
+        }
+        match conn {
             Ok(stream) => {
                 inner.tcp_inbound.fetch_add(1, Relaxed);
                 relay(inner, h, stream).await

@@ -416,3 +416,22 @@ async fn a_port_scan_is_bounded_and_real_connections_still_work() {
     let p = data(10_000, 9);
     assert_eq!(echo_through(to_b, &p).await, p, "still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_reaches_a_service_on_ipv6_loopback_only() {
+    let Ok(l) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    };
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let (a, b) = pair();
+    let to_b = a.forward(&b, port).await;
+    let p = data(5000, 3);
+    assert_eq!(echo_through(to_b, &p).await, p);
+}
