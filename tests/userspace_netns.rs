@@ -279,6 +279,9 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     );
     let by_name = b.must_sh("getent hosts api.warp");
     assert!(by_name.starts_with(&a_local.to_string()), "{by_name}");
+    // The private DNS answers the loopback address too.
+    let dns = b.must_sh("dig @127.0.0.77 +time=2 +tries=3 +short api.warp");
+    assert_eq!(dns.trim(), a_local.to_string(), "DNS in userspace mode");
 }
 
 #[test]

@@ -259,5 +259,31 @@ mod tests {
         let f = address_map(me.public_key);
         assert_eq!(f(&me), Ipv4Addr::LOCALHOST);
         assert_eq!(f(&a), Ipv4Addr::new(127, 77, 1, 2));
+
+        // The outputs give the mapped addresses (DNS index and variables).
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(meshlib::names::NameIndex::default()));
+        let mut out = crate::outputs::Outputs::new(
+            crate::outputs::OutputConfig {
+                hosts_file: None,
+                env_dir: None,
+                overrides: Default::default(),
+            },
+            tx,
+        );
+        out.set_address_map(f);
+        out.apply(&map);
+        assert_eq!(
+            rx.borrow().lookup("s2.warp"),
+            meshlib::names::Lookup::Found(&[Ipv4Addr::new(127, 77, 1, 2)])
+        );
+        let vars = out.variables(&map);
+        assert!(
+            vars.contains(&("WARP_IST_s1".to_owned(), "127.0.0.1".to_owned())),
+            "{vars:?}"
+        );
+        assert!(
+            vars.contains(&("WARP_IST_s3".to_owned(), "127.77.1.3".to_owned())),
+            "{vars:?}"
+        );
     }
 }
