@@ -24,15 +24,24 @@ use sha2::{Digest, Sha256};
 
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// A TCP server in `ns` on `bind` that answers each connection with the
-/// SHA-256 of everything it read (until the client half-closes).
+/// A TCP server in `ns` on `bind` that answers each connection (4 at most,
+/// for 60 s at most) with the SHA-256 of everything it read (until the
+/// client half-closes).
 fn sha_server(ns: &str, bind: SocketAddr) {
     let (tx, rx) = mpsc::channel();
     in_ns(ns, move || {
         let l = TcpListener::bind(bind).expect("bind sha server");
+        l.set_nonblocking(true).unwrap();
         tx.send(()).unwrap();
-        for _ in 0..4 {
-            let Ok((mut s, _)) = l.accept() else { return };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut served = 0;
+        while served < 4 && std::time::Instant::now() < deadline {
+            let Ok((mut s, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            served += 1;
+            s.set_nonblocking(false).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 65_536];
