@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
             index,
             instance: instance.parse()?,
             runner: "runner-1".into(),
+            ports: vec![],
         };
         map.members.insert(member.public_key, member);
     }

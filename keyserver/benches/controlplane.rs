@@ -158,6 +158,7 @@ async fn join_many(
                 process_type: Default::default(),
                 instance: None,
                 runner: "bench".into(),
+                ports: vec![],
                 endpoints: vec!["192.0.2.1:51820".parse()?],
             };
             let mut s = control::join(&ep, &token, meta, &cfg)

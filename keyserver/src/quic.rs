@@ -481,6 +481,40 @@ async fn on_client(
                 proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
             }
         }
+        ClientMsg::UpdatePorts(ports) => {
+            let (sh, net, key) = (shared.clone(), s.network, s.key);
+            blocking(move || {
+                sh.mutate(
+                    |reg| {
+                        let (change, ops) = reg.update_ports(net, &key, &ports);
+                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+                    },
+                    |_, _, _| (),
+                )
+            })
+            .await?
+            .map_err(op_fatal)?;
+        }
+        ClientMsg::Leave => {
+            let (sh, net, key) = (shared.clone(), s.network, s.key);
+            let left = blocking(move || {
+                sh.mutate(
+                    |reg| {
+                        let (change, ops) =
+                            reg.remove_member(net, &key.to_string(), SystemTime::now())?;
+                        tracing::info!(network = %net, member = %key, "member left");
+                        Ok::<_, crate::registry::AdminError>(((), ops, vec![change]))
+                    },
+                    |_, _, _| (),
+                )
+            })
+            .await?;
+            if let Err(e) = left {
+                tracing::warn!(member = %s.key, "leave failed: {e}");
+                return Err(Fatal(ErrorCode::Internal, e.to_string()));
+            }
+            return Err(Fatal(ErrorCode::Revoked, "left the network".into()));
+        }
         ClientMsg::GetMap(other) => {
             let err = ProtoError {
                 code: ErrorCode::Forbidden,

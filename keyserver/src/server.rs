@@ -315,6 +315,7 @@ mod tests {
                 process_type: Default::default(),
                 instance: None,
                 runner: "r".into(),
+                ports: vec![],
                 endpoints: vec![],
             };
             shared.mutate(

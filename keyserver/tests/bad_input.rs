@@ -237,6 +237,7 @@ async fn malformed_truncated_oversized_frames_and_versions() {
             process_type: meta.process_type,
             instance: None,
             runner: meta.runner,
+            ports: vec![],
             endpoints: vec![],
         }),
     };

@@ -228,6 +228,7 @@ async fn a_lagging_member_catches_up() {
             process_type: meta_a.process_type,
             instance: None,
             runner: meta_a.runner,
+            ports: vec![],
             endpoints: vec![],
         }),
     };

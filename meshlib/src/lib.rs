@@ -32,6 +32,8 @@
 //! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
 //! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
 //!   TUN device, and the `wg`-compatible UAPI socket.
+//! - [`userspace`] — rootless mode: a smoltcp TCP/IP stack as the engine's
+//!   device, with TCP and UDP relays between loopback sockets and the tunnel.
 
 #![warn(missing_docs)]
 
@@ -47,4 +49,5 @@ pub mod netmap;
 pub mod proto;
 pub mod reconcile;
 pub mod render;
+pub mod userspace;
 pub mod wg;

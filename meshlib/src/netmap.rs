@@ -37,6 +37,11 @@ pub struct Member {
     pub instance: InstanceName,
     /// Free-form label of the runner (host) the instance runs on.
     pub runner: String,
+    /// TCP/UDP ports the instance serves (declared in its config, or found
+    /// listening on loopback at join): a userspace-mode peer listens on
+    /// these, on the loopback address standing for this member. Empty when
+    /// unknown (kernel-mode peers reach any port anyway).
+    pub ports: Vec<u16>,
 }
 
 /// Everything one member needs about its network.
@@ -190,6 +195,7 @@ pub(crate) mod tests {
             index,
             instance: inst.parse().unwrap(),
             runner: "r1".to_owned(),
+            ports: vec![],
         }
     }
 

@@ -168,6 +168,8 @@ pub struct JoinRequest {
     pub runner: String,
     /// Underlay endpoints where the member's WireGuard socket listens.
     pub endpoints: Vec<SocketAddr>,
+    /// Ports the instance serves ([`crate::netmap::Member::ports`]).
+    pub ports: Vec<u16>,
 }
 
 /// A reconnecting member.
@@ -216,6 +218,13 @@ pub enum ClientMsg {
     /// Send me the map of this network (only the member's own network is
     /// allowed; anything else is [`ErrorCode::Forbidden`]).
     GetMap(NetworkId),
+    /// Remove me from the network now (a short-lived member such as
+    /// `sidecar tunnel` leaving); the server ends the stream with
+    /// [`ErrorCode::Revoked`]. Appended, so older encodings still hold.
+    Leave,
+    /// The ports my instance serves changed
+    /// ([`crate::netmap::Member::ports`]).
+    UpdatePorts(Vec<u16>),
 }
 
 /// Messages from server to client.

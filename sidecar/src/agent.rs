@@ -72,9 +72,6 @@ pub enum AgentError {
         /// The system error.
         source: std::io::Error,
     },
-    /// Userspace mode is not built yet.
-    #[error("userspace mode is not available yet; use mode = \"kernel\" (needs CAP_NET_ADMIN and /dev/net/tun)")]
-    Userspace,
     /// The membership file belongs to another key than the key file.
     #[error("the state directory's membership belongs to another key; move membership.json away to join anew")]
     KeyMismatch,
@@ -110,6 +107,8 @@ pub struct Agent {
     outputs: Outputs,
     peers: DesiredPeers,
     names: watch::Receiver<Arc<NameIndex>>,
+    /// Userspace mode's stack and loopback listeners (`None` in kernel mode).
+    userspace: Option<crate::userspace::UserspacePlane>,
 }
 
 impl Agent {
@@ -121,9 +120,6 @@ impl Agent {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(Self, Option<Session>), AgentError> {
         config.validate()?;
-        if config.mode == Mode::Userspace {
-            return Err(AgentError::Userspace);
-        }
         let state = StateDir::open(&config.state_dir)?;
         let (key, generated) = state.load_or_create_key()?;
         if generated {
@@ -148,11 +144,22 @@ impl Agent {
                 (m, map, Some(session))
             }
         };
-        let engine = start_engine(&config, &key, &membership)?;
-        let uapi = UapiServer::start(engine.clone(), &uapi_server::socket_path(&config.interface))
-            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        let (engine, userspace) = match config.mode {
+            Mode::Kernel => (start_engine(&config, &key, &membership)?, None),
+            Mode::Userspace => {
+                let (e, u) = crate::userspace::start(&config, &key, &membership)?;
+                (e, Some(u))
+            }
+        };
+        let uapi = match config.mode {
+            Mode::Kernel => {
+                UapiServer::start(engine.clone(), &uapi_server::socket_path(&config.interface))
+                    .map_err(|e| AgentError::DataPlane(e.to_string()))?
+            }
+            Mode::Userspace => crate::userspace::start_uapi(engine.clone(), &config)?,
+        };
         let (names_tx, names) = watch::channel(Arc::new(NameIndex::default()));
-        let outputs = Outputs::new(
+        let mut outputs = Outputs::new(
             OutputConfig {
                 hosts_file: config.hosts_file.clone(),
                 env_dir: config.env_files.then(|| config.state_dir.clone()),
@@ -160,6 +167,9 @@ impl Agent {
             },
             names_tx,
         );
+        if userspace.is_some() {
+            outputs.set_address_map(crate::userspace::address_map(key.public_key()));
+        }
         let shared = Arc::new(Shared {
             control: Mutex::new(ControlState::Connecting {
                 attempt: 0,
@@ -179,6 +189,7 @@ impl Agent {
             outputs,
             peers: DesiredPeers::new(),
             names,
+            userspace,
         };
         agent.apply(map);
         Ok((agent, session))
@@ -187,6 +198,9 @@ impl Agent {
     /// Applies one map: outputs, engine peers, cache.
     pub fn apply(&mut self, map: NetworkMap) {
         let report = self.outputs.apply(&map);
+        if let Some(u) = &mut self.userspace {
+            u.apply(&map);
+        }
         *self.shared.conflicts.lock() = report.conflicts.iter().map(|c| c.to_string()).collect();
         let own = self.key.public_key();
         let prefer_v4 = true;
@@ -290,6 +304,16 @@ impl Agent {
         )
     }
 
+    /// The ports the map holds for this member.
+    fn own_ports(&self) -> Vec<u16> {
+        let own = self.key.public_key();
+        let map = self.shared.map.lock();
+        map.members
+            .get(&own)
+            .map(|m| m.ports.clone())
+            .unwrap_or_default()
+    }
+
     /// Runs the control and apply loops until `shutdown` turns true, or the
     /// member is revoked.
     pub async fn run(
@@ -307,6 +331,11 @@ impl Agent {
             membership: self.membership.clone(),
             endpoints: Mutex::new(self.endpoints()),
             detect: Box::new(move || advertised_endpoints(&config, port, range)),
+            ports: Mutex::new(self.own_ports()),
+            detect_ports: {
+                let config = self.config.clone();
+                Box::new(move || crate::userspace::announced_ports(&config))
+            },
             shared: self.shared.clone(),
             state: self.state.clone(),
         };
@@ -337,6 +366,9 @@ impl Agent {
                 self.engine.remove_peer(key);
             }
             self.state.forget_membership();
+        }
+        if let Some(u) = &mut self.userspace {
+            u.stop();
         }
         self.engine.shutdown();
     }
@@ -450,6 +482,7 @@ async fn first_join(
             instance: config.instance.clone(),
             runner: runner.clone(),
             endpoints: endpoints.clone(),
+            ports: crate::userspace::announced_ports(config),
         };
         match control::join(&endpoint, &token, meta, &ClientConfig::default()).await {
             Ok(session) => {
@@ -500,6 +533,11 @@ struct Controller {
     endpoints: Mutex<Vec<SocketAddr>>,
     /// Finds the endpoints to advertise now (addresses may change).
     detect: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
+    /// The service ports last announced.
+    ports: Mutex<Vec<u16>>,
+    /// Finds the ports to announce now (the instance may start listening
+    /// after the join).
+    detect_ports: Box<dyn Fn() -> Vec<u16> + Send + Sync>,
     shared: Arc<Shared>,
     state: StateDir,
 }
@@ -607,6 +645,14 @@ impl Controller {
                             return Ok(false);
                         }
                         *self.endpoints.lock() = now;
+                    }
+                    let ports = (self.detect_ports)();
+                    if ports != *self.ports.lock() {
+                        tracing::info!(?ports, "service ports changed; telling the keyserver");
+                        if s.update_ports(ports.clone()).await.is_err() {
+                            return Ok(false);
+                        }
+                        *self.ports.lock() = ports;
                     }
                 }
                 _ = shutdown.changed() => return Ok(true),

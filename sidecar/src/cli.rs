@@ -73,6 +73,10 @@ pub struct UpArgs {
     /// Status socket path (default <state-dir>/status.sock).
     #[arg(long, env = "ISTM_STATUS_SOCKET")]
     pub status_socket: Option<PathBuf>,
+    /// Port this instance serves (for userspace-mode peers); repeat or
+    /// comma-separate (default: the listening ones, found at join).
+    #[arg(long = "port", env = "ISTM_PORTS", value_delimiter = ',')]
+    pub ports: Vec<u16>,
 }
 
 /// Why the flags do not make a config.
@@ -107,6 +111,9 @@ impl UpArgs {
         }
         if !self.endpoints.is_empty() {
             c.endpoints = self.endpoints.clone();
+        }
+        if !self.ports.is_empty() {
+            c.ports = self.ports.clone();
         }
         if !self.dns_upstreams.is_empty() {
             c.dns.upstreams = self.dns_upstreams.clone();

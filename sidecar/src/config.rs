@@ -16,6 +16,8 @@
 //! hosts-file = "/etc/hosts"
 //! warp-config = "warp.config.js"
 //!
+//! ports = [8080]                 # announced to userspace-mode peers
+//!
 //! [dns]
 //! listen = "127.0.0.77:53"
 //! ttl = 30
@@ -138,6 +140,10 @@ pub struct Config {
     pub dns: DnsSettings,
     /// Per-service IST overrides (applied over `warp.config.js`).
     pub ist: Vec<IstOverride>,
+    /// Ports this instance serves, announced at join so that userspace-mode
+    /// peers listen on them. Default: the TCP ports found listening on
+    /// loopback or any address (`/proc/net/tcp{,6}`) when joining.
+    pub ports: Vec<u16>,
 }
 
 impl Default for Config {
@@ -161,6 +167,7 @@ impl Default for Config {
             metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9477))),
             dns: DnsSettings::default(),
             ist: Vec::new(),
+            ports: Vec::new(),
         }
     }
 }

@@ -12,6 +12,10 @@
 //! - [`state`] — the state directory: private key (0600) and map cache.
 //! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
 //! - [`supervise`] — `sidecar run`: the child process, its env and signals.
+//! - [`tunnel`] — `sidecar tunnel`: a short-lived rootless member forwarding
+//!   one local port to a private name.
+//! - [`userspace`] — userspace mode: the smoltcp stack under the engine and
+//!   loopback listeners for the services this instance reaches.
 
 #![warn(missing_docs)]
 
@@ -24,3 +28,5 @@ pub mod resolver;
 pub mod state;
 pub mod status;
 pub mod supervise;
+pub mod tunnel;
+pub mod userspace;

@@ -54,6 +54,21 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
     },
+    /// Forward a local port to `<instance>.internal:<port>` or
+    /// `<service>.warp:<port>` through the mesh, as a short-lived rootless
+    /// member (removed from the network when this exits).
+    Tunnel {
+        /// Join token of the network.
+        #[arg(long, env = "ISTM_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Service name the tunnel joins as.
+        #[arg(long, default_value = "tunnel")]
+        service: String,
+        /// Local port (on 127.0.0.1) or ip:port to listen on.
+        local: String,
+        /// Target: <name>:<port> (a private DNS name or IP).
+        target: String,
+    },
     /// Show peers, endpoints, handshakes, bytes, map generation and the
     /// control connection of a running sidecar.
     Status {
@@ -80,6 +95,12 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => status_main(socket, state_dir, json),
+        Command::Tunnel {
+            token,
+            service,
+            local,
+            target,
+        } => tunnel_main(token, service, &local, &target),
         Command::Wg(args) => match wg_cmd::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -161,6 +182,53 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
 }
 
 /// `sidecar status`.
+fn tunnel_main(token: String, service: String, local: &str, target: &str) -> ExitCode {
+    init_logs();
+    let result = (|| -> anyhow::Result<()> {
+        let listen: std::net::SocketAddr = match local.parse::<u16>() {
+            Ok(port) => ([127, 0, 0, 1], port).into(),
+            Err(_) => local.parse()?,
+        };
+        let (target_host, target_port) = sidecar::tunnel::parse_target(target)?;
+        let cfg = sidecar::tunnel::TunnelConfig {
+            token,
+            service,
+            listen,
+            target_host,
+            target_port,
+        };
+        runtime()?.block_on(async move {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                let _ = stop_tx.send(true);
+            });
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                if let Ok(addr) = rx.await {
+                    println!("forwarding {addr}; Ctrl-C to stop");
+                }
+            });
+            sidecar::tunnel::run(cfg, stop_rx, Some(tx)).await?;
+            Ok(())
+        })
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidecar tunnel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn status_main(socket: Option<PathBuf>, state_dir: Option<PathBuf>, json: bool) -> ExitCode {
     let path = socket.unwrap_or_else(|| {
         state_dir

@@ -3,6 +3,8 @@
 //! `/etc/hosts` section and the env files. [`Outputs::apply`] runs on the
 //! first map and on every change; unchanged files are not rewritten.
 
+use std::borrow::Cow;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use meshlib::fsutil::{update_hosts_file, write_atomic};
 use meshlib::ist::config::Overrides;
 use meshlib::ist::table::{Conflict, IstTable};
 use meshlib::names::NameIndex;
-use meshlib::netmap::NetworkMap;
+use meshlib::netmap::{Member, NetworkMap};
 use meshlib::render::{env, hosts};
 use tokio::sync::watch;
 
@@ -45,11 +47,16 @@ pub struct ApplyReport {
     pub hosts_error: Option<String>,
 }
 
+/// Which address the outputs give for a member (userspace mode: the
+/// loopback address the sidecar listens on for it).
+pub type AddressMap = Arc<dyn Fn(&Member) -> Ipv4Addr + Send + Sync>;
+
 /// The outputs of one member.
 pub struct Outputs {
     config: OutputConfig,
     names: watch::Sender<Arc<NameIndex>>,
     table: IstTable,
+    address_map: Option<AddressMap>,
 }
 
 impl Outputs {
@@ -59,6 +66,27 @@ impl Outputs {
             config,
             names,
             table: IstTable::default(),
+            address_map: None,
+        }
+    }
+
+    /// Makes hosts, env and DNS give `f(member)` in place of each member's
+    /// private IP (userspace mode); takes effect at the next apply.
+    pub fn set_address_map(&mut self, f: AddressMap) {
+        self.address_map = Some(f);
+    }
+
+    /// `map` with the address map applied to its members.
+    fn view<'m>(&self, map: &'m NetworkMap) -> Cow<'m, NetworkMap> {
+        match &self.address_map {
+            None => Cow::Borrowed(map),
+            Some(f) => {
+                let mut m = map.clone();
+                for member in m.members.values_mut() {
+                    member.ip = f(member);
+                }
+                Cow::Owned(m)
+            }
         }
     }
 
@@ -69,11 +97,13 @@ impl Outputs {
 
     /// The IST variables of `map` with the current overrides.
     pub fn variables(&self, map: &NetworkMap) -> Vec<(String, String)> {
-        env::ist_variables(map, &self.table)
+        env::ist_variables(&self.view(map), &self.table)
     }
 
     /// Recomputes everything from `map` and writes what changed.
     pub fn apply(&mut self, map: &NetworkMap) -> ApplyReport {
+        let view = self.view(map);
+        let map: &NetworkMap = &view;
         self.table = IstTable::build(map.services(), &self.config.overrides);
         let mut report = ApplyReport {
             conflicts: self.table.conflicts.clone(),
@@ -115,7 +145,8 @@ impl Outputs {
         let Some(dir) = &self.config.env_dir else {
             return;
         };
-        let vars = self.variables(map);
+        // `map` is already the view: no second address mapping.
+        let vars = env::ist_variables(map, &self.table);
         let pairs = || vars.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         for (file, text) in [
             (DOTENV_FILE, env::render_dotenv(pairs())),
@@ -161,6 +192,7 @@ mod tests {
             index: 1,
             instance: inst.parse().unwrap(),
             runner: "r".into(),
+            ports: vec![],
         }
     }
 

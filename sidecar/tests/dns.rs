@@ -34,6 +34,7 @@ fn member(instance: &str, service: &str, ptype: &str, index: u32, ip: Ipv4Addr) 
         index,
         instance: instance.parse().unwrap(),
         runner: "r1".into(),
+        ports: vec![],
     }
 }
 

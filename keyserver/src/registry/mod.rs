@@ -347,6 +347,8 @@ impl Registry {
         Ok(hash)
     }
 
+    /// Most service ports a member may declare.
+    pub const MAX_PORTS: usize = 64;
     /// Most endpoints a member may advertise.
     pub const MAX_ENDPOINTS: usize = 16;
     /// Longest service name and runner label, in bytes.
@@ -366,6 +368,9 @@ impl Registry {
         }
         if req.endpoints.len() > Self::MAX_ENDPOINTS {
             return bad(format!("at most {} endpoints", Self::MAX_ENDPOINTS));
+        }
+        if req.ports.len() > Self::MAX_PORTS || req.ports.contains(&0) {
+            return bad(format!("at most {} ports, none of them 0", Self::MAX_PORTS));
         }
         Ok(())
     }
@@ -429,6 +434,7 @@ impl Registry {
             index,
             instance,
             runner: req.runner.clone(),
+            ports: dedup_ports(&req.ports),
         };
         let rec = MemberRecord {
             network: req.network,
@@ -539,6 +545,35 @@ impl Registry {
         (Some(change), vec![stored, net_op])
     }
 
+    /// Records the ports a member's instance serves (out-of-bounds lists are
+    /// ignored: at most [`Self::MAX_PORTS`], none 0).
+    pub fn update_ports(
+        &mut self,
+        network: NetworkId,
+        key: &PublicKey,
+        ports: &[u16],
+    ) -> (Option<Change>, Vec<StoreOp>) {
+        let log_cap = self.log_cap;
+        if ports.len() > Self::MAX_PORTS || ports.contains(&0) {
+            return (None, vec![]);
+        }
+        let Some(net) = self.networks.get_mut(&network) else {
+            return (None, vec![]);
+        };
+        let Some(rec) = net.members.get_mut(key) else {
+            return (None, vec![]);
+        };
+        let ports = dedup_ports(ports);
+        if ports == rec.member.ports {
+            return (None, vec![]);
+        }
+        rec.member.ports = ports;
+        let member = rec.member.clone();
+        let stored = StoreOp::PutMember(rec.clone());
+        let (change, net_op) = net.record(MapChange::Upsert(member), None, log_cap);
+        (Some(change), vec![stored, net_op])
+    }
+
     /// Whether the member still exists.
     pub fn is_member(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.networks
@@ -595,4 +630,12 @@ pub fn observed_endpoint(advertised: &[SocketAddr], observed: SocketAddr) -> Opt
     let port = advertised.first()?.port();
     let seen = SocketAddr::new(observed.ip().to_canonical(), port);
     (!advertised.contains(&seen)).then_some(seen)
+}
+
+/// A member's declared ports, sorted, without duplicates.
+fn dedup_ports(ports: &[u16]) -> Vec<u16> {
+    let mut p = ports.to_vec();
+    p.sort_unstable();
+    p.dedup();
+    p
 }

@@ -19,6 +19,7 @@ fn req(net: NetworkId, secret: Secret, service: &str) -> JoinRequest {
         process_type: ProcessType::default(),
         instance: None,
         runner: "r1".into(),
+        ports: vec![],
         endpoints: vec![],
     }
 }
@@ -235,4 +236,35 @@ fn observed_endpoint_takes_the_wireguard_port() {
         observed_endpoint(&[], "203.0.113.5:40000".parse().unwrap()),
         None
     );
+}
+
+#[test]
+fn ports_are_validated_at_join_and_updated_as_changes() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
+    let mut bad = req(net, secret, "api");
+    bad.ports = vec![80, 0];
+    assert!(reg
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .is_err());
+    bad.ports = (1..=65).collect();
+    assert!(reg
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .is_err());
+    let mut good = req(net, secret, "api");
+    good.ports = vec![8080, 80, 8080];
+    let j = reg
+        .join(&good, OBS.parse().unwrap(), &[2; 32], now())
+        .unwrap();
+    assert_eq!(j.member.ports, vec![80, 8080], "sorted, deduplicated");
+    let key = good.public_key;
+    let (same, ops) = reg.update_ports(net, &key, &[8080, 80]);
+    assert!(same.is_none() && ops.is_empty(), "no change, no generation");
+    let (none, _) = reg.update_ports(net, &key, &[0]);
+    assert!(none.is_none(), "port 0 ignored");
+    let (change, ops) = reg.update_ports(net, &key, &[5432]);
+    let change = change.expect("a change");
+    assert_eq!(ops.len(), 2);
+    assert_eq!(change.delta.from + 1, change.delta.to);
+    let map = reg.snapshot(net).unwrap();
+    assert_eq!(map.members[&key].ports, vec![5432]);
 }

@@ -141,6 +141,7 @@ pub fn meta(service: &str) -> (PrivateKey, MemberMeta) {
         process_type: Default::default(),
         instance: None,
         runner: "runner-1".into(),
+        ports: vec![],
         endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
     };
     (key, meta)

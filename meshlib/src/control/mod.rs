@@ -73,6 +73,8 @@ pub struct MemberMeta {
     pub runner: String,
     /// Underlay endpoints of the member's WireGuard socket.
     pub endpoints: Vec<SocketAddr>,
+    /// Ports the instance serves ([`crate::netmap::Member::ports`]).
+    pub ports: Vec<u16>,
 }
 
 /// Why a control session failed.
@@ -269,6 +271,7 @@ pub async fn join(
             instance: meta.instance,
             runner: meta.runner,
             endpoints: meta.endpoints,
+            ports: meta.ports,
         }),
     };
     let placeholder = NetworkMap::new(token.network, "", "0.0.0.0/32".parse().expect("literal"));
@@ -508,6 +511,25 @@ impl Session {
         endpoints: Vec<SocketAddr>,
     ) -> Result<(), ControlError> {
         self.send(&ClientMsg::UpdateEndpoints(endpoints)).await
+    }
+
+    /// Tells the server the ports the instance now serves.
+    pub async fn update_ports(&mut self, ports: Vec<u16>) -> Result<(), ControlError> {
+        self.send(&ClientMsg::UpdatePorts(ports)).await
+    }
+
+    /// Leaves the network: the keyserver removes this member (peers drop it
+    /// within a second) and ends the stream; waits up to `limit` for that
+    /// end, then closes the connection. True when the end was seen.
+    pub async fn leave(mut self, limit: std::time::Duration) -> bool {
+        let mut ended = false;
+        if self.send(&ClientMsg::Leave).await.is_ok() {
+            ended = tokio::time::timeout(limit, async { while self.next_event().await.is_ok() {} })
+                .await
+                .is_ok();
+        }
+        self.close();
+        ended
     }
 
     /// Closes the connection.

@@ -1,0 +1,506 @@
+//! Rootless (userspace) mode: a smoltcp TCP/IP stack in place of the TUN
+//! interface, behind the same [`crate::wg::Engine`].
+//!
+//! ## Layout
+//! - [`queue`] — the engine ↔ stack bridge: bounded packet queues over a
+//!   pool of recycled buffers ([`StackDevice`] implements
+//!   [`crate::wg::device::Device`]; no allocation per packet).
+//! - this module — [`Stack`]: the smoltcp interface with the member's
+//!   address and its socket set, driven by one thread (`ist-stack`); it
+//!   accepts TCP connections and UDP datagrams to the member's IP on any
+//!   port (it looks at connection openings before smoltcp does and opens a
+//!   listening socket for them), relaying them to the instance on
+//!   `127.0.0.1:<port>`.
+//! - `tcp` / `udp` — the relays between tokio sockets and smoltcp sockets,
+//!   woken by smoltcp's socket wakers (no polling, no channels per packet).
+//! - [`ports`] — pure helpers: the loopback address standing for a remote
+//!   member, and the listening ports of the instance read from
+//!   `/proc/net/tcp`.
+//!
+//! ## Call order
+//! [`Stack::start`] (inside a tokio runtime) gives the stack and its device;
+//! start the engine on the device; then [`Stack::forward_tcp`] /
+//! [`Stack::forward_udp`] for each remote service. Inbound needs no call.
+
+pub mod ports;
+pub mod queue;
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand_core::RngCore;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp as stcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
+
+pub use queue::StackDevice;
+use queue::{Phy, Queues};
+
+/// Why the stack could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// [`Stack::start`] was called outside a tokio runtime.
+    #[error("the userspace stack must start inside a tokio runtime")]
+    NoRuntime,
+    /// The prefix length does not fit the address family.
+    #[error("invalid prefix length {0}")]
+    Prefix(u8),
+    /// The stack thread could not be started.
+    #[error("cannot start stack thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How the stack is set up. Plain data; [`StackConfig::new`] gives defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackConfig {
+    /// The member's private IP (the stack's only address).
+    pub address: IpAddr,
+    /// The network's prefix length (e.g. 22): destinations inside it are
+    /// on the tunnel.
+    pub prefix_len: u8,
+    /// MTU of the stack's link; [`crate::wg::device::DEFAULT_MTU`] by
+    /// default, as the TUN interface.
+    pub mtu: u16,
+    /// Receive and send buffer of each TCP socket, bytes; 1 MiB by default
+    /// (with window scaling: one loopback stream needs a large window).
+    pub tcp_buffer: usize,
+    /// Where inbound connections and datagrams go: `<inbound_host>:<port>`;
+    /// 127.0.0.1 by default (the instance).
+    pub inbound_host: IpAddr,
+    /// A UDP flow without traffic for this long is closed; 60 s by default.
+    pub udp_idle: Duration,
+}
+
+impl StackConfig {
+    /// The defaults for a member at `address` in a `/prefix_len` network.
+    pub fn new(address: IpAddr, prefix_len: u8) -> Self {
+        Self {
+            address,
+            prefix_len,
+            mtu: crate::wg::device::DEFAULT_MTU,
+            tcp_buffer: 1 << 20,
+            inbound_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            udp_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters of the stack.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StackStats {
+    /// TCP connections relayed from the tunnel to the instance.
+    pub tcp_inbound: u64,
+    /// TCP connections relayed from loopback into the tunnel.
+    pub tcp_outbound: u64,
+    /// Inbound connections the instance refused (answered with a reset).
+    pub tcp_refused: u64,
+    /// UDP flows opened (both directions).
+    pub udp_flows: u64,
+}
+
+/// Listening sockets kept per port at most (connection openings arriving
+/// together).
+const MAX_LISTENERS: usize = 16;
+/// Idle listening sockets over all ports at most: a peer scanning ports
+/// gets resets beyond this instead of growing the socket set.
+const MAX_IDLE_LISTENERS: usize = 256;
+/// Time given to a closing socket to finish its FIN exchange.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+/// Longest sleep of the stack thread (bounds shutdown latency).
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// Inbound packets handled per poll round.
+const RX_ROUND: usize = 256;
+
+/// The smoltcp side, under one lock.
+pub(crate) struct Net {
+    iface: Interface,
+    pub sockets: SocketSet<'static>,
+    /// Idle listening TCP sockets by port.
+    listeners: HashMap<u16, Vec<SocketHandle>>,
+    /// UDP sockets bound for inbound datagrams, by port.
+    udp_ports: HashMap<u16, SocketHandle>,
+    /// Sockets whose relay ended, removed once closed (or at the deadline).
+    closing: Vec<(SocketHandle, Instant)>,
+    next_port: u16,
+}
+
+impl Net {
+    /// An ephemeral local port for an outbound flow.
+    pub fn ephemeral_port(&mut self) -> u16 {
+        self.next_port = if self.next_port == u16::MAX {
+            49_152
+        } else {
+            self.next_port + 1
+        };
+        self.next_port
+    }
+
+    /// Hands a finished relay's TCP socket over for removal.
+    pub fn retire(&mut self, h: SocketHandle) {
+        self.closing.push((h, Instant::now() + CLOSE_GRACE));
+    }
+
+    /// A new TCP socket with `size`-byte buffers.
+    fn tcp_socket(size: usize) -> stcp::Socket<'static> {
+        let mut s = stcp::Socket::new(
+            stcp::SocketBuffer::new(vec![0; size]),
+            stcp::SocketBuffer::new(vec![0; size]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(25)));
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+        s
+    }
+}
+
+/// State shared by the stack thread, the relays and the API.
+pub(crate) struct Inner {
+    pub net: Mutex<Net>,
+    pub queues: Arc<Queues>,
+    pub cfg: StackConfig,
+    pub rt: tokio::runtime::Handle,
+    epoch: Instant,
+    pub tcp_inbound: AtomicU64,
+    pub tcp_outbound: AtomicU64,
+    pub tcp_refused: AtomicU64,
+    pub udp_flows: AtomicU64,
+}
+
+impl Inner {
+    /// Runs `f` on a TCP socket of the set.
+    pub fn with_tcp<R>(
+        &self,
+        h: SocketHandle,
+        f: impl FnOnce(&mut stcp::Socket<'static>) -> R,
+    ) -> R {
+        f(self.net.lock().sockets.get_mut::<stcp::Socket>(h))
+    }
+
+    /// Asks the stack thread for a poll (after a socket changed).
+    pub fn kick(&self) {
+        self.queues.kick.kick();
+    }
+
+    /// Milliseconds on the stack's clock (UDP idle times).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+}
+
+/// The userspace TCP/IP stack of one member. Dropping it stops its thread
+/// (relay tasks end when their sockets do).
+pub struct Stack {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stack {
+    /// Builds the interface and starts its thread; returns the device to
+    /// give to [`crate::wg::Engine::start`]. Must run inside a tokio runtime
+    /// (relays are spawned on it).
+    pub fn start(cfg: StackConfig) -> Result<(Self, Arc<StackDevice>), StackError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| StackError::NoRuntime)?;
+        let cidr = IpCidr::new(IpAddress::from(cfg.address), cfg.prefix_len);
+        let max = if cfg.address.is_ipv4() { 32 } else { 128 };
+        if cfg.prefix_len > max {
+            return Err(StackError::Prefix(cfg.prefix_len));
+        }
+        let queues = Arc::new(Queues::new(cfg.mtu as usize));
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = rand_core::OsRng.next_u64();
+        let mut phy = Phy {
+            queues: &queues,
+            rx_budget: 0,
+        };
+        let epoch = Instant::now();
+        let mut iface = Interface::new(config, &mut phy, SmolInstant::from_micros(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(cidr);
+        });
+        let next_port = 49_152 + (rand_core::OsRng.next_u32() % 16_000) as u16;
+        let inner = Arc::new(Inner {
+            net: Mutex::new(Net {
+                iface,
+                sockets: SocketSet::new(Vec::new()),
+                listeners: HashMap::new(),
+                udp_ports: HashMap::new(),
+                closing: Vec::new(),
+                next_port,
+            }),
+            queues: queues.clone(),
+            cfg,
+            rt,
+            epoch,
+            tcp_inbound: AtomicU64::new(0),
+            tcp_outbound: AtomicU64::new(0),
+            tcp_refused: AtomicU64::new(0),
+            udp_flows: AtomicU64::new(0),
+        });
+        let run = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("ist-stack".into())
+            .spawn(move || stack_loop(run))
+            .map_err(StackError::Thread)?;
+        let device = Arc::new(StackDevice { queues });
+        Ok((
+            Self {
+                inner,
+                thread: Some(thread),
+            },
+            device,
+        ))
+    }
+
+    /// The member's address.
+    pub fn address(&self) -> IpAddr {
+        self.inner.cfg.address
+    }
+
+    /// Relays one accepted local connection to `dst` (an overlay address)
+    /// through the tunnel, on a task of the runtime.
+    pub fn connect_tcp(&self, stream: tokio::net::TcpStream, dst: SocketAddr) {
+        tcp::spawn_outbound(self.inner.clone(), stream, dst);
+    }
+
+    /// Accepts connections on `listener` and relays each one to `dst`.
+    /// Runs until the listener fails; abort the task to stop it.
+    pub async fn forward_tcp(&self, listener: tokio::net::TcpListener, dst: SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => self.connect_tcp(stream, dst),
+                Err(e) => {
+                    tracing::debug!("forward to {dst}: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Relays datagrams arriving on `socket` to `dst` through the tunnel, and
+    /// the answers back to each sender (one flow per sender, closed after
+    /// [`StackConfig::udp_idle`]). Runs until aborted.
+    pub async fn forward_udp(&self, socket: tokio::net::UdpSocket, dst: SocketAddr) {
+        udp::forward(self.inner.clone(), socket, dst).await
+    }
+
+    /// The stack's counters.
+    pub fn stats(&self) -> StackStats {
+        let i = &self.inner;
+        StackStats {
+            tcp_inbound: i.tcp_inbound.load(Relaxed),
+            tcp_outbound: i.tcp_outbound.load(Relaxed),
+            tcp_refused: i.tcp_refused.load(Relaxed),
+            udp_flows: i.udp_flows.load(Relaxed),
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.inner.queues.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection opening seen in an inbound packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// A TCP SYN (without ACK) to this port, from this peer.
+    Tcp(u16, SocketAddr),
+    /// A UDP datagram to this port.
+    Udp(u16),
+}
+
+/// What `packet` opens on `me`, if anything (pure; malformed packets give
+/// `None`).
+pub(crate) fn opening(packet: &[u8], me: IpAddr) -> Option<Opening> {
+    let (proto, src, dst, payload): (IpProtocol, IpAddr, IpAddr, &[u8]) = match packet.first()? >> 4
+    {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let (s, d) = (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()));
+            (ip.next_header(), s, d, ip.payload())
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            let (s, d) = (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()));
+            (ip.next_header(), s, d, ip.payload())
+        }
+        _ => return None,
+    };
+    if dst != me {
+        return None;
+    }
+    match proto {
+        IpProtocol::Tcp => {
+            let t = TcpPacket::new_checked(payload).ok()?;
+            let from = SocketAddr::new(src, t.src_port());
+            (t.syn() && !t.ack()).then_some(Opening::Tcp(t.dst_port(), from))
+        }
+        IpProtocol::Udp => Some(Opening::Udp(
+            UdpPacket::new_checked(payload).ok()?.dst_port(),
+        )),
+        _ => None,
+    }
+}
+
+/// The stack thread: scan openings, poll smoltcp, hand accepted sockets to
+/// relays, reap closed sockets, sleep until kicked or smoltcp's next timer.
+fn stack_loop(inner: Arc<Inner>) {
+    let mut seen: Vec<Opening> = Vec::with_capacity(RX_ROUND);
+    while !inner.queues.stopped() {
+        let delay = {
+            let mut net = inner.net.lock();
+            seen.clear();
+            let me = inner.cfg.address;
+            let budget = inner
+                .queues
+                .scan_inbound(RX_ROUND, |p| match opening(p, me) {
+                    Some(Opening::Tcp(port, from)) if has_connection(&net, port, from) => {
+                        // A repeated SYN of a connection being opened: an idle
+                        // listener earlier in the socket set would take it and
+                        // open a second socket for the same peer. Dropped when
+                        // such a listener exists; the socket repeats its SYN-ACK
+                        // on its own.
+                        net.listeners.get(&port).is_none_or(Vec::is_empty)
+                    }
+                    Some(o) => {
+                        seen.push(o);
+                        true
+                    }
+                    None => true,
+                });
+            open_for(&inner, &mut net, &seen);
+            let now = inner.now();
+            let mut phy = Phy {
+                queues: &inner.queues,
+                rx_budget: budget,
+            };
+            let n = &mut *net;
+            n.iface.poll(now, &mut phy, &mut n.sockets);
+            accept_ready(&inner, n);
+            reap(n);
+            if inner.queues.inbound_len() > 0 {
+                Some(Duration::ZERO)
+            } else {
+                n.iface
+                    .poll_delay(now, &n.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()))
+            }
+        };
+        let sleep = delay.unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
+        if !sleep.is_zero() {
+            inner.queues.kick.wait(sleep);
+        }
+    }
+}
+
+/// Makes sure a listening TCP socket (per SYN) or a bound UDP socket waits
+/// for each opening about to be processed.
+fn open_for(inner: &Arc<Inner>, net: &mut Net, seen: &[Opening]) {
+    for (i, o) in seen.iter().enumerate() {
+        match *o {
+            Opening::Tcp(port, _) => {
+                // Distinct peers opening this port (a SYN repeated in one
+                // batch needs no second listener).
+                let want = seen[..=i]
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, x)| {
+                        matches!(x, Opening::Tcp(p, _) if *p == port) && !seen[..j].contains(x)
+                    })
+                    .count();
+                let have = net.listeners.get(&port).map_or(0, Vec::len);
+                let idle: usize = net.listeners.values().map(Vec::len).sum();
+                if have < want.min(MAX_LISTENERS) && idle < MAX_IDLE_LISTENERS {
+                    let mut s = Net::tcp_socket(inner.cfg.tcp_buffer);
+                    if s.listen((IpAddress::from(inner.cfg.address), port)).is_ok() {
+                        let h = net.sockets.add(s);
+                        net.listeners.entry(port).or_default().push(h);
+                    }
+                }
+            }
+            Opening::Udp(port) => {
+                if !net.udp_ports.contains_key(&port) {
+                    if let Some(h) = udp::bind_inbound(inner, net, port) {
+                        net.udp_ports.insert(port, h);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// True when a TCP socket (not listening) already serves `from` on `port`.
+fn has_connection(net: &Net, port: u16, from: SocketAddr) -> bool {
+    let from = smoltcp::wire::IpEndpoint::from(from);
+    net.sockets.iter().any(|(_, s)| match s {
+        smoltcp::socket::Socket::Tcp(t) => {
+            t.remote_endpoint() == Some(from) && t.local_endpoint().is_some_and(|l| l.port == port)
+        }
+        _ => false,
+    })
+}
+
+/// Listening sockets that left `Listen` got a connection: relay them.
+fn accept_ready(inner: &Arc<Inner>, net: &mut Net) {
+    let mut accepted = Vec::new();
+    for (port, hs) in net.listeners.iter_mut() {
+        hs.retain(|&h| {
+            let listening = net.sockets.get::<stcp::Socket>(h).is_listening();
+            if !listening {
+                accepted.push((*port, h));
+            }
+            listening
+        });
+    }
+    for (port, h) in accepted {
+        if net.sockets.get::<stcp::Socket>(h).state() == stcp::State::Closed {
+            net.sockets.remove(h);
+        } else {
+            tcp::spawn_inbound(inner.clone(), h, port);
+        }
+    }
+}
+
+/// Removes retired sockets once closed or past their grace period.
+fn reap(net: &mut Net) {
+    if net.closing.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let sockets = &mut net.sockets;
+    net.closing.retain(|&(h, deadline)| {
+        let state = sockets.get::<stcp::Socket>(h).state();
+        let done = matches!(state, stcp::State::Closed | stcp::State::TimeWait);
+        if done || now >= deadline {
+            sockets.remove(h);
+            false
+        } else {
+            true
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! Pure helpers of userspace mode: the loopback address that stands for a
+//! remote member, and the instance's listening ports from `/proc/net/tcp`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Most ports a member announces (the keyserver's limit).
+pub const MAX_ANNOUNCED: usize = 64;
+
+/// First octets of the loopback addresses standing for remote members.
+pub const LOOPBACK_PREFIX: [u8; 2] = [127, 77];
+
+/// The loopback address on which the sidecar listens for the member at
+/// `overlay` (`127.77.<third>.<fourth>` of its IPv4 address; for IPv6, the
+/// last two bytes). Deterministic, so every output agrees without a table;
+/// unique inside any network up to a /16.
+pub fn loopback_for(overlay: IpAddr) -> Ipv4Addr {
+    let [c, d] = match overlay {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            [o[2], o[3]]
+        }
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[14], o[15]]
+        }
+    };
+    Ipv4Addr::new(LOOPBACK_PREFIX[0], LOOPBACK_PREFIX[1], c, d)
+}
+
+/// The TCP ports on which something listens and that a relay to
+/// `127.0.0.1` reaches: `LISTEN` sockets bound to 127.0.0.1, 0.0.0.0, ::1 or
+/// `::`, from the text of `/proc/net/tcp` and `/proc/net/tcp6` (give both,
+/// concatenated or one after the other). Lines that do not parse are
+/// skipped.
+pub fn listening_ports(proc_net_tcp: &str) -> BTreeSet<u16> {
+    proc_net_tcp.lines().filter_map(listening_port).collect()
+}
+
+/// `/proc/net/tcp` state code of a listening socket.
+const TCP_LISTEN: &str = "0A";
+
+/// One `/proc/net/tcp{,6}` line: `sl local_address rem_address st ...`,
+/// addresses as hex `ADDR:PORT` (the address in host byte order words).
+fn listening_port(line: &str) -> Option<u16> {
+    let mut fields = line.split_whitespace();
+    let _sl = fields.next()?;
+    let local = fields.next()?;
+    let _remote = fields.next()?;
+    if fields.next()? != TCP_LISTEN {
+        return None;
+    }
+    let (addr, port) = local.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let reachable = match addr.len() {
+        // 127.0.0.1 and 0.0.0.0 (little-endian words on x86 and arm).
+        8 => matches!(addr, "0100007F" | "00000000"),
+        // ::1 and ::
+        32 => {
+            addr == "00000000000000000000000001000000" || addr == "00000000000000000000000000000000"
+        }
+        _ => false,
+    };
+    (reachable && port != 0).then_some(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_addresses_follow_the_overlay_address() {
+        assert_eq!(
+            loopback_for("10.240.3.7".parse().unwrap()),
+            Ipv4Addr::new(127, 77, 3, 7)
+        );
+        assert_ne!(
+            loopback_for("10.240.0.2".parse().unwrap()),
+            loopback_for("10.240.1.2".parse().unwrap())
+        );
+        assert_eq!(
+            loopback_for("fd00::1:2".parse().unwrap()),
+            Ipv4Addr::new(127, 77, 0, 2)
+        );
+    }
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0
+   2: 0500000A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0
+   3: 0100007F:1F91 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 100 0 0 10 0
+";
+    const TCP6: &str =
+        "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000001000000:1770 00000000000000000000000000000000:0000 0A 0
+   1: 00000000000000000000000000000000:0BB8 00000000000000000000000000000000:0000 0A 0
+   2: 000080FE00000000FF005450B6AD1DFE:0051 00000000000000000000000000000000:0000 0A 0
+";
+
+    #[test]
+    fn only_listening_sockets_reachable_on_loopback_count() {
+        let ports = listening_ports(&format!("{TCP}{TCP6}"));
+        // 8080 on 127.0.0.1, 22 on any, 6000 on ::1, 3000 on ::; not 80 on
+        // 10.0.0.5, not the established 8081, not the link-local 81.
+        assert_eq!(
+            ports.into_iter().collect::<Vec<_>>(),
+            vec![22, 3000, 6000, 8080]
+        );
+    }
+
+    #[test]
+    fn garbage_is_skipped() {
+        assert!(listening_ports("x\n0: zz:zz 0 0A\n1: 0100007F:XYZ 0:0 0A\n\u{0}").is_empty());
+    }
+}

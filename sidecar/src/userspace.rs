@@ -1,0 +1,289 @@
+//! Userspace mode in the sidecar: the engine on a [`meshlib::userspace::Stack`]
+//! instead of a TUN interface, and the loopback listeners for the services
+//! this instance reaches.
+//!
+//! For every other member and every port it declares, the sidecar listens
+//! (TCP and UDP) on `127.77.<c>.<d>:<port>` ([`loopback_for`] of the
+//! member's private IP) and relays into the tunnel. The outputs (hosts, env,
+//! DNS) give those loopback addresses ([`address_map`]); this member itself
+//! is `127.0.0.1`. Inbound traffic needs nothing here: the stack relays it
+//! to `127.0.0.1:<port>`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use meshlib::keys::{PrivateKey, PublicKey};
+use meshlib::netmap::NetworkMap;
+use meshlib::userspace::ports::{listening_ports, loopback_for};
+use meshlib::userspace::{Stack, StackConfig};
+use meshlib::wg::uapi_server::{self, UapiServerError};
+use meshlib::wg::{Engine, EngineConfig, UapiServer};
+use tokio::task::JoinHandle;
+
+use crate::agent::AgentError;
+use crate::config::Config;
+use crate::outputs::AddressMap;
+use crate::state::Membership;
+
+/// One relayed service: a loopback listen address and its tunnel target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Forward {
+    /// Where the sidecar listens (TCP and UDP).
+    pub listen: SocketAddr,
+    /// The remote member's private address and port.
+    pub target: SocketAddr,
+}
+
+/// The forwards `map` asks for, seen by the member `own` (pure).
+pub fn desired_forwards(map: &NetworkMap, own: &PublicKey) -> BTreeSet<Forward> {
+    map.members
+        .values()
+        .filter(|m| m.public_key != *own)
+        .flat_map(|m| {
+            let local = IpAddr::V4(loopback_for(IpAddr::V4(m.ip)));
+            m.ports.iter().map(move |&p| Forward {
+                listen: SocketAddr::new(local, p),
+                target: SocketAddr::new(IpAddr::V4(m.ip), p),
+            })
+        })
+        .collect()
+}
+
+/// The outputs' address for each member in userspace mode: its loopback
+/// address, and `127.0.0.1` for `own`.
+pub fn address_map(own: PublicKey) -> AddressMap {
+    Arc::new(move |m| {
+        if m.public_key == own {
+            Ipv4Addr::LOCALHOST
+        } else {
+            loopback_for(IpAddr::V4(m.ip))
+        }
+    })
+}
+
+/// The ports to announce (at join, then with each heartbeat): the
+/// configured ones, else those found listening on loopback
+/// (`/proc/net/tcp{,6}`); sorted, without duplicates.
+pub fn announced_ports(config: &Config) -> Vec<u16> {
+    if !config.ports.is_empty() {
+        let mut p = config.ports.clone();
+        p.sort_unstable();
+        p.dedup();
+        return p;
+    }
+    let text: String = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    // Not the sidecar's own listeners.
+    let own: Vec<u16> = config
+        .metrics
+        .iter()
+        .chain([&config.dns.listen])
+        .map(|a| a.port())
+        .collect();
+    listening_ports(&text)
+        .into_iter()
+        .filter(|p| !own.contains(p))
+        .take(meshlib::userspace::ports::MAX_ANNOUNCED)
+        .collect()
+}
+
+/// Starts the UAPI server at the standard path
+/// (`/var/run/wireguard/<interface>.sock`, where `wg` looks), or, when that
+/// directory is not writable (no privileges), at
+/// `<state-dir>/<interface>.sock`.
+pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, AgentError> {
+    let standard = uapi_server::socket_path(&config.interface);
+    match UapiServer::start(engine.clone(), &standard) {
+        Ok(s) => Ok(s),
+        Err(UapiServerError::Bind { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            let path = config.state_dir.join(format!("{}.sock", config.interface));
+            tracing::warn!(%source, path = %path.display(), "no access to the standard UAPI directory; serving UAPI in the state directory");
+            UapiServer::start(engine, &path).map_err(|e| AgentError::DataPlane(e.to_string()))
+        }
+        Err(e) => Err(AgentError::DataPlane(e.to_string())),
+    }
+}
+
+/// The userspace data plane: the stack and the running forwards.
+pub struct UserspacePlane {
+    stack: Arc<Stack>,
+    own: PublicKey,
+    running: HashMap<Forward, Vec<JoinHandle<()>>>,
+}
+
+/// Starts the stack with the member's address and the engine on it.
+pub fn start(
+    config: &Config,
+    key: &PrivateKey,
+    m: &Membership,
+) -> Result<(Arc<Engine>, UserspacePlane), AgentError> {
+    let cfg = StackConfig::new(IpAddr::V4(m.ip), m.range.prefix_len());
+    let (stack, device) = Stack::start(cfg).map_err(|e| AgentError::DataPlane(e.to_string()))?;
+    let engine = Engine::start(
+        device,
+        EngineConfig {
+            listen_port: config.listen_port,
+            private_key: Some(key.clone()),
+            fwmark: 0,
+        },
+    )
+    .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+    tracing::info!(address = %m.ip, port = engine.listen_port(), "userspace data plane up");
+    let plane = UserspacePlane {
+        stack: Arc::new(stack),
+        own: key.public_key(),
+        running: HashMap::new(),
+    };
+    Ok((Arc::new(engine), plane))
+}
+
+impl UserspacePlane {
+    /// Starts and stops loopback listeners to match `map`.
+    pub fn apply(&mut self, map: &NetworkMap) {
+        let desired = desired_forwards(map, &self.own);
+        self.running.retain(|f, tasks| {
+            let keep = desired.contains(f);
+            if !keep {
+                tasks.iter().for_each(JoinHandle::abort);
+            }
+            keep
+        });
+        for f in desired {
+            if !self.running.contains_key(&f) {
+                let tasks = self.listen(f);
+                self.running.insert(f, tasks);
+            }
+        }
+    }
+
+    /// Binds `f.listen` (TCP and UDP) and spawns its relays; a port that
+    /// cannot be bound (below 1024 without privileges, taken) is logged.
+    fn listen(&self, f: Forward) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        match std::net::TcpListener::bind(f.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+        {
+            Ok(l) => {
+                let stack = self.stack.clone();
+                tasks.push(tokio::spawn(
+                    async move { stack.forward_tcp(l, f.target).await },
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(listen = %f.listen, error = %e, "cannot listen for a remote service (tcp)")
+            }
+        }
+        match std::net::UdpSocket::bind(f.listen)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(tokio::net::UdpSocket::from_std)
+        {
+            Ok(s) => {
+                let stack = self.stack.clone();
+                tasks.push(tokio::spawn(
+                    async move { stack.forward_udp(s, f.target).await },
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(listen = %f.listen, error = %e, "cannot listen for a remote service (udp)")
+            }
+        }
+        tasks
+    }
+
+    /// Stops every listener.
+    pub fn stop(&mut self) {
+        for (_, tasks) in self.running.drain() {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
+    }
+}
+
+impl Drop for UserspacePlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlib::netmap::Member;
+
+    fn member(n: u8, ports: Vec<u16>) -> Member {
+        Member {
+            public_key: PrivateKey::generate().public_key(),
+            ip: Ipv4Addr::new(10, 240, 1, n),
+            endpoints: vec![],
+            service: format!("s{n}"),
+            app_id: format!("s{n}").parse().unwrap(),
+            process_type: Default::default(),
+            index: 1,
+            instance: format!("s{n}-1").parse().unwrap(),
+            runner: "r".into(),
+            ports,
+        }
+    }
+
+    #[test]
+    fn forwards_cover_other_members_ports_on_their_loopback_address() {
+        let mut map = NetworkMap::new(
+            meshlib::ids::NetworkId::random(),
+            "prod",
+            meshlib::ipam::DEFAULT_RANGE,
+        );
+        let (me, a, b) = (
+            member(1, vec![80]),
+            member(2, vec![8080, 53]),
+            member(3, vec![]),
+        );
+        for m in [&me, &a, &b] {
+            map.members.insert(m.public_key, m.clone());
+        }
+        let got: Vec<String> = desired_forwards(&map, &me.public_key)
+            .iter()
+            .map(|f| format!("{}>{}", f.listen, f.target))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "127.77.1.2:53>10.240.1.2:53",
+                "127.77.1.2:8080>10.240.1.2:8080"
+            ]
+        );
+        let f = address_map(me.public_key);
+        assert_eq!(f(&me), Ipv4Addr::LOCALHOST);
+        assert_eq!(f(&a), Ipv4Addr::new(127, 77, 1, 2));
+
+        // The outputs give the mapped addresses (DNS index and variables).
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(meshlib::names::NameIndex::default()));
+        let mut out = crate::outputs::Outputs::new(
+            crate::outputs::OutputConfig {
+                hosts_file: None,
+                env_dir: None,
+                overrides: Default::default(),
+            },
+            tx,
+        );
+        out.set_address_map(f);
+        out.apply(&map);
+        assert_eq!(
+            rx.borrow().lookup("s2.warp"),
+            meshlib::names::Lookup::Found(&[Ipv4Addr::new(127, 77, 1, 2)])
+        );
+        let vars = out.variables(&map);
+        assert!(
+            vars.contains(&("WARP_IST_s1".to_owned(), "127.0.0.1".to_owned())),
+            "{vars:?}"
+        );
+        assert!(
+            vars.contains(&("WARP_IST_s3".to_owned(), "127.77.1.3".to_owned())),
+            "{vars:?}"
+        );
+    }
+}
