@@ -236,7 +236,7 @@ fn multi_runner_suite() {
                 let host = format!("{}.internal", to.name);
                 let got = from.sc.must_sh(&format!("getent hosts {host}"));
                 assert_eq!(got.split_whitespace().next(), Some(to.ip.as_str()), "{tag}: {got}");
-                assert_eq!(from.dig_short(&host), [to.ip.clone()], "{tag}");
+                assert_eq!(from.dig_short(&host), std::slice::from_ref(&to.ip), "{tag}");
                 assert!(from.tcp(&host, &format!("{tag}-tcp")), "{tag}: TCP to {host}");
                 from.udp(&host, &format!("{tag}-udp"));
                 to.inbox.expect(&format!("tcp:{tag}-tcp"), 1);

@@ -47,7 +47,8 @@ pub struct UpArgs {
     pub interface: Option<String>,
     /// Hosts file to manage (default /etc/hosts; "" for none).
     #[arg(long, env = "ISTM_HOSTS_FILE")]
-    pub hosts_file: Option<PathBuf>,
+    // A string, not a path: clap's path parser refuses the empty value.
+    pub hosts_file: Option<String>,
     /// DNS listen address (default 127.0.0.77:53).
     #[arg(long, env = "ISTM_DNS_LISTEN")]
     pub dns_listen: Option<SocketAddr>,
@@ -107,7 +108,7 @@ impl UpArgs {
         set!(process_type => c.process_type, listen_port => c.listen_port, mode => c.mode,
              interface => c.interface, dns_listen => c.dns.listen);
         if let Some(h) = &self.hosts_file {
-            c.hosts_file = (!h.as_os_str().is_empty()).then(|| h.clone());
+            c.hosts_file = (!h.is_empty()).then(|| PathBuf::from(h));
         }
         if !self.endpoints.is_empty() {
             c.endpoints = self.endpoints.clone();
@@ -147,7 +148,7 @@ mod tests {
         let args = UpArgs {
             config: Some(file),
             service: Some("from-flag".into()),
-            hosts_file: Some(PathBuf::new()),
+            hosts_file: Some(String::new()),
             metrics: Some("off".into()),
             no_dns: true,
             ..UpArgs::default()
@@ -164,5 +165,14 @@ mod tests {
             ..UpArgs::default()
         };
         assert!(matches!(bad.to_config(), Err(CliError::Metrics(_))));
+        // Through clap too: `--hosts-file ""` means none.
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let t = T::try_parse_from(["t", "--hosts-file", ""]).unwrap();
+        assert_eq!(t.up.to_config().unwrap().hosts_file, None);
     }
 }

@@ -166,10 +166,12 @@ impl Device for StackDevice {
 
     fn recv_batch(
         &self,
+        _queue: usize,
         _scratch: &mut [u8],
         bufs: &mut [Vec<u8>],
         sizes: &mut [usize],
     ) -> io::Result<usize> {
+        // One queue (the default of `Device::queues`): the stack has one thread.
         let q = &self.queues;
         let mut out = q.outbound.lock();
         while out.is_empty() {
@@ -311,7 +313,7 @@ mod tests {
         assert!(phy.receive(SmolInstant::from_millis(0)).is_none(), "budget");
         let mut out = vec![vec![0u8; 2000]; 4];
         let mut sizes = vec![0; 4];
-        assert_eq!(dev.recv_batch(&mut [], &mut out, &mut sizes).unwrap(), 1);
+        assert_eq!(dev.recv_batch(0, &mut [], &mut out, &mut sizes).unwrap(), 1);
         assert_eq!(&out[0][..sizes[0]], &[1, 2, 3]);
         // The transmit reused the received packet's buffer: two buffers in
         // all, one still queued, one back in the pool.
@@ -329,7 +331,7 @@ mod tests {
         assert!(!q.push_inbound(&[1u8; 10]));
         let dev = StackDevice { queues: q.clone() };
         dev.interrupt();
-        let err = dev.recv_batch(&mut [], &mut [vec![0; 10]], &mut [0]);
+        let err = dev.recv_batch(0, &mut [], &mut [vec![0; 10]], &mut [0]);
         assert_eq!(err.unwrap_err().kind(), io::ErrorKind::Interrupted);
     }
 }
