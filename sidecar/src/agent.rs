@@ -168,7 +168,10 @@ impl Agent {
             names_tx,
         );
         if userspace.is_some() {
-            outputs.set_address_map(crate::userspace::address_map(key.public_key()));
+            outputs.set_address_map(crate::userspace::address_map(
+                key.public_key(),
+                config.loopback_octet,
+            ));
         }
         let shared = Arc::new(Shared {
             control: Mutex::new(ControlState::Connecting {

@@ -78,6 +78,9 @@ pub struct UpArgs {
     /// comma-separate (default: the listening ones, found at join).
     #[arg(long = "port", env = "ISTM_PORTS", value_delimiter = ',')]
     pub ports: Vec<u16>,
+    /// Userspace mode: the X of the loopback addresses 127.X.c.d (default 77).
+    #[arg(long, env = "ISTM_LOOPBACK_OCTET")]
+    pub loopback_octet: Option<u8>,
 }
 
 /// Why the flags do not make a config.
@@ -112,6 +115,9 @@ impl UpArgs {
         }
         if !self.endpoints.is_empty() {
             c.endpoints = self.endpoints.clone();
+        }
+        if let Some(o) = self.loopback_octet {
+            c.loopback_octet = o;
         }
         if !self.ports.is_empty() {
             c.ports = self.ports.clone();

@@ -144,6 +144,10 @@ pub struct Config {
     /// peers listen on them. Default: the TCP ports found listening on
     /// loopback or any address (`/proc/net/tcp{,6}`) when joining.
     pub ports: Vec<u16>,
+    /// Userspace mode: the `X` of the loopback addresses `127.X.c.d` the
+    /// sidecar listens on for remote members. Default 77; give each
+    /// userspace sidecar on one host its own value.
+    pub loopback_octet: u8,
 }
 
 impl Default for Config {
@@ -168,6 +172,7 @@ impl Default for Config {
             dns: DnsSettings::default(),
             ist: Vec::new(),
             ports: Vec::new(),
+            loopback_octet: 77,
         }
     }
 }
@@ -207,6 +212,10 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// `loopback-octet = 0` would put members on `127.0.0.x`, where the
+    /// instance's own services listen.
+    #[error("loopback-octet must be 1-255 (127.0.x.y is the instance's own loopback)")]
+    LoopbackOctet,
     /// The interface name is not usable on Linux.
     #[error("interface name {0:?} must be 1-15 characters of [A-Za-z0-9_.-]")]
     Interface(String),
@@ -243,6 +252,9 @@ impl Config {
             return Err(ConfigError::Interface(self.interface.clone()));
         }
         Overrides::from_entries(self.ist.clone())?;
+        if self.loopback_octet == 0 {
+            return Err(ConfigError::LoopbackOctet);
+        }
         Ok(())
     }
 
@@ -339,6 +351,14 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("ist[0]"), "{err}");
         assert!(Config::from_toml("mode = \"magic\"\n", Path::new("c.toml")).is_err());
+        let err = Config::from_toml("loopback-octet = 0\n", Path::new("c.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::LoopbackOctet));
+        assert_eq!(
+            Config::from_toml("loopback-octet = 78\n", Path::new("c.toml"))
+                .unwrap()
+                .loopback_octet,
+            78
+        );
     }
 
     #[test]

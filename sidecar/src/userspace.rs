@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::netmap::NetworkMap;
-use meshlib::userspace::ports::{listening_ports, loopback_for};
+use meshlib::userspace::ports::{listening_ports, loopback_in};
 use meshlib::userspace::{Stack, StackConfig};
 use meshlib::wg::uapi_server::{self, UapiServerError};
 use meshlib::wg::{Engine, EngineConfig, UapiServer};
@@ -36,12 +36,12 @@ pub struct Forward {
 }
 
 /// The forwards `map` asks for, seen by the member `own` (pure).
-pub fn desired_forwards(map: &NetworkMap, own: &PublicKey) -> BTreeSet<Forward> {
+pub fn desired_forwards(map: &NetworkMap, own: &PublicKey, octet: u8) -> BTreeSet<Forward> {
     map.members
         .values()
         .filter(|m| m.public_key != *own)
         .flat_map(|m| {
-            let local = IpAddr::V4(loopback_for(IpAddr::V4(m.ip)));
+            let local = IpAddr::V4(loopback_in(octet, IpAddr::V4(m.ip)));
             m.ports.iter().map(move |&p| Forward {
                 listen: SocketAddr::new(local, p),
                 target: SocketAddr::new(IpAddr::V4(m.ip), p),
@@ -52,12 +52,12 @@ pub fn desired_forwards(map: &NetworkMap, own: &PublicKey) -> BTreeSet<Forward> 
 
 /// The outputs' address for each member in userspace mode: its loopback
 /// address, and `127.0.0.1` for `own`.
-pub fn address_map(own: PublicKey) -> AddressMap {
+pub fn address_map(own: PublicKey, octet: u8) -> AddressMap {
     Arc::new(move |m| {
         if m.public_key == own {
             Ipv4Addr::LOCALHOST
         } else {
-            loopback_for(IpAddr::V4(m.ip))
+            loopback_in(octet, IpAddr::V4(m.ip))
         }
     })
 }
@@ -113,6 +113,8 @@ pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, Ag
 pub struct UserspacePlane {
     stack: Arc<Stack>,
     own: PublicKey,
+    /// The second octet of the loopback addresses (`127.<octet>.c.d`).
+    octet: u8,
     running: HashMap<Forward, Vec<JoinHandle<()>>>,
 }
 
@@ -137,6 +139,7 @@ pub fn start(
     let plane = UserspacePlane {
         stack: Arc::new(stack),
         own: key.public_key(),
+        octet: config.loopback_octet,
         running: HashMap::new(),
     };
     Ok((Arc::new(engine), plane))
@@ -145,7 +148,7 @@ pub fn start(
 impl UserspacePlane {
     /// Starts and stops loopback listeners to match `map`.
     pub fn apply(&mut self, map: &NetworkMap) {
-        let desired = desired_forwards(map, &self.own);
+        let desired = desired_forwards(map, &self.own, self.octet);
         self.running.retain(|f, tasks| {
             let keep = desired.contains(f);
             if !keep {
@@ -245,7 +248,7 @@ mod tests {
         for m in [&me, &a, &b] {
             map.members.insert(m.public_key, m.clone());
         }
-        let got: Vec<String> = desired_forwards(&map, &me.public_key)
+        let got: Vec<String> = desired_forwards(&map, &me.public_key, 77)
             .iter()
             .map(|f| format!("{}>{}", f.listen, f.target))
             .collect();
@@ -256,7 +259,7 @@ mod tests {
                 "127.77.1.2:8080>10.240.1.2:8080"
             ]
         );
-        let f = address_map(me.public_key);
+        let f = address_map(me.public_key, 77);
         assert_eq!(f(&me), Ipv4Addr::LOCALHOST);
         assert_eq!(f(&a), Ipv4Addr::new(127, 77, 1, 2));
 

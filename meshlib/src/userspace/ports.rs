@@ -15,6 +15,13 @@ pub const LOOPBACK_PREFIX: [u8; 2] = [127, 77];
 /// last two bytes). Deterministic, so every output agrees without a table;
 /// unique inside any network up to a /16.
 pub fn loopback_for(overlay: IpAddr) -> Ipv4Addr {
+    loopback_in(LOOPBACK_PREFIX[1], overlay)
+}
+
+/// [`loopback_for`] in `127.<second>.0.0/16` instead of `127.77.0.0/16`:
+/// several userspace sidecars on one host (one per network, or a demo) each
+/// take their own `second` so their listeners never collide.
+pub fn loopback_in(second: u8, overlay: IpAddr) -> Ipv4Addr {
     let [c, d] = match overlay {
         IpAddr::V4(a) => {
             let o = a.octets();
@@ -25,7 +32,7 @@ pub fn loopback_for(overlay: IpAddr) -> Ipv4Addr {
             [o[14], o[15]]
         }
     };
-    Ipv4Addr::new(LOOPBACK_PREFIX[0], LOOPBACK_PREFIX[1], c, d)
+    Ipv4Addr::new(LOOPBACK_PREFIX[0], second, c, d)
 }
 
 /// The TCP ports on which something listens and that a relay to
@@ -77,6 +84,10 @@ mod tests {
         assert_ne!(
             loopback_for("10.240.0.2".parse().unwrap()),
             loopback_for("10.240.1.2".parse().unwrap())
+        );
+        assert_eq!(
+            loopback_in(78, "10.240.1.2".parse().unwrap()),
+            Ipv4Addr::new(127, 78, 1, 2)
         );
         assert_eq!(
             loopback_for("fd00::1:2".parse().unwrap()),
