@@ -25,10 +25,8 @@ use meshlib::keys::PrivateKey;
 use meshlib::names::NameIndex;
 use meshlib::netmap::NetworkMap;
 use meshlib::proto::{JoinToken, TokenParseError};
-use meshlib::reconcile::{desired_peers, diff, DesiredPeers, PeerDiff};
-use meshlib::wg::{
-    uapi_server, Engine, EngineConfig, PeerConfig, TunConfig, TunDevice, UapiServer,
-};
+use meshlib::reconcile::{desired_peers, diff, DesiredPeers};
+use meshlib::wg::{uapi_server, Engine, EngineConfig, TunConfig, TunDevice, UapiServer};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
@@ -208,24 +206,8 @@ impl Agent {
         let own = self.key.public_key();
         let prefer_v4 = true;
         let desired = desired_peers(&map, &own, self.config.persistent_keepalive, prefer_v4);
-        for change in diff(&self.peers, &desired) {
-            match change {
-                PeerDiff::Remove(k) => {
-                    self.engine.remove_peer(&k);
-                }
-                PeerDiff::Upsert(p) => {
-                    let cfg = PeerConfig {
-                        public_key: p.public_key,
-                        preshared_key: None,
-                        endpoint: p.endpoint,
-                        allowed_ips: p.allowed_ips,
-                        persistent_keepalive: p.persistent_keepalive,
-                    };
-                    if let Err(e) = self.engine.set_peer(cfg) {
-                        tracing::warn!(peer = %p.public_key, error = %e, "cannot configure peer");
-                    }
-                }
-            }
+        for (peer, e) in self.engine.apply_diff(diff(&self.peers, &desired)) {
+            tracing::warn!(%peer, error = %e, "cannot configure peer");
         }
         self.peers = desired;
         if map.generation > 0 {

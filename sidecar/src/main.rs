@@ -120,6 +120,21 @@ fn init_logs() {
         .init();
 }
 
+/// Sets `stop` on the first SIGTERM or SIGINT.
+fn stop_on_signals(stop: watch::Sender<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let _ = stop.send(true);
+    })
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,20 +161,7 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
     let config = up.to_config()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     // Until a child runs, SIGINT/SIGTERM stop the sidecar.
-    let stopper = {
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            let _ = stop_tx.send(true);
-        })
-    };
+    let stopper = stop_on_signals(stop_tx.clone());
     let mut start_rx = stop_rx.clone();
     let (agent, session) = Agent::start(config, &mut start_rx).await?;
     let servers = start_servers(&agent, stop_rx.clone()).await?;
@@ -199,17 +201,7 @@ fn tunnel_main(token: String, service: String, local: &str, target: &str) -> Exi
         };
         runtime()?.block_on(async move {
             let (stop_tx, stop_rx) = watch::channel(false);
-            tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) else {
-                    return;
-                };
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                let _ = stop_tx.send(true);
-            });
+            stop_on_signals(stop_tx);
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
                 if let Ok(addr) = rx.await {

@@ -17,9 +17,9 @@ use meshlib::keys::PrivateKey;
 use meshlib::names::{Lookup, NameIndex};
 use meshlib::netmap::NetworkMap;
 use meshlib::proto::{JoinToken, TokenParseError};
-use meshlib::reconcile::{desired_peers, diff, DesiredPeers, PeerDiff};
+use meshlib::reconcile::{desired_peers, diff, DesiredPeers};
 use meshlib::userspace::{Stack, StackConfig};
-use meshlib::wg::{Engine, EngineConfig, PeerConfig};
+use meshlib::wg::{Engine, EngineConfig};
 use tokio::sync::watch;
 
 /// What to forward where.
@@ -197,24 +197,8 @@ async fn forward(
 /// Applies the map's peers to the engine (keepalive on: we are behind NAT).
 fn sync_peers(engine: &Engine, current: &mut DesiredPeers, map: &NetworkMap, key: &PrivateKey) {
     let desired = desired_peers(map, &key.public_key(), 25, true);
-    for change in diff(current, &desired) {
-        match change {
-            PeerDiff::Remove(k) => {
-                engine.remove_peer(&k);
-            }
-            PeerDiff::Upsert(p) => {
-                let cfg = PeerConfig {
-                    public_key: p.public_key,
-                    preshared_key: None,
-                    endpoint: p.endpoint,
-                    allowed_ips: p.allowed_ips,
-                    persistent_keepalive: p.persistent_keepalive,
-                };
-                if let Err(e) = engine.set_peer(cfg) {
-                    tracing::warn!(peer = %p.public_key, error = %e, "cannot configure peer");
-                }
-            }
-        }
+    for (peer, e) in engine.apply_diff(diff(current, &desired)) {
+        tracing::warn!(%peer, error = %e, "cannot configure peer");
     }
     *current = desired;
 }

@@ -281,6 +281,31 @@ impl Engine {
         desired.iter().try_for_each(|p| self.set_peer(p.clone()))
     }
 
+    /// Applies the changes of [`crate::reconcile::diff`] in order. A peer
+    /// that cannot be configured is skipped and reported; the others are
+    /// still applied. Returns the failures.
+    pub fn apply_diff(
+        &self,
+        changes: Vec<crate::reconcile::PeerDiff>,
+    ) -> Vec<(PublicKey, EngineError)> {
+        use crate::reconcile::PeerDiff;
+        let mut failed = Vec::new();
+        for change in changes {
+            match change {
+                PeerDiff::Remove(key) => {
+                    self.remove_peer(&key);
+                }
+                PeerDiff::Upsert(peer) => {
+                    let key = peer.public_key;
+                    if let Err(e) = self.set_peer(peer.into()) {
+                        failed.push((key, e));
+                    }
+                }
+            }
+        }
+        failed
+    }
+
     /// Removes a peer; its packets are refused from this call on. Returns
     /// whether it existed.
     pub fn remove_peer(&self, key: &PublicKey) -> bool {

@@ -26,6 +26,18 @@ pub struct PeerConfig {
     pub persistent_keepalive: u16,
 }
 
+impl From<crate::reconcile::DesiredPeer> for PeerConfig {
+    fn from(p: crate::reconcile::DesiredPeer) -> Self {
+        Self {
+            public_key: p.public_key,
+            preshared_key: None,
+            endpoint: p.endpoint,
+            allowed_ips: p.allowed_ips,
+            persistent_keepalive: p.persistent_keepalive,
+        }
+    }
+}
+
 /// Why packets of one peer were dropped, counted separately.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerDrops {

@@ -453,3 +453,35 @@ fn sync_peers_removes_the_absent_and_keeps_sessions() {
     let after = b.engine.peer_stats(&a.key).unwrap().last_handshake;
     assert_eq!(after, before, "same session");
 }
+
+#[test]
+fn apply_diff_follows_the_map_and_traffic_flows() {
+    use crate::reconcile::{diff, DesiredPeer, DesiredPeers};
+    let (a, b) = (Node::new(), Node::new());
+    let peer = |endpoint| DesiredPeer {
+        public_key: b.key,
+        endpoint,
+        allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
+        persistent_keepalive: 0,
+    };
+    let one: DesiredPeers = [(b.key, peer(Some(b.endpoint())))].into();
+    assert!(a
+        .engine
+        .apply_diff(diff(&DesiredPeers::new(), &one))
+        .is_empty());
+    b.add(&a, "10.240.0.1");
+    let p = packet(A_IP, B_IP, 200, 3);
+    a.send(p.clone());
+    assert_eq!(
+        b.recv(WAIT),
+        Some(p),
+        "peer added by the diff carries traffic"
+    );
+    assert_eq!(a.engine.peers().len(), 1);
+    // Removal through the diff: gone, and its packets refused.
+    assert!(a
+        .engine
+        .apply_diff(diff(&one, &DesiredPeers::new()))
+        .is_empty());
+    assert!(a.engine.peers().is_empty());
+}
