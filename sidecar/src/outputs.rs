@@ -196,32 +196,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn apply_writes_everything_and_reports_conflicts() {
-        let dir = tempfile::tempdir().unwrap();
-        let hosts_path = dir.path().join("hosts");
-        std::fs::write(&hosts_path, "127.0.0.1 localhost\n").unwrap();
+    /// Outputs writing `hosts` and env files in `env_dir`, and their name index.
+    fn outputs(
+        hosts: std::path::PathBuf,
+        env_dir: &std::path::Path,
+    ) -> (Outputs, watch::Receiver<Arc<NameIndex>>) {
         let (tx, rx) = watch::channel(Arc::new(NameIndex::default()));
-        let mut out = Outputs::new(
-            OutputConfig {
-                hosts_file: Some(hosts_path.clone()),
-                env_dir: Some(dir.path().to_owned()),
-                overrides: Overrides::default(),
-            },
-            tx,
-        );
+        let config = OutputConfig {
+            hosts_file: Some(hosts),
+            env_dir: Some(env_dir.to_owned()),
+            overrides: Overrides::default(),
+        };
+        (Outputs::new(config, tx), rx)
+    }
+
+    fn map_of<const N: usize>(members: [Member; N]) -> NetworkMap {
         let mut map = NetworkMap::new(
             meshlib::ids::NetworkId::random(),
             "prod",
             meshlib::ipam::DEFAULT_RANGE,
         );
-        for m in [
+        for m in members {
+            map.members.insert(m.public_key, m);
+        }
+        map
+    }
+
+    #[test]
+    fn apply_writes_everything_and_reports_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts_path = dir.path().join("hosts");
+        std::fs::write(&hosts_path, "127.0.0.1 localhost\n").unwrap();
+        let (mut out, rx) = outputs(hosts_path.clone(), dir.path());
+        let map = map_of([
             member("api-1", "api", 1),
             member("db-1", "my-db", 2),
             member("db-2", "my db", 3),
-        ] {
-            map.members.insert(m.public_key, m);
-        }
+        ]);
         let r = out.apply(&map);
         assert!(r.hosts_changed && r.env_changed && r.hosts_error.is_none());
         assert_eq!(
@@ -255,22 +266,8 @@ mod tests {
         // A directory where the hosts file should be: writing fails for root too.
         std::fs::create_dir(&hosts_path).unwrap();
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
-        let (tx, rx) = watch::channel(Arc::new(NameIndex::default()));
-        let mut out = Outputs::new(
-            OutputConfig {
-                hosts_file: Some(hosts_path),
-                env_dir: Some(dir.path().to_owned()),
-                overrides: Overrides::default(),
-            },
-            tx,
-        );
-        let mut map = NetworkMap::new(
-            meshlib::ids::NetworkId::random(),
-            "prod",
-            meshlib::ipam::DEFAULT_RANGE,
-        );
-        let m = member("api-1", "api", 1);
-        map.members.insert(m.public_key, m);
+        let (mut out, rx) = outputs(hosts_path, dir.path());
+        let map = map_of([member("api-1", "api", 1)]);
         let r = out.apply(&map);
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o700)).unwrap();
         assert!(r.hosts_error.is_some());
