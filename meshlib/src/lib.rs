@@ -23,11 +23,14 @@
 //!   strings.
 //! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
 //!   tokens, length framing and version.
+//! - [`member`] — the member side of the control protocol as a sans-IO state
+//!   machine (join/resume, map following, heartbeats, reconnect backoff,
+//!   rotation, offline and leave), with time as an argument.
 //!
 //! Driver modules (files):
 //! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
-//! - [`control`] — the key-distribution client: QUIC with a pinned
-//!   certificate, join, snapshot and deltas, resume, heartbeats.
+//! - [`control`] — the key-distribution client: the QUIC driver of
+//!   [`member::MemberCore`], with a pinned certificate.
 //!
 //! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
 //! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
@@ -44,6 +47,7 @@ pub mod ids;
 pub mod ipam;
 pub mod ist;
 pub mod keys;
+pub mod member;
 pub mod names;
 pub mod netmap;
 pub mod proto;

@@ -42,6 +42,48 @@ pub struct Member {
     /// these, on the loopback address standing for this member. Empty when
     /// unknown (kernel-mode peers reach any port anyway).
     pub ports: Vec<u16>,
+    /// Whether the member is online (heartbeats arrive) or offline (stopped
+    /// gracefully, or silent for the keyserver's `offline-after`). An offline
+    /// member keeps its address, index and name, but peers neither name it
+    /// nor route to it: see [`NetworkMap::online`].
+    #[serde(default)]
+    pub state: MemberState,
+}
+
+/// A member's lifecycle state as its peers see it. Members that left or
+/// expired are not in the map at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberState {
+    /// Heartbeats arrive: named, resolvable, a peer.
+    #[default]
+    Online,
+    /// Stopped or silent: address, index and name kept for its return, but
+    /// invisible to names, variables and peer lists.
+    Offline,
+}
+
+impl MemberState {
+    /// `online` or `offline`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Member {
+    /// Whether peers should name and reach this member.
+    pub fn is_online(&self) -> bool {
+        self.state == MemberState::Online
+    }
 }
 
 /// Everything one member needs about its network.
@@ -142,6 +184,24 @@ impl NetworkMap {
         Ok(())
     }
 
+    /// The same map with only its online members: what names, `.warp`
+    /// answers, variables and peer lists are built from (an offline member
+    /// keeps its reservation at the keyserver but is invisible to peers).
+    pub fn online(&self) -> NetworkMap {
+        NetworkMap {
+            network: self.network,
+            name: self.name.clone(),
+            range: self.range,
+            generation: self.generation,
+            members: self
+                .members
+                .iter()
+                .filter(|(_, m)| m.is_online())
+                .map(|(k, m)| (*k, m.clone()))
+                .collect(),
+        }
+    }
+
     /// The member with this instance name.
     pub fn by_instance(&self, name: &InstanceName) -> Option<&Member> {
         self.members.values().find(|m| &m.instance == name)
@@ -196,6 +256,7 @@ pub(crate) mod tests {
             instance: inst.parse().unwrap(),
             runner: "r1".to_owned(),
             ports: vec![],
+            state: MemberState::Online,
         }
     }
 
@@ -243,6 +304,29 @@ pub(crate) mod tests {
             map.apply(&back),
             Err(DeltaError::Backwards { .. })
         ));
+    }
+
+    #[test]
+    fn online_view_hides_offline_members_only() {
+        let mut map = empty_map();
+        let a = member("a", "api", "web", 1, 1);
+        let mut b = member("b", "api", "web", 2, 2);
+        b.state = MemberState::Offline;
+        for m in [a.clone(), b.clone()] {
+            map.members.insert(m.public_key, m);
+        }
+        map.generation = 7;
+        let online = map.online();
+        assert_eq!(online.generation, 7);
+        assert_eq!(online.members.len(), 1);
+        assert!(online.members.contains_key(&a.public_key));
+        assert_eq!(map.members.len(), 2, "the full map keeps the reservation");
+        // JSON caches written before the state existed read as online.
+        let mut json = serde_json::to_value(&a).unwrap();
+        json.as_object_mut().unwrap().remove("state");
+        let back: Member = serde_json::from_value(json).unwrap();
+        assert_eq!(back.state, MemberState::Online);
+        assert_eq!(MemberState::Offline.to_string(), "offline");
     }
 
     #[test]

@@ -12,9 +12,15 @@
 //!    [`ServerMsg::Snapshot`] or the [`ServerMsg::Delta`]s the client missed —
 //!    or a single [`ServerMsg::Error`] and closes the stream.
 //! 3. From then on the server pushes [`ServerMsg::Delta`]s in generation order;
-//!    the client sends [`ClientMsg::Heartbeat`] and
-//!    [`ClientMsg::UpdateEndpoints`] whenever it likes. A revoked member
+//!    the client sends [`ClientMsg::Heartbeat`] (at least every
+//!    [`Welcome::heartbeat_secs`], or the member goes offline at the
+//!    keyserver), [`ClientMsg::UpdateEndpoints`], [`ClientMsg::UpdatePorts`]
+//!    and [`ClientMsg::RotateKey`] whenever it likes. A revoked member
 //!    receives [`ServerMsg::Error`] with [`ErrorCode::Revoked`].
+//! 4. The client ends its membership's session with [`ClientMsg::Offline`]
+//!    (graceful stop: the member stays reserved) or [`ClientMsg::Leave`]
+//!    (the membership is released); the server confirms with
+//!    [`ServerMsg::Goodbye`] and closes the stream.
 //!
 //! ## Framing
 //!
@@ -43,10 +49,12 @@ use crate::keys::PublicKey;
 use crate::netmap::{MapDelta, NetworkMap};
 
 /// The protocol version this build speaks; sent in the first message.
-pub const VERSION: u16 = 1;
+/// Version 2 added member lifecycle (states, offline, goodbye) and key
+/// rotation.
+pub const VERSION: u16 = 2;
 
 /// The QUIC ALPN identifier of the control protocol.
-pub const ALPN: &[u8] = b"istm-control/1";
+pub const ALPN: &[u8] = b"istm-control/2";
 
 /// The TLS server name clients use; the certificate is pinned by fingerprint,
 /// so the name only has to match what the keyserver's certificate carries.
@@ -206,6 +214,12 @@ pub struct Welcome {
     pub credential: Option<Secret>,
     /// The client address the keyserver sees (useful behind NAT).
     pub observed: SocketAddr,
+    /// The network's generation when the welcome was sent: the client's map
+    /// has caught up once it reaches it.
+    pub generation: u64,
+    /// How often the member must send a heartbeat (seconds, at least 1): a
+    /// member silent for the keyserver's `offline-after` goes offline.
+    pub heartbeat_secs: u16,
 }
 
 /// Messages from client to server after the [`Hello`].
@@ -225,6 +239,42 @@ pub enum ClientMsg {
     /// The ports my instance serves changed
     /// ([`crate::netmap::Member::ports`]).
     UpdatePorts(Vec<u16>),
+    /// I am stopping gracefully: mark me offline now (peers stop naming and
+    /// reaching me; my address, index and name stay reserved until I
+    /// resume or expire). The server answers [`ServerMsg::Goodbye`] and
+    /// ends the stream.
+    Offline,
+    /// Replace my WireGuard public key; my address, index and names stay.
+    /// The server answers [`ServerMsg::KeyRotated`], or a non-fatal
+    /// [`ServerMsg::Error`] and nothing changes.
+    RotateKey(RotateKey),
+}
+
+/// A key rotation request: the membership credential proves it again (a
+/// session alone is not enough to change the identity peers trust).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKey {
+    /// The new public key (its private key was generated on the instance).
+    pub new_public_key: PublicKey,
+    /// The membership credential ([`Welcome::credential`]).
+    pub credential: Secret,
+}
+
+impl fmt::Debug for RotateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateKey")
+            .field("new_public_key", &self.new_public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the server ends a session at the client's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Goodbye {
+    /// [`ClientMsg::Offline`] was recorded: the member is offline.
+    Offline,
+    /// [`ClientMsg::Leave`] was recorded: the membership is released.
+    Left,
 }
 
 /// Messages from server to client.
@@ -245,6 +295,15 @@ pub enum ServerMsg {
     },
     /// A request failed; fatal codes close the stream.
     Error(ProtoError),
+    /// The session ends as the client asked ([`ClientMsg::Offline`] or
+    /// [`ClientMsg::Leave`]); the stream closes after it.
+    Goodbye(Goodbye),
+    /// [`ClientMsg::RotateKey`] is done: this is the member's key from now on
+    /// (peers receive the change as a delta replacing the old key).
+    KeyRotated {
+        /// The new public key.
+        public_key: PublicKey,
+    },
 }
 
 /// An error reported to the client.

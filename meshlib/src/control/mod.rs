@@ -1,36 +1,46 @@
-//! The key-distribution client: a member's side of the control protocol
-//! ([`crate::proto`]) over QUIC.
+//! The key-distribution client: the QUIC driver of the member core
+//! ([`crate::member::MemberCore`]). Everything the protocol means — joining,
+//! following the map, heartbeats, reconnecting with backoff, re-announcing,
+//! rotation, offline and leave — lives in the core; this module opens
+//! connections, moves frames and keeps time.
 //!
 //! ```text
 //! let ep = control::client_endpoint("0.0.0.0:0".parse()?)?;
 //! let mut s = control::join(&ep, &token, meta, &ClientConfig::default()).await?;
-//! // s.map() is the network map; s.welcome() the assigned IP, index, name.
+//! // s.map() is the network map; s.welcome() the assigned IP, index, name;
+//! // s.membership() what to keep (0600) to come back without the token.
 //! loop { match s.next_event().await? { Event::Delta(_) | Event::Snapshot => use s.map(), .. } }
-//! // later, after a restart or a lost connection:
-//! let s = control::resume(&ep, &token.addrs, token.cert_sha256, &cached_map,
-//!                         s.resume_request(endpoints), &cfg).await?;
+//! // later, after a restart:
+//! let s = control::resume_membership(&ep, &membership, cached_map, endpoints, &cfg).await?;
 //! ```
 //!
 //! Call order: [`join`] or [`resume`] once, then [`Session::next_event`] in a
-//! loop (cancel-safe, so it can sit in a `select!` next to a heartbeat timer
-//! calling [`Session::heartbeat`]). The server's certificate is pinned by
-//! SHA-256 ([`tls::PinnedCert`]).
+//! loop. It is cancel-safe (frames are written by a task per connection, and
+//! a connection being opened is kept across calls), so it can sit in a
+//! `select!` next to the caller's own work; requests
+//! ([`Session::update_endpoints`], [`Session::rotate_key`], …) take effect on
+//! the next call. The server's certificate is pinned by SHA-256
+//! ([`tls::PinnedCert`]).
 
 pub mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::ids::{AppId, InstanceName, NetworkId, ProcessType};
+use crate::ids::NetworkId;
 use crate::keys::PublicKey;
-use crate::netmap::{MapDelta, NetworkMap};
+use crate::member::{End, Frame, MemberConfig, MemberCore, Transmit};
+use crate::netmap::NetworkMap;
 use crate::proto::{
-    self, ClientMsg, ErrorCode, FrameError, Hello, JoinRequest, JoinToken, ProtoError, Request,
-    ResumeRequest, Secret, ServerMsg, Welcome,
+    self, ErrorCode, FrameError, JoinToken, ProtoError, ResumeRequest, Secret, ServerMsg, Welcome,
 };
+
+pub use crate::member::{Connection, Event, MemberMeta, Membership, MembershipError};
 
 /// Client settings (plain data).
 #[derive(Debug, Clone)]
@@ -43,6 +53,9 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout: a silent server is given up after this. Default 30 s.
     pub idle_timeout: Duration,
+    /// The member core's timers (its `connect_timeout` is replaced by the
+    /// one above).
+    pub member: MemberConfig,
 }
 
 impl Default for ClientConfig {
@@ -52,29 +65,26 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            member: MemberConfig::default(),
         }
     }
 }
 
-/// What a joining member tells the keyserver about itself.
-#[derive(Debug, Clone)]
-pub struct MemberMeta {
-    /// The membership's public key.
-    pub public_key: PublicKey,
-    /// The service (app) name.
-    pub service: String,
-    /// The app id, if the member knows it.
-    pub app_id: Option<AppId>,
-    /// The process type.
-    pub process_type: ProcessType,
-    /// The wanted instance name, if any.
-    pub instance: Option<InstanceName>,
-    /// The runner label.
-    pub runner: String,
-    /// Underlay endpoints of the member's WireGuard socket.
-    pub endpoints: Vec<SocketAddr>,
-    /// Ports the instance serves ([`crate::netmap::Member::ports`]).
-    pub ports: Vec<u16>,
+impl ClientConfig {
+    /// A configuration that does not reconnect: the session ends at the
+    /// first lost or failed connection (probes, tests).
+    pub fn one_shot() -> Self {
+        let mut c = Self::default();
+        c.member.reconnect = false;
+        c
+    }
+
+    fn core_config(&self) -> MemberConfig {
+        MemberConfig {
+            connect_timeout: self.connect_timeout,
+            ..self.member.clone()
+        }
+    }
 }
 
 /// Why a control session failed.
@@ -107,63 +117,9 @@ pub enum ControlError {
     /// The server did not answer in time.
     #[error("timed out")]
     Timeout,
-}
-
-/// What a member keeps (mode 0600) to come back without its token: where the
-/// keyserver is, its pinned certificate, and the member's credential.
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Membership {
-    /// Keyserver QUIC addresses.
-    pub addrs: Vec<SocketAddr>,
-    /// SHA-256 of the keyserver's certificate.
-    pub cert_sha256: [u8; 32],
-    /// The member's network.
-    pub network: NetworkId,
-    /// The membership's public key.
-    pub public_key: PublicKey,
-    /// The reconnect credential.
-    pub credential: Secret,
-}
-
-impl std::fmt::Debug for Membership {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Membership")
-            .field("addrs", &self.addrs)
-            .field("network", &self.network)
-            .field("public_key", &self.public_key)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Membership {
-    /// The stored form (postcard); write it with mode 0600.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("plain struct encodes")
-    }
-
-    /// Parses the stored form.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ControlError> {
-        postcard::from_bytes(bytes)
-            .map_err(|e| ControlError::Protocol(format!("membership file: {e}")))
-    }
-}
-
-/// Something the session received, already applied to [`Session::map`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A delta was applied.
-    Delta(MapDelta),
-    /// The map was replaced by a snapshot.
-    Snapshot,
-    /// The server answered a heartbeat.
-    HeartbeatAck {
-        /// The last generation the server sent on this stream (equal to the
-        /// map's generation once everything before the answer is applied).
-        generation: u64,
-    },
-    /// The server refused one request but keeps the session (e.g.
-    /// [`ErrorCode::Forbidden`] for a question about another network).
-    Rejected(ProtoError),
+    /// The session ended as asked (offline or leave); nothing more comes.
+    #[error("the session has ended")]
+    Ended,
 }
 
 /// A QUIC client endpoint bound to `bind` (use port 0).
@@ -198,42 +154,89 @@ pub fn quic_config(
     Ok(config)
 }
 
-/// Connects to the first reachable address and sends the hello.
+/// One open control connection: frames go out through a writer task (so
+/// nothing is ever half-written by a cancelled call), frames come in through
+/// a reader task.
+#[derive(Debug)]
+struct Link {
+    conn: quinn::Connection,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    rx: mpsc::Receiver<Result<ServerMsg, FrameError>>,
+}
+
+impl Link {
+    fn start(
+        conn: quinn::Connection,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        max: usize,
+    ) -> Self {
+        let (tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
+        let writer_conn = conn.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = out.recv().await {
+                if send.write_all(&frame).await.is_err() {
+                    writer_conn.close(1u32.into(), b"write failed");
+                    return;
+                }
+            }
+            let _ = send.finish();
+        });
+        Self {
+            conn,
+            tx,
+            rx: spawn_reader(recv, max),
+        }
+    }
+
+    fn close(self) {
+        // Closing the channel lets the writer flush and finish; the
+        // connection closes once the stream is done or the peer is gone.
+        drop(self.tx);
+        let conn = self.conn;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+            conn.close(0u32.into(), b"bye");
+        });
+    }
+}
+
+/// A connection being opened.
+type Opening = Pin<Box<dyn Future<Output = Result<Link, ControlError>> + Send>>;
+
+/// Connects to the first reachable address and opens the control stream.
 async fn open(
-    endpoint: &quinn::Endpoint,
-    addrs: &[SocketAddr],
+    endpoint: quinn::Endpoint,
+    addrs: Vec<SocketAddr>,
     fingerprint: [u8; 32],
-    hello: &Hello,
-    cfg: &ClientConfig,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ControlError> {
-    let config = quic_config(fingerprint, cfg)?;
+    cfg: ClientConfig,
+) -> Result<Link, ControlError> {
+    let config = quic_config(fingerprint, &cfg)?;
     let mut last = ControlError::NoAddress;
     for addr in addrs {
         let attempt = async {
             let connecting = endpoint
-                .connect_with(config.clone(), *addr, proto::SERVER_NAME)
-                .map_err(|e| ControlError::Connect(e.to_string()))?;
+                .connect_with(config.clone(), addr, proto::SERVER_NAME)
+                .map_err(|e| ControlError::Connect(format!("{addr}: {e}")))?;
             let conn = connecting
                 .await
-                .map_err(|e| ControlError::Connect(e.to_string()))?;
-            let (mut send, recv) = conn
+                .map_err(|e| ControlError::Connect(format!("{addr}: {e}")))?;
+            let (send, recv) = conn
                 .open_bi()
                 .await
-                .map_err(|e| ControlError::Connection(e.to_string()))?;
-            proto::write_frame(&mut send, hello, cfg.max_frame).await?;
-            Ok::<_, ControlError>((conn, send, recv))
+                .map_err(|e| ControlError::Connection(format!("{addr}: {e}")))?;
+            Ok::<_, ControlError>(Link::start(conn, send, recv, cfg.max_frame))
         };
         match tokio::time::timeout(cfg.connect_timeout, attempt).await {
-            Ok(Ok(done)) => return Ok(done),
+            Ok(Ok(link)) => return Ok(link),
             Ok(Err(e)) => last = e,
-            Err(_) => last = ControlError::Timeout,
+            Err(_) => last = ControlError::Connect(format!("{addr}: timed out")),
         }
     }
     Err(last)
 }
 
-/// Spawns the task that reads server frames into a channel (so that
-/// [`Session::next_event`] is cancel-safe).
+/// Spawns the task that reads server frames into a channel.
 fn spawn_reader(
     mut recv: quinn::RecvStream,
     max_frame: usize,
@@ -251,52 +254,36 @@ fn spawn_reader(
     rx
 }
 
+/// The current instant, from tokio's clock (so a paused test clock works).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Joins the network of `token` with this member's metadata. Returns once
-/// the welcome and the first snapshot arrived.
+/// the welcome and the first snapshot arrived; a refusal is an error. With
+/// [`MemberConfig::reconnect`] (the default) an unreachable keyserver is
+/// retried until the caller gives up (drop the future).
 pub async fn join(
     endpoint: &quinn::Endpoint,
     token: &JoinToken,
     meta: MemberMeta,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    let hello = Hello {
-        version: proto::VERSION,
-        request: Request::Join(JoinRequest {
-            network: token.network,
-            token_secret: token.secret,
-            public_key: meta.public_key,
-            service: meta.service,
-            app_id: meta.app_id,
-            process_type: meta.process_type,
-            instance: meta.instance,
-            runner: meta.runner,
-            endpoints: meta.endpoints,
-            ports: meta.ports,
-        }),
-    };
-    let placeholder = NetworkMap::new(token.network, "", "0.0.0.0/32".parse().expect("literal"));
-    let mut session = start(
-        endpoint,
-        &token.addrs,
-        token.cert_sha256,
-        hello,
-        placeholder,
-        cfg,
-    )
-    .await?;
-    let first = tokio::time::timeout(cfg.connect_timeout, session.next_event())
-        .await
-        .map_err(|_| ControlError::Timeout)??;
-    match first {
-        Event::Snapshot => Ok(session),
-        other => Err(ControlError::Protocol(format!(
-            "expected a snapshot after the welcome, got {other:?}"
-        ))),
+    if token.addrs.is_empty() {
+        return Err(ControlError::NoAddress);
+    }
+    let core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    let mut session = Session::new(endpoint.clone(), core, cfg.clone());
+    loop {
+        if let Event::Snapshot = session.next_event().await? {
+            return Ok(session);
+        }
     }
 }
 
-/// Reconnects an existing member, starting from its cached `map`: the server
-/// sends the missed deltas (or a snapshot) as events.
+/// Reconnects an existing member, starting from its cached `map`: returns
+/// once the welcome arrived; the missed deltas (or a snapshot) follow as
+/// events.
 pub async fn resume(
     endpoint: &quinn::Endpoint,
     addrs: &[SocketAddr],
@@ -305,18 +292,20 @@ pub async fn resume(
     request: ResumeRequest,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    let credential = request.credential;
-    let hello = Hello {
-        version: proto::VERSION,
-        request: Request::Resume(request),
+    let membership = Membership {
+        addrs: addrs.to_vec(),
+        cert_sha256: fingerprint,
+        network: request.network,
+        public_key: request.public_key,
+        credential: request.credential,
     };
-    let mut session = start(endpoint, addrs, fingerprint, hello, map, cfg).await?;
-    session.credential = credential;
-    Ok(session)
+    let mut map = map;
+    map.generation = request.generation.min(map.generation);
+    resume_membership(endpoint, &membership, map, request.endpoints, cfg).await
 }
 
 /// Resumes a stored [`Membership`] from a cached map (use an empty map of
-/// generation 0 to get a snapshot).
+/// generation 0 to get a snapshot). Returns once the welcome arrived.
 pub async fn resume_membership(
     endpoint: &quinn::Endpoint,
     membership: &Membership,
@@ -324,122 +313,120 @@ pub async fn resume_membership(
     endpoints: Vec<SocketAddr>,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    let request = ResumeRequest {
-        network: membership.network,
-        public_key: membership.public_key,
-        credential: membership.credential,
-        generation: map.generation,
-        endpoints,
-    };
-    resume(
-        endpoint,
-        &membership.addrs,
-        membership.cert_sha256,
-        map,
-        request,
-        cfg,
-    )
-    .await
+    let mut session = start_resume(endpoint, membership, map, endpoints, vec![], cfg)?;
+    loop {
+        if let Event::Welcomed(_) = session.next_event().await? {
+            return Ok(session);
+        }
+    }
 }
 
-/// Opens the stream, sends `hello` and waits for the welcome.
-async fn start(
+/// A resuming session that has not connected yet: every event, the first
+/// connection's included, comes from [`Session::next_event`] (the sidecar
+/// starts this way, so that its data plane runs from the cache while the
+/// keyserver is away).
+pub fn start_resume(
     endpoint: &quinn::Endpoint,
-    addrs: &[SocketAddr],
-    fingerprint: [u8; 32],
-    hello: Hello,
+    membership: &Membership,
     map: NetworkMap,
+    endpoints: Vec<SocketAddr>,
+    ports: Vec<u16>,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    let (conn, send, recv) = open(endpoint, addrs, fingerprint, &hello, cfg).await?;
-    let mut rx = spawn_reader(recv, cfg.max_frame);
-    let first = tokio::time::timeout(cfg.connect_timeout, rx.recv())
-        .await
-        .map_err(|_| ControlError::Timeout)?;
-    let welcome = match first {
-        Some(Ok(ServerMsg::Welcome(w))) => w,
-        Some(Ok(ServerMsg::Error(e))) => return Err(ControlError::Refused(e)),
-        Some(Ok(other)) => {
-            return Err(ControlError::Protocol(format!(
-                "expected a welcome, got {other:?}"
-            )))
-        }
-        Some(Err(e)) => return Err(e.into()),
-        None => return Err(ControlError::Connection("stream closed".into())),
-    };
-    let public_key = match &hello.request {
-        Request::Join(j) => j.public_key,
-        Request::Resume(r) => r.public_key,
-    };
-    Ok(Session {
-        credential: welcome.credential.unwrap_or_default(),
-        conn,
-        send,
-        rx,
-        welcome,
+    if membership.addrs.is_empty() {
+        return Err(ControlError::NoAddress);
+    }
+    let core = MemberCore::resume(
+        cfg.core_config(),
+        membership.clone(),
         map,
-        max_frame: cfg.max_frame,
-        addrs: addrs.to_vec(),
-        fingerprint,
-        public_key,
-    })
+        endpoints,
+        ports,
+        now(),
+    );
+    Ok(Session::new(endpoint.clone(), core, cfg.clone()))
 }
 
-/// An open membership session.
-#[derive(Debug)]
+/// A membership's session with the keyserver: the member core plus the QUIC
+/// connection it asks for.
 pub struct Session {
-    /// The QUIC connection (kept to close it).
-    conn: quinn::Connection,
-    /// Our half of the control stream.
-    send: quinn::SendStream,
-    /// Frames read by the reader task.
-    rx: mpsc::Receiver<Result<ServerMsg, FrameError>>,
-    /// What the server assigned.
-    welcome: Welcome,
-    /// The current network map.
-    map: NetworkMap,
-    /// The reconnect credential (from the join's welcome or the resume request).
-    credential: Secret,
-    /// Frame size limit.
-    max_frame: usize,
-    /// The keyserver addresses used (for [`Session::membership`]).
-    addrs: Vec<SocketAddr>,
-    /// The pinned certificate fingerprint.
-    fingerprint: [u8; 32],
-    /// The member's public key.
-    public_key: PublicKey,
+    core: MemberCore,
+    endpoint: quinn::Endpoint,
+    cfg: ClientConfig,
+    link: Option<Link>,
+    opening: Option<Opening>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("core", &self.core)
+            .field("connected", &self.link.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
-    /// What the keyserver assigned (IP, index, instance name, ...).
+    fn new(endpoint: quinn::Endpoint, core: MemberCore, cfg: ClientConfig) -> Self {
+        Self {
+            core,
+            endpoint,
+            cfg,
+            link: None,
+            opening: None,
+            ended: false,
+        }
+    }
+
+    /// What the keyserver assigned (IP, index, instance name, ...). Panics
+    /// only if called before the first welcome, which [`join`] and
+    /// [`resume`] wait for.
     pub fn welcome(&self) -> &Welcome {
-        &self.welcome
+        self.core
+            .welcome()
+            .expect("join and resume return after the welcome")
+    }
+
+    /// The last welcome, if any arrived (a [`start_resume`] session may not
+    /// have connected yet).
+    pub fn last_welcome(&self) -> Option<&Welcome> {
+        self.core.welcome()
     }
 
     /// The current network map.
     pub fn map(&self) -> &NetworkMap {
-        &self.map
+        self.core.map()
     }
 
     /// The member's network.
     pub fn network(&self) -> NetworkId {
-        self.welcome.network
+        self.core.map().network
+    }
+
+    /// The member core (state, connection, caught-up).
+    pub fn core(&self) -> &MemberCore {
+        &self.core
     }
 
     /// The reconnect credential; keep it (mode 0600) to [`resume`] later.
     pub fn credential(&self) -> Secret {
-        self.credential
+        self.core.membership().map_or([0; 32], |m| m.credential)
     }
 
-    /// What to keep to [`resume_membership`] later without the token.
+    /// What to keep to [`resume_membership`] later without the token (its
+    /// key is the current one, after rotations).
     pub fn membership(&self) -> Membership {
-        Membership {
-            addrs: self.addrs.clone(),
-            cert_sha256: self.fingerprint,
-            network: self.welcome.network,
-            public_key: self.public_key,
-            credential: self.credential,
-        }
+        self.core
+            .membership()
+            .cloned()
+            .unwrap_or_else(|| Membership {
+                addrs: vec![],
+                cert_sha256: [0; 32],
+                network: self.network(),
+                public_key: self.core.public_key(),
+                credential: [0; 32],
+            })
     }
 
     /// The request to resume this membership later from the current map.
@@ -449,91 +436,232 @@ impl Session {
         endpoints: Vec<SocketAddr>,
     ) -> ResumeRequest {
         ResumeRequest {
-            network: self.welcome.network,
+            network: self.network(),
             public_key,
-            credential: self.credential,
-            generation: self.map.generation,
+            credential: self.credential(),
+            generation: self.map().generation,
             endpoints,
         }
     }
 
-    /// Waits for the next message and applies it to the map. Cancel-safe.
-    /// A delta that does not apply (gap) makes the session ask for a snapshot.
-    pub async fn next_event(&mut self) -> Result<Event, ControlError> {
-        loop {
-            let msg = match self.rx.recv().await {
-                Some(msg) => msg?,
-                None => return Err(ControlError::Connection("stream closed".into())),
-            };
-            match msg {
-                ServerMsg::Snapshot(map) => {
-                    self.map = map;
-                    return Ok(Event::Snapshot);
-                }
-                ServerMsg::Delta(delta) => {
-                    if delta.to <= self.map.generation {
-                        continue; // already have it
+    /// Carries out what the core asked for.
+    fn flush(&mut self) {
+        while let Some(t) = self.core.poll_transmit() {
+            match t {
+                Transmit::Connect { addrs, cert_sha256 } => {
+                    if let Some(link) = self.link.take() {
+                        link.close();
                     }
-                    if self.map.apply(&delta).is_err() {
-                        self.send(&ClientMsg::GetMap(self.welcome.network)).await?;
-                        continue;
+                    let (ep, cfg) = (self.endpoint.clone(), self.cfg.clone());
+                    self.opening = Some(Box::pin(open(ep, addrs, cert_sha256, cfg)));
+                }
+                Transmit::Send(frame) => {
+                    let bytes = match &frame {
+                        Frame::Hello(h) => proto::encode_frame(h, self.cfg.max_frame),
+                        Frame::Msg(m) => proto::encode_frame(m, self.cfg.max_frame),
+                    };
+                    let sent = match (&self.link, bytes) {
+                        (Some(link), Ok(b)) => link.tx.send(b).is_ok(),
+                        _ => false,
+                    };
+                    if !sent && self.link.is_some() {
+                        self.link = None;
+                        self.core
+                            .handle_disconnected(now(), "the control stream is closed".into());
                     }
-                    return Ok(Event::Delta(delta));
                 }
-                ServerMsg::HeartbeatAck { generation } => {
-                    return Ok(Event::HeartbeatAck { generation })
-                }
-                ServerMsg::Error(e) if e.code == ErrorCode::Revoked => {
-                    return Err(ControlError::Revoked(e.message))
-                }
-                ServerMsg::Error(e) => return Ok(Event::Rejected(e)),
-                ServerMsg::Welcome(_) => {
-                    return Err(ControlError::Protocol("second welcome".into()))
+                Transmit::Close => {
+                    self.opening = None;
+                    if let Some(link) = self.link.take() {
+                        link.close();
+                    }
                 }
             }
         }
     }
 
-    /// Sends one message to the server.
-    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), ControlError> {
-        proto::write_frame(&mut self.send, msg, self.max_frame).await?;
+    /// Waits for the next event, driving the connection meanwhile.
+    /// Cancel-safe. Terminal ends are errors: [`ControlError::Revoked`],
+    /// [`ControlError::Refused`], [`ControlError::Connection`] (a one-shot
+    /// session lost its connection); an end the caller asked for
+    /// (offline, leave) is `Ok(Event::Ended(_))`, and every call after an end
+    /// is [`ControlError::Ended`].
+    pub async fn next_event(&mut self) -> Result<Event, ControlError> {
+        loop {
+            self.flush();
+            if let Some(ev) = self.core.poll_event() {
+                return self.surface(ev);
+            }
+            if self.ended {
+                return Err(ControlError::Ended);
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Turns terminal events into errors.
+    fn surface(&mut self, ev: Event) -> Result<Event, ControlError> {
+        let Event::Ended(end) = &ev else {
+            return Ok(ev);
+        };
+        self.ended = true;
+        self.opening = None;
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+        match end.clone() {
+            End::Revoked(why) => Err(ControlError::Revoked(why)),
+            End::Refused(e) if e.code == ErrorCode::Revoked => {
+                Err(ControlError::Revoked(e.message))
+            }
+            End::Refused(e) => Err(ControlError::Refused(e)),
+            End::Lost(why) => Err(ControlError::Connection(why)),
+            End::Offline { .. } | End::Left | End::LeaveUnconfirmed(_) => Ok(ev),
+        }
+    }
+
+    /// Waits for one input and feeds it to the core.
+    async fn wait(&mut self) {
+        let deadline = self.core.poll_timeout();
+        let Self {
+            core,
+            link,
+            opening,
+            ..
+        } = self;
+        tokio::select! {
+            res = async { opening.as_mut().expect("guarded").await }, if opening.is_some() => {
+                *opening = None;
+                match res {
+                    Ok(l) => {
+                        *link = Some(l);
+                        core.handle_connected(now());
+                    }
+                    Err(e) => core.handle_connect_failed(now(), e.to_string()),
+                }
+            }
+            msg = async { link.as_mut().expect("guarded").rx.recv().await }, if link.is_some() => match msg {
+                Some(Ok(m)) => core.handle_message(now(), m),
+                Some(Err(e)) => {
+                    *link = None;
+                    let why = match e {
+                        FrameError::Closed => "the keyserver closed the connection".to_owned(),
+                        e => e.to_string(),
+                    };
+                    core.handle_disconnected(now(), why);
+                }
+                None => {
+                    *link = None;
+                    core.handle_disconnected(now(), "the control stream is closed".into());
+                }
+            },
+            () = sleep_until(deadline) => core.handle_timeout(now()),
+        }
+    }
+
+    /// Sends a heartbeat now (the answer arrives as [`Event::HeartbeatAck`]).
+    pub async fn heartbeat(&mut self) -> Result<(), ControlError> {
+        self.live()?;
+        self.core.heartbeat_now(now());
+        self.flush();
         Ok(())
     }
 
-    /// Sends a heartbeat (the answer arrives as [`Event::HeartbeatAck`]).
-    pub async fn heartbeat(&mut self) -> Result<(), ControlError> {
-        self.send(&ClientMsg::Heartbeat).await
-    }
-
-    /// Tells the server about new underlay endpoints.
+    /// Tells the keyserver about new underlay endpoints (now if connected,
+    /// else on the next connection).
     pub async fn update_endpoints(
         &mut self,
         endpoints: Vec<SocketAddr>,
     ) -> Result<(), ControlError> {
-        self.send(&ClientMsg::UpdateEndpoints(endpoints)).await
+        self.live()?;
+        self.core.set_endpoints(endpoints);
+        self.flush();
+        Ok(())
     }
 
-    /// Tells the server the ports the instance now serves.
+    /// Tells the keyserver the ports the instance now serves.
     pub async fn update_ports(&mut self, ports: Vec<u16>) -> Result<(), ControlError> {
-        self.send(&ClientMsg::UpdatePorts(ports)).await
+        self.live()?;
+        self.core.set_ports(ports);
+        self.flush();
+        Ok(())
     }
 
-    /// Leaves the network: the keyserver removes this member (peers drop it
-    /// within a second) and ends the stream; waits up to `limit` for that
-    /// end, then closes the connection. True when the end was seen.
-    pub async fn leave(mut self, limit: std::time::Duration) -> bool {
-        let mut ended = false;
-        if self.send(&ClientMsg::Leave).await.is_ok() {
-            ended = tokio::time::timeout(limit, async { while self.next_event().await.is_ok() {} })
-                .await
-                .is_ok();
+    /// Starts replacing the member's key by `new`; [`Event::KeyRotated`] or
+    /// [`Event::RotationFailed`] follows from [`Session::next_event`].
+    pub fn rotate_key(&mut self, new: PublicKey) -> Result<(), crate::member::RequestError> {
+        let r = self.core.rotate_key(now(), new);
+        self.flush();
+        r
+    }
+
+    /// Restarts the key lifetime clock (after a rotation).
+    pub fn key_renewed(&mut self) {
+        self.core.key_renewed(now());
+    }
+
+    fn live(&self) -> Result<(), ControlError> {
+        if self.ended {
+            Err(ControlError::Ended)
+        } else {
+            Ok(())
         }
-        self.close();
-        ended
     }
 
-    /// Closes the connection.
-    pub fn close(self) {
-        self.conn.close(0u32.into(), b"bye");
+    /// Drives the session until it ends, at most `limit`; the end, if seen.
+    async fn finish(&mut self, limit: Duration) -> Option<End> {
+        let run = async {
+            loop {
+                match self.next_event().await {
+                    Ok(Event::Ended(end)) => return Some(end),
+                    Ok(_) => {}
+                    Err(ControlError::Revoked(why)) => return Some(End::Revoked(why)),
+                    Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(limit, run).await.ok().flatten()
+    }
+
+    /// Stops gracefully: the keyserver marks the member offline at once
+    /// (peers stop naming and reaching it; its address and names stay
+    /// reserved). Waits for the confirmation, bounded by the member
+    /// config's `goodbye_timeout`. True when confirmed.
+    pub async fn shutdown(mut self) -> bool {
+        self.core.shutdown(now());
+        let limit = self.cfg.member.goodbye_timeout + Duration::from_millis(500);
+        let end = self.finish(limit).await;
+        self.close();
+        matches!(end, Some(End::Offline { confirmed: true }))
+    }
+
+    /// Leaves the network: the keyserver releases this membership (peers
+    /// drop it within a second) and confirms; connects first if needed.
+    /// Waits up to `limit`. True when the keyserver confirmed.
+    pub async fn leave(mut self, limit: Duration) -> bool {
+        if self.core.leave(now()).is_err() {
+            self.close();
+            return false;
+        }
+        let end = self.finish(limit).await;
+        self.close();
+        matches!(end, Some(End::Left | End::Revoked(_)))
+    }
+
+    /// Closes the connection at once, saying nothing (the keyserver notices
+    /// the silence after `offline-after`).
+    pub fn close(mut self) {
+        self.opening = None;
+        if let Some(link) = self.link.take() {
+            link.conn.close(0u32.into(), b"bye");
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }

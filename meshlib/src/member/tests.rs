@@ -1,0 +1,494 @@
+//! The member core alone, driven by hand: every server message is written
+//! here, every output checked.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::keys::PrivateKey;
+use crate::netmap::{MapChange, MapDelta, Member, MemberState};
+
+fn token() -> JoinToken {
+    JoinToken {
+        addrs: vec!["127.0.0.1:7443".parse().unwrap()],
+        cert_sha256: [3; 32],
+        network: "pn-ad0fd6a1-d05e-40ea-bf63-c4f8a75a9d8c".parse().unwrap(),
+        secret: [9; 32],
+        service: None,
+        process_type: None,
+    }
+}
+
+fn meta(key: PublicKey) -> MemberMeta {
+    MemberMeta {
+        public_key: key,
+        service: "api".into(),
+        app_id: None,
+        process_type: ProcessType::default(),
+        instance: None,
+        runner: "r1".into(),
+        endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
+        ports: vec![8080],
+    }
+}
+
+fn welcome(credential: Option<Secret>, generation: u64) -> Welcome {
+    Welcome {
+        version: proto::VERSION,
+        network: token().network,
+        ip: "10.240.0.1".parse().unwrap(),
+        index: 1,
+        instance: "api-web-1".parse().unwrap(),
+        app_id: "api".parse().unwrap(),
+        credential,
+        observed: "192.0.2.1:40000".parse().unwrap(),
+        generation,
+        heartbeat_secs: 10,
+    }
+}
+
+fn member(key: PublicKey, n: u8) -> Member {
+    Member {
+        public_key: key,
+        ip: std::net::Ipv4Addr::new(10, 240, 0, n),
+        endpoints: vec![],
+        service: "api".into(),
+        app_id: "api".parse().unwrap(),
+        process_type: ProcessType::default(),
+        index: n.into(),
+        instance: format!("api-web-{n}").parse().unwrap(),
+        runner: "r1".into(),
+        ports: vec![],
+        state: MemberState::Online,
+    }
+}
+
+fn snapshot(generation: u64, members: &[Member]) -> NetworkMap {
+    let mut map = NetworkMap::new(token().network, "prod", "10.240.0.0/22".parse().unwrap());
+    map.generation = generation;
+    for m in members {
+        map.members.insert(m.public_key, m.clone());
+    }
+    map
+}
+
+fn transmits(core: &mut MemberCore) -> Vec<Transmit> {
+    std::iter::from_fn(|| core.poll_transmit()).collect()
+}
+
+fn events(core: &mut MemberCore) -> Vec<Event> {
+    std::iter::from_fn(|| core.poll_event()).collect()
+}
+
+fn sent_msgs(core: &mut MemberCore) -> Vec<ClientMsg> {
+    transmits(core)
+        .into_iter()
+        .filter_map(|t| match t {
+            Transmit::Send(Frame::Msg(m)) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A joined, live member at generation 1 with itself in the map.
+fn joined(now: Instant) -> (MemberCore, PublicKey) {
+    let key = PrivateKey::generate().public_key();
+    let mut core = MemberCore::join(MemberConfig::default(), token(), meta(key), now);
+    core.handle_timeout(now);
+    assert!(matches!(
+        transmits(&mut core)[..],
+        [Transmit::Connect { .. }]
+    ));
+    core.handle_connected(now);
+    core.handle_message(now, ServerMsg::Welcome(welcome(Some([7; 32]), 1)));
+    core.handle_message(now, ServerMsg::Snapshot(snapshot(1, &[member(key, 1)])));
+    transmits(&mut core);
+    events(&mut core);
+    (core, key)
+}
+
+#[test]
+fn join_sends_hello_persists_membership_and_catches_up() {
+    let now = Instant::now();
+    let key = PrivateKey::generate().public_key();
+    let mut core = MemberCore::join(MemberConfig::default(), token(), meta(key), now);
+    assert_eq!(core.poll_timeout(), Some(now));
+    core.handle_timeout(now);
+    let t = transmits(&mut core);
+    assert_eq!(
+        t,
+        [Transmit::Connect {
+            addrs: token().addrs,
+            cert_sha256: [3; 32]
+        }]
+    );
+    core.handle_connected(now);
+    match &transmits(&mut core)[..] {
+        [Transmit::Send(Frame::Hello(Hello {
+            request: Request::Join(j),
+            version,
+        }))] => {
+            assert_eq!(*version, proto::VERSION);
+            assert_eq!(j.public_key, key);
+            assert_eq!(j.ports, [8080]);
+        }
+        other => panic!("expected a join hello, got {other:?}"),
+    }
+    core.handle_message(now, ServerMsg::Welcome(welcome(Some([7; 32]), 1)));
+    let ev = events(&mut core);
+    assert!(matches!(&ev[0], Event::Joined(m) if m.credential == [7; 32] && m.public_key == key));
+    assert!(
+        !core.is_caught_up(),
+        "welcome says generation 1, map is at 0"
+    );
+    // Nothing to announce: the join carried endpoints and ports.
+    assert!(sent_msgs(&mut core).is_empty());
+    core.handle_message(now, ServerMsg::Snapshot(snapshot(1, &[member(key, 1)])));
+    let ev = events(&mut core);
+    assert_eq!(ev, [Event::Snapshot, Event::CaughtUp { generation: 1 }]);
+    assert_eq!(core.connection(), Connection::Connected);
+}
+
+#[test]
+fn heartbeats_and_a_silent_server_means_reconnect() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    let hb = core.poll_timeout().unwrap();
+    assert_eq!(hb, t0 + Duration::from_secs(10));
+    core.handle_timeout(hb);
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::Heartbeat]);
+    core.handle_message(hb, ServerMsg::HeartbeatAck { generation: 1 });
+    // Now the server goes silent: heartbeats keep going out, and after the
+    // reply timeout the connection is given up and retried.
+    let mut now = hb;
+    let mut closed_at = None;
+    for _ in 0..10 {
+        now = core.poll_timeout().unwrap();
+        core.handle_timeout(now);
+        if transmits(&mut core).contains(&Transmit::Close) {
+            closed_at = Some(now);
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("gave up on the silent server");
+    assert!(closed_at - hb >= Duration::from_secs(20));
+    assert!(matches!(
+        core.connection(),
+        Connection::Connecting { attempt: 1, .. }
+    ));
+    // Reconnects after a backoff with a resume from generation 1.
+    let at = core.poll_timeout().unwrap();
+    assert!(at > closed_at && at <= closed_at + Duration::from_millis(500));
+    core.handle_timeout(at);
+    assert!(matches!(
+        transmits(&mut core)[..],
+        [Transmit::Connect { .. }]
+    ));
+    core.handle_connected(at);
+    match &transmits(&mut core)[..] {
+        [Transmit::Send(Frame::Hello(Hello {
+            request: Request::Resume(r),
+            ..
+        }))] => {
+            assert_eq!(r.generation, 1);
+            assert_eq!(r.credential, [7; 32]);
+        }
+        other => panic!("expected a resume, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_gap_asks_for_the_map_once_and_a_stale_ack_too() {
+    let t0 = Instant::now();
+    let (mut core, key) = joined(t0);
+    let other = PrivateKey::generate().public_key();
+    let gap = MapDelta {
+        from: 5,
+        to: 6,
+        changes: vec![MapChange::Upsert(member(other, 2))],
+    };
+    core.handle_message(t0, ServerMsg::Delta(gap.clone()));
+    core.handle_message(t0, ServerMsg::Delta(gap));
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::GetMap(token().network)]);
+    assert_eq!(
+        core.map().generation,
+        1,
+        "a delta with a gap changes nothing"
+    );
+    core.handle_message(
+        t0,
+        ServerMsg::Snapshot(snapshot(6, &[member(key, 1), member(other, 2)])),
+    );
+    assert_eq!(core.map().members.len(), 2);
+    // An ack ahead of the map: something was lost.
+    core.handle_message(t0, ServerMsg::HeartbeatAck { generation: 9 });
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::GetMap(token().network)]);
+    assert!(!core.is_caught_up());
+}
+
+#[test]
+fn endpoints_and_ports_are_announced_when_they_change_and_after_resume() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    let ep: SocketAddr = "198.51.100.9:51820".parse().unwrap();
+    core.set_endpoints(vec![ep]);
+    core.set_ports(vec![8080]); // unchanged: nothing sent
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::UpdateEndpoints(vec![ep])]);
+    core.handle_disconnected(t0, "reset".into());
+    core.set_ports(vec![9090]);
+    assert!(sent_msgs(&mut core).is_empty(), "not connected");
+    let at = core.poll_timeout().unwrap();
+    core.handle_timeout(at);
+    core.handle_connected(at);
+    transmits(&mut core);
+    core.handle_message(at, ServerMsg::Welcome(welcome(None, 1)));
+    // The resume carried the endpoints; the ports follow.
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::UpdatePorts(vec![9090])]);
+}
+
+#[test]
+fn refusals_are_final_or_retried_by_kind() {
+    let t0 = Instant::now();
+    let refuse = |code| {
+        let key = PrivateKey::generate().public_key();
+        let mut core = MemberCore::join(MemberConfig::default(), token(), meta(key), t0);
+        core.handle_timeout(t0);
+        core.handle_connected(t0);
+        core.handle_message(
+            t0,
+            ServerMsg::Error(ProtoError {
+                code,
+                message: "no".into(),
+            }),
+        );
+        events(&mut core)
+    };
+    for code in [ErrorCode::Busy, ErrorCode::Internal] {
+        let ev = refuse(code);
+        assert!(
+            matches!(&ev[..], [Event::Connection(Connection::Connecting { .. })]),
+            "{code:?} is retried: {ev:?}"
+        );
+    }
+    for code in [
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenUsedUp,
+        ErrorCode::KeyInUse,
+    ] {
+        let ev = refuse(code);
+        assert!(
+            matches!(ev.last(), Some(Event::Ended(End::Refused(e))) if e.code == code),
+            "{code:?} is final: {ev:?}"
+        );
+    }
+}
+
+#[test]
+fn backoff_doubles_with_jitter_and_caps() {
+    let t0 = Instant::now();
+    let key = PrivateKey::generate().public_key();
+    let mut core = MemberCore::join(MemberConfig::default(), token(), meta(key), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for _ in 0..8 {
+        core.handle_timeout(now);
+        core.handle_connect_failed(now, "refused".into());
+        let at = core.poll_timeout().unwrap();
+        delays.push(at - now);
+        now = at;
+    }
+    assert!(delays[0] <= Duration::from_millis(500));
+    assert!(delays[0] >= Duration::from_millis(375));
+    assert!(delays[3] >= Duration::from_secs(3));
+    assert!(delays.iter().all(|d| *d <= Duration::from_secs(15)));
+    assert!(delays[7] >= Duration::from_millis(11_250));
+}
+
+#[test]
+fn rotation_confirmed_switches_the_membership_key() {
+    let t0 = Instant::now();
+    let (mut core, old) = joined(t0);
+    let new = PrivateKey::generate().public_key();
+    assert_eq!(core.rotate_key(t0, old), Err(RequestError::SameKey));
+    core.rotate_key(t0, new).unwrap();
+    assert_eq!(
+        core.rotate_key(t0, PrivateKey::generate().public_key()),
+        Err(RequestError::RotationPending)
+    );
+    match &sent_msgs(&mut core)[..] {
+        [ClientMsg::RotateKey(r)] => {
+            assert_eq!(r.new_public_key, new);
+            assert_eq!(r.credential, [7; 32]);
+        }
+        other => panic!("{other:?}"),
+    }
+    core.handle_message(t0, ServerMsg::KeyRotated { public_key: new });
+    assert_eq!(events(&mut core), [Event::KeyRotated { old, new }]);
+    assert_eq!(core.membership().unwrap().public_key, new);
+}
+
+#[test]
+fn rotation_refused_keeps_the_old_key() {
+    let t0 = Instant::now();
+    let (mut core, old) = joined(t0);
+    let new = PrivateKey::generate().public_key();
+    core.rotate_key(t0, new).unwrap();
+    sent_msgs(&mut core);
+    let e = ProtoError {
+        code: ErrorCode::KeyInUse,
+        message: "taken".into(),
+    };
+    core.handle_message(t0, ServerMsg::Error(e.clone()));
+    assert_eq!(events(&mut core), [Event::RotationFailed(e)]);
+    assert_eq!(core.membership().unwrap().public_key, old);
+}
+
+#[test]
+fn rotation_cut_off_is_finished_with_the_new_key() {
+    let t0 = Instant::now();
+    let (mut core, old) = joined(t0);
+    let new = PrivateKey::generate().public_key();
+    core.rotate_key(t0, new).unwrap();
+    sent_msgs(&mut core);
+    // The keyserver took it, but the connection died before the answer.
+    core.handle_disconnected(t0, "reset".into());
+    let mut now = core.poll_timeout().unwrap();
+    core.handle_timeout(now);
+    transmits(&mut core);
+    core.handle_connected(now);
+    let key_of = |t: Vec<Transmit>| match &t[..] {
+        [Transmit::Send(Frame::Hello(Hello {
+            request: Request::Resume(r),
+            ..
+        }))] => r.public_key,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(key_of(transmits(&mut core)), old);
+    core.handle_message(
+        now,
+        ServerMsg::Error(ProtoError {
+            code: ErrorCode::BadCredential,
+            message: "unknown member".into(),
+        }),
+    );
+    now = core.poll_timeout().unwrap();
+    core.handle_timeout(now);
+    transmits(&mut core);
+    core.handle_connected(now);
+    assert_eq!(key_of(transmits(&mut core)), new);
+    core.handle_message(now, ServerMsg::Welcome(welcome(None, 1)));
+    assert!(events(&mut core).contains(&Event::KeyRotated { old, new }));
+    assert_eq!(core.membership().unwrap().public_key, new);
+}
+
+#[test]
+fn shutdown_says_offline_and_ends_on_goodbye_or_timeout() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    core.shutdown(t0);
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::Offline]);
+    core.handle_message(t0, ServerMsg::Goodbye(Goodbye::Offline));
+    assert!(events(&mut core).contains(&Event::Ended(End::Offline { confirmed: true })));
+    assert!(core.is_ended() && core.poll_timeout().is_none());
+
+    let (mut core, _) = joined(t0);
+    core.shutdown(t0);
+    transmits(&mut core);
+    let deadline = core.poll_timeout().unwrap();
+    assert_eq!(deadline, t0 + Duration::from_secs(3));
+    core.handle_timeout(deadline);
+    assert_eq!(transmits(&mut core), [Transmit::Close]);
+    assert!(events(&mut core).contains(&Event::Ended(End::Offline { confirmed: false })));
+}
+
+#[test]
+fn leave_while_disconnected_connects_first_then_gives_up_in_time() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    core.handle_disconnected(t0, "reset".into());
+    transmits(&mut core);
+    core.leave(t0).unwrap();
+    core.handle_timeout(t0);
+    assert!(matches!(
+        transmits(&mut core)[..],
+        [Transmit::Connect { .. }]
+    ));
+    core.handle_connected(t0);
+    transmits(&mut core);
+    core.handle_message(t0, ServerMsg::Welcome(welcome(None, 1)));
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::Leave]);
+    core.handle_message(t0, ServerMsg::Goodbye(Goodbye::Left));
+    assert!(events(&mut core).contains(&Event::Ended(End::Left)));
+
+    // Unreachable keyserver: bounded by the leave timeout.
+    let (mut core, _) = joined(t0);
+    core.handle_disconnected(t0, "reset".into());
+    core.leave(t0).unwrap();
+    let mut now = t0;
+    for _ in 0..100 {
+        let Some(at) = core.poll_timeout() else { break };
+        now = at;
+        core.handle_timeout(now);
+        if transmits(&mut core).contains(&Transmit::Connect {
+            addrs: token().addrs,
+            cert_sha256: [3; 32],
+        }) {
+            core.handle_connect_failed(now, "unreachable".into());
+        }
+    }
+    assert!(core.is_ended());
+    assert!(now <= t0 + Duration::from_secs(10));
+    assert!(events(&mut core)
+        .iter()
+        .any(|e| matches!(e, Event::Ended(End::LeaveUnconfirmed(_)))));
+}
+
+#[test]
+fn revocation_and_one_shot_sessions_end() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    core.handle_message(
+        t0,
+        ServerMsg::Error(ProtoError {
+            code: ErrorCode::Revoked,
+            message: "removed".into(),
+        }),
+    );
+    assert!(events(&mut core).contains(&Event::Ended(End::Revoked("removed".into()))));
+
+    let key = PrivateKey::generate().public_key();
+    let cfg = MemberConfig {
+        reconnect: false,
+        ..MemberConfig::default()
+    };
+    let mut core = MemberCore::join(cfg, token(), meta(key), t0);
+    core.handle_timeout(t0);
+    core.handle_connect_failed(t0, "refused".into());
+    assert!(events(&mut core).contains(&Event::Ended(End::Lost("refused".into()))));
+}
+
+#[test]
+fn key_lifetime_asks_for_a_rotation() {
+    let t0 = Instant::now();
+    let key = PrivateKey::generate().public_key();
+    let cfg = MemberConfig {
+        key_lifetime: Some(Duration::from_secs(3600)),
+        ..MemberConfig::default()
+    };
+    let mut core = MemberCore::join(cfg, token(), meta(key), t0);
+    core.handle_timeout(t0);
+    core.handle_connected(t0);
+    core.handle_message(t0, ServerMsg::Welcome(welcome(Some([1; 32]), 0)));
+    events(&mut core);
+    let due = t0 + Duration::from_secs(3600);
+    let mut now = t0;
+    while now < due {
+        now = core.poll_timeout().unwrap();
+        core.handle_timeout(now);
+        core.handle_message(now, ServerMsg::HeartbeatAck { generation: 0 });
+        transmits(&mut core);
+        if events(&mut core).contains(&Event::RotationDue) {
+            break;
+        }
+    }
+    assert_eq!(now, due);
+}
