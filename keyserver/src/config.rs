@@ -41,6 +41,14 @@ pub struct Config {
     pub push_buffer: usize,
     /// Seconds a released address stays unused. Default 300 (well above the DNS TTL).
     pub quarantine_secs: u64,
+    /// Seconds without a heartbeat after which a member goes offline
+    /// (invisible to its peers' names and peer lists, its address, index and
+    /// name kept). Default 30, the DNS TTL of seed 003. Members are told to
+    /// heartbeat every third of it (1–10 s).
+    pub offline_after_secs: u64,
+    /// Seconds an offline member is kept before it expires and its address
+    /// is released (a network may set its own). Default 86400 (24 h).
+    pub expire_after_secs: u64,
 }
 
 impl Default for Config {
@@ -59,6 +67,8 @@ impl Default for Config {
             change_log: limits.change_log,
             push_buffer: limits.push_buffer,
             quarantine_secs: limits.quarantine.as_secs(),
+            offline_after_secs: limits.lifecycle.offline_after.as_secs(),
+            expire_after_secs: limits.lifecycle.expire_after.as_secs(),
         }
     }
 }
@@ -79,6 +89,10 @@ impl Config {
             push_buffer: self.push_buffer,
             change_log: self.change_log,
             quarantine: Duration::from_secs(self.quarantine_secs),
+            lifecycle: crate::registry::Lifecycle {
+                offline_after: Duration::from_secs(self.offline_after_secs.max(1)),
+                expire_after: Duration::from_secs(self.expire_after_secs),
+            },
         }
     }
 }

@@ -7,12 +7,15 @@
 //!
 //! Pure core:
 //! - [`registry`] — networks, tokens, members, allocation, per-network change
-//!   log; every operation returns the store writes and the change to push.
+//!   log, member lifecycle; every operation returns the store writes and the
+//!   change to push.
+//! - [`session`] — one member's control stream: hello, pushes, catch-up,
+//!   revocation and client requests, without I/O.
 //!
 //! Drivers:
 //! - [`store`] — the [`store::Store`] trait and the embedded redb store.
 //! - [`server`] — registry + store under one lock, per-network push channels.
-//! - [`quic`] — the sidecar protocol over QUIC ([`meshlib::proto`]).
+//! - [`quic`] — the QUIC driver of [`session`] ([`meshlib::proto`]).
 //! - [`http`] — the admin API (axum, bearer token, `/openapi.json`).
 //! - [`config`] — plain-data configuration (TOML, flags map onto it).
 //! - [`admin`] — the HTTP client the admin subcommands use.
@@ -28,6 +31,7 @@ pub mod http;
 pub mod quic;
 pub mod registry;
 pub mod server;
+pub mod session;
 pub mod store;
 
 use std::future::Future;
@@ -198,9 +202,11 @@ impl Keyserver {
         };
         let router = http::router(self.shared.clone(), self.admin_token.clone());
         let http = axum::serve(api, router).with_graceful_shutdown(wait(stop_rx.clone()));
-        let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx)));
+        let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx.clone())));
+        let sweeper = tokio::spawn(sweep(self.shared.clone(), wait(stop_rx)));
         let result = http.await.map_err(ServeError::Http);
         let _ = quic_task.await;
+        let _ = sweeper.await;
         // Blocking store operations started by dropped sessions may still
         // hold the state for a moment; wait (bounded) so the store is closed
         // when this returns and a restart on the same directory can open it.
@@ -212,6 +218,26 @@ impl Keyserver {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         result
+    }
+}
+
+/// Applies the member lifecycle timers every second until `shutdown`.
+async fn sweep(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut shutdown => return,
+        }
+        let sh = shared.clone();
+        match tokio::task::spawn_blocking(move || sh.sweep(SystemTime::now())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(transitions = n, "lifecycle sweep"),
+            Ok(Err(e)) => tracing::warn!("lifecycle sweep: store write failed: {e}"),
+            Err(e) => tracing::error!("lifecycle sweep panicked: {e}"),
+        }
     }
 }
 

@@ -1,24 +1,19 @@
-//! The QUIC driver: accepts sidecars, runs the control protocol
-//! ([`meshlib::proto`]) on one bidirectional stream per connection, and
-//! forwards the network's pushes.
+//! The QUIC driver: accepts sidecars and drives one
+//! [`StreamSession`] (the pure per-stream logic) per connection's
+//! bidirectional stream: reads frames, forwards the network's pushes,
+//! writes replies.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use meshlib::ids::NetworkId;
-use meshlib::keys::PublicKey;
-use meshlib::proto::{
-    self, ClientMsg, ErrorCode, FrameError, Hello, ProtoError, Request, ServerMsg, Welcome,
-};
+use meshlib::proto::{self, ClientMsg, ErrorCode, FrameError, Hello};
 use rand_core::RngCore as _;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
-use meshlib::netmap::Member;
-
-use crate::registry::{Catchup, Change, ProtoOpError};
-use crate::server::{OpError, Push, Shared};
+use crate::server::Shared;
+use crate::session::{Fatal, Next, Reply, StreamSession};
 
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -138,15 +133,6 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
 }
 
-/// A session's fatal end: tell the client why, then close.
-struct Fatal(ErrorCode, String);
-
-impl From<FrameError> for Fatal {
-    fn from(e: FrameError) -> Self {
-        Fatal(ErrorCode::Malformed, e.to_string())
-    }
-}
-
 /// Handles one connection from handshake to close.
 async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let timeout = shared.limits.handshake_timeout;
@@ -158,11 +144,10 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         conn.close(1u32.into(), b"no control stream");
         return;
     };
-    let result = session(&conn, &mut send, recv, &shared).await;
-    if let Err(Fatal(code, message)) = result {
-        tracing::debug!(remote = %conn.remote_address(), ?code, %message, "session ended");
-        let msg = ServerMsg::Error(ProtoError { code, message });
-        let _ = proto::write_frame(&mut send, &msg, shared.limits.max_frame).await;
+    let result = drive(&conn, &mut send, recv, &shared).await;
+    if let Err(fatal) = result {
+        tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
+        let _ = proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
     }
     let _ = send.finish();
     // Let the client read the last frame before the connection goes away.
@@ -188,19 +173,6 @@ fn spawn_reader(
     rx
 }
 
-/// Where a session stands.
-struct Session {
-    network: NetworkId,
-    key: PublicKey,
-    /// Last generation sent to the client.
-    sent: u64,
-    /// The client's address as last seen on the connection (QUIC follows a
-    /// client whose address changes, e.g. a NAT rebinding).
-    observed: SocketAddr,
-    /// The endpoints the member advertised last.
-    advertised: Vec<SocketAddr>,
-}
-
 /// Runs `f` on a blocking thread (store commits fsync).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Fatal> {
     tokio::task::spawn_blocking(f)
@@ -208,16 +180,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))
 }
 
-/// Maps a refused or failed operation to a fatal session error.
-fn op_fatal(e: OpError<ProtoOpError>) -> Fatal {
-    match e {
-        OpError::Refused(e) => Fatal(e.code(), e.to_string()),
-        OpError::Store(e) => Fatal(ErrorCode::Internal, e.to_string()),
+/// Writes a session's replies.
+async fn write(send: &mut quinn::SendStream, replies: Vec<Reply>, max: usize) -> Result<(), Fatal> {
+    for r in replies {
+        match r {
+            Reply::Msg(m) => proto::write_frame(send, &m, max).await?,
+            Reply::Frame(f) => send
+                .write_all(&f)
+                .await
+                .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?,
+        }
     }
+    Ok(())
 }
 
-/// The control protocol on one stream.
-async fn session(
+/// Drives one member's [`StreamSession`] over the QUIC stream.
+async fn drive(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -230,298 +208,44 @@ async fn session(
     )
     .await
     .map_err(|_| Fatal(ErrorCode::Malformed, "no hello in time".into()))??;
-    if hello.version != proto::VERSION {
-        return Err(Fatal(
-            ErrorCode::UnsupportedVersion,
-            format!(
-                "server speaks version {}, client {}",
-                proto::VERSION,
-                hello.version
-            ),
-        ));
-    }
-    let observed = conn.remote_address();
-    let (welcome, first, mut pushes, advertised) = match hello.request {
-        Request::Join(req) => {
-            let advertised = req.endpoints.clone();
-            let (w, f, p) = join(shared, req, observed).await?;
-            (w, f, p, advertised)
-        }
-        Request::Resume(req) => {
-            let advertised = req.endpoints.clone();
-            let (w, f, p) = resume(shared, req, observed).await?;
-            (w, f, p, advertised)
-        }
-    };
-    let mut s = Session {
-        network: welcome.network,
-        key: match &first {
-            First::Snapshot(_, key) | First::Catchup(_, key, _) => *key,
-        },
-        sent: 0,
-        observed,
-        advertised,
-    };
-    proto::write_frame(send, &ServerMsg::Welcome(welcome), max).await?;
-    match first {
-        First::Snapshot(map, _) => {
-            s.sent = map.generation;
-            proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
-        }
-        First::Catchup(c, _, gen) => {
-            s.sent = gen;
-            send_catchup(send, &mut s, c, max).await?;
-        }
-    }
+    let mut credential = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut credential);
+    let (sh, observed) = (shared.clone(), conn.remote_address());
+    let (mut session, first, mut pushes) =
+        blocking(move || StreamSession::open(&sh, hello, observed, credential, SystemTime::now()))
+            .await??;
+    write(send, first, max).await?;
     let mut client = spawn_reader(recv, max);
     loop {
         tokio::select! {
-            push = pushes.recv() => on_push(send, &mut s, shared, push).await?,
+            push = pushes.recv() => {
+                let replies = session.on_push(shared, push)?;
+                write(send, replies, max).await?;
+            }
             msg = client.recv() => match msg {
                 None | Some(Err(FrameError::Closed)) => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(msg)) => {
-                    let roamed = conn.remote_address() != s.observed;
-                    s.observed = conn.remote_address();
-                    on_client(send, &mut s, shared, msg, roamed).await?;
+                    let observed = conn.remote_address();
+                    let (s, result) = if session.may_write(&msg, observed) {
+                        let sh = shared.clone();
+                        blocking(move || {
+                            let r = session.on_client(&sh, msg, observed, SystemTime::now());
+                            (session, r)
+                        })
+                        .await?
+                    } else {
+                        let r = session.on_client(shared, msg, observed, SystemTime::now());
+                        (session, r)
+                    };
+                    session = s;
+                    let (replies, next) = result?;
+                    write(send, replies, max).await?;
+                    if next == Next::Close {
+                        return Ok(());
+                    }
                 }
             },
         }
     }
-}
-
-/// What a fresh session sends after the welcome.
-enum First {
-    /// A join: the whole map.
-    Snapshot(meshlib::netmap::NetworkMap, PublicKey),
-    /// A resume: catch-up (including the resume's own endpoint change) from
-    /// the client's generation.
-    Catchup(Catchup, PublicKey, u64),
-}
-
-type Started = (Welcome, First, broadcast::Receiver<Push>);
-
-async fn join(
-    shared: &Arc<Shared>,
-    req: proto::JoinRequest,
-    observed: SocketAddr,
-) -> Result<Started, Fatal> {
-    let mut credential = [0u8; 32];
-    rand_core::OsRng.fill_bytes(&mut credential);
-    let sh = shared.clone();
-    let (joined, pushes) = blocking(move || {
-        sh.mutate(
-            |reg| {
-                let j = reg.join(&req, observed, &credential, SystemTime::now())?;
-                let (ops, change) = (j.ops.clone(), j.change.clone());
-                Ok((j, ops, vec![change]))
-            },
-            |_, j, sh| sh.subscribe(j.map.network),
-        )
-    })
-    .await?
-    .map_err(op_fatal)?;
-    let welcome = welcome_of(
-        &joined.member,
-        joined.map.network,
-        Some(credential),
-        observed,
-    );
-    let key = joined.member.public_key;
-    Ok((welcome, First::Snapshot(joined.map, key), pushes))
-}
-
-async fn resume(
-    shared: &Arc<Shared>,
-    req: proto::ResumeRequest,
-    observed: SocketAddr,
-) -> Result<Started, Fatal> {
-    let sh = shared.clone();
-    let (network, from) = (req.network, req.generation);
-    let (resumed, pushes) = blocking(move || {
-        sh.mutate(
-            |reg| {
-                let r = reg.resume(&req, observed, SystemTime::now())?;
-                let changes: Vec<Change> = r.change.iter().cloned().collect();
-                let ops = r.ops.clone();
-                Ok((r, ops, changes))
-            },
-            |_, _, sh| sh.subscribe(network),
-        )
-    })
-    .await?
-    .map_err(op_fatal)?;
-    let welcome = welcome_of(&resumed.member, network, None, observed);
-    let key = resumed.member.public_key;
-    Ok((welcome, First::Catchup(resumed.catchup, key, from), pushes))
-}
-
-fn welcome_of(
-    m: &Member,
-    network: NetworkId,
-    credential: Option<[u8; 32]>,
-    observed: SocketAddr,
-) -> Welcome {
-    Welcome {
-        version: proto::VERSION,
-        network,
-        ip: m.ip,
-        index: m.index,
-        instance: m.instance.clone(),
-        app_id: m.app_id.clone(),
-        credential,
-        observed,
-    }
-}
-
-/// Sends a catch-up and advances `s.sent`.
-async fn send_catchup(
-    send: &mut quinn::SendStream,
-    s: &mut Session,
-    c: Catchup,
-    max: usize,
-) -> Result<(), Fatal> {
-    match c {
-        Catchup::UpToDate => {}
-        Catchup::Delta(d) => {
-            s.sent = d.to;
-            proto::write_frame(send, &ServerMsg::Delta(d), max).await?;
-        }
-        Catchup::Snapshot(map) => {
-            s.sent = map.generation;
-            proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Forwards one push (or catches up after a gap or lag).
-async fn on_push(
-    send: &mut quinn::SendStream,
-    s: &mut Session,
-    shared: &Arc<Shared>,
-    push: Result<Push, broadcast::error::RecvError>,
-) -> Result<(), Fatal> {
-    let revoked = || {
-        Fatal(
-            ErrorCode::Revoked,
-            "this member was removed from its network".into(),
-        )
-    };
-    match push {
-        Ok(p) if p.to <= s.sent => Ok(()),
-        Ok(p) if p.from == s.sent => {
-            send.write_all(&p.frame)
-                .await
-                .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?;
-            s.sent = p.to;
-            if p.removed == Some(s.key) {
-                return Err(revoked());
-            }
-            Ok(())
-        }
-        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-            let (net, key, sent) = (s.network, s.key, s.sent);
-            let (still, c) = shared.read(|r| (r.is_member(net, &key), r.catchup(net, sent)));
-            if !still {
-                return Err(revoked());
-            }
-            if let Some(c) = c {
-                send_catchup(send, s, c, shared.limits.max_frame).await?;
-            }
-            Ok(())
-        }
-        Err(broadcast::error::RecvError::Closed) => {
-            Err(Fatal(ErrorCode::Internal, "shutting down".into()))
-        }
-    }
-}
-
-/// Handles one client message. `roamed`: the client's address changed
-/// since the last message, so its observed endpoint is updated too.
-async fn on_client(
-    send: &mut quinn::SendStream,
-    s: &mut Session,
-    shared: &Arc<Shared>,
-    msg: ClientMsg,
-    roamed: bool,
-) -> Result<(), Fatal> {
-    let max = shared.limits.max_frame;
-    if let ClientMsg::UpdateEndpoints(eps) = &msg {
-        s.advertised.clone_from(eps);
-    }
-    if roamed || matches!(msg, ClientMsg::UpdateEndpoints(_)) {
-        let (sh, net, key) = (shared.clone(), s.network, s.key);
-        let (eps, obs) = (s.advertised.clone(), s.observed);
-        blocking(move || {
-            sh.mutate(
-                |reg| {
-                    let (change, ops) =
-                        reg.update_endpoints(net, &key, &eps, obs, SystemTime::now());
-                    Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
-                },
-                |_, _, _| (),
-            )
-        })
-        .await?
-        .map_err(op_fatal)?;
-    }
-    match msg {
-        ClientMsg::Heartbeat => {
-            shared.heartbeat(s.network, &s.key, SystemTime::now());
-            // The generation this session has delivered: the client compares
-            // it with its map to notice anything lost.
-            let generation = s.sent;
-            proto::write_frame(send, &ServerMsg::HeartbeatAck { generation }, max).await?;
-        }
-        ClientMsg::UpdateEndpoints(_) => {}
-        ClientMsg::GetMap(net) if net == s.network => {
-            if let Some(map) = shared.read(|r| r.snapshot(net)) {
-                s.sent = map.generation;
-                proto::write_frame(send, &ServerMsg::Snapshot(map), max).await?;
-            }
-        }
-        ClientMsg::UpdatePorts(ports) => {
-            let (sh, net, key) = (shared.clone(), s.network, s.key);
-            blocking(move || {
-                sh.mutate(
-                    |reg| {
-                        let (change, ops) = reg.update_ports(net, &key, &ports);
-                        Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
-                    },
-                    |_, _, _| (),
-                )
-            })
-            .await?
-            .map_err(op_fatal)?;
-        }
-        ClientMsg::Leave => {
-            let (sh, net, key) = (shared.clone(), s.network, s.key);
-            let left = blocking(move || {
-                sh.mutate(
-                    |reg| {
-                        let (change, ops) =
-                            reg.remove_member(net, &key.to_string(), SystemTime::now())?;
-                        tracing::info!(network = %net, member = %key, "member left");
-                        Ok::<_, crate::registry::AdminError>(((), ops, vec![change]))
-                    },
-                    |_, _, _| (),
-                )
-            })
-            .await?;
-            if let Err(e) = left {
-                tracing::warn!(member = %s.key, "leave failed: {e}");
-                return Err(Fatal(ErrorCode::Internal, e.to_string()));
-            }
-            return Err(Fatal(ErrorCode::Revoked, "left the network".into()));
-        }
-        ClientMsg::GetMap(other) => {
-            let err = ProtoError {
-                code: ErrorCode::Forbidden,
-                message: format!("not a member of network {other}"),
-            };
-            proto::write_frame(send, &ServerMsg::Error(err), max).await?;
-        }
-    }
-    Ok(())
 }

@@ -19,7 +19,7 @@ use meshlib::proto::{self, ServerMsg};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::registry::{Change, Records, Registry, StoreOp};
+use crate::registry::{Change, Lifecycle, Records, Registry, StoreOp};
 use crate::store::{Store, StoreError};
 
 /// Limits and tunables of the servers (plain data; see [`crate::config::Config`]).
@@ -39,6 +39,8 @@ pub struct Limits {
     pub change_log: usize,
     /// Quarantine of released addresses.
     pub quarantine: Duration,
+    /// Offline and expiry timers of members.
+    pub lifecycle: Lifecycle,
 }
 
 impl Default for Limits {
@@ -51,6 +53,7 @@ impl Default for Limits {
             push_buffer: 1024,
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
+            lifecycle: Lifecycle::default(),
         }
     }
 }
@@ -127,7 +130,10 @@ impl Shared {
     }
 
     fn build(records: Records, limits: &Limits, now: SystemTime) -> (Registry, Vec<String>) {
-        Registry::load(records, limits.change_log, limits.quarantine, now)
+        let (mut reg, warnings) =
+            Registry::load(records, limits.change_log, limits.quarantine, now);
+        reg.set_lifecycle(limits.lifecycle);
+        (reg, warnings)
     }
 
     /// Reads the registry.
@@ -217,6 +223,36 @@ impl Shared {
         self.seen
             .lock()
             .insert((network, *key), crate::registry::unix(now));
+    }
+
+    /// Applies the lifecycle timers at `now` (members silent for
+    /// `offline-after` go offline, expired ones are released) and pushes the
+    /// transitions. Returns how many there were. Commits to the store: call
+    /// from a blocking thread.
+    pub fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
+        /// Transitions per sweep; the rest wait a sweep interval.
+        const BATCH: usize = 256;
+        let heard = self.seen.lock().clone();
+        let result = self.mutate(
+            |reg| {
+                let (changes, ops) = reg.sweep(now, |n, k| heard.get(&(n, *k)).copied(), BATCH);
+                Ok::<_, std::convert::Infallible>((changes.len(), ops, changes))
+            },
+            |_, _, _| (),
+        );
+        match result {
+            Ok((n, ())) => Ok(n),
+            Err(OpError::Store(e)) => Err(e),
+            Err(OpError::Refused(never)) => match never {},
+        }
+    }
+
+    /// A member's key changed: its heartbeat record follows it.
+    pub fn rekeyed(&self, network: NetworkId, old: &PublicKey, new: &PublicKey) {
+        let mut seen = self.seen.lock();
+        if let Some(t) = seen.remove(&(network, *old)) {
+            seen.insert((network, *new), t);
+        }
     }
 
     /// Members of a network, `last_seen` including heartbeats.

@@ -1,7 +1,11 @@
 //! Persistence behind the [`Store`] trait. The default is [`RedbStore`]: an
 //! embedded ACID store (redb, copy-on-write B-trees, fsync on commit), so a
 //! batch of [`StoreOp`]s is either entirely on disk or not at all, also after
-//! a `kill -9`. A distributed backend (etcd) implements the same trait.
+//! a `kill -9`. [`MemStore`] keeps everything in memory (simulations, tests).
+//!
+//! Records are stored as JSON, so a field added later reads from older
+//! records with its default; records written by the first releases
+//! (postcard, before member lifecycle) are still read ([`legacy`]).
 
 use std::path::Path;
 
@@ -34,12 +38,12 @@ pub enum StoreError {
     #[error("store error: {0}")]
     Db(String),
     /// A stored record could not be decoded.
-    #[error("corrupt record in table {table}: {source}")]
+    #[error("corrupt record in table {table}: {reason}")]
     Decode {
         /// The table.
         table: &'static str,
         /// The cause.
-        source: postcard::Error,
+        reason: String,
     },
 }
 
@@ -101,8 +105,23 @@ fn quarantine_key(network: &meshlib::ids::NetworkId, ip: std::net::Ipv4Addr) -> 
     k
 }
 
-/// Reads a whole table of postcard values.
-fn read_all<T: serde::de::DeserializeOwned>(
+/// Decodes a stored record: JSON, or the first releases' postcard layout.
+pub(crate) trait Stored: serde::de::DeserializeOwned {
+    /// Decodes the postcard layout of the first releases.
+    fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error>;
+
+    /// Decodes either form.
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.first() == Some(&b'{') {
+            serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        } else {
+            Self::legacy(bytes).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Reads a whole table of stored records.
+fn read_all<T: Stored>(
     txn: &redb::ReadTransaction,
     def: TableDefinition<&[u8], &[u8]>,
     name: &'static str,
@@ -111,18 +130,18 @@ fn read_all<T: serde::de::DeserializeOwned>(
     let mut out = Vec::new();
     for row in table.iter().map_err(db)? {
         let (_, v) = row.map_err(db)?;
-        let rec = postcard::from_bytes(v.value()).map_err(|source| StoreError::Decode {
+        let rec = T::decode(v.value()).map_err(|reason| StoreError::Decode {
             table: name,
-            source,
+            reason,
         })?;
         out.push(rec);
     }
     Ok(out)
 }
 
-/// Postcard encoding of a record (cannot fail for these plain types).
+/// The stored (JSON) form of a record.
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(v).map_err(db)
+    serde_json::to_vec(v).map_err(db)
 }
 
 impl Store for RedbStore {
@@ -192,5 +211,189 @@ impl Store for RedbStore {
             }
         }
         txn.commit().map_err(db)
+    }
+}
+
+/// Everything in memory: the same semantics as [`RedbStore`] without
+/// durability (simulations and tests).
+#[derive(Debug, Default, Clone)]
+pub struct MemStore {
+    networks: std::collections::BTreeMap<meshlib::ids::NetworkId, NetworkRecord>,
+    tokens: std::collections::BTreeMap<[u8; 32], TokenRecord>,
+    members: std::collections::BTreeMap<
+        (meshlib::ids::NetworkId, meshlib::keys::PublicKey),
+        MemberRecord,
+    >,
+    quarantine: std::collections::BTreeMap<(meshlib::ids::NetworkId, std::net::Ipv4Addr), u64>,
+    /// Commits so far.
+    commits: u64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store holding `records`.
+    pub fn with(records: Records) -> Self {
+        let mut s = Self::default();
+        for n in records.networks {
+            s.networks.insert(n.id, n);
+        }
+        for t in records.tokens {
+            s.tokens.insert(t.hash, t);
+        }
+        for m in records.members {
+            s.members.insert((m.network, m.member.public_key), m);
+        }
+        for (n, ip, until) in records.quarantine {
+            s.quarantine.insert((n, ip), until);
+        }
+        s
+    }
+
+    /// How many commits were made.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+}
+
+impl Store for MemStore {
+    fn load(&self) -> Result<Records, StoreError> {
+        Ok(Records {
+            networks: self.networks.values().cloned().collect(),
+            tokens: self.tokens.values().cloned().collect(),
+            members: self.members.values().cloned().collect(),
+            quarantine: self
+                .quarantine
+                .iter()
+                .map(|((n, ip), until)| (*n, *ip, *until))
+                .collect(),
+        })
+    }
+
+    fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        for op in ops {
+            match op {
+                StoreOp::PutNetwork(n) => {
+                    self.networks.insert(n.id, n.clone());
+                }
+                StoreOp::PutToken(t) => {
+                    self.tokens.insert(t.hash, t.clone());
+                }
+                StoreOp::DeleteToken(h) => {
+                    self.tokens.remove(h);
+                }
+                StoreOp::PutMember(m) => {
+                    self.members
+                        .insert((m.network, m.member.public_key), m.clone());
+                }
+                StoreOp::DeleteMember(n, k) => {
+                    self.members.remove(&(*n, *k));
+                }
+                StoreOp::PutQuarantine(n, ip, until) => {
+                    self.quarantine.insert((*n, *ip), *until);
+                }
+                StoreOp::DeleteQuarantine(n, ip) => {
+                    self.quarantine.remove(&(*n, *ip));
+                }
+            }
+        }
+        self.commits += 1;
+        Ok(())
+    }
+}
+
+/// The records of the first releases (postcard, before member lifecycle),
+/// read once and rewritten as JSON with their next change.
+pub mod legacy {
+    use ipnet::Ipv4Net;
+    use meshlib::ids::{AppId, InstanceName, NetworkId, ProcessType};
+    use meshlib::keys::PublicKey;
+    use meshlib::netmap::{Member, MemberState};
+    use serde::Deserialize;
+
+    use super::Stored;
+    use crate::registry::{MemberRecord, NetworkRecord, TokenRecord};
+
+    #[derive(Deserialize)]
+    struct NetworkV1 {
+        id: NetworkId,
+        name: String,
+        range: Ipv4Net,
+        generation: u64,
+        created: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct MemberV1 {
+        public_key: PublicKey,
+        ip: std::net::Ipv4Addr,
+        endpoints: Vec<std::net::SocketAddr>,
+        service: String,
+        app_id: AppId,
+        process_type: ProcessType,
+        index: u32,
+        instance: InstanceName,
+        runner: String,
+        ports: Vec<u16>,
+    }
+
+    #[derive(Deserialize)]
+    struct MemberRecordV1 {
+        network: NetworkId,
+        member: MemberV1,
+        credential_hash: [u8; 32],
+        joined: u64,
+        last_seen: u64,
+    }
+
+    impl Stored for NetworkRecord {
+        fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error> {
+            let v: NetworkV1 = postcard::from_bytes(bytes)?;
+            Ok(NetworkRecord {
+                id: v.id,
+                name: v.name,
+                range: v.range,
+                generation: v.generation,
+                created: v.created,
+                expire_after: None,
+            })
+        }
+    }
+
+    impl Stored for MemberRecord {
+        fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error> {
+            let v: MemberRecordV1 = postcard::from_bytes(bytes)?;
+            let m = v.member;
+            Ok(MemberRecord {
+                network: v.network,
+                member: Member {
+                    public_key: m.public_key,
+                    ip: m.ip,
+                    endpoints: m.endpoints,
+                    service: m.service,
+                    app_id: m.app_id,
+                    process_type: m.process_type,
+                    index: m.index,
+                    instance: m.instance,
+                    runner: m.runner,
+                    ports: m.ports,
+                    state: MemberState::Online,
+                },
+                credential_hash: v.credential_hash,
+                joined: v.joined,
+                last_seen: v.last_seen,
+                offline_since: None,
+                previous_keys: vec![],
+            })
+        }
+    }
+
+    impl Stored for TokenRecord {
+        fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error> {
+            postcard::from_bytes(bytes)
+        }
     }
 }

@@ -125,8 +125,8 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         other => panic!("wrong pin accepted: {other:?}"),
     }
     // A member of A asking about B: refused, session kept.
-    a.send(&ClientMsg::GetMap(net_b)).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(5), a.next_event())
+    a.send_raw(&ClientMsg::GetMap(net_b)).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), next_relevant(&mut a))
         .await
         .unwrap()
         .unwrap()
@@ -135,7 +135,7 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     a.heartbeat().await.unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(5), a.next_event())
+    let ev = tokio::time::timeout(Duration::from_secs(5), next_relevant(&mut a))
         .await
         .unwrap()
         .unwrap();

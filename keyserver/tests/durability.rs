@@ -58,7 +58,7 @@ async fn clean_restart_keeps_everything() {
     assert_eq!(s4.welcome().ip.to_string(), "10.240.0.4");
     s1.heartbeat().await.unwrap();
     loop {
-        if let Event::HeartbeatAck { generation } = s1.next_event().await.unwrap() {
+        if let Event::HeartbeatAck { generation } = next_relevant(&mut s1).await.unwrap() {
             assert_eq!(generation, s4.map().generation);
             break;
         }

@@ -611,8 +611,16 @@ impl Controller {
                             return Ok(true);
                         }
                     }
-                    Ok(Event::HeartbeatAck { .. }) => {}
+                    Ok(Event::Connection(c)) => {
+                        *self.shared.control.lock() = match c {
+                            control::Connection::Connected => ControlState::Connected { server: self.membership.control.addrs.first().map(|a| a.to_string()).unwrap_or_default() },
+                            control::Connection::Connecting { attempt, last_error } => ControlState::Connecting { attempt, last_error },
+                            control::Connection::Ended => continue,
+                        };
+                    }
+                    Ok(Event::Ended(_)) => return Ok(true),
                     Ok(Event::Rejected(e)) => tracing::warn!(error = %e.message, "keyserver rejected a request"),
+                    Ok(_) => {}
                     Err(ControlError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
                     Err(e) => {
                         tracing::warn!(error = %e, "control connection lost; data plane keeps running");

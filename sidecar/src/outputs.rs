@@ -193,6 +193,7 @@ mod tests {
             instance: inst.parse().unwrap(),
             runner: "r".into(),
             ports: vec![],
+            state: Default::default(),
         }
     }
 

@@ -233,6 +233,7 @@ mod tests {
             instance: "db-1".parse().unwrap(),
             runner: "r".into(),
             ports: vec![5432],
+            state: Default::default(),
         };
         map.members.insert(m.public_key, m);
         let ip = Some("10.240.0.9".parse().unwrap());

@@ -230,6 +230,7 @@ mod tests {
             instance: format!("s{n}-1").parse().unwrap(),
             runner: "r".into(),
             ports,
+            state: Default::default(),
         }
     }
 

@@ -35,6 +35,7 @@ fn member(instance: &str, service: &str, ptype: &str, index: u32, ip: Ipv4Addr) 
         instance: instance.parse().unwrap(),
         runner: "r1".into(),
         ports: vec![],
+        state: Default::default(),
     }
 }
 

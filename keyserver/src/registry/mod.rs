@@ -8,6 +8,7 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
+mod lifecycle;
 mod network;
 mod records;
 #[cfg(test)]
@@ -25,6 +26,7 @@ use meshlib::netmap::{MapChange, Member, NetworkMap};
 use meshlib::proto::{sha256, ErrorCode, JoinRequest, ResumeRequest, Secret};
 use subtle::ConstantTimeEq;
 
+pub use lifecycle::{Lifecycle, RotateError};
 use network::{default_instance, Network};
 pub use records::{
     unix, Catchup, Change, Joined, MemberInfo, MemberRecord, NetworkRecord, Records, Resumed,
@@ -121,6 +123,11 @@ pub struct Registry {
     log_cap: usize,
     /// Quarantine of released addresses.
     quarantine: Duration,
+    /// Offline and expiry timers.
+    lifecycle: Lifecycle,
+    /// When the registry was loaded (Unix seconds): members get a grace
+    /// period of `offline-after` from here to come back after a restart.
+    loaded_at: u64,
 }
 
 impl Registry {
@@ -139,6 +146,8 @@ impl Registry {
             tokens: HashMap::new(),
             log_cap: log_cap.max(1),
             quarantine,
+            lifecycle: Lifecycle::default(),
+            loaded_at: unix(now),
         };
         let mut warnings = Vec::new();
         for rec in records.networks {
@@ -229,6 +238,7 @@ impl Registry {
             range,
             generation: 0,
             created: unix(now),
+            expire_after: None,
         };
         let net = Network::new(rec.clone(), self.quarantine).map_err(AdminError::BadRange)?;
         self.names.insert(rec.name.clone(), rec.id);
@@ -309,6 +319,7 @@ impl Registry {
                 member: r.member.clone(),
                 joined: r.joined,
                 last_seen: r.last_seen,
+                offline_since: r.offline_since,
             })
             .collect();
         out.sort_by_key(|m| m.member.ip);
@@ -435,6 +446,7 @@ impl Registry {
             instance,
             runner: req.runner.clone(),
             ports: dedup_ports(&req.ports),
+            state: meshlib::netmap::MemberState::Online,
         };
         let rec = MemberRecord {
             network: req.network,
@@ -442,11 +454,13 @@ impl Registry {
             credential_hash: sha256(credential),
             joined: unix(now),
             last_seen: unix(now),
+            offline_since: None,
+            previous_keys: vec![],
         };
         net.instances
             .insert(member.instance.clone(), member.public_key);
         net.members.insert(member.public_key, rec.clone());
-        let (change, net_op) = net.record(MapChange::Upsert(member.clone()), None, log_cap);
+        let (change, net_op) = net.record(vec![MapChange::Upsert(member.clone())], None, log_cap);
         let map = net.snapshot();
         let tok = self.tokens.get_mut(&token_hash).expect("checked above");
         tok.uses_left -= 1;
@@ -494,12 +508,16 @@ impl Registry {
         now: SystemTime,
     ) -> Result<Resumed, ProtoOpError> {
         self.authenticate(req.network, &req.public_key, &req.credential)?;
-        let (change, ops) =
-            self.update_endpoints(req.network, &req.public_key, &req.endpoints, observed, now);
-        let catchup = self.networks[&req.network].catchup(req.generation);
-        let member = self.networks[&req.network].members[&req.public_key]
-            .member
-            .clone();
+        // One change for everything a return brings: endpoints, and online
+        // again if it was offline.
+        let eps = resolved_endpoints(&req.endpoints, observed);
+        let (change, ops) = self.update_member(req.network, &req.public_key, now, |rec| {
+            rec.member.endpoints = eps;
+            lifecycle::set_online(rec);
+        });
+        let net = &self.networks[&req.network];
+        let catchup = net.catchup(req.generation);
+        let member = net.members[&req.public_key].member.clone();
         Ok(Resumed {
             member,
             catchup,
@@ -519,30 +537,8 @@ impl Registry {
         observed: SocketAddr,
         now: SystemTime,
     ) -> (Option<Change>, Vec<StoreOp>) {
-        let log_cap = self.log_cap;
-        let Some(net) = self.networks.get_mut(&network) else {
-            return (None, vec![]);
-        };
-        let Some(rec) = net.members.get_mut(key) else {
-            return (None, vec![]);
-        };
-        rec.last_seen = unix(now);
-        let mut eps: Vec<SocketAddr> = endpoints
-            .iter()
-            .take(Self::MAX_ENDPOINTS)
-            .copied()
-            .collect();
-        if let Some(seen) = observed_endpoint(&eps, observed) {
-            eps.push(seen);
-        }
-        if eps == rec.member.endpoints {
-            return (None, vec![]);
-        }
-        rec.member.endpoints = eps;
-        let member = rec.member.clone();
-        let stored = StoreOp::PutMember(rec.clone());
-        let (change, net_op) = net.record(MapChange::Upsert(member), None, log_cap);
-        (Some(change), vec![stored, net_op])
+        let eps = resolved_endpoints(endpoints, observed);
+        self.update_member(network, key, now, |rec| rec.member.endpoints = eps)
     }
 
     /// Records the ports a member's instance serves (out-of-bounds lists are
@@ -570,7 +566,7 @@ impl Registry {
         rec.member.ports = ports;
         let member = rec.member.clone();
         let stored = StoreOp::PutMember(rec.clone());
-        let (change, net_op) = net.record(MapChange::Upsert(member), None, log_cap);
+        let (change, net_op) = net.record(vec![MapChange::Upsert(member)], None, log_cap);
         (Some(change), vec![stored, net_op])
     }
 
@@ -610,7 +606,7 @@ impl Registry {
         net.instances.remove(&rec.member.instance);
         net.alloc.release(rec.member.ip, now);
         let until = unix(now) + self.quarantine.as_secs();
-        let (change, net_op) = net.record(MapChange::Remove(key), Some(key), log_cap);
+        let (change, net_op) = net.record(vec![MapChange::Remove(key)], Some(key), log_cap);
         let ops = vec![
             StoreOp::DeleteMember(network, key),
             StoreOp::PutQuarantine(network, rec.member.ip, until),
@@ -630,6 +626,20 @@ pub fn observed_endpoint(advertised: &[SocketAddr], observed: SocketAddr) -> Opt
     let port = advertised.first()?.port();
     let seen = SocketAddr::new(observed.ip().to_canonical(), port);
     (!advertised.contains(&seen)).then_some(seen)
+}
+
+/// A member's endpoints: the advertised ones (at most
+/// [`Registry::MAX_ENDPOINTS`]), then the observed one.
+fn resolved_endpoints(advertised: &[SocketAddr], observed: SocketAddr) -> Vec<SocketAddr> {
+    let mut eps: Vec<SocketAddr> = advertised
+        .iter()
+        .take(Registry::MAX_ENDPOINTS)
+        .copied()
+        .collect();
+    if let Some(seen) = observed_endpoint(&eps, observed) {
+        eps.push(seen);
+    }
+    eps
 }
 
 /// A member's declared ports, sorted, without duplicates.

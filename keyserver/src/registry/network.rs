@@ -43,11 +43,11 @@ impl Network {
         map
     }
 
-    /// Bumps the generation with one change; returns the change and the
-    /// network record write.
+    /// Bumps the generation with one delta of `changes`; returns the change
+    /// to push and the network record write.
     pub(super) fn record(
         &mut self,
-        change: MapChange,
+        changes: Vec<MapChange>,
         removed: Option<PublicKey>,
         cap: usize,
     ) -> (Change, StoreOp) {
@@ -56,7 +56,7 @@ impl Network {
         let delta = MapDelta {
             from,
             to: self.rec.generation,
-            changes: vec![change],
+            changes,
         };
         self.log.push_back(delta.clone());
         while self.log.len() > cap {

@@ -28,6 +28,10 @@ pub struct NetworkRecord {
     pub generation: u64,
     /// Creation time (Unix seconds).
     pub created: u64,
+    /// Seconds an offline member is kept before it expires (its address,
+    /// index and name are released); `None`: the keyserver's default.
+    #[serde(default)]
+    pub expire_after: Option<u64>,
 }
 
 /// A stored join token (never the secret: only its SHA-256).
@@ -64,6 +68,14 @@ pub struct MemberRecord {
     pub joined: u64,
     /// Last contact (Unix seconds): join, resume, heartbeat, endpoint update.
     pub last_seen: u64,
+    /// When the member went offline (Unix seconds); `None` while online.
+    /// It expires `expire-after` later.
+    #[serde(default)]
+    pub offline_since: Option<u64>,
+    /// Keys this membership held before its rotations (most recent last,
+    /// a few at most): a rotation back to one of them is refused.
+    #[serde(default)]
+    pub previous_keys: Vec<PublicKey>,
 }
 
 /// One write for the store; a list of them is committed atomically.
@@ -156,4 +168,6 @@ pub struct MemberInfo {
     pub joined: u64,
     /// Last contact (Unix seconds).
     pub last_seen: u64,
+    /// When the member went offline (Unix seconds), if it is.
+    pub offline_since: Option<u64>,
 }

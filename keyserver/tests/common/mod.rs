@@ -151,10 +151,11 @@ pub fn client_endpoint() -> quinn::Endpoint {
     control::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
+/// One-shot sessions: a lost connection is an error, as these tests expect.
 pub fn cfg() -> ClientConfig {
     ClientConfig {
         connect_timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
+        ..ClientConfig::one_shot()
     }
 }
 
@@ -163,6 +164,19 @@ pub async fn join(ep: &quinn::Endpoint, token: &JoinToken, service: &str) -> (Pr
     let (key, meta) = meta(service);
     let s = control::join(ep, token, meta, &cfg()).await.expect("join");
     (key, s)
+}
+
+/// The next event about the map or a request (connection-state, welcome
+/// and caught-up notices skipped).
+pub async fn next_relevant(s: &mut Session) -> Result<control::Event, control::ControlError> {
+    loop {
+        match s.next_event().await? {
+            control::Event::Connection(_)
+            | control::Event::CaughtUp { .. }
+            | control::Event::Welcomed(_) => continue,
+            other => return Ok(other),
+        }
+    }
 }
 
 /// Reads events until the map satisfies `done`, or panics after `limit`.

@@ -37,7 +37,8 @@ use crate::keys::PublicKey;
 use crate::member::{End, Frame, MemberConfig, MemberCore, Transmit};
 use crate::netmap::NetworkMap;
 use crate::proto::{
-    self, ErrorCode, FrameError, JoinToken, ProtoError, ResumeRequest, Secret, ServerMsg, Welcome,
+    self, ClientMsg, ErrorCode, FrameError, JoinToken, ProtoError, ResumeRequest, Secret,
+    ServerMsg, Welcome,
 };
 
 pub use crate::member::{Connection, Event, MemberMeta, Membership, MembershipError};
@@ -356,6 +357,9 @@ pub struct Session {
     link: Option<Link>,
     opening: Option<Opening>,
     ended: bool,
+    /// Why the last connection attempt failed (reported as is if the
+    /// session ends on it).
+    connect_error: Option<ControlError>,
 }
 
 impl std::fmt::Debug for Session {
@@ -376,6 +380,7 @@ impl Session {
             link: None,
             opening: None,
             ended: false,
+            connect_error: None,
         }
     }
 
@@ -515,7 +520,10 @@ impl Session {
                 Err(ControlError::Revoked(e.message))
             }
             End::Refused(e) => Err(ControlError::Refused(e)),
-            End::Lost(why) => Err(ControlError::Connection(why)),
+            End::Lost(why) => Err(self
+                .connect_error
+                .take()
+                .unwrap_or(ControlError::Connection(why))),
             End::Offline { .. } | End::Left | End::LeaveUnconfirmed(_) => Ok(ev),
         }
     }
@@ -527,6 +535,7 @@ impl Session {
             core,
             link,
             opening,
+            connect_error,
             ..
         } = self;
         tokio::select! {
@@ -535,9 +544,13 @@ impl Session {
                 match res {
                     Ok(l) => {
                         *link = Some(l);
+                        *connect_error = None;
                         core.handle_connected(now());
                     }
-                    Err(e) => core.handle_connect_failed(now(), e.to_string()),
+                    Err(e) => {
+                        core.handle_connect_failed(now(), e.to_string());
+                        *connect_error = Some(e);
+                    }
                 }
             }
             msg = async { link.as_mut().expect("guarded").rx.recv().await }, if link.is_some() => match msg {
@@ -557,6 +570,20 @@ impl Session {
             },
             () = sleep_until(deadline) => core.handle_timeout(now()),
         }
+    }
+
+    /// Sends a message the member core did not ask for, as is (probes and
+    /// tests of the keyserver's handling of odd clients). The answer, if
+    /// any, arrives through [`Session::next_event`].
+    pub async fn send_raw(&mut self, msg: &ClientMsg) -> Result<(), ControlError> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| ControlError::Connection("not connected".into()))?;
+        let frame = proto::encode_frame(msg, self.cfg.max_frame)?;
+        link.tx
+            .send(frame)
+            .map_err(|_| ControlError::Connection("the control stream is closed".into()))
     }
 
     /// Sends a heartbeat now (the answer arrives as [`Event::HeartbeatAck`]).

@@ -212,10 +212,11 @@ pub enum End {
     /// [`MemberCore::leave`] could not reach the keyserver in time: the
     /// member will expire there instead.
     LeaveUnconfirmed(String),
-    /// The keyserver removed this member (or no longer knows its
-    /// credential): forget the membership.
+    /// The keyserver removed this member: forget the membership.
     Revoked(String),
-    /// The keyserver refused the join or resume for good.
+    /// The keyserver refused the join or resume for good (a resume refused
+    /// with [`ErrorCode::BadCredential`]: the membership is gone, e.g.
+    /// expired or removed while away — forget it too).
     Refused(ProtoError),
     /// The connection was lost and [`MemberConfig::reconnect`] is off.
     Lost(String),
@@ -815,7 +816,8 @@ impl MemberCore {
                         r.try_new = true;
                         self.lost(now, e.to_string());
                     }
-                    _ => self.end(End::Revoked(e.message)),
+                    _ if e.code == ErrorCode::Revoked => self.end(End::Revoked(e.message)),
+                    _ => self.end(End::Refused(e)),
                 }
             }
             _ if matches!(self.goal, Goal::Leave { .. }) => {

@@ -159,7 +159,7 @@ fn heartbeats_and_a_silent_server_means_reconnect() {
     core.handle_message(hb, ServerMsg::HeartbeatAck { generation: 1 });
     // Now the server goes silent: heartbeats keep going out, and after the
     // reply timeout the connection is given up and retried.
-    let mut now = hb;
+    let mut now;
     let mut closed_at = None;
     for _ in 0..10 {
         now = core.poll_timeout().unwrap();

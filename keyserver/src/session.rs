@@ -1,0 +1,401 @@
+//! One member's control stream, as a state machine without I/O: what was
+//! sent, catch-up after a gap or a lagging subscription, revocation, and
+//! every client request. The QUIC driver ([`crate::quic`]) and the
+//! simulator feed it the hello, the network's pushes and the client's
+//! messages, and write out the [`Reply`]s it returns.
+//!
+//! Call order: [`StreamSession::open`] with the hello (it joins or resumes
+//! through [`Shared`] and subscribes to the network's pushes without missing
+//! one), write its replies; then, in any order, [`StreamSession::on_push`]
+//! for every push received and [`StreamSession::on_client`] for every client
+//! message, writing the replies. A [`Fatal`] ends the stream: write its
+//! error frame ([`Fatal::frame`]) and close. [`StreamSession::on_client`]
+//! and [`StreamSession::open`] may commit to the store (fsync): a driver
+//! on an async runtime calls them from a blocking thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use meshlib::ids::NetworkId;
+use meshlib::keys::PublicKey;
+use meshlib::netmap::Member;
+use meshlib::proto::{
+    self, ClientMsg, ErrorCode, Goodbye, Hello, ProtoError, Request, Secret, ServerMsg, Welcome,
+};
+use tokio::sync::broadcast;
+
+use crate::registry::{Catchup, Change, ProtoOpError};
+use crate::server::{OpError, Push, Shared};
+
+/// A session's fatal end: the client is told why, then the stream closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal(pub ErrorCode, pub String);
+
+impl Fatal {
+    /// The error message to send before closing.
+    pub fn frame(&self) -> ServerMsg {
+        ServerMsg::Error(ProtoError {
+            code: self.0,
+            message: self.1.clone(),
+        })
+    }
+}
+
+impl From<proto::FrameError> for Fatal {
+    fn from(e: proto::FrameError) -> Self {
+        Fatal(ErrorCode::Malformed, e.to_string())
+    }
+}
+
+/// Something to write on the stream.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A message to encode.
+    Msg(ServerMsg),
+    /// A push, already encoded once for every subscriber.
+    Frame(Arc<[u8]>),
+}
+
+/// Whether the stream goes on after a client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Keep going.
+    Continue,
+    /// The client ended its session (offline, leave): close after the replies.
+    Close,
+}
+
+/// The state of one member's stream.
+#[derive(Debug)]
+pub struct StreamSession {
+    network: NetworkId,
+    /// The member's key (it changes with a rotation).
+    key: PublicKey,
+    /// Last generation sent to the client.
+    sent: u64,
+    /// The client's address as last seen on the connection.
+    observed: SocketAddr,
+    /// The endpoints the member advertised last.
+    advertised: Vec<SocketAddr>,
+}
+
+/// Maps a refused or failed operation to a fatal session error.
+fn op_fatal(e: OpError<ProtoOpError>) -> Fatal {
+    match e {
+        OpError::Refused(e) => Fatal(e.code(), e.to_string()),
+        OpError::Store(e) => Fatal(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+/// A mutation that cannot be refused, only fail in the store.
+fn apply(
+    shared: &Shared,
+    f: impl FnOnce(&mut crate::registry::Registry) -> (Option<Change>, Vec<crate::registry::StoreOp>),
+) -> Result<(), Fatal> {
+    shared
+        .mutate(
+            |reg| {
+                let (change, ops) = f(reg);
+                Ok::<_, ProtoOpError>(((), ops, change.into_iter().collect()))
+            },
+            |_, _, _| (),
+        )
+        .map(|_| ())
+        .map_err(op_fatal)
+}
+
+fn welcome_of(
+    m: &Member,
+    network: NetworkId,
+    credential: Option<Secret>,
+    observed: SocketAddr,
+    generation: u64,
+    shared: &Shared,
+) -> Welcome {
+    Welcome {
+        version: proto::VERSION,
+        network,
+        ip: m.ip,
+        index: m.index,
+        instance: m.instance.clone(),
+        app_id: m.app_id.clone(),
+        credential,
+        observed,
+        generation,
+        heartbeat_secs: shared.limits.lifecycle.heartbeat_secs(),
+    }
+}
+
+impl StreamSession {
+    /// Handles the hello: checks the version, joins (with `credential`, a
+    /// fresh random secret the driver made) or resumes. Returns the session,
+    /// what to send first (welcome, then snapshot or catch-up) and the
+    /// network's push subscription, taken at the same instant as the state
+    /// sent, so nothing is missed or sent twice.
+    pub fn open(
+        shared: &Shared,
+        hello: Hello,
+        observed: SocketAddr,
+        credential: Secret,
+        now: SystemTime,
+    ) -> Result<(Self, Vec<Reply>, broadcast::Receiver<Push>), Fatal> {
+        if hello.version != proto::VERSION {
+            return Err(Fatal(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "server speaks version {}, client {}",
+                    proto::VERSION,
+                    hello.version
+                ),
+            ));
+        }
+        match hello.request {
+            Request::Join(req) => {
+                let advertised = req.endpoints.clone();
+                let ((joined, generation), pushes) = shared
+                    .mutate(
+                        |reg| {
+                            let j = reg.join(&req, observed, &credential, now)?;
+                            let (ops, change) = (j.ops.clone(), j.change.clone());
+                            let generation = j.map.generation;
+                            Ok(((j, generation), ops, vec![change]))
+                        },
+                        |_, (j, _), sh| sh.subscribe(j.map.network),
+                    )
+                    .map_err(op_fatal)?;
+                let network = joined.map.network;
+                let welcome = welcome_of(
+                    &joined.member,
+                    network,
+                    Some(credential),
+                    observed,
+                    generation,
+                    shared,
+                );
+                let s = Self {
+                    network,
+                    key: joined.member.public_key,
+                    sent: generation,
+                    observed,
+                    advertised,
+                };
+                let replies = vec![
+                    Reply::Msg(ServerMsg::Welcome(welcome)),
+                    Reply::Msg(ServerMsg::Snapshot(joined.map)),
+                ];
+                Ok((s, replies, pushes))
+            }
+            Request::Resume(req) => {
+                let advertised = req.endpoints.clone();
+                let (network, from) = (req.network, req.generation);
+                let (resumed, (pushes, generation)) = shared
+                    .mutate(
+                        |reg| {
+                            let r = reg.resume(&req, observed, now)?;
+                            let changes: Vec<Change> = r.change.iter().cloned().collect();
+                            let ops = r.ops.clone();
+                            Ok((r, ops, changes))
+                        },
+                        |reg, _, sh| {
+                            let generation = reg.network(network).map_or(0, |n| n.generation);
+                            (sh.subscribe(network), generation)
+                        },
+                    )
+                    .map_err(op_fatal)?;
+                let welcome =
+                    welcome_of(&resumed.member, network, None, observed, generation, shared);
+                let mut s = Self {
+                    network,
+                    key: resumed.member.public_key,
+                    sent: from,
+                    observed,
+                    advertised,
+                };
+                let mut replies = vec![Reply::Msg(ServerMsg::Welcome(welcome))];
+                replies.extend(s.catchup(resumed.catchup));
+                Ok((s, replies, pushes))
+            }
+        }
+    }
+
+    /// The member's network.
+    pub fn network(&self) -> NetworkId {
+        self.network
+    }
+
+    /// The member's current key.
+    pub fn key(&self) -> PublicKey {
+        self.key
+    }
+
+    /// The last generation sent.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// A catch-up as replies, advancing `sent`.
+    fn catchup(&mut self, c: Catchup) -> Option<Reply> {
+        match c {
+            Catchup::UpToDate => None,
+            Catchup::Delta(d) => {
+                self.sent = d.to;
+                Some(Reply::Msg(ServerMsg::Delta(d)))
+            }
+            Catchup::Snapshot(map) => {
+                self.sent = map.generation;
+                Some(Reply::Msg(ServerMsg::Snapshot(map)))
+            }
+        }
+    }
+
+    fn revoked() -> Fatal {
+        Fatal(
+            ErrorCode::Revoked,
+            "this member was removed from its network".into(),
+        )
+    }
+
+    /// One push of the network (or the subscription's lag or end): forwards
+    /// it in order, catches up from the log after a gap, ends a removed
+    /// member's stream. Reads the registry only.
+    pub fn on_push(
+        &mut self,
+        shared: &Shared,
+        push: Result<Push, broadcast::error::RecvError>,
+    ) -> Result<Vec<Reply>, Fatal> {
+        match push {
+            Ok(p) if p.to <= self.sent => Ok(vec![]),
+            Ok(p) if p.from == self.sent => {
+                self.sent = p.to;
+                if p.removed == Some(self.key) {
+                    // The removal itself is not sent: the stream ends.
+                    return Err(Self::revoked());
+                }
+                Ok(vec![Reply::Frame(p.frame)])
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                let (net, key, sent) = (self.network, self.key, self.sent);
+                let (still, c) = shared.read(|r| (r.is_member(net, &key), r.catchup(net, sent)));
+                if !still {
+                    return Err(Self::revoked());
+                }
+                Ok(c.and_then(|c| self.catchup(c)).into_iter().collect())
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                Err(Fatal(ErrorCode::Internal, "shutting down".into()))
+            }
+        }
+    }
+
+    /// One client message. `observed` is the client's address now (QUIC
+    /// follows a client whose address changes, e.g. a NAT rebinding; the
+    /// observed endpoint follows it).
+    pub fn on_client(
+        &mut self,
+        shared: &Shared,
+        msg: ClientMsg,
+        observed: SocketAddr,
+        now: SystemTime,
+    ) -> Result<(Vec<Reply>, Next), Fatal> {
+        let roamed = observed != self.observed;
+        self.observed = observed;
+        let (net, key) = (self.network, self.key);
+        if let ClientMsg::UpdateEndpoints(eps) = &msg {
+            self.advertised.clone_from(eps);
+        }
+        if roamed || matches!(msg, ClientMsg::UpdateEndpoints(_)) {
+            let eps = self.advertised.clone();
+            apply(shared, |reg| {
+                reg.update_endpoints(net, &key, &eps, observed, now)
+            })?;
+        }
+        let reply = |m| Ok((vec![Reply::Msg(m)], Next::Continue));
+        match msg {
+            ClientMsg::Heartbeat => {
+                shared.heartbeat(net, &key, now);
+                if shared.read(|r| r.is_offline(net, &key)) {
+                    // Silent for a while, alive again.
+                    apply(shared, |reg| reg.set_online(net, &key, now))?;
+                }
+                // The generation this stream has delivered: the client
+                // compares it with its map to notice anything lost.
+                reply(ServerMsg::HeartbeatAck {
+                    generation: self.sent,
+                })
+            }
+            ClientMsg::UpdateEndpoints(_) => Ok((vec![], Next::Continue)),
+            ClientMsg::GetMap(other) if other != net => reply(ServerMsg::Error(ProtoError {
+                code: ErrorCode::Forbidden,
+                message: format!("not a member of network {other}"),
+            })),
+            ClientMsg::GetMap(_) => match shared.read(|r| r.snapshot(net)) {
+                Some(map) => {
+                    self.sent = map.generation;
+                    reply(ServerMsg::Snapshot(map))
+                }
+                None => Err(Self::revoked()),
+            },
+            ClientMsg::UpdatePorts(ports) => {
+                apply(shared, |reg| reg.update_ports(net, &key, &ports))?;
+                Ok((vec![], Next::Continue))
+            }
+            ClientMsg::Offline => {
+                apply(shared, |reg| reg.set_offline(net, &key, now))?;
+                tracing::info!(network = %net, member = %key, "member went offline");
+                Ok((
+                    vec![Reply::Msg(ServerMsg::Goodbye(Goodbye::Offline))],
+                    Next::Close,
+                ))
+            }
+            ClientMsg::Leave => {
+                let left = shared.mutate(
+                    |reg| {
+                        let (change, ops) = reg.remove_member(net, &key.to_string(), now)?;
+                        Ok::<_, crate::registry::AdminError>(((), ops, vec![change]))
+                    },
+                    |_, _, _| (),
+                );
+                match left {
+                    Ok(_) => {
+                        tracing::info!(network = %net, member = %key, "member left");
+                        Ok((
+                            vec![Reply::Msg(ServerMsg::Goodbye(Goodbye::Left))],
+                            Next::Close,
+                        ))
+                    }
+                    Err(OpError::Refused(_)) => Err(Self::revoked()),
+                    Err(OpError::Store(e)) => Err(Fatal(ErrorCode::Internal, e.to_string())),
+                }
+            }
+            ClientMsg::RotateKey(r) => {
+                let new = r.new_public_key;
+                let rotated = shared.mutate(
+                    |reg| {
+                        let (change, ops) = reg.rotate_key(net, &key, &r.credential, new, now)?;
+                        Ok::<_, crate::registry::RotateError>(((), ops, vec![change]))
+                    },
+                    |_, _, sh| sh.rekeyed(net, &key, &new),
+                );
+                match rotated {
+                    Ok(_) => {
+                        self.key = new;
+                        tracing::info!(network = %net, old = %key, new = %new, "member rotated its key");
+                        reply(ServerMsg::KeyRotated { public_key: new })
+                    }
+                    Err(OpError::Refused(e)) => reply(ServerMsg::Error(ProtoError {
+                        code: e.code(),
+                        message: e.to_string(),
+                    })),
+                    Err(OpError::Store(e)) => Err(Fatal(ErrorCode::Internal, e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Whether handling `msg` may write to the store (so a driver on an
+    /// async runtime moves it to a blocking thread).
+    pub fn may_write(&self, msg: &ClientMsg, observed: SocketAddr) -> bool {
+        observed != self.observed || !matches!(msg, ClientMsg::GetMap(_))
+    }
+}
