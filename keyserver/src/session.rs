@@ -78,6 +78,8 @@ pub struct StreamSession {
     observed: SocketAddr,
     /// The endpoints the member advertised last.
     advertised: Vec<SocketAddr>,
+    /// The session ended (offline, leave): nothing more is taken.
+    closed: bool,
 }
 
 /// Maps a refused or failed operation to a fatal session error.
@@ -179,6 +181,7 @@ impl StreamSession {
                     sent: generation,
                     observed,
                     advertised,
+                    closed: false,
                 };
                 let replies = vec![
                     Reply::Msg(ServerMsg::Welcome(welcome)),
@@ -211,6 +214,7 @@ impl StreamSession {
                     sent: from,
                     observed,
                     advertised,
+                    closed: false,
                 };
                 let mut replies = vec![Reply::Msg(ServerMsg::Welcome(welcome))];
                 replies.extend(s.catchup(resumed.catchup));
@@ -298,6 +302,12 @@ impl StreamSession {
         observed: SocketAddr,
         now: SystemTime,
     ) -> Result<(Vec<Reply>, Next), Fatal> {
+        if self.closed {
+            return Err(Fatal(
+                ErrorCode::Malformed,
+                "the session has ended; nothing more is taken on it".into(),
+            ));
+        }
         let roamed = observed != self.observed;
         self.observed = observed;
         let (net, key) = (self.network, self.key);
@@ -343,6 +353,7 @@ impl StreamSession {
             ClientMsg::Offline => {
                 apply(shared, |reg| reg.set_offline(net, &key, now))?;
                 tracing::info!(network = %net, member = %key, "member went offline");
+                self.closed = true;
                 Ok((
                     vec![Reply::Msg(ServerMsg::Goodbye(Goodbye::Offline))],
                     Next::Close,
@@ -359,6 +370,7 @@ impl StreamSession {
                 match left {
                     Ok(_) => {
                         tracing::info!(network = %net, member = %key, "member left");
+                        self.closed = true;
                         Ok((
                             vec![Reply::Msg(ServerMsg::Goodbye(Goodbye::Left))],
                             Next::Close,

@@ -46,9 +46,21 @@ fn pick_endpoint(m: &Member, prefer_v4: bool) -> Option<SocketAddr> {
         .copied()
 }
 
+/// The peer one member should be: allowed exactly its own address, reached
+/// first at its preferred endpoint (`prefer_v4` picks the family of our own
+/// socket).
+pub fn desired_peer(m: &Member, keepalive: u16, prefer_v4: bool) -> DesiredPeer {
+    DesiredPeer {
+        public_key: m.public_key,
+        endpoint: pick_endpoint(m, prefer_v4),
+        allowed_ips: vec![IpNet::V4(Ipv4Net::from(m.ip))],
+        persistent_keepalive: keepalive,
+    }
+}
+
 /// The peers of `own` key in `map`: every other member, allowed exactly its
-/// own address. `prefer_v4` chooses among a member's endpoints (the family
-/// of our own socket).
+/// own address. Pass the map's [`NetworkMap::online`] view: offline members
+/// are no peers.
 pub fn desired_peers(
     map: &NetworkMap,
     own: &PublicKey,
@@ -58,16 +70,7 @@ pub fn desired_peers(
     map.members
         .values()
         .filter(|m| &m.public_key != own)
-        .map(|m| {
-            let host = IpNet::V4(Ipv4Net::from(m.ip));
-            let peer = DesiredPeer {
-                public_key: m.public_key,
-                endpoint: pick_endpoint(m, prefer_v4),
-                allowed_ips: vec![host],
-                persistent_keepalive: keepalive,
-            };
-            (m.public_key, peer)
-        })
+        .map(|m| (m.public_key, desired_peer(m, keepalive, prefer_v4)))
         .collect()
 }
 
