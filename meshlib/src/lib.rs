@@ -20,12 +20,13 @@
 //! - [`reconcile`] — the peers a map asks for, and the diff between two such sets.
 //! - [`dns`] — private DNS answers on the wire (hickory-proto), from a name index.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
-//!   strings.
+//!   strings; network text escaped for terminals and logs.
 //! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
 //!   tokens, length framing and version.
 //!
 //! Driver modules (files):
-//! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//! - [`fsutil`] — bounded reads (no FIFOs, devices or huge files), atomic
+//!   file replacement keeping permissions, secret files, private directories.
 //! - [`control`] — the key-distribution client: QUIC with a pinned
 //!   certificate, join, snapshot and deltas, resume, heartbeats.
 //!
