@@ -204,8 +204,7 @@ impl WriteError {
             WriteError::Io { error, .. } | WriteError::Read(ReadError::Io { error, .. }) => error,
             _ => return false,
         };
-        error.kind() == io::ErrorKind::PermissionDenied
-            || error.raw_os_error() == Some(libc::EROFS)
+        error.kind() == io::ErrorKind::PermissionDenied || error.raw_os_error() == Some(libc::EROFS)
     }
 }
 
@@ -305,7 +304,8 @@ pub fn create_private_dir(path: &Path) -> Result<Option<u32>, WriteError> {
     if mode & 0o077 == 0 {
         return Ok(None);
     }
-    fs::set_permissions(path, Permissions::from_mode(0o700)).map_err(|e| WriteError::io(path, e))?;
+    fs::set_permissions(path, Permissions::from_mode(0o700))
+        .map_err(|e| WriteError::io(path, e))?;
     Ok(Some(mode))
 }
 
@@ -388,10 +388,16 @@ mod tests {
         let err = within_5s(move || update_hosts_file(&f, "t", &render_section("t", &[])));
         let err = err.unwrap_err();
         assert!(
-            matches!(err, WriteError::Read(ReadError::NotRegular { kind: "FIFO", .. })),
+            matches!(
+                err,
+                WriteError::Read(ReadError::NotRegular { kind: "FIFO", .. })
+            ),
             "{err}"
         );
-        assert!(err.to_string().contains("is a FIFO, not a regular file"), "{err}");
+        assert!(
+            err.to_string().contains("is a FIFO, not a regular file"),
+            "{err}"
+        );
         let f = fifo.clone();
         assert!(within_5s(move || write_atomic(&f, b"x", 0o600)).is_err());
         let f = fifo.clone();
@@ -399,12 +405,18 @@ mod tests {
             within_5s(move || read_limited(&f, 10)),
             Err(ReadError::NotRegular { .. })
         ));
-        assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo(), "left alone");
+        assert!(
+            fs::metadata(&fifo).unwrap().file_type().is_fifo(),
+            "left alone"
+        );
         let err = within_5s(|| read_limited(Path::new("/dev/zero"), 10)).unwrap_err();
         assert!(err.to_string().contains("character device"), "{err}");
         assert!(matches!(
             read_limited(dir.path(), 10),
-            Err(ReadError::NotRegular { kind: "directory", .. })
+            Err(ReadError::NotRegular {
+                kind: "directory",
+                ..
+            })
         ));
         // Size limits: a sparse 5 GB file is refused from its size alone.
         let big = dir.path().join("big");

@@ -502,11 +502,22 @@ hostnames: [ 'mysql.local' ],
         );
         let err = parse_warp_config_js(&deep).unwrap_err();
         assert!(
-            matches!(err, ConfigError::TooDeep { line: 2, max: 64, .. }),
+            matches!(
+                err,
+                ConfigError::TooDeep {
+                    line: 2,
+                    max: 64,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("nest deeper than 64"), "{err}");
-        let arrays = format!("module.exports = {{ a: {}{} }}", "[".repeat(n), "]".repeat(n));
+        let arrays = format!(
+            "module.exports = {{ a: {}{} }}",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
         assert!(matches!(
             parse_warp_config_js(&arrays),
             Err(ConfigError::TooDeep { .. })
@@ -548,4 +559,3 @@ hostnames: [ 'mysql.local' ],
         assert_eq!(a.get("s").unwrap().variables.as_deref().unwrap(), ["B"]);
     }
 }
-

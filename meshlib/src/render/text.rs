@@ -64,8 +64,14 @@ mod tests {
         assert_eq!(escape("a\u{1b}[31mred"), "a\\u{1b}[31mred");
         assert_eq!(escape("x\ny\r\t"), "x\\u{a}y\\u{d}\\u{9}");
         assert_eq!(escape("\u{202e}gnp.exe"), "\\u{202e}gnp.exe");
-        assert_eq!(escape("a\u{200b}b\u{9b}c\u{7f}"), "a\\u{200b}b\\u{9b}c\\u{7f}");
-        assert_eq!(Escaped("\u{2066}x\u{2069}").to_string(), "\\u{2066}x\\u{2069}");
+        assert_eq!(
+            escape("a\u{200b}b\u{9b}c\u{7f}"),
+            "a\\u{200b}b\\u{9b}c\\u{7f}"
+        );
+        assert_eq!(
+            Escaped("\u{2066}x\u{2069}").to_string(),
+            "\\u{2066}x\\u{2069}"
+        );
         assert!(!escape("\u{1b}\n\u{202e}").contains(['\u{1b}', '\n', '\u{202e}']));
     }
 }
