@@ -66,6 +66,17 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// What is wrong, without the path (for messages that name it already).
+    pub fn reason(&self) -> String {
+        match self {
+            ReadError::Io { error, .. } => error.to_string(),
+            ReadError::NotRegular { kind, .. } => format!("is a {kind}, not a regular file"),
+            ReadError::TooLarge { len, max, .. } => {
+                format!("{len} bytes, over the limit of {max} bytes")
+            }
+        }
+    }
+
     /// Whether the file does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, ReadError::Io { error, .. } if error.kind() == io::ErrorKind::NotFound)
@@ -411,6 +422,7 @@ mod tests {
         );
         let err = within_5s(|| read_limited(Path::new("/dev/zero"), 10)).unwrap_err();
         assert!(err.to_string().contains("character device"), "{err}");
+        assert_eq!(err.reason(), "is a character device, not a regular file");
         assert!(matches!(
             read_limited(dir.path(), 10),
             Err(ReadError::NotRegular {
