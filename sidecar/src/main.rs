@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             socket,
             state_dir,
             json,
-        } => status_main(socket, state_dir, json),
+        } => status_main(logs, socket, state_dir, json),
         Command::Tunnel {
             token,
             token_file,
@@ -186,9 +186,15 @@ fn init_logs(logs: Logs) {
     }
 }
 
-/// Prints a failure on stderr, escaped (it may quote the keyserver).
-fn report(prefix: &str, e: &anyhow::Error) {
-    eprintln!("{prefix}: {}", Escaped(&format!("{e:#}")));
+/// Reports a failure on stderr, escaped (it may quote the keyserver): a
+/// plain line, or with `--log-format json` an error event like every other
+/// line.
+fn report(logs: Logs, prefix: &str, e: &anyhow::Error) {
+    let message = Escaped(&format!("{e:#}")).to_string();
+    match logs.format {
+        LogFormat::Text => eprintln!("{prefix}: {message}"),
+        LogFormat::Json => tracing::error!(error = %message, "{prefix} failed"),
+    }
 }
 
 /// Sets `stop` on the first SIGTERM or SIGINT.
@@ -222,7 +228,7 @@ fn agent_main(logs: Logs, up: UpArgs, command: Option<Vec<OsString>>) -> ExitCod
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            report("sidecar", &e);
+            report(logs, "sidecar", &e);
             ExitCode::FAILURE
         }
     }
@@ -308,14 +314,19 @@ fn tunnel_main(
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            report("sidecar tunnel", &e);
+            report(logs, "sidecar tunnel", &e);
             ExitCode::FAILURE
         }
     }
 }
 
 /// `sidecar status`.
-fn status_main(socket: Option<PathBuf>, state_dir: Option<PathBuf>, json: bool) -> ExitCode {
+fn status_main(
+    logs: Logs,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
     let path = socket.unwrap_or_else(|| {
         state_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/ist-mesh"))
@@ -341,7 +352,14 @@ fn status_main(socket: Option<PathBuf>, state_dir: Option<PathBuf>, json: bool) 
             ExitCode::SUCCESS
         }
         Err(e) => {
-            report("sidecar status", &e);
+            report(
+                Logs {
+                    format: LogFormat::Text,
+                    ..logs
+                },
+                "sidecar status",
+                &e,
+            );
             ExitCode::FAILURE
         }
     }

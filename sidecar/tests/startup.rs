@@ -49,7 +49,10 @@ async fn a_first_join_is_retried_until_it_succeeds() {
     let ks = Keyserver::start(&dir.path().join("ks"), "127.0.0.1:0".parse().unwrap()).await;
     ks.network("prod").await;
     let token = ks.token("prod", 1).await;
-    let fp = token.parse::<meshlib::proto::JoinToken>().unwrap().cert_sha256;
+    let fp = token
+        .parse::<meshlib::proto::JoinToken>()
+        .unwrap()
+        .cert_sha256;
     // The sidecar talks to a front that is not up yet; once up, the front
     // refuses with Busy, then Internal, then drops the connection after
     // reading the join, then passes it to the keyserver.
@@ -83,9 +86,7 @@ async fn a_first_join_is_retried_until_it_succeeds() {
             Step::Drop,
         ],
     );
-    let status = sc
-        .wait_status(LIMIT, |s| s["ip"].as_str().is_some())
-        .await;
+    let status = sc.wait_status(LIMIT, |s| s["ip"].as_str().is_some()).await;
     assert_eq!(
         *front.seen.lock(),
         [
@@ -97,9 +98,16 @@ async fn a_first_join_is_retried_until_it_succeeds() {
     );
     let log = sc.log_text();
     for said in ["Busy", "Internal", "attempt=4"] {
-        assert!(log.contains(said), "each attempt is logged ({said}):\n{log}");
+        assert!(
+            log.contains(said),
+            "each attempt is logged ({said}):\n{log}"
+        );
     }
-    assert_eq!(std::fs::read_to_string(&key).unwrap(), key_before, "same key");
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        key_before,
+        "same key"
+    );
     assert_eq!(mode(&sc.state.join("membership.json")), 0o600);
     let members = ks.members("prod").await;
     assert_eq!(members.len(), 1, "{members:?}");
@@ -146,15 +154,30 @@ async fn bad_values_fail_before_the_join_and_cost_no_token_use() {
     let dns_busy = busy_tcp.local_addr().unwrap().to_string();
     let p = |x: &Path| x.to_str().unwrap().to_owned();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--warp-config".into(), p(&d.join("missing.js"))], "warp-config:"),
+        (
+            vec!["--warp-config".into(), p(&d.join("missing.js"))],
+            "warp-config:",
+        ),
         (vec!["--warp-config".into(), p(&deep)], "warp-config:"),
         (vec!["--hosts-file".into(), p(&fifo)], "hosts-file:"),
-        (vec!["--hosts-file".into(), p(&d.join("nodir/hosts"))], "hosts-file:"),
+        (
+            vec!["--hosts-file".into(), p(&d.join("nodir/hosts"))],
+            "hosts-file:",
+        ),
         (vec!["--port".into(), "0".into()], "ports:"),
-        (vec!["--service-address".into(), "0.0.0.0".into()], "service-address:"),
-        (vec!["--listen-port".into(), busy.to_string()], "listen-port:"),
+        (
+            vec!["--service-address".into(), "0.0.0.0".into()],
+            "service-address:",
+        ),
+        (
+            vec!["--listen-port".into(), busy.to_string()],
+            "listen-port:",
+        ),
         (vec!["--dns-listen".into(), dns_busy], "dns.listen:"),
-        (vec!["--loopback-octet".into(), "0".into()], "loopback-octet"),
+        (
+            vec!["--loopback-octet".into(), "0".into()],
+            "loopback-octet",
+        ),
     ];
     for (i, (extra, key)) in cases.iter().enumerate() {
         let sc_dir = d.join(format!("sc{i}"));
@@ -177,7 +200,10 @@ async fn bad_values_fail_before_the_join_and_cost_no_token_use() {
             status.is_some_and(|s| !s.success()),
             "{extra:?}: exits with an error, got {status:?}:\n{log}"
         );
-        assert!(log.contains(&format!("sidecar: {key}")), "{extra:?}: names {key}:\n{log}");
+        assert!(
+            log.contains(&format!("sidecar: {key}")),
+            "{extra:?}: names {key}:\n{log}"
+        );
         assert!(!log.contains("joined"), "{extra:?}:\n{log}");
     }
     assert_eq!(ks.uses_left("prod").await, [1], "no token use spent");
@@ -205,7 +231,11 @@ async fn the_token_stays_out_of_ps_and_state_is_private() {
     assert!(!String::from_utf8_lossy(&cmdline).contains(&token));
     assert!(!a.log_text().contains("--token"), "{}", a.log_text());
     assert_eq!(mode(&a.state), 0o700, "state directory tightened");
-    assert!(a.log_text().contains("set to mode 0700"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("set to mode 0700"),
+        "{}",
+        a.log_text()
+    );
     assert_eq!(mode(&a.state.join("private.key")), 0o600);
     assert_eq!(mode(&a.state.join("membership.json")), 0o600);
     let sock = a.state.join("status.sock");
