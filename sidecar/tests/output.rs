@@ -200,7 +200,7 @@ fn error_messages_say_each_cause_once() {
         .join_token()
         .map(|t| t.unwrap().parse::<meshlib::proto::JoinToken>())
         .unwrap()
-        .map_err(|e| sidecar::agent::AgentError::Token(e))
+        .map_err(sidecar::agent::AgentError::Token)
         .unwrap_err()
         .into(),
     ];
