@@ -123,7 +123,19 @@ pub fn bind_status_socket(path: &Path) -> std::io::Result<UnixListener> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let listener = match std::os::unix::net::UnixListener::bind(&tmp) {
+        Ok(l) => l,
+        // The longer temporary name may not fit a socket address: bind in
+        // place and narrow at once (by default the socket is in the 0700
+        // state directory, where nobody else can reach it meanwhile).
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+            l.set_nonblocking(true)?;
+            return UnixListener::from_std(l);
+        }
+    };
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
         .and_then(|()| std::fs::rename(&tmp, path))
         .and_then(|()| listener.set_nonblocking(true));
