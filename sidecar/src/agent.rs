@@ -490,7 +490,8 @@ fn quic_endpoint(addrs: &[SocketAddr]) -> Result<quinn::Endpoint, ControlError> 
     control::client_endpoint(bind)
 }
 
-/// Whether a resume error is worth retrying (the keyserver may come back).
+/// Whether a connection-level error is worth retrying (the keyserver may
+/// come back).
 fn transient(e: &ControlError) -> bool {
     matches!(
         e,
@@ -685,7 +686,8 @@ impl Controller {
                 Some(s) => s,
                 None => match self.resume(&endpoint).await {
                     Ok(s) => s,
-                    Err(e) if transient(&e) => {
+                    // Busy and Internal are passing here too.
+                    Err(e) if join_retryable(&e) => {
                         *self.shared.control.lock() = ControlState::Connecting {
                             attempt: attempt + 1,
                             last_error: Some(format!("keyserver {keyserver}: {e}")),
@@ -908,6 +910,40 @@ pub async fn start_servers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_are_retried_only_when_the_outcome_is_unknown_or_passing() {
+        use meshlib::proto::ProtoError;
+        let refused = |code| {
+            ControlError::Refused(ProtoError {
+                code,
+                message: "x".into(),
+            })
+        };
+        for e in [
+            ControlError::Timeout,
+            ControlError::Connect("no route".into()),
+            ControlError::Connection("reset after the join was sent".into()),
+            refused(ErrorCode::Busy),
+            refused(ErrorCode::Internal),
+        ] {
+            assert!(join_retryable(&e), "{e}");
+        }
+        for code in [
+            ErrorCode::InvalidToken,
+            ErrorCode::TokenExpired,
+            ErrorCode::TokenUsedUp,
+            ErrorCode::TokenBinding,
+            ErrorCode::NetworkFull,
+            ErrorCode::KeyInUse,
+            ErrorCode::InstanceTaken,
+            ErrorCode::InvalidMetadata,
+            ErrorCode::UnsupportedVersion,
+        ] {
+            assert!(!join_retryable(&refused(code)), "{code:?}");
+        }
+        assert!(!join_retryable(&ControlError::Protocol("x".into())));
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
