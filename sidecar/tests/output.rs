@@ -1,8 +1,8 @@
 //! What the real `sidecar` binary prints: `sidecar status` escapes names
 //! that came from other members; logs carry colours only on a terminal
 //! without `NO_COLOR`, or are JSON lines; error messages say each cause
-//! once. No keyserver needed (a token pointing at a closed port makes the
-//! sidecar log join retries).
+//! once. No keyserver needed: a front that answers every join `Busy` makes
+//! the sidecar log join retries at once.
 
 mod support;
 
@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshlib::proto::ErrorCode;
 use sidecar::status::{serve_status, ControlState, PeerStatus, Status, StatusSource};
+use support::front::{Front, FrontCert, Step};
 use support::{bin, rootless_args, Sidecar};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,31 +70,38 @@ async fn status_prints_hostile_names_escaped() {
     );
 }
 
-/// A token for a keyserver that is not there (a closed loopback port).
-fn dead_token() -> String {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    meshlib::proto::JoinToken {
-        addrs: vec![port],
-        cert_sha256: [7; 32],
+/// A front answering every join `Busy` (in the current runtime), and a
+/// token pointing at it.
+fn busy_front() -> (Front, String) {
+    let cert = FrontCert::new();
+    let nowhere = "127.0.0.1:9".parse().unwrap();
+    let front = Front::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &cert,
+        nowhere,
+        [0; 32],
+        vec![Step::Refuse(ErrorCode::Busy); 1000],
+    );
+    let token = meshlib::proto::JoinToken {
+        addrs: vec![front.addr],
+        cert_sha256: cert.fingerprint,
         network: meshlib::ids::NetworkId::random(),
         secret: [9; 32],
         service: None,
         process_type: None,
     }
-    .to_string()
+    .to_string();
+    (front, token)
 }
 
-/// `sidecar up` of a member that keeps retrying its join, with `env`, run
-/// under `script` (a terminal) when `tty`; its output once it logged a
-/// retry.
-fn logs_of(extra: &[&str], env: &[(&str, &str)], tty: bool) -> Vec<u8> {
+/// `sidecar up` of a member that keeps retrying its join (refused `Busy`
+/// by the front of `token`), with `env`, run under `script` (a terminal)
+/// when `tty`; its output once it logged retries.
+fn logs_of(token: &str, extra: &[&str], env: &[(&str, &str)], tty: bool) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["up".into(), "--service".into(), "api".into()];
     args.extend(rootless_args(dir.path(), &support::interface()));
-    args.extend(["--token".into(), dead_token()]);
+    args.extend(["--token".into(), token.to_owned()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     if !tty {
         let mut sc = Sidecar::spawn(dir.path(), &args, env);
@@ -108,7 +117,7 @@ fn logs_of(extra: &[&str], env: &[(&str, &str)], tty: bool) -> Vec<u8> {
         .chain(args)
         .map(|a| format!("'{a}'"))
         .collect();
-    let cmd = format!("timeout -s INT 8 {}", quoted.join(" "));
+    let cmd = format!("timeout -s INT 5 {}", quoted.join(" "));
     let out = Command::new("script")
         .args(["-qefc", &cmd, "/dev/null"])
         .env("ISTM_LOG", "info")
@@ -119,9 +128,16 @@ fn logs_of(extra: &[&str], env: &[(&str, &str)], tty: bool) -> Vec<u8> {
     out.stdout
 }
 
-#[test]
-fn logs_have_colours_only_on_a_terminal_without_no_color() {
-    let piped = logs_of(&[], &[], false);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_have_colours_only_on_a_terminal_without_no_color() {
+    let (_front, token) = busy_front();
+    tokio::task::spawn_blocking(move || colours(&token))
+        .await
+        .unwrap();
+}
+
+fn colours(token: &str) {
+    let piped = logs_of(token, &[], &[], false);
     let text = String::from_utf8_lossy(&piped);
     assert!(text.contains("join failed; retrying"), "{text}");
     assert!(!piped.contains(&0x1b), "ESC in piped logs: {text:?}");
@@ -132,21 +148,25 @@ fn logs_have_colours_only_on_a_terminal_without_no_color() {
         eprintln!("SKIPPED (terminal half): no script(1)");
         return;
     }
-    let tty = logs_of(&[], &[("NO_COLOR", "")], true);
+    let tty = logs_of(token, &[], &[("NO_COLOR", "")], true);
     assert!(
         tty.contains(&0x1b),
         "colours on a terminal: {:?}",
         String::from_utf8_lossy(&tty)
     );
-    let no_color = logs_of(&[], &[("NO_COLOR", "1")], true);
+    let no_color = logs_of(token, &[], &[("NO_COLOR", "1")], true);
     let text = String::from_utf8_lossy(&no_color);
     assert!(text.contains("retrying"), "{text}");
     assert!(!no_color.contains(&0x1b), "NO_COLOR honoured: {text:?}");
 }
 
-#[test]
-fn json_logs_are_one_object_per_line() {
-    let out = logs_of(&["--log-format", "json"], &[], false);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let (_front, token) = busy_front();
+    let out =
+        tokio::task::spawn_blocking(move || logs_of(&token, &["--log-format", "json"], &[], false))
+            .await
+            .unwrap();
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     assert!(!lines.is_empty());
