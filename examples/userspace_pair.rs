@@ -86,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
         ep(&b),
         b.key
     );
+    // B's instance serves `port`: the only port reachable through B.
+    b.stack.set_inbound_ports([port]);
     let stack = a.stack.clone();
     let dst = SocketAddr::new(b.ip, port);
     tokio::spawn(async move { stack.forward_tcp(listener, dst).await });

@@ -159,7 +159,11 @@ fn userspace_member_talks_to_wireguard_go() {
     let member = in_ns(&h2.ns, move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
-            let (stack, dev) = Stack::start(StackConfig::new(us_ip, 22)).unwrap();
+            // The instance serves 7002 (TCP) and 7004 (UDP): only those
+            // are reachable from the tunnel.
+            let mut cfg = StackConfig::new(us_ip, 22);
+            cfg.inbound_ports = [7002, 7004].into();
+            let (stack, dev) = Stack::start(cfg).unwrap();
             let engine = Engine::start(
                 dev,
                 EngineConfig {
@@ -222,8 +226,9 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     let mut mesh = Mesh::new();
     let token = mesh.token();
     let (ha, hb) = (mesh.host(2), mesh.host(3));
-    // A declares no ports: they are found listening (after the join).
-    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
+    // A declares no ports: with --discover-ports they are found listening
+    // (after the join).
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token, "--discover-ports"]);
     let b = mesh.sidecar(
         &hb,
         "web",
@@ -372,7 +377,7 @@ fn rootless_userspace_sidecar_reaches_and_serves_a_tun_sidecar() {
     let (ha, hb) = (mesh.host(2), mesh.host(3));
     // A's instance listens before A joins: its port is announced at join.
     sha_server(&ha.ns, "0.0.0.0:9090".parse().unwrap());
-    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token, "--port", "9090"]);
 
     // B: `sidecar up --mode userspace` as nobody, with a state directory
     // of its own and an unprivileged DNS port.
@@ -470,5 +475,84 @@ fn rootless_userspace_sidecar_reaches_and_serves_a_tun_sidecar() {
     assert!(
         sha_transfer(&ha.ns, SocketAddr::from((b_ip, 8080)), 1 << 20),
         "A -> rootless B TCP"
+    );
+}
+
+/// From `ns`, whether a TCP connection to `to` gets anywhere: `Some(true)`
+/// if it connects and the server answers a byte, `Some(false)` if it is
+/// refused or reset, `None` on timeout.
+fn tcp_answers(ns: &str, to: SocketAddr) -> Option<bool> {
+    in_ns(ns, move || {
+        let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return None,
+            Err(_) => return Some(false),
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"x");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => Some(true),
+            Ok(_) => Some(false),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(_) => Some(false),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_userspace_member_exposes_only_its_declared_ports() {
+    require_netns!();
+    let mut mesh = Mesh::new();
+    let token = mesh.token();
+    let (ha, hb) = (mesh.host(2), mesh.host(3));
+    // B's host runs two loopback services: the one B declares (8080) and
+    // another (7001, like the keyserver's admin API) that is not B's.
+    sha_server(&hb.ns, "127.0.0.1:8080".parse().unwrap());
+    sha_server(&hb.ns, "127.0.0.1:7001".parse().unwrap());
+    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
+    let b = mesh.sidecar(
+        &hb,
+        "web",
+        "up",
+        &["--token", &token, "--mode", "userspace", "--port", "8080"],
+    );
+    a.wait_peers(1, SETTLE);
+    b.wait_peers(1, SETTLE);
+    let b_ip: Ipv4Addr = b.ip().parse().unwrap();
+    assert!(
+        sha_transfer(&ha.ns, SocketAddr::from((b_ip, 8080)), 1 << 16),
+        "the declared port is reachable"
+    );
+    assert_eq!(
+        tcp_answers(&ha.ns, SocketAddr::from((b_ip, 7001))),
+        Some(false),
+        "another loopback service of B's host is refused (reset)"
+    );
+    let status = b.status().expect("status");
+    assert!(
+        status["inbound_refused"].as_u64().is_some_and(|n| n >= 1),
+        "counted: {status}"
+    );
+    assert_eq!(status["ports"], serde_json::json!([8080]));
+    let text = b.must_sh(&format!(
+        "{} status --state-dir {}",
+        mesh_support::bin("sidecar").display(),
+        b.state_dir.display()
+    ));
+    assert!(
+        text.contains("inbound refused (port not served): "),
+        "{text}"
+    );
+    // A itself serves nothing (kernel mode, no --port, no discovery): B
+    // has no loopback listener for it at all.
+    let a_local = loopback_for(IpAddr::V4(a.ip().parse().unwrap()));
+    assert_eq!(
+        tcp_answers(&hb.ns, SocketAddr::from((a_local, 7001))),
+        Some(false),
+        "nothing announced, nothing relayed"
     );
 }

@@ -1,6 +1,13 @@
-//! Writing files safely: atomic replacement that keeps permissions, secret
-//! files with mode 0600, and the hosts-file update built on
-//! [`crate::render::hosts`].
+//! Reading and writing files safely: bounded reads that never block on a
+//! FIFO or a device, atomic replacement that keeps permissions, secret files
+//! with mode 0600, private directories with mode 0700, and the hosts-file
+//! update built on [`crate::render::hosts`].
+//!
+//! Every file read from a path someone else chose (a config, a hosts file,
+//! a cache) goes through [`read_limited`]: it opens with `O_NONBLOCK`,
+//! refuses anything but a regular file, and refuses files over a size
+//! limit, so a FIFO, `/dev/zero` or a multi-gigabyte file gives a clear
+//! error instead of a hang or an exhausted memory.
 //!
 //! Atomic replacement writes a temporary file in the same directory, syncs
 //! it, gives it the old file's mode and owner, and renames it over the
@@ -9,32 +16,184 @@
 //! container is a bind mount: `EBUSY`), the file is rewritten in place.
 
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::render::hosts::{replace_section, HostsError};
 
-/// Why a file could not be updated.
+/// Size limit of small files: keys, credentials, tokens (64 KiB).
+pub const MAX_SMALL_FILE: u64 = 64 << 10;
+/// Size limit of configuration files: TOML config, `warp.config.js`,
+/// hosts files, `resolv.conf` (4 MiB).
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+/// Size limit of cached state: a network map of the largest range (64 MiB).
+pub const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// Why a file could not be read.
+///
+/// Display includes the system error; no `source()` is exposed, so a chain
+/// printer (`{:#}`) shows it once.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    /// Reading, writing, syncing or renaming failed.
-    #[error("{path}: {source}")]
+pub enum ReadError {
+    /// Opening or reading failed (the file may be missing: see
+    /// [`ReadError::is_not_found`]).
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The system error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
+    /// The path is a FIFO, a device, a socket or a directory.
+    #[error("{path}: is a {kind}, not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead ("FIFO", "directory", ...).
+        kind: &'static str,
+    },
+    /// The file is larger than the limit for its kind.
+    #[error("{path}: {len} bytes, over the limit of {max} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (or the bytes read before giving up).
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+impl ReadError {
+    /// What is wrong, without the path (for messages that name it already).
+    pub fn reason(&self) -> String {
+        match self {
+            ReadError::Io { error, .. } => error.to_string(),
+            ReadError::NotRegular { kind, .. } => format!("is a {kind}, not a regular file"),
+            ReadError::TooLarge { len, max, .. } => {
+                format!("{len} bytes, over the limit of {max} bytes")
+            }
+        }
+    }
+
+    /// Whether the file does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io { error, .. } if error.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// What a non-regular file is, for messages.
+fn file_kind(t: fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
+/// Checks that `path` (following symlinks) is a regular file of at most
+/// `max` bytes, without opening it. A missing file is an
+/// [`ReadError::Io`] with `NotFound`.
+pub fn check_regular(path: &Path, max: u64) -> Result<fs::Metadata, ReadError> {
+    let meta = fs::metadata(path).map_err(|error| ReadError::Io {
+        path: path.to_owned(),
+        error,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::NotRegular {
+            path: path.to_owned(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    if meta.len() > max {
+        return Err(ReadError::TooLarge {
+            path: path.to_owned(),
+            len: meta.len(),
+            max,
+        });
+    }
+    Ok(meta)
+}
+
+/// Reads a regular file of at most `max` bytes. Opens with `O_NONBLOCK`
+/// (a FIFO never blocks the open), checks the type and size of what was
+/// opened, and stops reading past `max` (a file growing meanwhile).
+pub fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    let io = |error| ReadError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::NotRegular {
+            path: path.to_owned(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    let too_large = |len| ReadError::TooLarge {
+        path: path.to_owned(),
+        len,
+        max,
+    };
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    if buf.len() as u64 > max {
+        return Err(too_large(buf.len() as u64));
+    }
+    Ok(buf)
+}
+
+/// [`read_limited`] as UTF-8 text.
+pub fn read_text_limited(path: &Path, max: u64) -> Result<String, ReadError> {
+    String::from_utf8(read_limited(path, max)?).map_err(|_| ReadError::Io {
+        path: path.to_owned(),
+        error: io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"),
+    })
+}
+
+/// Why a file could not be updated.
+///
+/// Display includes the underlying error; no `source()` is exposed, so a
+/// chain printer (`{:#}`) shows it once.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Reading, writing, syncing or renaming failed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        error: io::Error,
+    },
+    /// The current file cannot be read safely (a FIFO, a device, too large).
+    #[error("{0}")]
+    Read(ReadError),
     /// The hosts file's managed section is malformed; the file was not touched.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Hosts {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        #[source]
-        source: HostsError,
+        error: HostsError,
     },
     /// The file is not UTF-8 text.
     #[error("{0}: not UTF-8 text; not touched")]
@@ -42,30 +201,44 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    fn io(path: &Path, source: io::Error) -> Self {
+    fn io(path: &Path, error: io::Error) -> Self {
         WriteError::Io {
             path: path.to_owned(),
-            source,
+            error,
         }
     }
 
     /// Whether the failure is a permission or read-only problem (the caller
     /// may warn and carry on).
     pub fn is_permission(&self) -> bool {
-        matches!(self, WriteError::Io { source, .. }
-            if source.kind() == io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(30 /* EROFS */))
+        let error = match self {
+            WriteError::Io { error, .. } | WriteError::Read(ReadError::Io { error, .. }) => error,
+            _ => return false,
+        };
+        error.kind() == io::ErrorKind::PermissionDenied || error.raw_os_error() == Some(libc::EROFS)
+    }
+}
+
+/// The current contents of a file about to be replaced: `None` when it does
+/// not exist. Refuses FIFOs, devices and files over [`MAX_STATE_FILE`].
+fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, WriteError> {
+    match read_limited(path, MAX_STATE_FILE) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(WriteError::Read(e)),
     }
 }
 
 /// Replaces `path` with `contents` unless it already holds exactly that.
 /// Returns whether the file changed. A new file gets `default_mode`; an
-/// existing one keeps its mode and (when permitted) owner.
+/// existing one keeps its mode and (when permitted) owner. An existing
+/// path that is not a regular file (or is over [`MAX_STATE_FILE`]) is an
+/// error and is left alone.
 pub fn write_atomic(path: &Path, contents: &[u8], default_mode: u32) -> Result<bool, WriteError> {
-    let existing = match fs::read(path) {
-        Ok(old) if old == contents => return Ok(false),
-        Ok(_) => Some(fs::metadata(path).map_err(|e| WriteError::io(path, e))?),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(WriteError::io(path, e)),
+    let existing = match read_existing(path)? {
+        Some(old) if old == contents => return Ok(false),
+        Some(_) => Some(fs::metadata(path).map_err(|e| WriteError::io(path, e))?),
+        None => None,
     };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -126,28 +299,41 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Creates a directory (and parents) for secrets, mode 0700.
-pub fn create_private_dir(path: &Path) -> Result<(), WriteError> {
+/// Creates a directory (and parents) for secrets, mode 0700; an existing
+/// one open to others is tightened to 0700. Returns the mode it had when
+/// it was tightened (so the caller can say so), `None` otherwise.
+pub fn create_private_dir(path: &Path) -> Result<Option<u32>, WriteError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|e| WriteError::io(path, e))
+        .map_err(|e| WriteError::io(path, e))?;
+    let mode = fs::metadata(path)
+        .map_err(|e| WriteError::io(path, e))?
+        .mode()
+        & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, Permissions::from_mode(0o700))
+        .map_err(|e| WriteError::io(path, e))?;
+    Ok(Some(mode))
 }
 
 /// Replaces the managed section `tag` of the hosts file at `path` with
 /// `section` (from [`crate::render::hosts::render_section`]); every other
 /// line is kept. Returns whether the file changed. A missing file is created
-/// (mode 0644).
+/// (mode 0644). A path that is not a regular file (a FIFO, a device) or is
+/// over [`MAX_CONFIG_FILE`] is an error, never a hang.
 pub fn update_hosts_file(path: &Path, tag: &str, section: &str) -> Result<bool, WriteError> {
-    let original = match fs::read(path) {
+    let original = match read_limited(path, MAX_CONFIG_FILE) {
         Ok(bytes) => String::from_utf8(bytes).map_err(|_| WriteError::NotText(path.to_owned()))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(WriteError::io(path, e)),
+        Err(e) if e.is_not_found() => String::new(),
+        Err(e) => return Err(WriteError::Read(e)),
     };
-    let updated = replace_section(&original, tag, section).map_err(|source| WriteError::Hosts {
+    let updated = replace_section(&original, tag, section).map_err(|error| WriteError::Hosts {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     if updated == original {
         return Ok(false);
@@ -184,8 +370,81 @@ mod tests {
         write_secret(&p, b"secret").unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         let d = dir.path().join("state/sub");
-        create_private_dir(&d).unwrap();
+        assert_eq!(create_private_dir(&d).unwrap(), None);
         assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        // An existing directory open to others is tightened.
+        fs::set_permissions(&d, Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(create_private_dir(&d).unwrap(), Some(0o755));
+        assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+    }
+
+    /// Runs `f` on a thread; fails if it takes more than 5 s (a hang).
+    fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("hung on a non-regular file")
+    }
+
+    #[test]
+    fn fifos_devices_and_huge_files_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("hosts");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let f = fifo.clone();
+        let err = within_5s(move || update_hosts_file(&f, "t", &render_section("t", &[])));
+        let err = err.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteError::Read(ReadError::NotRegular { kind: "FIFO", .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("is a FIFO, not a regular file"),
+            "{err}"
+        );
+        let f = fifo.clone();
+        assert!(within_5s(move || write_atomic(&f, b"x", 0o600)).is_err());
+        let f = fifo.clone();
+        assert!(matches!(
+            within_5s(move || read_limited(&f, 10)),
+            Err(ReadError::NotRegular { .. })
+        ));
+        assert!(
+            fs::metadata(&fifo).unwrap().file_type().is_fifo(),
+            "left alone"
+        );
+        let err = within_5s(|| read_limited(Path::new("/dev/zero"), 10)).unwrap_err();
+        assert!(err.to_string().contains("character device"), "{err}");
+        assert_eq!(err.reason(), "is a character device, not a regular file");
+        assert!(matches!(
+            read_limited(dir.path(), 10),
+            Err(ReadError::NotRegular {
+                kind: "directory",
+                ..
+            })
+        ));
+        // Size limits: a sparse 5 GB file is refused from its size alone.
+        let big = dir.path().join("big");
+        File::create(&big).unwrap().set_len(5 << 30).unwrap();
+        let err = read_limited(&big, MAX_CONFIG_FILE).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge { .. }), "{err}");
+        assert!(matches!(
+            update_hosts_file(&big, "t", &render_section("t", &[])),
+            Err(WriteError::Read(ReadError::TooLarge { .. }))
+        ));
+        fs::write(&big, b"12345").unwrap();
+        assert_eq!(read_limited(&big, 5).unwrap(), b"12345");
+        assert!(read_limited(&big, 4).is_err());
+        assert!(read_limited(&dir.path().join("missing"), 4)
+            .unwrap_err()
+            .is_not_found());
     }
 
     #[test]

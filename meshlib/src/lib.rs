@@ -20,7 +20,7 @@
 //! - [`reconcile`] — the peers a map asks for, and the diff between two such sets.
 //! - [`dns`] — private DNS answers on the wire (hickory-proto), from a name index.
 //! - [`render`] — `/etc/hosts` managed sections and env files, rendered to
-//!   strings.
+//!   strings; network text escaped for terminals and logs.
 //! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
 //!   tokens, length framing and version.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
@@ -28,7 +28,8 @@
 //!   rotation, offline and leave), with time as an argument.
 //!
 //! Driver modules (files):
-//! - [`fsutil`] — atomic file replacement keeping permissions, and secret files.
+//! - [`fsutil`] — bounded reads (no FIFOs, devices or huge files), atomic
+//!   file replacement keeping permissions, secret files, private directories.
 //! - [`control`] — the key-distribution client: the QUIC driver of
 //!   [`member::MemberCore`], with a pinned certificate.
 //!

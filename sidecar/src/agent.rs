@@ -13,6 +13,13 @@
 //! Static stability: with a membership and a cached map in the state
 //! directory, the data plane starts from the cache before the keyserver is
 //! reached, and keeps running while it is away.
+//!
+//! Start-up checks everything it can (config, `warp.config.js`, paths,
+//! ports) before the first join, so a bad value never costs a token use; a
+//! first join whose outcome is unknown (connection lost or timed out after
+//! sending it) or refused for a passing reason (`Busy`, `Internal`) is
+//! retried with the same key (persisted before the first attempt) until it
+//! succeeds or the sidecar is stopped.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -24,18 +31,21 @@ use meshlib::control::{self, ClientConfig, ControlError, Event, MemberMeta, Sess
 use meshlib::keys::PrivateKey;
 use meshlib::names::NameIndex;
 use meshlib::netmap::NetworkMap;
-use meshlib::proto::{JoinToken, TokenParseError};
+use meshlib::proto::{ErrorCode, JoinToken, TokenParseError};
 use meshlib::reconcile::{desired_peers, diff, DesiredPeers};
+use meshlib::render::text::escape;
 use meshlib::wg::{uapi_server, Engine, EngineConfig, TunConfig, TunDevice, UapiServer};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, ConfigError, Mode};
 use crate::outputs::{OutputConfig, Outputs};
+use crate::ports::PortOwner;
 use crate::state::{Membership, StateDir, StateError};
 use crate::status::{ControlState, PeerStatus, Status, StatusSource};
 
-/// Why the agent stopped or could not start.
+/// Why the agent stopped or could not start. Messages include their cause
+/// (no `source()` is exposed), so a chain printer shows each part once.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The state directory is unusable.
@@ -45,17 +55,23 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// First start without a token.
-    #[error("this member has not joined yet: a join token is needed (--token or ISTM_TOKEN)")]
+    #[error("this member has not joined yet: a join token is needed (--token-file, ISTM_TOKEN or --token)")]
     NoToken,
     /// The token does not parse.
-    #[error("join token: {0}")]
-    Token(#[from] TokenParseError),
+    #[error("token: {0}")]
+    Token(TokenParseError),
     /// No service name to join as.
     #[error("no service name: set --service (or `service` in the config)")]
     NoService,
-    /// The keyserver refused for good (bad token, full network, ...).
-    #[error("the keyserver refused: {0}")]
-    Refused(ControlError),
+    /// The keyserver refused for good (bad token, full network, ...), or
+    /// the client could not be set up.
+    #[error("{error} (keyserver {keyserver})")]
+    Refused {
+        /// The keyserver address(es) tried.
+        keyserver: String,
+        /// What went wrong.
+        error: ControlError,
+    },
     /// This member was removed from its network.
     #[error("revoked by the keyserver: {0}")]
     Revoked(String),
@@ -63,12 +79,12 @@ pub enum AgentError {
     #[error("data plane: {0}")]
     DataPlane(String),
     /// A local socket could not be opened.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being opened.
         what: String,
         /// The system error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The membership file belongs to another key than the key file.
     #[error("the state directory's membership belongs to another key; move membership.json away to join anew")]
@@ -85,6 +101,20 @@ fn backoff(attempt: u32) -> Duration {
 
 /// How often the session sends a heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the served ports are looked for (`sidecar run`'s command may
+/// start listening any time); a change is announced at once.
+const PORTS_CHECK: Duration = Duration::from_secs(2);
+
+/// The keyserver addresses, for messages.
+fn addrs_text(addrs: &[SocketAddr]) -> String {
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    list.join(", ")
+}
+
+/// A network-derived message (an error from the keyserver), safe to log.
+fn esc(e: &impl std::fmt::Display) -> String {
+    escape(&e.to_string()).into_owned()
+}
 
 /// State shared between the tasks (status reads it).
 struct Shared {
@@ -107,6 +137,9 @@ pub struct Agent {
     names: watch::Receiver<Arc<NameIndex>>,
     /// Userspace mode's stack and loopback listeners (`None` in kernel mode).
     userspace: Option<crate::userspace::UserspacePlane>,
+    /// `sidecar run`'s child, whose process tree's listeners are the
+    /// served ports (when none are declared).
+    port_owner: Option<PortOwner>,
 }
 
 impl Agent {
@@ -117,14 +150,32 @@ impl Agent {
         config: Config,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(Self, Option<Session>), AgentError> {
+        // Everything that can be checked is, before a token is used.
         config.validate()?;
+        let overrides = config.overrides()?;
+        config.check_paths()?;
+        preflight(&config)?;
         let state = StateDir::open(&config.state_dir)?;
+        let stored = state.load_membership()?;
+        // First start: the token must parse before anything is created.
+        let token = match stored {
+            Some(_) => None,
+            None => Some(first_join_token(&config)?),
+        };
+        if token
+            .as_ref()
+            .is_some_and(|t| config.service.is_none() && t.service.is_none())
+        {
+            return Err(AgentError::NoService);
+        }
+        // The key is on disk before the first join attempt: a retried join
+        // (the first one's outcome unknown) presents the same key.
         let (key, generated) = state.load_or_create_key()?;
         if generated {
             tracing::info!(public_key = %key.public_key(), "generated a new member key");
         }
-        let (membership, map, session) = match state.load_membership()? {
-            Some(m) => {
+        let (membership, map, session) = match (stored, token) {
+            (Some(m), _) => {
                 if m.control.public_key != key.public_key() {
                     return Err(AgentError::KeyMismatch);
                 }
@@ -135,8 +186,9 @@ impl Agent {
                     .unwrap_or_else(|| NetworkMap::new(network, "", m.range));
                 (m, map, None)
             }
-            None => {
-                let session = first_join(&config, &key, shutdown).await?;
+            (None, token) => {
+                let token = token.ok_or(AgentError::NoToken)?;
+                let session = first_join(&config, &token, &key, shutdown).await?;
                 let (m, map) = membership_of(&session);
                 state.save_membership(&m)?;
                 (m, map, Some(session))
@@ -161,7 +213,7 @@ impl Agent {
             OutputConfig {
                 hosts_file: config.hosts_file.clone(),
                 env_dir: config.env_files.then(|| config.state_dir.clone()),
-                overrides: config.overrides()?,
+                overrides,
             },
             names_tx,
         );
@@ -191,9 +243,19 @@ impl Agent {
             peers: DesiredPeers::new(),
             names,
             userspace,
+            port_owner: None,
         };
         agent.apply(map);
         Ok((agent, session))
+    }
+
+    /// `sidecar run`: from now on the served ports (when none are
+    /// declared) are those the process tree of the child stored in the
+    /// returned cell listens on. Call before [`Agent::run`].
+    pub fn port_owner(&mut self) -> PortOwner {
+        self.port_owner
+            .get_or_insert_with(PortOwner::default)
+            .clone()
     }
 
     /// Applies one map: outputs, engine peers, cache.
@@ -236,6 +298,8 @@ impl Agent {
     /// A status snapshot source for `sidecar status` and metrics.
     pub fn status_source(&self) -> StatusSource {
         let (shared, engine) = (self.shared.clone(), self.engine.clone());
+        let stack = self.userspace.as_ref().map(|u| u.stack());
+        let own = self.key.public_key();
         let (interface, public_key) = (
             self.config.interface.clone(),
             self.key.public_key().to_string(),
@@ -264,7 +328,14 @@ impl Agent {
                     }
                 })
                 .collect();
+            let ports = map
+                .members
+                .get(&own)
+                .map(|m| m.ports.clone())
+                .unwrap_or_default();
             Status {
+                ports,
+                inbound_refused: stack.as_ref().map(|s| s.stats().inbound_refused),
                 network: map.network.to_string(),
                 instance: instance.clone(),
                 ip: Some(ip),
@@ -318,8 +389,8 @@ impl Agent {
             detect: Box::new(move || advertised_endpoints(&config, port, range)),
             ports: Mutex::new(self.own_ports()),
             detect_ports: {
-                let config = self.config.clone();
-                Box::new(move || crate::userspace::announced_ports(&config))
+                let (config, owner) = (self.config.clone(), self.port_owner.clone());
+                Box::new(move || crate::ports::announced_ports(&config, owner.as_ref()))
             },
             shared: self.shared.clone(),
             state: self.state.clone(),
@@ -419,7 +490,8 @@ fn quic_endpoint(addrs: &[SocketAddr]) -> Result<quinn::Endpoint, ControlError> 
     control::client_endpoint(bind)
 }
 
-/// Whether an error is worth retrying (the keyserver may come back).
+/// Whether a connection-level error is worth retrying (the keyserver may
+/// come back).
 fn transient(e: &ControlError) -> bool {
     matches!(
         e,
@@ -430,17 +502,80 @@ fn transient(e: &ControlError) -> bool {
     )
 }
 
-/// Joins with the token, retrying transient failures until `shutdown`.
+/// Whether a failed join may be tried again with the same token and key:
+/// its outcome is unknown (no answer, connection lost or timed out after
+/// the join was sent: the keyserver may have committed it, and gives the
+/// membership back to the same token and key) or the refusal is passing
+/// (`Busy`, `Internal`). Anything else (a bad, expired or used-up token, a
+/// full network, a name taken) is final.
+pub fn join_retryable(e: &ControlError) -> bool {
+    match e {
+        ControlError::Refused(p) => matches!(p.code, ErrorCode::Busy | ErrorCode::Internal),
+        other => transient(other),
+    }
+}
+
+/// The join token, parsed: from `token` or `token-file`.
+fn first_join_token(config: &Config) -> Result<JoinToken, AgentError> {
+    config
+        .join_token()?
+        .ok_or(AgentError::NoToken)?
+        .parse()
+        .map_err(AgentError::Token)
+}
+
+/// Checks, before joining, what only the system can say: the WireGuard and
+/// DNS ports can be bound, and kernel mode has what it needs.
+fn preflight(config: &Config) -> Result<(), AgentError> {
+    let bad = |key, message: String| AgentError::Config(ConfigError::invalid(key, message));
+    if config.listen_port != 0 {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
+        std::net::UdpSocket::bind(addr).map_err(|e| {
+            bad(
+                "listen-port",
+                format!("UDP port {}: {e}", config.listen_port),
+            )
+        })?;
+    }
+    if config.dns.enabled {
+        let listen = config.dns.listen;
+        std::net::UdpSocket::bind(listen)
+            .and_then(|_| std::net::TcpListener::bind(listen))
+            .map_err(|e| bad("dns.listen", format!("{listen}: {e}")))?;
+    }
+    if config.mode == Mode::Kernel && !has_net_admin() {
+        return Err(bad(
+            "mode",
+            "kernel mode needs CAP_NET_ADMIN and /dev/net/tun (run as root, or use --mode userspace)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this process may create a TUN interface: `CAP_NET_ADMIN` in its
+/// effective set and `/dev/net/tun` present.
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+        })
+        .unwrap_or(0);
+    caps & (1 << CAP_NET_ADMIN) != 0 && std::path::Path::new("/dev/net/tun").exists()
+}
+
+/// Joins with the token, retrying (with backoff, logging each attempt)
+/// every failure [`join_retryable`] allows, until `shutdown`.
 async fn first_join(
     config: &Config,
+    token: &JoinToken,
     key: &PrivateKey,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Session, AgentError> {
-    let token: JoinToken = config
-        .token
-        .as_deref()
-        .ok_or(AgentError::NoToken)?
-        .parse()?;
+    let keyserver = addrs_text(&token.addrs);
     let service = config
         .service
         .clone()
@@ -457,8 +592,12 @@ async fn first_join(
         config.listen_port
     };
     let endpoints = advertised_endpoints(config, port, meshlib::ipam::DEFAULT_RANGE);
-    let endpoint = quic_endpoint(&token.addrs).map_err(AgentError::Refused)?;
-    for attempt in 0u32.. {
+    let endpoint = quic_endpoint(&token.addrs).map_err(|error| AgentError::Refused {
+        keyserver: keyserver.clone(),
+        error,
+    })?;
+    let mut attempt = 0u32;
+    loop {
         let meta = MemberMeta {
             public_key: key.public_key(),
             service: service.clone(),
@@ -467,25 +606,26 @@ async fn first_join(
             instance: config.instance.clone(),
             runner: runner.clone(),
             endpoints: endpoints.clone(),
-            ports: crate::userspace::announced_ports(config),
+            ports: crate::ports::announced_ports(config, None),
         };
-        match control::join(&endpoint, &token, meta, &ClientConfig::default()).await {
+        match control::join(&endpoint, token, meta, &ClientConfig::default()).await {
             Ok(session) => {
                 let w = session.welcome();
-                tracing::info!(network = %w.network, ip = %w.ip, instance = %w.instance, "joined");
+                tracing::info!(network = %w.network, ip = %w.ip, instance = %w.instance, %keyserver, "joined");
                 return Ok(session);
             }
-            Err(e) if transient(&e) => {
-                tracing::warn!(error = %e, attempt, "keyserver unreachable; retrying");
+            Err(e) if join_retryable(&e) => {
+                let wait = backoff(attempt);
+                tracing::warn!(%keyserver, attempt = attempt + 1, retry_in = ?wait, error = %esc(&e), "join failed; retrying with the same key");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff(attempt)) => {}
+                    () = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => return Err(AgentError::Interrupted),
                 }
+                attempt = attempt.saturating_add(1);
             }
-            Err(e) => return Err(AgentError::Refused(e)),
+            Err(error) => return Err(AgentError::Refused { keyserver, error }),
         }
     }
-    Err(AgentError::Interrupted)
 }
 
 /// The membership and map a fresh join gives.
@@ -534,20 +674,25 @@ impl Controller {
         maps: mpsc::Sender<NetworkMap>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
+        let keyserver = addrs_text(&self.membership.control.addrs);
         let endpoint =
-            quic_endpoint(&self.membership.control.addrs).map_err(AgentError::Refused)?;
+            quic_endpoint(&self.membership.control.addrs).map_err(|error| AgentError::Refused {
+                keyserver: keyserver.clone(),
+                error,
+            })?;
         let mut attempt = 0u32;
         loop {
             let mut s = match session.take() {
                 Some(s) => s,
                 None => match self.resume(&endpoint).await {
                     Ok(s) => s,
-                    Err(e) if transient(&e) => {
+                    // Busy and Internal are passing here too.
+                    Err(e) if join_retryable(&e) => {
                         *self.shared.control.lock() = ControlState::Connecting {
                             attempt: attempt + 1,
-                            last_error: Some(e.to_string()),
+                            last_error: Some(format!("keyserver {keyserver}: {e}")),
                         };
-                        tracing::warn!(error = %e, attempt, "keyserver unreachable; running from the cached map");
+                        tracing::warn!(%keyserver, error = %esc(&e), attempt = attempt + 1, "keyserver unreachable; running from the cached map");
                         tokio::select! {
                             () = tokio::time::sleep(backoff(attempt)) => {}
                             _ = shutdown.changed() => return Ok(()),
@@ -562,7 +707,7 @@ impl Controller {
                     {
                         return Err(self.revoked(e.message))
                     }
-                    Err(e) => return Err(AgentError::Refused(e)),
+                    Err(error) => return Err(AgentError::Refused { keyserver, error }),
                 },
             };
             attempt = 0;
@@ -577,7 +722,7 @@ impl Controller {
             if maps.send(s.map().clone()).await.is_err() {
                 return Ok(());
             }
-            match self.follow(&mut s, &maps, &mut shutdown).await {
+            match self.follow(&mut s, &maps, &mut shutdown, &keyserver).await {
                 Ok(true) => {
                     s.close();
                     return Ok(());
@@ -600,9 +745,12 @@ impl Controller {
         s: &mut Session,
         maps: &mpsc::Sender<NetworkMap>,
         shutdown: &mut watch::Receiver<bool>,
+        keyserver: &str,
     ) -> Result<bool, AgentError> {
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.tick().await;
+        let mut ports_check = tokio::time::interval(PORTS_CHECK);
+        ports_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 ev = s.next_event() => match ev {
@@ -613,17 +761,17 @@ impl Controller {
                     }
                     Ok(Event::Connection(c)) => {
                         *self.shared.control.lock() = match c {
-                            control::Connection::Connected => ControlState::Connected { server: self.membership.control.addrs.first().map(|a| a.to_string()).unwrap_or_default() },
+                            control::Connection::Connected => ControlState::Connected { server: keyserver.to_owned() },
                             control::Connection::Connecting { attempt, last_error } => ControlState::Connecting { attempt, last_error },
                             control::Connection::Ended => continue,
                         };
                     }
                     Ok(Event::Ended(_)) => return Ok(true),
-                    Ok(Event::Rejected(e)) => tracing::warn!(error = %e.message, "keyserver rejected a request"),
+                    Ok(Event::Rejected(e)) => tracing::warn!(%keyserver, error = %esc(&e), "keyserver rejected a request"),
                     Ok(_) => {}
                     Err(ControlError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
                     Err(e) => {
-                        tracing::warn!(error = %e, "control connection lost; data plane keeps running");
+                        tracing::warn!(%keyserver, error = %esc(&e), "control connection lost; data plane keeps running");
                         return Ok(false);
                     }
                 },
@@ -639,6 +787,8 @@ impl Controller {
                         }
                         *self.endpoints.lock() = now;
                     }
+                }
+                _ = ports_check.tick() => {
                     let ports = (self.detect_ports)();
                     if ports != *self.ports.lock() {
                         tracing::info!(?ports, "service ports changed; telling the keyserver");
@@ -667,7 +817,7 @@ impl Controller {
     }
 
     fn revoked(&self, reason: String) -> AgentError {
-        tracing::error!(%reason, "this member was revoked; tunnels are going down");
+        tracing::error!(reason = %escape(&reason), "this member was revoked; tunnels are going down");
         *self.shared.control.lock() = ControlState::Revoked {
             reason: reason.clone(),
         };
@@ -703,7 +853,7 @@ pub async fn start_servers(
         let listen = config.dns.listen;
         let io = |what: &str| {
             let what = format!("{what} {listen}");
-            move |source| AgentError::Io { what, source }
+            move |error| AgentError::Io { what, error }
         };
         let udp = tokio::net::UdpSocket::bind(listen)
             .await
@@ -734,8 +884,7 @@ pub async fn start_servers(
         dns = Some(listen);
     }
     let status = config.status_socket_path();
-    let _ = std::fs::remove_file(&status);
-    match tokio::net::UnixListener::bind(&status) {
+    match crate::status::bind_status_socket(&status) {
         Ok(l) => {
             tokio::spawn(crate::status::serve_status(
                 l,
@@ -769,6 +918,40 @@ pub async fn start_servers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_are_retried_only_when_the_outcome_is_unknown_or_passing() {
+        use meshlib::proto::ProtoError;
+        let refused = |code| {
+            ControlError::Refused(ProtoError {
+                code,
+                message: "x".into(),
+            })
+        };
+        for e in [
+            ControlError::Timeout,
+            ControlError::Connect("no route".into()),
+            ControlError::Connection("reset after the join was sent".into()),
+            refused(ErrorCode::Busy),
+            refused(ErrorCode::Internal),
+        ] {
+            assert!(join_retryable(&e), "{e}");
+        }
+        for code in [
+            ErrorCode::InvalidToken,
+            ErrorCode::TokenExpired,
+            ErrorCode::TokenUsedUp,
+            ErrorCode::TokenBinding,
+            ErrorCode::NetworkFull,
+            ErrorCode::KeyInUse,
+            ErrorCode::InstanceTaken,
+            ErrorCode::InvalidMetadata,
+            ErrorCode::UnsupportedVersion,
+        ] {
+            assert!(!join_retryable(&refused(code)), "{code:?}");
+        }
+        assert!(!join_retryable(&ControlError::Protocol("x".into())));
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -2,7 +2,7 @@
 //! onto [`Config`]: flags win over the environment (`ISTM_*`), which wins
 //! over the config file, which wins over the defaults.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use meshlib::ids::{InstanceName, ProcessType};
@@ -15,9 +15,13 @@ pub struct UpArgs {
     /// TOML config file.
     #[arg(long, short = 'c', env = "ISTM_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Join token (first start only).
+    /// Join token (first start only). Visible to every user in `ps`:
+    /// prefer --token-file or ISTM_TOKEN.
     #[arg(long, env = "ISTM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the join token (first start only).
+    #[arg(long, env = "ISTM_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Service (app) name of this instance.
     #[arg(long, env = "ISTM_SERVICE")]
     pub service: Option<String>,
@@ -74,10 +78,19 @@ pub struct UpArgs {
     /// Status socket path (default <state-dir>/status.sock).
     #[arg(long, env = "ISTM_STATUS_SOCKET")]
     pub status_socket: Option<PathBuf>,
-    /// Port this instance serves (for userspace-mode peers); repeat or
-    /// comma-separate (default: the listening ones, found at join).
+    /// Port this instance serves (announced to peers; in userspace mode the
+    /// only ports reachable from the tunnel); repeat or comma-separate
+    /// (default: `run`: those its command listens on; `up`: none).
     #[arg(long = "port", env = "ISTM_PORTS", value_delimiter = ',')]
     pub ports: Vec<u16>,
+    /// `up` without --port: announce every TCP port listening on this
+    /// host's loopback or any address (exposes all of them to the mesh).
+    #[arg(long)]
+    pub discover_ports: bool,
+    /// Userspace mode: the address inbound connections go to (default
+    /// 127.0.0.1).
+    #[arg(long, env = "ISTM_SERVICE_ADDRESS")]
+    pub service_address: Option<IpAddr>,
     /// Userspace mode: the X of the loopback addresses 127.X.c.d (default 77).
     #[arg(long, env = "ISTM_LOOPBACK_OCTET")]
     pub loopback_octet: Option<u8>,
@@ -106,10 +119,16 @@ impl UpArgs {
                 if let Some(v) = &self.$field { $target = v.clone().into(); }
             )*};
         }
-        set!(token => c.token, service => c.service, instance => c.instance, runner => c.runner,
+        if self.token.is_some() || self.token_file.is_some() {
+            // A flag or variable replaces whatever the file said.
+            c.token = None;
+            c.token_file = None;
+        }
+        set!(token => c.token, token_file => c.token_file, service => c.service, instance => c.instance, runner => c.runner,
              state_dir => c.state_dir, warp_config => c.warp_config, status_socket => c.status_socket);
         set!(process_type => c.process_type, listen_port => c.listen_port, mode => c.mode,
-             interface => c.interface, dns_listen => c.dns.listen);
+             interface => c.interface, dns_listen => c.dns.listen,
+             service_address => c.service_address);
         if let Some(h) = &self.hosts_file {
             c.hosts_file = (!h.is_empty()).then(|| PathBuf::from(h));
         }
@@ -125,6 +144,7 @@ impl UpArgs {
         if !self.dns_upstreams.is_empty() {
             c.dns.upstreams = self.dns_upstreams.clone();
         }
+        c.discover_ports |= self.discover_ports;
         c.dns.enabled &= !self.no_dns;
         c.dns.set_resolver |= self.set_resolver;
         if let Some(m) = &self.metrics {

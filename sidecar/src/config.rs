@@ -3,7 +3,7 @@
 //! variables on top. Every field says its default and why.
 //!
 //! ```toml
-//! token = "istm1...."            # or --token / ISTM_TOKEN
+//! token-file = "/run/secrets/istm-token"   # or token = "istm1....", --token-file, ISTM_TOKEN
 //! service = "api"
 //! process-type = "web"
 //! instance = "api-1"
@@ -16,7 +16,9 @@
 //! hosts-file = "/etc/hosts"
 //! warp-config = "warp.config.js"
 //!
-//! ports = [8080]                 # announced to userspace-mode peers
+//! ports = [8080]                 # the ports this instance serves
+//! discover-ports = false         # `up`: announce every listening port instead
+//! service-address = "127.0.0.1"  # userspace mode: where inbound goes
 //!
 //! [dns]
 //! listen = "127.0.0.77:53"
@@ -28,9 +30,10 @@
 //! variables = ["DATABASE_HOST"]
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use meshlib::fsutil::{check_regular, read_text_limited, ReadError, MAX_CONFIG_FILE};
 use meshlib::ids::{InstanceName, ProcessType};
 use meshlib::ist::config::{IstOverride, Overrides};
 use serde::{Deserialize, Serialize};
@@ -96,7 +99,13 @@ impl Default for DnsSettings {
 pub struct Config {
     /// The join token (from `keyserver token create`). Needed on first start
     /// only: after joining, the state directory holds a reconnect credential.
+    /// Prefer `token-file` or `ISTM_TOKEN`: a `--token` flag is visible to
+    /// every user in `ps`.
     pub token: Option<String>,
+    /// A file holding the join token (first line; surrounding whitespace
+    /// ignored). Default none. Keeps the token out of `ps`, shell history
+    /// and the config file.
+    pub token_file: Option<PathBuf>,
     /// The service (app) name this instance belongs to, any Unicode. Default:
     /// the app the token is bound to; required otherwise.
     pub service: Option<String>,
@@ -140,10 +149,22 @@ pub struct Config {
     pub dns: DnsSettings,
     /// Per-service IST overrides (applied over `warp.config.js`).
     pub ist: Vec<IstOverride>,
-    /// Ports this instance serves, announced at join so that userspace-mode
-    /// peers listen on them. Default: the TCP ports found listening on
-    /// loopback or any address (`/proc/net/tcp{,6}`) when joining.
+    /// Ports this instance serves: announced to the peers (userspace-mode
+    /// peers listen on them) and, in userspace mode, the only ports inbound
+    /// traffic from the tunnel reaches. Default: none declared; `sidecar
+    /// run` then announces the ports its command's processes listen on,
+    /// and `sidecar up` none unless `discover-ports`.
     pub ports: Vec<u16>,
+    /// `sidecar up` without `ports`: announce (and, in userspace mode,
+    /// open to the tunnel) every TCP port found listening on this host's
+    /// loopback or any address (`/proc/net/tcp{,6}`), re-checked while
+    /// running. Default false: that would expose every local service of
+    /// the host, not only this instance's.
+    pub discover_ports: bool,
+    /// Userspace mode: the address inbound connections and datagrams from
+    /// the tunnel go to (`<service-address>:<port>`, served ports only).
+    /// Default `127.0.0.1`, the instance on this host's loopback.
+    pub service_address: IpAddr,
     /// Userspace mode: the `X` of the loopback addresses `127.X.c.d` the
     /// sidecar listens on for remote members. Default 77; give each
     /// userspace sidecar on one host its own value.
@@ -154,6 +175,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             token: None,
+            token_file: None,
             service: None,
             process_type: ProcessType::default(),
             instance: None,
@@ -172,6 +194,8 @@ impl Default for Config {
             dns: DnsSettings::default(),
             ist: Vec::new(),
             ports: Vec::new(),
+            discover_ports: false,
+            service_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             loopback_octet: 77,
         }
     }
@@ -182,17 +206,14 @@ fn empty_path_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<P
     Ok(p.filter(|p| !p.as_os_str().is_empty()))
 }
 
-/// Why the configuration cannot be used.
+/// Why the configuration cannot be used. Every message names the key (or
+/// the file) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The system error.
-        source: std::io::Error,
-    },
+    /// The config file cannot be read (missing, not a regular file, too
+    /// large).
+    #[error("config file {0}")]
+    Read(ReadError),
     /// The file is not valid TOML or has unknown or mistyped keys.
     #[error("{path}: {message}")]
     Parse {
@@ -202,10 +223,10 @@ pub enum ConfigError {
         message: String,
     },
     /// The `ist` overrides are invalid.
-    #[error("{0}")]
-    Ist(#[from] meshlib::ist::config::ConfigError),
+    #[error("ist: {0}")]
+    Ist(meshlib::ist::config::ConfigError),
     /// The `warp.config.js` file cannot be read or parsed.
-    #[error("{path}: {message}")]
+    #[error("warp-config: {path}: {message}")]
     WarpConfig {
         /// The file.
         path: PathBuf,
@@ -217,8 +238,26 @@ pub enum ConfigError {
     #[error("loopback-octet must be 1-255 (127.0.x.y is the instance's own loopback)")]
     LoopbackOctet,
     /// The interface name is not usable on Linux.
-    #[error("interface name {0:?} must be 1-15 characters of [A-Za-z0-9_.-]")]
+    #[error("interface: {0:?} must be 1-15 characters of [A-Za-z0-9_.-]")]
     Interface(String),
+    /// Another key holds a value that cannot work.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The config key (`hosts-file`, `ports`, `dns.listen`, ...).
+        key: &'static str,
+        /// What is wrong, naming the value.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An [`ConfigError::Invalid`] of `key`.
+    pub fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
 }
 
 impl Config {
@@ -232,16 +271,15 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads and parses a TOML config file.
+    /// Reads and parses a TOML config file (a regular file of at most
+    /// [`MAX_CONFIG_FILE`] bytes).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_text_limited(path, MAX_CONFIG_FILE).map_err(ConfigError::Read)?;
         Self::from_toml(&text, path)
     }
 
-    /// Checks what serde cannot: the interface name and the overrides.
+    /// Checks what serde cannot, without touching the system: names,
+    /// overrides, ports, addresses.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let name_ok = (1..=15).contains(&self.interface.len())
             && self
@@ -251,9 +289,83 @@ impl Config {
         if !name_ok {
             return Err(ConfigError::Interface(self.interface.clone()));
         }
-        Overrides::from_entries(self.ist.clone())?;
+        Overrides::from_entries(self.ist.clone()).map_err(ConfigError::Ist)?;
         if self.loopback_octet == 0 {
             return Err(ConfigError::LoopbackOctet);
+        }
+        if self.ports.contains(&0) {
+            return Err(ConfigError::invalid("ports", "0 is not a port (1-65535)"));
+        }
+        let max = meshlib::userspace::ports::MAX_ANNOUNCED;
+        if self.ports.len() > max {
+            return Err(ConfigError::invalid(
+                "ports",
+                format!(
+                    "{} ports, more than the {max} a member may announce",
+                    self.ports.len()
+                ),
+            ));
+        }
+        let a = self.service_address;
+        if a.is_unspecified() || a.is_multicast() || a == IpAddr::V4(Ipv4Addr::BROADCAST) {
+            return Err(ConfigError::invalid(
+                "service-address",
+                format!("{a} is not a unicast address to connect to"),
+            ));
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(ConfigError::invalid(
+                "token-file",
+                "give the token or a token file, not both",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The join token: `token`, or the contents of `token-file` (a regular
+    /// file of at most 64 KiB, trimmed). `None` when neither is set.
+    pub fn join_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.trim().to_owned()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = read_text_limited(path, meshlib::fsutil::MAX_SMALL_FILE)
+            .map_err(|e| ConfigError::invalid("token-file", e.to_string()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(ConfigError::invalid(
+                "token-file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
+    /// Checks the paths the sidecar will read or write: the hosts file
+    /// (absent, or a regular file of at most [`MAX_CONFIG_FILE`] bytes, in
+    /// an existing directory). Run before joining, so a typo costs no token
+    /// use.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        if let Some(hosts) = &self.hosts_file {
+            match check_regular(hosts, MAX_CONFIG_FILE) {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {
+                    let dir = hosts.parent().filter(|d| !d.as_os_str().is_empty());
+                    if dir.is_some_and(|d| !d.is_dir()) {
+                        return Err(ConfigError::invalid(
+                            "hosts-file",
+                            format!(
+                                "{}: the directory {} does not exist",
+                                hosts.display(),
+                                dir.map(Path::display).expect("checked")
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => return Err(ConfigError::invalid("hosts-file", e.to_string())),
+            }
         }
         Ok(())
     }
@@ -273,24 +385,28 @@ impl Config {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from("warp.config.js"), false),
         };
-        match std::fs::read_to_string(&path) {
+        let max = meshlib::ist::config::MAX_WARP_CONFIG_BYTES as u64;
+        match read_text_limited(&path, max) {
             Ok(text) => {
                 overrides = meshlib::ist::config::parse_warp_config_js(&text).map_err(|e| {
+                    let message = e.to_string();
+                    // The path says which file already.
+                    let message = message.strip_prefix("warp.config.js: ").unwrap_or(&message);
                     ConfigError::WarpConfig {
                         path: path.clone(),
-                        message: e.to_string(),
+                        message: message.to_owned(),
                     }
                 })?;
             }
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if !required && e.is_not_found() => {}
             Err(e) => {
                 return Err(ConfigError::WarpConfig {
                     path,
-                    message: e.to_string(),
-                })
+                    message: e.reason(),
+                });
             }
         }
-        overrides.merge(Overrides::from_entries(self.ist.clone())?);
+        overrides.merge(Overrides::from_entries(self.ist.clone()).map_err(ConfigError::Ist)?);
         Ok(overrides)
     }
 }
@@ -393,5 +509,143 @@ mod tests {
         c.warp_config = Some(js);
         let err = c.overrides().unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("hostname"), "{err}");
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+
+    /// `f()` in a thread, which must finish within 5 s (no hang).
+    fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("hung")
+    }
+
+    #[test]
+    fn new_keys_and_their_checks_name_the_key() {
+        let c = Config::from_toml(
+            "token-file = \"/run/t\"\nservice-address = \"127.0.0.2\"\ndiscover-ports = true\nports = [80]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.token_file.as_deref(), Some(Path::new("/run/t")));
+        assert_eq!(c.service_address, IpAddr::from([127, 0, 0, 2]));
+        assert!(c.discover_ports);
+        let d = Config::default();
+        assert_eq!(d.service_address, IpAddr::from([127, 0, 0, 1]));
+        assert!(!d.discover_ports && d.ports.is_empty());
+        for (text, key) in [
+            ("ports = [0]", "ports:"),
+            ("service-address = \"0.0.0.0\"", "service-address:"),
+            ("service-address = \"224.0.0.1\"", "service-address:"),
+            ("token = \"x\"\ntoken-file = \"/t\"", "token-file:"),
+            ("interface = \"much-too-long-name\"", "interface:"),
+        ] {
+            let err = Config::from_toml(text, Path::new("c"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{text}: {err}");
+        }
+        let many = format!(
+            "ports = [{}]",
+            (1..=65)
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert!(Config::from_toml(&many, Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn token_file_is_read_trimmed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  istm1.abc\n").unwrap();
+        let mut c = Config {
+            token_file: Some(file.clone()),
+            ..Config::default()
+        };
+        assert_eq!(c.join_token().unwrap().as_deref(), Some("istm1.abc"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(c
+            .join_token()
+            .unwrap_err()
+            .to_string()
+            .starts_with("token-file:"));
+        c.token_file = Some(dir.path().join("missing"));
+        let err = c.join_token().unwrap_err().to_string();
+        assert!(
+            err.starts_with("token-file:") && err.contains("missing"),
+            "{err}"
+        );
+        let fifo = dir.path().join("fifo");
+        mkfifo(&fifo);
+        c.token_file = Some(fifo);
+        let err = within_5s(move || c.join_token().unwrap_err().to_string());
+        assert!(err.contains("FIFO"), "{err}");
+        assert_eq!(Config::default().join_token().unwrap(), None);
+    }
+
+    #[test]
+    fn bad_paths_fail_fast_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("hosts");
+        mkfifo(&fifo);
+        let mut c = Config {
+            hosts_file: Some(fifo.clone()),
+            ..Config::default()
+        };
+        let err = c.check_paths().unwrap_err().to_string();
+        assert!(
+            err.starts_with("hosts-file:") && err.contains("FIFO"),
+            "{err}"
+        );
+        c.hosts_file = Some(dir.path().join("no/such/dir/hosts"));
+        let err = c.check_paths().unwrap_err().to_string();
+        assert!(
+            err.starts_with("hosts-file:") && err.contains("does not exist"),
+            "{err}"
+        );
+        c.hosts_file = Some(dir.path().join("hosts-to-create"));
+        c.check_paths().unwrap();
+        c.hosts_file = None;
+        c.check_paths().unwrap();
+        // warp.config.js: a FIFO, a directory, a deep nesting.
+        c.warp_config = Some(fifo);
+        let err = within_5s(move || c.overrides().unwrap_err().to_string());
+        assert!(
+            err.starts_with("warp-config:") && err.contains("FIFO"),
+            "{err}"
+        );
+        let js = dir.path().join("warp.config.js");
+        std::fs::write(
+            &js,
+            format!(
+                "module.exports = {{ a: {}1{} }}",
+                "{b:".repeat(100_000),
+                "}".repeat(100_000)
+            ),
+        )
+        .unwrap();
+        let c = Config {
+            warp_config: Some(js),
+            ..Config::default()
+        };
+        let err = c.overrides().unwrap_err().to_string();
+        assert!(
+            err.starts_with("warp-config:") && err.contains("deeper than 64"),
+            "{err}"
+        );
+        // The config file itself: a FIFO is refused, not waited on.
+        let fifo = dir.path().join("config.toml");
+        mkfifo(&fifo);
+        let err = within_5s(move || Config::load(&fifo).unwrap_err().to_string());
+        assert!(err.contains("FIFO"), "{err}");
     }
 }

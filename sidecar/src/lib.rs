@@ -8,6 +8,8 @@
 //! - [`dns`] — the private DNS server: answers from the current name index,
 //!   forwards everything else to the machine's upstream resolvers.
 //! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
+//! - [`ports`] — which ports this instance serves: declared, those of
+//!   `sidecar run`'s process tree, or (opt-in) every listener of the host.
 //! - [`resolver`] — upstream resolvers, and pointing resolv.conf at the sidecar.
 //! - [`state`] — the state directory: private key (0600) and map cache.
 //! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod outputs;
+pub mod ports;
 pub mod resolver;
 pub mod state;
 pub mod status;

@@ -9,15 +9,22 @@
 //! - `run -- <command>` — the same, then run the command with the
 //!   `WARP_IST_*` variables, forwarding signals, exiting with its code.
 //! - `status` — what a running sidecar sees.
+//!
+//! Logs go to stderr: coloured only when stderr is a terminal and
+//! `NO_COLOR` is unset, or one JSON object per line (`--log-format json`).
+//! Anything printed that came from the network is escaped.
 
 mod ist_names;
 mod wg_cmd;
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use meshlib::render::text::Escaped;
 use sidecar::agent::{start_servers, Agent};
 use sidecar::cli::UpArgs;
 use tokio::sync::watch;
@@ -30,8 +37,27 @@ use tokio::sync::watch;
     about = "IST Mesh sidecar: the agent beside each instance"
 )]
 struct Cli {
+    /// Log format on stderr: text (coloured on a terminal unless NO_COLOR
+    /// is set) or json (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "ISTM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -58,9 +84,18 @@ enum Command {
     /// `<service>.warp:<port>` through the mesh, as a short-lived rootless
     /// member (removed from the network when this exits).
     Tunnel {
-        /// Join token of the network.
-        #[arg(long, env = "ISTM_TOKEN", hide_env_values = true)]
-        token: String,
+        /// Join token of the network (visible in `ps`: prefer --token-file
+        /// or ISTM_TOKEN).
+        #[arg(
+            long,
+            env = "ISTM_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file"
+        )]
+        token: Option<String>,
+        /// File holding the join token.
+        #[arg(long, env = "ISTM_TOKEN_FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// Service name the tunnel joins as.
         #[arg(long, default_value = "tunnel")]
         service: String,
@@ -85,22 +120,33 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // `--token` on the command line is readable by every user (`ps`).
+    let token_in_argv = matches.subcommand().is_some_and(|(name, m)| {
+        matches!(name, "up" | "run" | "tunnel")
+            && m.value_source("token") == Some(ValueSource::CommandLine)
+    });
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let logs = Logs {
+        format: cli.log_format,
+        token_in_argv,
+    };
     match cli.command {
         Command::IstNames(args) => ist_names::run(args),
-        Command::Up(up) => agent_main(up, None),
-        Command::Run { up, command } => agent_main(up, Some(command)),
+        Command::Up(up) => agent_main(logs, up, None),
+        Command::Run { up, command } => agent_main(logs, up, Some(command)),
         Command::Status {
             socket,
             state_dir,
             json,
-        } => status_main(socket, state_dir, json),
+        } => status_main(logs, socket, state_dir, json),
         Command::Tunnel {
             token,
+            token_file,
             service,
             local,
             target,
-        } => tunnel_main(token, service, &local, &target),
+        } => tunnel_main(logs, (token, token_file), service, &local, &target),
         Command::Wg(args) => match wg_cmd::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -111,13 +157,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs() {
+/// How to start logging.
+#[derive(Debug, Clone, Copy)]
+struct Logs {
+    format: LogFormat,
+    /// Whether the join token was given as `--token` (warned about).
+    token_in_argv: bool,
+}
+
+/// Whether text logs may use colours: stderr is a terminal and `NO_COLOR`
+/// is unset or empty (<https://no-color.org>).
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+fn init_logs(logs: Logs) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ISTM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match logs.format {
+        LogFormat::Text => fmt.with_ansi(colours()).init(),
+        LogFormat::Json => fmt.json().with_ansi(false).init(),
+    }
+    if logs.token_in_argv {
+        tracing::warn!("the join token was given with --token: every user of this host can read it (ps, /proc); use --token-file or ISTM_TOKEN");
+    }
+}
+
+/// Reports a failure on stderr, escaped (it may quote the keyserver): a
+/// plain line, or with `--log-format json` an error event like every other
+/// line.
+fn report(logs: Logs, prefix: &str, e: &anyhow::Error) {
+    let message = Escaped(&format!("{e:#}")).to_string();
+    match logs.format {
+        LogFormat::Text => eprintln!("{prefix}: {message}"),
+        LogFormat::Json => tracing::error!(error = %message, "{prefix} failed"),
+    }
 }
 
 /// Sets `stop` on the first SIGTERM or SIGINT.
@@ -143,15 +220,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// `sidecar up` (no command) or `sidecar run` (a command).
-fn agent_main(up: UpArgs, command: Option<Vec<OsString>>) -> ExitCode {
-    init_logs();
+fn agent_main(logs: Logs, up: UpArgs, command: Option<Vec<OsString>>) -> ExitCode {
+    init_logs(logs);
     let result = runtime()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(agent_async(up, command)));
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("sidecar: {e:#}");
+            report(logs, "sidecar", &e);
             ExitCode::FAILURE
         }
     }
@@ -163,7 +240,7 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
     // Until a child runs, SIGINT/SIGTERM stop the sidecar.
     let stopper = stop_on_signals(stop_tx.clone());
     let mut start_rx = stop_rx.clone();
-    let (agent, session) = Agent::start(config, &mut start_rx).await?;
+    let (mut agent, session) = Agent::start(config, &mut start_rx).await?;
     let servers = start_servers(&agent, stop_rx.clone()).await?;
     tracing::info!(dns = ?servers.dns, status = %servers.status.display(), metrics = ?servers.metrics, "sidecar up");
     let Some(command) = command else {
@@ -173,20 +250,42 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
     stopper.abort();
     let signals = sidecar::supervise::os_signals()?;
     let env = agent.variables();
+    let owner = agent.port_owner();
     let running = tokio::spawn(agent.run(session, stop_rx));
     let (program, args) = command.split_first().expect("clap requires a command");
-    let code = sidecar::supervise::run_child(program, args, &env, signals).await;
+    let started = |pid| owner.store(pid, std::sync::atomic::Ordering::Relaxed);
+    let code = sidecar::supervise::run_child(program, args, &env, signals, started).await;
     let _ = stop_tx.send(true);
     if let Ok(Err(e)) = running.await {
-        tracing::warn!(error = %e, "sidecar stopped with an error");
+        tracing::warn!(error = %Escaped(&e.to_string()), "sidecar stopped with an error");
     }
     Ok(code?)
 }
 
-/// `sidecar status`.
-fn tunnel_main(token: String, service: String, local: &str, target: &str) -> ExitCode {
-    init_logs();
+/// The tunnel's token: given, or read from its file.
+fn tunnel_token((token, file): (Option<String>, Option<PathBuf>)) -> anyhow::Result<String> {
+    if let Some(t) = token {
+        return Ok(t.trim().to_owned());
+    }
+    let path = file.ok_or_else(|| {
+        anyhow::anyhow!("a join token is needed (--token-file, ISTM_TOKEN or --token)")
+    })?;
+    let text = meshlib::fsutil::read_text_limited(&path, meshlib::fsutil::MAX_SMALL_FILE)
+        .map_err(|e| anyhow::anyhow!("token-file: {e}"))?;
+    Ok(text.trim().to_owned())
+}
+
+/// `sidecar tunnel`.
+fn tunnel_main(
+    logs: Logs,
+    token: (Option<String>, Option<PathBuf>),
+    service: String,
+    local: &str,
+    target: &str,
+) -> ExitCode {
+    init_logs(logs);
     let result = (|| -> anyhow::Result<()> {
+        let token = tunnel_token(token)?;
         let listen: std::net::SocketAddr = match local.parse::<u16>() {
             Ok(port) => ([127, 0, 0, 1], port).into(),
             Err(_) => local.parse()?,
@@ -215,13 +314,19 @@ fn tunnel_main(token: String, service: String, local: &str, target: &str) -> Exi
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sidecar tunnel: {e:#}");
+            report(logs, "sidecar tunnel", &e);
             ExitCode::FAILURE
         }
     }
 }
 
-fn status_main(socket: Option<PathBuf>, state_dir: Option<PathBuf>, json: bool) -> ExitCode {
+/// `sidecar status`.
+fn status_main(
+    logs: Logs,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> ExitCode {
     let path = socket.unwrap_or_else(|| {
         state_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/ist-mesh"))
@@ -247,7 +352,14 @@ fn status_main(socket: Option<PathBuf>, state_dir: Option<PathBuf>, json: bool) 
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("sidecar status: {e:#}");
+            report(
+                Logs {
+                    format: LogFormat::Text,
+                    ..logs
+                },
+                "sidecar status",
+                &e,
+            );
             ExitCode::FAILURE
         }
     }

@@ -13,6 +13,7 @@ use meshlib::ist::config::Overrides;
 use meshlib::ist::table::{Conflict, IstTable};
 use meshlib::names::NameIndex;
 use meshlib::netmap::{Member, NetworkMap};
+use meshlib::render::text::escape;
 use meshlib::render::{env, hosts};
 use tokio::sync::watch;
 
@@ -110,11 +111,14 @@ impl Outputs {
             invalid_services: self.table.invalid.iter().map(|(s, _)| s.clone()).collect(),
             ..ApplyReport::default()
         };
+        // Service names come from other members: escaped in logs.
         for c in &report.conflicts {
-            tracing::warn!(kind = %c.kind, name = %c.name, services = ?c.services, "IST name conflict: {c}");
+            let conflict = escape(&c.to_string()).into_owned();
+            tracing::warn!(kind = %c.kind, name = %escape(&c.name), "IST name conflict: {conflict}");
         }
         for (service, e) in &self.table.invalid {
-            tracing::warn!(service = %service, "service name has no IST names: {e}");
+            let e = escape(&e.to_string()).into_owned();
+            tracing::warn!(service = %escape(service), "service name has no IST names: {e}");
         }
         // DNS first: it is what changes "the moment a delta arrives".
         self.names

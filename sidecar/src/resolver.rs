@@ -5,12 +5,11 @@
 //! in the state directory; upstreams always come from that original, so a
 //! restarted sidecar never forwards to itself. [`restore`] puts it back.
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use meshlib::dns::parse_resolv_conf;
-use meshlib::fsutil::{write_atomic, WriteError};
+use meshlib::fsutil::{read_limited, read_text_limited, write_atomic, WriteError, MAX_CONFIG_FILE};
 
 /// The saved original, in the state directory.
 pub const ORIGINAL_FILE: &str = "resolv.conf.orig";
@@ -24,9 +23,9 @@ pub enum ResolverError {
     /// Reading or writing failed.
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// Reading failed.
+    /// Reading failed (or the file is not a regular file, or too large).
     #[error("{0}")]
-    Read(io::Error),
+    Read(meshlib::fsutil::ReadError),
 }
 
 /// The upstreams to forward to: the configured ones, else the saved
@@ -40,8 +39,8 @@ pub fn upstreams(
     if !configured.is_empty() {
         return configured.to_vec();
     }
-    let text = std::fs::read_to_string(state_dir.join(ORIGINAL_FILE))
-        .or_else(|_| std::fs::read_to_string(resolv_conf))
+    let text = read_text_limited(&state_dir.join(ORIGINAL_FILE), MAX_CONFIG_FILE)
+        .or_else(|_| read_text_limited(resolv_conf, MAX_CONFIG_FILE))
         .unwrap_or_default();
     parse_resolv_conf(&text)
         .into_iter()
@@ -59,10 +58,11 @@ pub fn take_over(
     if listen.port() != 53 {
         return Err(ResolverError::NotPort53(listen));
     }
-    let current = std::fs::read_to_string(resolv_conf).or_else(|e| match e.kind() {
-        io::ErrorKind::NotFound => Ok(String::new()),
-        _ => Err(ResolverError::Read(e)),
-    })?;
+    let current = match read_text_limited(resolv_conf, MAX_CONFIG_FILE) {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => String::new(),
+        Err(e) => return Err(ResolverError::Read(e)),
+    };
     let saved = state_dir.join(ORIGINAL_FILE);
     if !saved.exists() {
         write_atomic(&saved, current.as_bytes(), 0o644)?;
@@ -85,13 +85,13 @@ pub fn take_over(
 /// Puts the saved original back (if the sidecar took over) and forgets it.
 pub fn restore(resolv_conf: &Path, state_dir: &Path) -> Result<(), ResolverError> {
     let saved = state_dir.join(ORIGINAL_FILE);
-    match std::fs::read(&saved) {
+    match read_limited(&saved, MAX_CONFIG_FILE) {
         Ok(original) => {
             write_atomic(resolv_conf, &original, 0o644)?;
             let _ = std::fs::remove_file(&saved);
             Ok(())
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
         Err(e) => Err(ResolverError::Read(e)),
     }
 }

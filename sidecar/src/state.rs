@@ -1,13 +1,20 @@
-//! The state directory: the member's private key (generated here on first
-//! start, mode 0600, never sent anywhere) and the last network map (so a
+//! The state directory (mode 0700, tightened if it was open to others): the
+//! member's private key (generated here on first start, mode 0600, never
+//! sent anywhere), the membership (0600) and the last network map (so a
 //! restart brings the tunnels back with the keyserver down).
+//!
+//! Every file is read with a size limit and only if it is a regular file.
+//! The map is a cache: a corrupt or oversized one is reported, moved aside
+//! and rebuilt from the keyserver.
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use meshlib::fsutil::{create_private_dir, write_atomic, write_secret, WriteError};
+use meshlib::fsutil::{
+    create_private_dir, read_limited, write_atomic, write_secret, ReadError, WriteError,
+    MAX_SMALL_FILE, MAX_STATE_FILE,
+};
 use meshlib::keys::PrivateKey;
 use meshlib::netmap::NetworkMap;
 
@@ -42,14 +49,9 @@ pub enum StateError {
     /// Creating, reading or writing failed.
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// Reading failed.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The system error.
-        source: io::Error,
-    },
+    /// Reading failed (or the file is not a regular file, or too large).
+    #[error("{0}")]
+    Read(ReadError),
     /// The key file does not hold a key.
     #[error(
         "{0}: not a WireGuard private key (32 bytes of base64); move it away to generate a new one"
@@ -72,9 +74,12 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Opens (creating with mode 0700 if needed) the state directory.
+    /// Opens (creating with mode 0700 if needed, tightening it to 0700 if
+    /// others could enter it) the state directory.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        create_private_dir(dir)?;
+        if let Some(old) = create_private_dir(dir)? {
+            tracing::warn!(path = %dir.display(), mode = format!("{old:o}"), "state directory was open to others; set to mode 0700");
+        }
         Ok(Self {
             dir: dir.to_owned(),
         })
@@ -90,8 +95,10 @@ impl StateDir {
     /// others is narrowed to 0600.
     pub fn load_or_create_key(&self) -> Result<(PrivateKey, bool), StateError> {
         let path = self.dir.join(KEY_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) => {
+        match read_limited(&path, MAX_SMALL_FILE) {
+            Ok(bytes) => {
+                let text =
+                    String::from_utf8(bytes).map_err(|_| StateError::BadKey(path.clone()))?;
                 let key = PrivateKey::from_base64(text.trim())
                     .map_err(|_| StateError::BadKey(path.clone()))?;
                 let mode = fs::metadata(&path)
@@ -103,22 +110,24 @@ impl StateDir {
                 }
                 Ok((key, false))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e) if e.is_not_found() => {
                 let key = PrivateKey::generate();
                 write_secret(&path, format!("{}\n", key.to_base64()).as_bytes())?;
                 Ok((key, true))
             }
-            Err(source) => Err(StateError::Read { path, source }),
+            Err(e) => Err(StateError::Read(e)),
         }
     }
 
-    /// Reads a JSON state file; `None` if it does not exist.
+    /// Reads a JSON state file of at most `max` bytes; `None` if it does not
+    /// exist.
     fn read_json<T: serde::de::DeserializeOwned>(
         &self,
         file: &str,
+        max: u64,
     ) -> Result<Option<T>, StateError> {
         let path = self.dir.join(file);
-        match fs::read(&path) {
+        match read_limited(&path, max) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
@@ -127,8 +136,8 @@ impl StateDir {
                         message: e.to_string(),
                     })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Read { path, source }),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(StateError::Read(e)),
         }
     }
 
@@ -148,7 +157,7 @@ impl StateDir {
 
     /// The membership, if this member joined before.
     pub fn load_membership(&self) -> Result<Option<Membership>, StateError> {
-        self.read_json(MEMBERSHIP_FILE)
+        self.read_json(MEMBERSHIP_FILE, MAX_SMALL_FILE)
     }
 
     /// Saves the membership (mode 0600).
@@ -171,9 +180,29 @@ impl StateDir {
         Ok(())
     }
 
-    /// The cached map, if any.
+    /// The cached map, if any. A map that cannot be used (corrupt, too
+    /// large, not a regular file) is only a lost cache: it is reported,
+    /// moved aside to `map.json.bad` and `None` is returned, so the
+    /// sidecar resyncs from the keyserver. Only a failure to read a sound
+    /// file (e.g. permissions) is an error.
     pub fn load_map(&self) -> Result<Option<NetworkMap>, StateError> {
-        self.read_json(MAP_FILE)
+        match self.read_json(MAP_FILE, MAX_STATE_FILE) {
+            Ok(map) => Ok(map),
+            Err(
+                e @ (StateError::BadFile { .. }
+                | StateError::Read(ReadError::TooLarge { .. } | ReadError::NotRegular { .. })),
+            ) => {
+                let path = self.dir.join(MAP_FILE);
+                let aside = self.dir.join(format!("{MAP_FILE}.bad"));
+                let _ = fs::remove_file(&aside);
+                if fs::rename(&path, &aside).is_err() {
+                    let _ = fs::remove_file(&path);
+                }
+                tracing::warn!(error = %e, moved_to = %aside.display(), "the cached network map is unusable; discarded, resyncing from the keyserver");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -186,6 +215,10 @@ mod tests {
     fn key_is_generated_once_with_0600() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(&dir.path().join("state")).unwrap();
+        assert_eq!(fs::metadata(state.path()).unwrap().mode() & 0o777, 0o700);
+        // A state directory others can enter is tightened when opened.
+        fs::set_permissions(state.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::open(state.path()).unwrap();
         assert_eq!(fs::metadata(state.path()).unwrap().mode() & 0o777, 0o700);
         let (k1, new1) = state.load_or_create_key().unwrap();
         let (k2, new2) = state.load_or_create_key().unwrap();
@@ -205,6 +238,24 @@ mod tests {
             Err(StateError::BadKey(_))
         ));
         assert_eq!(fs::read_to_string(&path).unwrap(), "not a key");
+        // Huge or special files are refused, not read.
+        fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_SMALL_FILE + 1)
+            .unwrap();
+        assert!(matches!(
+            state.load_or_create_key(),
+            Err(StateError::Read(ReadError::TooLarge { .. }))
+        ));
+        let m = state.path().join(MEMBERSHIP_FILE);
+        fs::File::create(&m)
+            .unwrap()
+            .set_len(MAX_SMALL_FILE + 1)
+            .unwrap();
+        assert!(matches!(
+            state.load_membership(),
+            Err(StateError::Read(ReadError::TooLarge { .. }))
+        ));
     }
 
     #[test]
@@ -220,7 +271,18 @@ mod tests {
         map.generation = 7;
         state.save_map(&map).unwrap();
         assert_eq!(state.load_map().unwrap(), Some(map));
+        // Corrupt: a cache only, discarded (kept aside for a look).
         fs::write(state.path().join(MAP_FILE), "{").unwrap();
-        assert!(matches!(state.load_map(), Err(StateError::BadFile { .. })));
+        assert_eq!(state.load_map().unwrap(), None);
+        assert!(!state.path().join(MAP_FILE).exists());
+        assert_eq!(
+            fs::read_to_string(state.path().join("map.json.bad")).unwrap(),
+            "{"
+        );
+        // Too large (sparse): discarded without being read.
+        let f = fs::File::create(state.path().join(MAP_FILE)).unwrap();
+        f.set_len(MAX_STATE_FILE + 1).unwrap();
+        assert_eq!(state.load_map().unwrap(), None);
+        assert!(!state.path().join(MAP_FILE).exists());
     }
 }

@@ -1,12 +1,21 @@
 //! Observability: a [`Status`] snapshot, taken on demand, served as JSON on a
 //! local unix socket (`sidecar status` reads it) and as Prometheus metrics on
 //! a local HTTP port.
+//!
+//! The socket is mode 0600 (bound under a temporary name, narrowed, then
+//! renamed into place, so it is never open to others even for a moment).
+//! Names in the status come from other members: the human rendering
+//! escapes control and bidi characters ([`meshlib::render::text`]).
 
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use meshlib::render::text::Escaped;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,6 +88,13 @@ pub struct Status {
     pub control: Option<ControlState>,
     /// IST conflicts, as sentences naming the services.
     pub conflicts: Vec<String>,
+    /// The ports this instance serves, as its peers know them.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Userspace mode: inbound openings refused because they were for a
+    /// port this instance does not serve (`None` in kernel mode).
+    #[serde(default)]
+    pub inbound_refused: Option<u64>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
 }
@@ -86,6 +102,49 @@ pub struct Status {
 /// Takes a fresh snapshot.
 pub type StatusSource = Arc<dyn Fn() -> Status + Send + Sync>;
 
+/// Mode of the status socket: the sidecar's user only.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Binds the status socket at `path` with mode [`SOCKET_MODE`]: bound under
+/// a temporary name in the same directory, narrowed, then renamed over
+/// `path` (replacing a stale socket). A missing directory is created with
+/// mode 0700.
+pub fn bind_status_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = match std::os::unix::net::UnixListener::bind(&tmp) {
+        Ok(l) => l,
+        // The longer temporary name may not fit a socket address: bind in
+        // place and narrow at once (by default the socket is in the 0700
+        // state directory, where nobody else can reach it meanwhile).
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+            l.set_nonblocking(true)?;
+            return UnixListener::from_std(l);
+        }
+    };
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| listener.set_nonblocking(true));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    UnixListener::from_std(listener)
+}
 /// Serves the status as one JSON document per connection on `listener`.
 pub async fn serve_status(
     listener: UnixListener,
@@ -114,51 +173,72 @@ pub async fn serve_status(
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// No sidecar listens there.
-    #[error("cannot reach the sidecar at {path}: {source} (is `sidecar up` running?)")]
+    #[error("cannot reach the sidecar at {path}: {error} (is `sidecar up` running?)")]
     Connect {
         /// The socket path.
         path: String,
         /// The system error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The answer is not a status document.
     #[error("bad answer from the sidecar: {0}")]
     Bad(String),
 }
 
-/// Reads the status from a running sidecar.
+/// Largest status document read (a network of the largest range fits).
+pub const MAX_STATUS_BYTES: u64 = 64 << 20;
+/// Time allowed for the whole answer.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the status from a running sidecar (at most [`MAX_STATUS_BYTES`],
+/// within [`QUERY_TIMEOUT`]).
 pub async fn query_status(path: &Path) -> Result<Status, QueryError> {
-    let mut stream = UnixStream::connect(path)
+    let read = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|error| QueryError::Connect {
+                path: path.display().to_string(),
+                error,
+            })?;
+        let mut buf = Vec::new();
+        stream
+            .take(MAX_STATUS_BYTES + 1)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| QueryError::Bad(e.to_string()))?;
+        if buf.len() as u64 > MAX_STATUS_BYTES {
+            return Err(QueryError::Bad(format!(
+                "answer over {MAX_STATUS_BYTES} bytes"
+            )));
+        }
+        serde_json::from_slice(&buf).map_err(|e| QueryError::Bad(e.to_string()))
+    };
+    tokio::time::timeout(QUERY_TIMEOUT, read)
         .await
-        .map_err(|source| QueryError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-    let mut buf = Vec::new();
-    stream
-        .read_to_end(&mut buf)
-        .await
-        .map_err(|e| QueryError::Bad(e.to_string()))?;
-    serde_json::from_slice(&buf).map_err(|e| QueryError::Bad(e.to_string()))
+        .map_err(|_| QueryError::Bad(format!("no answer within {QUERY_TIMEOUT:?}")))?
 }
 
-/// Human-readable status, in the spirit of `wg show`.
+/// Human-readable status, in the spirit of `wg show`. Every name is
+/// escaped: it may come from another member.
 pub fn render_human(s: &Status, now_unix: u64) -> String {
     let mut out = String::new();
+    let e = Escaped;
     let ip = s.ip.map_or("-".to_string(), |ip| ip.to_string());
     let _ = writeln!(
         out,
         "network: {}\ninstance: {} ({ip})",
-        s.network, s.instance
+        e(&s.network),
+        e(&s.instance)
     );
     let _ = writeln!(
         out,
         "interface: {} (listening on port {})",
-        s.interface, s.listen_port
+        e(&s.interface),
+        s.listen_port
     );
-    let _ = writeln!(out, "public key: {}", s.public_key);
+    let _ = writeln!(out, "public key: {}", e(&s.public_key));
     let control = match &s.control {
-        Some(ControlState::Connected { server }) => format!("connected to {server}"),
+        Some(ControlState::Connected { server }) => format!("connected to {}", e(server)),
         Some(ControlState::Connecting {
             attempt,
             last_error,
@@ -166,21 +246,31 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
             "reconnecting (attempt {attempt}{}); running from the cached map",
             last_error
                 .as_ref()
-                .map(|e| format!(": {e}"))
+                .map(|m| format!(": {}", e(m)))
                 .unwrap_or_default()
         ),
-        Some(ControlState::Revoked { reason }) => format!("revoked: {reason}"),
+        Some(ControlState::Revoked { reason }) => format!("revoked: {}", e(reason)),
         None => "not started".into(),
     };
     let _ = writeln!(out, "control: {control}\nmap generation: {}", s.generation);
+    if !s.ports.is_empty() {
+        let ports: Vec<String> = s.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(out, "serving ports: {}", ports.join(", "));
+    }
+    if let Some(n) = s.inbound_refused {
+        let _ = writeln!(out, "inbound refused (port not served): {n}");
+    }
     for c in &s.conflicts {
-        let _ = writeln!(out, "conflict: {c}");
+        let _ = writeln!(out, "conflict: {}", e(c));
     }
     for p in &s.peers {
         let _ = writeln!(
             out,
             "\npeer: {} ({} / {}, {})",
-            p.public_key, p.instance, p.service, p.ip
+            e(&p.public_key),
+            e(&p.instance),
+            e(&p.service),
+            p.ip
         );
         let endpoint = p.endpoint.map_or("(none)".to_string(), |e| e.to_string());
         let _ = writeln!(out, "  endpoint: {endpoint}");
@@ -216,9 +306,17 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The status in the Prometheus text exposition format.
+/// The status in the Prometheus text exposition format. Per-peer series
+/// are labelled `peer_instance` and `public_key` (a target label
+/// `instance` would be renamed `exported_instance` by Prometheus); Unix
+/// times end in `_timestamp_seconds`.
 pub fn render_prometheus(s: &Status) -> String {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP istmesh_sidecar_build_info The sidecar's version (always 1).\n# TYPE istmesh_sidecar_build_info gauge\nistmesh_sidecar_build_info{{version=\"{}\"}} 1",
+        label(env!("CARGO_PKG_VERSION"))
+    );
     let connected = matches!(s.control, Some(ControlState::Connected { .. }));
     let gauges = [
         (
@@ -244,6 +342,13 @@ pub fn render_prometheus(s: &Status) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
+    if let Some(n) = s.inbound_refused {
+        let name = "istmesh_inbound_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Inbound openings refused: a port this instance does not serve (userspace mode).\n# TYPE {name} counter\n{name} {n}"
+        );
+    }
     let per_peer: [PeerMetric; 4] = [
         (
             "istmesh_peer_rx_bytes_total",
@@ -264,7 +369,7 @@ pub fn render_prometheus(s: &Status) -> String {
             |p| p.drops_spoofed,
         ),
         (
-            "istmesh_peer_last_handshake_seconds",
+            "istmesh_peer_last_handshake_timestamp_seconds",
             "Unix time of the last handshake (0: never).",
             "gauge",
             |p| p.last_handshake.unwrap_or(0),
@@ -275,7 +380,7 @@ pub fn render_prometheus(s: &Status) -> String {
         for p in &s.peers {
             let _ = writeln!(
                 out,
-                "{name}{{instance=\"{}\",public_key=\"{}\"}} {}",
+                "{name}{{peer_instance=\"{}\",public_key=\"{}\"}} {}",
                 label(&p.instance),
                 label(&p.public_key),
                 get(p)
@@ -318,6 +423,7 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     fn sample() -> Status {
         Status {
@@ -333,6 +439,8 @@ mod tests {
                 last_error: Some("refused".into()),
             }),
             conflicts: vec!["hostname my-db.warp ...".into()],
+            ports: vec![8080],
+            inbound_refused: Some(4),
             peers: vec![PeerStatus {
                 public_key: "P\"Q".into(),
                 instance: "db-1".into(),
@@ -353,13 +461,70 @@ mod tests {
         assert!(h.contains("latest handshake: 30 seconds ago"), "{h}");
         assert!(h.contains("reconnecting (attempt 3: refused)"), "{h}");
         assert!(h.contains("transfer: 10 B received, 20 B sent"), "{h}");
+        assert!(h.contains("serving ports: 8080\n"), "{h}");
+        assert!(h.contains("inbound refused (port not served): 4\n"), "{h}");
         let p = render_prometheus(&sample());
         assert!(p.contains("istmesh_map_generation 12\n"), "{p}");
         assert!(p.contains("istmesh_control_connected 0\n"));
         assert!(
-            p.contains("istmesh_peer_rx_bytes_total{instance=\"db-1\",public_key=\"P\\\"Q\"} 10\n"),
+            p.contains(
+                "istmesh_peer_rx_bytes_total{peer_instance=\"db-1\",public_key=\"P\\\"Q\"} 10\n"
+            ),
             "{p}"
         );
+        assert!(p.contains("istmesh_inbound_refused_total 4\n"), "{p}");
+    }
+
+    #[test]
+    fn metric_names_follow_prometheus_conventions() {
+        let p = render_prometheus(&sample());
+        // A target label `instance` would become `exported_instance`.
+        assert!(
+            !p.contains("{instance=") && !p.contains(",instance="),
+            "{p}"
+        );
+        // Unix times are *_timestamp_seconds.
+        assert!(
+            p.contains("istmesh_peer_last_handshake_timestamp_seconds{peer_instance=\"db-1\""),
+            "{p}"
+        );
+        assert!(!p.contains("istmesh_peer_last_handshake_seconds"), "{p}");
+        let build = format!(
+            "istmesh_sidecar_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(p.contains(&build), "{p}");
+        // Every series has its HELP and TYPE; counters end in _total.
+        for line in p.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(p.contains(&format!("# TYPE {name} ")), "{name}");
+            if p.contains(&format!("# TYPE {name} counter")) {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_from_the_network_are_escaped() {
+        let mut s = sample();
+        s.peers[0].service = "evil\u{1b}[2J\nnetwork: forged\u{202e}".into();
+        s.peers[0].instance = "db\r1".into();
+        s.conflicts = vec!["x\u{1b}]0;title\u{7}".into()];
+        s.control = Some(ControlState::Revoked {
+            reason: "bye\nnetwork: fake".into(),
+        });
+        let h = render_human(&s, 130);
+        assert!(!h.contains(['\u{1b}', '\r', '\u{7}', '\u{202e}']), "{h:?}");
+        assert_eq!(
+            h.lines().filter(|l| l.starts_with("network:")).count(),
+            1,
+            "no forged line: {h}"
+        );
+        assert!(
+            h.contains("evil\\u{1b}[2J\\u{a}network: forged\\u{202e}"),
+            "{h}"
+        );
+        assert!(h.contains("revoked: bye\\u{a}network: fake"), "{h}");
     }
 
     #[tokio::test]
@@ -378,6 +543,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(missing.to_string().contains("sidecar up"), "{missing}");
+
+        // The socket is the sidecar user's only, also when bound over a
+        // stale one in a directory others can enter.
+        use std::os::unix::fs::MetadataExt;
+        let open_dir = dir.path().join("shared");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = open_dir.join("status.sock");
+        std::fs::write(&path, "stale").unwrap();
+        let l = bind_status_socket(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+        assert_eq!(
+            std::fs::read_dir(&open_dir).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+        tokio::spawn(serve_status(l, source.clone(), std::future::pending()));
+        assert_eq!(query_status(&path).await.unwrap(), sample());
+        let nested = dir.path().join("new/dir/status.sock");
+        drop(bind_status_socket(&nested).unwrap());
+        assert_eq!(
+            std::fs::metadata(nested.parent().unwrap()).unwrap().mode() & 0o777,
+            0o700
+        );
 
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();

@@ -30,13 +30,15 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
-/// Runs `program args` with `env` added to the sidecar's environment, sends
-/// it each signal received on `signals`, and returns its exit code.
+/// Runs `program args` with `env` added to the sidecar's environment, tells
+/// `started` its pid, sends it each signal received on `signals`, and
+/// returns its exit code.
 pub async fn run_child(
     program: &OsString,
     args: &[OsString],
     env: &[(String, String)],
     mut signals: mpsc::Receiver<libc::c_int>,
+    started: impl FnOnce(u32),
 ) -> io::Result<i32> {
     let mut child = Command::new(program)
         .args(args)
@@ -49,6 +51,9 @@ pub async fn run_child(
                 format!("cannot start {}: {e}", program.to_string_lossy()),
             )
         })?;
+    if let Some(pid) = child.id() {
+        started(pid);
+    }
     let pid = child.id().and_then(|p| libc::pid_t::try_from(p).ok());
     loop {
         tokio::select! {
@@ -95,7 +100,7 @@ mod tests {
         let (p, a) = sh("test \"$WARP_IST_api\" = 10.240.0.1 && exit 7; exit 1");
         let (_tx, rx) = mpsc::channel(1);
         let env = [("WARP_IST_api".to_string(), "10.240.0.1".to_string())];
-        assert_eq!(run_child(&p, &a, &env, rx).await.unwrap(), 7);
+        assert_eq!(run_child(&p, &a, &env, rx, |_| {}).await.unwrap(), 7);
     }
 
     #[tokio::test]
@@ -109,7 +114,7 @@ mod tests {
         );
         let (p, a) = sh(&script);
         let (tx, rx) = mpsc::channel(1);
-        let child = tokio::spawn(async move { run_child(&p, &a, &[], rx).await });
+        let child = tokio::spawn(async move { run_child(&p, &a, &[], rx, |_| {}).await });
         for _ in 0..100 {
             if ready.exists() {
                 break;
@@ -124,13 +129,13 @@ mod tests {
     async fn death_by_signal_is_128_plus() {
         let (p, a) = sh("kill -KILL $$");
         let (_tx, rx) = mpsc::channel(1);
-        assert_eq!(run_child(&p, &a, &[], rx).await.unwrap(), 128 + 9);
+        assert_eq!(run_child(&p, &a, &[], rx, |_| {}).await.unwrap(), 128 + 9);
     }
 
     #[tokio::test]
     async fn missing_program_is_a_clear_error() {
         let (_tx, rx) = mpsc::channel(1);
-        let err = run_child(&"/nonexistent/prog".into(), &[], &[], rx)
+        let err = run_child(&"/nonexistent/prog".into(), &[], &[], rx, |_| {})
             .await
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/prog"), "{err}");

@@ -38,18 +38,24 @@ pub struct TunnelConfig {
     pub target_port: u16,
 }
 
-/// Why the tunnel failed.
+/// Why the tunnel failed. Messages include their cause (no `source()` is
+/// exposed), so a chain printer shows each part once.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     /// The token does not parse.
-    #[error("join token: {0}")]
-    Token(#[from] TokenParseError),
+    #[error("token: {0}")]
+    Token(TokenParseError),
     /// The target is not `host:port`.
     #[error("target must be <name>:<port>, got {0:?}")]
     Target(String),
     /// The keyserver refused or was unreachable.
-    #[error("keyserver: {0}")]
-    Control(#[from] ControlError),
+    #[error("{error} (keyserver {keyserver})")]
+    Control {
+        /// The keyserver address(es).
+        keyserver: String,
+        /// What went wrong.
+        error: ControlError,
+    },
     /// The target name is not in the network.
     #[error("{0} is not a name of this network")]
     UnknownTarget(String),
@@ -57,12 +63,12 @@ pub enum TunnelError {
     #[error("data plane: {0}")]
     DataPlane(String),
     /// The local port could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         /// The address asked for.
         addr: SocketAddr,
         /// The system error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -97,7 +103,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), TunnelError> {
-    let token: JoinToken = cfg.token.parse()?;
+    let token: JoinToken = cfg.token.parse().map_err(TunnelError::Token)?;
+    let keyserver: Vec<String> = token.addrs.iter().map(ToString::to_string).collect();
+    let keyserver = keyserver.join(", ");
+    let control = |error| TunnelError::Control {
+        keyserver: keyserver.clone(),
+        error,
+    };
     let key = PrivateKey::generate();
     let bind: SocketAddr = if token.addrs.first().is_some_and(|a| a.is_ipv6()) {
         "[::]:0"
@@ -106,7 +118,7 @@ pub async fn run(
     }
     .parse()
     .expect("literal");
-    let endpoint = control::client_endpoint(bind)?;
+    let endpoint = control::client_endpoint(bind).map_err(control)?;
     let meta = MemberMeta {
         public_key: key.public_key(),
         service: cfg.service.clone(),
@@ -117,8 +129,15 @@ pub async fn run(
         endpoints: vec![],
         ports: vec![],
     };
-    let mut session = control::join(&endpoint, &token, meta, &ClientConfig::default()).await?;
-    let result = forward(&cfg, &key, &mut session, &mut shutdown, bound).await;
+    let mut session = control::join(&endpoint, &token, meta, &ClientConfig::default())
+        .await
+        .map_err(control)?;
+    let result = forward(&cfg, &key, &mut session, &mut shutdown, bound)
+        .await
+        .map_err(|e| match e {
+            TunnelError::Control { error, .. } => control(error),
+            other => other,
+        });
     if !session.leave(Duration::from_secs(3)).await {
         tracing::warn!("the keyserver did not confirm the leave");
     }
@@ -154,16 +173,14 @@ async fn forward(
     sync_peers(&engine, &mut peers, &map, key);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| TunnelError::Listen {
+        .map_err(|error| TunnelError::Listen {
             addr: cfg.listen,
-            source,
+            error,
         })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| TunnelError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let local = listener.local_addr().map_err(|error| TunnelError::Listen {
+        addr: cfg.listen,
+        error,
+    })?;
     let target = SocketAddr::new(target_ip, cfg.target_port);
     tracing::info!(%local, %target, ip = %w.ip, "tunnel up");
     if let Some(tx) = bound {
@@ -179,11 +196,11 @@ async fn forward(
         tokio::select! {
             ev = session.next_event() => match ev {
                 Ok(_) => sync_peers(&engine, &mut peers, session.map(), key),
-                Err(e) => break Err(TunnelError::Control(e)),
+                Err(e) => break Err(TunnelError::Control { keyserver: String::new(), error: e }),
             },
             _ = beat.tick() => {
                 if let Err(e) = session.heartbeat().await {
-                    break Err(TunnelError::Control(e));
+                    break Err(TunnelError::Control { keyserver: String::new(), error: e });
                 }
             }
             _ = shutdown.changed() => break Ok(()),

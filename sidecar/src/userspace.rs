@@ -6,8 +6,10 @@
 //! (TCP and UDP) on `127.77.<c>.<d>:<port>` ([`loopback_for`] of the
 //! member's private IP) and relays into the tunnel. The outputs (hosts, env,
 //! DNS) give those loopback addresses ([`address_map`]); this member itself
-//! is `127.0.0.1`. Inbound traffic needs nothing here: the stack relays it
-//! to `127.0.0.1:<port>`.
+//! is `127.0.0.1`. Inbound traffic reaches only the ports this member
+//! serves (its own entry of the map, i.e. what its peers were told), on
+//! `service-address` (`127.0.0.1` by default); the stack refuses and counts
+//! the rest.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,7 +17,7 @@ use std::sync::Arc;
 
 use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::netmap::NetworkMap;
-use meshlib::userspace::ports::{listening_ports, loopback_in};
+use meshlib::userspace::ports::loopback_in;
 use meshlib::userspace::{Stack, StackConfig};
 use meshlib::wg::uapi_server::{self, UapiServerError};
 use meshlib::wg::{Engine, EngineConfig, UapiServer};
@@ -62,34 +64,6 @@ pub fn address_map(own: PublicKey, octet: u8) -> AddressMap {
     })
 }
 
-/// The ports to announce (at join, then with each heartbeat): the
-/// configured ones, else those found listening on loopback
-/// (`/proc/net/tcp{,6}`); sorted, without duplicates.
-pub fn announced_ports(config: &Config) -> Vec<u16> {
-    if !config.ports.is_empty() {
-        let mut p = config.ports.clone();
-        p.sort_unstable();
-        p.dedup();
-        return p;
-    }
-    let text: String = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect();
-    // Not the sidecar's own listeners.
-    let own: Vec<u16> = config
-        .metrics
-        .iter()
-        .chain([&config.dns.listen])
-        .map(|a| a.port())
-        .collect();
-    listening_ports(&text)
-        .into_iter()
-        .filter(|p| !own.contains(p))
-        .take(meshlib::userspace::ports::MAX_ANNOUNCED)
-        .collect()
-}
-
 /// Starts the UAPI server at the standard path
 /// (`/var/run/wireguard/<interface>.sock`, where `wg` looks), or, when that
 /// directory is not writable (no privileges), at
@@ -124,7 +98,8 @@ pub fn start(
     key: &PrivateKey,
     m: &Membership,
 ) -> Result<(Arc<Engine>, UserspacePlane), AgentError> {
-    let cfg = StackConfig::new(IpAddr::V4(m.ip), m.range.prefix_len());
+    let mut cfg = StackConfig::new(IpAddr::V4(m.ip), m.range.prefix_len());
+    cfg.inbound_host = config.service_address;
     let (stack, device) = Stack::start(cfg).map_err(|e| AgentError::DataPlane(e.to_string()))?;
     let engine = Engine::start(
         device,
@@ -146,8 +121,16 @@ pub fn start(
 }
 
 impl UserspacePlane {
-    /// Starts and stops loopback listeners to match `map`.
+    /// The stack (for its counters).
+    pub fn stack(&self) -> Arc<Stack> {
+        self.stack.clone()
+    }
+
+    /// Starts and stops loopback listeners to match `map`, and opens to the
+    /// tunnel exactly the ports `map` says this member serves.
     pub fn apply(&mut self, map: &NetworkMap) {
+        let served = map.members.get(&self.own).map(|m| m.ports.clone());
+        self.stack.set_inbound_ports(served.unwrap_or_default());
         let desired = desired_forwards(map, &self.own, self.octet);
         self.running.retain(|f, tasks| {
             let keep = desired.contains(f);

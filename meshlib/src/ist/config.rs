@@ -60,6 +60,14 @@ pub enum EntryProblem {
     },
 }
 
+/// Largest `warp.config.js` text accepted (1 MiB): the file is a small
+/// literal; anything bigger is a mistake or an attack.
+pub const MAX_WARP_CONFIG_BYTES: usize = 1 << 20;
+/// Deepest nesting of objects and arrays accepted in `warp.config.js`. The
+/// JSON5 parser recurses once per level; the limit is checked first, so a
+/// file nested 100,000 deep is an error, not a stack overflow.
+pub const MAX_WARP_CONFIG_DEPTH: usize = 64;
+
 /// Why overrides could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -70,6 +78,24 @@ pub enum ConfigError {
     /// `export default { ... }` with an object literal.
     #[error("warp.config.js: {0}")]
     NotALiteral(String),
+    /// The text is longer than [`MAX_WARP_CONFIG_BYTES`].
+    #[error("warp.config.js: {len} bytes, over the limit of {max}")]
+    TooLarge {
+        /// The text's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Objects and arrays nest deeper than [`MAX_WARP_CONFIG_DEPTH`].
+    #[error("warp.config.js: line {line}, column {column}: objects and arrays nest deeper than {max} levels")]
+    TooDeep {
+        /// 1-based line of the bracket past the limit.
+        line: usize,
+        /// 1-based column of that bracket.
+        column: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The object literal does not parse or has the wrong shape.
     #[error("warp.config.js: line {line}, column {column}: {message}")]
     Js {
@@ -191,6 +217,12 @@ pub fn parse_toml(text: &str) -> Result<Overrides, ConfigError> {
 /// Reads the `ist` section of a `warp.config.js` file. A file without an `ist`
 /// key gives no overrides.
 pub fn parse_warp_config_js(text: &str) -> Result<Overrides, ConfigError> {
+    if text.len() > MAX_WARP_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            len: text.len(),
+            max: MAX_WARP_CONFIG_BYTES,
+        });
+    }
     let (start, end) = literal_span(text)?;
     let literal = &text[start..end];
     let doc: Document = json5::from_str(literal).map_err(|e| {
@@ -258,7 +290,7 @@ fn literal_span(text: &str) -> Result<(usize, usize), ConfigError> {
             "the exported value must be an object literal `{ ... }`",
         ));
     }
-    let end = matching_brace(text, start)
+    let end = matching_brace(text, start)?
         .ok_or_else(|| bad("unbalanced braces: the object literal is not closed"))?;
     let mut after = skip_trivia(text, end);
     if text[after..].starts_with(';') {
@@ -287,18 +319,33 @@ fn skip_trivia(text: &str, mut pos: usize) -> usize {
 }
 
 /// The byte just after the `}` matching the `{` at `open`, skipping strings
-/// and comments.
-fn matching_brace(text: &str, open: usize) -> Option<usize> {
+/// and comments; `None` when unbalanced. Nesting deeper than
+/// [`MAX_WARP_CONFIG_DEPTH`] is an error (found here, before the recursive
+/// parser sees it).
+fn matching_brace(text: &str, open: usize) -> Result<Option<usize>, ConfigError> {
     let bytes = text.as_bytes();
     let mut depth = 0usize;
     let mut i = open;
     while i < bytes.len() {
         match bytes[i] {
-            b'{' | b'[' => depth += 1,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_WARP_CONFIG_DEPTH {
+                    let (line, column) = file_position(text, i, 0, 0);
+                    return Err(ConfigError::TooDeep {
+                        line,
+                        column,
+                        max: MAX_WARP_CONFIG_DEPTH,
+                    });
+                }
+            }
             b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
+                let Some(d) = depth.checked_sub(1) else {
+                    return Ok(None);
+                };
+                depth = d;
                 if depth == 0 {
-                    return (bytes[i] == b'}').then_some(i + 1);
+                    return Ok((bytes[i] == b'}').then_some(i + 1));
                 }
             }
             q @ (b'"' | b'\'' | b'`') => {
@@ -314,7 +361,7 @@ fn matching_brace(text: &str, open: usize) -> Option<usize> {
         }
         i += 1;
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -442,6 +489,66 @@ hostnames: [ 'mysql.local' ],
         let err = parse_toml("[[ist]]\nservice = 3\n").unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(parse_toml("[[ist]]\nservice = \"a\"\nextra = 1\n").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_files_are_errors_not_crashes() {
+        // 100,000 nested objects overflowed the stack (abort) before the limit.
+        let n = 100_000;
+        let deep = format!(
+            "module.exports = {{\n a: {}1{} }}",
+            "{ b: ".repeat(n),
+            " }".repeat(n)
+        );
+        let err = parse_warp_config_js(&deep).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::TooDeep {
+                    line: 2,
+                    max: 64,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("nest deeper than 64"), "{err}");
+        let arrays = format!(
+            "module.exports = {{ a: {}{} }}",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        assert!(matches!(
+            parse_warp_config_js(&arrays),
+            Err(ConfigError::TooDeep { .. })
+        ));
+        // Brackets inside strings and comments do not count.
+        let quoted = format!(
+            "module.exports = {{ a: '{}', /* {} */ ist: [] }}",
+            "[".repeat(1000),
+            "{".repeat(1000)
+        );
+        assert!(parse_warp_config_js(&quoted).unwrap().is_empty());
+        // Nesting up to the limit parses.
+        let ok = format!(
+            "module.exports = {{ a: {}1{} }}",
+            "[".repeat(MAX_WARP_CONFIG_DEPTH - 1),
+            "]".repeat(MAX_WARP_CONFIG_DEPTH - 1)
+        );
+        assert!(parse_warp_config_js(&ok).is_ok());
+        let huge = format!(
+            "module.exports = {{ a: '{}' }}",
+            "x".repeat(MAX_WARP_CONFIG_BYTES)
+        );
+        assert!(matches!(
+            parse_warp_config_js(&huge),
+            Err(ConfigError::TooLarge { .. })
+        ));
+        // TOML has its own nesting limit.
+        let toml = format!("a = {}1{}\n", "[".repeat(n), "]".repeat(n));
+        assert!(parse_toml(&toml).is_err());
+        let tables = format!("a = {}1{}\n", "{b=".repeat(n), "}".repeat(n));
+        assert!(parse_toml(&tables).is_err());
     }
 
     #[test]

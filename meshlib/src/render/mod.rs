@@ -1,6 +1,8 @@
 //! Rendering to text, no I/O: the managed section of `/etc/hosts`
-//! ([`hosts`]) and environment files ([`env`]). [`crate::fsutil`] writes the
-//! results atomically.
+//! ([`hosts`]), environment files ([`env`]), and text from the network made
+//! safe for a terminal or a log line ([`text`]). [`crate::fsutil`] writes
+//! the results atomically.
 
 pub mod env;
 pub mod hosts;
+pub mod text;

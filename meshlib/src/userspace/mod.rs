@@ -7,10 +7,14 @@
 //!   [`crate::wg::device::Device`]; no allocation per packet).
 //! - this module — [`Stack`]: the smoltcp interface with the member's
 //!   address and its socket set, driven by one thread (`ist-stack`); it
-//!   accepts TCP connections and UDP datagrams to the member's IP on any
-//!   port (it looks at connection openings before smoltcp does and opens a
-//!   listening socket for them), relaying them to the instance on
-//!   `127.0.0.1:<port>`.
+//!   accepts TCP connections and UDP datagrams to the member's IP on the
+//!   ports the instance serves ([`Stack::set_inbound_ports`]; it looks at
+//!   connection openings before smoltcp does and opens a listening socket
+//!   for them), relaying them to the instance on
+//!   `<inbound_host>:<port>` (`127.0.0.1` by default). An opening to any
+//!   other port is refused (TCP: reset; UDP: port unreachable) and counted
+//!   ([`StackStats::inbound_refused`]): the host's other loopback services
+//!   are never reachable from the tunnel.
 //! - `tcp` / `udp` — the relays between tokio sockets and smoltcp sockets,
 //!   woken by smoltcp's socket wakers (no polling, no channels per packet).
 //! - [`ports`] — pure helpers: the loopback address standing for a remote
@@ -19,15 +23,17 @@
 //!
 //! ## Call order
 //! [`Stack::start`] (inside a tokio runtime) gives the stack and its device;
-//! start the engine on the device; then [`Stack::forward_tcp`] /
-//! [`Stack::forward_udp`] for each remote service. Inbound needs no call.
+//! start the engine on the device; [`Stack::set_inbound_ports`] whenever
+//! the served ports change (or [`StackConfig::inbound_ports`] at start);
+//! then [`Stack::forward_tcp`] / [`Stack::forward_udp`] for each remote
+//! service.
 
 pub mod ports;
 pub mod queue;
 mod tcp;
 mod udp;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -77,6 +83,11 @@ pub struct StackConfig {
     /// Where inbound connections and datagrams go: `<inbound_host>:<port>`;
     /// 127.0.0.1 by default (the instance).
     pub inbound_host: IpAddr,
+    /// The ports inbound connections and datagrams may reach (the ports the
+    /// instance serves); every other port is refused and counted. Empty by
+    /// default: nothing from the tunnel reaches the host until the member
+    /// says what it serves.
+    pub inbound_ports: BTreeSet<u16>,
     /// A UDP flow without traffic for this long is closed; 60 s by default.
     pub udp_idle: Duration,
 }
@@ -90,6 +101,7 @@ impl StackConfig {
             mtu: crate::wg::device::DEFAULT_MTU,
             tcp_buffer: 1 << 20,
             inbound_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            inbound_ports: BTreeSet::new(),
             udp_idle: Duration::from_secs(60),
         }
     }
@@ -106,6 +118,9 @@ pub struct StackStats {
     pub tcp_refused: u64,
     /// UDP flows opened (both directions).
     pub udp_flows: u64,
+    /// Inbound openings to a port the instance does not serve (TCP SYNs
+    /// answered with a reset, UDP datagrams refused).
+    pub inbound_refused: u64,
 }
 
 /// Listening sockets kept per port at most (connection openings arriving
@@ -131,6 +146,8 @@ pub(crate) struct Net {
     udp_ports: HashMap<u16, SocketHandle>,
     /// Sockets whose relay ended, removed once closed (or at the deadline).
     closing: Vec<(SocketHandle, Instant)>,
+    /// The ports inbound openings may reach.
+    inbound_ports: BTreeSet<u16>,
     next_port: u16,
 }
 
@@ -175,6 +192,7 @@ pub(crate) struct Inner {
     pub tcp_outbound: AtomicU64,
     pub tcp_refused: AtomicU64,
     pub udp_flows: AtomicU64,
+    pub inbound_refused: AtomicU64,
 }
 
 impl Inner {
@@ -240,6 +258,7 @@ impl Stack {
                 listeners: HashMap::new(),
                 udp_ports: HashMap::new(),
                 closing: Vec::new(),
+                inbound_ports: cfg.inbound_ports.clone(),
                 next_port,
             }),
             queues: queues.clone(),
@@ -250,6 +269,7 @@ impl Stack {
             tcp_outbound: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
             udp_flows: AtomicU64::new(0),
+            inbound_refused: AtomicU64::new(0),
         });
         let run = inner.clone();
         let thread = std::thread::Builder::new()
@@ -269,6 +289,35 @@ impl Stack {
     /// The member's address.
     pub fn address(&self) -> IpAddr {
         self.inner.cfg.address
+    }
+
+    /// Sets the ports inbound connections and datagrams may reach (the
+    /// ports the instance serves). Connections already open stay open; a
+    /// port taken away refuses new ones at once.
+    pub fn set_inbound_ports(&self, ports: impl IntoIterator<Item = u16>) {
+        let ports: BTreeSet<u16> = ports.into_iter().collect();
+        let mut net = self.inner.net.lock();
+        if net.inbound_ports == ports {
+            return;
+        }
+        // Idle listeners of ports taken away would still accept a SYN.
+        let gone: Vec<u16> = net
+            .listeners
+            .keys()
+            .copied()
+            .filter(|p| !ports.contains(p))
+            .collect();
+        for port in gone {
+            for h in net.listeners.remove(&port).unwrap_or_default() {
+                net.sockets.remove(h);
+            }
+        }
+        net.inbound_ports = ports;
+    }
+
+    /// The ports inbound traffic may reach.
+    pub fn inbound_ports(&self) -> BTreeSet<u16> {
+        self.inner.net.lock().inbound_ports.clone()
     }
 
     /// Relays one accepted local connection to `dst` (an overlay address)
@@ -306,6 +355,7 @@ impl Stack {
             tcp_outbound: i.tcp_outbound.load(Relaxed),
             tcp_refused: i.tcp_refused.load(Relaxed),
             udp_flows: i.udp_flows.load(Relaxed),
+            inbound_refused: i.inbound_refused.load(Relaxed),
         }
     }
 }
@@ -326,6 +376,35 @@ pub(crate) enum Opening {
     Tcp(u16, SocketAddr),
     /// A UDP datagram to this port.
     Udp(u16),
+}
+
+impl Opening {
+    /// The local port opened.
+    fn port(self) -> u16 {
+        match self {
+            Opening::Tcp(port, _) | Opening::Udp(port) => port,
+        }
+    }
+}
+
+/// What the stack does with an inbound packet, by its opening (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Not an opening, or one to a served port: on to smoltcp (a listener
+    /// or UDP socket is opened for it).
+    Open,
+    /// An opening to a port the instance does not serve: counted, never
+    /// relayed. TCP goes on to smoltcp, which has no socket for it and
+    /// answers with a reset; UDP is dropped.
+    Refuse,
+}
+
+/// The inbound filter: openings reach only `served` ports (pure).
+pub(crate) fn verdict(opening: Option<Opening>, served: &BTreeSet<u16>) -> Verdict {
+    match opening {
+        Some(o) if !served.contains(&o.port()) => Verdict::Refuse,
+        _ => Verdict::Open,
+    }
 }
 
 /// What `packet` opens on `me`, if anything (pure; malformed packets give
@@ -373,9 +452,16 @@ fn stack_loop(inner: Arc<Inner>) {
             let mut net = inner.net.lock();
             seen.clear();
             let me = inner.cfg.address;
-            let budget = inner
-                .queues
-                .scan_inbound(RX_ROUND, |p| match opening(p, me) {
+            let budget = inner.queues.scan_inbound(RX_ROUND, |p| {
+                let o = opening(p, me);
+                if verdict(o, &net.inbound_ports) == Verdict::Refuse {
+                    inner.inbound_refused.fetch_add(1, Relaxed);
+                    // TCP: no listener, smoltcp resets. UDP: a socket may
+                    // still be bound from before the port was taken away.
+                    return matches!(o, Some(Opening::Tcp(..)))
+                        || !o.is_some_and(|o| net.udp_ports.contains_key(&o.port()));
+                }
+                match o {
                     Some(Opening::Tcp(port, from)) if has_connection(&net, port, from) => {
                         // A repeated SYN of a connection being opened: an idle
                         // listener earlier in the socket set would take it and
@@ -389,7 +475,8 @@ fn stack_loop(inner: Arc<Inner>) {
                         true
                     }
                     None => true,
-                });
+                }
+            });
             open_for(&inner, &mut net, &seen);
             let now = inner.now();
             let mut phy = Phy {

@@ -2,6 +2,7 @@
 //! [`Engine`] on loopback UDP with a [`Stack`] as its device; "instances"
 //! are tokio echo servers on 127.0.0.1.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,8 @@ async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
 async fn tcp_both_ways_through_two_userspace_members() {
     let (a, b) = pair();
     let (echo_a, echo_b) = (tcp_echo().await, tcp_echo().await);
+    a.stack.set_inbound_ports([echo_a]);
+    b.stack.set_inbound_ports([echo_b]);
     let to_b = a.forward(&b, echo_b).await;
     let to_a = b.forward(&a, echo_a).await;
     let big = data(4 << 20, 1);
@@ -152,6 +155,7 @@ async fn refused_inbound_port_resets_the_connection() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
+    b.stack.set_inbound_ports([port]);
     let to_b = a.forward(&b, port).await;
     let mut s = TcpStream::connect(to_b).await.unwrap();
     let mut buf = [0u8; 16];
@@ -161,6 +165,91 @@ async fn refused_inbound_port_resets_the_connection() {
     assert!(matches!(r, Ok(0) | Err(_)), "closed, got {r:?}");
     assert_eq!(b.stack.stats().tcp_refused, 1);
     assert_eq!(b.stack.stats().tcp_inbound, 0);
+    assert_eq!(b.stack.stats().inbound_refused, 0, "a served port");
+}
+
+#[test]
+fn the_inbound_filter_admits_only_served_ports() {
+    let served: BTreeSet<u16> = [8080, 53].into();
+    let peer: SocketAddr = "10.240.0.1:40000".parse().unwrap();
+    assert_eq!(
+        verdict(Some(Opening::Tcp(8080, peer)), &served),
+        Verdict::Open
+    );
+    assert_eq!(verdict(Some(Opening::Udp(53)), &served), Verdict::Open);
+    assert_eq!(
+        verdict(Some(Opening::Tcp(22, peer)), &served),
+        Verdict::Refuse
+    );
+    assert_eq!(verdict(Some(Opening::Udp(9477)), &served), Verdict::Refuse);
+    // Not an opening (data of a connection, or not for us): smoltcp decides.
+    assert_eq!(verdict(None, &served), Verdict::Open);
+    assert_eq!(
+        verdict(Some(Opening::Tcp(8080, peer)), &BTreeSet::new()),
+        Verdict::Refuse,
+        "nothing served: everything refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_services_the_member_does_not_serve_are_unreachable() {
+    let (a, b) = pair();
+    // Two services on the host's loopback; B serves only the first.
+    let (served, other) = (tcp_echo().await, tcp_echo().await);
+    let udp_other = udp_echo().await;
+    b.stack.set_inbound_ports([served]);
+    let payload = data(1000, 3);
+    assert_eq!(
+        echo_through(a.forward(&b, served).await, &payload).await,
+        payload
+    );
+    // The other one: reset by B's stack, counted, never connected to.
+    let mut s = TcpStream::connect(a.forward(&b, other).await)
+        .await
+        .unwrap();
+    let _ = s.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("reset in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "refused, got {r:?}");
+    let stats = b.stack.stats();
+    assert!(stats.inbound_refused >= 1, "{stats:?}");
+    assert_eq!(
+        stats.tcp_inbound, 1,
+        "only the served port reached the host"
+    );
+    assert_eq!(stats.tcp_refused, 0, "the host was never asked");
+    // UDP to a port B does not serve: no answer, counted.
+    let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let stack = a.stack.clone();
+    let dst = SocketAddr::new(b.ip, udp_other);
+    tokio::spawn(async move { stack.forward_udp(relay, dst).await });
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let before = b.stack.stats().inbound_refused;
+    for _ in 0..5 {
+        c.send_to(b"ping", relay_addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(300), c.recv(&mut buf)).await;
+        assert!(got.is_err(), "no answer from an unserved UDP port");
+    }
+    assert!(b.stack.stats().inbound_refused > before);
+    assert_eq!(b.stack.stats().udp_flows, 0);
+    // Taking the served port away refuses it too; giving it back reopens it.
+    b.stack.set_inbound_ports([]);
+    let mut s = TcpStream::connect(a.forward(&b, served).await)
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("reset");
+    assert!(matches!(r, Ok(0) | Err(_)), "refused, got {r:?}");
+    b.stack.set_inbound_ports([served]);
+    assert_eq!(b.stack.inbound_ports(), [served].into());
+    assert_eq!(
+        echo_through(a.forward(&b, served).await, &payload).await,
+        payload
+    );
 }
 
 /// A UDP echo server on 127.0.0.1; returns its port.
@@ -180,6 +269,7 @@ async fn udp_echo() -> u16 {
 async fn udp_both_ways_with_flows_per_sender() {
     let (a, b) = pair();
     let echo_b = udp_echo().await;
+    b.stack.set_inbound_ports([echo_b]);
     let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let relay_addr = relay.local_addr().unwrap();
     let stack = a.stack.clone();
@@ -298,7 +388,9 @@ async fn repeated_syns_open_one_connection() {
     use smoltcp::wire::TcpControl;
     let port = tcp_echo().await;
     let me: IpAddr = "10.240.0.2".parse().unwrap();
-    let (stack, dev) = Stack::start(StackConfig::new(me, 22)).unwrap();
+    let mut cfg = StackConfig::new(me, 22);
+    cfg.inbound_ports = [port].into();
+    let (stack, dev) = Stack::start(cfg).unwrap();
     let syn = tcp_packet(
         [10, 240, 0, 1],
         40_000,
@@ -389,7 +481,9 @@ fn rootless_subset_passes_as_nobody() {
 async fn a_port_scan_is_bounded_and_real_connections_still_work() {
     let (a, b) = pair();
     let echo_b = tcp_echo().await;
-    // 300 SYNs to closed ports of B through the tunnel.
+    // B serves 300 ports nothing listens on (the filter would refuse
+    // unserved ones before any listener): 300 SYNs to them.
+    b.stack.set_inbound_ports((1..=300).chain([echo_b]));
     let mut joins = Vec::new();
     for port in 1..=300u16 {
         let to = a.forward(&b, port).await;
@@ -431,6 +525,7 @@ async fn inbound_reaches_a_service_on_ipv6_loopback_only() {
         }
     });
     let (a, b) = pair();
+    b.stack.set_inbound_ports([port]);
     let to_b = a.forward(&b, port).await;
     let p = data(5000, 3);
     assert_eq!(echo_through(to_b, &p).await, p);

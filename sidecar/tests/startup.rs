@@ -1,0 +1,267 @@
+//! Start-up of the real `sidecar` binary against a real keyserver
+//! (in-process, loopback, userspace mode, no privileges): a first join is
+//! retried until it works, whatever passing failure it meets; bad values
+//! fail before the join and cost no token use; the token can come from a
+//! file, and the state directory, key, membership and status socket are
+//! private.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use meshlib::proto::ErrorCode;
+use support::front::{Front, FrontCert, Step};
+use support::{rootless_args, Keyserver, Sidecar};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().mode() & 0o777
+}
+
+fn args(extra: &[&str], dir: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec!["up".into(), "--service".into(), "api".into()];
+    a.extend(rootless_args(dir, &support::interface()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn secret_file(dir: &Path, text: &str) -> String {
+    let p = dir.join("token");
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+/// A free loopback UDP port (bound, then released).
+fn free_udp_port() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_join_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keyserver::start(&dir.path().join("ks"), "127.0.0.1:0".parse().unwrap()).await;
+    ks.network("prod").await;
+    let token = ks.token("prod", 1).await;
+    let fp = token
+        .parse::<meshlib::proto::JoinToken>()
+        .unwrap()
+        .cert_sha256;
+    // The sidecar talks to a front that is not up yet; once up, the front
+    // refuses with Busy, then Internal, then drops the connection after
+    // reading the join, then passes it to the keyserver.
+    let front_addr = free_udp_port();
+    let cert = FrontCert::new();
+    let sc_dir = dir.path().join("sc");
+    std::fs::create_dir(&sc_dir).unwrap();
+    let file = secret_file(&sc_dir, &cert.token(&token, front_addr));
+    let mut sc = Sidecar::spawn(&sc_dir, &args(&["--token-file", &file], &sc_dir), &[]);
+    sc.wait_log("join failed; retrying", LIMIT).await;
+    let log = sc.log_text();
+    assert!(
+        log.contains(&format!("keyserver={front_addr}")),
+        "the log names the address tried:\n{log}"
+    );
+    // The key is on disk before any join succeeded, private; no membership.
+    let key = sc.state.join("private.key");
+    assert_eq!(mode(&key), 0o600);
+    assert!(!sc.state.join("membership.json").exists());
+    assert!(sc.child.try_wait().unwrap().is_none(), "still trying");
+    let key_before = std::fs::read_to_string(&key).unwrap();
+
+    let front = Front::start(
+        front_addr,
+        &cert,
+        ks.quic,
+        fp,
+        vec![
+            Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Internal),
+            Step::Drop,
+        ],
+    );
+    let status = sc.wait_status(LIMIT, |s| s["ip"].as_str().is_some()).await;
+    assert_eq!(
+        *front.seen.lock(),
+        [
+            Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Internal),
+            Step::Drop,
+            Step::Forward
+        ]
+    );
+    let log = sc.log_text();
+    for said in ["Busy", "Internal", "attempt=4"] {
+        assert!(
+            log.contains(said),
+            "each attempt is logged ({said}):\n{log}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        key_before,
+        "same key"
+    );
+    assert_eq!(mode(&sc.state.join("membership.json")), 0o600);
+    let members = ks.members("prod").await;
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0]["ip"], status["ip"]);
+    assert_eq!(ks.uses_left("prod").await, [0]);
+    sc.stop();
+    ks.stop().await;
+}
+
+/// A second listener on a port: `addr` stays taken while it lives.
+fn taken_udp() -> (std::net::UdpSocket, u16) {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_fail_before_the_join_and_cost_no_token_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keyserver::start(&dir.path().join("ks"), "127.0.0.1:0".parse().unwrap()).await;
+    ks.network("prod").await;
+    let token = ks.token("prod", 1).await;
+    let d = dir.path();
+    let deep = d.join("deep.js");
+    std::fs::write(
+        &deep,
+        format!(
+            "module.exports = {{ ist: {}1{} }}",
+            "{a:".repeat(100_000),
+            "}".repeat(100_000)
+        ),
+    )
+    .unwrap();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let (_udp, busy) = taken_udp();
+    let busy_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dns_busy = busy_tcp.local_addr().unwrap().to_string();
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--warp-config".into(), p(&d.join("missing.js"))],
+            "warp-config:",
+        ),
+        (vec!["--warp-config".into(), p(&deep)], "warp-config:"),
+        (vec!["--hosts-file".into(), p(&fifo)], "hosts-file:"),
+        (
+            vec!["--hosts-file".into(), p(&d.join("nodir/hosts"))],
+            "hosts-file:",
+        ),
+        (vec!["--port".into(), "0".into()], "ports:"),
+        (
+            vec!["--service-address".into(), "0.0.0.0".into()],
+            "service-address:",
+        ),
+        (
+            vec!["--listen-port".into(), busy.to_string()],
+            "listen-port:",
+        ),
+        (vec!["--dns-listen".into(), dns_busy], "dns.listen:"),
+        (
+            vec!["--loopback-octet".into(), "0".into()],
+            "loopback-octet",
+        ),
+    ];
+    for (i, (extra, key)) in cases.iter().enumerate() {
+        let sc_dir = d.join(format!("sc{i}"));
+        std::fs::create_dir(&sc_dir).unwrap();
+        let file = secret_file(&sc_dir, &token);
+        let mut a = args(&["--token-file", &file], &sc_dir);
+        if key.starts_with("dns") {
+            a.retain(|x| x != "--no-dns");
+        }
+        for pair in extra.chunks(2) {
+            match a.iter().position(|x| *x == pair[0]) {
+                Some(at) => a[at + 1] = pair[1].clone(),
+                None => a.extend(pair.iter().cloned()),
+            }
+        }
+        let mut sc = Sidecar::spawn(&sc_dir, &a, &[]);
+        let status = sc.wait_exit(Duration::from_secs(20)).await;
+        let log = sc.log_text();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{extra:?}: exits with an error, got {status:?}:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("sidecar: {key}")),
+            "{extra:?}: names {key}:\n{log}"
+        );
+        assert!(!log.contains("joined"), "{extra:?}:\n{log}");
+    }
+    assert_eq!(ks.uses_left("prod").await, [1], "no token use spent");
+    assert!(ks.members("prod").await.is_empty());
+    ks.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_stays_out_of_ps_and_state_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keyserver::start(&dir.path().join("ks"), "127.0.0.1:0".parse().unwrap()).await;
+    ks.network("prod").await;
+    let token = ks.token("prod", 3).await;
+
+    // --token-file: joins; the token is in no process's command line; no
+    // warning. A state directory others could enter is tightened.
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir(&a_dir).unwrap();
+    std::fs::create_dir(a_dir.join("state")).unwrap();
+    std::fs::set_permissions(a_dir.join("state"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = secret_file(&a_dir, &token);
+    let mut a = Sidecar::spawn(&a_dir, &args(&["--token-file", &file], &a_dir), &[]);
+    a.wait_status(LIMIT, |s| s["ip"].as_str().is_some()).await;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", a.child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&token));
+    assert!(!a.log_text().contains("--token"), "{}", a.log_text());
+    assert_eq!(mode(&a.state), 0o700, "state directory tightened");
+    assert!(
+        a.log_text().contains("set to mode 0700"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(mode(&a.state.join("private.key")), 0o600);
+    assert_eq!(mode(&a.state.join("membership.json")), 0o600);
+    let sock = a.state.join("status.sock");
+    assert_eq!(mode(&sock), 0o600, "status socket not world-writable");
+
+    // ISTM_TOKEN: joins without a warning.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir(&b_dir).unwrap();
+    let mut b = Sidecar::spawn(&b_dir, &args(&[], &b_dir), &[("ISTM_TOKEN", &token)]);
+    b.wait_status(LIMIT, |s| s["ip"].as_str().is_some()).await;
+    assert!(!b.log_text().contains("--token"), "{}", b.log_text());
+    assert_eq!(mode(&b.state), 0o700, "state directory created private");
+
+    // --token: works, with a warning naming the alternatives.
+    let c_dir = dir.path().join("c");
+    std::fs::create_dir(&c_dir).unwrap();
+    let mut c = Sidecar::spawn(&c_dir, &args(&["--token", &token], &c_dir), &[]);
+    c.wait_status(LIMIT, |s| s["ip"].as_str().is_some()).await;
+    let log = c.log_text();
+    assert!(
+        log.contains("given with --token") && log.contains("--token-file"),
+        "{log}"
+    );
+    assert_eq!(ks.members("prod").await.len(), 3);
+    for s in [&mut a, &mut b, &mut c] {
+        s.stop();
+    }
+    ks.stop().await;
+}
