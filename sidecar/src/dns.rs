@@ -497,11 +497,14 @@ mod tests {
             first_close.notified().now_or_never().is_some(),
             "the evicted connection was told to close"
         );
-        // The total (3) is full with b's first: a's idle third goes.
-        t.set_idle(third, true);
-        let (_b1, _) = t.admit(b, 3, 2).unwrap();
+        // b's first fills the total (3); b's second makes room by closing
+        // the oldest idle one of any source: a's third (second is busy).
+        let (b1, _) = t.admit(b, 3, 2).unwrap();
+        assert_eq!(t.conns.len(), 3);
+        let (_b2, _) = t.admit(b, 3, 2).unwrap();
         assert_eq!(t.conns.len(), 3);
         assert!(!t.conns.contains_key(&third));
+        assert!(t.conns.contains_key(&second) && t.conns.contains_key(&b1));
         // Everything busy: refused.
         for c in t.conns.values_mut() {
             c.idle = false;
