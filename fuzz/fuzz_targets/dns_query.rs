@@ -23,16 +23,24 @@ fn index() -> &'static NameIndex {
             meshlib::ipam::DEFAULT_RANGE,
         );
         map.generation = 42;
-        for (i, (service, ptype)) in [("api", "web"), ("api", "web"), ("api", "worker"), ("my db", "web")]
-            .into_iter()
-            .enumerate()
+        for (i, (service, ptype)) in [
+            ("api", "web"),
+            ("api", "web"),
+            ("api", "worker"),
+            ("my db", "web"),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let member = Member {
                 public_key: PrivateKey::from_bytes([i as u8 + 1; 32]).public_key(),
                 ip: Ipv4Addr::new(10, 240, 0, i as u8 + 1),
                 endpoints: vec![],
                 service: service.into(),
-                app_id: meshlib::ist::hostname_label(service).unwrap().parse().unwrap(),
+                app_id: meshlib::ist::hostname_label(service)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
                 process_type: ptype.parse().unwrap(),
                 index: i as u32 + 1,
                 instance: format!("m-{i}").parse().unwrap(),

@@ -12,11 +12,17 @@ fuzz_target!(|data: &[u8]| {
     let tag = "pn-fuzz";
     let section = render_section(
         tag,
-        &[([10, 240, 0, 1].into(), vec!["a.warp".into(), "a-1.internal".into()])],
+        &[(
+            [10, 240, 0, 1].into(),
+            vec!["a.warp".into(), "a-1.internal".into()],
+        )],
     );
     if let Ok(out) = replace_section(text, tag, &section) {
         assert_eq!(replace_section(&out, tag, &section).ok(), Some(out.clone()));
         let removed = replace_section(&out, tag, "").expect("our own section removes");
-        assert_eq!(replace_section(&removed, tag, "").ok(), Some(removed.clone()));
+        assert_eq!(
+            replace_section(&removed, tag, "").ok(),
+            Some(removed.clone())
+        );
     }
 });
