@@ -1,6 +1,8 @@
 //! End-to-end data-plane tests with real peers in network namespaces: our
 //! engine (as `sidecar wg`, and in-process through its Rust API) against
-//! Debian's `wireguard-go`, configured with Debian's `wg`.
+//! Debian's `wireguard-go`, configured with Debian's `wg`; and the behaviour
+//! `wg` users see, checked on both side by side (link state, "sent" bytes,
+//! allowed-IP order, send-failure logs).
 //!
 //! Needs root, `/dev/net/tun`, `wireguard-go`, `wg` and `ping`; skipped with
 //! a message otherwise. Run: `cargo test --test dataplane_netns`.
@@ -222,4 +224,151 @@ fn spoofed_source_and_unknown_key_are_refused() {
     assert_eq!(dump(&c)[0].rx, 0, "A answered C");
     assert!(engine.stats().unknown_key >= 1);
     assert!(engine.peer_stats(&key(&c)).is_none());
+}
+
+/// What one implementation showed in [`behaves_like_wireguard_go_where_wg_users_see_it`].
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    /// `ip link` flags right after start.
+    up_at_start: bool,
+    /// Bytes the peer received from it while its link was down (twice).
+    received_while_down: (u64, u64),
+    /// Its "sent" to the unreachable peer.
+    sent_to_unreachable: u64,
+    /// `wg show allowed-ips` of the reachable peer.
+    allowed_ips: String,
+}
+
+/// Runs `which` on `a` against wireguard-go on `b` (which never initiates)
+/// and records what a `wg` user sees; `a`'s output goes to `log`.
+fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path) -> Seen {
+    const ORDER: &str = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
+    t.launch(which, a, Some(log));
+    let up_at_start = link_flags(a).iter().any(|f| f == "UP");
+    let unreachable = PrivateKey::generate().public_key().to_string();
+    let b_ep = format!("{}:51820", b.underlay);
+    wg(
+        a,
+        &[
+            "set",
+            &a.ifname,
+            "peer",
+            &b.public_key,
+            "endpoint",
+            &b_ep,
+            "persistent-keepalive",
+            "1",
+            "allowed-ips",
+            ORDER,
+            "peer",
+            &unreachable,
+            // No route to 203.0.113.0/24 in the namespace: sends fail.
+            "endpoint",
+            "203.0.113.1:51820",
+            "persistent-keepalive",
+            "1",
+            "allowed-ips",
+            "10.240.1.0/24",
+        ],
+    );
+    let from_a = |b: &Host| dump(b).first().map_or(0, |p| p.rx);
+    std::thread::sleep(Duration::from_millis(2500));
+    let down_1 = from_a(b);
+    // Up: a handshakes with b (b answers; a's keepalives follow each second).
+    link(a, true);
+    wait_for(Duration::from_secs(10), || {
+        dump(b).first().is_some_and(|p| p.latest_handshake != 0)
+    });
+    wait_for(Duration::from_secs(5), || from_a(b) > 148);
+    // "sent" is what left and arrived: b's received, within a keepalive.
+    let sent = dump(a)
+        .iter()
+        .find(|p| p.public_key == b.public_key)
+        .map_or(0, |p| p.tx);
+    let got = from_a(b);
+    assert!(
+        sent > 0 && sent <= got && got <= sent + 2 * 32,
+        "{which:?}: sent {sent}, peer received {got}"
+    );
+    // Down again: the keepalives stop.
+    link(a, false);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = from_a(b);
+    std::thread::sleep(Duration::from_millis(2500));
+    let down_2 = from_a(b) - before;
+    let peers = dump(a);
+    let sent_to_unreachable = peers
+        .iter()
+        .find(|p| p.public_key == unreachable)
+        .map_or(u64::MAX, |p| p.tx);
+    let allowed_ips = peers
+        .iter()
+        .find(|p| p.public_key == b.public_key)
+        .map(|p| p.allowed_ips.clone())
+        .unwrap_or_default();
+    Seen {
+        up_at_start,
+        received_while_down: (down_1, down_2),
+        sent_to_unreachable,
+        allowed_ips,
+    }
+}
+
+#[test]
+fn behaves_like_wireguard_go_where_wg_users_see_it() {
+    require_netns!();
+    let mut t = Topo::new();
+    let (a, b, c) = (t.host(1), t.host(2), t.host(3));
+    t.start(Impl::WireguardGo, &b);
+    add_peer(&b, &a, false, &[]);
+    add_peer(&b, &c, false, &[]);
+    // c plays a's part with ours, after wireguard-go did on a.
+    let (go_log, our_log) = (t.temp_path("wireguard-go.log"), t.temp_path("ours.log"));
+    let reference = observe(&mut t, Impl::WireguardGo, &a, &b, &go_log);
+    let ours = {
+        // b's dump lists a first; let c's row come first by removing a.
+        remove_peer(&b, &a);
+        observe(&mut t, Impl::Ours, &c, &b, &our_log)
+    };
+    eprintln!("wireguard-go: {reference:?}\nours: {ours:?}");
+    // Where `wg` users see the same thing on Debian's wireguard-go
+    // (0.0.20220316): the link is left down at start, failed sends are not
+    // "sent", allowed IPs keep their order.
+    assert!(
+        !reference.up_at_start && !ours.up_at_start,
+        "link brought up"
+    );
+    assert_eq!(reference.sent_to_unreachable, 0);
+    assert_eq!(ours.sent_to_unreachable, 0, "failed sends counted as sent");
+    let order = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
+    assert_eq!(reference.allowed_ips, order);
+    assert_eq!(ours.allowed_ips, order, "allowed IPs reordered");
+    // Nothing leaves while the link is down, before the first `up` and after
+    // `ip link set down` (that wireguard-go version still sends handshakes
+    // and keepalives then: `reference.received_while_down` is not zero).
+    assert_eq!(ours.received_while_down, (0, 0), "sent while down");
+    // Send failures are logged, naming the endpoint, and rate-limited.
+    let log = std::fs::read_to_string(&our_log).unwrap();
+    let failures = log
+        .lines()
+        .filter(|l| l.contains("failed to send") && l.contains("203.0.113.1:51820"))
+        .count();
+    assert!(
+        (1..=4).contains(&failures),
+        "{failures} failure lines:\n{log}"
+    );
+    assert!(!log.contains('\x1b'), "no colours in a log file:\n{log}");
+}
+
+#[test]
+fn version_flag_like_wireguard_go() {
+    // No root needed: `--version` touches nothing.
+    let out = run(OURS, &["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("ist-wg v{}\n", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(text.contains("Userspace WireGuard daemon"), "{text}");
 }

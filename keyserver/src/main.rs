@@ -4,6 +4,10 @@
 //! `token`, `member`) talk to a running keyserver's HTTP API: by default the
 //! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
 //! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
+//! Hidden, for packaging: `completions <shell>` and `man [--dir DIR]`.
+
+#[path = "../../packaging/clap_gen.rs"]
+mod clap_gen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +46,19 @@ enum Cmd {
     /// Manage members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_gen::Shell,
+    },
+    /// Print the man page, or write every page into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write `keyserver.1` and one page per subcommand here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -148,6 +165,19 @@ enum MemberCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_gen::completions(<Cli as clap::CommandFactory>::command(), *shell);
+            return Ok(());
+        }
+        Cmd::Man { dir } => {
+            return Ok(clap_gen::man(
+                <Cli as clap::CommandFactory>::command(),
+                dir.as_deref(),
+            )?);
+        }
+        _ => {}
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let data_dir = cli.data_dir;
     match cli.cmd {
@@ -241,7 +271,9 @@ fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClien
 
 async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
     let out = match cmd {
-        Cmd::Serve(_) => unreachable!("handled in main"),
+        Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled in main")
+        }
         Cmd::Network(NetworkCmd::Create { name, range, api }) => {
             let body = json!({ "name": name, "range": range });
             client(&data_dir, api)?

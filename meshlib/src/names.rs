@@ -13,8 +13,15 @@
 //! of a map (with human-readable aliases: the service's `.warp` label in place
 //! of the app id, the network's name in place of its id) for O(1) lookups by
 //! the DNS server. Names compare case-insensitively; the trailing dot is optional.
+//!
+//! The index also knows which names exist without an address of their own
+//! (RFC 8020 "empty non-terminals"): the zone apexes ([`ZONES`]) and every
+//! parent of a name, such as `<pn-id>.private-network.internal.` or
+//! `web.<app-id>.<pn-id>.private-network.internal.` when only
+//! `1.web.<app-id>...` holds addresses. The DNS answers those with NODATA,
+//! never NXDOMAIN, so that resolvers do not cut off the names below them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -29,6 +36,18 @@ pub const INTERNAL_ZONE: &str = "internal.";
 pub const PRIVATE_NETWORK_ZONE: &str = "private-network.internal.";
 /// The zone of IST hostnames.
 pub const WARP_ZONE: &str = "warp.";
+
+/// The zones the private DNS is authoritative for, most specific first (so
+/// the first that contains a name is the one it belongs to).
+pub const ZONES: [&str; 3] = [PRIVATE_NETWORK_ZONE, INTERNAL_ZONE, WARP_ZONE];
+
+/// The apex of the zone of ours that holds `name` (normalized: lowercase,
+/// trailing dot), if any.
+pub fn zone_of(name: &str) -> Option<&'static str> {
+    ZONES
+        .into_iter()
+        .find(|zone| name == *zone || name.ends_with(&format!(".{zone}")))
+}
 
 /// Why a name is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -187,6 +206,9 @@ impl InternalName {
 pub enum Lookup<'a> {
     /// The name exists: its addresses.
     Found(&'a [Ipv4Addr]),
+    /// The name exists but has no address of its own: a zone apex, or the
+    /// parent of names that do (answer NODATA, RFC 8020).
+    Empty,
     /// The name is in one of our zones (`.internal`, `.warp`) but does not
     /// exist: answer NXDOMAIN, do not forward.
     NxDomain,
@@ -199,6 +221,10 @@ pub enum Lookup<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NameIndex {
     records: HashMap<String, Vec<Ipv4Addr>>,
+    /// Names in our zones that exist only as parents of records.
+    parents: HashSet<String>,
+    /// The map generation the index was built from (the zones' SOA serial).
+    generation: u64,
 }
 
 impl NameIndex {
@@ -239,7 +265,14 @@ impl NameIndex {
             ips.sort_unstable();
             ips.dedup();
         }
+        index.parents = parents_of(index.records.keys());
+        index.generation = map.generation;
         index
+    }
+
+    /// The generation of the network map this index was built from.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn add(&mut self, name: String, ip: Ipv4Addr) {
@@ -262,11 +295,10 @@ impl NameIndex {
         if let Some(ips) = self.records.get(&key) {
             return Lookup::Found(ips);
         }
-        if key == INTERNAL_ZONE
-            || key.ends_with(".internal.")
-            || key == WARP_ZONE
-            || key.ends_with(".warp.")
-        {
+        if ZONES.contains(&key.as_str()) || self.parents.contains(&key) {
+            return Lookup::Empty;
+        }
+        if zone_of(&key).is_some() {
             Lookup::NxDomain
         } else {
             Lookup::NotOurs
@@ -283,6 +315,24 @@ impl NameIndex {
         out.sort_unstable_by_key(|(k, _)| *k);
         out
     }
+}
+
+/// Every proper ancestor of `names` that lies inside one of our zones and is
+/// not an apex itself (apexes always exist). Override hostnames outside our
+/// zones (`mysql.local`) give none: `local.` is not ours to answer.
+fn parents_of<'a>(names: impl Iterator<Item = &'a String>) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for name in names {
+        let mut rest = name.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if parent.is_empty() || ZONES.contains(&parent) || zone_of(parent).is_none() {
+                break;
+            }
+            out.insert(parent.to_owned());
+            rest = parent;
+        }
+    }
+    out
 }
 
 /// The members a service name points at: its `web` members, or every member
@@ -422,6 +472,75 @@ mod tests {
         assert_eq!(idx.lookup("nope.warp"), Lookup::NxDomain);
         assert_eq!(idx.lookup("nope.internal"), Lookup::NxDomain);
         assert_eq!(idx.lookup("example.com"), Lookup::NotOurs);
+    }
+
+    #[test]
+    fn apexes_and_parents_exist_without_addresses() {
+        let map = map();
+        let idx = NameIndex::build(
+            &map,
+            &IstTable::build(map.services(), &Overrides::default()),
+        );
+        for zone in ["internal", "WARP.", "private-network.internal."] {
+            assert_eq!(idx.lookup(zone), Lookup::Empty, "{zone}");
+        }
+        // Parents of seed-003 names (by id and by alias) exist, empty.
+        for parent in [
+            format!("{PN}.private-network.internal"),
+            "prod.private-network.internal.".to_string(),
+        ] {
+            assert_ne!(idx.lookup(&parent), Lookup::NxDomain, "{parent}");
+        }
+        assert_eq!(
+            idx.lookup(&format!("{PN}.private-network.internal")),
+            Lookup::Empty
+        );
+        // api has workers but no `worker` member numbered 2, and no such type.
+        assert_eq!(
+            idx.lookup(&format!("2.worker.api.{PN}.private-network.internal")),
+            Lookup::NxDomain
+        );
+        assert_eq!(
+            idx.lookup(&format!("cron.api.{PN}.private-network.internal")),
+            Lookup::NxDomain
+        );
+        // A worker-only service: its app name exists only as a parent.
+        let mut map = empty_map();
+        let m = member("cron-1", "cron", "clock", 1, 9);
+        map.members.insert(m.public_key, m);
+        map.generation = 7;
+        let idx = NameIndex::build(
+            &map,
+            &IstTable::build(map.services(), &Overrides::default()),
+        );
+        assert_eq!(
+            idx.lookup(&format!("cron.{PN}.private-network.internal")),
+            Lookup::Empty
+        );
+        assert_eq!(
+            idx.lookup(&format!("clock.cron.{PN}.private-network.internal")),
+            Lookup::Found(&[ip(9)])
+        );
+        assert_eq!(idx.generation(), 7);
+        assert_eq!(
+            zone_of("a.b.private-network.internal."),
+            Some(PRIVATE_NETWORK_ZONE)
+        );
+        assert_eq!(zone_of("a.internal."), Some(INTERNAL_ZONE));
+        assert_eq!(zone_of("xinternal."), None);
+    }
+
+    #[test]
+    fn override_hostnames_outside_our_zones_claim_no_parent() {
+        let map = map();
+        let o = parse_toml(
+            "[[ist]]\nservice = \"my db\"\nhostnames = [\"db.mysql.local\", \"a.b.warp\"]\n",
+        )
+        .unwrap();
+        let idx = NameIndex::build(&map, &IstTable::build(map.services(), &o));
+        assert_eq!(idx.lookup("mysql.local"), Lookup::NotOurs);
+        assert_eq!(idx.lookup("local"), Lookup::NotOurs);
+        assert_eq!(idx.lookup("b.warp"), Lookup::Empty);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Every parser of outside input, fed arbitrary text: it returns a value or an
 //! error, never panics; and what it accepts round-trips.
 
-use meshlib::dns::{handle, parse_resolv_conf, Transport};
+use meshlib::dns::{handle, parse_resolv_conf, Authority, Transport};
 use meshlib::ids::{InstanceName, NetworkId};
 use meshlib::ist::config::{parse_toml, parse_warp_config_js};
 use meshlib::ist::{encode, hostname_label, shell_safe};
@@ -108,8 +108,8 @@ proptest! {
     #[test]
     fn dns_queries_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         let idx = NameIndex::default();
-        let _ = handle(&bytes, &idx, 30, Transport::Udp);
-        let _ = handle(&bytes, &idx, 30, Transport::Tcp);
+        let _ = handle(&bytes, &idx, &Authority::default(), Transport::Udp);
+        let _ = handle(&bytes, &idx, &Authority::default(), Transport::Tcp);
     }
 
     #[test]

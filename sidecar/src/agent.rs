@@ -346,6 +346,7 @@ impl Agent {
                 control: Some(shared.control.lock().clone()),
                 conflicts: shared.conflicts.lock().clone(),
                 peers,
+                dns_responses: Default::default(),
             }
         })
     }
@@ -849,6 +850,7 @@ pub async fn start_servers(
         let _ = rx.wait_for(|v| *v).await;
     };
     let mut dns = None;
+    let dns_stats = Arc::new(crate::dns::DnsStats::default());
     if config.dns.enabled {
         let listen = config.dns.listen;
         let io = |what: &str| {
@@ -872,6 +874,7 @@ pub async fn start_servers(
         let dns_config = crate::dns::DnsConfig {
             ttl: config.dns.ttl,
             upstreams,
+            stats: dns_stats.clone(),
             ..crate::dns::DnsConfig::default()
         };
         tokio::spawn(crate::dns::serve(
@@ -901,7 +904,7 @@ pub async fn start_servers(
                 metrics = l.local_addr().ok();
                 tokio::spawn(crate::status::serve_metrics(
                     l,
-                    agent.status_source(),
+                    crate::dns::with_stats(agent.status_source(), dns_stats.clone()),
                     stop(shutdown),
                 ));
             }

@@ -13,7 +13,11 @@
 //! Logs go to stderr: coloured only when stderr is a terminal and
 //! `NO_COLOR` is unset, or one JSON object per line (`--log-format json`).
 //! Anything printed that came from the network is escaped.
+//! - `completions <shell>`, `man [--dir DIR]` (hidden) — shell completions
+//!   and man pages, for packaging.
 
+#[path = "../../packaging/clap_gen.rs"]
+mod clap_gen;
 mod ist_names;
 mod wg_cmd;
 
@@ -117,6 +121,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_gen::Shell,
+    },
+    /// Print the man page, or write every page into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write `sidecar.1` and one page per subcommand here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -147,6 +164,19 @@ fn main() -> ExitCode {
             local,
             target,
         } => tunnel_main(logs, (token, token_file), service, &local, &target),
+        Command::Completions { shell } => {
+            clap_gen::completions(<Cli as clap::CommandFactory>::command(), shell);
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => {
+            match clap_gen::man(<Cli as clap::CommandFactory>::command(), dir.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sidecar man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Wg(args) => match wg_cmd::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

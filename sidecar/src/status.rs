@@ -97,6 +97,10 @@ pub struct Status {
     pub inbound_refused: Option<u64>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
+    /// Private DNS responses sent, by RCODE label (`NOERROR`, `NXDOMAIN`,
+    /// ...); empty when the DNS counters are not reported.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub dns_responses: std::collections::BTreeMap<String, u64>,
 }
 
 /// Takes a fresh snapshot.
@@ -375,6 +379,16 @@ pub fn render_prometheus(s: &Status) -> String {
             |p| p.last_handshake.unwrap_or(0),
         ),
     ];
+    if !s.dns_responses.is_empty() {
+        let name = "istm_dns_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Private DNS responses sent, by RCODE.\n# TYPE {name} counter"
+        );
+        for (rcode, n) in &s.dns_responses {
+            let _ = writeln!(out, "{name}{{rcode=\"{}\"}} {n}", label(rcode));
+        }
+    }
     for (name, help, kind, get) in per_peer {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &s.peers {
@@ -452,6 +466,7 @@ mod tests {
                 tx_bytes: 20,
                 drops_spoofed: 1,
             }],
+            dns_responses: [("NOERROR".to_string(), 7), ("NXDOMAIN".to_string(), 2)].into(),
         }
     }
 
@@ -473,6 +488,10 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("istmesh_inbound_refused_total 4\n"), "{p}");
+        assert!(
+            p.contains("istm_dns_responses_total{rcode=\"NXDOMAIN\"} 2\n"),
+            "{p}"
+        );
     }
 
     #[test]

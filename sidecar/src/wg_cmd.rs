@@ -5,6 +5,12 @@
 //!
 //! Without `-f` it re-executes itself with `-f`, detached (new session,
 //! standard streams on `/dev/null`), and returns once the UAPI socket exists.
+//!
+//! Like wireguard-go, it leaves the interface down: the user brings it up
+//! (`ip link set <ifname> up`), and nothing is sent while it is down.
+//! `wg show`'s "sent" counts the bytes that left (a failed send is logged,
+//! at most once per 5 s, not counted), and allowed IPs are listed in the
+//! order they were set. `--version` prints the version.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +36,12 @@ pub struct WgArgs {
     /// TUN queues, each read and encrypted by its own thread.
     #[arg(long, env = "IST_WG_QUEUES", default_value_t = 1)]
     pub queues: usize,
+    /// Print the version and exit (as `wireguard-go --version`).
+    #[arg(long, short = 'V')]
+    pub version: bool,
     /// Name of the TUN interface to create (also names the UAPI socket).
-    pub ifname: String,
+    #[arg(required_unless_present = "version")]
+    pub ifname: Option<String>,
 }
 
 /// Set in the daemon's environment by the parent that detached it.
@@ -49,14 +59,56 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Runs the subcommand.
 pub fn run(args: &WgArgs) -> anyhow::Result<()> {
-    if args.ifname.is_empty() || args.ifname.len() > 15 || args.ifname.contains('/') {
-        bail!("invalid interface name {:?}", args.ifname);
+    if args.version {
+        print!("{}", version_text());
+        return Ok(());
     }
+    let ifname = args.ifname.as_deref().unwrap_or_default();
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') {
+        bail!("invalid interface name {ifname:?}");
+    }
+    init_logs();
     if args.foreground {
-        run_foreground(&args.ifname, args.queues)
+        run_foreground(ifname, args.queues)
     } else {
-        daemonize(&args.ifname)
+        daemonize(ifname)
     }
+}
+
+/// What `--version` prints, in wireguard-go's shape: the program as it was
+/// called (`ist-wg`, or `sidecar wg`), the version, what it is.
+pub fn version_text() -> String {
+    let program = std::env::args()
+        .next()
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ist-wg".into());
+    let program = if program == "sidecar" {
+        "sidecar wg".to_string()
+    } else {
+        program
+    };
+    format!(
+        "{program} v{}\n\nUserspace WireGuard daemon (IST Mesh) for {}-{}.\n",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}
+
+/// Logs to stderr (`ISTM_LOG` filter, default `info` with boringtun's
+/// per-handshake warnings off): send failures and link changes. In the
+/// daemon, stderr is `/dev/null` once it runs.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISTM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 /// Re-executes this program with `-f` inserted before the interface name
@@ -104,9 +156,9 @@ fn daemonize(ifname: &str) -> anyhow::Result<()> {
     bail!("daemon did not open {} in time", sock.display())
 }
 
-/// Creates the TUN interface in the current network namespace, starts the
-/// engine and its UAPI socket, and runs until SIGINT/SIGTERM or until the
-/// interface disappears.
+/// Creates the TUN interface in the current network namespace (down, as
+/// wireguard-go leaves it), starts the engine and its UAPI socket, and runs
+/// until SIGINT/SIGTERM or until the interface disappears.
 fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -119,10 +171,11 @@ fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
     }
     let mut config = TunConfig::new(ifname);
     config.queues = queues.clamp(1, 16);
+    config.up = false;
     let tun =
         TunDevice::create(&config).with_context(|| format!("creating TUN interface {ifname}"))?;
     eprintln!(
-        "sidecar wg: interface {ifname} up (offloads {})",
+        "sidecar wg: interface {ifname} created (offloads {}); bring it up with `ip link set {ifname} up`",
         if tun.offload() { "on" } else { "off" }
     );
     let engine = Arc::new(Engine::start(Arc::new(tun), EngineConfig::default())?);

@@ -1,4 +1,4 @@
-//! `ist-wg [-f|--foreground] <ifname>`: exactly `sidecar wg`, built in the
+//! `ist-wg [-f|--foreground] <ifname>` (or `--version`): exactly `sidecar wg`, built in the
 //! root package so that `tests/dataplane_*.rs` can run it
 //! (`CARGO_BIN_EXE_ist-wg`) and `benches/dataplane.sh` can start it as
 //! `IMPL <ifname>` like `wireguard-go`.

@@ -174,15 +174,30 @@ impl Topo {
     /// Starts `which` on `host`'s interface (foreground child), waits for its
     /// UAPI socket, sets key and port 51820, the overlay address, and up.
     pub fn start(&mut self, which: Impl, host: &Host) {
+        self.launch(which, host, None);
+        self.overlay_up(host);
+    }
+
+    /// Starts `which` on `host`'s interface (foreground child, its stdout and
+    /// stderr into `log` if given), waits for its UAPI socket and sets key
+    /// and port 51820; leaves the interface as the implementation made it.
+    pub fn launch(&mut self, which: Impl, host: &Host, log: Option<&Path>) {
         let prog = match which {
             Impl::Ours => OURS,
             Impl::WireguardGo => "wireguard-go",
         };
+        let (out, err) = match log {
+            Some(path) => {
+                let f = File::create(path).expect("log file");
+                (Stdio::from(f.try_clone().expect("log fd")), Stdio::from(f))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
         let child = Command::new("ip")
             .args(["netns", "exec", &host.ns, prog, "-f", &host.ifname])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("spawn implementation");
         self.children.push(child);
@@ -201,7 +216,6 @@ impl Topo {
                 "51820",
             ],
         );
-        self.overlay_up(host);
     }
 
     /// Adds the overlay address (/22: the kernel routes the range) and
@@ -339,6 +353,25 @@ pub struct DumpPeer {
     pub latest_handshake: u64,
     pub rx: u64,
     pub tx: u64,
+}
+
+/// Sets `host`'s interface up or down (`ip link set`).
+pub fn link(host: &Host, up: bool) {
+    let state = if up { "up" } else { "down" };
+    must("ip", &["-n", &host.ns, "link", "set", &host.ifname, state]);
+}
+
+/// The flags of `host`'s interface as `ip link show` prints them
+/// (`POINTOPOINT,MULTICAST,NOARP,UP,LOWER_UP`).
+pub fn link_flags(host: &Host) -> Vec<String> {
+    let out = must("ip", &["-n", &host.ns, "link", "show", &host.ifname]);
+    out.split('<')
+        .nth(1)
+        .and_then(|s| s.split('>').next())
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Parses `wg show <if> dump` of `host` into its peers.

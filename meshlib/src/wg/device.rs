@@ -59,6 +59,14 @@ pub trait Device: Send + Sync + 'static {
 
     /// Wakes a blocked [`Device::recv_batch`] for shutdown.
     fn interrupt(&self);
+
+    /// Whether the link is up. While it is down the engine sends nothing
+    /// (no handshakes, keepalives or answers), as wireguard-go waits for its
+    /// interface to be up. Asked every timer tick (100 ms), so it must be
+    /// cheap. Always up by default.
+    fn is_up(&self) -> bool {
+        true
+    }
 }
 
 /// How to create the TUN interface.
@@ -79,10 +87,15 @@ pub struct TunConfig {
     /// encrypting thread, so several peers' traffic is encrypted on several
     /// cores. 1 by default.
     pub queues: usize,
+    /// Bring the interface up at creation. On by default (the sidecar owns
+    /// its interface); `sidecar wg` leaves it down for the user to bring up
+    /// (`ip link set up`), as wireguard-go does.
+    pub up: bool,
 }
 
 impl TunConfig {
-    /// A config with the defaults: MTU 1420, no address, offloads on.
+    /// A config with the defaults: MTU 1420, no address, offloads on, one
+    /// queue, brought up.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_string(),
@@ -90,6 +103,7 @@ impl TunConfig {
             address: None,
             offload: true,
             queues: 1,
+            up: true,
         }
     }
 }
@@ -106,14 +120,15 @@ pub struct TunDevice {
 
 impl TunDevice {
     /// Creates the interface, sets its address (the kernel adds the route of
-    /// its prefix, through netlink), its MTU, and brings it up.
+    /// its prefix, through netlink), its MTU, and brings it up if
+    /// [`TunConfig::up`].
     pub fn create(cfg: &TunConfig) -> io::Result<Self> {
         let mut builder = DeviceBuilder::new()
             .name(&cfg.name)
             .mtu(cfg.mtu)
             .offload(cfg.offload)
             .multi_queue(cfg.queues > 1)
-            .enable(true);
+            .enable(cfg.up);
         if let Some(net) = cfg.address {
             builder = match net.addr() {
                 IpAddr::V4(a) => builder.ipv4(a, net.prefix_len(), None),
@@ -200,5 +215,12 @@ impl Device for TunDevice {
 
     fn interrupt(&self) {
         let _ = self.stop.trigger();
+    }
+
+    /// `IFF_UP` and `IFF_RUNNING` (the kernel's link state, which
+    /// wireguard-go watches), asked of the kernel in the calling thread's
+    /// network namespace: the engine's threads live in the TUN's.
+    fn is_up(&self) -> bool {
+        self.dev.is_running().unwrap_or(false)
     }
 }

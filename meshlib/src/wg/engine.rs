@@ -70,6 +70,9 @@ pub struct EngineStats {
     pub malformed: u64,
     /// Outbound packets to an address no peer's allowed IPs cover.
     pub no_route: u64,
+    /// Datagrams the UDP socket refused to send (no route, buffer full
+    /// after waiting, ...): not counted in any peer's `tx_bytes`.
+    pub send_failed: u64,
 }
 
 /// Counters shared by the loops.
@@ -79,6 +82,11 @@ pub(crate) struct Counters {
     pub unknown_index: AtomicU64,
     pub malformed: AtomicU64,
     pub no_route: AtomicU64,
+    pub send_failed: AtomicU64,
+    /// When a send failure was last logged (ms since the epoch; 0: never).
+    pub send_logged_ms: AtomicU64,
+    /// Send failures since the last logged one.
+    pub send_unlogged: AtomicU64,
 }
 
 /// The interface's static key pair, as boringtun takes it.
@@ -111,6 +119,9 @@ pub(crate) struct Shared {
     pub stop: AtomicBool,
     /// Set when a loop ended on its own (e.g. the interface was deleted).
     pub failed: AtomicBool,
+    /// The device's link is up ([`Device::is_up`], read by the timer loop):
+    /// nothing is sent while it is down.
+    pub link_up: AtomicBool,
     pub counters: Counters,
     pub epoch: Instant,
 }
@@ -158,9 +169,10 @@ impl Engine {
             udp: RwLock::new(Arc::new(udp)),
             udp_generation: AtomicU64::new(0),
             fwmark: AtomicU32::new(config.fwmark),
-            device,
+            device: device.clone(),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            link_up: AtomicBool::new(device.is_up()),
             counters: Counters::default(),
             epoch: Instant::now(),
         });
@@ -338,7 +350,14 @@ impl Engine {
             unknown_index: c.unknown_index.load(Relaxed),
             malformed: c.malformed.load(Relaxed),
             no_route: c.no_route.load(Relaxed),
+            send_failed: c.send_failed.load(Relaxed),
         }
+    }
+
+    /// Whether the device's link was up at the last check (every 100 ms):
+    /// while it is down the engine sends nothing.
+    pub fn link_up(&self) -> bool {
+        self.shared.link_up.load(Relaxed)
     }
 
     /// True once a packet loop has ended by itself (device gone).

@@ -87,8 +87,9 @@ impl Udp {
     }
 
     /// Sends `contents` to `to`, as GSO segments of `segment` bytes when it
-    /// holds more than one datagram. Errors are dropped packets (UDP).
-    fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) {
+    /// holds more than one datagram. An error means nothing was sent (the
+    /// caller counts and logs it; UDP does not retry).
+    fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let destination = match to {
             SocketAddr::V4(v4) if self.dual => {
                 SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -109,13 +110,10 @@ impl Udp {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     wait_fd(&self.sock, libc::POLLOUT, POLL);
                 }
-                Err(e) => {
-                    tracing::trace!("udp send to {to}: {e}");
-                    return;
-                }
-                Ok(()) => return,
+                other => return other,
             }
         }
+        Err(io::ErrorKind::WouldBlock.into())
     }
 
     /// Waits until a datagram may be read, at most [`POLL`].
@@ -137,8 +135,6 @@ fn wait_fd(fd: &impl std::os::fd::AsRawFd, events: libc::c_short, timeout: Durat
     // SAFETY: one valid pollfd, count 1.
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
 }
-
-impl Udp {}
 
 /// Asks for [`SOCKET_BUFFER`] bytes of socket buffer, past `rmem_max` when
 /// privileged (`SO_*BUFFORCE`), else as much as allowed.
@@ -198,6 +194,8 @@ struct GsoBatch {
     start: usize,
     len: usize,
     dest: Option<SocketAddr>,
+    /// The peer the pending datagrams are for (its counters move on flush).
+    peer: Option<Arc<Peer>>,
     segment: usize,
     count: usize,
     max_segments: usize,
@@ -210,6 +208,7 @@ impl GsoBatch {
             start: 0,
             len: 0,
             dest: None,
+            peer: None,
             segment: 0,
             count: 0,
             max_segments: 1,
@@ -217,9 +216,9 @@ impl GsoBatch {
     }
 
     /// Space to encrypt the next datagram into (at least `need` bytes).
-    fn space(&mut self, udp: &Udp, need: usize) -> &mut [u8] {
+    fn space(&mut self, shared: &Shared, udp: &Udp, need: usize) -> &mut [u8] {
         if self.start + self.len + need > self.buf.len() {
-            self.flush(udp);
+            self.flush(shared, udp);
             self.start = 0;
         }
         let at = self.start + self.len;
@@ -227,18 +226,20 @@ impl GsoBatch {
     }
 
     /// Accounts the `n` bytes just written by [`Self::space`] as a datagram
-    /// to `dest`; sends what cannot be merged with it.
-    fn commit(&mut self, udp: &Udp, dest: SocketAddr, n: usize) {
+    /// of `peer` to `dest`; sends what cannot be merged with it.
+    fn commit(&mut self, shared: &Shared, udp: &Udp, peer: &Arc<Peer>, dest: SocketAddr, n: usize) {
         let mergeable = self.dest == Some(dest)
+            && self.peer.as_ref().is_some_and(|p| Arc::ptr_eq(p, peer))
             && n <= self.segment
             && self.count < self.max_segments
             && self.len + n <= MAX_GSO_BYTES
             && (self.len % self.segment) == 0;
         if !mergeable {
             let at = self.start + self.len;
-            self.flush(udp);
+            self.flush(shared, udp);
             self.start = at;
             self.dest = Some(dest);
+            self.peer = Some(peer.clone());
             self.segment = n;
             self.max_segments = udp.state.max_gso_segments().max(1);
         }
@@ -246,10 +247,11 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    fn flush(&mut self, udp: &Udp) {
-        if let Some(dest) = self.dest.take() {
+    fn flush(&mut self, shared: &Shared, udp: &Udp) {
+        if let (Some(dest), Some(peer)) = (self.dest.take(), self.peer.take()) {
             let data = &self.buf[self.start..self.start + self.len];
-            udp.send(dest, data, self.segment);
+            let result = udp.send(dest, data, self.segment);
+            sent(shared, &peer, dest, data.len(), result);
         }
         self.start += self.len;
         self.len = 0;
@@ -286,7 +288,7 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
             }
         };
         errors = 0;
-        if shared.key.read().is_none() {
+        if shared.key.read().is_none() || !shared.link_up.load(Relaxed) {
             continue;
         }
         let udp = udp.refresh(&shared);
@@ -295,7 +297,7 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
             let packet = &buf[off..off + size];
             encrypt_one(&shared, udp, &mut out, &mut last, packet);
         }
-        out.flush(udp);
+        out.flush(&shared, udp);
     }
 }
 
@@ -331,14 +333,12 @@ fn encrypt_one(
     if need > MAX_DATAGRAM {
         return;
     }
-    let space = out.space(udp, need);
+    let space = out.space(shared, udp, need);
     let n = match peer.tunn.lock().encapsulate(packet, space) {
         TunnResult::WriteToNetwork(d) => d.len(),
         _ => return,
     };
-    peer.tx_bytes.fetch_add(n as u64, Relaxed);
-    peer.last_tx_ms.store(shared.now_ms(), Relaxed);
-    out.commit(udp, endpoint, n);
+    out.commit(shared, udp, &peer, endpoint, n);
 }
 
 /// Clear-text packets decrypted from one receive batch, waiting to be
@@ -390,6 +390,11 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
                 }
             }
         };
+        if !shared.link_up.load(Relaxed) {
+            // Down: read and drop, answer nothing (wireguard-go closes its
+            // socket while the interface is down).
+            continue;
+        }
         for (buf, m) in rx.iter().zip(&meta).take(n) {
             let stride = m.stride.max(1);
             for dgram in buf[..m.len].chunks(stride) {
@@ -418,7 +423,9 @@ fn peer_for(shared: &Shared, udp: &Udp, from: SocketAddr, dgram: &[u8]) -> Optio
                 Ok(Packet::HandshakeInit(init)) => init,
                 Err(TunnResult::WriteToNetwork(reply)) => {
                     let n = reply.len();
-                    udp.send(from, &cookie[..n], n);
+                    if let Err(e) = udp.send(from, &cookie[..n], n) {
+                        send_failed(shared, None, from, &e);
+                    }
                     return None;
                 }
                 _ => {
@@ -481,14 +488,14 @@ fn decrypt_one(
         }
         TunnResult::WriteToNetwork(p) => {
             let n = p.len();
-            udp.send(from, &buf[off..off + n], n);
-            flush_queued(&mut tunn, udp, from, reply, &peer);
+            let result = udp.send(from, &buf[off..off + n], n);
+            sent(shared, &peer, from, n, result);
+            flush_queued(shared, &mut tunn, udp, from, reply, &peer);
             drop(tunn);
             if is_handshake(dgram) {
                 *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
             }
             authenticated(&peer, from, dgram.len());
-            peer.last_tx_ms.store(shared.now_ms(), Relaxed);
             return;
         }
         TunnResult::Err(e) => {
@@ -530,16 +537,70 @@ fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
 }
 
 /// After a handshake message, sends the packets boringtun queued meanwhile.
-fn flush_queued(tunn: &mut Tunn, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer: &Peer) {
+fn flush_queued(
+    shared: &Shared,
+    tunn: &mut Tunn,
+    udp: &Udp,
+    to: SocketAddr,
+    buf: &mut [u8],
+    peer: &Peer,
+) {
     for _ in 0..1024 {
         match tunn.decapsulate(None, &[], buf) {
             TunnResult::WriteToNetwork(p) => {
-                peer.tx_bytes.fetch_add(p.len() as u64, Relaxed);
                 let n = p.len();
-                udp.send(to, &buf[..n], n);
+                let result = udp.send(to, &buf[..n], n);
+                sent(shared, peer, to, n, result);
             }
             _ => break,
         }
+    }
+}
+
+/// Accounts one send of `bytes` to `peer` at `to`: on success its transfer
+/// counter (as `wg show`'s "sent": bytes that left, as wireguard-go counts
+/// them) and last-send time; on failure, the failure.
+fn sent(shared: &Shared, peer: &Peer, to: SocketAddr, bytes: usize, result: io::Result<()>) {
+    match result {
+        Ok(()) => {
+            peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
+            peer.last_tx_ms.store(shared.now_ms(), Relaxed);
+        }
+        Err(e) => send_failed(shared, Some(peer), to, &e),
+    }
+}
+
+/// Least time between two logged send failures; those in between are
+/// counted and summed up in the next line.
+const SEND_LOG_INTERVAL_MS: u64 = 5_000;
+
+/// Counts a failed send and logs it, at most once per
+/// [`SEND_LOG_INTERVAL_MS`] per engine.
+fn send_failed(shared: &Shared, peer: Option<&Peer>, to: SocketAddr, e: &io::Error) {
+    let c = &shared.counters;
+    c.send_failed.fetch_add(1, Relaxed);
+    let now = shared.now_ms();
+    let last = c.send_logged_ms.load(Relaxed);
+    if last != 0 && now.saturating_sub(last) < SEND_LOG_INTERVAL_MS {
+        c.send_unlogged.fetch_add(1, Relaxed);
+        return;
+    }
+    if c.send_logged_ms
+        .compare_exchange(last, now, Relaxed, Relaxed)
+        .is_err()
+    {
+        c.send_unlogged.fetch_add(1, Relaxed);
+        return;
+    }
+    let more = c.send_unlogged.swap(0, Relaxed);
+    match peer {
+        Some(p) => tracing::warn!(
+            peer = %p.key,
+            endpoint = %to,
+            suppressed = more,
+            "failed to send to peer: {e}"
+        ),
+        None => tracing::warn!(endpoint = %to, suppressed = more, "failed to send: {e}"),
     }
 }
 
@@ -557,33 +618,55 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
             Some(k) if ticks % 10 == 0 => k.limiter.reset_count(),
             Some(_) => {}
         }
+        if !link_state(&shared) {
+            continue;
+        }
         let udp = current.refresh(&shared);
         let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();
         let now = shared.now_ms();
         for peer in peers {
-            tick_peer(&peer, udp, &mut buf, now);
+            tick_peer(&shared, &peer, udp, &mut buf, now);
         }
     }
 }
 
-fn tick_peer(peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u64) {
+/// Reads the device's link state into `shared.link_up` (logging changes)
+/// and returns it. While the link is down nothing is sent: no handshakes,
+/// no keepalives, no answers (wireguard-go waits for the interface to be up).
+fn link_state(shared: &Shared) -> bool {
+    let up = shared.device.is_up();
+    if shared.link_up.swap(up, Relaxed) != up {
+        tracing::info!(
+            "link {}",
+            if up {
+                "up: sending"
+            } else {
+                "down: not sending"
+            }
+        );
+    }
+    up
+}
+
+fn tick_peer(shared: &Shared, peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u64) {
     let endpoint = *peer.endpoint.lock();
     let mut tunn = peer.tunn.lock();
-    let mut sent = 0usize;
+    let mut len = 0usize;
     if let TunnResult::WriteToNetwork(p) = tunn.update_timers(buf) {
-        sent = p.len();
+        len = p.len();
     }
     let ka = u64::from(peer.keepalive.load(Relaxed)) * 1000;
     let last = peer.last_tx_ms.load(Relaxed);
-    if sent == 0 && ka > 0 && (last == 0 || now_ms.saturating_sub(last) >= ka) {
+    if len == 0 && ka > 0 && (last == 0 || now_ms.saturating_sub(last) >= ka) {
         if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&[], buf) {
-            sent = p.len();
+            len = p.len();
         }
     }
     drop(tunn);
-    if let (Some(to), true) = (endpoint, sent > 0) {
-        udp.send(to, &buf[..sent], sent);
-        peer.tx_bytes.fetch_add(sent as u64, Relaxed);
+    if let (Some(to), true) = (endpoint, len > 0) {
+        // The keepalive clock runs from the attempt, sent or not.
         peer.last_tx_ms.store(now_ms, Relaxed);
+        let result = udp.send(to, &buf[..len], len);
+        sent(shared, peer, to, len, result);
     }
 }

@@ -158,12 +158,15 @@ impl<T> AllowedIps<T> {
 /// The peers of one interface, indexed three ways, generic over the peer
 /// record `T`: by public key (handshake initiations), by 24-bit receiver
 /// index (every other message), and by allowed IP (outbound routing and the
-/// inbound source check).
+/// inbound source check). Each peer's allowed IPs also keep the order they
+/// were added in, which `wg show` lists (as wireguard-go keeps them).
 #[derive(Debug)]
 pub struct PeerTable<T> {
     by_index: HashMap<u32, Arc<T>>,
     by_key: HashMap<PublicKey, u32>,
     allowed: AllowedIps<(u32, Arc<T>)>,
+    /// Each peer's allowed IPs in insertion order.
+    order: HashMap<u32, Vec<IpNet>>,
 }
 
 impl<T> Default for PeerTable<T> {
@@ -172,6 +175,7 @@ impl<T> Default for PeerTable<T> {
             by_index: HashMap::new(),
             by_key: HashMap::new(),
             allowed: AllowedIps::new(),
+            order: HashMap::new(),
         }
     }
 }
@@ -202,12 +206,14 @@ impl<T> PeerTable<T> {
     pub fn insert(&mut self, key: PublicKey, index: u32, peer: Arc<T>) {
         self.by_key.insert(key, index);
         self.by_index.insert(index, peer);
+        self.order.insert(index, Vec::new());
     }
 
     /// Removes the peer with `key`, and every allowed IP that routes to it.
     pub fn remove(&mut self, key: &PublicKey) -> Option<Arc<T>> {
         let index = self.by_key.remove(key)?;
         self.allowed.retain(|(i, _)| *i != index);
+        self.order.remove(&index);
         self.by_index.remove(&index)
     }
 
@@ -234,25 +240,37 @@ impl<T> PeerTable<T> {
     }
 
     /// Routes `net` to the peer `index` (taking it from any other peer, as
-    /// WireGuard does). Does nothing for an unknown index.
+    /// WireGuard does). Does nothing for an unknown index. A network the
+    /// peer already has keeps its place in [`Self::allowed_of`]; a new one
+    /// (or one taken from another peer) goes last.
     pub fn add_allowed(&mut self, index: u32, net: IpNet) {
-        if let Some(peer) = self.by_index.get(&index) {
-            self.allowed.insert(net.trunc(), (index, peer.clone()));
+        let Some(peer) = self.by_index.get(&index) else {
+            return;
+        };
+        let net = net.trunc();
+        match self.allowed.insert(net, (index, peer.clone())) {
+            Some((old, _)) if old == index => return,
+            Some((old, _)) => {
+                if let Some(list) = self.order.get_mut(&old) {
+                    list.retain(|n| *n != net);
+                }
+            }
+            None => {}
         }
+        self.order.entry(index).or_default().push(net);
     }
 
     /// Removes every allowed IP of peer `index`.
     pub fn clear_allowed(&mut self, index: u32) {
         self.allowed.retain(|(i, _)| *i != index);
+        if let Some(list) = self.order.get_mut(&index) {
+            list.clear();
+        }
     }
 
-    /// The allowed IPs of peer `index`.
+    /// The allowed IPs of peer `index`, in the order they were added.
     pub fn allowed_of(&self, index: u32) -> Vec<IpNet> {
-        self.allowed
-            .iter()
-            .filter(|(_, (i, _))| *i == index)
-            .map(|(net, _)| net)
-            .collect()
+        self.order.get(&index).cloned().unwrap_or_default()
     }
 
     /// Every peer with its index, in no particular order.
@@ -331,5 +349,51 @@ mod tests {
         assert!(t.by_ip(ip("10.240.0.2")).is_none());
         assert!(t.by_index(20).is_none());
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn allowed_ips_keep_insertion_order() {
+        let (k1, k2) = (
+            PublicKey::from_bytes([1; 32]),
+            PublicKey::from_bytes([2; 32]),
+        );
+        let mut t = PeerTable::new();
+        t.insert(k1, 10, Arc::new(1));
+        t.insert(k2, 20, Arc::new(2));
+        // Deliberately not sorted by family, length or address.
+        for n in [
+            "10.240.3.0/24",
+            "fd00:1::/64",
+            "10.240.0.9/32",
+            "10.240.0.0/23",
+        ] {
+            t.add_allowed(10, net(n));
+        }
+        t.add_allowed(10, net("10.240.3.7/24")); // same network: keeps its place
+        let names = |t: &PeerTable<i32>, i| -> Vec<String> {
+            t.allowed_of(i).iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(
+            names(&t, 10),
+            [
+                "10.240.3.0/24",
+                "fd00:1::/64",
+                "10.240.0.9/32",
+                "10.240.0.0/23"
+            ]
+        );
+        // Taken by another peer: gone here, last there.
+        t.add_allowed(20, net("10.240.2.0/24"));
+        t.add_allowed(20, net("fd00:1::/64"));
+        assert_eq!(
+            names(&t, 10),
+            ["10.240.3.0/24", "10.240.0.9/32", "10.240.0.0/23"]
+        );
+        assert_eq!(names(&t, 20), ["10.240.2.0/24", "fd00:1::/64"]);
+        t.clear_allowed(10);
+        assert!(t.allowed_of(10).is_empty());
+        assert!(t.by_ip(ip("10.240.3.1")).is_none());
+        assert_eq!(t.remove(&k2).as_deref(), Some(&2));
+        assert!(t.allowed_of(20).is_empty());
     }
 }

@@ -19,6 +19,8 @@ struct MemDevice {
     inbox: Mutex<mpsc::Receiver<Vec<u8>>>,
     outbox: Mutex<mpsc::Sender<Vec<u8>>>,
     stop: AtomicBool,
+    /// The link state the engine sees.
+    up: Arc<AtomicBool>,
 }
 
 impl Device for MemDevice {
@@ -57,24 +59,36 @@ impl Device for MemDevice {
     fn interrupt(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
 }
 
 /// An engine on a loopback port with its device's two ends.
 struct Node {
     engine: Arc<Engine>,
     key: PublicKey,
+    /// The device's link state (up unless a test takes it down).
+    up: Arc<AtomicBool>,
     to_engine: mpsc::Sender<Vec<u8>>,
     from_engine: mpsc::Receiver<Vec<u8>>,
 }
 
 impl Node {
     fn new() -> Self {
+        Self::with_link(true)
+    }
+
+    fn with_link(up: bool) -> Self {
         let (to_engine, inbox) = mpsc::channel();
         let (outbox, from_engine) = mpsc::channel();
+        let up = Arc::new(AtomicBool::new(up));
         let dev = MemDevice {
             inbox: Mutex::new(inbox),
             outbox: Mutex::new(outbox),
             stop: AtomicBool::new(false),
+            up: up.clone(),
         };
         let private = PrivateKey::generate();
         let key = private.public_key();
@@ -87,6 +101,7 @@ impl Node {
         Node {
             engine,
             key,
+            up,
             to_engine,
             from_engine,
         }
@@ -484,4 +499,72 @@ fn apply_diff_follows_the_map_and_traffic_flows() {
         .apply_diff(diff(&one, &DesiredPeers::new()))
         .is_empty());
     assert!(a.engine.peers().is_empty());
+}
+
+/// A peer `b` of `a` at `endpoint`, with a 1 s persistent keepalive (so `a`
+/// starts a handshake by itself).
+fn keepalive_peer(a: &Node, b: PublicKey, endpoint: SocketAddr) {
+    a.engine
+        .set_peer(PeerConfig {
+            public_key: b,
+            preshared_key: None,
+            endpoint: Some(endpoint),
+            allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
+            persistent_keepalive: 1,
+        })
+        .unwrap();
+}
+
+#[test]
+fn nothing_is_sent_while_the_link_is_down() {
+    let a = Node::with_link(false);
+    let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let b = PrivateKey::generate().public_key();
+    keepalive_peer(&a, b, listener.local_addr().unwrap());
+    a.send(packet(A_IP, B_IP, 100, 1));
+    let mut buf = [0u8; 2048];
+    assert!(
+        listener.recv(&mut buf).is_err(),
+        "a datagram left while the link was down"
+    );
+    assert!(!a.engine.link_up());
+    assert_eq!(a.engine.peer_stats(&b).unwrap().tx_bytes, 0);
+    // Up: the keepalive's handshake initiation goes out, and is counted.
+    a.up.store(true, Ordering::Relaxed);
+    listener
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = listener.recv(&mut buf).expect("a handshake once up");
+    assert_eq!((n, buf[0]), (148, 1), "a handshake initiation");
+    assert!(eventually(Duration::from_secs(2), || {
+        a.engine.peer_stats(&b).unwrap().tx_bytes >= 148
+    }));
+    assert!(a.engine.link_up());
+}
+
+#[test]
+fn failed_sends_are_not_counted_as_sent() {
+    let a = Node::new();
+    let b = PrivateKey::generate().public_key();
+    // Port 0 cannot be sent to (EINVAL): every datagram fails.
+    keepalive_peer(&a, b, "127.0.0.1:0".parse().unwrap());
+    a.send(packet(A_IP, B_IP, 100, 1));
+    assert!(eventually(Duration::from_secs(5), || {
+        a.engine.stats().send_failed >= 1
+    }));
+    assert_eq!(a.engine.peer_stats(&b).unwrap().tx_bytes, 0);
+    // The same peer at a reachable address: sent and counted.
+    let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    keepalive_peer(&a, b, listener.local_addr().unwrap());
+    listener
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let n = listener.recv(&mut buf).expect("a datagram");
+    assert!(eventually(Duration::from_secs(2), || {
+        a.engine.peer_stats(&b).unwrap().tx_bytes >= n as u64
+    }));
 }
