@@ -73,10 +73,14 @@ impl From<AdminError> for ApiError {
             AdminError::UnknownNetwork(_)
             | AdminError::UnknownMember(_)
             | AdminError::UnknownToken(_) => StatusCode::NOT_FOUND,
-            AdminError::NameTaken(_) => StatusCode::CONFLICT,
-            AdminError::BadName(_) | AdminError::BadRange(_) | AdminError::BadUses => {
-                StatusCode::BAD_REQUEST
-            }
+            AdminError::NameTaken(_)
+            | AdminError::LookAlike { .. }
+            | AdminError::NetworkInUse { .. } => StatusCode::CONFLICT,
+            AdminError::BadName { .. }
+            | AdminError::BadRange(_)
+            | AdminError::BadUses
+            | AdminError::BadExpiry(_)
+            | AdminError::BadBinding(_) => StatusCode::BAD_REQUEST,
         };
         Self(status, e.to_string())
     }

@@ -314,7 +314,7 @@ async fn join(
             |reg| {
                 let j = reg.join(&req, observed, &credential, SystemTime::now())?;
                 let (ops, change) = (j.ops.clone(), j.change.clone());
-                Ok((j, ops, vec![change]))
+                Ok((j, ops, change.into_iter().collect()))
             },
             |_, j, sh| sh.subscribe(j.map.network),
         )

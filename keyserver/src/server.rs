@@ -321,7 +321,11 @@ mod tests {
             shared.mutate(
                 |r| {
                     let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], now)?;
-                    Ok::<_, crate::registry::ProtoOpError>((j.member.ip, j.ops, vec![j.change]))
+                    Ok::<_, crate::registry::ProtoOpError>((
+                        j.member.ip,
+                        j.ops,
+                        j.change.into_iter().collect(),
+                    ))
                 },
                 |_, _, _| (),
             )

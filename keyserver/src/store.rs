@@ -7,7 +7,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::registry::{MemberRecord, NetworkRecord, Records, StoreOp, TokenRecord};
+use crate::registry::{MemberRecord, MemberRecordV1, NetworkRecord, Records, StoreOp, TokenRecord};
 
 /// Networks by UUID bytes.
 const NETWORKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("networks");
@@ -120,6 +120,27 @@ fn read_all<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// Reads the members table; records stored before `token_hash` existed
+/// ([`MemberRecordV1`]) are read as such.
+fn read_members(txn: &redb::ReadTransaction) -> Result<Vec<MemberRecord>, StoreError> {
+    let table = txn.open_table(MEMBERS).map_err(db)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(db)? {
+        let (_, v) = row.map_err(db)?;
+        let rec = match postcard::from_bytes::<MemberRecord>(v.value()) {
+            Ok(rec) => rec,
+            Err(first) => postcard::from_bytes::<MemberRecordV1>(v.value())
+                .map(MemberRecord::from)
+                .map_err(|_| StoreError::Decode {
+                    table: "members",
+                    source: first,
+                })?,
+        };
+        out.push(rec);
+    }
+    Ok(out)
+}
+
 /// Postcard encoding of a record (cannot fail for these plain types).
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(v).map_err(db)
@@ -130,7 +151,7 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(db_err)?;
         let networks: Vec<NetworkRecord> = read_all(&txn, NETWORKS, "networks")?;
         let tokens: Vec<TokenRecord> = read_all(&txn, TOKENS, "tokens")?;
-        let members: Vec<MemberRecord> = read_all(&txn, MEMBERS, "members")?;
+        let members = read_members(&txn)?;
         let table = txn.open_table(QUARANTINE).map_err(db)?;
         let mut quarantine = Vec::new();
         for row in table.iter().map_err(db)? {
@@ -176,6 +197,9 @@ impl Store for RedbStore {
                     StoreOp::PutMember(m) => {
                         let k = member_key(&m.network, &m.member.public_key);
                         members.insert(&k[..], &enc(m)?[..]).map_err(db)?;
+                    }
+                    StoreOp::DeleteNetwork(n) => {
+                        networks.remove(&n.uuid().as_bytes()[..]).map_err(db)?;
                     }
                     StoreOp::DeleteMember(n, key) => {
                         members.remove(&member_key(n, key)[..]).map_err(db)?;
