@@ -413,15 +413,18 @@ impl Registry {
     /// only its hash is kept.
     ///
     /// A join with a key that is already a member is a retry when it comes
-    /// with the same token and metadata and the member never used its
-    /// credential (the welcome was lost, e.g. the keyserver was killed right
-    /// after the commit): it gets that membership back with `credential` and
-    /// uses nothing of the token, which may be used up by now.
+    /// with the same token and metadata, the member never used its
+    /// credential and no session of it is open (`key_online`, which the
+    /// driver knows): the welcome was lost, e.g. the keyserver was killed
+    /// right after the commit. It gets that membership back with
+    /// `credential` and uses nothing of the token, which may be used up by
+    /// now.
     pub fn join(
         &mut self,
         req: &JoinRequest,
         observed: SocketAddr,
         credential: &Secret,
+        key_online: bool,
         now: SystemTime,
     ) -> Result<Joined, ProtoOpError> {
         let net = self
@@ -430,6 +433,9 @@ impl Registry {
             .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
         Self::check_metadata(req)?;
         if net.members.contains_key(&req.public_key) {
+            if key_online {
+                return Err(ProtoOpError::KeyInUse("a session of it is open".into()));
+            }
             return self.rejoin(req, observed, credential, now);
         }
         let token_hash = self.check_token(req, now)?;

@@ -53,6 +53,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "api"),
             OBS.parse().unwrap(),
             &[2; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -61,6 +62,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "api"),
             OBS.parse().unwrap(),
             &[3; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -83,6 +85,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "db"),
             OBS.parse().unwrap(),
             &[i; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -97,22 +100,22 @@ fn token_rules_leave_state_unchanged() {
     let (mut reg, net, secret) = setup("10.240.0.0/30", 1);
     let obs = OBS.parse().unwrap();
     assert_eq!(
-        reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], now())
+        reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], false, now())
             .unwrap_err(),
         ProtoOpError::InvalidToken
     );
     let later = now() + Duration::from_secs(7200);
     assert_eq!(
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], later)
+        reg.join(&req(net, secret, "api"), obs, &[2; 32], false, later)
             .unwrap_err(),
         ProtoOpError::TokenExpired
     );
     assert_eq!(reg.member_count(net), 0);
     assert_eq!(reg.tokens(net)[0].uses_left, 1);
-    reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+    reg.join(&req(net, secret, "api"), obs, &[2; 32], false, now())
         .unwrap();
     assert_eq!(
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+        reg.join(&req(net, secret, "api"), obs, &[2; 32], false, now())
             .unwrap_err(),
         ProtoOpError::TokenUsedUp
     );
@@ -120,11 +123,11 @@ fn token_rules_leave_state_unchanged() {
     let (t2, _) = reg
         .create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now())
         .unwrap();
-    reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+    reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], false, now())
         .unwrap();
     let gen = reg.network(net).unwrap().generation;
     let err = reg
-        .join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+        .join(&req(net, [5; 32], "api"), obs, &[2; 32], false, now())
         .unwrap_err();
     assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
     let left = reg
@@ -142,7 +145,7 @@ fn resume_needs_the_credential_and_remove_releases() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 5);
     let obs: SocketAddr = OBS.parse().unwrap();
     let j = reg
-        .join(&req(net, secret, "api"), obs, &[7; 32], now())
+        .join(&req(net, secret, "api"), obs, &[7; 32], false, now())
         .unwrap();
     let key = j.member.public_key;
     let mut r = ResumeRequest {
@@ -170,7 +173,7 @@ fn resume_needs_the_credential_and_remove_releases() {
     );
     // The released address is quarantined: the next member gets .2.
     let k = reg
-        .join(&req(net, secret, "api"), obs, &[1; 32], now())
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
     assert_eq!(k.member.ip, Ipv4Addr::new(10, 240, 0, 2));
     assert_eq!(k.member.index, 1);
@@ -191,10 +194,10 @@ fn full_default_range_holds_1022_and_its_snapshot_fits_a_frame() {
             "[2001:db8::2]:51820".parse().unwrap(),
         ];
         r.runner = "runner-with-a-long-label-eu-west-3".into();
-        reg.join(&r, obs, &[0; 32], now()).unwrap();
+        reg.join(&r, obs, &[0; 32], false, now()).unwrap();
     }
     let err = reg
-        .join(&req(net, secret, "x"), obs, &[0; 32], now())
+        .join(&req(net, secret, "x"), obs, &[0; 32], false, now())
         .unwrap_err();
     assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
     let map = reg.snapshot(net).unwrap();
@@ -244,16 +247,16 @@ fn ports_are_validated_at_join_and_updated_as_changes() {
     let mut bad = req(net, secret, "api");
     bad.ports = vec![80, 0];
     assert!(reg
-        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], false, now())
         .is_err());
     bad.ports = (1..=65).collect();
     assert!(reg
-        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], false, now())
         .is_err());
     let mut good = req(net, secret, "api");
     good.ports = vec![8080, 80, 8080];
     let j = reg
-        .join(&good, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&good, OBS.parse().unwrap(), &[2; 32], false, now())
         .unwrap();
     assert_eq!(j.member.ports, vec![80, 8080], "sorted, deduplicated");
     let key = good.public_key;
@@ -291,7 +294,9 @@ fn long_service_and_type_give_distinct_valid_default_names_quickly() {
         for i in 0..300u32 {
             let mut r = req(net, secret, "invoice-renderer");
             r.process_type = ptype.clone();
-            let j = reg.join(&r, OBS.parse().unwrap(), &[0; 32], now()).unwrap();
+            let j = reg
+                .join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+                .unwrap();
             assert_eq!(j.member.index, i + 1);
             names.push((j.member.index, j.member.instance));
         }
@@ -327,11 +332,14 @@ fn default_names_taken_by_explicit_names_get_a_bounded_suffix() {
         for name in &explicit {
             let mut r = req(net, secret, "squatter");
             r.instance = Some(name.parse().unwrap());
-            reg.join(&r, OBS.parse().unwrap(), &[0; 32], now()).unwrap();
+            reg.join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+                .unwrap();
         }
         let mut r = req(net, secret, "invoice-renderer");
         r.process_type = ptype;
-        let j = reg.join(&r, OBS.parse().unwrap(), &[0; 32], now()).unwrap();
+        let j = reg
+            .join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+            .unwrap();
         let name = j.member.instance.to_string();
         assert!(!explicit.contains(&name), "{name}");
         assert!(name.ends_with("-1-5"), "{name}");
@@ -344,7 +352,7 @@ fn the_keyserver_decides_the_app_id() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 100);
     let obs: SocketAddr = OBS.parse().unwrap();
     let api = reg
-        .join(&req(net, secret, "api"), obs, &[1; 32], now())
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
     let api_id = api.member.app_id.clone();
     reg.create_token(
@@ -361,7 +369,7 @@ fn the_keyserver_decides_the_app_id() {
     for hint in [api_id.clone(), "api".parse().unwrap()] {
         let mut r = req(net, [7; 32], "web");
         r.app_id = Some(hint.clone());
-        let j = reg.join(&r, obs, &[2; 32], now()).unwrap();
+        let j = reg.join(&r, obs, &[2; 32], false, now()).unwrap();
         assert_ne!(j.member.app_id, api_id, "took api's id with hint {hint}");
         assert_ne!(j.member.app_id.as_str(), "api");
         // api's names still hold api's member only.
@@ -390,13 +398,20 @@ fn the_keyserver_decides_the_app_id() {
     let mut r = req(net, secret, "db");
     r.app_id = Some(mine.clone());
     assert_eq!(
-        reg.join(&r, obs, &[3; 32], now()).unwrap().member.app_id,
+        reg.join(&r, obs, &[3; 32], false, now())
+            .unwrap()
+            .member
+            .app_id,
         mine
     );
     // ...but not a free-form label.
     let mut r = req(net, secret, "cache");
     r.app_id = Some("cache-app".parse().unwrap());
-    let got = reg.join(&r, obs, &[4; 32], now()).unwrap().member.app_id;
+    let got = reg
+        .join(&r, obs, &[4; 32], false, now())
+        .unwrap()
+        .member
+        .app_id;
     assert!(got.as_str().starts_with("ap-"), "{got}");
 }
 
@@ -405,11 +420,17 @@ fn a_retried_join_gets_its_membership_back() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 1);
     let obs: SocketAddr = OBS.parse().unwrap();
     let r = req(net, secret, "api");
-    let first = reg.join(&r, obs, &[1; 32], now()).unwrap();
+    let first = reg.join(&r, obs, &[1; 32], false, now()).unwrap();
     assert!(!first.rejoined);
     assert_eq!(reg.tokens(net)[0].uses_left, 0, "the only use is gone");
+    // While a session of the member is open, it is not a lost welcome.
+    let err = reg.join(&r, obs, &[2; 32], true, now()).unwrap_err();
+    assert!(
+        matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("session")),
+        "{err}"
+    );
     // The welcome was lost: the same token and key come back.
-    let again = reg.join(&r, obs, &[2; 32], now()).unwrap();
+    let again = reg.join(&r, obs, &[2; 32], false, now()).unwrap();
     assert!(again.rejoined);
     assert_eq!(again.member, first.member);
     assert!(again.change.is_none(), "nothing the peers see changed");
@@ -432,14 +453,18 @@ fn a_retried_join_gets_its_membership_back() {
         .unwrap();
     let mut other_token = r.clone();
     other_token.token_secret = [5; 32];
-    let err = reg.join(&other_token, obs, &[3; 32], now()).unwrap_err();
+    let err = reg
+        .join(&other_token, obs, &[3; 32], false, now())
+        .unwrap_err();
     assert!(
         matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("another token")),
         "{err}"
     );
     let mut other_type = r.clone();
     other_type.process_type = "worker".parse().unwrap();
-    let err = reg.join(&other_type, obs, &[3; 32], now()).unwrap_err();
+    let err = reg
+        .join(&other_type, obs, &[3; 32], false, now())
+        .unwrap_err();
     assert!(
         matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("differ")),
         "{err}"
@@ -450,7 +475,7 @@ fn a_retried_join_gets_its_membership_back() {
         .ops
         .iter()
         .any(|op| matches!(op, StoreOp::PutMember(m) if m.credential_used)));
-    let err = reg.join(&r, obs, &[4; 32], now()).unwrap_err();
+    let err = reg.join(&r, obs, &[4; 32], false, now()).unwrap_err();
     assert!(
         matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("used")),
         "{err}"
@@ -466,9 +491,9 @@ fn a_retried_join_gets_its_membership_back() {
 fn a_resume_from_generation_zero_gets_a_snapshot() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
     let obs: SocketAddr = OBS.parse().unwrap();
-    reg.join(&req(net, secret, "api"), obs, &[1; 32], now())
+    reg.join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
-    reg.join(&req(net, secret, "web"), obs, &[1; 32], now())
+    reg.join(&req(net, secret, "web"), obs, &[1; 32], false, now())
         .unwrap();
     // The log (cap 4) still covers generation 0 -> 2: a delta would be
     // possible, but it carries no network name; the protocol says snapshot.
@@ -552,7 +577,7 @@ fn names_ranges_and_tokens_are_validated() {
     ] {
         let mut r = req(net, secret, service);
         r.runner = runner.into();
-        let err = reg.join(&r, obs, &[1; 32], now()).unwrap_err();
+        let err = reg.join(&r, obs, &[1; 32], false, now()).unwrap_err();
         assert_eq!(
             err.code(),
             ErrorCode::InvalidMetadata,
@@ -567,7 +592,7 @@ fn networks_are_deleted_and_dead_tokens_collected() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 2);
     let obs: SocketAddr = OBS.parse().unwrap();
     let a = reg
-        .join(&req(net, secret, "api"), obs, &[1; 32], now())
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
     let err = reg.delete_network(net, false, now()).unwrap_err();
     assert!(
@@ -577,7 +602,7 @@ fn networks_are_deleted_and_dead_tokens_collected() {
     reg.create_token(net, &[3; 32], 1, Duration::from_secs(10), None, None, now())
         .unwrap();
     // Expired (the 10 s one) and used up (none yet) are collected.
-    reg.join(&req(net, secret, "api"), obs, &[1; 32], now())
+    reg.join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
     let ops = reg.collect_tokens(now() + Duration::from_secs(20));
     assert_eq!(ops.len(), 2, "{ops:?}");
