@@ -73,7 +73,8 @@ pub struct Config {
     pub api_request_timeout_secs: u64,
     /// Largest admin API request body in bytes. Default 65536.
     pub api_max_body: usize,
-    /// Most simultaneous admin API connections. Default 128; more wait.
+    /// Most simultaneous admin API connections. Default 128; a new one
+    /// closes the oldest.
     pub api_max_connections: usize,
 }
 

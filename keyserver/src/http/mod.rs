@@ -17,11 +17,14 @@
 //! Slow clients cannot hold the API: request headers must arrive within
 //! [`ApiLimits::header_timeout`], a request body within
 //! [`ApiLimits::request_timeout`] and [`ApiLimits::max_body`] bytes, and at
-//! most [`ApiLimits::max_connections`] connections are served at a time.
+//! most [`ApiLimits::max_connections`] connections are open at a time: a new
+//! one closes the oldest ([`crate::admission::Admission`]), so connections
+//! that trickle cannot keep an operator waiting.
 
 mod openapi;
 mod routes;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,12 +35,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
+use parking_lot::Mutex;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
 
 pub use openapi::openapi_doc;
 pub use routes::{CreateNetwork, CreateToken, NetworkView, TokenView};
 
+use crate::admission::Admission;
 use crate::registry::AdminError;
 use crate::server::{OpError, Shared};
 
@@ -50,7 +56,7 @@ pub struct ApiLimits {
     pub request_timeout: Duration,
     /// Largest request body, in bytes.
     pub max_body: usize,
-    /// Most connections served at a time (more wait in the listen backlog).
+    /// Most connections open at a time; a new one closes the oldest.
     pub max_connections: usize,
 }
 
@@ -256,7 +262,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let gate = Arc::new(Mutex::new((
+        Admission::new(limits.max_connections, limits.max_connections),
+        HashMap::<u64, oneshot::Sender<()>>::new(),
+    )));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -266,10 +275,6 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.map_err(std::io::Error::other)?,
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -283,15 +288,31 @@ pub async fn serve(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             () = &mut shutdown => break,
         };
+        let (id, mut evicted) = {
+            let (tx, rx) = oneshot::channel();
+            let mut state = gate.lock();
+            let admitted = state.0.admit(peer.ip());
+            for old in &admitted.evict {
+                if let Some(end) = state.1.remove(old) {
+                    let _ = end.send(());
+                }
+            }
+            state.1.insert(admitted.id, tx);
+            (admitted.id, rx)
+        };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let mut stop = stop_rx.clone();
         let grace = limits.request_timeout;
+        let gate = gate.clone();
         tasks.spawn(async move {
-            let _permit = permit;
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
+                _ = &mut evicted => {
+                    tracing::debug!(%peer, "admin API: closed the oldest connection (from {peer}) to make room");
+                    Ok(())
+                }
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();
                     tokio::time::timeout(grace, conn.as_mut()).await.unwrap_or(Ok(()))
@@ -300,6 +321,9 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(%peer, "admin API connection from {peer} ended: {e}");
             }
+            let mut state = gate.lock();
+            state.0.leave(id);
+            state.1.remove(&id);
         });
     }
     let _ = stop_tx.send(true);
