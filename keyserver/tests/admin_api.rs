@@ -704,3 +704,29 @@ async fn networks_are_deleted_and_names_with_any_characters_work_in_the_cli() {
     assert!(refused.is_err());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_used_up_tokens_are_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |c| c.token_gc_secs = 1).await;
+    h.network("prod", "10.240.0.0/22").await;
+    h.token("prod", json!({"uses": 1, "expires": "1s"})).await;
+    let once = h.token("prod", json!({"uses": 1})).await;
+    let kept = h.token("prod", json!({"uses": 5, "expires": "1h"})).await;
+    let (_k, _s) = join(&client_endpoint(), &once, "api").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = h.tokens("prod").await;
+        if left.len() == 1 {
+            assert_eq!(left[0]["uses_left"], 5);
+            break;
+        }
+        assert!(Instant::now() < deadline, "tokens left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The collected ones admit nobody; the kept one still works.
+    let refused = meshlib::control::join(&client_endpoint(), &once, meta("api").1, &cfg()).await;
+    assert!(refused.is_err());
+    join(&client_endpoint(), &kept, "api").await;
+    h.stop().await;
+}

@@ -340,3 +340,33 @@ async fn a_resume_without_a_map_gets_a_snapshot() {
     assert_eq!(s.map().members.len(), 2);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_and_bidi_characters_in_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("a", "10.240.0.0/22").await;
+    let token = h.token("a", json!({"uses": 10})).await;
+    let ep = client_endpoint();
+    let cases = [
+        ("api\u{1b}[2J\u{1b}[31mforged", "runner-1"),
+        ("api\n10.240.0.9 web-web-1", "runner-1"),
+        ("evil\u{202E}txt.exe", "runner-1"),
+        ("api", "r\u{1b}]0;title\u{7}"),
+        ("api", "r\u{2066}x"),
+        ("api", &"r".repeat(129)),
+    ];
+    for (service, runner) in cases {
+        let (_, mut m) = meta(service);
+        m.runner = runner.to_owned();
+        let e = refusal(control::join(&ep, &token, m, &cfg()).await);
+        assert_eq!(e.code, ErrorCode::InvalidMetadata, "{service:?} {runner:?}");
+        assert!(
+            !e.message.contains('\u{1b}'),
+            "the refusal does not echo it"
+        );
+    }
+    assert!(h.members("a").await.is_empty());
+    assert_eq!(h.tokens("a").await[0]["uses_left"], 10);
+    h.stop().await;
+}
