@@ -9,7 +9,7 @@
 //! one succeeds). [`Shared::readiness`] probes the store for `/readyz`. The frame of a change is encoded once and the same
 //! bytes go to every subscriber: work per change is O(members affected).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -126,6 +126,9 @@ pub struct Shared {
     hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
     /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
     seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
+    /// Members whose credential use the registry has noted (see
+    /// [`Shared::heartbeat`]).
+    confirmed: Mutex<HashSet<(NetworkId, PublicKey)>>,
     /// Open sessions per member (see [`Shared::online`]).
     online: Arc<Mutex<HashMap<(NetworkId, PublicKey), u32>>>,
     /// The last readiness probe: when, and its answer.
@@ -162,6 +165,7 @@ impl Shared {
             }),
             hubs: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashSet::new()),
             online: Arc::new(Mutex::new(HashMap::new())),
             probe: Mutex::new(None),
             limits,
@@ -218,6 +222,8 @@ impl Shared {
             Ok(records) => {
                 core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
                 core.stale = false;
+                // Memory-only notes went with the old registry.
+                self.confirmed.lock().clear();
                 Ok(())
             }
             Err(e) => {
@@ -277,6 +283,7 @@ impl Shared {
     fn publish(&self, change: Change) {
         if let Some(key) = &change.removed {
             self.seen.lock().remove(&(change.network, *key));
+            self.confirmed.lock().remove(&(change.network, *key));
         }
         let hubs = self.hubs.lock();
         let Some(tx) = hubs.get(&change.network) else {
@@ -340,18 +347,21 @@ impl Shared {
     /// queue behind fsyncs. The stored `last_seen` is refreshed with the
     /// member's next stored change.
     ///
-    /// A member's first heartbeat (in this process) shows it read its
-    /// welcome and holds its credential: the registry notes it (once, under
-    /// the lock; in memory, stored with the member's next write), so a
-    /// retried join with its key is refused from then on.
+    /// A member's heartbeat shows it read its welcome and holds its
+    /// credential: the registry notes it (in memory, stored with the
+    /// member's next write), so a retried join with its key is refused from
+    /// then on. That needs the registry lock once per member; it is only
+    /// tried, never waited for (a later heartbeat tries again).
     pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) {
-        let first = self
-            .seen
+        self.seen
             .lock()
-            .insert((network, *key), crate::registry::unix(now))
-            .is_none();
-        if first {
-            let _memory_only = self.core.lock().reg.confirm_credential(network, key);
+            .insert((network, *key), crate::registry::unix(now));
+        if self.confirmed.lock().contains(&(network, *key)) {
+            return;
+        }
+        if let Some(mut core) = self.core.try_lock() {
+            let _memory_only = core.reg.confirm_credential(network, key);
+            self.confirmed.lock().insert((network, *key));
         }
     }
 

@@ -370,3 +370,45 @@ async fn control_and_bidi_characters_in_names_are_refused() {
     assert_eq!(h.tokens("a").await[0]["uses_left"], 10);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_used_its_credential_cannot_be_joined_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("a", "10.240.0.0/22").await;
+    let token = h.token("a", json!({"uses": 5})).await;
+    let ep = client_endpoint();
+    let (_key, meta) = meta("api");
+    // A token holder who knows the member's public key (every peer does)
+    // tries to join as it while its session is open...
+    let mut s = control::join(&ep, &token, meta.clone(), &cfg())
+        .await
+        .unwrap();
+    let e = refusal(control::join(&ep, &token, meta.clone(), &cfg()).await);
+    assert_eq!(e.code, ErrorCode::KeyInUse);
+    assert!(e.message.contains("session"), "{}", e.message);
+    // ...and after it went away, once it had heartbeated (so it had its
+    // welcome and credential).
+    s.heartbeat().await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), s.next_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, Event::HeartbeatAck { .. }), "{ev:?}");
+    s.close();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        let e = refusal(control::join(&ep, &token, meta.clone(), &cfg()).await);
+        if !e.message.contains("session") || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(e.code, ErrorCode::KeyInUse);
+    assert!(
+        e.message.contains("credential has been used"),
+        "{}",
+        e.message
+    );
+    h.stop().await;
+}
