@@ -47,10 +47,12 @@ pub struct Config {
     /// hello). Default 4096; more are answered `Busy`.
     pub max_connections: usize,
     /// Most QUIC connections that have not sent a valid hello yet. Default
-    /// 256; when full, the oldest such connection is closed to make room.
+    /// 512 (about 80 KiB each); when full, the oldest such connection is
+    /// closed to make room.
     pub max_unauthenticated: usize,
     /// Most connections without a hello from one source address (IPv6: one
-    /// /64). Default 16; when full, that source's oldest is closed.
+    /// /64). Default 64 (a fleet behind one NAT address restarting at once);
+    /// when full, that source's oldest is closed.
     pub max_unauthenticated_per_source: usize,
     /// QUIC idle timeout in seconds. Default 30 (clients keep alive every 5).
     pub idle_timeout_secs: u64,
@@ -149,7 +151,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_frame, 4096);
         assert_eq!(c.max_connections, 4096);
-        assert_eq!(c.max_unauthenticated, 256);
+        assert_eq!(c.max_unauthenticated, 512);
         assert_eq!(c.hello_timeout_secs, 3);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(Config::from_toml("max-frames = 1").is_err());

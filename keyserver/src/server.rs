@@ -53,8 +53,9 @@ impl Default for Limits {
         Self {
             max_frame: proto::DEFAULT_MAX_FRAME,
             max_connections: 4096,
-            max_unauthenticated: 256,
-            max_unauthenticated_per_source: 16,
+            max_unauthenticated: 512,
+            // A site's whole fleet behind one NAT address may restart at once.
+            max_unauthenticated_per_source: 64,
             idle_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(3),
             push_buffer: 1024,
