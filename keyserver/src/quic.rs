@@ -2,6 +2,7 @@
 //! ([`meshlib::proto`]) on one bidirectional stream per connection, and
 //! forwards the network's pushes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,13 +13,15 @@ use meshlib::keys::PublicKey;
 use meshlib::proto::{
     self, ClientMsg, ErrorCode, FrameError, Hello, ProtoError, Request, ServerMsg, Welcome,
 };
+use parking_lot::Mutex;
 use rand_core::RngCore as _;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use meshlib::netmap::Member;
 
+use crate::admission::Admission;
 use crate::registry::{Catchup, Change, ProtoOpError};
-use crate::server::{OpError, Push, Shared};
+use crate::server::{Online, OpError, Push, Shared};
 
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +30,12 @@ pub enum QuicSetupError {
     #[error("TLS setup: {0}")]
     Tls(String),
     /// The UDP socket could not be bound.
-    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    #[error("cannot bind QUIC endpoint on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -65,7 +68,7 @@ pub fn endpoint(
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    let bind = |source| QuicSetupError::Bind { addr, source };
+    let bind = |cause| QuicSetupError::Bind { addr, cause };
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime = Arc::new(quinn::TokioRuntime);
     quinn::Endpoint::new(
@@ -96,14 +99,25 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// Accepts connections until `shutdown` completes, at most
-/// `limits.max_connections` at a time (more are refused).
+/// Accepts connections until `shutdown` completes. Connections without a
+/// hello yet are admitted by [`Admission`] (their own budget, oldest evicted
+/// when full, a deadline of `limits.hello_timeout`); past the hello, at most
+/// `limits.max_connections` sessions run at a time (more are told `Busy`).
 pub async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let gate = Arc::new(Gate {
+        state: Mutex::new((
+            Admission::new(
+                shared.limits.max_unauthenticated,
+                shared.limits.max_unauthenticated_per_source,
+            ),
+            HashMap::new(),
+        )),
+        slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -114,28 +128,118 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "connection limit reached, refusing {}",
-                incoming.remote_address()
-            );
-            incoming.refuse();
-            continue;
-        };
+        let ticket = gate.admit(incoming.remote_address(), shared.limits.hello_timeout);
         let shared = shared.clone();
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
-                () = connection(incoming, shared) => {}
+                () = connection(incoming, shared, ticket) => {}
                 _ = stop.changed() => {}
             }
-            drop(permit);
         });
     }
     let _ = stop_tx.send(true);
     endpoint.close(0u32.into(), b"shutdown");
     // Every session has released the shared state when this returns.
     while tasks.join_next().await.is_some() {}
+}
+
+/// Connection admission shared by the accept loop and the connections.
+struct Gate {
+    /// Pending connections, and how to end each (by admission id).
+    state: Mutex<(Admission, HashMap<u64, oneshot::Sender<()>>)>,
+    /// Established sessions.
+    slots: Arc<Semaphore>,
+}
+
+impl Gate {
+    /// Admits a new connection, ending the ones it evicts.
+    fn admit(self: &Arc<Self>, remote: SocketAddr, timeout: std::time::Duration) -> Ticket {
+        let (tx, evicted) = oneshot::channel();
+        let mut state = self.state.lock();
+        let admitted = state.0.admit(remote.ip());
+        for id in &admitted.evict {
+            if let Some(end) = state.1.remove(id) {
+                let _ = end.send(());
+            }
+        }
+        state.1.insert(admitted.id, tx);
+        if !admitted.evict.is_empty() {
+            tracing::debug!(
+                %remote,
+                pending = state.0.pending(),
+                "connections without a hello at their limit: evicted the oldest"
+            );
+        }
+        Ticket {
+            id: admitted.id,
+            gate: self.clone(),
+            evicted,
+            deadline: tokio::time::Instant::now() + timeout,
+            pending: true,
+            _slot: None,
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        let mut state = self.state.lock();
+        state.0.leave(id);
+        state.1.remove(&id);
+    }
+}
+
+/// One connection's place: pending until its hello, then an established
+/// slot held until it ends.
+struct Ticket {
+    id: u64,
+    gate: Arc<Gate>,
+    /// Fires when a newer connection evicted this one.
+    evicted: oneshot::Receiver<()>,
+    /// End of the hello deadline.
+    deadline: tokio::time::Instant,
+    pending: bool,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Why a pending step did not finish.
+#[derive(Debug)]
+enum NotInTime {
+    Deadline,
+    Evicted,
+}
+
+impl Ticket {
+    /// Runs a step of the pending phase (handshake, stream, hello) within
+    /// the hello deadline and unless evicted.
+    async fn pending<T>(&mut self, step: impl Future<Output = T>) -> Result<T, NotInTime> {
+        tokio::select! {
+            r = tokio::time::timeout_at(self.deadline, step) => r.map_err(|_| NotInTime::Deadline),
+            _ = &mut self.evicted => Err(NotInTime::Evicted),
+        }
+    }
+
+    /// The hello arrived: leave the pending budget and take an established
+    /// slot, or refuse with `Busy`.
+    fn promote(&mut self) -> Result<(), Fatal> {
+        self.gate.leave(self.id);
+        self.pending = false;
+        let slot = self.gate.slots.clone().try_acquire_owned().map_err(|_| {
+            Fatal(
+                ErrorCode::Busy,
+                "the keyserver is at its connection limit; retry later".into(),
+            )
+        })?;
+        self._slot = Some(slot);
+        Ok(())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.pending {
+            self.gate.leave(self.id);
+        }
+    }
 }
 
 /// A session's fatal end: tell the client why, then close.
@@ -147,18 +251,37 @@ impl From<FrameError> for Fatal {
     }
 }
 
+impl From<NotInTime> for Fatal {
+    fn from(e: NotInTime) -> Self {
+        match e {
+            NotInTime::Deadline => Fatal(ErrorCode::Malformed, "no hello in time".into()),
+            NotInTime::Evicted => Fatal(
+                ErrorCode::Busy,
+                "too many connections without a hello; this one was the oldest".into(),
+            ),
+        }
+    }
+}
+
 /// Handles one connection from handshake to close.
-async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let timeout = shared.limits.handshake_timeout;
-    let Ok(Ok(conn)) = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await
-    else {
-        return;
+async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: Ticket) {
+    let remote = incoming.remote_address();
+    let conn = match ticket.pending(async { incoming.accept()?.await }).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "QUIC handshake with {remote} failed: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%remote, "QUIC handshake with {remote} not done: {e:?}");
+            return;
+        }
     };
-    let Ok(Ok((mut send, recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
+    let Ok(Ok((mut send, recv))) = ticket.pending(conn.accept_bi()).await else {
         conn.close(1u32.into(), b"no control stream");
         return;
     };
-    let result = session(&conn, &mut send, recv, &shared).await;
+    let result = session(&conn, &mut send, recv, &shared, &mut ticket).await;
     if let Err(Fatal(code, message)) = result {
         tracing::debug!(remote = %conn.remote_address(), ?code, %message, "session ended");
         let msg = ServerMsg::Error(ProtoError { code, message });
@@ -166,7 +289,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     }
     let _ = send.finish();
     // Let the client read the last frame before the connection goes away.
-    let _ = tokio::time::timeout(timeout, send.stopped()).await;
+    let _ = tokio::time::timeout(shared.limits.hello_timeout, send.stopped()).await;
     conn.close(0u32.into(), b"done");
 }
 
@@ -222,14 +345,11 @@ async fn session(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Arc<Shared>,
+    ticket: &mut Ticket,
 ) -> Result<(), Fatal> {
     let max = shared.limits.max_frame;
-    let hello: Hello = tokio::time::timeout(
-        shared.limits.handshake_timeout,
-        proto::read_frame(&mut recv, max),
-    )
-    .await
-    .map_err(|_| Fatal(ErrorCode::Malformed, "no hello in time".into()))??;
+    let hello: Hello = ticket.pending(proto::read_frame(&mut recv, max)).await??;
+    ticket.promote()?;
     if hello.version != proto::VERSION {
         return Err(Fatal(
             ErrorCode::UnsupportedVersion,
@@ -241,16 +361,14 @@ async fn session(
         ));
     }
     let observed = conn.remote_address();
-    let (welcome, first, mut pushes, advertised) = match hello.request {
+    let ((welcome, first, mut pushes, _online), advertised) = match hello.request {
         Request::Join(req) => {
             let advertised = req.endpoints.clone();
-            let (w, f, p) = join(shared, req, observed).await?;
-            (w, f, p, advertised)
+            (join(shared, req, observed).await?, advertised)
         }
         Request::Resume(req) => {
             let advertised = req.endpoints.clone();
-            let (w, f, p) = resume(shared, req, observed).await?;
-            (w, f, p, advertised)
+            (resume(shared, req, observed).await?, advertised)
         }
     };
     let mut s = Session {
@@ -299,7 +417,8 @@ enum First {
     Catchup(Catchup, PublicKey, u64),
 }
 
-type Started = (Welcome, First, broadcast::Receiver<Push>);
+/// What a session starts with; [`Online`] counts it open until it ends.
+type Started = (Welcome, First, broadcast::Receiver<Push>, Online);
 
 async fn join(
     shared: &Arc<Shared>,
@@ -309,18 +428,25 @@ async fn join(
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
     let sh = shared.clone();
-    let (joined, pushes) = blocking(move || {
+    let (joined, (pushes, online)) = blocking(move || {
         sh.mutate(
             |reg| {
-                let j = reg.join(&req, observed, &credential, SystemTime::now())?;
+                let online = sh.is_online(req.network, &req.public_key);
+                let j = reg.join(&req, observed, &credential, online, SystemTime::now())?;
                 let (ops, change) = (j.ops.clone(), j.change.clone());
-                Ok((j, ops, vec![change]))
+                Ok((j, ops, change.into_iter().collect()))
             },
-            |_, j, sh| sh.subscribe(j.map.network),
+            |_, j, sh| {
+                let key = j.member.public_key;
+                (sh.subscribe(j.map.network), sh.online(j.map.network, key))
+            },
         )
     })
     .await?
     .map_err(op_fatal)?;
+    if joined.rejoined {
+        tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
+    }
     let welcome = welcome_of(
         &joined.member,
         joined.map.network,
@@ -328,7 +454,7 @@ async fn join(
         observed,
     );
     let key = joined.member.public_key;
-    Ok((welcome, First::Snapshot(joined.map, key), pushes))
+    Ok((welcome, First::Snapshot(joined.map, key), pushes, online))
 }
 
 async fn resume(
@@ -338,7 +464,8 @@ async fn resume(
 ) -> Result<Started, Fatal> {
     let sh = shared.clone();
     let (network, from) = (req.network, req.generation);
-    let (resumed, pushes) = blocking(move || {
+    let key = req.public_key;
+    let (resumed, (pushes, online)) = blocking(move || {
         sh.mutate(
             |reg| {
                 let r = reg.resume(&req, observed, SystemTime::now())?;
@@ -346,14 +473,18 @@ async fn resume(
                 let ops = r.ops.clone();
                 Ok((r, ops, changes))
             },
-            |_, _, sh| sh.subscribe(network),
+            |_, _, sh| (sh.subscribe(network), sh.online(network, key)),
         )
     })
     .await?
     .map_err(op_fatal)?;
     let welcome = welcome_of(&resumed.member, network, None, observed);
-    let key = resumed.member.public_key;
-    Ok((welcome, First::Catchup(resumed.catchup, key, from), pushes))
+    Ok((
+        welcome,
+        First::Catchup(resumed.catchup, key, from),
+        pushes,
+        online,
+    ))
 }
 
 fn welcome_of(

@@ -64,6 +64,41 @@ pub struct MemberRecord {
     pub joined: u64,
     /// Last contact (Unix seconds): join, resume, heartbeat, endpoint update.
     pub last_seen: u64,
+    /// SHA-256 of the join token's secret this member joined with (`None`
+    /// for records stored before it was kept). A join retried with the same
+    /// token and key gets this membership back while `credential_used` is
+    /// false: the welcome with the credential may have been lost.
+    pub token_hash: Option<[u8; 32]>,
+    /// Whether the member showed it holds its credential (a resume, or a
+    /// heartbeat on its join session). From then on a retried join is
+    /// refused: only the credential brings the membership back.
+    pub credential_used: bool,
+}
+
+/// A member record as stored before `token_hash` and `credential_used`
+/// existed; read so that older stores still load.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemberRecordV1 {
+    network: NetworkId,
+    member: Member,
+    credential_hash: [u8; 32],
+    joined: u64,
+    last_seen: u64,
+}
+
+impl From<MemberRecordV1> for MemberRecord {
+    fn from(v: MemberRecordV1) -> Self {
+        Self {
+            network: v.network,
+            member: v.member,
+            credential_hash: v.credential_hash,
+            joined: v.joined,
+            last_seen: v.last_seen,
+            token_hash: None,
+            // Whatever happened before, only the credential resumes it.
+            credential_used: true,
+        }
+    }
 }
 
 /// One write for the store; a list of them is committed atomically.
@@ -79,6 +114,9 @@ pub enum StoreOp {
     PutMember(MemberRecord),
     /// Delete a member.
     DeleteMember(NetworkId, PublicKey),
+    /// Delete a network record (its members, tokens and quarantine entries
+    /// are deleted by their own ops in the same batch).
+    DeleteNetwork(NetworkId),
     /// Keep an address in quarantine until a time (Unix seconds).
     PutQuarantine(NetworkId, Ipv4Addr, u64),
     /// Forget a quarantine entry.
@@ -127,8 +165,11 @@ pub struct Joined {
     pub member: Member,
     /// The map including the new member.
     pub map: NetworkMap,
-    /// The change to push to the others.
-    pub change: Change,
+    /// The change to push to the others (`None` for a retried join that
+    /// changed nothing the peers see).
+    pub change: Option<Change>,
+    /// Whether this was a retried join that got an existing membership back.
+    pub rejoined: bool,
     /// Writes to commit.
     pub ops: Vec<StoreOp>,
 }
