@@ -128,6 +128,12 @@ fn read_or_create(
 /// A shared sticky directory such as `/tmp` is refused rather than changed.
 fn private_dir(dir: &Path) -> Result<(), OpenError> {
     use std::os::unix::fs::PermissionsExt as _;
+    // Checked before anything is created or tightened.
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.permissions().mode() & 0o1002 == 0o1002 {
+            return Err(OpenError::SharedDir(dir.to_owned()));
+        }
+    }
     fsutil::create_private_dir(dir)?;
     let mode_err = |cause| OpenError::Mode {
         path: dir.to_owned(),
@@ -137,9 +143,6 @@ fn private_dir(dir: &Path) -> Result<(), OpenError> {
         .map_err(mode_err)?
         .permissions()
         .mode();
-    if mode & 0o1002 == 0o1002 {
-        return Err(OpenError::SharedDir(dir.to_owned()));
-    }
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(mode_err)?;
         tracing::warn!(
