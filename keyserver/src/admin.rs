@@ -15,9 +15,14 @@ pub enum AdminClientError {
     /// The request could not be built (bad URL).
     #[error("bad request: {0}")]
     Build(String),
-    /// The server could not be reached.
-    #[error("cannot reach the keyserver API: {0}")]
-    Transport(String),
+    /// The server could not be reached, or the connection failed.
+    #[error("cannot reach the keyserver API at {url}: {cause}")]
+    Transport {
+        /// The URL of the request.
+        url: String,
+        /// What failed, with its causes.
+        cause: String,
+    },
     /// The server answered with an error status.
     #[error("keyserver answered {status}: {message}")]
     Status {
@@ -60,24 +65,25 @@ impl AdminClient {
             Some(b) => serde_json::to_vec(b)?,
             None => vec![],
         };
+        let url = format!("{}{path}", self.base);
+        let transport = |e: &dyn std::error::Error| AdminClientError::Transport {
+            url: url.clone(),
+            cause: chain(e),
+        };
         let req = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri(&url)
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| AdminClientError::Build(e.to_string()))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| AdminClientError::Transport(e.to_string()))?;
+        let resp = self.client.request(req).await.map_err(|e| transport(&e))?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| AdminClientError::Transport(e.to_string()))?
+            .map_err(|e| transport(&e))?
             .to_bytes();
         let value: serde_json::Value = if body.is_empty() {
             serde_json::Value::Null
@@ -95,5 +101,56 @@ impl AdminClient {
             });
         }
         Ok(value)
+    }
+}
+
+/// An error and its causes, `outer: inner: ...`, each said once (hyper's
+/// errors say "client error (Connect)" on top and the reason below).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// `text` as one URL path segment: every byte outside the unreserved set
+/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, and dots too when the segment
+/// is only dots (`.` and `..` would be read as path steps).
+pub fn path_segment(text: &str) -> String {
+    let all_dots = text.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'~')
+            || (b == b'.' && !all_dots);
+        if plain {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(path_segment("prod"), "prod");
+        assert_eq!(path_segment("a/b"), "a%2Fb");
+        assert_eq!(path_segment("my net"), "my%20net");
+        assert_eq!(path_segment("x+y=="), "x%2By%3D%3D");
+        assert_eq!(path_segment("é"), "%C3%A9");
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("a.b"), "a.b");
+        assert_eq!(path_segment("?#%"), "%3F%23%25");
     }
 }

@@ -7,14 +7,26 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http::ApiLimits;
 use crate::server::Limits;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal, never with `NO_COLOR`).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
 
 /// Everything `keyserver serve` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct Config {
     /// State directory: store, certificate, admin token. Default
-    /// `/var/lib/ist-keyserver`.
+    /// `/var/lib/ist-keyserver`. Created, or tightened, to mode 0700.
     pub data_dir: PathBuf,
     /// QUIC (UDP) listen address for sidecars. Default `0.0.0.0:7443`.
     pub quic_listen: SocketAddr,
@@ -26,15 +38,27 @@ pub struct Config {
     pub advertise: Vec<SocketAddr>,
     /// Log filter (`info`, `debug`, `keyserver=trace`, ...). Default `info`.
     pub log_level: String,
+    /// Log format: `text` or `json`. Default `text`.
+    pub log_format: LogFormat,
     /// Largest control frame in bytes. Default 1 MiB: a full /22 snapshot is
-    /// about 200 KiB.
+    /// about 290 KB.
     pub max_frame: usize,
-    /// Most simultaneous QUIC connections. Default 4096.
+    /// Most simultaneous established QUIC connections (members past their
+    /// hello). Default 4096; more are answered `Busy`.
     pub max_connections: usize,
+    /// Most QUIC connections that have not sent a valid hello yet. Default
+    /// 512 (about 80 KiB each); when full, the oldest such connection is
+    /// closed to make room.
+    pub max_unauthenticated: usize,
+    /// Most connections without a hello from one source address (IPv6: one
+    /// /64). Default 64 (a fleet behind one NAT address restarting at once);
+    /// when full, that source's oldest is closed.
+    pub max_unauthenticated_per_source: usize,
     /// QUIC idle timeout in seconds. Default 30 (clients keep alive every 5).
     pub idle_timeout_secs: u64,
-    /// Seconds from connection to a valid hello. Default 10.
-    pub handshake_timeout_secs: u64,
+    /// Seconds from a connection's first packet to its hello. Default 3.
+    #[serde(alias = "handshake-timeout-secs")]
+    pub hello_timeout_secs: u64,
     /// Deltas kept per network so reconnects resume without a snapshot. Default 1024.
     pub change_log: usize,
     /// Pushes buffered per connection before it catches up from the log. Default 1024.
@@ -49,26 +73,48 @@ pub struct Config {
     /// Seconds an offline member is kept before it expires and its address
     /// is released (a network may set its own). Default 86400 (24 h).
     pub expire_after_secs: u64,
+    /// Seconds between sweeps that delete expired and used-up tokens.
+    /// Default 600; 0 turns the sweep off.
+    pub token_gc_secs: u64,
+    /// Seconds an admin API client has to send a request's headers (against
+    /// slowloris). Default 5.
+    pub api_header_timeout_secs: u64,
+    /// Seconds an admin API request may take, body included. Default 10.
+    pub api_request_timeout_secs: u64,
+    /// Largest admin API request body in bytes. Default 65536.
+    pub api_max_body: usize,
+    /// Most simultaneous admin API connections. Default 128; a new one
+    /// closes the oldest.
+    pub api_max_connections: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         let limits = Limits::default();
+        let api = ApiLimits::default();
         Self {
             data_dir: PathBuf::from("/var/lib/ist-keyserver"),
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             advertise: vec![],
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             max_frame: limits.max_frame,
             max_connections: limits.max_connections,
+            max_unauthenticated: limits.max_unauthenticated,
+            max_unauthenticated_per_source: limits.max_unauthenticated_per_source,
             idle_timeout_secs: limits.idle_timeout.as_secs(),
-            handshake_timeout_secs: limits.handshake_timeout.as_secs(),
+            hello_timeout_secs: limits.hello_timeout.as_secs(),
             change_log: limits.change_log,
             push_buffer: limits.push_buffer,
             quarantine_secs: limits.quarantine.as_secs(),
             offline_after_secs: limits.lifecycle.offline_after.as_secs(),
             expire_after_secs: limits.lifecycle.expire_after.as_secs(),
+            token_gc_secs: 600,
+            api_header_timeout_secs: api.header_timeout.as_secs(),
+            api_request_timeout_secs: api.request_timeout.as_secs(),
+            api_max_body: api.max_body,
+            api_max_connections: api.max_connections,
         }
     }
 }
@@ -84,8 +130,10 @@ impl Config {
         Limits {
             max_frame: self.max_frame,
             max_connections: self.max_connections,
+            max_unauthenticated: self.max_unauthenticated.max(1),
+            max_unauthenticated_per_source: self.max_unauthenticated_per_source.max(1),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
-            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs.max(1)),
+            hello_timeout: Duration::from_secs(self.hello_timeout_secs.max(1)),
             push_buffer: self.push_buffer,
             change_log: self.change_log,
             quarantine: Duration::from_secs(self.quarantine_secs),
@@ -93,6 +141,16 @@ impl Config {
                 offline_after: Duration::from_secs(self.offline_after_secs.max(1)),
                 expire_after: Duration::from_secs(self.expire_after_secs),
             },
+        }
+    }
+
+    /// The admin API limits of this configuration.
+    pub fn api_limits(&self) -> ApiLimits {
+        ApiLimits {
+            header_timeout: Duration::from_secs(self.api_header_timeout_secs.max(1)),
+            request_timeout: Duration::from_secs(self.api_request_timeout_secs.max(1)),
+            max_body: self.api_max_body,
+            max_connections: self.api_max_connections.max(1),
         }
     }
 }
@@ -107,6 +165,13 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_frame, 4096);
         assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.max_unauthenticated, 512);
+        assert_eq!(c.hello_timeout_secs, 3);
+        assert_eq!(c.log_format, LogFormat::Text);
         assert!(Config::from_toml("max-frames = 1").is_err());
+        // The old name of the hello deadline still works.
+        let old = Config::from_toml("handshake-timeout-secs = 7\nlog-format = \"json\"").unwrap();
+        assert_eq!(old.hello_timeout_secs, 7);
+        assert_eq!(old.log_format, LogFormat::Json);
     }
 }

@@ -11,6 +11,7 @@
 //!   change to push.
 //! - [`session`] — one member's control stream: hello, pushes, catch-up,
 //!   revocation and client requests, without I/O.
+//! - [`admission`] — the budget of connections that have not said hello.
 //!
 //! Drivers:
 //! - [`store`] — the [`store::Store`] trait and the embedded redb store.
@@ -26,6 +27,7 @@
 //! a shutdown future completes, so tests run it in-process on port 0.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod http;
 pub mod quic;
@@ -56,12 +58,24 @@ pub enum OpenError {
     #[error(transparent)]
     Write(#[from] fsutil::WriteError),
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+    /// The data directory is shared with others (world-writable and
+    /// sticky, like `/tmp`): its mode cannot be tightened to 0700.
+    #[error("{0} is a shared directory (sticky, world-writable); choose a directory of its own for --data-dir")]
+    SharedDir(PathBuf),
+    /// The data directory's mode could not be read or tightened.
+    #[error("cannot make {path} private (mode 0700): {cause}")]
+    Mode {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
     },
     /// The certificate could not be generated.
     #[error("cannot generate the certificate: {0}")]
@@ -89,6 +103,9 @@ pub struct Keyserver {
     admin_token: String,
     cert_der: Vec<u8>,
     key_der: Vec<u8>,
+    api_limits: http::ApiLimits,
+    /// Interval of the token sweep (`None`: off).
+    token_gc: Option<std::time::Duration>,
 }
 
 /// Reads `path`, or creates it with `make` (mode 0600) if missing.
@@ -103,20 +120,52 @@ fn read_or_create(
             fsutil::write_secret(path, &bytes)?;
             Ok(bytes)
         }
-        Err(source) => Err(OpenError::Read {
+        Err(cause) => Err(OpenError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         }),
     }
 }
 
+/// Creates the data directory (mode 0700), or tightens an existing one to
+/// 0700: it holds the QUIC key, the admin token and every member's record.
+/// A shared sticky directory such as `/tmp` is refused rather than changed.
+fn private_dir(dir: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // Checked before anything is created or tightened.
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.permissions().mode() & 0o1002 == 0o1002 {
+            return Err(OpenError::SharedDir(dir.to_owned()));
+        }
+    }
+    fsutil::create_private_dir(dir)?;
+    let mode_err = |cause| OpenError::Mode {
+        path: dir.to_owned(),
+        cause,
+    };
+    let mode = std::fs::metadata(dir)
+        .map_err(mode_err)?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(mode_err)?;
+        tracing::warn!(
+            "tightened {} from mode {:o} to 0700",
+            dir.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
 impl Keyserver {
-    /// Opens the data directory: creates it (0700), the certificate and key
-    /// (`cert.der`, `key.der`), the admin token (`admin-token`, 0600) and the
-    /// store (`state.redb`) on first start; loads the state.
+    /// Opens the data directory: creates it (0700; an existing one is
+    /// tightened to 0700), the certificate and key (`cert.der`, `key.der`
+    /// 0600), the admin token (`admin-token`, 0600) and the store
+    /// (`state.redb`, 0600) on first start; loads the state.
     pub fn open(config: &Config) -> Result<Self, OpenError> {
         let dir = &config.data_dir;
-        fsutil::create_private_dir(dir)?;
+        private_dir(dir)?;
         let key_path = dir.join("key.der");
         let cert_path = dir.join("cert.der");
         if !key_path.exists() || !cert_path.exists() {
@@ -126,12 +175,15 @@ impl Keyserver {
             fsutil::write_atomic(&cert_path, ck.cert.der(), 0o644)?;
         }
         let key_der = read_or_create(&key_path, || unreachable_missing(&key_path))?;
+        // Secrets written by an older version, or copied in by hand.
+        tighten(&key_path)?;
         let cert_der = read_or_create(&cert_path, || unreachable_missing(&cert_path))?;
         let token = read_or_create(&dir.join("admin-token"), || {
             let mut secret = [0u8; 32];
             rand_core::OsRng.fill_bytes(&mut secret);
             Ok(URL_SAFE_NO_PAD.encode(secret).into_bytes())
         })?;
+        tighten(&dir.join("admin-token"))?;
         let admin_token = String::from_utf8_lossy(&token).trim().to_owned();
         let store = RedbStore::open(&dir.join("state.redb"))?;
         let fp = meshlib::proto::sha256(&cert_der);
@@ -145,6 +197,9 @@ impl Keyserver {
             admin_token,
             cert_der,
             key_der,
+            api_limits: config.api_limits(),
+            token_gc: (config.token_gc_secs > 0)
+                .then(|| std::time::Duration::from_secs(config.token_gc_secs)),
         })
     }
 
@@ -200,13 +255,23 @@ impl Keyserver {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let router = http::router(self.shared.clone(), self.admin_token.clone());
-        let http = axum::serve(api, router).with_graceful_shutdown(wait(stop_rx.clone()));
+        let router = http::router(
+            self.shared.clone(),
+            self.admin_token.clone(),
+            self.api_limits.clone(),
+        );
+        let http = http::serve(api, router, self.api_limits, wait(stop_rx.clone()));
         let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx.clone())));
-        let sweeper = tokio::spawn(sweep(self.shared.clone(), wait(stop_rx)));
+        let sweeper = tokio::spawn(sweep(self.shared.clone(), wait(stop_rx.clone())));
+        let gc_task = self
+            .token_gc
+            .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
         let result = http.await.map_err(ServeError::Http);
         let _ = quic_task.await;
         let _ = sweeper.await;
+        if let Some(task) = gc_task {
+            let _ = task.await;
+        }
         // Blocking store operations started by dropped sessions may still
         // hold the state for a moment; wait (bounded) so the store is closed
         // when this returns and a restart on the same directory can open it.
@@ -241,11 +306,50 @@ async fn sweep(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     }
 }
 
+/// Forgets expired and used-up tokens every `every` until `stop`.
+async fn collect_tokens(
+    shared: Arc<Shared>,
+    every: std::time::Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut stop => return,
+        }
+        let sh = shared.clone();
+        match tokio::task::spawn_blocking(move || sh.collect_tokens(SystemTime::now())).await {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(n)) => tracing::info!("deleted {n} expired or used-up tokens"),
+            Ok(Err(e)) => tracing::warn!("token sweep: {e}"),
+        }
+    }
+}
+
+/// Sets a secret file's mode to 0600 if it is more open.
+fn tighten(path: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode_err = |cause| OpenError::Mode {
+        path: path.to_owned(),
+        cause,
+    };
+    let mode = std::fs::metadata(path)
+        .map_err(mode_err)?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(mode_err)?;
+    }
+    Ok(())
+}
+
 /// The certificate files were just written; missing now means a race with
 /// another process.
 fn unreachable_missing(path: &Path) -> Result<Vec<u8>, OpenError> {
     Err(OpenError::Read {
         path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "vanished after creation"),
+        cause: std::io::Error::new(std::io::ErrorKind::NotFound, "vanished after creation"),
     })
 }

@@ -4,6 +4,10 @@
 //! `token`, `member`) talk to a running keyserver's HTTP API: by default the
 //! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
 //! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
+//! Names in URL paths are percent-encoded, so any network name works.
+//!
+//! Logs go to stderr: coloured only on a terminal and without `NO_COLOR`,
+//! or one JSON object per line with `--log-format json`.
 //! Hidden, for packaging: `completions <shell>` and `man [--dir DIR]`.
 
 #[path = "../../packaging/clap_gen.rs"]
@@ -15,8 +19,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
+use keyserver::admin::path_segment;
 use keyserver::admin::AdminClient;
-use keyserver::config::Config;
+use keyserver::config::{Config, LogFormat};
 use keyserver::Keyserver;
 use serde_json::json;
 
@@ -78,6 +83,24 @@ struct ServeArgs {
     /// Log filter.
     #[arg(long, env = "KEYSERVER_LOG")]
     log_level: Option<String>,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "KEYSERVER_LOG_FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    /// A member silent this long goes offline (`30s`).
+    #[arg(long, env = "KEYSERVER_OFFLINE_AFTER", value_parser = humantime::parse_duration)]
+    offline_after: Option<std::time::Duration>,
+    /// An offline member expires this long after (`24h`), unless its
+    /// network says otherwise.
+    #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
+    expire_after: Option<std::time::Duration>,
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{text:?}: expected text or json")),
+    }
 }
 
 #[derive(Args)]
@@ -99,11 +122,37 @@ enum NetworkCmd {
         /// Address range.
         #[arg(long, default_value = "10.240.0.0/22")]
         range: String,
+        /// How long an offline member is kept before it expires (`24h`);
+        /// default: the keyserver's `expire-after-secs`.
+        #[arg(long)]
+        expire_after: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change a network's settings.
+    Set {
+        /// Network id or name.
+        name: String,
+        /// How long an offline member is kept before it expires (`90s`,
+        /// `24h`), or `default` for the keyserver's.
+        #[arg(long)]
+        expire_after: String,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// List networks.
     List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a network and its tokens (refused while it has members,
+    /// unless --force, which revokes them).
+    Delete {
+        /// Network id or name.
+        name: String,
+        /// Also remove its members.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -139,6 +188,16 @@ enum TokenCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Delete a token by its id (`tk-...`).
+    Delete {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// The token's id.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,8 +222,15 @@ enum MemberCmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", chain(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Completions { shell } => {
             clap_gen::completions(<Cli as clap::CommandFactory>::command(), *shell);
@@ -189,6 +255,40 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// An error with its causes on one line, each said once: a cause whose text
+/// its parent already includes is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// Logs to stderr: colours only when stderr is a terminal and `NO_COLOR` is
+/// unset or empty (<https://no-color.org>); JSON lines with `json`.
+fn init_logs(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    Ok(())
+}
+
 async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => {
@@ -205,9 +305,14 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         config.advertise = args.advertise;
     }
     config.log_level = args.log_level.unwrap_or(config.log_level);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log_level)?)
-        .init();
+    config.log_format = args.log_format.unwrap_or(config.log_format);
+    if let Some(d) = args.offline_after {
+        config.offline_after_secs = d.as_secs().max(1);
+    }
+    if let Some(d) = args.expire_after {
+        config.expire_after_secs = d.as_secs().max(1);
+    }
+    init_logs(&config.log_level, config.log_format)?;
     let ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;
     let api = tokio::net::TcpListener::bind(config.api_listen)
@@ -219,10 +324,9 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         format!("http://{api_addr}\n").as_bytes(),
         0o644,
     )?;
-    println!(
-        "keyserver: QUIC on {}, admin API on http://{api_addr}",
-        quic.local_addr()?
-    );
+    let quic_addr = quic.local_addr()?;
+    println!("keyserver: QUIC on {quic_addr}, admin API on http://{api_addr}");
+    tracing::info!(quic = %quic_addr, api = %api_addr, "keyserver started");
     println!(
         "certificate sha256: {}",
         meshlib::proto::hex(&ks.fingerprint())
@@ -274,15 +378,38 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
             unreachable!("handled in main")
         }
-        Cmd::Network(NetworkCmd::Create { name, range, api }) => {
-            let body = json!({ "name": name, "range": range });
+        Cmd::Network(NetworkCmd::Create {
+            name,
+            range,
+            expire_after,
+            api,
+        }) => {
+            let body = json!({ "name": name, "range": range, "expire_after": expire_after });
             client(&data_dir, api)?
                 .call(Method::POST, "/v1/networks", Some(&body))
+                .await?
+        }
+        Cmd::Network(NetworkCmd::Set {
+            name,
+            expire_after,
+            api,
+        }) => {
+            let value = (expire_after != "default").then_some(expire_after);
+            let body = json!({ "expire_after": value });
+            let path = format!("/v1/networks/{}", path_segment(&name));
+            client(&data_dir, api)?
+                .call(Method::PATCH, &path, Some(&body))
                 .await?
         }
         Cmd::Network(NetworkCmd::List { api }) => {
             client(&data_dir, api)?
                 .call(Method::GET, "/v1/networks", None)
+                .await?
+        }
+        Cmd::Network(NetworkCmd::Delete { name, force, api }) => {
+            let path = format!("/v1/networks/{}?force={force}", path_segment(&name));
+            client(&data_dir, api)?
+                .call(Method::DELETE, &path, None)
                 .await?
         }
         Cmd::Token(TokenCmd::Create {
@@ -294,19 +421,29 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             api,
         }) => {
             let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type });
-            let path = format!("/v1/networks/{network}/tokens");
+            let path = format!("/v1/networks/{}/tokens", path_segment(&network));
             client(&data_dir, api)?
                 .call(Method::POST, &path, Some(&body))
                 .await?
         }
         Cmd::Token(TokenCmd::List { network, api }) => {
-            let path = format!("/v1/networks/{network}/tokens");
+            let path = format!("/v1/networks/{}/tokens", path_segment(&network));
             client(&data_dir, api)?
                 .call(Method::GET, &path, None)
                 .await?
         }
+        Cmd::Token(TokenCmd::Delete { network, id, api }) => {
+            let path = format!(
+                "/v1/networks/{}/tokens/{}",
+                path_segment(&network),
+                path_segment(&id)
+            );
+            client(&data_dir, api)?
+                .call(Method::DELETE, &path, None)
+                .await?
+        }
         Cmd::Member(MemberCmd::List { network, api }) => {
-            let path = format!("/v1/networks/{network}/members");
+            let path = format!("/v1/networks/{}/members", path_segment(&network));
             client(&data_dir, api)?
                 .call(Method::GET, &path, None)
                 .await?
@@ -316,11 +453,11 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             member,
             api,
         }) => {
-            let member = member
-                .replace('+', "%2B")
-                .replace('/', "%2F")
-                .replace('=', "%3D");
-            let path = format!("/v1/networks/{network}/members/{member}");
+            let path = format!(
+                "/v1/networks/{}/members/{}",
+                path_segment(&network),
+                path_segment(&member)
+            );
             client(&data_dir, api)?
                 .call(Method::DELETE, &path, None)
                 .await?

@@ -1,17 +1,21 @@
-//! The QUIC driver: accepts sidecars and drives one
+//! The QUIC driver: admits connections (a budget for those that have not
+//! said hello, a limit on established sessions) and drives one
 //! [`StreamSession`] (the pure per-stream logic) per connection's
 //! bidirectional stream: reads frames, forwards the network's pushes,
 //! writes replies.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use meshlib::proto::{self, ClientMsg, ErrorCode, FrameError, Hello};
+use parking_lot::Mutex;
 use rand_core::RngCore as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::Admission;
 use crate::server::Shared;
 use crate::session::{Fatal, Next, Reply, StreamSession};
 
@@ -22,12 +26,12 @@ pub enum QuicSetupError {
     #[error("TLS setup: {0}")]
     Tls(String),
     /// The UDP socket could not be bound.
-    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    #[error("cannot bind QUIC endpoint on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -60,7 +64,7 @@ pub fn endpoint(
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    let bind = |source| QuicSetupError::Bind { addr, source };
+    let bind = |cause| QuicSetupError::Bind { addr, cause };
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime = Arc::new(quinn::TokioRuntime);
     quinn::Endpoint::new(
@@ -91,14 +95,25 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// Accepts connections until `shutdown` completes, at most
-/// `limits.max_connections` at a time (more are refused).
+/// Accepts connections until `shutdown` completes. Connections without a
+/// hello yet are admitted by [`Admission`] (their own budget, oldest evicted
+/// when full, a deadline of `limits.hello_timeout`); past the hello, at most
+/// `limits.max_connections` sessions run at a time (more are told `Busy`).
 pub async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let gate = Arc::new(Gate {
+        state: Mutex::new((
+            Admission::new(
+                shared.limits.max_unauthenticated,
+                shared.limits.max_unauthenticated_per_source,
+            ),
+            HashMap::new(),
+        )),
+        slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -109,22 +124,14 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "connection limit reached, refusing {}",
-                incoming.remote_address()
-            );
-            incoming.refuse();
-            continue;
-        };
+        let ticket = gate.admit(incoming.remote_address(), shared.limits.hello_timeout);
         let shared = shared.clone();
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
-                () = connection(incoming, shared) => {}
+                () = connection(incoming, shared, ticket) => {}
                 _ = stop.changed() => {}
             }
-            drop(permit);
         });
     }
     let _ = stop_tx.send(true);
@@ -133,25 +140,142 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Connection admission shared by the accept loop and the connections.
+struct Gate {
+    /// Pending connections, and how to end each (by admission id).
+    state: Mutex<(Admission, HashMap<u64, oneshot::Sender<()>>)>,
+    /// Established sessions.
+    slots: Arc<Semaphore>,
+}
+
+impl Gate {
+    /// Admits a new connection, ending the ones it evicts.
+    fn admit(self: &Arc<Self>, remote: SocketAddr, timeout: std::time::Duration) -> Ticket {
+        let (tx, evicted) = oneshot::channel();
+        let mut state = self.state.lock();
+        let admitted = state.0.admit(remote.ip());
+        for id in &admitted.evict {
+            if let Some(end) = state.1.remove(id) {
+                let _ = end.send(());
+            }
+        }
+        state.1.insert(admitted.id, tx);
+        if !admitted.evict.is_empty() {
+            tracing::debug!(
+                %remote,
+                pending = state.0.pending(),
+                "connections without a hello at their limit: evicted the oldest"
+            );
+        }
+        Ticket {
+            id: admitted.id,
+            gate: self.clone(),
+            evicted,
+            deadline: tokio::time::Instant::now() + timeout,
+            pending: true,
+            _slot: None,
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        let mut state = self.state.lock();
+        state.0.leave(id);
+        state.1.remove(&id);
+    }
+}
+
+/// One connection's place: pending until its hello, then an established
+/// slot held until it ends.
+struct Ticket {
+    id: u64,
+    gate: Arc<Gate>,
+    /// Fires when a newer connection evicted this one.
+    evicted: oneshot::Receiver<()>,
+    /// End of the hello deadline.
+    deadline: tokio::time::Instant,
+    pending: bool,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Why a pending step did not finish.
+#[derive(Debug)]
+enum NotInTime {
+    Deadline,
+    Evicted,
+}
+
+impl Ticket {
+    /// Runs a step of the pending phase (handshake, stream, hello) within
+    /// the hello deadline and unless evicted.
+    async fn pending<T>(&mut self, step: impl Future<Output = T>) -> Result<T, NotInTime> {
+        tokio::select! {
+            r = tokio::time::timeout_at(self.deadline, step) => r.map_err(|_| NotInTime::Deadline),
+            _ = &mut self.evicted => Err(NotInTime::Evicted),
+        }
+    }
+
+    /// The hello arrived: leave the pending budget and take an established
+    /// slot, or refuse with `Busy`.
+    fn promote(&mut self) -> Result<(), Fatal> {
+        self.gate.leave(self.id);
+        self.pending = false;
+        let slot = self.gate.slots.clone().try_acquire_owned().map_err(|_| {
+            Fatal(
+                ErrorCode::Busy,
+                "the keyserver is at its connection limit; retry later".into(),
+            )
+        })?;
+        self._slot = Some(slot);
+        Ok(())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.pending {
+            self.gate.leave(self.id);
+        }
+    }
+}
+
+impl From<NotInTime> for Fatal {
+    fn from(e: NotInTime) -> Self {
+        match e {
+            NotInTime::Deadline => Fatal(ErrorCode::Malformed, "no hello in time".into()),
+            NotInTime::Evicted => Fatal(
+                ErrorCode::Busy,
+                "too many connections without a hello; this one was the oldest".into(),
+            ),
+        }
+    }
+}
+
 /// Handles one connection from handshake to close.
-async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let timeout = shared.limits.handshake_timeout;
-    let Ok(Ok(conn)) = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await
-    else {
-        return;
+async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: Ticket) {
+    let remote = incoming.remote_address();
+    let conn = match ticket.pending(async { incoming.accept()?.await }).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "QUIC handshake with {remote} failed: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%remote, "QUIC handshake with {remote} not done: {e:?}");
+            return;
+        }
     };
-    let Ok(Ok((mut send, recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
+    let Ok(Ok((mut send, recv))) = ticket.pending(conn.accept_bi()).await else {
         conn.close(1u32.into(), b"no control stream");
         return;
     };
-    let result = drive(&conn, &mut send, recv, &shared).await;
+    let result = drive(&conn, &mut send, recv, &shared, &mut ticket).await;
     if let Err(fatal) = result {
         tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
         let _ = proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
     }
     let _ = send.finish();
     // Let the client read the last frame before the connection goes away.
-    let _ = tokio::time::timeout(timeout, send.stopped()).await;
+    let _ = tokio::time::timeout(shared.limits.hello_timeout, send.stopped()).await;
     conn.close(0u32.into(), b"done");
 }
 
@@ -200,14 +324,11 @@ async fn drive(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Arc<Shared>,
+    ticket: &mut Ticket,
 ) -> Result<(), Fatal> {
     let max = shared.limits.max_frame;
-    let hello: Hello = tokio::time::timeout(
-        shared.limits.handshake_timeout,
-        proto::read_frame(&mut recv, max),
-    )
-    .await
-    .map_err(|_| Fatal(ErrorCode::Malformed, "no hello in time".into()))??;
+    let hello: Hello = ticket.pending(proto::read_frame(&mut recv, max)).await??;
+    ticket.promote()?;
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
     let (sh, observed) = (shared.clone(), conn.remote_address());

@@ -5,13 +5,14 @@
 //! memory), store commit (atomic, durable), publish the change's frame to the
 //! network's channel — all under the lock, so pushes leave in generation
 //! order. A failed commit reloads the registry from the store, so memory never
-//! runs ahead of disk. The frame of a change is encoded once and the same
+//! runs ahead of disk (if even the reload fails, changes are refused until
+//! one succeeds). [`Shared::readiness`] probes the store for `/readyz`. The frame of a change is encoded once and the same
 //! bytes go to every subscriber: work per change is O(members affected).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
@@ -27,12 +28,18 @@ use crate::store::{Store, StoreError};
 pub struct Limits {
     /// Largest control frame accepted or sent.
     pub max_frame: usize,
-    /// Most simultaneous QUIC connections.
+    /// Most simultaneous established QUIC connections (after a hello).
     pub max_connections: usize,
+    /// Most connections without a hello yet, in all (see [`crate::admission`]).
+    pub max_unauthenticated: usize,
+    /// Most connections without a hello yet from one source address
+    /// (IPv6: one /64).
+    pub max_unauthenticated_per_source: usize,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
-    /// Time allowed from connection to a valid hello.
-    pub handshake_timeout: Duration,
+    /// Time allowed from a connection's first packet to its hello (QUIC
+    /// handshake, stream, hello frame).
+    pub hello_timeout: Duration,
     /// Pushes buffered per subscriber before it must catch up from the log.
     pub push_buffer: usize,
     /// Deltas kept per network for resumes.
@@ -48,12 +55,34 @@ impl Default for Limits {
         Self {
             max_frame: proto::DEFAULT_MAX_FRAME,
             max_connections: 4096,
+            max_unauthenticated: 512,
+            // A site's whole fleet behind one NAT address may restart at once.
+            max_unauthenticated_per_source: 64,
             idle_timeout: Duration::from_secs(30),
-            handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(3),
             push_buffer: 1024,
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),
+        }
+    }
+}
+
+/// An open session of a member, counted while this lives.
+#[derive(Debug)]
+pub struct OpenSession {
+    map: Arc<Mutex<HashMap<(NetworkId, PublicKey), u32>>>,
+    id: (NetworkId, PublicKey),
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
         }
     }
 }
@@ -86,7 +115,14 @@ pub enum OpError<E> {
 struct Core {
     reg: Registry,
     store: Box<dyn Store>,
+    /// A commit failed and reloading from the store failed too: memory may
+    /// hold what the store does not, so the next operation reloads first.
+    stale: bool,
 }
+
+/// How long a readiness answer is reused: `/readyz` polled by several
+/// monitors must not turn into a stream of store writes.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
 
 /// The state every driver task shares.
 pub struct Shared {
@@ -94,6 +130,13 @@ pub struct Shared {
     hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
     /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
     seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
+    /// Members whose credential use the registry has noted (see
+    /// [`Shared::heartbeat`]).
+    confirmed: Mutex<HashSet<(NetworkId, PublicKey)>>,
+    /// Open sessions per member (see [`Shared::online`]).
+    online: Arc<Mutex<HashMap<(NetworkId, PublicKey), u32>>>,
+    /// The last readiness probe: when, and its answer.
+    probe: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Limits.
     pub limits: Limits,
     /// SHA-256 of the QUIC certificate (goes into tokens).
@@ -111,7 +154,7 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     /// Loads the registry from `store`. Returns warnings about skipped records.
     pub fn new(
-        store: Box<dyn Store>,
+        mut store: Box<dyn Store>,
         limits: Limits,
         cert_sha256: [u8; 32],
         now: SystemTime,
@@ -119,9 +162,16 @@ impl Shared {
         let records = store.load()?;
         let (reg, warnings) = Self::build(records, &limits, now);
         let shared = Self {
-            core: Mutex::new(Core { reg, store }),
+            core: Mutex::new(Core {
+                reg,
+                store,
+                stale: false,
+            }),
             hubs: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashSet::new()),
+            online: Arc::new(Mutex::new(HashMap::new())),
+            probe: Mutex::new(None),
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
@@ -151,14 +201,18 @@ impl Shared {
         after: impl FnOnce(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
         let mut core = self.core.lock();
+        if core.stale {
+            self.reload(&mut core)?;
+        }
         let (value, ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
         if !ops.is_empty() {
             if let Err(e) = core.store.commit(&ops) {
                 // Memory ran ahead of disk: rebuild it from disk.
-                tracing::error!("store commit failed, reloading state: {e}");
-                if let Ok(records) = core.store.load() {
-                    core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
+                tracing::error!("store commit failed, reloading the state from the store: {e}");
+                if let Err(again) = self.reload(&mut core) {
+                    tracing::error!("{again}; changes are refused until the store can be read");
                 }
+                *self.probe.lock() = None;
                 return Err(OpError::Store(e));
             }
         }
@@ -169,10 +223,74 @@ impl Shared {
         Ok((value, extra))
     }
 
+    /// Rebuilds the registry from the store; on failure marks it stale.
+    fn reload(&self, core: &mut Core) -> Result<(), StoreError> {
+        match core.store.load() {
+            Ok(records) => {
+                core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
+                core.stale = false;
+                // Memory-only notes went with the old registry.
+                self.confirmed.lock().clear();
+                Ok(())
+            }
+            Err(e) => {
+                core.stale = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the store takes writes now: a probe write (see
+    /// [`Store::probe`]), reused for a second. `Err` says why not.
+    /// Blocking (the probe fsyncs).
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some((at, answer)) = &*self.probe.lock() {
+            if at.elapsed() < PROBE_REUSE {
+                return answer.clone();
+            }
+        }
+        let answer = {
+            let mut core = self.core.lock();
+            let reloaded = if core.stale {
+                self.reload(&mut core)
+            } else {
+                Ok(())
+            };
+            reloaded
+                .and_then(|()| core.store.probe())
+                .map_err(|e| e.to_string())
+        };
+        *self.probe.lock() = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
+    /// Drops the push channel of a deleted network (its subscribers read
+    /// what is buffered, then see it closed).
+    pub fn forget_network(&self, network: NetworkId) {
+        self.hubs.lock().remove(&network);
+    }
+
+    /// Forgets expired and used-up tokens; returns how many. Blocking.
+    pub fn collect_tokens(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let result = self.mutate(
+            |reg| {
+                let ops = reg.collect_tokens(now);
+                Ok::<_, std::convert::Infallible>((ops.len(), ops, vec![]))
+            },
+            |_, _, _| (),
+        );
+        match result {
+            Ok((n, ())) => Ok(n),
+            Err(OpError::Store(e)) => Err(e),
+            Err(OpError::Refused(never)) => match never {},
+        }
+    }
+
     /// Sends a change to the subscribers of its network.
     fn publish(&self, change: Change) {
         if let Some(key) = &change.removed {
             self.seen.lock().remove(&(change.network, *key));
+            self.confirmed.lock().remove(&(change.network, *key));
         }
         let hubs = self.hubs.lock();
         let Some(tx) = hubs.get(&change.network) else {
@@ -215,14 +333,43 @@ impl Shared {
         (value, self.subscribe(network))
     }
 
+    /// Counts an open session of a member until the guard is dropped. Call
+    /// under the registry lock, in the same [`Shared::mutate`] as the join
+    /// or resume, so no retried join slips in between.
+    pub fn online(&self, network: NetworkId, key: PublicKey) -> OpenSession {
+        *self.online.lock().entry((network, key)).or_insert(0) += 1;
+        OpenSession {
+            map: self.online.clone(),
+            id: (network, key),
+        }
+    }
+
+    /// Whether a session of the member is open.
+    pub fn is_online(&self, network: NetworkId, key: &PublicKey) -> bool {
+        self.online.lock().contains_key(&(network, *key))
+    }
+
     /// Notes a heartbeat. Memory only and off the registry lock (which a
     /// store commit may hold): a thousand members heartbeating must not
     /// queue behind fsyncs. The stored `last_seen` is refreshed with the
     /// member's next stored change.
+    ///
+    /// A member's heartbeat shows it read its welcome and holds its
+    /// credential: the registry notes it (in memory, stored with the
+    /// member's next write), so a retried join with its key is refused from
+    /// then on. That needs the registry lock once per member; it is only
+    /// tried, never waited for (a later heartbeat tries again).
     pub fn heartbeat(&self, network: NetworkId, key: &PublicKey, now: SystemTime) {
         self.seen
             .lock()
             .insert((network, *key), crate::registry::unix(now));
+        if self.confirmed.lock().contains(&(network, *key)) {
+            return;
+        }
+        if let Some(mut core) = self.core.try_lock() {
+            let _memory_only = core.reg.confirm_credential(network, key);
+            self.confirmed.lock().insert((network, *key));
+        }
     }
 
     /// Applies the lifecycle timers at `now` (members silent for
@@ -294,7 +441,7 @@ mod tests {
     }
 
     impl Store for Flaky {
-        fn load(&self) -> Result<Records, StoreError> {
+        fn load(&mut self) -> Result<Records, StoreError> {
             self.inner.load()
         }
         fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
@@ -356,8 +503,12 @@ mod tests {
             };
             shared.mutate(
                 |r| {
-                    let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], now)?;
-                    Ok::<_, crate::registry::ProtoOpError>((j.member.ip, j.ops, vec![j.change]))
+                    let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
+                    Ok::<_, crate::registry::ProtoOpError>((
+                        j.member.ip,
+                        j.ops,
+                        j.change.into_iter().collect(),
+                    ))
                 },
                 |_, _, _| (),
             )

@@ -26,7 +26,7 @@ use meshlib::proto::{
 use tokio::sync::broadcast;
 
 use crate::registry::{Catchup, Change, ProtoOpError};
-use crate::server::{OpError, Push, Shared};
+use crate::server::{OpError, OpenSession, Push, Shared};
 
 /// A session's fatal end: the client is told why, then the stream closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +80,9 @@ pub struct StreamSession {
     advertised: Vec<SocketAddr>,
     /// The session ended (offline, leave): nothing more is taken.
     closed: bool,
+    /// Counts this session as open for its member while it lives (a join
+    /// retried while a session is open is refused).
+    _open: OpenSession,
 }
 
 /// Maps a refused or failed operation to a fatal session error.
@@ -155,17 +158,24 @@ impl StreamSession {
         match hello.request {
             Request::Join(req) => {
                 let advertised = req.endpoints.clone();
-                let ((joined, generation), pushes) = shared
+                let ((joined, generation), (pushes, open)) = shared
                     .mutate(
                         |reg| {
-                            let j = reg.join(&req, observed, &credential, now)?;
+                            let open = shared.is_online(req.network, &req.public_key);
+                            let j = reg.join(&req, observed, &credential, open, now)?;
                             let (ops, change) = (j.ops.clone(), j.change.clone());
                             let generation = j.map.generation;
-                            Ok(((j, generation), ops, vec![change]))
+                            Ok(((j, generation), ops, change.into_iter().collect()))
                         },
-                        |_, (j, _), sh| sh.subscribe(j.map.network),
+                        |_, (j, _), sh| {
+                            let key = j.member.public_key;
+                            (sh.subscribe(j.map.network), sh.online(j.map.network, key))
+                        },
                     )
                     .map_err(op_fatal)?;
+                if joined.rejoined {
+                    tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
+                }
                 let network = joined.map.network;
                 let welcome = welcome_of(
                     &joined.member,
@@ -182,6 +192,7 @@ impl StreamSession {
                     observed,
                     advertised,
                     closed: false,
+                    _open: open,
                 };
                 let replies = vec![
                     Reply::Msg(ServerMsg::Welcome(welcome)),
@@ -192,7 +203,8 @@ impl StreamSession {
             Request::Resume(req) => {
                 let advertised = req.endpoints.clone();
                 let (network, from) = (req.network, req.generation);
-                let (resumed, (pushes, generation)) = shared
+                let key = req.public_key;
+                let (resumed, (pushes, generation, open)) = shared
                     .mutate(
                         |reg| {
                             let r = reg.resume(&req, observed, now)?;
@@ -202,7 +214,7 @@ impl StreamSession {
                         },
                         |reg, _, sh| {
                             let generation = reg.network(network).map_or(0, |n| n.generation);
-                            (sh.subscribe(network), generation)
+                            (sh.subscribe(network), generation, sh.online(network, key))
                         },
                     )
                     .map_err(op_fatal)?;
@@ -215,6 +227,7 @@ impl StreamSession {
                     observed,
                     advertised,
                     closed: false,
+                    _open: open,
                 };
                 let mut replies = vec![Reply::Msg(ServerMsg::Welcome(welcome))];
                 replies.extend(s.catchup(resumed.catchup));
@@ -392,6 +405,7 @@ impl StreamSession {
                 match rotated {
                     Ok(_) => {
                         self.key = new;
+                        self._open = shared.online(net, new);
                         tracing::info!(network = %net, old = %key, new = %new, "member rotated its key");
                         reply(ServerMsg::KeyRotated { public_key: new })
                     }

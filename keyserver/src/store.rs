@@ -6,8 +6,14 @@
 //! Records are stored as JSON, so a field added later reads from older
 //! records with its default; records written by the first releases
 //! (postcard, before member lifecycle) are still read ([`legacy`]).
+//!
+//! After a failed write redb refuses every later one ("Previous I/O error
+//! occurred") until the database is closed and opened again; [`RedbStore`]
+//! does that before its next operation, so once the cause (a full disk) is
+//! gone, writes work again without a restart.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -21,21 +27,26 @@ const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const MEMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("members");
 /// Quarantined addresses by network UUID bytes + IPv4 bytes; value: Unix seconds.
 const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine");
+/// Scratch row written by [`Store::probe`].
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+/// Size of the probe row: large enough to need fresh pages, so a full disk
+/// shows.
+const PROBE_BYTES: usize = 64 * 1024;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened (missing directory, locked by another
     /// keyserver, corrupt file).
-    #[error("cannot open store {path}: {source}")]
+    #[error("cannot open store {path}: {cause}")]
     Open {
         /// The database file.
         path: String,
         /// The cause.
-        source: redb::DatabaseError,
+        cause: redb::DatabaseError,
     },
     /// A read or write failed.
-    #[error("store error: {0}")]
+    #[error("store: {0}")]
     Db(String),
     /// A stored record could not be decoded.
     #[error("corrupt record in table {table}: {reason}")]
@@ -55,34 +66,75 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 /// Where the keyserver's state lives.
 pub trait Store: Send + 'static {
     /// Everything stored.
-    fn load(&self) -> Result<Records, StoreError>;
+    fn load(&mut self) -> Result<Records, StoreError>;
     /// Applies `ops` atomically and durably.
     fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError>;
+    /// Checks that a write would succeed now (readiness). The default
+    /// commits an empty batch.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.commit(&[])
+    }
 }
 
 /// The embedded store: one redb file.
 #[derive(Debug)]
 pub struct RedbStore {
-    /// The open database.
-    db: Database,
+    /// The database file.
+    path: PathBuf,
+    /// The open database; `None` after a failure until it is reopened.
+    db: Option<Database>,
 }
 
 impl RedbStore {
-    /// Opens (or creates) the database file.
+    /// Opens (or creates) the database file (mode 0600: it holds every
+    /// member's metadata).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let database = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let txn = database.begin_write().map_err(db_err)?;
-        {
-            txn.open_table(NETWORKS).map_err(db)?;
-            txn.open_table(TOKENS).map_err(db)?;
-            txn.open_table(MEMBERS).map_err(db)?;
-            txn.open_table(QUARANTINE).map_err(db)?;
+        let mut store = Self {
+            path: path.to_owned(),
+            db: None,
+        };
+        store.database()?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        Ok(store)
+    }
+
+    /// The open database, (re)opening it if a failure closed it.
+    fn database(&mut self) -> Result<&Database, StoreError> {
+        if self.db.is_none() {
+            let database = Database::create(&self.path).map_err(|cause| StoreError::Open {
+                path: self.path.display().to_string(),
+                cause,
+            })?;
+            let txn = database.begin_write().map_err(db_err)?;
+            {
+                txn.open_table(NETWORKS).map_err(db)?;
+                txn.open_table(TOKENS).map_err(db)?;
+                txn.open_table(MEMBERS).map_err(db)?;
+                txn.open_table(QUARANTINE).map_err(db)?;
+                txn.open_table(PROBE).map_err(db)?;
+            }
+            txn.commit().map_err(db)?;
+            self.db = Some(database);
         }
-        txn.commit().map_err(db)?;
-        Ok(Self { db: database })
+        Ok(self.db.as_ref().expect("just opened"))
+    }
+
+    /// Runs `f` on the database; on failure closes it, so the next
+    /// operation reopens it (redb refuses every write after an I/O error
+    /// until then).
+    fn with_db<T>(
+        &mut self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = self.database().and_then(f);
+        if result.is_err() {
+            if let Some(database) = self.db.take() {
+                drop(database);
+                tracing::warn!(path = %self.path.display(), "store closed after a failure; reopening it before the next operation");
+            }
+        }
+        result
     }
 }
 
@@ -145,73 +197,103 @@ fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl Store for RedbStore {
-    fn load(&self) -> Result<Records, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let networks: Vec<NetworkRecord> = read_all(&txn, NETWORKS, "networks")?;
-        let tokens: Vec<TokenRecord> = read_all(&txn, TOKENS, "tokens")?;
-        let members: Vec<MemberRecord> = read_all(&txn, MEMBERS, "members")?;
-        let table = txn.open_table(QUARANTINE).map_err(db)?;
-        let mut quarantine = Vec::new();
-        for row in table.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let k = k.value();
-            let (Ok(uuid), Ok(ip)) = (
-                uuid::Uuid::from_slice(&k[..16.min(k.len())]),
-                <[u8; 4]>::try_from(&k[16.min(k.len())..]),
-            ) else {
-                continue;
-            };
-            let id: meshlib::ids::NetworkId = format!("pn-{uuid}").parse().map_err(db)?;
-            quarantine.push((id, ip.into(), v.value()));
-        }
-        Ok(Records {
-            networks,
-            tokens,
-            members,
-            quarantine,
-        })
+    fn load(&mut self) -> Result<Records, StoreError> {
+        self.with_db(load)
     }
 
     fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut networks = txn.open_table(NETWORKS).map_err(db)?;
-            let mut tokens = txn.open_table(TOKENS).map_err(db)?;
-            let mut members = txn.open_table(MEMBERS).map_err(db)?;
-            let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
-            for op in ops {
-                match op {
-                    StoreOp::PutNetwork(n) => {
-                        networks
-                            .insert(&n.id.uuid().as_bytes()[..], &enc(n)?[..])
-                            .map_err(db)?;
-                    }
-                    StoreOp::PutToken(t) => {
-                        tokens.insert(&t.hash[..], &enc(t)?[..]).map_err(db)?;
-                    }
-                    StoreOp::DeleteToken(h) => {
-                        tokens.remove(&h[..]).map_err(db)?;
-                    }
-                    StoreOp::PutMember(m) => {
-                        let k = member_key(&m.network, &m.member.public_key);
-                        members.insert(&k[..], &enc(m)?[..]).map_err(db)?;
-                    }
-                    StoreOp::DeleteMember(n, key) => {
-                        members.remove(&member_key(n, key)[..]).map_err(db)?;
-                    }
-                    StoreOp::PutQuarantine(n, ip, until) => {
-                        quarantine
-                            .insert(&quarantine_key(n, *ip)[..], until)
-                            .map_err(db)?;
-                    }
-                    StoreOp::DeleteQuarantine(n, ip) => {
-                        quarantine.remove(&quarantine_key(n, *ip)[..]).map_err(db)?;
-                    }
+        self.with_db(|database| commit(database, ops))
+    }
+
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.with_db(|database| {
+            let txn = database.begin_write().map_err(db_err)?;
+            {
+                let mut table = txn.open_table(PROBE).map_err(db)?;
+                table.insert("probe", &[0u8; PROBE_BYTES][..]).map_err(db)?;
+            }
+            txn.commit().map_err(db)?;
+            let txn = database.begin_write().map_err(db_err)?;
+            txn.open_table(PROBE)
+                .map_err(db)?
+                .remove("probe")
+                .map_err(db)?;
+            txn.commit().map_err(db)
+        })
+    }
+}
+
+/// Everything stored.
+fn load(database: &Database) -> Result<Records, StoreError> {
+    let txn = database.begin_read().map_err(db_err)?;
+    let networks: Vec<NetworkRecord> = read_all(&txn, NETWORKS, "networks")?;
+    let tokens: Vec<TokenRecord> = read_all(&txn, TOKENS, "tokens")?;
+    let members: Vec<MemberRecord> = read_all(&txn, MEMBERS, "members")?;
+    let table = txn.open_table(QUARANTINE).map_err(db)?;
+    let mut quarantine = Vec::new();
+    for row in table.iter().map_err(db)? {
+        let (k, v) = row.map_err(db)?;
+        let k = k.value();
+        let (Ok(uuid), Ok(ip)) = (
+            uuid::Uuid::from_slice(&k[..16.min(k.len())]),
+            <[u8; 4]>::try_from(&k[16.min(k.len())..]),
+        ) else {
+            continue;
+        };
+        let id: meshlib::ids::NetworkId = format!("pn-{uuid}").parse().map_err(db)?;
+        quarantine.push((id, ip.into(), v.value()));
+    }
+    Ok(Records {
+        networks,
+        tokens,
+        members,
+        quarantine,
+    })
+}
+
+/// Applies `ops` in one transaction.
+fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
+    let txn = database.begin_write().map_err(db_err)?;
+    {
+        let mut networks = txn.open_table(NETWORKS).map_err(db)?;
+        let mut tokens = txn.open_table(TOKENS).map_err(db)?;
+        let mut members = txn.open_table(MEMBERS).map_err(db)?;
+        let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
+        for op in ops {
+            match op {
+                StoreOp::PutNetwork(n) => {
+                    networks
+                        .insert(&n.id.uuid().as_bytes()[..], &enc(n)?[..])
+                        .map_err(db)?;
+                }
+                StoreOp::PutToken(t) => {
+                    tokens.insert(&t.hash[..], &enc(t)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteToken(h) => {
+                    tokens.remove(&h[..]).map_err(db)?;
+                }
+                StoreOp::PutMember(m) => {
+                    let k = member_key(&m.network, &m.member.public_key);
+                    members.insert(&k[..], &enc(m)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteNetwork(n) => {
+                    networks.remove(&n.uuid().as_bytes()[..]).map_err(db)?;
+                }
+                StoreOp::DeleteMember(n, key) => {
+                    members.remove(&member_key(n, key)[..]).map_err(db)?;
+                }
+                StoreOp::PutQuarantine(n, ip, until) => {
+                    quarantine
+                        .insert(&quarantine_key(n, *ip)[..], until)
+                        .map_err(db)?;
+                }
+                StoreOp::DeleteQuarantine(n, ip) => {
+                    quarantine.remove(&quarantine_key(n, *ip)[..]).map_err(db)?;
                 }
             }
         }
-        txn.commit().map_err(db)
     }
+    txn.commit().map_err(db)
 }
 
 /// Everything in memory: the same semantics as [`RedbStore`] without
@@ -260,7 +342,7 @@ impl MemStore {
 }
 
 impl Store for MemStore {
-    fn load(&self) -> Result<Records, StoreError> {
+    fn load(&mut self) -> Result<Records, StoreError> {
         Ok(Records {
             networks: self.networks.values().cloned().collect(),
             tokens: self.tokens.values().cloned().collect(),
@@ -278,6 +360,9 @@ impl Store for MemStore {
             match op {
                 StoreOp::PutNetwork(n) => {
                     self.networks.insert(n.id, n.clone());
+                }
+                StoreOp::DeleteNetwork(n) => {
+                    self.networks.remove(n);
                 }
                 StoreOp::PutToken(t) => {
                     self.tokens.insert(t.hash, t.clone());
@@ -387,6 +472,9 @@ pub mod legacy {
                 last_seen: v.last_seen,
                 offline_since: None,
                 previous_keys: vec![],
+                token_hash: None,
+                // Whatever happened before, only the credential resumes it.
+                credential_used: true,
             })
         }
     }

@@ -56,8 +56,9 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         refused(control::join(&ep, &other_net, meta("api").1, &cfg()).await),
         ErrorCode::InvalidToken
     );
-    // Expired.
-    let expired = h.token("a", json!({"uses": 1, "expires": "0s"})).await;
+    // Expired (the shortest lifetime is 1 s).
+    let expired = h.token("a", json!({"uses": 1, "expires": "1s"})).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
         refused(control::join(&ep, &expired, meta("api").1, &cfg()).await),
         ErrorCode::TokenExpired
@@ -275,7 +276,7 @@ async fn connection_limit_refuses_extra_clients() {
     let (_k1, _s1) = join(&ep, &token, "api").await;
     let (_k2, _s2) = join(&ep, &token, "api").await;
     match control::join(&ep, &token, meta("api").1, &cfg()).await {
-        Err(ControlError::Connect(_)) => {}
+        Err(ControlError::Refused(e)) => assert_eq!(e.code, ErrorCode::Busy, "{e:?}"),
         other => panic!("third connection accepted: {other:?}"),
     }
     assert_eq!(h.members("a").await.len(), 2);

@@ -289,3 +289,93 @@ fn sweep_offline_then_expiry_and_heartbeat_brings_back() {
     assert!(!w.map().members.contains_key(&kb.public_key()), "expired");
     assert!(w.map().members.contains_key(&ka.public_key()));
 }
+
+mod common;
+
+/// Over QUIC with a real keyserver: a graceful stop is offline at once, a
+/// silent member goes offline after `offline-after`, a resume brings it
+/// back; the admin API shows states, `last_seen` and the network's
+/// `expire-after`, which expires the offline member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_over_quic_and_the_admin_api() {
+    use common::*;
+    use hyper::Method;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |c| {
+        c.offline_after_secs = 2;
+    })
+    .await;
+    h.call(
+        Method::POST,
+        "/v1/networks",
+        Some(json!({"name": "prod", "expire_after": "4s"})),
+    )
+    .await
+    .unwrap();
+    let net = h
+        .call(Method::GET, "/v1/networks/prod", None)
+        .await
+        .unwrap();
+    assert_eq!(net["expire_after"], 4);
+    let token = h.token("prod", json!({"uses": 5})).await;
+    let ep = client_endpoint();
+    let (_ka, mut a) = join(&ep, &token, "api").await;
+    let (_kb, b) = join(&ep, &token, "db").await;
+    let (kc, c) = join(&ep, &token, "web").await;
+    assert_eq!(a.welcome().heartbeat_secs, 1, "a third of offline-after");
+    let state = |members: &[serde_json::Value], key: &str| {
+        members
+            .iter()
+            .find(|m| m["public_key"] == key)
+            .map(|m| m["state"].as_str().unwrap().to_owned())
+    };
+    // b stops gracefully: offline at once, seen by a.
+    let kb = b.membership().public_key;
+    assert!(b.shutdown().await, "the keyserver confirmed");
+    until(&mut a, Duration::from_secs(3), |s| {
+        s.map().members.get(&kb).map(|m| m.state) == Some(MemberState::Offline)
+    })
+    .await;
+    let members = h.members("prod").await;
+    assert_eq!(state(&members, &kb.to_string()).as_deref(), Some("offline"));
+    assert!(members
+        .iter()
+        .any(|m| m["public_key"] == kb.to_string() && m["offline_since"].is_u64()));
+    // c goes silent: offline after ~2 s, then expires 4 s later.
+    c.close();
+    let kc = kc.public_key();
+    until(&mut a, Duration::from_secs(6), |s| {
+        s.map().members.get(&kc).map(|m| m.state) == Some(MemberState::Offline)
+    })
+    .await;
+    until(&mut a, Duration::from_secs(8), |s| {
+        !s.map().members.contains_key(&kc)
+    })
+    .await;
+    // a, heartbeating all along, stayed online.
+    let members = h.members("prod").await;
+    assert_eq!(
+        state(&members, &a.membership().public_key.to_string()).as_deref(),
+        Some("online")
+    );
+    // PATCH back to the default (24 h).
+    let net = h
+        .call(
+            Method::PATCH,
+            "/v1/networks/prod",
+            Some(json!({"expire_after": null})),
+        )
+        .await
+        .unwrap();
+    assert!(net["expire_after"].is_null());
+    let bad = h
+        .call(
+            Method::PATCH,
+            "/v1/networks/prod",
+            Some(json!({"expire_after": "0s"})),
+        )
+        .await;
+    assert!(bad.is_err());
+    h.stop().await;
+}

@@ -495,6 +495,8 @@ impl Sim {
                 last_seen: 1_800_000_000,
                 offline_since: None,
                 previous_keys: vec![],
+                token_hash: None,
+                credential_used: true,
             });
             keys.push((key, public, credential));
         }

@@ -107,12 +107,14 @@ impl Registry {
         let Some(rec) = net.members.get_mut(key) else {
             return (None, vec![]);
         };
-        let before = rec.clone();
+        let mut before = rec.clone();
         f(rec);
         rec.last_seen = unix(now);
         if rec.member == before.member {
-            let stored = (rec.offline_since != before.offline_since)
-                .then(|| StoreOp::PutMember(rec.clone()));
+            // A field only the keyserver sees (offline since, credential
+            // used) is written; `last_seen` alone waits for the next write.
+            before.last_seen = rec.last_seen;
+            let stored = (*rec != before).then(|| StoreOp::PutMember(rec.clone()));
             return (None, stored.into_iter().collect());
         }
         let (member, stored) = (rec.member.clone(), StoreOp::PutMember(rec.clone()));

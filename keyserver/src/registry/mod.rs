@@ -13,6 +13,7 @@ mod network;
 mod records;
 #[cfg(test)]
 mod tests;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -51,9 +52,10 @@ pub enum ProtoOpError {
     /// The token is bound to another service or process type.
     #[error("join token is bound to {0}")]
     TokenBinding(String),
-    /// The public key is already a member of the network.
-    #[error("public key is already a member; resume with its credential")]
-    KeyInUse,
+    /// The public key is already a member of the network, and this join
+    /// cannot be a retry of the join that made it (the reason says why).
+    #[error("public key is already a member of this network ({0}); resume with its credential")]
+    KeyInUse(String),
     /// The instance name is taken.
     #[error("instance name {0} is taken in this network")]
     InstanceTaken(InstanceName),
@@ -78,7 +80,7 @@ impl ProtoOpError {
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::TokenUsedUp => ErrorCode::TokenUsedUp,
             Self::TokenBinding(_) => ErrorCode::TokenBinding,
-            Self::KeyInUse => ErrorCode::KeyInUse,
+            Self::KeyInUse(_) => ErrorCode::KeyInUse,
             Self::InstanceTaken(_) => ErrorCode::InstanceTaken,
             Self::NetworkFull(_) => ErrorCode::NetworkFull,
             Self::BadCredential => ErrorCode::BadCredential,
@@ -96,15 +98,44 @@ pub enum AdminError {
     /// A network with this name exists.
     #[error("a network named {0:?} already exists")]
     NameTaken(String),
-    /// The name is empty, too long, or looks like a network id.
-    #[error("invalid network name {0:?}: 1-64 printable characters, not starting with 'pn-'")]
-    BadName(String),
-    /// The range is unusable.
+    /// The name is unusable ([`validate::network_name`]).
+    #[error("invalid network name {name:?}: {reason}")]
+    BadName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The name looks like an existing network's name ([`validate::skeleton`]).
+    #[error("network name {name:?} looks like the existing network {existing:?}")]
+    LookAlike {
+        /// The name as given.
+        name: String,
+        /// The existing network's name.
+        existing: String,
+    },
+    /// The range is unusable ([`validate::range`]).
     #[error("invalid range: {0}")]
-    BadRange(IpamError),
+    BadRange(String),
     /// Uses must be at least 1.
     #[error("a token needs at least one use")]
     BadUses,
+    /// The token lifetime is out of bounds ([`validate::token_ttl`]).
+    #[error("invalid expiry: {0}")]
+    BadExpiry(String),
+    /// The token's service binding is not a valid service name.
+    #[error("invalid service binding: {0}")]
+    BadBinding(String),
+    /// The network still has members and the deletion was not forced.
+    #[error(
+        "network {network:?} still has {members} members; remove them first or force the deletion"
+    )]
+    NetworkInUse {
+        /// The network's name.
+        network: String,
+        /// How many members it has.
+        members: usize,
+    },
     /// No such member.
     #[error("unknown member {0:?}")]
     UnknownMember(String),
@@ -222,16 +253,21 @@ impl Registry {
         range: Ipv4Net,
         now: SystemTime,
     ) -> Result<(NetworkRecord, Vec<StoreOp>), AdminError> {
-        let bad_name = name.is_empty()
-            || name.len() > 64
-            || name.starts_with("pn-")
-            || name.chars().any(|c| c.is_control() || c == '/');
-        if bad_name {
-            return Err(AdminError::BadName(name.to_owned()));
-        }
+        validate::network_name(name).map_err(|reason| AdminError::BadName {
+            name: name.to_owned(),
+            reason,
+        })?;
         if self.names.contains_key(name) {
             return Err(AdminError::NameTaken(name.to_owned()));
         }
+        let twin = validate::skeleton(name);
+        if let Some(existing) = self.names.keys().find(|n| validate::skeleton(n) == twin) {
+            return Err(AdminError::LookAlike {
+                name: name.to_owned(),
+                existing: existing.clone(),
+            });
+        }
+        validate::range(range).map_err(AdminError::BadRange)?;
         let rec = NetworkRecord {
             id: NetworkId::random(),
             name: name.to_owned(),
@@ -240,7 +276,8 @@ impl Registry {
             created: unix(now),
             expire_after: None,
         };
-        let net = Network::new(rec.clone(), self.quarantine).map_err(AdminError::BadRange)?;
+        let net = Network::new(rec.clone(), self.quarantine)
+            .map_err(|e| AdminError::BadRange(e.to_string()))?;
         self.names.insert(rec.name.clone(), rec.id);
         self.networks.insert(rec.id, net);
         Ok((rec.clone(), vec![StoreOp::PutNetwork(rec)]))
@@ -263,6 +300,10 @@ impl Registry {
         }
         if uses == 0 {
             return Err(AdminError::BadUses);
+        }
+        validate::token_ttl(ttl).map_err(AdminError::BadExpiry)?;
+        if let Some(s) = &service {
+            validate::service(s).map_err(AdminError::BadBinding)?;
         }
         let hash = sha256(secret);
         let rec = TokenRecord {
@@ -363,20 +404,13 @@ impl Registry {
     /// Most endpoints a member may advertise.
     pub const MAX_ENDPOINTS: usize = 16;
     /// Longest service name and runner label, in bytes.
-    pub const MAX_LABEL: usize = 128;
+    pub const MAX_LABEL: usize = validate::MAX_LABEL;
 
-    /// Checks the size limits of a join's metadata.
+    /// Checks the size limits and characters of a join's metadata.
     fn check_metadata(req: &JoinRequest) -> Result<(), ProtoOpError> {
         let bad = |what: String| Err(ProtoOpError::InvalidMetadata(what));
-        if req.service.is_empty() || req.service.len() > Self::MAX_LABEL {
-            return bad(format!("service name must be 1-{} bytes", Self::MAX_LABEL));
-        }
-        if req.runner.len() > Self::MAX_LABEL {
-            return bad(format!(
-                "runner label must be at most {} bytes",
-                Self::MAX_LABEL
-            ));
-        }
+        validate::service(&req.service).map_err(ProtoOpError::InvalidMetadata)?;
+        validate::runner(&req.runner).map_err(ProtoOpError::InvalidMetadata)?;
         if req.endpoints.len() > Self::MAX_ENDPOINTS {
             return bad(format!("at most {} endpoints", Self::MAX_ENDPOINTS));
         }
@@ -388,11 +422,20 @@ impl Registry {
 
     /// Joins a member. `credential` is the fresh secret the driver generated;
     /// only its hash is kept.
+    ///
+    /// A join with a key that is already a member is a retry when it comes
+    /// with the same token and metadata, the member never used its
+    /// credential and no session of it is open (`key_online`, which the
+    /// driver knows): the welcome was lost, e.g. the keyserver was killed
+    /// right after the commit. It gets that membership back with
+    /// `credential` and uses nothing of the token, which may be used up by
+    /// now.
     pub fn join(
         &mut self,
         req: &JoinRequest,
         observed: SocketAddr,
         credential: &Secret,
+        key_online: bool,
         now: SystemTime,
     ) -> Result<Joined, ProtoOpError> {
         let net = self
@@ -400,10 +443,13 @@ impl Registry {
             .get(&req.network)
             .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
         Self::check_metadata(req)?;
-        let token_hash = self.check_token(req, now)?;
         if net.members.contains_key(&req.public_key) {
-            return Err(ProtoOpError::KeyInUse);
+            if key_online {
+                return Err(ProtoOpError::KeyInUse("a session of it is open".into()));
+            }
+            return self.rejoin(req, observed, credential, now);
         }
+        let token_hash = self.check_token(req, now)?;
         if let Some(name) = req
             .instance
             .as_ref()
@@ -411,34 +457,26 @@ impl Registry {
         {
             return Err(ProtoOpError::InstanceTaken(name.clone()));
         }
-        let app_id = req.app_id.clone().unwrap_or_else(|| {
-            net.members
-                .values()
-                .find(|r| r.member.service == req.service)
-                .map_or_else(AppId::random, |r| r.member.app_id.clone())
-        });
+        let app_id = app_id_for(net, &req.service, req.app_id.as_ref());
         let index = net.lowest_free_index(&app_id, &req.process_type);
         let instance = match &req.instance {
             Some(name) => name.clone(),
-            None => default_instance(net, &req.service, &app_id, &req.process_type, index),
+            None => default_instance(net, &req.service, &app_id, &req.process_type, index)
+                .ok_or_else(|| {
+                    ProtoOpError::InvalidMetadata(format!(
+                        "no free default instance name for service {:?}, type {} and index {index} within 63 bytes; choose one (--instance)",
+                        req.service, req.process_type
+                    ))
+                })?,
         };
         let log_cap = self.log_cap;
         let net = self.networks.get_mut(&req.network).expect("checked above");
         // Last fallible step: the allocation. Nothing has changed before it.
         let ip = net.alloc.allocate(now).map_err(ProtoOpError::NetworkFull)?;
-        let mut endpoints: Vec<SocketAddr> = req
-            .endpoints
-            .iter()
-            .take(Self::MAX_ENDPOINTS)
-            .copied()
-            .collect();
-        if let Some(seen) = observed_endpoint(&endpoints, observed) {
-            endpoints.push(seen);
-        }
         let member = Member {
             public_key: req.public_key,
             ip,
-            endpoints,
+            endpoints: resolved_endpoints(&req.endpoints, observed),
             service: req.service.clone(),
             app_id,
             process_type: req.process_type.clone(),
@@ -456,6 +494,8 @@ impl Registry {
             last_seen: unix(now),
             offline_since: None,
             previous_keys: vec![],
+            token_hash: Some(token_hash),
+            credential_used: false,
         };
         net.instances
             .insert(member.instance.clone(), member.public_key);
@@ -473,9 +513,87 @@ impl Registry {
         Ok(Joined {
             member,
             map,
-            change,
+            change: Some(change),
+            rejoined: false,
             ops,
         })
+    }
+
+    /// A join whose key is already a member: the membership back with a new
+    /// credential if it is a retry of the join that made it (see
+    /// [`Registry::join`]), else [`ProtoOpError::KeyInUse`] saying why not.
+    /// The token record is not consulted: its secret's hash, kept on the
+    /// member, is the proof, and a used-up or collected token still counts.
+    fn rejoin(
+        &mut self,
+        req: &JoinRequest,
+        observed: SocketAddr,
+        credential: &Secret,
+        now: SystemTime,
+    ) -> Result<Joined, ProtoOpError> {
+        let log_cap = self.log_cap;
+        let net = self
+            .networks
+            .get_mut(&req.network)
+            .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
+        let rec = net
+            .members
+            .get_mut(&req.public_key)
+            .ok_or_else(|| ProtoOpError::KeyInUse("vanished".into()))?;
+        let in_use = |why: &str| Err(ProtoOpError::KeyInUse(why.to_owned()));
+        if rec.token_hash != Some(sha256(&req.token_secret)) {
+            return in_use("it joined with another token");
+        }
+        let m = &rec.member;
+        let same_meta = m.service == req.service
+            && m.process_type == req.process_type
+            && req.instance.as_ref().is_none_or(|i| *i == m.instance);
+        if !same_meta {
+            return in_use("its service, process type or instance name differ from this join's");
+        }
+        if rec.credential_used {
+            return in_use("its credential has been used since it joined");
+        }
+        rec.credential_hash = sha256(credential);
+        rec.last_seen = unix(now);
+        let before = rec.member.clone();
+        rec.member.endpoints = resolved_endpoints(&req.endpoints, observed);
+        rec.member.ports = dedup_ports(&req.ports);
+        rec.member.runner.clone_from(&req.runner);
+        lifecycle::set_online(rec);
+        let changed = rec.member != before;
+        let (member, stored) = (rec.member.clone(), StoreOp::PutMember(rec.clone()));
+        let mut ops = vec![stored];
+        let change = changed.then(|| {
+            let (change, net_op) =
+                net.record(vec![MapChange::Upsert(member.clone())], None, log_cap);
+            ops.push(net_op);
+            change
+        });
+        Ok(Joined {
+            map: net.snapshot(),
+            member,
+            change,
+            rejoined: true,
+            ops,
+        })
+    }
+
+    /// Notes that a member showed it holds its credential (see
+    /// [`MemberRecord::credential_used`]). Returns the write if it changed
+    /// anything.
+    pub fn confirm_credential(&mut self, network: NetworkId, key: &PublicKey) -> Vec<StoreOp> {
+        let rec = self
+            .networks
+            .get_mut(&network)
+            .and_then(|n| n.members.get_mut(key));
+        match rec {
+            Some(rec) if !rec.credential_used => {
+                rec.credential_used = true;
+                vec![StoreOp::PutMember(rec.clone())]
+            }
+            _ => vec![],
+        }
     }
 
     /// The member with this key, if the credential matches.
@@ -514,6 +632,8 @@ impl Registry {
         let (change, ops) = self.update_member(req.network, &req.public_key, now, |rec| {
             rec.member.endpoints = eps;
             lifecycle::set_online(rec);
+            // It holds its credential: a retried join no longer takes it.
+            rec.credential_used = true;
         });
         let net = &self.networks[&req.network];
         let catchup = net.catchup(req.generation);
@@ -614,6 +734,75 @@ impl Registry {
         ];
         Ok((change, ops))
     }
+
+    /// Deletes a network with its tokens and quarantine entries. A network
+    /// with members is refused unless `force`, which removes every member
+    /// first (each removal is a change, so every member's session ends as
+    /// revoked).
+    pub fn delete_network(
+        &mut self,
+        network: NetworkId,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<(Vec<Change>, Vec<StoreOp>), AdminError> {
+        let net = self
+            .networks
+            .get(&network)
+            .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))?;
+        if !force && !net.members.is_empty() {
+            return Err(AdminError::NetworkInUse {
+                network: net.rec.name.clone(),
+                members: net.members.len(),
+            });
+        }
+        let keys: Vec<PublicKey> = net.members.keys().copied().collect();
+        let mut changes = Vec::with_capacity(keys.len());
+        let mut ops = Vec::new();
+        for key in keys {
+            let (change, mut removed) = self.remove_member(network, &key.to_string(), now)?;
+            changes.push(change);
+            // The quarantine and network writes of each removal are moot.
+            removed.retain(|op| matches!(op, StoreOp::DeleteMember(..)));
+            ops.append(&mut removed);
+        }
+        let net = self.networks.remove(&network).expect("checked above");
+        self.names.remove(&net.rec.name);
+        ops.extend(
+            net.alloc
+                .quarantined()
+                .map(|(ip, _)| StoreOp::DeleteQuarantine(network, ip)),
+        );
+        let tokens: Vec<[u8; 32]> = self
+            .tokens
+            .values()
+            .filter(|t| t.network == network)
+            .map(|t| t.hash)
+            .collect();
+        for hash in tokens {
+            self.tokens.remove(&hash);
+            ops.push(StoreOp::DeleteToken(hash));
+        }
+        ops.push(StoreOp::DeleteNetwork(network));
+        Ok((changes, ops))
+    }
+
+    /// Forgets tokens that can no longer admit anyone: expired at `now` or
+    /// used up. A retried join does not need them (see [`Registry::join`]).
+    pub fn collect_tokens(&mut self, now: SystemTime) -> Vec<StoreOp> {
+        let now = unix(now);
+        let dead: Vec<[u8; 32]> = self
+            .tokens
+            .values()
+            .filter(|t| t.uses_left == 0 || t.expires <= now)
+            .map(|t| t.hash)
+            .collect();
+        dead.into_iter()
+            .map(|hash| {
+                self.tokens.remove(&hash);
+                StoreOp::DeleteToken(hash)
+            })
+            .collect()
+    }
 }
 
 /// The WireGuard endpoint the keyserver can vouch for: the address it
@@ -640,6 +829,32 @@ fn resolved_endpoints(advertised: &[SocketAddr], observed: SocketAddr) -> Vec<So
         eps.push(seen);
     }
     eps
+}
+
+/// The app id a joining member of `service` gets: the keyserver decides.
+/// It is the id of the service's existing members; for a service new to the
+/// network, the client's `hint` if it has the keyserver's own `ap-<uuid>`
+/// form and no other service uses it (as app id or as `.warp` label, both
+/// of which name members in DNS), else a fresh `ap-<uuid>`. So a member can
+/// never place itself under another service's names.
+fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
+    if let Some(rec) = net.members.values().find(|r| r.member.service == service) {
+        return rec.member.app_id.clone();
+    }
+    let usable = |hint: &&AppId| {
+        let shaped = hint
+            .as_str()
+            .strip_prefix("ap-")
+            .and_then(|u| uuid::Uuid::try_parse(u).ok())
+            .is_some_and(|u| u.hyphenated().to_string() == hint.as_str()[3..]);
+        let taken = net.members.values().any(|r| {
+            r.member.app_id == **hint
+                || meshlib::ist::hostname_label(&r.member.service)
+                    .is_ok_and(|label| label == hint.as_str())
+        });
+        shaped && !taken
+    };
+    hint.filter(usable).cloned().unwrap_or_else(AppId::random)
 }
 
 /// A member's declared ports, sorted, without duplicates.

@@ -70,8 +70,15 @@ impl Network {
         (change, StoreOp::PutNetwork(self.rec.clone()))
     }
 
+    /// How to bring a member at `generation` up to date. Generation 0 means
+    /// "no map at all" (the protocol promises a snapshot: a delta carries no
+    /// network name or range); a generation the log no longer covers, or one
+    /// ahead of the network's, gets a snapshot too.
     pub(super) fn catchup(&self, generation: u64) -> Catchup {
         let now = self.rec.generation;
+        if generation == 0 {
+            return Catchup::Snapshot(self.snapshot());
+        }
         if generation == now {
             return Catchup::UpToDate;
         }
@@ -133,34 +140,52 @@ fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
 
 /// `<service>-<type>-<index>` (the service's `.warp` label, e.g.
 /// `my-db-web-1`; the app id when the service has no usable label), made
-/// unique with a numeric suffix if an explicit name took it.
+/// unique with a numeric suffix `-<n>` if an explicit name took it.
+///
+/// The name is always a valid DNS label: when it would pass 63 bytes, the
+/// `<service>-<type>` part is cut, never the `-<index>` or `-<n>` suffix, so
+/// candidates stay distinct. The search is bounded: at most one candidate
+/// more than there are names in the network, so one of them is free unless
+/// cutting made two candidates equal; `None` then (the join is refused).
 pub(super) fn default_instance(
     net: &Network,
     service: &str,
     app: &AppId,
     ptype: &ProcessType,
     index: u32,
-) -> InstanceName {
+) -> Option<InstanceName> {
     let label = meshlib::ist::hostname_label(service)
         .ok()
         .map(|l| l.trim_matches('-').to_owned())
         .filter(|l| !l.is_empty() && l.len() <= 40 && l.parse::<AppId>().is_ok())
         .unwrap_or_else(|| app.to_string());
-    let base: String = format!("{label}-{ptype}-{index}");
-    let mut n = 1u32;
-    loop {
-        let text = if n == 1 {
-            base.clone()
+    let base = format!("{label}-{ptype}");
+    let tries = u32::try_from(net.instances.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    (1..=tries).find_map(|n| {
+        let suffix = if n == 1 {
+            format!("-{index}")
         } else {
-            format!("{base}-{n}")
+            format!("-{index}-{n}")
         };
-        let cut = text.len().min(63);
-        let trimmed = text[..cut].trim_end_matches('-');
-        if let Ok(name) = trimmed.parse::<InstanceName>() {
-            if !net.instances.contains_key(&name) {
-                return name;
-            }
-        }
-        n += 1;
+        let name = instance_with_suffix(&base, &suffix)?;
+        (!net.instances.contains_key(&name)).then_some(name)
+    })
+}
+
+/// `base` cut so that `base + suffix` fits one DNS label (63 bytes), without
+/// a trailing `-` before the suffix.
+fn instance_with_suffix(base: &str, suffix: &str) -> Option<InstanceName> {
+    let room = 63usize.checked_sub(suffix.len())?;
+    let mut end = base.len().min(room);
+    // `base` is ASCII (a hostname label and a process type); stay on a
+    // character boundary all the same.
+    while !base.is_char_boundary(end) {
+        end -= 1;
     }
+    let cut = &base[..end];
+    format!("{}{suffix}", cut.trim_end_matches('-'))
+        .parse()
+        .ok()
 }

@@ -76,10 +76,24 @@ pub struct MemberRecord {
     /// a few at most): a rotation back to one of them is refused.
     #[serde(default)]
     pub previous_keys: Vec<PublicKey>,
+    /// SHA-256 of the join token's secret this member joined with (`None`
+    /// for records stored before it was kept). A join retried with the same
+    /// token and key gets this membership back while `credential_used` is
+    /// false: the welcome with the credential may have been lost.
+    #[serde(default)]
+    pub token_hash: Option<[u8; 32]>,
+    /// Whether the member showed it holds its credential (a resume, or a
+    /// heartbeat on its join session). From then on a retried join is
+    /// refused: only the credential brings the membership back.
+    #[serde(default)]
+    pub credential_used: bool,
 }
 
 /// One write for the store; a list of them is committed atomically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// A few ops live at a time, in a list for one commit: boxing the large
+// member record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum StoreOp {
     /// Insert or replace a network.
     PutNetwork(NetworkRecord),
@@ -91,6 +105,9 @@ pub enum StoreOp {
     PutMember(MemberRecord),
     /// Delete a member.
     DeleteMember(NetworkId, PublicKey),
+    /// Delete a network record (its members, tokens and quarantine entries
+    /// are deleted by their own ops in the same batch).
+    DeleteNetwork(NetworkId),
     /// Keep an address in quarantine until a time (Unix seconds).
     PutQuarantine(NetworkId, Ipv4Addr, u64),
     /// Forget a quarantine entry.
@@ -139,8 +156,11 @@ pub struct Joined {
     pub member: Member,
     /// The map including the new member.
     pub map: NetworkMap,
-    /// The change to push to the others.
-    pub change: Change,
+    /// The change to push to the others (`None` for a retried join that
+    /// changed nothing the peers see).
+    pub change: Option<Change>,
+    /// Whether this was a retried join that got an existing membership back.
+    pub rejoined: bool,
     /// Writes to commit.
     pub ops: Vec<StoreOp>,
 }

@@ -53,6 +53,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "api"),
             OBS.parse().unwrap(),
             &[2; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -61,6 +62,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "api"),
             OBS.parse().unwrap(),
             &[3; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -70,8 +72,8 @@ fn join_assigns_ip_index_name_and_logs() {
     assert_eq!(a.member.app_id, b.member.app_id);
     assert_ne!(a.member.instance, b.member.instance);
     assert_eq!(b.map.members.len(), 2);
-    assert_eq!(b.change.delta.from, 1);
-    assert_eq!(b.change.delta.to, 2);
+    let change = b.change.as_ref().unwrap();
+    assert_eq!((change.delta.from, change.delta.to), (1, 2));
     assert_eq!(reg.tokens(net)[0].uses_left, 8);
     // Catch-up by deltas, then by snapshot once the log (cap 4) is exceeded.
     match reg.catchup(net, 1).unwrap() {
@@ -83,6 +85,7 @@ fn join_assigns_ip_index_name_and_logs() {
             &req(net, secret, "db"),
             OBS.parse().unwrap(),
             &[i; 32],
+            false,
             now(),
         )
         .unwrap();
@@ -97,22 +100,22 @@ fn token_rules_leave_state_unchanged() {
     let (mut reg, net, secret) = setup("10.240.0.0/30", 1);
     let obs = OBS.parse().unwrap();
     assert_eq!(
-        reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], now())
+        reg.join(&req(net, [9; 32], "api"), obs, &[2; 32], false, now())
             .unwrap_err(),
         ProtoOpError::InvalidToken
     );
     let later = now() + Duration::from_secs(7200);
     assert_eq!(
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], later)
+        reg.join(&req(net, secret, "api"), obs, &[2; 32], false, later)
             .unwrap_err(),
         ProtoOpError::TokenExpired
     );
     assert_eq!(reg.member_count(net), 0);
     assert_eq!(reg.tokens(net)[0].uses_left, 1);
-    reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+    reg.join(&req(net, secret, "api"), obs, &[2; 32], false, now())
         .unwrap();
     assert_eq!(
-        reg.join(&req(net, secret, "api"), obs, &[2; 32], now())
+        reg.join(&req(net, secret, "api"), obs, &[2; 32], false, now())
             .unwrap_err(),
         ProtoOpError::TokenUsedUp
     );
@@ -120,11 +123,11 @@ fn token_rules_leave_state_unchanged() {
     let (t2, _) = reg
         .create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now())
         .unwrap();
-    reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+    reg.join(&req(net, [5; 32], "api"), obs, &[2; 32], false, now())
         .unwrap();
     let gen = reg.network(net).unwrap().generation;
     let err = reg
-        .join(&req(net, [5; 32], "api"), obs, &[2; 32], now())
+        .join(&req(net, [5; 32], "api"), obs, &[2; 32], false, now())
         .unwrap_err();
     assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
     let left = reg
@@ -142,7 +145,7 @@ fn resume_needs_the_credential_and_remove_releases() {
     let (mut reg, net, secret) = setup("10.240.0.0/22", 5);
     let obs: SocketAddr = OBS.parse().unwrap();
     let j = reg
-        .join(&req(net, secret, "api"), obs, &[7; 32], now())
+        .join(&req(net, secret, "api"), obs, &[7; 32], false, now())
         .unwrap();
     let key = j.member.public_key;
     let mut r = ResumeRequest {
@@ -170,7 +173,7 @@ fn resume_needs_the_credential_and_remove_releases() {
     );
     // The released address is quarantined: the next member gets .2.
     let k = reg
-        .join(&req(net, secret, "api"), obs, &[1; 32], now())
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
         .unwrap();
     assert_eq!(k.member.ip, Ipv4Addr::new(10, 240, 0, 2));
     assert_eq!(k.member.index, 1);
@@ -191,10 +194,10 @@ fn full_default_range_holds_1022_and_its_snapshot_fits_a_frame() {
             "[2001:db8::2]:51820".parse().unwrap(),
         ];
         r.runner = "runner-with-a-long-label-eu-west-3".into();
-        reg.join(&r, obs, &[0; 32], now()).unwrap();
+        reg.join(&r, obs, &[0; 32], false, now()).unwrap();
     }
     let err = reg
-        .join(&req(net, secret, "x"), obs, &[0; 32], now())
+        .join(&req(net, secret, "x"), obs, &[0; 32], false, now())
         .unwrap_err();
     assert!(matches!(err, ProtoOpError::NetworkFull(_)), "{err:?}");
     let map = reg.snapshot(net).unwrap();
@@ -244,16 +247,16 @@ fn ports_are_validated_at_join_and_updated_as_changes() {
     let mut bad = req(net, secret, "api");
     bad.ports = vec![80, 0];
     assert!(reg
-        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], false, now())
         .is_err());
     bad.ports = (1..=65).collect();
     assert!(reg
-        .join(&bad, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&bad, OBS.parse().unwrap(), &[2; 32], false, now())
         .is_err());
     let mut good = req(net, secret, "api");
     good.ports = vec![8080, 80, 8080];
     let j = reg
-        .join(&good, OBS.parse().unwrap(), &[2; 32], now())
+        .join(&good, OBS.parse().unwrap(), &[2; 32], false, now())
         .unwrap();
     assert_eq!(j.member.ports, vec![80, 8080], "sorted, deduplicated");
     let key = good.public_key;
@@ -267,4 +270,352 @@ fn ports_are_validated_at_join_and_updated_as_changes() {
     assert_eq!(change.delta.from + 1, change.delta.to);
     let map = reg.snapshot(net).unwrap();
     assert_eq!(map.members[&key].ports, vec![5432]);
+}
+
+/// Runs `f` on a thread and fails the test if it does not finish in `limit`
+/// (an endless loop would otherwise hang the test run).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .expect("registry operation did not finish in time (endless loop?)")
+}
+
+#[test]
+fn long_service_and_type_give_distinct_valid_default_names_quickly() {
+    let names = within(Duration::from_secs(20), || {
+        let (mut reg, net, secret) = setup("10.240.0.0/22", 1000);
+        let ptype: ProcessType = "nightly-batch-export-of-customer-invoices-to-s3"
+            .parse()
+            .unwrap();
+        let mut names = Vec::new();
+        for i in 0..300u32 {
+            let mut r = req(net, secret, "invoice-renderer");
+            r.process_type = ptype.clone();
+            let j = reg
+                .join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+                .unwrap();
+            assert_eq!(j.member.index, i + 1);
+            names.push((j.member.index, j.member.instance));
+        }
+        names
+    });
+    let mut seen = std::collections::HashSet::new();
+    for (index, name) in &names {
+        let text = name.as_str();
+        assert!(text.len() <= 63, "{text}");
+        assert!(text.parse::<InstanceName>().is_ok(), "{text}");
+        assert!(text.ends_with(&format!("-{index}")), "{text}: suffix kept");
+        assert!(text.starts_with("invoice-renderer-nightly-batch"), "{text}");
+        assert!(seen.insert(text.to_owned()), "{text} given twice");
+    }
+}
+
+#[test]
+fn default_names_taken_by_explicit_names_get_a_bounded_suffix() {
+    within(Duration::from_secs(20), || {
+        let (mut reg, net, secret) = setup("10.240.0.0/22", 1000);
+        let ptype: ProcessType = "nightly-batch-export-of-customer-invoices-to-s3"
+            .parse()
+            .unwrap();
+        // Someone took the default names of index 1 (plain and with the
+        // first suffixes) explicitly.
+        let first = "invoice-renderer-nightly-batch-export-of-customer-invoices-to-1";
+        let mut explicit = vec![first.to_owned()];
+        for n in 2..5 {
+            explicit.push(format!(
+                "invoice-renderer-nightly-batch-export-of-customer-invoices-1-{n}"
+            ));
+        }
+        for name in &explicit {
+            let mut r = req(net, secret, "squatter");
+            r.instance = Some(name.parse().unwrap());
+            reg.join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+                .unwrap();
+        }
+        let mut r = req(net, secret, "invoice-renderer");
+        r.process_type = ptype;
+        let j = reg
+            .join(&r, OBS.parse().unwrap(), &[0; 32], false, now())
+            .unwrap();
+        let name = j.member.instance.to_string();
+        assert!(!explicit.contains(&name), "{name}");
+        assert!(name.ends_with("-1-5"), "{name}");
+        assert!(name.len() <= 63);
+    });
+}
+
+#[test]
+fn the_keyserver_decides_the_app_id() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 100);
+    let obs: SocketAddr = OBS.parse().unwrap();
+    let api = reg
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
+        .unwrap();
+    let api_id = api.member.app_id.clone();
+    reg.create_token(
+        net,
+        &[7; 32],
+        10,
+        Duration::from_secs(60),
+        Some("web".into()),
+        None,
+        now(),
+    )
+    .unwrap();
+    // A member of `web` asks for api's id, then for api's `.warp` label.
+    for hint in [api_id.clone(), "api".parse().unwrap()] {
+        let mut r = req(net, [7; 32], "web");
+        r.app_id = Some(hint.clone());
+        let j = reg.join(&r, obs, &[2; 32], false, now()).unwrap();
+        assert_ne!(j.member.app_id, api_id, "took api's id with hint {hint}");
+        assert_ne!(j.member.app_id.as_str(), "api");
+        // api's names still hold api's member only.
+        let map = reg.snapshot(net).unwrap();
+        let under_api: Vec<_> = map
+            .members
+            .values()
+            .filter(|m| m.app_id == api_id)
+            .map(|m| m.service.clone())
+            .collect();
+        assert_eq!(under_api, vec!["api".to_owned()]);
+    }
+    // Both `web` members share one id, whatever their hints said.
+    let webs: Vec<AppId> = reg
+        .snapshot(net)
+        .unwrap()
+        .members
+        .values()
+        .filter(|m| m.service == "web")
+        .map(|m| m.app_id.clone())
+        .collect();
+    assert_eq!(webs.len(), 2);
+    assert_eq!(webs[0], webs[1]);
+    // A new service may keep an unused id of the keyserver's own form.
+    let mine = AppId::random();
+    let mut r = req(net, secret, "db");
+    r.app_id = Some(mine.clone());
+    assert_eq!(
+        reg.join(&r, obs, &[3; 32], false, now())
+            .unwrap()
+            .member
+            .app_id,
+        mine
+    );
+    // ...but not a free-form label.
+    let mut r = req(net, secret, "cache");
+    r.app_id = Some("cache-app".parse().unwrap());
+    let got = reg
+        .join(&r, obs, &[4; 32], false, now())
+        .unwrap()
+        .member
+        .app_id;
+    assert!(got.as_str().starts_with("ap-"), "{got}");
+}
+
+#[test]
+fn a_retried_join_gets_its_membership_back() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 1);
+    let obs: SocketAddr = OBS.parse().unwrap();
+    let r = req(net, secret, "api");
+    let first = reg.join(&r, obs, &[1; 32], false, now()).unwrap();
+    assert!(!first.rejoined);
+    assert_eq!(reg.tokens(net)[0].uses_left, 0, "the only use is gone");
+    // While a session of the member is open, it is not a lost welcome.
+    let err = reg.join(&r, obs, &[2; 32], true, now()).unwrap_err();
+    assert!(
+        matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("session")),
+        "{err}"
+    );
+    // The welcome was lost: the same token and key come back.
+    let again = reg.join(&r, obs, &[2; 32], false, now()).unwrap();
+    assert!(again.rejoined);
+    assert_eq!(again.member, first.member);
+    assert!(again.change.is_none(), "nothing the peers see changed");
+    assert_eq!(again.map.members.len(), 1);
+    assert_eq!(reg.tokens(net)[0].uses_left, 0);
+    // The new credential resumes; the lost one does not.
+    let resume = |cred: Secret| ResumeRequest {
+        network: net,
+        public_key: r.public_key,
+        credential: cred,
+        generation: 1,
+        endpoints: vec![],
+    };
+    assert_eq!(
+        reg.resume(&resume([1; 32]), obs, now()).unwrap_err(),
+        ProtoOpError::BadCredential
+    );
+    // Another token, or other metadata: not a retry.
+    reg.create_token(net, &[5; 32], 5, Duration::from_secs(60), None, None, now())
+        .unwrap();
+    let mut other_token = r.clone();
+    other_token.token_secret = [5; 32];
+    let err = reg
+        .join(&other_token, obs, &[3; 32], false, now())
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("another token")),
+        "{err}"
+    );
+    let mut other_type = r.clone();
+    other_type.process_type = "worker".parse().unwrap();
+    let err = reg
+        .join(&other_type, obs, &[3; 32], false, now())
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("differ")),
+        "{err}"
+    );
+    // Once the credential was used, only the credential brings it back.
+    let res = reg.resume(&resume([2; 32]), obs, now()).unwrap();
+    assert!(res
+        .ops
+        .iter()
+        .any(|op| matches!(op, StoreOp::PutMember(m) if m.credential_used)));
+    let err = reg.join(&r, obs, &[4; 32], false, now()).unwrap_err();
+    assert!(
+        matches!(&err, ProtoOpError::KeyInUse(why) if why.contains("used")),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("resume with its credential"),
+        "{err}"
+    );
+    assert_eq!(reg.member_count(net), 1);
+}
+
+#[test]
+fn a_resume_from_generation_zero_gets_a_snapshot() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
+    let obs: SocketAddr = OBS.parse().unwrap();
+    reg.join(&req(net, secret, "api"), obs, &[1; 32], false, now())
+        .unwrap();
+    reg.join(&req(net, secret, "web"), obs, &[1; 32], false, now())
+        .unwrap();
+    // The log (cap 4) still covers generation 0 -> 2: a delta would be
+    // possible, but it carries no network name; the protocol says snapshot.
+    match reg.catchup(net, 0) {
+        Some(Catchup::Snapshot(map)) => {
+            assert_eq!(map.name, "prod");
+            assert_eq!(map.members.len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(reg.catchup(net, 1), Some(Catchup::Delta(_))));
+    assert!(matches!(reg.catchup(net, 2), Some(Catchup::UpToDate)));
+    assert!(matches!(reg.catchup(net, 3), Some(Catchup::Snapshot(_))));
+    assert!(matches!(
+        reg.catchup(net, u64::MAX),
+        Some(Catchup::Snapshot(_))
+    ));
+}
+
+#[test]
+fn names_ranges_and_tokens_are_validated() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 10);
+    let range = "10.240.0.0/22".parse().unwrap();
+    for bad in [".", "..", "", "  ", "pro\u{200B}d", "x\u{1b}[2J"] {
+        let err = reg.create_network(bad, range, now()).unwrap_err();
+        assert!(matches!(err, AdminError::BadName { .. }), "{bad:?}: {err}");
+    }
+    for twin in ["prоd", "PROD", "ｐｒｏｄ"] {
+        let err = reg.create_network(twin, range, now()).unwrap_err();
+        assert!(
+            matches!(err, AdminError::LookAlike { .. }),
+            "{twin:?}: {err}"
+        );
+    }
+    for bad in [
+        "0.0.0.0/0",
+        "127.0.0.0/24",
+        "224.0.0.0/24",
+        "10.0.0.0/8",
+        "10.1.0.0/31",
+    ] {
+        let err = reg
+            .create_network("other", bad.parse().unwrap(), now())
+            .unwrap_err();
+        assert!(matches!(err, AdminError::BadRange(_)), "{bad}: {err}");
+    }
+    assert!(reg.create_network("a/b", range, now()).is_ok());
+    let tok = |reg: &mut Registry, ttl: u64, service: Option<String>| {
+        reg.create_token(
+            net,
+            &[9; 32],
+            1,
+            Duration::from_secs(ttl),
+            service,
+            None,
+            now(),
+        )
+    };
+    assert!(matches!(
+        tok(&mut reg, 0, None),
+        Err(AdminError::BadExpiry(_))
+    ));
+    assert!(matches!(
+        tok(&mut reg, 400 * 86400, None),
+        Err(AdminError::BadExpiry(_))
+    ));
+    assert!(matches!(
+        tok(&mut reg, 60, Some("x".repeat(1 << 20))),
+        Err(AdminError::BadBinding(_))
+    ));
+    assert!(matches!(
+        tok(&mut reg, 60, Some("a\u{202E}b".into())),
+        Err(AdminError::BadBinding(_))
+    ));
+    // Joins: control and bidi characters in service names and runner labels.
+    let obs: SocketAddr = OBS.parse().unwrap();
+    for (service, runner) in [
+        ("a\u{1b}[31m", "r"),
+        ("api", "r\nforged"),
+        ("api\u{2066}", "r"),
+    ] {
+        let mut r = req(net, secret, service);
+        r.runner = runner.into();
+        let err = reg.join(&r, obs, &[1; 32], false, now()).unwrap_err();
+        assert_eq!(
+            err.code(),
+            ErrorCode::InvalidMetadata,
+            "{service:?} {runner:?}"
+        );
+    }
+    assert_eq!(reg.member_count(net), 0);
+}
+
+#[test]
+fn networks_are_deleted_and_dead_tokens_collected() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22", 2);
+    let obs: SocketAddr = OBS.parse().unwrap();
+    let a = reg
+        .join(&req(net, secret, "api"), obs, &[1; 32], false, now())
+        .unwrap();
+    let err = reg.delete_network(net, false, now()).unwrap_err();
+    assert!(
+        matches!(err, AdminError::NetworkInUse { members: 1, .. }),
+        "{err}"
+    );
+    reg.create_token(net, &[3; 32], 1, Duration::from_secs(10), None, None, now())
+        .unwrap();
+    // Expired (the 10 s one) and used up (none yet) are collected.
+    reg.join(&req(net, secret, "api"), obs, &[1; 32], false, now())
+        .unwrap();
+    let ops = reg.collect_tokens(now() + Duration::from_secs(20));
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert!(reg.tokens(net).is_empty());
+    let (changes, ops) = reg.delete_network(net, true, now()).unwrap();
+    assert_eq!(changes.len(), 2);
+    assert!(changes
+        .iter()
+        .any(|c| c.removed == Some(a.member.public_key)));
+    assert!(ops.contains(&StoreOp::DeleteNetwork(net)));
+    assert!(reg.network(net).is_none());
+    assert!(reg.resolve("prod").is_err());
+    // The name is free again.
+    reg.create_network("prod", "10.240.0.0/22".parse().unwrap(), now())
+        .unwrap();
 }

@@ -35,7 +35,6 @@ impl Harness {
             data_dir: dir.to_owned(),
             quic_listen: "127.0.0.1:0".parse().unwrap(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
-            handshake_timeout_secs: 3,
             ..Config::default()
         };
         tweak(&mut config);

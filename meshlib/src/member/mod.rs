@@ -808,7 +808,10 @@ impl MemberCore {
         let resuming = self.membership.is_some();
         match e.code {
             // Temporary: the keyserver is overloaded or its store failed.
-            ErrorCode::Busy | ErrorCode::Internal => self.lost(now, e.to_string()),
+            // A one-shot session reports it instead.
+            ErrorCode::Busy | ErrorCode::Internal if self.cfg.reconnect => {
+                self.lost(now, e.to_string())
+            }
             ErrorCode::BadCredential | ErrorCode::Revoked if resuming => {
                 match self.rotation.as_mut() {
                     Some(r) if !r.try_new => {

@@ -1,0 +1,233 @@
+//! The OpenAPI 3.1 document of the admin API, hand-written next to the
+//! routes it describes. Every operation lists every status it can answer;
+//! every error is the shared `Error` schema (`{"error": "..."}`).
+
+use serde_json::{json, Map, Value};
+
+/// Statuses and what they mean, each a shared response with the `Error` body.
+const ERRORS: [(&str, &str, &str); 11] = [
+    (
+        "400",
+        "BadRequest",
+        "invalid input (name, range, expiry, binding, query), or malformed JSON",
+    ),
+    ("401", "Unauthorized", "missing or wrong bearer token"),
+    ("404", "NotFound", "no such network, member, token or route"),
+    (
+        "405",
+        "MethodNotAllowed",
+        "this path does not take this method (see the `Allow` header)",
+    ),
+    (
+        "408",
+        "RequestTimeout",
+        "the request body did not arrive in time",
+    ),
+    (
+        "409",
+        "Conflict",
+        "the name is taken (or looks like a taken one), or the network still has members",
+    ),
+    (
+        "413",
+        "PayloadTooLarge",
+        "the request body is larger than the limit",
+    ),
+    (
+        "415",
+        "UnsupportedMediaType",
+        "the body is not `application/json`",
+    ),
+    (
+        "422",
+        "UnprocessableEntity",
+        "the JSON has a field of the wrong type, or an unknown field",
+    ),
+    (
+        "500",
+        "InternalError",
+        "the store could not commit; nothing changed",
+    ),
+    ("503", "NotReady", "the store does not take writes"),
+];
+
+/// The responses of one operation: `ok` (status, description, schema or
+/// `None` for no body) plus the listed error statuses.
+fn responses(ok: (&str, &str, Option<Value>), errors: &[&str]) -> Value {
+    let mut out = Map::new();
+    let (status, description, schema) = ok;
+    let mut success = json!({ "description": description });
+    if let Some(schema) = schema {
+        success["content"] = json!({"application/json": {"schema": schema}});
+    }
+    out.insert(status.into(), success);
+    for code in errors {
+        let (_, name, _) = ERRORS
+            .iter()
+            .find(|(c, _, _)| c == code)
+            .expect("a listed status");
+        out.insert(
+            (*code).into(),
+            json!({"$ref": format!("#/components/responses/{name}")}),
+        );
+    }
+    Value::Object(out)
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn array_of(name: &str) -> Value {
+    json!({"type": "array", "items": schema_ref(name)})
+}
+
+/// Unix time in seconds.
+fn unix_seconds(what: &str) -> Value {
+    json!({"type": "integer", "format": "int64", "minimum": 0, "description": format!("{what}, Unix time in seconds")})
+}
+
+/// A network's `expire-after`.
+fn expire_after() -> Value {
+    json!({"type": ["integer", "null"], "format": "int64", "minimum": 1, "description": "seconds an offline member is kept before it expires and its address is released; null: the keyserver's default (`expire-after-secs`, 24 h)"})
+}
+
+/// `expire_after` in a request body.
+fn expire_text() -> Value {
+    json!({"type": ["string", "null"], "description": "how long an offline member is kept before it expires (`90s`, `1h`, `7d`; 1 s to 3650 days); null: the keyserver's default"})
+}
+
+/// The shared schemas.
+fn schemas() -> Value {
+    let network_id = json!({"type": "string", "pattern": "^pn-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        "description": "`pn-` followed by a UUID (lowercase, hyphenated)"});
+    let label = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "maxLength": 63});
+    json!({
+        "Error": {"type": "object", "properties": {"error": {"type": "string", "description": "what went wrong"}},
+            "required": ["error"], "additionalProperties": false},
+        "NetworkId": network_id,
+        "Network": {"type": "object", "required": ["id", "name", "range", "generation", "created", "members"], "properties": {
+            "id": schema_ref("NetworkId"),
+            "name": {"type": "string", "minLength": 1, "maxLength": 64},
+            "range": {"type": "string", "format": "cidr", "description": "IPv4 prefix, /16 to /30, e.g. `10.240.0.0/22`"},
+            "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "network-map generation"},
+            "created": unix_seconds("creation time"),
+            "expire_after": expire_after(),
+            "members": {"type": "integer", "format": "int64", "minimum": 0}}},
+        "NewNetwork": {"type": "object", "required": ["id", "name", "range", "generation", "created"], "properties": {
+            "id": schema_ref("NetworkId"),
+            "name": {"type": "string"},
+            "range": {"type": "string", "format": "cidr"},
+            "generation": {"type": "integer", "format": "int64", "minimum": 0},
+            "created": unix_seconds("creation time"),
+            "expire_after": expire_after()}},
+        "Member": {"type": "object", "required": ["public_key", "ip", "endpoints", "service", "app_id", "process_type", "index", "instance", "runner", "ports", "state", "joined", "last_seen"], "properties": {
+            "public_key": {"type": "string", "format": "byte", "description": "WireGuard public key, base64 (44 characters)"},
+            "ip": {"type": "string", "format": "ipv4"},
+            "endpoints": {"type": "array", "items": {"type": "string", "description": "underlay `ip:port` (IPv6 as `[ip]:port`)"}},
+            "service": {"type": "string", "minLength": 1, "maxLength": 128},
+            "app_id": label.clone(),
+            "process_type": label.clone(),
+            "index": {"type": "integer", "format": "int32", "minimum": 1},
+            "instance": label,
+            "runner": {"type": "string", "maxLength": 128},
+            "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "description": "ports the instance serves"},
+            "state": {"type": "string", "enum": ["online", "offline"], "description": "online while heartbeats arrive; offline after a graceful stop or `offline-after` of silence (address, index and name kept; invisible to peers' names and peer lists)"},
+            "joined": unix_seconds("join time"),
+            "last_seen": unix_seconds("last contact"),
+            "offline_since": {"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": "when the member went offline, Unix time in seconds; it expires `expire-after` later"}}},
+        "Token": {"type": "object", "required": ["id", "network", "uses_left", "expires", "service", "process_type"], "properties": {
+            "id": {"type": "string", "pattern": "^tk-[0-9a-f]{12}$"},
+            "network": schema_ref("NetworkId"),
+            "uses_left": {"type": "integer", "format": "int64", "minimum": 0},
+            "expires": unix_seconds("expiry"),
+            "service": {"type": ["string", "null"], "maxLength": 128},
+            "process_type": {"type": ["string", "null"]},
+            "token": {"type": "string", "pattern": "^istm1\\.", "description": "the join token, only in the creation answer"}}},
+        "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+    })
+}
+
+/// The OpenAPI document.
+pub fn openapi_doc() -> Value {
+    let net = json!({"name": "net", "in": "path", "required": true, "description": "network id (pn-<uuid>) or name, percent-encoded", "schema": {"type": "string"}});
+    let member = json!({"name": "member", "in": "path", "required": true, "description": "public key or instance name, percent-encoded", "schema": {"type": "string"}});
+    let token_id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^tk-[0-9a-f]{12}$"}});
+    let force = json!({"name": "force", "in": "query", "required": false, "description": "also remove the network's members (each is revoked)", "schema": {"type": "boolean", "default": false}});
+    let body = |schema: Value| json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    let mut error_responses = Map::new();
+    for (_, name, description) in ERRORS {
+        error_responses.insert(
+            name.into(),
+            json!({"description": description, "content": {"application/json": {"schema": schema_ref("Error")}}}),
+        );
+    }
+    let read = ["401", "405"];
+    let read_one = ["401", "404", "405"];
+    let write_body = [
+        "400", "401", "404", "405", "408", "413", "415", "422", "500",
+    ];
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "IST Mesh keyserver admin API", "version": "1",
+            "description": "Every route but /healthz and /readyz needs `Authorization: Bearer <admin-token>`; without it every other path, unknown ones included, answers 401. Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
+        "servers": [{"url": "/", "description": "this keyserver (relative to where this document was fetched)"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas(),
+            "responses": error_responses
+        },
+        "paths": {
+            "/healthz": {"get": {"summary": "the process is alive", "security": [],
+                "responses": responses(("200", "alive", Some(schema_ref("Status"))), &["405"])}},
+            "/readyz": {"get": {"summary": "the store takes writes", "security": [],
+                "responses": responses(("200", "ready", Some(schema_ref("Status"))), &["405", "503"])}},
+            "/openapi.json": {"get": {"summary": "this document",
+                "responses": responses(("200", "OpenAPI document", Some(json!({"type": "object"}))), &read)}},
+            "/v1/networks": {
+                "get": {"summary": "list networks",
+                    "responses": responses(("200", "networks by name", Some(array_of("Network"))), &read)},
+                "post": {"summary": "create a network",
+                    "requestBody": body(json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
+                        "name": {"type": "string", "minLength": 1, "maxLength": 64, "description": "unique, also under case folding and look-alike characters; no control, bidi or invisible characters; not `.`/`..`; not starting with `pn-`"},
+                        "range": {"type": "string", "format": "cidr", "default": "10.240.0.0/22", "description": "/16 to /30, not overlapping 0/8, 127/8, 169.254/16, 224/4, 240/4"},
+                        "expire_after": expire_text()}})),
+                    "responses": responses(("201", "created", Some(schema_ref("NewNetwork"))), &["400", "401", "405", "408", "409", "413", "415", "422", "500"])}
+            },
+            "/v1/networks/{net}": {
+                "get": {"summary": "one network", "parameters": [net],
+                    "responses": responses(("200", "the network", Some(schema_ref("Network"))), &read_one)},
+                "patch": {"summary": "change a network's settings", "parameters": [net],
+                    "requestBody": body(json!({"type": "object", "additionalProperties": false, "properties": {
+                        "expire_after": expire_text()}})),
+                    "responses": responses(("200", "the network", Some(schema_ref("Network"))), &write_body)},
+                "delete": {"summary": "delete a network with its tokens; refused (409) while it has members unless force", "parameters": [net, force],
+                    "responses": responses(("200", "deleted", Some(json!({"type": "object", "properties": {
+                        "deleted": {"type": "boolean"}, "network": schema_ref("NetworkId"),
+                        "members_removed": {"type": "integer", "format": "int64", "minimum": 0}}}))),
+                        &["400", "401", "404", "405", "409", "500"])}
+            },
+            "/v1/networks/{net}/members": {"get": {"summary": "members with IP, key, app, type, index, instance, endpoints, ports, last seen",
+                "parameters": [net], "responses": responses(("200", "members by IP", Some(array_of("Member"))), &read_one)}},
+            "/v1/networks/{net}/members/{member}": {"delete": {"summary": "remove (revoke) a member; pushed to every other member",
+                "parameters": [net, member],
+                "responses": responses(("200", "removed", Some(json!({"type": "object", "properties": {
+                    "removed": {"type": "boolean"}, "generation": {"type": "integer", "format": "int64", "minimum": 0}}}))),
+                    &["401", "404", "405", "500"])}},
+            "/v1/networks/{net}/tokens": {
+                "get": {"summary": "list tokens (never their secrets)", "parameters": [net],
+                    "responses": responses(("200", "tokens", Some(array_of("Token"))), &read_one)},
+                "post": {"summary": "create a join token (shown once)", "parameters": [net],
+                    "requestBody": body(json!({"type": "object", "additionalProperties": false, "properties": {
+                        "uses": {"type": "integer", "format": "int64", "minimum": 1, "maximum": 4_294_967_295_u64, "default": 1},
+                        "expires": {"type": "string", "default": "1h", "description": "lifetime (`30m`, `1h`, `7d`), 1 s to 365 days"},
+                        "service": {"type": "string", "minLength": 1, "maxLength": 128, "description": "bind to this service; no control or bidi characters"},
+                        "process_type": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}})),
+                    "responses": responses(("201", "created", Some(schema_ref("Token"))), &write_body)}
+            },
+            "/v1/networks/{net}/tokens/{id}": {"delete": {"summary": "delete a token", "parameters": [net, token_id],
+                "responses": responses(("204", "deleted", None), &["401", "404", "405", "500"])}}
+        }
+    })
+}

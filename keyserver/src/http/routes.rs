@@ -1,0 +1,386 @@
+//! The admin API's handlers and the JSON shapes they take and give.
+
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ipnet::Ipv4Net;
+use meshlib::ids::{NetworkId, ProcessType};
+use meshlib::proto::JoinToken;
+use rand_core::RngCore as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Api, ApiError};
+use crate::registry::{AdminError, MemberInfo, NetworkRecord, TokenRecord};
+
+/// Runs a blocking mutation (the store fsyncs).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
+}
+
+/// `GET /healthz`: the process answers.
+pub(super) async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: the store takes writes (503 with the reason when not).
+pub(super) async fn readyz(State(api): State<Api>) -> Response {
+    let shared = api.shared.clone();
+    match tokio::task::spawn_blocking(move || shared.readiness()).await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(why)) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store does not take writes: {why}"),
+        )
+        .into_response(),
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /openapi.json`.
+pub(super) async fn openapi() -> Json<serde_json::Value> {
+    Json(super::openapi_doc())
+}
+
+/// A network as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The record.
+    #[serde(flatten)]
+    pub network: NetworkRecord,
+    /// Member count.
+    pub members: usize,
+}
+
+pub(super) async fn list_networks(State(api): State<Api>) -> Json<Vec<NetworkView>> {
+    Json(api.shared.read(|r| {
+        r.networks()
+            .into_iter()
+            .map(|n| NetworkView {
+                members: r.member_count(n.id),
+                network: n,
+            })
+            .collect()
+    }))
+}
+
+/// Body of `POST /v1/networks`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    /// Human name.
+    pub name: String,
+    /// Range (`10.240.0.0/22` form); default `10.240.0.0/22`.
+    pub range: Option<String>,
+    /// How long an offline member is kept (`24h`); default: the
+    /// keyserver's `expire-after-secs`.
+    #[serde(default)]
+    pub expire_after: Option<String>,
+}
+
+/// Body of `PATCH /v1/networks/{net}`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNetwork {
+    /// `"1h"` sets the network's expire-after; `null` goes back to the
+    /// keyserver's default; absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    pub expire_after: Option<Option<String>>,
+}
+
+/// A field that is present (even `null`) becomes `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Longest `expire-after`: ten years.
+const MAX_EXPIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(3650 * 86400);
+
+/// Parses an `expire_after` text: 1 s to ten years.
+fn expire_after(text: &str) -> Result<std::time::Duration, ApiError> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| bad_request(format!("invalid expire_after {text:?}: {e}")))?;
+    if d < std::time::Duration::from_secs(1) || d > MAX_EXPIRE_AFTER {
+        return Err(bad_request(format!(
+            "expire_after {text:?} out of range: 1s to 3650d"
+        )));
+    }
+    Ok(d)
+}
+
+pub(super) async fn update_network(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+    Json(body): Json<UpdateNetwork>,
+) -> Result<Json<NetworkView>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let expire = match &body.expire_after {
+        Some(Some(text)) => Some(Some(expire_after(text)?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let shared = api.shared.clone();
+    blocking(move || {
+        shared.mutate(
+            |reg| {
+                let ops = match expire {
+                    Some(e) => reg.set_expire_after(id, e)?,
+                    None => vec![],
+                };
+                Ok::<_, AdminError>(((), ops, vec![]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(())
+    })
+    .await?;
+    get_network(State(api), Path(id.to_string())).await
+}
+
+pub(super) async fn create_network(
+    State(api): State<Api>,
+    Json(body): Json<CreateNetwork>,
+) -> Result<(StatusCode, Json<NetworkRecord>), ApiError> {
+    let range = match &body.range {
+        None => meshlib::ipam::DEFAULT_RANGE,
+        Some(text) => text
+            .parse::<Ipv4Net>()
+            .map_err(|e| bad_request(format!("invalid range {text:?}: {e}")))?,
+    };
+    let expire = body.expire_after.as_deref().map(expire_after).transpose()?;
+    let rec = blocking(move || {
+        let (rec, ()) = api.shared.mutate(
+            |reg| {
+                let (mut rec, mut ops) =
+                    reg.create_network(&body.name, range, SystemTime::now())?;
+                if expire.is_some() {
+                    ops = reg.set_expire_after(rec.id, expire)?;
+                    rec.expire_after = expire.map(|d| d.as_secs());
+                }
+                Ok::<_, AdminError>((rec, ops, vec![]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(rec)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+fn resolve(api: &Api, net: &str) -> Result<NetworkId, ApiError> {
+    Ok(api.shared.read(|r| r.resolve(net))?)
+}
+
+pub(super) async fn get_network(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+) -> Result<Json<NetworkView>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let view = api.shared.read(|r| {
+        r.network(id).map(|n| NetworkView {
+            network: n.clone(),
+            members: r.member_count(id),
+        })
+    });
+    view.map(Json)
+        .ok_or_else(|| AdminError::UnknownNetwork(net).into())
+}
+
+/// Query of `DELETE /v1/networks/{net}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeleteNetwork {
+    /// Remove the network's members too (each is revoked).
+    #[serde(default)]
+    force: bool,
+}
+
+pub(super) async fn delete_network(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+    Query(query): Query<DeleteNetwork>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let removed = blocking(move || {
+        let (removed, ()) = api.shared.mutate(
+            |reg| {
+                let (changes, ops) = reg.delete_network(id, query.force, SystemTime::now())?;
+                tracing::info!(network = %id, members = changes.len(), "network deleted");
+                Ok((changes.len(), ops, changes))
+            },
+            |_, _, sh| sh.forget_network(id),
+        )?;
+        Ok(removed)
+    })
+    .await?;
+    Ok(Json(
+        json!({ "deleted": true, "network": id, "members_removed": removed }),
+    ))
+}
+
+pub(super) async fn list_members(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+) -> Result<Json<Vec<MemberInfo>>, ApiError> {
+    let id = resolve(&api, &net)?;
+    Ok(Json(api.shared.members(id)))
+}
+
+pub(super) async fn remove_member(
+    State(api): State<Api>,
+    Path((net, member)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let gen = blocking(move || {
+        let (gen, ()) = api.shared.mutate(
+            |reg| {
+                let (change, ops) = reg.remove_member(id, &member, SystemTime::now())?;
+                tracing::info!(network = %id, %member, generation = change.delta.to, "member removed");
+                Ok((change.delta.to, ops, vec![change]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(gen)
+    })
+    .await?;
+    Ok(Json(json!({ "removed": true, "generation": gen })))
+}
+
+/// A token as listed (no secret, no hash).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Public id.
+    pub id: String,
+    /// Network.
+    pub network: NetworkId,
+    /// Joins left.
+    pub uses_left: u32,
+    /// Expiry, Unix seconds.
+    pub expires: u64,
+    /// Service binding.
+    pub service: Option<String>,
+    /// Process-type binding.
+    pub process_type: Option<ProcessType>,
+    /// The token text: present only in the answer to its creation.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub token: Option<String>,
+}
+
+impl TokenView {
+    fn of(t: TokenRecord, token: Option<String>) -> Self {
+        Self {
+            id: t.id,
+            network: t.network,
+            uses_left: t.uses_left,
+            expires: t.expires,
+            service: t.service,
+            process_type: t.process_type,
+            token,
+        }
+    }
+}
+
+pub(super) async fn list_tokens(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let list = api.shared.read(|r| r.tokens(id));
+    Ok(Json(
+        list.into_iter().map(|t| TokenView::of(t, None)).collect(),
+    ))
+}
+
+/// Body of `POST /v1/networks/{net}/tokens`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Number of joins; default 1.
+    pub uses: Option<u32>,
+    /// Lifetime (`30m`, `1h`, `7d`); default `1h`, at most a year.
+    pub expires: Option<String>,
+    /// Only members of this service may join.
+    pub service: Option<String>,
+    /// Only members of this process type may join.
+    pub process_type: Option<String>,
+}
+
+pub(super) async fn create_token(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+    Json(body): Json<CreateToken>,
+) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+    let id = resolve(&api, &net)?;
+    let ttl = match &body.expires {
+        None => Duration::from_secs(3600),
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| bad_request(format!("expires {text:?}: {e}")))?,
+    };
+    let process_type = body
+        .process_type
+        .as_deref()
+        .map(str::parse::<ProcessType>)
+        .transpose()
+        .map_err(|e| bad_request(format!("invalid process type binding: {e}")))?;
+    let mut secret = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut secret);
+    let addrs = api.shared.advertise.get().cloned().unwrap_or_default();
+    let token = JoinToken {
+        addrs,
+        cert_sha256: api.shared.cert_sha256,
+        network: id,
+        secret,
+        service: body.service.clone(),
+        process_type: process_type.clone(),
+    };
+    let rec = blocking(move || {
+        let (rec, ()) = api.shared.mutate(
+            |reg| {
+                reg.create_token(
+                    id,
+                    &secret,
+                    body.uses.unwrap_or(1),
+                    ttl,
+                    body.service,
+                    process_type,
+                    SystemTime::now(),
+                )
+                .map(|(r, ops)| (r, ops, vec![]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(rec)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenView::of(rec, Some(token.to_string()))),
+    ))
+}
+
+pub(super) async fn delete_token(
+    State(api): State<Api>,
+    Path((net, tid)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let id = resolve(&api, &net)?;
+    blocking(move || {
+        api.shared.mutate(
+            |reg| reg.delete_token(id, &tid).map(|ops| ((), ops, vec![])),
+            |_, _, _| (),
+        )?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
