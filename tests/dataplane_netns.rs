@@ -271,7 +271,13 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
             "10.240.1.0/24",
         ],
     );
-    let from_a = |b: &Host| dump(b).first().map_or(0, |p| p.rx);
+    // b also has c as a peer, in an order of wireguard-go's choosing.
+    let from_a = |b: &Host| {
+        dump(b)
+            .iter()
+            .find(|p| p.public_key == a.public_key)
+            .map_or(0, |p| p.rx)
+    };
     std::thread::sleep(Duration::from_millis(2500));
     let down_1 = from_a(b);
     // Up: a handshakes with b (b answers; a's keepalives follow each second).
@@ -285,7 +291,12 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
         .iter()
         .find(|p| p.public_key == b.public_key)
         .map_or(0, |p| p.tx);
-    let got = from_a(b);
+    // What a sent may still be in flight: wait for it to land.
+    let mut got = 0;
+    wait_for(Duration::from_secs(5), || {
+        got = from_a(b);
+        got >= sent
+    });
     assert!(
         sent > 0 && sent <= got && got <= sent + 2 * 32,
         "{which:?}: sent {sent}, peer received {got}"

@@ -609,7 +609,7 @@ async fn first_join(
             endpoints: endpoints.clone(),
             ports: crate::ports::announced_ports(config, None),
         };
-        match control::join(&endpoint, token, meta, &ClientConfig::default()).await {
+        match control::join(&endpoint, token, meta, &ClientConfig::one_shot()).await {
             Ok(session) => {
                 let w = session.welcome();
                 tracing::info!(network = %w.network, ip = %w.ip, instance = %w.instance, %keyserver, "joined");
