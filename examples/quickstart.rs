@@ -162,12 +162,12 @@ async fn main() -> anyhow::Result<()> {
         };
         config.dns.listen = SocketAddr::from(([127, 0, 0, 1], 15353 + i));
         let mut start_rx = stop_rx.clone();
-        let (agent, session) = Agent::start(config, &mut start_rx)
+        let agent = Agent::start(config, &mut start_rx)
             .await
             .with_context(|| format!("starting the sidecar of {service}"))?;
         let servers = start_servers(&agent, stop_rx.clone()).await?;
         let status = agent.status_source();
-        let task = tokio::spawn(agent.run(session, stop_rx.clone()));
+        let task = tokio::spawn(agent.run(stop_rx.clone()));
         demos.push(Demo {
             service,
             port,

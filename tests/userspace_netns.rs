@@ -239,7 +239,7 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     let b_status = b.wait_peers(1, SETTLE);
     assert_eq!(
         b_status["peers"][0]["service"], "api",
-        "status works in userspace mode"
+        "status works in userspace mode: {b_status}"
     );
     let (a_ip, b_ip): (Ipv4Addr, Ipv4Addr) = (a.ip().parse().unwrap(), b.ip().parse().unwrap());
     let a_local = loopback_for(IpAddr::V4(a_ip));

@@ -321,7 +321,7 @@ async fn states_over_quic_and_the_admin_api() {
     let token = h.token("prod", json!({"uses": 5})).await;
     let ep = client_endpoint();
     let (_ka, mut a) = join(&ep, &token, "api").await;
-    let (_kb, b) = join(&ep, &token, "db").await;
+    let (_kb, mut b) = join(&ep, &token, "db").await;
     let (kc, c) = join(&ep, &token, "web").await;
     assert_eq!(a.welcome().heartbeat_secs, 1, "a third of offline-after");
     let state = |members: &[serde_json::Value], key: &str| {

@@ -33,6 +33,12 @@
 //! - [`control`] — the key-distribution client: the QUIC driver of
 //!   [`member::MemberCore`], with a pinned certificate.
 //!
+//! The embedding API:
+//! - [`node`] — [`node::Node`]: one member with its data plane in any tokio
+//!   program (join or resume, kernel or userspace mode, `dial`, `listen`,
+//!   `resolve`, the map and its events, `shutdown`, `leave`, key rotation);
+//!   the sidecar is its main user.
+//!
 //! Data plane (pure tables and UAPI codec, plus socket/TUN/thread drivers):
 //! - [`wg`] — the multi-peer WireGuard engine (boringtun `Tunn` per peer),
 //!   TUN device, and the `wg`-compatible UAPI socket.
@@ -51,6 +57,7 @@ pub mod keys;
 pub mod member;
 pub mod names;
 pub mod netmap;
+pub mod node;
 pub mod proto;
 pub mod reconcile;
 pub mod render;

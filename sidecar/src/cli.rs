@@ -94,6 +94,13 @@ pub struct UpArgs {
     /// Userspace mode: the X of the loopback addresses 127.X.c.d (default 77).
     #[arg(long, env = "ISTM_LOOPBACK_OCTET")]
     pub loopback_octet: Option<u8>,
+    /// `run`: seconds to wait for the map to catch up with the keyserver
+    /// before starting the command (default 5).
+    #[arg(long, env = "ISTM_CATCH_UP_TIMEOUT")]
+    pub catch_up_timeout: Option<u64>,
+    /// Rotate the WireGuard key every this many seconds (default 0: never).
+    #[arg(long, env = "ISTM_KEY_LIFETIME")]
+    pub key_lifetime: Option<u64>,
 }
 
 /// Why the flags do not make a config.
@@ -137,6 +144,12 @@ impl UpArgs {
         }
         if let Some(o) = self.loopback_octet {
             c.loopback_octet = o;
+        }
+        if let Some(t) = self.catch_up_timeout {
+            c.catch_up_timeout = t;
+        }
+        if let Some(t) = self.key_lifetime {
+            c.key_lifetime = t;
         }
         if !self.ports.is_empty() {
             c.ports = self.ports.clone();

@@ -169,6 +169,15 @@ pub struct Config {
     /// sidecar listens on for remote members. Default 77; give each
     /// userspace sidecar on one host its own value.
     pub loopback_octet: u8,
+    /// `sidecar run`: seconds to wait, before starting the command, for the
+    /// map to catch up with the keyserver (so its variables name every
+    /// service that joined meanwhile). Default 5; when the keyserver cannot
+    /// be reached in time, the command starts from the cached map (logged).
+    pub catch_up_timeout: u64,
+    /// Rotate the member's WireGuard key after this many seconds (the new
+    /// key is made here; the address and names stay). Default 0: never
+    /// (`sidecar rotate-key` rotates on demand).
+    pub key_lifetime: u64,
 }
 
 impl Default for Config {
@@ -197,6 +206,8 @@ impl Default for Config {
             discover_ports: false,
             service_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             loopback_octet: 77,
+            catch_up_timeout: 5,
+            key_lifetime: 0,
         }
     }
 }

@@ -2,7 +2,9 @@
 //! exposed so tests (and embedders) run them in-process.
 //!
 //! ## Layout
-//! - [`agent`] — `sidecar up`/`run`: join or resume, data plane, outputs, servers.
+//! - [`agent`] — `sidecar up`/`run`: a [`meshlib::node::Node`] plus outputs
+//!   (DNS, hosts, env), userspace listeners, status, control socket.
+//! - the state directory is [`meshlib::node::state`].
 //! - [`cli`] — flags and `ISTM_*` variables of `up`/`run`, over the config.
 //! - [`config`] — the configuration (TOML, kebab-case), with defaults.
 //! - [`dns`] — the private DNS server: answers from the current name index,
@@ -11,7 +13,6 @@
 //! - [`ports`] — which ports this instance serves: declared, those of
 //!   `sidecar run`'s process tree, or (opt-in) every listener of the host.
 //! - [`resolver`] — upstream resolvers, and pointing resolv.conf at the sidecar.
-//! - [`state`] — the state directory: private key (0600) and map cache.
 //! - [`status`] — `sidecar status` (unix socket, JSON) and Prometheus metrics.
 //! - [`supervise`] — `sidecar run`: the child process, its env and signals.
 //! - [`tunnel`] — `sidecar tunnel`: a short-lived rootless member forwarding
@@ -28,7 +29,6 @@ pub mod dns;
 pub mod outputs;
 pub mod ports;
 pub mod resolver;
-pub mod state;
 pub mod status;
 pub mod supervise;
 pub mod tunnel;

@@ -9,6 +9,8 @@
 //! - `run -- <command>` — the same, then run the command with the
 //!   `WARP_IST_*` variables, forwarding signals, exiting with its code.
 //! - `status` — what a running sidecar sees.
+//! - `leave` — release this member (the keyserver frees its address).
+//! - `rotate-key` — replace the member's WireGuard key, keeping its address.
 //!
 //! Logs go to stderr: coloured only when stderr is a terminal and
 //! `NO_COLOR` is unset, or one JSON object per line (`--log-format json`).
@@ -108,6 +110,21 @@ enum Command {
         /// Target: <name>:<port> (a private DNS name or IP).
         target: String,
     },
+    /// Leave the network: the keyserver releases this member (address
+    /// quarantined, names gone). Asks the running sidecar, which then
+    /// stops; a stopped one's membership is resumed only to leave.
+    Leave {
+        /// State directory (default /var/lib/ist-mesh).
+        #[arg(long, env = "ISTM_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Replace this member's WireGuard key with a new one made here; the
+    /// address and names stay, peers switch to it in place.
+    RotateKey {
+        /// State directory of the running sidecar (default /var/lib/ist-mesh).
+        #[arg(long, env = "ISTM_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show peers, endpoints, handshakes, bytes, map generation and the
     /// control connection of a running sidecar.
     Status {
@@ -157,6 +174,8 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => status_main(logs, socket, state_dir, json),
+        Command::Leave { state_dir } => control_main(logs, "leave", state_dir),
+        Command::RotateKey { state_dir } => control_main(logs, "rotate-key", state_dir),
         Command::Tunnel {
             token,
             token_file,
@@ -266,30 +285,73 @@ fn agent_main(logs: Logs, up: UpArgs, command: Option<Vec<OsString>>) -> ExitCod
 
 async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Result<i32> {
     let config = up.to_config()?;
+    let catch_up = std::time::Duration::from_secs(config.catch_up_timeout);
     let (stop_tx, stop_rx) = watch::channel(false);
     // Until a child runs, SIGINT/SIGTERM stop the sidecar.
     let stopper = stop_on_signals(stop_tx.clone());
     let mut start_rx = stop_rx.clone();
-    let (mut agent, session) = Agent::start(config, &mut start_rx).await?;
+    let mut agent = Agent::start(config, &mut start_rx).await?;
     let servers = start_servers(&agent, stop_rx.clone()).await?;
     tracing::info!(dns = ?servers.dns, status = %servers.status.display(), metrics = ?servers.metrics, "sidecar up");
     let Some(command) = command else {
-        agent.run(session, stop_rx).await?;
+        agent.run(stop_rx).await?;
         return Ok(0);
     };
+    // The command's variables name every service the keyserver knows:
+    // wait (bounded) for the map to catch up first.
+    agent.wait_caught_up(catch_up).await;
     stopper.abort();
     let signals = sidecar::supervise::os_signals()?;
     let env = agent.variables();
     let owner = agent.port_owner();
-    let running = tokio::spawn(agent.run(session, stop_rx));
+    let running = tokio::spawn(agent.run(stop_rx));
     let (program, args) = command.split_first().expect("clap requires a command");
     let started = |pid| owner.store(pid, std::sync::atomic::Ordering::Relaxed);
     let code = sidecar::supervise::run_child(program, args, &env, signals, started).await;
+    // The command ended: a graceful stop (offline at the keyserver).
     let _ = stop_tx.send(true);
     if let Ok(Err(e)) = running.await {
         tracing::warn!(error = %Escaped(&e.to_string()), "sidecar stopped with an error");
     }
     Ok(code?)
+}
+
+/// `sidecar leave` / `sidecar rotate-key`: asks the running sidecar of
+/// `state_dir` through its control socket; `leave` on a stopped sidecar
+/// resumes the membership only to leave.
+fn control_main(logs: Logs, what: &str, state_dir: Option<PathBuf>) -> ExitCode {
+    init_logs(logs);
+    let dir = state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/ist-mesh"));
+    let socket = dir.join(sidecar::agent::CONTROL_SOCKET);
+    let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            match sidecar::agent::request(&socket, what).await {
+                Ok(answer) => Ok(answer),
+                Err(sidecar::agent::ControlRequestError::NotRunning { .. }) if what == "leave" => {
+                    let left = sidecar::agent::leave_stopped(&dir).await?;
+                    Ok(serde_json::json!({"ok": true, "confirmed": left}))
+                }
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
+        })
+    });
+    match result {
+        Ok(answer) => {
+            match what {
+                "rotate-key" => println!(
+                    "new public key: {}",
+                    answer["public_key"].as_str().unwrap_or_default()
+                ),
+                _ if answer["confirmed"] == true => println!("left the network"),
+                _ => println!("left (the keyserver did not confirm; the member will expire there)"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report(logs, &format!("sidecar {what}"), &e);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The tunnel's token: given, or read from its file.

@@ -65,6 +65,10 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Inbound packets dropped for a spoofed inner source.
     pub drops_spoofed: u64,
+    /// `online` or `offline` (an offline member is listed, but is no
+    /// WireGuard peer until it comes back).
+    #[serde(default)]
+    pub state: String,
 }
 
 /// Everything `sidecar status` shows.
@@ -276,6 +280,9 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
             e(&p.service),
             p.ip
         );
+        if !p.state.is_empty() {
+            let _ = writeln!(out, "  state: {}", e(&p.state));
+        }
         let endpoint = p.endpoint.map_or("(none)".to_string(), |e| e.to_string());
         let _ = writeln!(out, "  endpoint: {endpoint}");
         let hs = match p.last_handshake {
@@ -465,6 +472,7 @@ mod tests {
                 rx_bytes: 10,
                 tx_bytes: 20,
                 drops_spoofed: 1,
+                state: "online".into(),
             }],
             dns_responses: [("NOERROR".to_string(), 7), ("NXDOMAIN".to_string(), 2)].into(),
         }

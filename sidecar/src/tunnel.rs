@@ -2,24 +2,19 @@
 //! port to `<instance>.internal:<port>` or `<service>.warp:<port>` through
 //! the mesh, without privileges.
 //!
-//! The tunnel is a short-lived member: a key generated in memory (never
+//! The tunnel is a short-lived [`Node`]: a key generated in memory (never
 //! written), a join, a userspace stack, and one loopback listener; on exit it
-//! sends `Leave`, so the keyserver removes it and every peer forgets it.
+//! leaves, so the keyserver removes it and every peer forgets it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
 
-use meshlib::control::{self, ClientConfig, ControlError, MemberMeta, Session};
+use meshlib::control::ControlError;
 use meshlib::ist::config::Overrides;
 use meshlib::ist::table::IstTable;
-use meshlib::keys::PrivateKey;
 use meshlib::names::{Lookup, NameIndex};
 use meshlib::netmap::NetworkMap;
+use meshlib::node::{Node, NodeConfig, NodeError, NodeMode};
 use meshlib::proto::{JoinToken, TokenParseError};
-use meshlib::reconcile::{desired_peers, diff, DesiredPeers};
-use meshlib::userspace::{Stack, StackConfig};
-use meshlib::wg::{Engine, EngineConfig};
 use tokio::sync::watch;
 
 /// What to forward where.
@@ -104,73 +99,47 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), TunnelError> {
     let token: JoinToken = cfg.token.parse().map_err(TunnelError::Token)?;
-    let keyserver: Vec<String> = token.addrs.iter().map(ToString::to_string).collect();
-    let keyserver = keyserver.join(", ");
-    let control = |error| TunnelError::Control {
-        keyserver: keyserver.clone(),
-        error,
-    };
-    let key = PrivateKey::generate();
-    let bind: SocketAddr = if token.addrs.first().is_some_and(|a| a.is_ipv6()) {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .expect("literal");
-    let endpoint = control::client_endpoint(bind).map_err(control)?;
-    let meta = MemberMeta {
-        public_key: key.public_key(),
-        service: cfg.service.clone(),
-        app_id: None,
-        process_type: Default::default(),
-        instance: None,
+    let node = NodeConfig {
+        state_dir: None,
+        token: Some(token),
+        service: Some(cfg.service.clone()),
         runner: "tunnel".into(),
-        endpoints: vec![],
-        ports: vec![],
+        mode: NodeMode::Userspace {
+            service_address: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        },
+        listen_port: 0,
+        ..NodeConfig::default()
     };
-    let mut session = control::join(&endpoint, &token, meta, &ClientConfig::default())
-        .await
-        .map_err(control)?;
-    let result = forward(&cfg, &key, &mut session, &mut shutdown, bound)
-        .await
-        .map_err(|e| match e {
-            TunnelError::Control { error, .. } => control(error),
-            other => other,
-        });
-    if !session.leave(Duration::from_secs(3)).await {
+    let node = tokio::select! {
+        node = Node::start(node) => node.map_err(node_error)?,
+        () = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(()),
+    };
+    let result = forward(&cfg, &node, &mut shutdown, bound).await;
+    if !node.leave().await {
         tracing::warn!("the keyserver did not confirm the leave");
     }
-    endpoint.wait_idle().await;
     result
 }
 
-/// The data plane of the tunnel, kept in step with the map until shutdown.
+/// The node's failure as the tunnel's.
+fn node_error(e: NodeError) -> TunnelError {
+    match e {
+        NodeError::Control { keyserver, error } => TunnelError::Control { keyserver, error },
+        NodeError::DataPlane(e) => TunnelError::DataPlane(e),
+        other => TunnelError::DataPlane(other.to_string()),
+    }
+}
+
+/// Forwards the local listener to the target until shutdown (or the
+/// member is revoked).
 async fn forward(
     cfg: &TunnelConfig,
-    key: &PrivateKey,
-    session: &mut Session,
+    node: &Node,
     shutdown: &mut watch::Receiver<bool>,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), TunnelError> {
-    let w = session.welcome().clone();
-    let map = session.map().clone();
-    let target_ip = resolve(&map, &cfg.target_host)
+    let target_ip = resolve(&node.map().online(), &cfg.target_host)
         .ok_or_else(|| TunnelError::UnknownTarget(cfg.target_host.clone()))?;
-    let dp = |e: String| TunnelError::DataPlane(e);
-    let (stack, device) = Stack::start(StackConfig::new(IpAddr::V4(w.ip), map.range.prefix_len()))
-        .map_err(|e| dp(e.to_string()))?;
-    let engine = Engine::start(
-        device,
-        EngineConfig {
-            listen_port: 0,
-            private_key: Some(key.clone()),
-            fwmark: 0,
-        },
-    )
-    .map_err(|e| dp(e.to_string()))?;
-    let mut peers = DesiredPeers::new();
-    sync_peers(&engine, &mut peers, &map, key);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|error| TunnelError::Listen {
@@ -182,47 +151,30 @@ async fn forward(
         error,
     })?;
     let target = SocketAddr::new(target_ip, cfg.target_port);
-    tracing::info!(%local, %target, ip = %w.ip, "tunnel up");
+    tracing::info!(%local, %target, ip = %node.ip(), "tunnel up");
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
-    let stack = Arc::new(stack);
-    let fwd = {
-        let stack = stack.clone();
-        tokio::spawn(async move { stack.forward_tcp(listener, target).await })
-    };
-    let mut beat = tokio::time::interval(Duration::from_secs(10));
-    let result = loop {
-        tokio::select! {
-            ev = session.next_event() => match ev {
-                Ok(_) => sync_peers(&engine, &mut peers, session.map(), key),
-                Err(e) => break Err(TunnelError::Control { keyserver: String::new(), error: e }),
-            },
-            _ = beat.tick() => {
-                if let Err(e) = session.heartbeat().await {
-                    break Err(TunnelError::Control { keyserver: String::new(), error: e });
-                }
-            }
-            _ = shutdown.changed() => break Ok(()),
-        }
+    let stack = node
+        .stack()
+        .cloned()
+        .ok_or_else(|| TunnelError::DataPlane("no userspace stack".into()))?;
+    let fwd = tokio::spawn(async move { stack.forward_tcp(listener, target).await });
+    let mut ended = node.watch_end();
+    let result = tokio::select! {
+        () = async { let _ = shutdown.wait_for(|s| *s).await; } => Ok(()),
+        _ = ended.wait_for(|e| e.is_some()) => Err(TunnelError::DataPlane(
+            "the keyserver ended this member's session".into(),
+        )),
     };
     fwd.abort();
-    engine.shutdown();
     result
-}
-
-/// Applies the map's peers to the engine (keepalive on: we are behind NAT).
-fn sync_peers(engine: &Engine, current: &mut DesiredPeers, map: &NetworkMap, key: &PrivateKey) {
-    let desired = desired_peers(map, &key.public_key(), 25, true);
-    for (peer, e) in engine.apply_diff(diff(current, &desired)) {
-        tracing::warn!(%peer, error = %e, "cannot configure peer");
-    }
-    *current = desired;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshlib::keys::PrivateKey;
 
     #[test]
     fn targets_parse_and_resolve() {

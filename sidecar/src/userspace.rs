@@ -1,6 +1,6 @@
-//! Userspace mode in the sidecar: the engine on a [`meshlib::userspace::Stack`]
-//! instead of a TUN interface, and the loopback listeners for the services
-//! this instance reaches.
+//! Userspace mode in the sidecar: the loopback listeners for the services
+//! this instance reaches, relayed into the node's
+//! [`meshlib::userspace::Stack`] (the node runs the stack and the engine).
 //!
 //! For every other member and every port it declares, the sidecar listens
 //! (TCP and UDP) on `127.77.<c>.<d>:<port>` ([`loopback_for`] of the
@@ -15,18 +15,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::netmap::NetworkMap;
 use meshlib::userspace::ports::loopback_in;
-use meshlib::userspace::{Stack, StackConfig};
+use meshlib::userspace::Stack;
 use meshlib::wg::uapi_server::{self, UapiServerError};
-use meshlib::wg::{Engine, EngineConfig, UapiServer};
+use meshlib::wg::{Engine, UapiServer};
 use tokio::task::JoinHandle;
 
-use crate::agent::AgentError;
 use crate::config::Config;
 use crate::outputs::AddressMap;
-use crate::state::Membership;
 
 /// One relayed service: a loopback listen address and its tunnel target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,11 +34,11 @@ pub struct Forward {
     pub target: SocketAddr,
 }
 
-/// The forwards `map` asks for, seen by the member `own` (pure).
-pub fn desired_forwards(map: &NetworkMap, own: &PublicKey, octet: u8) -> BTreeSet<Forward> {
+/// The forwards `map` asks for, seen by the member at `own` (pure).
+pub fn desired_forwards(map: &NetworkMap, own: Ipv4Addr, octet: u8) -> BTreeSet<Forward> {
     map.members
         .values()
-        .filter(|m| m.public_key != *own)
+        .filter(|m| m.ip != own)
         .flat_map(|m| {
             let local = IpAddr::V4(loopback_in(octet, IpAddr::V4(m.ip)));
             m.ports.iter().map(move |&p| Forward {
@@ -53,10 +50,11 @@ pub fn desired_forwards(map: &NetworkMap, own: &PublicKey, octet: u8) -> BTreeSe
 }
 
 /// The outputs' address for each member in userspace mode: its loopback
-/// address, and `127.0.0.1` for `own`.
-pub fn address_map(own: PublicKey, octet: u8) -> AddressMap {
+/// address, and `127.0.0.1` for this member (known by its private IP, which
+/// a key rotation keeps).
+pub fn address_map(own: Ipv4Addr, octet: u8) -> AddressMap {
     Arc::new(move |m| {
-        if m.public_key == own {
+        if m.ip == own {
             Ipv4Addr::LOCALHOST
         } else {
             loopback_in(octet, IpAddr::V4(m.ip))
@@ -68,7 +66,7 @@ pub fn address_map(own: PublicKey, octet: u8) -> AddressMap {
 /// (`/var/run/wireguard/<interface>.sock`, where `wg` looks), or, when that
 /// directory is not writable (no privileges), at
 /// `<state-dir>/<interface>.sock`.
-pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, AgentError> {
+pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, UapiServerError> {
     let standard = uapi_server::socket_path(&config.interface);
     match UapiServer::start(engine.clone(), &standard) {
         Ok(s) => Ok(s),
@@ -77,61 +75,40 @@ pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, Ag
         {
             let path = config.state_dir.join(format!("{}.sock", config.interface));
             tracing::warn!(%source, path = %path.display(), "no access to the standard UAPI directory; serving UAPI in the state directory");
-            UapiServer::start(engine, &path).map_err(|e| AgentError::DataPlane(e.to_string()))
+            UapiServer::start(engine, &path)
         }
-        Err(e) => Err(AgentError::DataPlane(e.to_string())),
+        Err(e) => Err(e),
     }
 }
 
-/// The userspace data plane: the stack and the running forwards.
+/// The loopback listeners of userspace mode: one per remote member and
+/// port, relayed into the stack.
 pub struct UserspacePlane {
     stack: Arc<Stack>,
-    own: PublicKey,
     /// The second octet of the loopback addresses (`127.<octet>.c.d`).
     octet: u8,
     running: HashMap<Forward, Vec<JoinHandle<()>>>,
 }
 
-/// Starts the stack with the member's address and the engine on it.
-pub fn start(
-    config: &Config,
-    key: &PrivateKey,
-    m: &Membership,
-) -> Result<(Arc<Engine>, UserspacePlane), AgentError> {
-    let mut cfg = StackConfig::new(IpAddr::V4(m.ip), m.range.prefix_len());
-    cfg.inbound_host = config.service_address;
-    let (stack, device) = Stack::start(cfg).map_err(|e| AgentError::DataPlane(e.to_string()))?;
-    let engine = Engine::start(
-        device,
-        EngineConfig {
-            listen_port: config.listen_port,
-            private_key: Some(key.clone()),
-            fwmark: 0,
-        },
-    )
-    .map_err(|e| AgentError::DataPlane(e.to_string()))?;
-    tracing::info!(address = %m.ip, port = engine.listen_port(), "userspace data plane up");
-    let plane = UserspacePlane {
-        stack: Arc::new(stack),
-        own: key.public_key(),
-        octet: config.loopback_octet,
-        running: HashMap::new(),
-    };
-    Ok((Arc::new(engine), plane))
-}
-
 impl UserspacePlane {
+    /// Listeners relaying into `stack`.
+    pub fn new(stack: Arc<Stack>, octet: u8) -> Self {
+        Self {
+            stack,
+            octet,
+            running: HashMap::new(),
+        }
+    }
+
     /// The stack (for its counters).
     pub fn stack(&self) -> Arc<Stack> {
         self.stack.clone()
     }
 
-    /// Starts and stops loopback listeners to match `map`, and opens to the
-    /// tunnel exactly the ports `map` says this member serves.
-    pub fn apply(&mut self, map: &NetworkMap) {
-        let served = map.members.get(&self.own).map(|m| m.ports.clone());
-        self.stack.set_inbound_ports(served.unwrap_or_default());
-        let desired = desired_forwards(map, &self.own, self.octet);
+    /// Starts and stops loopback listeners to match `map` (its online
+    /// members but `own`). The node opens the served ports to the tunnel.
+    pub fn apply(&mut self, map: &NetworkMap, own: Ipv4Addr) {
+        let desired = desired_forwards(&map.online(), own, self.octet);
         self.running.retain(|f, tasks| {
             let keep = desired.contains(f);
             if !keep {
@@ -203,7 +180,7 @@ mod tests {
 
     fn member(n: u8, ports: Vec<u16>) -> Member {
         Member {
-            public_key: PrivateKey::generate().public_key(),
+            public_key: meshlib::keys::PrivateKey::generate().public_key(),
             ip: Ipv4Addr::new(10, 240, 1, n),
             endpoints: vec![],
             service: format!("s{n}"),
@@ -232,7 +209,7 @@ mod tests {
         for m in [&me, &a, &b] {
             map.members.insert(m.public_key, m.clone());
         }
-        let got: Vec<String> = desired_forwards(&map, &me.public_key, 77)
+        let got: Vec<String> = desired_forwards(&map, me.ip, 77)
             .iter()
             .map(|f| format!("{}>{}", f.listen, f.target))
             .collect();
@@ -243,7 +220,7 @@ mod tests {
                 "127.77.1.2:8080>10.240.1.2:8080"
             ]
         );
-        let f = address_map(me.public_key, 77);
+        let f = address_map(me.ip, 77);
         assert_eq!(f(&me), Ipv4Addr::LOCALHOST);
         assert_eq!(f(&a), Ipv4Addr::new(127, 77, 1, 2));
 

@@ -38,6 +38,7 @@ async fn status_prints_hostile_names_escaped() {
             rx_bytes: 0,
             tx_bytes: 0,
             drops_spoofed: 0,
+            state: "online".into(),
         }],
         ..Status::default()
     };
@@ -226,7 +227,7 @@ fn error_messages_say_each_cause_once() {
     ];
     std::fs::write(d.join("file"), "x").unwrap();
     errors.push(
-        sidecar::state::StateDir::open(&d.join("file/sub"))
+        meshlib::node::state::StateDir::open(&d.join("file/sub"))
             .unwrap_err()
             .into(),
     );
@@ -241,10 +242,10 @@ fn error_messages_say_each_cause_once() {
         message: "no uses left".into(),
     });
     errors.push(
-        sidecar::agent::AgentError::Refused {
+        sidecar::agent::AgentError::Node(meshlib::node::NodeError::Control {
             keyserver: "127.0.0.1:7000".into(),
             error: refused,
-        }
+        })
         .into(),
     );
     errors.push(

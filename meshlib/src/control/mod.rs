@@ -270,16 +270,31 @@ pub async fn join(
     meta: MemberMeta,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    if token.addrs.is_empty() {
-        return Err(ControlError::NoAddress);
-    }
-    let core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
-    let mut session = Session::new(endpoint.clone(), core, cfg.clone());
+    let mut session = start_join(endpoint, token, meta, cfg)?;
     loop {
         if let Event::Snapshot = session.next_event().await? {
             return Ok(session);
         }
     }
+}
+
+/// A joining session that has not connected yet: every event, connection
+/// attempts and their failures included, comes from
+/// [`Session::next_event`]; the join is done at [`Event::Joined`] (persist
+/// the membership) and the map is there at the following
+/// [`Event::Snapshot`]. With [`MemberConfig::reconnect`], a keyserver that
+/// is unreachable or busy is retried with backoff.
+pub fn start_join(
+    endpoint: &quinn::Endpoint,
+    token: &JoinToken,
+    meta: MemberMeta,
+    cfg: &ClientConfig,
+) -> Result<Session, ControlError> {
+    if token.addrs.is_empty() {
+        return Err(ControlError::NoAddress);
+    }
+    let core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    Ok(Session::new(endpoint.clone(), core, cfg.clone()))
 }
 
 /// Reconnects an existing member, starting from its cached `map`: returns
@@ -654,30 +669,35 @@ impl Session {
     /// (peers stop naming and reaching it; its address and names stay
     /// reserved). Waits for the confirmation, bounded by the member
     /// config's `goodbye_timeout`. True when confirmed.
-    pub async fn shutdown(mut self) -> bool {
+    pub async fn shutdown(&mut self) -> bool {
         self.core.shutdown(now());
         let limit = self.cfg.member.goodbye_timeout + Duration::from_millis(500);
         let end = self.finish(limit).await;
-        self.close();
+        self.disconnect();
         matches!(end, Some(End::Offline { confirmed: true }))
     }
 
     /// Leaves the network: the keyserver releases this membership (peers
     /// drop it within a second) and confirms; connects first if needed.
     /// Waits up to `limit`. True when the keyserver confirmed.
-    pub async fn leave(mut self, limit: Duration) -> bool {
+    pub async fn leave(&mut self, limit: Duration) -> bool {
         if self.core.leave(now()).is_err() {
-            self.close();
+            self.disconnect();
             return false;
         }
         let end = self.finish(limit).await;
-        self.close();
+        self.disconnect();
         matches!(end, Some(End::Left | End::Revoked(_)))
     }
 
     /// Closes the connection at once, saying nothing (the keyserver notices
     /// the silence after `offline-after`).
     pub fn close(mut self) {
+        self.disconnect();
+    }
+
+    fn disconnect(&mut self) {
+        self.ended = true;
         self.opening = None;
         if let Some(link) = self.link.take() {
             link.conn.close(0u32.into(), b"bye");

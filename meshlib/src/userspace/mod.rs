@@ -193,9 +193,21 @@ pub(crate) struct Inner {
     pub tcp_refused: AtomicU64,
     pub udp_flows: AtomicU64,
     pub inbound_refused: AtomicU64,
+    /// Per-port inbound targets that replace `<inbound_host>:<port>`
+    /// ([`Stack::set_inbound_target`]).
+    pub targets: Mutex<HashMap<u16, SocketAddr>>,
 }
 
 impl Inner {
+    /// Where an inbound connection or datagram to `port` goes.
+    pub fn inbound_target(&self, port: u16) -> SocketAddr {
+        self.targets
+            .lock()
+            .get(&port)
+            .copied()
+            .unwrap_or(SocketAddr::new(self.cfg.inbound_host, port))
+    }
+
     /// Runs `f` on a TCP socket of the set.
     pub fn with_tcp<R>(
         &self,
@@ -270,6 +282,7 @@ impl Stack {
             tcp_refused: AtomicU64::new(0),
             udp_flows: AtomicU64::new(0),
             inbound_refused: AtomicU64::new(0),
+            targets: Mutex::new(HashMap::new()),
         });
         let run = inner.clone();
         let thread = std::thread::Builder::new()
@@ -313,6 +326,19 @@ impl Stack {
             }
         }
         net.inbound_ports = ports;
+    }
+
+    /// Sends inbound traffic for `port` to `target` instead of
+    /// `<inbound_host>:<port>` (`None`: back to the default). An embedder
+    /// listening on an ephemeral loopback port serves an overlay port this
+    /// way ([`crate::node::Node::listen`]); the port must also be among the
+    /// inbound ports.
+    pub fn set_inbound_target(&self, port: u16, target: Option<SocketAddr>) {
+        let mut targets = self.inner.targets.lock();
+        match target {
+            Some(t) => targets.insert(port, t),
+            None => targets.remove(&port),
+        };
     }
 
     /// The ports inbound traffic may reach.

@@ -49,7 +49,7 @@ pub(super) fn spawn_outbound(inner: Arc<Inner>, stream: TcpStream, dst: SocketAd
 pub(super) fn spawn_inbound(inner: Arc<Inner>, h: SocketHandle, port: u16) {
     let rt = inner.rt.clone();
     rt.spawn(async move {
-        let target = SocketAddr::new(inner.cfg.inbound_host, port);
+        let target = inner.inbound_target(port);
         let mut conn = TcpStream::connect(target).await;
         if conn.is_err() && target.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) {
             conn = TcpStream::connect((Ipv6Addr::LOCALHOST, port)).await;

@@ -164,7 +164,7 @@ type PeerFlows = Arc<Mutex<HashMap<IpEndpoint, (Arc<UdpSocket>, LastSeen)>>>;
 async fn serve_inbound(inner: Arc<Inner>, h: SocketHandle, port: u16) {
     let flows: PeerFlows = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let target = SocketAddr::new(inner.cfg.inbound_host, port);
+    let target = inner.inbound_target(port);
     loop {
         let got = tokio::time::timeout(inner.cfg.udp_idle, recv(&inner, h, &mut buf)).await;
         let (n, from) = match got {

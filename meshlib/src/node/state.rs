@@ -11,12 +11,12 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use meshlib::fsutil::{
+use crate::fsutil::{
     create_private_dir, read_limited, write_atomic, write_secret, ReadError, WriteError,
     MAX_SMALL_FILE, MAX_STATE_FILE,
 };
-use meshlib::keys::PrivateKey;
-use meshlib::netmap::NetworkMap;
+use crate::keys::PrivateKey;
+use crate::netmap::NetworkMap;
 
 /// File of the private key (base64, as `wg genkey` writes it).
 pub const KEY_FILE: &str = "private.key";
@@ -32,7 +32,7 @@ pub const MEMBERSHIP_FILE: &str = "membership.json";
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Membership {
     /// Keyserver addresses, pinned certificate, network, key, credential.
-    pub control: meshlib::control::Membership,
+    pub control: crate::member::Membership,
     /// The network's range (so the interface can be addressed before any map).
     pub range: ipnet::Ipv4Net,
     /// The member's private IP.
@@ -40,7 +40,7 @@ pub struct Membership {
     /// The member's index within (app, type).
     pub index: u32,
     /// The member's instance name.
-    pub instance: meshlib::ids::InstanceName,
+    pub instance: crate::ids::InstanceName,
 }
 
 /// Why the state directory cannot be used.
@@ -167,10 +167,18 @@ impl StateDir {
         Ok(())
     }
 
-    /// Forgets the membership and the map (after a revocation).
+    /// Forgets the membership and the map (after a revocation or a leave).
     pub fn forget_membership(&self) {
         let _ = fs::remove_file(self.dir.join(MEMBERSHIP_FILE));
         let _ = fs::remove_file(self.dir.join(MAP_FILE));
+    }
+
+    /// Replaces the private key (after a rotation the keyserver confirmed;
+    /// atomic, mode 0600).
+    pub fn save_key(&self, key: &PrivateKey) -> Result<(), StateError> {
+        let path = self.dir.join(KEY_FILE);
+        write_secret(&path, format!("{}\n", key.to_base64()).as_bytes())?;
+        Ok(())
     }
 
     /// Caches `map` (atomically; unchanged maps are not rewritten).
@@ -264,9 +272,9 @@ mod tests {
         let state = StateDir::open(dir.path()).unwrap();
         assert!(state.load_map().unwrap().is_none());
         let mut map = NetworkMap::new(
-            meshlib::ids::NetworkId::random(),
+            crate::ids::NetworkId::random(),
             "prod",
-            meshlib::ipam::DEFAULT_RANGE,
+            crate::ipam::DEFAULT_RANGE,
         );
         map.generation = 7;
         state.save_map(&map).unwrap();

@@ -1,0 +1,262 @@
+//! The node's control task: drives the session, applies every map change to
+//! the data plane, persists the membership, the key and the map, and answers
+//! the node's requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{Connection, ControlError, Event, Session};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::member::End;
+use crate::proto::ErrorCode;
+use crate::render::text::escape;
+
+use super::plane::{local_endpoints, Plane};
+use super::state::{Membership as StoredMembership, StateDir};
+use super::{Command, NodeEnd, NodeError, NodeEvent, Shared};
+
+/// How often the local endpoints are looked at (when not configured).
+const DETECT_ENDPOINTS: Duration = Duration::from_secs(10);
+
+/// A rotation under way: the new key, and who asked.
+pub(super) struct Pending {
+    key: PrivateKey,
+    reply: Option<oneshot::Sender<Result<PublicKey, NodeError>>>,
+}
+
+/// The control task's state (built by [`super::Node::start`]).
+pub(super) struct Driver {
+    pub(super) session: Session,
+    pub(super) shared: Arc<Shared>,
+    pub(super) plane: Arc<Plane>,
+    pub(super) state: Option<StateDir>,
+    pub(super) stored: StoredMembership,
+    pub(super) key: PrivateKey,
+    pub(super) rotation: Option<Pending>,
+    /// Whether the local endpoints are detected (none configured).
+    pub(super) detect: bool,
+    pub(super) on_map: Option<super::MapHook>,
+}
+
+impl Driver {
+    /// Runs until the session ends or the node asks it to stop.
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut detect = tokio::time::interval(DETECT_ENDPOINTS);
+        detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        detect.tick().await;
+        loop {
+            tokio::select! {
+                ev = self.session.next_event() => {
+                    if let Some(end) = self.on_event(ev) {
+                        self.end(end);
+                        return;
+                    }
+                }
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Shutdown(reply)) => {
+                        let confirmed = self.session_shutdown().await;
+                        tracing::info!(confirmed, "stopped: offline at the keyserver");
+                        self.end(NodeEnd::Offline);
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Leave(reply)) => {
+                        let left = self.session_leave().await;
+                        if left {
+                            tracing::info!("left the network");
+                        } else {
+                            tracing::warn!("the keyserver did not confirm the leave; the member will expire there");
+                        }
+                        self.plane.clear();
+                        if let Some(s) = &self.state {
+                            s.forget_membership();
+                        }
+                        self.end(NodeEnd::Left);
+                        let _ = reply.send(left);
+                        return;
+                    }
+                    Some(cmd) => self.on_command(cmd).await,
+                },
+                _ = detect.tick(), if self.detect => {
+                    let port = self.plane.listen_port();
+                    let eps = local_endpoints(port, self.stored.range);
+                    let _ = self.session.update_endpoints(eps).await;
+                }
+            }
+        }
+    }
+
+    async fn session_shutdown(&mut self) -> bool {
+        self.session.shutdown().await
+    }
+
+    async fn session_leave(&mut self) -> bool {
+        self.session.leave(Duration::from_secs(10)).await
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::SetPorts(ports) => {
+                let _ = self.session.update_ports(ports).await;
+            }
+            Command::SetEndpoints(eps) => {
+                let _ = self.session.update_endpoints(eps).await;
+            }
+            Command::Rotate(reply) => self.start_rotation(Some(reply)),
+            Command::Shutdown(_) | Command::Leave(_) => {}
+        }
+    }
+
+    fn start_rotation(&mut self, reply: Option<oneshot::Sender<Result<PublicKey, NodeError>>>) {
+        if self.rotation.is_some() {
+            if let Some(r) = reply {
+                let _ = r.send(Err(NodeError::Rotation("already under way".into())));
+            }
+            return;
+        }
+        let key = PrivateKey::generate();
+        match self.session.rotate_key(key.public_key()) {
+            Ok(()) => self.rotation = Some(Pending { key, reply }),
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(NodeError::Rotation(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Handles one session event; `Some` when the node ends.
+    fn on_event(&mut self, ev: Result<Event, ControlError>) -> Option<NodeEnd> {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(ControlError::Revoked(why)) => return Some(NodeEnd::Revoked(why)),
+            Err(ControlError::Refused(e)) if e.code == ErrorCode::BadCredential => {
+                return Some(NodeEnd::Revoked(e.message))
+            }
+            Err(e) => {
+                tracing::error!(error = %escape(&e.to_string()), "control session ended");
+                return Some(NodeEnd::Revoked(e.to_string()));
+            }
+        };
+        match ev {
+            Event::Snapshot => self.map_changed(None),
+            Event::Delta(d) => self.map_changed(Some(d.changes)),
+            Event::Connection(c) => {
+                if let Connection::Connecting {
+                    attempt,
+                    last_error: Some(e),
+                } = &c
+                {
+                    tracing::warn!(attempt, error = %escape(e), "keyserver unreachable; running from the last map");
+                }
+                if c == Connection::Connected {
+                    tracing::info!("connected to the keyserver");
+                }
+                self.shared.connection.send_replace(c.clone());
+                if c != Connection::Connected {
+                    self.shared.caught_up.send_replace(false);
+                }
+                let _ = self.shared.events.send(NodeEvent::Connection(c));
+            }
+            Event::CaughtUp { generation } => {
+                tracing::debug!(generation, "caught up with the keyserver");
+                self.shared.caught_up.send_replace(true);
+                let _ = self.shared.events.send(NodeEvent::CaughtUp);
+            }
+            Event::RotationDue => self.start_rotation(None),
+            Event::KeyRotated { new, .. } => self.rotated(new),
+            Event::RotationFailed(e) => {
+                tracing::warn!(error = %escape(&e.to_string()), "the keyserver refused the key rotation");
+                if let Some(p) = self.rotation.take() {
+                    if let Some(r) = p.reply {
+                        let _ = r.send(Err(NodeError::Rotation(e.to_string())));
+                    }
+                }
+            }
+            Event::Rejected(e) => {
+                tracing::warn!(error = %escape(&e.to_string()), "keyserver rejected a request")
+            }
+            Event::Ended(End::Offline { .. }) => return Some(NodeEnd::Offline),
+            Event::Ended(End::Left | End::LeaveUnconfirmed(_)) => return Some(NodeEnd::Left),
+            Event::Ended(End::Revoked(why)) => return Some(NodeEnd::Revoked(why)),
+            Event::Ended(other) => return Some(NodeEnd::Revoked(format!("{other:?}"))),
+            Event::Joined(_) | Event::Welcomed(_) | Event::HeartbeatAck { .. } => {}
+        }
+        None
+    }
+
+    /// Applies the session's map to the data plane, the cache and the
+    /// watchers.
+    fn map_changed(&mut self, changes: Option<Vec<crate::netmap::MapChange>>) {
+        let map = self.session.map().clone();
+        if let Some(hook) = &self.on_map {
+            (hook.0)(&map);
+        }
+        self.plane.apply(&map, &self.key.public_key());
+        if let (Some(s), true) = (&self.state, map.generation > 0) {
+            if let Err(e) = s.save_map(&map) {
+                tracing::warn!(error = %e, "cannot cache the network map");
+            }
+        }
+        let generation = map.generation;
+        tracing::debug!(generation, "network map applied");
+        self.shared.map.send_replace(map);
+        let _ = self.shared.events.send(NodeEvent::MapChanged {
+            generation,
+            changes,
+        });
+    }
+
+    /// The keyserver took the new key: the data plane switches to it, and
+    /// the key and membership are saved.
+    fn rotated(&mut self, new: PublicKey) {
+        let Some(pending) = self.rotation.take() else {
+            return;
+        };
+        if pending.key.public_key() != new {
+            return;
+        }
+        self.plane.engine.set_private_key(Some(pending.key.clone()));
+        self.key = pending.key;
+        self.stored.control = self.session.membership();
+        if let Some(s) = &self.state {
+            let saved = s
+                .save_key(&self.key)
+                .and_then(|()| s.save_membership(&self.stored));
+            if let Err(e) = saved {
+                tracing::error!(error = %e, "rotated key not saved: the next start cannot resume");
+            }
+        }
+        self.session.key_renewed();
+        *self.shared.public_key.lock() = new;
+        // The map may already hold the new key: peers are rebuilt for it.
+        let map = self.session.map().clone();
+        self.plane.apply(&map, &new);
+        tracing::info!(public_key = %new, "key rotated");
+        let _ = self.shared.events.send(NodeEvent::KeyRotated(new));
+        if let Some(r) = pending.reply {
+            let _ = r.send(Ok(new));
+        }
+    }
+
+    fn end(&mut self, end: NodeEnd) {
+        if let NodeEnd::Revoked(why) = &end {
+            tracing::error!(reason = %escape(why), "this member was revoked; tunnels are going down");
+            self.plane.clear();
+            if let Some(s) = &self.state {
+                s.forget_membership();
+            }
+        }
+        if let Some(p) = self.rotation.take() {
+            if let Some(r) = p.reply {
+                let _ = r.send(Err(NodeError::Stopped));
+            }
+        }
+        self.shared.connection.send_replace(Connection::Ended);
+        self.shared.ended.send_replace(Some(end.clone()));
+        let _ = self.shared.events.send(NodeEvent::Ended(end));
+    }
+}

@@ -1,0 +1,131 @@
+//! The node's data plane: the engine on a TUN interface (kernel mode) or on
+//! the userspace stack, and how a map is applied to it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::{IpNet, Ipv4Net};
+use parking_lot::Mutex;
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::netmap::NetworkMap;
+use crate::reconcile::{desired_peers, diff, DesiredPeers};
+use crate::userspace::{Stack, StackConfig};
+use crate::wg::{Engine, EngineConfig, TunConfig, TunDevice};
+
+use super::{NodeError, NodeMode};
+
+/// The engine, the stack in userspace mode, and the peers applied so far.
+pub(super) struct Plane {
+    pub(super) engine: Arc<Engine>,
+    pub(super) stack: Option<Arc<Stack>>,
+    pub(super) ip: Ipv4Addr,
+    keepalive: u16,
+    peers: Mutex<DesiredPeers>,
+}
+
+impl Plane {
+    /// Starts the data plane for a member at `ip` in `range`.
+    pub(super) fn start(
+        mode: &NodeMode,
+        key: &PrivateKey,
+        ip: Ipv4Addr,
+        range: Ipv4Net,
+        listen_port: u16,
+        keepalive: u16,
+    ) -> Result<Self, NodeError> {
+        let dp =
+            |what: &str, e: &dyn std::fmt::Display| NodeError::DataPlane(format!("{what}: {e}"));
+        let engine_config = EngineConfig {
+            listen_port,
+            private_key: Some(key.clone()),
+            fwmark: 0,
+        };
+        let (engine, stack) = match mode {
+            NodeMode::Kernel { interface } => {
+                let mut tun_config = TunConfig::new(interface);
+                let addr = Ipv4Net::new(ip, range.prefix_len())
+                    .map_err(|e| dp("interface address", &e))?;
+                tun_config.address = Some(IpNet::V4(addr));
+                let tun = TunDevice::create(&tun_config)
+                    .map_err(|e| dp(&format!("creating TUN interface {interface}"), &e))?;
+                let engine =
+                    Engine::start(Arc::new(tun), engine_config).map_err(|e| dp("engine", &e))?;
+                tracing::info!(%interface, address = %addr, port = engine.listen_port(), "data plane up");
+                (engine, None)
+            }
+            NodeMode::Userspace { service_address } => {
+                let mut cfg = StackConfig::new(IpAddr::V4(ip), range.prefix_len());
+                cfg.inbound_host = *service_address;
+                let (stack, device) = Stack::start(cfg).map_err(|e| dp("userspace stack", &e))?;
+                let engine = Engine::start(device, engine_config).map_err(|e| dp("engine", &e))?;
+                tracing::info!(address = %ip, port = engine.listen_port(), "userspace data plane up");
+                (engine, Some(Arc::new(stack)))
+            }
+        };
+        Ok(Self {
+            engine: Arc::new(engine),
+            stack,
+            ip,
+            keepalive,
+            peers: Mutex::new(DesiredPeers::new()),
+        })
+    }
+
+    /// Makes the engine's peers those of `map`'s online members, and opens
+    /// to the tunnel (userspace mode) exactly the ports `map` says `own`
+    /// serves.
+    pub(super) fn apply(&self, map: &NetworkMap, own: &PublicKey) {
+        let online = map.online();
+        let desired = desired_peers(&online, own, self.keepalive, true);
+        let mut peers = self.peers.lock();
+        for (peer, e) in self.engine.apply_diff(diff(&peers, &desired)) {
+            tracing::warn!(%peer, error = %e, "cannot configure peer");
+        }
+        *peers = desired;
+        if let Some(stack) = &self.stack {
+            let served = map.members.get(own).map(|m| m.ports.clone());
+            stack.set_inbound_ports(served.unwrap_or_default());
+        }
+    }
+
+    /// Drops every peer (revoked, left).
+    pub(super) fn clear(&self) {
+        let mut peers = self.peers.lock();
+        for key in peers.keys() {
+            self.engine.remove_peer(key);
+        }
+        peers.clear();
+    }
+
+    /// The engine's UDP port.
+    pub(super) fn listen_port(&self) -> u16 {
+        self.engine.listen_port()
+    }
+
+    /// Stops the engine and the stack.
+    pub(super) fn stop(&self) {
+        self.engine.shutdown();
+    }
+}
+
+/// The local addresses a member advertises as its endpoints: every
+/// non-loopback, non-link-local address outside the overlay range, with the
+/// engine's port; IPv4 first; at most 8.
+pub fn local_endpoints(port: u16, overlay: Ipv4Net) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !overlay.contains(v4) && !v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    out.sort_by_key(|a| (!a.is_ipv4(), *a));
+    out.dedup();
+    out.truncate(8);
+    out
+}
