@@ -64,6 +64,8 @@ pub struct Mesh {
     /// The keyserver's data directory.
     pub ks_dir: PathBuf,
     keyserver: Option<Child>,
+    /// A TOML config file for the keyserver, if set.
+    ks_config: Option<PathBuf>,
     etc_dirs: Vec<PathBuf>,
     sockets: Vec<PathBuf>,
 }
@@ -71,14 +73,26 @@ pub struct Mesh {
 impl Mesh {
     /// A topology with a running keyserver on host 1 and one network `prod`.
     pub fn new() -> Self {
+        Self::with_keyserver_config("")
+    }
+
+    /// As [`Mesh::new`], the keyserver reading `toml` as its config file
+    /// (e.g. short lifecycle timers).
+    pub fn with_keyserver_config(toml: &str) -> Self {
         let mut topo = Topo::new();
         let ks = topo.host(1);
         let ks_dir = topo.temp_path("keyserver");
+        let ks_config = (!toml.is_empty()).then(|| {
+            let path = topo.temp_path("keyserver.toml");
+            std::fs::write(&path, toml).unwrap();
+            path
+        });
         let mut mesh = Mesh {
             topo,
             ks,
             ks_dir,
             keyserver: None,
+            ks_config,
             extra_ns: Vec::new(),
             etc_dirs: Vec::new(),
             sockets: Vec::new(),
@@ -92,11 +106,15 @@ impl Mesh {
     pub fn start_keyserver(&mut self) {
         let log = std::fs::File::create(self.topo.temp_path("keyserver.log")).unwrap();
         let quic = format!("{}:{QUIC_PORT}", self.ks.underlay);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ks.ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ks.ns])
             .arg(bin("keyserver"))
             .args(["serve", "--data-dir"])
-            .arg(&self.ks_dir)
+            .arg(&self.ks_dir);
+        if let Some(config) = &self.ks_config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
             .args(["--quic-listen", &quic, "--api-listen", "127.0.0.1:7001"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -315,7 +333,20 @@ impl Mesh {
         subcommand: &str,
         extra: &[&str],
     ) -> Sidecar {
-        let state_dir = self.topo.temp_path(&format!("state-{}", host.ns));
+        self.sidecar_in(host, service, subcommand, extra, "")
+    }
+
+    /// As [`Mesh::sidecar`], with a state directory of its own (`name`
+    /// tells it apart): a new instance on the same host.
+    pub fn sidecar_in(
+        &mut self,
+        host: &Host,
+        service: &str,
+        subcommand: &str,
+        extra: &[&str],
+        name: &str,
+    ) -> Sidecar {
+        let state_dir = self.topo.temp_path(&format!("state-{}{name}", host.ns));
         let interface = format!("m{}", &host.ifname[1..]);
         self.sockets.push(PathBuf::from(format!(
             "/var/run/wireguard/{interface}.sock"
@@ -375,6 +406,15 @@ impl Sidecar {
             while matches!(c.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(3) {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the process with SIGKILL (no goodbye).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `ip netns exec` execs the sidecar: the child is the sidecar.
             let _ = c.kill();
             let _ = c.wait();
         }
