@@ -349,6 +349,13 @@ impl Node {
             (hook.0)(&map);
         }
         plane.apply(&map, &key.public_key());
+        let mut session = session;
+        if cfg.endpoints.is_empty() && cfg.listen_port == 0 {
+            // The engine picked its port only now: announce the real one
+            // (before a resume's hello; right after a join's).
+            let eps = local_endpoints(plane.listen_port(), stored.range);
+            let _ = session.update_endpoints(eps).await;
+        }
         let plane = Arc::new(plane);
         let shared = Arc::new(Shared {
             map: watch::channel(map).0,
