@@ -637,6 +637,12 @@ impl Session {
         r
     }
 
+    /// Finishes a rotation to `new` that a previous run left unconfirmed
+    /// (see [`MemberCore::resume_rotation`]).
+    pub fn resume_rotation(&mut self, new: PublicKey) {
+        self.core.resume_rotation(new);
+    }
+
     /// Restarts the key lifetime clock (after a rotation).
     pub fn key_renewed(&mut self) {
         self.core.key_renewed(now());

@@ -626,6 +626,25 @@ impl MemberCore {
         Ok(())
     }
 
+    /// A rotation to `new` was under way when the process stopped (its
+    /// outcome unknown): the next connection finishes it — it resumes with
+    /// the membership's key and asks again, or, if the keyserver already
+    /// took the new key, resumes with that one. Call before the first
+    /// connection.
+    pub fn resume_rotation(&mut self, new: PublicKey) {
+        if self
+            .membership
+            .as_ref()
+            .is_some_and(|m| m.public_key != new)
+        {
+            self.rotation = Some(Rotation {
+                new,
+                sent: false,
+                try_new: false,
+            });
+        }
+    }
+
     /// Stops gracefully: the keyserver marks the member offline at once
     /// (if connected; otherwise it notices the silence). Ends with
     /// [`End::Offline`].

@@ -22,8 +22,8 @@ const DETECT_ENDPOINTS: Duration = Duration::from_secs(10);
 
 /// A rotation under way: the new key, and who asked.
 pub(super) struct Pending {
-    key: PrivateKey,
-    reply: Option<oneshot::Sender<Result<PublicKey, NodeError>>>,
+    pub(super) key: PrivateKey,
+    pub(super) reply: Option<oneshot::Sender<Result<PublicKey, NodeError>>>,
 }
 
 /// The control task's state (built by [`super::Node::start`]).
@@ -118,13 +118,35 @@ impl Driver {
             return;
         }
         let key = PrivateKey::generate();
+        // The new key is kept, then used at once, then asked for: peers
+        // learn it from the keyserver's push and handshake with a member
+        // that already holds it (a handshake the other way round would wait
+        // for WireGuard's 5 s retry).
+        if let Some(s) = &self.state {
+            if let Err(e) = s.save_next_key(&key) {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(NodeError::Rotation(e.to_string())));
+                }
+                return;
+            }
+        }
+        self.plane.engine.set_private_key(Some(key.clone()));
         match self.session.rotate_key(key.public_key()) {
             Ok(()) => self.rotation = Some(Pending { key, reply }),
             Err(e) => {
+                self.revert_rotation();
                 if let Some(r) = reply {
                     let _ = r.send(Err(NodeError::Rotation(e.to_string())));
                 }
             }
+        }
+    }
+
+    /// The rotation did not happen: back to the current key.
+    fn revert_rotation(&mut self) {
+        self.plane.engine.set_private_key(Some(self.key.clone()));
+        if let Some(s) = &self.state {
+            s.clear_next_key();
         }
     }
 
@@ -170,6 +192,7 @@ impl Driver {
             Event::KeyRotated { new, .. } => self.rotated(new),
             Event::RotationFailed(e) => {
                 tracing::warn!(error = %escape(&e.to_string()), "the keyserver refused the key rotation");
+                self.revert_rotation();
                 if let Some(p) = self.rotation.take() {
                     if let Some(r) = p.reply {
                         let _ = r.send(Err(NodeError::Rotation(e.to_string())));
@@ -219,7 +242,6 @@ impl Driver {
         if pending.key.public_key() != new {
             return;
         }
-        self.plane.engine.set_private_key(Some(pending.key.clone()));
         self.key = pending.key;
         self.stored.control = self.session.membership();
         if let Some(s) = &self.state {

@@ -337,9 +337,19 @@ impl Node {
                 (stored, map, session)
             }
         };
+        // A rotation a previous run left unconfirmed: finished on the next
+        // connection; its key is the likelier one meanwhile.
+        let next = state
+            .as_ref()
+            .and_then(StateDir::load_next_key)
+            .filter(|k| k.public_key() != key.public_key());
+        let mut session = session;
+        if let Some(next) = &next {
+            session.resume_rotation(next.public_key());
+        }
         let plane = plane::Plane::start(
             &cfg.mode,
-            &key,
+            next.as_ref().unwrap_or(&key),
             stored.ip,
             stored.range,
             cfg.listen_port,
@@ -349,7 +359,6 @@ impl Node {
             (hook.0)(&map);
         }
         plane.apply(&map, &key.public_key());
-        let mut session = session;
         if cfg.endpoints.is_empty() && cfg.listen_port == 0 {
             // The engine picked its port only now: announce the real one
             // (before a resume's hello; right after a join's).
@@ -375,7 +384,7 @@ impl Node {
             state,
             stored,
             key,
-            rotation: None,
+            rotation: next.map(|key| driver::Pending { key, reply: None }),
             detect: cfg.endpoints.is_empty(),
             on_map: cfg.on_map.clone(),
         };

@@ -76,7 +76,10 @@ impl Plane {
     /// to the tunnel (userspace mode) exactly the ports `map` says `own`
     /// serves.
     pub(super) fn apply(&self, map: &NetworkMap, own: &PublicKey) {
-        let online = map.online();
+        let mut online = map.online();
+        // This member by its address too: during a rotation the map may
+        // hold it under either key.
+        online.members.retain(|_, m| m.ip != self.ip);
         let desired = desired_peers(&online, own, self.keepalive, true);
         let mut peers = self.peers.lock();
         for (peer, e) in self.engine.apply_diff(diff(&peers, &desired)) {
@@ -84,7 +87,11 @@ impl Plane {
         }
         *peers = desired;
         if let Some(stack) = &self.stack {
-            let served = map.members.get(own).map(|m| m.ports.clone());
+            let served = map
+                .members
+                .values()
+                .find(|m| m.ip == self.ip)
+                .map(|m| m.ports.clone());
             stack.set_inbound_ports(served.unwrap_or_default());
         }
     }

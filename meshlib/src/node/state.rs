@@ -20,6 +20,8 @@ use crate::netmap::NetworkMap;
 
 /// File of the private key (base64, as `wg genkey` writes it).
 pub const KEY_FILE: &str = "private.key";
+/// File of a rotation's new key until the keyserver confirmed it (0600).
+pub const NEXT_KEY_FILE: &str = "private.key.next";
 /// File of the cached network map (JSON).
 pub const MAP_FILE: &str = "map.json";
 /// File of the membership: what a restart needs to resume (mode 0600: it
@@ -174,11 +176,31 @@ impl StateDir {
     }
 
     /// Replaces the private key (after a rotation the keyserver confirmed;
-    /// atomic, mode 0600).
+    /// atomic, mode 0600) and drops the pending one.
     pub fn save_key(&self, key: &PrivateKey) -> Result<(), StateError> {
         let path = self.dir.join(KEY_FILE);
         write_secret(&path, format!("{}\n", key.to_base64()).as_bytes())?;
+        let _ = fs::remove_file(self.dir.join(NEXT_KEY_FILE));
         Ok(())
+    }
+
+    /// Keeps a rotation's new key (0600) before the keyserver is asked: a
+    /// crash before its answer can still finish the rotation.
+    pub fn save_next_key(&self, key: &PrivateKey) -> Result<(), StateError> {
+        let path = self.dir.join(NEXT_KEY_FILE);
+        write_secret(&path, format!("{}\n", key.to_base64()).as_bytes())?;
+        Ok(())
+    }
+
+    /// The key of a rotation left unconfirmed, if any.
+    pub fn load_next_key(&self) -> Option<PrivateKey> {
+        let bytes = read_limited(&self.dir.join(NEXT_KEY_FILE), MAX_SMALL_FILE).ok()?;
+        PrivateKey::from_base64(String::from_utf8(bytes).ok()?.trim()).ok()
+    }
+
+    /// Forgets a rotation's new key (refused).
+    pub fn clear_next_key(&self) {
+        let _ = fs::remove_file(self.dir.join(NEXT_KEY_FILE));
     }
 
     /// Caches `map` (atomically; unchanged maps are not rewritten).
