@@ -535,22 +535,7 @@ impl Sim {
             );
             let mut plane = Plane::default();
             plane.reset(&map, &public);
-            self.members.push(SimMember {
-                name: format!("m{id}"),
-                core,
-                plane,
-                public,
-                key,
-                next_key: None,
-                dead: false,
-                partitioned: false,
-                ended: None,
-                conn: None,
-                latency: self.cfg.latency,
-                loss: self.cfg.loss,
-                observed: SocketAddr::new(endpoint_of(id).ip(), 40000),
-            });
-            self.dirty.insert(id);
+            self.add(core, plane, key);
             ids.push(id);
         }
         self.pump();
@@ -573,11 +558,20 @@ impl Sim {
             ports: vec![],
         };
         let core = MemberCore::join(self.cfg.member.clone(), token.clone(), meta, self.instant());
+        self.add(core, Plane::default(), key);
+        self.pump();
+        id
+    }
+
+    /// Adds a member with its core, plane and key; it is driven from the
+    /// next pump.
+    fn add(&mut self, core: MemberCore, plane: Plane, key: PrivateKey) -> MemberId {
+        let id = self.members.len();
         self.members.push(SimMember {
             name: format!("m{id}"),
             core,
-            plane: Plane::default(),
-            public,
+            plane,
+            public: key.public_key(),
             key,
             next_key: None,
             dead: false,
@@ -589,7 +583,6 @@ impl Sim {
             observed: SocketAddr::new(endpoint_of(id).ip(), 40000),
         });
         self.dirty.insert(id);
-        self.pump();
         id
     }
 
@@ -787,7 +780,10 @@ impl Sim {
         d
     }
 
-    fn up(&mut self, conn: u64, frame: Frame) {
+    /// Schedules `d` on `conn` after the link's delay, in order with what
+    /// went the same way before (`up`: towards the keyserver). Nothing
+    /// crosses a partition.
+    fn send_on(&mut self, conn: u64, up: bool, d: Delivery) {
         let Some(member) = self.conns.get(&conn).map(|c| c.member) else {
             return;
         };
@@ -796,23 +792,18 @@ impl Sim {
         }
         let at = self.clock + self.delay(member);
         let c = self.conns.get_mut(&conn).expect("checked");
-        let at = at.max(c.last_up);
-        c.last_up = at;
-        self.schedule(at, Delivery::ToServer { conn, frame });
+        let last = if up { &mut c.last_up } else { &mut c.last_down };
+        let at = at.max(*last);
+        *last = at;
+        self.schedule(at, d);
+    }
+
+    fn up(&mut self, conn: u64, frame: Frame) {
+        self.send_on(conn, true, Delivery::ToServer { conn, frame });
     }
 
     fn down(&mut self, conn: u64, d: Delivery) {
-        let Some(member) = self.conns.get(&conn).map(|c| c.member) else {
-            return;
-        };
-        if self.members[member].partitioned {
-            return;
-        }
-        let at = self.clock + self.delay(member);
-        let c = self.conns.get_mut(&conn).expect("checked");
-        let at = at.max(c.last_down);
-        c.last_down = at;
-        self.schedule(at, d);
+        self.send_on(conn, false, d);
     }
 
     fn deliver(&mut self, d: Delivery) {
