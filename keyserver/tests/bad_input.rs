@@ -97,11 +97,15 @@ async fn tokens_pins_keys_networks_and_full_ranges() {
         ErrorCode::InvalidMetadata
     );
     // The same public key again (a stolen key cannot join as that member).
+    // While the member's session is open it is `Busy` (a lost welcome's
+    // retry waits for the old session to end), else `KeyInUse`: never a
+    // welcome.
     let mut dup = meta("api").1;
     dup.public_key = ka.public_key();
-    assert_eq!(
-        refused(control::join(&ep, &good, dup, &cfg()).await),
-        ErrorCode::KeyInUse
+    let code = refused(control::join(&ep, &good, dup, &cfg()).await);
+    assert!(
+        matches!(code, ErrorCode::KeyInUse | ErrorCode::Busy),
+        "{code:?}"
     );
     // A stolen public key cannot resume without the credential.
     let mut stolen = a.resume_request(ka.public_key(), vec![]);

@@ -56,6 +56,11 @@ pub enum ProtoOpError {
     /// cannot be a retry of the join that made it (the reason says why).
     #[error("public key is already a member of this network ({0}); resume with its credential")]
     KeyInUse(String),
+    /// A join retried while the first one's session is still open (the
+    /// keyserver has not yet noticed it is gone): answered `Busy`, so the
+    /// member retries; it succeeds once that session ends.
+    #[error("a session of this key is still open; retry in a few seconds")]
+    SessionOpen,
     /// The instance name is taken.
     #[error("instance name {0} is taken in this network")]
     InstanceTaken(InstanceName),
@@ -81,6 +86,7 @@ impl ProtoOpError {
             Self::TokenUsedUp => ErrorCode::TokenUsedUp,
             Self::TokenBinding(_) => ErrorCode::TokenBinding,
             Self::KeyInUse(_) => ErrorCode::KeyInUse,
+            Self::SessionOpen => ErrorCode::Busy,
             Self::InstanceTaken(_) => ErrorCode::InstanceTaken,
             Self::NetworkFull(_) => ErrorCode::NetworkFull,
             Self::BadCredential => ErrorCode::BadCredential,
@@ -444,10 +450,7 @@ impl Registry {
             .ok_or(ProtoOpError::UnknownNetwork(req.network))?;
         Self::check_metadata(req)?;
         if net.members.contains_key(&req.public_key) {
-            if key_online {
-                return Err(ProtoOpError::KeyInUse("a session of it is open".into()));
-            }
-            return self.rejoin(req, observed, credential, now);
+            return self.rejoin(req, observed, credential, key_online, now);
         }
         let token_hash = self.check_token(req, now)?;
         if let Some(name) = req
@@ -529,6 +532,7 @@ impl Registry {
         req: &JoinRequest,
         observed: SocketAddr,
         credential: &Secret,
+        key_online: bool,
         now: SystemTime,
     ) -> Result<Joined, ProtoOpError> {
         let log_cap = self.log_cap;
@@ -553,6 +557,10 @@ impl Registry {
         }
         if rec.credential_used {
             return in_use("its credential has been used since it joined");
+        }
+        if key_online {
+            // A retry, but the first session is not known to be gone yet.
+            return Err(ProtoOpError::SessionOpen);
         }
         rec.credential_hash = sha256(credential);
         rec.last_seen = unix(now);
