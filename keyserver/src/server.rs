@@ -500,6 +500,8 @@ mod tests {
                 runner: "r".into(),
                 ports: vec![],
                 endpoints: vec![],
+                service_groups: vec![],
+                publish: vec![],
             };
             shared.mutate(
                 |r| {

@@ -120,17 +120,26 @@ impl Network {
     }
 }
 
-/// Keeps only the last change of each member: changes to different members
-/// commute, and a later change of one member supersedes its earlier ones, so
-/// the result takes a map to the same state with at most one change per member.
+/// What a change is about: a member or a service group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subject {
+    Member(PublicKey),
+    Service(meshlib::services::GroupName),
+}
+
+/// Keeps only the last change of each member (and of each service group):
+/// changes to different subjects commute, and a later change of one
+/// supersedes its earlier ones, so the result takes a map to the same state
+/// with at most one change per subject.
 fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
     let key = |c: &MapChange| match c {
-        MapChange::Upsert(m) => m.public_key,
-        MapChange::Remove(k) => *k,
+        MapChange::Upsert(m) => Subject::Member(m.public_key),
+        MapChange::Remove(k) => Subject::Member(*k),
+        MapChange::ServiceUpsert(g) => Subject::Service(g.name.clone()),
+        MapChange::ServiceRemove(n) => Subject::Service(n.clone()),
     };
     let all: Vec<&MapChange> = changes.collect();
-    let last: HashMap<PublicKey, usize> =
-        all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+    let last: HashMap<Subject, usize> = all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
     all.iter()
         .enumerate()
         .filter(|(i, c)| last[&key(c)] == *i)

@@ -270,10 +270,23 @@ pub async fn join(
     meta: MemberMeta,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
+    join_with_services(endpoint, token, meta, Default::default(), cfg).await
+}
+
+/// [`join`], also asking for service groups (seed 002): the groups to
+/// join and the ports to publish in a group owned by this member.
+pub async fn join_with_services(
+    endpoint: &quinn::Endpoint,
+    token: &JoinToken,
+    meta: MemberMeta,
+    services: crate::services::JoinServices,
+    cfg: &ClientConfig,
+) -> Result<Session, ControlError> {
     if token.addrs.is_empty() {
         return Err(ControlError::NoAddress);
     }
-    let core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    let mut core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    core.set_join_services(services);
     let mut session = Session::new(endpoint.clone(), core, cfg.clone());
     loop {
         if let Event::Snapshot = session.next_event().await? {
