@@ -8,7 +8,7 @@ use meshlib::ipam::{Allocator, IpamError};
 use meshlib::keys::PublicKey;
 use meshlib::netmap::{MapChange, MapDelta, NetworkMap};
 
-use super::{Catchup, Change, MemberRecord, NetworkRecord, StoreOp};
+use super::{Catchup, Change, MemberRecord, NetworkRecord, ServiceRecord, StoreOp};
 
 /// One network in memory.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub(super) struct Network {
     pub(super) instances: HashMap<InstanceName, PublicKey>,
     /// Recent deltas, oldest first, contiguous, ending at `rec.generation`.
     pub(super) log: VecDeque<MapDelta>,
+    /// Service groups (seed 002), by name.
+    pub(super) services: BTreeMap<meshlib::services::GroupName, ServiceRecord>,
 }
 
 impl Network {
@@ -29,6 +31,7 @@ impl Network {
             members: BTreeMap::new(),
             instances: HashMap::new(),
             log: VecDeque::new(),
+            services: BTreeMap::new(),
         })
     }
 
@@ -39,6 +42,11 @@ impl Network {
             .members
             .iter()
             .map(|(k, r)| (*k, r.member.clone()))
+            .collect();
+        map.services = self
+            .services
+            .iter()
+            .map(|(n, r)| (n.clone(), r.group.clone()))
             .collect();
         map
     }
