@@ -609,7 +609,17 @@ async fn first_join(
             endpoints: endpoints.clone(),
             ports: crate::ports::announced_ports(config, None),
         };
-        match control::join(&endpoint, token, meta, &ClientConfig::one_shot()).await {
+        // Seed 002: groups to join, ports to publish (see `crate::publish`).
+        let services = crate::publish::join_services(config)?;
+        match control::join_with_services(
+            &endpoint,
+            token,
+            meta,
+            services,
+            &ClientConfig::one_shot(),
+        )
+        .await
+        {
             Ok(session) => {
                 let w = session.welcome();
                 tracing::info!(network = %w.network, ip = %w.ip, instance = %w.instance, %keyserver, "joined");

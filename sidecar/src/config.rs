@@ -169,6 +169,15 @@ pub struct Config {
     /// sidecar listens on for remote members. Default 77; give each
     /// userspace sidecar on one host its own value.
     pub loopback_octet: u8,
+    /// Service groups (seed 002) to attach this instance to at its first
+    /// join (`--service-group`); each must exist. Default none.
+    pub service_groups: Vec<String>,
+    /// Ports to publish in a service group owned by this instance, made at
+    /// its first join and deleted when it leaves or expires
+    /// (`--publish 443:8080/http+tls`, `[IP:]EXT[:INT][/handlers]`). Without
+    /// `INT`: `deployment.port` of `warp.config.js`, else the first of
+    /// `ports`. Default none: the instance stays private.
+    pub publish: Vec<String>,
 }
 
 impl Default for Config {
@@ -197,6 +206,8 @@ impl Default for Config {
             discover_ports: false,
             service_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             loopback_octet: 77,
+            service_groups: Vec::new(),
+            publish: Vec::new(),
         }
     }
 }
@@ -290,6 +301,7 @@ impl Config {
             return Err(ConfigError::Interface(self.interface.clone()));
         }
         Overrides::from_entries(self.ist.clone()).map_err(ConfigError::Ist)?;
+        crate::publish::check(self)?;
         if self.loopback_octet == 0 {
             return Err(ConfigError::LoopbackOctet);
         }
