@@ -29,6 +29,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod gateway;
 pub mod outputs;
 pub mod ports;
 pub mod publish;
