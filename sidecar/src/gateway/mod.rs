@@ -305,10 +305,9 @@ async fn serve(
         args.connect_timeout,
     ));
     let mut listeners: BTreeMap<Listen, Vec<JoinHandle<()>>> = BTreeMap::new();
-    let mut first = true;
+    let mut dirty = true;
     loop {
-        if first || maps.has_changed().unwrap_or(false) {
-            first = false;
+        if std::mem::take(&mut dirty) {
             let map = maps.borrow_and_update().clone();
             routes.apply(&map);
             reconcile(&shared, &mut listeners).await;
@@ -320,7 +319,10 @@ async fn serve(
             );
         }
         tokio::select! {
-            r = maps.changed() => if r.is_err() { break },
+            r = maps.changed() => match r {
+                Ok(()) => dirty = true,
+                Err(_) => break,
+            },
             _ = shutdown.changed() => break,
         }
     }
