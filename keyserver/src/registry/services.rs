@@ -565,6 +565,25 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_owner_takes_its_group_along() {
+        let (mut reg, net) = setup();
+        let publish = port(10000, &["tls"]).check().unwrap();
+        let j = join(&mut reg, net, "lazy", |r| r.publish = vec![publish]).unwrap();
+        assert_eq!(reg.services(net).len(), 1);
+        reg.set_offline(net, &j.member.public_key, now());
+        let expire = reg.expire_after(net);
+        let later = now() + expire + Duration::from_secs(1);
+        let (changes, ops) = reg.sweep(later, |_, _| None, 16);
+        assert!(changes.iter().any(|c| c
+            .delta
+            .changes
+            .iter()
+            .any(|m| matches!(m, MapChange::ServiceRemove(_)))));
+        assert!(ops.iter().any(|o| matches!(o, StoreOp::DeleteService(..))));
+        assert!(reg.services(net).is_empty());
+    }
+
+    #[test]
     fn joins_with_bad_service_requests_change_nothing() {
         let (mut reg, net) = setup();
         let e = join(&mut reg, net, "a", |r| {
