@@ -311,11 +311,14 @@ async fn proxy(
             }
         }
     }
-    let group = rt.group().name.to_string();
+    let group = || rt.group_name();
     let Some((slot, addr, mut sender)) = chosen else {
         let resp = text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("service group {group}: no instance can take this request now\n"),
+            format!(
+                "service group {}: no instance can take this request now\n",
+                group()
+            ),
         );
         rt.stats.total.response(503, started.elapsed());
         let mut resp = resp;
@@ -341,12 +344,12 @@ async fn proxy(
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(%group, error = %e, "upstream request failed");
+            tracing::debug!(group = %group(), error = %e, "upstream request failed");
             instance.response(502, started.elapsed());
             rt.stats.total.response(502, started.elapsed());
             return text(
                 StatusCode::BAD_GATEWAY,
-                format!("service group {group}: the instance failed: {e}\n"),
+                format!("service group {}: the instance failed: {e}\n", group()),
             );
         }
     };

@@ -57,8 +57,8 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     /// Bytes from instances to clients.
     pub bytes_out: AtomicU64,
-    /// HTTP responses by status code.
-    pub status: Mutex<BTreeMap<u16, u64>>,
+    /// HTTP responses by status code (100-599; index `code - 100`).
+    pub status: StatusCounts,
     /// Request latency (to the response head).
     pub latency: Histogram,
     /// Dials that failed or timed out.
@@ -68,8 +68,42 @@ pub struct Counters {
 impl Counters {
     /// Counts one HTTP response.
     pub fn response(&self, code: u16, latency: Duration) {
-        *self.status.lock().entry(code).or_insert(0) += 1;
+        self.status.add(code);
         self.latency.observe(latency);
+    }
+}
+
+/// Responses per status code, lock-free.
+#[derive(Debug)]
+pub struct StatusCounts(Box<[AtomicU64; 500]>);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self(Box::new(std::array::from_fn(|_| AtomicU64::new(0))))
+    }
+}
+
+impl StatusCounts {
+    /// Counts one response with `code` (outside 100-599: ignored).
+    pub fn add(&self, code: u16) {
+        if let Some(c) = code
+            .checked_sub(100)
+            .and_then(|i| self.0.get(usize::from(i)))
+        {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The codes seen, with their counts.
+    pub fn seen(&self) -> Vec<(u16, u64)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let n = c.load(Relaxed);
+                (n > 0).then(|| (100 + i as u16, n))
+            })
+            .collect()
     }
 }
 
@@ -90,11 +124,11 @@ pub struct GroupStats {
 impl GroupStats {
     /// The counters of one instance.
     pub fn instance(&self, name: &str) -> Arc<Counters> {
-        self.instances
-            .lock()
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+        let mut all = self.instances.lock();
+        if let Some(c) = all.get(name) {
+            return c.clone();
+        }
+        all.entry(name.to_owned()).or_default().clone()
     }
 }
 
@@ -137,7 +171,7 @@ fn counters(out: &mut String, labels: &str, c: &Counters, prefix: &str) {
         "istmesh_gateway{prefix}_dial_failures_total{{{labels}}} {}",
         c.dial_failures.load(Relaxed)
     );
-    for (code, n) in c.status.lock().iter() {
+    for (code, n) in c.status.seen() {
         let _ = writeln!(
             out,
             "istmesh_gateway{prefix}_http_responses_total{{{labels},code=\"{code}\"}} {n}"

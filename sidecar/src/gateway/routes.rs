@@ -92,6 +92,11 @@ impl GroupRt {
         }
     }
 
+    /// The group's name.
+    pub fn group_name(&self) -> String {
+        self.group.read().name.to_string()
+    }
+
     /// The group's definition now.
     pub fn group(&self) -> ServiceGroup {
         self.group.read().clone()
