@@ -86,6 +86,7 @@ struct World {
     gateway: Option<Child>,
     gw_log: PathBuf,
     backends: Vec<Child>,
+    extra_sockets: Vec<String>,
 }
 
 impl Drop for World {
@@ -95,6 +96,9 @@ impl Drop for World {
             let _ = g.wait();
         }
         let _ = std::fs::remove_file(format!("/var/run/wireguard/g{}.sock", self.mesh.topo.tag));
+        for s in &self.extra_sockets {
+            let _ = std::fs::remove_file(s);
+        }
         for b in &mut self.backends {
             let _ = b.kill();
             let _ = b.wait();
@@ -284,6 +288,7 @@ fn gateway_serves_service_groups() {
         gateway: Some(gateway),
         gw_log,
         backends: Vec::new(),
+        extra_sockets: Vec::new(),
         mesh,
     };
     // Three instances attached by their token's binding.
@@ -446,6 +451,47 @@ fn gateway_serves_service_groups() {
     ));
     assert!(!refused.status.success(), "nothing answers on 8080");
     step("8. private by default: no listener", t);
+
+    // 8b. A second gateway for the same network (on the private host's
+    // namespace: its own interface and WireGuard port) serves the same group.
+    let gw2_token = w.mesh.token_for("prod", 1);
+    let gw2_if = format!("h{}", w.mesh.topo.tag);
+    w.extra_sockets
+        .push(format!("/var/run/wireguard/{gw2_if}.sock"));
+    let gw2 = Command::new("ip")
+        .args(["netns", "exec", &private_host.ns])
+        .arg(bin("sidecar"))
+        .args([
+            "gateway",
+            "--token",
+            &gw2_token,
+            "--interface",
+            &gw2_if,
+            "--listen-port",
+            "51821",
+        ])
+        .args(["--metrics", "127.0.0.1:9479"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("second gateway");
+    w.backends.push(gw2);
+    let via_gw2 = format!(
+        "curl -sS --max-time 10 --cacert {} --connect-to '::{}:' https://{web}/who",
+        w.ca.display(),
+        private_host.underlay
+    );
+    w.wait(
+        "the second gateway serves web",
+        Duration::from_secs(30),
+        || out(&sh(&w.client.ns, &via_gw2)).starts_with("web-"),
+    );
+    step("8b. a second gateway serves the same network", t);
 
     // 9. A killed instance stops getting connections within the health
     // interval (1 s, plus the 1 s connect timeout).
