@@ -77,8 +77,20 @@ impl Upstreams {
         Ok(sender)
     }
 
-    /// Keeps `sender` for reuse once its response is done.
+    /// Keeps `sender` for reuse: at once when it is ready (its response is
+    /// done), else once it is.
     fn recycle(self: &Arc<Self>, addr: SocketAddrV4, mut sender: SendRequest<ProxyBody>) {
+        if sender.is_ready() {
+            let mut idle = self.idle.lock();
+            let list = idle.entry(addr).or_default();
+            if list.len() < IDLE_PER_ADDR {
+                list.push(sender);
+            }
+            return;
+        }
+        if sender.is_closed() {
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(IDLE_FOR, sender.ready()).await {
@@ -193,10 +205,17 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
             ),
         );
     };
-    match port.mode() {
+    match port.mode {
         PortMode::Redirect => redirect(&host, req.uri()),
         PortMode::Http { .. } => {
-            proxy(&conn, rt, port.destination_port, normalize_host(&host), req).await
+            proxy(
+                &conn,
+                rt,
+                port.destination_port,
+                &normalize_host(&host),
+                req,
+            )
+            .await
         }
         PortMode::TlsTcp | PortMode::Udp => {
             text(StatusCode::NOT_FOUND, "not an HTTP port\n".into())
@@ -267,7 +286,7 @@ async fn proxy(
     conn: &Conn,
     rt: Arc<GroupRt>,
     destination_port: u16,
-    host: String,
+    host: &str,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -276,7 +295,7 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop(&mut parts.headers, upgrade);
-    forwarded_headers(&mut parts.headers, conn, &host);
+    forwarded_headers(&mut parts.headers, conn, host);
     parts.uri = parts
         .uri
         .path_and_query()
@@ -336,6 +355,7 @@ async fn proxy(
         counted: totals.clone(),
         inbound: true,
         _slot: None,
+        give_back: None,
     }
     .boxed_unsync();
     instance.forwarded.fetch_add(1, Relaxed);
@@ -365,9 +385,7 @@ async fn proxy(
             Empty::new().map_err(|never| match never {}).boxed_unsync(),
         );
     }
-    if !upgrade {
-        ctx.upstreams.recycle(addr, sender);
-    }
+    let give_back = (!upgrade).then(|| (ctx.upstreams.clone(), addr, sender));
     let (mut parts, body) = resp.into_parts();
     strip_hop(&mut parts.headers, false);
     let body = Counted {
@@ -375,6 +393,7 @@ async fn proxy(
         counted: totals,
         inbound: false,
         _slot: Some(slot),
+        give_back,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -434,12 +453,27 @@ impl Totals {
     }
 }
 
-/// A body that counts its bytes (and holds a slot until it is done).
+/// An upstream connection to keep once a response body is done.
+type GiveBack = (Arc<Upstreams>, SocketAddrV4, SendRequest<ProxyBody>);
+
+/// A body that counts its bytes (and holds a slot until it is done; a
+/// response body also gives its upstream connection back for reuse then).
 struct Counted {
     inner: ProxyBody,
     counted: Totals,
     inbound: bool,
     _slot: Option<Slot>,
+    give_back: Option<GiveBack>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // A body hyper never polled to its end (empty, or the client left):
+        // the connection is kept if it turns out ready.
+        if let Some((pool, addr, sender)) = self.give_back.take() {
+            pool.recycle(addr, sender);
+        }
+    }
 }
 
 impl Body for Counted {
@@ -457,8 +491,12 @@ impl Body for Counted {
             }
         }
         if let Poll::Ready(None) = &polled {
-            // Done: free the instance's slot now, not when hyper drops us.
+            // Done: free the instance's slot now, not when hyper drops us,
+            // and keep the upstream connection.
             self._slot = None;
+            if let Some((pool, addr, sender)) = self.give_back.take() {
+                pool.recycle(addr, sender);
+            }
         }
         polled
     }

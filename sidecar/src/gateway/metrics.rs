@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -118,17 +118,20 @@ pub struct GroupStats {
     pub rejected: AtomicU64,
     /// Wake hook runs.
     pub wakes: AtomicU64,
-    instances: Mutex<BTreeMap<String, Arc<Counters>>>,
+    instances: RwLock<BTreeMap<String, Arc<Counters>>>,
 }
 
 impl GroupStats {
     /// The counters of one instance.
     pub fn instance(&self, name: &str) -> Arc<Counters> {
-        let mut all = self.instances.lock();
-        if let Some(c) = all.get(name) {
+        if let Some(c) = self.instances.read().get(name) {
             return c.clone();
         }
-        all.entry(name.to_owned()).or_default().clone()
+        self.instances
+            .write()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 }
 
@@ -250,7 +253,7 @@ pub fn render(
             s.wakes.load(Relaxed)
         );
         counters(&mut out, &gl, &s.total, "");
-        for (inst, c) in s.instances.lock().iter() {
+        for (inst, c) in s.instances.read().iter() {
             let il = format!("{gl},instance=\"{}\"", esc(inst));
             counters(&mut out, &il, c, "_instance");
         }

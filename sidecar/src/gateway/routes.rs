@@ -320,24 +320,33 @@ impl Routes {
 
     /// The group that publishes TCP `port` for `host` (the FQDN from `Host`
     /// or SNI); without a host, the only group publishing the port.
-    pub fn find(&self, port: u16, host: Option<&str>) -> Option<(Arc<GroupRt>, PublishedPort)> {
+    pub fn find(&self, port: u16, host: Option<&str>) -> Option<(Arc<GroupRt>, Route)> {
         let groups = self.groups.read();
-        let mut on_port = groups.values().filter_map(|rt| {
-            let g = rt.group.read();
-            g.port(port, Protocol::Tcp)
-                .cloned()
-                .map(|p| (rt.clone(), p, g.fqdn.clone()))
-        });
+        let route = |g: &ServiceGroup| {
+            g.port(port, Protocol::Tcp).map(|p| Route {
+                destination_port: p.destination_port,
+                mode: p.mode(),
+            })
+        };
         match host {
             Some(h) => {
-                let h = normalize_host(h);
-                on_port
-                    .find(|(_, _, fqdn)| *fqdn == h)
-                    .map(|(rt, p, _)| (rt, p))
+                let h = host_part(h);
+                groups.values().find_map(|rt| {
+                    let g = rt.group.read();
+                    let same = g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h);
+                    if same {
+                        route(&g).map(|r| (rt.clone(), r))
+                    } else {
+                        None
+                    }
+                })
             }
             None => {
+                let mut on_port = groups
+                    .values()
+                    .filter_map(|rt| route(&rt.group.read()).map(|r| (rt.clone(), r)));
                 let first = on_port.next()?;
-                on_port.next().is_none().then_some((first.0, first.1))
+                on_port.next().is_none().then_some(first)
             }
         }
     }
@@ -398,8 +407,17 @@ impl Routes {
     }
 }
 
-/// A `Host` or SNI value as an FQDN: no port, no trailing dot, lowercase.
-pub fn normalize_host(host: &str) -> String {
+/// How a published TCP port is served, for one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The instances' port.
+    pub destination_port: u16,
+    /// What the gateway does.
+    pub mode: PortMode,
+}
+
+/// A `Host` or SNI value without its port and trailing dot (case kept).
+fn host_part(host: &str) -> &str {
     let h = if host.starts_with('[') {
         host.split_once(']')
             .map_or(host, |(h, _)| &host[..=h.len()])
@@ -409,7 +427,12 @@ pub fn normalize_host(host: &str) -> String {
             _ => host,
         }
     };
-    h.trim_end_matches('.').to_ascii_lowercase()
+    h.trim_end_matches('.')
+}
+
+/// A `Host` or SNI value as an FQDN: no port, no trailing dot, lowercase.
+pub fn normalize_host(host: &str) -> String {
+    host_part(host).to_ascii_lowercase()
 }
 
 /// What a wake hook is, for logs.

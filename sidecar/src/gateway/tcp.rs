@@ -44,17 +44,13 @@ pub async fn serve(ctx: Arc<TcpCtx>, stream: TcpStream, peer: SocketAddr, port: 
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
-    let Some((rt, published)) = ctx.routes.find(port, sni.as_deref()) else {
+    let Some((rt, route)) = ctx.routes.find(port, sni.as_deref()) else {
         tracing::debug!(%peer, port, sni = ?sni, "no service group for this name; closed");
         return;
     };
     // Refused (or nothing reachable): the connection closes unanswered.
     let Some((slot, mut upstream)) = rt
-        .connect(
-            published.destination_port,
-            ctx.dialer.as_ref(),
-            &ctx.settings,
-        )
+        .connect(route.destination_port, ctx.dialer.as_ref(), &ctx.settings)
         .await
     else {
         return;
