@@ -128,8 +128,19 @@ struct Conn {
     tls: bool,
 }
 
+/// The HTTP version a connection speaks, when TLS's ALPN said it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// ALPN chose `h2`.
+    H2,
+    /// ALPN chose `http/1.1`, or the client offered none over TLS.
+    Http1,
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (detected).
+    Detect,
+}
+
 /// Serves one client connection (after TLS, if any) until it ends.
-pub async fn serve<S>(ctx: Arc<HttpCtx>, stream: S, peer: SocketAddr, port: u16, tls: bool)
+pub async fn serve<S>(ctx: Arc<HttpCtx>, stream: S, peer: SocketAddr, port: u16, alpn: Alpn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -137,26 +148,44 @@ where
         ctx: ctx.clone(),
         peer,
         port,
-        tls,
+        tls: alpn != Alpn::Detect,
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(conn, req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.header_timeout)
-        .max_buf_size(ctx.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(ctx.max_header_bytes).unwrap_or(u32::MAX));
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let io = TokioIo::new(stream);
+    let max_list = u32::try_from(ctx.max_header_bytes).unwrap_or(u32::MAX);
+    let result = match alpn {
+        Alpn::H2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(max_list)
+            .serve_connection(io, service)
+            .await
+            .map_err(BoxError::from),
+        Alpn::Http1 => hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.header_timeout)
+            .max_buf_size(ctx.max_header_bytes.max(8192))
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+            .map_err(BoxError::from),
+        Alpn::Detect => {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ctx.header_timeout)
+                .max_buf_size(ctx.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_list);
+            builder.serve_connection_with_upgrades(io, service).await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
 }

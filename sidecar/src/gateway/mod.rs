@@ -414,7 +414,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
         let shared = shared.clone();
         tokio::spawn(async move {
             match port {
-                80 => http::serve(shared.http.clone(), stream, peer, port, false).await,
+                80 => {
+                    http::serve(shared.http.clone(), stream, peer, port, http::Alpn::Detect).await
+                }
                 443 => {
                     let Some(cfg) = shared.tls_http.clone() else {
                         return;
@@ -424,7 +426,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                         .await
                     {
                         Ok(Ok(tls)) => {
-                            http::serve(shared.http.clone(), tls, peer, port, true).await
+                            let alpn = match tls.get_ref().1.alpn_protocol() {
+                                Some(b"h2") => http::Alpn::H2,
+                                _ => http::Alpn::Http1,
+                            };
+                            http::serve(shared.http.clone(), tls, peer, port, alpn).await;
                         }
                         _ => tracing::debug!(%peer, "TLS handshake failed or timed out; closed"),
                     }
