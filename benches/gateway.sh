@@ -9,18 +9,20 @@
 # backend hosts, each `sidecar up` beside nginx answering `ok` on 8080 and a
 # byte sink on 9000; a client host with wrk and socat.
 #
-#   sudo benches/gateway.sh              # DURATION=10 s per wrk run
-#   DURATION=5 CONNS=64 sudo benches/gateway.sh
+#   sudo benches/gateway.sh              # ROUNDS=3, DURATION=10 s per wrk run
+#   ROUNDS=5 DURATION=5 CONNS=64 sudo benches/gateway.sh
 #
 # Measures: HTTP requests/s and p99 latency, plain and over TLS (keep-alive,
 # wrk -t2 -c$CONNS), new TLS handshakes/s (`Connection: close` on every
 # request), and one TCP-mode stream's throughput (TLS terminated, 512 MiB
-# through socat). Prints a table and the ratios ours/nginx. A benchmark,
+# through socat), alternating ours and nginx for ROUNDS rounds; prints the
+# median of each figure, every run, and the ratios ours/nginx. A benchmark,
 # not a test: it never fails on speed. Needs root, wrk, nginx with the
 # stream module (libnginx-mod-stream), socat, openssl, curl, python3.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 STREAM_MB=${STREAM_MB:-512}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -170,18 +172,38 @@ stream() {
     echo "$STREAM_MB $start $end" | awk '{ printf "%.0f", $1 * 8 * 1.048576 / ($3 - $2) }'
 }
 
-echo "running (${DURATION} s per wrk run, $CONNS connections)..." >&2
-read -r O_HTTP O_HTTP99 < <(bench "http://$FQDN/")
-read -r N_HTTP N_HTTP99 < <(bench "http://$FQDN:18080/")
-read -r O_TLS O_TLS99 < <(bench "https://$FQDN/")
-read -r N_TLS N_TLS99 < <(bench "https://$FQDN:18443/")
-read -r O_HS O_HS99 < <(bench -H "Connection: close" "https://$FQDN/")
-read -r N_HS N_HS99 < <(bench -H "Connection: close" "https://$FQDN:18443/")
-O_STREAM=$(stream 10000)
-N_STREAM=$(stream 20000)
+# Rounds alternate ours and nginx on every measure (the machine is shared:
+# load comes and goes); each figure is the median over the rounds.
+echo "running $ROUNDS rounds (${DURATION} s per wrk run, $CONNS connections)..." >&2
+: >"$WORK/results"
+for round in $(seq "$ROUNDS"); do
+    for who in ours nginx; do
+        if [ "$who" = ours ]; then P80=80 P443=443 PTCP=10000; else P80=18080 P443=18443 PTCP=20000; fi
+        read -r rps p99 < <(bench "http://$FQDN:$P80/")
+        echo "$who http $rps $p99" >>"$WORK/results"
+        read -r rps p99 < <(bench "https://$FQDN:$P443/")
+        echo "$who https $rps $p99" >>"$WORK/results"
+        read -r rps p99 < <(bench -H "Connection: close" "https://$FQDN:$P443/")
+        echo "$who handshakes $rps $p99" >>"$WORK/results"
+        echo "$who stream $(stream "$PTCP") 0" >>"$WORK/results"
+    done
+    echo "round $round done" >&2
+done
+median() { # who measure column
+    awk -v w="$1" -v m="$2" -v c="$3" '$1 == w && $2 == m { print $c }' "$WORK/results" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+O_HTTP=$(median ours http 3) O_HTTP99=$(median ours http 4)
+N_HTTP=$(median nginx http 3) N_HTTP99=$(median nginx http 4)
+O_TLS=$(median ours https 3) O_TLS99=$(median ours https 4)
+N_TLS=$(median nginx https 3) N_TLS99=$(median nginx https 4)
+O_HS=$(median ours handshakes 3) N_HS=$(median nginx handshakes 3)
+O_STREAM=$(median ours stream 3) N_STREAM=$(median nginx stream 3)
+echo "every run (who, measure, value, p99 ms):" >&2
+cat "$WORK/results" >&2
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-printf '\n%-34s %14s %14s %8s\n' "measure" "ours" "nginx" "ours/nginx"
+printf '\n%-34s %14s %14s %8s\n' "measure (median of $ROUNDS)" "ours" "nginx" "ours/nginx"
 printf '%-34s %14s %14s %8s\n' "HTTP req/s (keep-alive)" "$O_HTTP" "$N_HTTP" "$(ratio "$O_HTTP" "$N_HTTP")"
 printf '%-34s %14s %14s %8s\n' "HTTP p99 ms" "$O_HTTP99" "$N_HTTP99" "$(ratio "$O_HTTP99" "$N_HTTP99")"
 printf '%-34s %14s %14s %8s\n' "HTTPS req/s (keep-alive)" "$O_TLS" "$N_TLS" "$(ratio "$O_TLS" "$N_TLS")"
