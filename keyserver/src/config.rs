@@ -86,6 +86,10 @@ pub struct Config {
     /// Most simultaneous admin API connections. Default 128; a new one
     /// closes the oldest.
     pub api_max_connections: usize,
+    /// Domain of the external FQDNs of service groups (seed 002):
+    /// `<name>-<random>.<service-domain>`; gateways hold a wildcard
+    /// certificate for it. Default `apps.ist-mesh.internal`.
+    pub service_domain: String,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             api_request_timeout_secs: api.request_timeout.as_secs(),
             api_max_body: api.max_body,
             api_max_connections: api.max_connections,
+            service_domain: limits.service_domain.clone(),
         }
     }
 }
@@ -141,6 +146,7 @@ impl Config {
                 offline_after: Duration::from_secs(self.offline_after_secs.max(1)),
                 expire_after: Duration::from_secs(self.expire_after_secs),
             },
+            service_domain: self.service_domain.clone(),
         }
     }
 

@@ -51,6 +51,10 @@ enum Cmd {
     /// Manage members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Manage service groups (seed 002): published ports of a group of
+    /// instances, served by gateways (`sidecar gateway`).
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions {
@@ -177,6 +181,9 @@ enum TokenCmd {
         /// Bind the token to one process type.
         #[arg(long = "type")]
         process_type: Option<String>,
+        /// Attach members joining with it to this service group.
+        #[arg(long)]
+        service_group: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -220,6 +227,244 @@ enum MemberCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a persistent service group, e.g.
+    /// `keyserver service create my-service --network prod -p 443:8080/http+tls -p 80:8080/http+redirect`.
+    Create {
+        /// Group name (unique in the network).
+        name: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Published port `[IP:]EXT[:INT][/handlers]` (repeat), e.g.
+        /// `443:8080/http+tls`, `10000:5432/tls`, `203.0.113.5:5353:53/udp`.
+        #[arg(long = "publish", short = 'p', required = true)]
+        publish: Vec<String>,
+        /// External FQDN (default `<name>-<random>.<service-domain>`).
+        #[arg(long)]
+        fqdn: Option<String>,
+        /// Per-instance soft limit (default 1).
+        #[arg(long)]
+        soft_limit: Option<i64>,
+        /// Per-instance hard limit (default 65535).
+        #[arg(long)]
+        hard_limit: Option<i64>,
+        /// Instance to attach now (repeat).
+        #[arg(long = "instance")]
+        instances: Vec<String>,
+        /// Wake hook: an `http://` URL to POST to.
+        #[arg(long, conflicts_with = "wake_command")]
+        wake_url: Option<String>,
+        /// Wake hook: a command run on the gateway (`sh -c` form not implied).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        wake_command: Option<Vec<String>>,
+        /// Seconds a connection waits for a woken instance (default 30).
+        #[arg(long)]
+        wake_timeout_secs: Option<i64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List a network's service groups.
+    List {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one service group (with `persistent`).
+    Get {
+        /// Group name.
+        name: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change a group's limits, ports or wake hook.
+    Set {
+        /// Group name.
+        name: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Replace the published ports (repeat).
+        #[arg(long = "publish", short = 'p')]
+        publish: Vec<String>,
+        /// Per-instance soft limit.
+        #[arg(long)]
+        soft_limit: Option<i64>,
+        /// Per-instance hard limit.
+        #[arg(long)]
+        hard_limit: Option<i64>,
+        /// Seconds a connection waits for a woken instance.
+        #[arg(long)]
+        wake_timeout_secs: Option<i64>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a service group.
+    Delete {
+        /// Group name.
+        name: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Attach an instance (name or public key) to a group.
+    Attach {
+        /// Group name.
+        name: String,
+        /// Instance name or public key.
+        instance: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Detach an instance from a group.
+    Detach {
+        /// Group name.
+        name: String,
+        /// Instance name or public key.
+        instance: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `--publish` values as the API's port objects.
+fn publish_specs(values: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+    values
+        .iter()
+        .map(|v| {
+            let spec = meshlib::services::parse_publish(v).map_err(anyhow::Error::msg)?;
+            Ok(serde_json::to_value(spec)?)
+        })
+        .collect()
+}
+
+/// `keyserver service ...`.
+async fn service_admin(
+    data_dir: &std::path::Path,
+    cmd: ServiceCmd,
+) -> anyhow::Result<serde_json::Value> {
+    let base = |net: &str| format!("/v1/networks/{}/services", path_segment(net));
+    let one = |net: &str, name: &str| format!("{}/{}", base(net), path_segment(name));
+    Ok(match cmd {
+        ServiceCmd::Create {
+            name,
+            network,
+            publish,
+            fqdn,
+            soft_limit,
+            hard_limit,
+            instances,
+            wake_url,
+            wake_command,
+            wake_timeout_secs,
+            api,
+        } => {
+            let wake = match (wake_url, wake_command) {
+                (Some(url), _) => json!({ "url": url }),
+                (None, Some(cmd)) => json!({ "command": cmd }),
+                (None, None) => serde_json::Value::Null,
+            };
+            let mut body = json!({
+                "name": name, "ports": publish_specs(&publish)?, "instances": instances,
+                "soft_limit": soft_limit, "hard_limit": hard_limit, "fqdn": fqdn,
+                "wake_timeout_secs": wake_timeout_secs,
+            });
+            if !wake.is_null() {
+                body["wake"] = wake;
+            }
+            client(data_dir, api)?
+                .call(Method::POST, &base(&network), Some(&body))
+                .await?
+        }
+        ServiceCmd::List { network, api } => {
+            client(data_dir, api)?
+                .call(Method::GET, &base(&network), None)
+                .await?
+        }
+        ServiceCmd::Get { name, network, api } => {
+            client(data_dir, api)?
+                .call(Method::GET, &one(&network, &name), None)
+                .await?
+        }
+        ServiceCmd::Set {
+            name,
+            network,
+            publish,
+            soft_limit,
+            hard_limit,
+            wake_timeout_secs,
+            api,
+        } => {
+            let mut body = json!({});
+            if !publish.is_empty() {
+                body["ports"] = json!(publish_specs(&publish)?);
+            }
+            for (key, value) in [
+                ("soft_limit", soft_limit),
+                ("hard_limit", hard_limit),
+                ("wake_timeout_secs", wake_timeout_secs),
+            ] {
+                if let Some(v) = value {
+                    body[key] = json!(v);
+                }
+            }
+            client(data_dir, api)?
+                .call(Method::PATCH, &one(&network, &name), Some(&body))
+                .await?
+        }
+        ServiceCmd::Delete { name, network, api } => {
+            client(data_dir, api)?
+                .call(Method::DELETE, &one(&network, &name), None)
+                .await?;
+            json!({ "deleted": true, "service": name })
+        }
+        ServiceCmd::Attach {
+            name,
+            instance,
+            network,
+            api,
+        } => {
+            let path = format!(
+                "{}/instances/{}",
+                one(&network, &name),
+                path_segment(&instance)
+            );
+            client(data_dir, api)?
+                .call(Method::PUT, &path, None)
+                .await?
+        }
+        ServiceCmd::Detach {
+            name,
+            instance,
+            network,
+            api,
+        } => {
+            let path = format!(
+                "{}/instances/{}",
+                one(&network, &name),
+                path_segment(&instance)
+            );
+            client(data_dir, api)?
+                .call(Method::DELETE, &path, None)
+                .await?
+        }
+    })
 }
 
 fn main() {
@@ -378,6 +623,7 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
             unreachable!("handled in main")
         }
+        Cmd::Service(cmd) => service_admin(&data_dir, cmd).await?,
         Cmd::Network(NetworkCmd::Create {
             name,
             range,
@@ -418,9 +664,10 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             expires,
             app,
             process_type,
+            service_group,
             api,
         }) => {
-            let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type });
+            let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type, "service_group": service_group });
             let path = format!("/v1/networks/{}/tokens", path_segment(&network));
             client(&data_dir, api)?
                 .call(Method::POST, &path, Some(&body))

@@ -48,6 +48,8 @@ pub struct Limits {
     pub quarantine: Duration,
     /// Offline and expiry timers of members.
     pub lifecycle: Lifecycle,
+    /// Domain of service groups' generated FQDNs (`<name>-<random>.<domain>`).
+    pub service_domain: String,
 }
 
 impl Default for Limits {
@@ -64,6 +66,7 @@ impl Default for Limits {
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),
+            service_domain: crate::registry::DEFAULT_SERVICE_DOMAIN.to_owned(),
         }
     }
 }
@@ -183,6 +186,7 @@ impl Shared {
         let (mut reg, warnings) =
             Registry::load(records, limits.change_log, limits.quarantine, now);
         reg.set_lifecycle(limits.lifecycle);
+        reg.set_service_domain(&limits.service_domain);
         (reg, warnings)
     }
 
@@ -500,6 +504,8 @@ mod tests {
                 runner: "r".into(),
                 ports: vec![],
                 endpoints: vec![],
+                service_groups: vec![],
+                publish: vec![],
             };
             shared.mutate(
                 |r| {

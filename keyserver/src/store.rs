@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::registry::{MemberRecord, NetworkRecord, Records, StoreOp, TokenRecord};
+use crate::registry::{MemberRecord, NetworkRecord, Records, ServiceRecord, StoreOp, TokenRecord};
 
 /// Networks by UUID bytes.
 const NETWORKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("networks");
@@ -27,6 +27,8 @@ const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const MEMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("members");
 /// Quarantined addresses by network UUID bytes + IPv4 bytes; value: Unix seconds.
 const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine");
+/// Service groups by network UUID bytes + group name.
+const SERVICES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("services");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 /// Size of the probe row: large enough to need fresh pages, so a full disk
@@ -112,6 +114,7 @@ impl RedbStore {
                 txn.open_table(TOKENS).map_err(db)?;
                 txn.open_table(MEMBERS).map_err(db)?;
                 txn.open_table(QUARANTINE).map_err(db)?;
+                txn.open_table(SERVICES).map_err(db)?;
                 txn.open_table(PROBE).map_err(db)?;
             }
             txn.commit().map_err(db)?;
@@ -147,6 +150,13 @@ fn db_err(e: redb::TransactionError) -> StoreError {
 fn member_key(network: &meshlib::ids::NetworkId, key: &meshlib::keys::PublicKey) -> Vec<u8> {
     let mut k = network.uuid().as_bytes().to_vec();
     k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// Key of a service group row.
+fn service_key(network: &meshlib::ids::NetworkId, name: &meshlib::services::GroupName) -> Vec<u8> {
+    let mut k = network.uuid().as_bytes().to_vec();
+    k.extend_from_slice(name.as_str().as_bytes());
     k
 }
 
@@ -229,6 +239,7 @@ fn load(database: &Database) -> Result<Records, StoreError> {
     let networks: Vec<NetworkRecord> = read_all(&txn, NETWORKS, "networks")?;
     let tokens: Vec<TokenRecord> = read_all(&txn, TOKENS, "tokens")?;
     let members: Vec<MemberRecord> = read_all(&txn, MEMBERS, "members")?;
+    let services: Vec<ServiceRecord> = read_all(&txn, SERVICES, "services")?;
     let table = txn.open_table(QUARANTINE).map_err(db)?;
     let mut quarantine = Vec::new();
     for row in table.iter().map_err(db)? {
@@ -248,6 +259,7 @@ fn load(database: &Database) -> Result<Records, StoreError> {
         tokens,
         members,
         quarantine,
+        services,
     })
 }
 
@@ -259,6 +271,7 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut tokens = txn.open_table(TOKENS).map_err(db)?;
         let mut members = txn.open_table(MEMBERS).map_err(db)?;
         let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
+        let mut services = txn.open_table(SERVICES).map_err(db)?;
         for op in ops {
             match op {
                 StoreOp::PutNetwork(n) => {
@@ -290,6 +303,13 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 StoreOp::DeleteQuarantine(n, ip) => {
                     quarantine.remove(&quarantine_key(n, *ip)[..]).map_err(db)?;
                 }
+                StoreOp::PutService(r) => {
+                    let k = service_key(&r.network, &r.group.name);
+                    services.insert(&k[..], &enc(r)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteService(n, name) => {
+                    services.remove(&service_key(n, name)[..]).map_err(db)?;
+                }
             }
         }
     }
@@ -307,6 +327,10 @@ pub struct MemStore {
         MemberRecord,
     >,
     quarantine: std::collections::BTreeMap<(meshlib::ids::NetworkId, std::net::Ipv4Addr), u64>,
+    services: std::collections::BTreeMap<
+        (meshlib::ids::NetworkId, meshlib::services::GroupName),
+        ServiceRecord,
+    >,
     /// Commits so far.
     commits: u64,
 }
@@ -332,6 +356,9 @@ impl MemStore {
         for (n, ip, until) in records.quarantine {
             s.quarantine.insert((n, ip), until);
         }
+        for r in records.services {
+            s.services.insert((r.network, r.group.name.clone()), r);
+        }
         s
     }
 
@@ -352,6 +379,7 @@ impl Store for MemStore {
                 .iter()
                 .map(|((n, ip), until)| (*n, *ip, *until))
                 .collect(),
+            services: self.services.values().cloned().collect(),
         })
     }
 
@@ -382,6 +410,13 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteQuarantine(n, ip) => {
                     self.quarantine.remove(&(*n, *ip));
+                }
+                StoreOp::PutService(r) => {
+                    self.services
+                        .insert((r.network, r.group.name.clone()), r.clone());
+                }
+                StoreOp::DeleteService(n, name) => {
+                    self.services.remove(&(*n, name.clone()));
                 }
             }
         }
@@ -479,7 +514,37 @@ pub mod legacy {
         }
     }
 
+    #[derive(Deserialize)]
+    struct TokenV1 {
+        id: String,
+        hash: [u8; 32],
+        network: NetworkId,
+        uses_left: u32,
+        expires: u64,
+        service: Option<String>,
+        process_type: Option<ProcessType>,
+        created: u64,
+    }
+
     impl Stored for TokenRecord {
+        fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error> {
+            let v: TokenV1 = postcard::from_bytes(bytes)?;
+            Ok(TokenRecord {
+                id: v.id,
+                hash: v.hash,
+                network: v.network,
+                uses_left: v.uses_left,
+                expires: v.expires,
+                service: v.service,
+                process_type: v.process_type,
+                created: v.created,
+                service_group: None,
+            })
+        }
+    }
+
+    impl Stored for super::ServiceRecord {
+        // Service groups were never stored as postcard.
         fn legacy(bytes: &[u8]) -> Result<Self, postcard::Error> {
             postcard::from_bytes(bytes)
         }

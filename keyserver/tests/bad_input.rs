@@ -244,6 +244,8 @@ async fn malformed_truncated_oversized_frames_and_versions() {
             runner: meta.runner,
             ports: vec![],
             endpoints: vec![],
+            service_groups: vec![],
+            publish: vec![],
         }),
     };
     let frame = proto::encode_frame(&hello, 1 << 20).unwrap();

@@ -230,6 +230,8 @@ async fn a_lagging_member_catches_up() {
             runner: meta_a.runner,
             ports: vec![],
             endpoints: vec![],
+            service_groups: vec![],
+            publish: vec![],
         }),
     };
     proto::write_frame(&mut send, &hello, 1 << 20)

@@ -170,6 +170,8 @@ async fn a_join_whose_welcome_was_lost_gets_its_membership_back() {
             runner: meta.runner.clone(),
             ports: vec![],
             endpoints: meta.endpoints.clone(),
+            service_groups: vec![],
+            publish: vec![],
         }),
     };
     let conn = silent(ep.clone(), h.quic, h.fingerprint)

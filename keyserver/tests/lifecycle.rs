@@ -78,6 +78,8 @@ impl World {
                 runner: "r".into(),
                 endpoints: vec![],
                 ports: vec![],
+                service_groups: vec![],
+                publish: vec![],
             }),
         };
         let (s, replies, _pushes) =

@@ -23,6 +23,8 @@
 //!   strings; network text escaped for terminals and logs.
 //! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
 //!   tokens, length framing and version.
+//! - [`services`] — service groups (seed 002): published ports, handler
+//!   rules, connection limits, wake hooks, persistent or instance-owned.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
 //!   machine (join/resume, map following, heartbeats, reconnect backoff,
 //!   rotation, offline and leave), with time as an argument.
@@ -61,5 +63,6 @@ pub mod node;
 pub mod proto;
 pub mod reconcile;
 pub mod render;
+pub mod services;
 pub mod userspace;
 pub mod wg;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppId, InstanceName, NetworkId, ProcessType};
 use crate::keys::PublicKey;
+use crate::services::{GroupName, ServiceGroup};
 
 /// One instance's sidecar in one network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +100,10 @@ pub struct NetworkMap {
     pub generation: u64,
     /// All members, keyed by public key.
     pub members: BTreeMap<PublicKey, Member>,
+    /// The network's service groups (seed 002), keyed by name: what
+    /// gateways publish. Appended; older caches read as none.
+    #[serde(default)]
+    pub services: BTreeMap<GroupName, ServiceGroup>,
 }
 
 /// One change to a network map.
@@ -108,6 +113,10 @@ pub enum MapChange {
     Upsert(Member),
     /// A member left or was revoked.
     Remove(PublicKey),
+    /// A service group was created or changed (ports, limits, instances).
+    ServiceUpsert(ServiceGroup),
+    /// A service group was deleted.
+    ServiceRemove(GroupName),
 }
 
 /// The changes that take a map from generation `from` to generation `to`.
@@ -152,6 +161,7 @@ impl NetworkMap {
             range,
             generation: 0,
             members: BTreeMap::new(),
+            services: BTreeMap::new(),
         }
     }
 
@@ -178,6 +188,12 @@ impl NetworkMap {
                 MapChange::Remove(k) => {
                     self.members.remove(k);
                 }
+                MapChange::ServiceUpsert(g) => {
+                    self.services.insert(g.name.clone(), g.clone());
+                }
+                MapChange::ServiceRemove(name) => {
+                    self.services.remove(name);
+                }
             }
         }
         self.generation = delta.to;
@@ -199,6 +215,7 @@ impl NetworkMap {
                 .filter(|(_, m)| m.is_online())
                 .map(|(k, m)| (*k, m.clone()))
                 .collect(),
+            services: self.services.clone(),
         }
     }
 
@@ -327,6 +344,50 @@ pub(crate) mod tests {
         let back: Member = serde_json::from_value(json).unwrap();
         assert_eq!(back.state, MemberState::Online);
         assert_eq!(MemberState::Offline.to_string(), "offline");
+    }
+
+    #[test]
+    fn service_groups_travel_in_deltas_and_the_online_view() {
+        use crate::services::{check_group, GroupSpec, PortSpec};
+        let mut map = empty_map();
+        let spec = GroupSpec {
+            name: "web".into(),
+            ports: vec![PortSpec {
+                port: 443,
+                destination_port: Some(8080),
+                handlers: vec!["http".into(), "tls".into()],
+                ..PortSpec::default()
+            }],
+            ..GroupSpec::default()
+        };
+        let mut g = check_group(&spec, None, "abcdefgh", "example.test").unwrap();
+        map.apply(&MapDelta {
+            from: 0,
+            to: 1,
+            changes: vec![MapChange::ServiceUpsert(g.clone())],
+        })
+        .unwrap();
+        assert_eq!(map.online().services[&g.name], g);
+        g.attach("a".parse().unwrap());
+        map.apply(&MapDelta {
+            from: 1,
+            to: 2,
+            changes: vec![MapChange::ServiceUpsert(g.clone())],
+        })
+        .unwrap();
+        assert_eq!(map.services[&g.name].instances.len(), 1);
+        map.apply(&MapDelta {
+            from: 2,
+            to: 3,
+            changes: vec![MapChange::ServiceRemove(g.name.clone())],
+        })
+        .unwrap();
+        assert!(map.services.is_empty());
+        // Caches written before services existed read as none.
+        let mut json = serde_json::to_value(&map).unwrap();
+        json.as_object_mut().unwrap().remove("services");
+        let back: NetworkMap = serde_json::from_value(json).unwrap();
+        assert!(back.services.is_empty());
     }
 
     #[test]

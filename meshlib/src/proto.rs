@@ -178,6 +178,14 @@ pub struct JoinRequest {
     pub endpoints: Vec<SocketAddr>,
     /// Ports the instance serves ([`crate::netmap::Member::ports`]).
     pub ports: Vec<u16>,
+    /// Service groups to attach the instance to (`--service-group`); each
+    /// must exist. Appended (seed 002).
+    #[serde(default)]
+    pub service_groups: Vec<crate::services::GroupName>,
+    /// Ports to publish in a group owned by the instance (`--publish`),
+    /// deleted when it leaves or expires; empty: no such group. Appended.
+    #[serde(default)]
+    pub publish: Vec<crate::services::PublishedPort>,
 }
 
 /// A reconnecting member.

@@ -101,6 +101,24 @@ pub struct UpArgs {
     /// Rotate the WireGuard key every this many seconds (default 0: never).
     #[arg(long, env = "ISTM_KEY_LIFETIME")]
     pub key_lifetime: Option<u64>,
+    /// Attach this instance to an existing service group at its first join
+    /// (seed 002); repeat or comma-separate.
+    #[arg(
+        long = "service-group",
+        env = "ISTM_SERVICE_GROUPS",
+        value_delimiter = ','
+    )]
+    pub service_groups: Vec<String>,
+    /// Publish a port in a service group owned by this instance (deleted
+    /// when it leaves): `[IP:]EXT[:INT][/handlers]`, e.g. `443:8080/http+tls`,
+    /// `80:8080/http+redirect`, `10000:5432/tls`; repeat.
+    #[arg(
+        long = "publish",
+        short = 'p',
+        env = "ISTM_PUBLISH",
+        value_delimiter = ','
+    )]
+    pub publish: Vec<String>,
 }
 
 /// Why the flags do not make a config.
@@ -156,6 +174,12 @@ impl UpArgs {
         }
         if !self.dns_upstreams.is_empty() {
             c.dns.upstreams = self.dns_upstreams.clone();
+        }
+        if !self.service_groups.is_empty() {
+            c.service_groups = self.service_groups.clone();
+        }
+        if !self.publish.is_empty() {
+            c.publish = self.publish.clone();
         }
         c.discover_ports |= self.discover_ports;
         c.dns.enabled &= !self.no_dns;

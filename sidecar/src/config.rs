@@ -178,6 +178,15 @@ pub struct Config {
     /// key is made here; the address and names stay). Default 0: never
     /// (`sidecar rotate-key` rotates on demand).
     pub key_lifetime: u64,
+    /// Service groups (seed 002) to attach this instance to at its first
+    /// join (`--service-group`); each must exist. Default none.
+    pub service_groups: Vec<String>,
+    /// Ports to publish in a service group owned by this instance, made at
+    /// its first join and deleted when it leaves or expires
+    /// (`--publish 443:8080/http+tls`, `[IP:]EXT[:INT][/handlers]`). Without
+    /// `INT`: `deployment.port` of `warp.config.js`, else the first of
+    /// `ports`. Default none: the instance stays private.
+    pub publish: Vec<String>,
 }
 
 impl Default for Config {
@@ -208,6 +217,8 @@ impl Default for Config {
             loopback_octet: 77,
             catch_up_timeout: 5,
             key_lifetime: 0,
+            service_groups: Vec::new(),
+            publish: Vec::new(),
         }
     }
 }
@@ -301,6 +312,7 @@ impl Config {
             return Err(ConfigError::Interface(self.interface.clone()));
         }
         Overrides::from_entries(self.ist.clone()).map_err(ConfigError::Ist)?;
+        crate::publish::check(self)?;
         if self.loopback_octet == 0 {
             return Err(ConfigError::LoopbackOctet);
         }

@@ -10,6 +10,10 @@
 //! - [`dns`] — the private DNS server: answers from the current name index,
 //!   forwards everything else to the machine's upstream resolvers.
 //! - [`outputs`] — what a map turns into: DNS index, hosts section, env files.
+//! - [`publish`] — service groups an instance joins and the ports it
+//!   publishes (`--service-group`, `--publish`, `deployment.port`).
+//! - [`gateway`] — `sidecar gateway`: serves the published ports of a
+//!   network's service groups on its public addresses (seed 002).
 //! - [`ports`] — which ports this instance serves: declared, those of
 //!   `sidecar run`'s process tree, or (opt-in) every listener of the host.
 //! - [`resolver`] — upstream resolvers, and pointing resolv.conf at the sidecar.
@@ -26,8 +30,10 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod gateway;
 pub mod outputs;
 pub mod ports;
+pub mod publish;
 pub mod resolver;
 pub mod status;
 pub mod supervise;

@@ -125,6 +125,10 @@ enum Command {
         #[arg(long, env = "ISTM_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Serve the published ports of the network's service groups (seed
+    /// 002) on this host's public addresses: TLS, HTTP reverse proxy,
+    /// redirect, TCP and UDP, balanced over the groups' online instances.
+    Gateway(sidecar::gateway::GatewayArgs),
     /// Show peers, endpoints, handshakes, bytes, map generation and the
     /// control connection of a running sidecar.
     Status {
@@ -157,7 +161,7 @@ fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     // `--token` on the command line is readable by every user (`ps`).
     let token_in_argv = matches.subcommand().is_some_and(|(name, m)| {
-        matches!(name, "up" | "run" | "tunnel")
+        matches!(name, "up" | "run" | "tunnel" | "gateway")
             && m.value_source("token") == Some(ValueSource::CommandLine)
     });
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
             local,
             target,
         } => tunnel_main(logs, (token, token_file), service, &local, &target),
+        Command::Gateway(args) => gateway_main(logs, args),
         Command::Completions { shell } => {
             clap_gen::completions(<Cli as clap::CommandFactory>::command(), shell);
             ExitCode::SUCCESS
@@ -407,6 +412,26 @@ fn tunnel_main(
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report(logs, "sidecar tunnel", &e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sidecar gateway`.
+fn gateway_main(logs: Logs, args: sidecar::gateway::GatewayArgs) -> ExitCode {
+    init_logs(logs);
+    let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async move {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            stop_on_signals(stop_tx);
+            sidecar::gateway::run(args, stop_rx).await?;
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(logs, "sidecar gateway", &e);
             ExitCode::FAILURE
         }
     }

@@ -127,6 +127,8 @@ impl Plane {
                 MapChange::Remove(k) => {
                     self.peers.remove(k);
                 }
+                // Service groups change no peer.
+                MapChange::ServiceUpsert(_) | MapChange::ServiceRemove(_) => {}
             }
         }
     }

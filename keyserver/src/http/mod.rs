@@ -12,7 +12,11 @@
 //! - `GET /v1/networks/{net}`, `DELETE /v1/networks/{net}[?force=true]`
 //! - `GET /v1/networks/{net}/members`, `DELETE /v1/networks/{net}/members/{member}`
 //! - `GET /v1/networks/{net}/tokens`, `POST /v1/networks/{net}/tokens`
-//!   `{uses?, expires?, service?, process_type?}`, `DELETE /v1/networks/{net}/tokens/{id}`
+//!   `{uses?, expires?, service?, process_type?, service_group?}`, `DELETE /v1/networks/{net}/tokens/{id}`
+//! - service groups (seed 002): `GET|POST /v1/networks/{net}/services`,
+//!   `GET|PATCH|DELETE /v1/networks/{net}/services/{name}`,
+//!   `PUT|DELETE /v1/networks/{net}/services/{name}/instances/{member}`, and
+//!   the same under `/services` with `?network=` (see `services.rs`)
 //!
 //! Slow clients cannot hold the API: request headers must arrive within
 //! [`ApiLimits::header_timeout`], a request body within
@@ -23,6 +27,7 @@
 
 mod openapi;
 mod routes;
+mod services;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,6 +47,7 @@ use tokio::sync::oneshot;
 
 pub use openapi::openapi_doc;
 pub use routes::{CreateNetwork, CreateToken, NetworkView, TokenView};
+pub use services::{AttachedView, ServiceView};
 
 use crate::admission::Admission;
 use crate::registry::AdminError;
@@ -113,6 +119,35 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
             "/v1/networks/{net}/tokens/{id}",
             delete(routes::delete_token),
         )
+        // Service groups (seed 002), and the seed-shaped `/services` aliases.
+        .route(
+            "/v1/networks/{net}/services",
+            get(services::list).post(services::create),
+        )
+        .route(
+            "/v1/networks/{net}/services/{name}",
+            get(services::get)
+                .patch(services::update)
+                .delete(services::delete),
+        )
+        .route(
+            "/v1/networks/{net}/services/{name}/instances/{member}",
+            axum::routing::put(services::attach).delete(services::detach),
+        )
+        .route(
+            "/services",
+            get(services::alias_list).post(services::alias_create),
+        )
+        .route(
+            "/services/{name}",
+            get(services::alias_get)
+                .patch(services::alias_update)
+                .delete(services::alias_delete),
+        )
+        .route(
+            "/services/{name}/instances/{member}",
+            axum::routing::put(services::alias_attach).delete(services::alias_detach),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), read_body))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
@@ -143,6 +178,9 @@ impl From<AdminError> for ApiError {
             AdminError::NameTaken(_)
             | AdminError::LookAlike { .. }
             | AdminError::NetworkInUse { .. } => StatusCode::CONFLICT,
+            AdminError::UnknownService(_) => StatusCode::NOT_FOUND,
+            AdminError::ServiceTaken(_) => StatusCode::CONFLICT,
+            AdminError::Service(_) => StatusCode::BAD_REQUEST,
             AdminError::BadName { .. }
             | AdminError::BadRange(_)
             | AdminError::BadUses

@@ -103,7 +103,9 @@ fn schemas() -> Value {
         "description": "`pn-` followed by a UUID (lowercase, hyphenated)"});
     let label = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "maxLength": 63});
     json!({
-        "Error": {"type": "object", "properties": {"error": {"type": "string", "description": "what went wrong"}},
+        "Error": {"type": "object", "properties": {"error": {"type": "string", "description": "what went wrong"},
+            "rule": {"type": "string", "description": "service-group routes only: the seed-002 rule broken: `port-80-requires-http`, `port-80-forbids-tls`, `port-443-requires-http`, `port-443-requires-tls`, `redirect-only-on-port-80`, `other-ports-require-tls`, `other-ports-forbid-http`, `udp-takes-no-handlers`, `udp-requires-ip`, `udp-port-taken`, `port-range`, `port-twice`, `protocol`, `handler-name`, `handler-twice`, `ip`, `no-ports`, `too-many-ports`, `limit-range`, `soft-above-hard`, `wake`, `wake-timeout`, `name`, `fqdn`"},
+            "port": {"type": "integer", "format": "int64", "description": "service-group routes only: the published port the rule is about, when it is about one"}},
             "required": ["error"], "additionalProperties": false},
         "NetworkId": network_id,
         "Network": {"type": "object", "required": ["id", "name", "range", "generation", "created", "members"], "properties": {
@@ -143,9 +145,95 @@ fn schemas() -> Value {
             "expires": unix_seconds("expiry"),
             "service": {"type": ["string", "null"], "maxLength": 128},
             "process_type": {"type": ["string", "null"]},
-            "token": {"type": "string", "pattern": "^istm1\\.", "description": "the join token, only in the creation answer"}}},
-        "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+            "token": {"type": "string", "pattern": "^istm1\\.", "description": "the join token, only in the creation answer"},
+            "service_group": {"type": ["string", "null"], "description": "service group its members are attached to"}}},
+        "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+        "ServicePort": {"type": "object", "required": ["port"], "additionalProperties": false, "properties": {
+            "port": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535, "description": "external port on the gateways"},
+            "destination_port": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535, "description": "internal port common to the instances; default: `port`"},
+            "protocol": {"type": "string", "enum": ["tcp", "udp"], "default": "tcp"},
+            "handlers": {"type": "array", "items": {"type": "string", "enum": ["tls", "http", "redirect"]},
+                "description": "seed 002: port 80 must have http and not tls; 443 must have http and tls; redirect only on 80; other TCP ports must have tls and not http; UDP ports none"},
+            "ip": {"type": ["string", "null"], "description": "the gateway address a UDP port is served on (required for UDP)"}}},
+        "Wake": {"type": "object", "additionalProperties": false, "description": "exactly one of command and url",
+            "properties": {"command": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 64},
+                "url": {"type": "string", "pattern": "^http://"}}},
+        "NewService": {"type": "object", "required": ["name", "ports"], "additionalProperties": false, "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,52}[a-z0-9])?$", "description": "unique in the network"},
+            "fqdn": {"type": "string", "description": "default `<name>-<8 random letters>.<service-domain>`"},
+            "ports": {"type": "array", "items": schema_ref("ServicePort"), "minItems": 1, "maxItems": 32, "description": "also accepted as `services` (seed 002's name)"},
+            "soft_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535, "default": 1},
+            "hard_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535, "default": 65535, "description": "at least soft_limit"},
+            "instances": {"type": "array", "items": {"type": "string"}, "description": "members to attach now (instance names or public keys)"},
+            "wake": schema_ref("Wake"),
+            "wake_timeout_secs": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 3600, "default": 30}}},
+        "ServicePatch": {"type": "object", "additionalProperties": false, "properties": {
+            "ports": {"type": "array", "items": schema_ref("ServicePort"), "minItems": 1, "maxItems": 32},
+            "soft_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535},
+            "hard_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535},
+            "wake": {"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}]},
+            "wake_timeout_secs": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 3600}}},
+        "Service": {"type": "object", "required": ["network", "name", "fqdn", "ports", "soft_limit", "hard_limit", "persistent", "instances", "wake_timeout_secs", "created"], "properties": {
+            "network": schema_ref("NetworkId"),
+            "name": {"type": "string"},
+            "fqdn": {"type": "string"},
+            "ports": {"type": "array", "items": schema_ref("ServicePort")},
+            "soft_limit": {"type": "integer", "format": "int32"},
+            "hard_limit": {"type": "integer", "format": "int32"},
+            "persistent": {"type": "boolean", "description": "true: made through the API or CLI, survives its instances; false: owned by `owner` (made by its `--publish`), deleted when it leaves or expires"},
+            "owner": {"type": ["string", "null"]},
+            "instances": {"type": "array", "items": {"type": "object", "properties": {"instance": {"type": "string"}, "state": {"type": "string", "enum": ["online", "offline"]}}}},
+            "wake": {"type": ["object", "null"], "oneOf": [{"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}}, {"type": "object", "properties": {"url": {"type": "string"}}}, {"type": "null"}]},
+            "wake_timeout_secs": {"type": "integer", "format": "int32"},
+            "created": unix_seconds("creation time")}}
     })
+}
+
+/// The responses of a service-group operation: like [`responses`], with
+/// 400 as the `ServiceRuleError` response (an `Error` with `rule` and `port`).
+fn service_responses(ok: (&str, &str, Option<Value>), errors: &[&str], rules: bool) -> Value {
+    let mut out = responses(ok, errors);
+    if rules {
+        out["400"] = json!({"$ref": "#/components/responses/ServiceRuleError"});
+    }
+    out
+}
+
+/// The paths of service groups (seed 002), under `prefix`
+/// (`/v1/networks/{net}` or the seed-shaped `` with `?network=`).
+fn service_paths(paths: &mut Map<String, Value>, prefix: &str, first: &[Value]) {
+    let name =
+        json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
+    let member = json!({"name": "member", "in": "path", "required": true, "description": "instance name or public key", "schema": {"type": "string"}});
+    let with = |extra: &[Value]| -> Value {
+        let mut all: Vec<Value> = first.to_vec();
+        all.extend_from_slice(extra);
+        Value::Array(all)
+    };
+    let body = |schema: Value| json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    let write = ["401", "404", "405", "408", "413", "415", "422", "500"];
+    paths.insert(format!("{prefix}/services"), json!({
+        "get": {"summary": "list service groups", "parameters": with(&[]),
+            "responses": service_responses(("200", "service groups by name", Some(array_of("Service"))), &["400", "401", "404", "405"], false)},
+        "post": {"summary": "create a persistent service group (seed 002)", "parameters": with(&[]),
+            "requestBody": body(schema_ref("NewService")),
+            "responses": service_responses(("201", "created", Some(schema_ref("Service"))), &["401", "404", "405", "408", "409", "413", "415", "422", "500"], true)}
+    }));
+    paths.insert(format!("{prefix}/services/{{name}}"), json!({
+        "get": {"summary": "one service group (with `persistent`)", "parameters": with(std::slice::from_ref(&name)),
+            "responses": service_responses(("200", "the group", Some(schema_ref("Service"))), &["401", "404", "405"], false)},
+        "patch": {"summary": "change ports, handlers, limits or the wake hook", "parameters": with(std::slice::from_ref(&name)),
+            "requestBody": body(schema_ref("ServicePatch")),
+            "responses": service_responses(("200", "the group", Some(schema_ref("Service"))), &write, true)},
+        "delete": {"summary": "delete a service group", "parameters": with(std::slice::from_ref(&name)),
+            "responses": service_responses(("204", "deleted", None), &["401", "404", "405", "500"], false)}
+    }));
+    paths.insert(format!("{prefix}/services/{{name}}/instances/{{member}}"), json!({
+        "put": {"summary": "attach an instance", "parameters": with(&[name.clone(), member.clone()]),
+            "responses": service_responses(("200", "the group", Some(schema_ref("Service"))), &["401", "404", "405", "500"], false)},
+        "delete": {"summary": "detach an instance", "parameters": with(&[name, member]),
+            "responses": service_responses(("200", "the group", Some(schema_ref("Service"))), &["401", "404", "405", "500"], false)}
+    }));
 }
 
 /// The OpenAPI document.
@@ -162,12 +250,17 @@ pub fn openapi_doc() -> Value {
             json!({"description": description, "content": {"application/json": {"schema": schema_ref("Error")}}}),
         );
     }
+    error_responses.insert(
+        "ServiceRuleError".into(),
+        json!({"description": "a seed-002 rule is broken (handler rules, port numbers, limits: soft_limit > hard_limit, ...), named with the port; or malformed JSON (then without `rule`)",
+            "content": {"application/json": {"schema": schema_ref("Error")}}}),
+    );
     let read = ["401", "405"];
     let read_one = ["401", "404", "405"];
     let write_body = [
         "400", "401", "404", "405", "408", "413", "415", "422", "500",
     ];
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "IST Mesh keyserver admin API", "version": "1",
             "description": "Every route but /healthz and /readyz needs `Authorization: Bearer <admin-token>`; without it every other path, unknown ones included, answers 401. Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
@@ -223,11 +316,20 @@ pub fn openapi_doc() -> Value {
                         "uses": {"type": "integer", "format": "int64", "minimum": 1, "maximum": 4_294_967_295_u64, "default": 1},
                         "expires": {"type": "string", "default": "1h", "description": "lifetime (`30m`, `1h`, `7d`), 1 s to 365 days"},
                         "service": {"type": "string", "minLength": 1, "maxLength": 128, "description": "bind to this service; no control or bidi characters"},
-                        "process_type": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}})),
+                        "process_type": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"},
+                        "service_group": {"type": "string", "description": "attach members joining with it to this existing service group (seed 002)"}}})),
                     "responses": responses(("201", "created", Some(schema_ref("Token"))), &write_body)}
             },
             "/v1/networks/{net}/tokens/{id}": {"delete": {"summary": "delete a token", "parameters": [net, token_id],
                 "responses": responses(("204", "deleted", None), &["401", "404", "405", "500"])}}
         }
-    })
+    });
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        service_paths(paths, "/v1/networks/{net}", std::slice::from_ref(&net));
+        let network = json!({"name": "network", "in": "query", "required": false,
+            "description": "network id or name; default: the keyserver's only network (400 when it has several)",
+            "schema": {"type": "string"}});
+        service_paths(paths, "", &[network]);
+    }
+    doc
 }

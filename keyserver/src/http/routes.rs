@@ -275,6 +275,9 @@ pub struct TokenView {
     /// The token text: present only in the answer to its creation.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub token: Option<String>,
+    /// The service group a member joining with it is attached to.
+    #[serde(default)]
+    pub service_group: Option<String>,
 }
 
 impl TokenView {
@@ -287,6 +290,7 @@ impl TokenView {
             service: t.service,
             process_type: t.process_type,
             token,
+            service_group: t.service_group.map(|g| g.to_string()),
         }
     }
 }
@@ -314,6 +318,9 @@ pub struct CreateToken {
     pub service: Option<String>,
     /// Only members of this process type may join.
     pub process_type: Option<String>,
+    /// Members joining with it are attached to this (existing) service group.
+    #[serde(default)]
+    pub service_group: Option<String>,
 }
 
 pub(super) async fn create_token(
@@ -347,7 +354,11 @@ pub(super) async fn create_token(
     let rec = blocking(move || {
         let (rec, ()) = api.shared.mutate(
             |reg| {
-                reg.create_token(
+                // The group must exist before anything changes.
+                if let Some(group) = &body.service_group {
+                    reg.service(id, group)?;
+                }
+                let (rec, mut ops) = reg.create_token(
                     id,
                     &secret,
                     body.uses.unwrap_or(1),
@@ -355,8 +366,16 @@ pub(super) async fn create_token(
                     body.service,
                     process_type,
                     SystemTime::now(),
-                )
-                .map(|(r, ops)| (r, ops, vec![]))
+                )?;
+                let rec = match &body.service_group {
+                    Some(group) => {
+                        let (rec, more) = reg.set_token_service_group(id, &rec.id, group)?;
+                        ops.extend(more);
+                        rec
+                    }
+                    None => rec,
+                };
+                Ok::<_, AdminError>((rec, ops, vec![]))
             },
             |_, _, _| (),
         )?;

@@ -11,6 +11,7 @@
 mod lifecycle;
 mod network;
 mod records;
+mod services;
 #[cfg(test)]
 mod tests;
 pub mod validate;
@@ -31,8 +32,9 @@ pub use lifecycle::{Lifecycle, RotateError};
 use network::{default_instance, Network};
 pub use records::{
     unix, Catchup, Change, Joined, MemberInfo, MemberRecord, NetworkRecord, Records, Resumed,
-    StoreOp, TokenRecord,
+    ServiceRecord, StoreOp, TokenRecord,
 };
+pub use services::DEFAULT_SERVICE_DOMAIN;
 
 /// Why a protocol operation (join, resume, endpoint update) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +150,16 @@ pub enum AdminError {
     /// No such token.
     #[error("unknown token {0:?}")]
     UnknownToken(String),
+    /// A service group request breaks a rule of seed 002 (the error names
+    /// the port and the rule).
+    #[error("{0}")]
+    Service(meshlib::services::ServiceError),
+    /// No such service group.
+    #[error("unknown service group {0:?}")]
+    UnknownService(String),
+    /// A service group with this name or FQDN exists in the network.
+    #[error("{0}")]
+    ServiceTaken(String),
 }
 
 /// All state of one keyserver.
@@ -165,6 +177,8 @@ pub struct Registry {
     /// When the registry was loaded (Unix seconds): members get a grace
     /// period of `offline-after` from here to come back after a restart.
     loaded_at: u64,
+    /// The domain of service groups' generated FQDNs.
+    service_domain: String,
 }
 
 impl Registry {
@@ -185,6 +199,7 @@ impl Registry {
             quarantine,
             lifecycle: Lifecycle::default(),
             loaded_at: unix(now),
+            service_domain: DEFAULT_SERVICE_DOMAIN.to_owned(),
         };
         let mut warnings = Vec::new();
         for rec in records.networks {
@@ -218,6 +233,14 @@ impl Registry {
         }
         for t in records.tokens {
             reg.tokens.insert(t.hash, t);
+        }
+        for r in records.services {
+            match reg.networks.get_mut(&r.network) {
+                Some(net) => {
+                    net.services.insert(r.group.name.clone(), r);
+                }
+                None => warnings.push(format!("service group {} of missing network", r.group.name)),
+            }
         }
         (reg, warnings)
     }
@@ -321,6 +344,7 @@ impl Registry {
             service,
             process_type,
             created: unix(now),
+            service_group: None,
         };
         self.tokens.insert(hash, rec.clone());
         Ok((rec.clone(), vec![StoreOp::PutToken(rec)]))
@@ -472,6 +496,15 @@ impl Registry {
                     ))
                 })?,
         };
+        let token_group = self.tokens[&token_hash].service_group.clone();
+        let plan = services::plan_join(
+            net,
+            req,
+            token_group.as_ref(),
+            &instance,
+            credential,
+            &self.service_domain,
+        )?;
         let log_cap = self.log_cap;
         let net = self.networks.get_mut(&req.network).expect("checked above");
         // Last fallible step: the allocation. Nothing has changed before it.
@@ -503,16 +536,20 @@ impl Registry {
         net.instances
             .insert(member.instance.clone(), member.public_key);
         net.members.insert(member.public_key, rec.clone());
-        let (change, net_op) = net.record(vec![MapChange::Upsert(member.clone())], None, log_cap);
+        let mut changes = vec![MapChange::Upsert(member.clone())];
+        let (service_changes, service_ops) = services::apply_join(net, plan, &member.instance, now);
+        changes.extend(service_changes);
+        let (change, net_op) = net.record(changes, None, log_cap);
         let map = net.snapshot();
         let tok = self.tokens.get_mut(&token_hash).expect("checked above");
         tok.uses_left -= 1;
-        let ops = vec![
+        let mut ops = vec![
             StoreOp::PutToken(tok.clone()),
             StoreOp::PutMember(rec),
             StoreOp::DeleteQuarantine(req.network, ip),
             net_op,
         ];
+        ops.extend(service_ops);
         Ok(Joined {
             member,
             map,
@@ -734,12 +771,17 @@ impl Registry {
         net.instances.remove(&rec.member.instance);
         net.alloc.release(rec.member.ip, now);
         let until = unix(now) + self.quarantine.as_secs();
-        let (change, net_op) = net.record(vec![MapChange::Remove(key)], Some(key), log_cap);
-        let ops = vec![
+        // Its own service groups go, and it leaves the others (seed 002).
+        let (service_changes, service_ops) = services::instance_gone(net, &rec.member.instance);
+        let mut changes = vec![MapChange::Remove(key)];
+        changes.extend(service_changes);
+        let (change, net_op) = net.record(changes, Some(key), log_cap);
+        let mut ops = vec![
             StoreOp::DeleteMember(network, key),
             StoreOp::PutQuarantine(network, rec.member.ip, until),
             net_op,
         ];
+        ops.extend(service_ops);
         Ok((change, ops))
     }
 
@@ -770,11 +812,17 @@ impl Registry {
             let (change, mut removed) = self.remove_member(network, &key.to_string(), now)?;
             changes.push(change);
             // The quarantine and network writes of each removal are moot.
-            removed.retain(|op| matches!(op, StoreOp::DeleteMember(..)));
+            removed
+                .retain(|op| matches!(op, StoreOp::DeleteMember(..) | StoreOp::DeleteService(..)));
             ops.append(&mut removed);
         }
         let net = self.networks.remove(&network).expect("checked above");
         self.names.remove(&net.rec.name);
+        ops.extend(
+            net.services
+                .keys()
+                .map(|name| StoreOp::DeleteService(network, name.clone())),
+        );
         ops.extend(
             net.alloc
                 .quarantined()

@@ -8,7 +8,7 @@ use meshlib::ipam::{Allocator, IpamError};
 use meshlib::keys::PublicKey;
 use meshlib::netmap::{MapChange, MapDelta, NetworkMap};
 
-use super::{Catchup, Change, MemberRecord, NetworkRecord, StoreOp};
+use super::{Catchup, Change, MemberRecord, NetworkRecord, ServiceRecord, StoreOp};
 
 /// One network in memory.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub(super) struct Network {
     pub(super) instances: HashMap<InstanceName, PublicKey>,
     /// Recent deltas, oldest first, contiguous, ending at `rec.generation`.
     pub(super) log: VecDeque<MapDelta>,
+    /// Service groups (seed 002), by name.
+    pub(super) services: BTreeMap<meshlib::services::GroupName, ServiceRecord>,
 }
 
 impl Network {
@@ -29,6 +31,7 @@ impl Network {
             members: BTreeMap::new(),
             instances: HashMap::new(),
             log: VecDeque::new(),
+            services: BTreeMap::new(),
         })
     }
 
@@ -39,6 +42,11 @@ impl Network {
             .members
             .iter()
             .map(|(k, r)| (*k, r.member.clone()))
+            .collect();
+        map.services = self
+            .services
+            .iter()
+            .map(|(n, r)| (n.clone(), r.group.clone()))
             .collect();
         map
     }
@@ -120,17 +128,26 @@ impl Network {
     }
 }
 
-/// Keeps only the last change of each member: changes to different members
-/// commute, and a later change of one member supersedes its earlier ones, so
-/// the result takes a map to the same state with at most one change per member.
+/// What a change is about: a member or a service group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subject {
+    Member(PublicKey),
+    Service(meshlib::services::GroupName),
+}
+
+/// Keeps only the last change of each member (and of each service group):
+/// changes to different subjects commute, and a later change of one
+/// supersedes its earlier ones, so the result takes a map to the same state
+/// with at most one change per subject.
 fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
     let key = |c: &MapChange| match c {
-        MapChange::Upsert(m) => m.public_key,
-        MapChange::Remove(k) => *k,
+        MapChange::Upsert(m) => Subject::Member(m.public_key),
+        MapChange::Remove(k) => Subject::Member(*k),
+        MapChange::ServiceUpsert(g) => Subject::Service(g.name.clone()),
+        MapChange::ServiceRemove(n) => Subject::Service(n.clone()),
     };
     let all: Vec<&MapChange> = changes.collect();
-    let last: HashMap<PublicKey, usize> =
-        all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+    let last: HashMap<Subject, usize> = all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
     all.iter()
         .enumerate()
         .filter(|(i, c)| last[&key(c)] == *i)

@@ -53,6 +53,21 @@ pub struct TokenRecord {
     pub process_type: Option<ProcessType>,
     /// Creation time (Unix seconds).
     pub created: u64,
+    /// If set, a member joining with it is attached to this service group
+    /// (seed 002), which must exist at join time.
+    #[serde(default)]
+    pub service_group: Option<meshlib::services::GroupName>,
+}
+
+/// A stored service group (seed 002).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The group's network.
+    pub network: NetworkId,
+    /// The group, as members' maps carry it.
+    pub group: meshlib::services::ServiceGroup,
+    /// Creation time (Unix seconds).
+    pub created: u64,
 }
 
 /// A stored member.
@@ -112,6 +127,10 @@ pub enum StoreOp {
     PutQuarantine(NetworkId, Ipv4Addr, u64),
     /// Forget a quarantine entry.
     DeleteQuarantine(NetworkId, Ipv4Addr),
+    /// Insert or replace a service group.
+    PutService(ServiceRecord),
+    /// Delete a service group.
+    DeleteService(NetworkId, meshlib::services::GroupName),
 }
 
 /// Everything the store holds, as loaded at start.
@@ -125,6 +144,8 @@ pub struct Records {
     pub members: Vec<MemberRecord>,
     /// Quarantined addresses.
     pub quarantine: Vec<(NetworkId, Ipv4Addr, u64)>,
+    /// Service groups.
+    pub services: Vec<ServiceRecord>,
 }
 
 /// A change to push: one delta of one network.

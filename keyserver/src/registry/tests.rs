@@ -21,6 +21,8 @@ fn req(net: NetworkId, secret: Secret, service: &str) -> JoinRequest {
         runner: "r1".into(),
         ports: vec![],
         endpoints: vec![],
+        service_groups: vec![],
+        publish: vec![],
     }
 }
 

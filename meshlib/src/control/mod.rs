@@ -270,7 +270,19 @@ pub async fn join(
     meta: MemberMeta,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
-    let mut session = start_join(endpoint, token, meta, cfg)?;
+    join_with_services(endpoint, token, meta, Default::default(), cfg).await
+}
+
+/// [`join`], also asking for service groups (seed 002): the groups to
+/// join and the ports to publish in a group owned by this member.
+pub async fn join_with_services(
+    endpoint: &quinn::Endpoint,
+    token: &JoinToken,
+    meta: MemberMeta,
+    services: crate::services::JoinServices,
+    cfg: &ClientConfig,
+) -> Result<Session, ControlError> {
+    let mut session = start_join_with_services(endpoint, token, meta, services, cfg)?;
     loop {
         if let Event::Snapshot = session.next_event().await? {
             return Ok(session);
@@ -290,10 +302,23 @@ pub fn start_join(
     meta: MemberMeta,
     cfg: &ClientConfig,
 ) -> Result<Session, ControlError> {
+    start_join_with_services(endpoint, token, meta, Default::default(), cfg)
+}
+
+/// [`start_join`], also asking for service groups (seed 002): the groups
+/// to join and the ports to publish in a group owned by this member.
+pub fn start_join_with_services(
+    endpoint: &quinn::Endpoint,
+    token: &JoinToken,
+    meta: MemberMeta,
+    services: crate::services::JoinServices,
+    cfg: &ClientConfig,
+) -> Result<Session, ControlError> {
     if token.addrs.is_empty() {
         return Err(ControlError::NoAddress);
     }
-    let core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    let mut core = MemberCore::join(cfg.core_config(), token.clone(), meta, now());
+    core.set_join_services(services);
     Ok(Session::new(endpoint.clone(), core, cfg.clone()))
 }
 

@@ -244,6 +244,35 @@ pub fn parse_warp_config_js(text: &str) -> Result<Overrides, ConfigError> {
     Overrides::from_entries(doc.ist)
 }
 
+/// `deployment.port` of a `warp.config.js` (seed 004's service
+/// visibility): the internal port the instance's own service group
+/// publishes. `None` when the file does not set it.
+pub fn parse_warp_deployment_port(text: &str) -> Result<Option<u16>, ConfigError> {
+    #[derive(Deserialize, Default)]
+    struct Deployment {
+        #[serde(default)]
+        port: Option<u16>,
+    }
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        deployment: Option<Deployment>,
+    }
+    if text.len() > MAX_WARP_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            len: text.len(),
+            max: MAX_WARP_CONFIG_BYTES,
+        });
+    }
+    let (start, end) = literal_span(text)?;
+    let doc: Doc = json5::from_str(&text[start..end]).map_err(|e| ConfigError::Js {
+        line: 0,
+        column: 0,
+        message: format!("deployment.port: {e}"),
+    })?;
+    Ok(doc.deployment.and_then(|d| d.port).filter(|p| *p != 0))
+}
+
 /// Converts a 0-based (line, column) inside the literal starting at byte
 /// `start` into a 1-based position in the whole file.
 fn file_position(text: &str, start: usize, line: usize, column: usize) -> (usize, usize) {
@@ -401,6 +430,11 @@ hostnames: [ 'mysql.local' ],
         );
         assert!(o.get("a}b").unwrap().variables.is_none());
         // No ist section: no overrides.
+        assert_eq!(parse_warp_deployment_port(text).unwrap(), Some(65500));
+        assert_eq!(
+            parse_warp_deployment_port("module.exports = { container: 'x' }").unwrap(),
+            None
+        );
         assert!(parse_warp_config_js("module.exports = { container: 'x' }")
             .unwrap()
             .is_empty());

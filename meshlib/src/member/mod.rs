@@ -157,6 +157,8 @@ pub struct MemberMeta {
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A few live at a time in a queue; boxing the join request would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Transmit {
     /// Open a connection (QUIC, pinned certificate) to one of `addrs`, then
     /// report [`MemberCore::handle_connected`] or
@@ -175,6 +177,7 @@ pub enum Transmit {
 
 /// A frame for the keyserver.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Frame {
     /// The first frame of a connection.
     Hello(Hello),
@@ -356,6 +359,8 @@ pub struct MemberCore {
     rng: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Service groups to join and ports to publish, sent with a join.
+    join_services: crate::services::JoinServices,
 }
 
 impl MemberCore {
@@ -368,6 +373,14 @@ impl MemberCore {
         let mut core = Self::new(cfg, map, endpoints, ports, seed, now);
         core.join = Some((token, meta));
         core
+    }
+
+    /// Sets the service groups this member joins and the ports it
+    /// publishes in a group of its own (seed 002), sent with its join
+    /// request. Call before the first connection; a resume sends none (the
+    /// keyserver keeps what the join asked for).
+    pub fn set_join_services(&mut self, services: crate::services::JoinServices) {
+        self.join_services = services;
     }
 
     /// A member coming back with its stored membership and its cached map
@@ -421,6 +434,7 @@ impl MemberCore {
             rng: seed | 1,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            join_services: Default::default(),
         }
     }
 
@@ -721,6 +735,8 @@ impl MemberCore {
                     runner: meta.runner.clone(),
                     endpoints: self.endpoints.clone(),
                     ports: self.ports.clone(),
+                    service_groups: self.join_services.groups.clone(),
+                    publish: self.join_services.publish.clone(),
                 })
             }
             // Built with a token or a membership; keep a harmless value.

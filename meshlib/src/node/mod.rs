@@ -123,6 +123,9 @@ pub struct NodeConfig {
     pub client: ClientConfig,
     /// Called with every map before the data plane applies it.
     pub on_map: Option<MapHook>,
+    /// Service groups (seed 002) to attach to, and ports to publish in a
+    /// group owned by this member, at the first join.
+    pub services: crate::services::JoinServices,
 }
 
 impl Default for NodeConfig {
@@ -143,6 +146,7 @@ impl Default for NodeConfig {
             persistent_keepalive: 25,
             client: ClientConfig::default(),
             on_map: None,
+            services: Default::default(),
         }
     }
 }
@@ -535,13 +539,7 @@ impl Node {
                 socket.bind(SocketAddr::new(IpAddr::V4(self.plane.ip), 0))?;
                 socket.connect(dst).await
             }
-            Some(stack) => {
-                let relay = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-                let ours = TcpStream::connect(relay.local_addr()?).await?;
-                let (theirs, _) = relay.accept().await?;
-                stack.connect_tcp(theirs, dst);
-                Ok(ours)
-            }
+            Some(stack) => stack.dial_tcp(dst).await,
         }
     }
 
@@ -719,7 +717,14 @@ async fn first_join(
         ports: cfg.ports.clone(),
     };
     let endpoint = quic_endpoint(&token.addrs).map_err(ctl)?;
-    let mut session = control::start_join(&endpoint, token, meta, &cfg.client).map_err(ctl)?;
+    let mut session = control::start_join_with_services(
+        &endpoint,
+        token,
+        meta,
+        cfg.services.clone(),
+        &cfg.client,
+    )
+    .map_err(ctl)?;
     loop {
         match session.next_event().await {
             Ok(Event::Connection(Connection::Connecting {

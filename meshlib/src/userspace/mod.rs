@@ -352,6 +352,17 @@ impl Stack {
         tcp::spawn_outbound(self.inner.clone(), stream, dst);
     }
 
+    /// A TCP connection to `dst` (an overlay address) through the tunnel,
+    /// as a tokio stream: a loopback socket pair whose far end is relayed
+    /// into the stack. A peer that refuses shows as a closed stream.
+    pub async fn dial_tcp(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let relay = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let ours = tokio::net::TcpStream::connect(relay.local_addr()?).await?;
+        let (theirs, _) = relay.accept().await?;
+        self.connect_tcp(theirs, dst);
+        Ok(ours)
+    }
+
     /// Accepts connections on `listener` and relays each one to `dst`.
     /// Runs until the listener fails; abort the task to stop it.
     pub async fn forward_tcp(&self, listener: tokio::net::TcpListener, dst: SocketAddr) {

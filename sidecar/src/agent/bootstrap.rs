@@ -33,6 +33,8 @@ pub(super) fn prepare(config: &Config) -> Result<Prepared, AgentError> {
         Some(_) => None,
         None => Some(first_join_token(config)?),
     };
+    // Seed 002: groups to join, ports to publish (see `crate::publish`).
+    let services = crate::publish::join_services(config)?;
     if token
         .as_ref()
         .is_some_and(|t| config.service.is_none() && t.service.is_none())
@@ -61,6 +63,7 @@ pub(super) fn prepare(config: &Config) -> Result<Prepared, AgentError> {
         persistent_keepalive: config.persistent_keepalive,
         client: client_config(config),
         on_map: None,
+        services,
     };
     Ok(Prepared { node, overrides })
 }

@@ -1,0 +1,385 @@
+//! The admin API of service groups (seed 002):
+//! `POST/GET /v1/networks/{net}/services`,
+//! `GET/PATCH/DELETE /v1/networks/{net}/services/{name}`,
+//! `PUT/DELETE /v1/networks/{net}/services/{name}/instances/{member}`,
+//! and the seed-shaped aliases `/services[/{name}[/instances/{member}]]`
+//! whose network is `?network=` (or the keyserver's only network).
+//!
+//! A request that breaks a rule answers 400 with
+//! `{"error": "...", "rule": "<id>", "port": <n>}` (`port` when the rule is
+//! about one): `soft_limit > hard_limit` is `soft-above-hard`, a handler
+//! rule is e.g. `port-443-requires-tls`.
+
+use std::time::SystemTime;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use meshlib::ids::NetworkId;
+use meshlib::netmap::MemberState;
+use meshlib::services::{GroupPatch, GroupSpec, PublishedPort, ServiceError, WakeHook};
+use rand_core::RngCore as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Api, ApiError};
+use crate::registry::{AdminError, ServiceRecord};
+use crate::server::OpError;
+
+/// An error of a service route: a broken rule (400 naming port and rule) or
+/// any other API error.
+#[derive(Debug)]
+pub(super) enum ServiceApiError {
+    /// A seed-002 rule.
+    Rule(ServiceError),
+    /// Anything else.
+    Api(ApiError),
+}
+
+impl IntoResponse for ServiceApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Rule(e) => {
+                let mut body = json!({ "error": e.to_string(), "rule": e.rule() });
+                if let Some(port) = e.port() {
+                    body["port"] = json!(port);
+                }
+                (StatusCode::BAD_REQUEST, Json(body)).into_response()
+            }
+            Self::Api(e) => e.into_response(),
+        }
+    }
+}
+
+impl From<AdminError> for ServiceApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Service(e) => Self::Rule(e),
+            other => Self::Api(other.into()),
+        }
+    }
+}
+
+impl From<OpError<AdminError>> for ServiceApiError {
+    fn from(e: OpError<AdminError>) -> Self {
+        match e {
+            OpError::Refused(e) => e.into(),
+            other => Self::Api(other.into()),
+        }
+    }
+}
+
+impl From<ApiError> for ServiceApiError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+type Answer<T> = Result<T, ServiceApiError>;
+
+/// One attached instance as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttachedView {
+    /// Instance name.
+    pub instance: String,
+    /// `online` or `offline` (offline instances get no connections).
+    pub state: MemberState,
+}
+
+/// A service group as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// Its network.
+    pub network: NetworkId,
+    /// Name, unique in the network.
+    pub name: String,
+    /// External FQDN.
+    pub fqdn: String,
+    /// Published ports.
+    pub ports: Vec<PublishedPort>,
+    /// Per-instance soft limit (new connections queue from here).
+    pub soft_limit: u16,
+    /// Per-instance hard limit (new connections are rejected from here).
+    pub hard_limit: u16,
+    /// True when made through the API or CLI (survives its instances);
+    /// false when owned by an instance (made by its `--publish`).
+    pub persistent: bool,
+    /// The owning instance, for a non-persistent group.
+    pub owner: Option<String>,
+    /// Attached instances with their states.
+    pub instances: Vec<AttachedView>,
+    /// Wake hook.
+    pub wake: Option<WakeHook>,
+    /// Seconds a connection waits for a woken instance.
+    pub wake_timeout_secs: u32,
+    /// Creation time (Unix seconds).
+    pub created: u64,
+}
+
+fn view(api: &Api, rec: ServiceRecord) -> ServiceView {
+    let states = api.shared.read(|r| {
+        r.members(rec.network)
+            .into_iter()
+            .map(|m| (m.member.instance.clone(), m.member.state))
+            .collect::<std::collections::HashMap<_, _>>()
+    });
+    let g = rec.group;
+    ServiceView {
+        network: rec.network,
+        persistent: g.persistent(),
+        name: g.name.to_string(),
+        fqdn: g.fqdn,
+        ports: g.ports,
+        soft_limit: g.limits.soft_limit,
+        hard_limit: g.limits.hard_limit,
+        owner: g.owner.map(|o| o.to_string()),
+        instances: g
+            .instances
+            .iter()
+            .map(|i| AttachedView {
+                instance: i.to_string(),
+                state: states.get(i).copied().unwrap_or(MemberState::Offline),
+            })
+            .collect(),
+        wake: g.wake,
+        wake_timeout_secs: g.wake_timeout_secs,
+        created: rec.created,
+    }
+}
+
+/// Runs a blocking mutation (the store fsyncs).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Answer<T> + Send + 'static) -> Answer<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ServiceApiError::Api(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })?
+}
+
+fn resolve(api: &Api, net: &str) -> Answer<NetworkId> {
+    Ok(api.shared.read(|r| r.resolve(net))?)
+}
+
+/// Eight random lowercase letters for a default FQDN.
+fn random_letters() -> String {
+    let mut bytes = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes[..meshlib::services::FQDN_RANDOM_LEN]
+        .iter()
+        .map(|b| char::from(b'a' + b % 26))
+        .collect()
+}
+
+pub(super) async fn list(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+) -> Answer<Json<Vec<ServiceView>>> {
+    let id = resolve(&api, &net)?;
+    let recs = api.shared.read(|r| r.services(id));
+    Ok(Json(recs.into_iter().map(|r| view(&api, r)).collect()))
+}
+
+pub(super) async fn get(
+    State(api): State<Api>,
+    Path((net, name)): Path<(String, String)>,
+) -> Answer<Json<ServiceView>> {
+    let id = resolve(&api, &net)?;
+    let rec = api.shared.read(|r| r.service(id, &name))?;
+    Ok(Json(view(&api, rec)))
+}
+
+pub(super) async fn create(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+    Json(spec): Json<GroupSpec>,
+) -> Answer<(StatusCode, Json<ServiceView>)> {
+    let id = resolve(&api, &net)?;
+    let random = random_letters();
+    let shared = api.shared.clone();
+    let rec = blocking(move || {
+        let (rec, ()) = shared.mutate(
+            |reg| {
+                let (rec, ops, change) = reg.create_service(id, &spec, &random, SystemTime::now())?;
+                tracing::info!(network = %id, service = %rec.group.name, fqdn = %rec.group.fqdn, "service group created");
+                Ok::<_, AdminError>((rec, ops, vec![change]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(rec)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view(&api, rec))))
+}
+
+pub(super) async fn update(
+    State(api): State<Api>,
+    Path((net, name)): Path<(String, String)>,
+    Json(patch): Json<GroupPatch>,
+) -> Answer<Json<ServiceView>> {
+    let id = resolve(&api, &net)?;
+    let shared = api.shared.clone();
+    let rec = blocking(move || {
+        let (rec, ()) = shared.mutate(
+            |reg| {
+                let (rec, ops, change) = reg.update_service(id, &name, &patch)?;
+                Ok::<_, AdminError>((rec, ops, change.into_iter().collect()))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(rec)
+    })
+    .await?;
+    Ok(Json(view(&api, rec)))
+}
+
+pub(super) async fn delete(
+    State(api): State<Api>,
+    Path((net, name)): Path<(String, String)>,
+) -> Answer<StatusCode> {
+    let id = resolve(&api, &net)?;
+    let shared = api.shared.clone();
+    blocking(move || {
+        shared.mutate(
+            |reg| {
+                let (ops, change) = reg.delete_service(id, &name)?;
+                tracing::info!(network = %id, service = %name, "service group deleted");
+                Ok::<_, AdminError>(((), ops, vec![change]))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Attach (`true`) or detach an instance.
+async fn membership(
+    api: Api,
+    net: String,
+    name: String,
+    member: String,
+    attach: bool,
+) -> Answer<Json<ServiceView>> {
+    let id = resolve(&api, &net)?;
+    let shared = api.shared.clone();
+    let rec = blocking(move || {
+        let (rec, ()) = shared.mutate(
+            |reg| {
+                let (rec, ops, change) = if attach {
+                    reg.attach_instance(id, &name, &member)?
+                } else {
+                    reg.detach_instance(id, &name, &member)?
+                };
+                Ok::<_, AdminError>((rec, ops, change.into_iter().collect()))
+            },
+            |_, _, _| (),
+        )?;
+        Ok(rec)
+    })
+    .await?;
+    Ok(Json(view(&api, rec)))
+}
+
+pub(super) async fn attach(
+    State(api): State<Api>,
+    Path((net, name, member)): Path<(String, String, String)>,
+) -> Answer<Json<ServiceView>> {
+    membership(api, net, name, member, true).await
+}
+
+pub(super) async fn detach(
+    State(api): State<Api>,
+    Path((net, name, member)): Path<(String, String, String)>,
+) -> Answer<Json<ServiceView>> {
+    membership(api, net, name, member, false).await
+}
+
+/// `?network=` of the seed-shaped `/services` aliases.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NetworkQuery {
+    /// Network id or name; default: the keyserver's only network.
+    #[serde(default)]
+    network: Option<String>,
+}
+
+/// The network of an alias request.
+fn alias_network(api: &Api, q: &NetworkQuery) -> Answer<String> {
+    if let Some(n) = &q.network {
+        return Ok(n.clone());
+    }
+    let all = api.shared.read(|r| r.networks());
+    match all.as_slice() {
+        [only] => Ok(only.id.to_string()),
+        _ => Err(ServiceApiError::Api(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this keyserver has {} networks: say which with ?network=<id or name>",
+                all.len()
+            ),
+        ))),
+    }
+}
+
+pub(super) async fn alias_list(
+    State(api): State<Api>,
+    Query(q): Query<NetworkQuery>,
+) -> Answer<Json<Vec<ServiceView>>> {
+    let net = alias_network(&api, &q)?;
+    list(State(api), Path(net)).await
+}
+
+pub(super) async fn alias_create(
+    State(api): State<Api>,
+    Query(q): Query<NetworkQuery>,
+    body: Json<GroupSpec>,
+) -> Answer<(StatusCode, Json<ServiceView>)> {
+    let net = alias_network(&api, &q)?;
+    create(State(api), Path(net), body).await
+}
+
+pub(super) async fn alias_get(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<NetworkQuery>,
+) -> Answer<Json<ServiceView>> {
+    let net = alias_network(&api, &q)?;
+    get(State(api), Path((net, name))).await
+}
+
+pub(super) async fn alias_update(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<NetworkQuery>,
+    body: Json<GroupPatch>,
+) -> Answer<Json<ServiceView>> {
+    let net = alias_network(&api, &q)?;
+    update(State(api), Path((net, name)), body).await
+}
+
+pub(super) async fn alias_delete(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<NetworkQuery>,
+) -> Answer<StatusCode> {
+    let net = alias_network(&api, &q)?;
+    delete(State(api), Path((net, name))).await
+}
+
+pub(super) async fn alias_attach(
+    State(api): State<Api>,
+    Path((name, member)): Path<(String, String)>,
+    Query(q): Query<NetworkQuery>,
+) -> Answer<Json<ServiceView>> {
+    let net = alias_network(&api, &q)?;
+    membership(api, net, name, member, true).await
+}
+
+pub(super) async fn alias_detach(
+    State(api): State<Api>,
+    Path((name, member)): Path<(String, String)>,
+    Query(q): Query<NetworkQuery>,
+) -> Answer<Json<ServiceView>> {
+    let net = alias_network(&api, &q)?;
+    membership(api, net, name, member, false).await
+}

@@ -1,0 +1,540 @@
+//! HTTP mode: HTTP/1.1 and HTTP/2 from clients (plain on port 80, after
+//! TLS on 443), reverse-proxied as HTTP/1.1 to the group's instances over
+//! the mesh. `Host` (or `:authority`) picks the group; every request is
+//! balanced on its own (it holds a slot on its instance until its response
+//! body is done); `X-Forwarded-For`, `X-Forwarded-Proto` and
+//! `X-Forwarded-Host` are set; a WebSocket upgrade passes through (the
+//! slot is held while the socket is open); a `redirect` port answers 308
+//! to `https://`. Refused requests get 503, unknown hosts 404, an
+//! unreachable instance 502. hyper parses everything (no hand-written
+//! parser); oversized headers get 431 (HTTP/1.1) or a reset stream (HTTP/2).
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+
+use super::member::Dialer;
+use super::metrics::Counters;
+use super::routes::{normalize_host, GroupRt, RouteSettings, Routes, Slot};
+use meshlib::services::PortMode;
+
+/// Errors inside bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Idle upstream connections kept per instance address.
+const IDLE_PER_ADDR: usize = 64;
+/// How long an idle upstream connection may wait for reuse.
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// HTTP/1.1 connections to instances, reused.
+#[derive(Default)]
+pub struct Upstreams {
+    idle: Mutex<std::collections::HashMap<SocketAddrV4, Vec<SendRequest<ProxyBody>>>>,
+}
+
+impl Upstreams {
+    /// An idle connection to `addr`, or a new one (dialed through the mesh).
+    async fn get(
+        &self,
+        addr: SocketAddrV4,
+        dialer: &dyn Dialer,
+        timeout: Duration,
+        upgrades: bool,
+    ) -> std::io::Result<SendRequest<ProxyBody>> {
+        if !upgrades {
+            loop {
+                let next = self.idle.lock().get_mut(&addr).and_then(Vec::pop);
+                match next {
+                    Some(s) if s.is_ready() => return Ok(s),
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+        }
+        let stream = dialer.dial(addr, timeout).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// Keeps `sender` for reuse: at once when it is ready (its response is
+    /// done), else once it is.
+    fn recycle(self: &Arc<Self>, addr: SocketAddrV4, mut sender: SendRequest<ProxyBody>) {
+        if sender.is_ready() {
+            let mut idle = self.idle.lock();
+            let list = idle.entry(addr).or_default();
+            if list.len() < IDLE_PER_ADDR {
+                list.push(sender);
+            }
+            return;
+        }
+        if sender.is_closed() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(IDLE_FOR, sender.ready()).await {
+                let mut idle = me.idle.lock();
+                let list = idle.entry(addr).or_default();
+                if list.len() < IDLE_PER_ADDR {
+                    list.push(sender);
+                }
+            }
+        });
+    }
+}
+
+/// What every HTTP connection shares.
+pub struct HttpCtx {
+    /// The groups.
+    pub routes: Arc<Routes>,
+    /// The way to instances.
+    pub dialer: Arc<dyn Dialer>,
+    /// Timeouts.
+    pub settings: RouteSettings,
+    /// Reused upstream connections.
+    pub upstreams: Arc<Upstreams>,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Time allowed for a request head.
+    pub header_timeout: Duration,
+}
+
+/// One client connection.
+struct Conn {
+    ctx: Arc<HttpCtx>,
+    peer: SocketAddr,
+    port: u16,
+    tls: bool,
+}
+
+/// The HTTP version a connection speaks, when TLS's ALPN said it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// ALPN chose `h2`.
+    H2,
+    /// ALPN chose `http/1.1`, or the client offered none over TLS.
+    Http1,
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (detected).
+    Detect,
+}
+
+/// Serves one client connection (after TLS, if any) until it ends.
+pub async fn serve<S>(ctx: Arc<HttpCtx>, stream: S, peer: SocketAddr, port: u16, alpn: Alpn)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        ctx: ctx.clone(),
+        peer,
+        port,
+        tls: alpn != Alpn::Detect,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    });
+    let io = TokioIo::new(stream);
+    let max_list = u32::try_from(ctx.max_header_bytes).unwrap_or(u32::MAX);
+    let result = match alpn {
+        Alpn::H2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(max_list)
+            .serve_connection(io, service)
+            .await
+            .map_err(BoxError::from),
+        Alpn::Http1 => hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.header_timeout)
+            .max_buf_size(ctx.max_header_bytes.max(8192))
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+            .map_err(BoxError::from),
+        Alpn::Detect => {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ctx.header_timeout)
+                .max_buf_size(ctx.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(max_list);
+            builder.serve_connection_with_upgrades(io, service).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// A plain-text answer.
+fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(msg));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn full(s: String) -> ProxyBody {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The host a request is for.
+fn host_of(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(host) = host_of(&req) else {
+        return text(StatusCode::BAD_REQUEST, "no Host\n".into());
+    };
+    let Some((rt, port)) = conn.ctx.routes.find(conn.port, Some(&host)) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no service at {} on port {}\n",
+                normalize_host(&host),
+                conn.port
+            ),
+        );
+    };
+    match port.mode {
+        PortMode::Redirect => redirect(&host, req.uri()),
+        PortMode::Http { .. } => {
+            proxy(
+                &conn,
+                rt,
+                port.destination_port,
+                &normalize_host(&host),
+                req,
+            )
+            .await
+        }
+        PortMode::TlsTcp | PortMode::Udp => {
+            text(StatusCode::NOT_FOUND, "not an HTTP port\n".into())
+        }
+    }
+}
+
+/// 308 to the same path on `https://`.
+fn redirect(host: &str, uri: &Uri) -> Response<ProxyBody> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{}{path}", normalize_host(host));
+    let mut resp = text(StatusCode::PERMANENT_REDIRECT, format!("{location}\n"));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Headers that belong to one hop only (RFC 9110 7.6.1).
+const HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn strip_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP {
+        if !(upgrade && h == "connection") {
+            headers.remove(h);
+        }
+    }
+    if !upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+async fn proxy(
+    conn: &Conn,
+    rt: Arc<GroupRt>,
+    destination_port: u16,
+    host: &str,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let ctx = &conn.ctx;
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop(&mut parts.headers, upgrade);
+    forwarded_headers(&mut parts.headers, conn, host);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    parts.version = Version::HTTP_11;
+    // Find an instance that takes the request; failed dials try others.
+    let mut chosen = None;
+    for _ in 0..4 {
+        let Some(slot) = rt.acquire(true, &ctx.settings).await else {
+            break;
+        };
+        let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
+        match ctx
+            .upstreams
+            .get(
+                addr,
+                ctx.dialer.as_ref(),
+                ctx.settings.connect_timeout,
+                upgrade,
+            )
+            .await
+        {
+            Ok(sender) => {
+                chosen = Some((slot, addr, sender));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(instance = %slot.pick().instance, error = %e, "upstream dial failed");
+                slot.counters.dial_failures.fetch_add(1, Relaxed);
+                rt.stats.total.dial_failures.fetch_add(1, Relaxed);
+                slot.fail();
+            }
+        }
+    }
+    let group = || rt.group_name();
+    let Some((slot, addr, mut sender)) = chosen else {
+        let resp = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "service group {}: no instance can take this request now\n",
+                group()
+            ),
+        );
+        rt.stats.total.response(503, started.elapsed());
+        let mut resp = resp;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
+    };
+    let instance = slot.counters.clone();
+    let totals = Totals {
+        group: rt.clone(),
+        instance: instance.clone(),
+    };
+    let body = Counted {
+        inner: body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        counted: totals.clone(),
+        inbound: true,
+        _slot: None,
+        give_back: None,
+    }
+    .boxed_unsync();
+    instance.forwarded.fetch_add(1, Relaxed);
+    rt.stats.total.forwarded.fetch_add(1, Relaxed);
+    let result = sender.send_request(Request::from_parts(parts, body)).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(group = %group(), error = %e, "upstream request failed");
+            instance.response(502, started.elapsed());
+            rt.stats.total.response(502, started.elapsed());
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("service group {}: the instance failed: {e}\n", group()),
+            );
+        }
+    };
+    let code = resp.status().as_u16();
+    instance.response(code, started.elapsed());
+    rt.stats.total.response(code, started.elapsed());
+    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
+        let server = hyper::upgrade::on(&mut resp);
+        tokio::spawn(tunnel(client, server, totals, slot));
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(
+            parts,
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        );
+    }
+    let give_back = (!upgrade).then(|| (ctx.upstreams.clone(), addr, sender));
+    let (mut parts, body) = resp.into_parts();
+    strip_hop(&mut parts.headers, false);
+    let body = Counted {
+        inner: body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        counted: totals,
+        inbound: false,
+        _slot: Some(slot),
+        give_back,
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`,
+/// and `Host` (an HTTP/2 request has only `:authority`).
+fn forwarded_headers(headers: &mut HeaderMap, conn: &Conn, host: &str) {
+    let ip = conn.peer.ip().to_canonical().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    let proto = if conn.tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v.clone());
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, v);
+        }
+    }
+}
+
+/// Both upgraded halves, bytes both ways; the slot is held meanwhile.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    totals: Totals,
+    slot: Slot,
+) {
+    let (Ok(c), Ok(s)) = tokio::join!(client, server) else {
+        return;
+    };
+    let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+        totals.add(true, up);
+        totals.add(false, down);
+    }
+    drop(slot);
+}
+
+/// Where bytes are counted: the group's totals and the instance's.
+#[derive(Clone)]
+struct Totals {
+    group: Arc<GroupRt>,
+    instance: Arc<Counters>,
+}
+
+impl Totals {
+    fn add(&self, inbound: bool, n: u64) {
+        for c in [&self.group.stats.total, self.instance.as_ref()] {
+            let counter: &AtomicU64 = if inbound { &c.bytes_in } else { &c.bytes_out };
+            counter.fetch_add(n, Relaxed);
+        }
+    }
+}
+
+/// An upstream connection to keep once a response body is done.
+type GiveBack = (Arc<Upstreams>, SocketAddrV4, SendRequest<ProxyBody>);
+
+/// A body that counts its bytes (and holds a slot until it is done; a
+/// response body also gives its upstream connection back for reuse then).
+struct Counted {
+    inner: ProxyBody,
+    counted: Totals,
+    inbound: bool,
+    _slot: Option<Slot>,
+    give_back: Option<GiveBack>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // A body hyper never polled to its end (empty, or the client left):
+        // the connection is kept if it turns out ready.
+        if let Some((pool, addr, sender)) = self.give_back.take() {
+            pool.recycle(addr, sender);
+        }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.counted.add(self.inbound, data.len() as u64);
+            }
+        }
+        if let Poll::Ready(None) = &polled {
+            // Done: free the instance's slot now, not when hyper drops us,
+            // and keep the upstream connection.
+            self._slot = None;
+            if let Some((pool, addr, sender)) = self.give_back.take() {
+                pool.recycle(addr, sender);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,260 @@
+//! The gateway as a mesh member: how it joins, follows the map and reaches
+//! instances. Everything that depends on *how* the gateway is a member sits
+//! in this one file, behind [`Dialer`], so that moving it onto
+//! `meshlib::node::Node` touches nothing else.
+//!
+//! The gateway is a short-lived [`Node`] (key in memory, like `sidecar
+//! tunnel`): it joins with a token, follows the map (online members only
+//! are peers), and reaches an instance's private `ip:port` with plain
+//! sockets routed through its TUN interface (kernel mode) or through the
+//! userspace stack (userspace mode). On exit it leaves the network.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlib::netmap::NetworkMap;
+use meshlib::node::{Node, NodeConfig, NodeError, NodeMode};
+use meshlib::proto::JoinToken;
+use meshlib::userspace::Stack;
+use meshlib::wg::{uapi_server, UapiServer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+/// A byte stream to an instance.
+pub trait MeshStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> MeshStream for T {}
+
+/// A boxed future of the dialer.
+pub type DialFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
+
+/// A datagram socket connected to one instance's `ip:port`.
+pub trait MeshDatagram: Send + Sync + 'static {
+    /// Sends one datagram to the instance.
+    fn send<'a>(
+        &'a self,
+        buf: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>>;
+    /// Receives one datagram from the instance.
+    fn recv<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>>;
+}
+
+/// How the gateway reaches an instance's private address.
+pub trait Dialer: Send + Sync + 'static {
+    /// Opens a TCP connection to `addr` (a private IP), within `timeout`.
+    fn dial(&self, addr: SocketAddrV4, timeout: Duration) -> DialFuture<Box<dyn MeshStream>>;
+    /// Opens a UDP flow to `addr`.
+    fn udp(&self, addr: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>>;
+}
+
+/// Kernel mode: the overlay is routed through this host's TUN interface,
+/// so plain sockets reach instances.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelDialer;
+
+impl Dialer for KernelDialer {
+    fn dial(&self, addr: SocketAddrV4, timeout: Duration) -> DialFuture<Box<dyn MeshStream>> {
+        Box::pin(async move {
+            let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s) as Box<dyn MeshStream>)
+        })
+    }
+
+    fn udp(&self, addr: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>> {
+        Box::pin(async move {
+            let s = tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+            s.connect(addr).await?;
+            Ok(Box::new(KernelUdp(s)) as Box<dyn MeshDatagram>)
+        })
+    }
+}
+
+/// Userspace mode: instances are reached through the node's stack.
+pub struct StackDialer(pub Arc<Stack>);
+
+impl Dialer for StackDialer {
+    fn dial(&self, addr: SocketAddrV4, timeout: Duration) -> DialFuture<Box<dyn MeshStream>> {
+        let stack = self.0.clone();
+        Box::pin(async move {
+            let s = tokio::time::timeout(timeout, stack.dial_tcp(addr.into()))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s) as Box<dyn MeshStream>)
+        })
+    }
+
+    fn udp(&self, addr: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>> {
+        let stack = self.0.clone();
+        Box::pin(async move {
+            let relay = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            let relay_addr = relay.local_addr()?;
+            let ours = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            ours.connect(relay_addr).await?;
+            let task = tokio::spawn(async move { stack.forward_udp(relay, addr.into()).await });
+            Ok(Box::new(StackUdp(ours, task)) as Box<dyn MeshDatagram>)
+        })
+    }
+}
+
+/// A UDP flow relayed through the stack; the relay ends with it.
+struct StackUdp(tokio::net::UdpSocket, tokio::task::JoinHandle<()>);
+
+impl Drop for StackUdp {
+    fn drop(&mut self) {
+        self.1.abort();
+    }
+}
+
+impl MeshDatagram for StackUdp {
+    fn send<'a>(
+        &'a self,
+        buf: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        Box::pin(self.0.send(buf))
+    }
+    fn recv<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        Box::pin(self.0.recv(buf))
+    }
+}
+
+/// A connected UDP socket.
+struct KernelUdp(tokio::net::UdpSocket);
+
+impl MeshDatagram for KernelUdp {
+    fn send<'a>(
+        &'a self,
+        buf: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        Box::pin(self.0.send(buf))
+    }
+    fn recv<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        Box::pin(self.0.recv(buf))
+    }
+}
+
+/// What the gateway joins as.
+#[derive(Debug, Clone)]
+pub struct MemberSettings {
+    /// The join token.
+    pub token: JoinToken,
+    /// Service name it joins as (default `gateway`).
+    pub service: String,
+    /// Wanted instance name.
+    pub instance: Option<meshlib::ids::InstanceName>,
+    /// TUN interface name (kernel mode; also the UAPI socket's name).
+    pub interface: String,
+    /// WireGuard UDP port.
+    pub listen_port: u16,
+    /// Underlay endpoints to advertise (default: local addresses).
+    pub endpoints: Vec<SocketAddr>,
+    /// Userspace mode (no TUN, no privileges for the data plane).
+    pub userspace: bool,
+}
+
+/// Why the membership failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// The node could not join or start.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// The gateway's running membership.
+pub struct Membership {
+    /// The current map; changes as the keyserver pushes.
+    pub map: watch::Receiver<Arc<NetworkMap>>,
+    /// The gateway's private IP.
+    pub ip: Ipv4Addr,
+    node: Node,
+    forward: tokio::task::JoinHandle<()>,
+    _uapi: Option<UapiServer>,
+}
+
+impl Membership {
+    /// Joins, brings the data plane up and follows the map.
+    pub async fn start(s: MemberSettings) -> Result<Self, MemberError> {
+        let mode = if s.userspace {
+            NodeMode::Userspace {
+                service_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            }
+        } else {
+            NodeMode::Kernel {
+                interface: s.interface.clone(),
+            }
+        };
+        let node = Node::start(NodeConfig {
+            token: Some(s.token),
+            service: Some(s.service),
+            instance: s.instance,
+            runner: "gateway".into(),
+            mode,
+            listen_port: s.listen_port,
+            endpoints: s.endpoints,
+            ..NodeConfig::default()
+        })
+        .await?;
+        let uapi = match UapiServer::start(
+            node.engine().clone(),
+            &uapi_server::socket_path(&s.interface),
+        ) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "no UAPI socket for the gateway");
+                None
+            }
+        };
+        tracing::info!(ip = %node.ip(), instance = %node.instance(), "gateway joined");
+        // The map as the gateway's routes want it (shared, cheap to clone).
+        let mut node_map = node.watch_map();
+        let first = Arc::new(node_map.borrow_and_update().clone());
+        let (tx, rx) = watch::channel(first);
+        let forward = tokio::spawn(async move {
+            while node_map.changed().await.is_ok() {
+                let map = Arc::new(node_map.borrow_and_update().clone());
+                if tx.send(map).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            map: rx,
+            ip: node.ip(),
+            node,
+            forward,
+            _uapi: uapi,
+        })
+    }
+
+    /// How this membership reaches instances.
+    pub fn dialer(&self) -> Arc<dyn Dialer> {
+        match self.node.stack() {
+            Some(stack) => Arc::new(StackDialer(stack.clone())),
+            None => Arc::new(KernelDialer),
+        }
+    }
+
+    /// Leaves the network (peers forget the gateway within a second) and
+    /// takes the data plane down.
+    pub async fn leave(self) {
+        self.forward.abort();
+        if !self.node.leave().await {
+            tracing::warn!("the keyserver did not confirm the gateway's leave");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Per group and per instance counters of the gateway, and their Prometheus
+//! text form (`GET /metrics` on the gateway's metrics address).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram (cumulative buckets when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        match BUCKETS.iter().position(|b| secs <= *b) {
+            Some(i) => self.counts[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.over.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Counters shared by a group and each of its instances.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections (HTTP mode: requests) forwarded.
+    pub forwarded: AtomicU64,
+    /// Bytes from clients to instances.
+    pub bytes_in: AtomicU64,
+    /// Bytes from instances to clients.
+    pub bytes_out: AtomicU64,
+    /// HTTP responses by status code (100-599; index `code - 100`).
+    pub status: StatusCounts,
+    /// Request latency (to the response head).
+    pub latency: Histogram,
+    /// Dials that failed or timed out.
+    pub dial_failures: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one HTTP response.
+    pub fn response(&self, code: u16, latency: Duration) {
+        self.status.add(code);
+        self.latency.observe(latency);
+    }
+}
+
+/// Responses per status code, lock-free.
+#[derive(Debug)]
+pub struct StatusCounts(Box<[AtomicU64; 500]>);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self(Box::new(std::array::from_fn(|_| AtomicU64::new(0))))
+    }
+}
+
+impl StatusCounts {
+    /// Counts one response with `code` (outside 100-599: ignored).
+    pub fn add(&self, code: u16) {
+        if let Some(c) = code
+            .checked_sub(100)
+            .and_then(|i| self.0.get(usize::from(i)))
+        {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The codes seen, with their counts.
+    pub fn seen(&self) -> Vec<(u16, u64)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let n = c.load(Relaxed);
+                (n > 0).then(|| (100 + i as u16, n))
+            })
+            .collect()
+    }
+}
+
+/// A group's counters.
+#[derive(Debug, Default)]
+pub struct GroupStats {
+    /// Totals of the group.
+    pub total: Counters,
+    /// Connections that had to wait (queue or wake hold), whatever came next.
+    pub queued: AtomicU64,
+    /// Connections refused (hard limit, queue timeout, no instance).
+    pub rejected: AtomicU64,
+    /// Wake hook runs.
+    pub wakes: AtomicU64,
+    instances: RwLock<BTreeMap<String, Arc<Counters>>>,
+}
+
+impl GroupStats {
+    /// The counters of one instance.
+    pub fn instance(&self, name: &str) -> Arc<Counters> {
+        if let Some(c) = self.instances.read().get(name) {
+            return c.clone();
+        }
+        self.instances
+            .write()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+/// Gauges read from the balancers at render time.
+#[derive(Debug, Clone)]
+pub struct GroupGauges {
+    /// Group name.
+    pub group: String,
+    /// Waiting connections.
+    pub queued: usize,
+    /// Per instance: name, active connections, marked down.
+    pub instances: Vec<(String, u32, bool)>,
+}
+
+/// Escapes a label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn counters(out: &mut String, labels: &str, c: &Counters, prefix: &str) {
+    let _ = writeln!(
+        out,
+        "istmesh_gateway{prefix}_forwarded_total{{{labels}}} {}",
+        c.forwarded.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "istmesh_gateway{prefix}_bytes_total{{{labels},direction=\"in\"}} {}",
+        c.bytes_in.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "istmesh_gateway{prefix}_bytes_total{{{labels},direction=\"out\"}} {}",
+        c.bytes_out.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "istmesh_gateway{prefix}_dial_failures_total{{{labels}}} {}",
+        c.dial_failures.load(Relaxed)
+    );
+    for (code, n) in c.status.seen() {
+        let _ = writeln!(
+            out,
+            "istmesh_gateway{prefix}_http_responses_total{{{labels},code=\"{code}\"}} {n}"
+        );
+    }
+    c.latency.render(
+        out,
+        &format!("istmesh_gateway{prefix}_request_duration_seconds"),
+        labels,
+    );
+}
+
+/// Renders every group's metrics in the Prometheus text format.
+pub fn render(
+    groups: &[(String, Arc<GroupStats>)],
+    gauges: &[GroupGauges],
+    generation: u64,
+) -> String {
+    let mut out = String::new();
+    out.push_str("# TYPE istmesh_gateway_map_generation gauge\n");
+    let _ = writeln!(out, "istmesh_gateway_map_generation {generation}");
+    out.push_str("# TYPE istmesh_gateway_groups gauge\n");
+    let _ = writeln!(out, "istmesh_gateway_groups {}", gauges.len());
+    for name in [
+        "active_connections gauge",
+        "queued_connections gauge",
+        "instance_down gauge",
+        "connections_total counter",
+        "wakes_total counter",
+        "forwarded_total counter",
+        "bytes_total counter",
+        "dial_failures_total counter",
+        "http_responses_total counter",
+        "request_duration_seconds histogram",
+        "instance_forwarded_total counter",
+        "instance_bytes_total counter",
+        "instance_dial_failures_total counter",
+        "instance_http_responses_total counter",
+        "instance_request_duration_seconds histogram",
+    ] {
+        let (metric, kind) = name.split_once(' ').unwrap_or((name, "gauge"));
+        let _ = writeln!(out, "# TYPE istmesh_gateway_{metric} {kind}");
+    }
+    for g in gauges {
+        let gl = format!("group=\"{}\"", esc(&g.group));
+        let _ = writeln!(
+            out,
+            "istmesh_gateway_queued_connections{{{gl}}} {}",
+            g.queued
+        );
+        for (i, active, down) in &g.instances {
+            let il = format!("{gl},instance=\"{}\"", esc(i));
+            let _ = writeln!(out, "istmesh_gateway_active_connections{{{il}}} {active}");
+            let _ = writeln!(
+                out,
+                "istmesh_gateway_instance_down{{{il}}} {}",
+                u8::from(*down)
+            );
+        }
+    }
+    for (group, s) in groups {
+        let gl = format!("group=\"{}\"", esc(group));
+        for (outcome, n) in [
+            ("forwarded", s.total.forwarded.load(Relaxed)),
+            ("queued", s.queued.load(Relaxed)),
+            ("rejected", s.rejected.load(Relaxed)),
+        ] {
+            let _ = writeln!(
+                out,
+                "istmesh_gateway_connections_total{{{gl},outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "istmesh_gateway_wakes_total{{{gl}}} {}",
+            s.wakes.load(Relaxed)
+        );
+        counters(&mut out, &gl, &s.total, "");
+        for (inst, c) in s.instances.read().iter() {
+            let il = format!("{gl},instance=\"{}\"", esc(inst));
+            counters(&mut out, &il, c, "_instance");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_groups_instances_and_histograms() {
+        let s = Arc::new(GroupStats::default());
+        s.total.forwarded.fetch_add(3, Relaxed);
+        s.rejected.fetch_add(1, Relaxed);
+        s.total.response(200, Duration::from_millis(3));
+        s.instance("web-1").response(503, Duration::from_secs(20));
+        let gauges = vec![GroupGauges {
+            group: "my \"svc\"".into(),
+            queued: 2,
+            instances: vec![("web-1".into(), 1, false)],
+        }];
+        let text = render(&[("g".into(), s)], &gauges, 7);
+        assert!(
+            text.contains("istmesh_gateway_connections_total{group=\"g\",outcome=\"rejected\"} 1")
+        );
+        assert!(text.contains("istmesh_gateway_queued_connections{group=\"my \\\"svc\\\"\"} 2"));
+        assert!(text.contains("istmesh_gateway_http_responses_total{group=\"g\",code=\"200\"} 1"));
+        assert!(text.contains(
+            "istmesh_gateway_request_duration_seconds_bucket{group=\"g\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "istmesh_gateway_instance_request_duration_seconds_bucket{group=\"g\",instance=\"web-1\",le=\"+Inf\"} 1"
+        ));
+        assert!(text.contains("istmesh_gateway_map_generation 7"));
+    }
+}

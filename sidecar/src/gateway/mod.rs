@@ -1,0 +1,520 @@
+//! `sidecar gateway`: a mesh member of one network that serves every
+//! published port of every service group of that network (seed 002) on its
+//! public addresses, following the keyserver's pushes with no restart.
+//! Several gateways can serve one network (each balances and counts on its
+//! own).
+//!
+//! ## Layout
+//! - [`member`] — joining, following the map, reaching instances
+//!   ([`member::Dialer`]); the one file that knows how the gateway is a member.
+//! - [`balance`] — the pure balancer of one group: limits, queue, health.
+//! - [`routes`] — groups at run time: which group a connection is for,
+//!   slots, dials with retries, wake hooks.
+//! - [`http`] — HTTP mode (ports 80 and 443): reverse proxy, redirect,
+//!   WebSocket upgrades.
+//! - [`tcp`] — TCP mode (other TCP ports): TLS terminated, bytes both ways.
+//! - [`udp`] — UDP ports: per-client flows with an idle timeout.
+//! - [`wake`] — scale to zero: the wake hook (command or URL).
+//! - [`metrics`] — per group and per instance counters, Prometheus text.
+//!
+//! Which port does what follows from seed 002's rules: port 80 is plain
+//! HTTP (proxy, or redirect per group), 443 is TLS + HTTP, every other TCP
+//! port is TLS + TCP; UDP ports are served on the address they name.
+
+pub mod balance;
+pub mod http;
+pub mod member;
+pub mod metrics;
+pub mod routes;
+pub mod tcp;
+pub mod udp;
+pub mod wake;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlib::netmap::NetworkMap;
+use meshlib::proto::JoinToken;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use member::{Dialer, MemberSettings, Membership};
+use routes::{Listen, RouteSettings, Routes};
+
+/// `sidecar gateway` flags (and `ISTM_GATEWAY_*` variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Join token of the network to serve (visible in `ps`: prefer
+    /// --token-file or ISTM_TOKEN).
+    #[arg(long, env = "ISTM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "ISTM_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Public address to serve on (repeat; default 0.0.0.0, every address).
+    #[arg(long = "listen", env = "ISTM_GATEWAY_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<IpAddr>,
+    /// Certificate chain (PEM) for TLS ports: a wildcard for the service domain.
+    #[arg(long, env = "ISTM_GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the certificate.
+    #[arg(long, env = "ISTM_GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Service name the gateway joins as.
+    #[arg(long, default_value = "gateway")]
+    pub service: String,
+    /// Wanted instance name (default: assigned).
+    #[arg(long)]
+    pub instance: Option<meshlib::ids::InstanceName>,
+    /// TUN interface of the gateway's membership (kernel mode), and its
+    /// UAPI socket's name.
+    #[arg(long, default_value = "istmgw0")]
+    pub interface: String,
+    /// kernel (TUN, needs CAP_NET_ADMIN) or userspace (no privileges for
+    /// the data plane; public ports below 1024 still need them).
+    #[arg(long, env = "ISTM_MODE", default_value = "kernel")]
+    pub mode: crate::config::Mode,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    pub listen_port: u16,
+    /// Underlay endpoint to advertise (repeat; default: local addresses).
+    #[arg(long = "endpoint", value_delimiter = ',')]
+    pub endpoints: Vec<SocketAddr>,
+    /// Prometheus metrics address (`GET /metrics`), or "off".
+    #[arg(long, default_value = "127.0.0.1:9478")]
+    pub metrics: String,
+    /// Interval of active health checks (a TCP connect to each online
+    /// instance's port through the mesh).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// Time a connect to an instance may take (health checks and traffic).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Longest wait in a group's queue (all instances at their soft limit).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+    /// A UDP flow ends after this long without a datagram.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub udp_idle_timeout: Duration,
+    /// Time allowed for a TLS handshake or an HTTP request head.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head, bytes (past it: 431 / stream reset).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_header_bytes: usize,
+    /// Most client connections open at once (more wait to be accepted).
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Let groups' command wake hooks run on this host.
+    #[arg(long)]
+    pub allow_wake_commands: bool,
+}
+
+/// Why the gateway failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A flag or file is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// Joining or the data plane failed.
+    #[error(transparent)]
+    Member(#[from] member::MemberError),
+}
+
+/// The TLS configurations: HTTP mode (ALPN h2, http/1.1) and TCP mode.
+struct Tls {
+    http: Arc<rustls::ServerConfig>,
+    tcp: Arc<rustls::ServerConfig>,
+}
+
+/// Loads the certificate chain and key.
+fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
+    let bad = |what: &str, path: &PathBuf, e: &dyn std::fmt::Display| {
+        GatewayError::Config(format!("{what} {}: {e}", path.display()))
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("tls-cert", cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("tls-cert", cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad("tls-cert", cert, &"no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("tls-key", key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+        let mut c = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| GatewayError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| GatewayError::Config(format!("tls-cert/tls-key: {e}")))?;
+        c.alpn_protocols = alpn;
+        Ok(Arc::new(c))
+    };
+    Ok(Tls {
+        http: build(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+        tcp: build(vec![])?,
+    })
+}
+
+/// The token from the flag or its file.
+fn token(args: &GatewayArgs) -> Result<JoinToken, GatewayError> {
+    let text = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => {
+            meshlib::fsutil::read_text_limited(path, meshlib::fsutil::MAX_SMALL_FILE)
+                .map_err(|e| GatewayError::Config(format!("token-file: {e}")))?
+        }
+        (None, None) => {
+            return Err(GatewayError::Config(
+                "a join token is needed (--token-file, ISTM_TOKEN or --token)".into(),
+            ))
+        }
+    };
+    text.trim()
+        .parse()
+        .map_err(|e| GatewayError::Config(format!("token: {e}")))
+}
+
+/// Everything the listeners share.
+struct Shared {
+    routes: Arc<Routes>,
+    http: Arc<http::HttpCtx>,
+    tcp: Option<Arc<tcp::TcpCtx>>,
+    tls_http: Option<Arc<rustls::ServerConfig>>,
+    udp: Arc<udp::UdpCtx>,
+    public: Vec<IpAddr>,
+    limit: Arc<Semaphore>,
+}
+
+/// Runs the gateway until `shutdown` turns true, then leaves the network.
+pub async fn run(
+    args: GatewayArgs,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(load_tls(c, k)?),
+        (None, None) => None,
+        _ => {
+            return Err(GatewayError::Config(
+                "give both --tls-cert and --tls-key".into(),
+            ))
+        }
+    };
+    let metrics_addr: Option<SocketAddr> = match args.metrics.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().map_err(|_| {
+            GatewayError::Config(format!("--metrics: {a:?} is neither ip:port nor \"off\""))
+        })?),
+    };
+    let token = token(&args)?;
+    let membership = Membership::start(MemberSettings {
+        token,
+        service: args.service.clone(),
+        instance: args.instance.clone(),
+        interface: args.interface.clone(),
+        listen_port: args.listen_port,
+        endpoints: args.endpoints.clone(),
+        userspace: args.mode == crate::config::Mode::Userspace,
+    })
+    .await?;
+    let dialer: Arc<dyn Dialer> = membership.dialer();
+    let result = serve(
+        &args,
+        tls,
+        metrics_addr,
+        dialer,
+        membership.map.clone(),
+        &mut shutdown,
+    )
+    .await;
+    membership.leave().await;
+    result
+}
+
+/// Serves the groups of the maps arriving on `maps` until `shutdown`.
+/// Public for tests and embedders that bring their own membership.
+pub async fn serve_maps(
+    args: &GatewayArgs,
+    dialer: Arc<dyn Dialer>,
+    maps: watch::Receiver<Arc<NetworkMap>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(load_tls(c, k)?),
+        _ => None,
+    };
+    serve(args, tls, None, dialer, maps, shutdown).await
+}
+
+async fn serve(
+    args: &GatewayArgs,
+    tls: Option<Tls>,
+    metrics_addr: Option<SocketAddr>,
+    dialer: Arc<dyn Dialer>,
+    mut maps: watch::Receiver<Arc<NetworkMap>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let routes = Arc::new(Routes::default());
+    let settings = RouteSettings {
+        queue_timeout: args.queue_timeout,
+        connect_timeout: args.connect_timeout,
+        allow_wake_commands: args.allow_wake_commands,
+    };
+    let shared = Arc::new(Shared {
+        routes: routes.clone(),
+        http: Arc::new(http::HttpCtx {
+            routes: routes.clone(),
+            dialer: dialer.clone(),
+            settings: settings.clone(),
+            upstreams: Arc::default(),
+            max_header_bytes: args.max_header_bytes,
+            header_timeout: args.handshake_timeout,
+        }),
+        tcp: tls.as_ref().map(|t| {
+            Arc::new(tcp::TcpCtx {
+                routes: routes.clone(),
+                dialer: dialer.clone(),
+                settings: settings.clone(),
+                tls: t.tcp.clone(),
+                handshake_timeout: args.handshake_timeout,
+            })
+        }),
+        tls_http: tls.as_ref().map(|t| t.http.clone()),
+        udp: Arc::new(udp::UdpCtx {
+            routes: routes.clone(),
+            dialer: dialer.clone(),
+            settings,
+            idle_timeout: args.udp_idle_timeout,
+        }),
+        public: if args.listen.is_empty() {
+            vec![IpAddr::from([0, 0, 0, 0])]
+        } else {
+            args.listen.clone()
+        },
+        limit: Arc::new(Semaphore::new(args.max_connections.max(1))),
+    });
+    let metrics_task = match metrics_addr {
+        Some(addr) => Some(serve_metrics(addr, routes.clone()).await?),
+        None => None,
+    };
+    let health = tokio::spawn(health_loop(
+        routes.clone(),
+        dialer,
+        args.health_interval,
+        args.connect_timeout,
+    ));
+    let mut listeners: BTreeMap<Listen, Vec<JoinHandle<()>>> = BTreeMap::new();
+    let mut dirty = true;
+    loop {
+        if std::mem::take(&mut dirty) {
+            let map = maps.borrow_and_update().clone();
+            routes.apply(&map);
+            reconcile(&shared, &mut listeners).await;
+            tracing::info!(
+                generation = map.generation,
+                groups = map.services.len(),
+                listeners = listeners.len(),
+                "service groups applied"
+            );
+        }
+        tokio::select! {
+            r = maps.changed() => match r {
+                Ok(()) => dirty = true,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for (_, tasks) in listeners {
+        for t in tasks {
+            t.abort();
+        }
+    }
+    health.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Opens the listeners the groups need and closes those they no longer do
+/// (connections already accepted carry on).
+async fn reconcile(shared: &Arc<Shared>, listeners: &mut BTreeMap<Listen, Vec<JoinHandle<()>>>) {
+    let local: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .collect();
+    let want: BTreeSet<Listen> = shared.routes.listeners(&shared.public, &local);
+    listeners.retain(|key, tasks| {
+        let keep = want.contains(key);
+        if !keep {
+            tracing::info!(listener = ?key, "no group publishes this port any more: closed");
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+        keep
+    });
+    for key in want {
+        if listeners.contains_key(&key) {
+            continue;
+        }
+        match open(shared, key).await {
+            Ok(tasks) => {
+                tracing::info!(listener = ?key, "serving");
+                listeners.insert(key, tasks);
+            }
+            // Retried at the next map change.
+            Err(e) => tracing::warn!(listener = ?key, error = %e, "cannot serve this port"),
+        }
+    }
+}
+
+/// Binds one listener (every public address for TCP) and spawns its loops.
+async fn open(shared: &Arc<Shared>, key: Listen) -> std::io::Result<Vec<JoinHandle<()>>> {
+    match key {
+        Listen::Udp(ip, port) => {
+            let sock = tokio::net::UdpSocket::bind(SocketAddr::new(ip, port)).await?;
+            let ctx = shared.udp.clone();
+            Ok(vec![tokio::spawn(udp::serve(ctx, sock, ip, port))])
+        }
+        Listen::Tcp(port) => {
+            if port != 80 && shared.tcp.is_none() || port == 443 && shared.tls_http.is_none() {
+                return Err(std::io::Error::other(
+                    "a TLS port needs --tls-cert and --tls-key",
+                ));
+            }
+            let mut tasks = Vec::new();
+            for ip in &shared.public {
+                let l = TcpListener::bind(SocketAddr::new(*ip, port)).await?;
+                tasks.push(tokio::spawn(accept_loop(shared.clone(), l, port)));
+            }
+            Ok(tasks)
+        }
+    }
+}
+
+/// Accepts connections on a TCP port and hands them to their mode.
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
+    loop {
+        let Ok(permit) = shared.limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match port {
+                80 => {
+                    http::serve(shared.http.clone(), stream, peer, port, http::Alpn::Detect).await
+                }
+                443 => {
+                    let Some(cfg) = shared.tls_http.clone() else {
+                        return;
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    match tokio::time::timeout(shared.http.header_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => {
+                            let alpn = match tls.get_ref().1.alpn_protocol() {
+                                Some(b"h2") => http::Alpn::H2,
+                                _ => http::Alpn::Http1,
+                            };
+                            http::serve(shared.http.clone(), tls, peer, port, alpn).await;
+                        }
+                        _ => tracing::debug!(%peer, "TLS handshake failed or timed out; closed"),
+                    }
+                }
+                _ => {
+                    if let Some(ctx) = shared.tcp.clone() {
+                        tcp::serve(ctx, stream, peer, port).await;
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Active health checks: every `interval`, a TCP connect to each online
+/// instance's first TCP internal port, through the mesh.
+async fn health_loop(
+    routes: Arc<Routes>,
+    dialer: Arc<dyn Dialer>,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut checks = tokio::task::JoinSet::new();
+        for rt in routes.all() {
+            let g = rt.group();
+            let Some(port) = g
+                .ports
+                .iter()
+                .find(|p| p.protocol == meshlib::services::Protocol::Tcp)
+                .map(|p| p.destination_port)
+            else {
+                continue;
+            };
+            for pick in rt.online_instances() {
+                let (rt, dialer) = (rt.clone(), dialer.clone());
+                checks.spawn(async move {
+                    let addr = std::net::SocketAddrV4::new(pick.ip, port);
+                    let ok = dialer.dial(addr, timeout).await.is_ok();
+                    if !ok {
+                        tracing::debug!(instance = %pick.instance, %addr, "health check failed");
+                    }
+                    rt.health(&pick, ok);
+                });
+            }
+        }
+        while checks.join_next().await.is_some() {}
+    }
+}
+
+/// `GET /metrics` on `addr`.
+async fn serve_metrics(
+    addr: SocketAddr,
+    routes: Arc<Routes>,
+) -> Result<JoinHandle<()>, GatewayError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| GatewayError::Config(format!("--metrics {addr}: {e}")))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let routes = routes.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    routes.metrics(),
+                )
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}

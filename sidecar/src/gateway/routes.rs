@@ -1,0 +1,461 @@
+//! The gateway's view of its network's service groups: which group a
+//! connection is for (port, then `Host` or TLS SNI), each group's balancer
+//! ([`super::balance::Pool`]) with its waiters, slots that free themselves,
+//! dials with retries over the instances, and the wake hook.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshlib::netmap::NetworkMap;
+use meshlib::services::{GroupName, PortMode, Protocol, PublishedPort, ServiceGroup, WakeHook};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+use super::balance::{Admit, Pick, Pool};
+use super::member::{Dialer, MeshStream};
+use super::metrics::{Counters, GroupGauges, GroupStats};
+
+/// Timeouts and switches the routes need (from the gateway config).
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// Longest wait in a group's queue.
+    pub queue_timeout: Duration,
+    /// Time allowed to open a connection to an instance.
+    pub connect_timeout: Duration,
+    /// Whether command wake hooks may run.
+    pub allow_wake_commands: bool,
+}
+
+/// The balancer and its waiters, under one lock.
+struct Inner {
+    pool: Pool,
+    waiters: HashMap<u64, oneshot::Sender<Pick>>,
+}
+
+/// One service group at run time.
+pub struct GroupRt {
+    group: RwLock<ServiceGroup>,
+    inner: Mutex<Inner>,
+    /// Its counters.
+    pub stats: Arc<GroupStats>,
+    /// A wake hook is running.
+    waking: Mutex<bool>,
+}
+
+/// A taken connection slot on one instance; freed on drop.
+pub struct Slot {
+    rt: Arc<GroupRt>,
+    pick: Option<Pick>,
+    /// The instance's counters.
+    pub counters: Arc<Counters>,
+}
+
+impl Slot {
+    /// The instance.
+    pub fn pick(&self) -> &Pick {
+        self.pick.as_ref().expect("a live slot has its pick")
+    }
+
+    /// The dial to this instance failed: skip it for a while.
+    pub fn fail(mut self) {
+        if let Some(p) = self.pick.take() {
+            let mut inner = self.rt.inner.lock();
+            let out = inner.pool.failed(&p.instance, Instant::now());
+            self.rt.hand_out(&mut inner, out);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(p) = self.pick.take() {
+            let mut inner = self.rt.inner.lock();
+            let out = inner.pool.release(&p.instance, Instant::now());
+            self.rt.hand_out(&mut inner, out);
+        }
+    }
+}
+
+impl GroupRt {
+    fn new(group: ServiceGroup) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                pool: Pool::new(group.limits),
+                waiters: HashMap::new(),
+            }),
+            group: RwLock::new(group),
+            stats: Arc::default(),
+            waking: Mutex::new(false),
+        }
+    }
+
+    /// The group's name.
+    pub fn group_name(&self) -> String {
+        self.group.read().name.to_string()
+    }
+
+    /// The group's definition now.
+    pub fn group(&self) -> ServiceGroup {
+        self.group.read().clone()
+    }
+
+    /// Gives dispatched slots to their waiters; a waiter that is gone gives
+    /// its slot back (which may dispatch another).
+    fn hand_out(&self, inner: &mut Inner, mut out: Vec<(u64, Pick)>) {
+        while let Some((id, pick)) = out.pop() {
+            let gone = match inner.waiters.remove(&id) {
+                Some(tx) => tx.send(pick).err(),
+                None => Some(pick),
+            };
+            if let Some(p) = gone {
+                out.extend(inner.pool.release(&p.instance, Instant::now()));
+            }
+        }
+    }
+
+    /// Takes a slot: at once, after waiting, or not at all (refused; the
+    /// refusal is counted). `may_wait` is false for UDP.
+    pub async fn acquire(self: &Arc<Self>, may_wait: bool, s: &RouteSettings) -> Option<Slot> {
+        let (id, wake, rx) = {
+            let mut inner = self.inner.lock();
+            match inner.pool.admit(may_wait, Instant::now()) {
+                Admit::Go(pick) => return Some(self.slot(pick)),
+                Admit::Reject => {
+                    self.stats.rejected.fetch_add(1, Relaxed);
+                    return None;
+                }
+                Admit::Wait { id, wake } => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(id, tx);
+                    (id, wake, rx)
+                }
+            }
+        };
+        self.stats.queued.fetch_add(1, Relaxed);
+        let group = self.group();
+        let limit = if wake {
+            if group.wake.is_none() {
+                // Nothing will bring an instance: refuse now.
+                self.give_up(id);
+                self.stats.rejected.fetch_add(1, Relaxed);
+                return None;
+            }
+            self.run_wake(&group, s.allow_wake_commands);
+            Duration::from_secs(u64::from(group.wake_timeout_secs))
+        } else {
+            s.queue_timeout
+        };
+        let mut rx = rx;
+        match tokio::time::timeout(limit, &mut rx).await {
+            Ok(Ok(pick)) => Some(self.slot(pick)),
+            _ => {
+                if !self.give_up(id) {
+                    // Dispatched as the wait ended: take it after all.
+                    if let Ok(pick) = rx.try_recv() {
+                        return Some(self.slot(pick));
+                    }
+                }
+                self.stats.rejected.fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Leaves the queue; false if the waiter was dispatched meanwhile.
+    fn give_up(&self, id: u64) -> bool {
+        let mut inner = self.inner.lock();
+        inner.waiters.remove(&id);
+        inner.pool.cancel(id)
+    }
+
+    fn slot(self: &Arc<Self>, pick: Pick) -> Slot {
+        let counters = self.stats.instance(pick.instance.as_str());
+        Slot {
+            rt: self.clone(),
+            pick: Some(pick),
+            counters,
+        }
+    }
+
+    /// Takes a slot and opens a connection to the instance's `port`,
+    /// retrying other instances when a dial fails (each failure marks its
+    /// instance down for a backoff). `None`: refused or nothing reachable.
+    pub async fn connect(
+        self: &Arc<Self>,
+        destination_port: u16,
+        dialer: &dyn Dialer,
+        s: &RouteSettings,
+    ) -> Option<(Slot, Box<dyn MeshStream>)> {
+        for _ in 0..4 {
+            let slot = self.acquire(true, s).await?;
+            let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
+            match dialer.dial(addr, s.connect_timeout).await {
+                Ok(stream) => {
+                    slot.counters.forwarded.fetch_add(1, Relaxed);
+                    self.stats.total.forwarded.fetch_add(1, Relaxed);
+                    return Some((slot, stream));
+                }
+                Err(e) => {
+                    tracing::debug!(group = %self.group.read().name, instance = %slot.pick().instance, error = %e, "dial failed; trying another instance");
+                    slot.counters.dial_failures.fetch_add(1, Relaxed);
+                    self.stats.total.dial_failures.fetch_add(1, Relaxed);
+                    slot.fail();
+                }
+            }
+        }
+        self.stats.rejected.fetch_add(1, Relaxed);
+        None
+    }
+
+    /// Runs the wake hook unless a run is under way.
+    fn run_wake(self: &Arc<Self>, group: &ServiceGroup, allow_commands: bool) {
+        let Some(hook) = group.wake.clone() else {
+            return;
+        };
+        {
+            let mut waking = self.waking.lock();
+            if *waking {
+                return;
+            }
+            *waking = true;
+        }
+        self.stats.wakes.fetch_add(1, Relaxed);
+        let rt = self.clone();
+        let (name, fqdn) = (group.name.to_string(), group.fqdn.clone());
+        let limit = Duration::from_secs(u64::from(group.wake_timeout_secs));
+        tokio::spawn(async move {
+            let result =
+                tokio::time::timeout(limit, super::wake::run(&hook, &name, &fqdn, allow_commands))
+                    .await;
+            match result {
+                Ok(Ok(())) => tracing::info!(group = %name, "wake hook ran"),
+                Ok(Err(e)) => tracing::warn!(group = %name, error = %e, "wake hook failed"),
+                Err(_) => {
+                    tracing::warn!(group = %name, "wake hook did not finish within the wake timeout")
+                }
+            }
+            *rt.waking.lock() = false;
+        });
+    }
+
+    /// Health check results.
+    pub fn health(&self, pick: &Pick, ok: bool) {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        if ok {
+            let out = inner.pool.healthy(&pick.instance, now);
+            self.hand_out(&mut inner, out);
+        } else {
+            inner.pool.unhealthy(&pick.instance, now);
+        }
+    }
+
+    /// Online instances (for health checks).
+    pub fn online_instances(&self) -> Vec<Pick> {
+        self.inner.lock().pool.online_instances()
+    }
+
+    fn gauges(&self) -> GroupGauges {
+        let inner = self.inner.lock();
+        GroupGauges {
+            group: self.group.read().name.to_string(),
+            queued: inner.pool.queued(),
+            instances: inner
+                .pool
+                .active()
+                .into_iter()
+                .map(|(n, a, d)| (n.to_string(), a, d))
+                .collect(),
+        }
+    }
+}
+
+/// A listener the map asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Listen {
+    /// A TCP port on every public address.
+    Tcp(u16),
+    /// A UDP port on one address.
+    Udp(IpAddr, u16),
+}
+
+/// Every group of the network, by name.
+#[derive(Default)]
+pub struct Routes {
+    groups: RwLock<HashMap<GroupName, Arc<GroupRt>>>,
+    generation: Mutex<u64>,
+}
+
+impl Routes {
+    /// Follows a new map: groups added, changed (limits, ports, instances
+    /// and their states) or removed; waiters dispatched if there is room.
+    /// Waiters of a removed group are refused.
+    pub fn apply(&self, map: &NetworkMap) {
+        let now = Instant::now();
+        let mut groups = self.groups.write();
+        groups.retain(|name, _| map.services.contains_key(name));
+        for (name, g) in &map.services {
+            let rt = groups
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(GroupRt::new(g.clone())))
+                .clone();
+            *rt.group.write() = g.clone();
+            let instances = g
+                .instances
+                .iter()
+                .filter_map(|i| {
+                    let m = map.by_instance(i)?;
+                    Some((i.clone(), m.ip, m.is_online()))
+                })
+                .collect();
+            let mut inner = rt.inner.lock();
+            let out = inner.pool.update(g.limits, instances, now);
+            rt.hand_out(&mut inner, out);
+        }
+        *self.generation.lock() = map.generation;
+    }
+
+    /// The group that publishes TCP `port` for `host` (the FQDN from `Host`
+    /// or SNI); without a host, the only group publishing the port.
+    pub fn find(&self, port: u16, host: Option<&str>) -> Option<(Arc<GroupRt>, Route)> {
+        let groups = self.groups.read();
+        let route = |g: &ServiceGroup| {
+            g.port(port, Protocol::Tcp).map(|p| Route {
+                destination_port: p.destination_port,
+                mode: p.mode(),
+            })
+        };
+        match host {
+            Some(h) => {
+                let h = host_part(h);
+                groups.values().find_map(|rt| {
+                    let g = rt.group.read();
+                    let same = g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h);
+                    if same {
+                        route(&g).map(|r| (rt.clone(), r))
+                    } else {
+                        None
+                    }
+                })
+            }
+            None => {
+                let mut on_port = groups
+                    .values()
+                    .filter_map(|rt| route(&rt.group.read()).map(|r| (rt.clone(), r)));
+                let first = on_port.next()?;
+                on_port.next().is_none().then_some(first)
+            }
+        }
+    }
+
+    /// The group and port published as UDP `port` on `ip`.
+    pub fn find_udp(&self, ip: IpAddr, port: u16) -> Option<(Arc<GroupRt>, PublishedPort)> {
+        let groups = self.groups.read();
+        groups.values().find_map(|rt| {
+            let g = rt.group.read();
+            g.port(port, Protocol::Udp)
+                .filter(|p| p.ip == Some(ip))
+                .cloned()
+                .map(|p| (rt.clone(), p))
+        })
+    }
+
+    /// Every listener the groups need, for a gateway on `public` addresses
+    /// (UDP ports on another address are not this gateway's).
+    pub fn listeners(&self, public: &[IpAddr], local: &[IpAddr]) -> BTreeSet<Listen> {
+        let groups = self.groups.read();
+        let mut out = BTreeSet::new();
+        for rt in groups.values() {
+            for p in &rt.group.read().ports {
+                match (p.mode(), p.ip) {
+                    (PortMode::Udp, Some(ip)) => {
+                        let ours = public.contains(&ip)
+                            || (public.iter().any(IpAddr::is_unspecified) && local.contains(&ip));
+                        if ours {
+                            out.insert(Listen::Udp(ip, p.port));
+                        }
+                    }
+                    (PortMode::Udp, None) => {}
+                    _ => {
+                        out.insert(Listen::Tcp(p.port));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every group (for health checks).
+    pub fn all(&self) -> Vec<Arc<GroupRt>> {
+        self.groups.read().values().cloned().collect()
+    }
+
+    /// The Prometheus text of every group.
+    pub fn metrics(&self) -> String {
+        let all = self.all();
+        let mut stats: Vec<(String, Arc<GroupStats>)> = all
+            .iter()
+            .map(|rt| (rt.group.read().name.to_string(), rt.stats.clone()))
+            .collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut gauges: Vec<GroupGauges> = all.iter().map(|rt| rt.gauges()).collect();
+        gauges.sort_by(|a, b| a.group.cmp(&b.group));
+        super::metrics::render(&stats, &gauges, *self.generation.lock())
+    }
+}
+
+/// How a published TCP port is served, for one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The instances' port.
+    pub destination_port: u16,
+    /// What the gateway does.
+    pub mode: PortMode,
+}
+
+/// A `Host` or SNI value without its port and trailing dot (case kept).
+fn host_part(host: &str) -> &str {
+    let h = if host.starts_with('[') {
+        host.split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()])
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    h.trim_end_matches('.')
+}
+
+/// A `Host` or SNI value as an FQDN: no port, no trailing dot, lowercase.
+pub fn normalize_host(host: &str) -> String {
+    host_part(host).to_ascii_lowercase()
+}
+
+/// What a wake hook is, for logs.
+pub fn describe(hook: &WakeHook) -> String {
+    match hook {
+        WakeHook::Command(c) => {
+            format!("command {:?}", c.first().map(String::as_str).unwrap_or(""))
+        }
+        WakeHook::Url(u) => format!("url {u}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(
+            normalize_host("My-Svc-ABC.Example.test:443"),
+            "my-svc-abc.example.test"
+        );
+        assert_eq!(normalize_host("a.test."), "a.test");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+}
