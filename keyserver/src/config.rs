@@ -86,6 +86,11 @@ pub struct Config {
     /// Most simultaneous admin API connections. Default 128; a new one
     /// closes the oldest.
     pub api_max_connections: usize,
+    /// Where the records live: unset for the embedded store
+    /// (`<data-dir>/state.redb`, one keyserver), or
+    /// `etcd://host:2379[,host:2379...][/prefix]` for an etcd cluster shared
+    /// by any number of keyserver replicas (prefix default `/ist-mesh`).
+    pub store: Option<String>,
 }
 
 impl Default for Config {
@@ -115,6 +120,7 @@ impl Default for Config {
             api_request_timeout_secs: api.request_timeout.as_secs(),
             api_max_body: api.max_body,
             api_max_connections: api.max_connections,
+            store: None,
         }
     }
 }

@@ -93,6 +93,11 @@ struct ServeArgs {
     /// network says otherwise.
     #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
     expire_after: Option<std::time::Duration>,
+    /// Where the records live: `etcd://host:2379[,host:2379...][/prefix]`
+    /// for an etcd cluster shared by keyserver replicas; default the
+    /// embedded store in the data directory.
+    #[arg(long, env = "KEYSERVER_STORE")]
+    store: Option<String>,
 }
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
@@ -311,6 +316,9 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     }
     if let Some(d) = args.expire_after {
         config.expire_after_secs = d.as_secs().max(1);
+    }
+    if args.store.is_some() {
+        config.store = args.store;
     }
     init_logs(&config.log_level, config.log_format)?;
     let ks = Keyserver::open(&config).context("opening the data directory")?;

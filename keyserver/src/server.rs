@@ -20,8 +20,13 @@ use meshlib::proto::{self, ServerMsg};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use crate::etcd::Cluster;
 use crate::registry::{Change, Lifecycle, Records, Registry, StoreOp};
 use crate::store::{Store, StoreError};
+
+/// How many times an operation refused by a shared store (another replica
+/// changed the same records first) is run again on fresh state.
+const CONFLICT_TRIES: usize = 16;
 
 /// Limits and tunables of the servers (plain data; see [`crate::config::Config`]).
 #[derive(Debug, Clone)]
@@ -73,6 +78,8 @@ impl Default for Limits {
 pub struct OpenSession {
     map: Arc<Mutex<HashMap<(NetworkId, PublicKey), u32>>>,
     id: (NetworkId, PublicKey),
+    /// The replica set told when the member's last session here ends.
+    cluster: Option<Cluster>,
 }
 
 impl Drop for OpenSession {
@@ -82,6 +89,9 @@ impl Drop for OpenSession {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.id);
+                if let Some(c) = &self.cluster {
+                    c.release(self.id.0, self.id.1);
+                }
             }
         }
     }
@@ -143,6 +153,10 @@ pub struct Shared {
     pub cert_sha256: [u8; 32],
     /// QUIC addresses written into tokens; set when serving starts.
     pub advertise: OnceLock<Vec<SocketAddr>>,
+    /// The replica set, when the store is shared (etcd).
+    cluster: Option<Cluster>,
+    /// Most writes one commit may hold.
+    max_ops: usize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -161,6 +175,7 @@ impl Shared {
     ) -> Result<(Self, Vec<String>), StoreError> {
         let records = store.load()?;
         let (reg, warnings) = Self::build(records, &limits, now);
+        let (cluster, max_ops) = (store.cluster(), store.max_ops());
         let shared = Self {
             core: Mutex::new(Core {
                 reg,
@@ -175,6 +190,8 @@ impl Shared {
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
+            cluster,
+            max_ops,
         };
         Ok((shared, warnings))
     }
@@ -192,35 +209,131 @@ impl Shared {
     }
 
     /// Runs one mutation: `f` changes the registry and returns its result,
-    /// the writes and the changes to push; the writes are committed, then the
-    /// changes published. `after` runs under the same lock once everything
-    /// succeeded (to subscribe without missing a push).
+    /// the writes and the changes to push; the writes (with the change-log
+    /// entries of the changes) are committed, then the changes published.
+    /// `after` runs under the same lock once everything succeeded (to
+    /// subscribe without missing a push).
+    ///
+    /// On a shared store, changes other replicas made are applied first;
+    /// if another replica changed the same records meanwhile, memory is put
+    /// back, the store catches up and `f` runs again on fresh state (at
+    /// most [`CONFLICT_TRIES`] times).
     pub fn mutate<T, E, R>(
         &self,
-        f: impl FnOnce(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
         after: impl FnOnce(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
         let mut core = self.core.lock();
         if core.stale {
             self.reload(&mut core)?;
         }
-        let (value, ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
-        if !ops.is_empty() {
-            if let Err(e) = core.store.commit(&ops) {
-                // Memory ran ahead of disk: rebuild it from disk.
-                tracing::error!("store commit failed, reloading the state from the store: {e}");
-                if let Err(again) = self.reload(&mut core) {
+        let mut tries = 0;
+        loop {
+            self.sync_locked(&mut core);
+            let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
+            if !changes.is_empty() {
+                ops.extend(core.reg.log_ops(&changes));
+            }
+            if !ops.is_empty() {
+                if let Err(e) = core.store.commit(&ops) {
+                    self.put_back(&mut core, &ops);
+                    if let StoreError::Conflict { revision } = e {
+                        tries += 1;
+                        if tries < CONFLICT_TRIES {
+                            tracing::debug!(
+                                revision,
+                                tries,
+                                "store conflict: running the operation again on fresh state"
+                            );
+                            core.store.catch_up(revision)?;
+                            continue;
+                        }
+                    } else {
+                        tracing::error!("store commit failed: {e}");
+                    }
+                    *self.probe.lock() = None;
+                    return Err(OpError::Store(e));
+                }
+            }
+            for change in changes {
+                self.publish(change);
+            }
+            let extra = after(&core.reg, &value, self);
+            return Ok((value, extra));
+        }
+    }
+
+    /// After a refused commit: memory back to what the store holds — the
+    /// touched records as last committed, or (a store that cannot tell) a
+    /// reload of everything.
+    fn put_back(&self, core: &mut Core, ops: &[StoreOp]) {
+        // Memory-only notes may have gone with the records.
+        self.confirmed.lock().clear();
+        match core.store.known(ops) {
+            Some(back) => {
+                for w in core.reg.apply(&back) {
+                    tracing::warn!("putting back a refused commit: {w}");
+                }
+            }
+            None => {
+                tracing::error!("reloading the state from the store");
+                if let Err(again) = self.reload(core) {
                     tracing::error!("{again}; changes are refused until the store can be read");
                 }
-                *self.probe.lock() = None;
-                return Err(OpError::Store(e));
             }
         }
-        for change in changes {
-            self.publish(change);
+    }
+
+    /// Applies what other replicas committed (a shared store) and pushes
+    /// their changes to this replica's members. Blocking (it may reload).
+    pub fn sync(&self) {
+        let mut core = self.core.lock();
+        self.sync_locked(&mut core);
+    }
+
+    fn sync_locked(&self, core: &mut Core) {
+        match core.store.remote() {
+            Ok(batches) => {
+                for ops in batches {
+                    for w in core.reg.apply(&ops) {
+                        tracing::warn!("skipped a record from another replica: {w}");
+                    }
+                    for change in crate::registry::changes_of(&ops) {
+                        self.publish(change);
+                    }
+                    for op in &ops {
+                        if let StoreOp::DeleteNetwork(n) = op {
+                            self.forget_network(*n);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                if let Err(again) = self.reload(core) {
+                    tracing::error!("{again}; changes are refused until the store can be read");
+                }
+            }
         }
-        let extra = after(&core.reg, &value, self);
-        Ok((value, extra))
+    }
+
+    /// The replica set, when the store is shared.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// QUIC addresses for join tokens: this keyserver's, then every other
+    /// live replica's.
+    pub fn token_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.advertise.get().cloned().unwrap_or_default();
+        if let Some(c) = &self.cluster {
+            for a in c.replica_addrs() {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        addrs
     }
 
     /// Rebuilds the registry from the store; on failure marks it stale.
@@ -229,6 +342,8 @@ impl Shared {
             Ok(records) => {
                 core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
                 core.stale = false;
+                // Sessions catch up from the new state at their next push.
+                self.hubs.lock().clear();
                 // Memory-only notes went with the old registry.
                 self.confirmed.lock().clear();
                 Ok(())
@@ -272,9 +387,10 @@ impl Shared {
 
     /// Forgets expired and used-up tokens; returns how many. Blocking.
     pub fn collect_tokens(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let limit = self.max_ops;
         let result = self.mutate(
             |reg| {
-                let ops = reg.collect_tokens(now);
+                let ops = reg.collect_tokens_at_most(now, limit);
                 Ok::<_, std::convert::Infallible>((ops.len(), ops, vec![]))
             },
             |_, _, _| (),
@@ -337,16 +453,32 @@ impl Shared {
     /// under the registry lock, in the same [`Shared::mutate`] as the join
     /// or resume, so no retried join slips in between.
     pub fn online(&self, network: NetworkId, key: PublicKey) -> OpenSession {
-        *self.online.lock().entry((network, key)).or_insert(0) += 1;
+        let first = {
+            let mut online = self.online.lock();
+            let n = online.entry((network, key)).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            if let Some(c) = &self.cluster {
+                c.claim(network, key);
+            }
+        }
         OpenSession {
             map: self.online.clone(),
             id: (network, key),
+            cluster: self.cluster.clone(),
         }
     }
 
-    /// Whether a session of the member is open.
+    /// Whether a session of the member is open (here, or on another
+    /// replica of a shared store).
     pub fn is_online(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.online.lock().contains_key(&(network, *key))
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.present_elsewhere(network, key))
     }
 
     /// Notes a heartbeat. Memory only and off the registry lock (which a
@@ -379,10 +511,22 @@ impl Shared {
     pub fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
         /// Transitions per sweep; the rest wait a sweep interval.
         const BATCH: usize = 256;
+        // A shared store bounds a transaction: about four writes each.
+        let batch = BATCH.min(self.max_ops / 4).max(1);
         let heard = self.seen.lock().clone();
+        let now_s = crate::registry::unix(now);
+        // Members whose session another replica holds are that replica's
+        // to judge; an orphan counts from when its presence vanished.
+        let cluster = self.cluster.clone();
+        let last = |n: NetworkId, k: &PublicKey| {
+            heard
+                .get(&(n, *k))
+                .copied()
+                .or_else(|| cluster.as_ref().and_then(|c| c.heard(n, k, now_s)))
+        };
         let result = self.mutate(
             |reg| {
-                let (changes, ops) = reg.sweep(now, |n, k| heard.get(&(n, *k)).copied(), BATCH);
+                let (changes, ops) = reg.sweep(now, last, batch);
                 Ok::<_, std::convert::Infallible>((changes.len(), ops, changes))
             },
             |_, _, _| (),

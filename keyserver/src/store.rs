@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::registry::{MemberRecord, NetworkRecord, Records, StoreOp, TokenRecord};
+use crate::registry::{LogRecord, MemberRecord, NetworkRecord, Records, StoreOp, TokenRecord};
 
 /// Networks by UUID bytes.
 const NETWORKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("networks");
@@ -27,6 +27,8 @@ const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const MEMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("members");
 /// Quarantined addresses by network UUID bytes + IPv4 bytes; value: Unix seconds.
 const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine");
+/// Change-log entries by network UUID bytes + generation (big-endian u64).
+const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 /// Size of the probe row: large enough to need fresh pages, so a full disk
@@ -56,6 +58,28 @@ pub enum StoreError {
         /// The cause.
         reason: String,
     },
+    /// Another replica changed a record this commit depends on since this
+    /// replica last saw it: nothing was written. The caller catches up
+    /// ([`Store::catch_up`]) and runs the operation again on fresh state.
+    #[error(
+        "another keyserver replica changed the same records first (store revision {revision})"
+    )]
+    Conflict {
+        /// The store's revision when the commit was refused.
+        revision: i64,
+    },
+    /// The store cannot be reached (or has no quorum): nothing is known to
+    /// be written. Changes are refused until it is back.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// A commit holds more writes than the store takes in one transaction.
+    #[error("{ops} writes in one commit; the store takes at most {max}")]
+    TooLarge {
+        /// Writes in the commit.
+        ops: usize,
+        /// The store's limit.
+        max: usize,
+    },
 }
 
 /// Turns any redb error into [`StoreError::Db`].
@@ -73,6 +97,38 @@ pub trait Store: Send + 'static {
     /// commits an empty batch.
     fn probe(&mut self) -> Result<(), StoreError> {
         self.commit(&[])
+    }
+
+    /// Records other writers (keyserver replicas sharing the store)
+    /// committed since the last call: one batch per transaction, oldest
+    /// first, without this store's own commits. Embedded stores have none.
+    fn remote(&mut self) -> Result<Vec<Vec<StoreOp>>, StoreError> {
+        Ok(vec![])
+    }
+
+    /// The last committed state of every record `ops` touch (a put of its
+    /// value, or a delete), to put memory back after a refused commit.
+    /// `None`: the store cannot tell, the caller reloads everything.
+    fn known(&self, _ops: &[StoreOp]) -> Option<Vec<StoreOp>> {
+        None
+    }
+
+    /// After a [`StoreError::Conflict`] at `revision`: waits (bounded) until
+    /// [`Store::remote`] can return everything committed up to it.
+    fn catch_up(&mut self, _revision: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Most writes one commit may hold (a shared store bounds its
+    /// transactions).
+    fn max_ops(&self) -> usize {
+        usize::MAX
+    }
+
+    /// The replica set sharing this store (presence of members, addresses
+    /// of the other replicas); `None` for an embedded store.
+    fn cluster(&self) -> Option<crate::etcd::Cluster> {
+        None
     }
 }
 
@@ -112,6 +168,7 @@ impl RedbStore {
                 txn.open_table(TOKENS).map_err(db)?;
                 txn.open_table(MEMBERS).map_err(db)?;
                 txn.open_table(QUARANTINE).map_err(db)?;
+                txn.open_table(LOG).map_err(db)?;
                 txn.open_table(PROBE).map_err(db)?;
             }
             txn.commit().map_err(db)?;
@@ -154,6 +211,13 @@ fn member_key(network: &meshlib::ids::NetworkId, key: &meshlib::keys::PublicKey)
 fn quarantine_key(network: &meshlib::ids::NetworkId, ip: std::net::Ipv4Addr) -> Vec<u8> {
     let mut k = network.uuid().as_bytes().to_vec();
     k.extend_from_slice(&ip.octets());
+    k
+}
+
+/// Key of a change-log row.
+fn log_key(network: &meshlib::ids::NetworkId, to: u64) -> Vec<u8> {
+    let mut k = network.uuid().as_bytes().to_vec();
+    k.extend_from_slice(&to.to_be_bytes());
     k
 }
 
@@ -243,11 +307,21 @@ fn load(database: &Database) -> Result<Records, StoreError> {
         let id: meshlib::ids::NetworkId = format!("pn-{uuid}").parse().map_err(db)?;
         quarantine.push((id, ip.into(), v.value()));
     }
+    let mut log = Vec::new();
+    for row in txn.open_table(LOG).map_err(db)?.iter().map_err(db)? {
+        let (_, v) = row.map_err(db)?;
+        // The log is a convenience: a bad entry costs a snapshot, not a start.
+        match serde_json::from_slice::<LogRecord>(v.value()) {
+            Ok(rec) => log.push(rec),
+            Err(e) => tracing::warn!("skipped a change-log entry: {e}"),
+        }
+    }
     Ok(Records {
         networks,
         tokens,
         members,
         quarantine,
+        log,
     })
 }
 
@@ -259,6 +333,7 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut tokens = txn.open_table(TOKENS).map_err(db)?;
         let mut members = txn.open_table(MEMBERS).map_err(db)?;
         let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
+        let mut log = txn.open_table(LOG).map_err(db)?;
         for op in ops {
             match op {
                 StoreOp::PutNetwork(n) => {
@@ -278,6 +353,9 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteNetwork(n) => {
                     networks.remove(&n.uuid().as_bytes()[..]).map_err(db)?;
+                    let (from, to) = (log_key(n, 0), log_key(n, u64::MAX));
+                    log.retain_in(&from[..]..=&to[..], |_, _| false)
+                        .map_err(db)?;
                 }
                 StoreOp::DeleteMember(n, key) => {
                     members.remove(&member_key(n, key)[..]).map_err(db)?;
@@ -289,6 +367,13 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteQuarantine(n, ip) => {
                     quarantine.remove(&quarantine_key(n, *ip)[..]).map_err(db)?;
+                }
+                StoreOp::PutLog(rec) => {
+                    let k = log_key(&rec.network, rec.delta.to);
+                    log.insert(&k[..], &enc(rec)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteLog(n, to) => {
+                    log.remove(&log_key(n, *to)[..]).map_err(db)?;
                 }
             }
         }
@@ -307,6 +392,7 @@ pub struct MemStore {
         MemberRecord,
     >,
     quarantine: std::collections::BTreeMap<(meshlib::ids::NetworkId, std::net::Ipv4Addr), u64>,
+    log: std::collections::BTreeMap<(meshlib::ids::NetworkId, u64), LogRecord>,
     /// Commits so far.
     commits: u64,
 }
@@ -332,6 +418,9 @@ impl MemStore {
         for (n, ip, until) in records.quarantine {
             s.quarantine.insert((n, ip), until);
         }
+        for rec in records.log {
+            s.log.insert((rec.network, rec.delta.to), rec);
+        }
         s
     }
 
@@ -352,6 +441,7 @@ impl Store for MemStore {
                 .iter()
                 .map(|((n, ip), until)| (*n, *ip, *until))
                 .collect(),
+            log: self.log.values().cloned().collect(),
         })
     }
 
@@ -363,6 +453,7 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteNetwork(n) => {
                     self.networks.remove(n);
+                    self.log.retain(|(id, _), _| id != n);
                 }
                 StoreOp::PutToken(t) => {
                     self.tokens.insert(t.hash, t.clone());
@@ -382,6 +473,12 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteQuarantine(n, ip) => {
                     self.quarantine.remove(&(*n, *ip));
+                }
+                StoreOp::PutLog(rec) => {
+                    self.log.insert((rec.network, rec.delta.to), rec.clone());
+                }
+                StoreOp::DeleteLog(n, to) => {
+                    self.log.remove(&(*n, *to));
                 }
             }
         }

@@ -157,6 +157,13 @@ impl From<OpError<AdminError>> for ApiError {
     fn from(e: OpError<AdminError>) -> Self {
         match e {
             OpError::Refused(e) => e.into(),
+            OpError::Store(
+                e @ (crate::store::StoreError::Unavailable(_)
+                | crate::store::StoreError::Conflict { .. }),
+            ) => Self(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("nothing changed: {e}; retry later"),
+            ),
             OpError::Store(e) => Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }

@@ -335,7 +335,7 @@ pub(super) async fn create_token(
         .map_err(|e| bad_request(format!("invalid process type binding: {e}")))?;
     let mut secret = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut secret);
-    let addrs = api.shared.advertise.get().cloned().unwrap_or_default();
+    let addrs = api.shared.token_addrs();
     let token = JoinToken {
         addrs,
         cert_sha256: api.shared.cert_sha256,
@@ -352,8 +352,8 @@ pub(super) async fn create_token(
                     &secret,
                     body.uses.unwrap_or(1),
                     ttl,
-                    body.service,
-                    process_type,
+                    body.service.clone(),
+                    process_type.clone(),
                     SystemTime::now(),
                 )
                 .map(|(r, ops)| (r, ops, vec![]))

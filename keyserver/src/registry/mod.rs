@@ -11,6 +11,7 @@
 mod lifecycle;
 mod network;
 mod records;
+mod replica;
 #[cfg(test)]
 mod tests;
 pub mod validate;
@@ -30,9 +31,10 @@ use subtle::ConstantTimeEq;
 pub use lifecycle::{Lifecycle, RotateError};
 use network::{default_instance, Network};
 pub use records::{
-    unix, Catchup, Change, Joined, MemberInfo, MemberRecord, NetworkRecord, Records, Resumed,
-    StoreOp, TokenRecord,
+    unix, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord, NetworkRecord, Records,
+    Resumed, StoreOp, TokenRecord,
 };
+pub use replica::changes_of;
 
 /// Why a protocol operation (join, resume, endpoint update) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +215,7 @@ impl Registry {
         for t in records.tokens {
             reg.tokens.insert(t.hash, t);
         }
+        reg.load_log(records.log);
         (reg, warnings)
     }
 

@@ -1,0 +1,298 @@
+//! Keyserver replicas on a real 3-node etcd cluster (loopback, own ports
+//! and data directories, removed afterwards): the store's guards, bad
+//! values under the prefix, concurrent joins over three replicas, pushes
+//! across replicas, resumes on another replica, and etcd nodes dying.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use common::etcd::EtcdCluster;
+use common::{cfg, client_endpoint, meta, Harness};
+use hyper::Method;
+use keyserver::etcd::{EtcdStore, EtcdUrl};
+use keyserver::registry::{Records, Registry, StoreOp};
+use keyserver::store::{Store, StoreError};
+use meshlib::control::{self, ClientConfig, Session};
+use serde_json::json;
+
+const Q: Duration = Duration::from_secs(300);
+
+/// Two stores on one prefix: a write based on a stale view is refused and
+/// nothing is written; the refused side gets the winner's records through
+/// the watch and its memory back from `known`; malformed and foreign
+/// values under the prefix are reported and skipped, at load and live.
+#[test]
+fn etcd_store_guards_writes_and_skips_bad_values() {
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let url: EtcdUrl = etcd.url("guards").parse().unwrap();
+    let now = SystemTime::now();
+    let mut a = EtcdStore::connect(&url).unwrap();
+    let mut b = EtcdStore::connect(&url).unwrap();
+    let (mut ra, _) = Registry::load(a.load().unwrap(), 64, Q, now);
+    let (mut rb, _) = Registry::load(b.load().unwrap(), 64, Q, now);
+    let range = meshlib::ipam::DEFAULT_RANGE;
+    let (net, ops) = ra.create_network("prod", range, now).unwrap();
+    a.commit(&ops).unwrap();
+    // b has not seen it: its own "prod" must be refused (names are unique).
+    let (other, ops_b) = rb.create_network("prod", range, now).unwrap();
+    let revision = match b.commit(&ops_b) {
+        Err(StoreError::Conflict { revision }) => revision,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    assert_eq!(
+        b.known(&ops_b).unwrap(),
+        vec![StoreOp::DeleteNetwork(other.id)],
+        "memory goes back to: no such network"
+    );
+    b.catch_up(revision).unwrap();
+    let remote: Vec<StoreOp> = b.remote().unwrap().into_iter().flatten().collect();
+    assert_eq!(remote, vec![StoreOp::PutNetwork(net.clone())]);
+    // A write on a stale revision of an existing record is refused too.
+    let ops_a2 = ra
+        .set_expire_after(net.id, Some(Duration::from_secs(60)))
+        .unwrap();
+    a.commit(&ops_a2).unwrap();
+    let stale = vec![StoreOp::PutNetwork(net.clone())];
+    assert!(matches!(b.commit(&stale), Err(StoreError::Conflict { .. })));
+    // Bad values under the prefix: a member that is not JSON, a member
+    // filed under another member's key, a key outside the layout.
+    let good_key = "ab".repeat(32);
+    etcd.put_raw(
+        &format!("/guards/members/{}/{good_key}", net.id.uuid()),
+        b"{not json",
+    );
+    etcd.put_raw(
+        &format!("/guards/tokens/{}", "cd".repeat(32)),
+        br#"{"id":"x"}"#,
+    );
+    etcd.put_raw("/guards/somebody-else/key", b"\x00\x01binary");
+    let skipped = b.skipped();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while skipped.load(Ordering::Relaxed) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bad values not reported"
+        );
+        let _ = b.remote().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A fresh replica loads around them.
+    let mut c = EtcdStore::connect(&url).unwrap();
+    let records: Records = c.load().unwrap();
+    assert_eq!(records.networks.len(), 1);
+    assert!(records.members.is_empty() && records.tokens.is_empty());
+    assert_eq!(c.skipped().load(Ordering::Relaxed), 3);
+}
+
+/// Three in-process replicas on one etcd prefix.
+async fn replicas(
+    etcd: &EtcdCluster,
+    prefix: &str,
+    n: usize,
+) -> (Vec<tempfile::TempDir>, Vec<Harness>) {
+    let url = etcd.url(prefix);
+    let mut dirs = Vec::new();
+    let mut hs = Vec::new();
+    for _ in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        let u = url.clone();
+        let path = dir.path().to_owned();
+        let h = Harness::start(&path, move |c| c.store = Some(u)).await;
+        dirs.push(dir);
+        hs.push(h);
+    }
+    (dirs, hs)
+}
+
+fn sessions_cfg() -> ClientConfig {
+    ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    }
+}
+
+/// Reads a session's events until its map has `n` online members.
+async fn until_members(s: &mut Session, n: usize, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while s.map().online().members.len() != n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.next_event()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("session ended: {e}"),
+            Err(_) => panic!(
+                "map has {} members, not {n}, after {limit:?}",
+                s.map().online().members.len()
+            ),
+        }
+    }
+}
+
+/// 300 joins at once, spread over three replicas: every address, index
+/// and instance name is handed out once, every replica lists all 300, and
+/// every member ends up seeing every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_joins_over_three_replicas_never_collide() {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (_dirs, hs) = replicas(&etcd, "joins", 3).await;
+    let net = hs[0].network("storm", "10.240.0.0/22").await;
+    const N: usize = 300;
+    let mut tokens = Vec::new();
+    for h in &hs {
+        let t = h
+            .token(&net.to_string(), json!({"uses": N / 3, "expires": "1h"}))
+            .await;
+        assert_eq!(t.addrs.len(), 3, "a token carries every replica");
+        // Each replica's token starts with that replica.
+        tokens.push(t);
+    }
+    let mut tasks = Vec::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(60));
+    for i in 0..N {
+        let mut token = tokens[i % 3].clone();
+        let first = token.addrs[0];
+        token.addrs.retain(|a| *a == first);
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let ep = client_endpoint();
+            let (_k, m) = meta(["api", "db", "web"][i % 3]);
+            let s = {
+                let _permit = sem.acquire().await.unwrap();
+                control::join(&ep, &token, m, &sessions_cfg()).await
+            };
+            (ep, s.expect("join"))
+        }));
+    }
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(t.await.unwrap());
+    }
+    for h in &hs {
+        let members = h.members(&net.to_string()).await;
+        assert_eq!(members.len(), N);
+        let ips: HashSet<_> = members.iter().map(|m| m["ip"].clone()).collect();
+        let names: HashSet<_> = members.iter().map(|m| m["instance"].clone()).collect();
+        let idx: HashSet<_> = members
+            .iter()
+            .map(|m| (m["app_id"].clone(), m["index"].clone()))
+            .collect();
+        assert_eq!((ips.len(), names.len(), idx.len()), (N, N, N), "duplicates");
+    }
+    let mut waits = Vec::new();
+    for (ep, mut s) in sessions {
+        waits.push(tokio::spawn(async move {
+            until_members(&mut s, N, Duration::from_secs(45)).await;
+            (ep, s)
+        }));
+    }
+    for w in waits {
+        let (_ep, s) = w.await.unwrap();
+        s.close();
+    }
+    for h in hs {
+        h.stop().await;
+    }
+}
+
+/// A removal through replica 1 reaches members connected to replicas 2
+/// and 3 within a second; a member resuming on another replica gets only
+/// the deltas it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removal_crosses_replicas_and_resume_elsewhere_gets_deltas() {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (_dirs, hs) = replicas(&etcd, "cross", 3).await;
+    let net = hs[0].network("cross", "10.240.0.0/22").await;
+    let ep = client_endpoint();
+    let mut sessions = Vec::new();
+    for h in &hs {
+        let mut t = h.token(&net.to_string(), json!({"uses": 5})).await;
+        t.addrs.truncate(1);
+        for _ in 0..2 {
+            let (_k, m) = meta("api");
+            sessions.push(control::join(&ep, &t, m, &cfg()).await.unwrap());
+        }
+    }
+    for s in &mut sessions {
+        until_members(s, 6, Duration::from_secs(20)).await;
+    }
+    // A member of replica 3 goes away (its map kept), then member 0 (of
+    // replica 1) is removed through replica 1's API.
+    let gone = sessions.remove(5);
+    let membership = gone.membership();
+    let old_map = gone.map().clone();
+    gone.close();
+    let victim = sessions[0].membership().public_key;
+    let t0 = std::time::Instant::now();
+    hs[0]
+        .call(
+            Method::DELETE,
+            &format!(
+                "/v1/networks/{net}/members/{}",
+                percent(&victim.to_string())
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    for s in sessions.iter_mut().skip(1) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while s.map().members.contains_key(&victim) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::timeout(left, s.next_event())
+                .await
+                .expect("removal reached every replica's members within 1 s")
+                .unwrap();
+        }
+    }
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // The member that went away comes back on replica 1 (it joined on
+    // replica 3): it gets the delta it missed, not a snapshot.
+    let mut m = membership.clone();
+    m.addrs = vec![hs[0].quic];
+    let mut resumed = control::resume_membership(&ep, &m, old_map.clone(), vec![], &cfg())
+        .await
+        .unwrap();
+    let delta = loop {
+        match common::next_relevant(&mut resumed).await.unwrap() {
+            control::Event::Delta(d) => break d,
+            control::Event::Snapshot => panic!("a snapshot where a delta was due"),
+            _ => {}
+        }
+    };
+    assert_eq!(delta.from, old_map.generation);
+    assert!(delta
+        .changes
+        .contains(&meshlib::netmap::MapChange::Remove(victim)));
+    assert!(
+        delta.changes.len() <= 2,
+        "only what it missed (the removal, its own return): {:?}",
+        delta.changes
+    );
+    assert!(!resumed.map().members.contains_key(&victim));
+    resumed.close();
+    for s in sessions {
+        s.close();
+    }
+    for h in hs {
+        h.stop().await;
+    }
+}
+
+fn percent(s: &str) -> String {
+    keyserver::admin::path_segment(s)
+}
