@@ -296,3 +296,252 @@ async fn removal_crosses_replicas_and_resume_elsewhere_gets_deltas() {
 fn percent(s: &str) -> String {
     keyserver::admin::path_segment(s)
 }
+
+/// etcd losing one node of three changes nothing; losing two (no quorum)
+/// makes replicas refuse changes cleanly (`Busy`, `/readyz` 503) while
+/// established sessions stay up; when etcd is back, so is everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_losing_nodes_refuses_cleanly_and_recovers() {
+    let Some(mut etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap() else {
+        return;
+    };
+    let (_dirs, hs) = replicas(&etcd, "quorum", 2).await;
+    let net = hs[0].network("quorum", "10.240.0.0/22").await;
+    let token = hs[0].token(&net.to_string(), json!({"uses": 20})).await;
+    let ep = client_endpoint();
+    let (_k, m) = meta("api");
+    let mut first = control::join(&ep, &token, m, &cfg()).await.unwrap();
+    let join = |t: meshlib::proto::JoinToken| {
+        let ep = ep.clone();
+        async move {
+            let (_k, m) = meta("api");
+            control::join(&ep, &t, m, &cfg()).await
+        }
+    };
+    // One node down: joins go on (the client moves to a live node).
+    tokio::task::block_in_place(|| etcd.kill(0));
+    let s = tokio::time::timeout(Duration::from_secs(20), join(token.clone()))
+        .await
+        .expect("a join with one etcd node down")
+        .expect("join");
+    s.close();
+    until_members(&mut first, 2, Duration::from_secs(10)).await;
+    // Two down: no quorum. Changes are refused with Busy, readiness says
+    // why, and the established session keeps its map.
+    tokio::task::block_in_place(|| etcd.kill(1));
+    let t0 = std::time::Instant::now();
+    let refused = join(token.clone()).await;
+    match refused {
+        Err(control::ControlError::Refused(e)) => {
+            assert_eq!(e.code, meshlib::proto::ErrorCode::Busy, "{e:?}");
+            assert!(e.message.contains("store"), "{}", e.message);
+        }
+        other => panic!("expected Busy, got {:?}", other.map(|_| ())),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    let ready = reqwest_status(&hs[1].api, "/readyz").await;
+    assert_eq!(ready, 503);
+    assert_eq!(first.map().online().members.len(), 2);
+    first.heartbeat().await.unwrap();
+    // etcd comes back: joins work again by themselves.
+    tokio::task::block_in_place(|| {
+        etcd.restart(0);
+        etcd.restart(1);
+        etcd.wait_ready(Duration::from_secs(30));
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        match join(token.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    until_members(&mut first, 3, Duration::from_secs(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reqwest_status(&hs[1].api, "/readyz").await != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.close();
+    first.close();
+    for h in hs {
+        h.stop().await;
+    }
+}
+
+/// The status code of an unauthenticated GET (0: no connection).
+async fn reqwest_status(api: &str, path: &str) -> u16 {
+    let client = keyserver::admin::AdminClient::new(api, "none");
+    match client.call(Method::GET, path, None).await {
+        Ok(_) => 200,
+        Err(keyserver::admin::AdminClientError::Status { status, .. }) => status,
+        Err(_) => 0,
+    }
+}
+
+/// A `keyserver serve` child process, killed on drop.
+struct Replica {
+    child: Option<std::process::Child>,
+    api: String,
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+}
+
+impl Replica {
+    fn spawn(url: &str) -> Self {
+        let ports = common::etcd::free_ports(2);
+        let dir = tempfile::tempdir().unwrap();
+        let quic: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+        let api = format!("127.0.0.1:{}", ports[1]);
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["serve", "--quic-listen", &quic.to_string(), "--api-listen", &api])
+            .args(["--store", url, "--log-level", "warn"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start keyserver");
+        let path = dir.path().join("data");
+        Self {
+            child: Some(child),
+            api: format!("http://{api}"),
+            _dir: dir,
+            dir: path,
+        }
+    }
+
+    /// Waits until its API answers; returns an admin client.
+    async fn ready(&self) -> keyserver::admin::AdminClient {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if reqwest_status(&self.api, "/readyz").await == 200 {
+                let token = std::fs::read_to_string(self.dir.join("admin-token")).unwrap();
+                return keyserver::admin::AdminClient::new(&self.api, token.trim());
+            }
+            assert!(std::time::Instant::now() < deadline, "replica not ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `kill -9`.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three replicas as processes; one is killed with `kill -9` in the middle
+/// of a join storm: the joins in flight on it are retried on the others,
+/// its members fail over within seconds, nothing is lost and nothing is
+/// handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_killed_during_a_join_storm_fails_over() {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap() else {
+        return;
+    };
+    let url = etcd.url("failover");
+    let mut reps: Vec<Replica> = (0..3).map(|_| Replica::spawn(&url)).collect();
+    let mut admins = Vec::new();
+    for r in &reps {
+        admins.push(r.ready().await);
+    }
+    let net = admins[0]
+        .call(Method::POST, "/v1/networks", Some(&json!({"name": "fo"})))
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Wait until replica 0 knows all three (its tokens carry them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let token: meshlib::proto::JoinToken = loop {
+        let v = admins[0]
+            .call(
+                Method::POST,
+                &format!("/v1/networks/{net}/tokens"),
+                Some(&json!({"uses": 200})),
+            )
+            .await
+            .unwrap();
+        let t: meshlib::proto::JoinToken = v["token"].as_str().unwrap().parse().unwrap();
+        if t.addrs.len() == 3 {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "replicas not discovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    const N: usize = 90;
+    let cfg = ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let mut t = token.clone();
+        t.addrs.rotate_left(i % 3);
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            // Staggered: the storm lasts a while.
+            tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
+            let ep = client_endpoint();
+            let (_k, m) = meta(["api", "db", "web"][i % 3]);
+            let s = tokio::time::timeout(Duration::from_secs(40), control::join(&ep, &t, m, &cfg))
+                .await
+                .expect("join in time")
+                .expect("join");
+            (ep, s)
+        }));
+    }
+    // Mid-storm: replica 1 dies.
+    tokio::time::sleep(Duration::from_millis(20 * N as u64 / 2)).await;
+    reps[1].kill();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.push(t.await.unwrap());
+    }
+    let members = admins[0]
+        .call(Method::GET, &format!("/v1/networks/{net}/members"), None)
+        .await
+        .unwrap();
+    let members = members.as_array().unwrap();
+    assert_eq!(members.len(), N, "nothing lost, nothing twice");
+    let ips: HashSet<_> = members.iter().map(|m| m["ip"].clone()).collect();
+    let names: HashSet<_> = members.iter().map(|m| m["instance"].clone()).collect();
+    assert_eq!((ips.len(), names.len()), (N, N));
+    // Every member, those of the dead replica included, is connected to a
+    // live replica and sees everyone within seconds.
+    let t0 = std::time::Instant::now();
+    let mut waits = Vec::new();
+    for (ep, mut s) in sessions {
+        waits.push(tokio::spawn(async move {
+            until_members(&mut s, N, Duration::from_secs(30)).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while s.core().connection() != meshlib::member::Connection::Connected {
+                tokio::time::timeout_at(deadline, s.next_event())
+                    .await
+                    .expect("reconnected to a live replica")
+                    .unwrap();
+            }
+            (ep, s)
+        }));
+    }
+    for w in waits {
+        let (_ep, s) = w.await.unwrap();
+        s.close();
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    drop(reps);
+}

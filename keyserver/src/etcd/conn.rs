@@ -23,6 +23,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// TTL of the replica's lease: its presence keys vanish this long after it
 /// dies or is cut off.
 pub const LEASE_TTL: i64 = 6;
+/// Deadline of one try of a call while other endpoints remain to try.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// One event of the watch: a key (full, with the prefix), its value
 /// (`None`: deleted) and the revision that wrote it.
@@ -156,46 +158,70 @@ impl Conn {
         );
     }
 
-    /// Runs `call` on the runtime and waits for it (bounded), from any
-    /// thread. On failure the next call goes to the next endpoint.
+    /// Runs `call` on the runtime and waits for it, from any thread. A
+    /// call that fails or does not answer in time is tried on the next
+    /// endpoint, each endpoint at most once, all within [`CALL_TIMEOUT`]
+    /// plus a second; the endpoint that answered is used next time. (A
+    /// transaction tried twice is safe: its guards refuse the second if the
+    /// first went through, and the watch brings the first.)
     pub fn block<T: Send + 'static, F>(
         &self,
         what: &'static str,
-        call: impl FnOnce(etcdv3client::Client<TonicClient>) -> F + Send + 'static,
+        call: impl Fn(etcdv3client::Client<TonicClient>) -> F + Send + Sync + 'static,
     ) -> Result<T, CallError>
     where
         F: std::future::Future<Output = Result<T, etcdv3client::Error>> + Send + 'static,
     {
-        let tried = self.inner.current.load(Ordering::Relaxed);
-        let client = self.client();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.inner.handle.spawn(async move {
-            let r = tokio::time::timeout(CALL_TIMEOUT, call(client)).await;
-            let _ = tx.send(r);
-        });
-        let result = match rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(1)) {
-            Ok(Ok(Ok(v))) => return Ok(v),
-            Ok(Ok(Err(e))) => CallError(format!("etcd {what}: {e}")),
-            Ok(Err(_)) | Err(_) => CallError(format!(
-                "etcd {what}: no answer within {}s",
-                CALL_TIMEOUT.as_secs()
-            )),
-        };
-        self.rotate(tried);
-        Err(result)
+        let n = self.inner.channels.len();
+        let deadline = Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
+        let call = Arc::new(call);
+        let mut last = CallError(format!("etcd {what}: no endpoint"));
+        for attempt in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Leave room for the other endpoints after a silent one.
+            let slice = if attempt + 1 < n {
+                left.min(ATTEMPT_TIMEOUT)
+            } else {
+                left
+            };
+            let tried = self.inner.current.load(Ordering::Relaxed);
+            let client = self.client();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let c = call.clone();
+            self.inner.handle.spawn(async move {
+                let r = tokio::time::timeout(slice, c(client)).await;
+                let _ = tx.send(r);
+            });
+            last = match rx.recv_timeout(slice + Duration::from_millis(200)) {
+                Ok(Ok(Ok(v))) => return Ok(v),
+                Ok(Ok(Err(e))) => CallError(format!("etcd {what}: {e}")),
+                Ok(Err(_)) | Err(_) => CallError(format!(
+                    "etcd {what}: no answer within {} ms",
+                    slice.as_millis()
+                )),
+            };
+            self.rotate(tried);
+        }
+        Err(last)
     }
 
     /// A transaction.
     pub fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, CallError> {
-        self.block(
-            "transaction",
-            move |mut c| async move { c.kv.txn(req).await },
-        )
+        self.block("transaction", move |mut c| {
+            let req = req.clone();
+            async move { c.kv.txn(req).await }
+        })
     }
 
     /// A range read.
     pub fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, CallError> {
-        self.block("read", move |mut c| async move { c.kv.range(req).await })
+        self.block("read", move |mut c| {
+            let req = req.clone();
+            async move { c.kv.range(req).await }
+        })
     }
 
     /// Asks the watch for a progress notification.
