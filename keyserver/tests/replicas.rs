@@ -302,7 +302,10 @@ fn percent(s: &str) -> String {
 /// established sessions stay up; when etcd is back, so is everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_losing_nodes_refuses_cleanly_and_recovers() {
-    let Some(mut etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap() else {
+    let Some(mut etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let (_dirs, hs) = replicas(&etcd, "quorum", 2).await;
@@ -400,7 +403,13 @@ impl Replica {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["serve", "--quic-listen", &quic.to_string(), "--api-listen", &api])
+            .args([
+                "serve",
+                "--quic-listen",
+                &quic.to_string(),
+                "--api-listen",
+                &api,
+            ])
             .args(["--store", url, "--log-level", "warn"])
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -449,7 +458,10 @@ impl Drop for Replica {
 /// handed out twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_killed_during_a_join_storm_fails_over() {
-    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3)).await.unwrap() else {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
         return;
     };
     let url = etcd.url("failover");
@@ -480,7 +492,10 @@ async fn replica_killed_during_a_join_storm_fails_over() {
         if t.addrs.len() == 3 {
             break t;
         }
-        assert!(std::time::Instant::now() < deadline, "replicas not discovered");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas not discovered"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     const N: usize = 90;
@@ -544,4 +559,86 @@ async fn replica_killed_during_a_join_storm_fails_over() {
     }
     assert!(t0.elapsed() < Duration::from_secs(30));
     drop(reps);
+}
+
+/// Only the replica holding a member's session judges its heartbeats:
+/// the other replicas' sweeps leave a live member online; a member whose
+/// session ended with nobody taking it over goes offline once, though
+/// every replica sweeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_session_holder_sweeps_a_live_member() {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let url = etcd.url("sweep");
+    let mut dirs = Vec::new();
+    let mut hs = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let u = url.clone();
+        hs.push(
+            Harness::start(dir.path(), move |c| {
+                c.store = Some(u);
+                c.offline_after_secs = 3;
+            })
+            .await,
+        );
+        dirs.push(dir);
+    }
+    let net = hs[0].network("sweep", "10.240.0.0/22").await;
+    let ep = client_endpoint();
+    let mut t0 = hs[0].token(&net.to_string(), json!({"uses": 2})).await;
+    t0.addrs.truncate(1);
+    let (_k, m) = meta("live");
+    let mut live = control::join(&ep, &t0, m, &sessions_cfg()).await.unwrap();
+    let live_key = live.membership().public_key;
+    let mut t1 = hs[1].token(&net.to_string(), json!({"uses": 2})).await;
+    t1.addrs.truncate(1);
+    let (_k, m) = meta("gone");
+    let gone = control::join(&ep, &t1, m, &cfg()).await.unwrap();
+    let gone_key = gone.membership().public_key;
+    gone.close();
+    // The live member heartbeats (every second) to replica 0 only.
+    // It must never be seen offline (another replica sweeping it would
+    // make it flap: offline, then online at its next heartbeat).
+    let keep = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(9);
+        let mut flapped = false;
+        while tokio::time::Instant::now() < until {
+            if let Ok(Ok(control::Event::Delta(d))) =
+                tokio::time::timeout_at(until, live.next_event()).await
+            {
+                flapped |= d.changes.iter().any(|c| {
+                    matches!(c, meshlib::netmap::MapChange::Upsert(m)
+                        if m.public_key == live_key
+                            && m.state == meshlib::netmap::MemberState::Offline)
+                });
+            }
+        }
+        (live, flapped)
+    });
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for h in &hs {
+        let members = h.members(&net.to_string()).await;
+        let state = |k: &meshlib::keys::PublicKey| {
+            members
+                .iter()
+                .find(|m| m["public_key"] == json!(k.to_string()))
+                .map(|m| m["state"].clone())
+        };
+        assert_eq!(state(&live_key), Some(json!("online")), "{members:?}");
+        assert_eq!(state(&gone_key), Some(json!("offline")), "{members:?}");
+    }
+    let (live, flapped) = keep.await.unwrap();
+    assert!(
+        !flapped,
+        "a replica without its session swept the live member"
+    );
+    live.close();
+    for h in hs {
+        h.stop().await;
+    }
 }
