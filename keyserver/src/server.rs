@@ -317,6 +317,49 @@ impl Shared {
         }
     }
 
+    /// Deletes a network (see [`Registry::delete_network`]); returns how
+    /// many members were removed. On a store that bounds its transactions
+    /// (etcd), a forced deletion first removes the members in batches, each
+    /// a change pushed like any removal.
+    pub fn delete_network(
+        &self,
+        id: NetworkId,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<usize, OpError<crate::registry::AdminError>> {
+        let mut removed = 0;
+        if force && self.max_ops != usize::MAX {
+            // About four writes per removal (member, quarantine, log, network).
+            let per_batch = (self.max_ops / 4).max(1);
+            loop {
+                let (n, ()) = self.mutate(
+                    |reg| {
+                        let (mut ops, mut changes) = (Vec::new(), Vec::new());
+                        for key in reg.member_keys(id).into_iter().take(per_batch) {
+                            let (c, o) = reg.remove_member(id, &key.to_string(), now)?;
+                            ops.extend(o);
+                            changes.push(c);
+                        }
+                        Ok((changes.len(), ops, changes))
+                    },
+                    |_, _, _| (),
+                )?;
+                removed += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        let (n, ()) = self.mutate(
+            |reg| {
+                let (changes, ops) = reg.delete_network(id, force, now)?;
+                Ok((changes.len(), ops, changes))
+            },
+            |_, _, sh| sh.forget_network(id),
+        )?;
+        Ok(removed + n)
+    }
+
     /// The replica set, when the store is shared.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()

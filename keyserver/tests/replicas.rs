@@ -198,6 +198,22 @@ async fn concurrent_joins_over_three_replicas_never_collide() {
         let (_ep, s) = w.await.unwrap();
         s.close();
     }
+    // A forced deletion of 300 members (more than one etcd transaction
+    // takes) through replica 2; replica 3 forgets the network.
+    let v = hs[1]
+        .call(Method::DELETE, &format!("/v1/networks/{net}?force=true"), None)
+        .await
+        .unwrap();
+    assert_eq!(v["members_removed"], json!(N));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = hs[2].call(Method::GET, "/v1/networks", None).await.unwrap();
+        if list.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "replica 3 still lists it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for h in hs {
         h.stop().await;
     }

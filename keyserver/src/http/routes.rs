@@ -213,14 +213,10 @@ pub(super) async fn delete_network(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = resolve(&api, &net)?;
     let removed = blocking(move || {
-        let (removed, ()) = api.shared.mutate(
-            |reg| {
-                let (changes, ops) = reg.delete_network(id, query.force, SystemTime::now())?;
-                tracing::info!(network = %id, members = changes.len(), "network deleted");
-                Ok((changes.len(), ops, changes))
-            },
-            |_, _, sh| sh.forget_network(id),
-        )?;
+        let removed = api
+            .shared
+            .delete_network(id, query.force, SystemTime::now())?;
+        tracing::info!(network = %id, members = removed, "network deleted");
         Ok(removed)
     })
     .await?;
