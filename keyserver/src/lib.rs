@@ -31,6 +31,7 @@ pub mod admission;
 pub mod config;
 pub mod etcd;
 pub mod http;
+pub mod metrics;
 pub mod quic;
 pub mod registry;
 pub mod server;

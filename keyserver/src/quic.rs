@@ -270,6 +270,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
     };
     let result = drive(&conn, &mut send, recv, &shared, &mut ticket).await;
     if let Err(fatal) = result {
+        shared.metrics.refused(fatal.0);
         tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
         let _ = proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
     }
@@ -340,8 +341,13 @@ async fn drive(
     loop {
         tokio::select! {
             push = pushes.recv() => {
+                let at = push.as_ref().ok().map(|p| p.at);
                 let replies = session.on_push(shared, push)?;
+                let wrote = !replies.is_empty();
                 write(send, replies, max).await?;
+                if let (Some(at), true) = (at, wrote) {
+                    shared.metrics.push_latency.observe(at.elapsed());
+                }
             }
             msg = client.recv() => match msg {
                 None | Some(Err(FrameError::Closed)) => return Ok(()),

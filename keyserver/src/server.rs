@@ -108,6 +108,8 @@ pub struct Push {
     pub frame: Arc<[u8]>,
     /// The member this change removed, if any.
     pub removed: Option<PublicKey>,
+    /// When it was published (push latency).
+    pub at: Instant,
 }
 
 /// Why a mutation failed.
@@ -157,6 +159,8 @@ pub struct Shared {
     cluster: Option<Cluster>,
     /// Most writes one commit may hold.
     max_ops: usize,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Shared {
@@ -192,7 +196,12 @@ impl Shared {
             advertise: OnceLock::new(),
             cluster,
             max_ops,
+            metrics: crate::metrics::Metrics::default(),
         };
+        shared.metrics.started.store(
+            crate::registry::unix(now),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok((shared, warnings))
     }
 
@@ -235,7 +244,11 @@ impl Shared {
                 ops.extend(core.reg.log_ops(&changes));
             }
             if !ops.is_empty() {
-                if let Err(e) = core.store.commit(&ops) {
+                let t0 = Instant::now();
+                let committed = core.store.commit(&ops);
+                self.metrics.store_latency.observe(t0.elapsed());
+                if let Err(e) = committed {
+                    self.metrics.store_error(&e);
                     self.put_back(&mut core, &ops);
                     if let StoreError::Conflict { revision } = e {
                         tries += 1;
@@ -294,6 +307,9 @@ impl Shared {
     fn sync_locked(&self, core: &mut Core) {
         match core.store.remote() {
             Ok(batches) => {
+                self.metrics
+                    .remote_batches
+                    .fetch_add(batches.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 for ops in batches {
                     for w in core.reg.apply(&ops) {
                         tracing::warn!("skipped a record from another replica: {w}");
@@ -358,6 +374,13 @@ impl Shared {
             |_, _, sh| sh.forget_network(id),
         )?;
         Ok(removed + n)
+    }
+
+    /// The `/metrics` page.
+    pub fn render_metrics(&self) -> String {
+        let members = self.read(|r| r.member_states());
+        let connected = self.online.lock().len();
+        self.metrics.render(&members, connected)
     }
 
     /// The replica set, when the store is shared.
@@ -468,6 +491,7 @@ impl Shared {
             to,
             frame: frame.into(),
             removed: change.removed,
+            at: Instant::now(),
         });
     }
 

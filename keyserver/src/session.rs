@@ -186,6 +186,10 @@ impl StreamSession {
                         },
                     )
                     .map_err(op_fatal)?;
+                shared
+                    .metrics
+                    .joins
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if joined.rejoined {
                     tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
                 }

@@ -201,7 +201,11 @@ async fn concurrent_joins_over_three_replicas_never_collide() {
     // A forced deletion of 300 members (more than one etcd transaction
     // takes) through replica 2; replica 3 forgets the network.
     let v = hs[1]
-        .call(Method::DELETE, &format!("/v1/networks/{net}?force=true"), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/networks/{net}?force=true"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(v["members_removed"], json!(N));
@@ -211,7 +215,10 @@ async fn concurrent_joins_over_three_replicas_never_collide() {
         if list.as_array().unwrap().is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "replica 3 still lists it");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica 3 still lists it"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for h in hs {

@@ -7,7 +7,8 @@
 //!
 //! Routes (`{net}` is a network id or name; `{member}` a public key or an
 //! instance name; names in paths are percent-encoded):
-//! - `GET /healthz` (process alive), `GET /readyz` (store writable), no token
+//! - `GET /healthz` (process alive), `GET /readyz` (store writable),
+//!   `GET /metrics` (Prometheus), no token
 //! - `GET /v1/networks`, `POST /v1/networks` `{name, range?}`
 //! - `GET /v1/networks/{net}`, `DELETE /v1/networks/{net}[?force=true]`
 //! - `GET /v1/networks/{net}/members`, `DELETE /v1/networks/{net}/members/{member}`
@@ -79,7 +80,7 @@ struct Api {
     limits: ApiLimits,
 }
 
-/// The admin router. Every route but `/healthz` and `/readyz` requires
+/// The admin router. Every route but `/healthz`, `/readyz` and `/metrics` requires
 /// `Authorization: Bearer <token>` (unknown routes too: they answer 401
 /// without it, 404 with it).
 pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
@@ -119,6 +120,7 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
         .merge(protected)
         .layer(middleware::from_fn(json_errors))
         .with_state(api)

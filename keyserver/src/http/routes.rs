@@ -48,6 +48,23 @@ pub(super) async fn readyz(State(api): State<Api>) -> Response {
     }
 }
 
+/// `GET /metrics`: Prometheus text exposition, no token (see
+/// [`crate::metrics`]).
+pub(super) async fn metrics(State(api): State<Api>) -> Response {
+    let shared = api.shared.clone();
+    match tokio::task::spawn_blocking(move || shared.render_metrics()).await {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 /// `GET /openapi.json`.
 pub(super) async fn openapi() -> Json<serde_json::Value> {
     Json(super::openapi_doc())

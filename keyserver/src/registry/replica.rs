@@ -220,6 +220,24 @@ impl Registry {
             .collect()
     }
 
+    /// Online and offline members of every network (by id), for metrics.
+    pub fn member_states(&self) -> Vec<(String, usize, usize)> {
+        let mut out: Vec<_> = self
+            .networks
+            .iter()
+            .map(|(id, n)| {
+                let online = n
+                    .members
+                    .values()
+                    .filter(|r| r.member.state == meshlib::netmap::MemberState::Online)
+                    .count();
+                (id.to_string(), online, n.members.len() - online)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Keys of a network's members (a forced deletion removes them in
     /// batches first).
     pub fn member_keys(&self, network: NetworkId) -> Vec<meshlib::keys::PublicKey> {
