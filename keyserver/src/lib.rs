@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod backup;
 pub mod config;
 pub mod etcd;
 pub mod http;

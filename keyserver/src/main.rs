@@ -51,6 +51,23 @@ enum Cmd {
     /// Manage members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Write every record into a file (a consistent snapshot, also while
+    /// the keyserver serves: through its API, else from the store).
+    Backup {
+        /// The backup file (written mode 0600: it holds token and
+        /// credential hashes).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Replace the embedded store of a stopped keyserver by a backup
+    /// (refused while a keyserver holds the store).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions {
@@ -253,6 +270,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir;
     match cli.cmd {
         Cmd::Serve(args) => rt.block_on(serve(data_dir, args)),
+        Cmd::Backup { out, api } => rt.block_on(backup(
+            data_dir.unwrap_or_else(|| Config::default().data_dir),
+            out,
+            api,
+        )),
+        Cmd::Restore { from } => restore(
+            data_dir.unwrap_or_else(|| Config::default().data_dir),
+            &from,
+        ),
         cmd => rt.block_on(admin(
             data_dir.unwrap_or_else(|| Config::default().data_dir),
             cmd,
@@ -357,6 +383,53 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `keyserver backup`: through the running keyserver's API (consistent
+/// while it serves), or, when none answers, straight from the embedded
+/// store.
+async fn backup(data_dir: PathBuf, out: PathBuf, api: ApiArgs) -> anyhow::Result<()> {
+    let through_api = match client(&data_dir, api) {
+        Ok(c) => match c.call(Method::GET, "/v1/backup", None).await {
+            Ok(v) => Some(v),
+            Err(keyserver::admin::AdminClientError::Transport { .. }) => None,
+            Err(e) => return Err(e.into()),
+        },
+        Err(_) => None,
+    };
+    let doc = match through_api {
+        Some(v) => serde_json::from_value::<keyserver::backup::Backup>(v)?,
+        None => {
+            use keyserver::store::Store as _;
+            let path = data_dir.join("state.redb");
+            let mut store = keyserver::store::RedbStore::open(&path).with_context(|| {
+                format!(
+                    "no keyserver answered, and {} cannot be read",
+                    path.display()
+                )
+            })?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            keyserver::backup::Backup::of(store.load()?, now)
+        }
+    };
+    meshlib::fsutil::write_secret(&out, &serde_json::to_vec_pretty(&doc)?)?;
+    println!(
+        "{}",
+        json!({"written": out, "networks": doc.networks.len(), "members": doc.members.len(), "tokens": doc.tokens.len()})
+    );
+    Ok(())
+}
+
+/// `keyserver restore`: the embedded store of a stopped keyserver.
+fn restore(data_dir: PathBuf, from: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    let doc = keyserver::backup::Backup::parse(&bytes)?;
+    meshlib::fsutil::create_private_dir(&data_dir)?;
+    let n = keyserver::backup::restore(&data_dir.join("state.redb"), &doc)?;
+    println!("{}", json!({"restored": n, "data_dir": data_dir}));
+    Ok(())
+}
+
 fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClient> {
     let base = match api.api {
         Some(url) => url,
@@ -383,7 +456,11 @@ fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClien
 
 async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
     let out = match cmd {
-        Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
+        Cmd::Serve(_)
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. }
+        | Cmd::Backup { .. }
+        | Cmd::Restore { .. } => {
             unreachable!("handled in main")
         }
         Cmd::Network(NetworkCmd::Create {

@@ -376,6 +376,17 @@ impl Shared {
         Ok(removed + n)
     }
 
+    /// A consistent snapshot of every stored record (a read of the store
+    /// under the registry lock: no commit is half in it). Blocking.
+    pub fn backup(&self) -> Result<crate::backup::Backup, StoreError> {
+        let mut core = self.core.lock();
+        let records = core.store.load_snapshot()?;
+        Ok(crate::backup::Backup::of(
+            records,
+            crate::registry::unix(SystemTime::now()),
+        ))
+    }
+
     /// The `/metrics` page.
     pub fn render_metrics(&self) -> String {
         let members = self.read(|r| r.member_states());

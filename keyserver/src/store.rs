@@ -99,6 +99,12 @@ pub trait Store: Send + 'static {
         self.commit(&[])
     }
 
+    /// Everything stored, read for a backup (no side effects on a shared
+    /// store's view). The default is [`Store::load`].
+    fn load_snapshot(&mut self) -> Result<Records, StoreError> {
+        self.load()
+    }
+
     /// Records other writers (keyserver replicas sharing the store)
     /// committed since the last call: one batch per transaction, oldest
     /// first, without this store's own commits. Embedded stores have none.

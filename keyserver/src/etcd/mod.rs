@@ -436,6 +436,20 @@ impl Store for EtcdStore {
         Ok(records)
     }
 
+    fn load_snapshot(&mut self) -> Result<Records, StoreError> {
+        let (kvs, _) = self.read_all()?;
+        let mut records = Records::default();
+        for kv in kvs {
+            let Some(key) = self.relative(&kv.key) else {
+                continue;
+            };
+            if let Ok(Decoded::Record(op)) = keys::decode(key, Some(&kv.value)) {
+                push_record(&mut records, op);
+            }
+        }
+        Ok(records)
+    }
+
     fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());

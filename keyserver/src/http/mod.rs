@@ -102,6 +102,7 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
                 .delete(routes::delete_network),
         )
         .route("/v1/networks/{net}/members", get(routes::list_members))
+        .route("/v1/backup", get(routes::backup))
         .route(
             "/v1/networks/{net}/members/{member}",
             delete(routes::remove_member),

@@ -183,6 +183,8 @@ pub fn openapi_doc() -> Value {
                 "responses": responses(("200", "alive", Some(schema_ref("Status"))), &["405"])}},
             "/readyz": {"get": {"summary": "the store takes writes", "security": [],
                 "responses": responses(("200", "ready", Some(schema_ref("Status"))), &["405", "503"])}},
+            "/v1/backup": {"get": {"summary": "every stored record, one consistent snapshot (restore with `keyserver restore`)",
+                "responses": responses(("200", "backup document", Some(json!({"type": "object"}))), &["401", "405", "503"])}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text exposition 0.0.4)", "security": [],
                 "responses": responses(("200", "metrics", None), &["405"])}},
             "/openapi.json": {"get": {"summary": "this document",

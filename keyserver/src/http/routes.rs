@@ -65,6 +65,20 @@ pub(super) async fn metrics(State(api): State<Api>) -> Response {
     }
 }
 
+/// `GET /v1/backup`: every record, one consistent snapshot.
+pub(super) async fn backup(
+    State(api): State<Api>,
+) -> Result<Json<crate::backup::Backup>, ApiError> {
+    let shared = api.shared.clone();
+    let b = blocking(move || {
+        shared
+            .backup()
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    })
+    .await?;
+    Ok(Json(b))
+}
+
 /// `GET /openapi.json`.
 pub(super) async fn openapi() -> Json<serde_json::Value> {
     Json(super::openapi_doc())
