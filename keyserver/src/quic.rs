@@ -318,7 +318,12 @@ impl FrameReader {
     async fn next(&mut self) -> Result<ClientMsg, FrameError> {
         let io = |e: quinn::ReadError| FrameError::Io(std::io::Error::other(e));
         while self.got_len < 4 {
-            match self.recv.read(&mut self.len[self.got_len..]).await.map_err(io)? {
+            match self
+                .recv
+                .read(&mut self.len[self.got_len..])
+                .await
+                .map_err(io)?
+            {
                 None if self.got_len == 0 => return Err(FrameError::Closed),
                 None | Some(0) => return Err(FrameError::Truncated),
                 Some(n) => self.got_len += n,
@@ -333,7 +338,12 @@ impl FrameReader {
             }
         }
         while self.got < self.payload.len() {
-            match self.recv.read(&mut self.payload[self.got..]).await.map_err(io)? {
+            match self
+                .recv
+                .read(&mut self.payload[self.got..])
+                .await
+                .map_err(io)?
+            {
                 None | Some(0) => return Err(FrameError::Truncated),
                 Some(n) => self.got += n,
             }

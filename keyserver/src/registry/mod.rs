@@ -8,6 +8,7 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
+mod catalog;
 mod lifecycle;
 mod network;
 mod records;
@@ -203,6 +204,7 @@ impl Registry {
             }
             net.instances
                 .insert(m.member.instance.clone(), m.member.public_key);
+            net.catalog.add(&m.member);
             net.members.insert(m.member.public_key, m);
         }
         let now_s = unix(now);
@@ -502,6 +504,7 @@ impl Registry {
         };
         net.instances
             .insert(member.instance.clone(), member.public_key);
+        net.catalog.add(&member);
         net.members.insert(member.public_key, rec.clone());
         let (change, net_op) = net.record(vec![MapChange::Upsert(member.clone())], None, log_cap);
         let map = net.snapshot();
@@ -726,6 +729,7 @@ impl Registry {
             }
         };
         let rec = net.members.remove(&key).ok_or_else(unknown)?;
+        net.catalog.remove(&rec.member);
         net.instances.remove(&rec.member.instance);
         net.alloc.release(rec.member.ip, now);
         let until = unix(now) + self.quarantine.as_secs();
@@ -841,8 +845,8 @@ fn resolved_endpoints(advertised: &[SocketAddr], observed: SocketAddr) -> Vec<So
 /// of which name members in DNS), else a fresh `ap-<uuid>`. So a member can
 /// never place itself under another service's names.
 fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
-    if let Some(rec) = net.members.values().find(|r| r.member.service == service) {
-        return rec.member.app_id.clone();
+    if let Some(id) = net.catalog.service_app(service) {
+        return id.clone();
     }
     let usable = |hint: &&AppId| {
         let shaped = hint
@@ -850,12 +854,7 @@ fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
             .strip_prefix("ap-")
             .and_then(|u| uuid::Uuid::try_parse(u).ok())
             .is_some_and(|u| u.hyphenated().to_string() == hint.as_str()[3..]);
-        let taken = net.members.values().any(|r| {
-            r.member.app_id == **hint
-                || meshlib::ist::hostname_label(&r.member.service)
-                    .is_ok_and(|label| label == hint.as_str())
-        });
-        shaped && !taken
+        shaped && !net.catalog.app_taken(hint)
     };
     hint.filter(usable).cloned().unwrap_or_else(AppId::random)
 }

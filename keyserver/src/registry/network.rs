@@ -19,6 +19,8 @@ pub(super) struct Network {
     pub(super) instances: HashMap<InstanceName, PublicKey>,
     /// Recent deltas, oldest first, contiguous, ending at `rec.generation`.
     pub(super) log: VecDeque<MapDelta>,
+    /// Services, app ids and indexes in use (joins read it, not the members).
+    pub(super) catalog: super::catalog::Catalog,
 }
 
 impl Network {
@@ -29,6 +31,7 @@ impl Network {
             members: BTreeMap::new(),
             instances: HashMap::new(),
             log: VecDeque::new(),
+            catalog: Default::default(),
         })
     }
 
@@ -101,22 +104,7 @@ impl Network {
     }
 
     pub(super) fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
-        let mut taken: Vec<u32> = self
-            .members
-            .values()
-            .filter(|r| &r.member.app_id == app && &r.member.process_type == ptype)
-            .map(|r| r.member.index)
-            .collect();
-        taken.sort_unstable();
-        let mut next = 1;
-        for i in taken {
-            if i == next {
-                next += 1;
-            } else if i > next {
-                break;
-            }
-        }
-        next
+        self.catalog.lowest_free_index(app, ptype)
     }
 }
 

@@ -131,6 +131,7 @@ impl Registry {
             StoreOp::DeleteMember(id, key) => {
                 if let Some(net) = self.networks.get_mut(id) {
                     if let Some(rec) = net.members.remove(key) {
+                        net.catalog.remove(&rec.member);
                         net.alloc.free(rec.member.ip);
                         if net.instances.get(&rec.member.instance) == Some(key) {
                             net.instances.remove(&rec.member.instance);
@@ -190,6 +191,7 @@ impl Registry {
             }
         }
         if let Some(old) = net.members.get(&key) {
+            net.catalog.remove(&old.member);
             if old.member.instance != m.member.instance
                 && net.instances.get(&old.member.instance) == Some(&key)
             {
@@ -197,6 +199,7 @@ impl Registry {
             }
         }
         net.instances.insert(m.member.instance.clone(), key);
+        net.catalog.add(&m.member);
         net.members.insert(key, m.clone());
         Ok(())
     }
@@ -382,5 +385,66 @@ mod tests {
             .unwrap();
         assert_eq!(again.member.ip, j.member.ip);
         assert_eq!(again.member.index, j.member.index);
+    }
+
+    /// The catalog answers what a scan of the members would: indexes freed
+    /// by removals (here or applied from another replica) are reused
+    /// lowest first, a service keeps its app id while it has members.
+    #[test]
+    fn catalog_follows_joins_removals_and_applied_records() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let (mut r, _) = Registry::load(Records::default(), 16, Duration::from_secs(300), now);
+        let (net, _) = r
+            .create_network("prod", meshlib::ipam::DEFAULT_RANGE, now)
+            .unwrap();
+        r.create_token(
+            net.id,
+            &[1; 32],
+            100,
+            Duration::from_secs(3600),
+            None,
+            None,
+            now,
+        )
+        .unwrap();
+        let obs = "127.0.0.1:1".parse().unwrap();
+        let mut joined = Vec::new();
+        for _ in 0..6 {
+            let j = r
+                .join(&join_req(net.id), obs, &[2; 32], false, now)
+                .unwrap();
+            joined.push(j.member);
+        }
+        assert_eq!(
+            joined.iter().map(|m| m.index).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+        let app = joined[0].app_id.clone();
+        assert!(joined.iter().all(|m| m.app_id == app));
+        r.remove_member(net.id, &joined[1].public_key.to_string(), now)
+            .unwrap();
+        // A removal applied as another replica's record frees index 4.
+        r.apply(&[StoreOp::DeleteMember(net.id, joined[3].public_key)]);
+        let a = r
+            .join(&join_req(net.id), obs, &[2; 32], false, now)
+            .unwrap();
+        let b = r
+            .join(&join_req(net.id), obs, &[2; 32], false, now)
+            .unwrap();
+        let c = r
+            .join(&join_req(net.id), obs, &[2; 32], false, now)
+            .unwrap();
+        assert_eq!((a.member.index, b.member.index, c.member.index), (2, 4, 7));
+        assert_eq!(a.member.app_id, app);
+        // Every member gone: the service's next member may get another id,
+        // and index 1 again.
+        for m in r.members(net.id) {
+            r.remove_member(net.id, &m.member.public_key.to_string(), now)
+                .unwrap();
+        }
+        let d = r
+            .join(&join_req(net.id), obs, &[2; 32], false, now)
+            .unwrap();
+        assert_eq!(d.member.index, 1);
     }
 }
