@@ -38,6 +38,8 @@ use tokio::sync::{mpsc, Semaphore};
 struct Server {
     child: Child,
     admin: AdminClient,
+    /// `host:port` of the admin API.
+    api: String,
 }
 
 impl Drop for Server {
@@ -87,7 +89,25 @@ impl Server {
         Ok(Self {
             child,
             admin: AdminClient::new(url.trim(), &token),
+            api: url.trim().trim_start_matches("http://").to_owned(),
         })
+    }
+
+    /// One value of `/metrics` (0 if absent).
+    async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut s) = tokio::net::TcpStream::connect(&self.api).await else {
+            return 0.0;
+        };
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut text).await.is_err()
+        {
+            return 0.0;
+        }
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// Resident memory in KiB.
@@ -483,11 +503,13 @@ async fn etcd_scenario(
 }
 
 /// The registry's own CPU per join into a network of `size` members (the
-/// pure core: validation, allocation, catalog, snapshot for the joiner).
-fn registry_join_cpu(size: usize) -> Duration {
+/// pure core: validation, allocation, catalog, snapshot for the joiner),
+/// and of that the snapshot alone.
+fn registry_join_cpu(size: usize) -> (Duration, Duration) {
     use keyserver::registry::{Records, Registry};
     let now = std::time::SystemTime::now();
-    let (mut reg, _) = Registry::load(Records::default(), 1024, Duration::from_secs(300), now);
+    // No quarantine: the benchmark joins and removes in a loop.
+    let (mut reg, _) = Registry::load(Records::default(), 1024, Duration::ZERO, now);
     let (net, _) = reg
         .create_network("bench", meshlib::ipam::DEFAULT_RANGE, now)
         .expect("network");
@@ -529,7 +551,12 @@ fn registry_join_cpu(size: usize) -> Duration {
         reg.remove_member(net.id, &j.member.public_key.to_string(), now)
             .expect("remove");
     }
-    start.elapsed() / rounds as u32
+    let per_join = start.elapsed() / rounds as u32;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(reg.snapshot(net.id));
+    }
+    (per_join, start.elapsed() / rounds as u32)
 }
 
 fn print(name: &str, f: &Figures) {
@@ -558,6 +585,11 @@ async fn main() -> anyhow::Result<()> {
     let mut next_id = 0;
     let mut keep = Vec::new();
 
+    // `CP_BENCH_ONLY=scale`: only the 10,000-member scenario.
+    if std::env::var("CP_BENCH_ONLY").as_deref() == Ok("scale") {
+        drop(server);
+        return scale_scenario(quick, &mut next_id).await;
+    }
     let (small, m) = scenario(&server, &eps, 1, 100, "small", &mut next_id).await?;
     keep.extend(m);
     let rss_before_large = server.rss_kib();
@@ -593,10 +625,10 @@ async fn main() -> anyhow::Result<()> {
     drop(server);
 
     // The registry alone: CPU per join (and removal) into 1000 members.
-    let reg_join = registry_join_cpu(1000);
-    let reg_small = registry_join_cpu(100);
+    let (reg_join, snap) = registry_join_cpu(1000);
+    let (reg_small, snap_small) = registry_join_cpu(100);
     println!(
-        "registry (pure core) CPU per join+removal: into 1000 members {reg_join:.1?}, into 100 {reg_small:.1?} ({:.1}x)",
+        "registry (pure core) CPU per join+removal: into 1000 members {reg_join:.1?} (of which the joiner's snapshot {snap:.1?}), into 100 {reg_small:.1?} ({snap_small:.1?}); {:.1}x",
         ratio(reg_join, reg_small)
     );
 
@@ -619,8 +651,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // Scale: 10,000 members in 100 networks on one keyserver (quick: 1000
-    // in 10).
+    for ep in eps {
+        ep.close(0u32.into(), b"done");
+    }
+    scale_scenario(quick, &mut next_id).await
+}
+
+/// 10,000 members in 100 networks on one keyserver (quick: 1000 in 10):
+/// RSS per connected member and CPU per join.
+async fn scale_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<()> {
     let (nets, per) = if quick { (10, 100) } else { (100, 100) };
     let scale_dir = tempfile::tempdir()?;
     let server = Server::start(scale_dir.path())?;
@@ -629,20 +668,22 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss0 = server.rss_kib();
-    let (scale, m) = scenario(&server, &scale_eps, nets, per, "scale", &mut next_id).await?;
+    let (scale, m) = scenario(&server, &scale_eps, nets, per, "scale", next_id).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = server.rss_kib();
+    let heap_kib = server.metric("keyserver_heap_in_use_bytes").await / 1024.0;
     print(&format!("{nets} networks x {per}"), &scale);
     println!(
-        "{} members connected: keyserver RSS {rss0} -> {rss1} KiB, {:.1} KiB per connected member; keyserver CPU per join {:.1?} (fan-out to the network included)",
+        "{} members connected: keyserver RSS {rss0} -> {rss1} KiB, {:.1} KiB per connected member (heap in use {:.1} KiB per member); keyserver CPU per join {:.1?} (fan-out to the network included)",
         nets * per,
         rss1.saturating_sub(rss0) as f64 / (nets * per) as f64,
+        heap_kib / (nets * per) as f64,
         scale.cpu_per_join
     );
     for m in m {
         m.task.abort();
     }
-    for ep in eps.into_iter().chain(scale_eps) {
+    for ep in scale_eps {
         ep.close(0u32.into(), b"done");
     }
     Ok(())

@@ -20,6 +20,20 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Heap bytes in use, from glibc's allocator (`None` elsewhere).
+fn heap_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 /// A latency histogram (fixed buckets, seconds).
 #[derive(Debug)]
 pub struct Histogram {
@@ -158,6 +172,12 @@ impl Metrics {
         for kind in ["conflict", "unavailable", "too_large", "other"] {
             let n = self.store_errors.lock().get(kind).copied().unwrap_or(0);
             let _ = writeln!(out, "keyserver_store_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        if let Some(bytes) = heap_in_use() {
+            let _ = writeln!(
+                out,
+                "# HELP keyserver_heap_in_use_bytes Heap memory in use (the allocator's count; RSS also holds freed pages not yet returned).\n# TYPE keyserver_heap_in_use_bytes gauge\nkeyserver_heap_in_use_bytes {bytes}"
+            );
         }
         let _ = writeln!(
             out,

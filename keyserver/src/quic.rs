@@ -55,6 +55,9 @@ pub fn endpoint(
         )
         .map_err(|e| tls_err(&e))?;
     tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    // Members never resume TLS sessions (they reconnect with a credential):
+    // tickets would be work and buffers for nothing.
+    tls.send_tls13_tickets = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -70,7 +73,12 @@ pub fn endpoint(
         .stream_receive_window(quinn::VarInt::from_u32(64 * 1024))
         .receive_window(quinn::VarInt::from_u32(128 * 1024))
         .send_window(2 * 1024 * 1024)
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // One datagram per send: with segmentation offload every
+        // connection keeps a send buffer of up to ten datagrams (about
+        // 14 KB) once a snapshot went out, which at 10,000 members is
+        // more than the rest of its state.
+        .enable_segmentation_offload(false);
     config.transport_config(Arc::new(transport));
     let bind = |cause| QuicSetupError::Bind { addr, cause };
     let socket = udp_socket(addr).map_err(bind)?;

@@ -59,13 +59,13 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: proto::DEFAULT_MAX_FRAME,
-            max_connections: 4096,
+            max_connections: 16384,
             max_unauthenticated: 512,
             // A site's whole fleet behind one NAT address may restart at once.
             max_unauthenticated_per_source: 64,
             idle_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(3),
-            push_buffer: 1024,
+            push_buffer: 128,
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),

@@ -31,6 +31,8 @@ const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine
 const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+/// redb's page cache (see [`RedbStore::open`]).
+const CACHE_BYTES: usize = 32 << 20;
 /// Size of the probe row: large enough to need fresh pages, so a full disk
 /// shows.
 const PROBE_BYTES: usize = 64 * 1024;
@@ -164,10 +166,16 @@ impl RedbStore {
     /// The open database, (re)opening it if a failure closed it.
     fn database(&mut self) -> Result<&Database, StoreError> {
         if self.db.is_none() {
-            let database = Database::create(&self.path).map_err(|cause| StoreError::Open {
-                path: self.path.display().to_string(),
-                cause,
-            })?;
+            // The whole state is read once at start and then only written:
+            // redb's default 1 GiB page cache would keep every page written
+            // in memory. 32 MiB holds the hot pages of a large site.
+            let database = redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&self.path)
+                .map_err(|cause| StoreError::Open {
+                    path: self.path.display().to_string(),
+                    cause,
+                })?;
             let txn = database.begin_write().map_err(db_err)?;
             {
                 txn.open_table(NETWORKS).map_err(db)?;
