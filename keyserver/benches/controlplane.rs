@@ -99,7 +99,7 @@ impl Server {
         let Ok(mut s) = tokio::net::TcpStream::connect(&self.api).await else {
             return 0.0;
         };
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let mut text = String::new();
         if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut text).await.is_err()
         {

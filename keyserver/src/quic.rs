@@ -269,7 +269,11 @@ impl From<NotInTime> for Fatal {
 /// Handles one connection from handshake to close.
 async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: Ticket) {
     let remote = incoming.remote_address();
-    let conn = match ticket.pending(async { incoming.accept()?.await }).await {
+    // The handshake's state is boxed and gone once it is done: a task's
+    // memory is that of its largest state for as long as it lives, and a
+    // member's task lives as long as its session.
+    let handshake = Box::pin(ticket.pending(async { incoming.accept()?.await }));
+    let conn = match handshake.await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "QUIC handshake with {remote} failed: {e}");
@@ -284,7 +288,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
         conn.close(1u32.into(), b"no control stream");
         return;
     };
-    let result = drive(&conn, &mut send, recv, &shared, &mut ticket).await;
+    let result = Box::pin(drive(&conn, &mut send, recv, &shared, &mut ticket)).await;
     if let Err(fatal) = result {
         shared.metrics.refused(fatal.0);
         tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
