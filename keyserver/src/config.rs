@@ -48,7 +48,7 @@ pub struct Config {
     /// answered `Busy`.
     pub max_connections: usize,
     /// Most QUIC connections that have not sent a valid hello yet. Default
-    /// 512 (about 80 KiB each); when full, the oldest such connection is
+    /// 512 (about 40 KiB each); when full, the oldest such connection is
     /// closed to make room.
     pub max_unauthenticated: usize,
     /// Most connections without a hello from one source address (IPv6: one
