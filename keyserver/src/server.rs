@@ -549,14 +549,17 @@ impl Shared {
         }
     }
 
-    /// Whether a session of the member is open (here, or on another
-    /// replica of a shared store).
+    /// Whether a session of the member is open here.
     pub fn is_online(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.online.lock().contains_key(&(network, *key))
-            || self
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.present_elsewhere(network, key))
+    }
+
+    /// Whether another replica of a shared store says it holds a session
+    /// of the member (until that replica's lease ends, if it died).
+    pub fn held_elsewhere(&self, network: NetworkId, key: &PublicKey) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.present_elsewhere(network, key))
     }
 
     /// Notes a heartbeat. Memory only and off the registry lock (which a

@@ -170,6 +170,16 @@ impl StreamSession {
         }
         match hello.request {
             Request::Join(req) => {
+                // A retried join of a member another replica holds a
+                // session of: that replica may have died after the join's
+                // commit (its lease ends within seconds), so this is worth
+                // retrying, not final.
+                if shared.held_elsewhere(req.network, &req.public_key) {
+                    return Err(Fatal(
+                        ErrorCode::Busy,
+                        "a session of this member is open on another keyserver replica; retry in a few seconds".into(),
+                    ));
+                }
                 let advertised = req.endpoints.clone();
                 let ((joined, generation), (pushes, open)) = shared
                     .mutate(

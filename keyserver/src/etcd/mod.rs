@@ -138,6 +138,8 @@ pub struct EtcdStore {
     skipped: Arc<AtomicU64>,
     /// Commits are refused without trying until then (after a failure).
     cool_down: Option<Instant>,
+    /// Tombstones in the mirror (dropped once the watch echoed them).
+    tombstones: usize,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -163,6 +165,7 @@ impl EtcdStore {
             applied_rev: 0,
             skipped: Arc::new(AtomicU64::new(0)),
             cool_down: None,
+            tombstones: 0,
         })
     }
 
@@ -344,6 +347,7 @@ impl EtcdStore {
         }
         let decoded = keys::decode(key, value.as_deref());
         let deleted_before = self.mirror.get(key).is_none_or(|k| k.value.is_none());
+        self.tombstones += usize::from(value.is_none());
         self.mirror.insert(
             key.to_owned(),
             Known {
@@ -517,6 +521,7 @@ impl Store for EtcdStore {
             return Err(StoreError::Conflict { revision });
         }
         for (key, value) in batch.puts {
+            self.tombstones += usize::from(value.is_none());
             self.mirror.insert(
                 key,
                 Known {
@@ -531,6 +536,7 @@ impl Store for EtcdStore {
                 .iter_mut()
                 .filter(|(k, _)| k.starts_with(r.as_str()))
             {
+                self.tombstones += 1;
                 *known.1 = Known {
                     rev: revision,
                     value: None,
@@ -585,9 +591,12 @@ impl Store for EtcdStore {
         }
         self.applied_rev = self.applied_rev.max(watch_rev);
         // Tombstones the watch has echoed are no longer needed.
-        let applied = self.applied_rev;
-        self.mirror
-            .retain(|_, k| k.value.is_some() || k.rev > applied);
+        if self.tombstones > 0 {
+            let applied = self.applied_rev;
+            self.mirror
+                .retain(|_, k| k.value.is_some() || k.rev > applied);
+            self.tombstones = self.mirror.values().filter(|k| k.value.is_none()).count();
+        }
         Ok(batches.into_iter().map(|(_, ops)| ops).collect())
     }
 
