@@ -10,6 +10,13 @@
 //! figure at 1000 members is also given as a ratio against the same figure at
 //! 100 members measured in the same run (the anchor): linear work per change
 //! gives ~10x, quadratic (every change rebuilding every map) ~100x.
+//!
+//! Then, when `etcd` is installed: the same 100-member network on a 3-node
+//! etcd cluster (loopback) with one keyserver replica and with three
+//! (members spread over them), as ratios against the redb anchor; 10,000
+//! members in 100 networks on one keyserver (RSS per connected member, CPU
+//! per join); and the registry's own CPU per join into a network of 1000
+//! members (the pure core, no I/O).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,6 +38,8 @@ use tokio::sync::{mpsc, Semaphore};
 struct Server {
     child: Child,
     admin: AdminClient,
+    /// `host:port` of the admin API.
+    api: String,
 }
 
 impl Drop for Server {
@@ -42,19 +51,32 @@ impl Drop for Server {
 
 impl Server {
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_keyserver"))
-            .args([
-                "serve",
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--api-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("KEYSERVER_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
+        Self::start_on(dir, None)
+    }
+
+    /// A keyserver on `store` (`None`: its embedded store). Replicas on
+    /// etcd need a known QUIC port (it goes into the others' tokens).
+    fn start_on(dir: &Path, store: Option<&str>) -> anyhow::Result<Self> {
+        let quic = match store {
+            None => "127.0.0.1:0".to_owned(),
+            Some(_) => format!("127.0.0.1:{}", free_port()?),
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyserver"));
+        cmd.args([
+            "serve",
+            "--quic-listen",
+            &quic,
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("KEYSERVER_LOG", "warn")
+        .stdout(Stdio::null());
+        if let Some(url) = store {
+            cmd.args(["--store", url]);
+        }
+        let child = cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !dir.join("api.url").exists() {
             if Instant::now() > deadline {
@@ -67,7 +89,25 @@ impl Server {
         Ok(Self {
             child,
             admin: AdminClient::new(url.trim(), &token),
+            api: url.trim().trim_start_matches("http://").to_owned(),
         })
+    }
+
+    /// One value of `/metrics` (0 if absent).
+    async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut s) = tokio::net::TcpStream::connect(&self.api).await else {
+            return 0.0;
+        };
+        let req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let mut text = String::new();
+        if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut text).await.is_err()
+        {
+            return 0.0;
+        }
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// Resident memory in KiB.
@@ -101,16 +141,127 @@ impl Server {
         self.admin
             .call(Method::POST, "/v1/networks", Some(&json!({"name": name})))
             .await?;
+        self.token(name, 1).await
+    }
+
+    /// A token of network `name` once it carries `replicas` addresses.
+    async fn token(&self, name: &str, replicas: usize) -> anyhow::Result<JoinToken> {
         let path = format!("/v1/networks/{name}/tokens");
-        let t = self
-            .admin
-            .call(
-                Method::POST,
-                &path,
-                Some(&json!({"uses": 10_000, "expires": "1h"})),
-            )
-            .await?;
-        Ok(t["token"].as_str().context("token")?.parse()?)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self
+                .admin
+                .call(
+                    Method::POST,
+                    &path,
+                    Some(&json!({"uses": 10_000, "expires": "1h"})),
+                )
+                .await?;
+            let t: JoinToken = t["token"].as_str().context("token")?.parse()?;
+            if t.addrs.len() >= replicas {
+                return Ok(t);
+            }
+            if Instant::now() > deadline {
+                bail!("the replicas did not find each other");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A 3-node etcd cluster on loopback for the replica scenarios; killed on
+/// drop (its directory goes with the temporary directory).
+struct Etcd {
+    children: Vec<Child>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Etcd {
+    /// `None` when the `etcd` binary is missing.
+    fn start() -> anyhow::Result<Option<Self>> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            return Ok(None);
+        }
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let initial = (0..3)
+            .map(|i| format!("n{i}=http://127.0.0.1:{}", ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut children = Vec::new();
+        for i in 0..3 {
+            let (client, peer) = (ports[2 * i], ports[2 * i + 1]);
+            children.push(
+                Command::new("etcd")
+                    .args(["--name", &format!("n{i}")])
+                    .arg("--data-dir")
+                    .arg(dir.path().join(format!("n{i}")))
+                    .args([
+                        "--listen-client-urls",
+                        &format!("http://127.0.0.1:{client}"),
+                    ])
+                    .args([
+                        "--advertise-client-urls",
+                        &format!("http://127.0.0.1:{client}"),
+                    ])
+                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                    .args([
+                        "--initial-advertise-peer-urls",
+                        &format!("http://127.0.0.1:{peer}"),
+                    ])
+                    .args([
+                        "--initial-cluster",
+                        &initial,
+                        "--initial-cluster-state",
+                        "new",
+                    ])
+                    .args(["--log-level", "error"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            );
+        }
+        let eps: Vec<String> = (0..3)
+            .map(|i| format!("127.0.0.1:{}", ports[2 * i]))
+            .collect();
+        let url = format!("etcd://{}", eps.join(","));
+        // Up when a quorum read answers.
+        let conn = keyserver::etcd::conn::Conn::new(&eps).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while conn
+            .range(etcdv3client::pb::RangeRequest {
+                key: b"/probe".to_vec(),
+                ..Default::default()
+            })
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("etcd did not start");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Some(Self {
+            children,
+            url,
+            _dir: dir,
+        }))
     }
 }
 
@@ -141,13 +292,16 @@ async fn join_many(
     let start = Instant::now();
     let mut joins = Vec::new();
     for i in 0..n {
-        let (ep, token, cfg, slots, tx) = (
+        let (ep, mut token, cfg, slots, tx) = (
             eps[(first_id + i) / 25 % eps.len()].clone(),
             token.clone(),
             cfg.clone(),
             slots.clone(),
             reports.clone(),
         );
+        // Spread over the replicas (a no-op with one address).
+        let spread = i % token.addrs.len().max(1);
+        token.addrs.rotate_left(spread);
         joins.push(tokio::spawn(async move {
             let start = Instant::now();
             let _permit = slots.acquire_owned().await?;
@@ -300,6 +454,113 @@ async fn scenario(
     ))
 }
 
+/// One network of `n` members on `replicas` keyserver replicas sharing
+/// `etcd` (prefix `prefix`): join rate and change fan-out, members spread
+/// over the replicas.
+async fn etcd_scenario(
+    etcd: &Etcd,
+    eps: &[quinn::Endpoint],
+    replicas: usize,
+    n: usize,
+    prefix: &str,
+    next_id: &mut usize,
+) -> anyhow::Result<Figures> {
+    let url = format!("{}/{prefix}", etcd.url);
+    let dirs: Vec<tempfile::TempDir> = (0..replicas)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let mut servers = Vec::new();
+    for d in &dirs {
+        servers.push(Server::start_on(d.path(), Some(&url))?);
+    }
+    let first = &servers[0];
+    first
+        .admin
+        .call(Method::POST, "/v1/networks", Some(&json!({"name": prefix})))
+        .await?;
+    let token = first.token(prefix, replicas).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cpu0 = first.cpu();
+    let id0 = *next_id;
+    let (mut members, t) = join_many(eps, &token, n, id0, &tx).await?;
+    *next_id += n;
+    let cpu_per_join = (first.cpu() - cpu0) / n as u32;
+    let rss_kib = first.rss_kib();
+    let (fan_median, fan_worst, cpu_per_change) =
+        fan_out(first, prefix, &mut members, id0, 10, &mut rx).await?;
+    for m in members {
+        m.task.abort();
+    }
+    Ok(Figures {
+        joins: n,
+        join_rate: n as f64 / t.as_secs_f64(),
+        cpu_per_join,
+        fan_median,
+        fan_worst,
+        cpu_per_change,
+        rss_kib,
+    })
+}
+
+/// The registry's own CPU per join into a network of `size` members (the
+/// pure core: validation, allocation, catalog, snapshot for the joiner),
+/// and of that the snapshot alone.
+fn registry_join_cpu(size: usize) -> (Duration, Duration) {
+    use keyserver::registry::{Records, Registry};
+    let now = std::time::SystemTime::now();
+    // No quarantine: the benchmark joins and removes in a loop.
+    let (mut reg, _) = Registry::load(Records::default(), 1024, Duration::ZERO, now);
+    let (net, _) = reg
+        .create_network("bench", meshlib::ipam::DEFAULT_RANGE, now)
+        .expect("network");
+    reg.create_token(
+        net.id,
+        &[1; 32],
+        100_000,
+        Duration::from_secs(3600),
+        None,
+        None,
+        now,
+    )
+    .expect("token");
+    let req = |i: usize| meshlib::proto::JoinRequest {
+        network: net.id,
+        token_secret: [1; 32],
+        public_key: PrivateKey::generate().public_key(),
+        service: format!("svc{}", i % 10),
+        app_id: None,
+        process_type: Default::default(),
+        instance: None,
+        runner: "bench".into(),
+        ports: vec![],
+        endpoints: vec!["192.0.2.1:51820".parse().expect("literal")],
+        service_groups: vec![],
+        publish: vec![],
+    };
+    let observed = "127.0.0.1:1".parse().expect("literal");
+    for i in 0..size {
+        reg.join(&req(i), observed, &[2; 32], false, now)
+            .expect("join");
+    }
+    // Join one more and take it back out, many times: the network stays at
+    // `size` members.
+    let rounds = 200;
+    let reqs: Vec<_> = (0..rounds).map(req).collect();
+    let start = Instant::now();
+    for r in &reqs {
+        let j = reg.join(r, observed, &[2; 32], false, now).expect("join");
+        std::hint::black_box(&j);
+        reg.remove_member(net.id, &j.member.public_key.to_string(), now)
+            .expect("remove");
+    }
+    let per_join = start.elapsed() / rounds as u32;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(reg.snapshot(net.id));
+    }
+    (per_join, start.elapsed() / rounds as u32)
+}
+
 fn print(name: &str, f: &Figures) {
     println!(
         "{name:<22} joins {:>5}  join rate {:>5.0}/s (keyserver CPU/join {:>6.1?})  change->all median {:>8.1?} worst {:>8.1?}  keyserver CPU/change {:>6.1?}  keyserver RSS {:>6} KiB",
@@ -326,6 +587,11 @@ async fn main() -> anyhow::Result<()> {
     let mut next_id = 0;
     let mut keep = Vec::new();
 
+    // `CP_BENCH_ONLY=scale`: only the 10,000-member scenario.
+    if std::env::var("CP_BENCH_ONLY").as_deref() == Ok("scale") {
+        drop(server);
+        return scale_scenario(quick, &mut next_id).await;
+    }
     let (small, m) = scenario(&server, &eps, 1, 100, "small", &mut next_id).await?;
     keep.extend(m);
     let rss_before_large = server.rss_kib();
@@ -358,7 +624,68 @@ async fn main() -> anyhow::Result<()> {
     for m in keep {
         m.task.abort();
     }
+    drop(server);
+
+    // The registry alone: CPU per join (and removal) into 1000 members.
+    let (reg_join, snap) = registry_join_cpu(1000);
+    let (reg_small, snap_small) = registry_join_cpu(100);
+    println!(
+        "registry (pure core) CPU per join+removal: into 1000 members {reg_join:.1?} (of which the joiner's snapshot {snap:.1?}), into 100 {reg_small:.1?} ({snap_small:.1?}); {:.1}x",
+        ratio(reg_join, reg_small)
+    );
+
+    // Replicas on etcd, against the redb anchor (1 network x 100).
+    match Etcd::start()? {
+        None => println!("etcd scenarios SKIPPED: etcd is not installed"),
+        Some(etcd) => {
+            let one = etcd_scenario(&etcd, &eps, 1, 100, "bench1", &mut next_id).await?;
+            let three = etcd_scenario(&etcd, &eps, 3, 100, "bench3", &mut next_id).await?;
+            print("etcd, 1 replica x 100", &one);
+            print("etcd, 3 replicas x 100", &three);
+            println!("ratios against redb 1 network x 100 (anchor, this run):");
+            for (name, f) in [("etcd 1 replica", &one), ("etcd 3 replicas", &three)] {
+                println!(
+                    "  {name}: join rate {:.2}x, change->all median {:.2}x",
+                    f.join_rate / small.join_rate,
+                    ratio(f.fan_median, small.fan_median)
+                );
+            }
+        }
+    }
+
     for ep in eps {
+        ep.close(0u32.into(), b"done");
+    }
+    scale_scenario(quick, &mut next_id).await
+}
+
+/// 10,000 members in 100 networks on one keyserver (quick: 1000 in 10):
+/// RSS per connected member and CPU per join.
+async fn scale_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<()> {
+    let (nets, per) = if quick { (10, 100) } else { (100, 100) };
+    let scale_dir = tempfile::tempdir()?;
+    let server = Server::start(scale_dir.path())?;
+    let scale_eps: Vec<quinn::Endpoint> = (0..nets * per / 25 + 1)
+        .map(|_| control::client_endpoint("127.0.0.1:0".parse().expect("literal")))
+        .collect::<Result<_, _>>()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = server.rss_kib();
+    let (scale, m) = scenario(&server, &scale_eps, nets, per, "scale", next_id).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = server.rss_kib();
+    let heap_kib = server.metric("keyserver_heap_in_use_bytes").await / 1024.0;
+    print(&format!("{nets} networks x {per}"), &scale);
+    println!(
+        "{} members connected: keyserver RSS {rss0} -> {rss1} KiB, {:.1} KiB per connected member (heap in use {:.1} KiB per member); keyserver CPU per join {:.1?} (fan-out to the network included)",
+        nets * per,
+        rss1.saturating_sub(rss0) as f64 / (nets * per) as f64,
+        heap_kib / (nets * per) as f64,
+        scale.cpu_per_join
+    );
+    for m in m {
+        m.task.abort();
+    }
+    for ep in scale_eps {
         ep.close(0u32.into(), b"done");
     }
     Ok(())

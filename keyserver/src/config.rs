@@ -44,10 +44,11 @@ pub struct Config {
     /// about 290 KB.
     pub max_frame: usize,
     /// Most simultaneous established QUIC connections (members past their
-    /// hello). Default 4096; more are answered `Busy`.
+    /// hello). Default 16384 (10,000 members take about 300 MB); more are
+    /// answered `Busy`.
     pub max_connections: usize,
     /// Most QUIC connections that have not sent a valid hello yet. Default
-    /// 512 (about 80 KiB each); when full, the oldest such connection is
+    /// 512 (about 40 KiB each); when full, the oldest such connection is
     /// closed to make room.
     pub max_unauthenticated: usize,
     /// Most connections without a hello from one source address (IPv6: one
@@ -61,7 +62,9 @@ pub struct Config {
     pub hello_timeout_secs: u64,
     /// Deltas kept per network so reconnects resume without a snapshot. Default 1024.
     pub change_log: usize,
-    /// Pushes buffered per connection before it catches up from the log. Default 1024.
+    /// Pushes buffered per network (a slow session lagging further catches up
+    /// from the change log). Default 128: the buffer holds the last pushes of
+    /// every network, whatever its members read.
     pub push_buffer: usize,
     /// Seconds a released address stays unused. Default 300 (well above the DNS TTL).
     pub quarantine_secs: u64,
@@ -90,6 +93,11 @@ pub struct Config {
     /// `<name>-<random>.<service-domain>`; gateways hold a wildcard
     /// certificate for it. Default `apps.ist-mesh.internal`.
     pub service_domain: String,
+    /// Where the records live: unset for the embedded store
+    /// (`<data-dir>/state.redb`, one keyserver), or
+    /// `etcd://host:2379[,host:2379...][/prefix]` for an etcd cluster shared
+    /// by any number of keyserver replicas (prefix default `/ist-mesh`).
+    pub store: Option<String>,
 }
 
 impl Default for Config {
@@ -120,6 +128,7 @@ impl Default for Config {
             api_max_body: api.max_body,
             api_max_connections: api.max_connections,
             service_domain: limits.service_domain.clone(),
+            store: None,
         }
     }
 }
@@ -170,7 +179,7 @@ mod tests {
         let c = Config::from_toml("data-dir = \"/tmp/x\"\nmax-frame = 4096\n").unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_frame, 4096);
-        assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.max_connections, 16384);
         assert_eq!(c.max_unauthenticated, 512);
         assert_eq!(c.hello_timeout_secs, 3);
         assert_eq!(c.log_format, LogFormat::Text);

@@ -28,8 +28,11 @@
 
 pub mod admin;
 pub mod admission;
+pub mod backup;
 pub mod config;
+pub mod etcd;
 pub mod http;
+pub mod metrics;
 pub mod quic;
 pub mod registry;
 pub mod server;
@@ -83,6 +86,9 @@ pub enum OpenError {
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The `store` setting is not a store this keyserver knows.
+    #[error("store: {0}")]
+    BadStore(String),
 }
 
 /// Why serving stopped with an error.
@@ -106,6 +112,9 @@ pub struct Keyserver {
     api_limits: http::ApiLimits,
     /// Interval of the token sweep (`None`: off).
     token_gc: Option<std::time::Duration>,
+    /// The watch of a shared store: wakes the task applying what other
+    /// replicas wrote.
+    feed: Option<Arc<etcd::conn::Feed>>,
 }
 
 /// Reads `path`, or creates it with `make` (mode 0600) if missing.
@@ -184,11 +193,31 @@ impl Keyserver {
             Ok(URL_SAFE_NO_PAD.encode(secret).into_bytes())
         })?;
         tighten(&dir.join("admin-token"))?;
-        let admin_token = String::from_utf8_lossy(&token).trim().to_owned();
-        let store = RedbStore::open(&dir.join("state.redb"))?;
+        let mut admin_token = String::from_utf8_lossy(&token).trim().to_owned();
+        let (mut cert_der, mut key_der) = (cert_der, key_der);
+        let (store, feed): (Box<dyn store::Store>, _) = match &config.store {
+            None => (Box::new(RedbStore::open(&dir.join("state.redb"))?), None),
+            Some(url) => {
+                let url: etcd::EtcdUrl = url.parse().map_err(OpenError::BadStore)?;
+                let store = etcd::EtcdStore::connect(&url)?;
+                let shared_id = store.share_identity(etcd::keys::IdentityRecord {
+                    cert: URL_SAFE_NO_PAD.encode(&cert_der),
+                    key: URL_SAFE_NO_PAD.encode(&key_der),
+                    admin_token: admin_token.clone(),
+                })?;
+                adopt_identity(
+                    dir,
+                    &shared_id,
+                    &mut cert_der,
+                    &mut key_der,
+                    &mut admin_token,
+                )?;
+                let feed = store.feed();
+                (Box::new(store), Some(feed))
+            }
+        };
         let fp = meshlib::proto::sha256(&cert_der);
-        let (shared, warnings) =
-            Shared::new(Box::new(store), config.limits(), fp, SystemTime::now())?;
+        let (shared, warnings) = Shared::new(store, config.limits(), fp, SystemTime::now())?;
         for w in warnings {
             tracing::warn!("skipped stored record: {w}");
         }
@@ -200,6 +229,7 @@ impl Keyserver {
             api_limits: config.api_limits(),
             token_gc: (config.token_gc_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.token_gc_secs)),
+            feed,
         })
     }
 
@@ -246,6 +276,9 @@ impl Keyserver {
             }
             advertise.push(local);
         }
+        if let Some(c) = self.shared.cluster() {
+            c.register(advertise.clone());
+        }
         let _ = self.shared.advertise.set(advertise);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -263,6 +296,10 @@ impl Keyserver {
         let http = http::serve(api, router, self.api_limits, wait(stop_rx.clone()));
         let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx.clone())));
         let sweeper = tokio::spawn(sweep(self.shared.clone(), wait(stop_rx.clone())));
+        let follow_task = self
+            .feed
+            .clone()
+            .map(|feed| tokio::spawn(follow(self.shared.clone(), feed, wait(stop_rx.clone()))));
         let gc_task = self
             .token_gc
             .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
@@ -270,6 +307,9 @@ impl Keyserver {
         let _ = quic_task.await;
         let _ = sweeper.await;
         if let Some(task) = gc_task {
+            let _ = task.await;
+        }
+        if let Some(task) = follow_task {
             let _ = task.await;
         }
         // Blocking store operations started by dropped sessions may still
@@ -304,6 +344,52 @@ async fn sweep(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
             Err(e) => tracing::error!("lifecycle sweep panicked: {e}"),
         }
     }
+}
+
+/// Applies what other replicas wrote (and pushes it to this replica's
+/// members) whenever the shared store's watch brings something, until
+/// `stop`; also every second, so a reload after a lost watch happens.
+async fn follow(shared: Arc<Shared>, feed: Arc<etcd::conn::Feed>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = feed.notify.notified() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = &mut stop => return,
+        }
+        let sh = shared.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || sh.sync()).await {
+            tracing::error!("applying remote changes panicked: {e}");
+        }
+    }
+}
+
+/// Takes the identity the replicas share: writes it into the data
+/// directory if it differs from the local one.
+fn adopt_identity(
+    dir: &Path,
+    id: &etcd::keys::IdentityRecord,
+    cert_der: &mut Vec<u8>,
+    key_der: &mut Vec<u8>,
+    admin_token: &mut String,
+) -> Result<(), OpenError> {
+    let bad =
+        |what: &str| OpenError::BadStore(format!("the shared identity in etcd has a bad {what}"));
+    let cert = URL_SAFE_NO_PAD
+        .decode(&id.cert)
+        .map_err(|_| bad("certificate"))?;
+    let key = URL_SAFE_NO_PAD.decode(&id.key).map_err(|_| bad("key"))?;
+    if cert != *cert_der || key != *key_der {
+        fsutil::write_secret(&dir.join("key.der"), &key)?;
+        fsutil::write_atomic(&dir.join("cert.der"), &cert, 0o644)?;
+        tracing::info!("using the certificate the keyserver replicas share");
+        (*cert_der, *key_der) = (cert, key);
+    }
+    if id.admin_token != *admin_token {
+        fsutil::write_secret(&dir.join("admin-token"), id.admin_token.as_bytes())?;
+        admin_token.clone_from(&id.admin_token);
+    }
+    Ok(())
 }
 
 /// Forgets expired and used-up tokens every `every` until `stop`.

@@ -55,6 +55,23 @@ enum Cmd {
     /// instances, served by gateways (`sidecar gateway`).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Write every record into a file (a consistent snapshot, also while
+    /// the keyserver serves: through its API, else from the store).
+    Backup {
+        /// The backup file (written mode 0600: it holds token and
+        /// credential hashes).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Replace the embedded store of a stopped keyserver by a backup
+    /// (refused while a keyserver holds the store).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions {
@@ -97,6 +114,11 @@ struct ServeArgs {
     /// network says otherwise.
     #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
     expire_after: Option<std::time::Duration>,
+    /// Where the records live: `etcd://host:2379[,host:2379...][/prefix]`
+    /// for an etcd cluster shared by keyserver replicas; default the
+    /// embedded store in the data directory.
+    #[arg(long, env = "KEYSERVER_STORE")]
+    store: Option<String>,
 }
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
@@ -493,6 +515,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir;
     match cli.cmd {
         Cmd::Serve(args) => rt.block_on(serve(data_dir, args)),
+        Cmd::Backup { out, api } => rt.block_on(backup(
+            data_dir.unwrap_or_else(|| Config::default().data_dir),
+            out,
+            api,
+        )),
+        Cmd::Restore { from } => restore(
+            data_dir.unwrap_or_else(|| Config::default().data_dir),
+            &from,
+        ),
         cmd => rt.block_on(admin(
             data_dir.unwrap_or_else(|| Config::default().data_dir),
             cmd,
@@ -557,7 +588,11 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     if let Some(d) = args.expire_after {
         config.expire_after_secs = d.as_secs().max(1);
     }
+    if args.store.is_some() {
+        config.store = args.store;
+    }
     init_logs(&config.log_level, config.log_format)?;
+    tame_malloc();
     let ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;
     let api = tokio::net::TcpListener::bind(config.api_listen)
@@ -594,6 +629,79 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `keyserver backup`: through the running keyserver's API (consistent
+/// while it serves), or, when none answers, straight from the embedded
+/// store.
+async fn backup(data_dir: PathBuf, out: PathBuf, api: ApiArgs) -> anyhow::Result<()> {
+    let through_api = match client(&data_dir, api) {
+        Ok(c) => match c.call(Method::GET, "/v1/backup", None).await {
+            Ok(v) => Some(v),
+            Err(keyserver::admin::AdminClientError::Transport { .. }) => None,
+            Err(e) => return Err(e.into()),
+        },
+        Err(_) => None,
+    };
+    let doc = match through_api {
+        Some(v) => serde_json::from_value::<keyserver::backup::Backup>(v)?,
+        None => {
+            use keyserver::store::Store as _;
+            let path = data_dir.join("state.redb");
+            let mut store = keyserver::store::RedbStore::open(&path).with_context(|| {
+                format!(
+                    "no keyserver answered, and {} cannot be read",
+                    path.display()
+                )
+            })?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            keyserver::backup::Backup::of(store.load()?, now)
+        }
+    };
+    meshlib::fsutil::write_secret(&out, &serde_json::to_vec_pretty(&doc)?)?;
+    println!(
+        "{}",
+        json!({"written": out, "networks": doc.networks.len(), "members": doc.members.len(), "tokens": doc.tokens.len()})
+    );
+    Ok(())
+}
+
+/// `keyserver restore`: the embedded store of a stopped keyserver.
+fn restore(data_dir: PathBuf, from: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    let doc = keyserver::backup::Backup::parse(&bytes)?;
+    meshlib::fsutil::create_private_dir(&data_dir)?;
+    let n = keyserver::backup::restore(&data_dir.join("state.redb"), &doc)?;
+    println!("{}", json!({"restored": n, "data_dir": data_dir}));
+    Ok(())
+}
+
+/// glibc's allocator keeps one arena per thread that ever allocated (up to
+/// 8 per core), and keeps freed memory: a join storm (each join's snapshot
+/// is encoded and buffered until acknowledged, hundreds of KB in a large
+/// network, on blocking threads) leaves RSS far above what is in use.
+/// Two arenas, and a trim every few seconds, keep RSS close to the live
+/// memory (see the README's scale figures).
+fn tame_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; called once at
+        // start, before the runtime's threads allocate much.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                // SAFETY: malloc_trim returns free memory to the system; it
+                // touches no live allocation.
+                let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            }
+        });
+    }
+}
+
 fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClient> {
     let base = match api.api {
         Some(url) => url,
@@ -620,7 +728,11 @@ fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClien
 
 async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
     let out = match cmd {
-        Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
+        Cmd::Serve(_)
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. }
+        | Cmd::Backup { .. }
+        | Cmd::Restore { .. } => {
             unreachable!("handled in main")
         }
         Cmd::Service(cmd) => service_admin(&data_dir, cmd).await?,

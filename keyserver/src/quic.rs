@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use meshlib::proto::{self, ClientMsg, ErrorCode, FrameError, Hello};
 use parking_lot::Mutex;
 use rand_core::RngCore as _;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::Admission;
 use crate::server::Shared;
@@ -55,14 +55,30 @@ pub fn endpoint(
         )
         .map_err(|e| tls_err(&e))?;
     tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    // Members never resume TLS sessions (they reconnect with a credential):
+    // tickets would be work and buffers for nothing.
+    tls.send_tls13_tickets = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(limits.idle_timeout).map_err(|e| tls_err(&e))?;
+    // A member sends small messages (heartbeats, endpoints, ports): small
+    // receive windows bound what one connection can make the keyserver
+    // buffer; no datagrams are used. The send window still takes a full
+    // snapshot (about 290 KB for a /22) with room.
     transport
         .max_idle_timeout(Some(idle))
         .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(quinn::VarInt::from_u32(64 * 1024))
+        .receive_window(quinn::VarInt::from_u32(128 * 1024))
+        .send_window(2 * 1024 * 1024)
+        .datagram_receive_buffer_size(None)
+        // One datagram per send: with segmentation offload every
+        // connection keeps a send buffer of up to ten datagrams (about
+        // 14 KB) once a snapshot went out, which at 10,000 members is
+        // more than the rest of its state.
+        .enable_segmentation_offload(false);
     config.transport_config(Arc::new(transport));
     let bind = |cause| QuicSetupError::Bind { addr, cause };
     let socket = udp_socket(addr).map_err(bind)?;
@@ -253,7 +269,11 @@ impl From<NotInTime> for Fatal {
 /// Handles one connection from handshake to close.
 async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: Ticket) {
     let remote = incoming.remote_address();
-    let conn = match ticket.pending(async { incoming.accept()?.await }).await {
+    // The handshake's state is boxed and gone once it is done: a task's
+    // memory is that of its largest state for as long as it lives, and a
+    // member's task lives as long as its session.
+    let handshake = Box::pin(ticket.pending(async { incoming.accept()?.await }));
+    let conn = match handshake.await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "QUIC handshake with {remote} failed: {e}");
@@ -268,8 +288,9 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
         conn.close(1u32.into(), b"no control stream");
         return;
     };
-    let result = drive(&conn, &mut send, recv, &shared, &mut ticket).await;
+    let result = Box::pin(drive(&conn, &mut send, recv, &shared, &mut ticket)).await;
     if let Err(fatal) = result {
+        shared.metrics.refused(fatal.0);
         tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
         let _ = proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
     }
@@ -279,22 +300,70 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
     conn.close(0u32.into(), b"done");
 }
 
-/// Spawns the task that reads client frames (keeps the session loop cancel-safe).
-fn spawn_reader(
-    mut recv: quinn::RecvStream,
+/// Reads client frames in the session loop itself, cancel-safe: what has
+/// arrived of a frame is kept here between calls (`RecvStream::read` is
+/// cancel-safe), so no task and channel per session are needed.
+struct FrameReader {
+    recv: quinn::RecvStream,
     max: usize,
-) -> mpsc::Receiver<Result<ClientMsg, FrameError>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let msg = proto::read_frame::<ClientMsg, _>(&mut recv, max).await;
-            let stop = msg.is_err();
-            if tx.send(msg).await.is_err() || stop {
-                break;
+    /// The length prefix as far as read.
+    len: [u8; 4],
+    got_len: usize,
+    /// The payload as far as read (allocated once its length is known).
+    payload: Vec<u8>,
+    got: usize,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream, max: usize) -> Self {
+        Self {
+            recv,
+            max,
+            len: [0; 4],
+            got_len: 0,
+            payload: Vec::new(),
+            got: 0,
+        }
+    }
+
+    /// The next client message. Cancel-safe.
+    async fn next(&mut self) -> Result<ClientMsg, FrameError> {
+        let io = |e: quinn::ReadError| FrameError::Io(std::io::Error::other(e));
+        while self.got_len < 4 {
+            match self
+                .recv
+                .read(&mut self.len[self.got_len..])
+                .await
+                .map_err(io)?
+            {
+                None if self.got_len == 0 => return Err(FrameError::Closed),
+                None | Some(0) => return Err(FrameError::Truncated),
+                Some(n) => self.got_len += n,
+            }
+            if self.got_len == 4 {
+                let len = u32::from_be_bytes(self.len) as usize;
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                self.payload = vec![0; len];
+                self.got = 0;
             }
         }
-    });
-    rx
+        while self.got < self.payload.len() {
+            match self
+                .recv
+                .read(&mut self.payload[self.got..])
+                .await
+                .map_err(io)?
+            {
+                None | Some(0) => return Err(FrameError::Truncated),
+                Some(n) => self.got += n,
+            }
+        }
+        self.got_len = 0;
+        let payload = std::mem::take(&mut self.payload);
+        proto::decode_payload(&payload)
+    }
 }
 
 /// Runs `f` on a blocking thread (store commits fsync).
@@ -336,17 +405,22 @@ async fn drive(
         blocking(move || StreamSession::open(&sh, hello, observed, credential, SystemTime::now()))
             .await??;
     write(send, first, max).await?;
-    let mut client = spawn_reader(recv, max);
+    let mut client = FrameReader::new(recv, max);
     loop {
         tokio::select! {
             push = pushes.recv() => {
+                let at = push.as_ref().ok().map(|p| p.at);
                 let replies = session.on_push(shared, push)?;
+                let wrote = !replies.is_empty();
                 write(send, replies, max).await?;
+                if let (Some(at), true) = (at, wrote) {
+                    shared.metrics.push_latency.observe(at.elapsed());
+                }
             }
-            msg = client.recv() => match msg {
-                None | Some(Err(FrameError::Closed)) => return Ok(()),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(msg)) => {
+            msg = client.next() => match msg {
+                Err(FrameError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok(msg) => {
                     let observed = conn.remote_address();
                     let (s, result) = if session.may_write(&msg, observed) {
                         let sh = shared.clone();

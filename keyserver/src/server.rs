@@ -20,8 +20,13 @@ use meshlib::proto::{self, ServerMsg};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use crate::etcd::Cluster;
 use crate::registry::{Change, Lifecycle, Records, Registry, StoreOp};
 use crate::store::{Store, StoreError};
+
+/// How many times an operation refused by a shared store (another replica
+/// changed the same records first) is run again on fresh state.
+const CONFLICT_TRIES: usize = 16;
 
 /// Limits and tunables of the servers (plain data; see [`crate::config::Config`]).
 #[derive(Debug, Clone)]
@@ -56,13 +61,13 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: proto::DEFAULT_MAX_FRAME,
-            max_connections: 4096,
+            max_connections: 16384,
             max_unauthenticated: 512,
             // A site's whole fleet behind one NAT address may restart at once.
             max_unauthenticated_per_source: 64,
             idle_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(3),
-            push_buffer: 1024,
+            push_buffer: 128,
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),
@@ -76,6 +81,8 @@ impl Default for Limits {
 pub struct OpenSession {
     map: Arc<Mutex<HashMap<(NetworkId, PublicKey), u32>>>,
     id: (NetworkId, PublicKey),
+    /// The replica set told when the member's last session here ends.
+    cluster: Option<Cluster>,
 }
 
 impl Drop for OpenSession {
@@ -85,6 +92,9 @@ impl Drop for OpenSession {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.id);
+                if let Some(c) = &self.cluster {
+                    c.release(self.id.0, self.id.1);
+                }
             }
         }
     }
@@ -101,6 +111,8 @@ pub struct Push {
     pub frame: Arc<[u8]>,
     /// The member this change removed, if any.
     pub removed: Option<PublicKey>,
+    /// When it was published (push latency).
+    pub at: Instant,
 }
 
 /// Why a mutation failed.
@@ -146,6 +158,12 @@ pub struct Shared {
     pub cert_sha256: [u8; 32],
     /// QUIC addresses written into tokens; set when serving starts.
     pub advertise: OnceLock<Vec<SocketAddr>>,
+    /// The replica set, when the store is shared (etcd).
+    cluster: Option<Cluster>,
+    /// Most writes one commit may hold.
+    max_ops: usize,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Shared {
@@ -164,6 +182,7 @@ impl Shared {
     ) -> Result<(Self, Vec<String>), StoreError> {
         let records = store.load()?;
         let (reg, warnings) = Self::build(records, &limits, now);
+        let (cluster, max_ops) = (store.cluster(), store.max_ops());
         let shared = Self {
             core: Mutex::new(Core {
                 reg,
@@ -178,7 +197,14 @@ impl Shared {
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
+            cluster,
+            max_ops,
+            metrics: crate::metrics::Metrics::default(),
         };
+        shared.metrics.started.store(
+            crate::registry::unix(now),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok((shared, warnings))
     }
 
@@ -196,35 +222,199 @@ impl Shared {
     }
 
     /// Runs one mutation: `f` changes the registry and returns its result,
-    /// the writes and the changes to push; the writes are committed, then the
-    /// changes published. `after` runs under the same lock once everything
-    /// succeeded (to subscribe without missing a push).
+    /// the writes and the changes to push; the writes (with the change-log
+    /// entries of the changes) are committed, then the changes published.
+    /// `after` runs under the same lock once everything succeeded (to
+    /// subscribe without missing a push).
+    ///
+    /// On a shared store, changes other replicas made are applied first;
+    /// if another replica changed the same records meanwhile, memory is put
+    /// back, the store catches up and `f` runs again on fresh state (at
+    /// most [`CONFLICT_TRIES`] times).
     pub fn mutate<T, E, R>(
         &self,
-        f: impl FnOnce(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
         after: impl FnOnce(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
         let mut core = self.core.lock();
         if core.stale {
             self.reload(&mut core)?;
         }
-        let (value, ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
-        if !ops.is_empty() {
-            if let Err(e) = core.store.commit(&ops) {
-                // Memory ran ahead of disk: rebuild it from disk.
-                tracing::error!("store commit failed, reloading the state from the store: {e}");
-                if let Err(again) = self.reload(&mut core) {
+        let mut tries = 0;
+        loop {
+            self.sync_locked(&mut core);
+            let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
+            if !changes.is_empty() {
+                ops.extend(core.reg.log_ops(&changes));
+            }
+            if !ops.is_empty() {
+                let t0 = Instant::now();
+                let committed = core.store.commit(&ops);
+                self.metrics.store_latency.observe(t0.elapsed());
+                if let Err(e) = committed {
+                    self.metrics.store_error(&e);
+                    self.put_back(&mut core, &ops);
+                    if let StoreError::Conflict { revision } = e {
+                        tries += 1;
+                        if tries < CONFLICT_TRIES {
+                            tracing::debug!(
+                                revision,
+                                tries,
+                                "store conflict: running the operation again on fresh state"
+                            );
+                            core.store.catch_up(revision)?;
+                            continue;
+                        }
+                    } else {
+                        tracing::error!("store commit failed: {e}");
+                    }
+                    *self.probe.lock() = None;
+                    return Err(OpError::Store(e));
+                }
+            }
+            for change in changes {
+                self.publish(change);
+            }
+            let extra = after(&core.reg, &value, self);
+            return Ok((value, extra));
+        }
+    }
+
+    /// After a refused commit: memory back to what the store holds — the
+    /// touched records as last committed, or (a store that cannot tell) a
+    /// reload of everything.
+    fn put_back(&self, core: &mut Core, ops: &[StoreOp]) {
+        // Memory-only notes may have gone with the records.
+        self.confirmed.lock().clear();
+        match core.store.known(ops) {
+            Some(back) => {
+                for w in core.reg.apply(&back) {
+                    tracing::warn!("putting back a refused commit: {w}");
+                }
+            }
+            None => {
+                tracing::error!("reloading the state from the store");
+                if let Err(again) = self.reload(core) {
                     tracing::error!("{again}; changes are refused until the store can be read");
                 }
-                *self.probe.lock() = None;
-                return Err(OpError::Store(e));
             }
         }
-        for change in changes {
-            self.publish(change);
+    }
+
+    /// Applies what other replicas committed (a shared store) and pushes
+    /// their changes to this replica's members. Blocking (it may reload).
+    pub fn sync(&self) {
+        let mut core = self.core.lock();
+        self.sync_locked(&mut core);
+    }
+
+    fn sync_locked(&self, core: &mut Core) {
+        match core.store.remote() {
+            Ok(batches) => {
+                self.metrics
+                    .remote_batches
+                    .fetch_add(batches.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                for ops in batches {
+                    for w in core.reg.apply(&ops) {
+                        tracing::warn!("skipped a record from another replica: {w}");
+                    }
+                    for change in crate::registry::changes_of(&ops) {
+                        self.publish(change);
+                    }
+                    for op in &ops {
+                        if let StoreOp::DeleteNetwork(n) = op {
+                            self.forget_network(*n);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                if let Err(again) = self.reload(core) {
+                    tracing::error!("{again}; changes are refused until the store can be read");
+                }
+            }
         }
-        let extra = after(&core.reg, &value, self);
-        Ok((value, extra))
+    }
+
+    /// Deletes a network (see [`Registry::delete_network`]); returns how
+    /// many members were removed. On a store that bounds its transactions
+    /// (etcd), a forced deletion first removes the members in batches, each
+    /// a change pushed like any removal.
+    pub fn delete_network(
+        &self,
+        id: NetworkId,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<usize, OpError<crate::registry::AdminError>> {
+        let mut removed = 0;
+        if force && self.max_ops != usize::MAX {
+            // About four writes per removal (member, quarantine, log, network).
+            let per_batch = (self.max_ops / 4).max(1);
+            loop {
+                let (n, ()) = self.mutate(
+                    |reg| {
+                        let (mut ops, mut changes) = (Vec::new(), Vec::new());
+                        for key in reg.member_keys(id).into_iter().take(per_batch) {
+                            let (c, o) = reg.remove_member(id, &key.to_string(), now)?;
+                            ops.extend(o);
+                            changes.push(c);
+                        }
+                        Ok((changes.len(), ops, changes))
+                    },
+                    |_, _, _| (),
+                )?;
+                removed += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        let (n, ()) = self.mutate(
+            |reg| {
+                let (changes, ops) = reg.delete_network(id, force, now)?;
+                Ok((changes.len(), ops, changes))
+            },
+            |_, _, sh| sh.forget_network(id),
+        )?;
+        Ok(removed + n)
+    }
+
+    /// A consistent snapshot of every stored record (a read of the store
+    /// under the registry lock: no commit is half in it). Blocking.
+    pub fn backup(&self) -> Result<crate::backup::Backup, StoreError> {
+        let mut core = self.core.lock();
+        let records = core.store.load_snapshot()?;
+        Ok(crate::backup::Backup::of(
+            records,
+            crate::registry::unix(SystemTime::now()),
+        ))
+    }
+
+    /// The `/metrics` page.
+    pub fn render_metrics(&self) -> String {
+        let members = self.read(|r| r.member_states());
+        let connected = self.online.lock().len();
+        self.metrics.render(&members, connected)
+    }
+
+    /// The replica set, when the store is shared.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// QUIC addresses for join tokens: this keyserver's, then every other
+    /// live replica's.
+    pub fn token_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.advertise.get().cloned().unwrap_or_default();
+        if let Some(c) = &self.cluster {
+            for a in c.replica_addrs() {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        addrs
     }
 
     /// Rebuilds the registry from the store; on failure marks it stale.
@@ -233,6 +423,8 @@ impl Shared {
             Ok(records) => {
                 core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
                 core.stale = false;
+                // Sessions catch up from the new state at their next push.
+                self.hubs.lock().clear();
                 // Memory-only notes went with the old registry.
                 self.confirmed.lock().clear();
                 Ok(())
@@ -276,9 +468,10 @@ impl Shared {
 
     /// Forgets expired and used-up tokens; returns how many. Blocking.
     pub fn collect_tokens(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let limit = self.max_ops;
         let result = self.mutate(
             |reg| {
-                let ops = reg.collect_tokens(now);
+                let ops = reg.collect_tokens_at_most(now, limit);
                 Ok::<_, std::convert::Infallible>((ops.len(), ops, vec![]))
             },
             |_, _, _| (),
@@ -313,6 +506,7 @@ impl Shared {
             to,
             frame: frame.into(),
             removed: change.removed,
+            at: Instant::now(),
         });
     }
 
@@ -341,16 +535,35 @@ impl Shared {
     /// under the registry lock, in the same [`Shared::mutate`] as the join
     /// or resume, so no retried join slips in between.
     pub fn online(&self, network: NetworkId, key: PublicKey) -> OpenSession {
-        *self.online.lock().entry((network, key)).or_insert(0) += 1;
+        let first = {
+            let mut online = self.online.lock();
+            let n = online.entry((network, key)).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            if let Some(c) = &self.cluster {
+                c.claim(network, key);
+            }
+        }
         OpenSession {
             map: self.online.clone(),
             id: (network, key),
+            cluster: self.cluster.clone(),
         }
     }
 
-    /// Whether a session of the member is open.
+    /// Whether a session of the member is open here.
     pub fn is_online(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.online.lock().contains_key(&(network, *key))
+    }
+
+    /// Whether another replica of a shared store says it holds a session
+    /// of the member (until that replica's lease ends, if it died).
+    pub fn held_elsewhere(&self, network: NetworkId, key: &PublicKey) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.present_elsewhere(network, key))
     }
 
     /// Notes a heartbeat. Memory only and off the registry lock (which a
@@ -383,10 +596,22 @@ impl Shared {
     pub fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
         /// Transitions per sweep; the rest wait a sweep interval.
         const BATCH: usize = 256;
+        // A shared store bounds a transaction: about four writes each.
+        let batch = BATCH.min(self.max_ops / 4).max(1);
         let heard = self.seen.lock().clone();
+        let now_s = crate::registry::unix(now);
+        // Members whose session another replica holds are that replica's
+        // to judge; an orphan counts from when its presence vanished.
+        let cluster = self.cluster.clone();
+        let last = |n: NetworkId, k: &PublicKey| {
+            heard
+                .get(&(n, *k))
+                .copied()
+                .or_else(|| cluster.as_ref().and_then(|c| c.heard(n, k, now_s)))
+        };
         let result = self.mutate(
             |reg| {
-                let (changes, ops) = reg.sweep(now, |n, k| heard.get(&(n, *k)).copied(), BATCH);
+                let (changes, ops) = reg.sweep(now, last, batch);
                 Ok::<_, std::convert::Infallible>((changes.len(), ops, changes))
             },
             |_, _, _| (),

@@ -89,14 +89,27 @@ pub struct StreamSession {
 fn op_fatal(e: OpError<ProtoOpError>) -> Fatal {
     match e {
         OpError::Refused(e) => Fatal(e.code(), e.to_string()),
-        OpError::Store(e) => Fatal(ErrorCode::Internal, e.to_string()),
+        OpError::Store(e) => store_fatal(e),
+    }
+}
+
+/// A store failure as the client is told: `Busy` while the store cannot
+/// be reached or is contended (nothing changed; retry), else `Internal`.
+fn store_fatal(e: crate::store::StoreError) -> Fatal {
+    use crate::store::StoreError;
+    match e {
+        StoreError::Unavailable(_) | StoreError::Conflict { .. } => Fatal(
+            ErrorCode::Busy,
+            format!("the keyserver cannot change its state now ({e}); retry later"),
+        ),
+        e => Fatal(ErrorCode::Internal, e.to_string()),
     }
 }
 
 /// A mutation that cannot be refused, only fail in the store.
 fn apply(
     shared: &Shared,
-    f: impl FnOnce(&mut crate::registry::Registry) -> (Option<Change>, Vec<crate::registry::StoreOp>),
+    mut f: impl FnMut(&mut crate::registry::Registry) -> (Option<Change>, Vec<crate::registry::StoreOp>),
 ) -> Result<(), Fatal> {
     shared
         .mutate(
@@ -157,6 +170,16 @@ impl StreamSession {
         }
         match hello.request {
             Request::Join(req) => {
+                // A retried join of a member another replica holds a
+                // session of: that replica may have died after the join's
+                // commit (its lease ends within seconds), so this is worth
+                // retrying, not final.
+                if shared.held_elsewhere(req.network, &req.public_key) {
+                    return Err(Fatal(
+                        ErrorCode::Busy,
+                        "a session of this member is open on another keyserver replica; retry in a few seconds".into(),
+                    ));
+                }
                 let advertised = req.endpoints.clone();
                 let ((joined, generation), (pushes, open)) = shared
                     .mutate(
@@ -173,6 +196,10 @@ impl StreamSession {
                         },
                     )
                     .map_err(op_fatal)?;
+                shared
+                    .metrics
+                    .joins
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if joined.rejoined {
                     tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
                 }
@@ -390,7 +417,7 @@ impl StreamSession {
                         ))
                     }
                     Err(OpError::Refused(_)) => Err(Self::revoked()),
-                    Err(OpError::Store(e)) => Err(Fatal(ErrorCode::Internal, e.to_string())),
+                    Err(OpError::Store(e)) => Err(store_fatal(e)),
                 }
             }
             ClientMsg::RotateKey(r) => {
@@ -413,7 +440,7 @@ impl StreamSession {
                         code: e.code(),
                         message: e.to_string(),
                     })),
-                    Err(OpError::Store(e)) => Err(Fatal(ErrorCode::Internal, e.to_string())),
+                    Err(OpError::Store(e)) => Err(store_fatal(e)),
                 }
             }
         }

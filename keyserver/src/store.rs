@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::registry::{MemberRecord, NetworkRecord, Records, ServiceRecord, StoreOp, TokenRecord};
+use crate::registry::{
+    LogRecord, MemberRecord, NetworkRecord, Records, ServiceRecord, StoreOp, TokenRecord,
+};
 
 /// Networks by UUID bytes.
 const NETWORKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("networks");
@@ -29,8 +31,12 @@ const MEMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("members");
 const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine");
 /// Service groups by network UUID bytes + group name.
 const SERVICES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("services");
+/// Change-log entries by network UUID bytes + generation (big-endian u64).
+const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
+/// redb's page cache (see [`RedbStore::open`]).
+const CACHE_BYTES: usize = 8 << 20;
 /// Size of the probe row: large enough to need fresh pages, so a full disk
 /// shows.
 const PROBE_BYTES: usize = 64 * 1024;
@@ -58,6 +64,28 @@ pub enum StoreError {
         /// The cause.
         reason: String,
     },
+    /// Another replica changed a record this commit depends on since this
+    /// replica last saw it: nothing was written. The caller catches up
+    /// ([`Store::catch_up`]) and runs the operation again on fresh state.
+    #[error(
+        "another keyserver replica changed the same records first (store revision {revision})"
+    )]
+    Conflict {
+        /// The store's revision when the commit was refused.
+        revision: i64,
+    },
+    /// The store cannot be reached (or has no quorum): nothing is known to
+    /// be written. Changes are refused until it is back.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// A commit holds more writes than the store takes in one transaction.
+    #[error("{ops} writes in one commit; the store takes at most {max}")]
+    TooLarge {
+        /// Writes in the commit.
+        ops: usize,
+        /// The store's limit.
+        max: usize,
+    },
 }
 
 /// Turns any redb error into [`StoreError::Db`].
@@ -75,6 +103,44 @@ pub trait Store: Send + 'static {
     /// commits an empty batch.
     fn probe(&mut self) -> Result<(), StoreError> {
         self.commit(&[])
+    }
+
+    /// Everything stored, read for a backup (no side effects on a shared
+    /// store's view). The default is [`Store::load`].
+    fn load_snapshot(&mut self) -> Result<Records, StoreError> {
+        self.load()
+    }
+
+    /// Records other writers (keyserver replicas sharing the store)
+    /// committed since the last call: one batch per transaction, oldest
+    /// first, without this store's own commits. Embedded stores have none.
+    fn remote(&mut self) -> Result<Vec<Vec<StoreOp>>, StoreError> {
+        Ok(vec![])
+    }
+
+    /// The last committed state of every record `ops` touch (a put of its
+    /// value, or a delete), to put memory back after a refused commit.
+    /// `None`: the store cannot tell, the caller reloads everything.
+    fn known(&self, _ops: &[StoreOp]) -> Option<Vec<StoreOp>> {
+        None
+    }
+
+    /// After a [`StoreError::Conflict`] at `revision`: waits (bounded) until
+    /// [`Store::remote`] can return everything committed up to it.
+    fn catch_up(&mut self, _revision: i64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Most writes one commit may hold (a shared store bounds its
+    /// transactions).
+    fn max_ops(&self) -> usize {
+        usize::MAX
+    }
+
+    /// The replica set sharing this store (presence of members, addresses
+    /// of the other replicas); `None` for an embedded store.
+    fn cluster(&self) -> Option<crate::etcd::Cluster> {
+        None
     }
 }
 
@@ -104,10 +170,17 @@ impl RedbStore {
     /// The open database, (re)opening it if a failure closed it.
     fn database(&mut self) -> Result<&Database, StoreError> {
         if self.db.is_none() {
-            let database = Database::create(&self.path).map_err(|cause| StoreError::Open {
-                path: self.path.display().to_string(),
-                cause,
-            })?;
+            // The whole state is read once at start and then only written:
+            // redb's default 1 GiB page cache would keep every page written
+            // in memory (2 KiB per member at 10,000). 8 MiB is plenty for
+            // writes.
+            let database = redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&self.path)
+                .map_err(|cause| StoreError::Open {
+                    path: self.path.display().to_string(),
+                    cause,
+                })?;
             let txn = database.begin_write().map_err(db_err)?;
             {
                 txn.open_table(NETWORKS).map_err(db)?;
@@ -115,6 +188,7 @@ impl RedbStore {
                 txn.open_table(MEMBERS).map_err(db)?;
                 txn.open_table(QUARANTINE).map_err(db)?;
                 txn.open_table(SERVICES).map_err(db)?;
+                txn.open_table(LOG).map_err(db)?;
                 txn.open_table(PROBE).map_err(db)?;
             }
             txn.commit().map_err(db)?;
@@ -164,6 +238,13 @@ fn service_key(network: &meshlib::ids::NetworkId, name: &meshlib::services::Grou
 fn quarantine_key(network: &meshlib::ids::NetworkId, ip: std::net::Ipv4Addr) -> Vec<u8> {
     let mut k = network.uuid().as_bytes().to_vec();
     k.extend_from_slice(&ip.octets());
+    k
+}
+
+/// Key of a change-log row.
+fn log_key(network: &meshlib::ids::NetworkId, to: u64) -> Vec<u8> {
+    let mut k = network.uuid().as_bytes().to_vec();
+    k.extend_from_slice(&to.to_be_bytes());
     k
 }
 
@@ -254,12 +335,22 @@ fn load(database: &Database) -> Result<Records, StoreError> {
         let id: meshlib::ids::NetworkId = format!("pn-{uuid}").parse().map_err(db)?;
         quarantine.push((id, ip.into(), v.value()));
     }
+    let mut log = Vec::new();
+    for row in txn.open_table(LOG).map_err(db)?.iter().map_err(db)? {
+        let (_, v) = row.map_err(db)?;
+        // The log is a convenience: a bad entry costs a snapshot, not a start.
+        match serde_json::from_slice::<LogRecord>(v.value()) {
+            Ok(rec) => log.push(rec),
+            Err(e) => tracing::warn!("skipped a change-log entry: {e}"),
+        }
+    }
     Ok(Records {
         networks,
         tokens,
         members,
         quarantine,
         services,
+        log,
     })
 }
 
@@ -272,6 +363,7 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut members = txn.open_table(MEMBERS).map_err(db)?;
         let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
         let mut services = txn.open_table(SERVICES).map_err(db)?;
+        let mut log = txn.open_table(LOG).map_err(db)?;
         for op in ops {
             match op {
                 StoreOp::PutNetwork(n) => {
@@ -291,6 +383,9 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteNetwork(n) => {
                     networks.remove(&n.uuid().as_bytes()[..]).map_err(db)?;
+                    let (from, to) = (log_key(n, 0), log_key(n, u64::MAX));
+                    log.retain_in(&from[..]..=&to[..], |_, _| false)
+                        .map_err(db)?;
                 }
                 StoreOp::DeleteMember(n, key) => {
                     members.remove(&member_key(n, key)[..]).map_err(db)?;
@@ -309,6 +404,13 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteService(n, name) => {
                     services.remove(&service_key(n, name)[..]).map_err(db)?;
+                }
+                StoreOp::PutLog(rec) => {
+                    let k = log_key(&rec.network, rec.delta.to);
+                    log.insert(&k[..], &enc(rec)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteLog(n, to) => {
+                    log.remove(&log_key(n, *to)[..]).map_err(db)?;
                 }
             }
         }
@@ -331,6 +433,7 @@ pub struct MemStore {
         (meshlib::ids::NetworkId, meshlib::services::GroupName),
         ServiceRecord,
     >,
+    log: std::collections::BTreeMap<(meshlib::ids::NetworkId, u64), LogRecord>,
     /// Commits so far.
     commits: u64,
 }
@@ -359,6 +462,9 @@ impl MemStore {
         for r in records.services {
             s.services.insert((r.network, r.group.name.clone()), r);
         }
+        for rec in records.log {
+            s.log.insert((rec.network, rec.delta.to), rec);
+        }
         s
     }
 
@@ -380,6 +486,7 @@ impl Store for MemStore {
                 .map(|((n, ip), until)| (*n, *ip, *until))
                 .collect(),
             services: self.services.values().cloned().collect(),
+            log: self.log.values().cloned().collect(),
         })
     }
 
@@ -391,6 +498,7 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteNetwork(n) => {
                     self.networks.remove(n);
+                    self.log.retain(|(id, _), _| id != n);
                 }
                 StoreOp::PutToken(t) => {
                     self.tokens.insert(t.hash, t.clone());
@@ -417,6 +525,12 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteService(n, name) => {
                     self.services.remove(&(*n, name.clone()));
+                }
+                StoreOp::PutLog(rec) => {
+                    self.log.insert((rec.network, rec.delta.to), rec.clone());
+                }
+                StoreOp::DeleteLog(n, to) => {
+                    self.log.remove(&(*n, *to));
                 }
             }
         }

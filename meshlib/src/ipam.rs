@@ -172,6 +172,20 @@ impl Allocator {
         }
     }
 
+    /// Frees `ip` at once, without quarantine: a reservation that never
+    /// took effect (a replica putting back what a refused commit tried, or
+    /// following another replica's records). Freeing an unused address does
+    /// nothing.
+    pub fn free(&mut self, ip: Ipv4Addr) {
+        self.used.remove(&u32::from(ip));
+    }
+
+    /// Lifts a quarantine on `ip` (another replica handed it out, or its
+    /// quarantine record was deleted).
+    pub fn unquarantine(&mut self, ip: Ipv4Addr) {
+        self.quarantined.remove(&u32::from(ip));
+    }
+
     /// Addresses in quarantine with the time each becomes free (to persist).
     pub fn quarantined(&self) -> impl Iterator<Item = (Ipv4Addr, SystemTime)> + '_ {
         self.quarantined
@@ -202,6 +216,22 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn free_and_unquarantine_take_effect_at_once() {
+        let mut a = Allocator::new(DEFAULT_RANGE, DEFAULT_QUARANTINE).unwrap();
+        let first = a.allocate(t(10)).unwrap();
+        a.free(first);
+        assert_eq!(
+            a.allocate(t(10)).unwrap(),
+            first,
+            "freed without quarantine"
+        );
+        a.release(first, t(10));
+        assert_ne!(a.allocate(t(11)).unwrap(), first, "released: quarantined");
+        a.unquarantine(first);
+        assert_eq!(a.allocate(t(11)).unwrap(), first);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! Routes (`{net}` is a network id or name; `{member}` a public key or an
 //! instance name; names in paths are percent-encoded):
-//! - `GET /healthz` (process alive), `GET /readyz` (store writable), no token
+//! - `GET /healthz` (process alive), `GET /readyz` (store writable),
+//!   `GET /metrics` (Prometheus), no token
 //! - `GET /v1/networks`, `POST /v1/networks` `{name, range?}`
 //! - `GET /v1/networks/{net}`, `DELETE /v1/networks/{net}[?force=true]`
 //! - `GET /v1/networks/{net}/members`, `DELETE /v1/networks/{net}/members/{member}`
@@ -85,7 +86,7 @@ struct Api {
     limits: ApiLimits,
 }
 
-/// The admin router. Every route but `/healthz` and `/readyz` requires
+/// The admin router. Every route but `/healthz`, `/readyz` and `/metrics` requires
 /// `Authorization: Bearer <token>` (unknown routes too: they answer 401
 /// without it, 404 with it).
 pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
@@ -107,6 +108,7 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
                 .delete(routes::delete_network),
         )
         .route("/v1/networks/{net}/members", get(routes::list_members))
+        .route("/v1/backup", get(routes::backup))
         .route(
             "/v1/networks/{net}/members/{member}",
             delete(routes::remove_member),
@@ -154,6 +156,7 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
         .merge(protected)
         .layer(middleware::from_fn(json_errors))
         .with_state(api)
@@ -195,6 +198,13 @@ impl From<OpError<AdminError>> for ApiError {
     fn from(e: OpError<AdminError>) -> Self {
         match e {
             OpError::Refused(e) => e.into(),
+            OpError::Store(
+                e @ (crate::store::StoreError::Unavailable(_)
+                | crate::store::StoreError::Conflict { .. }),
+            ) => Self(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("nothing changed: {e}; retry later"),
+            ),
             OpError::Store(e) => Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }

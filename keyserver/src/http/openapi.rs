@@ -263,7 +263,7 @@ pub fn openapi_doc() -> Value {
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "IST Mesh keyserver admin API", "version": "1",
-            "description": "Every route but /healthz and /readyz needs `Authorization: Bearer <admin-token>`; without it every other path, unknown ones included, answers 401. Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
+            "description": "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <admin-token>`; without it every other path, unknown ones included, answers 401. Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
         "servers": [{"url": "/", "description": "this keyserver (relative to where this document was fetched)"}],
         "security": [{"bearer": []}],
         "components": {
@@ -276,6 +276,10 @@ pub fn openapi_doc() -> Value {
                 "responses": responses(("200", "alive", Some(schema_ref("Status"))), &["405"])}},
             "/readyz": {"get": {"summary": "the store takes writes", "security": [],
                 "responses": responses(("200", "ready", Some(schema_ref("Status"))), &["405", "503"])}},
+            "/v1/backup": {"get": {"summary": "every stored record, one consistent snapshot (restore with `keyserver restore`)",
+                "responses": responses(("200", "backup document", Some(json!({"type": "object"}))), &["401", "405", "503"])}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text exposition 0.0.4)", "security": [],
+                "responses": responses(("200", "metrics", None), &["405"])}},
             "/openapi.json": {"get": {"summary": "this document",
                 "responses": responses(("200", "OpenAPI document", Some(json!({"type": "object"}))), &read)}},
             "/v1/networks": {

@@ -48,6 +48,37 @@ pub(super) async fn readyz(State(api): State<Api>) -> Response {
     }
 }
 
+/// `GET /metrics`: Prometheus text exposition, no token (see
+/// [`crate::metrics`]).
+pub(super) async fn metrics(State(api): State<Api>) -> Response {
+    let shared = api.shared.clone();
+    match tokio::task::spawn_blocking(move || shared.render_metrics()).await {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /v1/backup`: every record, one consistent snapshot.
+pub(super) async fn backup(
+    State(api): State<Api>,
+) -> Result<Json<crate::backup::Backup>, ApiError> {
+    let shared = api.shared.clone();
+    let b = blocking(move || {
+        shared
+            .backup()
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    })
+    .await?;
+    Ok(Json(b))
+}
+
 /// `GET /openapi.json`.
 pub(super) async fn openapi() -> Json<serde_json::Value> {
     Json(super::openapi_doc())
@@ -213,14 +244,10 @@ pub(super) async fn delete_network(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = resolve(&api, &net)?;
     let removed = blocking(move || {
-        let (removed, ()) = api.shared.mutate(
-            |reg| {
-                let (changes, ops) = reg.delete_network(id, query.force, SystemTime::now())?;
-                tracing::info!(network = %id, members = changes.len(), "network deleted");
-                Ok((changes.len(), ops, changes))
-            },
-            |_, _, sh| sh.forget_network(id),
-        )?;
+        let removed = api
+            .shared
+            .delete_network(id, query.force, SystemTime::now())?;
+        tracing::info!(network = %id, members = removed, "network deleted");
         Ok(removed)
     })
     .await?;
@@ -342,7 +369,7 @@ pub(super) async fn create_token(
         .map_err(|e| bad_request(format!("invalid process type binding: {e}")))?;
     let mut secret = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut secret);
-    let addrs = api.shared.advertise.get().cloned().unwrap_or_default();
+    let addrs = api.shared.token_addrs();
     let token = JoinToken {
         addrs,
         cert_sha256: api.shared.cert_sha256,
@@ -363,8 +390,8 @@ pub(super) async fn create_token(
                     &secret,
                     body.uses.unwrap_or(1),
                     ttl,
-                    body.service,
-                    process_type,
+                    body.service.clone(),
+                    process_type.clone(),
                     SystemTime::now(),
                 )?;
                 let rec = match &body.service_group {

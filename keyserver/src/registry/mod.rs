@@ -8,9 +8,11 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
+mod catalog;
 mod lifecycle;
 mod network;
 mod records;
+mod replica;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -31,9 +33,10 @@ use subtle::ConstantTimeEq;
 pub use lifecycle::{Lifecycle, RotateError};
 use network::{default_instance, Network};
 pub use records::{
-    unix, Catchup, Change, Joined, MemberInfo, MemberRecord, NetworkRecord, Records, Resumed,
-    ServiceRecord, StoreOp, TokenRecord,
+    unix, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord, NetworkRecord, Records,
+    Resumed, ServiceRecord, StoreOp, TokenRecord,
 };
+pub use replica::changes_of;
 pub use services::DEFAULT_SERVICE_DOMAIN;
 
 /// Why a protocol operation (join, resume, endpoint update) failed.
@@ -222,6 +225,7 @@ impl Registry {
             }
             net.instances
                 .insert(m.member.instance.clone(), m.member.public_key);
+            net.catalog.add(&m.member);
             net.members.insert(m.member.public_key, m);
         }
         let now_s = unix(now);
@@ -242,6 +246,7 @@ impl Registry {
                 None => warnings.push(format!("service group {} of missing network", r.group.name)),
             }
         }
+        reg.load_log(records.log);
         (reg, warnings)
     }
 
@@ -535,6 +540,7 @@ impl Registry {
         };
         net.instances
             .insert(member.instance.clone(), member.public_key);
+        net.catalog.add(&member);
         net.members.insert(member.public_key, rec.clone());
         let mut changes = vec![MapChange::Upsert(member.clone())];
         let (service_changes, service_ops) = services::apply_join(net, plan, &member.instance, now);
@@ -768,6 +774,7 @@ impl Registry {
             }
         };
         let rec = net.members.remove(&key).ok_or_else(unknown)?;
+        net.catalog.remove(&rec.member);
         net.instances.remove(&rec.member.instance);
         net.alloc.release(rec.member.ip, now);
         let until = unix(now) + self.quarantine.as_secs();
@@ -894,8 +901,8 @@ fn resolved_endpoints(advertised: &[SocketAddr], observed: SocketAddr) -> Vec<So
 /// of which name members in DNS), else a fresh `ap-<uuid>`. So a member can
 /// never place itself under another service's names.
 fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
-    if let Some(rec) = net.members.values().find(|r| r.member.service == service) {
-        return rec.member.app_id.clone();
+    if let Some(id) = net.catalog.service_app(service) {
+        return id.clone();
     }
     let usable = |hint: &&AppId| {
         let shaped = hint
@@ -903,12 +910,7 @@ fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
             .strip_prefix("ap-")
             .and_then(|u| uuid::Uuid::try_parse(u).ok())
             .is_some_and(|u| u.hyphenated().to_string() == hint.as_str()[3..]);
-        let taken = net.members.values().any(|r| {
-            r.member.app_id == **hint
-                || meshlib::ist::hostname_label(&r.member.service)
-                    .is_ok_and(|label| label == hint.as_str())
-        });
-        shaped && !taken
+        shaped && !net.catalog.app_taken(hint)
     };
     hint.filter(usable).cloned().unwrap_or_else(AppId::random)
 }

@@ -21,6 +21,8 @@ pub(super) struct Network {
     pub(super) log: VecDeque<MapDelta>,
     /// Service groups (seed 002), by name.
     pub(super) services: BTreeMap<meshlib::services::GroupName, ServiceRecord>,
+    /// Services, app ids and indexes in use (joins read it, not the members).
+    pub(super) catalog: super::catalog::Catalog,
 }
 
 impl Network {
@@ -32,6 +34,7 @@ impl Network {
             instances: HashMap::new(),
             log: VecDeque::new(),
             services: BTreeMap::new(),
+            catalog: Default::default(),
         })
     }
 
@@ -109,22 +112,7 @@ impl Network {
     }
 
     pub(super) fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
-        let mut taken: Vec<u32> = self
-            .members
-            .values()
-            .filter(|r| &r.member.app_id == app && &r.member.process_type == ptype)
-            .map(|r| r.member.index)
-            .collect();
-        taken.sort_unstable();
-        let mut next = 1;
-        for i in taken {
-            if i == next {
-                next += 1;
-            } else if i > next {
-                break;
-            }
-        }
-        next
+        self.catalog.lowest_free_index(app, ptype)
     }
 }
 

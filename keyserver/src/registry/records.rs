@@ -131,6 +131,24 @@ pub enum StoreOp {
     PutService(ServiceRecord),
     /// Delete a service group.
     DeleteService(NetworkId, meshlib::services::GroupName),
+    /// Keep one delta of a network's change log (resumes on any replica,
+    /// or after a restart, get deltas from it).
+    PutLog(LogRecord),
+    /// Forget the change-log entry of a network ending at a generation.
+    DeleteLog(NetworkId, u64),
+}
+
+/// One stored entry of a network's change log: the delta from one
+/// generation to the next, and the member it removed (whose session ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The network.
+    pub network: NetworkId,
+    /// The delta.
+    pub delta: MapDelta,
+    /// The member this change removed, if any.
+    #[serde(default)]
+    pub removed: Option<PublicKey>,
 }
 
 /// Everything the store holds, as loaded at start.
@@ -146,6 +164,8 @@ pub struct Records {
     pub quarantine: Vec<(NetworkId, Ipv4Addr, u64)>,
     /// Service groups.
     pub services: Vec<ServiceRecord>,
+    /// The stored change log of every network (any order).
+    pub log: Vec<LogRecord>,
 }
 
 /// A change to push: one delta of one network.

@@ -189,3 +189,4 @@ pub async fn until(s: &mut Session, limit: Duration, done: impl Fn(&Session) -> 
             .expect("session event");
     }
 }
+pub mod etcd;

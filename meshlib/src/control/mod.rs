@@ -50,9 +50,12 @@ pub struct ClientConfig {
     pub max_frame: usize,
     /// Time allowed for the QUIC handshake plus the welcome. Default 5 s.
     pub connect_timeout: Duration,
-    /// QUIC keep-alive interval, so NATs keep the path open. Default 5 s.
+    /// QUIC keep-alive interval, so NATs keep the path open and a dead
+    /// keyserver shows within the idle timeout. Default 3 s.
     pub keep_alive: Duration,
-    /// QUIC idle timeout: a silent server is given up after this. Default 30 s.
+    /// QUIC idle timeout: a silent server is given up after this, and the
+    /// member moves to the next keyserver replica. Default 10 s (a killed
+    /// keyserver sends nothing; its replicas take over within it).
     pub idle_timeout: Duration,
     /// The member core's timers (its `connect_timeout` is replaced by the
     /// one above).
@@ -64,8 +67,8 @@ impl Default for ClientConfig {
         Self {
             max_frame: proto::DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(5),
-            keep_alive: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(10),
             member: MemberConfig::default(),
         }
     }

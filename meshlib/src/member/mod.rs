@@ -348,6 +348,10 @@ pub struct MemberCore {
     sent_endpoints: Option<Vec<SocketAddr>>,
     sent_ports: Option<Vec<u16>>,
     attempt: u32,
+    /// Lost connections so far: each reconnect starts one address further
+    /// along the keyserver's list, so a dead replica is tried last, not
+    /// first, while the others are up.
+    addr_turn: usize,
     last_error: Option<String>,
     heartbeat: Duration,
     next_heartbeat: Option<Instant>,
@@ -426,6 +430,7 @@ impl MemberCore {
             sent_endpoints: None,
             sent_ports: None,
             attempt: 0,
+            addr_turn: 0,
             last_error: None,
             next_heartbeat: None,
             awaiting_ack: None,
@@ -755,11 +760,15 @@ impl MemberCore {
     }
 
     fn connect(&mut self, now: Instant) {
-        let (addrs, cert_sha256) = match (&self.membership, &self.join) {
+        let (mut addrs, cert_sha256) = match (&self.membership, &self.join) {
             (Some(m), _) => (m.addrs.clone(), m.cert_sha256),
             (None, Some((t, _))) => (t.addrs.clone(), t.cert_sha256),
             (None, None) => (vec![], [0; 32]),
         };
+        if !addrs.is_empty() {
+            let turn = self.addr_turn % addrs.len();
+            addrs.rotate_left(turn);
+        }
         self.transmits
             .push_back(Transmit::Connect { addrs, cert_sha256 });
         self.phase = Phase::Connecting { since: now };
@@ -1038,6 +1047,7 @@ impl MemberCore {
         }
         let delay = self.backoff();
         self.attempt = self.attempt.saturating_add(1);
+        self.addr_turn = self.addr_turn.wrapping_add(1);
         self.last_error = Some(error.clone());
         self.phase = Phase::Idle { at: now + delay };
         self.events

@@ -492,3 +492,35 @@ fn key_lifetime_asks_for_a_rotation() {
     }
     assert_eq!(now, due);
 }
+
+#[test]
+fn reconnects_start_at_the_next_keyserver_address() {
+    let t0 = Instant::now();
+    let a: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let key = PrivateKey::generate().public_key();
+    let t = JoinToken {
+        addrs: a.clone(),
+        ..token()
+    };
+    let mut core = MemberCore::join(MemberConfig::default(), t, meta(key), t0);
+    let mut firsts = Vec::new();
+    let mut now = t0;
+    for _ in 0..4 {
+        now = core.poll_timeout().unwrap().max(now);
+        core.handle_timeout(now);
+        match &transmits(&mut core)[..] {
+            [Transmit::Connect { addrs, .. }] => {
+                assert_eq!(addrs.len(), 3, "every address is still tried");
+                firsts.push(addrs[0]);
+            }
+            other => panic!("expected a connect, got {other:?}"),
+        }
+        core.handle_connect_failed(now, "refused".into());
+    }
+    // Each attempt starts one address further: a dead replica listed first
+    // costs one attempt, not every one.
+    assert_eq!(firsts, [a[0], a[1], a[2], a[0]]);
+}

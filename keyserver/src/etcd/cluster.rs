@@ -1,0 +1,263 @@
+//! The replica set around one etcd prefix: which replicas live (and their
+//! QUIC addresses, for join tokens), and which replica holds each member's
+//! session (so only that replica judges the member's heartbeats, and a
+//! member whose replica died is noticed).
+//!
+//! Both live under the replica's lease: `replicas/<id>` and
+//! `presence/<network>/<member>`; when a replica dies or is cut off longer
+//! than the lease TTL, etcd deletes its keys and every other replica sees
+//! it through the watch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+
+use etcdv3client::pb;
+use meshlib::ids::NetworkId;
+use meshlib::keys::PublicKey;
+use parking_lot::Mutex;
+
+use super::conn::Conn;
+use super::keys::{self, ReplicaInfo, Side};
+
+/// Handle to the replica set (cheap to clone).
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// This replica's id (random per process).
+    id: String,
+    /// The keyserver's prefix in etcd.
+    prefix: String,
+    conn: Conn,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    replicas: BTreeMap<String, ReplicaInfo>,
+    /// Replica holding each member's session.
+    presence: HashMap<(NetworkId, PublicKey), String>,
+    /// When a member's presence vanished (Unix seconds), while it has none.
+    orphaned: HashMap<(NetworkId, PublicKey), u64>,
+    /// Members whose sessions this replica holds (put again under a new lease).
+    mine: HashSet<(NetworkId, PublicKey)>,
+    /// What this replica announces.
+    advertise: Option<ReplicaInfo>,
+}
+
+impl Cluster {
+    /// A replica with a fresh id on `conn`; starts keeping its lease.
+    pub(super) fn start(conn: Conn, prefix: String) -> Self {
+        let cluster = Self {
+            inner: Arc::new(Inner {
+                id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+                prefix,
+                conn: conn.clone(),
+                state: Mutex::new(State::default()),
+            }),
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&cluster.inner);
+        conn.start_lease(move |lease| {
+            if let Some(inner) = weak.upgrade() {
+                (Cluster { inner }).on_grant(lease);
+            }
+        });
+        cluster
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn full(&self, key: &str) -> Vec<u8> {
+        format!("{}{key}", self.inner.prefix).into_bytes()
+    }
+
+    /// A new lease: put this replica's keys under it.
+    fn on_grant(&self, lease: i64) {
+        let (advertise, mine) = {
+            let st = self.inner.state.lock();
+            (
+                st.advertise.clone(),
+                st.mine.iter().copied().collect::<Vec<_>>(),
+            )
+        };
+        if let Some(info) = advertise {
+            self.put(keys::replica(&self.inner.id), &info, lease);
+        }
+        for (n, k) in mine {
+            self.put_presence(n, k, lease);
+        }
+    }
+
+    fn put<T: serde::Serialize>(&self, key: String, value: &T, lease: i64) {
+        let Ok(value) = serde_json::to_vec(value) else {
+            return;
+        };
+        self.put_raw(key, value, lease);
+    }
+
+    fn put_raw(&self, key: String, value: Vec<u8>, lease: i64) {
+        let req = pb::PutRequest {
+            key: self.full(&key),
+            value,
+            lease,
+            ..Default::default()
+        };
+        self.inner.conn.spawn(move |mut c| async move {
+            let _ = c.kv.put(req).await;
+        });
+    }
+
+    fn put_presence(&self, n: NetworkId, k: PublicKey, lease: i64) {
+        self.put_raw(
+            keys::presence(&n, &k),
+            self.inner.id.clone().into_bytes(),
+            lease,
+        );
+    }
+
+    /// Announces this replica's QUIC addresses (under its lease).
+    pub fn register(&self, advertise: Vec<SocketAddr>) {
+        let info = ReplicaInfo { advertise };
+        self.inner.state.lock().advertise = Some(info.clone());
+        let lease = self.inner.conn.lease_id();
+        if lease != 0 {
+            self.put(keys::replica(&self.inner.id), &info, lease);
+        }
+    }
+
+    /// This replica holds a session of the member now.
+    pub fn claim(&self, n: NetworkId, k: PublicKey) {
+        {
+            let mut st = self.inner.state.lock();
+            st.mine.insert((n, k));
+            st.presence.insert((n, k), self.inner.id.clone());
+            st.orphaned.remove(&(n, k));
+        }
+        let lease = self.inner.conn.lease_id();
+        if lease != 0 {
+            self.put_presence(n, k, lease);
+        }
+    }
+
+    /// This replica's last session of the member ended: its presence key
+    /// goes, unless another replica took the member over meanwhile.
+    pub fn release(&self, n: NetworkId, k: PublicKey) {
+        self.inner.state.lock().mine.remove(&(n, k));
+        let key = self.full(&keys::presence(&n, &k));
+        let mine = self.inner.id.clone().into_bytes();
+        let txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: pb::compare::CompareResult::Equal as i32,
+                target: pb::compare::CompareTarget::Value as i32,
+                key: key.clone(),
+                range_end: vec![],
+                target_union: Some(pb::compare::TargetUnion::Value(mine)),
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(
+                    pb::DeleteRangeRequest {
+                        key,
+                        ..Default::default()
+                    },
+                )),
+            }],
+            failure: vec![],
+        };
+        self.inner.conn.spawn(move |mut c| async move {
+            let _ = c.kv.txn(txn).await;
+        });
+    }
+
+    /// Follows a replica or presence key written or deleted (by anyone).
+    pub(super) fn observe(&self, side: Side, value: Option<&[u8]>, now: u64) {
+        let mut st = self.inner.state.lock();
+        match (side, value) {
+            (Side::Replica(id), Some(v)) => match serde_json::from_slice::<ReplicaInfo>(v) {
+                Ok(info) => {
+                    st.replicas.insert(id, info);
+                }
+                Err(e) => tracing::warn!("skipped replica record {id:?}: {e}"),
+            },
+            (Side::Replica(id), None) => {
+                st.replicas.remove(&id);
+            }
+            (Side::Presence(n, k), Some(v)) => {
+                st.presence
+                    .insert((n, k), String::from_utf8_lossy(v).into_owned());
+                st.orphaned.remove(&(n, k));
+            }
+            (Side::Presence(n, k), None) => {
+                if st.presence.remove(&(n, k)).is_some() && !st.mine.contains(&(n, k)) {
+                    st.orphaned.insert((n, k), now);
+                }
+            }
+        }
+    }
+
+    /// A member's last sign of life as far as the replica set knows, for
+    /// a replica that holds no session of it: now if another replica holds
+    /// one, the moment its presence vanished if it is orphaned, `None` if
+    /// nothing is known (the stored last contact decides).
+    pub fn heard(&self, n: NetworkId, k: &PublicKey, now: u64) -> Option<u64> {
+        let st = self.inner.state.lock();
+        match st.presence.get(&(n, *k)) {
+            Some(r) if *r != self.inner.id => Some(now),
+            _ => st.orphaned.get(&(n, *k)).copied(),
+        }
+    }
+
+    /// Whether another replica holds a session of the member.
+    pub fn present_elsewhere(&self, n: NetworkId, k: &PublicKey) -> bool {
+        self.inner
+            .state
+            .lock()
+            .presence
+            .get(&(n, *k))
+            .is_some_and(|r| *r != self.inner.id)
+    }
+
+    /// QUIC addresses of every live replica (this one's first).
+    pub fn replica_addrs(&self) -> Vec<SocketAddr> {
+        let st = self.inner.state.lock();
+        let mut out: Vec<SocketAddr> = st
+            .advertise
+            .iter()
+            .flat_map(|i| i.advertise.iter().copied())
+            .collect();
+        for (id, info) in &st.replicas {
+            if *id == self.inner.id {
+                continue;
+            }
+            for a in &info.advertise {
+                if !out.contains(a) {
+                    out.push(*a);
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of live replicas known (this one included once registered).
+    pub fn replicas(&self) -> usize {
+        self.inner.state.lock().replicas.len()
+    }
+
+    /// Whether the lease is held (the replica's keys live).
+    pub fn has_lease(&self) -> bool {
+        self.inner.conn.lease_id() != 0
+    }
+}

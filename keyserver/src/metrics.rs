@@ -1,0 +1,189 @@
+//! Prometheus metrics of the keyserver, served as text at `GET /metrics` on
+//! the admin listener (no token: a scraper should not hold the admin
+//! token, which can revoke members; the page holds counts, network ids and
+//! build facts, no names, keys or addresses).
+//!
+//! Counters and histograms are atomics updated where things happen (joins
+//! and refusals in the session driver, pushes when written, store commits
+//! in [`crate::server::Shared::mutate`]); gauges (members by network and
+//! state, connected members) are read from the registry at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// Upper bounds (seconds) of the latency histograms.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Heap bytes in use, from glibc's allocator (`None` elsewhere).
+fn heap_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// A latency histogram (fixed buckets, seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let n = self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
+    }
+}
+
+/// The keyserver's counters and histograms.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Joins that got a welcome (retried joins included).
+    pub joins: AtomicU64,
+    /// Sessions refused or ended with an error, by wire error code.
+    refusals: Mutex<BTreeMap<String, u64>>,
+    /// From a change's commit (or its arrival from another replica) to its
+    /// frame written on a member's stream.
+    pub push_latency: Histogram,
+    /// Store commit time (successful or not).
+    pub store_latency: Histogram,
+    /// Store commits that failed, by kind.
+    store_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Batches of records applied from other replicas.
+    pub remote_batches: AtomicU64,
+    /// When the process started (Unix seconds).
+    pub started: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a refusal (or an error ending a session) by its code.
+    pub fn refused(&self, code: meshlib::proto::ErrorCode) {
+        let reason = format!("{code:?}").to_lowercase();
+        *self.refusals.lock().entry(reason).or_insert(0) += 1;
+    }
+
+    /// Counts a failed store commit.
+    pub fn store_error(&self, e: &crate::store::StoreError) {
+        use crate::store::StoreError;
+        let kind = match e {
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::TooLarge { .. } => "too_large",
+            _ => "other",
+        };
+        *self.store_errors.lock().entry(kind).or_insert(0) += 1;
+    }
+
+    /// The text exposition. `members` gives, per network id, its online and
+    /// offline members; `connected` the members with an open session here.
+    pub fn render(&self, members: &[(String, usize, usize)], connected: usize) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_build_info Version of this keyserver.\n# TYPE keyserver_build_info gauge\nkeyserver_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_start_timestamp_seconds When this keyserver started.\n# TYPE keyserver_start_timestamp_seconds gauge\nkeyserver_start_timestamp_seconds {}",
+            self.started.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP keyserver_members Members by network and state.\n# TYPE keyserver_members gauge");
+        for (net, online, offline) in members {
+            let _ = writeln!(
+                out,
+                "keyserver_members{{network=\"{net}\",state=\"online\"}} {online}"
+            );
+            let _ = writeln!(
+                out,
+                "keyserver_members{{network=\"{net}\",state=\"offline\"}} {offline}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_connected_members Members with an open session on this keyserver.\n# TYPE keyserver_connected_members gauge\nkeyserver_connected_members {connected}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_joins_total Joins welcomed.\n# TYPE keyserver_joins_total counter\nkeyserver_joins_total {}",
+            self.joins.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP keyserver_refusals_total Sessions refused or ended with an error, by reason.\n# TYPE keyserver_refusals_total counter");
+        for (reason, n) in self.refusals.lock().iter() {
+            let _ = writeln!(out, "keyserver_refusals_total{{reason=\"{reason}\"}} {n}");
+        }
+        self.push_latency.render(
+            &mut out,
+            "keyserver_push_latency_seconds",
+            "From a change's commit to its frame written to a member.",
+        );
+        self.store_latency.render(
+            &mut out,
+            "keyserver_store_commit_seconds",
+            "Store commit time.",
+        );
+        let _ = writeln!(out, "# HELP keyserver_store_errors_total Failed store commits, by kind.\n# TYPE keyserver_store_errors_total counter");
+        for kind in ["conflict", "unavailable", "too_large", "other"] {
+            let n = self.store_errors.lock().get(kind).copied().unwrap_or(0);
+            let _ = writeln!(out, "keyserver_store_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        if let Some(bytes) = heap_in_use() {
+            let _ = writeln!(
+                out,
+                "# HELP keyserver_heap_in_use_bytes Heap memory in use (the allocator's count; RSS also holds freed pages not yet returned).\n# TYPE keyserver_heap_in_use_bytes gauge\nkeyserver_heap_in_use_bytes {bytes}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_remote_batches_total Transactions of other replicas applied.\n# TYPE keyserver_remote_batches_total counter\nkeyserver_remote_batches_total {}",
+            self.remote_batches.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
