@@ -23,6 +23,8 @@
 //!   strings; network text escaped for terminals and logs.
 //! - [`proto`] — the control protocol (sidecar ↔ keyserver): messages, join
 //!   tokens, length framing and version.
+//! - [`nat`] — NAT traversal: STUN messages, authenticated path probes,
+//!   the relay's tickets and frames, and per-peer path selection.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
 //!   machine (join/resume, map following, heartbeats, reconnect backoff,
 //!   rotation, offline and leave), with time as an argument.
@@ -50,6 +52,7 @@ pub mod ist;
 pub mod keys;
 pub mod member;
 pub mod names;
+pub mod nat;
 pub mod netmap;
 pub mod proto;
 pub mod reconcile;

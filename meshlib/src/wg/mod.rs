@@ -48,6 +48,7 @@
 pub mod device;
 mod engine;
 mod io;
+mod paths;
 mod peer;
 pub mod table;
 pub mod uapi;

@@ -478,6 +478,7 @@ fn apply_diff_follows_the_map_and_traffic_flows() {
         endpoint,
         allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
         persistent_keepalive: 0,
+        candidates: vec![],
     };
     let one: DesiredPeers = [(b.key, peer(Some(b.endpoint())))].into();
     assert!(a
