@@ -86,6 +86,21 @@ pub struct Config {
     /// Most simultaneous admin API connections. Default 128; a new one
     /// closes the oldest.
     pub api_max_connections: usize,
+    /// UDP address of STUN and the relay (one port for both). Default
+    /// `0.0.0.0:3478`; `None` (`relay-listen = "off"` on the command line)
+    /// runs neither here.
+    pub relay_listen: Option<SocketAddr>,
+    /// The relay address members are told (a `keyserver relay` elsewhere,
+    /// or this one behind a forwarded port). Default: the first advertised
+    /// QUIC address's host with the relay's port.
+    pub relay_advertise: Option<SocketAddr>,
+    /// More STUN servers members ask, after this keyserver's. Default none.
+    pub stun_servers: Vec<SocketAddr>,
+    /// Bytes a second one member may send through the relay. Default
+    /// 12500000 (100 Mbit/s).
+    pub relay_rate: u64,
+    /// Burst allowance of that limit, bytes. Default 2097152.
+    pub relay_burst: u64,
 }
 
 impl Default for Config {
@@ -115,6 +130,11 @@ impl Default for Config {
             api_request_timeout_secs: api.request_timeout.as_secs(),
             api_max_body: api.max_body,
             api_max_connections: api.max_connections,
+            relay_listen: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            relay_advertise: None,
+            stun_servers: vec![],
+            relay_rate: crate::relay::RelayLimits::default().rate,
+            relay_burst: crate::relay::RelayLimits::default().burst,
         }
     }
 }
@@ -141,6 +161,15 @@ impl Config {
                 offline_after: Duration::from_secs(self.offline_after_secs.max(1)),
                 expire_after: Duration::from_secs(self.expire_after_secs),
             },
+        }
+    }
+
+    /// The relay's limits of this configuration.
+    pub fn relay_limits(&self) -> crate::relay::RelayLimits {
+        crate::relay::RelayLimits {
+            rate: self.relay_rate.max(1),
+            burst: self.relay_burst.max(1500),
+            ..crate::relay::RelayLimits::default()
         }
     }
 

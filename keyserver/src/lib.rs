@@ -20,6 +20,7 @@
 //! - [`http`] — the admin API (axum, bearer token, `/openapi.json`).
 //! - [`config`] — plain-data configuration (TOML, flags map onto it).
 //! - [`admin`] — the HTTP client the admin subcommands use.
+//! - [`relay`] — STUN and the relay on one UDP port, tickets for members.
 //!
 //! [`Keyserver::open`] prepares the data directory (store, self-signed
 //! certificate, admin token, all created on first start);
@@ -32,6 +33,7 @@ pub mod config;
 pub mod http;
 pub mod quic;
 pub mod registry;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -106,6 +108,19 @@ pub struct Keyserver {
     api_limits: http::ApiLimits,
     /// Interval of the token sweep (`None`: off).
     token_gc: Option<std::time::Duration>,
+    /// Relay tickets' secret (`relay-secret`).
+    relay_secret: [u8; 32],
+    /// STUN/relay settings from the configuration.
+    relay_config: RelayConfig,
+}
+
+/// The STUN/relay part of the configuration, as `serve` uses it.
+#[derive(Debug, Clone)]
+struct RelayConfig {
+    listen: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
+    stun: Vec<SocketAddr>,
+    limits: relay::RelayLimits,
 }
 
 /// Reads `path`, or creates it with `make` (mode 0600) if missing.
@@ -185,6 +200,12 @@ impl Keyserver {
         })?;
         tighten(&dir.join("admin-token"))?;
         let admin_token = String::from_utf8_lossy(&token).trim().to_owned();
+        let relay_path = dir.join("relay-secret");
+        let relay_secret =
+            relay::load_or_create_secret(&relay_path).map_err(|cause| OpenError::Read {
+                path: relay_path,
+                cause,
+            })?;
         let store = RedbStore::open(&dir.join("state.redb"))?;
         let fp = meshlib::proto::sha256(&cert_der);
         let (shared, warnings) =
@@ -200,6 +221,13 @@ impl Keyserver {
             api_limits: config.api_limits(),
             token_gc: (config.token_gc_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.token_gc_secs)),
+            relay_secret,
+            relay_config: RelayConfig {
+                listen: config.relay_listen,
+                advertise: config.relay_advertise,
+                stun: config.stun_servers.clone(),
+                limits: config.relay_limits(),
+            },
         })
     }
 
@@ -246,6 +274,37 @@ impl Keyserver {
             }
             advertise.push(local);
         }
+        // STUN and the relay: on their own UDP port; members are told
+        // where (the advertised QUIC host, the relay's port, unless set).
+        let mut relay_thread = None;
+        if let Some(listen) = self.relay_config.listen {
+            match relay::bind(listen).and_then(|s| {
+                relay::serve_udp(s, self.relay_secret, self.relay_config.limits.clone()).map_err(
+                    |cause| relay::RelayBindError {
+                        addr: listen,
+                        cause,
+                    },
+                )
+            }) {
+                Ok(h) => {
+                    let _ = self.shared.relay_metrics.set(h.metrics.clone());
+                    tracing::info!(udp = %h.local, "STUN and relay started");
+                    relay_thread = Some(h);
+                }
+                Err(e) => tracing::warn!("no STUN/relay: {e}"),
+            }
+        }
+        let relay_addr = self.relay_config.advertise.or_else(|| {
+            let port = relay_thread.as_ref()?.local.port();
+            advertise.first().map(|a| SocketAddr::new(a.ip(), port))
+        });
+        let mut stun: Vec<SocketAddr> = relay_thread.as_ref().and(relay_addr).into_iter().collect();
+        stun.extend(self.relay_config.stun.iter().copied());
+        let _ = self.shared.relay.set(relay::RelaySettings {
+            secret: self.relay_secret,
+            relay: relay_addr,
+            stun,
+        });
         let _ = self.shared.advertise.set(advertise);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -267,6 +326,7 @@ impl Keyserver {
             .token_gc
             .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
         let result = http.await.map_err(ServeError::Http);
+        drop(relay_thread);
         let _ = quic_task.await;
         let _ = sweeper.await;
         if let Some(task) = gc_task {

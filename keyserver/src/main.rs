@@ -51,6 +51,8 @@ enum Cmd {
     /// Manage members.
     #[command(subcommand)]
     Member(MemberCmd),
+    /// Run only STUN and the relay (for scale, apart from the keyserver).
+    Relay(RelayArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions {
@@ -93,6 +95,56 @@ struct ServeArgs {
     /// network says otherwise.
     #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
     expire_after: Option<std::time::Duration>,
+    /// UDP address of STUN and the relay, or `off`.
+    #[arg(long, env = "KEYSERVER_RELAY_LISTEN", value_parser = parse_relay_listen)]
+    relay_listen: Option<Option<SocketAddr>>,
+    /// The relay address members are told.
+    #[arg(long, env = "KEYSERVER_RELAY_ADVERTISE")]
+    relay_advertise: Option<SocketAddr>,
+    /// Another STUN server for members (repeatable).
+    #[arg(
+        long = "stun-server",
+        env = "KEYSERVER_STUN_SERVERS",
+        value_delimiter = ','
+    )]
+    stun_servers: Vec<SocketAddr>,
+    /// Bytes a second one member may send through the relay.
+    #[arg(long, env = "KEYSERVER_RELAY_RATE")]
+    relay_rate: Option<u64>,
+}
+
+/// `keyserver relay`: STUN and the relay as their own process.
+#[derive(Args)]
+struct RelayArgs {
+    /// UDP address for STUN and the relay.
+    #[arg(long, env = "KEYSERVER_RELAY_LISTEN", default_value = "0.0.0.0:3478")]
+    listen: SocketAddr,
+    /// The keyserver's relay secret (a copy of its `<data-dir>/relay-secret`).
+    #[arg(long, env = "KEYSERVER_RELAY_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// Prometheus `/metrics` on this TCP address (off if not given).
+    #[arg(long, env = "KEYSERVER_RELAY_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// Bytes a second one member may send through the relay.
+    #[arg(long, default_value_t = 12_500_000)]
+    rate: u64,
+    /// Burst allowance of that limit, bytes.
+    #[arg(long, default_value_t = 2 << 20)]
+    burst: u64,
+    /// Log filter.
+    #[arg(long, env = "KEYSERVER_LOG", default_value = "info")]
+    log_level: String,
+}
+
+/// `--relay-listen`: an address, or `off`.
+fn parse_relay_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text {
+        "off" => Ok(None),
+        _ => text
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{text:?}: {e} (or `off`)")),
+    }
 }
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
@@ -248,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir;
     match cli.cmd {
         Cmd::Serve(args) => rt.block_on(serve(data_dir, args)),
+        Cmd::Relay(args) => rt.block_on(relay(args)),
         cmd => rt.block_on(admin(
             data_dir.unwrap_or_else(|| Config::default().data_dir),
             cmd,
@@ -312,6 +365,14 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     if let Some(d) = args.expire_after {
         config.expire_after_secs = d.as_secs().max(1);
     }
+    if let Some(listen) = args.relay_listen {
+        config.relay_listen = listen;
+    }
+    config.relay_advertise = args.relay_advertise.or(config.relay_advertise);
+    if !args.stun_servers.is_empty() {
+        config.stun_servers = args.stun_servers;
+    }
+    config.relay_rate = args.relay_rate.unwrap_or(config.relay_rate);
     init_logs(&config.log_level, config.log_format)?;
     let ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;
@@ -349,6 +410,55 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `keyserver relay`: STUN and the relay until SIGINT or SIGTERM.
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    init_logs(&args.log_level, LogFormat::Text)?;
+    let bytes = std::fs::read(&args.secret_file)
+        .with_context(|| format!("reading {}", args.secret_file.display()))?;
+    let secret: [u8; 32] = bytes.try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: not a relay secret (32 bytes)",
+            args.secret_file.display()
+        )
+    })?;
+    let socket = keyserver::relay::bind(args.listen)?;
+    let limits = keyserver::relay::RelayLimits {
+        rate: args.rate.max(1),
+        burst: args.burst.max(1500),
+        ..Default::default()
+    };
+    let mut handle = keyserver::relay::serve_udp(socket, secret, limits)?;
+    println!("relay: STUN and relay on udp {}", handle.local);
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        let metrics = handle.metrics.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = metrics.render();
+                tokio::spawn(async move {
+                    let mut req = [0u8; 1024];
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut req))
+                            .await;
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.stop();
+    Ok(())
+}
+
 fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClient> {
     let base = match api.api {
         Some(url) => url,
@@ -375,7 +485,7 @@ fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClien
 
 async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
     let out = match cmd {
-        Cmd::Serve(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
+        Cmd::Serve(_) | Cmd::Relay(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
             unreachable!("handled in main")
         }
         Cmd::Network(NetworkCmd::Create {

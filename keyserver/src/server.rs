@@ -143,6 +143,11 @@ pub struct Shared {
     pub cert_sha256: [u8; 32],
     /// QUIC addresses written into tokens; set when serving starts.
     pub advertise: OnceLock<Vec<SocketAddr>>,
+    /// STUN servers, relay and ticket secret members are told about
+    /// ([`crate::relay`]); set when serving starts.
+    pub relay: OnceLock<crate::relay::RelaySettings>,
+    /// The embedded relay's counters, when it runs.
+    pub relay_metrics: OnceLock<Arc<crate::relay::RelayMetrics>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -175,6 +180,8 @@ impl Shared {
             limits,
             cert_sha256,
             advertise: OnceLock::new(),
+            relay: OnceLock::new(),
+            relay_metrics: OnceLock::new(),
         };
         Ok((shared, warnings))
     }

@@ -248,6 +248,35 @@ pub enum ClientMsg {
     /// The server answers [`ServerMsg::KeyRotated`], or a non-fatal
     /// [`ServerMsg::Error`] and nothing changes.
     RotateKey(RotateKey),
+    /// Send me my relay ticket and the STUN servers to use
+    /// ([`ServerMsg::Relay`]); asked after every welcome and again before
+    /// the ticket expires.
+    GetRelay,
+}
+
+/// Where a member learns its server-reflexive addresses and which relay it
+/// may use, with the ticket that admits it there
+/// ([`crate::nat::relay::Ticket`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// STUN servers (UDP) to ask from the WireGuard socket.
+    pub stun: Vec<SocketAddr>,
+    /// The relay's UDP address (`None`: no relay in this deployment).
+    pub relay: Option<SocketAddr>,
+    /// The signed ticket (encoded), to present to the relay.
+    pub ticket: Vec<u8>,
+    /// Seconds the ticket stays valid; ask again before.
+    pub lifetime_secs: u32,
+}
+
+impl fmt::Debug for RelayInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayInfo")
+            .field("stun", &self.stun)
+            .field("relay", &self.relay)
+            .field("lifetime_secs", &self.lifetime_secs)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A key rotation request: the membership credential proves it again (a
@@ -304,6 +333,8 @@ pub enum ServerMsg {
         /// The new public key.
         public_key: PublicKey,
     },
+    /// Answer to [`ClientMsg::GetRelay`].
+    Relay(RelayInfo),
 }
 
 /// An error reported to the client.

@@ -325,6 +325,9 @@ impl Agent {
                         rx_bytes: p.rx_bytes,
                         tx_bytes: p.tx_bytes,
                         drops_spoofed: p.drops.spoofed_source,
+                        path: engine
+                            .peer_path(&p.public_key)
+                            .map(|s| crate::status::PathStatus::from(&s)),
                     }
                 })
                 .collect();
@@ -354,11 +357,12 @@ impl Agent {
     /// The endpoints to advertise: the configured ones, else every local
     /// non-loopback address (outside the overlay range) with our port.
     fn endpoints(&self) -> Vec<SocketAddr> {
-        advertised_endpoints(
+        let local = advertised_endpoints(
             &self.config,
             self.engine.listen_port(),
             self.membership.range,
-        )
+        );
+        meshlib::nat::candidates(&self.engine, &local)
     }
 
     /// The ports the map holds for this member.
@@ -384,10 +388,16 @@ impl Agent {
             self.engine.listen_port(),
             self.membership.range,
         );
+        let nat_engine = self.engine.clone();
         let ctl = Controller {
             membership: self.membership.clone(),
             endpoints: Mutex::new(self.endpoints()),
-            detect: Box::new(move || advertised_endpoints(&config, port, range)),
+            // NAT traversal: local addresses plus the engine's learned
+            // candidates (STUN, relay) — `meshlib::nat::candidates`.
+            detect: Box::new(move || {
+                meshlib::nat::candidates(&nat_engine, &advertised_endpoints(&config, port, range))
+            }),
+            engine: self.engine.clone(),
             ports: Mutex::new(self.own_ports()),
             detect_ports: {
                 let (config, owner) = (self.config.clone(), self.port_owner.clone());
@@ -659,6 +669,8 @@ struct Controller {
     endpoints: Mutex<Vec<SocketAddr>>,
     /// Finds the endpoints to advertise now (addresses may change).
     detect: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
+    /// The data plane (takes the STUN servers and relay ticket).
+    engine: Arc<Engine>,
     /// The service ports last announced.
     ports: Mutex<Vec<u16>>,
     /// Finds the ports to announce now (the instance may start listening
@@ -750,6 +762,8 @@ impl Controller {
     ) -> Result<bool, AgentError> {
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.tick().await;
+        let mut endpoints_check = tokio::time::interval(Duration::from_secs(1));
+        endpoints_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ports_check = tokio::time::interval(PORTS_CHECK);
         ports_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -769,6 +783,7 @@ impl Controller {
                     }
                     Ok(Event::Ended(_)) => return Ok(true),
                     Ok(Event::Rejected(e)) => tracing::warn!(%keyserver, error = %esc(&e), "keyserver rejected a request"),
+                    Ok(Event::Relay(info)) => meshlib::nat::use_relay_info(&self.engine, &info),
                     Ok(_) => {}
                     Err(ControlError::Revoked(reason)) => return Err(AgentError::Revoked(reason)),
                     Err(e) => {
@@ -780,9 +795,13 @@ impl Controller {
                     if s.heartbeat().await.is_err() {
                         return Ok(false);
                     }
+                }
+                _ = endpoints_check.tick() => {
+                    // Candidates learned by the engine (STUN, relay) go out
+                    // within a second.
                     let now = (self.detect)();
                     if now != *self.endpoints.lock() {
-                        tracing::info!(endpoints = ?now, "local endpoints changed; telling the keyserver");
+                        tracing::info!(endpoints = ?now, "candidates changed; telling the keyserver");
                         if s.update_endpoints(now.clone()).await.is_err() {
                             return Ok(false);
                         }

@@ -38,6 +38,7 @@ async fn status_prints_hostile_names_escaped() {
             rx_bytes: 0,
             tx_bytes: 0,
             drops_spoofed: 0,
+            path: None,
         }],
         ..Status::default()
     };

@@ -113,6 +113,8 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
             "/v1/networks/{net}/tokens/{id}",
             delete(routes::delete_token),
         )
+        // The embedded relay's counters (Prometheus text).
+        .route("/metrics", get(routes::relay_metrics))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), read_body))
         .layer(middleware::from_fn_with_state(api.clone(), auth));

@@ -384,3 +384,13 @@ pub(super) async fn delete_token(
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// `GET /metrics`: the embedded relay's counters, Prometheus text (empty
+/// when no relay runs here).
+pub async fn relay_metrics(State(api): State<Api>) -> String {
+    api.shared
+        .relay_metrics
+        .get()
+        .map(|m| m.render())
+        .unwrap_or_default()
+}

@@ -70,3 +70,10 @@ pub fn candidates(engine: &crate::wg::Engine, local: &[SocketAddr]) -> Vec<Socke
     engine.set_own_candidates(out.iter().filter(|a| Some(**a) != relay).copied().collect());
     out
 }
+
+/// Gives the engine what the keyserver said about STUN and the relay
+/// ([`crate::proto::RelayInfo`], from [`crate::member::Event::Relay`]).
+pub fn use_relay_info(engine: &crate::wg::Engine, info: &crate::proto::RelayInfo) {
+    engine.set_stun_servers(info.stun.clone());
+    engine.set_relay(info.relay.map(|r| (r, info.ticket.clone())));
+}

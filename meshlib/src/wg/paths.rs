@@ -322,8 +322,11 @@ pub(crate) fn tick(shared: &Shared, udp: &Udp, peers: &[Arc<Peer>]) {
             .copied()
             .collect();
         pp.manager.set_candidates(now, &direct);
-        let on_relay = relay.is_some_and(|r| pp.advertised.contains(&r));
-        pp.manager.set_relay(now, on_relay && pp.ip.is_some());
+        // Every member of a deployment is told the same relay: once we are
+        // registered, the peer is reachable there as soon as it registers
+        // too (before its announcement of the relay's address arrives).
+        pp.manager
+            .set_relay(now, relay.is_some() && pp.ip.is_some());
         if now >= pp.manager.poll_timeout() {
             pp.manager.handle_timeout(now);
         }
