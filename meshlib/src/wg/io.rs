@@ -596,7 +596,13 @@ fn flush_queued(
 /// Accounts one send of `bytes` to `peer` at `to`: on success its transfer
 /// counter (as `wg show`'s "sent": bytes that left, as wireguard-go counts
 /// them) and last-send time; on failure, the failure.
-fn sent(shared: &Shared, peer: &Peer, to: SocketAddr, bytes: usize, result: io::Result<()>) {
+pub(crate) fn sent(
+    shared: &Shared,
+    peer: &Peer,
+    to: SocketAddr,
+    bytes: usize,
+    result: io::Result<()>,
+) {
     match result {
         Ok(()) => {
             peer.tx_bytes.fetch_add(bytes as u64, Relaxed);

@@ -283,24 +283,45 @@ fn flush_peer(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
             tracing::trace!(peer = %peer.key, ?via, "probe not sent: {e}");
         }
     }
-    apply_path(shared, peer, pp);
+    apply_path(shared, udp, peer, pp);
 }
 
-/// Points the peer's endpoint at the manager's path.
-fn apply_path(shared: &Shared, peer: &Peer, pp: &PeerPath) {
-    let target = match pp.manager.path() {
+/// Points the peer's endpoint at the manager's path. A handshake that
+/// went out on no path or a dead one is sent again at once on a confirmed
+/// path (not after WireGuard's 5 s retry), so the first packets of a new
+/// peer wait for the relay or a direct path only as long as those take.
+fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &PeerPath) {
+    let path = pp.manager.path();
+    let target = match path {
         Path::Direct(a) | Path::Blind(a) => Some(a),
         Path::Relay => shared.nat.route().map(|(a, _)| a),
         Path::None => None,
     };
-    let via_relay = matches!(pp.manager.path(), Path::Relay);
-    peer.via_relay.store(via_relay, Relaxed);
-    if let Some(t) = target {
+    peer.via_relay.store(matches!(path, Path::Relay), Relaxed);
+    let Some(t) = target else { return };
+    {
         let mut ep = peer.endpoint.lock();
-        if *ep != Some(t) {
-            tracing::info!(peer = %peer.key, from = ?*ep, to = %t, path = ?pp.manager.path(), "peer path changed");
-            *ep = Some(t);
+        if *ep == Some(t) {
+            return;
         }
+        tracing::info!(peer = %peer.key, from = ?*ep, to = %t, ?path, "peer path changed");
+        *ep = Some(t);
+    }
+    if matches!(path, Path::Blind(_)) {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    let mut tunn = peer.tunn.lock();
+    if tunn.time_since_last_handshake().is_some() {
+        return;
+    }
+    if let boringtun::noise::TunnResult::WriteToNetwork(p) =
+        tunn.format_handshake_initiation(&mut buf, true)
+    {
+        let n = p.len();
+        drop(tunn);
+        let result = send_to(shared, udp, peer, t, &buf[..n]);
+        super::io::sent(shared, peer, t, n, result);
     }
 }
 

@@ -1,0 +1,235 @@
+//! NAT traversal end to end (issue 12): members behind nftables NAT routers
+//! in namespaces, running the real `sidecar` (kernel mode) against a real
+//! keyserver with its STUN and relay. Every pair of the four kinds (public,
+//! port-preserving, symmetric, UDP blocked) plus two members behind one
+//! NAT; a pair that gains a direct path mid-run; a direct path that breaks.
+//! Prints the pair table (also written to `target/<profile>/nat-matrix.txt`).
+//! Needs root, nft and conntrack.
+
+mod dataplane_support;
+mod mesh_support;
+mod nat_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nat_support::{transfer, Lab, Nat, Sidecar};
+
+fn skip() -> Option<&'static str> {
+    if let Some(why) = dataplane_support::skip_reason() {
+        return Some(why);
+    }
+    for tool in ["/usr/sbin/nft", "/usr/sbin/conntrack"] {
+        if !std::path::Path::new(tool).exists() {
+            return Some("needs nft and conntrack");
+        }
+    }
+    None
+}
+
+macro_rules! require_lab {
+    () => {
+        if let Some(why) = skip() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// Waits until `sc` has joined (its IP), at most `limit`.
+fn joined_ip(sc: &Sidecar, limit: Duration) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(ip) = sc.ip() {
+            return Some(ip);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Polls `sc`'s path every 100 ms from now until `limit`; the first time
+/// (since `t0`) it was `kind`.
+fn first_path(sc: &Sidecar, kind: &str, t0: Instant, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if sc.path() == kind {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// What a pair is expected to get.
+fn expected(a: Nat, b: Nat) -> &'static str {
+    use Nat::*;
+    match (a, b) {
+        (UdpBlocked, _) | (_, UdpBlocked) => "relay",
+        (Public, _) | (_, Public) | (PortPreserving, PortPreserving) => "direct",
+        _ => "relay",
+    }
+}
+
+struct Row {
+    name: String,
+    connected: bool,
+    path: String,
+    expected: &'static str,
+    first_byte: Option<Duration>,
+    direct_after: Option<Duration>,
+    checksum: bool,
+    note: String,
+}
+
+/// Runs one pair: joins both, a 1 MiB transfer a → b, the path.
+fn run_pair(lab: &Lab, i: usize, a: Nat, b: Nat, same_nat: bool) -> Row {
+    let token = lab.network(&format!("pair{i}"));
+    let (ma, ra) = lab.member(a);
+    let mb = if same_nat {
+        lab.behind(ra.as_ref().expect("a router"))
+    } else {
+        lab.member(b).0
+    };
+    let t0 = Instant::now();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let name = if same_nat {
+        format!("{} + same NAT", a.name())
+    } else {
+        format!("{} + {}", a.name(), b.name())
+    };
+    let expect = if same_nat { "direct" } else { expected(a, b) };
+    let Some(ip_b) = joined_ip(&sb, Duration::from_secs(20)) else {
+        return Row {
+            name,
+            connected: false,
+            path: "-".into(),
+            expected: expect,
+            first_byte: None,
+            direct_after: None,
+            checksum: false,
+            note: "b never joined".into(),
+        };
+    };
+    let tr = transfer(
+        &mb.ns,
+        &ma.ns,
+        &ip_b,
+        7100,
+        1 << 20,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    );
+    let direct_after = if expect == "direct" {
+        first_path(&sa, "direct", t0, Duration::from_secs(8))
+    } else {
+        // Give a wrong direct path a chance to show up.
+        std::thread::sleep(Duration::from_secs(2));
+        None
+    };
+    let connected = tr.first_byte.is_some() && tr.error.is_none();
+    let row = Row {
+        name,
+        connected,
+        path: sa.path(),
+        expected: expect,
+        first_byte: tr.first_byte.map(|t| t.duration_since(t0)),
+        direct_after,
+        checksum: connected && tr.sent_sha == tr.received_sha,
+        note: tr.error.unwrap_or_default(),
+    };
+    if !row.connected || row.path != expect {
+        eprintln!(
+            "--- {} failed: a's log:\n{}\n--- b's log:\n{}",
+            row.name,
+            sa.log_text(),
+            sb.log_text()
+        );
+    }
+    row
+}
+
+fn print_table(rows: &[Row]) -> String {
+    let ms =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let mut t = String::from(
+        "\n| pair | connected | path | expected | first byte | direct after | checksum |\n|---|---|---|---|---:|---:|---|\n",
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |{}\n",
+            r.name,
+            if r.connected { "yes" } else { "no" },
+            r.path,
+            r.expected,
+            ms(r.first_byte),
+            ms(r.direct_after),
+            if r.checksum { "ok" } else { "-" },
+            if r.note.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", r.note)
+            }
+        ));
+    }
+    eprintln!("{t}");
+    let out = mesh_support::bin("sidecar").with_file_name("nat-matrix.txt");
+    let _ = std::fs::write(out, &t);
+    t
+}
+
+#[test]
+fn nat_matrix() {
+    require_lab!();
+    let lab = Arc::new(Lab::new());
+    let mut jobs: Vec<(usize, Nat, Nat, bool)> = Vec::new();
+    for a in Nat::ALL {
+        for b in Nat::ALL {
+            jobs.push((jobs.len(), a, b, false));
+        }
+    }
+    jobs.push((jobs.len(), Nat::PortPreserving, Nat::PortPreserving, true));
+    let queue = Arc::new(Mutex::new(jobs));
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    // Four pairs at a time: eight sidecars on two cores.
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (lab, queue, rows) = (lab.clone(), queue.clone(), rows.clone());
+            std::thread::spawn(move || loop {
+                let Some((i, a, b, same)) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let row = run_pair(&lab, i, a, b, same);
+                rows.lock().unwrap().push((i, row));
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let mut rows = std::mem::take(&mut *rows.lock().unwrap());
+    rows.sort_by_key(|(i, _)| *i);
+    let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+    print_table(&rows);
+    let mut bad = Vec::new();
+    for r in &rows {
+        if !r.connected || !r.checksum {
+            bad.push(format!("{}: not connected", r.name));
+            continue;
+        }
+        if r.path != r.expected {
+            bad.push(format!(
+                "{}: path {} (expected {})",
+                r.name, r.path, r.expected
+            ));
+        }
+        if r.path == "relay" && r.first_byte.is_some_and(|t| t > Duration::from_secs(2)) {
+            bad.push(format!("{}: first byte after {:?}", r.name, r.first_byte));
+        }
+        if r.expected == "direct" && r.direct_after.is_none_or(|t| t > Duration::from_secs(5)) {
+            bad.push(format!("{}: direct after {:?}", r.name, r.direct_after));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}");
+}
