@@ -101,6 +101,11 @@ pub struct Config {
     pub relay_rate: u64,
     /// Burst allowance of that limit, bytes. Default 2097152.
     pub relay_burst: u64,
+    /// Serve the TCP port (TLS: control and relay for members whose UDP is
+    /// blocked). Default `true`.
+    pub tcp_enabled: bool,
+    /// Its address. Default: the QUIC listen address, on TCP.
+    pub tcp_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -135,6 +140,8 @@ impl Default for Config {
             stun_servers: vec![],
             relay_rate: crate::relay::RelayLimits::default().rate,
             relay_burst: crate::relay::RelayLimits::default().burst,
+            tcp_enabled: true,
+            tcp_listen: None,
         }
     }
 }

@@ -21,6 +21,8 @@
 //! - [`config`] — plain-data configuration (TOML, flags map onto it).
 //! - [`admin`] — the HTTP client the admin subcommands use.
 //! - [`relay`] — STUN and the relay on one UDP port, tickets for members.
+//! - [`tcp`] — the TCP port (TLS): control and relay for members whose UDP
+//!   is blocked.
 //!
 //! [`Keyserver::open`] prepares the data directory (store, self-signed
 //! certificate, admin token, all created on first start);
@@ -37,6 +39,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tcp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -117,6 +120,10 @@ pub struct Keyserver {
 /// The STUN/relay part of the configuration, as `serve` uses it.
 #[derive(Debug, Clone)]
 struct RelayConfig {
+    /// The TCP port (control and relay over TLS); `None`: the QUIC
+    /// endpoint's address, on TCP.
+    tcp_listen: Option<SocketAddr>,
+    tcp_enabled: bool,
     listen: Option<SocketAddr>,
     advertise: Option<SocketAddr>,
     stun: Vec<SocketAddr>,
@@ -223,6 +230,8 @@ impl Keyserver {
                 .then(|| std::time::Duration::from_secs(config.token_gc_secs)),
             relay_secret,
             relay_config: RelayConfig {
+                tcp_listen: config.tcp_listen,
+                tcp_enabled: config.tcp_enabled,
                 listen: config.relay_listen,
                 advertise: config.relay_advertise,
                 stun: config.stun_servers.clone(),
@@ -274,6 +283,14 @@ impl Keyserver {
             }
             advertise.push(local);
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         // STUN and the relay: on their own UDP port; members are told
         // where (the advertised QUIC host, the relay's port, unless set).
         let mut relay_thread = None;
@@ -300,20 +317,50 @@ impl Keyserver {
         });
         let mut stun: Vec<SocketAddr> = relay_thread.as_ref().and(relay_addr).into_iter().collect();
         stun.extend(self.relay_config.stun.iter().copied());
+        // The TCP port: control and relay over TLS, for members whose UDP
+        // is blocked; by default the QUIC address's number, on TCP.
+        let mut tcp_task = None;
+        let mut tcp_addr = None;
+        if self.relay_config.tcp_enabled {
+            let listen = match self.relay_config.tcp_listen {
+                Some(a) => Ok(a),
+                None => quic.local_addr(),
+            };
+            let bound = match listen {
+                Ok(a) => tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("{a}: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            match (
+                bound,
+                tcp::acceptor(self.cert_der.clone(), self.key_der.clone()),
+            ) {
+                (Ok(l), Ok(acceptor)) => {
+                    let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
+                    tcp_addr = advertise.first().map(|a| SocketAddr::new(a.ip(), port));
+                    tracing::info!(tcp = ?l.local_addr().ok(), "control and relay over TLS/TCP started");
+                    let relay = relay_thread.as_ref().map(|h| h.shared.clone());
+                    tcp_task = Some(tokio::spawn(tcp::run(
+                        l,
+                        acceptor,
+                        self.shared.clone(),
+                        relay,
+                        wait(stop_rx.clone()),
+                    )));
+                }
+                (Err(e), _) => tracing::warn!("no TCP port: {e}"),
+                (_, Err(e)) => tracing::warn!("no TCP port: {e}"),
+            }
+        }
         let _ = self.shared.relay.set(relay::RelaySettings {
             secret: self.relay_secret,
             relay: relay_addr,
             stun,
+            tcp: relay_thread.as_ref().and(tcp_addr),
+            cert_sha256: self.shared.cert_sha256,
         });
         let _ = self.shared.advertise.set(advertise);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         let router = http::router(
             self.shared.clone(),
             self.admin_token.clone(),
@@ -326,6 +373,9 @@ impl Keyserver {
             .token_gc
             .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
         let result = http.await.map_err(ServeError::Http);
+        if let Some(t) = tcp_task {
+            let _ = t.await;
+        }
         drop(relay_thread);
         let _ = quic_task.await;
         let _ = sweeper.await;

@@ -111,6 +111,10 @@ struct ServeArgs {
     /// Bytes a second one member may send through the relay.
     #[arg(long, env = "KEYSERVER_RELAY_RATE")]
     relay_rate: Option<u64>,
+    /// TCP address of control and relay over TLS (members whose UDP is
+    /// blocked), or `off`; default: the QUIC address, on TCP.
+    #[arg(long, env = "KEYSERVER_TCP_LISTEN", value_parser = parse_relay_listen)]
+    tcp_listen: Option<Option<SocketAddr>>,
 }
 
 /// `keyserver relay`: STUN and the relay as their own process.
@@ -373,6 +377,11 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         config.stun_servers = args.stun_servers;
     }
     config.relay_rate = args.relay_rate.unwrap_or(config.relay_rate);
+    match args.tcp_listen {
+        Some(None) => config.tcp_enabled = false,
+        Some(Some(a)) => config.tcp_listen = Some(a),
+        None => {}
+    }
     init_logs(&config.log_level, config.log_format)?;
     let ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;

@@ -104,16 +104,7 @@ pub async fn run(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let gate = Arc::new(Gate {
-        state: Mutex::new((
-            Admission::new(
-                shared.limits.max_unauthenticated,
-                shared.limits.max_unauthenticated_per_source,
-            ),
-            HashMap::new(),
-        )),
-        slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
-    });
+    let gate = Gate::new(&shared);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -141,7 +132,7 @@ pub async fn run(
 }
 
 /// Connection admission shared by the accept loop and the connections.
-struct Gate {
+pub(crate) struct Gate {
     /// Pending connections, and how to end each (by admission id).
     state: Mutex<(Admission, HashMap<u64, oneshot::Sender<()>>)>,
     /// Established sessions.
@@ -149,8 +140,26 @@ struct Gate {
 }
 
 impl Gate {
+    /// A gate with the limits of `shared`.
+    pub(crate) fn new(shared: &Shared) -> Arc<Self> {
+        Arc::new(Gate {
+            state: Mutex::new((
+                Admission::new(
+                    shared.limits.max_unauthenticated,
+                    shared.limits.max_unauthenticated_per_source,
+                ),
+                HashMap::new(),
+            )),
+            slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
+        })
+    }
+
     /// Admits a new connection, ending the ones it evicts.
-    fn admit(self: &Arc<Self>, remote: SocketAddr, timeout: std::time::Duration) -> Ticket {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        remote: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Ticket {
         let (tx, evicted) = oneshot::channel();
         let mut state = self.state.lock();
         let admitted = state.0.admit(remote.ip());
@@ -186,7 +195,7 @@ impl Gate {
 
 /// One connection's place: pending until its hello, then an established
 /// slot held until it ends.
-struct Ticket {
+pub(crate) struct Ticket {
     id: u64,
     gate: Arc<Gate>,
     /// Fires when a newer connection evicted this one.
@@ -280,10 +289,10 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
 }
 
 /// Spawns the task that reads client frames (keeps the session loop cancel-safe).
-fn spawn_reader(
-    mut recv: quinn::RecvStream,
-    max: usize,
-) -> mpsc::Receiver<Result<ClientMsg, FrameError>> {
+fn spawn_reader<R>(mut recv: R, max: usize) -> mpsc::Receiver<Result<ClientMsg, FrameError>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -305,7 +314,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Writes a session's replies.
-async fn write(send: &mut quinn::SendStream, replies: Vec<Reply>, max: usize) -> Result<(), Fatal> {
+async fn write<W>(send: &mut W, replies: Vec<Reply>, max: usize) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
     for r in replies {
         match r {
             Reply::Msg(m) => proto::write_frame(send, &m, max).await?,
@@ -322,16 +335,33 @@ async fn write(send: &mut quinn::SendStream, replies: Vec<Reply>, max: usize) ->
 async fn drive(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     shared: &Arc<Shared>,
     ticket: &mut Ticket,
 ) -> Result<(), Fatal> {
+    drive_stream(&|| conn.remote_address(), send, recv, shared, ticket).await
+}
+
+/// Drives one member's [`StreamSession`] over any ordered byte stream (the
+/// QUIC stream, or TLS over TCP for members whose UDP is blocked);
+/// `observed` says where the client is seen now.
+pub(crate) async fn drive_stream<W, R>(
+    observe: &(dyn Fn() -> SocketAddr + Sync),
+    send: &mut W,
+    mut recv: R,
+    shared: &Arc<Shared>,
+    ticket: &mut Ticket,
+) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
     let max = shared.limits.max_frame;
     let hello: Hello = ticket.pending(proto::read_frame(&mut recv, max)).await??;
     ticket.promote()?;
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
-    let (sh, observed) = (shared.clone(), conn.remote_address());
+    let (sh, observed) = (shared.clone(), observe());
     let (mut session, first, mut pushes) =
         blocking(move || StreamSession::open(&sh, hello, observed, credential, SystemTime::now()))
             .await??;
@@ -347,7 +377,7 @@ async fn drive(
                 None | Some(Err(FrameError::Closed)) => return Ok(()),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(msg)) => {
-                    let observed = conn.remote_address();
+                    let observed = observe();
                     let (s, result) = if session.may_write(&msg, observed) {
                         let sh = shared.clone();
                         blocking(move || {

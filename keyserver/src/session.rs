@@ -406,6 +406,8 @@ impl StreamSession {
                         relay: None,
                         ticket: vec![],
                         lifetime_secs: crate::relay::TICKET_LIFETIME.as_secs() as u32,
+                        tcp: None,
+                        cert_sha256: shared.cert_sha256,
                     })),
                 }
             }

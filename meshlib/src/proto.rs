@@ -56,6 +56,11 @@ pub const VERSION: u16 = 2;
 /// The QUIC ALPN identifier of the control protocol.
 pub const ALPN: &[u8] = b"istm-control/2";
 
+/// The ALPN identifier of the relay over TLS/TCP (the keyserver's TCP port
+/// carries both: the control protocol for members whose UDP is blocked,
+/// and the relay for their packets).
+pub const ALPN_RELAY: &[u8] = b"istm-relay/1";
+
 /// The TLS server name clients use; the certificate is pinned by fingerprint,
 /// so the name only has to match what the keyserver's certificate carries.
 pub const SERVER_NAME: &str = "keyserver.ist-mesh.internal";
@@ -267,6 +272,11 @@ pub struct RelayInfo {
     pub ticket: Vec<u8>,
     /// Seconds the ticket stays valid; ask again before.
     pub lifetime_secs: u32,
+    /// The relay over TLS on TCP (ALPN [`ALPN_RELAY`]), for members whose
+    /// UDP is blocked.
+    pub tcp: Option<SocketAddr>,
+    /// SHA-256 of the certificate the TCP relay presents (pinned).
+    pub cert_sha256: [u8; 32],
 }
 
 impl fmt::Debug for RelayInfo {

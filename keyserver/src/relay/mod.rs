@@ -13,10 +13,14 @@
 
 pub mod core;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
 
 use meshlib::ids::NetworkId;
 use meshlib::nat::relay::{Ticket, TicketBody};
@@ -40,6 +44,10 @@ pub struct RelaySettings {
     /// STUN servers members ask (the relay's address first, when it runs
     /// here, then any configured ones).
     pub stun: Vec<SocketAddr>,
+    /// The relay over TLS on TCP (the keyserver's TCP port), if it runs.
+    pub tcp: Option<SocketAddr>,
+    /// SHA-256 of the certificate that TCP port presents.
+    pub cert_sha256: [u8; 32],
 }
 
 /// The answer to a member's [`meshlib::proto::ClientMsg::GetRelay`]: a
@@ -63,6 +71,8 @@ pub fn info_for(settings: &RelaySettings, network: NetworkId, m: &Member) -> Rel
         relay: settings.relay,
         ticket: ticket.to_bytes(),
         lifetime_secs: TICKET_LIFETIME.as_secs() as u32,
+        tcp: settings.tcp,
+        cert_sha256: settings.cert_sha256,
     }
 }
 
@@ -94,6 +104,48 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, RelayBindError> {
     Ok(s.into())
 }
 
+/// The relay's state shared by its UDP thread and its TCP sessions.
+pub struct RelayShared {
+    core: Mutex<RelayCore>,
+    /// Its counters.
+    pub metrics: Arc<RelayMetrics>,
+    udp: UdpSocket,
+    /// Members registered over TCP: their writer, by the synthetic address
+    /// standing for the connection in the core.
+    tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    next_tcp: AtomicU64,
+    clock: (Instant, SystemTime),
+}
+
+impl RelayShared {
+    fn unix(&self, now: Instant) -> u64 {
+        (self.clock.1 + now.duration_since(self.clock.0))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    }
+
+    /// One datagram or frame from `from`: handled, and whatever it yields
+    /// sent (by UDP, or to a TCP member's writer).
+    fn handle(&self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
+        let now = Instant::now();
+        let unix = self.unix(now);
+        let result = self
+            .core
+            .lock()
+            .handle(now, unix, from, d, out, &self.metrics);
+        let Some((to, len)) = result else { return };
+        if let Some(w) = self.tcp.lock().get(&to) {
+            // A full writer (a slow TCP member) drops, as UDP would.
+            let _ = w.try_send(out[..len].to_vec());
+            return;
+        }
+        if let Err(e) = self.udp.send_to(&out[..len], to) {
+            tracing::trace!(%to, "relay send: {e}");
+        }
+    }
+}
+
 /// A running relay: its thread stops when this is dropped or stopped.
 pub struct RelayHandle {
     stop: Arc<AtomicBool>,
@@ -102,6 +154,8 @@ pub struct RelayHandle {
     pub metrics: Arc<RelayMetrics>,
     /// Where it listens.
     pub local: SocketAddr,
+    /// The state TCP sessions share.
+    pub shared: Arc<RelayShared>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -139,53 +193,99 @@ pub fn serve_udp(
     let local = socket.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(RelayMetrics::default());
-    let (s, m) = (stop.clone(), metrics.clone());
+    let shared = Arc::new(RelayShared {
+        core: Mutex::new(RelayCore::new(secret, limits)),
+        metrics: metrics.clone(),
+        udp: socket,
+        tcp: Mutex::new(HashMap::new()),
+        next_tcp: AtomicU64::new(1),
+        clock: (Instant::now(), SystemTime::now()),
+    });
+    let (s, sh) = (stop.clone(), shared.clone());
     let thread = std::thread::Builder::new()
         .name("relay-udp".into())
-        .spawn(move || udp_loop(socket, RelayCore::new(secret, limits), &s, &m))?;
+        .spawn(move || udp_loop(&sh, &s))?;
     Ok(RelayHandle {
         stop,
         thread: Some(thread),
         metrics,
         local,
+        shared,
     })
 }
 
-fn udp_loop(socket: UdpSocket, mut core: RelayCore, stop: &AtomicBool, m: &RelayMetrics) {
+fn udp_loop(shared: &RelayShared, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_535];
     let mut out = vec![0u8; 65_535];
-    let start = (Instant::now(), SystemTime::now());
     while !stop.load(Relaxed) {
-        let (n, from) = match socket.recv_from(&mut buf) {
+        let (n, from) = match shared.udp.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            // Timeouts (to look at `stop`), and ICMP errors from earlier
+            // sends: keep going.
             Err(e) => {
-                // ICMP errors from earlier sends surface here; keep going.
                 tracing::trace!("relay receive: {e}");
                 continue;
             }
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        let now = Instant::now();
-        let unix = (start.1 + now.duration_since(start.0))
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        if let Some((to, len)) = core.handle(now, unix, from, &buf[..n], &mut out, m) {
-            if let Err(e) = socket.send_to(&out[..len], to) {
-                tracing::trace!(%to, "relay send: {e}");
+        shared.handle(from, &buf[..n], &mut out);
+    }
+}
+
+/// Longest frame on a TCP relay connection.
+const MAX_TCP_FRAME: usize = 65_535;
+
+/// One member's relay connection over TLS on TCP (UDP blocked): the same
+/// frames as on UDP, each behind a 2-byte big-endian length. The
+/// connection stands for the member's address in the relay (a synthetic
+/// one from the discard prefix `100::/64`, never a real source), so
+/// everything else, isolation and limits included, is the UDP relay's.
+pub async fn tcp_session<S>(stream: S, shared: Arc<RelayShared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let id = shared.next_tcp.fetch_add(1, Relaxed);
+    let addr = SocketAddr::new(
+        std::net::Ipv6Addr::new(
+            0x100,
+            0,
+            0,
+            0,
+            (id >> 48) as u16,
+            (id >> 32) as u16,
+            (id >> 16) as u16,
+            id as u16,
+        )
+        .into(),
+        1,
+    );
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+    shared.tcp.lock().insert(addr, tx);
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            let len = (frame.len() as u16).to_be_bytes();
+            if w.write_all(&len).await.is_err() || w.write_all(&frame).await.is_err() {
+                return;
             }
         }
+    });
+    let mut buf = vec![0u8; MAX_TCP_FRAME];
+    let mut out = vec![0u8; MAX_TCP_FRAME + 64];
+    loop {
+        let mut len = [0u8; 2];
+        if r.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if r.read_exact(&mut buf[..len]).await.is_err() {
+            break;
+        }
+        shared.handle(addr, &buf[..len], &mut out);
     }
+    shared.tcp.lock().remove(&addr);
+    writer.abort();
 }
 
 /// Reads the relay secret at `path` (32 raw bytes), or creates it (0600).

@@ -258,6 +258,8 @@ fn relay_tickets_are_passed_on_and_renewed_before_they_expire() {
         relay: Some("192.0.2.1:3478".parse().unwrap()),
         ticket: vec![1, 2, 3],
         lifetime_secs: 240,
+        tcp: None,
+        cert_sha256: [0; 32],
     };
     core.handle_message(t0, ServerMsg::Relay(info.clone()));
     assert!(events(&mut core).contains(&Event::Relay(info)));

@@ -75,5 +75,9 @@ pub fn candidates(engine: &crate::wg::Engine, local: &[SocketAddr]) -> Vec<Socke
 /// ([`crate::proto::RelayInfo`], from [`crate::member::Event::Relay`]).
 pub fn use_relay_info(engine: &crate::wg::Engine, info: &crate::proto::RelayInfo) {
     engine.set_stun_servers(info.stun.clone());
-    engine.set_relay(info.relay.map(|r| (r, info.ticket.clone())));
+    engine.set_relay(info.relay.map(|udp| crate::wg::RelayTarget {
+        udp,
+        tcp: info.tcp.map(|t| (t, info.cert_sha256)),
+        ticket: info.ticket.clone(),
+    }));
 }

@@ -48,6 +48,17 @@ impl EngineError {
     }
 }
 
+/// A relay for [`Engine::set_relay`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// Its UDP address.
+    pub udp: SocketAddr,
+    /// Its TLS-over-TCP address and certificate fingerprint, if it has one.
+    pub tcp: Option<(SocketAddr, [u8; 32])>,
+    /// This member's ticket.
+    pub ticket: Vec<u8>,
+}
+
 /// Engine-wide configuration at start.
 #[derive(Clone, Default)]
 pub struct EngineConfig {
@@ -549,17 +560,22 @@ impl Engine {
         self.shared.nat.set_stun_servers(servers);
     }
 
-    /// The relay to register with (its UDP address and this member's
-    /// ticket), or none. A new ticket for the same relay keeps the
+    /// The relay to register with (its UDP address, its TCP address and
+    /// pinned certificate fingerprint for when UDP is blocked, and this
+    /// member's ticket), or none. A new ticket for the same relay keeps the
     /// registration.
-    pub fn set_relay(&self, relay: Option<(SocketAddr, Vec<u8>)>) {
+    pub fn set_relay(&self, relay: Option<RelayTarget>) {
         let mut slot = self.shared.nat.relay.write();
         match (slot.as_mut(), relay) {
-            (Some(r), Some((addr, ticket))) if r.addr == addr => r.ticket = ticket,
-            (_, Some((addr, ticket))) => {
+            (Some(r), Some(t)) if r.addr == t.udp => r.ticket = t.ticket,
+            (_, Some(t)) => {
+                *self.shared.nat.tcp.lock() = None;
                 *slot = Some(super::paths::RelayClient {
-                    addr,
-                    ticket,
+                    addr: t.udp,
+                    tcp: t.tcp,
+                    over_tcp: false,
+                    since: Instant::now(),
+                    ticket: t.ticket,
                     token: None,
                     confirmed: None,
                     sent: None,
@@ -567,7 +583,10 @@ impl Engine {
                     observed: None,
                 })
             }
-            (_, None) => *slot = None,
+            (_, None) => {
+                *self.shared.nat.tcp.lock() = None;
+                *slot = None
+            }
         }
     }
 

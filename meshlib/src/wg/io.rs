@@ -252,7 +252,7 @@ impl GsoBatch {
     fn flush(&mut self, shared: &Shared, udp: &Udp) {
         if let (Some(dest), Some(peer)) = (self.dest.take(), self.peer.take()) {
             let data = &self.buf[self.start..self.start + self.len];
-            let result = udp.send(dest, data, self.segment);
+            let result = paths::transmit(shared, udp, dest, data, self.segment);
             sent(shared, &peer, dest, data.len(), result);
         }
         self.start += self.len;
@@ -438,6 +438,41 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
             }
         }
         dev.flush(&shared);
+    }
+}
+
+/// Decrypts datagrams that arrived outside the UDP socket (the relay over
+/// TCP) and writes their packets to the device, batched as the network
+/// loop does.
+pub(crate) struct SideReceiver {
+    dev: DeviceBatch,
+    reply: Vec<u8>,
+}
+
+impl SideReceiver {
+    pub fn new(shared: &Shared) -> Self {
+        let off = shared.device.headroom();
+        Self {
+            dev: DeviceBatch {
+                bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
+                count: 0,
+                off,
+            },
+            reply: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+
+    /// One WireGuard datagram, as if from `from`.
+    pub fn receive(&mut self, shared: &Shared, udp: &Udp, from: SocketAddr, dgram: &[u8]) {
+        decrypt_one(shared, udp, &mut self.dev, &mut self.reply, from, dgram);
+        if self.dev.count == self.dev.bufs.len() {
+            self.dev.flush(shared);
+        }
+    }
+
+    /// Writes what is pending to the device.
+    pub fn flush(&mut self, shared: &Shared) {
+        self.dev.flush(shared);
     }
 }
 

@@ -45,12 +45,29 @@ pub(crate) struct PeerPath {
     pub ip: Option<Ipv4Addr>,
     /// Everything the peer advertised (the relay's address included).
     pub advertised: Vec<SocketAddr>,
+    /// Until then, while no session exists, the handshake is sent again
+    /// every [`KICK_EVERY`] (the peer may register with the relay, or open
+    /// its NAT, a moment after our path came up).
+    pub kick_until: Option<Instant>,
+    /// When the handshake was last sent so.
+    pub last_kick: Option<Instant>,
 }
+
+/// How often a handshake is re-sent on a new path while no session exists.
+const KICK_EVERY: Duration = Duration::from_secs(1);
+/// For how long after the path came up.
+const KICK_FOR: Duration = Duration::from_secs(10);
 
 /// The relay this engine uses.
 #[derive(Debug, Clone)]
 pub(crate) struct RelayClient {
     pub addr: SocketAddr,
+    /// The relay over TLS on TCP, when UDP gets no answer.
+    pub tcp: Option<(SocketAddr, [u8; 32])>,
+    /// Registered (or registering) over TCP instead of UDP.
+    pub over_tcp: bool,
+    /// When UDP registration started (TCP is tried after [`TCP_AFTER`]).
+    pub since: Instant,
     pub ticket: Vec<u8>,
     pub token: Option<[u8; 8]>,
     pub confirmed: Option<Instant>,
@@ -74,6 +91,8 @@ struct StunState {
 pub(crate) struct Nat {
     stun: Mutex<StunState>,
     pub relay: parking_lot::RwLock<Option<RelayClient>>,
+    /// The relay over TCP, while in use.
+    pub tcp: Mutex<Option<super::relay_tcp::TcpRelay>>,
     /// Our own candidates (what the map advertises), for call-me-maybe.
     pub own: Mutex<Vec<SocketAddr>>,
     pub cfg: PathConfig,
@@ -84,7 +103,11 @@ impl Nat {
     pub fn route(&self) -> Option<(SocketAddr, [u8; 8])> {
         let r = self.relay.read();
         let r = r.as_ref()?;
-        Some((r.addr, r.token?))
+        let addr = match (r.over_tcp, r.tcp) {
+            (true, Some((tcp, _))) => tcp,
+            _ => r.addr,
+        };
+        Some((addr, r.token?))
     }
 
     pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {
@@ -120,6 +143,53 @@ pub(crate) fn is_wireguard(d: &[u8]) -> bool {
     d.len() >= 4 && (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0]
 }
 
+/// When UDP registration gets no answer this long, the relay over TCP is
+/// tried.
+const TCP_AFTER: Duration = Duration::from_millis(500);
+
+/// Sends `data` (GSO segments of `segment` bytes) to `to`: into the TCP
+/// relay connection when `to` is its address, else on the UDP socket.
+pub(crate) fn transmit(
+    shared: &Shared,
+    udp: &Udp,
+    to: SocketAddr,
+    data: &[u8],
+    segment: usize,
+) -> std::io::Result<()> {
+    {
+        let tcp = shared.nat.tcp.lock();
+        if let Some(t) = tcp.as_ref().filter(|t| t.addr == to) {
+            for d in data.chunks(segment.max(1)) {
+                t.send(d);
+            }
+            return Ok(());
+        }
+    }
+    udp.send(to, data, segment)
+}
+
+/// The relay confirmed a registration (over UDP from `from`, or over TCP).
+pub(crate) fn registered(
+    shared: &Shared,
+    from: SocketAddr,
+    token: [u8; 8],
+    keepalive: u16,
+    observed: Option<SocketAddr>,
+) {
+    if let Some(r) = shared.nat.relay.write().as_mut() {
+        let first = r.token.is_none();
+        r.token = Some(token);
+        r.confirmed = Some(Instant::now());
+        r.keepalive = Duration::from_secs(u64::from(keepalive.clamp(5, 300)));
+        if observed.is_some() {
+            r.observed = observed;
+        }
+        if first {
+            tracing::info!(relay = %from, over_tcp = r.over_tcp, ?observed, "registered with the relay");
+        }
+    }
+}
+
 /// Sends `bytes` for `peer` to `to`, through the relay when `to` is the
 /// relay's address.
 pub(crate) fn send_to(
@@ -136,7 +206,7 @@ pub(crate) fn send_to(
         let mut buf = vec![0u8; relay::SEND_HEADER + bytes.len()];
         relay::send_header(&mut buf, ip, token);
         buf[relay::SEND_HEADER..].copy_from_slice(bytes);
-        return udp.send(addr, &buf, buf.len());
+        return transmit(shared, udp, addr, &buf, buf.len());
     }
     udp.send(to, bytes, bytes.len())
 }
@@ -170,16 +240,7 @@ pub(crate) fn on_datagram<'a>(
                 keepalive,
                 observed,
             } => {
-                if let Some(r) = shared.nat.relay.write().as_mut() {
-                    let first = r.token.is_none();
-                    r.token = Some(token);
-                    r.confirmed = Some(now);
-                    r.keepalive = Duration::from_secs(u64::from(keepalive.clamp(5, 300)));
-                    r.observed = Some(observed);
-                    if first {
-                        tracing::info!(relay = %from, %observed, "registered with the relay");
-                    }
-                }
+                registered(shared, from, token, keepalive, Some(observed));
                 Some(Inbound::Done)
             }
             relay::Frame::Deliver { packet, .. } if is_wireguard(packet) => {
@@ -217,7 +278,7 @@ pub(crate) fn on_datagram<'a>(
 
 /// An authenticated probe from a peer; `false` if it is not one (unknown
 /// sender, bad tag: no answer, counted as malformed).
-fn on_disco(shared: &Shared, udp: &Udp, via: Via, d: &[u8], now: Instant) -> bool {
+pub(crate) fn on_disco(shared: &Shared, udp: &Udp, via: Via, d: &[u8], now: Instant) -> bool {
     let Some(sender) = disco::sender(d) else {
         return false;
     };
@@ -275,7 +336,7 @@ fn flush_peer(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
                 let mut buf = vec![0u8; relay::SEND_HEADER + bytes.len()];
                 relay::send_header(&mut buf, ip, token);
                 buf[relay::SEND_HEADER..].copy_from_slice(&bytes);
-                udp.send(addr, &buf, buf.len())
+                transmit(shared, udp, addr, &buf, buf.len())
             }
             (Via::Relay, _, _) => Ok(()),
         };
@@ -290,7 +351,7 @@ fn flush_peer(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
 /// went out on no path or a dead one is sent again at once on a confirmed
 /// path (not after WireGuard's 5 s retry), so the first packets of a new
 /// peer wait for the relay or a direct path only as long as those take.
-fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &PeerPath) {
+fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
     let path = pp.manager.path();
     let target = match path {
         Path::Direct(a) | Path::Blind(a) => Some(a),
@@ -299,17 +360,29 @@ fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &PeerPath) {
     };
     peer.via_relay.store(matches!(path, Path::Relay), Relaxed);
     let Some(t) = target else { return };
-    {
+    let now = Instant::now();
+    let changed = {
         let mut ep = peer.endpoint.lock();
-        if *ep == Some(t) {
-            return;
+        let changed = *ep != Some(t);
+        if changed {
+            tracing::info!(peer = %peer.key, from = ?*ep, to = %t, ?path, "peer path changed");
+            *ep = Some(t);
         }
-        tracing::info!(peer = %peer.key, from = ?*ep, to = %t, ?path, "peer path changed");
-        *ep = Some(t);
-    }
+        changed
+    };
     if matches!(path, Path::Blind(_)) {
         return;
     }
+    if changed {
+        pp.kick_until = Some(now + KICK_FOR);
+    } else if pp.kick_until.is_none_or(|u| now >= u)
+        || pp
+            .last_kick
+            .is_some_and(|k| now.duration_since(k) < KICK_EVERY)
+    {
+        return;
+    }
+    pp.last_kick = Some(now);
     let mut buf = [0u8; 256];
     let mut tunn = peer.tunn.lock();
     if tunn.time_since_last_handshake().is_some() {
@@ -326,7 +399,7 @@ fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &PeerPath) {
 }
 
 /// Every timer tick: STUN, relay registration, and every managed peer.
-pub(crate) fn tick(shared: &Shared, udp: &Udp, peers: &[Arc<Peer>]) {
+pub(crate) fn tick(shared: &Arc<Shared>, udp: &Udp, peers: &[Arc<Peer>]) {
     let now = Instant::now();
     stun_tick(shared, udp, now);
     relay_tick(shared, udp, now);
@@ -376,9 +449,42 @@ fn stun_tick(shared: &Shared, udp: &Udp, now: Instant) {
     }
 }
 
-fn relay_tick(shared: &Shared, udp: &Udp, now: Instant) {
+fn relay_tick(shared: &Arc<Shared>, udp: &Udp, now: Instant) {
     let mut slot = shared.nat.relay.write();
     let Some(r) = slot.as_mut() else { return };
+    if r.over_tcp {
+        // The TCP connection registers and renews by itself; when it ends,
+        // start over with UDP.
+        let mut tcp = shared.nat.tcp.lock();
+        if tcp.as_ref().is_none_or(|t| t.is_dead()) {
+            tracing::warn!(relay = ?r.tcp, "relay over TCP lost; trying UDP again");
+            *tcp = None;
+            r.over_tcp = false;
+            r.token = None;
+            r.confirmed = None;
+            r.sent = None;
+            r.since = now;
+        }
+        return;
+    }
+    if r.token.is_none() && now.duration_since(r.since) >= TCP_AFTER {
+        if let Some((addr, fingerprint)) = r.tcp {
+            match super::relay_tcp::TcpRelay::start(
+                shared.clone(),
+                addr,
+                fingerprint,
+                r.ticket.clone(),
+            ) {
+                Ok(t) => {
+                    tracing::info!(relay = %addr, "no answer from the relay over UDP; using TCP");
+                    *shared.nat.tcp.lock() = Some(t);
+                    r.over_tcp = true;
+                    return;
+                }
+                Err(e) => tracing::warn!(relay = %addr, "relay over TCP: {e}"),
+            }
+        }
+    }
     if r.confirmed
         .is_some_and(|t| now.duration_since(t) > REGISTRATION_LOST)
     {
@@ -412,6 +518,8 @@ pub(crate) fn new_peer_path(
         key: PairKey::from_dalek(secret, peer),
         ip: None,
         advertised: Vec::new(),
+        kick_until: None,
+        last_kick: None,
     }
 }
 
