@@ -13,7 +13,9 @@ mod nat_support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nat_support::{transfer, Lab, Nat, Sidecar};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nat_support::{transfer, transfer_until, Lab, Nat, Sidecar};
 
 fn skip() -> Option<&'static str> {
     if let Some(why) = dataplane_support::skip_reason() {
@@ -240,4 +242,109 @@ fn nat_matrix() {
         }
     }
     assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// A TCP transfer a → b running in the background until stopped.
+fn background(
+    server_ns: &str,
+    client_ns: &str,
+    ip: &str,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<nat_support::Transfer>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, c, ip, flag) = (
+        server_ns.to_owned(),
+        client_ns.to_owned(),
+        ip.to_owned(),
+        stop.clone(),
+    );
+    let t = std::thread::spawn(move || {
+        // About 3 MB/s: 64 KiB every 20 ms.
+        transfer_until(
+            &s,
+            &c,
+            &ip,
+            7200,
+            1 << 30,
+            Duration::from_millis(20),
+            Duration::from_secs(20),
+            Some(flag),
+        )
+    });
+    (stop, t)
+}
+
+fn finish(stop: Arc<AtomicBool>, t: std::thread::JoinHandle<nat_support::Transfer>) {
+    stop.store(true, Ordering::Relaxed);
+    let tr = t.join().unwrap();
+    assert!(tr.error.is_none(), "the TCP connection broke: {:?}", tr.error);
+    assert!(tr.first_byte.is_some(), "nothing arrived");
+    assert_eq!(tr.sent_sha, tr.received_sha, "checksums differ");
+}
+
+#[test]
+fn a_relayed_pair_moves_to_a_new_direct_path_without_a_reset() {
+    require_lab!();
+    let lab = Lab::new();
+    let token = lab.network("upgrade");
+    let (ma, ra) = lab.member(Nat::Symmetric);
+    let (mb, rb) = lab.member(Nat::Symmetric);
+    let t0 = Instant::now();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+    assert!(
+        first_path(&sa, "relay", t0, Duration::from_secs(10)).is_some(),
+        "starts on the relay: {}",
+        sa.log_text()
+    );
+    let (stop, t) = background(&mb.ns, &ma.ns, &ip_b);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sa.path(), "relay", "symmetric NATs: no direct path");
+    // Both NATs become port-preserving (their mappings are forgotten).
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    ra.set_nat(Nat::PortPreserving);
+    rb.set_nat(Nat::PortPreserving);
+    let changed = Instant::now();
+    let a_direct = first_path(&sa, "direct", changed, Duration::from_secs(45));
+    let b_direct = first_path(&sb, "direct", changed, Duration::from_secs(45));
+    eprintln!("direct after the NAT change: a {a_direct:?}, b {b_direct:?}");
+    assert!(
+        a_direct.is_some() && b_direct.is_some(),
+        "no direct path: a's log:\n{}\nb's log:\n{}",
+        sa.log_text(),
+        sb.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    finish(stop, t);
+}
+
+#[test]
+fn a_broken_direct_path_falls_back_to_the_relay_within_3s() {
+    require_lab!();
+    let lab = Lab::new();
+    let token = lab.network("fallback");
+    let (ma, ra) = lab.member(Nat::PortPreserving);
+    let (mb, rb) = lab.member(Nat::PortPreserving);
+    let t0 = Instant::now();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+    assert!(first_path(&sa, "direct", t0, Duration::from_secs(10)).is_some());
+    assert!(first_path(&sb, "direct", t0, Duration::from_secs(10)).is_some());
+    let (stop, t) = background(&mb.ns, &ma.ns, &ip_b);
+    std::thread::sleep(Duration::from_secs(2));
+    // The direct path breaks (a's router drops everything to and from b's
+    // router); the relay is still reachable.
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    ra.block(&rb.wan, true);
+    let broke = Instant::now();
+    let a_relay = first_path(&sa, "relay", broke, Duration::from_secs(10));
+    let b_relay = first_path(&sb, "relay", broke, Duration::from_secs(10));
+    eprintln!("relay after the break: a {a_relay:?}, b {b_relay:?}");
+    for (who, t) in [("a", a_relay), ("b", b_relay)] {
+        let t = t.unwrap_or_else(|| panic!("{who} never fell back"));
+        assert!(t <= Duration::from_secs(3), "{who} fell back after {t:?}");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    finish(stop, t);
 }

@@ -538,6 +538,21 @@ pub fn transfer(
     pace: Duration,
     limit: Duration,
 ) -> Transfer {
+    transfer_until(server_ns, client_ns, ip, port, bytes, pace, limit, None)
+}
+
+/// [`transfer`] that also ends early when `stop` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn transfer_until(
+    server_ns: &str,
+    client_ns: &str,
+    ip: &str,
+    port: u16,
+    bytes: usize,
+    pace: Duration,
+    limit: Duration,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> Transfer {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = in_ns(server_ns, move || {
         let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
@@ -588,7 +603,7 @@ pub fn transfer(
         let mut left = bytes;
         let mut chunk = vec![0u8; 65536];
         let mut first = true;
-        while left > 0 {
+        while left > 0 && !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
             let n = if first { 1 } else { left.min(chunk.len()) };
             first = false;
             for b in chunk[..n].iter_mut() {
