@@ -249,7 +249,10 @@ fn background(
     server_ns: &str,
     client_ns: &str,
     ip: &str,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<nat_support::Transfer>) {
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<nat_support::Transfer>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let (s, c, ip, flag) = (
         server_ns.to_owned(),
@@ -276,7 +279,11 @@ fn background(
 fn finish(stop: Arc<AtomicBool>, t: std::thread::JoinHandle<nat_support::Transfer>) {
     stop.store(true, Ordering::Relaxed);
     let tr = t.join().unwrap();
-    assert!(tr.error.is_none(), "the TCP connection broke: {:?}", tr.error);
+    assert!(
+        tr.error.is_none(),
+        "the TCP connection broke: {:?}",
+        tr.error
+    );
     assert!(tr.first_byte.is_some(), "nothing arrived");
     assert_eq!(tr.sent_sha, tr.received_sha, "checksums differ");
 }
@@ -347,4 +354,82 @@ fn a_broken_direct_path_falls_back_to_the_relay_within_3s() {
     }
     std::thread::sleep(Duration::from_secs(3));
     finish(stop, t);
+}
+
+#[test]
+fn coturn_gives_members_their_server_reflexive_address() {
+    require_lab!();
+    if !std::path::Path::new("/usr/bin/turnserver").exists() {
+        eprintln!("SKIPPED: needs coturn's turnserver");
+        return;
+    }
+    // coturn in STUN-only mode beside the keyserver; the keyserver runs no
+    // STUN or relay of its own, and names coturn as the STUN server.
+    let lab = Lab::with_keyserver_args(
+        &["--relay-listen", "off", "--stun-server", "192.0.2.2:3479"],
+        |lab| {
+            lab.spawn_in(
+                &lab.ks_ns,
+                "/usr/bin/turnserver",
+                &[
+                    "-n",
+                    "--stun-only",
+                    "--no-cli",
+                    "--no-tls",
+                    "--no-dtls",
+                    "-L",
+                    "192.0.2.2",
+                    "-p",
+                    "3479",
+                    "--log-file",
+                    "stdout",
+                    "--pidfile",
+                    "/dev/null",
+                ],
+                "coturn.log",
+            );
+        },
+    );
+    let token = lab.network("coturn");
+    // Behind a symmetric NAT: the WireGuard socket's mapping toward coturn
+    // is a random port, which only STUN from that socket can learn (the
+    // keyserver's own guess uses the WireGuard port, 51820).
+    let (ma, ra) = lab.member(Nat::Symmetric);
+    let wan = ra.as_ref().unwrap().wan.clone();
+    let mb = lab.public();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let start = Instant::now();
+    let mut learned = None;
+    while start.elapsed() < Duration::from_secs(20) && learned.is_none() {
+        let list = lab.admin(&["member", "list", "--network", "coturn"]);
+        let members: serde_json::Value = serde_json::from_str(&list).unwrap();
+        learned = members
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|m| m["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e.as_str().map(str::to_owned))
+            .find(|e| e.starts_with(&format!("{wan}:")) && !e.ends_with(":51820"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        learned.is_some(),
+        "no server-reflexive candidate from coturn; a's log:\n{}",
+        sa.log_text()
+    );
+    eprintln!("a learned {learned:?} from coturn");
+    // And the pair connects directly (b is public).
+    let ip_b = joined_ip(&sb, Duration::from_secs(10)).unwrap();
+    let tr = transfer(
+        &mb.ns,
+        &ma.ns,
+        &ip_b,
+        7300,
+        64 << 10,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    );
+    assert_eq!(tr.sent_sha, tr.received_sha);
+    assert!(first_path(&sa, "direct", Instant::now(), Duration::from_secs(8)).is_some());
 }

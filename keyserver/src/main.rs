@@ -97,7 +97,7 @@ struct ServeArgs {
     expire_after: Option<std::time::Duration>,
     /// UDP address of STUN and the relay, or `off`.
     #[arg(long, env = "KEYSERVER_RELAY_LISTEN", value_parser = parse_relay_listen)]
-    relay_listen: Option<Option<SocketAddr>>,
+    relay_listen: Option<Listen>,
     /// The relay address members are told.
     #[arg(long, env = "KEYSERVER_RELAY_ADVERTISE")]
     relay_advertise: Option<SocketAddr>,
@@ -114,7 +114,7 @@ struct ServeArgs {
     /// TCP address of control and relay over TLS (members whose UDP is
     /// blocked), or `off`; default: the QUIC address, on TCP.
     #[arg(long, env = "KEYSERVER_TCP_LISTEN", value_parser = parse_relay_listen)]
-    tcp_listen: Option<Option<SocketAddr>>,
+    tcp_listen: Option<Listen>,
 }
 
 /// `keyserver relay`: STUN and the relay as their own process.
@@ -140,13 +140,17 @@ struct RelayArgs {
     log_level: String,
 }
 
-/// `--relay-listen`: an address, or `off`.
-fn parse_relay_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+/// A listen address, or `off` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+/// `--relay-listen`, `--tcp-listen`: an address, or `off`.
+fn parse_relay_listen(text: &str) -> Result<Listen, String> {
     match text {
-        "off" => Ok(None),
+        "off" => Ok(Listen(None)),
         _ => text
             .parse()
-            .map(Some)
+            .map(|a| Listen(Some(a)))
             .map_err(|e| format!("{text:?}: {e} (or `off`)")),
     }
 }
@@ -369,7 +373,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     if let Some(d) = args.expire_after {
         config.expire_after_secs = d.as_secs().max(1);
     }
-    if let Some(listen) = args.relay_listen {
+    if let Some(Listen(listen)) = args.relay_listen {
         config.relay_listen = listen;
     }
     config.relay_advertise = args.relay_advertise.or(config.relay_advertise);
@@ -378,8 +382,8 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     }
     config.relay_rate = args.relay_rate.unwrap_or(config.relay_rate);
     match args.tcp_listen {
-        Some(None) => config.tcp_enabled = false,
-        Some(Some(a)) => config.tcp_listen = Some(a),
+        Some(Listen(None)) => config.tcp_enabled = false,
+        Some(Listen(Some(a))) => config.tcp_listen = Some(a),
         None => {}
     }
     init_logs(&config.log_level, config.log_format)?;

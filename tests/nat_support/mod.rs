@@ -118,6 +118,12 @@ pub struct Sidecar {
 impl Lab {
     /// The hub, the keyserver (serving), nothing else.
     pub fn new() -> Self {
+        Self::with_keyserver_args(&[], |_| {})
+    }
+
+    /// The same, with more `keyserver serve` flags, and `before` run once
+    /// the keyserver's namespace exists (to start a service there first).
+    pub fn with_keyserver_args(args: &[&str], before: impl FnOnce(&Lab)) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = format!(
             "{}{}",
@@ -143,8 +149,17 @@ impl Lab {
         };
         let ks = lab.ks_ns.clone();
         lab.underlay_ns(&ks, "192.0.2.2");
-        lab.start_keyserver();
+        before(&lab);
+        lab.start_keyserver(args);
         lab
+    }
+
+    /// Starts `program args` in namespace `ns` (stderr into `log`), killed
+    /// when the lab is dropped.
+    pub fn spawn_in(&self, ns: &str, program: &str, args: &[&str], log: &str) {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.spawn(ns, &mut cmd, &self.dir.path().join(log));
     }
 
     /// A namespace with a veth on the hub at `addr`/24.
@@ -188,14 +203,13 @@ impl Lab {
         self.children.lock().unwrap().push(child);
     }
 
-    fn start_keyserver(&self) {
+    fn start_keyserver(&self, extra: &[&str]) {
         let mut cmd = Command::new(bin("keyserver"));
-        cmd.args(["serve", "--data-dir"]).arg(&self.ks_dir).args([
-            "--quic-listen",
-            "192.0.2.2:7000",
-            "--api-listen",
-            "127.0.0.1:7001",
-        ]);
+        cmd.args(["serve", "--data-dir"])
+            .arg(&self.ks_dir)
+            .args(["--quic-listen", "192.0.2.2:7000"])
+            .args(["--api-listen", "127.0.0.1:7001"])
+            .args(extra);
         self.spawn(
             &self.ks_ns.clone(),
             &mut cmd,

@@ -584,7 +584,11 @@ fn probes_find_the_direct_path_and_a_stranger_gets_no_answer() {
     assert!(direct, "{:?}", a.engine.peer_path(&b.key));
     let p = packet(A_IP, B_IP, 120, 4);
     a.send(p.clone());
-    assert_eq!(b.recv(WAIT), Some(p), "probes and WireGuard share the socket");
+    assert_eq!(
+        b.recv(WAIT),
+        Some(p),
+        "probes and WireGuard share the socket"
+    );
     // A stranger that has b as a peer probes b: b does not know its key,
     // so nothing comes back, and its path never confirms.
     let c = Node::new();
@@ -624,7 +628,11 @@ fn stun_answers_on_the_wireguard_socket_become_reflexive_addresses() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
     assert!(found, "{:?}", a.engine.reflexive_addrs());
-    assert_eq!(a.engine.stats().malformed, 0, "the answer was not taken for WireGuard");
+    assert_eq!(
+        a.engine.stats().malformed,
+        0,
+        "the answer was not taken for WireGuard"
+    );
     // The candidates a member advertises: local first, then reflexive.
     let local: SocketAddr = "192.0.2.9:51820".parse().unwrap();
     assert_eq!(
