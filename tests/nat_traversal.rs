@@ -433,3 +433,88 @@ fn coturn_gives_members_their_server_reflexive_address() {
     assert_eq!(tr.sent_sha, tr.received_sha);
     assert!(first_path(&sa, "direct", Instant::now(), Duration::from_secs(8)).is_some());
 }
+
+#[test]
+fn the_relay_runs_as_its_own_process() {
+    require_lab!();
+    // The keyserver runs no relay; members are told about `keyserver
+    // relay` on another host, which has a copy of the relay secret.
+    let lab = Lab::with_keyserver_args(
+        &[
+            "--relay-listen",
+            "off",
+            "--relay-advertise",
+            "192.0.2.3:3478",
+        ],
+        |_| {},
+    );
+    let relay = lab.host_at("rl", "192.0.2.3");
+    let secret = lab.ks_dir.join("relay-secret");
+    let copy = lab.dir.path().join("relay-secret.copy");
+    std::fs::copy(&secret, &copy).expect("the keyserver made its relay secret");
+    let keyserver = mesh_support::bin("keyserver");
+    lab.spawn_in(
+        &relay.ns,
+        keyserver.to_str().unwrap(),
+        &[
+            "relay",
+            "--listen",
+            "192.0.2.3:3478",
+            "--secret-file",
+            copy.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:9478",
+        ],
+        "relay.log",
+    );
+    let token = lab.network("standalone");
+    let (ma, _ra) = lab.member(Nat::Symmetric);
+    let (mb, _rb) = lab.member(Nat::Symmetric);
+    let t0 = Instant::now();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+    let tr = transfer(
+        &mb.ns,
+        &ma.ns,
+        &ip_b,
+        7400,
+        1 << 20,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    );
+    assert!(
+        tr.error.is_none() && tr.first_byte.is_some(),
+        "{:?}\n{}",
+        tr.error,
+        sa.log_text()
+    );
+    assert_eq!(tr.sent_sha, tr.received_sha);
+    eprintln!("first byte after {:?}", tr.first_byte.map(|t| t - t0));
+    assert_eq!(sa.path(), "relay");
+    let peer = sa.peer().unwrap();
+    assert_eq!(
+        peer["endpoint"].as_str(),
+        Some("192.0.2.3:3478"),
+        "wg show's endpoint is the relay"
+    );
+    // Its metrics count what it forwarded.
+    let out = dataplane_support::must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &relay.ns,
+            "curl",
+            "-s",
+            "http://127.0.0.1:9478/metrics",
+        ],
+    );
+    let forwarded: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("istm_relay_forwarded_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(forwarded > 1 << 20, "{out}");
+    assert!(out.contains("istm_relay_members 2"), "{out}");
+}

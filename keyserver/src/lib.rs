@@ -315,7 +315,8 @@ impl Keyserver {
             let port = relay_thread.as_ref()?.local.port();
             advertise.first().map(|a| SocketAddr::new(a.ip(), port))
         });
-        let mut stun: Vec<SocketAddr> = relay_thread.as_ref().and(relay_addr).into_iter().collect();
+        // Every relay answers STUN too (`keyserver relay` as well).
+        let mut stun: Vec<SocketAddr> = relay_addr.into_iter().collect();
         stun.extend(self.relay_config.stun.iter().copied());
         // The TCP port: control and relay over TLS, for members whose UDP
         // is blocked; by default the QUIC address's number, on TCP.

@@ -262,6 +262,16 @@ impl Lab {
         format!("192.0.2.{}", self.next_host.fetch_add(1, Ordering::SeqCst))
     }
 
+    /// A host on the underlay at `addr` (outside the members' range).
+    pub fn host_at(&self, name: &str, addr: &str) -> Member {
+        let ns = format!("nt{}{name}", self.tag);
+        self.underlay_ns(&ns, addr);
+        Member {
+            ns,
+            addr: addr.to_owned(),
+        }
+    }
+
     /// A member on the underlay itself.
     pub fn public(&self) -> Member {
         let i = self.next_host.load(Ordering::SeqCst);
