@@ -451,14 +451,13 @@ impl PathManager {
         self.next_heartbeat = now + self.cfg.heartbeat;
         match self.path {
             Path::Direct(a) => self.ping(now, Via::Direct(a)),
-            Path::Relay => {
+            Path::Relay
                 if self
                     .relay_ping
-                    .is_none_or(|t| now.duration_since(t) >= self.cfg.relay_ping)
-                {
-                    self.relay_ping = Some(now);
-                    self.ping(now, Via::Relay);
-                }
+                    .is_none_or(|t| now.duration_since(t) >= self.cfg.relay_ping) =>
+            {
+                self.relay_ping = Some(now);
+                self.ping(now, Via::Relay);
             }
             _ => {}
         }
