@@ -518,3 +518,48 @@ fn the_relay_runs_as_its_own_process() {
     assert!(forwarded > 1 << 20, "{out}");
     assert!(out.contains("istm_relay_members 2"), "{out}");
 }
+
+#[test]
+fn userspace_members_behind_nats_use_the_same_paths() {
+    require_lab!();
+    // Rootless mode runs the same engine: a relayed pair (symmetric NATs)
+    // and a direct one (port-preserving), each serving port 7500 on
+    // loopback and reaching the other at 127.77.<c>.<d>.
+    let lab = Lab::new();
+    for (name, nat, want) in [
+        ("usrelay", Nat::Symmetric, "relay"),
+        ("usdirect", Nat::PortPreserving, "direct"),
+    ] {
+        let token = lab.network(name);
+        let (ma, _ra) = lab.member(nat);
+        let (mb, _rb) = lab.member(nat);
+        let flags = ["--mode", "userspace", "--port", "7500"];
+        let t0 = Instant::now();
+        let sa = lab.sidecar_with(&ma, &token, "a", &flags);
+        let sb = lab.sidecar_with(&mb, &token, "b", &flags);
+        let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+        let octets: Vec<&str> = ip_b.split('.').collect();
+        let loopback = format!("127.77.{}.{}", octets[2], octets[3]);
+        let tr = transfer(
+            &mb.ns,
+            &ma.ns,
+            &loopback,
+            7500,
+            1 << 20,
+            Duration::ZERO,
+            Duration::from_secs(20),
+        );
+        assert!(
+            tr.error.is_none() && tr.first_byte.is_some(),
+            "{name}: {:?}\n{}",
+            tr.error,
+            sa.log_text()
+        );
+        assert_eq!(tr.sent_sha, tr.received_sha, "{name}");
+        assert!(
+            first_path(&sa, want, t0, Duration::from_secs(8)).is_some(),
+            "{name}: path {}",
+            sa.path()
+        );
+    }
+}

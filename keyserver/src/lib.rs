@@ -115,6 +115,8 @@ pub struct Keyserver {
     relay_secret: [u8; 32],
     /// STUN/relay settings from the configuration.
     relay_config: RelayConfig,
+    /// STUN/relay and TCP sockets bound ahead by [`Keyserver::bind_nat`].
+    nat: Option<(Option<relay::RelayHandle>, Option<tokio::net::TcpListener>)>,
 }
 
 /// The STUN/relay part of the configuration, as `serve` uses it.
@@ -237,6 +239,7 @@ impl Keyserver {
                 stun: config.stun_servers.clone(),
                 limits: config.relay_limits(),
             },
+            nat: None,
         })
     }
 
@@ -265,11 +268,65 @@ impl Keyserver {
         )
     }
 
+    /// Binds STUN and the relay (starting its thread) and the TCP port
+    /// now, logging the outcome, so that a program can report its start
+    /// after them; [`Keyserver::serve`] binds them itself otherwise.
+    pub async fn bind_nat(&mut self, quic: &quinn::Endpoint) {
+        let bound = self.bind_nat_sockets(quic).await;
+        self.nat = Some(bound);
+    }
+
+    async fn bind_nat_sockets(
+        &self,
+        quic: &quinn::Endpoint,
+    ) -> (Option<relay::RelayHandle>, Option<tokio::net::TcpListener>) {
+        let mut relay_thread = None;
+        if let Some(listen) = self.relay_config.listen {
+            let limits = self.relay_config.limits.clone();
+            match relay::bind(listen).and_then(|s| {
+                relay::serve_udp(s, self.relay_secret, limits).map_err(|cause| {
+                    relay::RelayBindError {
+                        addr: listen,
+                        cause,
+                    }
+                })
+            }) {
+                Ok(h) => {
+                    let _ = self.shared.relay_metrics.set(h.metrics.clone());
+                    tracing::info!(udp = %h.local, "STUN and relay started");
+                    relay_thread = Some(h);
+                }
+                Err(e) => tracing::warn!("no STUN/relay: {e}"),
+            }
+        }
+        let mut listener = None;
+        if self.relay_config.tcp_enabled {
+            let listen = match self.relay_config.tcp_listen {
+                Some(a) => Ok(a),
+                None => quic.local_addr(),
+            };
+            let bound = match listen {
+                Ok(a) => tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("{a}: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            match bound {
+                Ok(l) => {
+                    tracing::info!(tcp = ?l.local_addr().ok(), "control and relay over TLS/TCP started");
+                    listener = Some(l);
+                }
+                Err(e) => tracing::warn!("no TCP port: {e}"),
+            }
+        }
+        (relay_thread, listener)
+    }
+
     /// Serves QUIC on `quic` and the admin API on `api` until `shutdown`
     /// completes. `advertise` goes into join tokens (empty: the QUIC
     /// endpoint's address, loopback if unspecified).
     pub async fn serve(
-        self,
+        mut self,
         quic: quinn::Endpoint,
         api: tokio::net::TcpListener,
         advertise: Vec<SocketAddr>,
@@ -291,26 +348,12 @@ impl Keyserver {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        // STUN and the relay: on their own UDP port; members are told
-        // where (the advertised QUIC host, the relay's port, unless set).
-        let mut relay_thread = None;
-        if let Some(listen) = self.relay_config.listen {
-            match relay::bind(listen).and_then(|s| {
-                relay::serve_udp(s, self.relay_secret, self.relay_config.limits.clone()).map_err(
-                    |cause| relay::RelayBindError {
-                        addr: listen,
-                        cause,
-                    },
-                )
-            }) {
-                Ok(h) => {
-                    let _ = self.shared.relay_metrics.set(h.metrics.clone());
-                    tracing::info!(udp = %h.local, "STUN and relay started");
-                    relay_thread = Some(h);
-                }
-                Err(e) => tracing::warn!("no STUN/relay: {e}"),
-            }
-        }
+        // STUN, the relay and the TCP port (bound by `bind_nat` already,
+        // or now).
+        let (relay_thread, tcp_listener) = match self.nat.take() {
+            Some(bound) => bound,
+            None => self.bind_nat_sockets(&quic).await,
+        };
         let relay_addr = self.relay_config.advertise.or_else(|| {
             let port = relay_thread.as_ref()?.local.port();
             advertise.first().map(|a| SocketAddr::new(a.ip(), port))
@@ -322,25 +365,11 @@ impl Keyserver {
         // is blocked; by default the QUIC address's number, on TCP.
         let mut tcp_task = None;
         let mut tcp_addr = None;
-        if self.relay_config.tcp_enabled {
-            let listen = match self.relay_config.tcp_listen {
-                Some(a) => Ok(a),
-                None => quic.local_addr(),
-            };
-            let bound = match listen {
-                Ok(a) => tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|e| format!("{a}: {e}")),
-                Err(e) => Err(e.to_string()),
-            };
-            match (
-                bound,
-                tcp::acceptor(self.cert_der.clone(), self.key_der.clone()),
-            ) {
-                (Ok(l), Ok(acceptor)) => {
+        if let Some(l) = tcp_listener {
+            match tcp::acceptor(self.cert_der.clone(), self.key_der.clone()) {
+                Ok(acceptor) => {
                     let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
                     tcp_addr = advertise.first().map(|a| SocketAddr::new(a.ip(), port));
-                    tracing::info!(tcp = ?l.local_addr().ok(), "control and relay over TLS/TCP started");
                     let relay = relay_thread.as_ref().map(|h| h.shared.clone());
                     tcp_task = Some(tokio::spawn(tcp::run(
                         l,
@@ -350,8 +379,7 @@ impl Keyserver {
                         wait(stop_rx.clone()),
                     )));
                 }
-                (Err(e), _) => tracing::warn!("no TCP port: {e}"),
-                (_, Err(e)) => tracing::warn!("no TCP port: {e}"),
+                Err(e) => tracing::warn!("no TCP port: {e}"),
             }
         }
         let _ = self.shared.relay.set(relay::RelaySettings {

@@ -387,8 +387,9 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         None => {}
     }
     init_logs(&config.log_level, config.log_format)?;
-    let ks = Keyserver::open(&config).context("opening the data directory")?;
+    let mut ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;
+    ks.bind_nat(&quic).await;
     let api = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .with_context(|| format!("binding the admin API on {}", config.api_listen))?;

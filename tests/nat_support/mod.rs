@@ -367,6 +367,11 @@ impl Lab {
 
     /// Starts a kernel-mode sidecar on `m` with `token`.
     pub fn sidecar(&self, m: &Member, token: &str, service: &str) -> Sidecar {
+        self.sidecar_with(m, token, service, &[])
+    }
+
+    /// The same with more flags (`--mode userspace`, ...).
+    pub fn sidecar_with(&self, m: &Member, token: &str, service: &str, extra: &[&str]) -> Sidecar {
         let k = self.sockets.lock().unwrap().len();
         let interface = format!("n{}{k}", self.tag);
         self.sockets.lock().unwrap().push(PathBuf::from(format!(
@@ -395,7 +400,7 @@ impl Lab {
         ])
         .arg("--state-dir")
         .arg(&state_dir)
-        .env("ISTM_LOG", "info,meshlib=debug");
+        .args(extra);
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &m.ns])
@@ -578,8 +583,15 @@ pub fn transfer_until(
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Transfer {
     let (tx, rx) = std::sync::mpsc::channel();
+    // A loopback target is a userspace member's listener: its service is
+    // on 127.0.0.1 (the sidecar holds 127.77.x.y itself).
+    let bind = if ip.starts_with("127.") {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    };
     let server = in_ns(server_ns, move || {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("listen");
+        let l = TcpListener::bind((bind, port)).expect("listen");
         l.set_nonblocking(true).unwrap();
         tx.send(()).unwrap();
         let start = Instant::now();

@@ -136,7 +136,18 @@ impl Ctx {
         while !self.stop.load(Relaxed) && !self.shared.stop.load(Relaxed) {
             if renewed.elapsed() >= RENEW {
                 renewed = Instant::now();
-                put_frame(&mut tls, &relay::register(ticket))?;
+                // The latest ticket (the keyserver renews it every 2 min).
+                let fresh = self
+                    .shared
+                    .nat
+                    .relay
+                    .read()
+                    .as_ref()
+                    .map(|r| r.ticket.clone());
+                put_frame(
+                    &mut tls,
+                    &relay::register(fresh.as_deref().unwrap_or(ticket)),
+                )?;
             }
             // New frames only once the earlier ones reached the socket.
             if !tls.wants_write() {
