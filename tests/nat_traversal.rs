@@ -219,6 +219,30 @@ fn nat_matrix() {
     rows.sort_by_key(|(i, _)| *i);
     let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
     print_table(&rows);
+    // The embedded relay's counters, on the admin API (bearer token).
+    let token = std::fs::read_to_string(lab.ks_dir.join("admin-token")).unwrap();
+    let metrics = dataplane_support::must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.ks_ns,
+            "curl",
+            "-s",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "http://127.0.0.1:7001/metrics",
+        ],
+    );
+    let forwarded: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("istm_relay_forwarded_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        forwarded > 7 << 20,
+        "seven relayed pairs moved 1 MiB each: {metrics}"
+    );
     let mut bad = Vec::new();
     for r in &rows {
         if !r.connected || !r.checksum {
