@@ -587,3 +587,34 @@ fn userspace_members_behind_nats_use_the_same_paths() {
         );
     }
 }
+
+#[test]
+fn a_member_on_the_tcp_relay_returns_to_udp_when_udp_works_again() {
+    require_lab!();
+    let lab = Lab::new();
+    let token = lab.network("tcpback");
+    let (ma, ra) = lab.member(Nat::UdpBlocked);
+    let (mb, _rb) = lab.member(Nat::Symmetric);
+    let t0 = Instant::now();
+    let sa = lab.sidecar(&ma, &token, "a");
+    let sb = lab.sidecar(&mb, &token, "b");
+    let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+    assert!(first_path(&sa, "relay", t0, Duration::from_secs(10)).is_some());
+    assert!(sa.log_text().contains("using TCP"), "{}", sa.log_text());
+    let (stop, t) = background(&mb.ns, &ma.ns, &ip_b);
+    std::thread::sleep(Duration::from_secs(2));
+    // UDP passes again: within a retry period the relay is used over UDP.
+    ra.unwrap().set_nat(Nat::PortPreserving);
+    let start = Instant::now();
+    while !sa.log_text().contains("relay over UDP works again") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still on TCP: {}",
+            sa.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sa.path(), "relay", "b is behind a symmetric NAT");
+    finish(stop, t);
+}

@@ -46,6 +46,7 @@ fn index() -> &'static NameIndex {
                 instance: format!("m-{i}").parse().unwrap(),
                 runner: "r1".into(),
                 ports: vec![],
+                state: meshlib::netmap::MemberState::Online,
             };
             map.members.insert(member.public_key, member);
         }

@@ -54,7 +54,7 @@ pub(crate) struct PeerPath {
 }
 
 /// How often a handshake is re-sent on a new path while no session exists.
-const KICK_EVERY: Duration = Duration::from_secs(1);
+const KICK_EVERY: Duration = Duration::from_millis(500);
 /// For how long after the path came up.
 const KICK_FOR: Duration = Duration::from_secs(10);
 
@@ -146,6 +146,8 @@ pub(crate) fn is_wireguard(d: &[u8]) -> bool {
 /// When UDP registration gets no answer this long, the relay over TCP is
 /// tried.
 const TCP_AFTER: Duration = Duration::from_millis(500);
+/// While on TCP, UDP registration is tried again this often.
+const UDP_RETRY: Duration = Duration::from_secs(10);
 
 /// Sends `data` (GSO segments of `segment` bytes) to `to`: into the TCP
 /// relay connection when `to` is its address, else on the UDP socket.
@@ -177,6 +179,14 @@ pub(crate) fn registered(
     observed: Option<SocketAddr>,
 ) {
     if let Some(r) = shared.nat.relay.write().as_mut() {
+        if r.over_tcp && observed.is_some() {
+            // A UDP registration while on TCP: UDP works (again); the TCP
+            // connection is closed (its thread ends by itself).
+            tracing::info!(relay = %from, "relay over UDP works again; leaving TCP");
+            r.over_tcp = false;
+            r.token = None;
+            *shared.nat.tcp.lock() = None;
+        }
         let first = r.token.is_none();
         r.token = Some(token);
         r.confirmed = Some(Instant::now());
@@ -221,7 +231,8 @@ pub(crate) enum Inbound<'a> {
 }
 
 /// Handles a non-WireGuard datagram: STUN answers, relay frames, probes.
-/// Returns `false` for anything unrecognised (counted as malformed).
+/// `None` for anything unrecognised or unauthenticated (the caller counts
+/// it as malformed; nothing is answered).
 pub(crate) fn on_datagram<'a>(
     shared: &Shared,
     udp: &Udp,
@@ -454,7 +465,8 @@ fn relay_tick(shared: &Arc<Shared>, udp: &Udp, now: Instant) {
     let Some(r) = slot.as_mut() else { return };
     if r.over_tcp {
         // The TCP connection registers and renews by itself; when it ends,
-        // start over with UDP.
+        // start over with UDP. Meanwhile UDP is tried now and then: an
+        // answer moves the relay back to it (`registered`).
         let mut tcp = shared.nat.tcp.lock();
         if tcp.as_ref().is_none_or(|t| t.is_dead()) {
             tracing::warn!(relay = ?r.tcp, "relay over TCP lost; trying UDP again");
@@ -464,6 +476,10 @@ fn relay_tick(shared: &Arc<Shared>, udp: &Udp, now: Instant) {
             r.confirmed = None;
             r.sent = None;
             r.since = now;
+        } else if r.sent.is_none_or(|t| now.duration_since(t) >= UDP_RETRY) {
+            r.sent = Some(now);
+            let frame = relay::register(&r.ticket);
+            let _ = udp.send(r.addr, &frame, frame.len());
         }
         return;
     }
@@ -479,6 +495,7 @@ fn relay_tick(shared: &Arc<Shared>, udp: &Udp, now: Instant) {
                     tracing::info!(relay = %addr, "no answer from the relay over UDP; using TCP");
                     *shared.nat.tcp.lock() = Some(t);
                     r.over_tcp = true;
+                    r.sent = Some(now);
                     return;
                 }
                 Err(e) => tracing::warn!(relay = %addr, "relay over TCP: {e}"),
