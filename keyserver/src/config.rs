@@ -98,6 +98,26 @@ pub struct Config {
     /// `etcd://host:2379[,host:2379...][/prefix]` for an etcd cluster shared
     /// by any number of keyserver replicas (prefix default `/ist-mesh`).
     pub store: Option<String>,
+    /// UDP address of STUN and the relay (one port for both). Default
+    /// `0.0.0.0:3478`; `None` (`relay-listen = "off"` on the command line)
+    /// runs neither here.
+    pub relay_listen: Option<SocketAddr>,
+    /// The relay address members are told (a `keyserver relay` elsewhere,
+    /// or this one behind a forwarded port). Default: the first advertised
+    /// QUIC address's host with the relay's port.
+    pub relay_advertise: Option<SocketAddr>,
+    /// More STUN servers members ask, after this keyserver's. Default none.
+    pub stun_servers: Vec<SocketAddr>,
+    /// Bytes a second one member may send through the relay. Default
+    /// 12500000 (100 Mbit/s).
+    pub relay_rate: u64,
+    /// Burst allowance of that limit, bytes. Default 2097152.
+    pub relay_burst: u64,
+    /// Serve the TCP port (TLS: control and relay for members whose UDP is
+    /// blocked). Default `true`.
+    pub tcp_enabled: bool,
+    /// Its address. Default: the QUIC listen address, on TCP.
+    pub tcp_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -129,6 +149,13 @@ impl Default for Config {
             api_max_connections: api.max_connections,
             service_domain: limits.service_domain.clone(),
             store: None,
+            relay_listen: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            relay_advertise: None,
+            stun_servers: vec![],
+            relay_rate: crate::relay::RelayLimits::default().rate,
+            relay_burst: crate::relay::RelayLimits::default().burst,
+            tcp_enabled: true,
+            tcp_listen: None,
         }
     }
 }
@@ -156,6 +183,15 @@ impl Config {
                 expire_after: Duration::from_secs(self.expire_after_secs),
             },
             service_domain: self.service_domain.clone(),
+        }
+    }
+
+    /// The relay's limits of this configuration.
+    pub fn relay_limits(&self) -> crate::relay::RelayLimits {
+        crate::relay::RelayLimits {
+            rate: self.relay_rate.max(1),
+            burst: self.relay_burst.max(1500),
+            ..crate::relay::RelayLimits::default()
         }
     }
 

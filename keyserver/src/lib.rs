@@ -20,6 +20,9 @@
 //! - [`http`] — the admin API (axum, bearer token, `/openapi.json`).
 //! - [`config`] — plain-data configuration (TOML, flags map onto it).
 //! - [`admin`] — the HTTP client the admin subcommands use.
+//! - [`relay`] — STUN and the relay on one UDP port, tickets for members.
+//! - [`tcp`] — the TCP port (TLS): control and relay for members whose UDP
+//!   is blocked.
 //!
 //! [`Keyserver::open`] prepares the data directory (store, self-signed
 //! certificate, admin token, all created on first start);
@@ -35,9 +38,11 @@ pub mod http;
 pub mod metrics;
 pub mod quic;
 pub mod registry;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tcp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -115,6 +120,25 @@ pub struct Keyserver {
     /// The watch of a shared store: wakes the task applying what other
     /// replicas wrote.
     feed: Option<Arc<etcd::conn::Feed>>,
+    /// Relay tickets' secret (`relay-secret`).
+    relay_secret: [u8; 32],
+    /// STUN/relay settings from the configuration.
+    relay_config: RelayConfig,
+    /// STUN/relay and TCP sockets bound ahead by [`Keyserver::bind_nat`].
+    nat: Option<(Option<relay::RelayHandle>, Option<tokio::net::TcpListener>)>,
+}
+
+/// The STUN/relay part of the configuration, as `serve` uses it.
+#[derive(Debug, Clone)]
+struct RelayConfig {
+    /// The TCP port (control and relay over TLS); `None`: the QUIC
+    /// endpoint's address, on TCP.
+    tcp_listen: Option<SocketAddr>,
+    tcp_enabled: bool,
+    listen: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
+    stun: Vec<SocketAddr>,
+    limits: relay::RelayLimits,
 }
 
 /// Reads `path`, or creates it with `make` (mode 0600) if missing.
@@ -216,6 +240,12 @@ impl Keyserver {
                 (Box::new(store), Some(feed))
             }
         };
+        let relay_path = dir.join("relay-secret");
+        let relay_secret =
+            relay::load_or_create_secret(&relay_path).map_err(|cause| OpenError::Read {
+                path: relay_path,
+                cause,
+            })?;
         let fp = meshlib::proto::sha256(&cert_der);
         let (shared, warnings) = Shared::new(store, config.limits(), fp, SystemTime::now())?;
         for w in warnings {
@@ -230,6 +260,16 @@ impl Keyserver {
             token_gc: (config.token_gc_secs > 0)
                 .then(|| std::time::Duration::from_secs(config.token_gc_secs)),
             feed,
+            relay_secret,
+            relay_config: RelayConfig {
+                tcp_listen: config.tcp_listen,
+                tcp_enabled: config.tcp_enabled,
+                listen: config.relay_listen,
+                advertise: config.relay_advertise,
+                stun: config.stun_servers.clone(),
+                limits: config.relay_limits(),
+            },
+            nat: None,
         })
     }
 
@@ -258,11 +298,65 @@ impl Keyserver {
         )
     }
 
+    /// Binds STUN and the relay (starting its thread) and the TCP port
+    /// now, logging the outcome, so that a program can report its start
+    /// after them; [`Keyserver::serve`] binds them itself otherwise.
+    pub async fn bind_nat(&mut self, quic: &quinn::Endpoint) {
+        let bound = self.bind_nat_sockets(quic).await;
+        self.nat = Some(bound);
+    }
+
+    async fn bind_nat_sockets(
+        &self,
+        quic: &quinn::Endpoint,
+    ) -> (Option<relay::RelayHandle>, Option<tokio::net::TcpListener>) {
+        let mut relay_thread = None;
+        if let Some(listen) = self.relay_config.listen {
+            let limits = self.relay_config.limits.clone();
+            match relay::bind(listen).and_then(|s| {
+                relay::serve_udp(s, self.relay_secret, limits).map_err(|cause| {
+                    relay::RelayBindError {
+                        addr: listen,
+                        cause,
+                    }
+                })
+            }) {
+                Ok(h) => {
+                    let _ = self.shared.relay_metrics.set(h.metrics.clone());
+                    tracing::info!(udp = %h.local, "STUN and relay started");
+                    relay_thread = Some(h);
+                }
+                Err(e) => tracing::warn!("no STUN/relay: {e}"),
+            }
+        }
+        let mut listener = None;
+        if self.relay_config.tcp_enabled {
+            let listen = match self.relay_config.tcp_listen {
+                Some(a) => Ok(a),
+                None => quic.local_addr(),
+            };
+            let bound = match listen {
+                Ok(a) => tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("{a}: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            match bound {
+                Ok(l) => {
+                    tracing::info!(tcp = ?l.local_addr().ok(), "control and relay over TLS/TCP started");
+                    listener = Some(l);
+                }
+                Err(e) => tracing::warn!("no TCP port: {e}"),
+            }
+        }
+        (relay_thread, listener)
+    }
+
     /// Serves QUIC on `quic` and the admin API on `api` until `shutdown`
     /// completes. `advertise` goes into join tokens (empty: the QUIC
     /// endpoint's address, loopback if unspecified).
     pub async fn serve(
-        self,
+        mut self,
         quic: quinn::Endpoint,
         api: tokio::net::TcpListener,
         advertise: Vec<SocketAddr>,
@@ -279,7 +373,6 @@ impl Keyserver {
         if let Some(c) = self.shared.cluster() {
             c.register(advertise.clone());
         }
-        let _ = self.shared.advertise.set(advertise);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -288,6 +381,48 @@ impl Keyserver {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        // STUN, the relay and the TCP port (bound by `bind_nat` already,
+        // or now).
+        let (relay_thread, tcp_listener) = match self.nat.take() {
+            Some(bound) => bound,
+            None => self.bind_nat_sockets(&quic).await,
+        };
+        let relay_addr = self.relay_config.advertise.or_else(|| {
+            let port = relay_thread.as_ref()?.local.port();
+            advertise.first().map(|a| SocketAddr::new(a.ip(), port))
+        });
+        // Every relay answers STUN too (`keyserver relay` as well).
+        let mut stun: Vec<SocketAddr> = relay_addr.into_iter().collect();
+        stun.extend(self.relay_config.stun.iter().copied());
+        // The TCP port: control and relay over TLS, for members whose UDP
+        // is blocked; by default the QUIC address's number, on TCP.
+        let mut tcp_task = None;
+        let mut tcp_addr = None;
+        if let Some(l) = tcp_listener {
+            match tcp::acceptor(self.cert_der.clone(), self.key_der.clone()) {
+                Ok(acceptor) => {
+                    let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
+                    tcp_addr = advertise.first().map(|a| SocketAddr::new(a.ip(), port));
+                    let relay = relay_thread.as_ref().map(|h| h.shared.clone());
+                    tcp_task = Some(tokio::spawn(tcp::run(
+                        l,
+                        acceptor,
+                        self.shared.clone(),
+                        relay,
+                        wait(stop_rx.clone()),
+                    )));
+                }
+                Err(e) => tracing::warn!("no TCP port: {e}"),
+            }
+        }
+        let _ = self.shared.relay.set(relay::RelaySettings {
+            secret: self.relay_secret,
+            relay: relay_addr,
+            stun,
+            tcp: relay_thread.as_ref().and(tcp_addr),
+            cert_sha256: self.shared.cert_sha256,
+        });
+        let _ = self.shared.advertise.set(advertise);
         let router = http::router(
             self.shared.clone(),
             self.admin_token.clone(),
@@ -304,6 +439,10 @@ impl Keyserver {
             .token_gc
             .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
         let result = http.await.map_err(ServeError::Http);
+        if let Some(t) = tcp_task {
+            let _ = t.await;
+        }
+        drop(relay_thread);
         let _ = quic_task.await;
         let _ = sweeper.await;
         if let Some(task) = gc_task {

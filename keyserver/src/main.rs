@@ -72,6 +72,8 @@ enum Cmd {
         #[arg(long)]
         from: PathBuf,
     },
+    /// Run only STUN and the relay (for scale, apart from the keyserver).
+    Relay(RelayArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions {
@@ -119,6 +121,64 @@ struct ServeArgs {
     /// embedded store in the data directory.
     #[arg(long, env = "KEYSERVER_STORE")]
     store: Option<String>,
+    /// UDP address of STUN and the relay, or `off`.
+    #[arg(long, env = "KEYSERVER_RELAY_LISTEN", value_parser = parse_relay_listen)]
+    relay_listen: Option<Listen>,
+    /// The relay address members are told.
+    #[arg(long, env = "KEYSERVER_RELAY_ADVERTISE")]
+    relay_advertise: Option<SocketAddr>,
+    /// Another STUN server for members (repeatable).
+    #[arg(
+        long = "stun-server",
+        env = "KEYSERVER_STUN_SERVERS",
+        value_delimiter = ','
+    )]
+    stun_servers: Vec<SocketAddr>,
+    /// Bytes a second one member may send through the relay.
+    #[arg(long, env = "KEYSERVER_RELAY_RATE")]
+    relay_rate: Option<u64>,
+    /// TCP address of control and relay over TLS (members whose UDP is
+    /// blocked), or `off`; default: the QUIC address, on TCP.
+    #[arg(long, env = "KEYSERVER_TCP_LISTEN", value_parser = parse_relay_listen)]
+    tcp_listen: Option<Listen>,
+}
+
+/// `keyserver relay`: STUN and the relay as their own process.
+#[derive(Args)]
+struct RelayArgs {
+    /// UDP address for STUN and the relay.
+    #[arg(long, env = "KEYSERVER_RELAY_LISTEN", default_value = "0.0.0.0:3478")]
+    listen: SocketAddr,
+    /// The keyserver's relay secret (a copy of its `<data-dir>/relay-secret`).
+    #[arg(long, env = "KEYSERVER_RELAY_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// Prometheus `/metrics` on this TCP address (off if not given).
+    #[arg(long, env = "KEYSERVER_RELAY_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// Bytes a second one member may send through the relay.
+    #[arg(long, default_value_t = 12_500_000)]
+    rate: u64,
+    /// Burst allowance of that limit, bytes.
+    #[arg(long, default_value_t = 2 << 20)]
+    burst: u64,
+    /// Log filter.
+    #[arg(long, env = "KEYSERVER_LOG", default_value = "info")]
+    log_level: String,
+}
+
+/// A listen address, or `off` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+/// `--relay-listen`, `--tcp-listen`: an address, or `off`.
+fn parse_relay_listen(text: &str) -> Result<Listen, String> {
+    match text {
+        "off" => Ok(Listen(None)),
+        _ => text
+            .parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|e| format!("{text:?}: {e} (or `off`)")),
+    }
 }
 
 fn parse_log_format(text: &str) -> Result<LogFormat, String> {
@@ -524,6 +584,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir.unwrap_or_else(|| Config::default().data_dir),
             &from,
         ),
+        Cmd::Relay(args) => rt.block_on(relay(args)),
         cmd => rt.block_on(admin(
             data_dir.unwrap_or_else(|| Config::default().data_dir),
             cmd,
@@ -591,10 +652,24 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     if args.store.is_some() {
         config.store = args.store;
     }
+    if let Some(Listen(listen)) = args.relay_listen {
+        config.relay_listen = listen;
+    }
+    config.relay_advertise = args.relay_advertise.or(config.relay_advertise);
+    if !args.stun_servers.is_empty() {
+        config.stun_servers = args.stun_servers;
+    }
+    config.relay_rate = args.relay_rate.unwrap_or(config.relay_rate);
+    match args.tcp_listen {
+        Some(Listen(None)) => config.tcp_enabled = false,
+        Some(Listen(Some(a))) => config.tcp_listen = Some(a),
+        None => {}
+    }
     init_logs(&config.log_level, config.log_format)?;
     tame_malloc();
-    let ks = Keyserver::open(&config).context("opening the data directory")?;
+    let mut ks = Keyserver::open(&config).context("opening the data directory")?;
     let quic = ks.bind_quic(config.quic_listen)?;
+    ks.bind_nat(&quic).await;
     let api = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .with_context(|| format!("binding the admin API on {}", config.api_listen))?;
@@ -702,6 +777,55 @@ fn tame_malloc() {
     }
 }
 
+/// `keyserver relay`: STUN and the relay until SIGINT or SIGTERM.
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    init_logs(&args.log_level, LogFormat::Text)?;
+    let bytes = std::fs::read(&args.secret_file)
+        .with_context(|| format!("reading {}", args.secret_file.display()))?;
+    let secret: [u8; 32] = bytes.try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: not a relay secret (32 bytes)",
+            args.secret_file.display()
+        )
+    })?;
+    let socket = keyserver::relay::bind(args.listen)?;
+    let limits = keyserver::relay::RelayLimits {
+        rate: args.rate.max(1),
+        burst: args.burst.max(1500),
+        ..Default::default()
+    };
+    let mut handle = keyserver::relay::serve_udp(socket, secret, limits)?;
+    println!("relay: STUN and relay on udp {}", handle.local);
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        let metrics = handle.metrics.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = metrics.render();
+                tokio::spawn(async move {
+                    let mut req = [0u8; 1024];
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut req))
+                            .await;
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    handle.stop();
+    Ok(())
+}
+
 fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClient> {
     let base = match api.api {
         Some(url) => url,
@@ -729,6 +853,7 @@ fn client(data_dir: &std::path::Path, api: ApiArgs) -> anyhow::Result<AdminClien
 async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
     let out = match cmd {
         Cmd::Serve(_)
+        | Cmd::Relay(_)
         | Cmd::Completions { .. }
         | Cmd::Man { .. }
         | Cmd::Backup { .. }

@@ -120,16 +120,7 @@ pub async fn run(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let gate = Arc::new(Gate {
-        state: Mutex::new((
-            Admission::new(
-                shared.limits.max_unauthenticated,
-                shared.limits.max_unauthenticated_per_source,
-            ),
-            HashMap::new(),
-        )),
-        slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
-    });
+    let gate = Gate::new(&shared);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -157,7 +148,7 @@ pub async fn run(
 }
 
 /// Connection admission shared by the accept loop and the connections.
-struct Gate {
+pub(crate) struct Gate {
     /// Pending connections, and how to end each (by admission id).
     state: Mutex<(Admission, HashMap<u64, oneshot::Sender<()>>)>,
     /// Established sessions.
@@ -165,8 +156,26 @@ struct Gate {
 }
 
 impl Gate {
+    /// A gate with the limits of `shared`.
+    pub(crate) fn new(shared: &Shared) -> Arc<Self> {
+        Arc::new(Gate {
+            state: Mutex::new((
+                Admission::new(
+                    shared.limits.max_unauthenticated,
+                    shared.limits.max_unauthenticated_per_source,
+                ),
+                HashMap::new(),
+            )),
+            slots: Arc::new(Semaphore::new(shared.limits.max_connections)),
+        })
+    }
+
     /// Admits a new connection, ending the ones it evicts.
-    fn admit(self: &Arc<Self>, remote: SocketAddr, timeout: std::time::Duration) -> Ticket {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        remote: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Ticket {
         let (tx, evicted) = oneshot::channel();
         let mut state = self.state.lock();
         let admitted = state.0.admit(remote.ip());
@@ -202,7 +211,7 @@ impl Gate {
 
 /// One connection's place: pending until its hello, then an established
 /// slot held until it ends.
-struct Ticket {
+pub(crate) struct Ticket {
     id: u64,
     gate: Arc<Gate>,
     /// Fires when a newer connection evicted this one.
@@ -301,10 +310,11 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
 }
 
 /// Reads client frames in the session loop itself, cancel-safe: what has
-/// arrived of a frame is kept here between calls (`RecvStream::read` is
-/// cancel-safe), so no task and channel per session are needed.
-struct FrameReader {
-    recv: quinn::RecvStream,
+/// arrived of a frame is kept here between calls (`AsyncReadExt::read` is
+/// cancel-safe), so no task and channel per session are needed. Works on
+/// the QUIC stream and on TLS over TCP alike.
+struct FrameReader<R> {
+    recv: R,
     max: usize,
     /// The length prefix as far as read.
     len: [u8; 4],
@@ -314,8 +324,8 @@ struct FrameReader {
     got: usize,
 }
 
-impl FrameReader {
-    fn new(recv: quinn::RecvStream, max: usize) -> Self {
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    fn new(recv: R, max: usize) -> Self {
         Self {
             recv,
             max,
@@ -328,17 +338,12 @@ impl FrameReader {
 
     /// The next client message. Cancel-safe.
     async fn next(&mut self) -> Result<ClientMsg, FrameError> {
-        let io = |e: quinn::ReadError| FrameError::Io(std::io::Error::other(e));
+        use tokio::io::AsyncReadExt as _;
         while self.got_len < 4 {
-            match self
-                .recv
-                .read(&mut self.len[self.got_len..])
-                .await
-                .map_err(io)?
-            {
-                None if self.got_len == 0 => return Err(FrameError::Closed),
-                None | Some(0) => return Err(FrameError::Truncated),
-                Some(n) => self.got_len += n,
+            match self.recv.read(&mut self.len[self.got_len..]).await? {
+                0 if self.got_len == 0 => return Err(FrameError::Closed),
+                0 => return Err(FrameError::Truncated),
+                n => self.got_len += n,
             }
             if self.got_len == 4 {
                 let len = u32::from_be_bytes(self.len) as usize;
@@ -350,14 +355,9 @@ impl FrameReader {
             }
         }
         while self.got < self.payload.len() {
-            match self
-                .recv
-                .read(&mut self.payload[self.got..])
-                .await
-                .map_err(io)?
-            {
-                None | Some(0) => return Err(FrameError::Truncated),
-                Some(n) => self.got += n,
+            match self.recv.read(&mut self.payload[self.got..]).await? {
+                0 => return Err(FrameError::Truncated),
+                n => self.got += n,
             }
         }
         self.got_len = 0;
@@ -374,7 +374,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Writes a session's replies.
-async fn write(send: &mut quinn::SendStream, replies: Vec<Reply>, max: usize) -> Result<(), Fatal> {
+async fn write<W>(send: &mut W, replies: Vec<Reply>, max: usize) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
     for r in replies {
         match r {
             Reply::Msg(m) => proto::write_frame(send, &m, max).await?,
@@ -391,16 +395,33 @@ async fn write(send: &mut quinn::SendStream, replies: Vec<Reply>, max: usize) ->
 async fn drive(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     shared: &Arc<Shared>,
     ticket: &mut Ticket,
 ) -> Result<(), Fatal> {
+    drive_stream(&|| conn.remote_address(), send, recv, shared, ticket).await
+}
+
+/// Drives one member's [`StreamSession`] over any ordered byte stream (the
+/// QUIC stream, or TLS over TCP for members whose UDP is blocked);
+/// `observed` says where the client is seen now.
+pub(crate) async fn drive_stream<W, R>(
+    observe: &(dyn Fn() -> SocketAddr + Sync),
+    send: &mut W,
+    mut recv: R,
+    shared: &Arc<Shared>,
+    ticket: &mut Ticket,
+) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
     let max = shared.limits.max_frame;
     let hello: Hello = ticket.pending(proto::read_frame(&mut recv, max)).await??;
     ticket.promote()?;
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
-    let (sh, observed) = (shared.clone(), conn.remote_address());
+    let (sh, observed) = (shared.clone(), observe());
     let (mut session, first, mut pushes) =
         blocking(move || StreamSession::open(&sh, hello, observed, credential, SystemTime::now()))
             .await??;
@@ -421,7 +442,7 @@ async fn drive(
                 Err(FrameError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok(msg) => {
-                    let observed = conn.remote_address();
+                    let observed = observe();
                     let (s, result) = if session.may_write(&msg, observed) {
                         let sh = shared.clone();
                         blocking(move || {

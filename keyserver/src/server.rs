@@ -164,6 +164,11 @@ pub struct Shared {
     max_ops: usize,
     /// Counters and histograms for `/metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// STUN servers, relay and ticket secret members are told about
+    /// ([`crate::relay`]); set when serving starts.
+    pub relay: OnceLock<crate::relay::RelaySettings>,
+    /// The embedded relay's counters, when it runs.
+    pub relay_metrics: OnceLock<Arc<crate::relay::RelayMetrics>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -200,6 +205,8 @@ impl Shared {
             cluster,
             max_ops,
             metrics: crate::metrics::Metrics::default(),
+            relay: OnceLock::new(),
+            relay_metrics: OnceLock::new(),
         };
         shared.metrics.started.store(
             crate::registry::unix(now),

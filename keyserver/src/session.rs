@@ -420,6 +420,24 @@ impl StreamSession {
                     Err(OpError::Store(e)) => Err(store_fatal(e)),
                 }
             }
+            ClientMsg::GetRelay => {
+                let member = shared.read(|r| r.member(net, &key).cloned());
+                match (member, shared.relay.get()) {
+                    (Some(m), Some(settings)) => {
+                        reply(ServerMsg::Relay(crate::relay::info_for(settings, net, &m)))
+                    }
+                    (None, _) => Err(Self::revoked()),
+                    // Not serving (yet): no STUN, no relay.
+                    (Some(_), None) => reply(ServerMsg::Relay(meshlib::proto::RelayInfo {
+                        stun: vec![],
+                        relay: None,
+                        ticket: vec![],
+                        lifetime_secs: crate::relay::TICKET_LIFETIME.as_secs() as u32,
+                        tcp: None,
+                        cert_sha256: shared.cert_sha256,
+                    })),
+                }
+            }
             ClientMsg::RotateKey(r) => {
                 let new = r.new_public_key;
                 let rotated = shared.mutate(
@@ -449,6 +467,6 @@ impl StreamSession {
     /// Whether handling `msg` may write to the store (so a driver on an
     /// async runtime moves it to a blocking thread).
     pub fn may_write(&self, msg: &ClientMsg, observed: SocketAddr) -> bool {
-        observed != self.observed || !matches!(msg, ClientMsg::GetMap(_))
+        observed != self.observed || !matches!(msg, ClientMsg::GetMap(_) | ClientMsg::GetRelay)
     }
 }

@@ -25,6 +25,8 @@
 //!   tokens, length framing and version.
 //! - [`services`] — service groups (seed 002): published ports, handler
 //!   rules, connection limits, wake hooks, persistent or instance-owned.
+//! - [`nat`] — NAT traversal: STUN messages, authenticated path probes,
+//!   the relay's tickets and frames, and per-peer path selection.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
 //!   machine (join/resume, map following, heartbeats, reconnect backoff,
 //!   rotation, offline and leave), with time as an argument.
@@ -58,6 +60,7 @@ pub mod ist;
 pub mod keys;
 pub mod member;
 pub mod names;
+pub mod nat;
 pub mod netmap;
 pub mod node;
 pub mod proto;

@@ -56,6 +56,11 @@ pub const VERSION: u16 = 2;
 /// The QUIC ALPN identifier of the control protocol.
 pub const ALPN: &[u8] = b"istm-control/2";
 
+/// The ALPN identifier of the relay over TLS/TCP (the keyserver's TCP port
+/// carries both: the control protocol for members whose UDP is blocked,
+/// and the relay for their packets).
+pub const ALPN_RELAY: &[u8] = b"istm-relay/1";
+
 /// The TLS server name clients use; the certificate is pinned by fingerprint,
 /// so the name only has to match what the keyserver's certificate carries.
 pub const SERVER_NAME: &str = "keyserver.ist-mesh.internal";
@@ -256,6 +261,40 @@ pub enum ClientMsg {
     /// The server answers [`ServerMsg::KeyRotated`], or a non-fatal
     /// [`ServerMsg::Error`] and nothing changes.
     RotateKey(RotateKey),
+    /// Send me my relay ticket and the STUN servers to use
+    /// ([`ServerMsg::Relay`]); asked after every welcome and again before
+    /// the ticket expires.
+    GetRelay,
+}
+
+/// Where a member learns its server-reflexive addresses and which relay it
+/// may use, with the ticket that admits it there
+/// ([`crate::nat::relay::Ticket`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// STUN servers (UDP) to ask from the WireGuard socket.
+    pub stun: Vec<SocketAddr>,
+    /// The relay's UDP address (`None`: no relay in this deployment).
+    pub relay: Option<SocketAddr>,
+    /// The signed ticket (encoded), to present to the relay.
+    pub ticket: Vec<u8>,
+    /// Seconds the ticket stays valid; ask again before.
+    pub lifetime_secs: u32,
+    /// The relay over TLS on TCP (ALPN [`ALPN_RELAY`]), for members whose
+    /// UDP is blocked.
+    pub tcp: Option<SocketAddr>,
+    /// SHA-256 of the certificate the TCP relay presents (pinned).
+    pub cert_sha256: [u8; 32],
+}
+
+impl fmt::Debug for RelayInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayInfo")
+            .field("stun", &self.stun)
+            .field("relay", &self.relay)
+            .field("lifetime_secs", &self.lifetime_secs)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A key rotation request: the membership credential proves it again (a
@@ -312,6 +351,8 @@ pub enum ServerMsg {
         /// The new public key.
         public_key: PublicKey,
     },
+    /// Answer to [`ClientMsg::GetRelay`].
+    Relay(RelayInfo),
 }
 
 /// An error reported to the client.

@@ -22,6 +22,10 @@ pub struct DesiredPeer {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive, seconds (0: off).
     pub persistent_keepalive: u16,
+    /// Every endpoint the member advertised (local, server-reflexive, its
+    /// relay's address): the engine's path selection probes them
+    /// ([`crate::nat::path`]); empty leaves the endpoint to roaming.
+    pub candidates: Vec<SocketAddr>,
 }
 
 /// The desired peers, by key.
@@ -55,6 +59,7 @@ pub fn desired_peer(m: &Member, keepalive: u16, prefer_v4: bool) -> DesiredPeer 
         endpoint: pick_endpoint(m, prefer_v4),
         allowed_ips: vec![IpNet::V4(Ipv4Net::from(m.ip))],
         persistent_keepalive: keepalive,
+        candidates: m.endpoints.clone(),
     }
 }
 

@@ -69,6 +69,69 @@ pub struct PeerStatus {
     /// WireGuard peer until it comes back).
     #[serde(default)]
     pub state: String,
+    /// Path selection: the path in use, its round trip, the candidates
+    /// (`None`: the peer has no candidates, its endpoint roams).
+    #[serde(default)]
+    pub path: Option<PathStatus>,
+}
+
+/// How packets reach one peer ([`meshlib::nat::path::PathState`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathStatus {
+    /// `direct`, `relay`, `unconfirmed` (no answer yet, no relay: the first
+    /// candidate) or `none`.
+    pub kind: String,
+    /// Round trip of the path in use, microseconds, if measured.
+    pub rtt_us: Option<u64>,
+    /// Every candidate: `addr`, with `learned` (from a probe's source),
+    /// `working` (answered recently) and its last round trip.
+    pub candidates: Vec<CandidateStatus>,
+    /// The relay can carry this peer's packets.
+    pub relay_available: bool,
+    /// Times the path changed.
+    pub switches: u64,
+}
+
+/// One candidate of a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateStatus {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Learned from a probe's source rather than advertised.
+    pub learned: bool,
+    /// Answered within the trust window.
+    pub working: bool,
+    /// Last round trip, microseconds.
+    pub rtt_us: Option<u64>,
+}
+
+impl From<&meshlib::nat::path::PathState> for PathStatus {
+    fn from(s: &meshlib::nat::path::PathState) -> Self {
+        use meshlib::nat::path::Path;
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        Self {
+            kind: match s.path {
+                Path::Direct(_) => "direct",
+                Path::Relay => "relay",
+                Path::Blind(_) => "unconfirmed",
+                Path::None => "none",
+            }
+            .into(),
+            rtt_us: s.rtt.map(us),
+            candidates: s
+                .candidates
+                .iter()
+                .map(|c| CandidateStatus {
+                    addr: c.addr,
+                    learned: c.learned,
+                    working: c.working,
+                    rtt_us: c.rtt.map(us),
+                })
+                .collect(),
+            relay_available: s.relay_available,
+            switches: s.switches,
+        }
+    }
 }
 
 /// Everything `sidecar status` shows.
@@ -285,6 +348,18 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
         }
         let endpoint = p.endpoint.map_or("(none)".to_string(), |e| e.to_string());
         let _ = writeln!(out, "  endpoint: {endpoint}");
+        if let Some(path) = &p.path {
+            let rtt = path.rtt_us.map_or(String::new(), |us| {
+                format!(", rtt {:.1} ms", us as f64 / 1000.0)
+            });
+            let cands: Vec<String> = path.candidates.iter().map(|c| c.addr.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "  path: {}{rtt}; candidates: {}",
+                path.kind,
+                cands.join(" ")
+            );
+        }
         let hs = match p.last_handshake {
             Some(t) => format!("{} seconds ago", now_unix.saturating_sub(t)),
             None => "never".into(),
@@ -473,6 +548,7 @@ mod tests {
                 tx_bytes: 20,
                 drops_spoofed: 1,
                 state: "online".into(),
+                path: None,
             }],
             dns_responses: [("NOERROR".to_string(), 7), ("NXDOMAIN".to_string(), 2)].into(),
         }

@@ -39,6 +39,7 @@ async fn status_prints_hostile_names_escaped() {
             tx_bytes: 0,
             drops_spoofed: 0,
             state: "online".into(),
+            path: None,
         }],
         ..Status::default()
     };

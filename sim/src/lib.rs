@@ -1088,6 +1088,7 @@ impl Sim {
                 "rotation due".to_owned()
             }
             Event::Rejected(e) => format!("rejected {:?}", e.code),
+            Event::Relay(info) => format!("relay {:?}", info.relay),
         };
         self.log(&who, what);
     }

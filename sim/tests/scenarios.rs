@@ -103,6 +103,8 @@ fn join_map_deltas_resume_and_revocation() {
         })
         .unwrap();
     assert!(took < secs(1), "revocation took {took:?}");
+    // c's own end travels with its own latency: wait for it too.
+    s.run_until(secs(1), |s| s.member(c).ended.is_some());
     assert!(matches!(s.member(c).ended, Some(End::Revoked(_))));
     assert!(s.member(a).resolve("db.warp").is_empty());
 }
@@ -326,6 +328,10 @@ fn a_partition_that_heals() {
         .unwrap();
     // Reconnect backoff is at most 15 s.
     assert!(took <= secs(16), "healing took {took:?}");
+    // `late` hears of it with its own latency.
+    s.run_until(secs(1), |s| {
+        state_at(s, late, ids[3]) == Some(MemberState::Online)
+    });
     assert_eq!(state_at(&s, late, ids[3]), Some(MemberState::Online));
 }
 

@@ -52,7 +52,12 @@ pub(super) async fn readyz(State(api): State<Api>) -> Response {
 /// [`crate::metrics`]).
 pub(super) async fn metrics(State(api): State<Api>) -> Response {
     let shared = api.shared.clone();
-    match tokio::task::spawn_blocking(move || shared.render_metrics()).await {
+    let rendered = tokio::task::spawn_blocking(move || {
+        // The embedded relay's counters follow the keyserver's own.
+        let relay = shared.relay_metrics.get().map(|m| m.render());
+        shared.render_metrics() + relay.as_deref().unwrap_or("")
+    });
+    match rendered.await {
         Ok(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -741,6 +741,12 @@ impl Registry {
         (Some(change), vec![stored, net_op])
     }
 
+    /// A member's map entry (for its relay ticket).
+    pub fn member(&self, network: NetworkId, key: &PublicKey) -> Option<&Member> {
+        let net = self.networks.get(&network)?;
+        net.members.get(key).map(|r| &r.member)
+    }
+
     /// Whether the member still exists.
     pub fn is_member(&self, network: NetworkId, key: &PublicKey) -> bool {
         self.networks

@@ -172,6 +172,7 @@ pub async fn next_relevant(s: &mut Session) -> Result<control::Event, control::C
         match s.next_event().await? {
             control::Event::Connection(_)
             | control::Event::CaughtUp { .. }
+            | control::Event::Relay(_)
             | control::Event::Welcomed(_) => continue,
             other => return Ok(other),
         }

@@ -137,15 +137,7 @@ pub fn quic_config(
     fingerprint: [u8; 32],
     cfg: &ClientConfig,
 ) -> Result<quinn::ClientConfig, ControlError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = tls::PinnedCert::new(fingerprint, provider.clone());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ControlError::Setup(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let tls = tls_client_config(fingerprint, proto::ALPN)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ControlError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -163,9 +155,26 @@ pub fn quic_config(
 /// a reader task.
 #[derive(Debug)]
 struct Link {
-    conn: quinn::Connection,
+    conn: Conn,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     rx: mpsc::Receiver<Result<ServerMsg, FrameError>>,
+}
+
+/// The connection under a [`Link`]: QUIC, or TLS over TCP when UDP is
+/// blocked (its tasks are aborted to close it).
+#[derive(Debug)]
+enum Conn {
+    Quic(quinn::Connection),
+    Tcp(Vec<tokio::task::AbortHandle>),
+}
+
+impl Conn {
+    fn close_now(&self) {
+        match self {
+            Conn::Quic(c) => c.close(0u32.into(), b"bye"),
+            Conn::Tcp(tasks) => tasks.iter().for_each(|t| t.abort()),
+        }
+    }
 }
 
 impl Link {
@@ -186,10 +195,35 @@ impl Link {
             }
             let _ = send.finish();
         });
+        let (rx, _) = spawn_reader(recv, max);
         Self {
-            conn,
+            conn: Conn::Quic(conn),
             tx,
-            rx: spawn_reader(recv, max),
+            rx,
+        }
+    }
+
+    /// A link over TLS on TCP.
+    fn start_tcp<S>(stream: S, max: usize) -> Self
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let (recv, mut send) = tokio::io::split(stream);
+        let (tx, mut out) = mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = out.recv().await {
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            let _ = send.shutdown().await;
+        });
+        let (rx, reader) = spawn_reader(recv, max);
+        Self {
+            conn: Conn::Tcp(vec![writer.abort_handle(), reader]),
+            tx,
+            rx,
         }
     }
 
@@ -199,14 +233,23 @@ impl Link {
         drop(self.tx);
         let conn = self.conn;
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
-            conn.close(0u32.into(), b"bye");
+            if let Conn::Quic(c) = &conn {
+                let _ = tokio::time::timeout(Duration::from_millis(500), c.closed()).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            conn.close_now();
         });
     }
 }
 
 /// A connection being opened.
 type Opening = Pin<Box<dyn Future<Output = Result<Link, ControlError>> + Send>>;
+
+/// How long QUIC has before TLS over TCP (same address and port number)
+/// is tried too: the first to connect wins. A member whose UDP is blocked
+/// still reaches the keyserver, a fraction of a second later.
+const TCP_AFTER: Duration = Duration::from_millis(300);
 
 /// Connects to the first reachable address and opens the control stream.
 async fn open(
@@ -218,7 +261,7 @@ async fn open(
     let config = quic_config(fingerprint, &cfg)?;
     let mut last = ControlError::NoAddress;
     for addr in addrs {
-        let attempt = async {
+        let quic = async {
             let connecting = endpoint
                 .connect_with(config.clone(), addr, proto::SERVER_NAME)
                 .map_err(|e| ControlError::Connect(format!("{addr}: {e}")))?;
@@ -231,7 +274,12 @@ async fn open(
                 .map_err(|e| ControlError::Connection(format!("{addr}: {e}")))?;
             Ok::<_, ControlError>(Link::start(conn, send, recv, cfg.max_frame))
         };
-        match tokio::time::timeout(cfg.connect_timeout, attempt).await {
+        let tcp = async {
+            tokio::time::sleep(TCP_AFTER).await;
+            let stream = tls_over_tcp(addr, fingerprint, proto::ALPN).await?;
+            Ok::<_, ControlError>(Link::start_tcp(stream, cfg.max_frame))
+        };
+        match tokio::time::timeout(cfg.connect_timeout, first_ok(quic, tcp)).await {
             Ok(Ok(link)) => return Ok(link),
             Ok(Err(e)) => last = e,
             Err(_) => last = ControlError::Connect(format!("{addr}: timed out")),
@@ -240,13 +288,80 @@ async fn open(
     Err(last)
 }
 
+/// The first of two attempts to succeed, or the last error.
+async fn first_ok<T>(
+    a: impl Future<Output = Result<T, ControlError>>,
+    b: impl Future<Output = Result<T, ControlError>>,
+) -> Result<T, ControlError> {
+    tokio::pin!(a, b);
+    let (mut a_done, mut b_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut a, if !a_done => match r {
+                Ok(v) => return Ok(v),
+                Err(e) if b_done => return Err(e),
+                Err(_) => a_done = true,
+            },
+            r = &mut b, if !b_done => match r {
+                Ok(v) => return Ok(v),
+                Err(e) if a_done => return Err(e),
+                Err(_) => b_done = true,
+            },
+        }
+    }
+}
+
+/// A TLS 1.3 connection over TCP to `addr` with the pinned certificate and
+/// `alpn` (the control protocol or the relay).
+pub async fn tls_over_tcp(
+    addr: SocketAddr,
+    fingerprint: [u8; 32],
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ControlError> {
+    let tls = Arc::new(tls_client_config(fingerprint, alpn)?);
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| ControlError::Connect(format!("{addr} (tcp): {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(proto::SERVER_NAME)
+        .map_err(|e| ControlError::Setup(e.to_string()))?;
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ControlError::Connect(format!("{addr} (tcp): {e}")))
+}
+
+/// The rustls client configuration pinning `fingerprint`, TLS 1.3, ALPN
+/// `alpn`.
+pub fn tls_client_config(
+    fingerprint: [u8; 32],
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, ControlError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = tls::PinnedCert::new(fingerprint, provider.clone());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ControlError::Setup(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
 /// Spawns the task that reads server frames into a channel.
-fn spawn_reader(
-    mut recv: quinn::RecvStream,
+fn spawn_reader<R>(
+    mut recv: R,
     max_frame: usize,
-) -> mpsc::Receiver<Result<ServerMsg, FrameError>> {
+) -> (
+    mpsc::Receiver<Result<ServerMsg, FrameError>>,
+    tokio::task::AbortHandle,
+)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let msg = proto::read_frame::<ServerMsg, _>(&mut recv, max_frame).await;
             let stop = msg.is_err();
@@ -255,7 +370,7 @@ fn spawn_reader(
             }
         }
     });
-    rx
+    (rx, task.abort_handle())
 }
 
 /// The current instant, from tokio's clock (so a paused test clock works).
@@ -734,7 +849,7 @@ impl Session {
         self.ended = true;
         self.opening = None;
         if let Some(link) = self.link.take() {
-            link.conn.close(0u32.into(), b"bye");
+            link.conn.close_now();
         }
     }
 }

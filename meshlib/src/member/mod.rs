@@ -267,6 +267,11 @@ pub enum Event {
     RotationFailed(ProtoError),
     /// The keyserver refused one request but keeps the session.
     Rejected(ProtoError),
+    /// The STUN servers, relay and relay ticket to use now (after every
+    /// welcome, and again before the ticket expires): give them to the
+    /// engine ([`crate::wg::Engine::set_stun_servers`],
+    /// [`crate::wg::Engine::set_relay`]).
+    Relay(crate::proto::RelayInfo),
     /// The session ended for good; nothing more will happen.
     Ended(End),
 }
@@ -359,6 +364,8 @@ pub struct MemberCore {
     awaiting_ack: Option<Instant>,
     rotation: Option<Rotation>,
     rotate_at: Option<Instant>,
+    /// When to ask for a fresh relay ticket (`None`: not yet answered).
+    relay_refresh: Option<Instant>,
     /// Jitter source (xorshift), seeded from the key: deterministic per member.
     rng: u64,
     transmits: VecDeque<Transmit>,
@@ -436,6 +443,7 @@ impl MemberCore {
             awaiting_ack: None,
             rotation: None,
             rotate_at,
+            relay_refresh: None,
             rng: seed | 1,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -466,6 +474,7 @@ impl MemberCore {
             Phase::Live => [
                 self.next_heartbeat,
                 self.awaiting_ack.map(|t| t + self.cfg.reply_timeout),
+                self.relay_refresh,
             ]
             .into_iter()
             .flatten()
@@ -836,6 +845,8 @@ impl MemberCore {
             }
             Goal::Offline => {}
             Goal::Run => {
+                self.relay_refresh = None;
+                self.send(ClientMsg::GetRelay);
                 self.announce();
                 if let Some(r) = self.rotation.as_mut() {
                     r.sent = false;
@@ -916,6 +927,12 @@ impl MemberCore {
                 self.check_caught_up();
             }
             ServerMsg::KeyRotated { public_key } => self.on_rotated(public_key),
+            ServerMsg::Relay(info) => {
+                // Ask again at half the ticket's life (at least a minute on).
+                let half = Duration::from_secs(u64::from(info.lifetime_secs / 2).max(60));
+                self.relay_refresh = Some(now + half);
+                self.events.push_back(Event::Relay(info));
+            }
             ServerMsg::Goodbye(g) => {
                 self.transmits.push_back(Transmit::Close);
                 self.end(match g {
@@ -976,6 +993,10 @@ impl MemberCore {
         {
             self.transmits.push_back(Transmit::Close);
             return self.lost(now, "the keyserver stopped answering heartbeats".into());
+        }
+        if self.relay_refresh.is_some_and(|t| now >= t) {
+            self.relay_refresh = None;
+            self.send(ClientMsg::GetRelay);
         }
         if self.next_heartbeat.is_some_and(|t| now >= t) {
             self.send(ClientMsg::Heartbeat);
@@ -1115,5 +1136,6 @@ fn kind(msg: &ServerMsg) -> &'static str {
         ServerMsg::Error(_) => "error",
         ServerMsg::Goodbye(_) => "goodbye",
         ServerMsg::KeyRotated { .. } => "key rotation answer",
+        ServerMsg::Relay(_) => "relay ticket",
     }
 }

@@ -140,8 +140,9 @@ fn join_sends_hello_persists_membership_and_catches_up() {
         !core.is_caught_up(),
         "welcome says generation 1, map is at 0"
     );
-    // Nothing to announce: the join carried endpoints and ports.
-    assert!(sent_msgs(&mut core).is_empty());
+    // Nothing to announce (the join carried endpoints and ports); only the
+    // relay ticket is asked for.
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::GetRelay]);
     core.handle_message(now, ServerMsg::Snapshot(snapshot(1, &[member(key, 1)])));
     let ev = events(&mut core);
     assert_eq!(ev, [Event::Snapshot, Event::CaughtUp { generation: 1 }]);
@@ -242,7 +243,45 @@ fn endpoints_and_ports_are_announced_when_they_change_and_after_resume() {
     transmits(&mut core);
     core.handle_message(at, ServerMsg::Welcome(welcome(None, 1)));
     // The resume carried the endpoints; the ports follow.
-    assert_eq!(sent_msgs(&mut core), [ClientMsg::UpdatePorts(vec![9090])]);
+    assert_eq!(
+        sent_msgs(&mut core),
+        [ClientMsg::GetRelay, ClientMsg::UpdatePorts(vec![9090])]
+    );
+}
+
+#[test]
+fn relay_tickets_are_passed_on_and_renewed_before_they_expire() {
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    let info = proto::RelayInfo {
+        stun: vec!["192.0.2.1:3478".parse().unwrap()],
+        relay: Some("192.0.2.1:3478".parse().unwrap()),
+        ticket: vec![1, 2, 3],
+        lifetime_secs: 240,
+        tcp: None,
+        cert_sha256: [0; 32],
+    };
+    core.handle_message(t0, ServerMsg::Relay(info.clone()));
+    assert!(events(&mut core).contains(&Event::Relay(info)));
+    sent_msgs(&mut core);
+    // Half the ticket's life later (heartbeats answered meanwhile), it
+    // asks again, and not before.
+    let mut t = t0;
+    let mut asked_at = None;
+    for _ in 0..1000 {
+        t = core.poll_timeout().unwrap().max(t);
+        core.handle_timeout(t);
+        let msgs = sent_msgs(&mut core);
+        if msgs.contains(&ClientMsg::Heartbeat) {
+            core.handle_message(t, ServerMsg::HeartbeatAck { generation: 1 });
+        }
+        if msgs.contains(&ClientMsg::GetRelay) {
+            asked_at = Some(t);
+            break;
+        }
+    }
+    let after = asked_at.expect("asked again").duration_since(t0);
+    assert_eq!(after, std::time::Duration::from_secs(120));
 }
 
 #[test]

@@ -17,8 +17,9 @@ use super::plane::{local_endpoints, Plane};
 use super::state::{Membership as StoredMembership, StateDir};
 use super::{Command, NodeEnd, NodeError, NodeEvent, Shared};
 
-/// How often the local endpoints are looked at (when not configured).
-const DETECT_ENDPOINTS: Duration = Duration::from_secs(10);
+/// How often the endpoints to announce are looked at: local addresses
+/// (when not configured) and what the engine learned (STUN, relay).
+const DETECT_ENDPOINTS: Duration = Duration::from_secs(1);
 
 /// A rotation under way: the new key, and who asked.
 pub(super) struct Pending {
@@ -37,6 +38,10 @@ pub(super) struct Driver {
     pub(super) rotation: Option<Pending>,
     /// Whether the local endpoints are detected (none configured).
     pub(super) detect: bool,
+    /// The configured endpoints (when not detected).
+    pub(super) endpoints: Vec<std::net::SocketAddr>,
+    /// The endpoints last announced.
+    pub(super) announced: Vec<std::net::SocketAddr>,
     pub(super) on_map: Option<super::MapHook>,
 }
 
@@ -80,10 +85,20 @@ impl Driver {
                     }
                     Some(cmd) => self.on_command(cmd).await,
                 },
-                _ = detect.tick(), if self.detect => {
-                    let port = self.plane.listen_port();
-                    let eps = local_endpoints(port, self.stored.range);
-                    let _ = self.session.update_endpoints(eps).await;
+                _ = detect.tick() => {
+                    // Local addresses (unless configured) plus what the
+                    // engine learned (STUN, the relay): candidates reach
+                    // the map within a second of a change.
+                    let local = if self.detect {
+                        local_endpoints(self.plane.listen_port(), self.stored.range)
+                    } else {
+                        self.endpoints.clone()
+                    };
+                    let eps = crate::nat::candidates(&self.plane.engine, &local);
+                    if eps != self.announced {
+                        self.announced = eps.clone();
+                        let _ = self.session.update_endpoints(eps).await;
+                    }
                 }
             }
         }
@@ -206,6 +221,7 @@ impl Driver {
             Event::Ended(End::Left | End::LeaveUnconfirmed(_)) => return Some(NodeEnd::Left),
             Event::Ended(End::Revoked(why)) => return Some(NodeEnd::Revoked(why)),
             Event::Ended(other) => return Some(NodeEnd::Revoked(format!("{other:?}"))),
+            Event::Relay(info) => crate::nat::use_relay_info(&self.plane.engine, &info),
             Event::Joined(_) | Event::Welcomed(_) | Event::HeartbeatAck { .. } => {}
         }
         None

@@ -390,6 +390,8 @@ impl Node {
             key,
             rotation: next.map(|key| driver::Pending { key, reply: None }),
             detect: cfg.endpoints.is_empty(),
+            endpoints: cfg.endpoints.clone(),
+            announced: Vec::new(),
             on_map: cfg.on_map.clone(),
         };
         let driver = tokio::spawn(driver.run(rx));

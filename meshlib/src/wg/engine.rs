@@ -48,6 +48,17 @@ impl EngineError {
     }
 }
 
+/// A relay for [`Engine::set_relay`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// Its UDP address.
+    pub udp: SocketAddr,
+    /// Its TLS-over-TCP address and certificate fingerprint, if it has one.
+    pub tcp: Option<(SocketAddr, [u8; 32])>,
+    /// This member's ticket.
+    pub ticket: Vec<u8>,
+}
+
 /// Engine-wide configuration at start.
 #[derive(Clone, Default)]
 pub struct EngineConfig {
@@ -124,6 +135,8 @@ pub(crate) struct Shared {
     pub link_up: AtomicBool,
     pub counters: Counters,
     pub epoch: Instant,
+    /// STUN, relay and path-selection state ([`super::paths`]).
+    pub nat: super::paths::Nat,
 }
 
 impl Shared {
@@ -175,6 +188,7 @@ impl Engine {
             link_up: AtomicBool::new(device.is_up()),
             counters: Counters::default(),
             epoch: Instant::now(),
+            nat: super::paths::Nat::default(),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -221,6 +235,9 @@ impl Engine {
                 peer.tunn
                     .lock()
                     .set_static_private(k.secret.clone(), k.public, None);
+                if let Some(pp) = peer.path.lock().as_mut() {
+                    pp.key = crate::nat::disco::PairKey::from_dalek(&k.secret, &peer.key);
+                }
             }
         }
         *slot = new;
@@ -309,8 +326,16 @@ impl Engine {
                 }
                 PeerDiff::Upsert(peer) => {
                     let key = peer.public_key;
-                    if let Err(e) = self.set_peer(peer.into()) {
+                    let candidates = peer.candidates.clone();
+                    let mut config: PeerConfig = peer.into();
+                    if !candidates.is_empty() && self.is_managed(&key) {
+                        // Path selection owns the endpoint.
+                        config.endpoint = None;
+                    }
+                    if let Err(e) = self.set_peer(config) {
                         failed.push((key, e));
+                    } else if !candidates.is_empty() {
+                        self.set_peer_candidates(&key, &candidates);
                     }
                 }
             }
@@ -490,6 +515,96 @@ impl Engine {
         let (_, peer) = table.by_key(key)?;
         let ep = *peer.endpoint.lock();
         ep
+    }
+
+    /// Whether path selection decides `key`'s endpoint.
+    fn is_managed(&self, key: &PublicKey) -> bool {
+        let table = self.shared.table.read();
+        table.by_key(key).is_some_and(|(_, p)| p.is_managed())
+    }
+
+    /// Gives a peer its candidates (the endpoints it advertised, the relay's
+    /// address among them if it is registered there): from now on its path
+    /// manager probes them and chooses its endpoint ([`crate::nat::path`]).
+    /// Returns whether the peer exists and a private key is set.
+    pub fn set_peer_candidates(&self, key: &PublicKey, candidates: &[SocketAddr]) -> bool {
+        let table = self.shared.table.read();
+        let Some((index, peer)) = table.by_key(key) else {
+            return false;
+        };
+        let Some(secret) = self.shared.key.read().as_ref().map(|k| k.secret.clone()) else {
+            return false;
+        };
+        let ip = super::paths::relay_ip_of(&table.allowed_of(index));
+        let mut slot = peer.path.lock();
+        let pp = slot
+            .get_or_insert_with(|| super::paths::new_peer_path(&secret, key, &self.shared.nat.cfg));
+        pp.ip = ip;
+        pp.advertised = candidates.iter().take(32).copied().collect();
+        peer.relay_ip.store(ip.map_or(0, u32::from), Relaxed);
+        peer.managed.store(true, Relaxed);
+        true
+    }
+
+    /// The path state of a managed peer (path, round trip, candidates).
+    pub fn peer_path(&self, key: &PublicKey) -> Option<crate::nat::path::PathState> {
+        let table = self.shared.table.read();
+        let (_, peer) = table.by_key(key)?;
+        let slot = peer.path.lock();
+        slot.as_ref().map(|pp| pp.manager.state(Instant::now()))
+    }
+
+    /// STUN servers to learn the socket's server-reflexive addresses from
+    /// (binding requests sent from the WireGuard socket every 20 s).
+    pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {
+        self.shared.nat.set_stun_servers(servers);
+    }
+
+    /// The relay to register with (its UDP address, its TCP address and
+    /// pinned certificate fingerprint for when UDP is blocked, and this
+    /// member's ticket), or none. A new ticket for the same relay keeps the
+    /// registration.
+    pub fn set_relay(&self, relay: Option<RelayTarget>) {
+        let mut slot = self.shared.nat.relay.write();
+        match (slot.as_mut(), relay) {
+            (Some(r), Some(t)) if r.addr == t.udp => r.ticket = t.ticket,
+            (_, Some(t)) => {
+                *self.shared.nat.tcp.lock() = None;
+                *slot = Some(super::paths::RelayClient {
+                    addr: t.udp,
+                    tcp: t.tcp,
+                    over_tcp: false,
+                    since: Instant::now(),
+                    ticket: t.ticket,
+                    token: None,
+                    confirmed: None,
+                    sent: None,
+                    keepalive: std::time::Duration::from_secs(15),
+                    observed: None,
+                })
+            }
+            (_, None) => {
+                *self.shared.nat.tcp.lock() = None;
+                *slot = None
+            }
+        }
+    }
+
+    /// The relay's address once registered with it (a candidate to
+    /// advertise: peers reach this member there).
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.shared.nat.route().map(|(a, _)| a)
+    }
+
+    /// This socket's server-reflexive addresses: fresh STUN answers and the
+    /// address the relay saw.
+    pub fn reflexive_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.nat.reflexive(Instant::now())
+    }
+
+    /// Our own candidates, as advertised (sent in call-me-maybe probes).
+    pub fn set_own_candidates(&self, candidates: Vec<SocketAddr>) {
+        *self.shared.nat.own.lock() = candidates;
     }
 
     /// Stops the loops and waits for them.

@@ -17,7 +17,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::device::{BATCH, MAX_SUPER_PACKET};
 use super::engine::Shared;
+use super::paths::{self, Inbound};
 use super::peer::Peer;
+use crate::nat::relay;
 
 /// Socket buffer size asked for (as wireguard-go does).
 const SOCKET_BUFFER: usize = 7 << 20;
@@ -89,7 +91,7 @@ impl Udp {
     /// Sends `contents` to `to`, as GSO segments of `segment` bytes when it
     /// holds more than one datagram. An error means nothing was sent (the
     /// caller counts and logs it; UDP does not retry).
-    fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+    pub(crate) fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let destination = match to {
             SocketAddr::V4(v4) if self.dual => {
                 SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
@@ -250,7 +252,7 @@ impl GsoBatch {
     fn flush(&mut self, shared: &Shared, udp: &Udp) {
         if let (Some(dest), Some(peer)) = (self.dest.take(), self.peer.take()) {
             let data = &self.buf[self.start..self.start + self.len];
-            let result = udp.send(dest, data, self.segment);
+            let result = paths::transmit(shared, udp, dest, data, self.segment);
             sent(shared, &peer, dest, data.len(), result);
         }
         self.start += self.len;
@@ -329,16 +331,34 @@ fn encrypt_one(
         peer.drop_no_endpoint.fetch_add(1, Relaxed);
         return;
     };
-    let need = (packet.len() + OVERHEAD).max(148);
+    // Through the relay: the same datagram behind a `send` header.
+    let relayed = if peer.via_relay.load(Relaxed) {
+        shared
+            .nat
+            .route()
+            .filter(|(addr, _)| *addr == endpoint)
+            .and_then(|(_, token)| peer.relay_ip().map(|ip| (ip, token)))
+    } else {
+        None
+    };
+    let hdr = if relayed.is_some() {
+        relay::SEND_HEADER
+    } else {
+        0
+    };
+    let need = (packet.len() + OVERHEAD).max(148) + hdr;
     if need > MAX_DATAGRAM {
         return;
     }
     let space = out.space(shared, udp, need);
-    let n = match peer.tunn.lock().encapsulate(packet, space) {
+    let n = match peer.tunn.lock().encapsulate(packet, &mut space[hdr..]) {
         TunnResult::WriteToNetwork(d) => d.len(),
         _ => return,
     };
-    out.commit(shared, udp, &peer, endpoint, n);
+    if let Some((ip, token)) = relayed {
+        relay::send_header(space, ip, token);
+    }
+    out.commit(shared, udp, &peer, endpoint, n + hdr);
 }
 
 /// Clear-text packets decrypted from one receive batch, waiting to be
@@ -399,13 +419,60 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
             let stride = m.stride.max(1);
             for dgram in buf[..m.len].chunks(stride) {
                 let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
-                decrypt_one(&shared, &udp, &mut dev, &mut reply, from, dgram);
+                if paths::is_wireguard(dgram) {
+                    decrypt_one(&shared, &udp, &mut dev, &mut reply, from, dgram);
+                } else {
+                    match paths::on_datagram(&shared, &udp, from, dgram) {
+                        Some(Inbound::Relayed(relay, inner)) => {
+                            decrypt_one(&shared, &udp, &mut dev, &mut reply, relay, inner)
+                        }
+                        Some(Inbound::Done) => {}
+                        None => {
+                            shared.counters.malformed.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
                 if dev.count == dev.bufs.len() {
                     dev.flush(&shared);
                 }
             }
         }
         dev.flush(&shared);
+    }
+}
+
+/// Decrypts datagrams that arrived outside the UDP socket (the relay over
+/// TCP) and writes their packets to the device, batched as the network
+/// loop does.
+pub(crate) struct SideReceiver {
+    dev: DeviceBatch,
+    reply: Vec<u8>,
+}
+
+impl SideReceiver {
+    pub fn new(shared: &Shared) -> Self {
+        let off = shared.device.headroom();
+        Self {
+            dev: DeviceBatch {
+                bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
+                count: 0,
+                off,
+            },
+            reply: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+
+    /// One WireGuard datagram, as if from `from`.
+    pub fn receive(&mut self, shared: &Shared, udp: &Udp, from: SocketAddr, dgram: &[u8]) {
+        decrypt_one(shared, udp, &mut self.dev, &mut self.reply, from, dgram);
+        if self.dev.count == self.dev.bufs.len() {
+            self.dev.flush(shared);
+        }
+    }
+
+    /// Writes what is pending to the device.
+    pub fn flush(&mut self, shared: &Shared) {
+        self.dev.flush(shared);
     }
 }
 
@@ -488,7 +555,7 @@ fn decrypt_one(
         }
         TunnResult::WriteToNetwork(p) => {
             let n = p.len();
-            let result = udp.send(from, &buf[off..off + n], n);
+            let result = paths::send_to(shared, udp, &peer, from, &buf[off..off + n]);
             sent(shared, &peer, from, n, result);
             flush_queued(shared, &mut tunn, udp, from, reply, &peer);
             drop(tunn);
@@ -527,9 +594,13 @@ fn is_handshake(dgram: &[u8]) -> bool {
     matches!(dgram.first(), Some(1 | 2))
 }
 
-/// Records an authenticated datagram: counters and endpoint roaming.
+/// Records an authenticated datagram: counters and endpoint roaming (only
+/// for peers without path selection, whose manager decides instead).
 fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
     peer.rx_bytes.fetch_add(len as u64, Relaxed);
+    if peer.is_managed() {
+        return;
+    }
     let mut ep = peer.endpoint.lock();
     if *ep != Some(from) {
         *ep = Some(from);
@@ -549,7 +620,7 @@ fn flush_queued(
         match tunn.decapsulate(None, &[], buf) {
             TunnResult::WriteToNetwork(p) => {
                 let n = p.len();
-                let result = udp.send(to, &buf[..n], n);
+                let result = paths::send_to(shared, udp, peer, to, &buf[..n]);
                 sent(shared, peer, to, n, result);
             }
             _ => break,
@@ -560,7 +631,13 @@ fn flush_queued(
 /// Accounts one send of `bytes` to `peer` at `to`: on success its transfer
 /// counter (as `wg show`'s "sent": bytes that left, as wireguard-go counts
 /// them) and last-send time; on failure, the failure.
-fn sent(shared: &Shared, peer: &Peer, to: SocketAddr, bytes: usize, result: io::Result<()>) {
+pub(crate) fn sent(
+    shared: &Shared,
+    peer: &Peer,
+    to: SocketAddr,
+    bytes: usize,
+    result: io::Result<()>,
+) {
     match result {
         Ok(()) => {
             peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
@@ -623,6 +700,7 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
         }
         let udp = current.refresh(&shared);
         let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();
+        paths::tick(&shared, udp, &peers);
         let now = shared.now_ms();
         for peer in peers {
             tick_peer(&shared, &peer, udp, &mut buf, now);
@@ -666,7 +744,7 @@ fn tick_peer(shared: &Shared, peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u6
     if let (Some(to), true) = (endpoint, len > 0) {
         // The keepalive clock runs from the attempt, sent or not.
         peer.last_tx_ms.store(now_ms, Relaxed);
-        let result = udp.send(to, &buf[..len], len);
+        let result = paths::send_to(shared, udp, peer, to, &buf[..len]);
         sent(shared, peer, to, len, result);
     }
 }

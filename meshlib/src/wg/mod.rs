@@ -48,7 +48,9 @@
 pub mod device;
 mod engine;
 mod io;
+mod paths;
 mod peer;
+mod relay_tcp;
 pub mod table;
 pub mod uapi;
 pub mod uapi_server;
@@ -57,7 +59,7 @@ pub mod uapi_server;
 mod tests;
 
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget};
 pub use peer::{PeerConfig, PeerDrops, PeerStats};
 pub use table::{AllowedIps, PeerTable};
 pub use uapi_server::UapiServer;

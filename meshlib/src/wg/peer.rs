@@ -1,7 +1,8 @@
 //! One peer's live state: its `Tunn`, endpoint, keepalive and counters.
 
+use std::net::Ipv4Addr;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
 use boringtun::noise::Tunn;
@@ -88,6 +89,16 @@ pub(crate) struct Peer {
     pub drop_spoofed: AtomicU64,
     pub drop_rejected: AtomicU64,
     pub drop_no_endpoint: AtomicU64,
+    /// Path selection, once the peer has candidates (`None`: unmanaged,
+    /// the endpoint roams to the last authenticated source).
+    pub path: Mutex<Option<super::paths::PeerPath>>,
+    /// `path` is set (read on every authenticated packet, without the lock).
+    pub managed: AtomicBool,
+    /// The path in use is the relay (the endpoint is the relay's address).
+    pub via_relay: AtomicBool,
+    /// The peer's private IPv4 address as a number (0: none), how the
+    /// relay names it.
+    pub relay_ip: AtomicU32,
 }
 
 impl Peer {
@@ -105,7 +116,24 @@ impl Peer {
             drop_spoofed: AtomicU64::new(0),
             drop_rejected: AtomicU64::new(0),
             drop_no_endpoint: AtomicU64::new(0),
+            path: Mutex::new(None),
+            managed: AtomicBool::new(false),
+            via_relay: AtomicBool::new(false),
+            relay_ip: AtomicU32::new(0),
         }
+    }
+
+    /// The peer's private address at the relay, if known.
+    pub fn relay_ip(&self) -> Option<Ipv4Addr> {
+        match self.relay_ip.load(Relaxed) {
+            0 => None,
+            n => Some(Ipv4Addr::from(n)),
+        }
+    }
+
+    /// Whether path selection decides this peer's endpoint.
+    pub fn is_managed(&self) -> bool {
+        self.managed.load(Relaxed)
     }
 
     /// Snapshot of the counters.

@@ -478,6 +478,7 @@ fn apply_diff_follows_the_map_and_traffic_flows() {
         endpoint,
         allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
         persistent_keepalive: 0,
+        candidates: vec![],
     };
     let one: DesiredPeers = [(b.key, peer(Some(b.endpoint())))].into();
     assert!(a
@@ -567,4 +568,75 @@ fn failed_sends_are_not_counted_as_sent() {
     assert!(eventually(Duration::from_secs(2), || {
         a.engine.peer_stats(&b).unwrap().tx_bytes >= n as u64
     }));
+}
+
+#[test]
+fn probes_find_the_direct_path_and_a_stranger_gets_no_answer() {
+    use crate::nat::path::Path;
+    let (a, b) = pair();
+    assert!(a.engine.set_peer_candidates(&b.key, &[b.endpoint()]));
+    assert!(b.engine.set_peer_candidates(&a.key, &[a.endpoint()]));
+    let direct = eventually(WAIT, || {
+        a.engine
+            .peer_path(&b.key)
+            .is_some_and(|s| s.path == Path::Direct(b.endpoint()) && s.rtt.is_some())
+    });
+    assert!(direct, "{:?}", a.engine.peer_path(&b.key));
+    let p = packet(A_IP, B_IP, 120, 4);
+    a.send(p.clone());
+    assert_eq!(
+        b.recv(WAIT),
+        Some(p),
+        "probes and WireGuard share the socket"
+    );
+    // A stranger that has b as a peer probes b: b does not know its key,
+    // so nothing comes back, and its path never confirms.
+    let c = Node::new();
+    c.add(&b, "10.240.0.2");
+    assert!(c.engine.set_peer_candidates(&b.key, &[b.endpoint()]));
+    std::thread::sleep(Duration::from_secs(3));
+    let state = c.engine.peer_path(&b.key).unwrap();
+    assert_eq!(state.path, Path::Blind(b.endpoint()), "{state:?}");
+    assert_eq!(c.engine.peer_stats(&b.key).unwrap().rx_bytes, 0);
+    assert!(b.engine.stats().unknown_key > 0, "counted, not answered");
+}
+
+#[test]
+fn stun_answers_on_the_wireguard_socket_become_reflexive_addresses() {
+    let a = Node::new();
+    // A STUN server on loopback (the codec's answer, as any server's).
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let srv = server.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = server.recv_from(&mut buf) {
+                if let Some(tx) = crate::nat::stun::parse_request(&buf[..n]) {
+                    let resp = crate::nat::stun::binding_response(&tx, from);
+                    let _ = server.send_to(&resp, from);
+                }
+            }
+        }
+    });
+    a.engine.set_stun_servers(vec![srv]);
+    let found = eventually(WAIT, || a.engine.reflexive_addrs() == vec![a.endpoint()]);
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    assert!(found, "{:?}", a.engine.reflexive_addrs());
+    assert_eq!(
+        a.engine.stats().malformed,
+        0,
+        "the answer was not taken for WireGuard"
+    );
+    // The candidates a member advertises: local first, then reflexive.
+    let local: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+    assert_eq!(
+        crate::nat::candidates(&a.engine, &[local]),
+        vec![local, a.endpoint()]
+    );
 }

@@ -319,6 +319,9 @@ impl Agent {
                         tx_bytes: p.tx_bytes,
                         drops_spoofed: p.drops.spoofed_source,
                         state: m.map_or("online", |m| m.state.as_str()).to_owned(),
+                        path: engine
+                            .peer_path(&p.public_key)
+                            .map(|s| crate::status::PathStatus::from(&s)),
                     }
                 })
                 .collect();
@@ -338,6 +341,7 @@ impl Agent {
                         tx_bytes: 0,
                         drops_spoofed: 0,
                         state: m.state.as_str().to_owned(),
+                        path: None,
                     }),
             );
             let control = match (&*ended.borrow(), &*connection.borrow()) {

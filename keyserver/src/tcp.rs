@@ -1,0 +1,116 @@
+//! The keyserver's TCP port (TLS 1.3, the QUIC certificate): for members
+//! whose UDP is blocked. By ALPN it carries the control protocol (the same
+//! frames and [`crate::session::StreamSession`] as QUIC, with the same
+//! admission) or the relay ([`crate::relay::tcp_session`]), as DERP does
+//! over HTTPS.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meshlib::proto;
+
+use crate::quic::Gate;
+use crate::relay::RelayShared;
+use crate::server::Shared;
+
+/// Why the TLS setup failed.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup for the TCP port: {0}")]
+pub struct TcpSetupError(String);
+
+/// The TLS acceptor with the keyserver's certificate, offering both ALPNs.
+pub fn acceptor(
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Result<tokio_rustls::TlsAcceptor, TcpSetupError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TcpSetupError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        )
+        .map_err(|e| TcpSetupError(e.to_string()))?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec(), proto::ALPN_RELAY.to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// Accepts TCP connections until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    relay: Option<Arc<RelayShared>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let gate = Gate::new(&shared);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("TCP accept: {e}");
+                    continue;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        let (acceptor, shared, relay, gate) = (
+            acceptor.clone(),
+            shared.clone(),
+            relay.clone(),
+            gate.clone(),
+        );
+        tasks.spawn(connection(stream, remote, acceptor, shared, relay, gate));
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    relay: Option<Arc<RelayShared>>,
+    gate: Arc<Gate>,
+) {
+    let timeout = shared.limits.hello_timeout;
+    let mut ticket = gate.admit(remote, timeout);
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        _ => return,
+    };
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    match alpn.as_deref() {
+        Some(a) if a == proto::ALPN => {
+            use tokio::io::AsyncWriteExt as _;
+            let (recv, mut send) = tokio::io::split(tls);
+            let observe = move || remote;
+            let result =
+                crate::quic::drive_stream(&observe, &mut send, recv, &shared, &mut ticket).await;
+            if let Err(fatal) = result {
+                tracing::debug!(%remote, code = ?fatal.0, message = %fatal.1, "session (tcp) ended");
+                let _ =
+                    proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
+            }
+            let _ = send.shutdown().await;
+        }
+        Some(a) if a == proto::ALPN_RELAY => {
+            drop(ticket);
+            if let Some(relay) = relay {
+                crate::relay::tcp_session(tls, relay).await;
+            }
+        }
+        _ => {}
+    }
+}
