@@ -371,6 +371,55 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// After a refused transaction: reads what it compared, as of the
+    /// refusal's revision, into the feed, so [`Store::remote`] gives the
+    /// other replica's writes even if the watch lags (etcd 3.4 can send a
+    /// progress notification ahead of the events it covers, so
+    /// [`Store::catch_up`] alone is not proof). The watch's own copies of
+    /// these events are skipped later as known.
+    fn learn(&mut self, batch: &Batch, creates: bool, revision: i64) {
+        let mut reads: Vec<(String, Vec<u8>, Vec<u8>)> = batch
+            .puts
+            .keys()
+            .map(|k| (k.clone(), self.full(k), vec![]))
+            .collect();
+        if creates {
+            let all = self.full("networks/");
+            let end = keys::prefix_end(&all);
+            reads.push((String::new(), all, end));
+        }
+        let mut found = Vec::new();
+        for (rel, key, range_end) in reads {
+            let single = range_end.is_empty();
+            let req = pb::RangeRequest {
+                key: key.clone(),
+                range_end,
+                revision,
+                ..Default::default()
+            };
+            let Ok(resp) = self.conn.range(req) else {
+                return; // the watch will tell, or the next try fails again
+            };
+            if single && resp.kvs.is_empty() && self.rev_of(&rel) > 0 {
+                found.push(conn::Event {
+                    key,
+                    value: None,
+                    rev: revision,
+                });
+            }
+            found.extend(resp.kvs.into_iter().map(|kv| conn::Event {
+                key: kv.key,
+                value: Some(kv.value),
+                rev: kv.mod_revision,
+            }));
+        }
+        let mut st = self.feed.state.lock();
+        st.events.extend(found);
+        st.events.make_contiguous().sort_by_key(|e| e.rev);
+    }
+}
+
 /// A commit's writes.
 struct Batch {
     /// Key → value (`None`: delete), one per key.
@@ -518,6 +567,7 @@ impl Store for EtcdStore {
         let resp = self.conn.txn(req).map_err(|e| self.unavailable(e))?;
         let revision = resp.header.as_ref().map_or(0, |h| h.revision);
         if !resp.succeeded {
+            self.learn(&batch, creates, revision);
             return Err(StoreError::Conflict { revision });
         }
         for (key, value) in batch.puts {
