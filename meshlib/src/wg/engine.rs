@@ -13,10 +13,12 @@ use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
 
 use super::device::Device;
-use super::io::{self, Udp};
+use super::io;
 use super::peer::{Peer, PeerConfig, PeerStats};
+use super::shared::{Counters, Shared, StaticKey, HANDSHAKE_RATE_LIMIT};
 use super::table::PeerTable;
 use super::uapi::{self, InterfaceInfo, PeerChange, PeerInfo, SetRequest};
+use super::udp::Udp;
 use crate::keys::{PrivateKey, PublicKey};
 
 /// Why an engine operation failed.
@@ -86,65 +88,8 @@ pub struct EngineStats {
     pub send_failed: u64,
 }
 
-/// Counters shared by the loops.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub unknown_key: AtomicU64,
-    pub unknown_index: AtomicU64,
-    pub malformed: AtomicU64,
-    pub no_route: AtomicU64,
-    pub send_failed: AtomicU64,
-    /// When a send failure was last logged (ms since the epoch; 0: never).
-    pub send_logged_ms: AtomicU64,
-    /// Send failures since the last logged one.
-    pub send_unlogged: AtomicU64,
-}
-
-/// The interface's static key pair, as boringtun takes it.
-#[derive(Clone)]
-pub(crate) struct StaticKey {
-    pub secret: x25519_dalek::StaticSecret,
-    pub public: x25519_dalek::PublicKey,
-    /// Checks `mac1` of handshake initiations before any Diffie-Hellman work
-    /// and answers with cookies when more than [`HANDSHAKE_RATE_LIMIT`] a
-    /// second arrive (the loops reset it every second).
-    pub limiter: Arc<RateLimiter>,
-}
-
-/// Handshake initiations a second, over all peers, before cookies are asked
-/// for (boringtun's device uses the same figure).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
-
 /// A packet loop's body.
 type LoopFn = Box<dyn FnOnce(Arc<Shared>) + Send>;
-
-/// State shared between the API and the packet loops.
-pub(crate) struct Shared {
-    pub table: RwLock<PeerTable<Peer>>,
-    pub key: RwLock<Option<StaticKey>>,
-    pub udp: RwLock<Arc<Udp>>,
-    /// Bumped whenever `udp` is replaced, so loops notice cheaply.
-    pub udp_generation: AtomicU64,
-    pub fwmark: AtomicU32,
-    pub device: Arc<dyn Device>,
-    pub stop: AtomicBool,
-    /// Set when a loop ended on its own (e.g. the interface was deleted).
-    pub failed: AtomicBool,
-    /// The device's link is up ([`Device::is_up`], read by the timer loop):
-    /// nothing is sent while it is down.
-    pub link_up: AtomicBool,
-    pub counters: Counters,
-    pub epoch: Instant,
-    /// STUN, relay and path-selection state ([`super::paths`]).
-    pub nat: super::paths::Nat,
-}
-
-impl Shared {
-    /// Milliseconds since the engine started (never 0).
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-}
 
 /// A multi-peer WireGuard engine: one `boringtun::noise::Tunn` per peer, a
 /// UDP socket, a [`Device`] for the clear-text side, and three threads (device

@@ -16,6 +16,10 @@
 //!   device (decrypt, allowed-IP check, roaming), timers. Encryption and
 //!   decryption run on different threads, so both cores work while each
 //!   peer's packets stay in order.
+//! - `udp` — the engine's UDP socket (quinn-udp: GSO/GRO, `recvmmsg`),
+//!   depending on no other part of the engine; `shared` — the state the
+//!   engine's API and its packet loops (`io`) share (peer table, key,
+//!   counters).
 //! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
 //!   `wg set` work on the interface.
 //!
@@ -51,9 +55,11 @@ mod io;
 mod paths;
 mod peer;
 mod relay_tcp;
+mod shared;
 pub mod table;
 pub mod uapi;
 pub mod uapi_server;
+mod udp;
 
 #[cfg(test)]
 mod tests;

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rand_core::RngCore;
 
-use super::engine::Shared;
-use super::io::Udp;
 use super::peer::Peer;
+use super::shared::Shared;
+use super::udp::Udp;
 use crate::keys::PublicKey;
 use crate::nat::disco::{self, Message, PairKey};
 use crate::nat::path::{Outgoing, Path, PathConfig, PathManager, Via};

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::engine::Shared;
 use super::io::SideReceiver;
 use super::paths;
+use super::shared::Shared;
 use crate::nat::path::Via;
 use crate::nat::{disco, relay};
 
