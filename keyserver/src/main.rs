@@ -443,6 +443,9 @@ async fn service_admin(
 ) -> anyhow::Result<serde_json::Value> {
     let base = |net: &str| format!("/v1/networks/{}/services", path_segment(net));
     let one = |net: &str, name: &str| format!("{}/{}", base(net), path_segment(name));
+    let instance_path = |net: &str, name: &str, instance: &str| {
+        format!("{}/instances/{}", one(net, name), path_segment(instance))
+    };
     Ok(match cmd {
         ServiceCmd::Create {
             name,
@@ -522,11 +525,7 @@ async fn service_admin(
             network,
             api,
         } => {
-            let path = format!(
-                "{}/instances/{}",
-                one(&network, &name),
-                path_segment(&instance)
-            );
+            let path = instance_path(&network, &name, &instance);
             client(data_dir, api)?
                 .call(Method::PUT, &path, None)
                 .await?
@@ -537,11 +536,7 @@ async fn service_admin(
             network,
             api,
         } => {
-            let path = format!(
-                "{}/instances/{}",
-                one(&network, &name),
-                path_segment(&instance)
-            );
+            let path = instance_path(&network, &name, &instance);
             client(data_dir, api)?
                 .call(Method::DELETE, &path, None)
                 .await?

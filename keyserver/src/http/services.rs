@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Api, ApiError};
-use crate::registry::{AdminError, ServiceRecord};
+use crate::registry::{AdminError, Change, Registry, ServiceRecord, StoreOp};
 use crate::server::OpError;
 
 /// An error of a service route: a broken rule (400 naming port and rule) or
@@ -148,9 +148,17 @@ fn view(api: &Api, rec: ServiceRecord) -> ServiceView {
     }
 }
 
-/// Runs a blocking mutation (the store fsyncs).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Answer<T> + Send + 'static) -> Answer<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
+/// Applies one registry mutation off the async runtime (the store fsyncs):
+/// `f` returns its result, the store operations and the changes to push (it
+/// may run more than once when a replica's store refuses a stale write).
+async fn mutate<T, F>(api: &Api, f: F) -> Answer<T>
+where
+    T: Send + 'static,
+    F: FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), AdminError> + Send + 'static,
+{
+    let shared = api.shared.clone();
+    let run = move || -> Answer<T> { Ok(shared.mutate(f, |_, _, _| ())?.0) };
+    tokio::task::spawn_blocking(run).await.map_err(|e| {
         ServiceApiError::Api(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
     })?
 }
@@ -194,17 +202,10 @@ pub(super) async fn create(
 ) -> Answer<(StatusCode, Json<ServiceView>)> {
     let id = resolve(&api, &net)?;
     let random = random_letters();
-    let shared = api.shared.clone();
-    let rec = blocking(move || {
-        let (rec, ()) = shared.mutate(
-            |reg| {
-                let (rec, ops, change) = reg.create_service(id, &spec, &random, SystemTime::now())?;
-                tracing::info!(network = %id, service = %rec.group.name, fqdn = %rec.group.fqdn, "service group created");
-                Ok::<_, AdminError>((rec, ops, vec![change]))
-            },
-            |_, _, _| (),
-        )?;
-        Ok(rec)
+    let rec = mutate(&api, move |reg| {
+        let (rec, ops, change) = reg.create_service(id, &spec, &random, SystemTime::now())?;
+        tracing::info!(network = %id, service = %rec.group.name, fqdn = %rec.group.fqdn, "service group created");
+        Ok((rec, ops, vec![change]))
     })
     .await?;
     Ok((StatusCode::CREATED, Json(view(&api, rec))))
@@ -216,16 +217,9 @@ pub(super) async fn update(
     Json(patch): Json<GroupPatch>,
 ) -> Answer<Json<ServiceView>> {
     let id = resolve(&api, &net)?;
-    let shared = api.shared.clone();
-    let rec = blocking(move || {
-        let (rec, ()) = shared.mutate(
-            |reg| {
-                let (rec, ops, change) = reg.update_service(id, &name, &patch)?;
-                Ok::<_, AdminError>((rec, ops, change.into_iter().collect()))
-            },
-            |_, _, _| (),
-        )?;
-        Ok(rec)
+    let rec = mutate(&api, move |reg| {
+        let (rec, ops, change) = reg.update_service(id, &name, &patch)?;
+        Ok((rec, ops, change.into_iter().collect()))
     })
     .await?;
     Ok(Json(view(&api, rec)))
@@ -236,17 +230,10 @@ pub(super) async fn delete(
     Path((net, name)): Path<(String, String)>,
 ) -> Answer<StatusCode> {
     let id = resolve(&api, &net)?;
-    let shared = api.shared.clone();
-    blocking(move || {
-        shared.mutate(
-            |reg| {
-                let (ops, change) = reg.delete_service(id, &name)?;
-                tracing::info!(network = %id, service = %name, "service group deleted");
-                Ok::<_, AdminError>(((), ops, vec![change]))
-            },
-            |_, _, _| (),
-        )?;
-        Ok(())
+    mutate(&api, move |reg| {
+        let (ops, change) = reg.delete_service(id, &name)?;
+        tracing::info!(network = %id, service = %name, "service group deleted");
+        Ok(((), ops, vec![change]))
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -261,20 +248,13 @@ async fn membership(
     attach: bool,
 ) -> Answer<Json<ServiceView>> {
     let id = resolve(&api, &net)?;
-    let shared = api.shared.clone();
-    let rec = blocking(move || {
-        let (rec, ()) = shared.mutate(
-            |reg| {
-                let (rec, ops, change) = if attach {
-                    reg.attach_instance(id, &name, &member)?
-                } else {
-                    reg.detach_instance(id, &name, &member)?
-                };
-                Ok::<_, AdminError>((rec, ops, change.into_iter().collect()))
-            },
-            |_, _, _| (),
-        )?;
-        Ok(rec)
+    let rec = mutate(&api, move |reg| {
+        let (rec, ops, change) = if attach {
+            reg.attach_instance(id, &name, &member)?
+        } else {
+            reg.detach_instance(id, &name, &member)?
+        };
+        Ok((rec, ops, change.into_iter().collect()))
     })
     .await?;
     Ok(Json(view(&api, rec)))
