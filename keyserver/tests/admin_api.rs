@@ -671,6 +671,31 @@ async fn networks_are_deleted_and_names_with_any_characters_work_in_the_cli() {
     h.network("prod", "10.240.0.0/22").await;
     let token = h.token("prod", json!({"uses": 2})).await;
     let (_k, mut s) = join(&client_endpoint(), &token, "api").await;
+    // Service groups through the CLI: attach and detach the member by name.
+    let member = h.members("prod").await[0]["instance"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    cli(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "prod",
+        "-p",
+        "443:8080/http+tls",
+    ])
+    .unwrap();
+    let attached = cli(&["service", "attach", "web", &member, "--network", "prod"]).unwrap();
+    assert_eq!(
+        attached["instances"][0]["instance"],
+        member.as_str(),
+        "{attached}"
+    );
+    let err = cli(&["service", "attach", "web", "nobody", "--network", "prod"]).unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    let detached = cli(&["service", "detach", "web", &member, "--network", "prod"]).unwrap();
+    assert_eq!(detached["instances"], json!([]), "{detached}");
     let err = cli(&["network", "delete", "prod"]).unwrap_err();
     assert!(
         err.contains("409") && err.contains("still has 1 members"),
