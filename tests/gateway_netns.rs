@@ -351,6 +351,25 @@ fn gateway_serves_service_groups() {
     assert_eq!(h1, "1.1");
     step("2. HTTP/2 and HTTP/1.1", t);
 
+    // 2b. A returning client resumes its TLS 1.3 session (a ticket; no
+    // certificate or signature the second time).
+    let sess = w.ca.with_file_name("session.pem");
+    let s_client = |extra: &str| {
+        sh(
+            &w.client.ns,
+            &format!(
+                "printf 'GET /who HTTP/1.1\\r\\nHost: {web}\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -connect {gw_ip}:443 -servername {web} -CAfile {} -verify_return_error -ign_eof {extra} 2>&1",
+                w.ca.display()
+            ),
+        )
+    };
+    let first = out(&s_client(&format!("-sess_out {}", sess.display())));
+    assert!(first.contains("\nNew, TLSv1.3"), "{first}");
+    let again = out(&s_client(&format!("-sess_in {}", sess.display())));
+    assert!(again.contains("\nReused, TLSv1.3"), "{again}");
+    assert!(again.contains("web-"), "{again}");
+    step("2b. TLS session resumption", t);
+
     // 3. Redirect on port 80.
     let r = out(&w.curl(&format!(
         "-o /dev/null -w '%{{http_code}} %{{redirect_url}}' 'http://{web}/a/b?c=1'"

@@ -147,6 +147,15 @@ fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("tls-key", key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Resumption for returning clients without a full handshake (no
+    // certificate, no signature): stateless tickets under keys that rotate
+    // every 6 hours (rustls' `Ticketer`), as nginx and Go's crypto/tls
+    // issue them, so it holds for any number of clients; rustls' default is
+    // a 256-entry in-memory cache, which a busy gateway's clients outrun.
+    // One ticket per connection (rustls sends two by default): a client
+    // keeps only the newest anyway.
+    let ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| GatewayError::Config(format!("TLS session tickets: {e}")))?;
     let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ServerConfig>, GatewayError> {
         let mut c = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -155,6 +164,8 @@ fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| GatewayError::Config(format!("tls-cert/tls-key: {e}")))?;
         c.alpn_protocols = alpn;
+        c.ticketer = ticketer.clone();
+        c.send_tls13_tickets = 1;
         Ok(Arc::new(c))
     };
     Ok(Tls {
@@ -517,4 +528,36 @@ async fn serve_metrics(
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_resumes_with_stateless_tickets_one_per_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["*.apps.example".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let tls = load_tls(&cert, &key).unwrap();
+        for c in [&tls.http, &tls.tcp] {
+            assert!(
+                c.ticketer.enabled(),
+                "stateless tickets, not a bounded cache"
+            );
+            assert_eq!(c.send_tls13_tickets, 1);
+        }
+        assert_eq!(
+            tls.http.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert!(tls.tcp.alpn_protocols.is_empty());
+
+        // Errors name the file.
+        let missing = dir.path().join("missing.pem");
+        let e = load_tls(&missing, &key).err().unwrap().to_string();
+        assert!(e.contains("tls-cert") && e.contains("missing.pem"), "{e}");
+    }
 }
