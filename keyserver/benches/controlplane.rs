@@ -536,6 +536,8 @@ fn registry_join_cpu(size: usize) -> (Duration, Duration) {
         endpoints: vec!["192.0.2.1:51820".parse().expect("literal")],
         service_groups: vec![],
         publish: vec![],
+        replace: false,
+        ephemeral: false,
     };
     let observed = "127.0.0.1:1".parse().expect("literal");
     for i in 0..size {

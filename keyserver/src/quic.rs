@@ -417,7 +417,10 @@ where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
     let max = shared.limits.max_frame;
-    let hello: Hello = ticket.pending(proto::read_frame(&mut recv, max)).await??;
+    let payload = ticket
+        .pending(proto::read_payload(&mut recv, max))
+        .await??;
+    let hello: Hello = proto::parse_hello(&payload)?;
     ticket.promote()?;
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);

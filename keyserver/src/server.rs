@@ -738,6 +738,8 @@ mod tests {
                 endpoints: vec![],
                 service_groups: vec![],
                 publish: vec![],
+                replace: false,
+                ephemeral: false,
             };
             shared.mutate(
                 |r| {

@@ -42,6 +42,15 @@ impl Fatal {
     }
 }
 
+impl From<proto::HelloError> for Fatal {
+    fn from(e: proto::HelloError) -> Self {
+        match e {
+            proto::HelloError::Version(_) => Fatal(ErrorCode::UnsupportedVersion, e.to_string()),
+            proto::HelloError::Malformed(_) => Fatal(ErrorCode::Malformed, e.to_string()),
+        }
+    }
+}
+
 impl From<proto::FrameError> for Fatal {
     fn from(e: proto::FrameError) -> Self {
         Fatal(ErrorCode::Malformed, e.to_string())
@@ -158,15 +167,8 @@ impl StreamSession {
         credential: Secret,
         now: SystemTime,
     ) -> Result<(Self, Vec<Reply>, broadcast::Receiver<Push>), Fatal> {
-        if hello.version != proto::VERSION {
-            return Err(Fatal(
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "server speaks version {}, client {}",
-                    proto::VERSION,
-                    hello.version
-                ),
-            ));
+        if !(proto::MIN_VERSION..=proto::VERSION).contains(&hello.version) {
+            return Err(proto::HelloError::Version(hello.version).into());
         }
         match hello.request {
             Request::Join(req) => {

@@ -246,6 +246,8 @@ async fn malformed_truncated_oversized_frames_and_versions() {
             endpoints: vec![],
             service_groups: vec![],
             publish: vec![],
+            replace: false,
+            ephemeral: false,
         }),
     };
     let frame = proto::encode_frame(&hello, 1 << 20).unwrap();

@@ -232,6 +232,8 @@ async fn a_lagging_member_catches_up() {
             endpoints: vec![],
             service_groups: vec![],
             publish: vec![],
+            replace: false,
+            ephemeral: false,
         }),
     };
     proto::write_frame(&mut send, &hello, 1 << 20)

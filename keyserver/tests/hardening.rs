@@ -172,6 +172,8 @@ async fn a_join_whose_welcome_was_lost_gets_its_membership_back() {
             endpoints: meta.endpoints.clone(),
             service_groups: vec![],
             publish: vec![],
+            replace: false,
+            ephemeral: false,
         }),
     };
     let conn = silent(ep.clone(), h.quic, h.fingerprint)

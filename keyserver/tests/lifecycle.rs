@@ -80,6 +80,8 @@ impl World {
                 ports: vec![],
                 service_groups: vec![],
                 publish: vec![],
+                replace: false,
+                ephemeral: false,
             }),
         };
         let (s, replies, _pushes) =

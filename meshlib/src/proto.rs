@@ -50,8 +50,15 @@ use crate::netmap::{MapDelta, NetworkMap};
 
 /// The protocol version this build speaks; sent in the first message.
 /// Version 2 added member lifecycle (states, offline, goodbye) and key
-/// rotation.
-pub const VERSION: u16 = 2;
+/// rotation; version 3 added slots ([`JoinRequest::replace`],
+/// [`JoinRequest::ephemeral`], [`ErrorCode::Replaced`]).
+pub const VERSION: u16 = 3;
+
+/// The oldest protocol version a keyserver of this build still accepts
+/// ([`parse_hello`] reads its hello; every server message it may receive is
+/// unchanged since), so members of the last release keep working through
+/// a keyserver upgrade.
+pub const MIN_VERSION: u16 = 2;
 
 /// The QUIC ALPN identifier of the control protocol.
 pub const ALPN: &[u8] = b"istm-control/2";
@@ -191,6 +198,17 @@ pub struct JoinRequest {
     /// deleted when it leaves or expires; empty: no such group. Appended.
     #[serde(default)]
     pub publish: Vec<crate::services::PublishedPort>,
+    /// Take the slot named by [`JoinRequest::instance`] even while its
+    /// holder is online (`--replace`: the platform knows the old instance
+    /// is dead); the old session is closed with [`ErrorCode::Replaced`].
+    /// Version 3.
+    #[serde(default)]
+    pub replace: bool,
+    /// The member is ephemeral (`--ephemeral`): once offline for the
+    /// keyserver's `ephemeral-after` it is removed and its slot freed, and
+    /// while offline its index counts as free for new instances. Version 3.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// A reconnecting member.
@@ -406,6 +424,21 @@ pub enum ErrorCode {
     Busy,
     /// An internal failure (store write); nothing changed.
     Internal,
+    /// Another key took this member's slot (a stateless restart of the
+    /// same instance, or a join with `--replace`): the membership is gone
+    /// for this key. Appended (version 3).
+    Replaced,
+}
+
+impl ErrorCode {
+    /// Whether the code says the membership itself is gone (removed, left,
+    /// expired, replaced by another key, or a credential the keyserver does
+    /// not know): the only answers after which a member forgets its stored
+    /// membership. Every other refusal (a version mismatch, a malformed or
+    /// forbidden answer, a passing failure) leaves it to retry.
+    pub fn ends_membership(self) -> bool {
+        matches!(self, Self::Revoked | Self::Replaced | Self::BadCredential)
+    }
 }
 
 /// Why a frame could not be read or written.
@@ -436,26 +469,99 @@ pub enum FrameError {
     Encode(postcard::Error),
 }
 
-/// Encodes `msg` as one frame (length prefix + postcard).
-pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
-    let mut buf = postcard::to_extend(msg, vec![0u8; 4]).map_err(FrameError::Encode)?;
-    let len = buf.len() - 4;
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
+/// The version-2 join request: [`JoinRequest`] without the version-3 fields
+/// (postcard reads fields in order, so the old layout needs its own type).
+#[derive(Deserialize)]
+struct JoinRequestV2 {
+    network: NetworkId,
+    token_secret: Secret,
+    public_key: PublicKey,
+    service: String,
+    app_id: Option<AppId>,
+    process_type: ProcessType,
+    instance: Option<InstanceName>,
+    runner: String,
+    endpoints: Vec<SocketAddr>,
+    ports: Vec<u16>,
+    service_groups: Vec<crate::services::GroupName>,
+    publish: Vec<crate::services::PublishedPort>,
+}
+
+/// The version-2 request (resume is unchanged).
+#[derive(Deserialize)]
+enum RequestV2 {
+    Join(JoinRequestV2),
+    Resume(ResumeRequest),
+}
+
+/// The version-2 hello.
+#[derive(Deserialize)]
+struct HelloV2 {
+    version: u16,
+    request: RequestV2,
+}
+
+impl From<HelloV2> for Hello {
+    fn from(h: HelloV2) -> Self {
+        let request = match h.request {
+            RequestV2::Resume(r) => Request::Resume(r),
+            RequestV2::Join(j) => Request::Join(JoinRequest {
+                network: j.network,
+                token_secret: j.token_secret,
+                public_key: j.public_key,
+                service: j.service,
+                app_id: j.app_id,
+                process_type: j.process_type,
+                instance: j.instance,
+                runner: j.runner,
+                endpoints: j.endpoints,
+                ports: j.ports,
+                service_groups: j.service_groups,
+                publish: j.publish,
+                replace: false,
+                ephemeral: false,
+            }),
+        };
+        Hello {
+            version: h.version,
+            request,
+        }
     }
-    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(buf)
 }
 
-/// Decodes one frame's payload (without its length prefix).
-pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    postcard::from_bytes(payload).map_err(FrameError::Decode)
+/// Why a hello was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    /// The client speaks a version this build does not (its number is
+    /// readable: it is the first field of every version's hello).
+    #[error("server speaks versions {MIN_VERSION} to {VERSION}, client {0}")]
+    Version(u16),
+    /// The bytes are not a hello of the version they announce.
+    #[error("malformed hello: {0}")]
+    Malformed(String),
 }
 
-/// Reads one frame and decodes it. Not cancel-safe: drive it from one task.
-pub async fn read_frame<T, R>(r: &mut R, max: usize) -> Result<T, FrameError>
+/// Reads a hello's payload of any version from [`MIN_VERSION`] to
+/// [`VERSION`], as the current [`Hello`] (fields a version lacks take their
+/// defaults; [`Hello::version`] keeps the client's). The version is read
+/// first, so an unknown one is reported as such, not as malformed.
+pub fn parse_hello(payload: &[u8]) -> Result<Hello, HelloError> {
+    let (version, _) = postcard::take_from_bytes::<u16>(payload)
+        .map_err(|e| HelloError::Malformed(e.to_string()))?;
+    let malformed = |e: postcard::Error| HelloError::Malformed(e.to_string());
+    match version {
+        VERSION => postcard::from_bytes::<Hello>(payload).map_err(malformed),
+        2 => postcard::from_bytes::<HelloV2>(payload)
+            .map(Hello::from)
+            .map_err(malformed),
+        other => Err(HelloError::Version(other)),
+    }
+}
+
+/// Reads one frame's payload without decoding it (for [`parse_hello`]).
+/// Not cancel-safe.
+pub async fn read_payload<R>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError>
 where
-    T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
     let mut len = [0u8; 4];
@@ -478,6 +584,32 @@ where
             std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
             _ => FrameError::Io(e),
         })?;
+    Ok(payload)
+}
+
+/// Encodes `msg` as one frame (length prefix + postcard).
+pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = postcard::to_extend(msg, vec![0u8; 4]).map_err(FrameError::Encode)?;
+    let len = buf.len() - 4;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Decodes one frame's payload (without its length prefix).
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(payload).map_err(FrameError::Decode)
+}
+
+/// Reads one frame and decodes it. Not cancel-safe: drive it from one task.
+pub async fn read_frame<T, R>(r: &mut R, max: usize) -> Result<T, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let payload = read_payload(r, max).await?;
     decode_payload(&payload)
 }
 
@@ -560,12 +692,90 @@ mod tests {
         ));
     }
 
+    /// A version-2 member's hello (no slot fields) is still read, as a
+    /// join that neither replaces nor is ephemeral; an unknown version is
+    /// reported by number, garbage as malformed.
+    #[test]
+    fn hellos_of_every_supported_version_parse() {
+        #[derive(Serialize)]
+        struct JoinV2<'a> {
+            network: NetworkId,
+            token_secret: Secret,
+            public_key: PublicKey,
+            service: &'a str,
+            app_id: Option<AppId>,
+            process_type: ProcessType,
+            instance: Option<InstanceName>,
+            runner: &'a str,
+            endpoints: Vec<SocketAddr>,
+            ports: Vec<u16>,
+            service_groups: Vec<crate::services::GroupName>,
+            publish: Vec<crate::services::PublishedPort>,
+        }
+        #[derive(Serialize)]
+        enum ReqV2<'a> {
+            Join(JoinV2<'a>),
+        }
+        #[derive(Serialize)]
+        struct HelloV2Out<'a> {
+            version: u16,
+            request: ReqV2<'a>,
+        }
+        let network = NetworkId::random();
+        let old = HelloV2Out {
+            version: 2,
+            request: ReqV2::Join(JoinV2 {
+                network,
+                token_secret: [1; 32],
+                public_key: PublicKey::from_bytes([2; 32]),
+                service: "api",
+                app_id: None,
+                process_type: ProcessType::default(),
+                instance: Some("api-web-1".parse().unwrap()),
+                runner: "r1",
+                endpoints: vec![],
+                ports: vec![80],
+                service_groups: vec![],
+                publish: vec![],
+            }),
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let hello = parse_hello(&bytes).unwrap();
+        assert_eq!(hello.version, 2);
+        let Request::Join(j) = hello.request else {
+            panic!("not a join")
+        };
+        assert_eq!((j.service.as_str(), j.ports.as_slice()), ("api", &[80][..]));
+        assert!(!j.replace && !j.ephemeral);
+        // The current version round-trips with its new fields.
+        let mut now = Hello {
+            version: VERSION,
+            request: Request::Join(j),
+        };
+        if let Request::Join(j) = &mut now.request {
+            j.replace = true;
+            j.ephemeral = true;
+        }
+        let bytes = postcard::to_stdvec(&now).unwrap();
+        assert_eq!(parse_hello(&bytes).unwrap(), now);
+        // A future version is named, not called malformed.
+        let mut future = bytes.clone();
+        future[0] = 9;
+        assert_eq!(parse_hello(&future), Err(HelloError::Version(9)));
+        assert!(matches!(parse_hello(&[]), Err(HelloError::Malformed(_))));
+        assert!(matches!(
+            parse_hello(&bytes[..bytes.len() - 3]),
+            Err(HelloError::Malformed(_))
+        ));
+    }
+
     proptest::proptest! {
         /// Arbitrary bytes from a peer: every message type decodes to a value
         /// or an error, never a panic; the frame reader too.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = decode_payload::<Hello>(&bytes);
+            let _ = parse_hello(&bytes);
             let _ = decode_payload::<ClientMsg>(&bytes);
             let _ = decode_payload::<ServerMsg>(&bytes);
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

@@ -319,6 +319,8 @@ mod tests {
             endpoints: vec![],
             service_groups: vec![],
             publish: vec![],
+            replace: false,
+            ephemeral: false,
         }
     }
 

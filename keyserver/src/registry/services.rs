@@ -509,6 +509,8 @@ mod tests {
             ports: vec![8080],
             service_groups: vec![],
             publish: vec![],
+            replace: false,
+            ephemeral: false,
         };
         req_edit(&mut req);
         let mut cred = [0u8; 32];

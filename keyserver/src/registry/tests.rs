@@ -23,6 +23,8 @@ fn req(net: NetworkId, secret: Secret, service: &str) -> JoinRequest {
         endpoints: vec![],
         service_groups: vec![],
         publish: vec![],
+        replace: false,
+        ephemeral: false,
     }
 }
 

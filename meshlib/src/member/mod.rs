@@ -751,6 +751,8 @@ impl MemberCore {
                     ports: self.ports.clone(),
                     service_groups: self.join_services.groups.clone(),
                     publish: self.join_services.publish.clone(),
+                    replace: false,
+                    ephemeral: false,
                 })
             }
             // Built with a token or a membership; keep a harmless value.
