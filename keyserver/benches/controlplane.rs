@@ -314,6 +314,8 @@ async fn join_many(
                 runner: "bench".into(),
                 ports: vec![],
                 endpoints: vec!["192.0.2.1:51820".parse()?],
+                replace: false,
+                ephemeral: false,
             };
             let mut s = control::join(&ep, &token, meta, &cfg)
                 .await

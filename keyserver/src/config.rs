@@ -76,6 +76,11 @@ pub struct Config {
     /// Seconds an offline member is kept before it expires and its address
     /// is released (a network may set its own). Default 86400 (24 h).
     pub expire_after_secs: u64,
+    /// Seconds an offline *ephemeral* member is kept before it is removed
+    /// and its slot freed. Default: `offline-after-secs` (a stateless
+    /// instance that stopped is gone within a minute; a restart of it
+    /// takes its slot over at once anyway).
+    pub ephemeral_after_secs: Option<u64>,
     /// Seconds between sweeps that delete expired and used-up tokens.
     /// Default 600; 0 turns the sweep off.
     pub token_gc_secs: u64,
@@ -142,6 +147,7 @@ impl Default for Config {
             quarantine_secs: limits.quarantine.as_secs(),
             offline_after_secs: limits.lifecycle.offline_after.as_secs(),
             expire_after_secs: limits.lifecycle.expire_after.as_secs(),
+            ephemeral_after_secs: None,
             token_gc_secs: 600,
             api_header_timeout_secs: api.header_timeout.as_secs(),
             api_request_timeout_secs: api.request_timeout.as_secs(),
@@ -181,6 +187,7 @@ impl Config {
             lifecycle: crate::registry::Lifecycle {
                 offline_after: Duration::from_secs(self.offline_after_secs.max(1)),
                 expire_after: Duration::from_secs(self.expire_after_secs),
+                ephemeral_after: self.ephemeral_after_secs.map(Duration::from_secs),
             },
             service_domain: self.service_domain.clone(),
         }

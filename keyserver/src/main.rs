@@ -116,6 +116,10 @@ struct ServeArgs {
     /// network says otherwise.
     #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
     expire_after: Option<std::time::Duration>,
+    /// An offline *ephemeral* member is removed (its slot freed) this long
+    /// after it went offline (`30s`); default `offline-after`.
+    #[arg(long, env = "KEYSERVER_EPHEMERAL_AFTER", value_parser = humantime::parse_duration)]
+    ephemeral_after: Option<std::time::Duration>,
     /// Where the records live: `etcd://host:2379[,host:2379...][/prefix]`
     /// for an etcd cluster shared by keyserver replicas; default the
     /// embedded store in the data directory.
@@ -266,6 +270,10 @@ enum TokenCmd {
         /// Attach members joining with it to this service group.
         #[arg(long)]
         service_group: Option<String>,
+        /// Every member joining with it is ephemeral (freed soon after it
+        /// goes offline), whatever the sidecar says.
+        #[arg(long)]
+        ephemeral: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -644,6 +652,9 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
     if let Some(d) = args.expire_after {
         config.expire_after_secs = d.as_secs().max(1);
     }
+    if let Some(d) = args.ephemeral_after {
+        config.ephemeral_after_secs = Some(d.as_secs());
+    }
     if args.store.is_some() {
         config.store = args.store;
     }
@@ -897,9 +908,10 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             app,
             process_type,
             service_group,
+            ephemeral,
             api,
         }) => {
-            let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type, "service_group": service_group });
+            let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type, "service_group": service_group, "ephemeral": ephemeral });
             let path = format!("/v1/networks/{}/tokens", path_segment(&network));
             client(&data_dir, api)?
                 .call(Method::POST, &path, Some(&body))

@@ -744,11 +744,7 @@ mod tests {
             shared.mutate(
                 |r| {
                     let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
-                    Ok::<_, crate::registry::ProtoOpError>((
-                        j.member.ip,
-                        j.ops,
-                        j.change.into_iter().collect(),
-                    ))
+                    Ok::<_, crate::registry::ProtoOpError>((j.member.ip, j.ops, j.changes))
                 },
                 |_, _, _| (),
             )

@@ -83,6 +83,9 @@ pub struct StreamSession {
     key: PublicKey,
     /// Last generation sent to the client.
     sent: u64,
+    /// The member's instance name (its slot): when its key is removed and
+    /// another key holds the slot, the member was replaced.
+    instance: meshlib::ids::InstanceName,
     /// The client's address as last seen on the connection.
     observed: SocketAddr,
     /// The endpoints the member advertised last.
@@ -188,9 +191,9 @@ impl StreamSession {
                         |reg| {
                             let open = shared.is_online(req.network, &req.public_key);
                             let j = reg.join(&req, observed, &credential, open, now)?;
-                            let (ops, change) = (j.ops.clone(), j.change.clone());
+                            let (ops, changes) = (j.ops.clone(), j.changes.clone());
                             let generation = j.map.generation;
-                            Ok(((j, generation), ops, change.into_iter().collect()))
+                            Ok(((j, generation), ops, changes))
                         },
                         |_, (j, _), sh| {
                             let key = j.member.public_key;
@@ -205,6 +208,9 @@ impl StreamSession {
                 if joined.rejoined {
                     tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
                 }
+                if let Some(old) = joined.replaced {
+                    tracing::info!(network = %joined.map.network, instance = %joined.member.instance, old = %old, new = %joined.member.public_key, "slot taken over by a new key");
+                }
                 let network = joined.map.network;
                 let welcome = welcome_of(
                     &joined.member,
@@ -217,6 +223,7 @@ impl StreamSession {
                 let s = Self {
                     network,
                     key: joined.member.public_key,
+                    instance: joined.member.instance.clone(),
                     sent: generation,
                     observed,
                     advertised,
@@ -252,6 +259,7 @@ impl StreamSession {
                 let mut s = Self {
                     network,
                     key: resumed.member.public_key,
+                    instance: resumed.member.instance.clone(),
                     sent: from,
                     observed,
                     advertised,
@@ -302,6 +310,19 @@ impl StreamSession {
         )
     }
 
+    /// Why this session's key is no longer a member: another key took its
+    /// slot ([`ErrorCode::Replaced`]), or it was removed.
+    fn gone(&self, shared: &Shared) -> Fatal {
+        let (net, instance) = (self.network, &self.instance);
+        match shared.read(|r| r.instance_holder(net, instance)) {
+            Some(holder) if holder != self.key => Fatal(
+                ErrorCode::Replaced,
+                format!("instance {instance} was taken over by another key ({holder}): a new instance holds this slot"),
+            ),
+            _ => Self::revoked(),
+        }
+    }
+
     /// One push of the network (or the subscription's lag or end): forwards
     /// it in order, catches up from the log after a gap, ends a removed
     /// member's stream. Reads the registry only.
@@ -316,7 +337,7 @@ impl StreamSession {
                 self.sent = p.to;
                 if p.removed == Some(self.key) {
                     // The removal itself is not sent: the stream ends.
-                    return Err(Self::revoked());
+                    return Err(self.gone(shared));
                 }
                 Ok(vec![Reply::Frame(p.frame)])
             }
@@ -324,7 +345,7 @@ impl StreamSession {
                 let (net, key, sent) = (self.network, self.key, self.sent);
                 let (still, c) = shared.read(|r| (r.is_member(net, &key), r.catchup(net, sent)));
                 if !still {
-                    return Err(Self::revoked());
+                    return Err(self.gone(shared));
                 }
                 Ok(c.and_then(|c| self.catchup(c)).into_iter().collect())
             }
@@ -418,7 +439,7 @@ impl StreamSession {
                             Next::Close,
                         ))
                     }
-                    Err(OpError::Refused(_)) => Err(Self::revoked()),
+                    Err(OpError::Refused(_)) => Err(self.gone(shared)),
                     Err(OpError::Store(e)) => Err(store_fatal(e)),
                 }
             }

@@ -624,6 +624,7 @@ pub mod legacy {
                 token_hash: None,
                 // Whatever happened before, only the credential resumes it.
                 credential_used: true,
+                ephemeral: false,
             })
         }
     }
@@ -653,6 +654,7 @@ pub mod legacy {
                 process_type: v.process_type,
                 created: v.created,
                 service_group: None,
+                ephemeral: false,
             })
         }
     }

@@ -33,6 +33,7 @@ impl World {
             lifecycle: Lifecycle {
                 offline_after: Duration::from_secs(30),
                 expire_after: Duration::from_secs(600),
+                ephemeral_after: None,
             },
             ..Limits::default()
         };

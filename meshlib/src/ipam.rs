@@ -172,6 +172,51 @@ impl Allocator {
         }
     }
 
+    /// Releases `ip`, counting its quarantine from `since` (at or before
+    /// now): the moment the address stopped being named, e.g. when its
+    /// member went offline. An address unnamed longer than the quarantine
+    /// is free at once. Returns when it becomes free (to persist), `None`
+    /// if the address was not in use.
+    pub fn release_since(&mut self, ip: Ipv4Addr, since: SystemTime) -> Option<SystemTime> {
+        let n = u32::from(ip);
+        if !self.used.remove(&n) {
+            return None;
+        }
+        let until = since + self.quarantine;
+        self.quarantined.insert(n, until);
+        Some(until)
+    }
+
+    /// The quarantine period of this allocator.
+    pub fn quarantine(&self) -> Duration {
+        self.quarantine
+    }
+
+    /// Hands out an address still in quarantine when nothing else is free:
+    /// the one released longest ago, provided it was released at least
+    /// `min_age` before `now` (the DNS TTL: no cached answer can still
+    /// name it). `None` if no quarantined address is that old. The caller
+    /// tries [`Allocator::allocate`] first.
+    pub fn allocate_under_pressure(
+        &mut self,
+        now: SystemTime,
+        min_age: Duration,
+    ) -> Option<Ipv4Addr> {
+        let (n, until) = self
+            .quarantined
+            .iter()
+            .filter(|(n, _)| !self.used.contains(n))
+            .min_by_key(|(n, until)| (**until, **n))
+            .map(|(n, until)| (*n, *until))?;
+        let released = until.checked_sub(self.quarantine)?;
+        if released + min_age > now {
+            return None;
+        }
+        self.quarantined.remove(&n);
+        self.used.insert(n);
+        Some(Ipv4Addr::from(n))
+    }
+
     /// Frees `ip` at once, without quarantine: a reservation that never
     /// took effect (a replica putting back what a refused commit tried, or
     /// following another replica's records). Freeing an unused address does
@@ -314,6 +359,40 @@ mod tests {
         assert_eq!(a.allocate(t(50)).unwrap(), Ipv4Addr::new(10, 240, 0, 3));
         a.expire(t(100));
         assert_eq!(a.quarantined().count(), 0);
+        assert_eq!(a.used(), 2);
+    }
+
+    #[test]
+    fn release_since_counts_from_when_the_address_went_unnamed() {
+        let mut a =
+            Allocator::new("10.240.0.0/29".parse().unwrap(), Duration::from_secs(60)).unwrap();
+        let x = a.allocate(t(0)).unwrap();
+        assert_eq!(a.release_since(x, t(10)), Some(t(70)));
+        assert_eq!(a.release_since(x, t(10)), None, "not in use any more");
+        assert_ne!(a.allocate(t(69)).unwrap(), x);
+        let y = a.allocate(t(0)).unwrap();
+        // Unnamed for longer than the quarantine: free at once.
+        assert_eq!(a.release_since(y, t(0)), Some(t(60)));
+        assert_eq!(a.allocate(t(100)).unwrap(), Ipv4Addr::new(10, 240, 0, 1));
+    }
+
+    #[test]
+    fn pressure_takes_the_oldest_quarantined_address_past_the_ttl() {
+        let mut a =
+            Allocator::new("10.240.0.0/30".parse().unwrap(), Duration::from_secs(300)).unwrap();
+        let x = a.allocate(t(0)).unwrap();
+        let y = a.allocate(t(0)).unwrap();
+        a.release(y, t(10));
+        a.release(x, t(20));
+        assert!(a.allocate(t(25)).is_err());
+        let ttl = Duration::from_secs(30);
+        // Neither was released 30 s ago yet.
+        assert_eq!(a.allocate_under_pressure(t(39), ttl), None);
+        // y was released first: it goes first, x stays quarantined.
+        assert_eq!(a.allocate_under_pressure(t(40), ttl), Some(y));
+        assert_eq!(a.allocate_under_pressure(t(40), ttl), None);
+        assert_eq!(a.allocate_under_pressure(t(50), ttl), Some(x));
+        assert_eq!(a.allocate_under_pressure(t(500), ttl), None, "all in use");
         assert_eq!(a.used(), 2);
     }
 

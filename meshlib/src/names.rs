@@ -5,7 +5,12 @@
 //! - `<app-id>.<pn-id>.private-network.internal.` — every `web` member of the app;
 //! - `<type>.<app-id>.<pn-id>.private-network.internal.` — every member of that type;
 //! - `<n>.<type>.<app-id>.<pn-id>.private-network.internal.` — the n-th (1-based)
-//!   member of that type (seed 003);
+//!   member of that type (seed 003) in index order: in the online view of a
+//!   map (what every name answers from, [`NetworkMap::online`]) that is the
+//!   member of index n while the online members hold 1..N, and `1.web…`
+//!   answers a live member whenever one exists, also while a lower index
+//!   waits for an offline member to come back (the keyserver's numbering
+//!   rule keeps the indexes of live members at 1..N otherwise);
 //! - `<encoded-service>.warp.` and override hostnames — the service's members (seed 004).
 //!
 //! [`InternalName`] parses and prints the first four; [`InternalName::resolve`]
@@ -166,7 +171,8 @@ impl fmt::Display for InternalName {
     }
 }
 
-/// The members a seed-003 name selects, ordered by index.
+/// The members a seed-003 name selects, ordered by index; `<n>.` picks the
+/// n-th of them.
 fn select<'a>(
     map: &'a NetworkMap,
     p: &PrivateNetworkName,
@@ -178,9 +184,34 @@ fn select<'a>(
         .members
         .values()
         .filter(|m| app_matches(m) && &m.process_type == ptype)
-        .filter(|m| p.index.is_none_or(|n| m.index == n))
         .collect();
-    out.sort_by_key(|m| m.index);
+    out.sort_by_key(|m| (m.index, m.public_key));
+    match p.index {
+        None => out,
+        Some(n) => out
+            .get(n as usize - 1)
+            .map(|m| vec![*m])
+            .unwrap_or_default(),
+    }
+}
+
+/// Each member's rank (1-based) among the members of its (app, type) in
+/// index order: the `<n>` of its `<n>.<type>…` name.
+fn ranks(map: &NetworkMap) -> HashMap<crate::keys::PublicKey, u32> {
+    let mut by_type: HashMap<(&AppId, &ProcessType), Vec<&Member>> = HashMap::new();
+    for m in map.members.values() {
+        by_type
+            .entry((&m.app_id, &m.process_type))
+            .or_default()
+            .push(m);
+    }
+    let mut out = HashMap::with_capacity(map.members.len());
+    for members in by_type.values_mut() {
+        members.sort_by_key(|m| (m.index, m.public_key));
+        for (i, m) in members.iter().enumerate() {
+            out.insert(m.public_key, u32::try_from(i + 1).unwrap_or(u32::MAX));
+        }
+    }
     out
 }
 
@@ -236,7 +267,9 @@ impl NameIndex {
         let networks: Vec<String> = std::iter::once(map.network.to_string())
             .chain(net_alias.filter(|a| a.parse::<AppId>().is_ok()))
             .collect();
+        let ranks = ranks(map);
         for m in map.members.values() {
+            let rank = ranks.get(&m.public_key).copied().unwrap_or(m.index);
             index.add(format!("{}.{INTERNAL_ZONE}", m.instance), m.ip);
             let mut apps = vec![m.app_id.to_string()];
             if let Ok(alias) = crate::ist::hostname_label(&m.service) {
@@ -246,7 +279,7 @@ impl NameIndex {
             }
             for app in &apps {
                 for net in &networks {
-                    index.add_member_names(m, app, net);
+                    index.add_member_names(m, rank, app, net);
                 }
             }
         }
@@ -279,14 +312,14 @@ impl NameIndex {
         self.records.entry(name).or_default().push(ip);
     }
 
-    fn add_member_names(&mut self, m: &Member, app: &str, net: &str) {
+    fn add_member_names(&mut self, m: &Member, rank: u32, app: &str, net: &str) {
         let base = format!("{app}.{net}.{PRIVATE_NETWORK_ZONE}");
         let t = &m.process_type;
         if t.is_web() {
             self.add(base.clone(), m.ip);
         }
         self.add(format!("{t}.{base}"), m.ip);
-        self.add(format!("{}.{t}.{base}", m.index), m.ip);
+        self.add(format!("{rank}.{t}.{base}"), m.ip);
     }
 
     /// Looks a name up (any case, trailing dot optional).
@@ -439,6 +472,47 @@ mod tests {
         // Another network's name answers nothing here.
         let other = "pn-00000000-0000-4000-8000-000000000000";
         assert!(r(&format!("api.{other}.private-network.internal")).is_empty());
+    }
+
+    /// `<n>.<type>…` is the n-th online member in index order: a gap left
+    /// by an offline member moves the later ones up, so `1.web…` answers
+    /// whenever a web member is online; index and rank agree without gaps.
+    #[test]
+    fn numbered_names_follow_the_online_members() {
+        let mut map = empty_map();
+        let mut web1 = member("api-web-1", "api", "web", 1, 1);
+        web1.state = crate::netmap::MemberState::Offline;
+        for m in [
+            web1,
+            member("api-web-2", "api", "web", 2, 2),
+            member("api-web-3", "api", "web", 3, 3),
+            member("api-worker-2", "api", "worker", 2, 4),
+        ] {
+            map.members.insert(m.public_key, m);
+        }
+        let online = map.online();
+        let idx = NameIndex::build(
+            &online,
+            &IstTable::build(online.services(), &Overrides::default()),
+        );
+        let name = |n: u32, t: &str| format!("{n}.{t}.api.{PN}.private-network.internal");
+        for (n, t, want) in [
+            (1, "web", Some(ip(2))),
+            (2, "web", Some(ip(3))),
+            (3, "web", None),
+            (1, "worker", Some(ip(4))),
+            (2, "worker", None),
+        ] {
+            let got = name(n, t).parse::<InternalName>().unwrap().resolve(&online);
+            assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{n}.{t}");
+            match want {
+                Some(a) => assert_eq!(idx.lookup(&name(n, t)), Lookup::Found(&[a])),
+                None => assert_eq!(idx.lookup(&name(n, t)), Lookup::NxDomain),
+            }
+        }
+        // The offline member's own name is gone; the others keep theirs.
+        assert_eq!(idx.lookup("api-web-1.internal"), Lookup::NxDomain);
+        assert_eq!(idx.lookup("api-web-2.internal"), Lookup::Found(&[ip(2)]));
     }
 
     #[test]

@@ -28,9 +28,20 @@ pub struct UpArgs {
     /// Process type (default web).
     #[arg(long, env = "ISTM_PROCESS_TYPE")]
     pub process_type: Option<ProcessType>,
-    /// Wanted instance name (default: assigned by the keyserver).
+    /// Wanted instance name (default: assigned by the keyserver). An
+    /// offline instance's slot (address, index, names) is taken over.
     #[arg(long, env = "ISTM_INSTANCE")]
     pub instance: Option<InstanceName>,
+    /// Take the slot of --instance even while it is online (its old
+    /// session is closed): the platform knows that instance is dead.
+    #[arg(long, env = "ISTM_REPLACE", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub replace: Option<bool>,
+    /// Join as an ephemeral member (freed soon after it goes offline):
+    /// `--ephemeral`, `--ephemeral=false`. Default: a first join is
+    /// ephemeral (a new state directory means no state kept across
+    /// restarts); say false when the state directory survives restarts.
+    #[arg(long, env = "ISTM_EPHEMERAL", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub ephemeral: Option<bool>,
     /// Runner (host) label (default: the hostname).
     #[arg(long, env = "ISTM_RUNNER")]
     pub runner: Option<String>,
@@ -181,6 +192,12 @@ impl UpArgs {
         if !self.publish.is_empty() {
             c.publish = self.publish.clone();
         }
+        if let Some(r) = self.replace {
+            c.replace = r;
+        }
+        if self.ephemeral.is_some() {
+            c.ephemeral = self.ephemeral;
+        }
         c.discover_ports |= self.discover_ports;
         c.dns.enabled &= !self.no_dns;
         c.dns.set_resolver |= self.set_resolver;
@@ -237,5 +254,38 @@ mod tests {
         }
         let t = T::try_parse_from(["t", "--hosts-file", ""]).unwrap();
         assert_eq!(t.up.to_config().unwrap().hosts_file, None);
+    }
+
+    /// `--ephemeral`, `--ephemeral=false` and unset (the state decides);
+    /// `--replace` needs an instance name.
+    #[test]
+    fn ephemeral_and_replace_flags() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let cfg = |args: &[&str]| {
+            let mut all = vec!["t", "--metrics", "off"];
+            all.extend_from_slice(args);
+            T::try_parse_from(all).unwrap().up.to_config()
+        };
+        assert_eq!(cfg(&[]).unwrap().ephemeral, None);
+        assert_eq!(cfg(&["--ephemeral"]).unwrap().ephemeral, Some(true));
+        assert_eq!(cfg(&["--ephemeral=false"]).unwrap().ephemeral, Some(false));
+        assert_eq!(cfg(&["--ephemeral=no"]).unwrap().ephemeral, Some(false));
+        assert!(!cfg(&[]).unwrap().replace);
+        let c = cfg(&["--instance", "api-web-1", "--replace"]).unwrap();
+        assert!(c.replace);
+        let err = cfg(&["--replace"]).unwrap_err().to_string();
+        assert!(err.starts_with("replace: "), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "ephemeral = false\n").unwrap();
+        let from_file = cfg(&["-c", file.to_str().unwrap()]).unwrap();
+        assert_eq!(from_file.ephemeral, Some(false));
+        let over = cfg(&["-c", file.to_str().unwrap(), "--ephemeral"]).unwrap();
+        assert_eq!(over.ephemeral, Some(true));
     }
 }

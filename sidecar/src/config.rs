@@ -7,6 +7,8 @@
 //! service = "api"
 //! process-type = "web"
 //! instance = "api-1"
+//! replace = false                # take the instance's slot even if online
+//! ephemeral = false              # keep the slot when offline (state dir survives restarts)
 //! runner = "runner-a"
 //! listen-port = 51820
 //! endpoints = ["192.0.2.10:51820"]
@@ -187,6 +189,24 @@ pub struct Config {
     /// `INT`: `deployment.port` of `warp.config.js`, else the first of
     /// `ports`. Default none: the instance stays private.
     pub publish: Vec<String>,
+    /// Whether the member is ephemeral: once offline for the keyserver's
+    /// `ephemeral-after` (default its `offline-after`, 30 s) it is removed
+    /// and its slot freed, and while offline a new instance of its type
+    /// takes its slot over (same index, address and names). Default unset:
+    /// a first join is ephemeral, because an instance whose state
+    /// directory holds no membership at start is, on a container platform,
+    /// one that keeps no state across restarts: it will never resume this
+    /// membership, so holding its slot for `expire-after` (24 h) would
+    /// only leave dead members numbered before the live ones and fill the
+    /// network. Set `false` when the state directory survives restarts
+    /// (a volume), so a long stop keeps the slot for the resume.
+    pub ephemeral: Option<bool>,
+    /// At the first join, take the slot of `instance` even while its
+    /// holder is online (`--replace`): the platform knows that instance is
+    /// dead (its session is closed with a clear reason and its key stops
+    /// being a peer). Needs `instance`. Default false: an online slot is
+    /// refused.
+    pub replace: bool,
 }
 
 impl Default for Config {
@@ -219,6 +239,8 @@ impl Default for Config {
             key_lifetime: 0,
             service_groups: Vec::new(),
             publish: Vec::new(),
+            ephemeral: None,
+            replace: false,
         }
     }
 }
@@ -315,6 +337,12 @@ impl Config {
         crate::publish::check(self)?;
         if self.loopback_octet == 0 {
             return Err(ConfigError::LoopbackOctet);
+        }
+        if self.replace && self.instance.is_none() {
+            return Err(ConfigError::invalid(
+                "replace",
+                "names no slot: set instance (--instance) to the instance to replace",
+            ));
         }
         if self.ports.contains(&0) {
             return Err(ConfigError::invalid("ports", "0 is not a port (1-65535)"));

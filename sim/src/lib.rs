@@ -134,6 +134,33 @@ impl Plane {
     }
 }
 
+/// How a simulated member joins ([`Sim::join_with`]).
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    /// The service name.
+    pub service: String,
+    /// The process type. Default `web`.
+    pub process_type: String,
+    /// The slot asked for (`--instance`). Default none.
+    pub instance: Option<meshlib::ids::InstanceName>,
+    /// Take the slot even while online (`--replace`). Default false.
+    pub replace: bool,
+    /// Join as an ephemeral member. Default false.
+    pub ephemeral: bool,
+}
+
+impl Default for JoinSpec {
+    fn default() -> Self {
+        Self {
+            service: "app".into(),
+            process_type: "web".into(),
+            instance: None,
+            replace: false,
+            ephemeral: false,
+        }
+    }
+}
+
 /// One simulated member.
 #[derive(Debug)]
 pub struct SimMember {
@@ -499,6 +526,7 @@ impl Sim {
                 previous_keys: vec![],
                 token_hash: None,
                 credential_used: true,
+                ephemeral: false,
             });
             keys.push((key, public, credential));
         }
@@ -546,18 +574,36 @@ impl Sim {
 
     /// Adds a member that joins with `token` as `service` / `ptype`.
     pub fn join(&mut self, token: &JoinToken, service: &str, ptype: &str) -> MemberId {
+        self.join_with(
+            token,
+            &JoinSpec {
+                service: service.into(),
+                process_type: ptype.into(),
+                ..JoinSpec::default()
+            },
+        )
+    }
+
+    /// Adds a member that joins with `token` as `spec` says (a fresh key:
+    /// a stateless start).
+    pub fn join_with(&mut self, token: &JoinToken, spec: &JoinSpec) -> MemberId {
         let id = self.members.len();
         let key = PrivateKey::from_bytes(self.rng.bytes());
         let public = key.public_key();
         let meta = MemberMeta {
             public_key: public,
-            service: service.into(),
+            service: spec.service.clone(),
             app_id: None,
-            process_type: ptype.parse::<ProcessType>().expect("a valid process type"),
-            instance: None,
+            process_type: spec
+                .process_type
+                .parse::<ProcessType>()
+                .expect("a valid process type"),
+            instance: spec.instance.clone(),
             runner: format!("runner-{}", id % 7),
             endpoints: vec![endpoint_of(id)],
             ports: vec![],
+            replace: spec.replace,
+            ephemeral: spec.ephemeral,
         };
         let core = MemberCore::join(self.cfg.member.clone(), token.clone(), meta, self.instant());
         self.add(core, Plane::default(), key);

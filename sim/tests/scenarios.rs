@@ -21,6 +21,7 @@ fn sim(seed: u64) -> Sim {
         lifecycle: Lifecycle {
             offline_after: secs(30),
             expire_after: secs(120),
+            ephemeral_after: None,
         },
         ..SimConfig::default()
     })

@@ -137,7 +137,8 @@ fn schemas() -> Value {
             "state": {"type": "string", "enum": ["online", "offline"], "description": "online while heartbeats arrive; offline after a graceful stop or `offline-after` of silence (address, index and name kept; invisible to peers' names and peer lists)"},
             "joined": unix_seconds("join time"),
             "last_seen": unix_seconds("last contact"),
-            "offline_since": {"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": "when the member went offline, Unix time in seconds; it expires `expire-after` later"}}},
+            "offline_since": {"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": "when the member went offline, Unix time in seconds; it expires `expire-after` later (`ephemeral-after` if ephemeral)"},
+            "ephemeral": {"type": "boolean", "description": "freed `ephemeral-after` after going offline; while offline a new instance of its type takes its slot over"}}},
         "Token": {"type": "object", "required": ["id", "network", "uses_left", "expires", "service", "process_type"], "properties": {
             "id": {"type": "string", "pattern": "^tk-[0-9a-f]{12}$"},
             "network": schema_ref("NetworkId"),
@@ -146,7 +147,8 @@ fn schemas() -> Value {
             "service": {"type": ["string", "null"], "maxLength": 128},
             "process_type": {"type": ["string", "null"]},
             "token": {"type": "string", "pattern": "^istm1\\.", "description": "the join token, only in the creation answer"},
-            "service_group": {"type": ["string", "null"], "description": "service group its members are attached to"}}},
+            "service_group": {"type": ["string", "null"], "description": "service group its members are attached to"},
+            "ephemeral": {"type": "boolean", "description": "every member joining with it is ephemeral"}}},
         "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
         "ServicePort": {"type": "object", "required": ["port"], "additionalProperties": false, "properties": {
             "port": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535, "description": "external port on the gateways"},
@@ -321,7 +323,8 @@ pub fn openapi_doc() -> Value {
                         "expires": {"type": "string", "default": "1h", "description": "lifetime (`30m`, `1h`, `7d`), 1 s to 365 days"},
                         "service": {"type": "string", "minLength": 1, "maxLength": 128, "description": "bind to this service; no control or bidi characters"},
                         "process_type": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"},
-                        "service_group": {"type": "string", "description": "attach members joining with it to this existing service group (seed 002)"}}})),
+                        "service_group": {"type": "string", "description": "attach members joining with it to this existing service group (seed 002)"},
+                        "ephemeral": {"type": "boolean", "default": false, "description": "make every member joining with it ephemeral (freed soon after it goes offline), whatever the sidecar asks"}}})),
                     "responses": responses(("201", "created", Some(schema_ref("Token"))), &write_body)}
             },
             "/v1/networks/{net}/tokens/{id}": {"delete": {"summary": "delete a token", "parameters": [net, token_id],

@@ -310,6 +310,9 @@ pub struct TokenView {
     /// The service group a member joining with it is attached to.
     #[serde(default)]
     pub service_group: Option<String>,
+    /// Every member joining with it is ephemeral.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 impl TokenView {
@@ -323,6 +326,7 @@ impl TokenView {
             process_type: t.process_type,
             token,
             service_group: t.service_group.map(|g| g.to_string()),
+            ephemeral: t.ephemeral,
         }
     }
 }
@@ -353,6 +357,10 @@ pub struct CreateToken {
     /// Members joining with it are attached to this (existing) service group.
     #[serde(default)]
     pub service_group: Option<String>,
+    /// Every member joining with it is ephemeral (freed soon after it goes
+    /// offline), whatever the join asks. Default false.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 pub(super) async fn create_token(
@@ -406,6 +414,13 @@ pub(super) async fn create_token(
                         rec
                     }
                     None => rec,
+                };
+                let rec = if body.ephemeral {
+                    let (rec, more) = reg.set_token_ephemeral(id, &rec.id, true)?;
+                    ops.extend(more);
+                    rec
+                } else {
+                    rec
                 };
                 Ok::<_, AdminError>((rec, ops, vec![]))
             },

@@ -4,9 +4,10 @@
 //! member added or removed, so a join into a network of a thousand members
 //! costs the same as into one of ten.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use meshlib::ids::{AppId, ProcessType};
+use meshlib::keys::PublicKey;
 use meshlib::netmap::Member;
 
 /// Counts of what a network's members use.
@@ -18,8 +19,8 @@ pub(super) struct Catalog {
     app_ids: HashMap<AppId, usize>,
     /// `.warp` labels of the services in use, with member counts.
     labels: HashMap<String, usize>,
-    /// Indexes taken per (app id, process type).
-    indexes: HashMap<(AppId, ProcessType), BTreeSet<u32>>,
+    /// Indexes taken per (app id, process type), with their holders.
+    indexes: HashMap<(AppId, ProcessType), BTreeMap<u32, PublicKey>>,
 }
 
 fn dec<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
@@ -45,7 +46,7 @@ impl Catalog {
         self.indexes
             .entry((m.app_id.clone(), m.process_type.clone()))
             .or_default()
-            .insert(m.index);
+            .insert(m.index, m.public_key);
     }
 
     /// A member left.
@@ -62,7 +63,9 @@ impl Catalog {
         }
         let key = (m.app_id.clone(), m.process_type.clone());
         if let Some(set) = self.indexes.get_mut(&key) {
-            set.remove(&m.index);
+            if set.get(&m.index) == Some(&m.public_key) {
+                set.remove(&m.index);
+            }
             if set.is_empty() {
                 self.indexes.remove(&key);
             }
@@ -80,18 +83,28 @@ impl Catalog {
         self.app_ids.contains_key(id) || self.labels.contains_key(id.as_str())
     }
 
-    /// The lowest index from 1 no member of (app, type) holds.
-    pub(super) fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
+    /// The lowest index from 1 of (app, type) that no member holds, or
+    /// whose holder is `gone` (an ephemeral member gone offline): the index
+    /// and that holder. The numbering rule of slots (see `slots.rs`).
+    pub(super) fn lowest_index(
+        &self,
+        app: &AppId,
+        ptype: &ProcessType,
+        gone: impl Fn(&PublicKey) -> bool,
+    ) -> (u32, Option<PublicKey>) {
         let Some(taken) = self.indexes.get(&(app.clone(), ptype.clone())) else {
-            return 1;
+            return (1, None);
         };
         let mut next = 1;
-        for i in taken {
+        for (i, holder) in taken {
             if *i != next {
                 break;
             }
+            if gone(holder) {
+                return (next, Some(*holder));
+            }
             next += 1;
         }
-        next
+        (next, None)
     }
 }

@@ -29,6 +29,10 @@ pub struct Lifecycle {
     /// An offline member is released this long after it went offline,
     /// unless its network says otherwise. Default 24 h.
     pub expire_after: Duration,
+    /// An offline *ephemeral* member is released this long after it went
+    /// offline. `None` (the default): `offline_after`, so a stateless
+    /// instance that stopped frees its slot within a minute.
+    pub ephemeral_after: Option<Duration>,
 }
 
 impl Default for Lifecycle {
@@ -36,6 +40,7 @@ impl Default for Lifecycle {
         Self {
             offline_after: Duration::from_secs(30),
             expire_after: Duration::from_secs(24 * 3600),
+            ephemeral_after: None,
         }
     }
 }
@@ -45,6 +50,11 @@ impl Lifecycle {
     /// (two can be lost before the member goes offline), 1–10 s.
     pub fn heartbeat_secs(&self) -> u16 {
         (self.offline_after.as_secs() / 3).clamp(1, 10) as u16
+    }
+
+    /// How long an offline ephemeral member is kept.
+    pub fn ephemeral_after(&self) -> Duration {
+        self.ephemeral_after.unwrap_or(self.offline_after)
     }
 }
 
@@ -192,10 +202,11 @@ impl Registry {
     ) -> (Vec<Change>, Vec<StoreOp>) {
         let now_s = unix(now);
         let offline_after = self.lifecycle.offline_after.as_secs();
+        let ephemeral_after = self.lifecycle.ephemeral_after().as_secs();
         let mut silent = Vec::new();
         let mut expired = Vec::new();
         for (id, net) in &self.networks {
-            let expire = self.expire_after(*id).as_secs();
+            let network_expire = self.expire_after(*id).as_secs();
             for (key, rec) in &net.members {
                 match rec.offline_since {
                     None => {
@@ -207,10 +218,16 @@ impl Registry {
                             silent.push((*id, *key));
                         }
                     }
-                    Some(since) if now_s.saturating_sub(since) >= expire => {
-                        expired.push((*id, *key));
+                    Some(since) => {
+                        let expire = if rec.ephemeral {
+                            ephemeral_after.min(network_expire)
+                        } else {
+                            network_expire
+                        };
+                        if now_s.saturating_sub(since) >= expire {
+                            expired.push((*id, *key));
+                        }
                     }
-                    Some(_) => {}
                 }
             }
         }

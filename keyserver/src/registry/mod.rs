@@ -15,6 +15,9 @@ mod records;
 mod replica;
 mod services;
 #[cfg(test)]
+mod slot_tests;
+mod slots;
+#[cfg(test)]
 mod tests;
 pub mod validate;
 
@@ -31,7 +34,7 @@ use meshlib::proto::{sha256, ErrorCode, JoinRequest, ResumeRequest, Secret};
 use subtle::ConstantTimeEq;
 
 pub use lifecycle::{Lifecycle, RotateError};
-use network::{default_instance, Network};
+use network::Network;
 pub use records::{
     unix, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord, NetworkRecord, Records,
     Resumed, ServiceRecord, StoreOp, TokenRecord,
@@ -66,12 +69,30 @@ pub enum ProtoOpError {
     /// member retries; it succeeds once that session ends.
     #[error("a session of this key is still open; retry in a few seconds")]
     SessionOpen,
-    /// The instance name is taken.
-    #[error("instance name {0} is taken in this network")]
+    /// The instance name (slot) is held by an online member and the join
+    /// did not ask to replace it.
+    #[error(
+        "instance {0} is online in this network; join with --replace if that instance is dead"
+    )]
     InstanceTaken(InstanceName),
-    /// No free address.
+    /// The slot named belongs to another service or process type: a join
+    /// can only take slots of the app and type it joins as.
+    #[error("instance {instance} belongs to service {service:?}, process type {process_type}; a join of another service or type cannot take it")]
+    SlotMismatch {
+        /// The slot asked for.
+        instance: InstanceName,
+        /// Its service.
+        service: String,
+        /// Its process type.
+        process_type: String,
+    },
+    /// No free address, and none will free up by itself.
     #[error("{0}")]
     NetworkFull(IpamError),
+    /// No free address now, but an offline member's or a quarantined
+    /// address becomes reusable within `offline-after`: retry.
+    #[error("{0}; an address frees up within the offline period, retry")]
+    NetworkBusy(IpamError),
     /// Unknown member or wrong credential (deliberately the same error).
     #[error("unknown member or wrong credential")]
     BadCredential,
@@ -92,8 +113,9 @@ impl ProtoOpError {
             Self::TokenBinding(_) => ErrorCode::TokenBinding,
             Self::KeyInUse(_) => ErrorCode::KeyInUse,
             Self::SessionOpen => ErrorCode::Busy,
-            Self::InstanceTaken(_) => ErrorCode::InstanceTaken,
+            Self::InstanceTaken(_) | Self::SlotMismatch { .. } => ErrorCode::InstanceTaken,
             Self::NetworkFull(_) => ErrorCode::NetworkFull,
+            Self::NetworkBusy(_) => ErrorCode::Busy,
             Self::BadCredential => ErrorCode::BadCredential,
             Self::InvalidMetadata(_) => ErrorCode::InvalidMetadata,
         }
@@ -350,6 +372,7 @@ impl Registry {
             process_type,
             created: unix(now),
             service_group: None,
+            ephemeral: false,
         };
         self.tokens.insert(hash, rec.clone());
         Ok((rec.clone(), vec![StoreOp::PutToken(rec)]))
@@ -396,6 +419,7 @@ impl Registry {
                 joined: r.joined,
                 last_seen: r.last_seen,
                 offline_since: r.offline_since,
+                ephemeral: r.ephemeral,
             })
             .collect();
         out.sort_by_key(|m| m.member.ip);
@@ -456,7 +480,9 @@ impl Registry {
     }
 
     /// Joins a member. `credential` is the fresh secret the driver generated;
-    /// only its hash is kept.
+    /// only its hash is kept. The join lands in a new slot or takes an
+    /// existing one over (see the `slots` module: the numbering rule,
+    /// `--instance`, `--replace`, ephemeral members, reclaiming addresses).
     ///
     /// A join with a key that is already a member is a retry when it comes
     /// with the same token and metadata, the member never used its
@@ -482,87 +508,35 @@ impl Registry {
             return self.rejoin(req, observed, credential, key_online, now);
         }
         let token_hash = self.check_token(req, now)?;
-        if let Some(name) = req
-            .instance
-            .as_ref()
-            .filter(|n| net.instances.contains_key(n))
-        {
-            return Err(ProtoOpError::InstanceTaken(name.clone()));
-        }
+        let token = &self.tokens[&token_hash];
         let app_id = app_id_for(net, &req.service, req.app_id.as_ref());
-        let index = net.lowest_free_index(&app_id, &req.process_type);
-        let instance = match &req.instance {
-            Some(name) => name.clone(),
-            None => default_instance(net, &req.service, &app_id, &req.process_type, index)
-                .ok_or_else(|| {
-                    ProtoOpError::InvalidMetadata(format!(
-                        "no free default instance name for service {:?}, type {} and index {index} within 63 bytes; choose one (--instance)",
-                        req.service, req.process_type
-                    ))
-                })?,
-        };
-        let token_group = self.tokens[&token_hash].service_group.clone();
+        let landing = net.landing(req, &app_id)?;
+        let instance = landing.instance(net);
         let plan = services::plan_join(
             net,
             req,
-            token_group.as_ref(),
+            token.service_group.as_ref(),
             &instance,
             credential,
             &self.service_domain,
         )?;
-        let log_cap = self.log_cap;
-        let net = self.networks.get_mut(&req.network).expect("checked above");
-        // Last fallible step: the allocation. Nothing has changed before it.
-        let ip = net.alloc.allocate(now).map_err(ProtoOpError::NetworkFull)?;
-        let member = Member {
-            public_key: req.public_key,
-            ip,
-            endpoints: resolved_endpoints(&req.endpoints, observed),
-            service: req.service.clone(),
-            app_id,
-            process_type: req.process_type.clone(),
-            index,
-            instance,
-            runner: req.runner.clone(),
-            ports: dedup_ports(&req.ports),
-            state: meshlib::netmap::MemberState::Online,
+        let input = slots::JoinInputs {
+            req,
+            observed,
+            credential,
+            token_hash,
+            ephemeral: req.ephemeral || token.ephemeral,
+            plan,
+            now,
         };
-        let rec = MemberRecord {
-            network: req.network,
-            member: member.clone(),
-            credential_hash: sha256(credential),
-            joined: unix(now),
-            last_seen: unix(now),
-            offline_since: None,
-            previous_keys: vec![],
-            token_hash: Some(token_hash),
-            credential_used: false,
-        };
-        net.instances
-            .insert(member.instance.clone(), member.public_key);
-        net.catalog.add(&member);
-        net.members.insert(member.public_key, rec.clone());
-        let mut changes = vec![MapChange::Upsert(member.clone())];
-        let (service_changes, service_ops) = services::apply_join(net, plan, &member.instance, now);
-        changes.extend(service_changes);
-        let (change, net_op) = net.record(changes, None, log_cap);
-        let map = net.snapshot();
-        let tok = self.tokens.get_mut(&token_hash).expect("checked above");
-        tok.uses_left -= 1;
-        let mut ops = vec![
-            StoreOp::PutToken(tok.clone()),
-            StoreOp::PutMember(rec),
-            StoreOp::DeleteQuarantine(req.network, ip),
-            net_op,
-        ];
-        ops.extend(service_ops);
-        Ok(Joined {
-            member,
-            map,
-            change: Some(change),
-            rejoined: false,
-            ops,
-        })
+        match landing {
+            slots::Landing::Takeover { old } => Ok(self.take_over(old, input)),
+            slots::Landing::New {
+                index,
+                instance,
+                evict,
+            } => self.new_slot(index, instance, evict, app_id, input),
+        }
     }
 
     /// A join whose key is already a member: the membership back with a new
@@ -624,7 +598,8 @@ impl Registry {
         Ok(Joined {
             map: net.snapshot(),
             member,
-            change,
+            changes: change.into_iter().collect(),
+            replaced: None,
             rejoined: true,
             ops,
         })
@@ -766,10 +741,9 @@ impl Registry {
         key_or_instance: &str,
         now: SystemTime,
     ) -> Result<(Change, Vec<StoreOp>), AdminError> {
-        let log_cap = self.log_cap;
         let net = self
             .networks
-            .get_mut(&network)
+            .get(&network)
             .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))?;
         let unknown = || AdminError::UnknownMember(key_or_instance.to_owned());
         let key = match key_or_instance.parse::<PublicKey>() {
@@ -779,23 +753,68 @@ impl Registry {
                 *net.instances.get(&name).ok_or_else(unknown)?
             }
         };
-        let rec = net.members.remove(&key).ok_or_else(unknown)?;
+        self.remove_key(network, key, now)
+    }
+
+    /// Removes a member by key: its slot is freed, its address quarantined
+    /// from when it stopped being named (when it went offline, or now), its
+    /// own service groups deleted and it leaves the others (seed 002).
+    pub(super) fn remove_key(
+        &mut self,
+        network: NetworkId,
+        key: PublicKey,
+        now: SystemTime,
+    ) -> Result<(Change, Vec<StoreOp>), AdminError> {
+        let log_cap = self.log_cap;
+        let net = self
+            .networks
+            .get_mut(&network)
+            .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))?;
+        let rec = net
+            .members
+            .remove(&key)
+            .ok_or_else(|| AdminError::UnknownMember(key.to_string()))?;
         net.catalog.remove(&rec.member);
-        net.instances.remove(&rec.member.instance);
-        net.alloc.release(rec.member.ip, now);
-        let until = unix(now) + self.quarantine.as_secs();
-        // Its own service groups go, and it leaves the others (seed 002).
+        if net.instances.get(&rec.member.instance) == Some(&key) {
+            net.instances.remove(&rec.member.instance);
+        }
+        let unnamed = rec
+            .offline_since
+            .map_or(now, |s| UNIX_EPOCH + Duration::from_secs(s))
+            .min(now);
+        let until = net
+            .alloc
+            .release_since(rec.member.ip, unnamed)
+            .map_or(0, unix);
         let (service_changes, service_ops) = services::instance_gone(net, &rec.member.instance);
         let mut changes = vec![MapChange::Remove(key)];
         changes.extend(service_changes);
         let (change, net_op) = net.record(changes, Some(key), log_cap);
-        let mut ops = vec![
-            StoreOp::DeleteMember(network, key),
-            StoreOp::PutQuarantine(network, rec.member.ip, until),
-            net_op,
-        ];
+        let mut ops = vec![StoreOp::DeleteMember(network, key)];
+        if until > unix(now) {
+            ops.push(StoreOp::PutQuarantine(network, rec.member.ip, until));
+        } else {
+            ops.push(StoreOp::DeleteQuarantine(network, rec.member.ip));
+        }
+        ops.push(net_op);
         ops.extend(service_ops);
         Ok((change, ops))
+    }
+
+    /// Makes every member joining with a token ephemeral (or not).
+    pub fn set_token_ephemeral(
+        &mut self,
+        network: NetworkId,
+        token_id: &str,
+        ephemeral: bool,
+    ) -> Result<(TokenRecord, Vec<StoreOp>), AdminError> {
+        let tok = self
+            .tokens
+            .values_mut()
+            .find(|t| t.network == network && t.id == token_id)
+            .ok_or_else(|| AdminError::UnknownToken(token_id.to_owned()))?;
+        tok.ephemeral = ephemeral;
+        Ok((tok.clone(), vec![StoreOp::PutToken(tok.clone())]))
     }
 
     /// Deletes a network with its tokens and quarantine entries. A network
@@ -888,7 +907,10 @@ pub fn observed_endpoint(advertised: &[SocketAddr], observed: SocketAddr) -> Opt
 
 /// A member's endpoints: the advertised ones (at most
 /// [`Registry::MAX_ENDPOINTS`]), then the observed one.
-fn resolved_endpoints(advertised: &[SocketAddr], observed: SocketAddr) -> Vec<SocketAddr> {
+pub(super) fn resolved_endpoints(
+    advertised: &[SocketAddr],
+    observed: SocketAddr,
+) -> Vec<SocketAddr> {
     let mut eps: Vec<SocketAddr> = advertised
         .iter()
         .take(Registry::MAX_ENDPOINTS)
@@ -922,7 +944,7 @@ fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
 }
 
 /// A member's declared ports, sorted, without duplicates.
-fn dedup_ports(ports: &[u16]) -> Vec<u16> {
+pub(super) fn dedup_ports(ports: &[u16]) -> Vec<u16> {
     let mut p = ports.to_vec();
     p.sort_unstable();
     p.dedup();

@@ -110,10 +110,6 @@ impl Network {
             _ => Catchup::Snapshot(self.snapshot()),
         }
     }
-
-    pub(super) fn lowest_free_index(&self, app: &AppId, ptype: &ProcessType) -> u32 {
-        self.catalog.lowest_free_index(app, ptype)
-    }
 }
 
 /// What a change is about: a member or a service group.

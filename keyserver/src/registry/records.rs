@@ -57,6 +57,11 @@ pub struct TokenRecord {
     /// (seed 002), which must exist at join time.
     #[serde(default)]
     pub service_group: Option<meshlib::services::GroupName>,
+    /// Every member joining with it is ephemeral (a platform whose
+    /// instances never keep their state sets it on the deployment's
+    /// token), whatever the join asks.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// A stored service group (seed 002).
@@ -102,6 +107,11 @@ pub struct MemberRecord {
     /// refused: only the credential brings the membership back.
     #[serde(default)]
     pub credential_used: bool,
+    /// An ephemeral member is removed (its slot and address freed) once
+    /// offline for `ephemeral-after`, and while offline its index counts
+    /// as free: a new instance of its type takes its slot over.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// One write for the store; a list of them is committed atomically.
@@ -197,9 +207,14 @@ pub struct Joined {
     pub member: Member,
     /// The map including the new member.
     pub map: NetworkMap,
-    /// The change to push to the others (`None` for a retried join that
-    /// changed nothing the peers see).
-    pub change: Option<Change>,
+    /// The changes to push, in order: an offline member the join reclaimed
+    /// (pushed as its expiry), then the join itself (a takeover removes the
+    /// slot's old key in the same delta). Empty for a retried join that
+    /// changed nothing the peers see.
+    pub changes: Vec<Change>,
+    /// The key whose slot this join took over, if any (its session ends
+    /// with [`meshlib::proto::ErrorCode::Replaced`]).
+    pub replaced: Option<PublicKey>,
     /// Whether this was a retried join that got an existing membership back.
     pub rejoined: bool,
     /// Writes to commit.
@@ -231,4 +246,7 @@ pub struct MemberInfo {
     pub last_seen: u64,
     /// When the member went offline (Unix seconds), if it is.
     pub offline_since: Option<u64>,
+    /// Whether the member is ephemeral (freed soon after going offline).
+    #[serde(default)]
+    pub ephemeral: bool,
 }

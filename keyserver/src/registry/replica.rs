@@ -356,7 +356,7 @@ mod tests {
                 .join(&join_req(net.id), obs, &[2; 32], false, now)
                 .unwrap();
             let mut ops = j.ops.clone();
-            let changes: Vec<_> = j.change.into_iter().collect();
+            let changes: Vec<_> = j.changes;
             ops.extend(a.log_ops(&changes));
             assert!(b.apply(&ops).is_empty());
             assert_eq!(changes_of(&ops).len(), 1);

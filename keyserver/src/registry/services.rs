@@ -141,6 +141,20 @@ pub(super) fn plan_join(
     let specs: Vec<_> = req.publish.iter().map(|p| p.to_spec()).collect();
     let bad = |e: ServiceError| ProtoOpError::InvalidMetadata(format!("--publish: {e}"));
     let ports = services::check_ports(&specs).map_err(bad)?;
+    // A slot taken over keeps the group its instance owns: same name and
+    // FQDN, the new ports.
+    if let Some(own) = net
+        .services
+        .values()
+        .find(|r| r.group.owner.as_ref() == Some(instance))
+    {
+        let mut group = own.group.clone();
+        group.ports = ports;
+        group.attach(instance.clone());
+        check_udp(net, &group).map_err(bad)?;
+        plan.owned = Some(group);
+        return Ok(plan);
+    }
     let seed = sha256(&[&credential[..], b"service-group"].concat());
     let name = services::owned_group_name(instance, &letters(&seed, 6));
     let mut group = ServiceGroup {
@@ -183,15 +197,51 @@ pub(super) fn apply_join(
         }
     }
     if let Some(group) = plan.owned {
+        let created = net
+            .services
+            .get(&group.name)
+            .map_or(unix(now), |r| r.created);
         let rec = ServiceRecord {
             network: net.rec.id,
             group,
-            created: unix(now),
+            created,
         };
-        changes.push(MapChange::ServiceUpsert(rec.group.clone()));
-        ops.push(StoreOp::PutService(rec.clone()));
-        net.services.insert(rec.group.name.clone(), rec);
+        if net.services.get(&rec.group.name) != Some(&rec) {
+            changes.push(MapChange::ServiceUpsert(rec.group.clone()));
+            ops.push(StoreOp::PutService(rec.clone()));
+            net.services.insert(rec.group.name.clone(), rec);
+        }
     }
+    (changes, ops)
+}
+
+/// Applies a [`JoinPlan`] for a slot taken over: the instance keeps its
+/// groups; the group it owns follows the new join's `--publish` (same name
+/// and FQDN, the new ports), or goes if the new join publishes nothing.
+pub(super) fn apply_takeover(
+    net: &mut Network,
+    plan: JoinPlan,
+    instance: &InstanceName,
+    now: SystemTime,
+) -> (Vec<MapChange>, Vec<StoreOp>) {
+    let (mut changes, mut ops) = (Vec::new(), Vec::new());
+    if plan.owned.is_none() {
+        let id = net.rec.id;
+        let owned: Vec<GroupName> = net
+            .services
+            .values()
+            .filter(|r| r.group.owner.as_ref() == Some(instance))
+            .map(|r| r.group.name.clone())
+            .collect();
+        for name in owned {
+            net.services.remove(&name);
+            changes.push(MapChange::ServiceRemove(name.clone()));
+            ops.push(StoreOp::DeleteService(id, name));
+        }
+    }
+    let (more_changes, more_ops) = apply_join(net, plan, instance, now);
+    changes.extend(more_changes);
+    ops.extend(more_ops);
     (changes, ops)
 }
 
@@ -541,7 +591,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            j.change.as_ref().unwrap().delta.changes.len(),
+            j.changes.last().unwrap().delta.changes.len(),
             3,
             "member, attach, owned group in one delta"
         );

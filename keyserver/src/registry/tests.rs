@@ -76,7 +76,7 @@ fn join_assigns_ip_index_name_and_logs() {
     assert_eq!(a.member.app_id, b.member.app_id);
     assert_ne!(a.member.instance, b.member.instance);
     assert_eq!(b.map.members.len(), 2);
-    let change = b.change.as_ref().unwrap();
+    let change = b.changes.last().unwrap();
     assert_eq!((change.delta.from, change.delta.to), (1, 2));
     assert_eq!(reg.tokens(net)[0].uses_left, 8);
     // Catch-up by deltas, then by snapshot once the log (cap 4) is exceeded.
@@ -435,7 +435,7 @@ fn a_retried_join_gets_its_membership_back() {
     let again = reg.join(&r, obs, &[2; 32], false, now()).unwrap();
     assert!(again.rejoined);
     assert_eq!(again.member, first.member);
-    assert!(again.change.is_none(), "nothing the peers see changed");
+    assert!(again.changes.is_empty(), "nothing the peers see changed");
     assert_eq!(again.map.members.len(), 1);
     assert_eq!(reg.tokens(net)[0].uses_left, 0);
     // The new credential resumes; the lost one does not.

@@ -142,6 +142,8 @@ pub fn meta(service: &str) -> (PrivateKey, MemberMeta) {
         runner: "runner-1".into(),
         ports: vec![],
         endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+        replace: false,
+        ephemeral: false,
     };
     (key, meta)
 }

@@ -153,6 +153,11 @@ pub struct MemberMeta {
     pub endpoints: Vec<SocketAddr>,
     /// Ports the instance serves ([`crate::netmap::Member::ports`]).
     pub ports: Vec<u16>,
+    /// Take the slot of [`MemberMeta::instance`] even while it is online
+    /// ([`JoinRequest::replace`]).
+    pub replace: bool,
+    /// Join as an ephemeral member ([`JoinRequest::ephemeral`]).
+    pub ephemeral: bool,
 }
 
 /// Something the driver must do.
@@ -751,8 +756,8 @@ impl MemberCore {
                     ports: self.ports.clone(),
                     service_groups: self.join_services.groups.clone(),
                     publish: self.join_services.publish.clone(),
-                    replace: false,
-                    ephemeral: false,
+                    replace: meta.replace,
+                    ephemeral: meta.ephemeral,
                 })
             }
             // Built with a token or a membership; keep a harmless value.

@@ -28,6 +28,8 @@ fn meta(key: PublicKey) -> MemberMeta {
         runner: "r1".into(),
         endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
         ports: vec![8080],
+        replace: false,
+        ephemeral: false,
     }
 }
 

@@ -126,6 +126,18 @@ pub struct NodeConfig {
     /// Service groups (seed 002) to attach to, and ports to publish in a
     /// group owned by this member, at the first join.
     pub services: crate::services::JoinServices,
+    /// Whether the first join is ephemeral: the keyserver frees the slot
+    /// soon after the member goes offline. `None` (the default) decides by
+    /// the state: a first join is ephemeral, because a member that joins
+    /// finds no membership in its state directory, and on the platforms
+    /// this mesh serves that means a container without persistent state,
+    /// which will never resume this membership (keeping its slot would hold
+    /// an index and an address for `expire-after`). A member whose state
+    /// directory survives restarts sets `Some(false)`.
+    pub ephemeral: Option<bool>,
+    /// Take the slot of [`NodeConfig::instance`] at the first join even if
+    /// it is online (the platform knows that instance is dead).
+    pub replace: bool,
 }
 
 impl Default for NodeConfig {
@@ -147,6 +159,8 @@ impl Default for NodeConfig {
             client: ClientConfig::default(),
             on_map: None,
             services: Default::default(),
+            ephemeral: None,
+            replace: false,
         }
     }
 }
@@ -717,6 +731,8 @@ async fn first_join(
         runner: cfg.runner.clone(),
         endpoints: initial_endpoints(cfg, crate::ipam::DEFAULT_RANGE),
         ports: cfg.ports.clone(),
+        replace: cfg.replace,
+        ephemeral: cfg.ephemeral.unwrap_or(true),
     };
     let endpoint = quic_endpoint(&token.addrs).map_err(ctl)?;
     let mut session = control::start_join_with_services(

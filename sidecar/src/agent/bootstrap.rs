@@ -64,6 +64,8 @@ pub(super) fn prepare(config: &Config) -> Result<Prepared, AgentError> {
         client: client_config(config),
         on_map: None,
         services,
+        ephemeral: config.ephemeral,
+        replace: config.replace,
     };
     Ok(Prepared { node, overrides })
 }
