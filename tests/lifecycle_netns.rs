@@ -81,7 +81,14 @@ fn kill_stop_restart_leave_and_a_new_instance() {
     let (ha, hb, hc) = (mesh.host(2), mesh.host(3), mesh.host(4));
     let a = mesh.sidecar(&ha, "web", "up", &["--token", &token]);
     let mut b = mesh.sidecar(&hb, "api", "up", &["--token", &token]);
-    let mut c = mesh.sidecar(&hc, "cache", "up", &["--token", &token]);
+    // c keeps its state directory across restarts: not ephemeral, so its
+    // slot waits for it while it is down.
+    let mut c = mesh.sidecar(
+        &hc,
+        "cache",
+        "up",
+        &["--token", &token, "--ephemeral=false"],
+    );
     for sc in [&a, &b, &c] {
         sc.wait_peers(2, SETTLE);
     }
@@ -155,8 +162,9 @@ fn kill_stop_restart_leave_and_a_new_instance() {
         "the left member's address, after the quarantine"
     );
 
-    // b is offline (stopped); it expires 8 s later. A new api instance
-    // then takes index 1 and api.warp.
+    // b is offline (stopped) and ephemeral (the default of a first join):
+    // it is freed 4 s later (`ephemeral-after` = `offline-after`). A new
+    // api instance then takes index 1 and api.warp.
     wait_for(Duration::from_secs(20), || {
         !mesh
             .admin(&["member", "list", "--network", "prod"])
@@ -179,7 +187,8 @@ fn run_waits_for_the_map_and_sets_its_variables() {
     let mut mesh = Mesh::with_keyserver_config(TIMERS);
     let token = mesh.token();
     let (ha, hb) = (mesh.host(2), mesh.host(3));
-    let mut a = mesh.sidecar(&ha, "web", "up", &["--token", &token]);
+    // a restarts with its state: not ephemeral.
+    let mut a = mesh.sidecar(&ha, "web", "up", &["--token", &token, "--ephemeral=false"]);
     a.wait_peers(0, SETTLE);
     a.stop();
     // While a is down, a service joins.

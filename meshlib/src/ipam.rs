@@ -187,6 +187,11 @@ impl Allocator {
         Some(until)
     }
 
+    /// Whether `ip` is handed out.
+    pub fn in_use(&self, ip: Ipv4Addr) -> bool {
+        self.used.contains(&u32::from(ip))
+    }
+
     /// The quarantine period of this allocator.
     pub fn quarantine(&self) -> Duration {
         self.quarantine

@@ -234,7 +234,7 @@ impl Registry {
         let (mut changes, mut ops) = (Vec::new(), Vec::new());
         for (id, key) in silent.into_iter().chain(expired).take(limit) {
             let (change, more) = if self.is_offline(id, &key) {
-                match self.remove_member(id, &key.to_string(), now) {
+                match self.remove_key(id, key, now, true) {
                     Ok((c, o)) => (Some(c), o),
                     Err(_) => (None, vec![]),
                 }

@@ -753,17 +753,21 @@ impl Registry {
                 *net.instances.get(&name).ok_or_else(unknown)?
             }
         };
-        self.remove_key(network, key, now)
+        self.remove_key(network, key, now, false)
     }
 
     /// Removes a member by key: its slot is freed, its address quarantined
     /// from when it stopped being named (when it went offline, or now), its
     /// own service groups deleted and it leaves the others (seed 002).
+    /// `expired`: the lifecycle freed it (expiry, an ephemeral member,
+    /// reclaimed), not a revocation or a leave: the slot keeps a claim on
+    /// its address ([`Network::released`]).
     pub(super) fn remove_key(
         &mut self,
         network: NetworkId,
         key: PublicKey,
         now: SystemTime,
+        expired: bool,
     ) -> Result<(Change, Vec<StoreOp>), AdminError> {
         let log_cap = self.log_cap;
         let net = self
@@ -786,6 +790,25 @@ impl Registry {
             .alloc
             .release_since(rec.member.ip, unnamed)
             .map_or(0, unix);
+        if !expired {
+            let ip = rec.member.ip;
+            net.released.retain(|_, f| f.ip != ip);
+        } else if net.released.len() >= net.alloc.capacity() {
+            // Bounded by the range: forget slots whose address moved on.
+            let alloc = &net.alloc;
+            net.released.retain(|_, f| !alloc.in_use(f.ip));
+        }
+        if expired {
+            net.released.insert(
+                rec.member.instance.clone(),
+                network::FreedSlot {
+                    ip: rec.member.ip,
+                    service: rec.member.service.clone(),
+                    app_id: rec.member.app_id.clone(),
+                    process_type: rec.member.process_type.clone(),
+                },
+            );
+        }
         let (service_changes, service_ops) = services::instance_gone(net, &rec.member.instance);
         let mut changes = vec![MapChange::Remove(key)];
         changes.extend(service_changes);
@@ -923,14 +946,23 @@ pub(super) fn resolved_endpoints(
 }
 
 /// The app id a joining member of `service` gets: the keyserver decides.
-/// It is the id of the service's existing members; for a service new to the
-/// network, the client's `hint` if it has the keyserver's own `ap-<uuid>`
-/// form and no other service uses it (as app id or as `.warp` label, both
-/// of which name members in DNS), else a fresh `ap-<uuid>`. So a member can
-/// never place itself under another service's names.
+/// It is the id of the service's existing members, or of its freed slots
+/// (a service whose last instance just went keeps its names); for a
+/// service new to the network, the client's `hint` if it has the
+/// keyserver's own `ap-<uuid>` form and no other service uses it (as app
+/// id or as `.warp` label, both of which name members in DNS), else a
+/// fresh `ap-<uuid>`. So a member can never place itself under another
+/// service's names.
 fn app_id_for(net: &Network, service: &str, hint: Option<&AppId>) -> AppId {
     if let Some(id) = net.catalog.service_app(service) {
         return id.clone();
+    }
+    let freed = net
+        .released
+        .values()
+        .find(|f| f.service == service && !net.catalog.app_taken(&f.app_id));
+    if let Some(f) = freed {
+        return f.app_id.clone();
     }
     let usable = |hint: &&AppId| {
         let shaped = hint

@@ -23,6 +23,22 @@ pub(super) struct Network {
     pub(super) services: BTreeMap<meshlib::services::GroupName, ServiceRecord>,
     /// Services, app ids and indexes in use (joins read it, not the members).
     pub(super) catalog: super::catalog::Catalog,
+    /// The address each freed slot (instance name) had, with its app and
+    /// type, while that address is in quarantine: the same slot coming
+    /// back (a stateful member whose ephemeral membership was freed, the
+    /// next instance of the type) gets its address back, which no stale
+    /// answer can misdirect. Memory only: after a restart, or on another
+    /// replica, the slot simply gets a fresh address.
+    pub(super) released: HashMap<InstanceName, FreedSlot>,
+}
+
+/// What a freed slot had (see [`Network::released`]).
+#[derive(Debug, Clone)]
+pub(super) struct FreedSlot {
+    pub(super) ip: std::net::Ipv4Addr,
+    pub(super) service: String,
+    pub(super) app_id: AppId,
+    pub(super) process_type: ProcessType,
 }
 
 impl Network {
@@ -35,6 +51,7 @@ impl Network {
             log: VecDeque::new(),
             services: BTreeMap::new(),
             catalog: Default::default(),
+            released: HashMap::new(),
         })
     }
 

@@ -317,6 +317,60 @@ fn ephemeral_members_expire_after_ephemeral_after() {
     assert!(!reg.is_member(net, &p.public_key));
 }
 
+/// A freed slot that comes back (the next instance of its type, or the
+/// stateful member whose ephemeral membership was freed, joining again by
+/// name) gets its address back, quarantine or not; another service asking
+/// for the same name does not.
+#[test]
+fn a_freed_slot_gets_its_address_back() {
+    let (mut reg, net, secret) = setup("10.240.0.0/22");
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            join(&mut reg, &join_req(net, secret, "filler", "web"), t0())
+                .unwrap()
+                .member
+        })
+        .collect();
+    let a = join(&mut reg, &join_req(net, secret, "api", "web"), t0())
+        .unwrap()
+        .member;
+    reg.set_offline(net, &a.public_key, at(1));
+    reg.sweep(
+        at(31),
+        |_, k| (*k != a.public_key).then_some(unix(at(31))),
+        100,
+    );
+    assert!(!reg.is_member(net, &a.public_key), "freed");
+    // Within the 300 s quarantine: the same slot, the same address.
+    let mut back = join_req(net, secret, "api", "web");
+    back.instance = Some(a.instance.clone());
+    let b = join(&mut reg, &back, at(40)).unwrap().member;
+    assert_eq!((b.ip, b.index, &b.instance), (a.ip, 1, &a.instance));
+    // Freed again; a filler asking for that name gets a fresh address.
+    reg.set_offline(net, &b.public_key, at(50));
+    reg.sweep(
+        at(80),
+        |_, k| (*k != b.public_key).then_some(unix(at(80))),
+        100,
+    );
+    assert!(!reg.is_member(net, &b.public_key), "freed");
+    let mut squat = join_req(net, secret, "filler", "web");
+    squat.instance = Some(a.instance.clone());
+    let c = join(&mut reg, &squat, at(90)).unwrap().member;
+    assert_ne!(c.ip, a.ip);
+    // The service's next instance still finds its slot's address and app.
+    reg.remove_member(net, &c.public_key.to_string(), at(95))
+        .unwrap();
+    let d = join(&mut reg, &join_req(net, secret, "api", "web"), at(100))
+        .unwrap()
+        .member;
+    assert_eq!(
+        (d.ip, &d.app_id, &d.instance),
+        (a.ip, &a.app_id, &a.instance)
+    );
+    assert!(others.iter().all(|o| o.ip != c.ip));
+}
+
 #[test]
 fn a_full_network_reclaims_the_longest_offline_member() {
     // A /29: 6 addresses.

@@ -140,6 +140,23 @@ impl Network {
         Ok(Landing::Takeover { old: *old })
     }
 
+    /// The address the slot `instance` had before it was freed, if nobody
+    /// holds it now and the slot is of the same app and type: reserved for
+    /// it again (a quarantine on it is lifted: it is the same slot).
+    fn slot_address(
+        &mut self,
+        (instance, app, ptype): (&InstanceName, &AppId, &meshlib::ids::ProcessType),
+    ) -> Option<Ipv4Addr> {
+        let freed = self.released.get(instance)?;
+        if freed.app_id != *app || freed.process_type != *ptype {
+            return None;
+        }
+        let ip = freed.ip;
+        self.released.remove(instance);
+        self.alloc.reserve(ip).ok()?;
+        Some(ip)
+    }
+
     /// The member offline longest, if it has been offline at least
     /// `min_age` at `now` (a candidate to reclaim when addresses run out).
     fn longest_offline(&self, now: u64, min_age: u64) -> Option<PublicKey> {
@@ -252,11 +269,15 @@ impl Registry {
     fn address_for(
         &mut self,
         network: NetworkId,
+        slot: (&InstanceName, &AppId, &meshlib::ids::ProcessType),
         evict: Option<PublicKey>,
         now: SystemTime,
     ) -> Result<Address, ProtoOpError> {
         let min_age = self.lifecycle.offline_after;
         let net = self.networks.get_mut(&network).expect("checked");
+        if let Some(ip) = net.slot_address(slot) {
+            return Ok(Address::Ready(ip));
+        }
         let full = match net.alloc.allocate(now) {
             Ok(ip) => return Ok(Address::Ready(ip)),
             Err(e) => e,
@@ -290,7 +311,8 @@ impl Registry {
         input: JoinInputs<'_>,
     ) -> Result<Joined, ProtoOpError> {
         let (req, now) = (input.req, input.now);
-        let address = self.address_for(req.network, evict, now)?;
+        let slot = (&instance, &app_id, &req.process_type);
+        let address = self.address_for(req.network, slot, evict, now)?;
         // Nothing has changed but the allocation; from here on nothing fails.
         let (mut changes, mut ops) = (Vec::new(), Vec::new());
         let reclaim = match address {
@@ -306,7 +328,7 @@ impl Registry {
             .into_iter()
             .chain(evict.filter(|e| Some(*e) != reclaim))
         {
-            if let Ok((c, o)) = self.remove_key(req.network, gone, now) {
+            if let Ok((c, o)) = self.remove_key(req.network, gone, now, true) {
                 changes.push(c);
                 ops.extend(o);
             }
