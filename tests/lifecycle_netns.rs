@@ -80,9 +80,10 @@ fn kill_stop_restart_leave_and_a_new_instance() {
     let token = mesh.token();
     let (ha, hb, hc) = (mesh.host(2), mesh.host(3), mesh.host(4));
     let a = mesh.sidecar(&ha, "web", "up", &["--token", &token]);
-    let mut b = mesh.sidecar(&hb, "api", "up", &["--token", &token]);
-    // c keeps its state directory across restarts: not ephemeral, so its
-    // slot waits for it while it is down.
+    // b and c keep their state directories across restarts: not
+    // ephemeral, so their slots wait for them while they are down (until
+    // `expire-after`).
+    let mut b = mesh.sidecar(&hb, "api", "up", &["--token", &token, "--ephemeral=false"]);
     let mut c = mesh.sidecar(
         &hc,
         "cache",
@@ -162,9 +163,8 @@ fn kill_stop_restart_leave_and_a_new_instance() {
         "the left member's address, after the quarantine"
     );
 
-    // b is offline (stopped) and ephemeral (the default of a first join):
-    // it is freed 4 s later (`ephemeral-after` = `offline-after`). A new
-    // api instance then takes index 1 and api.warp.
+    // b is offline (stopped); it expires 8 s later. A new api instance
+    // then takes index 1 and api.warp.
     wait_for(Duration::from_secs(20), || {
         !mesh
             .admin(&["member", "list", "--network", "prod"])

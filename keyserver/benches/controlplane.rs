@@ -17,6 +17,13 @@
 //! members in 100 networks on one keyserver (RSS per connected member, CPU
 //! per join); and the registry's own CPU per join into a network of 1000
 //! members (the pure core, no I/O).
+//!
+//! Then stateless restarts (issue 18; `CP_BENCH_ONLY=restarts` alone): one
+//! network of 1000 members, and 10,000 restarts of 10 ephemeral instances
+//! (each a graceful stop, then a new key joining as the same service, which
+//! takes the slot over): the restart rate, the addresses held at the end,
+//! and the change->all latency of a slot takeover against a plain join
+//! (the anchor, same run).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -591,10 +598,18 @@ async fn main() -> anyhow::Result<()> {
     let mut next_id = 0;
     let mut keep = Vec::new();
 
-    // `CP_BENCH_ONLY=scale`: only the 10,000-member scenario.
-    if std::env::var("CP_BENCH_ONLY").as_deref() == Ok("scale") {
-        drop(server);
-        return scale_scenario(quick, &mut next_id).await;
+    // `CP_BENCH_ONLY=scale`: only the 10,000-member scenario;
+    // `CP_BENCH_ONLY=restarts`: only the stateless restarts.
+    match std::env::var("CP_BENCH_ONLY").as_deref() {
+        Ok("scale") => {
+            drop(server);
+            return scale_scenario(quick, &mut next_id).await;
+        }
+        Ok("restarts") => {
+            drop(server);
+            return restarts_scenario(quick, &mut next_id).await;
+        }
+        _ => {}
     }
     let (small, m) = scenario(&server, &eps, 1, 100, "small", &mut next_id).await?;
     keep.extend(m);
@@ -660,7 +675,157 @@ async fn main() -> anyhow::Result<()> {
     for ep in eps {
         ep.close(0u32.into(), b"done");
     }
-    scale_scenario(quick, &mut next_id).await
+    scale_scenario(quick, &mut next_id).await?;
+    restarts_scenario(quick, &mut next_id).await
+}
+
+/// Waits until every observer in `ids` reported `generation` or later;
+/// the time from `start` to the last one.
+async fn reach_all(
+    reports: &mut mpsc::UnboundedReceiver<Report>,
+    ids: std::ops::Range<usize>,
+    generation: u64,
+    start: Instant,
+) -> anyhow::Result<Duration> {
+    let mut reached: HashMap<usize, Instant> = HashMap::new();
+    let deadline = start + Duration::from_secs(30);
+    while reached.len() < ids.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((id, g, at))) = tokio::time::timeout(left, reports.recv()).await else {
+            bail!(
+                "generation {generation} reached {} of {} members in 30 s",
+                reached.len(),
+                ids.len()
+            );
+        };
+        if g >= generation && ids.contains(&id) {
+            reached.entry(id).or_insert(at);
+        }
+    }
+    Ok(reached.values().max().copied().unwrap_or(start) - start)
+}
+
+/// One ephemeral member of `service` joining with a fresh key (a stateless
+/// start).
+async fn stateless_join(
+    ep: &quinn::Endpoint,
+    token: &JoinToken,
+    service: &str,
+) -> anyhow::Result<control::Session> {
+    let meta = MemberMeta {
+        public_key: PrivateKey::generate().public_key(),
+        service: service.into(),
+        app_id: None,
+        process_type: Default::default(),
+        instance: None,
+        runner: "bench".into(),
+        ports: vec![],
+        endpoints: vec!["192.0.2.1:51820".parse()?],
+        replace: false,
+        ephemeral: true,
+    };
+    let cfg = ClientConfig {
+        connect_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    };
+    control::join(ep, token, meta, &cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+/// Stateless restarts into one network of 1000 members (quick: 200
+/// members, 500 restarts).
+async fn restarts_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<()> {
+    let (size, restarts, loops) = if quick {
+        (200, 500, 10)
+    } else {
+        (1000, 10_000, 10)
+    };
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path())?;
+    let eps: Vec<quinn::Endpoint> = (0..size / 25 + 2)
+        .map(|_| control::client_endpoint("127.0.0.1:0".parse().expect("literal")))
+        .collect::<Result<_, _>>()?;
+    let token = server.network("restarts").await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id0 = *next_id;
+    let (observers, t) = join_many(&eps, &token, size, id0, &tx).await?;
+    *next_id += size;
+    eprintln!("restarts: {size} members joined in {t:?}");
+    // The restarting instances, `loops` at a time, each on its own socket.
+    let per_loop = restarts / loops;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..loops {
+        let (ep, token) = (eps[k % eps.len()].clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let service = format!("restart{k}");
+            let mut s = stateless_join(&ep, &token, &service).await?;
+            let ip = s.welcome().ip;
+            let mut moved = 0usize;
+            for _ in 0..per_loop {
+                s.shutdown().await;
+                s = stateless_join(&ep, &token, &service).await?;
+                moved += usize::from(s.welcome().ip != ip);
+            }
+            anyhow::Ok((s, moved))
+        }));
+    }
+    let mut live = Vec::new();
+    let mut moved = 0;
+    for t in tasks {
+        let (s, m) = t.await??;
+        live.push(s);
+        moved += m;
+    }
+    let elapsed = start.elapsed();
+    let cpu_note = server.cpu();
+    let held = server
+        .admin
+        .call(Method::GET, "/v1/networks/restarts/members", None)
+        .await?
+        .as_array()
+        .map_or(0, Vec::len);
+    // Change->all: a takeover against a plain join, alternating, 10 each.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while rx.try_recv().is_ok() {}
+    let ids = id0..id0 + size;
+    let (mut takeover, mut plain) = (Vec::new(), Vec::new());
+    let mut s = live.pop().context("a restarting instance")?;
+    for j in 0..10 {
+        s.shutdown().await;
+        let info = server
+            .admin
+            .call(Method::GET, "/v1/networks/restarts", None)
+            .await?;
+        let g = info["generation"].as_u64().context("generation")?;
+        reach_all(&mut rx, ids.clone(), g, Instant::now()).await?;
+        let t0 = Instant::now();
+        s = stateless_join(&eps[0], &token, "restart9").await?;
+        takeover.push(reach_all(&mut rx, ids.clone(), s.welcome().generation, t0).await?);
+        let t0 = Instant::now();
+        let p = stateless_join(&eps[1], &token, &format!("plain{j}")).await?;
+        plain.push(reach_all(&mut rx, ids.clone(), p.welcome().generation, t0).await?);
+        live.push(p);
+    }
+    takeover.sort();
+    plain.sort();
+    let (tk, pl) = (takeover[takeover.len() / 2], plain[plain.len() / 2]);
+    println!(
+        "stateless restarts: {restarts} restarts of {loops} ephemeral instances into a network of {size} members in {elapsed:.1?}: {:.0} restarts/s (each a graceful stop and a join that takes the slot over); {moved} changed address; {held} members hold addresses at the end ({size} + {loops} expected, keyserver CPU {:.1?} in all)",
+        restarts as f64 / elapsed.as_secs_f64(),
+        cpu_note,
+    );
+    println!(
+        "  change->all median: slot takeover {tk:.1?}, plain join {pl:.1?} (anchor, same run): {:.2}x",
+        tk.as_secs_f64() / pl.as_secs_f64().max(1e-6)
+    );
+    drop(s);
+    drop(live);
+    for m in observers {
+        m.task.abort();
+    }
+    Ok(())
 }
 
 /// 10,000 members in 100 networks on one keyserver (quick: 1000 in 10):
