@@ -288,25 +288,33 @@ async fn open(
     Err(last)
 }
 
-/// The first of two attempts to succeed, or the last error.
+/// The first of two attempts to succeed; if both fail, both reasons (a
+/// certificate refused over QUIC says more than a refused TCP port, and
+/// which of them fails last depends on timing).
 async fn first_ok<T>(
     a: impl Future<Output = Result<T, ControlError>>,
     b: impl Future<Output = Result<T, ControlError>>,
 ) -> Result<T, ControlError> {
     tokio::pin!(a, b);
-    let (mut a_done, mut b_done) = (false, false);
+    let (mut a_err, mut b_err) = (None, None);
     loop {
         tokio::select! {
-            r = &mut a, if !a_done => match r {
+            r = &mut a, if a_err.is_none() => match r {
                 Ok(v) => return Ok(v),
-                Err(e) if b_done => return Err(e),
-                Err(_) => a_done = true,
+                Err(e) => a_err = Some(e),
             },
-            r = &mut b, if !b_done => match r {
+            r = &mut b, if b_err.is_none() => match r {
                 Ok(v) => return Ok(v),
-                Err(e) if a_done => return Err(e),
-                Err(_) => b_done = true,
+                Err(e) => b_err = Some(e),
             },
+        }
+        if let (Some(a), Some(b)) = (&a_err, &b_err) {
+            return Err(match (a, b) {
+                (ControlError::Connect(x), ControlError::Connect(y)) => {
+                    ControlError::Connect(format!("{x}; {y}"))
+                }
+                _ => a_err.take().unwrap_or(ControlError::NoAddress),
+            });
         }
     }
 }
@@ -859,5 +867,32 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both attempts failing report both reasons, whichever failed last;
+    /// the first success wins.
+    #[tokio::test]
+    async fn first_ok_keeps_both_reasons() {
+        let fail = |msg: &'static str, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Err::<(), _>(ControlError::Connect(msg.into()))
+        };
+        for (qa, tb) in [(1, 20), (20, 1)] {
+            let e = first_ok(fail("bad certificate", qa), fail("(tcp): refused", tb))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("bad certificate") && e.contains("refused"),
+                "{e}"
+            );
+        }
+        let ok = first_ok(fail("quic", 1), async { Ok::<_, ControlError>(()) }).await;
+        assert!(ok.is_ok());
     }
 }
