@@ -12,6 +12,8 @@
 //! - [`session`] — one member's control stream: hello, pushes, catch-up,
 //!   revocation and client requests, without I/O.
 //! - [`admission`] — the budget of connections that have not said hello.
+//! - [`listing`] — seed 003's listing: every private name of a network and
+//!   its answer, one member with its names (and their CLI tables).
 //!
 //! Drivers:
 //! - [`store`] — the [`store::Store`] trait and the embedded redb store.
@@ -35,6 +37,7 @@ pub mod backup;
 pub mod config;
 pub mod etcd;
 pub mod http;
+pub mod listing;
 pub mod metrics;
 pub mod quic;
 pub mod registry;

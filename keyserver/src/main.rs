@@ -1,10 +1,12 @@
 //! `keyserver`: the IST Mesh control plane.
 //!
 //! `keyserver serve` runs the servers. The admin subcommands (`network`,
-//! `token`, `member`) talk to a running keyserver's HTTP API: by default the
+//! `token`, `member`, `service`) talk to a running keyserver's HTTP API: by default the
 //! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
 //! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
 //! Names in URL paths are percent-encoded, so any network name works.
+//! They print the API's JSON, except `network names` and `member get`,
+//! which print a table (text from the network escaped) unless `--json`.
 //!
 //! Logs go to stderr: coloured only on a terminal and without `NO_COLOR`,
 //! or one JSON object per line with `--log-format json`.
@@ -22,6 +24,7 @@ use hyper::Method;
 use keyserver::admin::path_segment;
 use keyserver::admin::AdminClient;
 use keyserver::config::{Config, LogFormat};
+use keyserver::listing::{render_member, render_names, NameListing};
 use keyserver::Keyserver;
 use serde_json::json;
 
@@ -235,6 +238,20 @@ enum NetworkCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List every private name of a network with its current answer
+    /// (seed 003's listing): `<instance>.internal`, the
+    /// `[<n>.][<type>.]<app-id>.<pn-id>.private-network.internal` names
+    /// and their aliases, and each service's `.warp` name. Offline members
+    /// are not named.
+    Names {
+        /// Network id or name.
+        name: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Delete a network and its tokens (refused while it has members,
     /// unless --force, which revokes them).
     Delete {
@@ -304,6 +321,20 @@ enum MemberCmd {
         /// Network id or name.
         #[arg(long)]
         network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one member (by public key or instance name): its slot, state,
+    /// address, endpoints, runner, ports, times and the names that answer it.
+    Get {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Public key or instance name.
+        member: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -895,6 +926,19 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
                 .call(Method::GET, "/v1/networks", None)
                 .await?
         }
+        Cmd::Network(NetworkCmd::Names { name, json, api }) => {
+            let path = format!("/v1/networks/{}/names", path_segment(&name));
+            let out = client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?;
+            if !json {
+                let listing: NameListing = serde_json::from_value(out)
+                    .context("the keyserver's answer is not a name listing")?;
+                print!("{}", render_names(&listing));
+                return Ok(());
+            }
+            out
+        }
         Cmd::Network(NetworkCmd::Delete { name, force, api }) => {
             let path = format!("/v1/networks/{}?force={force}", path_segment(&name));
             client(&data_dir, api)?
@@ -938,6 +982,26 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             client(&data_dir, api)?
                 .call(Method::GET, &path, None)
                 .await?
+        }
+        Cmd::Member(MemberCmd::Get {
+            network,
+            member,
+            json,
+            api,
+        }) => {
+            let path = format!(
+                "/v1/networks/{}/members/{}",
+                path_segment(&network),
+                path_segment(&member)
+            );
+            let out = client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?;
+            if !json {
+                print!("{}", render_member(&out));
+                return Ok(());
+            }
+            out
         }
         Cmd::Member(MemberCmd::Remove {
             network,

@@ -641,13 +641,34 @@ impl Shared {
     /// Members of a network, `last_seen` including heartbeats.
     pub fn members(&self, network: NetworkId) -> Vec<crate::registry::MemberInfo> {
         let mut list = self.read(|r| r.members(network));
+        self.add_heartbeats(network, &mut list);
+        list
+    }
+
+    /// A network's current map and its members (`last_seen` including
+    /// heartbeats), read together so that names computed from the map
+    /// agree with the member records; `None` for an unknown network.
+    pub fn map_and_members(
+        &self,
+        network: NetworkId,
+    ) -> Option<(
+        meshlib::netmap::NetworkMap,
+        Vec<crate::registry::MemberInfo>,
+    )> {
+        let (map, mut list) = self.read(|r| Some((r.snapshot(network)?, r.members(network))))?;
+        self.add_heartbeats(network, &mut list);
+        Some((map, list))
+    }
+
+    /// Raises each member's `last_seen` to its last heartbeat (heartbeats
+    /// are not written to the store).
+    fn add_heartbeats(&self, network: NetworkId, list: &mut [crate::registry::MemberInfo]) {
         let seen = self.seen.lock();
-        for m in &mut list {
+        for m in list {
             if let Some(t) = seen.get(&(network, m.member.public_key)) {
                 m.last_seen = m.last_seen.max(*t);
             }
         }
-        list
     }
 
     /// Number of open push subscriptions across networks (for status).

@@ -11,7 +11,9 @@
 //!   `GET /metrics` (Prometheus), no token
 //! - `GET /v1/networks`, `POST /v1/networks` `{name, range?}`
 //! - `GET /v1/networks/{net}`, `DELETE /v1/networks/{net}[?force=true]`
-//! - `GET /v1/networks/{net}/members`, `DELETE /v1/networks/{net}/members/{member}`
+//! - `GET /v1/networks/{net}/members`, `GET|DELETE /v1/networks/{net}/members/{member}`
+//!   (GET: the member with the names that answer it, [`crate::listing`])
+//! - `GET /v1/networks/{net}/names`: every private name and its answer (seed 003)
 //! - `GET /v1/networks/{net}/tokens`, `POST /v1/networks/{net}/tokens`
 //!   `{uses?, expires?, service?, process_type?, service_group?}`, `DELETE /v1/networks/{net}/tokens/{id}`
 //! - service groups (seed 002): `GET|POST /v1/networks/{net}/services`,
@@ -111,8 +113,9 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
         .route("/v1/backup", get(routes::backup))
         .route(
             "/v1/networks/{net}/members/{member}",
-            delete(routes::remove_member),
+            get(routes::get_member).delete(routes::remove_member),
         )
+        .route("/v1/networks/{net}/names", get(routes::list_names))
         .route(
             "/v1/networks/{net}/tokens",
             get(routes::list_tokens).post(routes::create_token),

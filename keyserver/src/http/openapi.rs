@@ -139,6 +139,26 @@ fn schemas() -> Value {
             "last_seen": unix_seconds("last contact"),
             "offline_since": {"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": "when the member went offline, Unix time in seconds; it expires `expire-after` later (`ephemeral-after` if ephemeral)"},
             "ephemeral": {"type": "boolean", "description": "freed `ephemeral-after` after going offline; while offline a new instance of its type takes its slot over"}}},
+        "NameEntry": {"type": "object", "required": ["name", "kind", "alias", "answers"], "properties": {
+            "name": {"type": "string", "description": "the private name, lowercase, with the trailing dot"},
+            "kind": {"type": "string", "enum": ["instance", "app", "type", "numbered", "warp"],
+                "description": "`<instance>.internal.`, `<app>.<pn>.private-network.internal.` (web members), `<type>.<app>.<pn>…`, `<n>.<type>.<app>.<pn>…` (the n-th), `<encoded-service>.warp.` (seed 004)"},
+            "alias": {"type": "boolean", "description": "a seed-003 name spelled with the service's `.warp` label for the app id or the network's name for its id (the sidecars serve both spellings)"},
+            "service": {"type": "string", "description": "`.warp` names only: the service named"},
+            "answers": {"type": "array", "description": "the A records members' DNS answers now (private addresses; a userspace-mode sidecar answers its own loopback stand-ins for them)",
+                "items": {"type": "object", "required": ["ip", "instance"], "properties": {
+                    "ip": {"type": "string", "format": "ipv4"}, "instance": {"type": "string", "description": "the online member holding the address"}}}}}},
+        "NameListing": {"type": "object", "required": ["network", "name", "generation", "names", "warnings"], "properties": {
+            "network": schema_ref("NetworkId"),
+            "name": {"type": "string", "description": "the network's name"},
+            "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "the map generation the names were computed from"},
+            "names": {"type": "array", "items": schema_ref("NameEntry"), "description": "every name of the online members: instance names, seed-003 names (ids, then aliases), `.warp` names; offline members are not named"},
+            "warnings": {"type": "array", "items": {"type": "string"}, "description": "why a service has no `.warp` name (two services encoding to one hostname or variable)"}}},
+        "MemberDetail": {"description": "a `Member` (every field of `GET …/members`) plus these", "allOf": [schema_ref("Member"),
+            {"type": "object", "required": ["network", "generation", "names"], "properties": {
+                "network": schema_ref("NetworkId"),
+                "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "the map generation `names` were computed from"},
+                "names": {"type": "array", "items": schema_ref("NameEntry"), "description": "every name that answers this member now; empty while it is offline"}}}]},
         "Token": {"type": "object", "required": ["id", "network", "uses_left", "expires", "service", "process_type"], "properties": {
             "id": {"type": "string", "pattern": "^tk-[0-9a-f]{12}$"},
             "network": schema_ref("NetworkId"),
@@ -309,11 +329,18 @@ pub fn openapi_doc() -> Value {
             },
             "/v1/networks/{net}/members": {"get": {"summary": "members with IP, key, app, type, index, instance, endpoints, ports, last seen",
                 "parameters": [net], "responses": responses(("200", "members by IP", Some(array_of("Member"))), &read_one)}},
-            "/v1/networks/{net}/members/{member}": {"delete": {"summary": "remove (revoke) a member; pushed to every other member",
-                "parameters": [net, member],
-                "responses": responses(("200", "removed", Some(json!({"type": "object", "properties": {
-                    "removed": {"type": "boolean"}, "generation": {"type": "integer", "format": "int64", "minimum": 0}}}))),
-                    &["401", "404", "405", "500"])}},
+            "/v1/networks/{net}/names": {"get": {"summary": "every private name of the network with its current answer (seed 003's listing)",
+                "parameters": [net], "responses": responses(("200", "the names", Some(schema_ref("NameListing"))), &read_one)}},
+            "/v1/networks/{net}/members/{member}": {
+                "get": {"summary": "one member of this network (by public key or instance name): slot, state, address, endpoints, runner, ports, times, and the names that answer it",
+                    "parameters": [net, member],
+                    "responses": responses(("200", "the member", Some(schema_ref("MemberDetail"))), &read_one)},
+                "delete": {"summary": "remove (revoke) a member; pushed to every other member",
+                    "parameters": [net, member],
+                    "responses": responses(("200", "removed", Some(json!({"type": "object", "properties": {
+                        "removed": {"type": "boolean"}, "generation": {"type": "integer", "format": "int64", "minimum": 0}}}))),
+                        &["401", "404", "405", "500"])}
+            },
             "/v1/networks/{net}/tokens": {
                 "get": {"summary": "list tokens (never their secrets)", "parameters": [net],
                     "responses": responses(("200", "tokens", Some(array_of("Token"))), &read_one)},

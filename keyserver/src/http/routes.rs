@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Api, ApiError};
+use crate::listing::{find_member, MemberView, NameListing};
 use crate::registry::{AdminError, MemberInfo, NetworkRecord, TokenRecord};
 
 /// Runs a blocking mutation (the store fsyncs).
@@ -267,6 +268,36 @@ pub(super) async fn list_members(
 ) -> Result<Json<Vec<MemberInfo>>, ApiError> {
     let id = resolve(&api, &net)?;
     Ok(Json(api.shared.members(id)))
+}
+
+/// `GET /v1/networks/{net}/members/{member}`: one member (by public key or
+/// instance name, only among this network's members) with the names that
+/// answer it now.
+pub(super) async fn get_member(
+    State(api): State<Api>,
+    Path((net, member)): Path<(String, String)>,
+) -> Result<Json<MemberView>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let (map, members) = api
+        .shared
+        .map_and_members(id)
+        .ok_or(AdminError::UnknownNetwork(net))?;
+    let info = find_member(members, &member).ok_or(AdminError::UnknownMember(member))?;
+    Ok(Json(MemberView::of(&map, info)))
+}
+
+/// `GET /v1/networks/{net}/names`: every private name of the network with
+/// its current answer (seed 003's listing).
+pub(super) async fn list_names(
+    State(api): State<Api>,
+    Path(net): Path<String>,
+) -> Result<Json<NameListing>, ApiError> {
+    let id = resolve(&api, &net)?;
+    let map = api
+        .shared
+        .read(|r| r.snapshot(id))
+        .ok_or(AdminError::UnknownNetwork(net))?;
+    Ok(Json(NameListing::of(&map)))
 }
 
 pub(super) async fn remove_member(
