@@ -54,8 +54,8 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         .unwrap()
         .cert_sha256;
     // The sidecar talks to a front that is not up yet; once up, the front
-    // refuses with Busy, then Internal, then drops the connection after
-    // reading the join, then passes it to the keyserver.
+    // refuses with Busy twice, then Internal, then drops the connection
+    // after reading the join, then passes it to the keyserver.
     let front_addr = free_udp_port();
     let cert = FrontCert::new();
     let sc_dir = dir.path().join("sc");
@@ -82,6 +82,7 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         fp,
         vec![
             Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Busy),
             Step::Refuse(ErrorCode::Internal),
             Step::Drop,
         ],
@@ -91,18 +92,29 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         *front.seen.lock(),
         [
             Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Busy),
             Step::Refuse(ErrorCode::Internal),
             Step::Drop,
             Step::Forward
         ]
     );
+    // Each distinct reason is logged once (with its attempt number), not
+    // every attempt: the second Busy says nothing new.
     let log = sc.log_text();
-    for said in ["Busy", "Internal", "attempt=4"] {
-        assert!(
-            log.contains(said),
-            "each attempt is logged ({said}):\n{log}"
+    let retries: Vec<&str> = log.lines().filter(|l| l.contains("join failed")).collect();
+    for said in ["Busy", "Internal", "connection lost"] {
+        assert_eq!(
+            retries.iter().filter(|l| l.contains(said)).count(),
+            1,
+            "{said} is logged once:\n{log}"
         );
     }
+    assert!(
+        retries
+            .iter()
+            .any(|l| l.contains("Internal") && l.contains("attempt=4")),
+        "with its attempt number:\n{log}"
+    );
     assert_eq!(
         std::fs::read_to_string(&key).unwrap(),
         key_before,
