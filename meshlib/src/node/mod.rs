@@ -359,8 +359,11 @@ fn quic_endpoint(addrs: &[SocketAddr]) -> Result<quinn::Endpoint, ControlError> 
 impl Node {
     /// Joins (first start, with the token) or resumes (from the state
     /// directory), brings the data plane up and starts following the map.
-    /// A first join retries an unreachable or busy keyserver until it
-    /// succeeds: bound it with a timeout or drop the future to give up.
+    /// A first join retries an unreachable, busy or incompatible keyserver
+    /// (another protocol version, a malformed or forbidden answer) until it
+    /// succeeds, and fails on a refusal of its token or metadata
+    /// ([`crate::member::join_refusal_is_final`]): bound it with a timeout
+    /// or drop the future to give up.
     /// A resume returns at once, running from the cached map; the
     /// connection comes up in the background ([`Node::wait_caught_up`]).
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {

@@ -158,7 +158,8 @@ pub struct Agent {
 impl Agent {
     /// Checks the configuration, then joins (first start) or resumes, brings
     /// the data plane up and applies the best map available. A first join
-    /// retries an unreachable or busy keyserver until `shutdown` turns true.
+    /// retries an unreachable, busy or incompatible keyserver until `shutdown`
+    /// turns true.
     pub async fn start(
         config: Config,
         shutdown: &mut watch::Receiver<bool>,
