@@ -299,15 +299,20 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Creates a directory (and parents) for secrets, mode 0700; an existing
-/// one open to others is tightened to 0700. Returns the mode it had when
-/// it was tightened (so the caller can say so), `None` otherwise.
+/// Creates a directory for secrets, mode 0700, and its missing parents as
+/// `mkdir -p` does (mode 0777 less the umask: only the last one holds
+/// secrets); an existing one open to others is tightened to 0700. Returns
+/// the mode it had when it was tightened (so the caller can say so), `None`
+/// otherwise.
 pub fn create_private_dir(path: &Path) -> Result<Option<u32>, WriteError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|e| WriteError::io(path, e))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| WriteError::io(parent, e))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+        Err(e) => return Err(WriteError::io(path, e)),
+    }
     let mode = fs::metadata(path)
         .map_err(|e| WriteError::io(path, e))?
         .mode()
@@ -376,6 +381,26 @@ mod tests {
         fs::set_permissions(&d, Permissions::from_mode(0o755)).unwrap();
         assert_eq!(create_private_dir(&d).unwrap(), Some(0o755));
         assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        // Missing parents are made as `mkdir -p` makes them: 0777 less the
+        // umask; only the last directory is private.
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+            .unwrap();
+        let deep = dir.path().join("home/.config/ist-mesh");
+        assert_eq!(create_private_dir(&deep).unwrap(), None);
+        assert_eq!(fs::metadata(&deep).unwrap().mode() & 0o777, 0o700);
+        for parent in ["home", "home/.config"] {
+            let mode = fs::metadata(dir.path().join(parent)).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o777 & !umask, "{parent}");
+        }
+        // A file in the way is an error, not a directory.
+        let file = dir.path().join("file");
+        fs::write(&file, "x").unwrap();
+        assert!(create_private_dir(&file).is_err());
+        assert!(create_private_dir(&file.join("sub")).is_err());
     }
 
     /// Runs `f` on a thread; fails if it takes more than 5 s (a hang).

@@ -300,6 +300,8 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
     tracing::info!(dns = ?servers.dns, status = %servers.status.display(), metrics = ?servers.metrics, "sidecar up");
     let Some(command) = command else {
         agent.run(stop_rx).await?;
+        // A leave asked through the control socket: answer it first.
+        servers.answered(ANSWER_LIMIT).await;
         return Ok(0);
     };
     // The command's variables name every service the keyserver knows:
@@ -318,8 +320,13 @@ async fn agent_async(up: UpArgs, command: Option<Vec<OsString>>) -> anyhow::Resu
     if let Ok(Err(e)) = running.await {
         tracing::warn!(error = %Escaped(&e.to_string()), "sidecar stopped with an error");
     }
+    servers.answered(ANSWER_LIMIT).await;
     Ok(code?)
 }
+
+/// How long an exiting sidecar waits to answer the control requests it
+/// took (`sidecar leave`).
+const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `sidecar leave` / `sidecar rotate-key`: asks the running sidecar of
 /// `state_dir` through its control socket; `leave` on a stopped sidecar

@@ -37,10 +37,29 @@ pub enum ControlState {
         /// Why the last attempt failed.
         last_error: Option<String>,
     },
-    /// Revoked by the keyserver: tunnels are down.
-    Revoked {
-        /// The keyserver's reason.
+    /// The keyserver answered but did not take this member, for a reason
+    /// that does not end the membership (another protocol version, a
+    /// malformed or forbidden answer, busy, ...): the membership is kept
+    /// and the member retries with backoff, running from the cached map.
+    Retrying {
+        /// Attempts so far.
+        attempt: u32,
+        /// The keyserver's address.
+        keyserver: String,
+        /// Why, with the keyserver's words.
         reason: String,
+    },
+    /// The keyserver ended the membership: tunnels are down, the stored
+    /// membership is forgotten.
+    Revoked {
+        /// Why, with the keyserver's words.
+        reason: String,
+        /// `removed`, `replaced` or `unknown-credential`.
+        #[serde(default)]
+        revocation: String,
+        /// The keyserver's address.
+        #[serde(default)]
+        keyserver: String,
     },
 }
 
@@ -320,7 +339,21 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
                 .map(|m| format!(": {}", e(m)))
                 .unwrap_or_default()
         ),
-        Some(ControlState::Revoked { reason }) => format!("revoked: {}", e(reason)),
+        Some(ControlState::Retrying {
+            attempt,
+            keyserver,
+            reason,
+        }) => format!(
+            "retrying: keyserver {} {} (attempt {attempt}); membership kept, running from the cached map",
+            e(keyserver),
+            e(reason)
+        ),
+        Some(ControlState::Revoked {
+            reason, keyserver, ..
+        }) if !keyserver.is_empty() => {
+            format!("revoked: keyserver {}: {}", e(keyserver), e(reason))
+        }
+        Some(ControlState::Revoked { reason, .. }) => format!("revoked: {}", e(reason)),
         None => "not started".into(),
     };
     let _ = writeln!(out, "control: {control}\nmap generation: {}", s.generation);
@@ -615,6 +648,8 @@ mod tests {
         s.conflicts = vec!["x\u{1b}]0;title\u{7}".into()];
         s.control = Some(ControlState::Revoked {
             reason: "bye\nnetwork: fake".into(),
+            revocation: "removed".into(),
+            keyserver: "127.0.0.1:7443".into(),
         });
         let h = render_human(&s, 130);
         assert!(!h.contains(['\u{1b}', '\r', '\u{7}', '\u{202e}']), "{h:?}");
@@ -627,7 +662,22 @@ mod tests {
             h.contains("evil\\u{1b}[2J\\u{a}network: forged\\u{202e}"),
             "{h}"
         );
-        assert!(h.contains("revoked: bye\\u{a}network: fake"), "{h}");
+        assert!(
+            h.contains("revoked: keyserver 127.0.0.1:7443: bye\\u{a}network: fake"),
+            "{h}"
+        );
+        s.control = Some(ControlState::Retrying {
+            attempt: 2,
+            keyserver: "127.0.0.1:7443".into(),
+            reason: "refused (Malformed): x\u{1b}[2J\nnetwork: forged".into(),
+        });
+        let h = render_human(&s, 130);
+        assert!(!h.contains('\u{1b}'), "{h:?}");
+        assert_eq!(h.lines().filter(|l| l.starts_with("network:")).count(), 1);
+        assert!(
+            h.contains("control: retrying: keyserver 127.0.0.1:7443 refused (Malformed): x\\u{1b}[2J\\u{a}network: forged (attempt 2)"),
+            "{h}"
+        );
     }
 
     #[tokio::test]

@@ -8,12 +8,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use meshlib::control::ControlError;
+use meshlib::control::{ControlError, Setback};
 use meshlib::ist::config::Overrides;
 use meshlib::ist::table::IstTable;
 use meshlib::names::{Lookup, NameIndex};
 use meshlib::netmap::NetworkMap;
-use meshlib::node::{Node, NodeConfig, NodeError, NodeMode};
+use meshlib::node::{Node, NodeConfig, NodeEnd, NodeError, NodeMode};
 use meshlib::proto::{JoinToken, TokenParseError};
 use tokio::sync::watch;
 
@@ -57,6 +57,9 @@ pub enum TunnelError {
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// The node ended on its own (the keyserver ended this membership).
+    #[error("{0}")]
+    Ended(NodeEnd),
     /// The local port could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Listen {
@@ -163,8 +166,10 @@ async fn forward(
     let mut ended = node.watch_end();
     let result = tokio::select! {
         () = async { let _ = shutdown.wait_for(|s| *s).await; } => Ok(()),
-        _ = ended.wait_for(|e| e.is_some()) => Err(TunnelError::DataPlane(
-            "the keyserver ended this member's session".into(),
+        end = ended.wait_for(|e| e.is_some()) => Err(TunnelError::Ended(
+            end.ok().and_then(|e| e.clone()).unwrap_or_else(|| {
+                NodeEnd::Lost(Setback::Unreachable("the node stopped".into()))
+            }),
         )),
     };
     fwd.abort();

@@ -54,8 +54,8 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         .unwrap()
         .cert_sha256;
     // The sidecar talks to a front that is not up yet; once up, the front
-    // refuses with Busy, then Internal, then drops the connection after
-    // reading the join, then passes it to the keyserver.
+    // refuses with Busy twice, then Internal, then drops the connection
+    // after reading the join, then passes it to the keyserver.
     let front_addr = free_udp_port();
     let cert = FrontCert::new();
     let sc_dir = dir.path().join("sc");
@@ -82,6 +82,7 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         fp,
         vec![
             Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Busy),
             Step::Refuse(ErrorCode::Internal),
             Step::Drop,
         ],
@@ -91,18 +92,29 @@ async fn a_first_join_is_retried_until_it_succeeds() {
         *front.seen.lock(),
         [
             Step::Refuse(ErrorCode::Busy),
+            Step::Refuse(ErrorCode::Busy),
             Step::Refuse(ErrorCode::Internal),
             Step::Drop,
             Step::Forward
         ]
     );
+    // Each distinct reason is logged once (with its attempt number), not
+    // every attempt: the second Busy says nothing new.
     let log = sc.log_text();
-    for said in ["Busy", "Internal", "attempt=4"] {
-        assert!(
-            log.contains(said),
-            "each attempt is logged ({said}):\n{log}"
+    let retries: Vec<&str> = log.lines().filter(|l| l.contains("join failed")).collect();
+    for said in ["Busy", "Internal", "connection lost"] {
+        assert_eq!(
+            retries.iter().filter(|l| l.contains(said)).count(),
+            1,
+            "{said} is logged once:\n{log}"
         );
     }
+    assert!(
+        retries
+            .iter()
+            .any(|l| l.contains("Internal") && l.contains("attempt=4")),
+        "with its attempt number:\n{log}"
+    );
     assert_eq!(
         std::fs::read_to_string(&key).unwrap(),
         key_before,
@@ -263,5 +275,83 @@ async fn the_token_stays_out_of_ps_and_state_is_private() {
     for s in [&mut a, &mut b, &mut c] {
         s.stop();
     }
+    ks.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_rootless_example_makes_its_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keyserver::start(&dir.path().join("ks"), "127.0.0.1:0".parse().unwrap()).await;
+    ks.network("prod").await;
+    let token = ks.token("prod", 1).await;
+    // `--state-dir ~/.ist-mesh --hosts-file ~/.ist-mesh/hosts` on a first
+    // start, with missing parents too (`~/.local/state/ist-mesh`).
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let state = home.join(".local/state/ist-mesh");
+    let hosts = state.join("hosts");
+    let file = secret_file(&home, &token);
+    let dns = std::net::UdpSocket::bind("127.0.0.77:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let interface = support::interface();
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    let a: Vec<String> = [
+        "up",
+        "--mode",
+        "userspace",
+        "--token-file",
+        &file,
+        "--service",
+        "api",
+        "--state-dir",
+        &p(&state),
+        "--hosts-file",
+        &p(&hosts),
+        "--dns-listen",
+        &dns.to_string(),
+        "--port",
+        "8080",
+        "--metrics",
+        "off",
+        "--listen-port",
+        "0",
+        "--interface",
+        &interface,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut sc = Sidecar::spawn(&home, &a, &[]);
+    sc.state = state.clone();
+    sc.wait_status(LIMIT, |s| s["control"]["state"] == "connected")
+        .await;
+    assert_eq!(mode(&state), 0o700, "the state directory is private");
+    // Its missing parents are made as `mkdir -p` makes them.
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    for parent in [home.join(".local"), home.join(".local/state")] {
+        assert_eq!(mode(&parent), 0o777 & !umask, "{}", parent.display());
+    }
+    assert_eq!(mode(&state.join("membership.json")), 0o600);
+    sc.wait_log("network map applied", LIMIT).await;
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&hosts)
+        .unwrap_or_default()
+        .contains("# BEGIN ist-mesh")
+    {
+        assert!(
+            start.elapsed() < LIMIT,
+            "no hosts section:\n{}",
+            sc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sc.stop();
     ks.stop().await;
 }

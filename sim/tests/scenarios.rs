@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use keyserver::registry::Lifecycle;
-use meshlib::member::{End, MemberConfig};
+use meshlib::member::{End, MemberConfig, Revocation, Revoked};
 use meshlib::netmap::MemberState;
 use meshsim::{MemberId, Sim, SimConfig};
 
@@ -106,7 +106,13 @@ fn join_map_deltas_resume_and_revocation() {
     assert!(took < secs(1), "revocation took {took:?}");
     // c's own end travels with its own latency: wait for it too.
     s.run_until(secs(1), |s| s.member(c).ended.is_some());
-    assert!(matches!(s.member(c).ended, Some(End::Revoked(_))));
+    assert!(matches!(
+        s.member(c).ended,
+        Some(End::Revoked(Revoked {
+            reason: Revocation::Removed,
+            ..
+        }))
+    ));
     assert!(s.member(a).resolve("db.warp").is_empty());
 }
 
@@ -229,11 +235,18 @@ fn expiry_releases_and_a_new_instance_takes_index_one() {
     assert_eq!(w.index, 1);
     assert_eq!(w.instance.as_str(), "cache-web-1");
     assert_eq!(s.member(web).resolve("cache.warp"), [w.ip]);
-    // The dead one restarting finds its membership gone.
+    // The dead one restarting finds its membership gone: the keyserver
+    // does not know its credential, a revocation (it forgets it).
     s.restart(cache);
     s.run_until(secs(5), |s| s.member(cache).ended.is_some())
         .unwrap();
-    assert!(matches!(s.member(cache).ended, Some(End::Refused(_))));
+    assert!(matches!(
+        s.member(cache).ended,
+        Some(End::Revoked(Revoked {
+            reason: Revocation::UnknownCredential,
+            ..
+        }))
+    ));
 }
 
 #[test]

@@ -34,14 +34,15 @@ use tokio::sync::mpsc;
 
 use crate::ids::NetworkId;
 use crate::keys::PublicKey;
-use crate::member::{End, Frame, MemberConfig, MemberCore, Transmit};
+use crate::member::{End, Frame, MemberConfig, MemberCore, Revocation, Transmit};
 use crate::netmap::NetworkMap;
 use crate::proto::{
-    self, ClientMsg, ErrorCode, FrameError, JoinToken, ProtoError, ResumeRequest, Secret,
-    ServerMsg, Welcome,
+    self, ClientMsg, FrameError, JoinToken, ProtoError, ResumeRequest, Secret, ServerMsg, Welcome,
 };
 
-pub use crate::member::{Connection, Event, MemberMeta, Membership, MembershipError};
+pub use crate::member::{
+    Connection, Event, MemberMeta, Membership, MembershipError, Revoked, Setback,
+};
 
 /// Client settings (plain data).
 #[derive(Debug, Clone)]
@@ -109,12 +110,15 @@ pub enum ControlError {
     /// Reading or writing a frame failed.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// The server refused the request (bad token, full network, ...).
+    /// The server refused the hello (bad token, full network, busy, ...).
+    /// A resume refused with [`proto::ErrorCode::BadCredential`] means the
+    /// membership is gone ([`Session::end`] holds it as
+    /// [`End::Revoked`]); other codes leave it to a later try.
     #[error("keyserver refused: {0}")]
     Refused(ProtoError),
-    /// This member was removed from its network.
+    /// The keyserver removed this member, or another key took its slot.
     #[error("member revoked: {0}")]
-    Revoked(String),
+    Revoked(Revoked),
     /// The server sent something out of order.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -155,6 +159,8 @@ pub fn quic_config(
 /// a reader task.
 #[derive(Debug)]
 struct Link {
+    /// The keyserver's address.
+    addr: SocketAddr,
     conn: Conn,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     rx: mpsc::Receiver<Result<ServerMsg, FrameError>>,
@@ -179,6 +185,7 @@ impl Conn {
 
 impl Link {
     fn start(
+        addr: SocketAddr,
         conn: quinn::Connection,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
@@ -197,6 +204,7 @@ impl Link {
         });
         let (rx, _) = spawn_reader(recv, max);
         Self {
+            addr,
             conn: Conn::Quic(conn),
             tx,
             rx,
@@ -204,7 +212,7 @@ impl Link {
     }
 
     /// A link over TLS on TCP.
-    fn start_tcp<S>(stream: S, max: usize) -> Self
+    fn start_tcp<S>(addr: SocketAddr, stream: S, max: usize) -> Self
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
@@ -221,6 +229,7 @@ impl Link {
         });
         let (rx, reader) = spawn_reader(recv, max);
         Self {
+            addr,
             conn: Conn::Tcp(vec![writer.abort_handle(), reader]),
             tx,
             rx,
@@ -272,12 +281,12 @@ async fn open(
                 .open_bi()
                 .await
                 .map_err(|e| ControlError::Connection(format!("{addr}: {e}")))?;
-            Ok::<_, ControlError>(Link::start(conn, send, recv, cfg.max_frame))
+            Ok::<_, ControlError>(Link::start(addr, conn, send, recv, cfg.max_frame))
         };
         let tcp = async {
             tokio::time::sleep(TCP_AFTER).await;
             let stream = tls_over_tcp(addr, fingerprint, proto::ALPN).await?;
-            Ok::<_, ControlError>(Link::start_tcp(stream, cfg.max_frame))
+            Ok::<_, ControlError>(Link::start_tcp(addr, stream, cfg.max_frame))
         };
         match tokio::time::timeout(cfg.connect_timeout, first_ok(quic, tcp)).await {
             Ok(Ok(link)) => return Ok(link),
@@ -523,6 +532,11 @@ pub struct Session {
     link: Option<Link>,
     opening: Option<Opening>,
     ended: bool,
+    /// How the session ended, once it has.
+    end: Option<End>,
+    /// The keyserver of the open connection, or of the last one (whose
+    /// loss or refusal is the latest news); `None` after a failed attempt.
+    keyserver: Option<SocketAddr>,
     /// Why the last connection attempt failed (reported as is if the
     /// session ends on it).
     connect_error: Option<ControlError>,
@@ -546,6 +560,8 @@ impl Session {
             link: None,
             opening: None,
             ended: false,
+            end: None,
+            keyserver: None,
             connect_error: None,
         }
     }
@@ -578,6 +594,20 @@ impl Session {
     /// The member core (state, connection, caught-up).
     pub fn core(&self) -> &MemberCore {
         &self.core
+    }
+
+    /// How the session ended, once it has: the typed end behind a terminal
+    /// error of [`Session::next_event`] (a revocation, a final refusal of a
+    /// join, a one-shot session's setback) or an asked-for end.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    /// The address of the keyserver on the open connection, or on the last
+    /// one (the one whose refusal or loss was reported last); `None` before
+    /// any connection and after an attempt that reached no keyserver.
+    pub fn keyserver(&self) -> Option<SocketAddr> {
+        self.keyserver
     }
 
     /// The reconnect credential; keep it (mode 0600) to [`resume`] later.
@@ -652,11 +682,14 @@ impl Session {
     }
 
     /// Waits for the next event, driving the connection meanwhile.
-    /// Cancel-safe. Terminal ends are errors: [`ControlError::Revoked`],
-    /// [`ControlError::Refused`], [`ControlError::Connection`] (a one-shot
-    /// session lost its connection); an end the caller asked for
-    /// (offline, leave) is `Ok(Event::Ended(_))`, and every call after an end
-    /// is [`ControlError::Ended`].
+    /// Cancel-safe. Terminal ends are errors: [`ControlError::Revoked`]
+    /// (removed, or replaced by another key), [`ControlError::Refused`] (a
+    /// join refused for good, a resume whose credential is unknown, or any
+    /// refusal of a one-shot session), [`ControlError::Connection`] (a
+    /// one-shot session lost its connection); [`Session::end`] then holds
+    /// the typed end. An end the caller asked for (offline, leave) is
+    /// `Ok(Event::Ended(_))`, and every call after an end is
+    /// [`ControlError::Ended`].
     pub async fn next_event(&mut self) -> Result<Event, ControlError> {
         loop {
             self.flush();
@@ -676,17 +709,21 @@ impl Session {
             return Ok(ev);
         };
         self.ended = true;
+        self.end = Some(end.clone());
         self.opening = None;
         if let Some(link) = self.link.take() {
             link.close();
         }
         match end.clone() {
-            End::Revoked(why) => Err(ControlError::Revoked(why)),
-            End::Refused(e) if e.code == ErrorCode::Revoked => {
-                Err(ControlError::Revoked(e.message))
+            // A credential the keyserver does not know is its refusal of
+            // the hello (the caller may have sent a wrong one).
+            End::Revoked(r) if r.reason == Revocation::UnknownCredential => {
+                Err(ControlError::Refused(r.to_proto_error()))
             }
-            End::Refused(e) => Err(ControlError::Refused(e)),
-            End::Lost(why) => Err(self
+            End::Revoked(r) => Err(ControlError::Revoked(r)),
+            End::Refused(e) | End::Lost(Setback::Refused(e)) => Err(ControlError::Refused(e)),
+            End::Lost(Setback::Protocol(why)) => Err(ControlError::Protocol(why)),
+            End::Lost(Setback::Unreachable(why)) => Err(self
                 .connect_error
                 .take()
                 .unwrap_or(ControlError::Connection(why))),
@@ -702,6 +739,7 @@ impl Session {
             link,
             opening,
             connect_error,
+            keyserver,
             ..
         } = self;
         tokio::select! {
@@ -709,11 +747,13 @@ impl Session {
                 *opening = None;
                 match res {
                     Ok(l) => {
+                        *keyserver = Some(l.addr);
                         *link = Some(l);
                         *connect_error = None;
                         core.handle_connected(now());
                     }
                     Err(e) => {
+                        *keyserver = None;
                         core.handle_connect_failed(now(), e.to_string());
                         *connect_error = Some(e);
                     }
@@ -814,8 +854,7 @@ impl Session {
                 match self.next_event().await {
                     Ok(Event::Ended(end)) => return Some(end),
                     Ok(_) => {}
-                    Err(ControlError::Revoked(why)) => return Some(End::Revoked(why)),
-                    Err(_) => return None,
+                    Err(_) => return self.end.clone(),
                 }
             }
         };
@@ -836,7 +875,8 @@ impl Session {
 
     /// Leaves the network: the keyserver releases this membership (peers
     /// drop it within a second) and confirms; connects first if needed.
-    /// Waits up to `limit`. True when the keyserver confirmed.
+    /// Waits up to `limit`. True when the keyserver confirmed, or said the
+    /// membership was already gone (revoked, or its credential unknown).
     pub async fn leave(&mut self, limit: Duration) -> bool {
         if self.core.leave(now()).is_err() {
             self.disconnect();

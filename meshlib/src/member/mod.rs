@@ -29,9 +29,26 @@
 //! 3. Stop after [`Event::Ended`].
 //!
 //! Every method that depends on time takes `now`.
+//!
+//! ## Ends
+//!
+//! Only a revocation forgets: the session ends with [`End::Revoked`] when
+//! the keyserver says the membership is gone (removed, replaced by another
+//! key, or a resume's credential unknown: [`Revocation`]). Every other
+//! failure — no connection or a lost one, another protocol version, a
+//! malformed or forbidden answer, a busy or failing keyserver, a protocol
+//! violation — is a [`Setback`]: the member keeps its key and membership
+//! and retries with backoff ([`Connection::Connecting`] says why). A first
+//! join also ends when its token or metadata is refused ([`End::Refused`],
+//! [`join_refusal_is_final`]). A one-shot session
+//! ([`MemberConfig::reconnect`] off) ends at its first setback
+//! ([`End::Lost`]).
 
+mod ends;
 #[cfg(test)]
 mod tests;
+
+pub use ends::{join_refusal_is_final, End, Revocation, Revoked, Setback};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -69,8 +86,9 @@ pub struct MemberConfig {
     /// Rotate the WireGuard key this long after it was made (the core emits
     /// [`Event::RotationDue`]); `None`: never. Default `None`.
     pub key_lifetime: Option<Duration>,
-    /// Whether a lost or failed connection is retried. A one-shot session
-    /// (tests, probes) sets `false` and ends with [`End::Lost`]. Default `true`.
+    /// Whether a lost, failed or refused connection is retried (see
+    /// [`Setback`]). A one-shot session (tests, probes) sets `false` and
+    /// ends with [`End::Lost`]. Default `true`.
     pub reconnect: bool,
 }
 
@@ -198,36 +216,12 @@ pub enum Connection {
         /// Failed attempts since the last working connection.
         attempt: u32,
         /// Why the last attempt or connection failed.
-        last_error: Option<String>,
+        last_error: Option<Setback>,
     },
     /// Welcome received; following the map.
     Connected,
     /// Finished (see [`End`]).
     Ended,
-}
-
-/// Why a membership's session ended for good.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// [`MemberCore::shutdown`]: the keyserver marked the member offline
-    /// (`confirmed`), or was not reachable and will notice the silence.
-    Offline {
-        /// The keyserver confirmed.
-        confirmed: bool,
-    },
-    /// [`MemberCore::leave`] confirmed: the membership is released.
-    Left,
-    /// [`MemberCore::leave`] could not reach the keyserver in time: the
-    /// member will expire there instead.
-    LeaveUnconfirmed(String),
-    /// The keyserver removed this member: forget the membership.
-    Revoked(String),
-    /// The keyserver refused the join or resume for good (a resume refused
-    /// with [`ErrorCode::BadCredential`]: the membership is gone, e.g.
-    /// expired or removed while away — forget it too).
-    Refused(ProtoError),
-    /// The connection was lost and [`MemberConfig::reconnect`] is off.
-    Lost(String),
 }
 
 /// Something that happened, for the driver and the user.
@@ -362,7 +356,7 @@ pub struct MemberCore {
     /// along the keyserver's list, so a dead replica is tried last, not
     /// first, while the others are up.
     addr_turn: usize,
-    last_error: Option<String>,
+    last_error: Option<Setback>,
     heartbeat: Duration,
     next_heartbeat: Option<Instant>,
     /// The oldest unanswered heartbeat.
@@ -551,10 +545,9 @@ impl MemberCore {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Goal::Leave { deadline } = self.goal {
             if now >= deadline && self.phase != Phase::Ended {
-                let why = self
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "timed out".into());
+                let why = self.last_error.clone().unwrap_or_else(|| {
+                    Setback::Unreachable("no answer from the keyserver in time".into())
+                });
                 self.close_if_open();
                 return self.end(End::LeaveUnconfirmed(why));
             }
@@ -569,12 +562,12 @@ impl MemberCore {
                 if now >= since + self.cfg.connect_timeout =>
             {
                 self.transmits.push_back(Transmit::Close);
-                self.lost(now, "no welcome from the keyserver in time".into());
+                self.lost(now, unreachable("no welcome from the keyserver in time"));
             }
             Phase::Live => self.live_timers(now),
             Phase::Closing { deadline } if now >= deadline => {
                 self.transmits.push_back(Transmit::Close);
-                self.closing_failed(now, "no goodbye from the keyserver in time".into());
+                self.closing_failed(now, unreachable("no goodbye from the keyserver in time"));
             }
             _ => {}
         }
@@ -595,13 +588,14 @@ impl MemberCore {
     /// The connection asked for could not be opened.
     pub fn handle_connect_failed(&mut self, now: Instant, error: String) {
         if matches!(self.phase, Phase::Connecting { .. }) {
-            self.lost(now, error);
+            self.lost(now, Setback::Unreachable(error));
         }
     }
 
     /// The open connection was lost (reset, timed out, closed by the server
     /// without a goodbye).
     pub fn handle_disconnected(&mut self, now: Instant, error: String) {
+        let error = Setback::Unreachable(error);
         match self.phase {
             Phase::Hello { .. } | Phase::Live => self.lost(now, error),
             Phase::Closing { .. } => self.closing_failed(now, error),
@@ -799,7 +793,7 @@ impl MemberCore {
                 self.transmits.push_back(Transmit::Close);
                 self.lost(
                     now,
-                    format!("protocol violation: {} before the welcome", kind(&other)),
+                    Setback::Protocol(format!("{} before the welcome", kind(&other))),
                 );
             }
         }
@@ -864,31 +858,32 @@ impl MemberCore {
         }
     }
 
-    /// The keyserver refused the hello.
+    /// The keyserver refused the hello. A first join ends on a refusal of
+    /// its token or metadata ([`join_refusal_is_final`]); a resume ends
+    /// only on a revocation ([`Revocation::from_code`]). Everything else is
+    /// retried with backoff, the key and membership kept.
     fn on_refused(&mut self, now: Instant, e: ProtoError) {
         self.transmits.push_back(Transmit::Close);
-        let resuming = self.membership.is_some();
-        match e.code {
-            // Temporary: the keyserver is overloaded or its store failed.
-            // A one-shot session reports it instead.
-            ErrorCode::Busy | ErrorCode::Internal if self.cfg.reconnect => {
-                self.lost(now, e.to_string())
+        if self.membership.is_none() {
+            if join_refusal_is_final(e.code) {
+                return self.end(End::Refused(e));
             }
-            ErrorCode::BadCredential | ErrorCode::Revoked if resuming => {
-                match self.rotation.as_mut() {
-                    Some(r) if !r.try_new => {
-                        // Perhaps the rotation went through: try the new key.
-                        r.try_new = true;
-                        self.lost(now, e.to_string());
-                    }
-                    _ if e.code == ErrorCode::Revoked => self.end(End::Revoked(e.message)),
-                    _ => self.end(End::Refused(e)),
-                }
+            return self.lost(now, Setback::Refused(e));
+        }
+        let Some(reason) = Revocation::from_code(e.code) else {
+            return self.lost(now, Setback::Refused(e));
+        };
+        match self.rotation.as_mut() {
+            Some(r) if !r.try_new => {
+                // Perhaps the rotation went through and the old key is
+                // gone: try the new key before believing it.
+                r.try_new = true;
+                self.lost(now, Setback::Refused(e));
             }
-            _ if matches!(self.goal, Goal::Leave { .. }) => {
-                self.end(End::LeaveUnconfirmed(e.to_string()))
-            }
-            _ => self.end(End::Refused(e)),
+            _ => self.end(End::Revoked(Revoked {
+                reason,
+                message: e.message,
+            })),
         }
     }
 
@@ -897,10 +892,7 @@ impl MemberCore {
             ServerMsg::Snapshot(map) => {
                 if map.network != self.map.network {
                     self.transmits.push_back(Transmit::Close);
-                    return self.lost(
-                        now,
-                        "protocol violation: snapshot of another network".into(),
-                    );
+                    return self.lost(now, Setback::Protocol("snapshot of another network".into()));
                 }
                 self.map = map;
                 self.map_requested = false;
@@ -947,9 +939,15 @@ impl MemberCore {
                     Goodbye::Left => End::Left,
                 });
             }
-            ServerMsg::Error(e) if e.code == ErrorCode::Revoked => {
+            ServerMsg::Error(e) if matches!(e.code, ErrorCode::Revoked | ErrorCode::Replaced) => {
+                // Removed, or another key took the slot: the stream ends.
+                // (A BadCredential here answers a rotation.)
                 self.transmits.push_back(Transmit::Close);
-                self.end(End::Revoked(e.message));
+                let reason = Revocation::from_code(e.code).unwrap_or(Revocation::Removed);
+                self.end(End::Revoked(Revoked {
+                    reason,
+                    message: e.message,
+                }));
             }
             ServerMsg::Error(e) => match self.rotation {
                 Some(r) if r.sent && rotation_refusal(e.code) => {
@@ -960,7 +958,7 @@ impl MemberCore {
             },
             ServerMsg::Welcome(_) => {
                 self.transmits.push_back(Transmit::Close);
-                self.lost(now, "protocol violation: second welcome".into());
+                self.lost(now, Setback::Protocol("second welcome".into()));
             }
         }
     }
@@ -999,7 +997,10 @@ impl MemberCore {
             .is_some_and(|t| now >= t + self.cfg.reply_timeout)
         {
             self.transmits.push_back(Transmit::Close);
-            return self.lost(now, "the keyserver stopped answering heartbeats".into());
+            return self.lost(
+                now,
+                unreachable("the keyserver stopped answering heartbeats"),
+            );
         }
         if self.relay_refresh.is_some_and(|t| now >= t) {
             self.relay_refresh = None;
@@ -1063,8 +1064,9 @@ impl MemberCore {
         }
     }
 
-    /// The connection (or attempt) failed: retry after a backoff, or end.
-    fn lost(&mut self, now: Instant, error: String) {
+    /// The connection (or attempt) failed or was refused without ending
+    /// the membership: retry after a backoff, or (one-shot) end.
+    fn lost(&mut self, now: Instant, error: Setback) {
         self.next_heartbeat = None;
         self.awaiting_ack = None;
         if let Some(r) = self.rotation.as_mut() {
@@ -1086,7 +1088,7 @@ impl MemberCore {
     }
 
     /// The connection failed while waiting for a goodbye.
-    fn closing_failed(&mut self, now: Instant, error: String) {
+    fn closing_failed(&mut self, now: Instant, error: Setback) {
         match self.goal {
             Goal::Leave { .. } => self.lost(now, error),
             _ => self.end(End::Offline { confirmed: false }),
@@ -1125,6 +1127,11 @@ fn rotation_refusal(code: ErrorCode) -> bool {
         code,
         ErrorCode::KeyInUse | ErrorCode::BadCredential | ErrorCode::InvalidMetadata
     )
+}
+
+/// A setback of the connection itself.
+fn unreachable(why: &str) -> Setback {
+    Setback::Unreachable(why.to_owned())
 }
 
 /// A jitter seed from a key's bytes.

@@ -494,7 +494,12 @@ fn revocation_and_one_shot_sessions_end() {
             message: "removed".into(),
         }),
     );
-    assert!(events(&mut core).contains(&Event::Ended(End::Revoked("removed".into()))));
+    assert!(
+        events(&mut core).contains(&Event::Ended(End::Revoked(Revoked {
+            reason: Revocation::Removed,
+            message: "removed".into()
+        })))
+    );
 
     let key = PrivateKey::generate().public_key();
     let cfg = MemberConfig {
@@ -504,7 +509,11 @@ fn revocation_and_one_shot_sessions_end() {
     let mut core = MemberCore::join(cfg, token(), meta(key), t0);
     core.handle_timeout(t0);
     core.handle_connect_failed(t0, "refused".into());
-    assert!(events(&mut core).contains(&Event::Ended(End::Lost("refused".into()))));
+    assert!(
+        events(&mut core).contains(&Event::Ended(End::Lost(Setback::Unreachable(
+            "refused".into()
+        ))))
+    );
 }
 
 #[test]
@@ -564,4 +573,386 @@ fn reconnects_start_at_the_next_keyserver_address() {
     // Each attempt starts one address further: a dead replica listed first
     // costs one attempt, not every one.
     assert_eq!(firsts, [a[0], a[1], a[2], a[0]]);
+}
+
+/// Every error code, so that the tables below cover each (the match makes
+/// a new code a compile error here until it is placed).
+fn all_codes() -> Vec<ErrorCode> {
+    let all = vec![
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::TokenUsedUp,
+        ErrorCode::TokenBinding,
+        ErrorCode::UnknownNetwork,
+        ErrorCode::NetworkFull,
+        ErrorCode::KeyInUse,
+        ErrorCode::InstanceTaken,
+        ErrorCode::BadCredential,
+        ErrorCode::Forbidden,
+        ErrorCode::Revoked,
+        ErrorCode::Malformed,
+        ErrorCode::InvalidMetadata,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+        ErrorCode::Replaced,
+    ];
+    for code in &all {
+        match code {
+            ErrorCode::UnsupportedVersion
+            | ErrorCode::InvalidToken
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenUsedUp
+            | ErrorCode::TokenBinding
+            | ErrorCode::UnknownNetwork
+            | ErrorCode::NetworkFull
+            | ErrorCode::KeyInUse
+            | ErrorCode::InstanceTaken
+            | ErrorCode::BadCredential
+            | ErrorCode::Forbidden
+            | ErrorCode::Revoked
+            | ErrorCode::Malformed
+            | ErrorCode::InvalidMetadata
+            | ErrorCode::Busy
+            | ErrorCode::Internal
+            | ErrorCode::Replaced => {}
+        }
+    }
+    all
+}
+
+fn refusal(code: ErrorCode) -> ServerMsg {
+    ServerMsg::Error(ProtoError {
+        code,
+        message: format!("says {code:?}"),
+    })
+}
+
+/// The request of the next hello, after the backoff (earlier transmits,
+/// such as the refused connection's close, are dropped).
+fn next_hello(core: &mut MemberCore) -> Request {
+    transmits(core);
+    let at = core.poll_timeout().expect("a retry is due");
+    core.handle_timeout(at);
+    assert!(
+        matches!(transmits(core)[..], [Transmit::Connect { .. }]),
+        "reconnects"
+    );
+    core.handle_connected(at);
+    match transmits(core).pop() {
+        Some(Transmit::Send(Frame::Hello(h))) => h.request,
+        other => panic!("expected a hello, got {other:?}"),
+    }
+}
+
+/// A member resuming a stored membership, its hello sent.
+fn resuming(cfg: MemberConfig, now: Instant) -> (MemberCore, Membership) {
+    let m = Membership {
+        addrs: token().addrs,
+        cert_sha256: [3; 32],
+        network: token().network,
+        public_key: PrivateKey::generate().public_key(),
+        credential: [7; 32],
+    };
+    let map = snapshot(4, &[member(m.public_key, 1)]);
+    let mut core = MemberCore::resume(cfg, m.clone(), map, vec![], vec![], now);
+    core.handle_timeout(now);
+    core.handle_connected(now);
+    transmits(&mut core);
+    (core, m)
+}
+
+#[test]
+fn a_first_join_ends_on_token_refusals_and_retries_the_rest_with_the_same_key() {
+    let t0 = Instant::now();
+    let retried = [
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Malformed,
+        ErrorCode::Forbidden,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+    ];
+    for code in all_codes() {
+        let key = PrivateKey::generate().public_key();
+        let mut core = MemberCore::join(MemberConfig::default(), token(), meta(key), t0);
+        core.handle_timeout(t0);
+        core.handle_connected(t0);
+        transmits(&mut core);
+        core.handle_message(t0, refusal(code));
+        let ev = events(&mut core);
+        assert_eq!(transmits(&mut core), [Transmit::Close], "{code:?}");
+        assert_eq!(join_refusal_is_final(code), !retried.contains(&code));
+        if retried.contains(&code) {
+            let setback = Setback::Refused(ProtoError {
+                code,
+                message: format!("says {code:?}"),
+            });
+            assert_eq!(
+                ev,
+                [Event::Connection(Connection::Connecting {
+                    attempt: 1,
+                    last_error: Some(setback.clone()),
+                })],
+                "{code:?} is retried"
+            );
+            assert_eq!(
+                core.connection(),
+                Connection::Connecting {
+                    attempt: 1,
+                    last_error: Some(setback)
+                }
+            );
+            match next_hello(&mut core) {
+                Request::Join(j) => assert_eq!(j.public_key, key, "{code:?}: same key"),
+                other => panic!("{code:?}: expected a join, got {other:?}"),
+            }
+        } else {
+            assert!(
+                matches!(ev.last(), Some(Event::Ended(End::Refused(e))) if e.code == code),
+                "{code:?} ends the join: {ev:?}"
+            );
+            assert!(core.is_ended() && core.membership().is_none());
+        }
+    }
+}
+
+#[test]
+fn a_resume_ends_only_on_a_revocation_and_retries_everything_else() {
+    let t0 = Instant::now();
+    for code in all_codes() {
+        let (mut core, m) = resuming(MemberConfig::default(), t0);
+        core.handle_message(t0, refusal(code));
+        let ev = events(&mut core);
+        assert_eq!(transmits(&mut core), [Transmit::Close], "{code:?}");
+        let message = format!("says {code:?}");
+        match Revocation::from_code(code) {
+            Some(reason) => {
+                assert!(code.ends_membership(), "{code:?}");
+                assert_eq!(reason.code(), code);
+                assert_eq!(
+                    ev.last(),
+                    Some(&Event::Ended(End::Revoked(Revoked { reason, message }))),
+                    "{code:?} ends the membership"
+                );
+                assert!(core.is_ended());
+            }
+            None => {
+                assert!(!code.ends_membership(), "{code:?}");
+                assert_eq!(
+                    ev,
+                    [Event::Connection(Connection::Connecting {
+                        attempt: 1,
+                        last_error: Some(Setback::Refused(ProtoError { code, message })),
+                    })],
+                    "{code:?} is retried"
+                );
+                assert_eq!(core.membership(), Some(&m), "{code:?}: membership kept");
+                match next_hello(&mut core) {
+                    Request::Resume(r) => {
+                        assert_eq!(r.public_key, m.public_key);
+                        assert_eq!(r.credential, m.credential);
+                        assert_eq!(r.generation, 4, "{code:?}: from the cached map");
+                    }
+                    other => panic!("{code:?}: expected a resume, got {other:?}"),
+                }
+            }
+        }
+    }
+    let revocations: Vec<_> = all_codes()
+        .into_iter()
+        .filter_map(Revocation::from_code)
+        .collect();
+    assert_eq!(
+        revocations,
+        [
+            Revocation::UnknownCredential,
+            Revocation::Removed,
+            Revocation::Replaced
+        ]
+    );
+}
+
+#[test]
+fn repeated_refusals_back_off_and_keep_the_membership() {
+    let t0 = Instant::now();
+    let (mut core, m) = resuming(MemberConfig::default(), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for code in [
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::Malformed,
+        ErrorCode::Forbidden,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidMetadata,
+    ] {
+        core.handle_message(now, refusal(code));
+        let at = core.poll_timeout().unwrap();
+        delays.push(at - now);
+        assert!(matches!(next_hello(&mut core), Request::Resume(_)));
+        now = at;
+    }
+    events(&mut core);
+    assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
+    assert!(matches!(
+        core.connection(),
+        Connection::Connecting { attempt: 5, .. }
+    ));
+    // The keyserver comes back: the same membership resumes.
+    core.handle_message(now, ServerMsg::Welcome(welcome(None, 4)));
+    assert_eq!(core.connection(), Connection::Connected);
+    assert_eq!(core.membership(), Some(&m));
+}
+
+#[test]
+fn a_live_session_ends_on_removal_or_replacement_only() {
+    let t0 = Instant::now();
+    for code in all_codes() {
+        let (mut core, _) = joined(t0);
+        core.handle_message(t0, refusal(code));
+        let ev = events(&mut core);
+        let message = format!("says {code:?}");
+        match code {
+            ErrorCode::Revoked | ErrorCode::Replaced => {
+                let reason = Revocation::from_code(code).unwrap();
+                assert_eq!(transmits(&mut core), [Transmit::Close]);
+                assert_eq!(
+                    ev.last(),
+                    Some(&Event::Ended(End::Revoked(Revoked { reason, message })))
+                );
+            }
+            _ => {
+                // A refused request; the session goes on (the keyserver
+                // closes it if it means to, which is retried).
+                assert_eq!(
+                    ev,
+                    [Event::Rejected(ProtoError { code, message })],
+                    "{code:?}"
+                );
+                assert_eq!(core.connection(), Connection::Connected);
+                core.handle_disconnected(t0, "closed".into());
+                assert!(matches!(next_hello(&mut core), Request::Resume(_)));
+            }
+        }
+    }
+}
+
+#[test]
+fn protocol_violations_and_silence_are_retried() {
+    let t0 = Instant::now();
+    let (mut core, m) = resuming(MemberConfig::default(), t0);
+    core.handle_message(t0, ServerMsg::HeartbeatAck { generation: 1 });
+    assert_eq!(transmits(&mut core), [Transmit::Close]);
+    assert_eq!(
+        events(&mut core),
+        [Event::Connection(Connection::Connecting {
+            attempt: 1,
+            last_error: Some(Setback::Protocol(
+                "heartbeat answer before the welcome".into()
+            )),
+        })]
+    );
+    assert!(matches!(next_hello(&mut core), Request::Resume(_)));
+    // No welcome in time.
+    let at = core.poll_timeout().unwrap();
+    core.handle_timeout(at);
+    assert!(matches!(
+        core.connection(),
+        Connection::Connecting {
+            attempt: 2,
+            last_error: Some(Setback::Unreachable(_))
+        }
+    ));
+    assert_eq!(core.membership(), Some(&m));
+}
+
+#[test]
+fn a_one_shot_session_ends_instead_of_retrying_but_keeps_the_membership() {
+    let t0 = Instant::now();
+    let cfg = MemberConfig {
+        reconnect: false,
+        ..MemberConfig::default()
+    };
+    for code in all_codes() {
+        let (mut core, m) = resuming(cfg.clone(), t0);
+        core.handle_message(t0, refusal(code));
+        let ev = events(&mut core);
+        let message = format!("says {code:?}");
+        let end = match Revocation::from_code(code) {
+            Some(reason) => End::Revoked(Revoked { reason, message }),
+            None => End::Lost(Setback::Refused(ProtoError { code, message })),
+        };
+        assert_eq!(ev.last(), Some(&Event::Ended(end)), "{code:?}");
+        assert_eq!(core.membership(), Some(&m));
+    }
+    let key = PrivateKey::generate().public_key();
+    let mut core = MemberCore::join(cfg, token(), meta(key), t0);
+    core.handle_timeout(t0);
+    core.handle_connected(t0);
+    core.handle_message(t0, refusal(ErrorCode::Busy));
+    assert!(matches!(
+        events(&mut core).last(),
+        Some(Event::Ended(End::Lost(Setback::Refused(e)))) if e.code == ErrorCode::Busy
+    ));
+}
+
+#[test]
+fn during_a_rotation_a_revocation_is_believed_only_after_the_new_key_is_tried() {
+    let t0 = Instant::now();
+    for code in [
+        ErrorCode::BadCredential,
+        ErrorCode::Revoked,
+        ErrorCode::Replaced,
+    ] {
+        let (mut core, old) = joined(t0);
+        let new = PrivateKey::generate().public_key();
+        core.rotate_key(t0, new).unwrap();
+        core.handle_disconnected(t0, "reset".into());
+        transmits(&mut core);
+        match next_hello(&mut core) {
+            Request::Resume(r) => assert_eq!(r.public_key, old),
+            other => panic!("{other:?}"),
+        }
+        core.handle_message(t0, refusal(code));
+        assert!(!core.is_ended(), "{code:?}: the new key is tried first");
+        match next_hello(&mut core) {
+            Request::Resume(r) => assert_eq!(r.public_key, new),
+            other => panic!("{other:?}"),
+        }
+        events(&mut core);
+        core.handle_message(t0, refusal(code));
+        let reason = Revocation::from_code(code).unwrap();
+        assert!(
+            matches!(events(&mut core).last(), Some(Event::Ended(End::Revoked(r))) if r.reason == reason),
+            "{code:?}"
+        );
+    }
+}
+
+#[test]
+fn setbacks_and_revocations_read_well() {
+    let v = Setback::Refused(ProtoError {
+        code: ErrorCode::UnsupportedVersion,
+        message: "server speaks versions 2 to 3, client 4".into(),
+    });
+    assert_eq!(
+        v.to_string(),
+        format!(
+            "speaks another protocol version (this member speaks {}): server speaks versions 2 to 3, client 4",
+            proto::VERSION
+        )
+    );
+    let m = Setback::Refused(ProtoError {
+        code: ErrorCode::Malformed,
+        message: "bad frame".into(),
+    });
+    assert_eq!(m.to_string(), "refused (Malformed): bad frame");
+    let r = Revoked {
+        reason: Revocation::Replaced,
+        message: "slot taken".into(),
+    };
+    assert_eq!(
+        r.to_string(),
+        "replaced by another key that took this member's slot (the keyserver said: slot taken)"
+    );
+    assert_eq!(r.to_proto_error().code, ErrorCode::Replaced);
 }

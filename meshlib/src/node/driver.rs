@@ -9,13 +9,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{Connection, ControlError, Event, Session};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::member::End;
-use crate::proto::ErrorCode;
+use crate::member::{End, Setback};
 use crate::render::text::escape;
 
 use super::plane::{local_endpoints, Plane};
 use super::state::{Membership as StoredMembership, StateDir};
-use super::{Command, NodeEnd, NodeError, NodeEvent, Shared};
+use super::{Command, NodeEnd, NodeError, NodeEvent, SetbackLog, Shared};
 
 /// How often the endpoints to announce are looked at: local addresses
 /// (when not configured) and what the engine learned (STUN, relay).
@@ -43,6 +42,8 @@ pub(super) struct Driver {
     /// The endpoints last announced.
     pub(super) announced: Vec<std::net::SocketAddr>,
     pub(super) on_map: Option<super::MapHook>,
+    /// Reasons for a retry already logged.
+    pub(super) setbacks: SetbackLog,
 }
 
 impl Driver {
@@ -169,35 +170,12 @@ impl Driver {
     fn on_event(&mut self, ev: Result<Event, ControlError>) -> Option<NodeEnd> {
         let ev = match ev {
             Ok(ev) => ev,
-            Err(ControlError::Revoked(why)) => return Some(NodeEnd::Revoked(why)),
-            Err(ControlError::Refused(e)) if e.code == ErrorCode::BadCredential => {
-                return Some(NodeEnd::Revoked(e.message))
-            }
-            Err(e) => {
-                tracing::error!(error = %escape(&e.to_string()), "control session ended");
-                return Some(NodeEnd::Revoked(e.to_string()));
-            }
+            Err(e) => return Some(self.terminal(e)),
         };
         match ev {
             Event::Snapshot => self.map_changed(None),
             Event::Delta(d) => self.map_changed(Some(d.changes)),
-            Event::Connection(c) => {
-                if let Connection::Connecting {
-                    attempt,
-                    last_error: Some(e),
-                } = &c
-                {
-                    tracing::warn!(attempt, error = %escape(e), "keyserver unreachable; running from the last map");
-                }
-                if c == Connection::Connected {
-                    tracing::info!("connected to the keyserver");
-                }
-                self.shared.connection.send_replace(c.clone());
-                if c != Connection::Connected {
-                    self.shared.caught_up.send_replace(false);
-                }
-                let _ = self.shared.events.send(NodeEvent::Connection(c));
-            }
+            Event::Connection(c) => self.connection(c),
             Event::CaughtUp { generation } => {
                 tracing::debug!(generation, "caught up with the keyserver");
                 self.shared.caught_up.send_replace(true);
@@ -217,14 +195,83 @@ impl Driver {
             Event::Rejected(e) => {
                 tracing::warn!(error = %escape(&e.to_string()), "keyserver rejected a request")
             }
-            Event::Ended(End::Offline { .. }) => return Some(NodeEnd::Offline),
-            Event::Ended(End::Left | End::LeaveUnconfirmed(_)) => return Some(NodeEnd::Left),
-            Event::Ended(End::Revoked(why)) => return Some(NodeEnd::Revoked(why)),
-            Event::Ended(other) => return Some(NodeEnd::Revoked(format!("{other:?}"))),
+            Event::Ended(end) => return Some(self.node_end(end, None)),
             Event::Relay(info) => crate::nat::use_relay_info(&self.plane.engine, &info),
             Event::Joined(_) | Event::Welcomed(_) | Event::HeartbeatAck { .. } => {}
         }
         None
+    }
+
+    /// The session ended with an error: its typed end says how.
+    fn terminal(&self, e: ControlError) -> NodeEnd {
+        match self.session.end() {
+            Some(end) => self.node_end(end.clone(), Some(e)),
+            None => NodeEnd::Lost(Setback::Unreachable(e.to_string())),
+        }
+    }
+
+    /// The node's end for the session's end (`error`: what the session
+    /// reported, for a lost one-shot session's detail).
+    fn node_end(&self, end: End, error: Option<ControlError>) -> NodeEnd {
+        match end {
+            End::Offline { .. } => NodeEnd::Offline,
+            End::Left | End::LeaveUnconfirmed(_) => NodeEnd::Left,
+            End::Revoked(revoked) => NodeEnd::Revoked {
+                revoked,
+                keyserver: self.session.keyserver(),
+            },
+            // A resume is never refused for good; kept as a setback.
+            End::Refused(e) => NodeEnd::Lost(Setback::Refused(e)),
+            End::Lost(Setback::Unreachable(why)) => {
+                NodeEnd::Lost(Setback::Unreachable(error.map_or(why, |e| e.to_string())))
+            }
+            End::Lost(s) => NodeEnd::Lost(s),
+        }
+    }
+
+    /// The control connection changed state: published, and each distinct
+    /// reason for a retry logged once until a connection works again.
+    fn connection(&mut self, c: Connection) {
+        let keyserver = self.session.keyserver();
+        self.shared.keyserver.send_replace(keyserver);
+        match &c {
+            Connection::Connecting {
+                attempt,
+                last_error: Some(e),
+            } => self.setback(*attempt, e, keyserver),
+            Connection::Connected => {
+                self.setbacks.clear();
+                let at = keyserver.map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(keyserver = %at, "connected to the keyserver");
+            }
+            _ => {}
+        }
+        self.shared.connection.send_replace(c.clone());
+        if c != Connection::Connected {
+            self.shared.caught_up.send_replace(false);
+        }
+        let _ = self.shared.events.send(NodeEvent::Connection(c));
+    }
+
+    /// Logs a setback, once per distinct reason.
+    fn setback(&mut self, attempt: u32, e: &Setback, keyserver: Option<std::net::SocketAddr>) {
+        let at = keyserver.map_or_else(
+            || super::addrs_text(&self.stored.control.addrs),
+            |a| a.to_string(),
+        );
+        let reason = escape(&e.to_string()).into_owned();
+        if !self.setbacks.is_new(e) {
+            tracing::debug!(keyserver = %at, attempt, %reason, "still no keyserver session; retrying");
+            return;
+        }
+        match e {
+            Setback::Unreachable(_) => {
+                tracing::warn!(keyserver = %at, attempt, %reason, "keyserver unreachable; running from the last map and retrying with backoff")
+            }
+            Setback::Refused(_) | Setback::Protocol(_) => {
+                tracing::warn!(keyserver = %at, attempt, %reason, "the keyserver did not take this member; the membership is kept, running from the last map and retrying with backoff")
+            }
+        }
     }
 
     /// Applies the session's map to the data plane, the cache and the
@@ -281,12 +328,25 @@ impl Driver {
     }
 
     fn end(&mut self, end: NodeEnd) {
-        if let NodeEnd::Revoked(why) = &end {
-            tracing::error!(reason = %escape(why), "this member was revoked; tunnels are going down");
-            self.plane.clear();
-            if let Some(s) = &self.state {
-                s.forget_membership();
+        match &end {
+            NodeEnd::Revoked { revoked, keyserver } => {
+                let at = keyserver.map(|a| a.to_string()).unwrap_or_default();
+                tracing::error!(
+                    keyserver = %at,
+                    reason = revoked.reason.as_str(),
+                    message = %escape(&revoked.message),
+                    "{}; tunnels are going down and the stored membership is forgotten",
+                    revoked.reason
+                );
+                self.plane.clear();
+                if let Some(s) = &self.state {
+                    s.forget_membership();
+                }
             }
+            NodeEnd::Lost(s) => {
+                tracing::warn!(reason = %escape(&s.to_string()), "control session ended (reconnect is off); the membership is kept");
+            }
+            NodeEnd::Offline | NodeEnd::Left => {}
         }
         if let Some(p) = self.rotation.take() {
             if let Some(r) = p.reply {

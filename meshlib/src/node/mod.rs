@@ -30,6 +30,15 @@
 //! Static stability: with a membership and a cached map in the state
 //! directory, [`Node::start`] brings the data plane up from the cache before
 //! the keyserver is reached, and the node keeps running while it is away.
+//!
+//! Only a revocation forgets: the node ends with [`NodeEnd::Revoked`] (tunnels
+//! down, stored membership deleted) only when the keyserver says the
+//! membership is gone ([`crate::member::Revocation`]). Anything else — an
+//! unreachable keyserver, another protocol version, a malformed or
+//! forbidden answer, a busy or failing keyserver — is retried with backoff
+//! from the cached map, the state directory untouched; each distinct reason
+//! is logged once (with the keyserver's address) until a connection works
+//! again, and [`Node::watch_connection`] shows the latest.
 
 pub mod state;
 
@@ -51,6 +60,7 @@ use crate::ids::{InstanceName, ProcessType};
 use crate::ist::config::Overrides;
 use crate::ist::table::IstTable;
 use crate::keys::{PrivateKey, PublicKey};
+use crate::member::{Revoked, Setback};
 use crate::names::{Lookup, NameIndex};
 use crate::netmap::{MapChange, NetworkMap};
 use crate::proto::JoinToken;
@@ -189,9 +199,9 @@ pub enum NodeError {
         /// What went wrong.
         error: ControlError,
     },
-    /// This member was removed from its network (or its membership is gone).
+    /// The keyserver ended this membership.
     #[error("revoked by the keyserver: {0}")]
-    Revoked(String),
+    Revoked(Revoked),
     /// The data plane could not start.
     #[error("data plane: {0}")]
     DataPlane(String),
@@ -230,9 +240,74 @@ pub enum NodeEnd {
     Offline,
     /// [`Node::leave`]: the membership is released.
     Left,
-    /// Removed by the keyserver (or its membership is gone): the stored
-    /// membership is forgotten.
-    Revoked(String),
+    /// The keyserver ended the membership (removed, replaced by another
+    /// key, or its credential unknown): the tunnels are down and the stored
+    /// membership is forgotten. The only end that forgets.
+    Revoked {
+        /// Why, in the keyserver's words.
+        revoked: Revoked,
+        /// The keyserver that said so.
+        keyserver: Option<SocketAddr>,
+    },
+    /// The control session ended without a revocation, which happens only
+    /// when [`crate::member::MemberConfig::reconnect`] is off (otherwise
+    /// every setback is retried). The stored membership is kept: the next
+    /// start resumes it.
+    Lost(Setback),
+}
+
+impl std::fmt::Display for NodeEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Offline => f.write_str("stopped: offline at the keyserver"),
+            Self::Left => f.write_str("left the network"),
+            Self::Revoked {
+                revoked,
+                keyserver: Some(k),
+            } => write!(f, "keyserver {k} ended this membership: {revoked}"),
+            Self::Revoked {
+                revoked,
+                keyserver: None,
+            } => write!(f, "the keyserver ended this membership: {revoked}"),
+            Self::Lost(s) => write!(f, "control session ended: {s}"),
+        }
+    }
+}
+
+/// Logs each distinct reason a connection failed or was refused once, not
+/// at every backoff attempt, until a connection works again.
+#[derive(Debug, Default)]
+struct SetbackLog {
+    /// Reasons logged since the last working connection (a refusal by
+    /// its code; at most [`SetbackLog::MAX`]).
+    seen: Vec<Setback>,
+}
+
+impl SetbackLog {
+    /// Reasons remembered: a keyserver that words its answers differently
+    /// every time is logged every time, but never grows this.
+    const MAX: usize = 32;
+
+    /// Whether `s` is a reason not logged yet (and remembers it).
+    fn is_new(&mut self, s: &Setback) -> bool {
+        let same = |seen: &Setback| match (seen, s) {
+            (Setback::Refused(a), Setback::Refused(b)) => a.code == b.code,
+            (a, b) => a == b,
+        };
+        if self.seen.iter().any(same) {
+            return false;
+        }
+        if self.seen.len() == Self::MAX {
+            self.seen.remove(0);
+        }
+        self.seen.push(s.clone());
+        true
+    }
+
+    /// A connection works: every reason is news again.
+    fn clear(&mut self) {
+        self.seen.clear();
+    }
 }
 
 /// Requests from the [`Node`] handle to its driver.
@@ -251,6 +326,8 @@ struct Shared {
     connection: watch::Sender<Connection>,
     caught_up: watch::Sender<bool>,
     ended: watch::Sender<Option<NodeEnd>>,
+    /// The keyserver of the current or last control connection.
+    keyserver: watch::Sender<Option<SocketAddr>>,
     events: broadcast::Sender<NodeEvent>,
     public_key: Mutex<PublicKey>,
     /// Ports announced: the configured ones plus `listen`'s.
@@ -296,8 +373,11 @@ fn quic_endpoint(addrs: &[SocketAddr]) -> Result<quinn::Endpoint, ControlError> 
 impl Node {
     /// Joins (first start, with the token) or resumes (from the state
     /// directory), brings the data plane up and starts following the map.
-    /// A first join retries an unreachable or busy keyserver until it
-    /// succeeds: bound it with a timeout or drop the future to give up.
+    /// A first join retries an unreachable, busy or incompatible keyserver
+    /// (another protocol version, a malformed or forbidden answer) until it
+    /// succeeds, and fails on a refusal of its token or metadata
+    /// ([`crate::member::join_refusal_is_final`]): bound it with a timeout
+    /// or drop the future to give up.
     /// A resume returns at once, running from the cached map; the
     /// connection comes up in the background ([`Node::wait_caught_up`]).
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
@@ -389,6 +469,7 @@ impl Node {
             connection: watch::channel(session.core().connection()).0,
             caught_up: watch::channel(session.core().is_caught_up()).0,
             ended: watch::channel(None).0,
+            keyserver: watch::channel(session.keyserver()).0,
             events: broadcast::channel(1024).0,
             public_key: Mutex::new(key.public_key()),
             ports: Mutex::new(cfg.ports.clone()),
@@ -407,6 +488,7 @@ impl Node {
             endpoints: cfg.endpoints.clone(),
             announced: Vec::new(),
             on_map: cfg.on_map.clone(),
+            setbacks: SetbackLog::default(),
         };
         let driver = tokio::spawn(driver.run(rx));
         Ok(Node {
@@ -455,6 +537,19 @@ impl Node {
     /// The control connection's state, watched.
     pub fn watch_connection(&self) -> watch::Receiver<Connection> {
         self.shared.connection.subscribe()
+    }
+
+    /// The keyserver of the current control connection, or of the last one
+    /// (the one whose refusal or loss [`Node::watch_connection`] reports);
+    /// `None` before any connection and after an attempt that reached no
+    /// keyserver (its error names the addresses tried).
+    pub fn keyserver(&self) -> Option<SocketAddr> {
+        *self.shared.keyserver.borrow()
+    }
+
+    /// [`Node::keyserver`], watched (it changes with each connection).
+    pub fn watch_keyserver(&self) -> watch::Receiver<Option<SocketAddr>> {
+        self.shared.keyserver.subscribe()
     }
 
     /// Events from now on.
@@ -743,13 +838,22 @@ async fn first_join(
         &cfg.client,
     )
     .map_err(ctl)?;
+    let mut setbacks = SetbackLog::default();
     loop {
         match session.next_event().await {
             Ok(Event::Connection(Connection::Connecting {
                 attempt,
                 last_error: Some(error),
             })) => {
-                tracing::warn!(%keyserver, attempt, error = %crate::render::text::escape(&error), "join failed; retrying with the same key");
+                let at = session
+                    .keyserver()
+                    .map_or_else(|| keyserver.clone(), |a| a.to_string());
+                let reason = crate::render::text::escape(&error.to_string()).into_owned();
+                if setbacks.is_new(&error) {
+                    tracing::warn!(keyserver = %at, attempt, %reason, "join failed; retrying with the same key and backoff");
+                } else {
+                    tracing::debug!(keyserver = %at, attempt, %reason, "join failed again");
+                }
             }
             Ok(Event::Snapshot) => break,
             Ok(_) => {}

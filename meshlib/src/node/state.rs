@@ -76,8 +76,9 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Opens (creating with mode 0700 if needed, tightening it to 0700 if
-    /// others could enter it) the state directory.
+    /// Opens the state directory: creates it with mode 0700 if needed (its
+    /// missing parents as `mkdir -p` does), or tightens it to 0700 if
+    /// others could enter it.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         if let Some(old) = create_private_dir(dir)? {
             tracing::warn!(path = %dir.display(), mode = format!("{old:o}"), "state directory was open to others; set to mode 0700");

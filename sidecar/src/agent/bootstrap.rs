@@ -26,9 +26,11 @@ pub(super) struct Prepared {
 pub(super) fn prepare(config: &Config) -> Result<Prepared, AgentError> {
     config.validate()?;
     let overrides = config.overrides()?;
+    // The state directory first (0700, missing parents as `mkdir -p`):
+    // other paths may live in it (`--hosts-file ~/.ist-mesh/hosts`).
+    let state = StateDir::open(&config.state_dir)?;
     config.check_paths()?;
     preflight(config)?;
-    let state = StateDir::open(&config.state_dir)?;
     let token = match state.load_membership()? {
         Some(_) => None,
         None => Some(first_join_token(config)?),

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use meshlib::control::{self, ClientConfig, Connection};
+use meshlib::control::{self, ClientConfig, Connection, Setback};
 use meshlib::names::NameIndex;
 use meshlib::netmap::NetworkMap;
 use meshlib::node::state::{StateDir, StateError};
@@ -67,9 +67,12 @@ pub enum AgentError {
     /// The node could not start or stopped (refused, revoked, data plane).
     #[error(transparent)]
     Node(#[from] NodeError),
-    /// This member was removed from its network.
-    #[error("revoked by the keyserver: {0}")]
-    Revoked(String),
+    /// The node ended on its own: the keyserver ended the membership
+    /// ([`NodeEnd::Revoked`]: removed, replaced by another key, or its
+    /// credential unknown; the stored membership is forgotten), or, with
+    /// reconnect off only, the control session failed ([`NodeEnd::Lost`]).
+    #[error("{0}")]
+    Ended(NodeEnd),
     /// A local socket could not be opened.
     #[error("{what}: {error}")]
     Io {
@@ -155,7 +158,8 @@ pub struct Agent {
 impl Agent {
     /// Checks the configuration, then joins (first start) or resumes, brings
     /// the data plane up and applies the best map available. A first join
-    /// retries an unreachable or busy keyserver until `shutdown` turns true.
+    /// retries an unreachable, busy or incompatible keyserver until `shutdown`
+    /// turns true.
     pub async fn start(
         config: Config,
         shutdown: &mut watch::Receiver<bool>,
@@ -289,6 +293,7 @@ impl Agent {
         let map_rx = self.node.watch_map();
         let connection = self.node.watch_connection();
         let ended = self.node.watch_end();
+        let node_keyserver = self.node.watch_keyserver();
         let applier = self.applier.clone();
         let keyserver = self.keyserver();
         let interface = self.config.interface.clone();
@@ -344,30 +349,12 @@ impl Agent {
                         path: None,
                     }),
             );
-            let control = match (&*ended.borrow(), &*connection.borrow()) {
-                (Some(NodeEnd::Revoked(reason)), _) => ControlState::Revoked {
-                    reason: reason.clone(),
-                },
-                (_, Connection::Connected) => ControlState::Connected {
-                    server: keyserver.clone(),
-                },
-                (
-                    _,
-                    Connection::Connecting {
-                        attempt,
-                        last_error,
-                    },
-                ) => ControlState::Connecting {
-                    attempt: *attempt,
-                    last_error: last_error
-                        .as_ref()
-                        .map(|e| format!("keyserver {keyserver}: {e}")),
-                },
-                (_, Connection::Ended) => ControlState::Connecting {
-                    attempt: 0,
-                    last_error: Some("stopped".into()),
-                },
-            };
+            let control = control_state(
+                ended.borrow().as_ref(),
+                &connection.borrow(),
+                *node_keyserver.borrow(),
+                &keyserver,
+            );
             Status {
                 ports: own.map(|m| m.ports.clone()).unwrap_or_default(),
                 inbound_refused: stack.as_ref().map(|s| s.stats().inbound_refused),
@@ -399,8 +386,9 @@ impl Agent {
     }
 
     /// Follows the node until `shutdown` turns true (then stops gracefully:
-    /// offline at the keyserver), the member leaves (control socket), or it
-    /// is revoked (an error).
+    /// offline at the keyserver), the member leaves (control socket), or the
+    /// keyserver ends the membership (an error). Every other trouble with
+    /// the keyserver is retried by the node, the membership kept.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut ended = self.node.watch_end();
         let mut requests = self.requests_rx.take().expect("run once");
@@ -412,8 +400,10 @@ impl Agent {
                 _ = ended.changed() => {
                     let end = ended.borrow().clone();
                     match end {
-                        Some(NodeEnd::Revoked(reason)) => break Err(AgentError::Revoked(reason)),
-                        Some(_) => break Ok(()),
+                        Some(end @ (NodeEnd::Revoked { .. } | NodeEnd::Lost(_))) => {
+                            break Err(AgentError::Ended(end))
+                        }
+                        Some(NodeEnd::Offline | NodeEnd::Left) => break Ok(()),
                         None => {}
                     }
                 }
@@ -464,6 +454,61 @@ impl Agent {
         if let Some(u) = &mut a.userspace {
             u.stop();
         }
+    }
+}
+
+/// The control connection as `sidecar status` shows it. `keyserver`: the
+/// node's current or last keyserver; `addrs`: the membership's addresses
+/// (when no keyserver was reached).
+fn control_state(
+    ended: Option<&NodeEnd>,
+    connection: &Connection,
+    keyserver: Option<std::net::SocketAddr>,
+    addrs: &str,
+) -> ControlState {
+    let at = keyserver.map_or_else(|| addrs.to_owned(), |a| a.to_string());
+    match (ended, connection) {
+        (
+            Some(NodeEnd::Revoked {
+                revoked,
+                keyserver: by,
+            }),
+            _,
+        ) => ControlState::Revoked {
+            reason: revoked.to_string(),
+            revocation: revoked.reason.as_str().to_owned(),
+            keyserver: by.map_or(at, |a| a.to_string()),
+        },
+        (Some(NodeEnd::Lost(s)), _) => ControlState::Connecting {
+            attempt: 0,
+            last_error: Some(format!("stopped: keyserver {at}: {s}")),
+        },
+        (_, Connection::Connected) => ControlState::Connected { server: at },
+        (
+            _,
+            Connection::Connecting {
+                attempt,
+                last_error: Some(e @ (Setback::Refused(_) | Setback::Protocol(_))),
+            },
+        ) => ControlState::Retrying {
+            attempt: *attempt,
+            keyserver: at,
+            reason: e.to_string(),
+        },
+        (
+            _,
+            Connection::Connecting {
+                attempt,
+                last_error,
+            },
+        ) => ControlState::Connecting {
+            attempt: *attempt,
+            last_error: last_error.as_ref().map(|e| format!("keyserver {at}: {e}")),
+        },
+        (_, Connection::Ended) => ControlState::Connecting {
+            attempt: 0,
+            last_error: Some("stopped".into()),
+        },
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, RwLock};
 
 use super::{Agent, AgentError, Request, RESOLV_CONF};
 
@@ -27,6 +27,18 @@ pub struct LocalServers {
     pub metrics: Option<SocketAddr>,
     /// The control socket (`sidecar rotate-key`, `sidecar leave`).
     pub control: PathBuf,
+    /// Held (shared) by each control request being answered: a sidecar
+    /// that leaves on request stops before its answer is written, and
+    /// must not exit before it is ([`LocalServers::answered`]).
+    answering: Arc<RwLock<()>>,
+}
+
+impl LocalServers {
+    /// Waits (at most `limit`) until every control request taken has been
+    /// answered. Call before the process exits.
+    pub async fn answered(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.answering.write()).await;
+    }
 }
 
 /// Starts DNS, the status socket and metrics for `agent`; they stop when
@@ -104,11 +116,13 @@ pub async fn start_servers(
         }
     }
     let control = config.state_dir.join(CONTROL_SOCKET);
+    let answering = Arc::new(RwLock::new(()));
     match crate::status::bind_status_socket(&control) {
         Ok(l) => {
             tokio::spawn(serve_control(
                 l,
                 agent.requests.clone(),
+                answering.clone(),
                 stop(shutdown_control),
             ));
         }
@@ -119,6 +133,7 @@ pub async fn start_servers(
         status,
         metrics,
         control,
+        answering,
     })
 }
 
@@ -127,6 +142,7 @@ pub async fn start_servers(
 async fn serve_control(
     listener: UnixListener,
     requests: mpsc::Sender<Request>,
+    answering: Arc<RwLock<()>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let accept = async {
@@ -134,9 +150,9 @@ async fn serve_control(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let requests = requests.clone();
+            let (requests, answering) = (requests.clone(), answering.clone());
             tokio::spawn(async move {
-                let _ = control_connection(stream, requests).await;
+                let _ = control_connection(stream, requests, answering).await;
             });
         }
     };
@@ -152,6 +168,7 @@ const MAX_REQUEST: u64 = 256;
 async fn control_connection(
     stream: UnixStream,
     requests: mpsc::Sender<Request>,
+    answering: Arc<RwLock<()>>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -173,6 +190,8 @@ async fn control_connection(
             return Ok(());
         }
     };
+    // Until the answer is written (the process may be about to exit).
+    let _answering = answering.read_owned().await;
     let answer = if requests.send(request).await.is_err() {
         serde_json::json!({"ok": false, "error": "the sidecar is stopping"})
     } else {
