@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keyserver::registry::Lifecycle;
 use meshlib::ids::NetworkId;
-use meshlib::member::End;
+use meshlib::member::{End, Revocation};
 use meshlib::netmap::MemberState;
 use meshsim::{JoinSpec, MemberId, Sim, SimConfig};
 
@@ -178,6 +178,7 @@ fn an_online_slot_is_refused_without_replace_and_taken_with_it() {
         sees(s, observer, replacing)
             && !s.member(observer).plane.peers.contains_key(&old_key)
             && s.member(old).ended.is_some()
+            && welcomed(s, replacing)
     })
     .unwrap();
     let nw = s.member(replacing).core.welcome().unwrap();
@@ -185,9 +186,11 @@ fn an_online_slot_is_refused_without_replace_and_taken_with_it() {
         (nw.ip, &nw.instance, nw.index),
         (w.ip, &w.instance, w.index)
     );
-    // The old instance was told it was replaced.
-    let told = s.trace().iter().any(|l| l.contains("Replaced"));
-    assert!(told, "no Replaced in the trace: {:?}", s.member(old).ended);
+    // The old instance was told it was replaced: a revocation (it forgets).
+    match &s.member(old).ended {
+        Some(End::Revoked(r)) => assert_eq!(r.reason, Revocation::Replaced, "{r}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
