@@ -34,31 +34,16 @@ macro_rules! require_netns {
     };
 }
 
-/// The WireGuard peers of a sidecar (`wg show <if> peers`).
 fn wg_peers(sc: &Sidecar) -> Vec<String> {
-    let out = sc.sh(&format!("wg show {} peers", sc.interface));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+    sc.wg_peers()
 }
 
-/// What `name` resolves to for a sidecar's host, through its hosts file.
 fn hosts_lookup(sc: &Sidecar, name: &str) -> Option<String> {
-    let out = sc.sh(&format!("getent hosts {name}"));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
+    sc.getent(name)
 }
 
-/// What `name` resolves to through the sidecar's private DNS.
 fn dns_lookup(sc: &Sidecar, name: &str) -> Option<String> {
-    let out = sc.sh(&format!("dig +short +time=1 +tries=2 @127.0.0.77 {name}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_owned)
+    sc.dig(name)
 }
 
 fn public_key(sc: &Sidecar) -> String {

@@ -68,32 +68,6 @@ fn fetch(ns: &str, to: SocketAddr) -> Option<String> {
     .unwrap()
 }
 
-/// What `name` resolves to through the sidecar's private DNS.
-fn dig(sc: &Sidecar, name: &str) -> Option<String> {
-    let out = sc.sh(&format!("dig +short +time=1 +tries=2 @127.0.0.77 {name}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_owned)
-}
-
-/// What `name` resolves to through the sidecar host's `/etc/hosts`.
-fn getent(sc: &Sidecar, name: &str) -> Option<String> {
-    let out = sc.sh(&format!("getent hosts {name}"));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
-}
-
-fn wg_peers(sc: &Sidecar) -> Vec<String> {
-    let out = sc.sh(&format!("wg show {} peers", sc.interface));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
 fn status_field(sc: &Sidecar, field: &str) -> String {
     sc.status().expect("status")[field]
         .as_str()
@@ -162,8 +136,8 @@ fn stateless_restarts_keep_address_and_names_kernel_and_userspace() {
         let warp = format!("{}.warp", sc.service);
         let to: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         wait_for(SETTLE, || fetch(&hc.ns, to).as_deref() == Some(greeting));
-        assert_eq!(dig(&client, &first).as_deref(), Some(ip.as_str()));
-        assert_eq!(dig(&client, &internal).as_deref(), Some(ip.as_str()));
+        assert_eq!(client.dig(&first).as_deref(), Some(ip.as_str()));
+        assert_eq!(client.dig(&internal).as_deref(), Some(ip.as_str()));
         for round in 1..=3 {
             let old_key = status_field(sc, "public_key");
             let restarted = Instant::now();
@@ -179,7 +153,7 @@ fn stateless_restarts_keep_address_and_names_kernel_and_userspace() {
             // The client's WireGuard swapped the key in place; its names
             // and the TCP service answer at the same address.
             wait_for(SETTLE, || {
-                let peers = wg_peers(&client);
+                let peers = client.wg_peers();
                 peers.contains(&new_key)
                     && !peers.contains(&old_key)
                     && fetch(&hc.ns, to).as_deref() == Some(greeting)
@@ -189,10 +163,10 @@ fn stateless_restarts_keep_address_and_names_kernel_and_userspace() {
                 sc.service,
                 restarted.elapsed()
             );
-            assert_eq!(dig(&client, &first).as_deref(), Some(ip.as_str()));
-            assert_eq!(dig(&client, &internal).as_deref(), Some(ip.as_str()));
+            assert_eq!(client.dig(&first).as_deref(), Some(ip.as_str()));
+            assert_eq!(client.dig(&internal).as_deref(), Some(ip.as_str()));
             wait_for(SETTLE, || {
-                getent(&client, &warp).as_deref() == Some(ip.as_str())
+                client.getent(&warp).as_deref() == Some(ip.as_str())
             });
         }
         // One member per slot: the stopped keys are gone, not offline.

@@ -481,6 +481,34 @@ impl Sidecar {
         must("ip", &["netns", "exec", &self.host.ns, "sh", "-c", script])
     }
 
+    /// Its WireGuard peers (`wg show <if> peers`).
+    pub fn wg_peers(&self) -> Vec<String> {
+        let out = self.sh(&format!("wg show {} peers", self.interface));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What `name` resolves to on its host through the hosts file
+    /// (`getent hosts`).
+    pub fn getent(&self, name: &str) -> Option<String> {
+        let out = self.sh(&format!("getent hosts {name}"));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    }
+
+    /// The first address `name` resolves to through its private DNS (`dig`).
+    pub fn dig(&self, name: &str) -> Option<String> {
+        let out = self.sh(&format!("dig +short +time=1 +tries=2 @127.0.0.77 {name}"));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map(str::to_owned)
+    }
+
     /// The host's `/etc/hosts` as its processes see it.
     pub fn hosts_file(&self) -> String {
         std::fs::read_to_string(

@@ -224,33 +224,19 @@ pub(super) fn apply_takeover(
     instance: &InstanceName,
     now: SystemTime,
 ) -> (Vec<MapChange>, Vec<StoreOp>) {
-    let (mut changes, mut ops) = (Vec::new(), Vec::new());
-    if plan.owned.is_none() {
-        let id = net.rec.id;
-        let owned: Vec<GroupName> = net
-            .services
-            .values()
-            .filter(|r| r.group.owner.as_ref() == Some(instance))
-            .map(|r| r.group.name.clone())
-            .collect();
-        for name in owned {
-            net.services.remove(&name);
-            changes.push(MapChange::ServiceRemove(name.clone()));
-            ops.push(StoreOp::DeleteService(id, name));
-        }
-    }
+    let (mut changes, mut ops) = if plan.owned.is_none() {
+        delete_owned(net, instance)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let (more_changes, more_ops) = apply_join(net, plan, instance, now);
     changes.extend(more_changes);
     ops.extend(more_ops);
     (changes, ops)
 }
 
-/// An instance left or expired: the groups it owns are deleted, and it is
-/// detached from the others.
-pub(super) fn instance_gone(
-    net: &mut Network,
-    instance: &InstanceName,
-) -> (Vec<MapChange>, Vec<StoreOp>) {
+/// Deletes the groups `instance` owns.
+fn delete_owned(net: &mut Network, instance: &InstanceName) -> (Vec<MapChange>, Vec<StoreOp>) {
     let (mut changes, mut ops) = (Vec::new(), Vec::new());
     let id = net.rec.id;
     let owned: Vec<GroupName> = net
@@ -264,6 +250,16 @@ pub(super) fn instance_gone(
         changes.push(MapChange::ServiceRemove(name.clone()));
         ops.push(StoreOp::DeleteService(id, name));
     }
+    (changes, ops)
+}
+
+/// An instance left or expired: the groups it owns are deleted, and it is
+/// detached from the others.
+pub(super) fn instance_gone(
+    net: &mut Network,
+    instance: &InstanceName,
+) -> (Vec<MapChange>, Vec<StoreOp>) {
+    let (mut changes, mut ops) = delete_owned(net, instance);
     for rec in net.services.values_mut() {
         if rec.group.detach(instance) {
             changes.push(MapChange::ServiceUpsert(rec.group.clone()));
