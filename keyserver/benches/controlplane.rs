@@ -746,7 +746,18 @@ async fn restarts_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<(
     let eps: Vec<quinn::Endpoint> = (0..size / 25 + 2)
         .map(|_| control::client_endpoint("127.0.0.1:0".parse().expect("literal")))
         .collect::<Result<_, _>>()?;
-    let token = server.network("restarts").await?;
+    server.network("restarts").await?;
+    let token: JoinToken = server
+        .admin
+        .call(
+            Method::POST,
+            "/v1/networks/restarts/tokens",
+            Some(&json!({"uses": size + restarts + 100, "expires": "1d"})),
+        )
+        .await?["token"]
+        .as_str()
+        .context("token")?
+        .parse()?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id0 = *next_id;
     let (observers, t) = join_many(&eps, &token, size, id0, &tx).await?;
