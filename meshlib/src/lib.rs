@@ -25,6 +25,9 @@
 //!   tokens, length framing and version.
 //! - [`services`] — service groups (seed 002): published ports, handler
 //!   rules, connection limits, wake hooks, persistent or instance-owned.
+//! - [`balance`] — the one balancing policy (least active, in turn; soft
+//!   and hard limits; held while nothing is online; backoff after a failed
+//!   dial), for service groups and service addresses alike.
 //! - [`nat`] — NAT traversal: STUN messages, authenticated path probes,
 //!   the relay's tickets and frames, and per-peer path selection.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
@@ -51,6 +54,7 @@
 
 #![warn(missing_docs)]
 
+pub mod balance;
 pub mod control;
 pub mod dns;
 pub mod fsutil;

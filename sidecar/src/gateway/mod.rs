@@ -21,7 +21,7 @@
 //! HTTP (proxy, or redirect per group), 443 is TLS + HTTP, every other TCP
 //! port is TLS + TCP; UDP ports are served on the address they name.
 
-pub mod balance;
+pub use meshlib::balance;
 pub mod http;
 pub mod member;
 pub mod metrics;

@@ -1,7 +1,9 @@
-//! The balancer of one service group: which instance a new connection goes
-//! to, when it waits, when it is refused. Pure: no sockets, no tasks, time
-//! is an argument; the driver ([`super::routes`]) holds the waiters'
-//! channels by id.
+//! The one balancing policy of the mesh: which instance a new connection
+//! (or flow) goes to, when it waits, when it is refused. Used by the
+//! gateway for each service group (seed 002) and by the data plane for
+//! each service address. Pure: no sockets, no tasks, time is an argument;
+//! the driver (the gateway's routes, the sidecar's service listeners, the
+//! engine's flow table) holds the waiters by id.
 //!
 //! ## Limits (seed 002), per instance, on this gateway
 //!
@@ -32,8 +34,8 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use meshlib::ids::InstanceName;
-use meshlib::services::Limits;
+use crate::ids::InstanceName;
+use crate::services::Limits;
 
 /// Most connections held for a group without an online instance.
 pub const MAX_HELD: usize = 1024;
