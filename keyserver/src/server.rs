@@ -109,6 +109,10 @@ pub struct Push {
     pub to: u64,
     /// The encoded [`ServerMsg::Delta`] frame.
     pub frame: Arc<[u8]>,
+    /// The frame for members of protocol version 3 or older, when the
+    /// delta holds changes they cannot decode (service addresses); `None`:
+    /// `frame` is fine for them too.
+    pub legacy: Option<Arc<[u8]>>,
     /// The member this change removed, if any.
     pub removed: Option<PublicKey>,
     /// When it was published (push latency).
@@ -504,6 +508,9 @@ impl Shared {
             return;
         }
         let (from, to) = (change.delta.from, change.delta.to);
+        let legacy = crate::session::legacy_delta(&change.delta)
+            .and_then(|d| proto::encode_frame(&ServerMsg::Delta(d), usize::MAX).ok())
+            .map(Arc::from);
         let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(change.delta), usize::MAX) else {
             return;
         };
@@ -512,6 +519,7 @@ impl Shared {
             from,
             to,
             frame: frame.into(),
+            legacy,
             removed: change.removed,
             at: Instant::now(),
         });

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
-use meshlib::netmap::Member;
+use meshlib::netmap::{MapChange, MapDelta, Member};
 use meshlib::proto::{
     self, ClientMsg, ErrorCode, Goodbye, Hello, ProtoError, Request, Secret, ServerMsg, Welcome,
 };
@@ -83,6 +83,9 @@ pub struct StreamSession {
     key: PublicKey,
     /// Last generation sent to the client.
     sent: u64,
+    /// The client's protocol version (an older one gets deltas it can
+    /// decode: [`legacy_delta`]).
+    version: u16,
     /// The member's instance name (its slot): when its key is removed and
     /// another key holds the slot, the member was replaced.
     instance: meshlib::ids::InstanceName,
@@ -95,6 +98,25 @@ pub struct StreamSession {
     /// Counts this session as open for its member while it lives (a join
     /// retried while a session is open is refused).
     _open: OpenSession,
+}
+
+/// The delta a member of protocol version 3 or older is sent: without the
+/// changes it cannot decode (service addresses, version 4); `None` when
+/// there are none (the delta is fine as it is).
+pub fn legacy_delta(d: &MapDelta) -> Option<MapDelta> {
+    if d.changes.iter().all(MapChange::before_v4) {
+        return None;
+    }
+    Some(MapDelta {
+        from: d.from,
+        to: d.to,
+        changes: d
+            .changes
+            .iter()
+            .filter(|c| c.before_v4())
+            .cloned()
+            .collect(),
+    })
 }
 
 /// Maps a refused or failed operation to a fatal session error.
@@ -222,6 +244,7 @@ impl StreamSession {
                 );
                 let s = Self {
                     network,
+                    version: hello.version,
                     key: joined.member.public_key,
                     instance: joined.member.instance.clone(),
                     sent: generation,
@@ -258,6 +281,7 @@ impl StreamSession {
                     welcome_of(&resumed.member, network, None, observed, generation, shared);
                 let mut s = Self {
                     network,
+                    version: hello.version,
                     key: resumed.member.public_key,
                     instance: resumed.member.instance.clone(),
                     sent: from,
@@ -294,6 +318,10 @@ impl StreamSession {
             Catchup::UpToDate => None,
             Catchup::Delta(d) => {
                 self.sent = d.to;
+                let d = match self.version < 4 {
+                    true => legacy_delta(&d).unwrap_or(d),
+                    false => d,
+                };
                 Some(Reply::Msg(ServerMsg::Delta(d)))
             }
             Catchup::Snapshot(map) => {
@@ -339,7 +367,11 @@ impl StreamSession {
                     // The removal itself is not sent: the stream ends.
                     return Err(self.gone(shared));
                 }
-                Ok(vec![Reply::Frame(p.frame)])
+                let frame = match (self.version < 4, p.legacy) {
+                    (true, Some(legacy)) => legacy,
+                    _ => p.frame,
+                };
+                Ok(vec![Reply::Frame(frame)])
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 let (net, key, sent) = (self.network, self.key, self.sent);

@@ -104,6 +104,41 @@ pub struct NetworkMap {
     /// gateways publish. Appended; older caches read as none.
     #[serde(default)]
     pub services: BTreeMap<GroupName, ServiceGroup>,
+    /// The range service addresses are taken from (the block of the same
+    /// size right after [`NetworkMap::range`]: `10.240.4.0/22` for the
+    /// default range), routed by members like the network's own range.
+    /// `None` from a keyserver without service addresses. Appended.
+    #[serde(default)]
+    pub service_range: Option<Ipv4Net>,
+    /// Every service's own stable address, by service name
+    /// ([`ServiceAddress`]). Appended; older maps have none.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, ServiceAddress>,
+}
+
+/// A service's own stable private address (its VIP): what `<service>.warp`
+/// and `WARP_IST_*` name. It outlives every instance of the service (also
+/// at zero instances); the data plane sends each new flow to it to one
+/// online, healthy instance of the service ([`NetworkMap::backends`]) and
+/// keeps the flow there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddress {
+    /// The service name, as its members carry it ([`Member::service`]).
+    pub service: String,
+    /// The address, inside [`NetworkMap::service_range`].
+    pub ip: Ipv4Addr,
+    /// Scale to zero (seed 001): how long a new flow with no online
+    /// instance is held while the keyserver wakes the service, seconds;
+    /// `None`: the service is not wakeable and such a flow is refused at
+    /// once.
+    pub wake_timeout_secs: Option<u16>,
+}
+
+/// The service range of a network range: the block of the same size right
+/// after it (`None` past the end of the address space).
+pub fn default_service_range(range: Ipv4Net) -> Option<Ipv4Net> {
+    let next = u32::from(range.broadcast()).checked_add(1)?;
+    Ipv4Net::new(Ipv4Addr::from(next), range.prefix_len()).ok()
 }
 
 /// One change to a network map.
@@ -117,6 +152,19 @@ pub enum MapChange {
     ServiceUpsert(ServiceGroup),
     /// A service group was deleted.
     ServiceRemove(GroupName),
+    /// A service address was allocated or changed (its wake setting).
+    /// Version 4: older members are sent deltas without it.
+    AddressUpsert(ServiceAddress),
+    /// A service address was released (its service is gone). Version 4.
+    AddressRemove(String),
+}
+
+impl MapChange {
+    /// Whether a member of protocol version 3 or older can decode this
+    /// change (service addresses came with version 4).
+    pub fn before_v4(&self) -> bool {
+        !matches!(self, Self::AddressUpsert(_) | Self::AddressRemove(_))
+    }
 }
 
 /// The changes that take a map from generation `from` to generation `to`.
@@ -162,6 +210,8 @@ impl NetworkMap {
             generation: 0,
             members: BTreeMap::new(),
             services: BTreeMap::new(),
+            service_range: None,
+            addresses: BTreeMap::new(),
         }
     }
 
@@ -194,6 +244,12 @@ impl NetworkMap {
                 MapChange::ServiceRemove(name) => {
                     self.services.remove(name);
                 }
+                MapChange::AddressUpsert(a) => {
+                    self.addresses.insert(a.service.clone(), a.clone());
+                }
+                MapChange::AddressRemove(service) => {
+                    self.addresses.remove(service);
+                }
             }
         }
         self.generation = delta.to;
@@ -216,7 +272,33 @@ impl NetworkMap {
                 .map(|(k, m)| (*k, m.clone()))
                 .collect(),
             services: self.services.clone(),
+            service_range: self.service_range,
+            addresses: self.addresses.clone(),
         }
+    }
+
+    /// The instances a service address balances over: the service's online
+    /// `web` members, or all its online members when it has no `web` one
+    /// (the members its name always pointed at), by index.
+    pub fn backends(&self, service: &str) -> Vec<&Member> {
+        let online: Vec<&Member> = self
+            .service_members(service)
+            .into_iter()
+            .filter(|m| m.is_online())
+            .collect();
+        if online.iter().any(|m| m.process_type.is_web()) {
+            online
+                .into_iter()
+                .filter(|m| m.process_type.is_web())
+                .collect()
+        } else {
+            online
+        }
+    }
+
+    /// The service whose address is `ip`, if any.
+    pub fn address_of(&self, ip: Ipv4Addr) -> Option<&ServiceAddress> {
+        self.addresses.values().find(|a| a.ip == ip)
     }
 
     /// The member with this instance name.
@@ -321,6 +403,97 @@ pub(crate) mod tests {
             map.apply(&back),
             Err(DeltaError::Backwards { .. })
         ));
+    }
+
+    /// A member of protocol version 3 decodes a version-4 snapshot (the
+    /// appended map fields come last in the frame and are ignored), but not
+    /// a service-address change: the keyserver leaves those out for it.
+    #[test]
+    fn version_3_members_read_snapshots_but_not_address_changes() {
+        #[derive(Deserialize)]
+        struct MapV3 {
+            network: NetworkId,
+            _name: String,
+            _range: Ipv4Net,
+            generation: u64,
+            members: BTreeMap<PublicKey, Member>,
+            _services: BTreeMap<GroupName, ServiceGroup>,
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        enum ChangeV3 {
+            _Upsert(Member),
+            _Remove(PublicKey),
+            _ServiceUpsert(ServiceGroup),
+            _ServiceRemove(GroupName),
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        enum ServerMsgV3 {
+            _Welcome(crate::proto::Welcome),
+            Snapshot(MapV3),
+            Delta {
+                _from: u64,
+                _to: u64,
+                _changes: Vec<ChangeV3>,
+            },
+        }
+        let mut map = empty_map();
+        let m = member("api-1", "api", "web", 1, 1);
+        map.members.insert(m.public_key, m.clone());
+        map.generation = 9;
+        map.service_range = default_service_range(map.range);
+        let addr = ServiceAddress {
+            service: "api".into(),
+            ip: Ipv4Addr::new(10, 240, 4, 1),
+            wake_timeout_secs: Some(30),
+        };
+        map.addresses.insert("api".into(), addr.clone());
+        let frame =
+            crate::proto::encode_frame(&crate::proto::ServerMsg::Snapshot(map.clone()), 1 << 20)
+                .unwrap();
+        match crate::proto::decode_payload::<ServerMsgV3>(&frame[4..]).unwrap() {
+            ServerMsgV3::Snapshot(old) => {
+                assert_eq!((old.network, old.generation), (map.network, 9));
+                assert_eq!(old.members[&m.public_key], m);
+            }
+            _ => panic!("not a snapshot"),
+        }
+        let delta = MapDelta {
+            from: 9,
+            to: 10,
+            changes: vec![MapChange::AddressUpsert(addr.clone())],
+        };
+        let frame =
+            crate::proto::encode_frame(&crate::proto::ServerMsg::Delta(delta.clone()), 1 << 20)
+                .unwrap();
+        assert!(crate::proto::decode_payload::<ServerMsgV3>(&frame[4..]).is_err());
+        assert!(!delta.changes[0].before_v4());
+        // The same delta without it (what the keyserver sends them) decodes.
+        let old_style = MapDelta {
+            changes: vec![MapChange::Remove(m.public_key)],
+            ..delta.clone()
+        };
+        let frame = crate::proto::encode_frame(&crate::proto::ServerMsg::Delta(old_style), 1 << 20)
+            .unwrap();
+        assert!(matches!(
+            crate::proto::decode_payload::<ServerMsgV3>(&frame[4..]),
+            Ok(ServerMsgV3::Delta { .. })
+        ));
+        // Applied by a current member.
+        let mut later = map.clone();
+        later.addresses.clear();
+        later.apply(&delta).unwrap();
+        assert_eq!(later.addresses["api"], addr);
+        assert_eq!(later.address_of(addr.ip), Some(&addr));
+        assert_eq!(
+            default_service_range("10.240.0.0/22".parse().unwrap()),
+            Some("10.240.4.0/22".parse().unwrap())
+        );
+        assert_eq!(
+            default_service_range("255.255.255.0/24".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

@@ -51,8 +51,11 @@ use crate::netmap::{MapDelta, NetworkMap};
 /// The protocol version this build speaks; sent in the first message.
 /// Version 2 added member lifecycle (states, offline, goodbye) and key
 /// rotation; version 3 added slots ([`JoinRequest::replace`],
-/// [`JoinRequest::ephemeral`], [`ErrorCode::Replaced`]).
-pub const VERSION: u16 = 3;
+/// [`JoinRequest::ephemeral`], [`ErrorCode::Replaced`]); version 4 added
+/// service addresses to the map ([`crate::netmap::ServiceAddress`]: the
+/// map's appended fields, two [`crate::netmap::MapChange`] variants, which
+/// the keyserver leaves out of the deltas it sends older members).
+pub const VERSION: u16 = 4;
 
 /// The oldest protocol version a keyserver of this build still accepts
 /// ([`parse_hello`] reads its hello; every server message it may receive is
@@ -550,7 +553,8 @@ pub fn parse_hello(payload: &[u8]) -> Result<Hello, HelloError> {
         .map_err(|e| HelloError::Malformed(e.to_string()))?;
     let malformed = |e: postcard::Error| HelloError::Malformed(e.to_string());
     match version {
-        VERSION => postcard::from_bytes::<Hello>(payload).map_err(malformed),
+        // Versions 3 and 4 share the hello.
+        3 | VERSION => postcard::from_bytes::<Hello>(payload).map_err(malformed),
         2 => postcard::from_bytes::<HelloV2>(payload)
             .map(Hello::from)
             .map_err(malformed),

@@ -127,8 +127,11 @@ impl Plane {
                 MapChange::Remove(k) => {
                     self.peers.remove(k);
                 }
-                // Service groups change no peer.
-                MapChange::ServiceUpsert(_) | MapChange::ServiceRemove(_) => {}
+                // Service groups and addresses change no peer.
+                MapChange::ServiceUpsert(_)
+                | MapChange::ServiceRemove(_)
+                | MapChange::AddressUpsert(_)
+                | MapChange::AddressRemove(_) => {}
             }
         }
     }

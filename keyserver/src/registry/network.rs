@@ -129,11 +129,12 @@ impl Network {
     }
 }
 
-/// What a change is about: a member or a service group.
+/// What a change is about: a member, a service group or a service address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
     Member(PublicKey),
     Service(meshlib::services::GroupName),
+    Address(String),
 }
 
 /// Keeps only the last change of each member (and of each service group):
@@ -146,6 +147,8 @@ fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
         MapChange::Remove(k) => Subject::Member(*k),
         MapChange::ServiceUpsert(g) => Subject::Service(g.name.clone()),
         MapChange::ServiceRemove(n) => Subject::Service(n.clone()),
+        MapChange::AddressUpsert(a) => Subject::Address(a.service.clone()),
+        MapChange::AddressRemove(s) => Subject::Address(s.clone()),
     };
     let all: Vec<&MapChange> = changes.collect();
     let last: HashMap<Subject, usize> = all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
