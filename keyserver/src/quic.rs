@@ -224,7 +224,7 @@ pub(crate) struct Ticket {
 
 /// Why a pending step did not finish.
 #[derive(Debug)]
-enum NotInTime {
+pub(crate) enum NotInTime {
     Deadline,
     Evicted,
 }
@@ -232,7 +232,10 @@ enum NotInTime {
 impl Ticket {
     /// Runs a step of the pending phase (handshake, stream, hello) within
     /// the hello deadline and unless evicted.
-    async fn pending<T>(&mut self, step: impl Future<Output = T>) -> Result<T, NotInTime> {
+    pub(crate) async fn pending<T>(
+        &mut self,
+        step: impl Future<Output = T>,
+    ) -> Result<T, NotInTime> {
         tokio::select! {
             r = tokio::time::timeout_at(self.deadline, step) => r.map_err(|_| NotInTime::Deadline),
             _ = &mut self.evicted => Err(NotInTime::Evicted),

@@ -106,11 +106,105 @@ async fn connection(
             let _ = send.shutdown().await;
         }
         Some(a) if a == proto::ALPN_RELAY => {
-            drop(ticket);
             if let Some(relay) = relay {
-                crate::relay::tcp_session(tls, relay).await;
+                crate::relay::tcp_session(tls, relay, Some(ticket)).await;
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant, SystemTime};
+
+    use meshlib::ids::NetworkId;
+    use meshlib::keys::PrivateKey;
+    use meshlib::nat::relay::{self, Ticket, TicketBody};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use crate::quic::Gate;
+    use crate::server::{Limits, Shared};
+    use crate::store::MemStore;
+
+    /// A relay connection on the TCP port that never registers lives on
+    /// the unauthenticated budget and is closed at the hello deadline
+    /// (issue 20: 8,000 of them held 682 MiB); a registered one stays.
+    #[tokio::test]
+    async fn unregistered_relay_connections_end_at_the_hello_deadline() {
+        let limits = Limits {
+            hello_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let (shared, _) = Shared::new(
+            Box::new(MemStore::new()),
+            limits,
+            [7; 32],
+            SystemTime::now(),
+        )
+        .unwrap();
+        let gate = Gate::new(&shared);
+        let secret = [9; 32];
+        let udp = crate::relay::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let handle =
+            crate::relay::serve_udp(udp, secret, crate::relay::RelayLimits::default()).unwrap();
+        let remote = "127.0.0.1:4000".parse().unwrap();
+
+        // Silent: closed at the deadline.
+        let (mut silent, server) = tokio::io::duplex(4096);
+        let ticket = gate.admit(remote, Duration::from_millis(500));
+        let started = Instant::now();
+        let session = tokio::spawn(crate::relay::tcp_session(
+            server,
+            handle.shared.clone(),
+            Some(ticket),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest))
+            .await
+            .expect("the silent side sees the end")
+            .ok();
+
+        // Registered: still open past the deadline.
+        let (mut member, server) = tokio::io::duplex(4096);
+        let ticket = gate.admit(remote, Duration::from_millis(500));
+        let session = tokio::spawn(crate::relay::tcp_session(
+            server,
+            handle.shared.clone(),
+            Some(ticket),
+        ));
+        let t = Ticket::sign(
+            &secret,
+            TicketBody {
+                network: NetworkId::random(),
+                public_key: PrivateKey::generate().public_key(),
+                ip: "10.240.0.1".parse().unwrap(),
+                expires: u64::MAX,
+            },
+        )
+        .to_bytes();
+        let frame = relay::register(&t);
+        member
+            .write_all(&(frame.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        member.write_all(&frame).await.unwrap();
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), member.read_exact(&mut len))
+            .await
+            .expect("registration answered in time")
+            .expect("registered answer");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!session.is_finished(), "a registered member is kept");
+        drop(member);
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("ends when the member goes")
+            .unwrap();
     }
 }

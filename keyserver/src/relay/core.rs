@@ -167,6 +167,11 @@ impl RelayCore {
         }
     }
 
+    /// Whether `addr` holds a registration.
+    pub fn is_registered(&self, addr: SocketAddr) -> bool {
+        self.by_addr.contains_key(&addr)
+    }
+
     /// One datagram from `from` at `now` (`unix`: the same instant as Unix
     /// seconds, for ticket expiry). Writes the answer or the forwarded
     /// datagram into `out` and returns where it goes and its length; `None`
@@ -222,9 +227,14 @@ impl RelayCore {
                 if self.by_addr.len() >= self.limits.max_members {
                     return refuse();
                 }
+                // The rate limit is the member's, not its address's: a
+                // registration from a new address keeps the old bucket
+                // (else re-registering from new ports would refill it).
+                let mut bucket = (self.limits.burst as f64, now);
                 if let Some(old) = self.by_member.remove(&member) {
                     if let Some(s) = self.by_addr.remove(&old) {
                         self.by_token.remove(&s.token);
+                        bucket = (s.tokens, s.filled);
                     }
                 }
                 if let Some(old) = self.by_addr.remove(&from) {
@@ -240,8 +250,8 @@ impl RelayCore {
                         ip: member.1,
                         token,
                         seen: now,
-                        tokens: self.limits.burst as f64,
-                        filled: now,
+                        tokens: bucket.0,
+                        filled: bucket.1,
                     },
                 );
                 self.by_member.insert(member, from);
@@ -501,6 +511,33 @@ mod tests {
         assert!(r
             .handle("192.0.2.7:7", &send([10, 240, 0, 2], [1; 8], b"z"))
             .is_none());
+    }
+
+    /// The bucket is the member's: registering its ticket again from new
+    /// ports (issue 20: 280x the rate that way) does not refill it.
+    #[test]
+    fn re_registering_from_new_ports_does_not_refill_the_bucket() {
+        let mut r = Rig::new(RelayLimits {
+            rate: 1000,
+            burst: 1500,
+            ..RelayLimits::default()
+        });
+        let n = NetworkId::random();
+        let t = ticket(n, [10, 240, 0, 1], &SECRET);
+        r.register("192.0.2.2:2000", &ticket(n, [10, 240, 0, 2], &SECRET));
+        let big = vec![0u8; 1000];
+        let mut sent = 0;
+        for port in 1000..1100 {
+            let from = format!("192.0.2.1:{port}");
+            let token = r.register(&from, &t);
+            if r.handle(&from, &send([10, 240, 0, 2], token, &big))
+                .is_some()
+            {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, 1, "one burst's worth, however many registrations");
+        assert_eq!(r.m.dropped_rate.load(Relaxed), 99);
     }
 
     #[test]

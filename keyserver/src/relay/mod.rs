@@ -125,6 +125,12 @@ impl RelayShared {
             .as_secs()
     }
 
+    /// Whether `addr` (a TCP connection's synthetic address) holds a
+    /// registration.
+    fn is_registered(&self, addr: SocketAddr) -> bool {
+        self.core.lock().is_registered(addr)
+    }
+
     /// One datagram or frame from `from`: handled, and whatever it yields
     /// sent (by UDP, or to a TCP member's writer).
     fn handle(&self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
@@ -240,8 +246,11 @@ const MAX_TCP_FRAME: usize = 65_535;
 /// connection stands for the member's address in the relay (a synthetic
 /// one from the discard prefix `100::/64`, never a real source), so
 /// everything else, isolation and limits included, is the UDP relay's.
-pub async fn tcp_session<S>(stream: S, shared: Arc<RelayShared>)
-where
+pub(crate) async fn tcp_session<S>(
+    stream: S,
+    shared: Arc<RelayShared>,
+    mut unregistered: Option<crate::quic::Ticket>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -274,15 +283,29 @@ where
     let mut buf = vec![0u8; MAX_TCP_FRAME];
     let mut out = vec![0u8; MAX_TCP_FRAME + 64];
     loop {
-        let mut len = [0u8; 2];
-        if r.read_exact(&mut len).await.is_err() {
-            break;
-        }
-        let len = usize::from(u16::from_be_bytes(len));
-        if r.read_exact(&mut buf[..len]).await.is_err() {
-            break;
-        }
+        let read = async {
+            let mut len = [0u8; 2];
+            r.read_exact(&mut len).await?;
+            let len = usize::from(u16::from_be_bytes(len));
+            r.read_exact(&mut buf[..len]).await.map(|_| len)
+        };
+        // Until it registers, the connection lives on the unauthenticated
+        // budget and deadline of the keyserver's port (as a hello-less
+        // control connection does).
+        let len = match unregistered.as_mut() {
+            Some(ticket) => match ticket.pending(read).await {
+                Ok(Ok(len)) => len,
+                _ => break,
+            },
+            None => match read.await {
+                Ok(len) => len,
+                Err(_) => break,
+            },
+        };
         shared.handle(addr, &buf[..len], &mut out);
+        if unregistered.is_some() && shared.is_registered(addr) {
+            unregistered = None;
+        }
     }
     shared.tcp.lock().remove(&addr);
     writer.abort();
