@@ -184,7 +184,8 @@ impl From<AdminError> for ApiError {
             AdminError::NameTaken(_)
             | AdminError::LookAlike { .. }
             | AdminError::NetworkInUse { .. } => StatusCode::CONFLICT,
-            AdminError::UnknownService(_) => StatusCode::NOT_FOUND,
+            AdminError::UnknownService(_) | AdminError::UnknownAddress(_) => StatusCode::NOT_FOUND,
+            AdminError::BadAddress(_) => StatusCode::BAD_REQUEST,
             AdminError::ServiceTaken(_) => StatusCode::CONFLICT,
             AdminError::Service(_) => StatusCode::BAD_REQUEST,
             AdminError::BadName { .. }
