@@ -234,6 +234,10 @@ fn apply_settings(
     let mut r = rec.clone();
     match &s.wake {
         Some(Some(hook)) => {
+            if r.wake.as_ref() != Some(hook) {
+                // A new hook has not run yet.
+                r.waking_since = None;
+            }
             r.wake = Some(hook.clone());
             let t = s
                 .wake_timeout_secs

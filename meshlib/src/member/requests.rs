@@ -21,10 +21,11 @@ const MAX_WAKES: usize = 64;
 /// The member core's state of these requests.
 #[derive(Debug, Default)]
 pub(super) struct Requests {
-    /// Wake requests sent, most recent last: the service and when.
+    /// Wake requests sent, most recent last: the service, and when its
+    /// wake timeout (as it was then) ends.
     wakes_sent: VecDeque<(String, Instant)>,
-    /// Wake requests made while not connected: the service and when;
-    /// sent after the next welcome if still within their wake timeout.
+    /// Wake requests made while not connected, the same way; sent after
+    /// the next welcome if still within their wake timeout.
     wakes_pending: VecDeque<(String, Instant)>,
     /// The data plane's latest report.
     traffic: Option<TrafficReport>,
@@ -70,22 +71,21 @@ impl MemberCore {
         if self.goal != Goal::Run || self.phase == Phase::Ended {
             return Err(RequestError::Ended);
         }
-        let timeout = self.wake_timeout(service)?;
+        let until = now + self.wake_timeout(service)?;
         let r = &mut self.requests;
         let recent = |list: &VecDeque<(String, Instant)>| {
-            list.iter()
-                .any(|(s, at)| s == service && now < *at + timeout)
+            list.iter().any(|(s, end)| s == service && now < *end)
         };
         if recent(&r.wakes_sent) || recent(&r.wakes_pending) {
             return Ok(false);
         }
         if self.phase != Phase::Live {
-            r.wakes_pending.push_back((service.to_owned(), now));
+            r.wakes_pending.push_back((service.to_owned(), until));
             bound(&mut r.wakes_pending);
             return Ok(true);
         }
         self.check_version()?;
-        self.send_wake(now, service.to_owned());
+        self.send_wake(service.to_owned(), until);
         Ok(true)
     }
 
@@ -132,13 +132,13 @@ impl MemberCore {
         }
     }
 
-    fn send_wake(&mut self, now: Instant, service: String) {
+    fn send_wake(&mut self, service: String, until: Instant) {
         self.send(ClientMsg::Wake {
             service: service.clone(),
         });
         let r = &mut self.requests;
         r.wakes_sent.retain(|(s, _)| *s != service);
-        r.wakes_sent.push_back((service, now));
+        r.wakes_sent.push_back((service, until));
         bound(&mut r.wakes_sent);
     }
 
@@ -173,12 +173,9 @@ impl MemberCore {
             return;
         }
         let pending = std::mem::take(&mut self.requests.wakes_pending);
-        for (service, at) in pending {
-            let fresh = self
-                .wake_timeout(&service)
-                .is_ok_and(|timeout| now < at + timeout);
-            if fresh {
-                self.send_wake(now, service);
+        for (service, until) in pending {
+            if now < until && self.wake_timeout(&service).is_ok() {
+                self.send_wake(service, until);
             }
         }
         self.send_traffic(now);
