@@ -1,4 +1,5 @@
-//! Traffic per service (issue 19, item 6), the keyserver's half: the latest
+//! Traffic per service (issue 19, item 6), the keyserver's half (and the
+//! CLI tables of service addresses and of the graph): the latest
 //! traffic report of each member, in memory only (never stored: counters
 //! are cumulative per member, so the next report brings everything back),
 //! and the service graph of a network summed from them
@@ -375,6 +376,43 @@ pub fn render_traffic(g: &TrafficGraph) -> String {
             c.bytes_sent,
             c.bytes_received,
             avg
+        );
+    }
+    out
+}
+
+/// A network's service addresses as a terminal table (network text
+/// escaped): address, online instances, wake and idle settings and state.
+pub fn render_addresses(list: &[AddressInfo]) -> String {
+    let mut out = format!(
+        "{:<24} {:<15} {:>6} {:<9} {:>8} {:>10} {:<6} LAST FLOW\n",
+        "SERVICE", "ADDRESS", "ONLINE", "WAKE", "TIMEOUT", "IDLE AFTER", "STATE"
+    );
+    for a in list {
+        let r = &a.record;
+        let hook = |h: &Option<meshlib::services::WakeHook>| match h {
+            Some(meshlib::services::WakeHook::Command(_)) => "command",
+            Some(meshlib::services::WakeHook::Url(_)) => "url",
+            None => "-",
+        };
+        let state = match (a.idle, a.waking) {
+            (true, _) => "idle",
+            (_, true) => "waking",
+            _ => "-",
+        };
+        let opt =
+            |v: Option<u64>, unit: &str| v.map_or_else(|| "-".to_owned(), |v| format!("{v}{unit}"));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<15} {:>6} {:<9} {:>8} {:>10} {:<6} {}",
+            escape(&r.address.service),
+            r.address.ip,
+            a.online,
+            hook(&r.wake),
+            opt(r.address.wake_timeout_secs.map(u64::from), "s"),
+            opt(r.idle_after_secs.map(u64::from), "s"),
+            state,
+            opt(r.last_flow, "")
         );
     }
     out
