@@ -283,14 +283,16 @@ fn idleness_is_reported_once_per_period() {
     assert!(r.note_flows(net, &api, t(20)).is_empty());
     assert!(r.flows_need_write(net, &api, t(25)));
     assert_eq!(r.note_flows(net, &api, t(25)).len(), 1);
-    assert_eq!(r.idle_sweep(t(84), 10), (vec![], vec![]));
-    let (jobs, ops) = r.idle_sweep(t(85), 10);
+    // Stored at 25, written every 15 s: the last flow may have been up to
+    // 15 s later, so idle from 25 + 15 + 60.
+    assert_eq!(r.idle_sweep(t(99), 10), (vec![], vec![]));
+    let (jobs, ops) = r.idle_sweep(t(100), 10);
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].kind, HookKind::Idle);
     assert_eq!(ops.len(), 1);
-    let info = r.address(net, "api", t(86)).unwrap();
+    let info = r.address(net, "api", t(101)).unwrap();
     assert!(info.idle);
-    assert_eq!(info.record.idle_since, Some(1_000_085));
+    assert_eq!(info.record.idle_since, Some(1_000_100));
     assert_eq!(r.idle_states(10), [(net.to_string(), "api".into(), true)]);
     // Still idle: no second run.
     assert_eq!(r.idle_sweep(t(500), 10), (vec![], vec![]));
@@ -298,14 +300,15 @@ fn idleness_is_reported_once_per_period() {
     assert!(r.flows_need_write(net, &api, t(501)));
     r.note_flows(net, &api, t(501));
     assert!(!r.address(net, "api", t(502)).unwrap().idle);
-    assert_eq!(r.idle_sweep(t(560), 10).0.len(), 0);
-    assert_eq!(r.idle_sweep(t(561), 10).0.len(), 1);
+    assert_eq!(r.idle_sweep(t(575), 10).0.len(), 0);
+    assert_eq!(r.idle_sweep(t(576), 10).0.len(), 1);
     // A wake request counts as a flow.
     r.set_address(net, "api", &wake_settings("wake-api", Some(5)), t(562))
         .unwrap();
     r.request_wake(net, "api", t(600)).unwrap();
     assert!(!r.address(net, "api", t(600)).unwrap().idle);
-    assert!(r.idle_sweep(t(659), 10).0.is_empty());
+    assert!(r.idle_sweep(t(674), 10).0.is_empty());
+    assert_eq!(r.idle_sweep(t(675), 10).0.len(), 1);
     // Unknown names are skipped.
     assert!(r.note_flows(net, &["nope".into()], t(700)).is_empty());
 }

@@ -571,7 +571,10 @@ impl Registry {
 }
 
 /// Whether a watched, not yet idle address has had no flow for its
-/// `idle-after` at `now`.
+/// `idle-after` at `now`. The stored `last_flow` may be up to
+/// [`AddressRecord::flow_granularity`] older than the last flow (it is
+/// written that coarsely), so it counts as that much later: a service is
+/// never judged idle early, at most that late.
 fn turned_idle(r: &AddressRecord, now: u64) -> bool {
     let Some(after) = r.idle_after_secs else {
         return false;
@@ -579,7 +582,8 @@ fn turned_idle(r: &AddressRecord, now: u64) -> bool {
     if r.idle_since.is_some() {
         return false;
     }
-    let since = [r.last_flow, r.watch_since, r.waking_since]
+    let flow = r.last_flow.map(|t| t.saturating_add(r.flow_granularity()));
+    let since = [flow, r.watch_since, r.waking_since]
         .into_iter()
         .flatten()
         .max();

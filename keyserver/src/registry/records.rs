@@ -109,7 +109,8 @@ impl AddressRecord {
     /// How stale the stored `last_flow` may get before a new flow is
     /// written: a quarter of `idle-after` (5 s to 60 s), or 5 minutes when
     /// idleness is not watched. It bounds the writes to one per service
-    /// and period, and idleness is judged at most this late.
+    /// and period; idleness is judged at most this late (never early:
+    /// the stored time counts as this much later).
     pub fn flow_granularity(&self) -> u64 {
         match self.idle_after_secs {
             Some(idle) => (u64::from(idle) / 4).clamp(5, 60),
