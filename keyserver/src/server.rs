@@ -776,7 +776,7 @@ impl Shared {
 
     /// Applies the lifecycle timers at `now` (members silent for
     /// `offline-after` go offline, expired ones are released) and pushes the
-    /// transitions, then marks idle services ([`Shared::idle_sweep`]).
+    /// transitions, then marks idle services (`idle_sweep`).
     /// Returns how many member transitions there were. Commits to the
     /// store: call from a blocking thread.
     pub fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {

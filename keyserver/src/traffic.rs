@@ -357,14 +357,12 @@ pub fn render_traffic(g: &TrafficGraph) -> String {
     );
     for e in &g.edges {
         let c = &e.counters;
-        let avg = (c.connect_count > 0)
-            .then(|| {
-                format!(
-                    "{:.1}",
-                    c.connect_micros as f64 / c.connect_count as f64 / 1e3
-                )
-            })
-            .unwrap_or_else(|| "-".into());
+        let avg = if c.connect_count > 0 {
+            let ms = c.connect_micros as f64 / c.connect_count as f64 / 1e3;
+            format!("{ms:.1}")
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             out,
             "{:<32} {:>8} {:>6} {:>7} {:>6} {:>12} {:>12} {:>10}",

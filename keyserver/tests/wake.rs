@@ -162,8 +162,7 @@ async fn three_members_waking_at_once_run_the_command_once() {
     );
     // After the wake timeout, with still nothing online: once more.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let webs2 = wake_all(webs.drain(..).collect()).await;
-    webs = webs2;
+    webs = wake_all(webs).await;
     assert!(eventually(Duration::from_secs(5), || lines(&out) == 2).await);
     // Bad requests run nothing: an unknown service, a service that is not
     // wakeable (web, online besides), another network's service.

@@ -341,7 +341,7 @@ const PLANE_REQUESTS: usize = 256;
 /// request for the node's control task ([`crate::member::MemberCore::wake`],
 /// [`crate::member::MemberCore::report_traffic`] say what is then sent) and
 /// says whether it was queued (false: the node has stopped, or the queue
-/// of [`PLANE_REQUESTS`] is full). Get it with [`Node::control_requests`].
+/// of 256 requests is full). Get it with [`Node::control_requests`].
 #[derive(Debug, Clone)]
 pub struct ControlRequests {
     tx: mpsc::Sender<PlaneRequest>,
