@@ -123,6 +123,12 @@ pub struct Config {
     pub tcp_enabled: bool,
     /// Its address. Default: the QUIC listen address, on TCP.
     pub tcp_listen: Option<SocketAddr>,
+    /// Let service addresses' command hooks (wake, idle) run on this
+    /// host, as the keyserver's user. Default `false`: only URL hooks
+    /// run (a command hook fails, logged and counted), so a holder of
+    /// the admin token cannot run programs here unless the operator
+    /// chose it.
+    pub allow_wake_commands: bool,
 }
 
 impl Default for Config {
@@ -162,6 +168,7 @@ impl Default for Config {
             relay_burst: crate::relay::RelayLimits::default().burst,
             tcp_enabled: true,
             tcp_listen: None,
+            allow_wake_commands: false,
         }
     }
 }

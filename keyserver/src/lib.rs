@@ -14,6 +14,8 @@
 //! - [`admission`] — the budget of connections that have not said hello.
 //! - [`listing`] — seed 003's listing: every private name of a network and
 //!   its answer, one member with its names (and their CLI tables).
+//! - [`traffic`] — members' traffic reports in memory, and a network's
+//!   service graph summed from them.
 //!
 //! Drivers:
 //! - [`store`] — the [`store::Store`] trait and the embedded redb store.
@@ -23,6 +25,8 @@
 //! - [`config`] — plain-data configuration (TOML, flags map onto it).
 //! - [`admin`] — the HTTP client the admin subcommands use.
 //! - [`relay`] — STUN and the relay on one UDP port, tickets for members.
+//! - [`hooks`] — runs service addresses' wake and idle hooks (command or
+//!   URL), off the runtime's critical path.
 //! - [`tcp`] — the TCP port (TLS): control and relay for members whose UDP
 //!   is blocked.
 //!
@@ -36,6 +40,7 @@ pub mod admission;
 pub mod backup;
 pub mod config;
 pub mod etcd;
+pub mod hooks;
 pub mod http;
 pub mod listing;
 pub mod metrics;
@@ -46,6 +51,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tcp;
+pub mod traffic;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -129,6 +135,9 @@ pub struct Keyserver {
     relay_config: RelayConfig,
     /// STUN/relay and TCP sockets bound ahead by [`Keyserver::bind_nat`].
     nat: Option<(Option<relay::RelayHandle>, Option<tokio::net::TcpListener>)>,
+    /// Whether command hooks of service addresses may run
+    /// (`allow-wake-commands`).
+    allow_wake_commands: bool,
 }
 
 /// The STUN/relay part of the configuration, as `serve` uses it.
@@ -273,6 +282,7 @@ impl Keyserver {
                 limits: config.relay_limits(),
             },
             nat: None,
+            allow_wake_commands: config.allow_wake_commands,
         })
     }
 
@@ -376,6 +386,10 @@ impl Keyserver {
         if let Some(c) = self.shared.cluster() {
             c.register(advertise.clone());
         }
+        self.shared.set_hook_runner(Arc::new(hooks::Runner::new(
+            self.allow_wake_commands,
+            self.shared.metrics.hooks.clone(),
+        )));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;

@@ -1,12 +1,13 @@
 //! `keyserver`: the IST Mesh control plane.
 //!
 //! `keyserver serve` runs the servers. The admin subcommands (`network`,
-//! `token`, `member`, `service`) talk to a running keyserver's HTTP API: by default the
+//! `token`, `member`, `service`, `service-address`) talk to a running keyserver's HTTP API: by default the
 //! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
 //! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
 //! Names in URL paths are percent-encoded, so any network name works.
-//! They print the API's JSON, except `network names` and `member get`,
-//! which print a table (text from the network escaped) unless `--json`.
+//! They print the API's JSON, except `network names`, `network traffic`,
+//! `member get` and `service-address list`, which print a table (text from
+//! the network escaped) unless `--json`.
 //!
 //! Logs go to stderr: coloured only on a terminal and without `NO_COLOR`,
 //! or one JSON object per line with `--log-format json`.
@@ -58,6 +59,10 @@ enum Cmd {
     /// instances, served by gateways (`sidecar gateway`).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Manage service addresses (each service's own address): scale to
+    /// zero on internal traffic (a wake hook, `idle-after`, an idle hook).
+    #[command(subcommand)]
+    ServiceAddress(AddressCmd),
     /// Write every record into a file (a consistent snapshot, also while
     /// the keyserver serves: through its API, else from the store).
     Backup {
@@ -148,6 +153,10 @@ struct ServeArgs {
     /// blocked), or `off`; default: the QUIC address, on TCP.
     #[arg(long, env = "KEYSERVER_TCP_LISTEN", value_parser = parse_relay_listen)]
     tcp_listen: Option<Listen>,
+    /// Let service addresses' command hooks (wake, idle) run on this host;
+    /// without it only URL hooks run.
+    #[arg(long, env = "KEYSERVER_ALLOW_WAKE_COMMANDS")]
+    allow_wake_commands: bool,
 }
 
 /// `keyserver relay`: STUN and the relay as their own process.
@@ -247,6 +256,18 @@ enum NetworkCmd {
         /// Network id or name.
         name: String,
         /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a network's service graph: every service with its address,
+    /// online instances and idle state, and the traffic per pair of
+    /// services members report (to this keyserver replica).
+    Traffic {
+        /// Network id or name.
+        name: String,
+        /// Print the API's JSON instead of tables.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -462,6 +483,155 @@ enum ServiceCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum AddressCmd {
+    /// List a network's service addresses with their wake and idle
+    /// settings and state.
+    List {
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one service address.
+    Get {
+        /// The service.
+        service: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change a service address's scale-to-zero settings, e.g.
+    /// `keyserver service-address set api --network prod --wake-url http://10.0.0.1/wake --wake-timeout 30s --idle-after 10m`.
+    Set {
+        /// The service.
+        service: String,
+        /// Network id or name.
+        #[arg(long)]
+        network: String,
+        /// Wake hook: a command run on the keyserver (no shell; only with
+        /// `serve --allow-wake-commands`). Put it last: it takes the rest.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true, conflicts_with_all = ["wake_url", "no_wake"])]
+        wake_command: Option<Vec<String>>,
+        /// Wake hook: an `http://` URL to POST to.
+        #[arg(long, conflicts_with = "no_wake")]
+        wake_url: Option<String>,
+        /// Make the service not wakeable.
+        #[arg(long)]
+        no_wake: bool,
+        /// How long members hold a new flow while the service wakes
+        /// (`30s`, 1 s to 1 h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wake_timeout: Option<std::time::Duration>,
+        /// Report the service idle after this long without a new flow
+        /// (`10m`).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "no_idle")]
+        idle_after: Option<std::time::Duration>,
+        /// Stop watching idleness (removes the idle hook too).
+        #[arg(long)]
+        no_idle: bool,
+        /// Idle hook: a command run on the keyserver when the service turns
+        /// idle (no shell). Put it last: it takes the rest.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true, conflicts_with_all = ["idle_url", "no_idle_hook"])]
+        idle_command: Option<Vec<String>>,
+        /// Idle hook: an `http://` URL to POST to.
+        #[arg(long, conflicts_with = "no_idle_hook")]
+        idle_url: Option<String>,
+        /// Remove the idle hook.
+        #[arg(long)]
+        no_idle_hook: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// A hook's JSON from its flags: a command, a URL, `null` (removed), or
+/// nothing (left as it is).
+fn hook_json(
+    command: Option<Vec<String>>,
+    url: Option<String>,
+    remove: bool,
+) -> Option<serde_json::Value> {
+    match (command, url) {
+        (Some(cmd), _) => Some(json!({ "command": cmd })),
+        (None, Some(url)) => Some(json!({ "url": url })),
+        (None, None) => remove.then_some(serde_json::Value::Null),
+    }
+}
+
+/// `keyserver service-address ...`.
+async fn address_admin(data_dir: &std::path::Path, cmd: AddressCmd) -> anyhow::Result<()> {
+    let base = |net: &str| format!("/v1/networks/{}/addresses", path_segment(net));
+    let out = match cmd {
+        AddressCmd::List { network, json, api } => {
+            let out = client(data_dir, api)?
+                .call(Method::GET, &base(&network), None)
+                .await?;
+            if !json {
+                let list: Vec<keyserver::registry::AddressInfo> = serde_json::from_value(out)
+                    .context("the keyserver's answer is not a list of service addresses")?;
+                print!("{}", keyserver::traffic::render_addresses(&list));
+                return Ok(());
+            }
+            out
+        }
+        AddressCmd::Get {
+            service,
+            network,
+            api,
+        } => {
+            let path = format!("{}/{}", base(&network), path_segment(&service));
+            client(data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?
+        }
+        AddressCmd::Set {
+            service,
+            network,
+            wake_command,
+            wake_url,
+            no_wake,
+            wake_timeout,
+            idle_after,
+            no_idle,
+            idle_command,
+            idle_url,
+            no_idle_hook,
+            api,
+        } => {
+            let mut body = json!({});
+            if let Some(w) = hook_json(wake_command, wake_url, no_wake) {
+                body["wake"] = w;
+            }
+            if let Some(t) = wake_timeout {
+                body["wake_timeout_secs"] = json!(t.as_secs());
+            }
+            if let Some(d) = idle_after {
+                body["idle_after_secs"] = json!(d.as_secs());
+            }
+            if no_idle {
+                body["idle_after_secs"] = serde_json::Value::Null;
+                body["idle_hook"] = serde_json::Value::Null;
+            }
+            if let Some(h) = hook_json(idle_command, idle_url, no_idle_hook) {
+                body["idle_hook"] = h;
+            }
+            let path = format!("{}/{}", base(&network), path_segment(&service));
+            client(data_dir, api)?
+                .call(Method::PATCH, &path, Some(&body))
+                .await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 /// `--publish` values as the API's port objects.
@@ -702,6 +872,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         Some(Listen(Some(a))) => config.tcp_listen = Some(a),
         None => {}
     }
+    config.allow_wake_commands |= args.allow_wake_commands;
     init_logs(&config.log_level, config.log_format)?;
     tame_malloc();
     let mut ks = Keyserver::open(&config).context("opening the data directory")?;
@@ -898,6 +1069,20 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
         Cmd::Service(cmd) => service_admin(&data_dir, cmd).await?,
+        Cmd::ServiceAddress(cmd) => return address_admin(&data_dir, cmd).await,
+        Cmd::Network(NetworkCmd::Traffic { name, json, api }) => {
+            let path = format!("/v1/networks/{}/traffic", path_segment(&name));
+            let out = client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?;
+            if !json {
+                let graph: keyserver::traffic::TrafficGraph = serde_json::from_value(out)
+                    .context("the keyserver's answer is not a service graph")?;
+                print!("{}", keyserver::traffic::render_traffic(&graph));
+                return Ok(());
+            }
+            out
+        }
         Cmd::Network(NetworkCmd::Create {
             name,
             range,

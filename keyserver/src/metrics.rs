@@ -99,6 +99,41 @@ pub struct Metrics {
     pub remote_batches: AtomicU64,
     /// When the process started (Unix seconds).
     pub started: AtomicU64,
+    /// Wake requests from members, by result (`started`, `already_waking`,
+    /// `refused`, `failed`).
+    wake_requests: Mutex<BTreeMap<&'static str, u64>>,
+    /// Service-address hooks started and failed ([`crate::hooks`]).
+    pub hooks: std::sync::Arc<crate::hooks::HookStats>,
+}
+
+/// Most series of one per-service metric (idle services): the rest are
+/// left out, so a network with very many services cannot grow the page
+/// without bound.
+pub const MAX_SERVICE_SERIES: usize = 1000;
+
+/// The traffic reports' counts, read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct TrafficStats {
+    /// Reports taken.
+    pub taken: u64,
+    /// Reports (and unknown pairs) dropped, by reason.
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// Members whose reports are held, and their pairs.
+    pub held: (usize, usize),
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Metrics {
@@ -106,6 +141,70 @@ impl Metrics {
     pub fn refused(&self, code: meshlib::proto::ErrorCode) {
         let reason = format!("{code:?}").to_lowercase();
         *self.refusals.lock().entry(reason).or_insert(0) += 1;
+    }
+
+    /// Counts a wake request by its result.
+    pub fn wake_request(&self, result: &'static str) {
+        *self.wake_requests.lock().entry(result).or_insert(0) += 1;
+    }
+
+    /// The scale-to-zero and traffic part of the page: wake requests,
+    /// hooks, idle services (one series per watched service, at most
+    /// [`MAX_SERVICE_SERIES`]; `idle` gives network id, service name and
+    /// whether it is idle) and traffic reports.
+    pub fn render_services(
+        &self,
+        idle: &[(String, String, bool)],
+        traffic: &TrafficStats,
+    ) -> String {
+        use crate::registry::HookKind;
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP keyserver_wake_requests_total Wake requests from members, by result.\n# TYPE keyserver_wake_requests_total counter");
+        for result in ["started", "already_waking", "refused", "failed"] {
+            let n = self.wake_requests.lock().get(result).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "keyserver_wake_requests_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP keyserver_service_hooks_total Service-address hooks started, by hook.\n# TYPE keyserver_service_hooks_total counter");
+        for kind in [HookKind::Wake, HookKind::Idle] {
+            let n = self.hooks.started_count(kind);
+            let _ = writeln!(
+                out,
+                "keyserver_service_hooks_total{{hook=\"{}\"}} {n}",
+                kind.as_str()
+            );
+        }
+        let _ = writeln!(out, "# HELP keyserver_service_hook_failures_total Service-address hooks that failed or timed out, by hook.\n# TYPE keyserver_service_hook_failures_total counter");
+        for kind in [HookKind::Wake, HookKind::Idle] {
+            let n = self.hooks.failed_count(kind);
+            let _ = writeln!(
+                out,
+                "keyserver_service_hook_failures_total{{hook=\"{}\"}} {n}",
+                kind.as_str()
+            );
+        }
+        let _ = writeln!(out, "# HELP keyserver_service_idle Whether a service with idle-after set has had no flow for it (1) or not (0).\n# TYPE keyserver_service_idle gauge");
+        for (net, service, is_idle) in idle.iter().take(MAX_SERVICE_SERIES) {
+            let _ = writeln!(
+                out,
+                "keyserver_service_idle{{network=\"{net}\",service=\"{}\"}} {}",
+                label(service),
+                u8::from(*is_idle)
+            );
+        }
+        let _ = writeln!(out, "# HELP keyserver_traffic_reports_total Traffic reports from members taken.\n# TYPE keyserver_traffic_reports_total counter\nkeyserver_traffic_reports_total {}", traffic.taken);
+        let _ = writeln!(out, "# HELP keyserver_traffic_dropped_total Traffic reports dropped, by reason (unknown_service counts pairs).\n# TYPE keyserver_traffic_dropped_total counter");
+        for reason in ["malformed", "too_often", "full", "unknown_service"] {
+            let n = traffic.dropped.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "keyserver_traffic_dropped_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP keyserver_traffic_pairs Service pairs held from members' reports.\n# TYPE keyserver_traffic_pairs gauge\nkeyserver_traffic_pairs {}", traffic.held.1);
+        out
     }
 
     /// Counts a failed store commit.

@@ -173,6 +173,12 @@ pub struct Shared {
     pub relay: OnceLock<crate::relay::RelaySettings>,
     /// The embedded relay's counters, when it runs.
     pub relay_metrics: OnceLock<Arc<crate::relay::RelayMetrics>>,
+    /// Runs service-address hooks (wake, idle); set when serving starts
+    /// ([`Shared::set_hook_runner`]). Unset, a hook is logged and counted
+    /// as failed.
+    hooks: OnceLock<Arc<dyn crate::hooks::HookRunner>>,
+    /// Members' latest traffic reports (memory only).
+    traffic: Mutex<crate::traffic::TrafficBook>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -211,6 +217,8 @@ impl Shared {
             metrics: crate::metrics::Metrics::default(),
             relay: OnceLock::new(),
             relay_metrics: OnceLock::new(),
+            hooks: OnceLock::new(),
+            traffic: Mutex::new(Default::default()),
         };
         shared.metrics.started.store(
             crate::registry::unix(now),
@@ -404,9 +412,171 @@ impl Shared {
 
     /// The `/metrics` page.
     pub fn render_metrics(&self) -> String {
-        let members = self.read(|r| r.member_states());
+        let (members, idle) = self.read(|r| {
+            (
+                r.member_states(),
+                r.idle_states(crate::metrics::MAX_SERVICE_SERIES),
+            )
+        });
         let connected = self.online.lock().len();
-        self.metrics.render(&members, connected)
+        let traffic = {
+            let book = self.traffic.lock();
+            crate::metrics::TrafficStats {
+                taken: book.taken,
+                dropped: book.dropped.clone(),
+                held: book.size(),
+            }
+        };
+        self.metrics.render(&members, connected) + &self.metrics.render_services(&idle, &traffic)
+    }
+
+    /// Sets what runs service-address hooks (once; later calls are
+    /// ignored).
+    pub fn set_hook_runner(&self, runner: Arc<dyn crate::hooks::HookRunner>) {
+        let _ = self.hooks.set(runner);
+    }
+
+    /// Starts a hook the registry decided on (never waits for it).
+    fn run_hook(&self, job: crate::registry::HookJob) {
+        match self.hooks.get() {
+            Some(runner) => runner.run(job),
+            None => {
+                self.metrics.hooks.started(job.kind);
+                self.metrics.hooks.failed(job.kind);
+                tracing::warn!(network = %job.network, hook = job.kind.as_str(), "no hook runner: the hook did not run");
+            }
+        }
+    }
+
+    /// A member of `network` asks to wake `service` (see
+    /// [`Registry::request_wake`]): the hook starts if this request is the
+    /// one that records the wake, on this replica or any other. Counted
+    /// in the metrics whatever the outcome. Commits: call from a blocking
+    /// thread.
+    pub fn wake(
+        &self,
+        network: NetworkId,
+        service: &str,
+        now: SystemTime,
+    ) -> Result<crate::registry::Wake, OpError<crate::registry::WakeError>> {
+        let result = self.mutate(
+            |reg| {
+                let (wake, ops) = reg.request_wake(network, service, now)?;
+                Ok((wake, ops, vec![]))
+            },
+            |_, _, _| (),
+        );
+        let label = match &result {
+            Ok((crate::registry::Wake::Run(_), ())) => "started",
+            Ok((crate::registry::Wake::Waking(_), ())) => "already_waking",
+            Err(OpError::Refused(_)) => "refused",
+            Err(OpError::Store(_)) => "failed",
+        };
+        self.metrics.wake_request(label);
+        let (wake, ()) = result?;
+        if let crate::registry::Wake::Run(job) = &wake {
+            tracing::info!(%network, service = %meshlib::render::text::escape(service), "waking a service");
+            self.run_hook(job.clone());
+        }
+        Ok(wake)
+    }
+
+    /// A member's traffic report: kept in memory (see
+    /// [`crate::traffic::TrafficBook::take`]); the services it shows flows
+    /// to stop being idle (a write only when their stored `last_flow` is
+    /// stale). A report that does not fit is dropped and counted. May
+    /// commit: call from a blocking thread.
+    pub fn traffic_report(
+        &self,
+        network: NetworkId,
+        key: PublicKey,
+        report: meshlib::traffic::TrafficReport,
+        now: SystemTime,
+    ) -> Result<(), crate::traffic::Dropped> {
+        let now_s = crate::registry::unix(now);
+        let taken = self.read(|reg| {
+            let service = reg.member(network, &key).map(|m| m.service.clone())?;
+            let known = |s: &str| reg.has_service(network, s);
+            Some(
+                self.traffic
+                    .lock()
+                    .take((network, key), &service, report, known, now_s),
+            )
+        });
+        let Some(taken) = taken else {
+            return Ok(()); // no longer a member: its session ends anyway
+        };
+        let flows = taken?.flows;
+        if !flows.is_empty() && self.read(|r| r.flows_need_write(network, &flows, now)) {
+            let noted = self.mutate(
+                |reg| {
+                    let ops = reg.note_flows(network, &flows, now);
+                    Ok::<_, std::convert::Infallible>(((), ops, vec![]))
+                },
+                |_, _, _| (),
+            );
+            if let Err(e) = noted {
+                tracing::debug!("noting flows: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A network's service graph: its services and the traffic reported
+    /// to this replica (see [`crate::traffic::TrafficBook::graph`]);
+    /// `None` for an unknown network.
+    pub fn traffic_graph(
+        &self,
+        network: NetworkId,
+        now: SystemTime,
+    ) -> Option<crate::traffic::TrafficGraph> {
+        let (map, addresses) =
+            self.read(|r| Some((r.snapshot(network)?, r.addresses(network, now).ok()?)))?;
+        Some(self.traffic.lock().graph(&map, &addresses))
+    }
+
+    /// A network's service addresses, `last_flow` including the flows
+    /// reported to this replica and not yet stored.
+    pub fn addresses(
+        &self,
+        network: NetworkId,
+        now: SystemTime,
+    ) -> Result<Vec<crate::registry::AddressInfo>, crate::registry::AdminError> {
+        let mut list = self.read(|r| r.addresses(network, now))?;
+        let book = self.traffic.lock();
+        for a in &mut list {
+            let seen = book.last_flow(network, &a.record.address.service);
+            a.record.last_flow = a.record.last_flow.max(seen);
+        }
+        Ok(list)
+    }
+
+    /// Marks idle the services without a flow for their `idle-after` and
+    /// starts their idle hooks (see [`Registry::idle_sweep`]); forgets
+    /// the traffic reports of members that are gone. Commits: call from a
+    /// blocking thread.
+    fn idle_sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
+        self.read(|reg| self.traffic.lock().retain(|n, k| reg.is_member(n, k)));
+        let limit = (self.max_ops / 2).max(1);
+        let result = self.mutate(
+            |reg| {
+                let (jobs, ops) = reg.idle_sweep(now, limit);
+                Ok::<_, std::convert::Infallible>((jobs, ops, vec![]))
+            },
+            |_, _, _| (),
+        );
+        match result {
+            Ok((jobs, ())) => {
+                let n = jobs.len();
+                for job in jobs {
+                    tracing::info!(network = %job.network, service = %meshlib::render::text::escape(&job.service), "service idle");
+                    self.run_hook(job);
+                }
+                Ok(n)
+            }
+            Err(OpError::Store(e)) => Err(e),
+            Err(OpError::Refused(never)) => match never {},
+        }
     }
 
     /// The replica set, when the store is shared.
@@ -606,8 +776,9 @@ impl Shared {
 
     /// Applies the lifecycle timers at `now` (members silent for
     /// `offline-after` go offline, expired ones are released) and pushes the
-    /// transitions. Returns how many there were. Commits to the store: call
-    /// from a blocking thread.
+    /// transitions, then marks idle services (`idle_sweep`).
+    /// Returns how many member transitions there were. Commits to the
+    /// store: call from a blocking thread.
     pub fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
         /// Transitions per sweep; the rest wait a sweep interval.
         const BATCH: usize = 256;
@@ -631,11 +802,14 @@ impl Shared {
             },
             |_, _, _| (),
         );
-        match result {
-            Ok((n, ())) => Ok(n),
-            Err(OpError::Store(e)) => Err(e),
+        let n = match result {
+            Ok((n, ())) => n,
+            Err(OpError::Store(e)) => return Err(e),
             Err(OpError::Refused(never)) => match never {},
-        }
+        };
+        // Idle services are judged with the same tick.
+        self.idle_sweep(now)?;
+        Ok(n)
     }
 
     /// A member's key changed: its heartbeat record follows it.

@@ -493,6 +493,29 @@ impl StreamSession {
                     })),
                 }
             }
+            ClientMsg::Wake { service } => {
+                if service.len() > crate::registry::validate::MAX_LABEL {
+                    return reply(ServerMsg::Error(ProtoError {
+                        code: ErrorCode::InvalidMetadata,
+                        message: "service name too long".into(),
+                    }));
+                }
+                match shared.wake(net, &service, now) {
+                    Ok(_) => Ok((vec![], Next::Continue)),
+                    Err(OpError::Refused(e)) => reply(ServerMsg::Error(ProtoError {
+                        code: e.code(),
+                        message: e.to_string(),
+                    })),
+                    // Not fatal: the next held flow asks again.
+                    Err(OpError::Store(e)) => reply(store_fatal(e).frame()),
+                }
+            }
+            ClientMsg::Traffic(report) => {
+                if let Err(why) = shared.traffic_report(net, key, report, now) {
+                    tracing::debug!(network = %net, member = %key, %why, "traffic report dropped");
+                }
+                Ok((vec![], Next::Continue))
+            }
             ClientMsg::RotateKey(r) => {
                 let new = r.new_public_key;
                 let rotated = shared.mutate(

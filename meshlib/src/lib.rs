@@ -28,6 +28,8 @@
 //! - [`balance`] — the one balancing policy (least active, in turn; soft
 //!   and hard limits; held while nothing is online; backoff after a failed
 //!   dial), for service groups and service addresses alike.
+//! - [`traffic`] — traffic per service: what a member counted per
+//!   destination service, as it reports it to the keyserver.
 //! - [`nat`] — NAT traversal: STUN messages, authenticated path probes,
 //!   the relay's tickets and frames, and per-peer path selection.
 //! - [`member`] — the member side of the control protocol as a sans-IO state
@@ -71,5 +73,6 @@ pub mod proto;
 pub mod reconcile;
 pub mod render;
 pub mod services;
+pub mod traffic;
 pub mod userspace;
 pub mod wg;

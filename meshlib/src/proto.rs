@@ -54,8 +54,15 @@ use crate::netmap::{MapDelta, NetworkMap};
 /// [`JoinRequest::ephemeral`], [`ErrorCode::Replaced`]); version 4 added
 /// service addresses to the map ([`crate::netmap::ServiceAddress`]: the
 /// map's appended fields, two [`crate::netmap::MapChange`] variants, which
-/// the keyserver leaves out of the deltas it sends older members).
+/// the keyserver leaves out of the deltas it sends older members) and the
+/// member requests of scale to zero and traffic per service
+/// ([`ClientMsg::Wake`], [`ClientMsg::Traffic`]).
 pub const VERSION: u16 = 4;
+
+/// The first protocol version whose keyserver takes [`ClientMsg::Wake`]
+/// and [`ClientMsg::Traffic`] (an older one cannot decode them and would
+/// end the session).
+pub const WAKE_VERSION: u16 = 4;
 
 /// The oldest protocol version a keyserver of this build still accepts
 /// ([`parse_hello`] reads its hello; every server message it may receive is
@@ -286,6 +293,24 @@ pub enum ClientMsg {
     /// ([`ServerMsg::Relay`]); asked after every welcome and again before
     /// the ticket expires.
     GetRelay,
+    /// Wake this service of my network (scale to zero, seed 001): a flow
+    /// to its address waits and it has no online instance. The keyserver
+    /// runs the service's wake hook once however many members ask (again
+    /// only after its wake timeout); nothing is answered when it runs or
+    /// already ran, a non-fatal [`ServerMsg::Error`] when the service is
+    /// unknown, not wakeable ([`ErrorCode::Forbidden`]) or has an online
+    /// instance ([`ErrorCode::InvalidMetadata`]). Sent only to a keyserver
+    /// whose [`Welcome::version`] is 4 or more. Appended.
+    Wake {
+        /// The service's name ([`crate::netmap::ServiceAddress::service`]).
+        service: String,
+    },
+    /// What my data plane counted per destination service
+    /// ([`crate::traffic::TrafficReport`]), at most every
+    /// [`crate::traffic::REPORT_INTERVAL`]. Never answered; a report out
+    /// of bounds is dropped. Sent only to a keyserver whose
+    /// [`Welcome::version`] is 4 or more. Appended.
+    Traffic(crate::traffic::TrafficReport),
 }
 
 /// Where a member learns its server-reflexive addresses and which relay it

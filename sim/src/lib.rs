@@ -13,6 +13,8 @@
 //! - [`Sim`] — the world: clock, RNG, keyserver, members, connections, queue.
 //! - [`SimMember`] — one member: its core, its recording plane, its state.
 //! - [`Plane`] — what a data plane would hold: the peers the map asks for.
+//! - [`HookLog`] — the keyserver's hook runner here: it records the wake
+//!   and idle hooks it is asked to run.
 //!
 //! ## Model
 //!
@@ -28,7 +30,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keyserver::registry::Lifecycle;
+use keyserver::hooks::HookRunner;
+use keyserver::registry::{AddressInfo, AddressSettings, AdminError, HookJob, HookKind, Lifecycle};
 use keyserver::server::{Limits, Push, Shared};
 use keyserver::session::{Next, Reply, StreamSession};
 use keyserver::store::MemStore;
@@ -231,6 +234,39 @@ impl SimMember {
     }
 }
 
+/// The keyserver's hook runner in the simulation: it runs nothing and
+/// records every job it is given, in order (the real runner is tested in
+/// the keyserver's own tests).
+#[derive(Debug, Default)]
+pub struct HookLog {
+    jobs: std::sync::Mutex<Vec<HookJob>>,
+}
+
+impl HookLog {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<HookJob>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every job so far.
+    pub fn jobs(&self) -> Vec<HookJob> {
+        self.list().clone()
+    }
+
+    /// How many jobs of `kind` for `service` so far.
+    pub fn count(&self, kind: HookKind, service: &str) -> usize {
+        self.list()
+            .iter()
+            .filter(|j| j.kind == kind && j.service == service)
+            .count()
+    }
+}
+
+impl HookRunner for HookLog {
+    fn run(&self, job: HookJob) {
+        self.list().push(job);
+    }
+}
+
 /// The keyserver side of a connection.
 struct ServerSide {
     session: StreamSession,
@@ -325,6 +361,8 @@ pub struct Sim {
     dirty: BTreeSet<MemberId>,
     /// The keyserver changed something since pushes were last drained.
     pushes_pending: bool,
+    /// The hooks the keyserver ran.
+    hooks: Arc<HookLog>,
 }
 
 impl Sim {
@@ -339,7 +377,10 @@ impl Sim {
         let base_system = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let (shared, _) = Shared::new(Box::new(MemStore::new()), limits, [7; 32], base_system)
             .expect("an empty memory store loads");
+        let hooks = Arc::new(HookLog::default());
+        shared.set_hook_runner(hooks.clone());
         Self {
+            hooks,
             rng: Rng(cfg.seed),
             next_sweep: cfg.sweep_interval,
             cfg,
@@ -483,6 +524,74 @@ impl Sim {
         );
     }
 
+    /// Changes a service address's scale-to-zero settings (as
+    /// `PATCH …/addresses/{service}`); a pushed change reaches members.
+    pub fn set_address(
+        &mut self,
+        network: NetworkId,
+        service: &str,
+        settings: &AddressSettings,
+    ) -> Result<AddressInfo, AdminError> {
+        let now = self.system_now();
+        let result = self.shared.mutate(
+            |r| r.set_address(network, service, settings, now),
+            |_, _, _| (),
+        );
+        self.pushes_pending = true;
+        self.pump();
+        match result {
+            Ok((info, ())) => Ok(info),
+            Err(keyserver::server::OpError::Refused(e)) => Err(e),
+            Err(keyserver::server::OpError::Store(e)) => panic!("memory store: {e}"),
+        }
+    }
+
+    /// A service address as the admin API shows it now.
+    pub fn address(&self, network: NetworkId, service: &str) -> Option<AddressInfo> {
+        let now = self.system_now();
+        self.shared
+            .addresses(network, now)
+            .ok()?
+            .into_iter()
+            .find(|a| a.record.address.service == service)
+    }
+
+    /// The hooks the keyserver ran so far (its runner only records them).
+    pub fn hooks(&self) -> &HookLog {
+        &self.hooks
+    }
+
+    // ---- the data plane's requests -----------------------------------------
+
+    /// A member's data plane holds a flow to `service` and asks to wake it
+    /// ([`MemberCore::wake`]).
+    pub fn wake(
+        &mut self,
+        id: MemberId,
+        service: &str,
+    ) -> Result<bool, meshlib::member::RequestError> {
+        let now = self.instant();
+        let r = self.members[id].core.wake(now, service);
+        self.log(&format!("m{id}"), format!("wake {service} -> {r:?}"));
+        self.dirty.insert(id);
+        self.pump();
+        r
+    }
+
+    /// A member's data plane hands over its traffic counters
+    /// ([`MemberCore::report_traffic`]).
+    pub fn report_traffic(
+        &mut self,
+        id: MemberId,
+        report: meshlib::traffic::TrafficReport,
+    ) -> Result<(), meshlib::member::RequestError> {
+        let now = self.instant();
+        let r = self.members[id].core.report_traffic(now, report);
+        self.dirty.insert(id);
+        self.pump();
+        r
+    }
+
     // ---- members ---------------------------------------------------------
 
     /// Fills `network` with `count` members that joined before the
@@ -557,6 +666,7 @@ impl Sim {
         )
         .expect("memory store loads");
         assert!(warnings.is_empty(), "{warnings:?}");
+        shared.set_hook_runner(self.hooks.clone());
         self.shared = Arc::new(shared);
         let map = self
             .shared

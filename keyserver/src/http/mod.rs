@@ -14,6 +14,10 @@
 //! - `GET /v1/networks/{net}/members`, `GET|DELETE /v1/networks/{net}/members/{member}`
 //!   (GET: the member with the names that answer it, [`crate::listing`])
 //! - `GET /v1/networks/{net}/names`: every private name and its answer (seed 003)
+//! - `GET /v1/networks/{net}/addresses`, `GET|PATCH /v1/networks/{net}/addresses/{service}`:
+//!   service addresses, their wake and idle settings and state (scale to
+//!   zero, `addresses.rs`); `GET /v1/networks/{net}/traffic`: the service
+//!   graph from members' traffic reports
 //! - `GET /v1/networks/{net}/tokens`, `POST /v1/networks/{net}/tokens`
 //!   `{uses?, expires?, service?, process_type?, service_group?}`, `DELETE /v1/networks/{net}/tokens/{id}`
 //! - service groups (seed 002): `GET|POST /v1/networks/{net}/services`,
@@ -28,6 +32,7 @@
 //! one closes the oldest ([`crate::admission::Admission`]), so connections
 //! that trickle cannot keep an operator waiting.
 
+mod addresses;
 mod openapi;
 mod routes;
 mod services;
@@ -116,6 +121,12 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
             get(routes::get_member).delete(routes::remove_member),
         )
         .route("/v1/networks/{net}/names", get(routes::list_names))
+        .route("/v1/networks/{net}/addresses", get(addresses::list))
+        .route(
+            "/v1/networks/{net}/addresses/{service}",
+            get(addresses::get).patch(addresses::update),
+        )
+        .route("/v1/networks/{net}/traffic", get(addresses::traffic))
         .route(
             "/v1/networks/{net}/tokens",
             get(routes::list_tokens).post(routes::create_token),
@@ -184,7 +195,8 @@ impl From<AdminError> for ApiError {
             AdminError::NameTaken(_)
             | AdminError::LookAlike { .. }
             | AdminError::NetworkInUse { .. } => StatusCode::CONFLICT,
-            AdminError::UnknownService(_) => StatusCode::NOT_FOUND,
+            AdminError::UnknownService(_) | AdminError::UnknownAddress(_) => StatusCode::NOT_FOUND,
+            AdminError::BadAddress(_) => StatusCode::BAD_REQUEST,
             AdminError::ServiceTaken(_) => StatusCode::CONFLICT,
             AdminError::Service(_) => StatusCode::BAD_REQUEST,
             AdminError::BadName { .. }

@@ -12,7 +12,11 @@ const ERRORS: [(&str, &str, &str); 11] = [
         "invalid input (name, range, expiry, binding, query), or malformed JSON",
     ),
     ("401", "Unauthorized", "missing or wrong bearer token"),
-    ("404", "NotFound", "no such network, member, token or route"),
+    (
+        "404",
+        "NotFound",
+        "no such network, member, token, service address or route",
+    ),
     (
         "405",
         "MethodNotAllowed",
@@ -219,8 +223,82 @@ fn schemas() -> Value {
     schemas["ServiceAddress"] = json!({"type": "object", "required": ["service", "ip"], "properties": {
         "service": {"type": "string"},
         "ip": {"type": "string", "format": "ipv4"},
-        "wake_timeout_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535, "description": "scale to zero: how long a new flow is held while the service is woken; null: not wakeable"}}});
+        "wake_timeout_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535, "description": "scale to zero: how long a new flow is held while the service is woken; null: not wakeable"}},
+        "description": "in a network's `addresses`, the stored record also carries the fields of `ServiceAddressDetail` (settings and state)"});
+    address_schemas(&mut schemas);
     schemas
+}
+
+/// The schemas of service addresses' settings and state and of the
+/// service graph (issue 19), each its own `json!` call (see above).
+fn address_schemas(schemas: &mut Value) {
+    let hook =
+        || json!({"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}]});
+    let secs = |what: &str| json!({"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": format!("{what}, Unix time in seconds")});
+    schemas["ServiceAddressPatch"] = json!({"type": "object", "additionalProperties": false,
+        "description": "every field optional; a field left out stays as it is",
+        "properties": {
+            "wake": {"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}], "description": "the wake hook (command: only on a keyserver started with --allow-wake-commands; url: an HTTP POST); null: not wakeable. Setting it makes the pushed address's wake_timeout_secs non-null"},
+            "wake_timeout_secs": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 3600, "description": "how long members hold a new flow while the service wakes, and how long before a new wake request may run the hook again; default 30; needs a wake hook"},
+            "idle_after_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 2_592_000, "description": "seconds without a new flow after which the service is reported idle; null: not watched"},
+            "idle_hook": {"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}], "description": "also accepted as `idle`: the hook run once when the service turns idle; needs idle_after_secs"}}});
+    schemas["ServiceAddressDetail"] = json!({"description": "a `ServiceAddress` plus its settings and state", "allOf": [schema_ref("ServiceAddress"),
+        {"type": "object", "required": ["online", "waking", "idle"], "properties": {
+            "wake": hook(),
+            "idle_after_secs": {"type": ["integer", "null"], "minimum": 1},
+            "idle_hook": hook(),
+            "waking_since": secs("when the wake hook last started"),
+            "last_flow": secs("the last flow to the service from members' traffic reports or wake requests"),
+            "watch_since": secs("when idle_after_secs was set"),
+            "idle_since": secs("since when the service is idle"),
+            "online": {"type": "integer", "format": "int64", "minimum": 0, "description": "online instances"},
+            "waking": {"type": "boolean", "description": "a wake started within the wake timeout and no instance is online yet"},
+            "idle": {"type": "boolean", "description": "no flow for idle_after_secs"}}}]});
+    schemas["TrafficGraph"] = json!({"type": "object", "required": ["network", "name", "generation", "services", "edges", "idle", "reporters"], "properties": {
+        "network": schema_ref("NetworkId"),
+        "name": {"type": "string"},
+        "generation": {"type": "integer", "format": "int64", "minimum": 0},
+        "services": {"type": "array", "items": {"type": "object", "required": ["service", "instances", "wakeable", "waking", "idle"], "properties": {
+            "service": {"type": "string"},
+            "address": {"type": ["string", "null"], "format": "ipv4"},
+            "instances": {"type": "array", "items": {"type": "string"}, "description": "online instances"},
+            "wakeable": {"type": "boolean"}, "waking": {"type": "boolean"}, "idle": {"type": "boolean"},
+            "idle_since": secs("since when it is idle"),
+            "last_flow": secs("the last flow to it known here")}}},
+        "edges": {"type": "array", "items": schema_ref("TrafficEdge")},
+        "idle": {"type": "array", "items": {"type": "string"}, "description": "the idle services"},
+        "reporters": {"type": "integer", "format": "int64", "minimum": 0, "description": "members whose reports are summed (those connected to this keyserver replica)"}}});
+    let counter = |what: &str| json!({"type": "integer", "format": "int64", "minimum": 0, "description": what});
+    schemas["TrafficEdge"] = json!({"type": "object", "required": ["source", "destination", "reporters", "opened", "active", "refused", "held", "bytes_sent", "bytes_received", "connect_count", "connect_micros", "connect_buckets"], "properties": {
+        "source": {"type": "string"}, "destination": {"type": "string"},
+        "reporters": counter("members of the source service whose reports are summed"),
+        "opened": counter("flows that reached an instance"),
+        "active": counter("flows open now"),
+        "refused": counter("flows refused (no instance, or the wake timed out)"),
+        "held": counter("flows held while the service was woken"),
+        "bytes_sent": counter("bytes source to destination"),
+        "bytes_received": counter("bytes destination to source"),
+        "connect_count": counter("flows whose connect time was measured"),
+        "connect_micros": counter("sum of connect times, microseconds"),
+        "connect_buckets": {"type": "array", "items": {"type": "integer", "format": "int64", "minimum": 0}, "minItems": 6, "maxItems": 6, "description": "connect times under 1, 10, 100, 1000, 10000 ms, and slower"}}});
+}
+
+/// The paths of service addresses and the service graph (issue 19).
+fn address_paths(paths: &mut Map<String, Value>, net: &Value) {
+    let service = json!({"name": "service", "in": "path", "required": true, "description": "service name, percent-encoded", "schema": {"type": "string"}});
+    let body = json!({"required": true, "content": {"application/json": {"schema": schema_ref("ServiceAddressPatch")}}});
+    paths.insert("/v1/networks/{net}/addresses".into(), json!({
+        "get": {"summary": "every service address with its wake and idle settings and state", "parameters": [net],
+            "responses": responses(("200", "service addresses by service", Some(array_of("ServiceAddressDetail"))), &["401", "404", "405"])}}));
+    paths.insert("/v1/networks/{net}/addresses/{service}".into(), json!({
+        "get": {"summary": "one service address", "parameters": [net, service],
+            "responses": responses(("200", "the address", Some(schema_ref("ServiceAddressDetail"))), &["401", "404", "405"])},
+        "patch": {"summary": "scale to zero: the wake hook and timeout, idle-after and the idle hook (a change of what members see is pushed)", "parameters": [net, service],
+            "requestBody": body,
+            "responses": responses(("200", "the address", Some(schema_ref("ServiceAddressDetail"))), &["400", "401", "404", "405", "408", "413", "415", "422", "500", "503"])}}));
+    paths.insert("/v1/networks/{net}/traffic".into(), json!({
+        "get": {"summary": "the service graph: services with their address, online instances and idle state, and the traffic per pair of services from members' reports", "parameters": [net],
+            "responses": responses(("200", "the graph", Some(schema_ref("TrafficGraph"))), &["401", "404", "405"])}}));
 }
 
 /// The responses of a service-group operation: like [`responses`], with
@@ -371,6 +449,7 @@ pub fn openapi_doc() -> Value {
         }
     });
     if let Some(paths) = doc["paths"].as_object_mut() {
+        address_paths(paths, &net);
         service_paths(paths, "/v1/networks/{net}", std::slice::from_ref(&net));
         let network = json!({"name": "network", "in": "query", "required": false,
             "description": "network id or name; default: the keyserver's only network (400 when it has several)",

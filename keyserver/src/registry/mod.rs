@@ -8,6 +8,9 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
+#[cfg(test)]
+mod address_tests;
+mod addresses;
 mod catalog;
 mod lifecycle;
 mod network;
@@ -33,11 +36,15 @@ use meshlib::netmap::{MapChange, Member, NetworkMap};
 use meshlib::proto::{sha256, ErrorCode, JoinRequest, ResumeRequest, Secret};
 use subtle::ConstantTimeEq;
 
+pub use addresses::{
+    AddressInfo, AddressPatch, AddressSettings, HookJob, HookKind, Wake, WakeError,
+    DEFAULT_WAKE_TIMEOUT_SECS, IDLE_HOOK_TIMEOUT, MAX_IDLE_AFTER_SECS,
+};
 pub use lifecycle::{Lifecycle, RotateError};
 use network::Network;
 pub use records::{
-    unix, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord, NetworkRecord, Records,
-    Resumed, ServiceRecord, StoreOp, TokenRecord,
+    unix, AddressRecord, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord,
+    NetworkRecord, Records, Resumed, ServiceRecord, StoreOp, TokenRecord,
 };
 pub use replica::changes_of;
 pub use services::DEFAULT_SERVICE_DOMAIN;
@@ -185,6 +192,13 @@ pub enum AdminError {
     /// A service group with this name or FQDN exists in the network.
     #[error("{0}")]
     ServiceTaken(String),
+    /// No service of this name has an address in the network.
+    #[error("no service address for {0:?} in this network")]
+    UnknownAddress(String),
+    /// A service address's settings are unusable (the message says which
+    /// and why).
+    #[error("invalid service address setting: {0}")]
+    BadAddress(String),
 }
 
 /// All state of one keyserver.

@@ -76,7 +76,7 @@ impl Network {
             .and_then(|r| Allocator::new(r, quarantine).ok())
             .map(|mut a| {
                 for addr in self.rec.addresses.values() {
-                    let _ = a.reserve(addr.ip);
+                    let _ = a.reserve(addr.address.ip);
                 }
                 a
             });
@@ -99,9 +99,10 @@ impl Network {
             ip,
             wake_timeout_secs: None,
         };
-        self.rec
-            .addresses
-            .insert(service.to_owned(), address.clone());
+        self.rec.addresses.insert(
+            service.to_owned(),
+            super::AddressRecord::new(address.clone()),
+        );
         Some(MapChange::AddressUpsert(address))
     }
 
@@ -119,7 +120,12 @@ impl Network {
             .map(|(n, r)| (n.clone(), r.group.clone()))
             .collect();
         map.service_range = self.service_range();
-        map.addresses = self.rec.addresses.clone();
+        map.addresses = self
+            .rec
+            .addresses
+            .iter()
+            .map(|(s, a)| (s.clone(), a.address.clone()))
+            .collect();
         map
     }
 

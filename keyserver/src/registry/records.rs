@@ -39,9 +39,84 @@ pub struct NetworkRecord {
     pub service_range: Option<Ipv4Net>,
     /// Every service's own address, by service name: allocated at the
     /// service's first join and kept while the network exists (also at
-    /// zero instances).
+    /// zero instances), with its scale-to-zero settings and state.
     #[serde(default)]
-    pub addresses: std::collections::BTreeMap<String, meshlib::netmap::ServiceAddress>,
+    pub addresses: std::collections::BTreeMap<String, AddressRecord>,
+}
+
+/// A service address as the keyserver stores it: what members' maps carry
+/// ([`meshlib::netmap::ServiceAddress`], whose `wake_timeout_secs` is set
+/// while a wake hook is), plus the hooks and the wake and idle state
+/// (issue 19, scale to zero on internal traffic). Stored inside its
+/// network's record, so on a shared store every change of it is compared
+/// like the network's (two replicas never both start a wake).
+///
+/// JSON: the pushed address's fields, then these; every one has a
+/// default, so records written before them read as "not wakeable, never
+/// idle".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressRecord {
+    /// What members' maps carry.
+    #[serde(flatten)]
+    pub address: meshlib::netmap::ServiceAddress,
+    /// The wake hook run when a member asks to wake the service; `None`:
+    /// not wakeable.
+    #[serde(default)]
+    pub wake: Option<meshlib::services::WakeHook>,
+    /// Seconds without a new flow after which the service is reported
+    /// idle; `None`: never reported.
+    #[serde(default)]
+    pub idle_after_secs: Option<u32>,
+    /// The hook run once when the service turns idle (so the platform can
+    /// scale it to zero); `None`: only reported.
+    #[serde(default)]
+    pub idle_hook: Option<meshlib::services::WakeHook>,
+    /// When the wake hook last started (Unix seconds): no other run until
+    /// the wake timeout has passed.
+    #[serde(default)]
+    pub waking_since: Option<u64>,
+    /// The last flow to the service known to the store (Unix seconds):
+    /// from members' traffic reports and wake requests, written at most
+    /// once per [`AddressRecord::flow_granularity`].
+    #[serde(default)]
+    pub last_flow: Option<u64>,
+    /// When idleness started to be measured (Unix seconds): when
+    /// `idle_after_secs` was set. Idle means no flow since the later of
+    /// this and `last_flow`.
+    #[serde(default)]
+    pub watch_since: Option<u64>,
+    /// When the service was found idle (Unix seconds); `None` while it is
+    /// not. A new flow clears it; its idle hook runs once per idle period.
+    #[serde(default)]
+    pub idle_since: Option<u64>,
+}
+
+impl AddressRecord {
+    /// A fresh address: not wakeable, idleness not watched.
+    pub fn new(address: meshlib::netmap::ServiceAddress) -> Self {
+        Self {
+            address,
+            wake: None,
+            idle_after_secs: None,
+            idle_hook: None,
+            waking_since: None,
+            last_flow: None,
+            watch_since: None,
+            idle_since: None,
+        }
+    }
+
+    /// How stale the stored `last_flow` may get before a new flow is
+    /// written: a quarter of `idle-after` (5 s to 60 s), or 5 minutes when
+    /// idleness is not watched. It bounds the writes to one per service
+    /// and period; idleness is judged at most this late (never early:
+    /// the stored time counts as this much later).
+    pub fn flow_granularity(&self) -> u64 {
+        match self.idle_after_secs {
+            Some(idle) => (u64::from(idle) / 4).clamp(5, 60),
+            None => 300,
+        }
+    }
 }
 
 /// A stored join token (never the secret: only its SHA-256).

@@ -828,6 +828,26 @@ impl Session {
         r
     }
 
+    /// Asks the keyserver to wake `service` (see [`MemberCore::wake`]):
+    /// `Ok(true)` when a request went out or waits for the connection,
+    /// `Ok(false)` when one already did within the wake timeout.
+    pub fn wake(&mut self, service: &str) -> Result<bool, crate::member::RequestError> {
+        let r = self.core.wake(now(), service);
+        self.flush();
+        r
+    }
+
+    /// Replaces the traffic report the core sends (see
+    /// [`MemberCore::report_traffic`]).
+    pub fn report_traffic(
+        &mut self,
+        report: crate::traffic::TrafficReport,
+    ) -> Result<(), crate::member::RequestError> {
+        let r = self.core.report_traffic(now(), report);
+        self.flush();
+        r
+    }
+
     /// Finishes a rotation to `new` that a previous run left unconfirmed
     /// (see [`MemberCore::resume_rotation`]).
     pub fn resume_rotation(&mut self, new: PublicKey) {

@@ -25,7 +25,8 @@
 //!      ([`MemberCore::handle_timeout`]), or a user request
 //!      ([`MemberCore::set_endpoints`], [`MemberCore::set_ports`],
 //!      [`MemberCore::rotate_key`], [`MemberCore::shutdown`],
-//!      [`MemberCore::leave`]).
+//!      [`MemberCore::leave`]), or a data-plane request
+//!      ([`MemberCore::wake`], [`MemberCore::report_traffic`]).
 //! 3. Stop after [`Event::Ended`].
 //!
 //! Every method that depends on time takes `now`.
@@ -45,6 +46,7 @@
 //! ([`End::Lost`]).
 
 mod ends;
+mod requests;
 #[cfg(test)]
 mod tests;
 
@@ -90,6 +92,10 @@ pub struct MemberConfig {
     /// [`Setback`]). A one-shot session (tests, probes) sets `false` and
     /// ends with [`End::Lost`]. Default `true`.
     pub reconnect: bool,
+    /// Shortest time between two traffic reports sent
+    /// ([`MemberCore::report_traffic`]). Default
+    /// [`crate::traffic::REPORT_INTERVAL`] (10 s).
+    pub traffic_interval: Duration,
 }
 
 impl Default for MemberConfig {
@@ -104,6 +110,7 @@ impl Default for MemberConfig {
             leave_timeout: Duration::from_secs(10),
             key_lifetime: None,
             reconnect: true,
+            traffic_interval: requests::default_traffic_interval(),
         }
     }
 }
@@ -290,6 +297,23 @@ pub enum RequestError {
     /// The session already ended or is ending.
     #[error("the session has ended")]
     Ended,
+    /// A wake request for a service without an address in the map.
+    #[error("no service {0:?} in this network")]
+    UnknownService(String),
+    /// A wake request for a service that is not wakeable (its address has
+    /// no wake timeout).
+    #[error("service {0:?} is not wakeable")]
+    NotWakeable(String),
+    /// The keyserver speaks a protocol version without this request
+    /// ([`crate::proto::WAKE_VERSION`]).
+    #[error("the keyserver (protocol version {version}) does not take this request")]
+    Unsupported {
+        /// The keyserver's version.
+        version: u16,
+    },
+    /// A traffic report out of bounds.
+    #[error("traffic report refused: {0}")]
+    BadReport(crate::traffic::ReportError),
 }
 
 /// What the user wants of the session.
@@ -371,6 +395,9 @@ pub struct MemberCore {
     events: VecDeque<Event>,
     /// Service groups to join and ports to publish, sent with a join.
     join_services: crate::services::JoinServices,
+    /// Wake requests and traffic reports ([`MemberCore::wake`],
+    /// [`MemberCore::report_traffic`]).
+    requests: requests::Requests,
 }
 
 impl MemberCore {
@@ -447,6 +474,7 @@ impl MemberCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             join_services: Default::default(),
+            requests: Default::default(),
         }
     }
 
@@ -474,6 +502,7 @@ impl MemberCore {
                 self.next_heartbeat,
                 self.awaiting_ack.map(|t| t + self.cfg.reply_timeout),
                 self.relay_refresh,
+                self.requests.traffic_due(),
             ]
             .into_iter()
             .flatten()
@@ -853,6 +882,7 @@ impl MemberCore {
                     r.sent = false;
                 }
                 self.send_rotation();
+                self.requests_on_welcome(now);
                 self.check_caught_up();
             }
         }
@@ -1006,6 +1036,7 @@ impl MemberCore {
             self.relay_refresh = None;
             self.send(ClientMsg::GetRelay);
         }
+        self.send_traffic(now);
         if self.next_heartbeat.is_some_and(|t| now >= t) {
             self.send(ClientMsg::Heartbeat);
             self.awaiting_ack.get_or_insert(now);

@@ -956,3 +956,138 @@ fn setbacks_and_revocations_read_well() {
     );
     assert_eq!(r.to_proto_error().code, ErrorCode::Replaced);
 }
+
+/// A snapshot with a wakeable `db` address (timeout 20 s) and a plain `web`
+/// one, at generation 2.
+fn with_addresses(key: PublicKey) -> NetworkMap {
+    let mut map = snapshot(2, &[member(key, 1)]);
+    for (service, n, wake) in [("db", 1, Some(20)), ("web", 2, None)] {
+        map.addresses.insert(
+            service.into(),
+            crate::netmap::ServiceAddress {
+                service: service.into(),
+                ip: std::net::Ipv4Addr::new(10, 240, 4, n),
+                wake_timeout_secs: wake,
+            },
+        );
+    }
+    map
+}
+
+/// Wake requests: one per service and wake timeout however often the data
+/// plane asks; refused for a service the map does not have or that is not
+/// wakeable; kept while disconnected and sent after the next welcome.
+#[test]
+fn wake_requests_are_sent_once_per_timeout_and_kept_across_reconnects() {
+    let t0 = Instant::now();
+    let (mut core, key) = joined(t0);
+    core.handle_message(t0, ServerMsg::Snapshot(with_addresses(key)));
+    events(&mut core);
+    assert_eq!(core.wake(t0, "db"), Ok(true));
+    assert_eq!(core.wake(t0, "db"), Ok(false));
+    let later = t0 + Duration::from_secs(19);
+    assert_eq!(core.wake(later, "db"), Ok(false));
+    assert_eq!(
+        sent_msgs(&mut core),
+        [ClientMsg::Wake {
+            service: "db".into()
+        }]
+    );
+    assert_eq!(
+        core.wake(t0, "web"),
+        Err(RequestError::NotWakeable("web".into()))
+    );
+    assert_eq!(
+        core.wake(t0, "nope"),
+        Err(RequestError::UnknownService("nope".into()))
+    );
+    // After the wake timeout, again.
+    let t1 = t0 + Duration::from_secs(21);
+    assert_eq!(core.wake(t1, "db"), Ok(true));
+    assert_eq!(sent_msgs(&mut core).len(), 1);
+    // Disconnected: kept, then sent after the welcome (if still fresh).
+    core.handle_disconnected(t1, "lost".into());
+    let t2 = t1 + Duration::from_secs(25);
+    assert_eq!(core.wake(t2, "db"), Ok(true));
+    core.handle_timeout(core.poll_timeout().unwrap());
+    let t3 = t2 + Duration::from_secs(1);
+    core.handle_connected(t3);
+    core.handle_message(t3, ServerMsg::Welcome(welcome(None, 2)));
+    let sent = sent_msgs(&mut core);
+    assert!(
+        sent.contains(&ClientMsg::Wake {
+            service: "db".into()
+        }),
+        "{sent:?}"
+    );
+    // An ended session takes no request.
+    core.shutdown(t3);
+    assert_eq!(core.wake(t3, "db"), Err(RequestError::Ended));
+}
+
+/// Traffic reports: sent at once, then at most every interval and only
+/// when changed; resent on a new connection; a report out of bounds is
+/// refused; a keyserver older than version 4 gets none.
+#[test]
+fn traffic_reports_are_rate_limited_and_resent_after_a_reconnect() {
+    use crate::traffic::{PairTraffic, TrafficCounters, TrafficReport};
+    let report = |opened| TrafficReport {
+        pairs: vec![PairTraffic {
+            destination: "db".into(),
+            counters: TrafficCounters {
+                opened,
+                ..Default::default()
+            },
+        }],
+    };
+    let is_report = |m: &ClientMsg| matches!(m, ClientMsg::Traffic(_));
+    let t0 = Instant::now();
+    let (mut core, _) = joined(t0);
+    core.report_traffic(t0, report(1)).unwrap();
+    assert_eq!(sent_msgs(&mut core), [ClientMsg::Traffic(report(1))]);
+    // Changed within the interval: sent when it ends.
+    let t1 = t0 + Duration::from_secs(3);
+    core.report_traffic(t1, report(2)).unwrap();
+    assert!(sent_msgs(&mut core).is_empty());
+    let due = t0 + Duration::from_secs(10);
+    assert_eq!(core.poll_timeout(), Some(due));
+    core.handle_timeout(due);
+    assert!(sent_msgs(&mut core)
+        .iter()
+        .any(|m| m == &ClientMsg::Traffic(report(2))));
+    // Unchanged: nothing more, and no timer for it.
+    let t2 = due + Duration::from_secs(10);
+    core.report_traffic(t2, report(2)).unwrap();
+    assert!(!sent_msgs(&mut core).iter().any(is_report));
+    assert_ne!(core.poll_timeout(), Some(t2 + Duration::from_secs(10)));
+    // A new connection gets it again.
+    core.handle_disconnected(t2, "lost".into());
+    core.handle_timeout(core.poll_timeout().unwrap());
+    let t3 = t2 + Duration::from_secs(2);
+    core.handle_connected(t3);
+    core.handle_message(t3, ServerMsg::Welcome(welcome(None, 1)));
+    assert!(sent_msgs(&mut core).contains(&ClientMsg::Traffic(report(2))));
+    // Out of bounds.
+    let mut twice = report(1);
+    twice.pairs.push(twice.pairs[0].clone());
+    assert!(matches!(
+        core.report_traffic(t3, twice),
+        Err(RequestError::BadReport(_))
+    ));
+    // An older keyserver: nothing sent, no busy timer.
+    core.handle_disconnected(t3, "lost".into());
+    core.handle_timeout(core.poll_timeout().unwrap());
+    let t4 = t3 + Duration::from_secs(2);
+    core.handle_connected(t4);
+    let mut old = welcome(None, 1);
+    old.version = 3;
+    core.handle_message(t4, ServerMsg::Welcome(old));
+    core.report_traffic(t4, report(9)).unwrap();
+    assert!(!sent_msgs(&mut core).iter().any(is_report));
+    assert!(core.poll_timeout().is_some_and(|t| t > t4));
+    assert_eq!(
+        core.wake(t4, "db"),
+        Err(RequestError::UnknownService("db".into())),
+        "this map has no addresses"
+    );
+}

@@ -14,7 +14,7 @@ use crate::render::text::escape;
 
 use super::plane::{local_endpoints, Plane};
 use super::state::{Membership as StoredMembership, StateDir};
-use super::{Command, NodeEnd, NodeError, NodeEvent, SetbackLog, Shared};
+use super::{Command, NodeEnd, NodeError, NodeEvent, PlaneRequest, SetbackLog, Shared};
 
 /// How often the endpoints to announce are looked at: local addresses
 /// (when not configured) and what the engine learned (STUN, relay).
@@ -48,7 +48,11 @@ pub(super) struct Driver {
 
 impl Driver {
     /// Runs until the session ends or the node asks it to stop.
-    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut requests: mpsc::Receiver<PlaneRequest>,
+    ) {
         let mut detect = tokio::time::interval(DETECT_ENDPOINTS);
         detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         detect.tick().await;
@@ -86,6 +90,7 @@ impl Driver {
                     }
                     Some(cmd) => self.on_command(cmd).await,
                 },
+                Some(req) = requests.recv() => self.on_plane_request(req),
                 _ = detect.tick() => {
                     // Local addresses (unless configured) plus what the
                     // engine learned (STUN, the relay): candidates reach
@@ -123,6 +128,23 @@ impl Driver {
             }
             Command::Rotate(reply) => self.start_rotation(Some(reply)),
             Command::Shutdown(_) | Command::Leave(_) => {}
+        }
+    }
+
+    /// A data-plane request: passed to the session, whose core sends it
+    /// (deduplicated, rate-limited). Refusals are the data plane's to
+    /// retry, so only logged at debug.
+    fn on_plane_request(&mut self, req: PlaneRequest) {
+        let result = match req {
+            PlaneRequest::Wake(service) => self.session.wake(&service).map(|sent| {
+                if sent {
+                    tracing::info!(service = %escape(&service), "asked the keyserver to wake a service");
+                }
+            }),
+            PlaneRequest::Traffic(report) => self.session.report_traffic(report),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "data-plane request not sent");
         }
     }
 

@@ -17,7 +17,9 @@
 //!
 //! ## Layout
 //! - this module — [`Node`], its configuration and events, `dial` /
-//!   `listen` / `resolve`.
+//!   `listen` / `resolve`, and [`ControlRequests`], the data plane's line
+//!   to the control plane (wake a service scaled to zero, report traffic
+//!   per service).
 //! - [`state`] — the state directory: key (0600), membership (0600), map
 //!   cache.
 //! - `plane` — the data plane: the engine on a TUN interface (kernel mode)
@@ -320,6 +322,55 @@ enum Command {
     Leave(oneshot::Sender<bool>),
 }
 
+/// A request from the data plane to the control task
+/// ([`ControlRequests`]).
+#[derive(Debug)]
+enum PlaneRequest {
+    Wake(String),
+    Traffic(crate::traffic::TrafficReport),
+}
+
+/// Requests a queued data-plane handle may have waiting: more are dropped
+/// (a wake is asked again by the next held flow, a report is replaced by
+/// the next one).
+const PLANE_REQUESTS: usize = 256;
+
+/// The data plane's line to the control plane (issue 19): wake a service
+/// scaled to zero, report traffic per service. Cheap to clone and to call
+/// from any thread, never blocks, never fails loudly: each call queues the
+/// request for the node's control task ([`crate::member::MemberCore::wake`],
+/// [`crate::member::MemberCore::report_traffic`] say what is then sent) and
+/// says whether it was queued (false: the node has stopped, or the queue
+/// of 256 requests is full). Get it with [`Node::control_requests`].
+#[derive(Debug, Clone)]
+pub struct ControlRequests {
+    tx: mpsc::Sender<PlaneRequest>,
+}
+
+impl ControlRequests {
+    /// A new flow to `service`'s address is held and the map shows no
+    /// online instance: ask the keyserver to wake the service. Call it for
+    /// every such flow; one request goes out per service and wake timeout,
+    /// and the keyserver runs the hook once however many members ask. The
+    /// held flow goes on when an instance comes online in the map, and is
+    /// refused after the address's `wake_timeout_secs`.
+    pub fn wake(&self, service: &str) -> bool {
+        self.tx
+            .try_send(PlaneRequest::Wake(service.to_owned()))
+            .is_ok()
+    }
+
+    /// The data plane's counters per destination service, cumulative since
+    /// it started ([`crate::traffic::TrafficReport`]; the source is this
+    /// member's service). Call it as often as convenient (every second,
+    /// say): the latest replaces the earlier, and the keyserver is sent one
+    /// every [`crate::traffic::REPORT_INTERVAL`] at most, only when it
+    /// changed. A report out of bounds is dropped (logged at debug).
+    pub fn report_traffic(&self, report: crate::traffic::TrafficReport) -> bool {
+        self.tx.try_send(PlaneRequest::Traffic(report)).is_ok()
+    }
+}
+
 /// What the handle and the driver share.
 struct Shared {
     map: watch::Sender<NetworkMap>,
@@ -344,6 +395,8 @@ pub struct Node {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     instance: InstanceName,
     index: u32,
+    /// The data plane's requests to the control task.
+    requests: ControlRequests,
 }
 
 impl std::fmt::Debug for Node {
@@ -445,6 +498,10 @@ impl Node {
         if let Some(next) = &next {
             session.resume_rotation(next.public_key());
         }
+        // Made before the data plane, so that it can be handed the
+        // requests' line ([`ControlRequests`]) when it starts.
+        let (requests_tx, requests_rx) = mpsc::channel(PLANE_REQUESTS);
+        let requests = ControlRequests { tx: requests_tx };
         let plane = plane::Plane::start(
             &cfg.mode,
             next.as_ref().unwrap_or(&key),
@@ -490,7 +547,7 @@ impl Node {
             on_map: cfg.on_map.clone(),
             setbacks: SetbackLog::default(),
         };
-        let driver = tokio::spawn(driver.run(rx));
+        let driver = tokio::spawn(driver.run(rx, requests_rx));
         Ok(Node {
             shared,
             plane,
@@ -499,6 +556,7 @@ impl Node {
             tasks: Mutex::new(Vec::new()),
             instance,
             index,
+            requests,
         })
     }
 
@@ -709,6 +767,25 @@ impl Node {
     }
 
     // ---- requests --------------------------------------------------------
+
+    /// The data plane's line to the control plane: wake requests and
+    /// traffic reports ([`ControlRequests`]); clone it into the data plane.
+    pub fn control_requests(&self) -> ControlRequests {
+        self.requests.clone()
+    }
+
+    /// Asks the keyserver to wake `service` (scale to zero); see
+    /// [`ControlRequests::wake`]. False when the request could not be
+    /// queued.
+    pub fn wake(&self, service: &str) -> bool {
+        self.requests.wake(service)
+    }
+
+    /// Hands the control plane the data plane's traffic counters; see
+    /// [`ControlRequests::report_traffic`].
+    pub fn report_traffic(&self, report: crate::traffic::TrafficReport) -> bool {
+        self.requests.report_traffic(report)
+    }
 
     /// Announces the ports the instance serves (replacing the list).
     pub async fn set_ports(&self, ports: Vec<u16>) {
