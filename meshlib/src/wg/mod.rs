@@ -7,6 +7,9 @@
 //! - [`table`] — the generic longest-prefix table ([`AllowedIps`]) and the
 //!   three-way peer index ([`PeerTable`]: by key, receiver index, allowed IP).
 //! - [`uapi`] — the cross-platform UAPI (`get=1` / `set=1`) parser and renderer.
+//! - [`flows`] — service addresses: the per-flow table that pins each flow
+//!   to a service address to one healthy instance ([`flows::FlowTable`]),
+//!   and the packet views and answers it needs ([`flows::wire`]).
 //!
 //! Drivers:
 //! - [`device`] — the clear-text side: the [`Device`] trait and the Linux TUN
@@ -51,6 +54,7 @@
 
 pub mod device;
 mod engine;
+pub mod flows;
 mod io;
 mod paths;
 mod peer;
