@@ -22,7 +22,9 @@
 //! - `udp` — the engine's UDP socket (quinn-udp: GSO/GRO, `recvmmsg`),
 //!   depending on no other part of the engine; `shared` — the state the
 //!   engine's API and its packet loops (`io`) share (peer table, key,
-//!   counters).
+//!   counters); `vip` — service addresses in the packet loops: the flow
+//!   table asked once per run of a flow's packets, refusals and resets
+//!   written to the device.
 //! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
 //!   `wg set` work on the interface.
 //!
@@ -64,9 +66,12 @@ pub mod table;
 pub mod uapi;
 pub mod uapi_server;
 mod udp;
+mod vip;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vip_tests;
 
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget};

@@ -244,6 +244,10 @@ pub struct FlowStats {
     pub foreign: u64,
     /// Flows ended by idle expiry.
     pub expired: u64,
+    /// Packets to or from a service address that could not be read (later
+    /// fragments, other protocols, truncated headers): dropped. Counted by
+    /// the engine ([`super::Engine::flow_stats`]).
+    pub unreadable: u64,
 }
 
 /// TCP progress of a flow.
