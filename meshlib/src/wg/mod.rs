@@ -58,6 +58,7 @@ pub mod device;
 mod engine;
 pub mod flows;
 mod io;
+mod netlink;
 mod paths;
 mod peer;
 mod relay_tcp;

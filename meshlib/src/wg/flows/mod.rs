@@ -189,6 +189,21 @@ impl Services {
     }
 }
 
+/// The service address member `own_ip` answers for, to hold on its own
+/// interface: its service's, while it is one of the instances that
+/// address balances over ([`NetworkMap::backends`], counting the member
+/// itself as online: it is running).
+pub fn own_address(map: &NetworkMap, own_ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    let me = map.members.values().find(|m| m.ip == own_ip)?;
+    let address = map.addresses.get(&me.service)?.ip;
+    let mut view = map.clone();
+    for m in view.members.values_mut().filter(|m| m.ip == own_ip) {
+        m.state = crate::netmap::MemberState::Online;
+    }
+    let serves = view.backends(&me.service).iter().any(|m| m.ip == own_ip);
+    serves.then_some(address)
+}
+
 /// What to do with a packet from the local client to a service address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outbound {

@@ -439,6 +439,39 @@ fn services_from_a_map_are_the_online_web_members_but_self() {
 }
 
 #[test]
+fn a_member_holds_its_service_address_while_it_is_a_backend() {
+    use crate::netmap::tests::{empty_map, member};
+    use crate::netmap::{MemberState, ServiceAddress};
+    let mut map = empty_map();
+    let mut web = member("api-1", "api", "web", 1, 1);
+    let worker = member("api-w", "api", "worker", 1, 2);
+    let lone = member("db-1", "db", "web", 1, 3);
+    web.state = MemberState::Offline; // a cached map: itself offline
+    for m in [&web, &worker, &lone] {
+        map.members.insert(m.public_key, m.clone());
+    }
+    map.addresses.insert(
+        "api".into(),
+        ServiceAddress {
+            service: "api".into(),
+            ip: V.into(),
+            wake_timeout_secs: None,
+        },
+    );
+    let ip = |n| Ipv4Addr::new(10, 240, 0, n);
+    assert_eq!(own_address(&map, ip(1)), Some(V.into()));
+    // The worker is no backend while a web member is online.
+    web.state = MemberState::Online;
+    map.members.insert(web.public_key, web.clone());
+    assert_eq!(own_address(&map, ip(2)), None);
+    map.members.remove(&web.public_key);
+    assert_eq!(own_address(&map, ip(2)), Some(V.into()));
+    // No address for its service, or not a member: nothing.
+    assert_eq!(own_address(&map, ip(3)), None);
+    assert_eq!(own_address(&map, ip(9)), None);
+}
+
+#[test]
 fn memory_per_flow_is_bounded() {
     let now = Instant::now();
     let mut t = FlowTable::new(now);
