@@ -193,16 +193,22 @@ impl Plane {
 }
 
 /// The local addresses a member advertises as its endpoints: every
-/// non-loopback, non-link-local address outside the overlay range, with the
-/// engine's port; IPv4 first; at most 8.
+/// non-loopback, non-link-local address outside the overlay range and its
+/// service range (a service address a backend holds on its interface is
+/// no underlay address), with the engine's port; IPv4 first; at most 8.
 pub fn local_endpoints(port: u16, overlay: Ipv4Net) -> Vec<SocketAddr> {
+    let services = crate::netmap::default_service_range(overlay);
     let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .map(|i| i.ip())
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
         .filter(|ip| match ip {
-            IpAddr::V4(v4) => !overlay.contains(v4) && !v4.is_link_local(),
+            IpAddr::V4(v4) => {
+                !overlay.contains(v4)
+                    && !services.is_some_and(|s| s.contains(v4))
+                    && !v4.is_link_local()
+            }
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
         })
         .map(|ip| SocketAddr::new(ip, port))

@@ -18,7 +18,8 @@
 //! - **Choosing an instance**: [`crate::balance::Pool`], the policy the
 //!   gateway uses (least active flows, in turn among equals, a backoff
 //!   after a failure), one pool per (service address, transport, port
-//!   class), with no connection limit. The instances are the service's
+//!   class), with no connection limit; a flow counts as active until it
+//!   ends or is closed both ways (FIN, FIN). The instances are the service's
 //!   online members [`NetworkMap::backends`] lists; an instance serves a
 //!   port if it announces it ([`crate::netmap::Member::ports`]) or
 //!   announces none. Nothing eligible: the flow is refused at once (TCP

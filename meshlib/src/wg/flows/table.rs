@@ -271,7 +271,7 @@ impl FlowTable {
         if flags & FIN != 0 {
             f.bits |= FIN_CLIENT;
             if f.bits & FIN_SERVICE != 0 {
-                f.state = State::Closing;
+                self.closing(&mut f, now);
             }
         }
         self.flows.insert(key, f);
@@ -380,7 +380,7 @@ impl FlowTable {
                 if flags & FIN != 0 {
                     f.bits |= FIN_SERVICE;
                     if f.bits & FIN_CLIENT != 0 {
-                        f.state = State::Closing;
+                        self.closing(&mut f, now);
                     }
                 }
             }
@@ -504,6 +504,14 @@ impl FlowTable {
             }
             f.bits &= !HOLDS_SLOT;
         }
+    }
+
+    /// FIN both ways: the connection is over for the balance (its slot is
+    /// free); the flow stays for the last acknowledgments.
+    fn closing(&mut self, f: &mut Flow, now: Instant) {
+        f.state = State::Closing;
+        self.release_slot(f, now);
+        f.bits &= !HOLDS_SLOT;
     }
 
     fn release_slot(&mut self, f: &Flow, now: Instant) {

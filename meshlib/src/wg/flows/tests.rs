@@ -189,6 +189,8 @@ fn unanswered_syn_retransmission_moves_the_flow() {
     let fin_s = tcp((V, 80), (C, 40000), FIN | ACK, 5001, 11, 0);
     assert_eq!(to(out(&mut t, &fin_c, retry)), second);
     assert_eq!(inb(&mut t, &second, &fin_s, retry), Inbound::Accept);
+    // Closed both ways: no longer counted by the balance.
+    assert_eq!(slots(&t), 0);
     // Closing: gone 10 s after the last packet.
     assert_eq!(t.expire(retry + Duration::from_secs(9)), 0);
     assert_eq!(t.expire(retry + Duration::from_secs(10)), 1);
