@@ -79,12 +79,16 @@ fn serve(
     rx.recv_timeout(Duration::from_secs(10)).unwrap();
 }
 
-/// The `api` application on one host: it greets with `name` and hashes
-/// streams (counting their bytes in `streamed`).
-fn api_app(ns: &str, name: &'static str, stop: &Arc<AtomicBool>, streamed: Arc<AtomicU64>) {
-    serve(ns, GREET, stop.clone(), move |mut s| {
+/// The greeting server of the `api` application on one host, until `stop`.
+fn greeter(ns: &str, name: &'static str, stop: Arc<AtomicBool>) {
+    serve(ns, GREET, stop, move |mut s| {
         let _ = s.write_all(name.as_bytes());
     });
+}
+
+/// The stream server of the `api` application on one host: it hashes
+/// streams (counting their bytes in `streamed`).
+fn hasher(ns: &str, name: &'static str, stop: &Arc<AtomicBool>, streamed: Arc<AtomicU64>) {
     serve(ns, STREAM, stop.clone(), move |mut s| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
         let mut hash = Sha256::new();
@@ -182,8 +186,10 @@ fn service_address_balances_survives_rolling_restarts_and_stays_exact() {
     let stop = Arc::new(AtomicBool::new(false));
     let names = ["api-on-3", "api-on-4", "api-on-5"];
     let streamed: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::default()).collect();
+    let mut greeting: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::default()).collect();
     for (i, h) in api_hosts.iter().enumerate() {
-        api_app(&h.ns, names[i], &stop, streamed[i].clone());
+        greeter(&h.ns, names[i], greeting[i].clone());
+        hasher(&h.ns, names[i], &stop, streamed[i].clone());
     }
     let base = ["--token", &token, "--service-addresses", "service"];
     let api_args: Vec<&str> = base
@@ -343,6 +349,58 @@ fn service_address_balances_survives_rolling_restarts_and_stays_exact() {
     assert_eq!(sneaked, None, "the other service's answer was dropped");
     assert_eq!(second.as_deref(), Some(&b"two"[..]));
 
+    // Health: an instance whose application stops listening refuses; the
+    // refused flows move to the others, and no connection fails.
+    let flows_now = |what: &str| client.status().expect("status")["service_flows"][what].as_u64();
+    let failures_before = flows_now("failures").unwrap();
+    greeting[2].store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(200));
+    let got = in_ns(&hc.ns, move || {
+        (0..30)
+            .map(|_| greet(greet_at).expect("refusals move the flow"))
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    assert!(got.iter().all(|n| n != names[2]), "{got:?}");
+    assert!(flows_now("failures").unwrap() > failures_before);
+    assert!(flows_now("repinned").unwrap() >= 1);
+    // Listening again, it gets flows again once its backoff is over.
+    greeting[2] = Arc::default();
+    greeter(&api_hosts[2].ns, names[2], greeting[2].clone());
+    let back = in_ns(&hc.ns, move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(40) {
+            if greet(greet_at).as_deref() == Ok(names[2]) {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+    .join()
+    .unwrap();
+    eprintln!("refusing instance back after {back:?}");
+    assert!(back.is_some());
+
+    // An open connection whose instance goes away ends with a reset, not
+    // a hang.
+    let marks: Vec<u64> = streamed.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let idle = in_ns(&hc.ns, move || {
+        let mut s = TcpStream::connect_timeout(&stream_at, Duration::from_secs(5)).unwrap();
+        s.write_all(b"0123456789").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut b = [0u8; 16];
+        let r = s.read(&mut b);
+        (Instant::now(), r.map_err(|e| e.kind()))
+    });
+    let mut idle_at = None;
+    wait_for(SETTLE, || {
+        idle_at = (0..3).find(|&i| streamed[i].load(Ordering::Relaxed) == marks[i] + 10);
+        idle_at.is_some()
+    });
+    let idle_at = idle_at.unwrap();
+
     // Rolling restart while a client that resolved the address once
     // keeps connecting every 0.1 s.
     let looping = Arc::new(AtomicBool::new(true));
@@ -357,9 +415,11 @@ fn service_address_balances_survives_rolling_restarts_and_stays_exact() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
+    let mut stopped_at = Vec::new();
     for sc in &mut apis {
         let old_key = public_key(sc);
         let restarted = Instant::now();
+        stopped_at.push(restarted);
         eprintln!("{:?}: stopping {}", t0.elapsed(), sc.host.ns);
         sc.stop();
         eprintln!("{:?}: stopped", t0.elapsed());
@@ -405,6 +465,14 @@ fn service_address_balances_survives_rolling_restarts_and_stays_exact() {
         .map(|(t, e)| (t.saturating_duration_since(t0), e))
         .collect();
     assert!(failures.is_empty(), "{failures:?}");
+    let (ended, result) = idle.join().unwrap();
+    let after_stop = ended.saturating_duration_since(stopped_at[idle_at]);
+    eprintln!(
+        "idle connection on {}: {result:?} {after_stop:?} after its instance stopped",
+        names[idle_at]
+    );
+    assert_eq!(result, Err(std::io::ErrorKind::ConnectionReset));
+    assert!(after_stop < Duration::from_secs(5), "{after_stop:?}");
     // The replacements serve.
     let after = in_ns(&hc.ns, move || {
         (0..30)
@@ -415,4 +483,7 @@ fn service_address_balances_survives_rolling_restarts_and_stays_exact() {
     .unwrap();
     assert_eq!(after.len(), 3, "{after:?}");
     stop.store(true, Ordering::Relaxed);
+    for g in &greeting {
+        g.store(true, Ordering::Relaxed);
+    }
 }
