@@ -360,6 +360,8 @@ pub struct FlowTable {
     stats: FlowStats,
     /// When a full table was last swept (ms).
     full_sweep: Option<u32>,
+    /// The services last applied (most maps change none of them).
+    applied: Services,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -383,6 +385,7 @@ impl FlowTable {
             flows: HashMap::new(),
             stats: FlowStats::default(),
             full_sweep: None,
+            applied: Services::default(),
         }
     }
 
@@ -406,17 +409,6 @@ impl FlowTable {
         let per = std::mem::size_of::<(FlowKey, Flow)>() + 1;
         let buckets = (self.flows.capacity() * 8).div_ceil(7).next_power_of_two();
         buckets * per
-    }
-
-    /// Whether `ip` is a service address the table knows.
-    pub fn is_service(&self, ip: Ipv4Addr) -> bool {
-        self.addresses.contains_key(&ip)
-    }
-
-    /// The instance a flow is pinned to (for tests and status).
-    pub fn pinned(&self, key: &FlowKey) -> Option<&Backend> {
-        let f = self.flows.get(key)?;
-        self.backends.get(f.backend as usize).map(|s| &s.b)
     }
 }
 

@@ -56,6 +56,10 @@ impl FlowTable {
     /// and health of instances that stay; flows whose instance is no
     /// longer a backend for them end. Returns the open TCP flows to reset.
     pub fn set_services(&mut self, services: &Services, now: Instant) -> Vec<Ended> {
+        if *services == self.applied {
+            return Vec::new();
+        }
+        self.applied = services.clone();
         let backends: Vec<BackendSlot> = services
             .addresses
             .iter()
