@@ -94,6 +94,49 @@ pub struct PeerStatus {
     pub path: Option<PathStatus>,
 }
 
+/// The flow table of service addresses ([`meshlib::wg::flows::FlowStats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowStatus {
+    /// Flows in the table now.
+    pub active: u64,
+    /// Flows opened.
+    pub opened: u64,
+    /// New flows refused: no eligible instance.
+    pub rejected: u64,
+    /// New flows refused: the table was full.
+    pub full: u64,
+    /// SYNs refused or unanswered by their instance.
+    pub failures: u64,
+    /// Flows moved to another instance after such a failure.
+    pub repinned: u64,
+    /// Open flows reset because their instance left.
+    pub reset: u64,
+    /// Answers as a service address from a peer the flow is not pinned to
+    /// (dropped).
+    pub foreign: u64,
+    /// Flows ended idle.
+    pub expired: u64,
+    /// Packets to or from a service address that could not be read.
+    pub unreadable: u64,
+}
+
+impl From<meshlib::wg::flows::FlowStats> for FlowStatus {
+    fn from(s: meshlib::wg::flows::FlowStats) -> Self {
+        Self {
+            active: s.active as u64,
+            opened: s.opened,
+            rejected: s.rejected,
+            full: s.full,
+            failures: s.failures,
+            repinned: s.repinned,
+            reset: s.reset,
+            foreign: s.foreign,
+            expired: s.expired,
+            unreadable: s.unreadable,
+        }
+    }
+}
+
 /// How packets reach one peer ([`meshlib::nat::path::PathState`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathStatus {
@@ -181,6 +224,10 @@ pub struct Status {
     /// port this instance does not serve (`None` in kernel mode).
     #[serde(default)]
     pub inbound_refused: Option<u64>,
+    /// Kernel mode: the flow table of service addresses (`None` in
+    /// userspace mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_flows: Option<FlowStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
     /// Private DNS responses sent, by RCODE label (`NOERROR`, `NXDOMAIN`,
@@ -364,6 +411,13 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
     if let Some(n) = s.inbound_refused {
         let _ = writeln!(out, "inbound refused (port not served): {n}");
     }
+    if let Some(f) = &s.service_flows {
+        let _ = writeln!(
+            out,
+            "service flows: {} active; {} opened, {} refused ({} table full), {} instance failures ({} moved), {} reset, {} foreign answers dropped, {} expired",
+            f.active, f.opened, f.rejected + f.full, f.full, f.failures, f.repinned, f.reset, f.foreign, f.expired
+        );
+    }
     for c in &s.conflicts {
         let _ = writeln!(out, "conflict: {}", e(c));
     }
@@ -460,6 +514,31 @@ pub fn render_prometheus(s: &Status) -> String {
             out,
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
+    }
+    if let Some(f) = &s.service_flows {
+        let name = "istmesh_service_flows";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Flows to service addresses in the flow table (kernel mode).\n# TYPE {name} gauge\n{name} {}",
+            f.active
+        );
+        let name = "istmesh_service_flow_events_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Flows to service addresses by what happened to them (kernel mode).\n# TYPE {name} counter"
+        );
+        for (event, n) in [
+            ("opened", f.opened),
+            ("rejected", f.rejected),
+            ("full", f.full),
+            ("failure", f.failures),
+            ("repinned", f.repinned),
+            ("reset", f.reset),
+            ("foreign", f.foreign),
+            ("expired", f.expired),
+        ] {
+            let _ = writeln!(out, "{name}{{event=\"{event}\"}} {n}");
+        }
     }
     if let Some(n) = s.inbound_refused {
         let name = "istmesh_inbound_refused_total";
@@ -570,6 +649,12 @@ mod tests {
             conflicts: vec!["hostname my-db.warp ...".into()],
             ports: vec![8080],
             inbound_refused: Some(4),
+            service_flows: Some(FlowStatus {
+                active: 3,
+                opened: 9,
+                foreign: 2,
+                ..FlowStatus::default()
+            }),
             peers: vec![PeerStatus {
                 public_key: "P\"Q".into(),
                 instance: "db-1".into(),
@@ -595,7 +680,14 @@ mod tests {
         assert!(h.contains("transfer: 10 B received, 20 B sent"), "{h}");
         assert!(h.contains("serving ports: 8080\n"), "{h}");
         assert!(h.contains("inbound refused (port not served): 4\n"), "{h}");
+        assert!(h.contains("service flows: 3 active; 9 opened"), "{h}");
+        assert!(h.contains("2 foreign answers dropped"), "{h}");
         let p = render_prometheus(&sample());
+        assert!(p.contains("istmesh_service_flows 3\n"), "{p}");
+        assert!(
+            p.contains("istmesh_service_flow_events_total{event=\"foreign\"} 2\n"),
+            "{p}"
+        );
         assert!(p.contains("istmesh_map_generation 12\n"), "{p}");
         assert!(p.contains("istmesh_control_connected 0\n"));
         assert!(

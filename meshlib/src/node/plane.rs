@@ -11,6 +11,7 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::netmap::NetworkMap;
 use crate::reconcile::{desired_peers, diff, DesiredPeers};
 use crate::userspace::{Stack, StackConfig};
+use crate::wg::flows::{own_address, Services};
 use crate::wg::{Engine, EngineConfig, TunConfig, TunDevice};
 
 use super::{NodeError, NodeMode};
@@ -22,6 +23,23 @@ pub(super) struct Plane {
     pub(super) ip: Ipv4Addr,
     keepalive: u16,
     peers: Mutex<DesiredPeers>,
+    /// Kernel mode: the interface and the service routing applied to it.
+    kernel: Option<Kernel>,
+}
+
+/// The TUN interface of kernel mode and what service addresses need of
+/// it: the service range routed through it, and the address of this
+/// member's own service while it is a backend of it.
+struct Kernel {
+    tun: Arc<TunDevice>,
+    applied: Mutex<Applied>,
+}
+
+/// Service routing as applied to the interface.
+#[derive(Default)]
+struct Applied {
+    range: Option<Ipv4Net>,
+    own: Option<Ipv4Addr>,
 }
 
 impl Plane {
@@ -41,7 +59,7 @@ impl Plane {
             private_key: Some(key.clone()),
             fwmark: 0,
         };
-        let (engine, stack) = match mode {
+        let (engine, stack, kernel) = match mode {
             NodeMode::Kernel { interface } => {
                 let mut tun_config = TunConfig::new(interface);
                 let addr = Ipv4Net::new(ip, range.prefix_len())
@@ -49,10 +67,15 @@ impl Plane {
                 tun_config.address = Some(IpNet::V4(addr));
                 let tun = TunDevice::create(&tun_config)
                     .map_err(|e| dp(&format!("creating TUN interface {interface}"), &e))?;
+                let tun = Arc::new(tun);
                 let engine =
-                    Engine::start(Arc::new(tun), engine_config).map_err(|e| dp("engine", &e))?;
+                    Engine::start(tun.clone(), engine_config).map_err(|e| dp("engine", &e))?;
                 tracing::info!(%interface, address = %addr, port = engine.listen_port(), "data plane up");
-                (engine, None)
+                let kernel = Kernel {
+                    tun,
+                    applied: Mutex::new(Applied::default()),
+                };
+                (engine, None, Some(kernel))
             }
             NodeMode::Userspace { service_address } => {
                 let mut cfg = StackConfig::new(IpAddr::V4(ip), range.prefix_len());
@@ -60,7 +83,7 @@ impl Plane {
                 let (stack, device) = Stack::start(cfg).map_err(|e| dp("userspace stack", &e))?;
                 let engine = Engine::start(device, engine_config).map_err(|e| dp("engine", &e))?;
                 tracing::info!(address = %ip, port = engine.listen_port(), "userspace data plane up");
-                (engine, Some(Arc::new(stack)))
+                (engine, Some(Arc::new(stack)), None)
             }
         };
         Ok(Self {
@@ -69,6 +92,7 @@ impl Plane {
             ip,
             keepalive,
             peers: Mutex::new(DesiredPeers::new()),
+            kernel,
         })
     }
 
@@ -86,6 +110,11 @@ impl Plane {
             tracing::warn!(%peer, error = %e, "cannot configure peer");
         }
         *peers = desired;
+        drop(peers);
+        if let Some(k) = &self.kernel {
+            // After the peers: a flow is never pinned to a peer not added yet.
+            self.apply_services(k, map, own);
+        }
         if let Some(stack) = &self.stack {
             let served = map
                 .members
@@ -93,6 +122,53 @@ impl Plane {
                 .find(|m| m.ip == self.ip)
                 .map(|m| m.ports.clone());
             stack.set_inbound_ports(served.unwrap_or_default());
+        }
+    }
+
+    /// Kernel mode: the engine's flow table, the route of the service
+    /// range, and this member's own service address on the interface.
+    fn apply_services(&self, k: &Kernel, map: &NetworkMap, own: &PublicKey) {
+        let reset = self.engine.set_services(&Services::from_map(map, own));
+        if reset > 0 {
+            tracing::info!(flows = reset, "reset flows to instances that left");
+        }
+        let mut applied = k.applied.lock();
+        if map.service_range != applied.range {
+            if let Some(old) = applied.range.take() {
+                if let Err(e) = k.tun.remove_route(old) {
+                    tracing::warn!(range = %old, error = %e, "cannot remove the service range's route");
+                }
+            }
+            if let Some(new) = map.service_range {
+                match k.tun.set_route(new, Some(self.ip)) {
+                    Ok(()) => {
+                        tracing::info!(range = %new, "service range routed");
+                        applied.range = Some(new);
+                    }
+                    Err(e) => {
+                        tracing::warn!(range = %new, error = %e, "cannot route the service range")
+                    }
+                }
+            }
+        }
+        let want = own_address(map, self.ip);
+        if want != applied.own {
+            if let Some(old) = applied.own.take() {
+                if let Err(e) = k.tun.remove_address(old) {
+                    tracing::warn!(address = %old, error = %e, "cannot remove the service address");
+                }
+            }
+            if let Some(new) = want {
+                match k.tun.add_host_address(new) {
+                    Ok(()) => {
+                        tracing::info!(address = %new, "answering for the service address");
+                        applied.own = Some(new);
+                    }
+                    Err(e) => {
+                        tracing::warn!(address = %new, error = %e, "cannot hold the service address")
+                    }
+                }
+            }
         }
     }
 
@@ -117,16 +193,22 @@ impl Plane {
 }
 
 /// The local addresses a member advertises as its endpoints: every
-/// non-loopback, non-link-local address outside the overlay range, with the
-/// engine's port; IPv4 first; at most 8.
+/// non-loopback, non-link-local address outside the overlay range and its
+/// service range (a service address a backend holds on its interface is
+/// no underlay address), with the engine's port; IPv4 first; at most 8.
 pub fn local_endpoints(port: u16, overlay: Ipv4Net) -> Vec<SocketAddr> {
+    let services = crate::netmap::default_service_range(overlay);
     let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .map(|i| i.ip())
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
         .filter(|ip| match ip {
-            IpAddr::V4(v4) => !overlay.contains(v4) && !v4.is_link_local(),
+            IpAddr::V4(v4) => {
+                !overlay.contains(v4)
+                    && !services.is_some_and(|s| s.contains(v4))
+                    && !v4.is_link_local()
+            }
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
         })
         .map(|ip| SocketAddr::new(ip, port))

@@ -6,9 +6,11 @@
 //! A userspace (smoltcp) device can implement the same trait later.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
+
+use super::netlink::RouteOp;
 use tun_rs::{DeviceBuilder, GROTable, InterruptEvent, SyncDevice};
 
 /// Default MTU of the tunnel interface (room for the WireGuard and UDP/IPv6
@@ -164,6 +166,29 @@ impl TunDevice {
     /// True when TSO/GRO offloads are active.
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// Routes `net` through the interface (replacing a route to `net`),
+    /// preferring `src` as the source of new connections. In the calling
+    /// thread's network namespace.
+    pub fn set_route(&self, net: Ipv4Net, src: Option<Ipv4Addr>) -> io::Result<()> {
+        super::netlink::route(RouteOp::Replace, self.dev.if_index()?, net, src)
+    }
+
+    /// Removes the route to `net` through the interface (none is fine).
+    pub fn remove_route(&self, net: Ipv4Net) -> io::Result<()> {
+        super::netlink::route(RouteOp::Delete, self.dev.if_index()?, net, None)
+    }
+
+    /// Adds `addr`/32 to the interface (a service address this member
+    /// answers for).
+    pub fn add_host_address(&self, addr: Ipv4Addr) -> io::Result<()> {
+        self.dev.add_address_v4(addr, 32u8)
+    }
+
+    /// Removes `addr` from the interface.
+    pub fn remove_address(&self, addr: Ipv4Addr) -> io::Result<()> {
+        self.dev.remove_address(IpAddr::V4(addr))
     }
 }
 

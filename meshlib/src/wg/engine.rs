@@ -134,6 +134,7 @@ impl Engine {
             counters: Counters::default(),
             epoch: Instant::now(),
             nat: super::paths::Nat::default(),
+            vips: super::vip::Vips::new(Instant::now()),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -550,6 +551,33 @@ impl Engine {
     /// Our own candidates, as advertised (sent in call-me-maybe probes).
     pub fn set_own_candidates(&self, candidates: Vec<SocketAddr>) {
         *self.shared.nat.own.lock() = candidates;
+    }
+
+    /// Balances flows to service addresses (kernel mode; see
+    /// [`super::flows`] for the policy): packets from the device to
+    /// `services.range` go, flow by flow, to the peer of the instance the
+    /// flow is pinned to, and peers may answer as a service address only
+    /// for their own flows. Call with every map. Open TCP flows of
+    /// instances that are no longer backends are reset at once (a reset
+    /// written to the device for the local client); returns how many.
+    pub fn set_services(&self, services: &super::flows::Services) -> usize {
+        let ended = self
+            .shared
+            .vips
+            .table
+            .lock()
+            .set_services(services, Instant::now());
+        let range = services.range.filter(|_| !services.addresses.is_empty());
+        self.shared.vips.set_range(range);
+        super::vip::write_resets(&self.shared, &ended);
+        ended.len()
+    }
+
+    /// Counters of the service-address flow table.
+    pub fn flow_stats(&self) -> super::flows::FlowStats {
+        let mut stats = self.shared.vips.table.lock().stats();
+        stats.unreadable = self.shared.vips.unreadable.load(Relaxed);
+        stats
     }
 
     /// Stops the loops and waits for them.

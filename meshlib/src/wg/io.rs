@@ -15,10 +15,12 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use quinn_udp::{RecvMeta, UdpSockRef};
 
 use super::device::{BATCH, MAX_SUPER_PACKET};
+use super::flows::Inbound as Reply;
 use super::paths::{self, Inbound};
 use super::peer::Peer;
 use super::shared::Shared;
 use super::udp::Udp;
+use super::vip::{InCursor, OutCursor};
 use crate::nat::relay;
 
 /// Timer tick (boringtun's timers have this granularity at best).
@@ -139,6 +141,7 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
     let mut sizes = vec![0usize; BATCH];
     let mut out = GsoBatch::new();
     let mut udp = CurrentUdp::new(&shared);
+    let mut vip = OutCursor::new(off);
     let mut errors = 0u32;
     while !shared.stop.load(Relaxed) {
         let n = match device.recv_batch(queue, &mut scratch, &mut bufs, &mut sizes) {
@@ -162,25 +165,32 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
         let mut last: Option<(IpAddr, Arc<Peer>)> = None;
         for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
             let packet = &buf[off..off + size];
-            encrypt_one(&shared, udp, &mut out, &mut last, packet);
+            encrypt_one(&shared, udp, &mut out, &mut last, &mut vip, packet);
         }
+        vip.end_batch(&shared);
         out.flush(&shared, udp);
     }
 }
 
-/// Encrypts one packet into `out`; `last` caches the previous route.
+/// Encrypts one packet into `out`; `last` caches the previous route;
+/// `vip` routes packets to service addresses.
 fn encrypt_one(
     shared: &Shared,
     udp: &Udp,
     out: &mut GsoBatch,
     last: &mut Option<(IpAddr, Arc<Peer>)>,
+    vip: &mut OutCursor,
     packet: &[u8],
 ) {
     let Some(dst) = Tunn::dst_address(packet) else {
         return;
     };
-    let peer = match last {
-        Some((ip, p)) if *ip == dst => p.clone(),
+    let peer = match (dst, &*last) {
+        (IpAddr::V4(v4), _) if shared.vips.covers(v4) => match vip.route(shared, packet) {
+            Some(p) => p,
+            None => return,
+        },
+        (_, Some((ip, p))) if *ip == dst => p.clone(),
         _ => match shared.table.read().by_ip(dst) {
             Some((_, p)) => {
                 *last = Some((dst, p.clone()));
@@ -232,10 +242,13 @@ struct DeviceBatch {
     bufs: Vec<Vec<u8>>,
     count: usize,
     off: usize,
+    /// Replies from service addresses accepted in this batch.
+    vip: InCursor,
 }
 
 impl DeviceBatch {
     fn flush(&mut self, shared: &Shared) {
+        self.vip.end_batch();
         if self.count > 0 {
             if let Err(e) = shared.device.send_batch(&mut self.bufs[..self.count]) {
                 tracing::trace!("device write: {e}");
@@ -255,6 +268,7 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
         bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
         count: 0,
         off,
+        vip: InCursor::default(),
     };
     let mut reply = vec![0u8; MAX_DATAGRAM];
     let mut current = CurrentUdp::new(&shared);
@@ -322,6 +336,7 @@ impl SideReceiver {
                 bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
                 count: 0,
                 off,
+                vip: InCursor::default(),
             },
             reply: vec![0u8; MAX_DATAGRAM],
         }
@@ -445,8 +460,21 @@ fn decrypt_one(
         .by_ip(src)
         .is_some_and(|(_, p)| Arc::ptr_eq(p, &peer));
     if !allowed {
-        peer.drop_spoofed.fetch_add(1, Relaxed);
-        return;
+        // A service address answers only for flows pinned to this peer.
+        let verdict = match src {
+            IpAddr::V4(v4) if shared.vips.covers(v4) => {
+                dev.vip.check(shared, &peer, &buf[off..off + len])
+            }
+            _ => Reply::Foreign,
+        };
+        match verdict {
+            Reply::Accept => {}
+            Reply::Drop => return,
+            Reply::Foreign => {
+                peer.drop_spoofed.fetch_add(1, Relaxed);
+                return;
+            }
+        }
     }
     buf.truncate(off + len);
     buf[..off].fill(0);
@@ -547,7 +575,8 @@ fn send_failed(shared: &Shared, peer: Option<&Peer>, to: SocketAddr, e: &io::Err
 }
 
 /// Every [`TICK`]: boringtun's timers (handshake retries, rekeys, passive
-/// keepalives) and our persistent keepalives, for every peer.
+/// keepalives) and our persistent keepalives, for every peer; every second
+/// the expiry of service flows.
 pub(crate) fn timer_loop(shared: Arc<Shared>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut current = CurrentUdp::new(&shared);
@@ -555,6 +584,10 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(TICK);
         ticks = ticks.wrapping_add(1);
+        if ticks % 10 == 0 {
+            // Service flows: idle expiry and unanswered SYNs, once a second.
+            shared.vips.table.lock().expire(std::time::Instant::now());
+        }
         match &*shared.key.read() {
             None => continue,
             Some(k) if ticks % 10 == 0 => k.limiter.reset_count(),

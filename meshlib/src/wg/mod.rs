@@ -7,6 +7,9 @@
 //! - [`table`] — the generic longest-prefix table ([`AllowedIps`]) and the
 //!   three-way peer index ([`PeerTable`]: by key, receiver index, allowed IP).
 //! - [`uapi`] — the cross-platform UAPI (`get=1` / `set=1`) parser and renderer.
+//! - [`flows`] — service addresses: the per-flow table that pins each flow
+//!   to a service address to one healthy instance ([`flows::FlowTable`]),
+//!   and the packet views and answers it needs ([`flows::wire`]).
 //!
 //! Drivers:
 //! - [`device`] — the clear-text side: the [`Device`] trait and the Linux TUN
@@ -19,7 +22,9 @@
 //! - `udp` — the engine's UDP socket (quinn-udp: GSO/GRO, `recvmmsg`),
 //!   depending on no other part of the engine; `shared` — the state the
 //!   engine's API and its packet loops (`io`) share (peer table, key,
-//!   counters).
+//!   counters); `vip` — service addresses in the packet loops: the flow
+//!   table asked once per run of a flow's packets, refusals and resets
+//!   written to the device.
 //! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
 //!   `wg set` work on the interface.
 //!
@@ -51,7 +56,9 @@
 
 pub mod device;
 mod engine;
+pub mod flows;
 mod io;
+mod netlink;
 mod paths;
 mod peer;
 mod relay_tcp;
@@ -60,9 +67,12 @@ pub mod table;
 pub mod uapi;
 pub mod uapi_server;
 mod udp;
+mod vip;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vip_tests;
 
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget};

@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     pub epoch: Instant,
     /// STUN, relay and path-selection state ([`super::paths`]).
     pub nat: super::paths::Nat,
+    /// Service addresses: the flow table and the range it covers
+    /// ([`super::vip`]).
+    pub vips: super::vip::Vips,
 }
 
 impl Shared {

@@ -66,9 +66,9 @@ impl Device for MemDevice {
 }
 
 /// An engine on a loopback port with its device's two ends.
-struct Node {
-    engine: Arc<Engine>,
-    key: PublicKey,
+pub(super) struct Node {
+    pub(super) engine: Arc<Engine>,
+    pub(super) key: PublicKey,
     /// The device's link state (up unless a test takes it down).
     up: Arc<AtomicBool>,
     to_engine: mpsc::Sender<Vec<u8>>,
@@ -76,7 +76,7 @@ struct Node {
 }
 
 impl Node {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::with_link(true)
     }
 
@@ -112,7 +112,7 @@ impl Node {
     }
 
     /// Makes `other` a peer with allowed IP `ip`/32.
-    fn add(&self, other: &Node, ip: &str) {
+    pub(super) fn add(&self, other: &Node, ip: &str) {
         self.engine
             .set_peer(PeerConfig {
                 public_key: other.key,
@@ -124,11 +124,11 @@ impl Node {
             .unwrap();
     }
 
-    fn send(&self, packet: Vec<u8>) {
+    pub(super) fn send(&self, packet: Vec<u8>) {
         self.to_engine.send(packet).unwrap();
     }
 
-    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+    pub(super) fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
         self.from_engine.recv_timeout(wait).ok()
     }
 }
@@ -148,7 +148,7 @@ fn packet(src: [u8; 4], dst: [u8; 4], len: usize, fill: u8) -> Vec<u8> {
 
 const A_IP: [u8; 4] = [10, 240, 0, 1];
 const B_IP: [u8; 4] = [10, 240, 0, 2];
-const WAIT: Duration = Duration::from_secs(5);
+pub(super) const WAIT: Duration = Duration::from_secs(5);
 
 fn pair() -> (Node, Node) {
     let (a, b) = (Node::new(), Node::new());

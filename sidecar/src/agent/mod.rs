@@ -367,6 +367,7 @@ impl Agent {
             Status {
                 ports: own.map(|m| m.ports.clone()).unwrap_or_default(),
                 inbound_refused: stack.as_ref().map(|s| s.stats().inbound_refused),
+                service_flows: stack.is_none().then(|| engine.flow_stats().into()),
                 network: map.network.to_string(),
                 instance: instance.clone(),
                 ip: Some(ip),

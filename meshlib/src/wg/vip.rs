@@ -1,0 +1,220 @@
+//! Service addresses in the engine's packet loops (the driver of
+//! [`super::flows`]): packets from the interface to the service range are
+//! routed by the flow table to the peer of the instance their flow is
+//! pinned to; packets from peers with a service address as source are
+//! accepted only for flows pinned to that peer; refusals and resets are
+//! written back to the interface.
+//!
+//! Cost on the hot path: one atomic load and a mask compare per packet
+//! (is the destination in the service range?). For packets of a service
+//! flow, the table (a mutex, never held across a syscall) is asked once
+//! per run of consecutive plain packets of one flow in a batch (TCP
+//! without SYN/FIN/RST, UDP, echo); the rest of the run reuses the answer,
+//! and the run's last acknowledgment is recorded at its end. Nothing is
+//! allocated per packet.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::Ipv4Net;
+use parking_lot::Mutex;
+
+use super::flows::wire::{self, ACK, ANSWER_MAX};
+use super::flows::{FlowKey, FlowTable, Inbound, Kind, Outbound, Segment};
+use super::peer::Peer;
+use super::shared::Shared;
+
+/// A range no address falls in (network 1, mask 0).
+const NO_RANGE: u64 = 1 << 32;
+
+/// The engine's service-address state.
+pub(crate) struct Vips {
+    /// The service range as `network << 32 | mask` ([`NO_RANGE`]: none),
+    /// read on every packet.
+    range: AtomicU64,
+    /// The flow table.
+    pub table: Mutex<FlowTable>,
+    /// Packets to or from a service address the table cannot read
+    /// (later fragments, other protocols, truncated headers): dropped.
+    pub unreadable: AtomicU64,
+}
+
+impl Vips {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            range: AtomicU64::new(NO_RANGE),
+            table: Mutex::new(FlowTable::new(now)),
+            unreadable: AtomicU64::new(0),
+        }
+    }
+
+    /// Routes `range` through the flow table (`None`: nothing).
+    pub fn set_range(&self, range: Option<Ipv4Net>) {
+        let v = range.map_or(NO_RANGE, |r| {
+            (u64::from(u32::from(r.network())) << 32) | u64::from(u32::from(r.netmask()))
+        });
+        self.range.store(v, Relaxed);
+    }
+
+    /// Whether `ip` is in the service range.
+    pub fn covers(&self, ip: Ipv4Addr) -> bool {
+        let v = self.range.load(Relaxed);
+        u32::from(ip) & (v as u32) == (v >> 32) as u32
+    }
+}
+
+/// A device loop's view: the run of plain packets it is sending, and a
+/// buffer for answers to the interface.
+pub(crate) struct OutCursor {
+    run: Option<(FlowKey, Arc<Peer>)>,
+    /// The last acknowledgment of the run not yet recorded in the table.
+    ack: Option<u32>,
+    answer: Vec<Vec<u8>>,
+    off: usize,
+}
+
+impl OutCursor {
+    pub fn new(off: usize) -> Self {
+        Self {
+            run: None,
+            ack: None,
+            answer: vec![Vec::with_capacity(off + ANSWER_MAX + 64)],
+            off,
+        }
+    }
+
+    /// The peer for `packet`, whose destination is in the service range;
+    /// `None` when it is dropped or refused (the refusal written to the
+    /// interface).
+    pub fn route(&mut self, shared: &Shared, packet: &[u8]) -> Option<Arc<Peer>> {
+        let vips = &shared.vips;
+        let Some(seg) = Segment::outbound(packet) else {
+            vips.unreadable.fetch_add(1, Relaxed);
+            return None;
+        };
+        if seg.is_plain() {
+            if let Some((key, peer)) = &self.run {
+                if *key == seg.key {
+                    if let Kind::Tcp { flags, ack, .. } = seg.kind {
+                        if flags & ACK != 0 {
+                            self.ack = Some(ack);
+                        }
+                    }
+                    return Some(peer.clone());
+                }
+            }
+        }
+        self.flush(shared);
+        self.run = None;
+        let verdict = vips.table.lock().outbound(&seg, Instant::now());
+        match verdict {
+            Outbound::Forward(key) => {
+                let peer = shared.table.read().by_key(&key).map(|(_, p)| p.clone());
+                let Some(peer) = peer else {
+                    shared.counters.no_route.fetch_add(1, Relaxed);
+                    return None;
+                };
+                if seg.is_plain() {
+                    self.run = Some((seg.key, peer.clone()));
+                }
+                Some(peer)
+            }
+            Outbound::Reject => {
+                self.answer(shared, packet);
+                None
+            }
+            Outbound::Drop => None,
+        }
+    }
+
+    /// Records the run's last acknowledgment in the table.
+    fn flush(&mut self, shared: &Shared) {
+        if let (Some(ack), Some((key, _))) = (self.ack.take(), &self.run) {
+            shared
+                .vips
+                .table
+                .lock()
+                .touch(key, Some(ack), Instant::now());
+        }
+    }
+
+    /// End of a batch: the run ends (the table may change meanwhile).
+    pub fn end_batch(&mut self, shared: &Shared) {
+        self.flush(shared);
+        self.run = None;
+    }
+
+    /// Writes the refusal of `packet` to the interface.
+    fn answer(&mut self, shared: &Shared, packet: &[u8]) {
+        let off = self.off;
+        let buf = &mut self.answer[0];
+        buf.clear();
+        buf.resize(off + ANSWER_MAX, 0);
+        let Some(n) = wire::reject(packet, &mut buf[off..]) else {
+            return;
+        };
+        buf.truncate(off + n);
+        if let Err(e) = shared.device.send_batch(&mut self.answer[..1]) {
+            tracing::trace!("device write (refusal): {e}");
+        }
+    }
+}
+
+/// A receive loop's view: the run of plain packets of one flow from one
+/// peer it accepted in this batch.
+#[derive(Default)]
+pub(crate) struct InCursor {
+    run: Option<(FlowKey, Arc<Peer>)>,
+}
+
+impl InCursor {
+    /// What to do with `packet` from `peer`, whose source is in the
+    /// service range.
+    pub fn check(&mut self, shared: &Shared, peer: &Arc<Peer>, packet: &[u8]) -> Inbound {
+        let Some(seg) = Segment::inbound(packet) else {
+            shared.vips.unreadable.fetch_add(1, Relaxed);
+            return Inbound::Drop;
+        };
+        if seg.is_plain() {
+            if let Some((key, p)) = &self.run {
+                if *key == seg.key && Arc::ptr_eq(p, peer) {
+                    return Inbound::Accept;
+                }
+            }
+        }
+        let verdict = shared
+            .vips
+            .table
+            .lock()
+            .inbound(&peer.key, &seg, Instant::now());
+        self.run = (verdict == Inbound::Accept && seg.is_plain()).then(|| (seg.key, peer.clone()));
+        verdict
+    }
+
+    /// End of a batch.
+    pub fn end_batch(&mut self) {
+        self.run = None;
+    }
+}
+
+/// Writes a reset of each flow to the interface (flows whose instance
+/// left), in batches.
+pub(crate) fn write_resets(shared: &Shared, ended: &[super::flows::Ended]) {
+    let off = shared.device.headroom();
+    let mut bufs: Vec<Vec<u8>> = ended
+        .iter()
+        .map(|e| {
+            let mut b = vec![0u8; off + ANSWER_MAX];
+            let n = wire::reset(&e.key, e.seq, &mut b[off..]);
+            b.truncate(off + n);
+            b
+        })
+        .collect();
+    for chunk in bufs.chunks_mut(super::device::BATCH) {
+        if let Err(e) = shared.device.send_batch(chunk) {
+            tracing::debug!("device write (resets): {e}");
+        }
+    }
+}
