@@ -1,0 +1,1 @@
+//! Service addresses in userspace mode.
