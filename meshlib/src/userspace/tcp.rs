@@ -4,6 +4,7 @@
 
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
@@ -158,10 +159,12 @@ pub(super) fn spawn_inbound(
     });
 }
 
-/// Resets the smoltcp side of a relay dropped midway.
+/// Resets both sides of a relay dropped midway (its instance left): the
+/// smoltcp side with a RST, the local socket with a zero-linger close.
 struct Teardown<'a> {
     inner: &'a Inner,
     h: SocketHandle,
+    local: RawFd,
     armed: bool,
 }
 
@@ -169,22 +172,31 @@ impl Drop for Teardown<'_> {
     fn drop(&mut self) {
         if self.armed {
             finish(self.inner, self.h, false);
+            reset_on_close(self.local);
         }
     }
 }
 
+/// Makes the close of socket `fd` a reset (zero linger).
+///
+/// The caller keeps the socket open across the call: `fd` belongs to a
+/// stream that outlives the guard calling this (a parameter of the relay
+/// function, dropped after its locals).
+pub(super) fn reset_on_close(fd: RawFd) {
+    // SAFETY: per the contract above, `fd` is an open socket for the
+    // duration of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Moves bytes both ways until both sides closed (true), or one broke
-/// (false). The stream closes with a reset unless both sides closed
-/// cleanly, and so does the whole relay when its future is dropped.
+/// (false). Dropped midway, it resets both sides ([`Teardown`]).
 async fn relay(inner: Arc<Inner>, h: SocketHandle, mut stream: TcpStream) -> bool {
     let _ = stream.set_nodelay(true);
-    // Zero linger until a clean end: a broken or dropped relay resets the
-    // local side too instead of faking an orderly close.
-    #[allow(deprecated)]
-    let _ = stream.set_linger(Some(std::time::Duration::ZERO));
     let mut teardown = Teardown {
         inner: &inner,
         h,
+        local: stream.as_raw_fd(),
         armed: true,
     };
     let ok = match established(&inner, h).await {
@@ -197,10 +209,6 @@ async fn relay(inner: Arc<Inner>, h: SocketHandle, mut stream: TcpStream) -> boo
         Err(Broken) => false,
     };
     teardown.armed = false;
-    if ok {
-        #[allow(deprecated)]
-        let _ = stream.set_linger(None);
-    }
     finish(&inner, h, ok);
     ok
 }

@@ -14,7 +14,7 @@ use super::*;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::wg::{Engine, EngineConfig, PeerConfig};
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(super) const WAIT: Duration = Duration::from_secs(20);
 
 /// One userspace member.
 pub(crate) struct Member {
@@ -77,7 +77,7 @@ fn pair() -> (Member, Member) {
 }
 
 /// A TCP echo server on 127.0.0.1 (the instance); returns its port.
-async fn tcp_echo() -> u16 {
+pub(super) async fn tcp_echo() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -93,14 +93,14 @@ async fn tcp_echo() -> u16 {
 }
 
 /// Deterministic test data (a checksum of sorts: every byte is checked).
-fn data(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn data(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
         .collect()
 }
 
 /// Sends `payload` through `addr`, half-closes, reads the whole echo.
-async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+pub(super) async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let payload = payload.to_vec();
@@ -566,7 +566,7 @@ fn a_refused_syn_gets_a_reset_from_its_destination() {
 }
 
 /// A connected loopback socket pair.
-async fn socket_pair() -> (TcpStream, TcpStream) {
+pub(super) async fn socket_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ours = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (theirs, _) = l.accept().await.unwrap();
