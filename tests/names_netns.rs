@@ -50,9 +50,11 @@ fn every_listed_name_is_answered_by_a_sidecar() {
     let mut mesh = Mesh::new();
     let token = mesh.token();
     let (ha, hb, hc) = (mesh.host(2), mesh.host(3), mesh.host(4));
-    let a = mesh.sidecar(&ha, "api", "up", &["--token", &token]);
-    let b = mesh.sidecar(&hb, "my db", "up", &["--token", &token]);
-    let mut c = mesh.sidecar(&hc, "api", "up", &["--token", &token]);
+    // `.warp` names answer service addresses, as the listing gives them.
+    let args = ["--token", token.as_str(), "--service-addresses", "service"];
+    let a = mesh.sidecar(&ha, "api", "up", &args);
+    let b = mesh.sidecar(&hb, "my db", "up", &args);
+    let mut c = mesh.sidecar(&hc, "api", "up", &args);
     a.wait_peers(2, SETTLE);
     b.wait_peers(2, SETTLE);
     let c_status = c.wait_peers(2, SETTLE);

@@ -70,13 +70,19 @@ impl NameKind {
     }
 }
 
-/// One address a name answers, and the member that holds it.
+/// One address a name answers, and the member that holds it (or the
+/// service it belongs to, for a service address).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Answer {
     /// The A record.
     pub ip: Ipv4Addr,
-    /// The online member holding that address.
-    pub instance: InstanceName,
+    /// The online member holding that address; `None` for a service
+    /// address (balanced over the service's online instances).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceName>,
+    /// For a service address: the service whose own address it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_address: Option<String>,
 }
 
 /// One private name and its current answer.
@@ -150,9 +156,12 @@ impl NameListing {
                     answers: ips
                         .iter()
                         .filter_map(|ip| {
-                            holders.get(ip).map(|i| Answer {
+                            let instance = holders.get(ip).map(|i| (*i).clone());
+                            let service_address = online.address_of(*ip).map(|a| a.service.clone());
+                            (instance.is_some() || service_address.is_some()).then_some(Answer {
                                 ip: *ip,
-                                instance: (*i).clone(),
+                                instance,
+                                service_address,
                             })
                         })
                         .collect(),
@@ -313,11 +322,15 @@ pub fn render_names(listing: &NameListing) -> String {
                 (None, true) => "  (alias)".to_owned(),
                 (None, false) => String::new(),
             };
+            let holder = match (&a.instance, &a.service_address) {
+                (Some(i), _) => safe(i.as_str()),
+                (None, Some(_)) => "(service address)".to_owned(),
+                (None, None) => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "{label:width$}  {:15}  {}{note}",
+                "{label:width$}  {:15}  {holder}{note}",
                 a.ip.to_string(),
-                safe(a.instance.as_str())
             );
             label = "";
         }
@@ -509,9 +522,43 @@ mod tests {
             let want: Vec<Ipv4Addr> = e.answers.iter().map(|a| a.ip).collect();
             assert_eq!(index.lookup(&e.name), Lookup::Found(&want), "{}", e.name);
             for a in &e.answers {
-                assert_eq!(online.by_instance(&a.instance).unwrap().ip, a.ip);
+                let i = a.instance.as_ref().unwrap();
+                assert_eq!(online.by_instance(i).unwrap().ip, a.ip);
             }
         }
+    }
+
+    /// A service with its own address: its `.warp` name answers that
+    /// address, listed as the service's, not a member's; the seed-003 and
+    /// instance names keep answering members.
+    #[test]
+    fn service_addresses_are_listed_as_such() {
+        let mut map = map();
+        let vip = Ipv4Addr::new(10, 240, 4, 1);
+        map.addresses.insert(
+            "api".into(),
+            meshlib::netmap::ServiceAddress {
+                service: "api".into(),
+                ip: vip,
+                wake_timeout_secs: None,
+            },
+        );
+        let l = NameListing::of(&map);
+        let warp = entry(&l, "api.warp.");
+        assert_eq!(
+            warp.answers,
+            [Answer {
+                ip: vip,
+                instance: None,
+                service_address: Some("api".into()),
+            }]
+        );
+        let web1 = entry(&l, "api-web-1.internal.");
+        assert_eq!(
+            web1.answers[0].instance.as_ref().unwrap().as_str(),
+            "api-web-1"
+        );
+        assert!(render_names(&l).contains("(service address)"));
     }
 
     #[test]

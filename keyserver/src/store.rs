@@ -593,6 +593,8 @@ pub mod legacy {
                 generation: v.generation,
                 created: v.created,
                 expire_after: None,
+                service_range: None,
+                addresses: Default::default(),
             })
         }
     }

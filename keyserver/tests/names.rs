@@ -125,8 +125,27 @@ async fn names_and_members_answer_what_members_resolve() {
             w.instance
         );
     }
-    assert_eq!(got["api.warp."], webs);
-    assert_eq!(got["my-db.warp."], [ip(&db)]);
+    // A service's `.warp` name answers its own address (its VIP), listed
+    // as the service's; the members' map carries the same address.
+    let vip = |service: &str| {
+        net["addresses"][service]["ip"]
+            .as_str()
+            .unwrap()
+            .parse::<Ipv4Addr>()
+            .unwrap()
+    };
+    assert_eq!(got["api.warp."], [vip("api")]);
+    assert_eq!(got["my-db.warp."], [vip("my db")]);
+    assert_eq!(web1.map().addresses["api"].ip, vip("api"));
+    let warp = listing["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "api.warp.")
+        .unwrap();
+    assert_eq!(warp["answers"][0]["service_address"], "api");
+    assert!(warp["answers"][0].get("instance").is_none());
+    assert!(!webs.contains(&vip("api")));
     // Aliases (the service's label, the network's name) are listed, marked.
     let alias = listing["names"]
         .as_array()
@@ -363,6 +382,7 @@ async fn the_cli_prints_names_and_members() {
     assert!(l1.contains(&ips[0].to_string()) && l2.contains(&ips[1].to_string()));
     assert!(l2.starts_with(' '), "{l2}");
     assert!(line_of("api.warp.").contains("(service api)"));
+    assert!(line_of("api.warp.").contains("(service address)"));
 
     let (ok, json_out, err) = cli(&["network", "names", net, "--json"]);
     assert!(ok, "{err}");

@@ -11,7 +11,9 @@
 //!   answers a live member whenever one exists, also while a lower index
 //!   waits for an offline member to come back (the keyserver's numbering
 //!   rule keeps the indexes of live members at 1..N otherwise);
-//! - `<encoded-service>.warp.` and override hostnames — the service's members (seed 004).
+//! - `<encoded-service>.warp.` and override hostnames — the service's address
+//!   when the map has one (its VIP, balanced per flow by the data plane),
+//!   else its primary members (seed 004).
 //!
 //! [`InternalName`] parses and prints the first four; [`InternalName::resolve`]
 //! answers one against a [`NetworkMap`]. [`NameIndex`] precomputes every name
@@ -284,10 +286,7 @@ impl NameIndex {
             }
         }
         for entry in &ist.entries {
-            let ips: Vec<Ipv4Addr> = primary_members(map, &entry.service)
-                .iter()
-                .map(|m| m.ip)
-                .collect();
+            let ips = map.service_answer(&entry.service);
             for host in &entry.hostnames {
                 for ip in &ips {
                     index.add(normalize(host), *ip);

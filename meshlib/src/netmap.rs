@@ -325,12 +325,33 @@ impl NetworkMap {
         out
     }
 
-    /// The distinct service names of the network, sorted.
+    /// The distinct service names of the network, sorted: those of its
+    /// members and those with a service address (a service at zero
+    /// instances keeps its names and variables).
     pub fn services(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = self.members.values().map(|m| m.service.as_str()).collect();
+        let mut out: Vec<&str> = self
+            .members
+            .values()
+            .map(|m| m.service.as_str())
+            .chain(self.addresses.keys().map(String::as_str))
+            .collect();
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// What a service's names (`<service>.warp`, override hostnames) and
+    /// variables (`WARP_IST_*`) answer: its service address when the map
+    /// has one, else the addresses of its primary members
+    /// ([`crate::names::primary_members`]); empty for neither.
+    pub fn service_answer(&self, service: &str) -> Vec<Ipv4Addr> {
+        match self.addresses.get(service) {
+            Some(a) => vec![a.ip],
+            None => crate::names::primary_members(self, service)
+                .iter()
+                .map(|m| m.ip)
+                .collect(),
+        }
     }
 }
 

@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// restarts); say false when the state directory survives restarts.
     #[arg(long, env = "ISTM_EPHEMERAL", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ephemeral: Option<bool>,
+    /// What service names and variables give: auto, service (the
+    /// service's own address) or members (its first instance's).
+    #[arg(long, env = "ISTM_SERVICE_ADDRESSES")]
+    pub service_addresses: Option<crate::config::ServiceAddresses>,
     /// Runner (host) label (default: the hostname).
     #[arg(long, env = "ISTM_RUNNER")]
     pub runner: Option<String>,
@@ -197,6 +201,9 @@ impl UpArgs {
         }
         if self.ephemeral.is_some() {
             c.ephemeral = self.ephemeral;
+        }
+        if let Some(s) = self.service_addresses {
+            c.service_addresses = s;
         }
         c.discover_ports |= self.discover_ports;
         c.dns.enabled &= !self.no_dns;

@@ -63,6 +63,52 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// What a service's names and variables (`<service>.warp`, override
+/// hostnames, `WARP_IST_*`) give.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceAddresses {
+    /// The service's own address where this sidecar's data plane balances
+    /// it (see [`ServiceAddresses::resolve`]), else its members.
+    #[default]
+    Auto,
+    /// The service's own address (its VIP): every new flow goes to one
+    /// online instance; stays valid through restarts and scale-to-zero.
+    Service,
+    /// The way back: the address of the service's first instance, as
+    /// before service addresses (a platform that balances itself).
+    Members,
+}
+
+impl ServiceAddresses {
+    /// Whether service addresses are given, in `mode`. `Auto` gives them
+    /// where the data plane balances them: not yet in either mode (the
+    /// per-flow balancing lands in steps; `service` asks for them anyway).
+    pub fn resolve(self, mode: Mode) -> bool {
+        match self {
+            Self::Service => true,
+            Self::Members => false,
+            Self::Auto => match mode {
+                Mode::Kernel | Mode::Userspace => false,
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for ServiceAddresses {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "service" => Ok(Self::Service),
+            "members" => Ok(Self::Members),
+            other => Err(format!(
+                "unknown service-addresses {other:?} (auto, service or members)"
+            )),
+        }
+    }
+}
+
 /// DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -207,6 +253,12 @@ pub struct Config {
     /// being a peer). Needs `instance`. Default false: an online slot is
     /// refused.
     pub replace: bool,
+    /// What `<service>.warp`, override hostnames and `WARP_IST_*` give:
+    /// `service` (the service's own address, balanced per flow over its
+    /// online instances), `members` (the way back: its first instance's
+    /// address) or `auto` (the default: `service` where this mode's data
+    /// plane balances service addresses).
+    pub service_addresses: ServiceAddresses,
 }
 
 impl Default for Config {
@@ -241,6 +293,7 @@ impl Default for Config {
             publish: Vec::new(),
             ephemeral: None,
             replace: false,
+            service_addresses: ServiceAddresses::Auto,
         }
     }
 }

@@ -52,12 +52,29 @@ pub struct ApplyReport {
 /// loopback address the sidecar listens on for it).
 pub type AddressMap = Arc<dyn Fn(&Member) -> Ipv4Addr + Send + Sync>;
 
+/// Which address the outputs give for a service address (userspace mode:
+/// the loopback address the sidecar listens on for it).
+pub type ServiceAddressMap = Arc<dyn Fn(Ipv4Addr) -> Ipv4Addr + Send + Sync>;
+
+/// How the outputs give service addresses.
+#[derive(Clone, Default)]
+pub enum ServiceView {
+    /// Not at all: services answer their members (the way back).
+    #[default]
+    Members,
+    /// As the map has them (kernel mode).
+    Direct,
+    /// Through this map (userspace mode: the loopback standing for it).
+    Mapped(ServiceAddressMap),
+}
+
 /// The outputs of one member.
 pub struct Outputs {
     config: OutputConfig,
     names: watch::Sender<Arc<NameIndex>>,
     table: IstTable,
     address_map: Option<AddressMap>,
+    services: ServiceView,
 }
 
 impl Outputs {
@@ -68,7 +85,13 @@ impl Outputs {
             names,
             table: IstTable::default(),
             address_map: None,
+            services: ServiceView::Members,
         }
+    }
+
+    /// Sets how service addresses are given; takes effect at the next apply.
+    pub fn set_service_view(&mut self, view: ServiceView) {
+        self.services = view;
     }
 
     /// Makes hosts, env and DNS give `f(member)` in place of each member's
@@ -77,18 +100,29 @@ impl Outputs {
         self.address_map = Some(f);
     }
 
-    /// `map` with the address map applied to its members.
+    /// `map` with the address maps applied to its members and service
+    /// addresses (or the service addresses taken out).
     fn view<'m>(&self, map: &'m NetworkMap) -> Cow<'m, NetworkMap> {
-        match &self.address_map {
-            None => Cow::Borrowed(map),
-            Some(f) => {
-                let mut m = map.clone();
-                for member in m.members.values_mut() {
-                    member.ip = f(member);
-                }
-                Cow::Owned(m)
+        let plain = matches!(self.services, ServiceView::Direct) || map.addresses.is_empty();
+        if self.address_map.is_none() && plain {
+            return Cow::Borrowed(map);
+        }
+        let mut m = map.clone();
+        if let Some(f) = &self.address_map {
+            for member in m.members.values_mut() {
+                member.ip = f(member);
             }
         }
+        match &self.services {
+            ServiceView::Members => m.addresses.clear(),
+            ServiceView::Direct => {}
+            ServiceView::Mapped(f) => {
+                for a in m.addresses.values_mut() {
+                    a.ip = f(a.ip);
+                }
+            }
+        }
+        Cow::Owned(m)
     }
 
     /// The current IST table (for `sidecar run` and status).

@@ -206,8 +206,22 @@ impl SimMember {
     }
 
     /// What a name resolves to for this member (its private DNS and hosts
-    /// file answer from the online members only).
+    /// file answer from the online members only), as a sidecar whose
+    /// `.warp` names give members (`service-addresses = members`, today's
+    /// default); [`SimMember::resolve_service`] gives service addresses.
     pub fn resolve(&self, name: &str) -> Vec<Ipv4Addr> {
+        let mut online = self.map().online();
+        online.addresses.clear();
+        let ist = IstTable::build(online.services(), &Overrides::default());
+        match NameIndex::build(&online, &ist).lookup(name) {
+            Lookup::Found(ips) => ips.to_vec(),
+            _ => vec![],
+        }
+    }
+
+    /// What a name resolves to for this member when `.warp` names give
+    /// service addresses (`service-addresses = service`).
+    pub fn resolve_service(&self, name: &str) -> Vec<Ipv4Addr> {
         let online = self.map().online();
         let ist = IstTable::build(online.services(), &Overrides::default());
         match NameIndex::build(&online, &ist).lookup(name) {

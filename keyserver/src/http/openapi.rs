@@ -102,7 +102,7 @@ fn schemas() -> Value {
     let network_id = json!({"type": "string", "pattern": "^pn-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
         "description": "`pn-` followed by a UUID (lowercase, hyphenated)"});
     let label = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "maxLength": 63});
-    json!({
+    let mut schemas = json!({
         "Error": {"type": "object", "properties": {"error": {"type": "string", "description": "what went wrong"},
             "rule": {"type": "string", "description": "service-group routes only: the seed-002 rule broken: `port-80-requires-http`, `port-80-forbids-tls`, `port-443-requires-http`, `port-443-requires-tls`, `redirect-only-on-port-80`, `other-ports-require-tls`, `other-ports-forbid-http`, `udp-takes-no-handlers`, `udp-requires-ip`, `udp-port-taken`, `port-range`, `port-twice`, `protocol`, `handler-name`, `handler-twice`, `ip`, `no-ports`, `too-many-ports`, `limit-range`, `soft-above-hard`, `wake`, `wake-timeout`, `name`, `fqdn`"},
             "port": {"type": "integer", "format": "int64", "description": "service-group routes only: the published port the rule is about, when it is about one"}},
@@ -115,6 +115,8 @@ fn schemas() -> Value {
             "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "network-map generation"},
             "created": unix_seconds("creation time"),
             "expire_after": expire_after(),
+            "service_range": {"type": ["string", "null"], "format": "cidr", "description": "where service addresses come from; null: the default, the block of the same size after `range` (`10.240.4.0/22` for `10.240.0.0/22`)"},
+            "addresses": {"type": "object", "additionalProperties": schema_ref("ServiceAddress"), "description": "every service's own address (its VIP), by service name: what `<service>.warp` and `WARP_IST_*` give; kept while the network exists"},
             "members": {"type": "integer", "format": "int64", "minimum": 0}}},
         "NewNetwork": {"type": "object", "required": ["id", "name", "range", "generation", "created"], "properties": {
             "id": schema_ref("NetworkId"),
@@ -122,7 +124,9 @@ fn schemas() -> Value {
             "range": {"type": "string", "format": "cidr"},
             "generation": {"type": "integer", "format": "int64", "minimum": 0},
             "created": unix_seconds("creation time"),
-            "expire_after": expire_after()}},
+            "expire_after": expire_after(),
+            "service_range": {"type": ["string", "null"], "format": "cidr"},
+            "addresses": {"type": "object", "additionalProperties": schema_ref("ServiceAddress")}}},
         "Member": {"type": "object", "required": ["public_key", "ip", "endpoints", "service", "app_id", "process_type", "index", "instance", "runner", "ports", "state", "joined", "last_seen"], "properties": {
             "public_key": {"type": "string", "format": "byte", "description": "WireGuard public key, base64 (44 characters)"},
             "ip": {"type": "string", "format": "ipv4"},
@@ -146,8 +150,9 @@ fn schemas() -> Value {
             "alias": {"type": "boolean", "description": "a seed-003 name spelled with the service's `.warp` label for the app id or the network's name for its id (the sidecars serve both spellings)"},
             "service": {"type": "string", "description": "`.warp` names only: the service named"},
             "answers": {"type": "array", "description": "the A records members' DNS answers now (private addresses; a userspace-mode sidecar answers its own loopback stand-ins for them)",
-                "items": {"type": "object", "required": ["ip", "instance"], "properties": {
-                    "ip": {"type": "string", "format": "ipv4"}, "instance": {"type": "string", "description": "the online member holding the address"}}}}}},
+                "items": {"type": "object", "required": ["ip"], "properties": {
+                    "ip": {"type": "string", "format": "ipv4"}, "instance": {"type": "string", "description": "the online member holding the address (absent for a service address)"},
+                    "service_address": {"type": "string", "description": "for a service address: the service whose own address it is"}}}}}},
         "NameListing": {"type": "object", "required": ["network", "name", "generation", "names", "warnings"], "properties": {
             "network": schema_ref("NetworkId"),
             "name": {"type": "string", "description": "the network's name"},
@@ -208,7 +213,14 @@ fn schemas() -> Value {
             "wake": {"type": ["object", "null"], "oneOf": [{"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}}, {"type": "object", "properties": {"url": {"type": "string"}}}, {"type": "null"}]},
             "wake_timeout_secs": {"type": "integer", "format": "int32"},
             "created": unix_seconds("creation time")}}
-    })
+    });
+    // A macro call of its own: one more in the literal above passes
+    // serde_json's recursion limit.
+    schemas["ServiceAddress"] = json!({"type": "object", "required": ["service", "ip"], "properties": {
+        "service": {"type": "string"},
+        "ip": {"type": "string", "format": "ipv4"},
+        "wake_timeout_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535, "description": "scale to zero: how long a new flow is held while the service is woken; null: not wakeable"}}});
+    schemas
 }
 
 /// The responses of a service-group operation: like [`responses`], with

@@ -331,6 +331,8 @@ impl Registry {
             generation: 0,
             created: unix(now),
             expire_after: None,
+            service_range: meshlib::netmap::default_service_range(range),
+            addresses: Default::default(),
         };
         let net = Network::new(rec.clone(), self.quarantine)
             .map_err(|e| AdminError::BadRange(e.to_string()))?;

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use meshlib::ids::{AppId, InstanceName, ProcessType};
 use meshlib::ipam::{Allocator, IpamError};
 use meshlib::keys::PublicKey;
@@ -30,6 +31,8 @@ pub(super) struct Network {
     /// answer can misdirect. Memory only: after a restart, or on another
     /// replica, the slot simply gets a fresh address.
     pub(super) released: HashMap<InstanceName, FreedSlot>,
+    /// Service addresses in use (`None`: the network has no service range).
+    pub(super) vips: Option<Allocator>,
 }
 
 /// What a freed slot had (see [`Network::released`]).
@@ -43,7 +46,7 @@ pub(super) struct FreedSlot {
 
 impl Network {
     pub(super) fn new(rec: NetworkRecord, quarantine: Duration) -> Result<Self, IpamError> {
-        Ok(Self {
+        let mut net = Self {
             alloc: Allocator::new(rec.range, quarantine)?,
             rec,
             members: BTreeMap::new(),
@@ -52,7 +55,54 @@ impl Network {
             services: BTreeMap::new(),
             catalog: Default::default(),
             released: HashMap::new(),
-        })
+            vips: None,
+        };
+        net.sync_addresses(quarantine);
+        Ok(net)
+    }
+
+    /// The network's service range in force.
+    pub(super) fn service_range(&self) -> Option<Ipv4Net> {
+        self.rec
+            .service_range
+            .or_else(|| meshlib::netmap::default_service_range(self.rec.range))
+    }
+
+    /// Rebuilds the service-address allocator from the record (at load,
+    /// and when a replica follows another's write of it).
+    pub(super) fn sync_addresses(&mut self, quarantine: Duration) {
+        self.vips = self
+            .service_range()
+            .and_then(|r| Allocator::new(r, quarantine).ok())
+            .map(|mut a| {
+                for addr in self.rec.addresses.values() {
+                    let _ = a.reserve(addr.ip);
+                }
+                a
+            });
+    }
+
+    /// Gives `service` its own address if it has none (and the service
+    /// range has room): the change to push with the join. A full range
+    /// leaves the service without one (its names give its members).
+    pub(super) fn ensure_address(
+        &mut self,
+        service: &str,
+        now: std::time::SystemTime,
+    ) -> Option<MapChange> {
+        if self.rec.addresses.contains_key(service) {
+            return None;
+        }
+        let ip = self.vips.as_mut()?.allocate(now).ok()?;
+        let address = meshlib::netmap::ServiceAddress {
+            service: service.to_owned(),
+            ip,
+            wake_timeout_secs: None,
+        };
+        self.rec
+            .addresses
+            .insert(service.to_owned(), address.clone());
+        Some(MapChange::AddressUpsert(address))
     }
 
     pub(super) fn snapshot(&self) -> NetworkMap {
@@ -68,6 +118,8 @@ impl Network {
             .iter()
             .map(|(n, r)| (n.clone(), r.group.clone()))
             .collect();
+        map.service_range = self.service_range();
+        map.addresses = self.rec.addresses.clone();
         map
     }
 

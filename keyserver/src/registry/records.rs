@@ -32,6 +32,16 @@ pub struct NetworkRecord {
     /// index and name are released); `None`: the keyserver's default.
     #[serde(default)]
     pub expire_after: Option<u64>,
+    /// The range service addresses come from; `None`: the default (the
+    /// block of the same size after `range`,
+    /// [`meshlib::netmap::default_service_range`]).
+    #[serde(default)]
+    pub service_range: Option<Ipv4Net>,
+    /// Every service's own address, by service name: allocated at the
+    /// service's first join and kept while the network exists (also at
+    /// zero instances).
+    #[serde(default)]
+    pub addresses: std::collections::BTreeMap<String, meshlib::netmap::ServiceAddress>,
 }
 
 /// A stored join token (never the secret: only its SHA-256).

@@ -106,6 +106,7 @@ impl Registry {
                         self.names.insert(rec.name.clone(), rec.id);
                     }
                     net.rec = rec.clone();
+                    net.sync_addresses(self.quarantine);
                 } else {
                     let net = Network::new(rec.clone(), self.quarantine)
                         .map_err(|e| format!("network {}: {e}", rec.id))?;

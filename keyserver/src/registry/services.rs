@@ -586,11 +586,13 @@ mod tests {
             r.publish = vec![publish];
         })
         .unwrap();
+        let changes = &j.changes.last().unwrap().delta.changes;
         assert_eq!(
-            j.changes.last().unwrap().delta.changes.len(),
-            3,
-            "member, attach, owned group in one delta"
+            changes.len(),
+            4,
+            "member, the service's new address, attach, owned group in one delta"
         );
+        assert!(matches!(&changes[1], MapChange::AddressUpsert(a) if a.service == "web"));
         let groups = reg.services(net);
         assert_eq!(groups.len(), 2);
         let owned = groups.iter().find(|r| !r.group.persistent()).unwrap();

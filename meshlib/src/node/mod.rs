@@ -591,9 +591,12 @@ impl Node {
 
     /// The addresses a private name has now: `<instance>.internal`,
     /// `<service>.warp` and the seed-003 `….private-network.internal`
-    /// names, online members only. Empty: no such name.
+    /// names, online members only. Empty: no such name. A `.warp` name
+    /// gives the service's members here, not its service address: a
+    /// [`Node::dial`] by name goes straight to one of them.
     pub fn resolve(&self, name: &str) -> Vec<Ipv4Addr> {
-        let online = self.shared.map.borrow().online();
+        let mut online = self.shared.map.borrow().online();
+        online.addresses.clear();
         let ist = IstTable::build(online.services(), &Overrides::default());
         match NameIndex::build(&online, &ist).lookup(name) {
             Lookup::Found(ips) => ips.to_vec(),

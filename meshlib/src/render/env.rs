@@ -15,18 +15,18 @@
 use std::fmt::Write as _;
 
 use crate::ist::table::IstTable;
-use crate::names::primary_members;
 use crate::netmap::NetworkMap;
 
 /// The IST variables of a network: every variable of every service in `ist`
-/// (overrides and conflicts applied), set to the address of the service's
-/// first primary member. Services without members get no variables. Sorted
-/// by variable name.
+/// (overrides and conflicts applied), set to the service's answer
+/// ([`NetworkMap::service_answer`]: its service address, else its first
+/// primary member). Services with neither get no variables. Sorted by
+/// variable name.
 pub fn ist_variables(map: &NetworkMap, ist: &IstTable) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = ist
         .entries
         .iter()
-        .filter_map(|e| Some((e, primary_members(map, &e.service).first()?.ip)))
+        .filter_map(|e| Some((e, *map.service_answer(&e.service).first()?)))
         .flat_map(|(e, ip)| e.variables.iter().map(move |v| (v.clone(), ip.to_string())))
         .collect();
     out.sort();

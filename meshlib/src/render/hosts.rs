@@ -21,7 +21,6 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::ist::table::IstTable;
-use crate::names::primary_members;
 use crate::netmap::NetworkMap;
 
 /// Why a hosts file's managed section cannot be found unambiguously. The file
@@ -78,14 +77,15 @@ pub fn render_section(tag: &str, entries: &[(IpAddr, Vec<String>)]) -> String {
 
 /// The hosts lines of a network: for every member its `<instance>.internal`,
 /// and for every service its IST hostnames (from `ist`, overrides and
-/// conflicts applied) on each of its primary members. One entry per address,
+/// conflicts applied) on its answer ([`NetworkMap::service_answer`]: its
+/// service address, else each of its primary members). One entry per address,
 /// sorted by address; names in a stable order (IST names first).
 pub fn map_entries(map: &NetworkMap, ist: &IstTable) -> Vec<(IpAddr, Vec<String>)> {
     let mut by_ip: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for e in &ist.entries {
-        for m in primary_members(map, &e.service) {
+        for ip in map.service_answer(&e.service) {
             by_ip
-                .entry(m.ip.into())
+                .entry(ip.into())
                 .or_default()
                 .extend(e.hostnames.iter().cloned());
         }

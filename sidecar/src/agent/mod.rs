@@ -204,6 +204,15 @@ impl Agent {
         {
             let mut a = applier.lock();
             a.own_ip = Some(node.ip());
+            if config.service_addresses.resolve(config.mode) {
+                let octet = config.loopback_octet;
+                a.outputs.set_service_view(match config.mode {
+                    Mode::Kernel => crate::outputs::ServiceView::Direct,
+                    Mode::Userspace => crate::outputs::ServiceView::Mapped(Arc::new(move |ip| {
+                        meshlib::userspace::ports::loopback_in(octet, std::net::IpAddr::V4(ip))
+                    })),
+                });
+            }
             if let Some(stack) = node.stack() {
                 a.outputs.set_address_map(crate::userspace::address_map(
                     node.ip(),
