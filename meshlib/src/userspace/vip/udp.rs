@@ -82,6 +82,9 @@ async fn open(
     if flows.lock().len() >= shared.cfg.max_udp_flows {
         return false;
     }
+    // A datagram never waits (no instance: dropped).
+    // TODO(scale-to-zero, issue 19 item 5): ask for a wake here too, and
+    // hold the first datagrams of a flow within a bound.
     let Choice::Go(b) = balancer.choose(false, Instant::now()) else {
         return false;
     };
