@@ -10,6 +10,15 @@
 //! serves (its own entry of the map, i.e. what its peers were told), on
 //! `service-address` (`127.0.0.1` by default); the stack refuses and counts
 //! the rest.
+//!
+//! Every service address of the map ([`meshlib::netmap::ServiceAddress`])
+//! gets listeners too, on `127.<octet>.<c>.<d>` of the address
+//! ([`service_address_map`]), for every port its instances announce; each
+//! new connection (or UDP sender) goes to one instance, chosen and kept as
+//! [`meshlib::userspace::vip`] documents (the one policy,
+//! [`meshlib::balance::Pool`]; refused or silent instances skipped without
+//! the client noticing). The member listeners stay: they back
+//! `<instance>.internal` and the seed-003 names.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,6 +26,7 @@ use std::sync::Arc;
 
 use meshlib::netmap::NetworkMap;
 use meshlib::userspace::ports::loopback_in;
+use meshlib::userspace::vip::{ServicePlane, VipConfig};
 use meshlib::userspace::Stack;
 use meshlib::wg::uapi_server::{self, UapiServerError};
 use meshlib::wg::{Engine, UapiServer};
@@ -62,6 +72,18 @@ pub fn address_map(own: Ipv4Addr, octet: u8) -> AddressMap {
     })
 }
 
+/// The loopback address standing for a service address in userspace mode:
+/// `127.<octet>.<c>.<d>` of the service address `10.x.<c>.<d>`, where the
+/// sidecar's service listeners balance over the service's instances. Pure
+/// and deterministic, like [`address_map`], so hosts, env and DNS agree
+/// with the listeners without a table. Service addresses come from the
+/// block after the network's range, so for networks of a /17 or smaller
+/// (the default /22: members on `127.<octet>.0-3.x`, service addresses on
+/// `127.<octet>.4-7.x`) they never meet a member's loopback address.
+pub fn service_address_map(octet: u8) -> impl Fn(Ipv4Addr) -> Ipv4Addr + Send + Sync + Clone {
+    move |service_ip| loopback_in(octet, IpAddr::V4(service_ip))
+}
+
 /// Starts the UAPI server at the standard path
 /// (`/var/run/wireguard/<interface>.sock`, where `wg` looks), or, when that
 /// directory is not writable (no privileges), at
@@ -82,18 +104,22 @@ pub fn start_uapi(engine: Arc<Engine>, config: &Config) -> Result<UapiServer, Ua
 }
 
 /// The loopback listeners of userspace mode: one per remote member and
-/// port, relayed into the stack.
+/// port, relayed into the stack, and the service addresses' balancing
+/// listeners.
 pub struct UserspacePlane {
     stack: Arc<Stack>,
     /// The second octet of the loopback addresses (`127.<octet>.c.d`).
     octet: u8,
     running: HashMap<Forward, Vec<JoinHandle<()>>>,
+    /// The service addresses' listeners.
+    services: ServicePlane,
 }
 
 impl UserspacePlane {
     /// Listeners relaying into `stack`.
     pub fn new(stack: Arc<Stack>, octet: u8) -> Self {
         Self {
+            services: ServicePlane::new(stack.clone(), VipConfig::new(octet)),
             stack,
             octet,
             running: HashMap::new(),
@@ -105,9 +131,16 @@ impl UserspacePlane {
         self.stack.clone()
     }
 
+    /// The service addresses' listeners (for a wake hook, status).
+    pub fn services(&self) -> &ServicePlane {
+        &self.services
+    }
+
     /// Starts and stops loopback listeners to match `map` (its online
-    /// members but `own`). The node opens the served ports to the tunnel.
+    /// members but `own`, and its service addresses). The node opens the
+    /// served ports to the tunnel.
     pub fn apply(&mut self, map: &NetworkMap, own: Ipv4Addr) {
+        self.services.apply(map, own);
         let desired = desired_forwards(&map.online(), own, self.octet);
         self.running.retain(|f, tasks| {
             let keep = desired.contains(f);
@@ -159,11 +192,13 @@ impl UserspacePlane {
         tasks
     }
 
-    /// Stops every listener.
+    /// Stops every listener (and ends the service addresses' relayed
+    /// connections).
     pub fn stop(&mut self) {
         for (_, tasks) in self.running.drain() {
             tasks.iter().for_each(JoinHandle::abort);
         }
+        self.services.stop();
     }
 }
 
@@ -223,6 +258,16 @@ mod tests {
         let f = address_map(me.ip, 77);
         assert_eq!(f(&me), Ipv4Addr::LOCALHOST);
         assert_eq!(f(&a), Ipv4Addr::new(127, 77, 1, 2));
+        // Service addresses (the block after the /22) never meet members'.
+        let s = service_address_map(77);
+        assert_eq!(
+            s(Ipv4Addr::new(10, 240, 4, 1)),
+            Ipv4Addr::new(127, 77, 4, 1)
+        );
+        assert_eq!(
+            s(Ipv4Addr::new(10, 240, 7, 9)),
+            Ipv4Addr::new(127, 77, 7, 9)
+        );
 
         // The outputs give the mapped addresses (DNS index and variables).
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(meshlib::names::NameIndex::default()));

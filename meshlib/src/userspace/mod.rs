@@ -11,27 +11,35 @@
 //!   ports the instance serves ([`Stack::set_inbound_ports`]; it looks at
 //!   connection openings before smoltcp does and opens a listening socket
 //!   for them), relaying them to the instance on
-//!   `<inbound_host>:<port>` (`127.0.0.1` by default). An opening to any
-//!   other port is refused (TCP: reset; UDP: port unreachable) and counted
-//!   ([`StackStats::inbound_refused`]): the host's other loopback services
-//!   are never reachable from the tunnel.
+//!   `<inbound_host>:<port>` (`127.0.0.1` by default). A TCP opening is
+//!   answered only once the instance accepted the local connection: a SYN
+//!   to a port nothing listens on gets a reset, as from a kernel, so a
+//!   dialer tells "refused" from "connected" ([`Stack::open_tcp`]). An
+//!   opening to any other port is refused (TCP: reset; UDP: dropped) and
+//!   counted ([`StackStats::inbound_refused`]): the host's other loopback
+//!   services are never reachable from the tunnel.
 //! - `tcp` / `udp` — the relays between tokio sockets and smoltcp sockets,
 //!   woken by smoltcp's socket wakers (no polling, no channels per packet).
 //! - [`ports`] — pure helpers: the loopback address standing for a remote
 //!   member, and the listening ports of the instance read from
 //!   `/proc/net/tcp`.
+//! - [`vip`] — service addresses: loopback listeners that balance each new
+//!   connection (or UDP flow) over a service's instances with
+//!   [`crate::balance::Pool`].
 //!
 //! ## Call order
 //! [`Stack::start`] (inside a tokio runtime) gives the stack and its device;
 //! start the engine on the device; [`Stack::set_inbound_ports`] whenever
 //! the served ports change (or [`StackConfig::inbound_ports`] at start);
 //! then [`Stack::forward_tcp`] / [`Stack::forward_udp`] for each remote
-//! service.
+//! member's port, and [`vip::ServicePlane::apply`] with each map for the
+//! service addresses.
 
 pub mod ports;
 pub mod queue;
 mod tcp;
 mod udp;
+pub mod vip;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -51,6 +59,7 @@ use smoltcp::wire::{
 
 pub use queue::StackDevice;
 use queue::{Phy, Queues};
+pub use tcp::{DialError, TunnelStream};
 
 /// Why the stack could not start.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +144,27 @@ const CLOSE_GRACE: Duration = Duration::from_secs(30);
 const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// Inbound packets handled per poll round.
 const RX_ROUND: usize = 256;
+/// TCP openings waiting for the instance's answer at most; more SYNs are
+/// dropped (their peers repeat them).
+const MAX_PENDING: usize = 1024;
+/// How long an opening's outcome is kept for its replayed SYN (or a repeat
+/// of it, should the replay be lost).
+const PENDING_TTL: Duration = Duration::from_secs(10);
+/// How long the stack waits for the instance to accept a local connection
+/// before it refuses the opening.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TCP opening from the tunnel while the instance is asked first.
+pub(crate) enum Pending {
+    /// The local connection is being opened; repeats of the SYN are
+    /// dropped.
+    Connecting,
+    /// The instance accepted: the SYN (replayed) opens a listener, and the
+    /// connection it accepts is relayed to this stream.
+    Ready(tokio::net::TcpStream),
+    /// The instance refused: the SYN (replayed) is answered with a reset.
+    Refused,
+}
 
 /// The smoltcp side, under one lock.
 pub(crate) struct Net {
@@ -148,6 +178,8 @@ pub(crate) struct Net {
     closing: Vec<(SocketHandle, Instant)>,
     /// The ports inbound openings may reach.
     inbound_ports: BTreeSet<u16>,
+    /// TCP openings asked of the instance, by (port, peer), with when.
+    pending: HashMap<(u16, SocketAddr), (Pending, Instant)>,
     next_port: u16,
 }
 
@@ -271,6 +303,7 @@ impl Stack {
                 udp_ports: HashMap::new(),
                 closing: Vec::new(),
                 inbound_ports: cfg.inbound_ports.clone(),
+                pending: HashMap::new(),
                 next_port,
             }),
             queues: queues.clone(),
@@ -361,6 +394,19 @@ impl Stack {
         let (theirs, _) = relay.accept().await?;
         self.connect_tcp(theirs, dst);
         Ok(ours)
+    }
+
+    /// Opens a TCP connection to `dst` (an overlay address) through the
+    /// tunnel and waits for the handshake, at most `timeout`: a peer whose
+    /// port is closed answers with a reset ([`DialError::Refused`]), one
+    /// that is gone does not answer ([`DialError::TimedOut`]). Relay a
+    /// local stream over the result with [`TunnelStream::relay`].
+    pub async fn open_tcp(
+        &self,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TunnelStream, DialError> {
+        tcp::open(&self.inner, dst, timeout).await
     }
 
     /// Accepts connections on `listener` and relays each one to `dst`.
@@ -488,32 +534,10 @@ fn stack_loop(inner: Arc<Inner>) {
         let delay = {
             let mut net = inner.net.lock();
             seen.clear();
-            let me = inner.cfg.address;
-            let budget = inner.queues.scan_inbound(RX_ROUND, |p| {
-                let o = opening(p, me);
-                if verdict(o, &net.inbound_ports) == Verdict::Refuse {
-                    inner.inbound_refused.fetch_add(1, Relaxed);
-                    // TCP: no listener, smoltcp resets. UDP: a socket may
-                    // still be bound from before the port was taken away.
-                    return matches!(o, Some(Opening::Tcp(..)))
-                        || !o.is_some_and(|o| net.udp_ports.contains_key(&o.port()));
-                }
-                match o {
-                    Some(Opening::Tcp(port, from)) if has_connection(&net, port, from) => {
-                        // A repeated SYN of a connection being opened: an idle
-                        // listener earlier in the socket set would take it and
-                        // open a second socket for the same peer. Dropped when
-                        // such a listener exists; the socket repeats its SYN-ACK
-                        // on its own.
-                        net.listeners.get(&port).is_none_or(Vec::is_empty)
-                    }
-                    Some(o) => {
-                        seen.push(o);
-                        true
-                    }
-                    None => true,
-                }
-            });
+            let n = &mut *net;
+            let budget = inner
+                .queues
+                .scan_inbound(RX_ROUND, |p| admit_inbound(&inner, n, &mut seen, p));
             open_for(&inner, &mut net, &seen);
             let now = inner.now();
             let mut phy = Phy {
@@ -536,6 +560,160 @@ fn stack_loop(inner: Arc<Inner>) {
         if !sleep.is_zero() {
             inner.queues.kick.wait(sleep);
         }
+    }
+}
+
+/// The inbound filter, per packet before smoltcp sees it: false drops it.
+/// Openings of served ports are collected in `seen`; a new TCP opening is
+/// held while the instance is asked ([`ask_instance`]).
+fn admit_inbound(inner: &Arc<Inner>, net: &mut Net, seen: &mut Vec<Opening>, p: &[u8]) -> bool {
+    let o = opening(p, inner.cfg.address);
+    if verdict(o, &net.inbound_ports) == Verdict::Refuse {
+        inner.inbound_refused.fetch_add(1, Relaxed);
+        // TCP: no listener, smoltcp resets. UDP: a socket may
+        // still be bound from before the port was taken away.
+        return matches!(o, Some(Opening::Tcp(..)))
+            || !o.is_some_and(|o| net.udp_ports.contains_key(&o.port()));
+    }
+    match o {
+        Some(Opening::Tcp(port, from)) if has_connection(net, port, from) => {
+            // A repeated SYN of a connection being opened: an idle
+            // listener earlier in the socket set would take it and
+            // open a second socket for the same peer. Dropped when
+            // such a listener exists; the socket repeats its SYN-ACK
+            // on its own.
+            net.listeners.get(&port).is_none_or(Vec::is_empty)
+        }
+        Some(Opening::Tcp(port, from)) => match net.pending.get(&(port, from)) {
+            None => {
+                if net.pending.len() < MAX_PENDING {
+                    net.pending
+                        .insert((port, from), (Pending::Connecting, Instant::now()));
+                    ask_instance(inner, port, from, p.to_vec());
+                }
+                false
+            }
+            Some((Pending::Connecting, _)) => false,
+            Some((Pending::Ready(_), _)) => {
+                seen.push(Opening::Tcp(port, from));
+                true
+            }
+            Some((Pending::Refused, _)) => {
+                net.pending.remove(&(port, from));
+                inner.tcp_refused.fetch_add(1, Relaxed);
+                if let Some(rst) = reset_reply(p) {
+                    inner.queues.push_outbound(&rst);
+                }
+                false
+            }
+        },
+        Some(o) => {
+            seen.push(o);
+            true
+        }
+        None => true,
+    }
+}
+
+/// Opens the local connection for a TCP opening from `from` to `port`,
+/// then replays its `syn`: answered once the instance accepted, reset if it
+/// refused or did not answer within [`LOCAL_CONNECT_TIMEOUT`].
+fn ask_instance(inner: &Arc<Inner>, port: u16, from: SocketAddr, syn: Vec<u8>) {
+    let inner = inner.clone();
+    let rt = inner.rt.clone();
+    rt.spawn(async move {
+        let target = inner.inbound_target(port);
+        let conn = tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, tcp::connect_local(target)).await;
+        let outcome = match conn {
+            Ok(Ok(stream)) => Pending::Ready(stream),
+            Ok(Err(e)) => {
+                tracing::debug!("inbound to {target}: {e}");
+                Pending::Refused
+            }
+            Err(_) => {
+                tracing::debug!("inbound to {target}: no answer in {LOCAL_CONNECT_TIMEOUT:?}");
+                Pending::Refused
+            }
+        };
+        inner
+            .net
+            .lock()
+            .pending
+            .insert((port, from), (outcome, Instant::now()));
+        inner.queues.push_inbound(&syn);
+        inner.kick();
+    });
+}
+
+/// The reset answering a TCP `syn` (RST+ACK of its sequence number plus
+/// one, from its destination to its source); `None` for anything that is
+/// not a well-formed TCP packet (pure).
+pub(crate) fn reset_reply(syn: &[u8]) -> Option<Vec<u8>> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Ipv4Repr, Ipv6Repr, TcpControl, TcpRepr, TcpSeqNumber};
+    let caps = ChecksumCapabilities::default();
+    let reply = |t: &TcpPacket<&[u8]>| TcpRepr {
+        src_port: t.dst_port(),
+        dst_port: t.src_port(),
+        control: TcpControl::Rst,
+        seq_number: TcpSeqNumber(0),
+        ack_number: Some(t.seq_number() + 1),
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    match syn.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(syn).ok()?;
+            let t = TcpPacket::new_checked(ip.payload()).ok()?;
+            let tcp = reply(&t);
+            let repr = Ipv4Repr {
+                src_addr: ip.dst_addr(),
+                dst_addr: ip.src_addr(),
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; repr.buffer_len() + tcp.buffer_len()];
+            let mut out = Ipv4Packet::new_unchecked(&mut buf[..]);
+            repr.emit(&mut out, &caps);
+            let (src, dst) = (repr.src_addr.into(), repr.dst_addr.into());
+            tcp.emit(
+                &mut TcpPacket::new_unchecked(out.payload_mut()),
+                &src,
+                &dst,
+                &caps,
+            );
+            Some(buf)
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(syn).ok()?;
+            let t = TcpPacket::new_checked(ip.payload()).ok()?;
+            let tcp = reply(&t);
+            let repr = Ipv6Repr {
+                src_addr: ip.dst_addr(),
+                dst_addr: ip.src_addr(),
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut buf = vec![0u8; repr.buffer_len() + tcp.buffer_len()];
+            let mut out = Ipv6Packet::new_unchecked(&mut buf[..]);
+            repr.emit(&mut out);
+            let (src, dst) = (repr.src_addr.into(), repr.dst_addr.into());
+            tcp.emit(
+                &mut TcpPacket::new_unchecked(out.payload_mut()),
+                &src,
+                &dst,
+                &caps,
+            );
+            Some(buf)
+        }
+        _ => None,
     }
 }
 
@@ -586,7 +764,8 @@ fn has_connection(net: &Net, port: u16, from: SocketAddr) -> bool {
     })
 }
 
-/// Listening sockets that left `Listen` got a connection: relay them.
+/// Listening sockets that left `Listen` got a connection: relay them (to
+/// the local connection opened for their SYN, when there is one).
 fn accept_ready(inner: &Arc<Inner>, net: &mut Net) {
     let mut accepted = Vec::new();
     for (port, hs) in net.listeners.iter_mut() {
@@ -599,20 +778,37 @@ fn accept_ready(inner: &Arc<Inner>, net: &mut Net) {
         });
     }
     for (port, h) in accepted {
-        if net.sockets.get::<stcp::Socket>(h).state() == stcp::State::Closed {
+        let s = net.sockets.get::<stcp::Socket>(h);
+        if s.state() == stcp::State::Closed {
             net.sockets.remove(h);
-        } else {
-            tcp::spawn_inbound(inner.clone(), h, port);
+            continue;
         }
+        let local = s
+            .remote_endpoint()
+            .map(|ep| (port, SocketAddr::new(ep.addr.into(), ep.port)))
+            .and_then(|key| match net.pending.remove(&key) {
+                Some((Pending::Ready(stream), _)) => Some(stream),
+                Some(other) => {
+                    net.pending.insert(key, other);
+                    None
+                }
+                None => None,
+            });
+        tcp::spawn_inbound(inner.clone(), h, port, local);
     }
 }
 
-/// Removes retired sockets once closed or past their grace period.
+/// Removes retired sockets once closed or past their grace period, and
+/// openings whose SYN never came back.
 fn reap(net: &mut Net) {
+    let now = Instant::now();
+    if !net.pending.is_empty() {
+        net.pending
+            .retain(|_, (_, since)| now.duration_since(*since) < PENDING_TTL);
+    }
     if net.closing.is_empty() {
         return;
     }
-    let now = Instant::now();
     let sockets = &mut net.sockets;
     net.closing.retain(|&(h, deadline)| {
         let state = sockets.get::<stcp::Socket>(h).state();

@@ -119,6 +119,22 @@ impl Queues {
         true
     }
 
+    /// Queues a packet the stack made itself (a reset) for the engine;
+    /// false when the queue is full (the packet is dropped).
+    pub fn push_outbound(&self, packet: &[u8]) -> bool {
+        let mut buf = self.take();
+        buf.extend_from_slice(packet);
+        let mut q = self.outbound.lock();
+        if q.len() >= QUEUE_PACKETS {
+            drop(q);
+            self.give(buf);
+            return false;
+        }
+        q.push_back(buf);
+        self.outbound_cv.notify_one();
+        true
+    }
+
     /// Number of packets waiting for the stack.
     pub fn inbound_len(&self) -> usize {
         self.inbound.lock().len()

@@ -14,7 +14,7 @@ use super::*;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::wg::{Engine, EngineConfig, PeerConfig};
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(super) const WAIT: Duration = Duration::from_secs(20);
 
 /// One userspace member.
 pub(crate) struct Member {
@@ -77,7 +77,7 @@ fn pair() -> (Member, Member) {
 }
 
 /// A TCP echo server on 127.0.0.1 (the instance); returns its port.
-async fn tcp_echo() -> u16 {
+pub(super) async fn tcp_echo() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -93,14 +93,14 @@ async fn tcp_echo() -> u16 {
 }
 
 /// Deterministic test data (a checksum of sorts: every byte is checked).
-fn data(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn data(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
         .collect()
 }
 
 /// Sends `payload` through `addr`, half-closes, reads the whole echo.
-async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+pub(super) async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let payload = payload.to_vec();
@@ -529,4 +529,90 @@ async fn inbound_reaches_a_service_on_ipv6_loopback_only() {
     let to_b = a.forward(&b, port).await;
     let p = data(5000, 3);
     assert_eq!(echo_through(to_b, &p).await, p);
+}
+
+#[test]
+fn a_refused_syn_gets_a_reset_from_its_destination() {
+    use smoltcp::wire::{TcpControl, TcpPacket};
+    let syn = tcp_packet(
+        [10, 240, 0, 1],
+        40_000,
+        [10, 240, 0, 2],
+        8080,
+        TcpControl::Syn,
+    );
+    let rst = reset_reply(&syn).expect("a reset");
+    let ip = Ipv4Packet::new_checked(&rst[..]).unwrap();
+    assert_eq!(
+        ip.src_addr(),
+        smoltcp::wire::Ipv4Address::new(10, 240, 0, 2)
+    );
+    assert_eq!(
+        ip.dst_addr(),
+        smoltcp::wire::Ipv4Address::new(10, 240, 0, 1)
+    );
+    assert!(ip.verify_checksum());
+    let t = TcpPacket::new_checked(ip.payload()).unwrap();
+    assert!(t.rst() && t.ack() && !t.syn());
+    assert_eq!((t.src_port(), t.dst_port()), (8080, 40_000));
+    assert_eq!(
+        t.ack_number(),
+        smoltcp::wire::TcpSeqNumber(2),
+        "SYN's seq + 1"
+    );
+    assert!(t.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+    assert_eq!(reset_reply(&[0x45, 0, 0]), None);
+    assert_eq!(reset_reply(&[]), None);
+}
+
+/// A connected loopback socket pair.
+pub(super) async fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ours = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (theirs, _) = l.accept().await.unwrap();
+    (ours, theirs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tcp_tells_refused_from_gone_from_connected() {
+    let (a, b) = pair();
+    let echo = tcp_echo().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    b.stack.set_inbound_ports([echo, closed_port]);
+    // Served by B's sidecar but nothing listens: a reset to the SYN, as a
+    // kernel would answer, never a connection that resets later.
+    let r = a
+        .stack
+        .open_tcp(SocketAddr::new(b.ip, closed_port), WAIT)
+        .await;
+    assert!(matches!(r, Err(DialError::Refused)), "{:?}", r.err());
+    assert_eq!(b.stack.stats().tcp_refused, 1);
+    // Not opened to the tunnel at all: refused as well.
+    let r = a.stack.open_tcp(SocketAddr::new(b.ip, 9), WAIT).await;
+    assert!(matches!(r, Err(DialError::Refused)), "{:?}", r.err());
+    // Nobody there: timed out.
+    let nobody = SocketAddr::from(([10, 240, 0, 9], echo));
+    let r = a.stack.open_tcp(nobody, Duration::from_millis(300)).await;
+    assert!(matches!(r, Err(DialError::TimedOut(_))), "{:?}", r.err());
+    // Served: connected, and a local stream relays over it.
+    let conn = a
+        .stack
+        .open_tcp(SocketAddr::new(b.ip, echo), WAIT)
+        .await
+        .expect("connected");
+    let (mut client, relayed) = socket_pair().await;
+    let relay = tokio::spawn(conn.relay(relayed));
+    let p = data(100_000, 5);
+    client.write_all(&p).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut back))
+        .await
+        .expect("echo")
+        .unwrap();
+    assert!(back == p, "intact");
+    assert!(relay.await.unwrap(), "a clean end");
+    assert_eq!(b.stack.stats().tcp_inbound, 1);
 }

@@ -26,7 +26,7 @@ use tokio::net::UdpSocket;
 use super::{Inner, Net};
 
 /// Largest datagram relayed.
-const MAX_DATAGRAM: usize = 65_535;
+pub(super) const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams each smoltcp UDP socket buffers per direction.
 const SLOTS: usize = 256;
 /// Payload bytes each smoltcp UDP socket buffers per direction.
@@ -35,14 +35,18 @@ const BYTES: usize = 512 * 1024;
 /// A flow's last activity, in milliseconds of the stack's clock.
 type LastSeen = Arc<AtomicU64>;
 
-fn udp_socket() -> udp::Socket<'static> {
+pub(super) fn udp_socket() -> udp::Socket<'static> {
     let buf = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; SLOTS], vec![0u8; BYTES]);
     udp::Socket::new(buf(), buf())
 }
 
 /// Waits for a datagram on smoltcp socket `h`; `None` for one that did not
 /// fit `buf` (dropped).
-async fn recv(inner: &Inner, h: SocketHandle, buf: &mut [u8]) -> Option<(usize, IpEndpoint)> {
+pub(super) async fn recv(
+    inner: &Inner,
+    h: SocketHandle,
+    buf: &mut [u8],
+) -> Option<(usize, IpEndpoint)> {
     poll_fn(|cx| {
         let mut net = inner.net.lock();
         let s = net.sockets.get_mut::<udp::Socket>(h);
@@ -60,7 +64,7 @@ async fn recv(inner: &Inner, h: SocketHandle, buf: &mut [u8]) -> Option<(usize, 
 
 /// Queues one datagram on smoltcp socket `h` (dropped when its buffer is
 /// full, as UDP may).
-fn send(net: &mut Net, h: SocketHandle, data: &[u8], to: IpEndpoint) {
+pub(super) fn send(net: &mut Net, h: SocketHandle, data: &[u8], to: IpEndpoint) {
     let s = net.sockets.get_mut::<udp::Socket>(h);
     if let Err(e) = s.send_slice(data, to) {
         tracing::trace!("udp to {to}: {e}");
@@ -203,7 +207,7 @@ async fn serve_inbound(inner: Arc<Inner>, h: SocketHandle, port: u16) {
 }
 
 /// A local socket connected to the instance's `target`.
-async fn open_local(target: SocketAddr) -> Option<Arc<UdpSocket>> {
+pub(super) async fn open_local(target: SocketAddr) -> Option<Arc<UdpSocket>> {
     let any: SocketAddr = if target.is_ipv4() {
         ([127, 0, 0, 1], 0).into()
     } else {
