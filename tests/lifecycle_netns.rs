@@ -6,6 +6,11 @@
 //! joined while it was down, and a key rotation under a running TCP stream
 //! keeps the stream (checksum at both ends) with a short pause.
 //!
+//! The sidecars give members for `.warp` and `WARP_IST_*`
+//! (`service-addresses = members`, the documented way back): these tests
+//! follow members' own addresses; the service addresses that are the
+//! default have their own suites (`vip_kernel_netns`, `vip_userspace_netns`).
+//!
 //! Needs root (namespaces, TUN); prints SKIPPED otherwise.
 
 mod dataplane_support;
@@ -62,6 +67,7 @@ fn knows(who: &Sidecar, whom_key: &str, name: &str) -> bool {
 fn kill_stop_restart_leave_and_a_new_instance() {
     require_netns!();
     let mut mesh = Mesh::with_keyserver_config(TIMERS);
+    mesh.service_addresses = Some("members");
     let token = mesh.token();
     let (ha, hb, hc) = (mesh.host(2), mesh.host(3), mesh.host(4));
     let a = mesh.sidecar(&ha, "web", "up", &["--token", &token]);
@@ -170,6 +176,7 @@ fn kill_stop_restart_leave_and_a_new_instance() {
 fn run_waits_for_the_map_and_sets_its_variables() {
     require_netns!();
     let mut mesh = Mesh::with_keyserver_config(TIMERS);
+    mesh.service_addresses = Some("members");
     let token = mesh.token();
     let (ha, hb) = (mesh.host(2), mesh.host(3));
     // a restarts with its state: not ephemeral.
@@ -266,6 +273,7 @@ fn timed_receiver(ns: &str, bind: SocketAddr) -> std::thread::JoinHandle<(Vec<u8
 fn rotation_under_a_running_tcp_stream() {
     require_netns!();
     let mut mesh = Mesh::with_keyserver_config(TIMERS);
+    mesh.service_addresses = Some("members");
     let token = mesh.token();
     let (ha, hb) = (mesh.host(2), mesh.host(3));
     let a = mesh.sidecar(&ha, "sender", "up", &["--token", &token]);

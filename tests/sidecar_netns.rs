@@ -1,6 +1,7 @@
 //! The sidecar end to end (issue 5), against a real keyserver and real
 //! engines in network namespaces: names by `getent hosts` and `dig`, TCP by
-//! `.warp` name and by `WARP_IST_*` in `sidecar run`, revocation reaching DNS,
+//! `.warp` name and by `WARP_IST_*` in `sidecar run` (the service's own
+//! address, the default), revocation reaching DNS,
 //! hosts and the tunnel within a second, and static stability with the
 //! keyserver down. Needs root; skipped with a message otherwise.
 
@@ -84,15 +85,20 @@ fn sidecars_resolve_reach_and_forget_each_other() {
         ),
         "{hosts}"
     );
+    // `.warp` gives the service's own address (the default), from the
+    // service range after the network's /22; the instance's names give b.
     let getent = a.must_sh("getent hosts my-db.warp");
-    assert_eq!(
-        getent.split_whitespace().next(),
-        Some(b_ip.as_str()),
-        "{getent}"
-    );
+    let db_vip = getent
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let vip: std::net::Ipv4Addr = db_vip.parse().expect("an IPv4 service address");
+    assert_eq!(vip.octets()[..2], [10, 240], "{getent}");
+    assert!((4..8).contains(&vip.octets()[2]), "service range: {getent}");
     let getent = a.must_sh(&format!("getent hosts {b_instance}.internal"));
     assert_eq!(getent.split_whitespace().next(), Some(b_ip.as_str()));
-    assert_eq!(dig(&a, "+short my-db.warp").trim(), b_ip);
+    assert_eq!(dig(&a, "+short my-db.warp").trim(), db_vip);
     assert_eq!(
         dig(&a, &format!("+short {b_instance}.internal")).trim(),
         b_ip
@@ -120,14 +126,15 @@ fn sidecars_resolve_reach_and_forget_each_other() {
     );
     assert!(dig(&a, "nobody.internal").contains("status: NXDOMAIN"));
 
-    // TCP by .warp name through the tunnel (bash resolves with getaddrinfo).
-    let got = one_tcp_message(&hb.ns, &b_ip, 7001);
+    // TCP by .warp name through the tunnel (bash resolves with getaddrinfo):
+    // the service address, balanced to b, which holds it while it serves.
+    let got = one_tcp_message(&hb.ns, "0.0.0.0", 7001);
     a.must_sh("bash -c 'echo hello-by-name > /dev/tcp/my-db.warp/7001'");
     assert_eq!(got.join().unwrap(), "hello-by-name\n");
 
     // `sidecar run`: the child reaches "my db" by its variable, and its exit
     // code becomes the sidecar's.
-    let got = one_tcp_message(&hb.ns, &b_ip, 7002);
+    let got = one_tcp_message(&hb.ns, "0.0.0.0", 7002);
     let script = "test -n \"$WARP_IST_my_db\" && bash -c \"echo hello-by-var-$WARP_IST_my_db > /dev/tcp/$WARP_IST_my_db/7002\" && exit 7";
     let mut c = mesh.sidecar(
         &hc,
@@ -141,18 +148,21 @@ fn sidecars_resolve_reach_and_forget_each_other() {
         "log:\n{}",
         std::fs::read_to_string(&c.log).unwrap_or_default()
     );
-    assert_eq!(got.join().unwrap(), format!("hello-by-var-{b_ip}\n"));
+    assert_eq!(got.join().unwrap(), format!("hello-by-var-{db_vip}\n"));
     c.stop();
 
-    // Revocation: b leaves every view of a within a second.
+    // Revocation: b leaves every view of a within a second. The service
+    // keeps its address (in names too), now with no instance behind it.
     assert!(ping(&ha, &b_ip, None, 1));
+    assert!(ping(&ha, &db_vip, None, 1), "ping by the service address");
     let removed_at = Instant::now();
     mesh.admin(&["member", "remove", "--network", "prod", &b_instance]);
+    let b_name = format!("{b_instance}.internal");
     let dns = time_until(Duration::from_secs(1), "DNS forgets b", || {
-        dig(&a, "my-db.warp").contains("NXDOMAIN")
+        dig(&a, &b_name).contains("NXDOMAIN")
     });
     let hosts = time_until(Duration::from_secs(1), "hosts forgets b", || {
-        !a.hosts_file().contains("my-db.warp")
+        !a.hosts_file().contains(&b_ip)
     });
     let wg = time_until(Duration::from_secs(1), "engine drops b", || {
         a.status().is_some_and(|s| {
@@ -169,6 +179,16 @@ fn sidecars_resolve_reach_and_forget_each_other() {
     assert!(
         !ping(&ha, &b_ip, None, 1),
         "b still reachable after revocation"
+    );
+    assert_eq!(dig(&a, "+short my-db.warp").trim(), db_vip, "kept");
+    // No instance: a connection to the service address is refused at once
+    // (a reset), never left hanging.
+    let started = Instant::now();
+    let out = a.sh("bash -c 'echo x > /dev/tcp/my-db.warp/7003'");
+    assert!(!out.status.success(), "refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused at once"
     );
     // b itself learns it was revoked and exits with an error.
     let mut b = b;
@@ -219,10 +239,11 @@ fn data_plane_outlives_the_keyserver() {
     );
     assert_eq!(s["control"]["state"], "connecting", "{s}");
     dataplane_support::wait_for(SETTLE, || ping(&ha, &b_ip, None, 1));
-    assert_eq!(
-        a.must_sh("getent hosts db.warp").split_whitespace().next(),
-        Some(b_ip.as_str())
-    );
+    // Names from the cache: the service's address, which reaches b.
+    let db_vip = a.must_sh("getent hosts db.warp");
+    let db_vip = db_vip.split_whitespace().next().unwrap_or_default();
+    assert_ne!(db_vip, b_ip);
+    assert!(ping(&ha, db_vip, None, 1), "b by the service address");
 
     // The keyserver returns: the sidecar reconnects by itself.
     mesh.start_keyserver();

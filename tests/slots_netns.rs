@@ -93,6 +93,9 @@ fn app_id(mesh: &Mesh, service: &str) -> String {
 fn stateless_restarts_keep_address_and_names_kernel_and_userspace() {
     require_netns!();
     let mut mesh = Mesh::with_keyserver_config(TIMERS);
+    // Members' own addresses and names across restarts (issue 18): `.warp`
+    // gives members here (the way back); service addresses have their suites.
+    mesh.service_addresses = Some("members");
     let token = mesh.token_for("prod", 20);
     let (hc, hk, hu) = (mesh.host(2), mesh.host(3), mesh.host(4));
     let stop = Arc::new(AtomicBool::new(false));

@@ -244,11 +244,26 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
     let (a_ip, b_ip): (Ipv4Addr, Ipv4Addr) = (a.ip().parse().unwrap(), b.ip().parse().unwrap());
     let a_local = loopback_for(IpAddr::V4(a_ip));
 
-    // Outputs of the userspace member point at the loopback relay.
+    // Outputs of the userspace member point at the loopback standing for
+    // the service's own address (the default), balanced over its instances.
+    let by_name = b.must_sh("getent hosts api.warp");
+    let api_local: Ipv4Addr = by_name
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("api.warp in the hosts file");
+    assert_eq!(api_local.octets()[..2], [127, 77], "{by_name}");
+    assert!(
+        (4..8).contains(&api_local.octets()[2]),
+        "service range: {by_name}"
+    );
     let hosts = b.hosts_file();
-    assert!(hosts.contains(&format!("{a_local}\tapi.warp")), "{hosts}");
+    assert!(hosts.contains(&format!("{api_local}\tapi.warp")), "{hosts}");
     let env = std::fs::read_to_string(b.state_dir.join("ist.env")).unwrap();
-    assert!(env.contains(&format!("WARP_IST_api={a_local}\n")), "{env}");
+    assert!(
+        env.contains(&format!("WARP_IST_api={api_local}\n")),
+        "{env}"
+    );
     // The UAPI socket answers `wg show` in userspace mode too.
     let show = b.must_sh(&format!("wg show {} peers", b.interface));
     assert!(!show.trim().is_empty(), "wg show lists the peer");
@@ -291,11 +306,14 @@ fn userspace_sidecar_and_tun_sidecar_talk_both_ways() {
         5,
         "B -> A UDP"
     );
-    let by_name = b.must_sh("getent hosts api.warp");
-    assert!(by_name.starts_with(&a_local.to_string()), "{by_name}");
+    // The service address's loopback reaches A too.
+    assert!(
+        sha_transfer(&hb.ns, SocketAddr::from((api_local, 9090)), 1 << 20),
+        "B -> api by its service address"
+    );
     // The private DNS answers the loopback address too.
     let dns = b.must_sh("dig @127.0.0.77 +time=2 +tries=3 +short api.warp");
-    assert_eq!(dns.trim(), a_local.to_string(), "DNS in userspace mode");
+    assert_eq!(dns.trim(), api_local.to_string(), "DNS in userspace mode");
 }
 
 #[test]
@@ -466,7 +484,17 @@ fn rootless_userspace_sidecar_reaches_and_serves_a_tun_sidecar() {
     // B -> A through the loopback relay; A -> B's instance on 127.0.0.1.
     let a_local = loopback_for(IpAddr::V4(a.ip().parse().unwrap()));
     let env = std::fs::read_to_string(state.path().join("ist.env")).unwrap();
-    assert!(env.contains(&format!("WARP_IST_api={a_local}\n")), "{env}");
+    let api_local = env
+        .lines()
+        .find_map(|l| l.strip_prefix("WARP_IST_api="))
+        .and_then(|v| v.parse::<Ipv4Addr>().ok())
+        .unwrap_or_else(|| panic!("WARP_IST_api in {env}"));
+    assert_eq!(api_local.octets()[..2], [127, 77], "{env}");
+    assert_ne!(api_local, a_local, "the service's loopback, not A's: {env}");
+    assert!(
+        sha_transfer(&hb.ns, SocketAddr::from((api_local, 9090)), 1 << 20),
+        "rootless B -> api by its service address"
+    );
     assert!(
         sha_transfer(&hb.ns, SocketAddr::from((a_local, 9090)), 1 << 20),
         "rootless B -> A TCP"

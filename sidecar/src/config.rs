@@ -68,8 +68,8 @@ impl std::str::FromStr for Mode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServiceAddresses {
-    /// The service's own address where this sidecar's data plane balances
-    /// it (see [`ServiceAddresses::resolve`]), else its members.
+    /// The default: the service's own address, in both modes (see
+    /// [`ServiceAddresses::resolve`]).
     #[default]
     Auto,
     /// The service's own address (its VIP): every new flow goes to one
@@ -81,15 +81,15 @@ pub enum ServiceAddresses {
 }
 
 impl ServiceAddresses {
-    /// Whether service addresses are given, in `mode`. `Auto` gives them
-    /// where the data plane balances them: not yet in either mode (the
-    /// per-flow balancing lands in steps; `service` asks for them anyway).
+    /// Whether service addresses are given, in `mode`. `Auto` gives them in
+    /// both modes: each mode's data plane balances them (kernel mode in the
+    /// engine's flow table, userspace mode on the loopback listeners).
     pub fn resolve(self, mode: Mode) -> bool {
         match self {
             Self::Service => true,
             Self::Members => false,
             Self::Auto => match mode {
-                Mode::Kernel | Mode::Userspace => false,
+                Mode::Kernel | Mode::Userspace => true,
             },
         }
     }
@@ -256,8 +256,7 @@ pub struct Config {
     /// What `<service>.warp`, override hostnames and `WARP_IST_*` give:
     /// `service` (the service's own address, balanced per flow over its
     /// online instances), `members` (the way back: its first instance's
-    /// address) or `auto` (the default: `service` where this mode's data
-    /// plane balances service addresses).
+    /// address) or `auto` (the default: `service` in both modes).
     pub service_addresses: ServiceAddresses,
 }
 

@@ -228,12 +228,26 @@ pub struct Status {
     /// userspace mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_flows: Option<FlowStatus>,
+    /// Traffic per service (issue 19): this member's flows per destination
+    /// service, as it reports them to the keyserver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
     /// Private DNS responses sent, by RCODE label (`NOERROR`, `NXDOMAIN`,
     /// ...); empty when the DNS counters are not reported.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub dns_responses: std::collections::BTreeMap<String, u64>,
+}
+
+/// Traffic per service: the pairs (this member's service → a destination
+/// service) its data plane counted, cumulative since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficStatus {
+    /// This member's own service (the source of every pair).
+    pub source: String,
+    /// Per destination service.
+    pub pairs: Vec<meshlib::traffic::PairTraffic>,
 }
 
 /// Takes a fresh snapshot.
@@ -418,6 +432,31 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
             f.active, f.opened, f.rejected + f.full, f.full, f.failures, f.repinned, f.reset, f.foreign, f.expired
         );
     }
+    if let Some(t) = &s.traffic {
+        for p in &t.pairs {
+            let c = &p.counters;
+            let connect = if c.connect_count > 0 {
+                format!(
+                    ", connect {:.1} ms avg",
+                    c.connect_micros as f64 / c.connect_count as f64 / 1000.0
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "traffic {} -> {}: {} active, {} opened, {} refused, {} held for a wake; {} B sent, {} B received{connect}",
+                e(&t.source),
+                e(&p.destination),
+                c.active,
+                c.opened,
+                c.refused,
+                c.held,
+                c.bytes_sent,
+                c.bytes_received
+            );
+        }
+    }
     for c in &s.conflicts {
         let _ = writeln!(out, "conflict: {}", e(c));
     }
@@ -540,6 +579,9 @@ pub fn render_prometheus(s: &Status) -> String {
             let _ = writeln!(out, "{name}{{event=\"{event}\"}} {n}");
         }
     }
+    if let Some(t) = &s.traffic {
+        traffic_metrics(&mut out, t);
+    }
     if let Some(n) = s.inbound_refused {
         let name = "istmesh_inbound_refused_total";
         let _ = writeln!(
@@ -596,6 +638,105 @@ pub fn render_prometheus(s: &Status) -> String {
         }
     }
     out
+}
+
+/// Traffic per service as metrics: labels are the two service names (a
+/// member reports at most [`meshlib::traffic::MAX_PAIRS`] destinations),
+/// never flows.
+fn traffic_metrics(out: &mut String, t: &TrafficStatus) {
+    use meshlib::traffic::{TrafficCounters, CONNECT_BUCKETS_MS};
+    let pair = |d: &str| {
+        format!(
+            "source=\"{}\",destination=\"{}\"",
+            label(&t.source),
+            label(d)
+        )
+    };
+    let simple: [(&str, &str, &str, fn(&TrafficCounters) -> u64); 4] = [
+        (
+            "istmesh_service_flows_opened_total",
+            "Flows opened to a service that reached an instance.",
+            "counter",
+            |c| c.opened,
+        ),
+        (
+            "istmesh_service_flows_active",
+            "Flows to a service open now (held ones included).",
+            "gauge",
+            |c| c.active,
+        ),
+        (
+            "istmesh_service_flows_refused_total",
+            "Flows to a service refused (no instance, or none woke in time).",
+            "counter",
+            |c| c.refused,
+        ),
+        (
+            "istmesh_service_flows_held_total",
+            "Flows to a service held while it was woken (scale to zero).",
+            "counter",
+            |c| c.held,
+        ),
+    ];
+    for (name, help, kind, get) in simple {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in &t.pairs {
+            let _ = writeln!(
+                out,
+                "{name}{{{}}} {}",
+                pair(&p.destination),
+                get(&p.counters)
+            );
+        }
+    }
+    let name = "istmesh_service_bytes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Bytes of flows to a service, by direction (sent: to the service).\n# TYPE {name} counter"
+    );
+    for p in &t.pairs {
+        let labels = pair(&p.destination);
+        let c = &p.counters;
+        let _ = writeln!(
+            out,
+            "{name}{{{labels},direction=\"sent\"}} {}",
+            c.bytes_sent
+        );
+        let _ = writeln!(
+            out,
+            "{name}{{{labels},direction=\"received\"}} {}",
+            c.bytes_received
+        );
+    }
+    let name = "istmesh_service_connect_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a flow's first packet to the service's first answer.\n# TYPE {name} histogram"
+    );
+    for p in &t.pairs {
+        let labels = pair(&p.destination);
+        let c = &p.counters;
+        let mut cumulative = 0u64;
+        for (i, le_ms) in CONNECT_BUCKETS_MS.iter().enumerate() {
+            cumulative = cumulative.saturating_add(c.connect_buckets[i]);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                *le_ms as f64 / 1000.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+            c.connect_count
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            c.connect_micros as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", c.connect_count);
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
@@ -655,6 +796,26 @@ mod tests {
                 foreign: 2,
                 ..FlowStatus::default()
             }),
+            traffic: Some(TrafficStatus {
+                source: "web".into(),
+                pairs: vec![meshlib::traffic::PairTraffic {
+                    destination: "a\"pi".into(),
+                    counters: {
+                        let mut c = meshlib::traffic::TrafficCounters {
+                            opened: 5,
+                            active: 1,
+                            refused: 2,
+                            held: 1,
+                            bytes_sent: 300,
+                            bytes_received: 4000,
+                            ..Default::default()
+                        };
+                        c.observe_connect(std::time::Duration::from_micros(500));
+                        c.observe_connect(std::time::Duration::from_millis(50));
+                        c
+                    },
+                }],
+            }),
             peers: vec![PeerStatus {
                 public_key: "P\"Q".into(),
                 instance: "db-1".into(),
@@ -689,6 +850,28 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("istmesh_map_generation 12\n"), "{p}");
+        // Traffic per service: labels are service names, escaped.
+        assert!(
+            h.contains("traffic web -> a\"pi: 1 active, 5 opened, 2 refused, 1 held for a wake; 300 B sent, 4000 B received, connect 25.2 ms avg"),
+            "{h}"
+        );
+        let labels = "source=\"web\",destination=\"a\\\"pi\"";
+        for line in [
+            format!("istmesh_service_flows_opened_total{{{labels}}} 5\n"),
+            format!("istmesh_service_flows_active{{{labels}}} 1\n"),
+            format!("istmesh_service_flows_refused_total{{{labels}}} 2\n"),
+            format!("istmesh_service_flows_held_total{{{labels}}} 1\n"),
+            format!("istmesh_service_bytes_total{{{labels},direction=\"sent\"}} 300\n"),
+            format!("istmesh_service_bytes_total{{{labels},direction=\"received\"}} 4000\n"),
+            format!("istmesh_service_connect_seconds_bucket{{{labels},le=\"0.001\"}} 1\n"),
+            format!("istmesh_service_connect_seconds_bucket{{{labels},le=\"0.01\"}} 1\n"),
+            format!("istmesh_service_connect_seconds_bucket{{{labels},le=\"0.1\"}} 2\n"),
+            format!("istmesh_service_connect_seconds_bucket{{{labels},le=\"+Inf\"}} 2\n"),
+            format!("istmesh_service_connect_seconds_count{{{labels}}} 2\n"),
+            format!("istmesh_service_connect_seconds_sum{{{labels}}} 0.0505\n"),
+        ] {
+            assert!(p.contains(&line), "{line} in {p}");
+        }
         assert!(p.contains("istmesh_control_connected 0\n"));
         assert!(
             p.contains(
@@ -725,6 +908,15 @@ mod tests {
         // Every series has its HELP and TYPE; counters end in _total.
         for line in p.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
+            // A histogram's series share its base name's TYPE.
+            let histogram = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|base| p.contains(&format!("# TYPE {base} histogram")));
+            if let Some(base) = histogram {
+                assert!(!base.ends_with("_total"), "{base}");
+                continue;
+            }
             assert!(p.contains(&format!("# TYPE {name} ")), "{name}");
             if p.contains(&format!("# TYPE {name} counter")) {
                 assert!(name.ends_with("_total"), "{name}");

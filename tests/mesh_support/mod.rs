@@ -50,6 +50,9 @@ pub struct Sidecar {
     pub service: String,
     /// Its log file.
     pub log: PathBuf,
+    /// What `.warp` names and `WARP_IST_*` give (`ISTM_SERVICE_ADDRESSES`;
+    /// `None`: the default).
+    pub service_addresses: Option<&'static str>,
     child: Option<Child>,
 }
 
@@ -68,6 +71,10 @@ pub struct Mesh {
     ks_config: Option<PathBuf>,
     etc_dirs: Vec<PathBuf>,
     sockets: Vec<PathBuf>,
+    /// `ISTM_SERVICE_ADDRESSES` for the sidecars started from now on
+    /// (`Some("members")`: names give members, for tests of members' own
+    /// lifecycle); `None`: the default (service addresses).
+    pub service_addresses: Option<&'static str>,
 }
 
 impl Mesh {
@@ -96,6 +103,7 @@ impl Mesh {
             extra_ns: Vec::new(),
             etc_dirs: Vec::new(),
             sockets: Vec::new(),
+            service_addresses: None,
         };
         mesh.start_keyserver();
         mesh.admin(&["network", "create", "prod"]);
@@ -358,6 +366,7 @@ impl Mesh {
             interface,
             service: service.to_owned(),
             log,
+            service_addresses: self.service_addresses,
             child: None,
         };
         sc.start(subcommand, extra);
@@ -373,7 +382,11 @@ impl Sidecar {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        if let Some(mode) = self.service_addresses {
+            cmd.env("ISTM_SERVICE_ADDRESSES", mode);
+        }
+        let child = cmd
             .args(["netns", "exec", &self.host.ns])
             .arg(bin("sidecar"))
             .arg(subcommand)

@@ -377,6 +377,7 @@ impl Agent {
                 generation: map.generation,
                 control: Some(control),
                 conflicts: applier.lock().conflicts.clone(),
+                traffic: None,
                 peers,
                 dns_responses: Default::default(),
             }
