@@ -205,3 +205,128 @@ fn a_rolling_restart_behind_the_service_address_fails_no_connection() {
     c.stop();
     d.stop();
 }
+
+/// The long-stream port: the application reads everything, then answers
+/// its name and the SHA-256 (hex) of what it read.
+const STREAM_PORT: u16 = 9101;
+
+/// The long-stream application of one instance (see [`STREAM_PORT`]).
+fn digest_app(ns: &str, name: &'static str, stop: Arc<AtomicBool>) {
+    use sha2::{Digest, Sha256};
+    let (tx, rx) = std::sync::mpsc::channel();
+    in_ns(ns, move || {
+        let l = TcpListener::bind(("127.0.0.1", STREAM_PORT)).expect("bind digest app");
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+                    let mut hash = Sha256::new();
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        hash.update(&buf[..n]);
+                    }
+                    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                    let _ = s.write_all(format!("{name} {hex}").as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn flows_spread_evenly_and_a_long_stream_stays_whole() {
+    use sha2::{Digest, Sha256};
+    require_netns!();
+    let mut mesh = Mesh::new();
+    let token = mesh.token_for("prod", 20);
+    let (hc, r1, r2, r3) = (mesh.host(2), mesh.host(3), mesh.host(4), mesh.host(5));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut instances = Vec::new();
+    for (host, name) in [(&r1, "api-1"), (&r2, "api-2"), (&r3, "api-3")] {
+        app(&host.ns, name, stop.clone());
+        digest_app(&host.ns, name, stop.clone());
+        let args = [
+            "--token",
+            token.as_str(),
+            "--mode",
+            "userspace",
+            "--port",
+            "9100",
+            "--port",
+            "9101",
+        ];
+        instances.push(mesh.sidecar_in(host, "api", "up", &args, name));
+    }
+    // The default (`auto`) gives the service address in userspace mode.
+    let client_args = ["--token", token.as_str(), "--mode", "userspace"];
+    let client = mesh.sidecar(&hc, "client", "up", &client_args);
+    client.wait_peers(3, SETTLE);
+    let api = read_warp_ist_api(&client);
+
+    // 300 connections, one after another: within ±20 % of even.
+    let to = SocketAddr::from((api, PORT));
+    let answers = in_ns(&hc.ns, move || {
+        let mut answers = Vec::new();
+        for _ in 0..300 {
+            let got = (|| {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out)
+            })();
+            answers.push(got);
+        }
+        answers
+    })
+    .join()
+    .unwrap();
+    let count = |n: &str| answers.iter().filter(|a| a.as_deref() == Some(n)).count();
+    let by: Vec<usize> = ["api-1", "api-2", "api-3"]
+        .iter()
+        .map(|n| count(n))
+        .collect();
+    eprintln!("300 connections by instance: {by:?}");
+    assert_eq!(by.iter().sum::<usize>(), 300, "every connection answered");
+    for n in &by {
+        assert!((80..=120).contains(n), "within ±20 % of 100: {by:?}");
+    }
+
+    // One long stream (32 MiB) through the service address: one instance
+    // reads all of it, its checksum intact.
+    let to = SocketAddr::from((api, STREAM_PORT));
+    let (sent, answer) = in_ns(&hc.ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut hash = Sha256::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        for i in 0..512u32 {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = (i as usize * 31 + j) as u8;
+            }
+            s.write_all(&chunk).expect("write");
+            hash.update(&chunk);
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        (hex, answer)
+    })
+    .join()
+    .unwrap();
+    let (who, got) = answer.split_once(' ').unwrap_or_default();
+    assert!(
+        who.starts_with("api-"),
+        "answered by one instance: {answer:?}"
+    );
+    assert_eq!(got, sent, "the stream's SHA-256 at the instance");
+    stop.store(true, Ordering::Relaxed);
+    drop(instances);
+}
