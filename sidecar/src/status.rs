@@ -652,7 +652,13 @@ fn traffic_metrics(out: &mut String, t: &TrafficStatus) {
             label(d)
         )
     };
-    let simple: [(&str, &str, &str, fn(&TrafficCounters) -> u64); 4] = [
+    type Counter = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&TrafficCounters) -> u64,
+    );
+    let simple: [Counter; 4] = [
         (
             "istmesh_service_flows_opened_total",
             "Flows opened to a service that reached an instance.",
