@@ -602,11 +602,18 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(TICK);
         ticks = ticks.wrapping_add(1);
-        if ticks % 10 == 0 {
-            // Service flows: idle expiry and unanswered SYNs, once a second.
+        {
+            // Service flows: idle expiry and unanswered SYNs once a second;
+            // flows held for a wake every tick (refused within 100 ms of
+            // their wake timeout).
             let held = {
                 let mut table = shared.vips.table.lock();
-                table.expire(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                if ticks % 10 == 0 {
+                    table.expire(now);
+                } else {
+                    table.expire_held(now);
+                }
                 table.take_held()
             };
             super::vip::write_held(&shared, held);

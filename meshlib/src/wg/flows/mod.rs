@@ -75,7 +75,9 @@
 //!   instance pins each held flow to one (the same policy) and hands its
 //!   packets, in order, to the engine ([`FlowTable::take_held`]). A flow
 //!   still held after the wake timeout is refused (TCP reset, ICMP port
-//!   unreachable) by the sweep ([`FlowStats::wake_timeouts`]); so is every
+//!   unreachable) by the driver's sweep of held flows
+//!   ([`FlowTable::expire_held`], every 100 ms in the engine;
+//!   [`FlowStats::wake_timeouts`]); so is every
 //!   held flow of an address that goes away or stops being wakeable.
 //! - **Traffic per destination service** ([`FlowTable::traffic`],
 //!   [`crate::traffic::TrafficReport`]): flows opened (a TCP SYN-ACK seen,

@@ -922,6 +922,16 @@ impl FlowTable {
         }
     }
 
+    /// Held flows only (what [`FlowTable::expire`] does for them, cheap
+    /// when none is held): released if an instance is eligible now,
+    /// refused after the wake timeout. The driver calls it between sweeps.
+    pub fn expire_held(&mut self, now: Instant) {
+        if !self.holds.is_empty() {
+            self.settle_holds(now);
+            self.time_out_holds(self.ms(now));
+        }
+    }
+
     /// A held flow is refused: its first packet is answered.
     fn refuse_held(&mut self, counter: u32, f: Held) {
         self.held_bytes -= f.bytes;
