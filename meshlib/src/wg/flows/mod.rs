@@ -295,7 +295,7 @@ pub struct Ended {
 /// Counters of the flow table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Flows in the table now.
+    /// Flows in the table now, held ones included.
     pub active: usize,
     /// Flows opened (pinned to an instance).
     pub opened: u64,
