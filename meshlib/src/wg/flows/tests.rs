@@ -734,3 +734,104 @@ fn traffic_is_counted_per_destination_service() {
     assert_eq!(c.refused, 2);
     assert_eq!(c.bytes_sent, 2 * syn_len + data.len() as u64 + 1000 + 38);
 }
+
+/// The hold accounting agrees with what is held, within every bound.
+fn check_holds(t: &FlowTable) {
+    let mut flows = 0;
+    let mut bytes = 0;
+    for h in t.holds.values() {
+        assert!(h.flows.len() <= HOLD_FLOWS_PER_ADDRESS);
+        assert!(!h.flows.is_empty(), "no empty hold is kept");
+        let sum: usize = h.flows.values().map(|f| f.bytes).sum();
+        assert_eq!(h.bytes, sum);
+        assert!(h.bytes <= HOLD_BYTES_PER_ADDRESS);
+        for f in h.flows.values() {
+            assert!(!f.packets.is_empty() && f.packets.len() <= HOLD_PACKETS);
+            assert_eq!(f.bytes, f.packets.iter().map(Vec::len).sum::<usize>());
+            assert!(f.bytes <= HOLD_FLOW_BYTES);
+        }
+        flows += h.flows.len();
+        bytes += h.bytes;
+    }
+    let s = t.stats();
+    assert_eq!((s.held, s.held_bytes), (flows, bytes));
+    assert!(flows <= HOLD_FLOWS && bytes <= HOLD_BYTES);
+}
+
+#[test]
+fn random_traffic_through_sleep_and_wake_keeps_the_hold_accounting() {
+    let bs = [backend(1, &[80]), backend(2, &[])];
+    let wait = Duration::from_secs(2);
+    let states = [
+        wakeable(&[], wait),
+        wakeable(&bs, wait),
+        wakeable(&bs[..1], wait),
+        services(&[]),
+        Services::default(),
+    ];
+    let start = Instant::now();
+    let mut now = start;
+    let mut t = FlowTable::with_limit(start, 512);
+    t.set_services(&states[0], now);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut released, mut refused) = (0usize, 0usize);
+    for _ in 0..50_000 {
+        now += Duration::from_millis(next(40));
+        let port = 40000 + next(600) as u16;
+        let sport = [80, 81][next(2) as usize];
+        match next(100) {
+            0..=39 => {
+                let p = tcp(
+                    (C, port),
+                    (V, sport),
+                    SYN,
+                    next(3) as u32,
+                    0,
+                    next(3) as usize * 700,
+                );
+                let _ = out(&mut t, &p, now);
+            }
+            40..=59 => {
+                let p = udp((C, port), (V, 53), next(3000) as usize);
+                let _ = out(&mut t, &p, now);
+            }
+            60..=64 => {
+                let p = tcp((C, port), (V, sport), RST, 1, 0, 0);
+                let _ = out(&mut t, &p, now);
+            }
+            65..=79 => {
+                let p = tcp((V, sport), (C, port), SYN | ACK, 9, 1, 0);
+                let _ = inb(&mut t, &bs[next(2) as usize].key, &p, now);
+            }
+            80..=84 => {
+                t.set_services(&states[next(states.len() as u64) as usize], now);
+            }
+            85..=94 => t.expire_held(now),
+            _ => {
+                t.expire(now);
+            }
+        }
+        let held = t.take_held();
+        released += held.released.len();
+        refused += held.refused.len();
+        for (k, _) in &held.released {
+            assert!(bs.iter().any(|b| b.key == *k));
+        }
+        check_holds(&t);
+    }
+    eprintln!(
+        "released {released}, refused {refused}, stats {:?}",
+        t.stats()
+    );
+    assert!(released > 0 && refused > 0);
+    t.set_services(&Services::default(), now);
+    t.expire(now + Duration::from_secs(3 * 3600));
+    check_holds(&t);
+    assert_eq!(t.stats().active, 0);
+}
