@@ -75,6 +75,7 @@ fn main() {
             service: "api".into(),
             ip: VIP.into(),
             backends,
+            wake_timeout: None,
         }],
     };
     let syns: Vec<Vec<u8>> = (0..FLOWS).map(|i| segment(i, false)).collect();
@@ -86,14 +87,14 @@ fn main() {
     let start = Instant::now();
     for p in &syns {
         let seg = Segment::outbound(p).unwrap();
-        assert!(matches!(table.outbound(&seg, now), Outbound::Forward(_)));
+        assert!(matches!(table.outbound(&seg, p, now), Outbound::Forward(_)));
     }
     let open_ns = start.elapsed().as_nanos() / u128::from(FLOWS);
     let full = LIVE.load(Relaxed);
     let start = Instant::now();
     for p in &acks {
         let seg = Segment::outbound(p).unwrap();
-        assert!(matches!(table.outbound(&seg, now), Outbound::Forward(_)));
+        assert!(matches!(table.outbound(&seg, p, now), Outbound::Forward(_)));
     }
     let lookup_ns = start.elapsed().as_nanos() / u128::from(FLOWS);
     assert_eq!(table.stats().active, FLOWS as usize);

@@ -34,8 +34,12 @@ fuzz_target!(|data: &[u8]| {
             service: "api".into(),
             ip: Ipv4Addr::new(10, 240, 4, 1),
             backends,
+            wake_timeout: Some(Duration::from_secs(2)),
         }],
     };
+    // The same address asleep: new flows are held for a wake.
+    let mut asleep = services.clone();
+    asleep.addresses[0].backends.clear();
     let start = Instant::now();
     let mut now = start;
     let mut table = FlowTable::with_limit(start, 64);
@@ -51,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         match head & 0x0f {
             0 => {
                 if let Some(seg) = Segment::outbound(packet) {
-                    let _ = table.outbound(&seg, now);
+                    let _ = table.outbound(&seg, packet, now);
                 }
                 if let Some(n) = wire::reject(packet, &mut answer) {
                     let back = Segment::inbound(&answer[..n]).expect("answers parse");
@@ -67,6 +71,9 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 table.expire(now);
             }
+            6 => {
+                let _ = table.set_services(&asleep, now);
+            }
             5 => {
                 for e in table.set_services(&services, now) {
                     let n = wire::reset(&e.key, e.seq, &mut answer);
@@ -77,6 +84,20 @@ fuzz_target!(|data: &[u8]| {
                 let _ = table.set_services(&Services::default(), now);
             }
         }
+        // Held flows released go to a backend; refused ones are answered
+        // as packets of their own flow.
+        let held = table.take_held();
+        for (k, packets) in &held.released {
+            assert!(keys[..2].contains(k));
+            assert!(!packets.is_empty() && packets.len() <= 4);
+        }
+        for p in &held.refused {
+            if let Some(n) = wire::reject(p, &mut answer) {
+                let back = Segment::inbound(&answer[..n]).expect("answers parse");
+                assert_eq!(Some(back.key), Segment::outbound(p).map(|s| s.key));
+            }
+        }
+        assert!(table.stats().held <= meshlib::wg::flows::HOLD_FLOWS_PER_ADDRESS);
     }
     let _ = table.stats();
 });

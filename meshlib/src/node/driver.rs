@@ -56,6 +56,12 @@ impl Driver {
         let mut detect = tokio::time::interval(DETECT_ENDPOINTS);
         detect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         detect.tick().await;
+        // Kernel mode: the engine's traffic per service, to the keyserver
+        // (the member core sends it only when it changed).
+        let mut report = tokio::time::interval(crate::traffic::REPORT_INTERVAL);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        report.tick().await;
+        let reports = self.plane.is_kernel();
         loop {
             tokio::select! {
                 ev = self.session.next_event() => {
@@ -91,6 +97,12 @@ impl Driver {
                     Some(cmd) => self.on_command(cmd).await,
                 },
                 Some(req) = requests.recv() => self.on_plane_request(req),
+                _ = report.tick(), if reports => {
+                    let traffic = self.plane.engine.traffic();
+                    if !traffic.pairs.is_empty() {
+                        self.on_plane_request(PlaneRequest::Traffic(traffic));
+                    }
+                }
                 _ = detect.tick() => {
                     // Local addresses (unless configured) plus what the
                     // engine learned (STUN, the relay): candidates reach

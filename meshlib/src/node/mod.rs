@@ -509,6 +509,7 @@ impl Node {
             stored.range,
             cfg.listen_port,
             cfg.persistent_keepalive,
+            &requests,
         )?;
         if let Some(hook) = &cfg.on_map {
             (hook.0)(&map);
@@ -772,6 +773,18 @@ impl Node {
     /// traffic reports ([`ControlRequests`]); clone it into the data plane.
     pub fn control_requests(&self) -> ControlRequests {
         self.requests.clone()
+    }
+
+    /// This member's traffic per destination service, as the data plane
+    /// counts it now ([`crate::traffic::TrafficReport`]: cumulative since
+    /// the node started, `active` a gauge; the source is this member's own
+    /// service): what the node reports to the keyserver every
+    /// [`crate::traffic::REPORT_INTERVAL`] (when it changed). Kernel mode
+    /// only, where the engine balances service addresses; `None` in
+    /// userspace mode. Cheap enough for `/metrics` and status (one pass
+    /// over the flow table under its lock).
+    pub fn traffic(&self) -> Option<crate::traffic::TrafficReport> {
+        self.plane.is_kernel().then(|| self.plane.engine.traffic())
     }
 
     /// Asks the keyserver to wake `service` (scale to zero); see

@@ -14,7 +14,7 @@ use crate::userspace::{Stack, StackConfig};
 use crate::wg::flows::{own_address, Services};
 use crate::wg::{Engine, EngineConfig, TunConfig, TunDevice};
 
-use super::{NodeError, NodeMode};
+use super::{ControlRequests, NodeError, NodeMode};
 
 /// The engine, the stack in userspace mode, and the peers applied so far.
 pub(super) struct Plane {
@@ -43,7 +43,8 @@ struct Applied {
 }
 
 impl Plane {
-    /// Starts the data plane for a member at `ip` in `range`.
+    /// Starts the data plane for a member at `ip` in `range`. In kernel
+    /// mode the engine's held flows ask for wakes through `requests`.
     pub(super) fn start(
         mode: &NodeMode,
         key: &PrivateKey,
@@ -51,6 +52,7 @@ impl Plane {
         range: Ipv4Net,
         listen_port: u16,
         keepalive: u16,
+        requests: &ControlRequests,
     ) -> Result<Self, NodeError> {
         let dp =
             |what: &str, e: &dyn std::fmt::Display| NodeError::DataPlane(format!("{what}: {e}"));
@@ -71,6 +73,15 @@ impl Plane {
                 let engine =
                     Engine::start(tun.clone(), engine_config).map_err(|e| dp("engine", &e))?;
                 tracing::info!(%interface, address = %addr, port = engine.listen_port(), "data plane up");
+                // Scale to zero: a held flow asks the keyserver to wake its
+                // service (the member core sends one request per service
+                // and wake timeout).
+                let requests = requests.clone();
+                engine.set_wake_hook(Some(Arc::new(move |service: &str| {
+                    if !requests.wake(service) {
+                        tracing::debug!(service = %crate::render::text::escape(service), "wake request not queued");
+                    }
+                })));
                 let kernel = Kernel {
                     tun,
                     applied: Mutex::new(Applied::default()),
@@ -170,6 +181,12 @@ impl Plane {
                 }
             }
         }
+    }
+
+    /// Whether the engine balances service addresses itself (kernel mode):
+    /// then it also counts traffic per service.
+    pub(super) fn is_kernel(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Drops every peer (revoked, left).

@@ -561,16 +561,33 @@ impl Engine {
     /// instances that are no longer backends are reset at once (a reset
     /// written to the device for the local client); returns how many.
     pub fn set_services(&self, services: &super::flows::Services) -> usize {
-        let ended = self
-            .shared
-            .vips
-            .table
-            .lock()
-            .set_services(services, Instant::now());
+        let (ended, held) = {
+            let mut table = self.shared.vips.table.lock();
+            let ended = table.set_services(services, Instant::now());
+            (ended, table.take_held())
+        };
         let range = services.range.filter(|_| !services.addresses.is_empty());
         self.shared.vips.set_range(range);
         super::vip::write_resets(&self.shared, &ended);
+        super::vip::write_held(&self.shared, held);
         ended.len()
+    }
+
+    /// Sets (or with `None` clears) the hook called with a service's name
+    /// when a new flow to its wakeable address is held because it has no
+    /// instance (scale to zero; see [`super::flows`]): once per address
+    /// and wake timeout, from a packet loop, with no lock held. Keep it
+    /// quick (queue the request): [`crate::node::Node`] calls
+    /// [`crate::node::ControlRequests::wake`].
+    pub fn set_wake_hook(&self, hook: Option<super::WakeHook>) {
+        *self.shared.vips.hook.write() = hook;
+    }
+
+    /// Traffic per destination service of this member's flows to service
+    /// addresses, cumulative since the engine started (destination: the
+    /// service's name; at most [`crate::traffic::MAX_PAIRS`]).
+    pub fn traffic(&self) -> crate::traffic::TrafficReport {
+        self.shared.vips.table.lock().traffic()
     }
 
     /// Counters of the service-address flow table.

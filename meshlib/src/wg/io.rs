@@ -236,6 +236,24 @@ fn encrypt_one(
     out.commit(shared, udp, &peer, endpoint, n + hdr);
 }
 
+/// Encrypts and sends one clear-text packet to `peer` outside the device
+/// loop (a held packet of a flow whose service woke). Without a session
+/// the packet waits in the peer's queue for the handshake this starts.
+pub(crate) fn send_to_peer(shared: &Shared, peer: &Peer, packet: &[u8]) {
+    let Some(endpoint) = *peer.endpoint.lock() else {
+        peer.drop_no_endpoint.fetch_add(1, Relaxed);
+        return;
+    };
+    let mut buf = vec![0u8; (packet.len() + OVERHEAD).max(148)];
+    let n = match peer.tunn.lock().encapsulate(packet, &mut buf) {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        _ => return,
+    };
+    let udp = shared.udp.read().clone();
+    let result = paths::send_to(shared, &udp, peer, endpoint, &buf[..n]);
+    sent(shared, peer, endpoint, n, result);
+}
+
 /// Clear-text packets decrypted from one receive batch, waiting to be
 /// written to the device together (so the device can coalesce them).
 struct DeviceBatch {
@@ -248,7 +266,7 @@ struct DeviceBatch {
 
 impl DeviceBatch {
     fn flush(&mut self, shared: &Shared) {
-        self.vip.end_batch();
+        self.vip.end_batch(shared);
         if self.count > 0 {
             if let Err(e) = shared.device.send_batch(&mut self.bufs[..self.count]) {
                 tracing::trace!("device write: {e}");
@@ -584,9 +602,21 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     while !shared.stop.load(Relaxed) {
         std::thread::sleep(TICK);
         ticks = ticks.wrapping_add(1);
-        if ticks % 10 == 0 {
-            // Service flows: idle expiry and unanswered SYNs, once a second.
-            shared.vips.table.lock().expire(std::time::Instant::now());
+        {
+            // Service flows: idle expiry and unanswered SYNs once a second;
+            // flows held for a wake every tick (refused within 100 ms of
+            // their wake timeout).
+            let held = {
+                let mut table = shared.vips.table.lock();
+                let now = std::time::Instant::now();
+                if ticks % 10 == 0 {
+                    table.expire(now);
+                } else {
+                    table.expire_held(now);
+                }
+                table.take_held()
+            };
+            super::vip::write_held(&shared, held);
         }
         match &*shared.key.read() {
             None => continue,

@@ -79,3 +79,8 @@ pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget};
 pub use peer::{PeerConfig, PeerDrops, PeerStats};
 pub use table::{AllowedIps, PeerTable};
 pub use uapi_server::UapiServer;
+
+/// Called with a service's name when the engine holds a new flow to its
+/// wakeable service address and asks for a wake
+/// ([`Engine::set_wake_hook`]).
+pub type WakeHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;

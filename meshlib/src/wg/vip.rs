@@ -10,8 +10,15 @@
 //! flow, the table (a mutex, never held across a syscall) is asked once
 //! per run of consecutive plain packets of one flow in a batch (TCP
 //! without SYN/FIN/RST, UDP, echo); the rest of the run reuses the answer,
-//! and the run's last acknowledgment is recorded at its end. Nothing is
-//! allocated per packet.
+//! and the run's last acknowledgment and bytes are recorded at its end.
+//! Nothing is allocated per packet (but a packet held while its service
+//! wakes is copied, within the table's bounds).
+//!
+//! Scale to zero: a new flow the table holds for a wake makes the engine
+//! call its wake hook ([`super::Engine::set_wake_hook`]) with the
+//! service's name, outside the table's lock; held flows the table later
+//! pins are sent to their instance's peer, held flows it refuses are
+//! answered on the interface ([`write_held`]).
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -19,10 +26,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::Ipv4Net;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::flows::wire::{self, ACK, ANSWER_MAX};
-use super::flows::{FlowKey, FlowTable, Inbound, Kind, Outbound, Segment};
+use super::flows::{FlowKey, FlowTable, HeldOutput, Inbound, Kind, Outbound, Segment};
 use super::peer::Peer;
 use super::shared::Shared;
 
@@ -39,6 +46,8 @@ pub(crate) struct Vips {
     /// Packets to or from a service address the table cannot read
     /// (later fragments, other protocols, truncated headers): dropped.
     pub unreadable: AtomicU64,
+    /// Called with a service's name when a held flow asks for a wake.
+    pub hook: RwLock<Option<super::WakeHook>>,
 }
 
 impl Vips {
@@ -47,6 +56,15 @@ impl Vips {
             range: AtomicU64::new(NO_RANGE),
             table: Mutex::new(FlowTable::new(now)),
             unreadable: AtomicU64::new(0),
+            hook: RwLock::new(None),
+        }
+    }
+
+    /// Asks for a wake of `service` (no lock held by the caller).
+    pub fn wake(&self, service: &str) {
+        let hook = self.hook.read().clone();
+        if let Some(h) = hook {
+            h(service);
         }
     }
 
@@ -71,6 +89,8 @@ pub(crate) struct OutCursor {
     run: Option<(FlowKey, Arc<Peer>)>,
     /// The last acknowledgment of the run not yet recorded in the table.
     ack: Option<u32>,
+    /// Bytes of the run not yet counted by the table.
+    bytes: u64,
     answer: Vec<Vec<u8>>,
     off: usize,
 }
@@ -80,6 +100,7 @@ impl OutCursor {
         Self {
             run: None,
             ack: None,
+            bytes: 0,
             answer: vec![Vec::with_capacity(off + ANSWER_MAX + 64)],
             off,
         }
@@ -97,6 +118,7 @@ impl OutCursor {
         if seg.is_plain() {
             if let Some((key, peer)) = &self.run {
                 if *key == seg.key {
+                    self.bytes += u64::from(seg.len);
                     if let Kind::Tcp { flags, ack, .. } = seg.kind {
                         if flags & ACK != 0 {
                             self.ack = Some(ack);
@@ -108,7 +130,18 @@ impl OutCursor {
         }
         self.flush(shared);
         self.run = None;
-        let verdict = vips.table.lock().outbound(&seg, Instant::now());
+        let (verdict, wake) = {
+            let mut table = vips.table.lock();
+            let verdict = table.outbound(&seg, packet, Instant::now());
+            let wake = match verdict {
+                Outbound::Hold { wake: true } => table.held_service(&seg.key.service),
+                _ => None,
+            };
+            (verdict, wake)
+        };
+        if let Some(service) = wake {
+            vips.wake(&service);
+        }
         match verdict {
             Outbound::Forward(key) => {
                 let peer = shared.table.read().by_key(&key).map(|(_, p)| p.clone());
@@ -125,18 +158,19 @@ impl OutCursor {
                 self.answer(shared, packet);
                 None
             }
-            Outbound::Drop => None,
+            Outbound::Drop | Outbound::Hold { .. } => None,
         }
     }
 
-    /// Records the run's last acknowledgment in the table.
+    /// Records the run's last acknowledgment and its bytes in the table.
     fn flush(&mut self, shared: &Shared) {
-        if let (Some(ack), Some((key, _))) = (self.ack.take(), &self.run) {
+        let (ack, bytes) = (self.ack.take(), std::mem::take(&mut self.bytes));
+        if let (true, Some((key, _))) = (ack.is_some() || bytes > 0, &self.run) {
             shared
                 .vips
                 .table
                 .lock()
-                .touch(key, Some(ack), Instant::now());
+                .touch(key, ack, bytes, Instant::now());
         }
     }
 
@@ -167,6 +201,8 @@ impl OutCursor {
 #[derive(Default)]
 pub(crate) struct InCursor {
     run: Option<(FlowKey, Arc<Peer>)>,
+    /// Bytes of the run not yet counted by the table.
+    bytes: u64,
 }
 
 impl InCursor {
@@ -180,10 +216,12 @@ impl InCursor {
         if seg.is_plain() {
             if let Some((key, p)) = &self.run {
                 if *key == seg.key && Arc::ptr_eq(p, peer) {
+                    self.bytes += u64::from(seg.len);
                     return Inbound::Accept;
                 }
             }
         }
+        self.flush(shared);
         let verdict = shared
             .vips
             .table
@@ -193,9 +231,57 @@ impl InCursor {
         verdict
     }
 
+    /// Counts the run's bytes in the table.
+    fn flush(&mut self, shared: &Shared) {
+        let bytes = std::mem::take(&mut self.bytes);
+        if let (true, Some((key, _))) = (bytes > 0, &self.run) {
+            shared
+                .vips
+                .table
+                .lock()
+                .touch_in(key, bytes, Instant::now());
+        }
+    }
+
     /// End of a batch.
-    pub fn end_batch(&mut self) {
+    pub fn end_batch(&mut self, shared: &Shared) {
+        self.flush(shared);
         self.run = None;
+    }
+}
+
+/// Acts on what held flows became ([`FlowTable::take_held`]): released
+/// packets are encrypted and sent to their instance's peer, in order;
+/// refused flows are answered on the interface. Call with no lock held.
+pub(crate) fn write_held(shared: &Shared, held: HeldOutput) {
+    if held.is_empty() {
+        return;
+    }
+    for (key, packets) in &held.released {
+        let peer = shared.table.read().by_key(key).map(|(_, p)| p.clone());
+        let Some(peer) = peer else {
+            shared.counters.no_route.fetch_add(1, Relaxed);
+            continue;
+        };
+        for p in packets {
+            super::io::send_to_peer(shared, &peer, p);
+        }
+    }
+    let off = shared.device.headroom();
+    let mut bufs: Vec<Vec<u8>> = held
+        .refused
+        .iter()
+        .filter_map(|p| {
+            let mut b = vec![0u8; off + ANSWER_MAX];
+            let n = wire::reject(p, &mut b[off..])?;
+            b.truncate(off + n);
+            Some(b)
+        })
+        .collect();
+    for chunk in bufs.chunks_mut(super::device::BATCH) {
+        if let Err(e) = shared.device.send_batch(chunk) {
+            tracing::debug!("device write (held flows refused): {e}");
+        }
     }
 }
 

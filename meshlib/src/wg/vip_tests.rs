@@ -32,6 +32,7 @@ fn services(backends: Vec<Backend>) -> Services {
             service: "api".into(),
             ip: V.into(),
             backends,
+            wake_timeout: None,
         }],
     }
 }
@@ -174,4 +175,57 @@ fn service_without_backends_refuses_at_once() {
     client.send(syn(40001));
     assert_eq!(client.recv(QUIET), None);
     assert!(client.engine.stats().no_route >= 1);
+}
+
+#[test]
+fn held_flows_wake_the_service_once_then_reach_it_or_are_refused() {
+    let (client, backends, _other) = mesh();
+    let asked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    client
+        .engine
+        .set_wake_hook(Some(std::sync::Arc::new(move |s: &str| {
+            seen.lock().push(s.to_owned())
+        })));
+    let mut sleeping = services(vec![]);
+    sleeping.addresses[0].wake_timeout = Some(Duration::from_secs(30));
+    client.engine.set_services(&sleeping);
+    for port in 40000..40003 {
+        client.send(syn(port));
+    }
+    client.send(syn(40000));
+    assert_eq!(client.recv(QUIET), None, "held, not refused");
+    for b in &backends {
+        assert_eq!(b.recv(Duration::from_millis(10)), None);
+    }
+    assert_eq!(*asked.lock(), vec!["api".to_owned()], "one wake");
+    assert_eq!(client.engine.flow_stats().held, 3);
+    // The service wakes: every held SYN reaches it, once.
+    let mut awake = services(vec![backend(&backends[0], 2)]);
+    awake.addresses[0].wake_timeout = Some(Duration::from_secs(30));
+    client.engine.set_services(&awake);
+    let mut got = Vec::new();
+    while let Some(p) = backends[0].recv(QUIET) {
+        got.push(p);
+    }
+    got.sort();
+    let mut want: Vec<Vec<u8>> = (40000..40003).map(syn).collect();
+    want.sort();
+    assert_eq!(got, want);
+    backends[0].send(synack(40000));
+    assert_eq!(client.recv(WAIT), Some(synack(40000)));
+    let report = client.engine.traffic();
+    let c = report.get("api").unwrap();
+    assert_eq!((c.held, c.opened, c.active), (3, 1, 3), "{c:?}");
+    // Asleep again, with a short wake timeout: refused after it.
+    let mut short = services(vec![]);
+    short.addresses[0].wake_timeout = Some(Duration::from_secs(1));
+    client.engine.set_services(&short);
+    let start = std::time::Instant::now();
+    client.send(syn(41000));
+    let answer = client.recv(Duration::from_secs(5)).expect("refused");
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    assert_eq!(Segment::inbound(&answer).unwrap().tcp_flags(), RST | ACK);
+    assert_eq!(client.engine.flow_stats().wake_timeouts, 1);
+    assert_eq!(asked.lock().len(), 2, "asleep anew: asked again");
 }

@@ -52,22 +52,49 @@
 //!   Linux's 2 h keepalive), closing (FIN both ways) [`TCP_CLOSING`]
 //!   (10 s), reset at once; UDP [`UDP_IDLE`] (60 s); ICMP [`ICMP_IDLE`]
 //!   (30 s). The driver sweeps once a second.
-//! - **Bound**: at most [`MAX_FLOWS`] flows (114 688; 5.9 MB of hash
-//!   table at the bound, about 59 bytes a flow at 100 000). When full, a
+//! - **Bound**: at most [`MAX_FLOWS`] flows (114 688; 6.4 MB of hash
+//!   table at the bound, about 64 bytes a flow at 100 000). When full, a
 //!   sweep of expired flows runs (at most every 100 ms); if it frees
 //!   nothing, the new flow is refused as above and counted
 //!   ([`FlowStats::full`]); flows already in the table are never evicted.
 //!   A pool counts at most 65 535 flows per instance (the `u16` limits of
 //!   [`crate::balance::Pool`]; as many as the client has ports), then
 //!   balances over the others or refuses.
+//! - **Held for a wake** (scale to zero, seed 001): a new flow to a
+//!   wakeable address ([`ServiceBackends::wake_timeout`]) with no online
+//!   instance at all is not refused: its first packets are held
+//!   ([`Outbound::Hold`]; at most [`HOLD_PACKETS`] packets and
+//!   [`HOLD_FLOW_BYTES`] bytes a flow, more are dropped, a retransmitted
+//!   SYN among them) and one wake is asked for the address
+//!   (`Hold { wake: true }`: again only for a flow held after the wake
+//!   timeout since the last ask). At most [`HOLD_FLOWS_PER_ADDRESS`] flows
+//!   and [`HOLD_BYTES_PER_ADDRESS`] bytes are held per address, and
+//!   [`HOLD_FLOWS`] flows and [`HOLD_BYTES`] bytes in all (1 MiB and the
+//!   held flows' small records); past them a new flow is refused as above
+//!   and counted ([`FlowStats::hold_full`]). A map with an eligible
+//!   instance pins each held flow to one (the same policy) and hands its
+//!   packets, in order, to the engine ([`FlowTable::take_held`]). A flow
+//!   still held after the wake timeout is refused (TCP reset, ICMP port
+//!   unreachable) by the driver's sweep of held flows
+//!   ([`FlowTable::expire_held`], every 100 ms in the engine;
+//!   [`FlowStats::wake_timeouts`]); so is every
+//!   held flow of an address that goes away or stops being wakeable.
+//! - **Traffic per destination service** ([`FlowTable::traffic`],
+//!   [`crate::traffic::TrafficReport`]): flows opened (a TCP SYN-ACK seen,
+//!   a datagram flow sent on), open now (held ones included), refused,
+//!   held; bytes each way (clear-text IP packets); connect time (first
+//!   packet to the first answer, a wake included). Kept per service
+//!   address slot (at most [`crate::traffic::MAX_PAIRS`] services; no
+//!   allocation per packet), cumulative since the table was made.
 //! - **Not handled**: IPv4 fragments after the first (dropped: they carry
 //!   no ports), IPv6.
 //!
 //! Calls: [`FlowTable::set_services`] on every map, [`FlowTable::outbound`]
 //! for packets from the interface, [`FlowTable::inbound`] for packets from
-//! peers, [`FlowTable::expire`] once a second; [`FlowTable::touch`] lets a
-//! driver that sent a run of plain packets of one flow without asking
-//! record the last one.
+//! peers, [`FlowTable::expire`] once a second, [`FlowTable::take_held`]
+//! after both; [`FlowTable::touch`] and [`FlowTable::touch_in`] let a
+//! driver that passed a run of plain packets of one flow without asking
+//! record it.
 
 pub mod wire;
 
@@ -82,11 +109,12 @@ use crate::ids::InstanceName;
 use crate::keys::PublicKey;
 use crate::netmap::{default_service_range, NetworkMap};
 use crate::services::Limits;
+use crate::traffic::{PairTraffic, TrafficCounters, TrafficReport, MAX_PAIRS};
 
 pub use wire::{FlowKey, Kind, Proto, Segment};
 
 /// Most flows in the table: 7/8 of 2^17, so its hash table never grows
-/// past 2^17 buckets (45 bytes each: 5.9 MB).
+/// past 2^17 buckets (49 bytes each: 6.4 MB).
 pub const MAX_FLOWS: usize = 114_688;
 /// A TCP flow whose SYN was not answered, idle this long, ends.
 pub const TCP_SYN_IDLE: Duration = Duration::from_secs(30);
@@ -106,6 +134,19 @@ pub const SYN_RETRY_AFTER: Duration = Duration::from_millis(500);
 /// A SYN unanswered this long is a failure of its instance (checked by
 /// the sweep, for clients that give up before retransmitting).
 pub const SYN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most packets held for one flow while its service wakes (a client
+/// sends one SYN, or a few datagrams, before it hears back).
+pub const HOLD_PACKETS: usize = 4;
+/// Most bytes held for one flow.
+pub const HOLD_FLOW_BYTES: usize = 8 * 1024;
+/// Most flows held for one service address.
+pub const HOLD_FLOWS_PER_ADDRESS: usize = 256;
+/// Most bytes held for one service address.
+pub const HOLD_BYTES_PER_ADDRESS: usize = 256 * 1024;
+/// Most flows held in all.
+pub const HOLD_FLOWS: usize = 1024;
+/// Most bytes held in all.
+pub const HOLD_BYTES: usize = 1024 * 1024;
 /// Least time between two sweeps forced by a full table.
 const FULL_SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// Service addresses do not limit connections: only health and balance.
@@ -136,6 +177,9 @@ pub struct ServiceBackends {
     pub ip: Ipv4Addr,
     /// Its online instances, other than this member.
     pub backends: Vec<Backend>,
+    /// Scale to zero: with no instance, a new flow is held this long
+    /// while the service is woken (`None`: refused at once).
+    pub wake_timeout: Option<Duration>,
 }
 
 /// What the flow table balances: the service range and every service
@@ -181,6 +225,9 @@ impl Services {
                         ports: m.ports.clone(),
                     })
                     .collect(),
+                wake_timeout: a
+                    .wake_timeout_secs
+                    .map(|s| Duration::from_secs(u64::from(s.max(1)))),
             })
             .collect();
         Self {
@@ -214,6 +261,13 @@ pub enum Outbound {
     Reject,
     /// Drop it.
     Drop,
+    /// The table took it (held while the service wakes, or a copy of a
+    /// held packet dropped); `wake`: ask for a wake of the address's
+    /// service ([`FlowTable::held_service`] names it).
+    Hold {
+        /// Ask for a wake now.
+        wake: bool,
+    },
 }
 
 /// What to do with a packet from a peer whose source is a service address.
@@ -241,7 +295,7 @@ pub struct Ended {
 /// Counters of the flow table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Flows in the table now.
+    /// Flows in the table now, held ones included.
     pub active: usize,
     /// Flows opened (pinned to an instance).
     pub opened: u64,
@@ -260,6 +314,17 @@ pub struct FlowStats {
     pub foreign: u64,
     /// Flows ended by idle expiry.
     pub expired: u64,
+    /// Flows held now while their service wakes (in `active` too).
+    pub held: usize,
+    /// Flows ever held while their service woke.
+    pub held_total: u64,
+    /// Held flows refused: still no instance after the wake timeout, or
+    /// the address went away or stopped being wakeable.
+    pub wake_timeouts: u64,
+    /// New flows refused: the hold bounds were reached.
+    pub hold_full: u64,
+    /// Bytes of packets held now.
+    pub held_bytes: usize,
     /// Packets to or from a service address that could not be read (later
     /// fragments, other protocols, truncated headers): dropped. Counted by
     /// the engine ([`super::Engine::flow_stats`]).
@@ -292,6 +357,8 @@ const SYN_FAILED: u8 = 8;
 const AWAIT_SYN: u8 = 16;
 /// `ack` holds an acknowledgment the client sent.
 const HAS_ACK: u8 = 32;
+/// The flow's connect time was measured (its first answer seen).
+const ANSWERED: u8 = 64;
 
 /// One flow: where it goes and what was seen of it. Times are
 /// milliseconds since the table's epoch, wrapping (the sweep ends every
@@ -302,6 +369,8 @@ struct Flow {
     pool: u32,
     last: u32,
     since: u32,
+    /// When its first packet was seen (held ones included).
+    start: u32,
     isn: u32,
     ack: u32,
     state: State,
@@ -332,7 +401,12 @@ struct PoolSlot {
     pool: Pool,
     /// Backend slots it covers.
     members: Vec<u32>,
+    /// The traffic counters of its service ([`NO_COUNTER`]: none).
+    counter: u32,
 }
+
+/// No traffic counters (more services than [`MAX_PAIRS`]).
+const NO_COUNTER: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
 struct BackendSlot {
@@ -346,6 +420,55 @@ struct Address {
     announced: BTreeSet<u16>,
     /// Pool slots by (transport, class).
     pools: HashMap<(Proto, Class), u32>,
+    /// The service's name.
+    service: String,
+    /// Wake timeout, ms (`None`: not wakeable).
+    wake: Option<u32>,
+    /// Whether it has no instance at all (new flows are held if wakeable).
+    idle: bool,
+    /// Its traffic counters.
+    counter: u32,
+}
+
+/// A flow held while its service wakes.
+#[derive(Debug)]
+struct Held {
+    /// When it was held (ms).
+    since: u32,
+    /// Its SYN's sequence number (TCP).
+    isn: u32,
+    /// Its packets, in order.
+    packets: Vec<Vec<u8>>,
+    /// Their bytes.
+    bytes: usize,
+}
+
+/// The flows held for one service address.
+#[derive(Debug)]
+struct Hold {
+    flows: HashMap<FlowKey, Held>,
+    /// Their bytes.
+    bytes: usize,
+    /// The service's traffic counters.
+    counter: u32,
+}
+
+/// What held flows became, for the engine to act on
+/// ([`FlowTable::take_held`]).
+#[derive(Debug, Default)]
+pub struct HeldOutput {
+    /// Flows pinned to an instance: send these packets, in order, to
+    /// this peer.
+    pub released: Vec<(PublicKey, Vec<Vec<u8>>)>,
+    /// Flows refused: answer each first packet with [`wire::reject`].
+    pub refused: Vec<Vec<u8>>,
+}
+
+impl HeldOutput {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.released.is_empty() && self.refused.is_empty()
+    }
 }
 
 /// The flow table. See the module docs for the policy.
@@ -362,6 +485,17 @@ pub struct FlowTable {
     full_sweep: Option<u32>,
     /// The services last applied (most maps change none of them).
     applied: Services,
+    /// Flows held while their service wakes, by service address.
+    holds: HashMap<Ipv4Addr, Hold>,
+    /// When a wake was last asked, by service address (ms).
+    asked: HashMap<Ipv4Addr, u32>,
+    /// Held flows and bytes over every address.
+    held_flows: usize,
+    held_bytes: usize,
+    /// What held flows became, not yet taken by the engine.
+    held_out: HeldOutput,
+    /// Traffic per destination service (slots never freed: cumulative).
+    traffic: Vec<(String, TrafficCounters)>,
 }
 
 fn ms(d: Duration) -> u32 {
@@ -386,6 +520,12 @@ impl FlowTable {
             stats: FlowStats::default(),
             full_sweep: None,
             applied: Services::default(),
+            holds: HashMap::new(),
+            asked: HashMap::new(),
+            held_flows: 0,
+            held_bytes: 0,
+            held_out: HeldOutput::default(),
+            traffic: Vec::new(),
         }
     }
 
@@ -396,7 +536,9 @@ impl FlowTable {
     /// The counters.
     pub fn stats(&self) -> FlowStats {
         FlowStats {
-            active: self.flows.len(),
+            active: self.flows.len() + self.held_flows,
+            held: self.held_flows,
+            held_bytes: self.held_bytes,
             ..self.stats
         }
     }

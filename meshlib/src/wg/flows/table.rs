@@ -43,6 +43,27 @@ fn classes(announced: &BTreeSet<u16>) -> Vec<(Proto, Class)> {
     out
 }
 
+/// The traffic counters of slot `counter`, if any.
+fn tally(traffic: &mut [(String, TrafficCounters)], counter: u32) -> Option<&mut TrafficCounters> {
+    traffic.get_mut(counter as usize).map(|(_, c)| c)
+}
+
+/// The traffic slot of service `name`, made if new (none past
+/// [`MAX_PAIRS`] services, or for a name no report may carry).
+fn counter_for(traffic: &mut Vec<(String, TrafficCounters)>, name: &str) -> u32 {
+    if let Some(i) = traffic.iter().position(|(n, _)| n == name) {
+        return i as u32;
+    }
+    let reportable = !name.is_empty()
+        && name.len() <= crate::traffic::MAX_SERVICE_LEN
+        && !name.chars().any(char::is_control);
+    if traffic.len() >= MAX_PAIRS || !reportable {
+        return NO_COUNTER;
+    }
+    traffic.push((name.to_owned(), TrafficCounters::default()));
+    (traffic.len() - 1) as u32
+}
+
 fn serves(b: &Backend, class: Class) -> bool {
     match class {
         Class::All => true,
@@ -82,6 +103,7 @@ impl FlowTable {
         let mut pool_map: Vec<Option<u32>> = vec![None; old.len()];
         let mut addresses = HashMap::new();
         for s in &services.addresses {
+            let counter = counter_for(&mut self.traffic, &s.service);
             let announced: BTreeSet<u16> = s
                 .backends
                 .iter()
@@ -116,10 +138,24 @@ impl FlowTable {
                 if let Some(i) = previous {
                     pool_map[i] = Some(id);
                 }
-                self.pools.push(PoolSlot { key, pool, members });
+                self.pools.push(PoolSlot {
+                    key,
+                    pool,
+                    members,
+                    counter,
+                });
                 pools.insert((proto, class), id);
             }
-            addresses.insert(s.ip, Address { announced, pools });
+            let wake = s.wake_timeout.map(|d| ms(d).max(1));
+            let address = Address {
+                announced,
+                pools,
+                service: s.service.clone(),
+                wake,
+                idle: s.backends.is_empty(),
+                counter,
+            };
+            addresses.insert(s.ip, address);
         }
         let old_backends = std::mem::replace(&mut self.backends, backends);
         let backend_map: Vec<Option<u32>> = old_backends
@@ -135,7 +171,17 @@ impl FlowTable {
         if !self.addresses.is_empty() && self.flows.capacity() == 0 {
             self.flows.reserve(256);
         }
-        self.remap_flows(&old_backends, &pool_map, &backend_map, now)
+        let ended = self.remap_flows(&old_backends, &pool_map, &backend_map, now);
+        let Self {
+            asked, addresses, ..
+        } = self;
+        asked.retain(|ip, _| {
+            addresses
+                .get(ip)
+                .is_some_and(|a| a.wake.is_some() && a.idle)
+        });
+        self.settle_holds(now);
+        ended
     }
 
     /// Points every flow at its new pool and backend slots, ending those
@@ -195,8 +241,10 @@ impl FlowTable {
         ended
     }
 
-    /// A packet from the local client to a service address.
-    pub fn outbound(&mut self, seg: &Segment, now: Instant) -> Outbound {
+    /// A packet from the local client to a service address (`seg` is
+    /// `packet` read by [`Segment::outbound`]; the packet itself is
+    /// copied only if its flow is held for a wake).
+    pub fn outbound(&mut self, seg: &Segment, packet: &[u8], now: Instant) -> Outbound {
         let t = self.ms(now);
         let key = seg.key;
         if !self.addresses.contains_key(&key.service) {
@@ -206,6 +254,11 @@ impl FlowTable {
                 _ => Outbound::Reject,
             };
         }
+        if !self.holds.is_empty() {
+            if let Some(verdict) = self.held_packet(seg, packet) {
+                return verdict;
+            }
+        }
         let flow = self.flows.get(&key).copied();
         match (seg.kind, flow) {
             (
@@ -213,10 +266,10 @@ impl FlowTable {
                     flags, seq, ack, ..
                 },
                 Some(f),
-            ) => self.tcp_out(key, f, (flags, seq, ack), t, now),
+            ) => self.tcp_out(seg, packet, f, (flags, seq, ack), t, now),
             (Kind::Tcp { flags, .. }, None) => {
                 if flags & (SYN | ACK) == SYN {
-                    self.open(seg, t, now)
+                    self.open(seg, packet, t, now)
                 } else if flags & RST != 0 {
                     Outbound::Drop
                 } else {
@@ -229,39 +282,44 @@ impl FlowTable {
             (_, Some(mut f)) => {
                 f.last = t;
                 self.flows.insert(key, f);
+                self.count_sent(&f, u64::from(seg.len));
                 Outbound::Forward(self.backend_key(f.backend))
             }
-            (_, None) => self.open(seg, t, now),
+            (_, None) => self.open(seg, packet, t, now),
+        }
+    }
+
+    fn count_sent(&mut self, f: &Flow, bytes: u64) {
+        let counter = self
+            .pools
+            .get(f.pool as usize)
+            .map_or(NO_COUNTER, |p| p.counter);
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.bytes_sent = c.bytes_sent.saturating_add(bytes);
         }
     }
 
     fn tcp_out(
         &mut self,
-        key: FlowKey,
+        seg: &Segment,
+        packet: &[u8],
         mut f: Flow,
         (flags, seq, ack): (u8, u32, u32),
         t: u32,
         now: Instant,
     ) -> Outbound {
+        let key = seg.key;
         if flags & (SYN | ACK) == SYN {
             if seq != f.isn {
                 // A new connection on the same ports.
                 self.end(&key, now);
-                let seg = Segment {
-                    key,
-                    kind: Kind::Tcp {
-                        flags,
-                        seq,
-                        ack,
-                        len: 0,
-                    },
-                };
-                return self.open(&seg, t, now);
+                return self.open(seg, packet, t, now);
             }
             if f.state == State::SynSent {
                 return self.syn_again(key, f, t, now);
             }
         }
+        self.count_sent(&f, u64::from(seg.len));
         f.last = t;
         if flags & ACK != 0 {
             f.ack = ack;
@@ -307,17 +365,30 @@ impl FlowTable {
         Outbound::Forward(self.backend_key(f.backend))
     }
 
-    /// A new flow: pinned to an instance of its pool, or refused.
-    fn open(&mut self, seg: &Segment, t: u32, now: Instant) -> Outbound {
+    /// A refused new flow of service slot `counter`.
+    fn refused(&mut self, counter: u32) -> Outbound {
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.refused += 1;
+        }
+        Outbound::Reject
+    }
+
+    /// A new flow: pinned to an instance of its pool, held while its
+    /// service wakes, or refused.
+    fn open(&mut self, seg: &Segment, packet: &[u8], t: u32, now: Instant) -> Outbound {
         let key = seg.key;
-        let pool = self
-            .addresses
-            .get(&key.service)
-            .and_then(|a| a.pools.get(&(key.proto, class_of(a, &key))))
-            .copied();
-        let Some(pool) = pool else {
+        let Some(a) = self.addresses.get(&key.service) else {
             self.stats.rejected += 1;
             return Outbound::Reject;
+        };
+        let pool = a.pools.get(&(key.proto, class_of(a, &key))).copied();
+        let counter = a.counter;
+        if let (Some(timeout), true) = (a.wake, a.idle) {
+            return self.hold(seg, packet, counter, timeout, t);
+        }
+        let Some(pool) = pool else {
+            self.stats.rejected += 1;
+            return self.refused(counter);
         };
         if self.flows.len() >= self.limit {
             let due = self
@@ -329,12 +400,12 @@ impl FlowTable {
             }
             if self.flows.len() >= self.limit {
                 self.stats.full += 1;
-                return Outbound::Reject;
+                return self.refused(counter);
             }
         }
         let Some(backend) = self.admit(pool, now) else {
             self.stats.rejected += 1;
-            return Outbound::Reject;
+            return self.refused(counter);
         };
         let (state, isn) = match seg.kind {
             Kind::Tcp { seq, .. } => (State::SynSent, seq),
@@ -347,6 +418,7 @@ impl FlowTable {
                 pool,
                 last: t,
                 since: t,
+                start: t,
                 isn,
                 ack: 0,
                 state,
@@ -354,6 +426,12 @@ impl FlowTable {
             },
         );
         self.stats.opened += 1;
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.bytes_sent = c.bytes_sent.saturating_add(u64::from(seg.len));
+            if state == State::Datagram {
+                c.opened += 1;
+            }
+        }
         Outbound::Forward(self.backend_key(backend))
     }
 
@@ -369,7 +447,31 @@ impl FlowTable {
             self.stats.foreign += 1;
             return Inbound::Foreign;
         };
-        f.last = self.ms(now);
+        let t = self.ms(now);
+        f.last = t;
+        let counter = self
+            .pools
+            .get(f.pool as usize)
+            .map_or(NO_COUNTER, |p| p.counter);
+        let answered = match seg.kind {
+            Kind::Tcp { flags, .. } => {
+                flags & (SYN | ACK) == SYN | ACK && f.state == State::SynSent
+            }
+            Kind::Udp | Kind::Echo => f.bits & ANSWERED == 0,
+            Kind::IcmpError { .. } => false,
+        };
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.bytes_received = c.bytes_received.saturating_add(u64::from(seg.len));
+            if answered {
+                c.observe_connect(Duration::from_millis(u64::from(age(t, f.start))));
+                if f.state == State::SynSent {
+                    c.opened += 1;
+                }
+            }
+        }
+        if answered {
+            f.bits |= ANSWERED;
+        }
         match seg.kind {
             Kind::Tcp { flags, .. } => {
                 if flags & RST != 0 {
@@ -426,19 +528,33 @@ impl FlowTable {
                 f.bits |= HOLDS_SLOT;
                 self.flows.insert(key, f);
                 self.end(&key, now);
+                self.refused_in(&f);
                 Inbound::Accept
             }
             None => {
                 self.flows.insert(key, f);
                 self.end(&key, now);
+                self.refused_in(&f);
                 Inbound::Accept
             }
         }
     }
 
+    /// A refusal of flow `f`'s SYN reached the client.
+    fn refused_in(&mut self, f: &Flow) {
+        let counter = self
+            .pools
+            .get(f.pool as usize)
+            .map_or(NO_COUNTER, |p| p.counter);
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.refused += 1;
+        }
+    }
+
     /// Records a run of plain packets of flow `key` the driver sent without
-    /// asking (`ack`: the last acknowledgment among them, if TCP).
-    pub fn touch(&mut self, key: &FlowKey, ack: Option<u32>, now: Instant) {
+    /// asking (`ack`: the last acknowledgment among them, if TCP; `bytes`:
+    /// theirs).
+    pub fn touch(&mut self, key: &FlowKey, ack: Option<u32>, bytes: u64, now: Instant) {
         let t = self.ms(now);
         if let Some(f) = self.flows.get_mut(key) {
             f.last = t;
@@ -446,6 +562,25 @@ impl FlowTable {
                 f.ack = a;
                 f.bits |= HAS_ACK;
             }
+            let f = *f;
+            self.count_sent(&f, bytes);
+        }
+    }
+
+    /// Records a run of plain packets of flow `key` the driver accepted
+    /// from its instance without asking (`bytes`: theirs).
+    pub fn touch_in(&mut self, key: &FlowKey, bytes: u64, now: Instant) {
+        let t = self.ms(now);
+        let Some(f) = self.flows.get_mut(key) else {
+            return;
+        };
+        f.last = t;
+        let counter = self
+            .pools
+            .get(f.pool as usize)
+            .map_or(NO_COUNTER, |p| p.counter);
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.bytes_received = c.bytes_received.saturating_add(bytes);
         }
     }
 
@@ -453,6 +588,10 @@ impl FlowTable {
     /// failures. Returns how many flows ended.
     pub fn expire(&mut self, now: Instant) -> usize {
         let t = self.ms(now);
+        if !self.holds.is_empty() {
+            self.settle_holds(now);
+            self.time_out_holds(t);
+        }
         let before = self.flows.len();
         let Self {
             flows,
@@ -554,6 +693,301 @@ impl FlowTable {
             }
             Admit::Reject => None,
         }
+    }
+}
+
+impl FlowTable {
+    /// Holds a new flow's first packet while its service wakes (or
+    /// refuses it past the bounds).
+    fn hold(
+        &mut self,
+        seg: &Segment,
+        packet: &[u8],
+        counter: u32,
+        timeout: u32,
+        t: u32,
+    ) -> Outbound {
+        let len = packet.len();
+        let (flows, bytes) = self
+            .holds
+            .get(&seg.key.service)
+            .map_or((0, 0), |h| (h.flows.len(), h.bytes));
+        let fits = len <= HOLD_FLOW_BYTES
+            && flows < HOLD_FLOWS_PER_ADDRESS
+            && bytes + len <= HOLD_BYTES_PER_ADDRESS
+            && self.held_flows < HOLD_FLOWS
+            && self.held_bytes + len <= HOLD_BYTES;
+        if !fits {
+            self.stats.hold_full += 1;
+            return self.refused(counter);
+        }
+        let isn = match seg.kind {
+            Kind::Tcp { seq, .. } => seq,
+            _ => 0,
+        };
+        let h = self.holds.entry(seg.key.service).or_insert_with(|| Hold {
+            flows: HashMap::new(),
+            bytes: 0,
+            counter,
+        });
+        h.flows.insert(
+            seg.key,
+            Held {
+                since: t,
+                isn,
+                packets: vec![packet.to_vec()],
+                bytes: len,
+            },
+        );
+        h.bytes += len;
+        let asked = self.asked.get(&seg.key.service).copied();
+        let wake = asked.is_none_or(|a| age(t, a) >= timeout);
+        if wake {
+            self.asked.insert(seg.key.service, t);
+        }
+        self.held_flows += 1;
+        self.held_bytes += len;
+        self.stats.held_total += 1;
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.held += 1;
+        }
+        Outbound::Hold { wake }
+    }
+
+    /// A packet of a held flow (`None`: its flow is not held): kept within
+    /// the bounds, else dropped. A client's reset ends the held flow; a
+    /// retransmitted SYN is dropped (the held one goes); a SYN with another
+    /// sequence number (a new connection on the same ports) replaces it.
+    fn held_packet(&mut self, seg: &Segment, packet: &[u8]) -> Option<Outbound> {
+        let h = self.holds.get_mut(&seg.key.service)?;
+        let f = h.flows.get_mut(&seg.key)?;
+        let len = packet.len();
+        let keep = Outbound::Hold { wake: false };
+        match seg.kind {
+            Kind::IcmpError { .. } => return Some(Outbound::Drop),
+            Kind::Tcp { flags, .. } if flags & RST != 0 => {
+                let gone = h.flows.remove(&seg.key).map_or(0, |f| f.bytes);
+                h.bytes -= gone;
+                self.held_bytes -= gone;
+                self.held_flows -= 1;
+                let counter = h.counter;
+                if h.flows.is_empty() {
+                    self.holds.remove(&seg.key.service);
+                }
+                if let Some(c) = tally(&mut self.traffic, counter) {
+                    c.refused += 1;
+                }
+                return Some(Outbound::Drop);
+            }
+            Kind::Tcp { flags, seq, .. } if flags & (SYN | ACK) == SYN => {
+                if seq == f.isn || len > HOLD_FLOW_BYTES {
+                    return Some(keep);
+                }
+                let freed = f.bytes;
+                if self.held_bytes - freed + len > HOLD_BYTES
+                    || h.bytes - freed + len > HOLD_BYTES_PER_ADDRESS
+                {
+                    return Some(keep);
+                }
+                f.isn = seq;
+                f.packets.clear();
+                f.packets.push(packet.to_vec());
+                f.bytes = len;
+                h.bytes = h.bytes - freed + len;
+                self.held_bytes = self.held_bytes - freed + len;
+                return Some(keep);
+            }
+            _ => {}
+        }
+        let fits = f.packets.len() < HOLD_PACKETS
+            && f.bytes + len <= HOLD_FLOW_BYTES
+            && h.bytes + len <= HOLD_BYTES_PER_ADDRESS
+            && self.held_bytes + len <= HOLD_BYTES;
+        if fits {
+            f.packets.push(packet.to_vec());
+            f.bytes += len;
+            h.bytes += len;
+            self.held_bytes += len;
+        }
+        Some(keep)
+    }
+
+    /// Held flows after a map or a sweep: those of an address with an
+    /// eligible instance now are pinned to one and released; those of an
+    /// address gone or no longer wakeable are refused.
+    fn settle_holds(&mut self, now: Instant) {
+        let t = self.ms(now);
+        let ips: Vec<Ipv4Addr> = self.holds.keys().copied().collect();
+        for ip in ips {
+            let Some(mut h) = self.holds.remove(&ip) else {
+                continue;
+            };
+            let state = self.addresses.get(&ip).map(|a| (a.wake.is_some(), a.idle));
+            match state {
+                Some((true, true)) => {
+                    // Still no instance: held on.
+                    self.holds.insert(ip, h);
+                    continue;
+                }
+                None | Some((false, _)) => {
+                    for (_, f) in h.flows.drain() {
+                        self.refuse_held(h.counter, f);
+                    }
+                    continue;
+                }
+                Some((true, false)) => {}
+            }
+            let keys: Vec<FlowKey> = h.flows.keys().copied().collect();
+            for key in keys {
+                let pool = self
+                    .addresses
+                    .get(&ip)
+                    .and_then(|a| a.pools.get(&(key.proto, class_of(a, &key))))
+                    .copied();
+                if self.flows.len() >= self.limit {
+                    break;
+                }
+                let Some((pool, backend)) = pool.and_then(|p| Some((p, self.admit(p, now)?)))
+                else {
+                    // None eligible now (backing off, or not serving the
+                    // port): held on until the wake timeout.
+                    continue;
+                };
+                let Some(held) = h.flows.remove(&key) else {
+                    continue;
+                };
+                h.bytes -= held.bytes;
+                self.held_bytes -= held.bytes;
+                self.held_flows -= 1;
+                let state = if key.proto == Proto::Tcp {
+                    State::SynSent
+                } else {
+                    State::Datagram
+                };
+                let f = Flow {
+                    backend,
+                    pool,
+                    last: t,
+                    since: t,
+                    start: held.since,
+                    isn: held.isn,
+                    ack: 0,
+                    state,
+                    bits: HOLDS_SLOT,
+                };
+                self.flows.insert(key, f);
+                self.stats.opened += 1;
+                let counter = self
+                    .pools
+                    .get(pool as usize)
+                    .map_or(NO_COUNTER, |p| p.counter);
+                if let Some(c) = tally(&mut self.traffic, counter) {
+                    c.bytes_sent = c.bytes_sent.saturating_add(held.bytes as u64);
+                    if state == State::Datagram {
+                        c.opened += 1;
+                    }
+                }
+                let to = self.backend_key(backend);
+                self.held_out.released.push((to, held.packets));
+            }
+            if !h.flows.is_empty() {
+                self.holds.insert(ip, h);
+            }
+        }
+    }
+
+    /// Refuses held flows older than their address's wake timeout.
+    fn time_out_holds(&mut self, t: u32) {
+        let ips: Vec<Ipv4Addr> = self.holds.keys().copied().collect();
+        for ip in ips {
+            let timeout = self.addresses.get(&ip).and_then(|a| a.wake).unwrap_or(0);
+            let Some(mut h) = self.holds.remove(&ip) else {
+                continue;
+            };
+            let late: Vec<FlowKey> = h
+                .flows
+                .iter()
+                .filter(|(_, f)| age(t, f.since) >= timeout)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in late {
+                if let Some(f) = h.flows.remove(&key) {
+                    h.bytes -= f.bytes;
+                    self.refuse_held(h.counter, f);
+                }
+            }
+            if !h.flows.is_empty() {
+                self.holds.insert(ip, h);
+            }
+        }
+    }
+
+    /// Held flows only (what [`FlowTable::expire`] does for them, cheap
+    /// when none is held): released if an instance is eligible now,
+    /// refused after the wake timeout. The driver calls it between sweeps.
+    pub fn expire_held(&mut self, now: Instant) {
+        if !self.holds.is_empty() {
+            self.settle_holds(now);
+            self.time_out_holds(self.ms(now));
+        }
+    }
+
+    /// A held flow is refused: its first packet is answered.
+    fn refuse_held(&mut self, counter: u32, f: Held) {
+        self.held_bytes -= f.bytes;
+        self.held_flows -= 1;
+        self.stats.wake_timeouts += 1;
+        if let Some(c) = tally(&mut self.traffic, counter) {
+            c.refused += 1;
+        }
+        if let Some(first) = f.packets.into_iter().next() {
+            self.held_out.refused.push(first);
+        }
+    }
+
+    /// What held flows became since the last call: packets to send to the
+    /// instances they were pinned to, first packets to refuse. The engine
+    /// takes them after [`FlowTable::set_services`] and
+    /// [`FlowTable::expire`] and acts on them outside the table's lock.
+    pub fn take_held(&mut self) -> HeldOutput {
+        std::mem::take(&mut self.held_out)
+    }
+
+    /// The service of service address `ip` (to name it in a wake request).
+    pub fn held_service(&self, ip: &Ipv4Addr) -> Option<String> {
+        self.addresses.get(ip).map(|a| a.service.clone())
+    }
+
+    /// Traffic per destination service, cumulative since the table was
+    /// made (`active`: flows open now, held ones included; services with
+    /// nothing counted are left out).
+    pub fn traffic(&self) -> TrafficReport {
+        let mut active = vec![0u64; self.traffic.len()];
+        for f in self.flows.values().filter(|f| f.state != State::Closing) {
+            let counter = self
+                .pools
+                .get(f.pool as usize)
+                .map_or(NO_COUNTER, |p| p.counter);
+            if let Some(a) = active.get_mut(counter as usize) {
+                *a += 1;
+            }
+        }
+        for h in self.holds.values() {
+            if let Some(a) = active.get_mut(h.counter as usize) {
+                *a += h.flows.len() as u64;
+            }
+        }
+        let pairs = self
+            .traffic
+            .iter()
+            .zip(active)
+            .map(|((name, c), active)| PairTraffic {
+                destination: name.clone(),
+                counters: TrafficCounters { active, ..*c },
+            })
+            .filter(|p| p.counters != TrafficCounters::default())
+            .collect();
+        TrafficReport { pairs }
     }
 }
 

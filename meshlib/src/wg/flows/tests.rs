@@ -29,6 +29,7 @@ fn services(backends: &[Backend]) -> Services {
             service: "api".into(),
             ip: V.into(),
             backends: backends.to_vec(),
+            wake_timeout: None,
         }],
     }
 }
@@ -41,7 +42,7 @@ fn table(backends: &[Backend]) -> (FlowTable, Instant) {
 }
 
 fn out(t: &mut FlowTable, packet: &[u8], now: Instant) -> Outbound {
-    t.outbound(&Segment::outbound(packet).unwrap(), now)
+    t.outbound(&Segment::outbound(packet).unwrap(), packet, now)
 }
 
 fn inb(t: &mut FlowTable, from: &PublicKey, packet: &[u8], now: Instant) -> Inbound {
@@ -492,4 +493,345 @@ fn memory_per_flow_is_bounded() {
         bytes / 100_000
     );
     assert!(bytes / 100_000 < 100, "{bytes}");
+}
+
+/// `api` at V, wakeable after `wake` with `backends`.
+fn wakeable(backends: &[Backend], wake: Duration) -> Services {
+    let mut s = services(backends);
+    s.addresses[0].wake_timeout = Some(wake);
+    s
+}
+
+fn hold(o: Outbound) -> bool {
+    match o {
+        Outbound::Hold { wake } => wake,
+        other => panic!("not held: {other:?}"),
+    }
+}
+
+#[test]
+fn held_flows_ask_one_wake_and_go_to_the_first_instance_in_order() {
+    let now = Instant::now();
+    let mut t = FlowTable::new(now);
+    t.set_services(&wakeable(&[], Duration::from_secs(10)), now);
+    assert!(hold(out(&mut t, &syn(40000, 1), now)), "the first asks");
+    assert!(
+        !hold(out(&mut t, &syn(40001, 1), now)),
+        "one ask per address"
+    );
+    assert!(!hold(out(&mut t, &syn(40002, 1), now)));
+    // The client retransmits its SYN: not a second flow, not held twice.
+    let later = now + Duration::from_secs(1);
+    assert!(!hold(out(&mut t, &syn(40000, 1), later)));
+    // A UDP flow keeps its datagrams in order.
+    let d1 = udp((C, 5000), (V, 53), 10);
+    let d2 = udp((C, 5000), (V, 53), 20);
+    assert!(!hold(out(&mut t, &d1, later)));
+    assert!(!hold(out(&mut t, &d2, later)));
+    assert_eq!(t.held_service(&V.into()).as_deref(), Some("api"));
+    let s = t.stats();
+    assert_eq!((s.held, s.held_total, s.active), (4, 4, 4));
+    assert!(t.take_held().is_empty());
+    // Still no instance: a map change holds on.
+    t.set_services(&wakeable(&[], Duration::from_secs(10)), later);
+    assert!(t.take_held().is_empty());
+    // The first instance comes online.
+    let bs = [backend(1, &[]), backend(2, &[])];
+    let woke = now + Duration::from_secs(4);
+    assert!(t
+        .set_services(&wakeable(&bs, Duration::from_secs(10)), woke)
+        .is_empty());
+    let held = t.take_held();
+    assert!(held.refused.is_empty());
+    assert_eq!(held.released.len(), 4);
+    let mut per: HashMap<PublicKey, u32> = HashMap::new();
+    for (k, packets) in &held.released {
+        *per.entry(*k).or_default() += 1;
+        let first = Segment::outbound(&packets[0]).unwrap();
+        if first.key.proto == Proto::Udp {
+            assert_eq!(packets, &vec![d1.clone(), d2.clone()]);
+        } else {
+            assert_eq!(packets.len(), 1, "one SYN per flow");
+        }
+    }
+    assert_eq!(per.len(), 2, "balanced: {per:?}");
+    let s = t.stats();
+    assert_eq!((s.held, s.held_bytes, s.active, s.opened), (0, 0, 4, 4));
+    // Later packets follow; a copy of the SYN is no new flow.
+    let k = held
+        .released
+        .iter()
+        .find(|(_, p)| p[0] == syn(40000, 1))
+        .unwrap()
+        .0;
+    assert_eq!(to(out(&mut t, &syn(40000, 1), woke)), k);
+    assert_eq!(t.stats().active, 4);
+    assert_eq!(inb(&mut t, &k, &synack(40000, 1), woke), Inbound::Accept);
+    // Its connect time includes the wake (4 s).
+    let api = t.traffic();
+    let c = api.get("api").unwrap();
+    assert_eq!((c.held, c.opened, c.refused, c.active), (4, 2, 0, 4));
+    assert_eq!(c.connect_count, 1);
+    assert_eq!(c.connect_buckets[4], 1, "1-10 s: {c:?}");
+    assert_eq!(slots(&t), 4);
+}
+
+#[test]
+fn held_flows_are_refused_after_the_wake_timeout() {
+    let now = Instant::now();
+    let mut t = FlowTable::new(now);
+    let wait = Duration::from_secs(3);
+    t.set_services(&wakeable(&[], wait), now);
+    assert!(hold(out(&mut t, &syn(40000, 7), now)));
+    let d = udp((C, 5000), (V, 53), 10);
+    assert!(!hold(out(&mut t, &d, now + Duration::from_secs(1))));
+    t.expire(now + Duration::from_millis(2999));
+    assert!(t.take_held().is_empty());
+    t.expire(now + wait);
+    let held = t.take_held();
+    assert_eq!(held.refused, vec![syn(40000, 7)]);
+    t.expire(now + Duration::from_secs(4));
+    assert_eq!(t.take_held().refused, vec![d]);
+    let s = t.stats();
+    assert_eq!((s.held, s.active, s.wake_timeouts), (0, 0, 2));
+    let c = *t.traffic().get("api").unwrap();
+    assert_eq!((c.held, c.refused, c.opened, c.active), (2, 2, 0, 0));
+    // A flow after the timeout asks again.
+    assert!(hold(out(
+        &mut t,
+        &syn(40001, 1),
+        now + Duration::from_secs(5)
+    )));
+    // The client gives up (reset): the held flow ends, nothing answered.
+    let rst = tcp((C, 40001), (V, 80), RST, 2, 0, 0);
+    assert_eq!(
+        out(&mut t, &rst, now + Duration::from_secs(5)),
+        Outbound::Drop
+    );
+    assert_eq!(t.stats().held, 0);
+    // The address stops being wakeable, or goes away: refused at once.
+    assert!(!hold(out(
+        &mut t,
+        &syn(40002, 1),
+        now + Duration::from_secs(5)
+    )));
+    t.set_services(&services(&[]), now + Duration::from_secs(5));
+    assert_eq!(t.take_held().refused, vec![syn(40002, 1)]);
+    assert_eq!(out(&mut t, &syn(40003, 1), now), Outbound::Reject);
+    t.set_services(&wakeable(&[], wait), now);
+    assert!(
+        hold(out(&mut t, &syn(40004, 1), now)),
+        "wakeable anew: asks"
+    );
+    t.set_services(&Services::default(), now);
+    assert_eq!(t.take_held().refused, vec![syn(40004, 1)]);
+    assert_eq!(t.stats().held, 0);
+}
+
+#[test]
+fn holding_is_bounded_per_flow_per_address_and_in_all() {
+    let now = Instant::now();
+    let mut t = FlowTable::new(now);
+    let mut s = wakeable(&[], Duration::from_secs(10));
+    for n in 2..=6u8 {
+        s.addresses.push(ServiceBackends {
+            service: format!("svc{n}"),
+            ip: Ipv4Addr::new(10, 240, 4, n),
+            backends: vec![],
+            wake_timeout: Some(Duration::from_secs(10)),
+        });
+    }
+    t.set_services(&s, now);
+    // Per flow: 4 datagrams.
+    for _ in 0..10 {
+        hold(out(&mut t, &udp((C, 5000), (V, 53), 100), now));
+    }
+    // Per address: 256 flows (a SYN flood of 2000).
+    let mut held = 1;
+    for port in 1..2000u16 {
+        match out(&mut t, &syn(port, 1), now) {
+            Outbound::Hold { .. } => held += 1,
+            Outbound::Reject => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(held, HOLD_FLOWS_PER_ADDRESS);
+    // In all: 1024 flows over five more addresses.
+    for n in 2..=6u8 {
+        for port in 1..300u16 {
+            let p = tcp((C, port), ([10, 240, 4, n], 80), SYN, 1, 0, 0);
+            let _ = out(&mut t, &p, now);
+        }
+    }
+    let st = t.stats();
+    assert_eq!(st.held, HOLD_FLOWS, "{st:?}");
+    assert!(st.held_bytes <= HOLD_BYTES);
+    assert_eq!(st.hold_full, (2000 - 256) + (5 * 299 - (1024 - 256)) as u64);
+    // A large datagram: within the bytes a flow may hold.
+    let big = udp((C, 6000), ([10, 240, 4, 2], 53), HOLD_FLOW_BYTES);
+    assert_eq!(out(&mut t, &big, now), Outbound::Reject);
+    let bytes_before = t.stats().held_bytes;
+    // Everything times out: memory back to nothing.
+    t.expire(now + Duration::from_secs(10));
+    assert_eq!(t.take_held().refused.len(), HOLD_FLOWS);
+    let st = t.stats();
+    assert_eq!((st.held, st.held_bytes, st.active), (0, 0, 0));
+    assert!(bytes_before > 0);
+    assert!(t.holds.is_empty());
+}
+
+#[test]
+fn traffic_is_counted_per_destination_service() {
+    let bs = [backend(1, &[])];
+    let (mut t, now) = table(&bs);
+    let k = bs[0].key;
+    assert!(t.traffic().pairs.is_empty(), "nothing counted yet");
+    to(out(&mut t, &syn(40000, 1), now));
+    let later = now + Duration::from_millis(5);
+    inb(&mut t, &k, &synack(40000, 1), later);
+    let data = tcp((C, 40000), (V, 80), ACK, 2, 5001, 100);
+    to(out(&mut t, &data, later));
+    // A run of packets the driver passed without asking.
+    let key = Segment::outbound(&data).unwrap().key;
+    t.touch(&key, Some(5001), 1000, later);
+    let reply = tcp((V, 80), (C, 40000), ACK, 5001, 102, 300);
+    assert_eq!(inb(&mut t, &k, &reply, later), Inbound::Accept);
+    t.touch_in(&key, 2000, later);
+    // A refused SYN (no other instance): refused.
+    to(out(&mut t, &syn(40001, 1), later));
+    let rst = tcp((V, 80), (C, 40001), RST | ACK, 0, 2, 0);
+    assert_eq!(inb(&mut t, &k, &rst, later), Inbound::Accept);
+    // UDP: opened when sent on, answered later.
+    to(out(&mut t, &udp((C, 5000), (V, 53), 10), later));
+    inb(
+        &mut t,
+        &k,
+        &udp((V, 53), (C, 5000), 30),
+        later + Duration::from_millis(50),
+    );
+    let r = t.traffic();
+    assert_eq!(r.check(), Ok(()));
+    assert_eq!(r.pairs.len(), 1);
+    let c = r.get("api").unwrap();
+    assert_eq!((c.opened, c.active, c.refused, c.held), (2, 2, 1, 0));
+    let syn_len = syn(40000, 1).len() as u64;
+    assert_eq!(
+        c.bytes_sent,
+        2 * syn_len + data.len() as u64 + 1000 + 38,
+        "{c:?}"
+    );
+    assert_eq!(
+        c.bytes_received,
+        synack(40000, 1).len() as u64 + reply.len() as u64 + 2000 + rst.len() as u64 + 58
+    );
+    assert_eq!(c.connect_count, 2);
+    assert_eq!(c.connect_buckets[1], 1, "5 ms");
+    assert_eq!(c.connect_buckets[2], 1, "50 ms");
+    // No instance, not wakeable: refused at once, counted.
+    t.set_services(&services(&[]), later);
+    assert_eq!(out(&mut t, &syn(40002, 1), later), Outbound::Reject);
+    let c = *t.traffic().get("api").unwrap();
+    assert_eq!(c.refused, 2);
+    assert_eq!(c.bytes_sent, 2 * syn_len + data.len() as u64 + 1000 + 38);
+}
+
+/// The hold accounting agrees with what is held, within every bound.
+fn check_holds(t: &FlowTable) {
+    let mut flows = 0;
+    let mut bytes = 0;
+    for h in t.holds.values() {
+        assert!(h.flows.len() <= HOLD_FLOWS_PER_ADDRESS);
+        assert!(!h.flows.is_empty(), "no empty hold is kept");
+        let sum: usize = h.flows.values().map(|f| f.bytes).sum();
+        assert_eq!(h.bytes, sum);
+        assert!(h.bytes <= HOLD_BYTES_PER_ADDRESS);
+        for f in h.flows.values() {
+            assert!(!f.packets.is_empty() && f.packets.len() <= HOLD_PACKETS);
+            assert_eq!(f.bytes, f.packets.iter().map(Vec::len).sum::<usize>());
+            assert!(f.bytes <= HOLD_FLOW_BYTES);
+        }
+        flows += h.flows.len();
+        bytes += h.bytes;
+    }
+    let s = t.stats();
+    assert_eq!((s.held, s.held_bytes), (flows, bytes));
+    assert!(flows <= HOLD_FLOWS && bytes <= HOLD_BYTES);
+}
+
+#[test]
+fn random_traffic_through_sleep_and_wake_keeps_the_hold_accounting() {
+    let bs = [backend(1, &[80]), backend(2, &[])];
+    let wait = Duration::from_secs(2);
+    let states = [
+        wakeable(&[], wait),
+        wakeable(&bs, wait),
+        wakeable(&bs[..1], wait),
+        services(&[]),
+        Services::default(),
+    ];
+    let start = Instant::now();
+    let mut now = start;
+    let mut t = FlowTable::with_limit(start, 512);
+    t.set_services(&states[0], now);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut released, mut refused) = (0usize, 0usize);
+    for _ in 0..50_000 {
+        now += Duration::from_millis(next(40));
+        let port = 40000 + next(600) as u16;
+        let sport = [80, 81][next(2) as usize];
+        match next(100) {
+            0..=39 => {
+                let p = tcp(
+                    (C, port),
+                    (V, sport),
+                    SYN,
+                    next(3) as u32,
+                    0,
+                    next(3) as usize * 700,
+                );
+                let _ = out(&mut t, &p, now);
+            }
+            40..=59 => {
+                let p = udp((C, port), (V, 53), next(3000) as usize);
+                let _ = out(&mut t, &p, now);
+            }
+            60..=64 => {
+                let p = tcp((C, port), (V, sport), RST, 1, 0, 0);
+                let _ = out(&mut t, &p, now);
+            }
+            65..=79 => {
+                let p = tcp((V, sport), (C, port), SYN | ACK, 9, 1, 0);
+                let _ = inb(&mut t, &bs[next(2) as usize].key, &p, now);
+            }
+            80..=84 => {
+                t.set_services(&states[next(states.len() as u64) as usize], now);
+            }
+            85..=94 => t.expire_held(now),
+            _ => {
+                t.expire(now);
+            }
+        }
+        let held = t.take_held();
+        released += held.released.len();
+        refused += held.refused.len();
+        for (k, _) in &held.released {
+            assert!(bs.iter().any(|b| b.key == *k));
+        }
+        check_holds(&t);
+    }
+    eprintln!(
+        "released {released}, refused {refused}, stats {:?}",
+        t.stats()
+    );
+    assert!(released > 0 && refused > 0);
+    t.set_services(&Services::default(), now);
+    t.expire(now + Duration::from_secs(3 * 3600));
+    check_holds(&t);
+    assert_eq!(t.stats().active, 0);
 }

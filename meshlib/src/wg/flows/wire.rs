@@ -84,6 +84,8 @@ pub struct Segment {
     pub key: FlowKey,
     /// What the packet is.
     pub kind: Kind,
+    /// The packet's length in bytes (for the traffic counters).
+    pub len: u32,
 }
 
 /// The fields of an IPv4 header the parsers need.
@@ -195,7 +197,8 @@ impl Segment {
         if let Kind::IcmpError { .. } = kind {
             // The quote is a packet from the service to the client.
             let key = quoted_key(outer.l4, false)?;
-            return (key.client == outer.src).then_some(Segment { key, kind });
+            let len = packet.len() as u32;
+            return (key.client == outer.src).then_some(Segment { key, kind, len });
         }
         if proto == Proto::Icmp && packet_icmp_type(outer.l4) != Some(8) {
             return None;
@@ -207,7 +210,8 @@ impl Segment {
             service_port: dport,
             proto,
         };
-        Some(Segment { key, kind })
+        let len = packet.len() as u32;
+        Some(Segment { key, kind, len })
     }
 
     /// A packet from a peer whose source is a service address (destination:
@@ -220,7 +224,8 @@ impl Segment {
             // The quote is a packet from the client to the service.
             let key = quoted_key(outer.l4, true)?;
             let ok = key.client == outer.dst && key.service == outer.src;
-            return ok.then_some(Segment { key, kind });
+            let len = packet.len() as u32;
+            return ok.then_some(Segment { key, kind, len });
         }
         if proto == Proto::Icmp && packet_icmp_type(outer.l4) != Some(0) {
             return None;
@@ -232,7 +237,8 @@ impl Segment {
             service_port: if proto == Proto::Icmp { 0 } else { sport },
             proto,
         };
-        Some(Segment { key, kind })
+        let len = packet.len() as u32;
+        Some(Segment { key, kind, len })
     }
 
     /// TCP flags (0 for other transports).
