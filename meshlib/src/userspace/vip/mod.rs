@@ -27,19 +27,35 @@
 //!   is sent before an instance accepted.
 //! - **No instance**: the connection is closed at once (a reset), unless
 //!   the address is wakeable (`wake_timeout_secs`): then it is held up to
-//!   that time for an instance to come online (the wake hook,
-//!   [`ServicePlane::set_wake_hook`], runs once per held connection's
-//!   admission), then closed.
+//!   that time for an instance to come online, and a wake is asked for
+//!   ([`ServicePlane::set_wake_hook`]; the sidecar's hook is
+//!   `ControlRequests::wake`, which sends one request per service and wake
+//!   timeout). The held connection goes to the first instance online (an
+//!   instance online but refusing while it starts is retried after its
+//!   backoff, within the same deadline); past the deadline it is reset.
+//!   At most [`MAX_HELD_PER_SERVICE`] connections and UDP flows are held
+//!   per service address (all ports); beyond, refused at once. A held
+//!   connection costs its socket and one task; its bytes wait in the
+//!   client's socket, not here.
 //! - **Leaving**: an instance that leaves the service's backends (offline,
 //!   gone, its key replaced) gets no new connection from the next map on;
 //!   its relayed connections are reset both ways (client and instance),
 //!   never left hanging.
 //! - **UDP**: a new sender (client address and port) is pinned to one
-//!   instance (the same pool; a datagram never waits: with no instance it
-//!   is dropped); the flow lives while datagrams pass either way and ends
-//!   after [`VipConfig::udp_idle`] (60 s), or when its instance leaves. At
-//!   most [`VipConfig::max_udp_flows`] per listener; datagrams of further
-//!   senders are dropped.
+//!   instance (the same pool; a datagram never waits behind instances that
+//!   are online: with none healthy it is dropped); the flow lives while
+//!   datagrams pass either way and ends after [`VipConfig::udp_idle`]
+//!   (60 s), or when its instance leaves. At most
+//!   [`VipConfig::max_udp_flows`] per listener; datagrams of further
+//!   senders are dropped. A new sender to a wakeable address with no
+//!   online instance is held: its first [`MAX_HELD_DATAGRAMS`] datagrams
+//!   (at most [`MAX_HELD_BYTES`] together; later ones dropped) wait, a wake
+//!   is asked for, and they go on in order to the first instance online;
+//!   after the wake timeout they are dropped and the sender forgotten (its
+//!   next datagram starts again). At most [`MAX_HELD_UDP_FLOWS`] held
+//!   senders per listener, within the service's budget.
+//! - **Traffic** ([`ServicePlane::traffic`]): counters per destination
+//!   service, no per-flow state.
 //!
 //! ## Layout
 //! - this module — the pure plan ([`plan`]) from a map, and
@@ -49,8 +65,12 @@
 //! - `tcp` / `udp` — the listeners and the per-connection / per-flow relays.
 
 mod balancer;
+mod stats;
 mod tcp;
 mod udp;
+
+pub use stats::MAX_HELD_PER_SERVICE;
+pub use udp::{MAX_HELD_BYTES, MAX_HELD_DATAGRAMS, MAX_HELD_UDP_FLOWS};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -64,7 +84,9 @@ use super::Stack;
 use crate::ids::InstanceName;
 use crate::keys::PublicKey;
 use crate::netmap::NetworkMap;
+use crate::traffic::{PairTraffic, TrafficReport, MAX_PAIRS};
 use balancer::Balancer;
+use stats::ServiceStats;
 
 /// Most ports one service address listens on.
 pub const MAX_PORTS: usize = 256;
@@ -196,8 +218,6 @@ impl Shared {
         let hook = self.wake.lock().clone();
         match hook {
             Some(hook) => hook(service),
-            // TODO(scale-to-zero, issue 19 item 5): the sidecar sets a hook
-            // that sends one wake request to the keyserver.
             None => tracing::debug!(service, "no online instance; no wake hook set"),
         }
     }
@@ -216,6 +236,10 @@ struct Running {
 pub struct ServicePlane {
     shared: Arc<Shared>,
     running: HashMap<SocketAddr, Running>,
+    /// Traffic counters and hold budget per destination service, shared
+    /// by the listeners of its address's ports; kept while the service is
+    /// in the map (counters cumulative), so at most the map's services.
+    stats: HashMap<String, Arc<ServiceStats>>,
 }
 
 impl ServicePlane {
@@ -229,6 +253,7 @@ impl ServicePlane {
                 wake: parking_lot::Mutex::new(None),
             }),
             running: HashMap::new(),
+            stats: HashMap::new(),
         }
     }
 
@@ -249,12 +274,17 @@ impl ServicePlane {
                 false
             }
         });
+        // Counters of services gone from the map go (no flow of theirs is
+        // relayed any more: their listeners just stopped).
+        self.stats
+            .retain(|service, _| map.addresses.contains_key(service));
         for (listen, p) in std::mem::take(&mut plans) {
             if let Some(r) = self.running.get(&listen) {
                 r.balancer.update(&p, now);
                 continue;
             }
-            let balancer = Arc::new(Balancer::new(&p));
+            let stats = self.stats.entry(p.service.clone()).or_default().clone();
+            let balancer = Arc::new(Balancer::new(&p, stats));
             balancer.update(&p, now);
             let tasks = self.listen(listen, &balancer);
             self.running.insert(listen, Running { balancer, tasks });
@@ -307,6 +337,45 @@ impl ServicePlane {
         self.running
             .get(&listen)
             .map_or(0, |r| r.balancer.relayed())
+    }
+
+    /// This member's traffic per destination service through its service
+    /// addresses (issue 19, item 6): flows opened, open now (held ones
+    /// included), refused, held for a wake, payload bytes each way, and
+    /// connect times (TCP: accept to the instance's dial succeeding, a
+    /// wake included; UDP: first datagram to first answer). Cumulative
+    /// since this plane started (`active` is a gauge); services with
+    /// nothing counted are left out; at most [`MAX_PAIRS`] destinations,
+    /// the busiest (most flows) first. Cheap: a lock per service.
+    pub fn traffic(&self) -> TrafficReport {
+        let mut pairs: Vec<PairTraffic> = self
+            .stats
+            .iter()
+            .map(|(service, s)| PairTraffic {
+                destination: service.clone(),
+                counters: s.snapshot(),
+            })
+            .filter(|p| p.counters != crate::traffic::TrafficCounters::default())
+            .collect();
+        let flows = |p: &PairTraffic| {
+            let c = &p.counters;
+            c.opened
+                .saturating_add(c.refused)
+                .saturating_add(c.held)
+                .saturating_add(c.active)
+        };
+        pairs.sort_by(|a, b| {
+            flows(b)
+                .cmp(&flows(a))
+                .then_with(|| a.destination.cmp(&b.destination))
+        });
+        pairs.truncate(MAX_PAIRS);
+        TrafficReport { pairs }
+    }
+
+    /// Connections and UDP flows of `service` held for a wake now.
+    pub fn held(&self, service: &str) -> usize {
+        self.stats.get(service).map_or(0, |s| s.held_now())
     }
 
     /// Stops every listener and ends every relayed connection.
