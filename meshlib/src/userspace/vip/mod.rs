@@ -8,7 +8,12 @@
 //!
 //! - **Listeners**: one per port that any instance of the service in the
 //!   map announces (offline ones included, so that a service scaled to zero
-//!   keeps its listeners for the wake), at most [`MAX_PORTS`] per address.
+//!   keeps its listeners for the wake), or announced since this plane
+//!   started (instances that left the map: ephemeral ones are removed soon
+//!   after they stop), at most [`MAX_PORTS`] per address, while the address
+//!   is in the map. A sidecar started while a service has no member in the
+//!   map does not know its ports: it refuses connections to it (no
+//!   listener) until an instance announces them.
 //! - **Backends** of a port: the service's online members
 //!   ([`NetworkMap::backends`]: its `web` members, or all when none is
 //!   `web`) that serve the port: they announce it, or announce no port at
@@ -163,14 +168,38 @@ pub struct PortPlan {
 /// The listeners `map` asks for, by loopback listen address, seen by the
 /// member at `own` (pure; the policy is in the module docs).
 pub fn plan(map: &NetworkMap, own: Ipv4Addr, octet: u8) -> BTreeMap<SocketAddr, PortPlan> {
+    plan_remembering(map, own, octet, &mut HashMap::new())
+}
+
+/// [`plan`], also listening on the ports `seen` remembers for each
+/// service (and remembering the map's): a service whose instances all left
+/// the map (ephemeral instances scaled to zero are removed soon after they
+/// stop) keeps its listeners while its address is in the map, so a
+/// connection can still be held for a wake. At most [`MAX_PORTS`] per
+/// service; services without an address are forgotten.
+pub fn plan_remembering(
+    map: &NetworkMap,
+    own: Ipv4Addr,
+    octet: u8,
+    seen: &mut HashMap<String, BTreeSet<u16>>,
+) -> BTreeMap<SocketAddr, PortPlan> {
     let mut out = BTreeMap::new();
+    seen.retain(|service, _| map.addresses.contains_key(service));
     for a in map.addresses.values() {
-        let ports: BTreeSet<u16> = map
+        let remembered = seen.entry(a.service.clone()).or_default();
+        let from_map = map
             .service_members(&a.service)
             .iter()
             .flat_map(|m| m.ports.iter().copied())
             .take(MAX_PORTS * 64)
-            .collect();
+            .collect::<BTreeSet<u16>>();
+        for p in from_map {
+            if remembered.len() >= MAX_PORTS {
+                break;
+            }
+            remembered.insert(p);
+        }
+        let ports = remembered.clone();
         let online = map.backends(&a.service);
         let members: BTreeSet<PublicKey> = online.iter().map(|m| m.public_key).collect();
         let listen = IpAddr::V4(loopback_in(octet, IpAddr::V4(a.ip)));
@@ -240,6 +269,9 @@ pub struct ServicePlane {
     /// by the listeners of its address's ports; kept while the service is
     /// in the map (counters cumulative), so at most the map's services.
     stats: HashMap<String, Arc<ServiceStats>>,
+    /// Ports each service's instances announced, remembered while its
+    /// address is in the map ([`plan_remembering`]).
+    ports: HashMap<String, BTreeSet<u16>>,
 }
 
 impl ServicePlane {
@@ -254,6 +286,7 @@ impl ServicePlane {
             }),
             running: HashMap::new(),
             stats: HashMap::new(),
+            ports: HashMap::new(),
         }
     }
 
@@ -265,7 +298,7 @@ impl ServicePlane {
     /// Starts, updates and stops listeners to match `map` (seen by the
     /// member at `own`).
     pub fn apply(&mut self, map: &NetworkMap, own: Ipv4Addr) {
-        let mut plans = plan(map, own, self.shared.cfg.octet);
+        let mut plans = plan_remembering(map, own, self.shared.cfg.octet, &mut self.ports);
         let now = Instant::now();
         self.running.retain(|listen, r| match plans.get(listen) {
             Some(p) if p.service == r.balancer.service => true,

@@ -64,6 +64,18 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
         }
         let backend = match balancer.choose(true, Instant::now()) {
             Choice::Go(b) => b,
+            // Held for a wake, and the woken instance is online but refused
+            // (its application still starting): wait for its backoff, within
+            // the same deadline.
+            Choice::Refuse if hold.is_some() && !balancer.is_closed() => {
+                let deadline = held_until.expect("set with the hold");
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break None;
+                }
+                tokio::time::sleep_until(deadline.min(now + HOLD_RECHECK)).await;
+                continue;
+            }
             Choice::Refuse => break None,
             Choice::Hold {
                 id,
