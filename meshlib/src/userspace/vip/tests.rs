@@ -681,3 +681,32 @@ fn the_plan_follows_ports_health_and_roles() {
     map.addresses.clear();
     assert!(plan(&map, own, 77).is_empty());
 }
+
+#[test]
+fn a_service_keeps_its_ports_after_its_instances_left_the_map() {
+    let mut map = NetworkMap::new(NetworkId::random(), "t", crate::ipam::DEFAULT_RANGE);
+    let m = plan_member(1, "api", vec![80, 81], true, true);
+    map.members.insert(m.public_key, m.clone());
+    map.addresses.insert(
+        "api".into(),
+        ServiceAddress {
+            service: "api".into(),
+            ip: Ipv4Addr::new(10, 240, 4, 1),
+            wake_timeout_secs: Some(30),
+        },
+    );
+    let own = Ipv4Addr::new(10, 240, 0, 9);
+    let mut seen = HashMap::new();
+    assert_eq!(plan_remembering(&map, own, 77, &mut seen).len(), 2);
+    // The ephemeral instance stopped and was removed: the address still
+    // listens on its ports (held for a wake), with no backend.
+    map.members.clear();
+    let p = plan_remembering(&map, own, 77, &mut seen);
+    assert_eq!(p.len(), 2);
+    assert!(p.values().all(|p| p.backends.is_empty()));
+    assert!(plan(&map, own, 77).is_empty(), "plan alone knows no port");
+    // The address gone: forgotten.
+    map.addresses.clear();
+    assert!(plan_remembering(&map, own, 77, &mut seen).is_empty());
+    assert!(seen.is_empty());
+}
