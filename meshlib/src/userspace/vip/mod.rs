@@ -241,9 +241,18 @@ pub(crate) struct Shared {
     wake: parking_lot::Mutex<Option<WakeHook>>,
 }
 
+/// How often one service's wake is asked for at most by this plane (the
+/// node sends one request per wake timeout; this keeps a flood of held
+/// connections from filling its request line).
+const WAKE_EVERY: Duration = Duration::from_secs(1);
+
 impl Shared {
-    /// Asks for `service` to be woken.
-    fn wake(&self, service: &str) {
+    /// Asks for `service` to be woken, at most once per [`WAKE_EVERY`] for
+    /// the same service (`stats` tells when it was last asked).
+    fn wake(&self, service: &str, stats: &ServiceStats) {
+        if !stats.wake_due(Instant::now(), WAKE_EVERY) {
+            return;
+        }
         let hook = self.wake.lock().clone();
         match hook {
             Some(hook) => hook(service),

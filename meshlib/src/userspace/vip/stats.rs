@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -31,6 +31,8 @@ struct Counts {
     c: TrafficCounters,
     /// Flows held now (bounded by [`MAX_HELD_PER_SERVICE`]).
     held_now: usize,
+    /// When a wake was last asked for.
+    last_wake: Option<Instant>,
 }
 
 impl ServiceStats {
@@ -84,6 +86,19 @@ impl ServiceStats {
     pub fn unhold(&self) {
         let mut g = self.counters.lock();
         g.held_now = g.held_now.saturating_sub(1);
+    }
+
+    /// Whether a wake may be asked for now (none within `every`); if so,
+    /// records it.
+    pub fn wake_due(&self, now: Instant, every: Duration) -> bool {
+        let mut g = self.counters.lock();
+        match g.last_wake {
+            Some(t) if now.saturating_duration_since(t) < every => false,
+            _ => {
+                g.last_wake = Some(now);
+                true
+            }
+        }
     }
 
     /// Flows held now.

@@ -94,7 +94,7 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
                     hold = Some(HeldGuard(stats.clone()));
                 }
                 if wake {
-                    shared.wake(&balancer.service);
+                    shared.wake(&balancer.service, &balancer.stats);
                 }
                 let deadline =
                     *held_until.get_or_insert_with(|| tokio::time::Instant::now() + timeout);

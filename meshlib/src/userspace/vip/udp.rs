@@ -157,7 +157,7 @@ async fn open(
                     bytes: 0,
                 },
             );
-            shared.wake(&balancer.service);
+            shared.wake(&balancer.service, &balancer.stats);
             let ctx = HoldCtx {
                 shared: shared.clone(),
                 balancer: balancer.clone(),
