@@ -203,6 +203,14 @@ impl Balancer {
         deliver(&mut st, go, now);
     }
 
+    /// A held connection dials `b` again although it refused (a woken
+    /// instance still starting): eligible again at once.
+    pub fn retry(&self, b: &Backend, now: Instant) {
+        let mut st = self.state.lock();
+        let go = st.pool.healthy(&b.instance, now);
+        deliver(&mut st, go, now);
+    }
+
     /// Registers a connection relayed to `key`: `None` when that instance
     /// left meanwhile (end the connection); else its id (for
     /// [`Balancer::unregister`]) and what resolves when it must end.

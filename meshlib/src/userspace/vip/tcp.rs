@@ -39,10 +39,17 @@ pub(super) async fn accept(shared: Arc<Shared>, balancer: Arc<Balancer>, listene
 }
 
 /// How long a held connection waits at most before it asks the balancer
-/// again: an instance that is online but marked down (it refused while it
-/// started) is retried once its backoff passed, with no event to wake the
-/// waiter.
+/// again (a dispatch wakes it sooner).
 const HOLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A held connection whose woken instance refused (its application still
+/// starting) dials it again after this, doubling up to [`HOLD_RETRY_MAX`],
+/// instead of the pool's backoff (1 s, doubling): the wake's answer comes
+/// soon after the application listens. Held connections are bounded
+/// ([`super::MAX_HELD_PER_SERVICE`]), and so are these dials.
+const HOLD_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest wait between a held connection's dials to a starting instance.
+const HOLD_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// One client connection: dialled on instances until one accepts (at most
 /// [`MAX_ATTEMPTS`] failed dials), then relayed; refused (reset) when none
@@ -58,6 +65,9 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
     let mut held_until: Option<tokio::time::Instant> = None;
     let mut hold: Option<HeldGuard> = None;
     let mut failures = 0;
+    // A held connection's last refusal, and when to dial it again.
+    let mut refused_by: Option<Backend> = None;
+    let mut retry = HOLD_RETRY;
     let opened = loop {
         if failures >= MAX_ATTEMPTS {
             break None;
@@ -65,7 +75,7 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
         let backend = match balancer.choose(true, Instant::now()) {
             Choice::Go(b) => b,
             // Held for a wake, and the woken instance is online but refused
-            // (its application still starting): wait for its backoff, within
+            // (its application still starting): dial it again soon, within
             // the same deadline.
             Choice::Refuse if hold.is_some() && !balancer.is_closed() => {
                 let deadline = held_until.expect("set with the hold");
@@ -73,7 +83,11 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
                 if now >= deadline {
                     break None;
                 }
-                tokio::time::sleep_until(deadline.min(now + HOLD_RECHECK)).await;
+                tokio::time::sleep_until(deadline.min(now + retry)).await;
+                retry = (retry * 2).min(HOLD_RETRY_MAX);
+                if let Some(b) = &refused_by {
+                    balancer.retry(b, Instant::now());
+                }
                 continue;
             }
             Choice::Refuse => break None,
@@ -115,12 +129,26 @@ async fn serve(shared: Arc<Shared>, balancer: Arc<Balancer>, client: TcpStream) 
                 }
             }
         };
-        match dial(&shared, &backend, balancer.port).await {
+        // A held connection's dial ends at its deadline too.
+        let dialed = match held_until {
+            Some(deadline) => {
+                tokio::time::timeout_at(deadline, dial(&shared, &backend, balancer.port))
+                    .await
+                    .unwrap_or(Err(DialError::TimedOut(shared.cfg.dial_timeout)))
+            }
+            None => dial(&shared, &backend, balancer.port).await,
+        };
+        match dialed {
             Ok(conn) => break Some((backend, conn)),
             Err(e) => {
                 tracing::debug!(service = %balancer.service, instance = %backend.instance, "dial: {e}; trying another instance");
                 balancer.failed(&backend, Instant::now());
-                failures += 1;
+                if hold.is_some() {
+                    // Bounded by the deadline instead.
+                    refused_by = Some(backend);
+                } else {
+                    failures += 1;
+                }
             }
         }
     };
