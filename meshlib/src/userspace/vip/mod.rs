@@ -35,9 +35,11 @@
 //!   that time for an instance to come online, and a wake is asked for
 //!   ([`ServicePlane::set_wake_hook`]; the sidecar's hook is
 //!   `ControlRequests::wake`, which sends one request per service and wake
-//!   timeout). The held connection goes to the first instance online (an
-//!   instance online but refusing while it starts is retried after its
-//!   backoff, within the same deadline); past the deadline it is reset.
+//!   timeout; this plane asks at most once a second per service). The held
+//!   connection goes to the first instance online; one that refuses while
+//!   its application starts is dialled again after 50 ms, doubling to
+//!   250 ms, within the same deadline (dials included); past the deadline
+//!   the connection is reset.
 //!   At most [`MAX_HELD_PER_SERVICE`] connections and UDP flows are held
 //!   per service address (all ports); beyond, refused at once. A held
 //!   connection costs its socket and one task; its bytes wait in the

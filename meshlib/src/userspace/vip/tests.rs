@@ -710,3 +710,38 @@ fn a_service_keeps_its_ports_after_its_instances_left_the_map() {
     assert!(plan_remembering(&map, own, 77, &mut seen).is_empty());
     assert!(seen.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_waits_out_a_woken_instance_still_starting() {
+    let mut s = Setup::new(1, 211).await;
+    // The woken instance's application does not listen yet.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_at = closed.local_addr().unwrap();
+    drop(closed);
+    let (echo, counts) = counting_echo().await;
+    s.api[0].stack.set_inbound_target(s.port, Some(closed_at));
+    s.entry(0).state = MemberState::Offline;
+    s.map.addresses.get_mut("api").unwrap().wake_timeout_secs = Some(10);
+    let mut plane = s.plane(Duration::from_secs(3));
+    let to = s.vip();
+    let held = tokio::spawn(async move { echo_through(to, b"late").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(plane.held("api"), 1);
+    // Woken: online, but refusing for a while.
+    s.entry(0).state = MemberState::Online;
+    plane.apply(&s.map, s.own());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!held.is_finished(), "still held while the instance refuses");
+    let listening = std::time::Instant::now();
+    s.api[0].stack.set_inbound_target(s.port, Some(echo));
+    assert_eq!(held.await.unwrap(), b"late");
+    let after = listening.elapsed();
+    assert!(after < Duration::from_millis(700), "served soon: {after:?}");
+    assert_eq!(counts.accepted.load(Relaxed), 1);
+    let t = *plane.traffic().get("api").unwrap();
+    assert_eq!((t.held, t.opened, t.refused), (1, 1, 0));
+    assert!(
+        t.connect_micros >= 800_000,
+        "the wake is in the connect time"
+    );
+}
