@@ -25,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use meshlib::netmap::NetworkMap;
+use meshlib::node::ControlRequests;
 use meshlib::userspace::ports::loopback_in;
 use meshlib::userspace::vip::{ServicePlane, VipConfig};
 use meshlib::userspace::Stack;
@@ -131,9 +132,30 @@ impl UserspacePlane {
         self.stack.clone()
     }
 
-    /// The service addresses' listeners (for a wake hook, status).
+    /// The service addresses' listeners (for a wake hook, status, and
+    /// [`ServicePlane::traffic`]: this member's traffic per destination
+    /// service).
     pub fn services(&self) -> &ServicePlane {
         &self.services
+    }
+
+    /// Wires scale to zero: a connection or UDP flow held at a sleeping
+    /// wakeable service address asks the node to wake the service
+    /// ([`ControlRequests::wake`]: one request per service and wake timeout
+    /// reaches the keyserver, which runs the hook once).
+    pub fn with_control(self, requests: ControlRequests) -> Self {
+        self.services.set_wake_hook(Arc::new(move |service| {
+            if !requests.wake(service) {
+                tracing::debug!(service, "wake request not queued (control busy)");
+            }
+        }));
+        self
+    }
+
+    /// This member's traffic per destination service (see
+    /// [`ServicePlane::traffic`]).
+    pub fn traffic(&self) -> meshlib::traffic::TrafficReport {
+        self.services.traffic()
     }
 
     /// Starts and stops loopback listeners to match `map` (its online

@@ -401,7 +401,11 @@ impl Sidecar {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(extra)
-            .env("ISTM_LOG", "info")
+            // `ISTM_TEST_LOG=debug cargo test …` for more.
+            .env(
+                "ISTM_LOG",
+                std::env::var("ISTM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

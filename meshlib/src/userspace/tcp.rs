@@ -5,7 +5,7 @@
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -57,7 +57,21 @@ impl TunnelStream {
         let Some(h) = self.h.take() else {
             return false;
         };
-        relay(self.inner.clone(), h, stream).await
+        relay(self.inner.clone(), h, stream, None).await
+    }
+
+    /// [`TunnelStream::relay`], adding the payload bytes relayed to `sent`
+    /// (from `stream` into the tunnel) and `received` (back) as they pass.
+    pub async fn relay_counted(
+        mut self,
+        stream: TcpStream,
+        sent: &AtomicU64,
+        received: &AtomicU64,
+    ) -> bool {
+        let Some(h) = self.h.take() else {
+            return false;
+        };
+        relay(self.inner.clone(), h, stream, Some((sent, received))).await
     }
 }
 
@@ -114,7 +128,7 @@ pub(super) fn spawn_outbound(inner: Arc<Inner>, stream: TcpStream, dst: SocketAd
     inner.tcp_outbound.fetch_add(1, Relaxed);
     inner.kick();
     let rt = inner.rt.clone();
-    rt.spawn(relay(inner, h, stream));
+    rt.spawn(relay(inner, h, stream, None));
 }
 
 /// Connects to the instance at `target` (with the default host
@@ -148,7 +162,7 @@ pub(super) fn spawn_inbound(
         match conn {
             Ok(stream) => {
                 inner.tcp_inbound.fetch_add(1, Relaxed);
-                relay(inner, h, stream).await;
+                relay(inner, h, stream, None).await;
             }
             Err(e) => {
                 tracing::debug!("inbound to {target}: {e}");
@@ -191,7 +205,12 @@ pub(super) fn reset_on_close(fd: RawFd) {
 
 /// Moves bytes both ways until both sides closed (true), or one broke
 /// (false). Dropped midway, it resets both sides ([`Teardown`]).
-async fn relay(inner: Arc<Inner>, h: SocketHandle, mut stream: TcpStream) -> bool {
+async fn relay(
+    inner: Arc<Inner>,
+    h: SocketHandle,
+    mut stream: TcpStream,
+    counts: Option<(&AtomicU64, &AtomicU64)>,
+) -> bool {
     let _ = stream.set_nodelay(true);
     let mut teardown = Teardown {
         inner: &inner,
@@ -202,8 +221,8 @@ async fn relay(inner: Arc<Inner>, h: SocketHandle, mut stream: TcpStream) -> boo
     let ok = match established(&inner, h).await {
         Ok(()) => {
             let (rd, wr) = stream.split();
-            let up = to_tunnel(&inner, h, rd);
-            let down = from_tunnel(&inner, h, wr);
+            let up = to_tunnel(&inner, h, rd, counts.map(|c| c.0));
+            let down = from_tunnel(&inner, h, wr, counts.map(|c| c.1));
             tokio::try_join!(up, down).is_ok()
         }
         Err(Broken) => false,
@@ -248,10 +267,14 @@ async fn to_tunnel(
     inner: &Inner,
     h: SocketHandle,
     mut rd: impl AsyncRead + Unpin,
+    sent: Option<&AtomicU64>,
 ) -> Result<(), Broken> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = rd.read(&mut buf).await.map_err(|_| Broken)?;
+        if let Some(c) = sent {
+            c.fetch_add(n as u64, Relaxed);
+        }
         if n == 0 {
             inner.with_tcp(h, |s| s.close());
             inner.kick();
@@ -286,6 +309,7 @@ async fn from_tunnel(
     inner: &Inner,
     h: SocketHandle,
     mut wr: impl AsyncWrite + Unpin,
+    received: Option<&AtomicU64>,
 ) -> Result<(), Broken> {
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -308,5 +332,8 @@ async fn from_tunnel(
         // The window opened: let smoltcp advertise it.
         inner.kick();
         wr.write_all(&buf[..n]).await.map_err(|_| Broken)?;
+        if let Some(c) = received {
+            c.fetch_add(n as u64, Relaxed);
+        }
     }
 }

@@ -218,10 +218,10 @@ impl Agent {
                     node.ip(),
                     config.loopback_octet,
                 ));
-                a.userspace = Some(crate::userspace::UserspacePlane::new(
-                    stack.clone(),
-                    config.loopback_octet,
-                ));
+                a.userspace = Some(
+                    crate::userspace::UserspacePlane::new(stack.clone(), config.loopback_octet)
+                        .with_control(node.control_requests()),
+                );
             }
             a.ready = true;
             let map = a.latest.take().unwrap_or_else(|| node.map());

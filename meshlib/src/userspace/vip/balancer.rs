@@ -8,11 +8,13 @@
 //! await.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::stats::ServiceStats;
 use super::{Backend, PortPlan};
 use crate::balance::{Admit, Pick, Pool};
 use crate::ids::InstanceName;
@@ -66,6 +68,8 @@ struct State {
     /// whose drop ends them.
     conns: HashMap<u64, (PublicKey, oneshot::Sender<()>)>,
     next_conn: u64,
+    /// The port is no longer served ([`Balancer::close`]).
+    closed: bool,
 }
 
 /// One service address's port.
@@ -74,15 +78,19 @@ pub(super) struct Balancer {
     pub service: String,
     /// The port, on the address and on the instances.
     pub port: u16,
+    /// The service's traffic counters and hold budget (shared by the
+    /// address's ports).
+    pub stats: Arc<ServiceStats>,
     state: Mutex<State>,
 }
 
 impl Balancer {
     /// An empty balancer for `plan`'s port (call [`Balancer::update`]).
-    pub fn new(plan: &PortPlan) -> Self {
+    pub fn new(plan: &PortPlan, stats: Arc<ServiceStats>) -> Self {
         Self {
             service: plan.service.clone(),
             port: plan.port,
+            stats,
             state: Mutex::new(State {
                 pool: Pool::new(UNLIMITED),
                 backends: HashMap::new(),
@@ -91,6 +99,7 @@ impl Balancer {
                 waiters: HashMap::new(),
                 conns: HashMap::new(),
                 next_conn: 1,
+                closed: false,
             }),
         }
     }
@@ -123,6 +132,9 @@ impl Balancer {
     /// A new connection (`may_wait`) or UDP flow (not).
     pub fn choose(&self, may_wait: bool, now: Instant) -> Choice {
         let mut st = self.state.lock();
+        if st.closed {
+            return Choice::Refuse;
+        }
         match st.pool.admit(may_wait, now) {
             Admit::Go(pick) => match st.backends.get(&pick.instance).cloned() {
                 Some(b) => Choice::Go(b),
@@ -153,6 +165,18 @@ impl Balancer {
         }
     }
 
+    /// A new UDP sender: an instance now, or, when no instance is online
+    /// and the address is wakeable, a hold (its first datagrams wait for
+    /// the wake); otherwise refused (a datagram never waits behind
+    /// instances that are online but busy or down).
+    pub fn choose_datagram(&self, now: Instant) -> Choice {
+        let sleeping = {
+            let st = self.state.lock();
+            st.backends.is_empty() && st.wake_timeout.is_some()
+        };
+        self.choose(sleeping, now)
+    }
+
     /// A held connection stopped waiting (its time is up): `None` when it
     /// left the queue, or the instance it was given meanwhile.
     pub fn give_up(&self, id: u64, mut rx: oneshot::Receiver<Backend>) -> Option<Backend> {
@@ -176,6 +200,14 @@ impl Balancer {
     pub fn failed(&self, b: &Backend, now: Instant) {
         let mut st = self.state.lock();
         let go = st.pool.failed(&b.instance, now);
+        deliver(&mut st, go, now);
+    }
+
+    /// A held connection dials `b` again although it refused (a woken
+    /// instance still starting): eligible again at once.
+    pub fn retry(&self, b: &Backend, now: Instant) {
+        let mut st = self.state.lock();
+        let go = st.pool.healthy(&b.instance, now);
         deliver(&mut st, go, now);
     }
 
@@ -203,8 +235,14 @@ impl Balancer {
     /// ends.
     pub fn close(&self) {
         let mut st = self.state.lock();
+        st.closed = true;
         st.conns.clear();
         st.waiters.clear();
+    }
+
+    /// Whether [`Balancer::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
     }
 
     /// Relayed connections and flows now (for tests and status).

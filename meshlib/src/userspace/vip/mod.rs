@@ -8,7 +8,12 @@
 //!
 //! - **Listeners**: one per port that any instance of the service in the
 //!   map announces (offline ones included, so that a service scaled to zero
-//!   keeps its listeners for the wake), at most [`MAX_PORTS`] per address.
+//!   keeps its listeners for the wake), or announced since this plane
+//!   started (instances that left the map: ephemeral ones are removed soon
+//!   after they stop), at most [`MAX_PORTS`] per address, while the address
+//!   is in the map. A sidecar started while a service has no member in the
+//!   map does not know its ports: it refuses connections to it (no
+//!   listener) until an instance announces them.
 //! - **Backends** of a port: the service's online members
 //!   ([`NetworkMap::backends`]: its `web` members, or all when none is
 //!   `web`) that serve the port: they announce it, or announce no port at
@@ -27,19 +32,37 @@
 //!   is sent before an instance accepted.
 //! - **No instance**: the connection is closed at once (a reset), unless
 //!   the address is wakeable (`wake_timeout_secs`): then it is held up to
-//!   that time for an instance to come online (the wake hook,
-//!   [`ServicePlane::set_wake_hook`], runs once per held connection's
-//!   admission), then closed.
+//!   that time for an instance to come online, and a wake is asked for
+//!   ([`ServicePlane::set_wake_hook`]; the sidecar's hook is
+//!   `ControlRequests::wake`, which sends one request per service and wake
+//!   timeout; this plane asks at most once a second per service). The held
+//!   connection goes to the first instance online; one that refuses while
+//!   its application starts is dialled again after 50 ms, doubling to
+//!   250 ms, within the same deadline (dials included); past the deadline
+//!   the connection is reset.
+//!   At most [`MAX_HELD_PER_SERVICE`] connections and UDP flows are held
+//!   per service address (all ports); beyond, refused at once. A held
+//!   connection costs its socket and one task; its bytes wait in the
+//!   client's socket, not here.
 //! - **Leaving**: an instance that leaves the service's backends (offline,
 //!   gone, its key replaced) gets no new connection from the next map on;
 //!   its relayed connections are reset both ways (client and instance),
 //!   never left hanging.
 //! - **UDP**: a new sender (client address and port) is pinned to one
-//!   instance (the same pool; a datagram never waits: with no instance it
-//!   is dropped); the flow lives while datagrams pass either way and ends
-//!   after [`VipConfig::udp_idle`] (60 s), or when its instance leaves. At
-//!   most [`VipConfig::max_udp_flows`] per listener; datagrams of further
-//!   senders are dropped.
+//!   instance (the same pool; a datagram never waits behind instances that
+//!   are online: with none healthy it is dropped); the flow lives while
+//!   datagrams pass either way and ends after [`VipConfig::udp_idle`]
+//!   (60 s), or when its instance leaves. At most
+//!   [`VipConfig::max_udp_flows`] per listener; datagrams of further
+//!   senders are dropped. A new sender to a wakeable address with no
+//!   online instance is held: its first [`MAX_HELD_DATAGRAMS`] datagrams
+//!   (at most [`MAX_HELD_BYTES`] together; later ones dropped) wait, a wake
+//!   is asked for, and they go on in order to the first instance online;
+//!   after the wake timeout they are dropped and the sender forgotten (its
+//!   next datagram starts again). At most [`MAX_HELD_UDP_FLOWS`] held
+//!   senders per listener, within the service's budget.
+//! - **Traffic** ([`ServicePlane::traffic`]): counters per destination
+//!   service, no per-flow state.
 //!
 //! ## Layout
 //! - this module — the pure plan ([`plan`]) from a map, and
@@ -49,8 +72,12 @@
 //! - `tcp` / `udp` — the listeners and the per-connection / per-flow relays.
 
 mod balancer;
+mod stats;
 mod tcp;
 mod udp;
+
+pub use stats::MAX_HELD_PER_SERVICE;
+pub use udp::{MAX_HELD_BYTES, MAX_HELD_DATAGRAMS, MAX_HELD_UDP_FLOWS};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -64,7 +91,9 @@ use super::Stack;
 use crate::ids::InstanceName;
 use crate::keys::PublicKey;
 use crate::netmap::NetworkMap;
+use crate::traffic::{PairTraffic, TrafficReport, MAX_PAIRS};
 use balancer::Balancer;
+use stats::ServiceStats;
 
 /// Most ports one service address listens on.
 pub const MAX_PORTS: usize = 256;
@@ -141,14 +170,38 @@ pub struct PortPlan {
 /// The listeners `map` asks for, by loopback listen address, seen by the
 /// member at `own` (pure; the policy is in the module docs).
 pub fn plan(map: &NetworkMap, own: Ipv4Addr, octet: u8) -> BTreeMap<SocketAddr, PortPlan> {
+    plan_remembering(map, own, octet, &mut HashMap::new())
+}
+
+/// [`plan`], also listening on the ports `seen` remembers for each
+/// service (and remembering the map's): a service whose instances all left
+/// the map (ephemeral instances scaled to zero are removed soon after they
+/// stop) keeps its listeners while its address is in the map, so a
+/// connection can still be held for a wake. At most [`MAX_PORTS`] per
+/// service; services without an address are forgotten.
+pub fn plan_remembering(
+    map: &NetworkMap,
+    own: Ipv4Addr,
+    octet: u8,
+    seen: &mut HashMap<String, BTreeSet<u16>>,
+) -> BTreeMap<SocketAddr, PortPlan> {
     let mut out = BTreeMap::new();
+    seen.retain(|service, _| map.addresses.contains_key(service));
     for a in map.addresses.values() {
-        let ports: BTreeSet<u16> = map
+        let remembered = seen.entry(a.service.clone()).or_default();
+        let from_map = map
             .service_members(&a.service)
             .iter()
             .flat_map(|m| m.ports.iter().copied())
             .take(MAX_PORTS * 64)
-            .collect();
+            .collect::<BTreeSet<u16>>();
+        for p in from_map {
+            if remembered.len() >= MAX_PORTS {
+                break;
+            }
+            remembered.insert(p);
+        }
+        let ports = remembered.clone();
         let online = map.backends(&a.service);
         let members: BTreeSet<PublicKey> = online.iter().map(|m| m.public_key).collect();
         let listen = IpAddr::V4(loopback_in(octet, IpAddr::V4(a.ip)));
@@ -190,14 +243,21 @@ pub(crate) struct Shared {
     wake: parking_lot::Mutex<Option<WakeHook>>,
 }
 
+/// How often one service's wake is asked for at most by this plane (the
+/// node sends one request per wake timeout; this keeps a flood of held
+/// connections from filling its request line).
+const WAKE_EVERY: Duration = Duration::from_secs(1);
+
 impl Shared {
-    /// Asks for `service` to be woken.
-    fn wake(&self, service: &str) {
+    /// Asks for `service` to be woken, at most once per [`WAKE_EVERY`] for
+    /// the same service (`stats` tells when it was last asked).
+    fn wake(&self, service: &str, stats: &ServiceStats) {
+        if !stats.wake_due(Instant::now(), WAKE_EVERY) {
+            return;
+        }
         let hook = self.wake.lock().clone();
         match hook {
             Some(hook) => hook(service),
-            // TODO(scale-to-zero, issue 19 item 5): the sidecar sets a hook
-            // that sends one wake request to the keyserver.
             None => tracing::debug!(service, "no online instance; no wake hook set"),
         }
     }
@@ -216,6 +276,13 @@ struct Running {
 pub struct ServicePlane {
     shared: Arc<Shared>,
     running: HashMap<SocketAddr, Running>,
+    /// Traffic counters and hold budget per destination service, shared
+    /// by the listeners of its address's ports; kept while the service is
+    /// in the map (counters cumulative), so at most the map's services.
+    stats: HashMap<String, Arc<ServiceStats>>,
+    /// Ports each service's instances announced, remembered while its
+    /// address is in the map ([`plan_remembering`]).
+    ports: HashMap<String, BTreeSet<u16>>,
 }
 
 impl ServicePlane {
@@ -229,6 +296,8 @@ impl ServicePlane {
                 wake: parking_lot::Mutex::new(None),
             }),
             running: HashMap::new(),
+            stats: HashMap::new(),
+            ports: HashMap::new(),
         }
     }
 
@@ -240,7 +309,7 @@ impl ServicePlane {
     /// Starts, updates and stops listeners to match `map` (seen by the
     /// member at `own`).
     pub fn apply(&mut self, map: &NetworkMap, own: Ipv4Addr) {
-        let mut plans = plan(map, own, self.shared.cfg.octet);
+        let mut plans = plan_remembering(map, own, self.shared.cfg.octet, &mut self.ports);
         let now = Instant::now();
         self.running.retain(|listen, r| match plans.get(listen) {
             Some(p) if p.service == r.balancer.service => true,
@@ -249,12 +318,17 @@ impl ServicePlane {
                 false
             }
         });
+        // Counters of services gone from the map go (no flow of theirs is
+        // relayed any more: their listeners just stopped).
+        self.stats
+            .retain(|service, _| map.addresses.contains_key(service));
         for (listen, p) in std::mem::take(&mut plans) {
             if let Some(r) = self.running.get(&listen) {
                 r.balancer.update(&p, now);
                 continue;
             }
-            let balancer = Arc::new(Balancer::new(&p));
+            let stats = self.stats.entry(p.service.clone()).or_default().clone();
+            let balancer = Arc::new(Balancer::new(&p, stats));
             balancer.update(&p, now);
             let tasks = self.listen(listen, &balancer);
             self.running.insert(listen, Running { balancer, tasks });
@@ -307,6 +381,45 @@ impl ServicePlane {
         self.running
             .get(&listen)
             .map_or(0, |r| r.balancer.relayed())
+    }
+
+    /// This member's traffic per destination service through its service
+    /// addresses (issue 19, item 6): flows opened, open now (held ones
+    /// included), refused, held for a wake, payload bytes each way, and
+    /// connect times (TCP: accept to the instance's dial succeeding, a
+    /// wake included; UDP: first datagram to first answer). Cumulative
+    /// since this plane started (`active` is a gauge); services with
+    /// nothing counted are left out; at most [`MAX_PAIRS`] destinations,
+    /// the busiest (most flows) first. Cheap: a lock per service.
+    pub fn traffic(&self) -> TrafficReport {
+        let mut pairs: Vec<PairTraffic> = self
+            .stats
+            .iter()
+            .map(|(service, s)| PairTraffic {
+                destination: service.clone(),
+                counters: s.snapshot(),
+            })
+            .filter(|p| p.counters != crate::traffic::TrafficCounters::default())
+            .collect();
+        let flows = |p: &PairTraffic| {
+            let c = &p.counters;
+            c.opened
+                .saturating_add(c.refused)
+                .saturating_add(c.held)
+                .saturating_add(c.active)
+        };
+        pairs.sort_by(|a, b| {
+            flows(b)
+                .cmp(&flows(a))
+                .then_with(|| a.destination.cmp(&b.destination))
+        });
+        pairs.truncate(MAX_PAIRS);
+        TrafficReport { pairs }
+    }
+
+    /// Connections and UDP flows of `service` held for a wake now.
+    pub fn held(&self, service: &str) -> usize {
+        self.stats.get(service).map_or(0, |s| s.held_now())
     }
 
     /// Stops every listener and ends every relayed connection.
