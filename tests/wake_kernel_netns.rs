@@ -258,6 +258,20 @@ fn wakeable_service_holds_wakes_once_refuses_after_timeout_and_bounds_floods() {
     assert_eq!(edge["refused"], 0, "{edge}");
     assert_eq!(edge["connect_count"], 3, "{edge}");
     assert!(edge["bytes_received"].as_u64().unwrap() > 0, "{edge}");
+    // The same counters in each client's `sidecar status`.
+    for c in &clients {
+        let status = c.status().expect("status");
+        let traffic = &status["traffic"];
+        assert_eq!(traffic["source"], "client", "{traffic}");
+        let api = traffic["pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["destination"] == "api")
+            .unwrap_or_else(|| panic!("no api pair: {traffic}"));
+        assert_eq!(api["counters"]["opened"], 1, "{api}");
+        assert_eq!(api["counters"]["held"], 1, "{api}");
+    }
 
     // 2. A hook that starts nothing: refused after the wake timeout.
     let api_pid = sidecar_pid(&api_host.ns);

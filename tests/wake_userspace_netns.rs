@@ -228,10 +228,7 @@ fn write_wake_hook(dir: &Path, ns: &str, token: &str, log: &Path) -> PathBuf {
     std::fs::write(dir.join("server.py"), server).unwrap();
     let script = format!(
         "#!/bin/sh\n\
-         echo \"start $(date +%s.%N) $ISTM_SERVICE\" >> {count}\n\
-         # The hook's ISTM_SERVICE_ADDRESS (the service's address) is also\n\
-         # the sidecar's --service-address variable: not for the sidecar.\n\
-         unset ISTM_SERVICE_ADDRESS\n\
+         echo \"start $(date +%s.%N) $ISTM_HOOK_SERVICE\" >> {count}\n\
          ip netns exec {ns} python3 {dir}/server.py >/dev/null 2>&1 &\n\
          ISTM_LOG=${{ISTM_TEST_LOG:-info}} ip netns exec {ns} {sidecar} up --service api --interface wkn{tag} \
            --metrics off --state-dir {state} --token {token} --mode userspace --port {API_PORT} \
@@ -326,6 +323,41 @@ fn three_members_wake_a_sleeping_service_once_and_are_all_answered() {
     // Still once, a while later (the wake is deduplicated, not repeated).
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(hook_times(&count).0.len(), 1);
+
+    // Traffic per service: each client's status counts its flow to `api`
+    // (held, then opened), and the agent's reports (every 10 s) reach the
+    // keyserver's service graph as one edge per client service.
+    for c in &s.clients {
+        let status = c.status().expect("status");
+        let traffic = &status["traffic"];
+        assert_eq!(traffic["source"], c.service.as_str(), "{traffic}");
+        let api = traffic["pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["destination"] == "api")
+            .unwrap_or_else(|| panic!("no api pair: {traffic}"));
+        assert_eq!(api["counters"]["opened"], 1, "{api}");
+        assert_eq!(api["counters"]["held"], 1, "{api}");
+        assert!(
+            api["counters"]["bytes_received"].as_u64() > Some(0),
+            "{api}"
+        );
+    }
+    let mut edges = Vec::new();
+    wait_for(Duration::from_secs(25), || {
+        let out = s.mesh.admin(&["network", "traffic", "prod", "--json"]);
+        let graph: serde_json::Value = serde_json::from_str(&out).expect("json");
+        edges = graph["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["destination"] == "api" && e["opened"] == 1 && e["held"] == 1)
+            .cloned()
+            .collect();
+        edges.len() == 3
+    });
+    eprintln!("client -> api at the keyserver: {edges:?}");
 }
 
 /// The client sidecar's resident memory, KiB (`VmRSS`).

@@ -8,8 +8,10 @@
 //! jobs with a stub of their own.
 //!
 //! A command hook runs without a shell, its arguments as given, with
-//! `ISTM_HOOK` (`wake` or `idle`), `ISTM_NETWORK` (the id),
-//! `ISTM_NETWORK_NAME`, `ISTM_SERVICE` and `ISTM_SERVICE_ADDRESS` set and
+//! `ISTM_HOOK` (`wake` or `idle`), `ISTM_HOOK_NETWORK` (the id),
+//! `ISTM_HOOK_NETWORK_NAME`, `ISTM_HOOK_SERVICE` and `ISTM_HOOK_ADDRESS`
+//! set (prefixed so that a hook starting a sidecar passes none of them on
+//! as the sidecar's own `ISTM_SERVICE…` settings) and
 //! stdin closed; only on a keyserver started with `--allow-wake-commands`
 //! (as the gateway's). A URL hook gets an HTTP/1.1 `POST` with
 //! `{"event", "network", "network_name", "service", "address"}` as JSON.
@@ -146,10 +148,10 @@ pub async fn execute(job: &HookJob, allow_commands: bool) -> Result<(), HookErro
             let status = tokio::process::Command::new(program)
                 .args(args)
                 .env("ISTM_HOOK", job.kind.as_str())
-                .env("ISTM_NETWORK", job.network.to_string())
-                .env("ISTM_NETWORK_NAME", &job.network_name)
-                .env("ISTM_SERVICE", &job.service)
-                .env("ISTM_SERVICE_ADDRESS", job.ip.to_string())
+                .env("ISTM_HOOK_NETWORK", job.network.to_string())
+                .env("ISTM_HOOK_NETWORK_NAME", &job.network_name)
+                .env("ISTM_HOOK_SERVICE", &job.service)
+                .env("ISTM_HOOK_ADDRESS", job.ip.to_string())
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .status()
@@ -218,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let script = format!(
-            "echo \"$ISTM_HOOK $ISTM_SERVICE $ISTM_SERVICE_ADDRESS $ISTM_NETWORK_NAME\" > {}",
+            "echo \"$ISTM_HOOK $ISTM_HOOK_SERVICE $ISTM_HOOK_ADDRESS $ISTM_HOOK_NETWORK_NAME\" > {}",
             out.display()
         );
         let cmd = WakeHook::Command(vec!["sh".into(), "-c".into(), script]);

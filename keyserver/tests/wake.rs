@@ -128,7 +128,7 @@ async fn three_members_waking_at_once_run_the_command_once() {
     let out = dir.path().join("woken");
     let h = Harness::start(&dir.path().join("ks"), |c| c.allow_wake_commands = true).await;
     let mut webs = setup(&h).await;
-    let cmd = format!("echo \"$ISTM_SERVICE\" >> {}", out.display());
+    let cmd = format!("echo \"$ISTM_HOOK_SERVICE\" >> {}", out.display());
     make_wakeable(&h, &mut webs, json!({"command": ["sh", "-c", cmd]}), 2).await;
     let mut webs = wake_all(webs).await;
     assert!(eventually(Duration::from_secs(5), || lines(&out) == 1).await);

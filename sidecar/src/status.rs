@@ -118,6 +118,21 @@ pub struct FlowStatus {
     pub expired: u64,
     /// Packets to or from a service address that could not be read.
     pub unreadable: u64,
+    /// Flows held now while their service wakes (in `active` too).
+    #[serde(default)]
+    pub held: u64,
+    /// Flows ever held while their service woke.
+    #[serde(default)]
+    pub held_total: u64,
+    /// Held flows refused: no instance came within the wake timeout.
+    #[serde(default)]
+    pub wake_timeouts: u64,
+    /// New flows refused: the hold bounds were reached.
+    #[serde(default)]
+    pub hold_full: u64,
+    /// Bytes of packets held now.
+    #[serde(default)]
+    pub held_bytes: u64,
 }
 
 impl From<meshlib::wg::flows::FlowStats> for FlowStatus {
@@ -133,6 +148,11 @@ impl From<meshlib::wg::flows::FlowStats> for FlowStatus {
             foreign: s.foreign,
             expired: s.expired,
             unreadable: s.unreadable,
+            held: s.held as u64,
+            held_total: s.held_total,
+            wake_timeouts: s.wake_timeouts,
+            hold_full: s.hold_full,
+            held_bytes: s.held_bytes as u64,
         }
     }
 }
@@ -431,6 +451,13 @@ pub fn render_human(s: &Status, now_unix: u64) -> String {
             "service flows: {} active; {} opened, {} refused ({} table full), {} instance failures ({} moved), {} reset, {} foreign answers dropped, {} expired",
             f.active, f.opened, f.rejected + f.full, f.full, f.failures, f.repinned, f.reset, f.foreign, f.expired
         );
+        if f.held_total > 0 || f.hold_full > 0 {
+            let _ = writeln!(
+                out,
+                "held for a wake: {} now ({} B), {} in all, {} refused after the wake timeout, {} refused (hold bounds)",
+                f.held, f.held_bytes, f.held_total, f.wake_timeouts, f.hold_full
+            );
+        }
     }
     if let Some(t) = &s.traffic {
         for p in &t.pairs {
@@ -561,6 +588,12 @@ pub fn render_prometheus(s: &Status) -> String {
             "# HELP {name} Flows to service addresses in the flow table (kernel mode).\n# TYPE {name} gauge\n{name} {}",
             f.active
         );
+        let name = "istmesh_service_flows_held";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Flows held now while their service wakes (kernel mode).\n# TYPE {name} gauge\n{name} {}",
+            f.held
+        );
         let name = "istmesh_service_flow_events_total";
         let _ = writeln!(
             out,
@@ -575,6 +608,9 @@ pub fn render_prometheus(s: &Status) -> String {
             ("reset", f.reset),
             ("foreign", f.foreign),
             ("expired", f.expired),
+            ("held", f.held_total),
+            ("wake_timeout", f.wake_timeouts),
+            ("hold_full", f.hold_full),
         ] {
             let _ = writeln!(out, "{name}{{event=\"{event}\"}} {n}");
         }

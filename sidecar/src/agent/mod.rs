@@ -364,6 +364,22 @@ impl Agent {
                 *node_keyserver.borrow(),
                 &keyserver,
             );
+            // Kernel mode: the engine's flow table; userspace mode: the
+            // loopback listeners of the service addresses. (Before the
+            // struct below: it locks the applier too.)
+            let report = match &stack {
+                None => Some(engine.traffic()),
+                Some(_) => applier
+                    .lock()
+                    .userspace
+                    .as_ref()
+                    .map(|u| u.services().traffic()),
+            };
+            let traffic = report.map(|r| crate::status::TrafficStatus {
+                source: own.map(|m| m.service.clone()).unwrap_or_default(),
+                pairs: r.pairs,
+            });
+            let conflicts = applier.lock().conflicts.clone();
             Status {
                 ports: own.map(|m| m.ports.clone()).unwrap_or_default(),
                 inbound_refused: stack.as_ref().map(|s| s.stats().inbound_refused),
@@ -376,8 +392,8 @@ impl Agent {
                 listen_port: engine.listen_port(),
                 generation: map.generation,
                 control: Some(control),
-                conflicts: applier.lock().conflicts.clone(),
-                traffic: None,
+                conflicts,
+                traffic,
                 peers,
                 dns_responses: Default::default(),
             }
@@ -406,6 +422,10 @@ impl Agent {
         let mut ports_check = tokio::time::interval(PORTS_CHECK);
         ports_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut announced = crate::ports::announced_ports(&self.config, self.port_owner.as_ref());
+        // Userspace mode reports its traffic per service from here (kernel
+        // mode's node reports its engine's itself).
+        let mut traffic_tick = tokio::time::interval(meshlib::traffic::REPORT_INTERVAL);
+        traffic_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 _ = ended.changed() => {
@@ -424,6 +444,18 @@ impl Agent {
                         tracing::info!(?ports, "served ports changed; telling the keyserver");
                         self.node.set_ports(ports.clone()).await;
                         announced = ports;
+                    }
+                }
+                _ = traffic_tick.tick() => {
+                    let report = self
+                        .applier
+                        .lock()
+                        .userspace
+                        .as_ref()
+                        .map(|u| u.services().traffic());
+                    if let Some(report) = report.filter(|r| !r.pairs.is_empty()) {
+                        // The member core sends it only when it changed.
+                        self.node.control_requests().report_traffic(report);
                     }
                 }
                 req = requests.recv() => match req {
