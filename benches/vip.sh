@@ -105,7 +105,7 @@ inns "$CL" "$SIDECAR" up --token "$TOKEN" --service client --service-addresses s
     >"$WORK/cl.log" 2>&1 &
 VIP=""
 for _ in $(seq 200); do
-    VIP=$(inns "$CL" getent hosts api.warp | awk '{print $1}')
+    VIP=$(inns "$CL" getent hosts api.warp | awk '{print $1}' || true)
     [ -n "$VIP" ] && break
     sleep 0.1
 done
