@@ -224,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
                 service: service.into(),
                 ip,
                 wake_timeout_secs: None,
+                ports: vec![],
             },
         );
     }

@@ -1,8 +1,10 @@
 //! Scale to zero on internal traffic in userspace mode, with the real
 //! binaries (issue 19, item 5): a wakeable service with no online instance;
-//! three client members (`sidecar up --mode userspace`, each in a namespace
+//! client members (`sidecar up --mode userspace`, each in a namespace
 //! of its own) connect at once to the loopback standing for its service
-//! address (`WARP_IST_api`); the keyserver's wake hook (a command) starts an
+//! address (`WARP_IST_api`), with a fourth started only after the
+//! service's last instance left the map (it learns the service's ports from
+//! the address); the keyserver's wake hook (a command) starts an
 //! instance (its server and its sidecar) and runs once; every held
 //! connection is answered by it. Then, for a service whose hook starts
 //! nothing: the held connections are reset after the wake timeout, never
@@ -275,7 +277,7 @@ impl Drop for SocketGuard {
 fn three_members_wake_a_sleeping_service_once_and_are_all_answered() {
     require_netns!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::new("api", API_PORT);
+    let mut s = Setup::new("api", API_PORT);
     let _sock = SocketGuard(PathBuf::from(format!(
         "/var/run/wireguard/wkn{}.sock",
         std::process::id() % 100_000
@@ -285,6 +287,29 @@ fn three_members_wake_a_sleeping_service_once_and_are_all_answered() {
     let hook = write_wake_hook(&dir, &s.runner.ns, &s.token, &log);
     let hook_s = hook.display().to_string();
     s.wakeable("api", "10s", &["/bin/sh", &hook_s]);
+
+    // The stopped instance was ephemeral (a first join): once the keyserver
+    // removed it, a member started now has never seen an instance of `api`
+    // and learns its ports from the address (which remembers them).
+    wait_for(SETTLE, || {
+        let out = s.mesh.admin(&["member", "list", "--network", "prod"]);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let list = json.as_array().or_else(|| json["members"].as_array());
+        list.is_some_and(|l| l.iter().all(|m| m["service"] != "api"))
+    });
+    let late_host = s.mesh.host(6);
+    let late_args = [
+        "--token",
+        s.token.as_str(),
+        "--mode",
+        "userspace",
+        "--service-addresses",
+        "service",
+    ];
+    let late = s.mesh.sidecar(&late_host, "client6", "up", &late_args);
+    late.wait_peers(3, SETTLE);
+    assert_eq!(read_warp_ist(&late, "api"), s.vip);
+    s.clients.push(late);
 
     let to = SocketAddr::from((s.vip, API_PORT));
     let joins: Vec<_> = s
@@ -355,7 +380,7 @@ fn three_members_wake_a_sleeping_service_once_and_are_all_answered() {
             .filter(|e| e["destination"] == "api" && e["opened"] == 1 && e["held"] == 1)
             .cloned()
             .collect();
-        edges.len() == 3
+        edges.len() == s.clients.len()
     });
     eprintln!("client -> api at the keyserver: {edges:?}");
 }

@@ -541,6 +541,7 @@ mod tests {
                 service: "api".into(),
                 ip: vip,
                 wake_timeout_secs: None,
+                ports: vec![],
             },
         );
         let l = NameListing::of(&map);

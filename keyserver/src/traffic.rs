@@ -504,6 +504,7 @@ mod tests {
                 service: "api".into(),
                 ip: "10.240.4.1".parse().unwrap(),
                 wake_timeout_secs: None,
+                ports: vec![],
             },
         );
         let g = book.graph(&map, &[]);

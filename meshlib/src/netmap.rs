@@ -132,7 +132,17 @@ pub struct ServiceAddress {
     /// `None`: the service is not wakeable and such a flow is refused at
     /// once.
     pub wake_timeout_secs: Option<u16>,
+    /// The ports the service's instances have announced while the address
+    /// existed (sorted, at most [`MAX_ADDRESS_PORTS`]): a member started
+    /// while the service has no instance in the map (scaled to zero, its
+    /// ephemeral instances gone) still knows where to expect it (userspace
+    /// mode listens on them for the wake).
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
+
+/// Most ports a service address remembers ([`ServiceAddress::ports`]).
+pub const MAX_ADDRESS_PORTS: usize = 256;
 
 /// The service range of a network range: the block of the same size right
 /// after it (`None` past the end of the address space).
@@ -468,6 +478,7 @@ pub(crate) mod tests {
             service: "api".into(),
             ip: Ipv4Addr::new(10, 240, 4, 1),
             wake_timeout_secs: Some(30),
+            ports: vec![],
         };
         map.addresses.insert("api".into(), addr.clone());
         let frame =

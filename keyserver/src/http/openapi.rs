@@ -223,7 +223,8 @@ fn schemas() -> Value {
     schemas["ServiceAddress"] = json!({"type": "object", "required": ["service", "ip"], "properties": {
         "service": {"type": "string"},
         "ip": {"type": "string", "format": "ipv4"},
-        "wake_timeout_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535, "description": "scale to zero: how long a new flow is held while the service is woken; null: not wakeable"}},
+        "wake_timeout_secs": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535, "description": "scale to zero: how long a new flow is held while the service is woken; null: not wakeable"},
+        "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "maxItems": 256, "description": "every port the service's instances announced while the address existed (sorted): where members expect the service also at zero instances"}},
         "description": "in a network's `addresses`, the stored record also carries the fields of `ServiceAddressDetail` (settings and state)"});
     address_schemas(&mut schemas);
     schemas

@@ -338,3 +338,58 @@ fn address_records_read_old_json_and_round_trip() {
         "10.240.4.1".parse::<std::net::Ipv4Addr>().unwrap()
     );
 }
+
+#[test]
+fn an_address_remembers_the_ports_its_instances_announced() {
+    let (mut r, _) = Registry::load(Records::default(), 64, Duration::from_secs(300), t(0));
+    let (net, _) = r
+        .create_network("prod", meshlib::ipam::DEFAULT_RANGE, t(0))
+        .unwrap();
+    r.create_token(net.id, &[1; 32], 100, Duration::from_secs(3600), None, None, t(0))
+        .unwrap();
+    let obs = "127.0.0.1:1".parse().unwrap();
+    let mut req = join_req(net.id, "api");
+    req.ports = vec![8080, 9000];
+    let j = r.join(&req, obs, &[2; 32], false, t(0)).unwrap();
+    let pushed = j
+        .changes
+        .iter()
+        .flat_map(|c| &c.delta.changes)
+        .find_map(|c| match c {
+            MapChange::AddressUpsert(a) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("the new address is pushed");
+    assert_eq!(pushed.ports, vec![8080, 9000]);
+    // A port announced later grows the list (pushed); one dropped stays.
+    let key = j.member.public_key;
+    let (change, ops) = r.update_ports(net.id, &key, &[7000]);
+    let change = change.expect("a change");
+    assert!(
+        change
+            .delta
+            .changes
+            .iter()
+            .any(|c| matches!(c, MapChange::AddressUpsert(a) if a.ports == vec![7000, 8080, 9000])),
+        "{change:?}"
+    );
+    assert!(ops
+        .iter()
+        .any(|op| matches!(op, StoreOp::PutNetwork(n) if n.addresses["api"].address.ports == vec![7000, 8080, 9000])));
+    // The same ports again: no address change.
+    let mut second = join_req(net.id, "api");
+    second.ports = vec![9000];
+    let j2 = r.join(&second, obs, &[2; 32], false, t(1)).unwrap();
+    assert!(!j2
+        .changes
+        .iter()
+        .flat_map(|c| &c.delta.changes)
+        .any(|c| matches!(c, MapChange::AddressUpsert(_))));
+    // Every instance gone: the address keeps its ports in the map.
+    r.remove_member(net.id, &key.to_string(), t(2)).unwrap();
+    r.remove_member(net.id, &j2.member.public_key.to_string(), t(2))
+        .unwrap();
+    let map = r.snapshot(net.id).unwrap();
+    assert!(map.members.is_empty());
+    assert_eq!(map.addresses["api"].ports, vec![7000, 8080, 9000]);
+}

@@ -606,8 +606,9 @@ impl Registry {
         let (member, stored) = (rec.member.clone(), StoreOp::PutMember(rec.clone()));
         let mut ops = vec![stored];
         let change = changed.then(|| {
-            let (change, net_op) =
-                net.record(vec![MapChange::Upsert(member.clone())], None, log_cap);
+            let mut changes = vec![MapChange::Upsert(member.clone())];
+            changes.extend(net.note_address_ports(&member.service, &member.ports));
+            let (change, net_op) = net.record(changes, None, log_cap);
             ops.push(net_op);
             change
         });
@@ -728,7 +729,11 @@ impl Registry {
         rec.member.ports = ports;
         let member = rec.member.clone();
         let stored = StoreOp::PutMember(rec.clone());
-        let (change, net_op) = net.record(vec![MapChange::Upsert(member)], None, log_cap);
+        let mut changes = vec![MapChange::Upsert(member.clone())];
+        // The service's address remembers the ports too (for members
+        // started while the service has no instance).
+        changes.extend(net.note_address_ports(&member.service, &member.ports));
+        let (change, net_op) = net.record(changes, None, log_cap);
         (Some(change), vec![stored, net_op])
     }
 

@@ -83,27 +83,44 @@ impl Network {
     }
 
     /// Gives `service` its own address if it has none (and the service
-    /// range has room): the change to push with the join. A full range
-    /// leaves the service without one (its names give its members).
+    /// range has room), remembering the `ports` its joining member
+    /// announces: the change to push with the join. A full range leaves the
+    /// service without one (its names give its members).
     pub(super) fn ensure_address(
         &mut self,
         service: &str,
+        ports: &[u16],
         now: std::time::SystemTime,
     ) -> Option<MapChange> {
         if self.rec.addresses.contains_key(service) {
-            return None;
+            return self.note_address_ports(service, ports);
         }
         let ip = self.vips.as_mut()?.allocate(now).ok()?;
         let address = meshlib::netmap::ServiceAddress {
             service: service.to_owned(),
             ip,
             wake_timeout_secs: None,
+            ports: merge_ports(&[], ports),
         };
         self.rec.addresses.insert(
             service.to_owned(),
             super::AddressRecord::new(address.clone()),
         );
         Some(MapChange::AddressUpsert(address))
+    }
+
+    /// Adds `ports` (announced by a member of `service`) to those its
+    /// address remembers, so that members started while the service has no
+    /// instance know them: the change to push when they grew. Never
+    /// shrinks while the address exists.
+    pub(super) fn note_address_ports(&mut self, service: &str, ports: &[u16]) -> Option<MapChange> {
+        let rec = self.rec.addresses.get_mut(service)?;
+        let merged = merge_ports(&rec.address.ports, ports);
+        if merged == rec.address.ports {
+            return None;
+        }
+        rec.address.ports = merged;
+        Some(MapChange::AddressUpsert(rec.address.clone()))
     }
 
     pub(super) fn snapshot(&self) -> NetworkMap {
@@ -267,4 +284,14 @@ fn instance_with_suffix(base: &str, suffix: &str) -> Option<InstanceName> {
     format!("{}{suffix}", cut.trim_end_matches('-'))
         .parse()
         .ok()
+}
+
+/// `known` and `more`, sorted, without duplicates, at most
+/// [`meshlib::netmap::MAX_ADDRESS_PORTS`] (the lowest).
+fn merge_ports(known: &[u16], more: &[u16]) -> Vec<u16> {
+    let mut all: Vec<u16> = known.iter().chain(more).copied().filter(|p| *p != 0).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.truncate(meshlib::netmap::MAX_ADDRESS_PORTS);
+    all
 }

@@ -234,7 +234,7 @@ impl Registry {
         net.catalog.add(&member);
         net.members.insert(member.public_key, rec.clone());
         let mut changes = vec![MapChange::Remove(old), MapChange::Upsert(member.clone())];
-        changes.extend(net.ensure_address(&member.service, input.now));
+        changes.extend(net.ensure_address(&member.service, &member.ports, input.now));
         let (service_changes, service_ops) =
             services::apply_takeover(net, input.plan, &member.instance, input.now);
         changes.extend(service_changes);
@@ -361,7 +361,7 @@ impl Registry {
         net.catalog.add(&member);
         net.members.insert(member.public_key, rec.clone());
         let mut delta = vec![MapChange::Upsert(member.clone())];
-        delta.extend(net.ensure_address(&member.service, now));
+        delta.extend(net.ensure_address(&member.service, &member.ports, now));
         let (service_changes, service_ops) =
             services::apply_join(net, input.plan, &member.instance, now);
         delta.extend(service_changes);

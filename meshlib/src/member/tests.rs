@@ -968,6 +968,7 @@ fn with_addresses(key: PublicKey) -> NetworkMap {
                 service: service.into(),
                 ip: std::net::Ipv4Addr::new(10, 240, 4, n),
                 wake_timeout_secs: wake,
+                ports: vec![],
             },
         );
     }

@@ -10,10 +10,11 @@
 //!   map announces (offline ones included, so that a service scaled to zero
 //!   keeps its listeners for the wake), or announced since this plane
 //!   started (instances that left the map: ephemeral ones are removed soon
-//!   after they stop), at most [`MAX_PORTS`] per address, while the address
-//!   is in the map. A sidecar started while a service has no member in the
-//!   map does not know its ports: it refuses connections to it (no
-//!   listener) until an instance announces them.
+//!   after they stop), or that the address itself remembers
+//!   ([`crate::netmap::ServiceAddress::ports`]: every port an instance
+//!   announced while the address existed, so that a sidecar started while
+//!   the service has no member in the map listens too), at most
+//!   [`MAX_PORTS`] per address, while the address is in the map.
 //! - **Backends** of a port: the service's online members
 //!   ([`NetworkMap::backends`]: its `web` members, or all when none is
 //!   `web`) that serve the port: they announce it, or announce no port at
@@ -189,10 +190,17 @@ pub fn plan_remembering(
     seen.retain(|service, _| map.addresses.contains_key(service));
     for a in map.addresses.values() {
         let remembered = seen.entry(a.service.clone()).or_default();
-        let from_map = map
-            .service_members(&a.service)
+        // The ports the address remembers (the keyserver's, kept while
+        // the address exists), then those of the members in the map.
+        let from_map = a
+            .ports
             .iter()
-            .flat_map(|m| m.ports.iter().copied())
+            .copied()
+            .chain(
+                map.service_members(&a.service)
+                    .iter()
+                    .flat_map(|m| m.ports.iter().copied()),
+            )
             .take(MAX_PORTS * 64)
             .collect::<BTreeSet<u16>>();
         for p in from_map {

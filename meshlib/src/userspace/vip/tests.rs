@@ -136,6 +136,7 @@ impl Setup {
                 service: "api".into(),
                 ip: API,
                 wake_timeout_secs: None,
+                ports: vec![],
             },
         );
         Self {
@@ -637,6 +638,7 @@ fn the_plan_follows_ports_health_and_roles() {
                 service: service.into(),
                 ip: Ipv4Addr::new(10, 240, 4, last),
                 wake_timeout_secs: wake,
+                ports: vec![],
             },
         );
     }
@@ -693,6 +695,7 @@ fn a_service_keeps_its_ports_after_its_instances_left_the_map() {
             service: "api".into(),
             ip: Ipv4Addr::new(10, 240, 4, 1),
             wake_timeout_secs: Some(30),
+            ports: vec![],
         },
     );
     let own = Ipv4Addr::new(10, 240, 0, 9);
@@ -744,4 +747,32 @@ async fn a_held_connection_waits_out_a_woken_instance_still_starting() {
         t.connect_micros >= 800_000,
         "the wake is in the connect time"
     );
+}
+
+#[test]
+fn a_sidecar_started_while_the_service_sleeps_listens_on_the_address_ports() {
+    // No member of `api` in the map (its ephemeral instances are gone), but
+    // its address remembers the ports: a plane that never saw an instance
+    // listens on them, with no backend (a wakeable address holds there).
+    let mut map = NetworkMap::new(NetworkId::random(), "t", crate::ipam::DEFAULT_RANGE);
+    map.addresses.insert(
+        "api".into(),
+        ServiceAddress {
+            service: "api".into(),
+            ip: Ipv4Addr::new(10, 240, 4, 1),
+            wake_timeout_secs: Some(30),
+            ports: vec![80, 443],
+        },
+    );
+    let own = Ipv4Addr::new(10, 240, 0, 9);
+    let p = plan(&map, own, 77);
+    let listens: Vec<SocketAddr> = p.keys().copied().collect();
+    assert_eq!(
+        listens,
+        vec![
+            "127.77.4.1:80".parse().unwrap(),
+            "127.77.4.1:443".parse().unwrap()
+        ]
+    );
+    assert!(p.values().all(|p| p.backends.is_empty() && p.wake_timeout.is_some()));
 }

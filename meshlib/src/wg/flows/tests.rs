@@ -418,6 +418,7 @@ fn services_from_a_map_are_the_online_web_members_but_self() {
             service: "api".into(),
             ip: V.into(),
             wake_timeout_secs: None,
+            ports: vec![],
         },
     );
     map.addresses.insert(
@@ -426,6 +427,7 @@ fn services_from_a_map_are_the_online_web_members_but_self() {
             service: "far".into(),
             ip: Ipv4Addr::new(192, 0, 2, 1),
             wake_timeout_secs: None,
+            ports: vec![],
         },
     );
     let s = Services::from_map(&map, &me.public_key);
@@ -459,6 +461,7 @@ fn a_member_holds_its_service_address_while_it_is_a_backend() {
             service: "api".into(),
             ip: V.into(),
             wake_timeout_secs: None,
+            ports: vec![],
         },
     );
     let ip = |n| Ipv4Addr::new(10, 240, 0, n);
