@@ -345,8 +345,16 @@ fn an_address_remembers_the_ports_its_instances_announced() {
     let (net, _) = r
         .create_network("prod", meshlib::ipam::DEFAULT_RANGE, t(0))
         .unwrap();
-    r.create_token(net.id, &[1; 32], 100, Duration::from_secs(3600), None, None, t(0))
-        .unwrap();
+    r.create_token(
+        net.id,
+        &[1; 32],
+        100,
+        Duration::from_secs(3600),
+        None,
+        None,
+        t(0),
+    )
+    .unwrap();
     let obs = "127.0.0.1:1".parse().unwrap();
     let mut req = join_req(net.id, "api");
     req.ports = vec![8080, 9000];

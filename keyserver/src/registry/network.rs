@@ -289,7 +289,12 @@ fn instance_with_suffix(base: &str, suffix: &str) -> Option<InstanceName> {
 /// `known` and `more`, sorted, without duplicates, at most
 /// [`meshlib::netmap::MAX_ADDRESS_PORTS`] (the lowest).
 fn merge_ports(known: &[u16], more: &[u16]) -> Vec<u16> {
-    let mut all: Vec<u16> = known.iter().chain(more).copied().filter(|p| *p != 0).collect();
+    let mut all: Vec<u16> = known
+        .iter()
+        .chain(more)
+        .copied()
+        .filter(|p| *p != 0)
+        .collect();
     all.sort_unstable();
     all.dedup();
     all.truncate(meshlib::netmap::MAX_ADDRESS_PORTS);

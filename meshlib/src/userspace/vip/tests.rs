@@ -774,5 +774,7 @@ fn a_sidecar_started_while_the_service_sleeps_listens_on_the_address_ports() {
             "127.77.4.1:443".parse().unwrap()
         ]
     );
-    assert!(p.values().all(|p| p.backends.is_empty() && p.wake_timeout.is_some()));
+    assert!(p
+        .values()
+        .all(|p| p.backends.is_empty() && p.wake_timeout.is_some()));
 }
