@@ -250,7 +250,8 @@ impl Etcd {
             .collect();
         let url = format!("etcd://{}", eps.join(","));
         // Up when a quorum read answers.
-        let conn = keyserver::etcd::conn::Conn::new(&eps).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let conn =
+            keyserver::store::etcd::conn::Conn::new(&eps).map_err(|e| anyhow::anyhow!("{e}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while conn
             .range(etcdv3client::pb::RangeRequest {

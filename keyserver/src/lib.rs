@@ -39,7 +39,6 @@ pub mod admin;
 pub mod admission;
 pub mod backup;
 pub mod config;
-pub mod etcd;
 pub mod hooks;
 pub mod http;
 pub mod listing;
@@ -66,7 +65,7 @@ use rand_core::RngCore as _;
 
 use crate::config::Config;
 use crate::server::Shared;
-use crate::store::{RedbStore, StoreError};
+use crate::store::{etcd, RedbStore, StoreError};
 
 /// Why the data directory could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -231,8 +230,12 @@ impl Keyserver {
         tighten(&dir.join("admin-token"))?;
         let mut admin_token = String::from_utf8_lossy(&token).trim().to_owned();
         let (mut cert_der, mut key_der) = (cert_der, key_der);
-        let (store, feed): (Box<dyn store::Store>, _) = match &config.store {
-            None => (Box::new(RedbStore::open(&dir.join("state.redb"))?), None),
+        let (store, feed, cluster): (Box<dyn store::Store>, _, _) = match &config.store {
+            None => (
+                Box::new(RedbStore::open(&dir.join("state.redb"))?),
+                None,
+                None,
+            ),
             Some(url) => {
                 let url: etcd::EtcdUrl = url.parse().map_err(OpenError::BadStore)?;
                 let store = etcd::EtcdStore::connect(&url)?;
@@ -248,8 +251,8 @@ impl Keyserver {
                     &mut key_der,
                     &mut admin_token,
                 )?;
-                let feed = store.feed();
-                (Box::new(store), Some(feed))
+                let (feed, cluster) = (store.feed(), store.cluster());
+                (Box::new(store), Some(feed), Some(cluster))
             }
         };
         let relay_path = dir.join("relay-secret");
@@ -259,7 +262,8 @@ impl Keyserver {
                 cause,
             })?;
         let fp = meshlib::proto::sha256(&cert_der);
-        let (shared, warnings) = Shared::new(store, config.limits(), fp, SystemTime::now())?;
+        let (shared, warnings) =
+            Shared::with_cluster(store, cluster, config.limits(), fp, SystemTime::now())?;
         for w in warnings {
             tracing::warn!("skipped stored record: {w}");
         }

@@ -20,8 +20,8 @@ use meshlib::proto::{self, ServerMsg};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::etcd::Cluster;
 use crate::registry::{Change, Lifecycle, Records, Registry, StoreOp};
+use crate::store::etcd::Cluster;
 use crate::store::{Store, StoreError};
 
 /// How many times an operation refused by a shared store (another replica
@@ -190,14 +190,27 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     /// Loads the registry from `store`. Returns warnings about skipped records.
     pub fn new(
+        store: Box<dyn Store>,
+        limits: Limits,
+        cert_sha256: [u8; 32],
+        now: SystemTime,
+    ) -> Result<(Self, Vec<String>), StoreError> {
+        Self::with_cluster(store, None, limits, cert_sha256, now)
+    }
+
+    /// As [`Shared::new`], for a store shared by replicas: `cluster` is the
+    /// replica set the store's connection sees
+    /// ([`crate::store::etcd::EtcdStore::cluster`]).
+    pub fn with_cluster(
         mut store: Box<dyn Store>,
+        cluster: Option<Cluster>,
         limits: Limits,
         cert_sha256: [u8; 32],
         now: SystemTime,
     ) -> Result<(Self, Vec<String>), StoreError> {
         let records = store.load()?;
         let (reg, warnings) = Self::build(records, &limits, now);
-        let (cluster, max_ops) = (store.cluster(), store.max_ops());
+        let max_ops = store.max_ops();
         let shared = Self {
             core: Mutex::new(Core {
                 reg,

@@ -142,7 +142,7 @@ impl EtcdCluster {
 
     /// Waits until a quorum read answers.
     pub fn wait_ready(&self, limit: Duration) {
-        let conn = keyserver::etcd::conn::Conn::new(&self.endpoints()).unwrap();
+        let conn = keyserver::store::etcd::conn::Conn::new(&self.endpoints()).unwrap();
         let deadline = Instant::now() + limit;
         loop {
             let req = etcd_range(b"/probe");
@@ -173,7 +173,7 @@ impl EtcdCluster {
 
     /// Writes a raw value (bad input tests).
     pub fn put_raw(&self, key: &str, value: &[u8]) {
-        let conn = keyserver::etcd::conn::Conn::new(&self.endpoints()).unwrap();
+        let conn = keyserver::store::etcd::conn::Conn::new(&self.endpoints()).unwrap();
         let req = etcdv3client::pb::TxnRequest {
             compare: vec![],
             success: vec![etcdv3client::pb::RequestOp {

@@ -152,6 +152,13 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
+    /// The replica set sharing this store (presence of members, addresses
+    /// of the other replicas), for the server
+    /// ([`crate::server::Shared::with_cluster`]).
+    pub fn cluster(&self) -> Cluster {
+        self.cluster.clone()
+    }
+
     /// Prepares the connection (nothing is read before [`Store::load`]).
     pub fn connect(url: &EtcdUrl) -> Result<Self, StoreError> {
         let conn = Conn::new(&url.endpoints).map_err(|e| StoreError::Unavailable(e.0))?;
@@ -683,10 +690,6 @@ impl Store for EtcdStore {
 
     fn max_ops(&self) -> usize {
         MAX_TXN_OPS
-    }
-
-    fn cluster(&self) -> Option<Cluster> {
-        Some(self.cluster.clone())
     }
 }
 
