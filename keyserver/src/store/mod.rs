@@ -5,7 +5,7 @@
 //! replicas hands its cluster view to the server itself
 //! ([`etcd::EtcdStore::cluster`]), not through the trait.
 //!
-//! The embedded store The default is [`RedbStore`]: an
+//! The default is [`RedbStore`]: an
 //! embedded ACID store (redb, copy-on-write B-trees, fsync on commit), so a
 //! batch of [`StoreOp`]s is either entirely on disk or not at all, also after
 //! a `kill -9`. [`MemStore`] keeps everything in memory (simulations, tests).
