@@ -314,16 +314,19 @@ impl Agent {
                 .public_key()
                 .map(|k| k.to_string())
                 .unwrap_or_default();
+            // A peer is listed once both the engine and the published map
+            // know it: the engine is configured just before the map is
+            // published, so for a moment it has a peer the map does not.
             let mut peers: Vec<PeerStatus> = engine
                 .peers()
                 .into_iter()
-                .map(|p| {
-                    let m = map.members.get(&p.public_key);
-                    PeerStatus {
+                .filter_map(|p| {
+                    let m = map.members.get(&p.public_key)?;
+                    Some(PeerStatus {
                         public_key: p.public_key.to_string(),
-                        instance: m.map(|m| m.instance.to_string()).unwrap_or_default(),
-                        service: m.map(|m| m.service.clone()).unwrap_or_default(),
-                        ip: m.map_or(Ipv4Addr::UNSPECIFIED, |m| m.ip),
+                        instance: m.instance.to_string(),
+                        service: m.service.clone(),
+                        ip: m.ip,
                         endpoint: p.endpoint,
                         last_handshake: p
                             .last_handshake
@@ -332,11 +335,11 @@ impl Agent {
                         rx_bytes: p.rx_bytes,
                         tx_bytes: p.tx_bytes,
                         drops_spoofed: p.drops.spoofed_source,
-                        state: m.map_or("online", |m| m.state.as_str()).to_owned(),
+                        state: m.state.as_str().to_owned(),
                         path: engine
                             .peer_path(&p.public_key)
                             .map(|s| crate::status::PathStatus::from(&s)),
-                    }
+                    })
                 })
                 .collect();
             // Offline members are no engine peers, but are listed.
