@@ -20,7 +20,12 @@ done
 install -d "$DESTDIR$PREFIX/bin" "$DESTDIR/etc/systemd/system" "$DESTDIR/etc/ist-mesh/sidecar" \
     "$DESTDIR$PREFIX/share/man/man1" "$DESTDIR$PREFIX/share/bash-completion/completions" \
     "$DESTDIR$PREFIX/share/zsh/vendor-completions" "$DESTDIR$PREFIX/share/fish/vendor_completions.d"
-chmod 0750 "$DESTDIR/etc/ist-mesh" "$DESTDIR/etc/ist-mesh/sidecar"
+# The keyserver runs as a dynamic user: it must read keyserver.toml (no
+# secrets in it). Sidecar configs and env files (join tokens) stay root's.
+chmod 0755 "$DESTDIR/etc/ist-mesh"
+chmod 0750 "$DESTDIR/etc/ist-mesh/sidecar"
+[ -e "$DESTDIR/etc/ist-mesh/keyserver.toml" ] ||
+    install -m 0644 packaging/keyserver.toml "$DESTDIR/etc/ist-mesh/keyserver.toml"
 for prog in sidecar keyserver; do
     install -m 0755 "$BIN_DIR/$prog" "$DESTDIR$PREFIX/bin/$prog"
     "$BIN_DIR/$prog" man --dir "$DESTDIR$PREFIX/share/man/man1"

@@ -618,3 +618,65 @@ fn a_member_on_the_tcp_relay_returns_to_udp_when_udp_works_again() {
     assert_eq!(sa.path(), "relay", "b is behind a symmetric NAT");
     finish(stop, t);
 }
+
+#[test]
+fn members_on_two_replicas_behind_symmetric_nats_meet_at_one_relay() {
+    require_lab!();
+    if !std::path::Path::new("/usr/bin/etcd").exists() {
+        eprintln!("SKIPPED: needs etcd");
+        return;
+    }
+    // Two keyserver replicas on one etcd; a on the first, b on the second.
+    // Symmetric NATs on both sides: only a relay joins them, and only if
+    // both are told the same one and its secret signed both tickets.
+    let store = "etcd://127.0.0.1:2379/replicas";
+    let lab = Lab::with_keyserver_args(&["--store", store], |lab| {
+        lab.start_etcd("replicas");
+    });
+    let second = lab.start_replica(1, store);
+    let token_a = lab.network("two-replicas");
+    let token_b = lab.token_at(&second, "two-replicas");
+    let (ma, _ra) = lab.member(Nat::Symmetric);
+    let (mb, _rb) = lab.member(Nat::Symmetric);
+    let sa = lab.sidecar(&ma, &token_a, "a");
+    let sb = lab.sidecar(&mb, &token_b, "b");
+    let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
+    joined_ip(&sa, Duration::from_secs(20)).expect("a joined");
+    let server = |sc: &Sidecar| {
+        sc.status()
+            .and_then(|s| s["control"]["server"].as_str().map(str::to_owned))
+    };
+    assert_eq!(
+        server(&sa).as_deref(),
+        Some("192.0.2.2:7000"),
+        "a on the first replica"
+    );
+    assert_eq!(
+        server(&sb).as_deref(),
+        Some("192.0.2.2:7100"),
+        "b on the second"
+    );
+    let tr = transfer(
+        &mb.ns,
+        &ma.ns,
+        &ip_b,
+        7600,
+        1 << 20,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    );
+    assert!(
+        tr.error.is_none() && tr.first_byte.is_some(),
+        "{:?}\n--- a:\n{}\n--- b:\n{}",
+        tr.error,
+        sa.log_text(),
+        sb.log_text()
+    );
+    assert_eq!(tr.sent_sha, tr.received_sha, "1 MiB, checksum intact");
+    assert_eq!(sa.path(), "relay");
+    let (ea, eb) = (sa.peer().unwrap(), sb.peer().unwrap());
+    assert_eq!(
+        ea["endpoint"], eb["endpoint"],
+        "both relay through the same relay"
+    );
+}

@@ -21,6 +21,66 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where STUN and the relay listen (`relay-listen`): an address,
+/// `"off"`, or `"default"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum RelayListen {
+    /// Port [`RelayListen::PORT`] on the QUIC listen address's host.
+    #[default]
+    Default,
+    /// Neither runs here.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+impl RelayListen {
+    /// The relay's port unless told otherwise.
+    pub const PORT: u16 = 3478;
+
+    /// The address to bind, given the QUIC socket's; `None` when off.
+    pub fn resolve(self, quic: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            Self::Default => Some(SocketAddr::new(quic.ip(), Self::PORT)),
+            Self::Off => None,
+            Self::At(a) => Some(a),
+        }
+    }
+}
+
+impl std::str::FromStr for RelayListen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "off" => Ok(Self::Off),
+            "default" => Ok(Self::Default),
+            t => t.parse().map(Self::At).map_err(|e| {
+                format!("{t:?}: {e} (an address such as 0.0.0.0:3478, `off` or `default`)")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for RelayListen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<RelayListen> for String {
+    fn from(l: RelayListen) -> String {
+        match l {
+            RelayListen::Default => "default".into(),
+            RelayListen::Off => "off".into(),
+            RelayListen::At(a) => a.to_string(),
+        }
+    }
+}
+
 /// Everything `keyserver serve` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
@@ -103,10 +163,11 @@ pub struct Config {
     /// `etcd://host:2379[,host:2379...][/prefix]` for an etcd cluster shared
     /// by any number of keyserver replicas (prefix default `/ist-mesh`).
     pub store: Option<String>,
-    /// UDP address of STUN and the relay (one port for both). Default
-    /// `0.0.0.0:3478`; `None` (`relay-listen = "off"` on the command line)
-    /// runs neither here.
-    pub relay_listen: Option<SocketAddr>,
+    /// UDP address of STUN and the relay (one port for both). Default:
+    /// port 3478 on the QUIC listen address's host (so a keyserver on
+    /// loopback opens nothing else to the network); `"off"` runs neither
+    /// here.
+    pub relay_listen: RelayListen,
     /// The relay address members are told (a `keyserver relay` elsewhere,
     /// or this one behind a forwarded port). Default: the first advertised
     /// QUIC address's host with the relay's port.
@@ -161,7 +222,7 @@ impl Default for Config {
             api_max_connections: api.max_connections,
             service_domain: limits.service_domain.clone(),
             store: None,
-            relay_listen: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            relay_listen: RelayListen::Default,
             relay_advertise: None,
             stun_servers: vec![],
             relay_rate: crate::relay::RelayLimits::default().rate,

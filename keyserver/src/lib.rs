@@ -146,7 +146,7 @@ struct RelayConfig {
     /// endpoint's address, on TCP.
     tcp_listen: Option<SocketAddr>,
     tcp_enabled: bool,
-    listen: Option<SocketAddr>,
+    listen: config::RelayListen,
     advertise: Option<SocketAddr>,
     stun: Vec<SocketAddr>,
     limits: relay::RelayLimits,
@@ -230,6 +230,12 @@ impl Keyserver {
         tighten(&dir.join("admin-token"))?;
         let mut admin_token = String::from_utf8_lossy(&token).trim().to_owned();
         let (mut cert_der, mut key_der) = (cert_der, key_der);
+        let relay_path = dir.join("relay-secret");
+        let mut relay_secret =
+            relay::load_or_create_secret(&relay_path).map_err(|cause| OpenError::Read {
+                path: relay_path,
+                cause,
+            })?;
         let (store, feed, cluster): (Box<dyn store::Store>, _, _) = match &config.store {
             None => (
                 Box::new(RedbStore::open(&dir.join("state.redb"))?),
@@ -243,6 +249,7 @@ impl Keyserver {
                     cert: URL_SAFE_NO_PAD.encode(&cert_der),
                     key: URL_SAFE_NO_PAD.encode(&key_der),
                     admin_token: admin_token.clone(),
+                    relay_secret: Some(URL_SAFE_NO_PAD.encode(relay_secret)),
                 })?;
                 adopt_identity(
                     dir,
@@ -250,17 +257,12 @@ impl Keyserver {
                     &mut cert_der,
                     &mut key_der,
                     &mut admin_token,
+                    &mut relay_secret,
                 )?;
                 let (feed, cluster) = (store.feed(), store.cluster());
                 (Box::new(store), Some(feed), Some(cluster))
             }
         };
-        let relay_path = dir.join("relay-secret");
-        let relay_secret =
-            relay::load_or_create_secret(&relay_path).map_err(|cause| OpenError::Read {
-                path: relay_path,
-                cause,
-            })?;
         let fp = meshlib::proto::sha256(&cert_der);
         let (shared, warnings) =
             Shared::with_cluster(store, cluster, config.limits(), fp, SystemTime::now())?;
@@ -328,7 +330,12 @@ impl Keyserver {
         quic: &quinn::Endpoint,
     ) -> (Option<relay::RelayHandle>, Option<tokio::net::TcpListener>) {
         let mut relay_thread = None;
-        if let Some(listen) = self.relay_config.listen {
+        // By default on the QUIC socket's host (all addresses if that is
+        // unspecified).
+        let quic_addr = quic
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if let Some(listen) = self.relay_config.listen.resolve(quic_addr) {
             let limits = self.relay_config.limits.clone();
             match relay::bind(listen).and_then(|s| {
                 relay::serve_udp(s, self.relay_secret, limits).map_err(|cause| {
@@ -387,9 +394,6 @@ impl Keyserver {
             }
             advertise.push(local);
         }
-        if let Some(c) = self.shared.cluster() {
-            c.register(advertise.clone());
-        }
         self.shared.set_hook_runner(Arc::new(hooks::Runner::new(
             self.allow_wake_commands,
             self.shared.metrics.hooks.clone(),
@@ -443,6 +447,13 @@ impl Keyserver {
             tcp: relay_thread.as_ref().and(tcp_addr),
             cert_sha256: self.shared.cert_sha256,
         });
+        if let Some(c) = self.shared.cluster() {
+            c.register(
+                advertise.clone(),
+                relay_addr,
+                relay_thread.as_ref().and(tcp_addr),
+            );
+        }
         let _ = self.shared.advertise.set(advertise);
         let router = http::router(
             self.shared.clone(),
@@ -532,6 +543,7 @@ fn adopt_identity(
     cert_der: &mut Vec<u8>,
     key_der: &mut Vec<u8>,
     admin_token: &mut String,
+    relay_secret: &mut [u8; 32],
 ) -> Result<(), OpenError> {
     let bad =
         |what: &str| OpenError::BadStore(format!("the shared identity in etcd has a bad {what}"));
@@ -548,6 +560,20 @@ fn adopt_identity(
     if id.admin_token != *admin_token {
         fsutil::write_secret(&dir.join("admin-token"), id.admin_token.as_bytes())?;
         admin_token.clone_from(&id.admin_token);
+    }
+    if let Some(text) = &id.relay_secret {
+        let shared: [u8; 32] = URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("relay secret"))?;
+        if shared != *relay_secret {
+            // The file stays a copy of what tickets are signed with (for a
+            // `keyserver relay` elsewhere).
+            fsutil::write_secret(&dir.join("relay-secret"), &shared)?;
+            tracing::info!("using the relay secret the keyserver replicas share");
+            *relay_secret = shared;
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use keyserver::admin::path_segment;
 use keyserver::admin::AdminClient;
-use keyserver::config::{Config, LogFormat};
+use keyserver::config::{Config, LogFormat, RelayListen};
 use keyserver::listing::{render_member, render_names, NameListing};
 use keyserver::Keyserver;
 use serde_json::json;
@@ -860,7 +860,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         config.store = args.store;
     }
     if let Some(Listen(listen)) = args.relay_listen {
-        config.relay_listen = listen;
+        config.relay_listen = listen.map_or(RelayListen::Off, RelayListen::At);
     }
     config.relay_advertise = args.relay_advertise.or(config.relay_advertise);
     if !args.stun_servers.is_empty() {

@@ -592,6 +592,23 @@ impl Shared {
         }
     }
 
+    /// What members are told about STUN and the relay (`None` before
+    /// serving starts). With replicas, the relay is the one every replica
+    /// names ([`Cluster::shared_relay`]), so members connected to
+    /// different replicas meet there; tickets are good at any replica's
+    /// relay (the secret is shared through the store).
+    pub fn relay_settings(&self) -> Option<crate::relay::RelaySettings> {
+        let mut settings = self.relay.get()?.clone();
+        if let Some((udp, tcp)) = self.cluster.as_ref().and_then(Cluster::shared_relay) {
+            settings.relay = Some(udp);
+            settings.tcp = tcp;
+            if !settings.stun.contains(&udp) {
+                settings.stun.insert(0, udp);
+            }
+        }
+        Some(settings)
+    }
+
     /// The replica set, when the store is shared.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()

@@ -477,9 +477,9 @@ impl StreamSession {
             }
             ClientMsg::GetRelay => {
                 let member = shared.read(|r| r.member(net, &key).cloned());
-                match (member, shared.relay.get()) {
+                match (member, shared.relay_settings()) {
                     (Some(m), Some(settings)) => {
-                        reply(ServerMsg::Relay(crate::relay::info_for(settings, net, &m)))
+                        reply(ServerMsg::Relay(crate::relay::info_for(&settings, net, &m)))
                     }
                     (None, _) => Err(Self::revoked()),
                     // Not serving (yet): no STUN, no relay.

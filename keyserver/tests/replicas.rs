@@ -665,3 +665,156 @@ async fn only_the_session_holder_sweeps_a_live_member() {
         h.stop().await;
     }
 }
+
+/// Waits for the relay ticket the member core asks for after its welcome.
+async fn relay_info(s: &mut Session, limit: Duration) -> meshlib::proto::RelayInfo {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.next_event()).await {
+            Ok(Ok(control::Event::Relay(info))) => return info,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("session ended: {e}"),
+            Err(_) => panic!("no relay ticket after {limit:?}"),
+        }
+    }
+}
+
+/// Registers `ticket` at the relay `at` from `sock`; the registration token.
+async fn register(
+    sock: &tokio::net::UdpSocket,
+    at: std::net::SocketAddr,
+    ticket: &[u8],
+) -> [u8; 8] {
+    use meshlib::nat::relay::{self, Frame};
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..20 {
+        sock.send_to(&relay::register(ticket), at).await.unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(250), sock.recv_from(&mut buf)).await
+        {
+            if let Some(Frame::Registered { token, .. }) = relay::parse(&buf[..n]) {
+                return token;
+            }
+        }
+    }
+    panic!("the relay at {at} refused the ticket");
+}
+
+/// Two replicas, two members, each connected to a different replica: both
+/// are told the same relay (and the same relay secret signs their
+/// tickets), and a datagram one sends through that relay reaches the
+/// other. Before, each replica made its own secret and named its own
+/// relay, so the two never met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_on_different_replicas_meet_at_one_relay() {
+    let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let url = etcd.url("relay");
+    let mut dirs = Vec::new();
+    let mut hs = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let u = url.clone();
+        let h = Harness::start(dir.path(), move |c| {
+            c.store = Some(u);
+            c.relay_listen = keyserver::config::RelayListen::At("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+        dirs.push(dir);
+        hs.push(h);
+    }
+    let secrets: Vec<Vec<u8>> = dirs
+        .iter()
+        .map(|d| std::fs::read(d.path().join("relay-secret")).unwrap())
+        .collect();
+    assert_eq!(
+        secrets[0], secrets[1],
+        "the replicas share one relay secret"
+    );
+    let net = hs[0].network("relayed", "10.240.0.0/22").await;
+    let mut sessions = Vec::new();
+    for (i, h) in hs.iter().enumerate() {
+        let mut token = h
+            .token(&net.to_string(), json!({"uses": 1, "expires": "1h"}))
+            .await;
+        let first = token.addrs[0];
+        assert_eq!(first, h.quic, "a replica's token starts with itself");
+        token.addrs.retain(|a| *a == first);
+        let ep = client_endpoint();
+        let (_k, m) = meta(["a", "b"][i]);
+        let s = control::join(&ep, &token, m, &sessions_cfg())
+            .await
+            .expect("join");
+        sessions.push((ep, s));
+    }
+    // Both replicas must know each other's registration first: a member
+    // may be told either relay until then, but both end on the same.
+    let mut infos = Vec::new();
+    for (_, s) in &mut sessions {
+        infos.push(relay_info(s, Duration::from_secs(10)).await);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while infos[0].relay != infos[1].relay {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "members on two replicas are told two relays: {:?} / {:?}",
+            infos[0].relay,
+            infos[1].relay
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (i, (_, s)) in sessions.iter_mut().enumerate() {
+            s.send_raw(&meshlib::proto::ClientMsg::GetRelay)
+                .await
+                .expect("ask again");
+            infos[i] = relay_info(s, Duration::from_secs(10)).await;
+        }
+    }
+    let relay = infos[0].relay.expect("a relay is named");
+    assert!(
+        hs.iter().any(|h| h.quic.ip() == relay.ip()),
+        "one of the replicas' relays: {relay}"
+    );
+    // Through it: a registers, b registers, a sends to b's address.
+    let ips: Vec<std::net::Ipv4Addr> = sessions.iter().map(|(_, s)| s.welcome().ip).collect();
+    let (sa, sb) = (
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let ta = register(&sa, relay, &infos[0].ticket).await;
+    let _tb = register(&sb, relay, &infos[1].ticket).await;
+    let payload = b"through the shared relay";
+    let mut frame = vec![0u8; meshlib::nat::relay::SEND_HEADER + payload.len()];
+    meshlib::nat::relay::send_header(&mut frame, ips[1], ta);
+    frame[meshlib::nat::relay::SEND_HEADER..].copy_from_slice(payload);
+    let mut buf = vec![0u8; 2048];
+    let mut got = None;
+    for _ in 0..20 {
+        sa.send_to(&frame, relay).await.unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(250), sb.recv_from(&mut buf)).await
+        {
+            if let Some(meshlib::nat::relay::Frame::Deliver { src, packet }) =
+                meshlib::nat::relay::parse(&buf[..n])
+            {
+                got = Some((src, packet.to_vec()));
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        got,
+        Some((ips[0], payload.to_vec())),
+        "delivered from a to b"
+    );
+    for (_ep, s) in sessions {
+        s.close();
+    }
+    for h in hs {
+        h.stop().await;
+    }
+}

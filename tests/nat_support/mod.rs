@@ -225,15 +225,109 @@ impl Lab {
         }
     }
 
+    /// Starts etcd (one node) on the keyserver host's loopback, waits
+    /// until it answers, and returns the `--store` URL for `prefix`. Call
+    /// from [`Lab::with_keyserver_args`]'s `before`.
+    pub fn start_etcd(&self, prefix: &str) -> String {
+        let data = self.dir.path().join("etcd");
+        let data = data.to_str().unwrap();
+        self.spawn_in(
+            &self.ks_ns.clone(),
+            "/usr/bin/etcd",
+            &[
+                "--data-dir",
+                data,
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "default=http://127.0.0.1:2380",
+            ],
+            "etcd.log",
+        );
+        let start = Instant::now();
+        loop {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &self.ks_ns, "curl", "-sf", "-m", "1"])
+                .arg("http://127.0.0.1:2379/health")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "etcd did not start: {}",
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("etcd://127.0.0.1:2379/{prefix}")
+    }
+
+    /// Starts replica `n` (1, 2, ...) of the keyserver on the same host
+    /// and `store` (QUIC 192.0.2.2:7000+100n, admin API 127.0.0.1:7001+100n,
+    /// relay 192.0.2.2:3478+n); returns its data directory.
+    pub fn start_replica(&self, n: u16, store: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("keyserver{n}"));
+        let mut cmd = Command::new(bin("keyserver"));
+        cmd.args(["serve", "--data-dir"])
+            .arg(&dir)
+            .args(["--quic-listen", &format!("192.0.2.2:{}", 7000 + 100 * n)])
+            .args(["--api-listen", &format!("127.0.0.1:{}", 7001 + 100 * n)])
+            .args(["--relay-listen", &format!("192.0.2.2:{}", 3478 + n)])
+            .args(["--store", store]);
+        self.spawn(
+            &self.ks_ns.clone(),
+            &mut cmd,
+            &self.dir.path().join(format!("keyserver{n}.log")),
+        );
+        let start = Instant::now();
+        while self.try_admin_at(&dir, &["network", "list"]).is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "keyserver replica {n} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dir
+    }
+
+    /// A keyserver admin command against the keyserver with data
+    /// directory `dir`, which must succeed.
+    pub fn admin_at(&self, dir: &std::path::Path, args: &[&str]) -> String {
+        self.try_admin_at(dir, args)
+            .unwrap_or_else(|| panic!("keyserver {args:?} at {} failed", dir.display()))
+    }
+
+    /// A token (10 uses) for the existing network `name`, made by the
+    /// keyserver with data directory `dir` (its addresses first).
+    pub fn token_at(&self, dir: &std::path::Path, name: &str) -> String {
+        let out = self.admin_at(dir, &["token", "create", "--network", name, "--uses", "10"]);
+        out.split(|c: char| c.is_whitespace() || c == '"')
+            .find(|w| w.starts_with("istm1."))
+            .expect("token")
+            .to_owned()
+    }
+
     fn try_admin(&self, args: &[&str]) -> Option<String> {
-        if !self.ks_dir.join("api.url").exists() {
+        self.try_admin_at(&self.ks_dir.clone(), args)
+    }
+
+    fn try_admin_at(&self, dir: &std::path::Path, args: &[&str]) -> Option<String> {
+        if !dir.join("api.url").exists() {
             return None;
         }
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ks_ns])
             .arg(bin("keyserver"))
             .arg("--data-dir")
-            .arg(&self.ks_dir)
+            .arg(dir)
             .args(args)
             .output()
             .ok()?;

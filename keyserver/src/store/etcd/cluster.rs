@@ -129,9 +129,19 @@ impl Cluster {
         );
     }
 
-    /// Announces this replica's QUIC addresses (under its lease).
-    pub fn register(&self, advertise: Vec<SocketAddr>) {
-        let info = ReplicaInfo { advertise };
+    /// Announces this replica's QUIC addresses and its relay's (under its
+    /// lease).
+    pub fn register(
+        &self,
+        advertise: Vec<SocketAddr>,
+        relay: Option<SocketAddr>,
+        relay_tcp: Option<SocketAddr>,
+    ) {
+        let info = ReplicaInfo {
+            advertise,
+            relay,
+            relay_tcp,
+        };
         self.inner.state.lock().advertise = Some(info.clone());
         let lease = self.inner.conn.lease_id();
         if lease != 0 {
@@ -249,6 +259,27 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// The relay every replica tells its members about: the one of the
+    /// live replica with the smallest id among those with a relay (UDP
+    /// address, TCP address), so two members connected to different
+    /// replicas meet at the same relay. `None` until a replica with a relay
+    /// is known (this one's registration included).
+    pub fn shared_relay(&self) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        let st = self.inner.state.lock();
+        let own = st
+            .advertise
+            .as_ref()
+            .map(|info| (self.inner.id.as_str(), info));
+        st.replicas
+            .iter()
+            .map(|(id, info)| (id.as_str(), info))
+            .filter(|(id, _)| *id != self.inner.id)
+            .chain(own)
+            .filter_map(|(id, info)| Some((id, info.relay?, info.relay_tcp)))
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(_, udp, tcp)| (udp, tcp))
     }
 
     /// Number of live replicas known (this one included once registered).

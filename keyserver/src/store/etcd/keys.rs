@@ -10,7 +10,7 @@
 //! | `log/<uuid>/<generation, 20 digits>` | [`LogRecord`] (the delta ending there) |
 //! | `replicas/<replica id>` | [`ReplicaInfo`] (under the replica's lease) |
 //! | `presence/<uuid>/<public key, hex>` | id of the replica holding the member's session (under its lease) |
-//! | `identity` | [`IdentityRecord`]: the QUIC certificate and key and the admin token every replica uses |
+//! | `identity` | [`IdentityRecord`]: the QUIC certificate and key, the admin token and the relay secret every replica uses |
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -26,6 +26,13 @@ use crate::store::Stored;
 pub struct ReplicaInfo {
     /// QUIC addresses of the replica, as written into join tokens.
     pub advertise: Vec<SocketAddr>,
+    /// The relay's UDP address members are told, when this replica has one
+    /// (its own relay, or the `relay-advertise` it was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<SocketAddr>,
+    /// The relay over TLS on this replica's TCP port, if it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_tcp: Option<SocketAddr>,
 }
 
 /// A key this store does not write records under, but follows.
@@ -63,6 +70,12 @@ pub struct IdentityRecord {
     pub key: String,
     /// The admin API bearer token.
     pub admin_token: String,
+    /// The relay ticket secret (32 bytes, base64url): a ticket one replica
+    /// signs is good at every replica's relay. Absent in identities stored
+    /// before it was shared; the first replica that finds it missing adds
+    /// its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_secret: Option<String>,
 }
 
 /// Lower-case hex.

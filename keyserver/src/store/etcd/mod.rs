@@ -178,52 +178,81 @@ impl EtcdStore {
 
     /// The identity every replica shares: the one stored in etcd, or, if
     /// none is yet, `local` (stored then; when another replica stores its
-    /// own at the same moment, that one wins and is returned).
+    /// own at the same moment, that one wins and is returned). A stored
+    /// identity without a relay secret (written before replicas shared
+    /// it) gets `local`'s, by a compare-and-swap: every replica ends with
+    /// the same one.
     pub fn share_identity(
         &self,
         local: keys::IdentityRecord,
     ) -> Result<keys::IdentityRecord, StoreError> {
         let key = self.full(keys::IDENTITY);
-        let value = serde_json::to_vec(&local).map_err(|e| StoreError::Db(e.to_string()))?;
-        let txn = pb::TxnRequest {
-            compare: vec![pb::Compare {
+        let encode = |r: &keys::IdentityRecord| {
+            serde_json::to_vec(r).map_err(|e| StoreError::Db(e.to_string()))
+        };
+        // Stored when absent (create revision 0), else read.
+        let mut compare = pb::Compare {
+            result: pb::compare::CompareResult::Equal as i32,
+            target: pb::compare::CompareTarget::Create as i32,
+            key: key.clone(),
+            range_end: vec![],
+            target_union: Some(pb::compare::TargetUnion::CreateRevision(0)),
+        };
+        let mut value = encode(&local)?;
+        // Bounded: each round either stores, or reads what another
+        // replica stored in between.
+        for _ in 0..8 {
+            let txn = pb::TxnRequest {
+                compare: vec![compare.clone()],
+                success: vec![op(pb::request_op::Request::RequestPut(pb::PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ..Default::default()
+                }))],
+                failure: vec![op(pb::request_op::Request::RequestRange(
+                    pb::RangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    },
+                ))],
+            };
+            let resp = self
+                .conn
+                .txn(txn)
+                .map_err(|e| StoreError::Unavailable(e.0))?;
+            if resp.succeeded {
+                return serde_json::from_slice(&value).map_err(|e| StoreError::Db(e.to_string()));
+            }
+            let stored = resp
+                .responses
+                .into_iter()
+                .find_map(|r| match r.response {
+                    Some(pb::response_op::Response::ResponseRange(r)) => r.kvs.into_iter().next(),
+                    _ => None,
+                })
+                .ok_or_else(|| StoreError::Db("the shared identity vanished".into()))?;
+            let mut record: keys::IdentityRecord =
+                serde_json::from_slice(&stored.value).map_err(|e| StoreError::Decode {
+                    table: "identity",
+                    reason: e.to_string(),
+                })?;
+            if record.relay_secret.is_some() || local.relay_secret.is_none() {
+                return Ok(record);
+            }
+            // Add the relay secret, unless the record changed meanwhile.
+            record.relay_secret.clone_from(&local.relay_secret);
+            value = encode(&record)?;
+            compare = pb::Compare {
                 result: pb::compare::CompareResult::Equal as i32,
-                target: pb::compare::CompareTarget::Create as i32,
+                target: pb::compare::CompareTarget::Mod as i32,
                 key: key.clone(),
                 range_end: vec![],
-                target_union: Some(pb::compare::TargetUnion::CreateRevision(0)),
-            }],
-            success: vec![op(pb::request_op::Request::RequestPut(pb::PutRequest {
-                key: key.clone(),
-                value,
-                ..Default::default()
-            }))],
-            failure: vec![op(pb::request_op::Request::RequestRange(
-                pb::RangeRequest {
-                    key,
-                    ..Default::default()
-                },
-            ))],
-        };
-        let resp = self
-            .conn
-            .txn(txn)
-            .map_err(|e| StoreError::Unavailable(e.0))?;
-        if resp.succeeded {
-            return Ok(local);
+                target_union: Some(pb::compare::TargetUnion::ModRevision(stored.mod_revision)),
+            };
         }
-        let stored = resp
-            .responses
-            .into_iter()
-            .find_map(|r| match r.response {
-                Some(pb::response_op::Response::ResponseRange(r)) => r.kvs.into_iter().next(),
-                _ => None,
-            })
-            .ok_or_else(|| StoreError::Db("the shared identity vanished".into()))?;
-        serde_json::from_slice(&stored.value).map_err(|e| StoreError::Decode {
-            table: "identity",
-            reason: e.to_string(),
-        })
+        Err(StoreError::Db(
+            "the shared identity kept changing: could not add the relay secret".into(),
+        ))
     }
 
     /// How many values under the prefix were skipped (malformed, foreign).
