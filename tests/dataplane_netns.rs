@@ -10,7 +10,7 @@
 mod dataplane_support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dataplane_support::*;
 use meshlib::keys::{PrivateKey, PublicKey};
@@ -369,6 +369,52 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
         "{failures} failure lines:\n{log}"
     );
     assert!(!log.contains('\x1b'), "no colours in a log file:\n{log}");
+}
+
+/// How long a ping from `from` to `to` took to get its first answer, trying
+/// `ping -c1 -W1` again until `limit` has passed; `None` without answer.
+fn first_answer(from: &Host, to: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    for _ in 0..limit.as_secs().max(1) {
+        let out = run("ip", &["netns", "exec", &from.ns, "ping", "-c1", "-W1", to]);
+        if out.status.success() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+    }
+    None
+}
+
+#[test]
+fn answers_wireguard_go_right_after_link_up() {
+    require_netns!();
+    // wireguard-go configures, brings its link up and pings at once, while
+    // ours was brought up a moment before: its first handshake initiation
+    // must be answered, not lost (wireguard-go sends the next one only after
+    // its 5 s rekey timeout, so any answer within 3 s answers the first).
+    const ROUNDS: usize = 8;
+    let limit = Duration::from_secs(3);
+    let mut took = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut t = Topo::new();
+        let (a, b) = (t.host(1), t.host(2));
+        t.launch(Impl::Ours, &a, None);
+        t.launch(Impl::WireguardGo, &b, None);
+        add_peer(&a, &b, false, &[]);
+        add_peer(&b, &a, true, &[]);
+        // Configured a while ago (ours' packet loop has moved to the socket
+        // `listen-port` bound; until then datagrams wait in it, unread);
+        // then both links up and the ping at once.
+        std::thread::sleep(Duration::from_millis(500));
+        t.overlay_up(&b);
+        t.overlay_up(&a);
+        took.push(first_answer(&b, &a.overlay, limit));
+    }
+    let answered = took.iter().filter(|t| t.is_some()).count();
+    eprintln!("answered {answered}/{ROUNDS} within {limit:?}: {took:?}");
+    assert_eq!(answered, ROUNDS, "first handshakes lost: {took:?}");
 }
 
 #[test]

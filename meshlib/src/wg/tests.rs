@@ -547,6 +547,31 @@ fn nothing_is_sent_while_the_link_is_down() {
 }
 
 #[test]
+fn a_handshake_arriving_as_the_link_comes_up_is_answered() {
+    // Down: B's first handshake initiation is dropped, and counted.
+    let a = Node::with_link(false);
+    let (b, c) = (Node::new(), Node::new());
+    a.add(&b, "10.240.0.2");
+    a.add(&c, "10.240.0.3");
+    b.add(&a, "10.240.0.1");
+    b.send(packet(B_IP, A_IP, 100, 1));
+    assert!(eventually(WAIT, || a.engine.stats().link_down >= 1));
+    assert_eq!(a.recv(Duration::from_millis(200)), None);
+    // Up, and C's first initiation at once, before the link loop looks
+    // again (this device has no link notifications: every 100 ms). It is
+    // answered: dropped, C would try again only after 5 s.
+    a.up.store(true, Ordering::Relaxed);
+    c.add(&a, "10.240.0.1");
+    let p = packet([10, 240, 0, 3], A_IP, 100, 2);
+    c.send(p.clone());
+    assert_eq!(
+        a.recv(Duration::from_secs(2)),
+        Some(p),
+        "first handshake lost"
+    );
+}
+
+#[test]
 fn failed_sends_are_not_counted_as_sent() {
     let a = Node::new();
     let b = PrivateKey::generate().public_key();
