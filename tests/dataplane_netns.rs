@@ -237,6 +237,33 @@ struct Seen {
     sent_to_unreachable: u64,
     /// `wg show allowed-ips` of the reachable peer.
     allowed_ips: String,
+    /// Permission bits of its UAPI socket file.
+    socket_mode: u32,
+    /// What it answered to an unknown UAPI operation before closing the
+    /// connection (`None`: it did not close it within 2 s).
+    unknown_op_answer: Option<String>,
+}
+
+/// Permission bits of `host`'s UAPI socket, and what it sends to an unknown
+/// operation until it closes the connection (at most 2 s).
+fn uapi_manners(host: &Host) -> (u32, Option<String>) {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let path = format!("/var/run/wireguard/{}.sock", host.ifname);
+    let mode = std::fs::metadata(&path)
+        .expect("UAPI socket")
+        .permissions()
+        .mode()
+        & 0o7777;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("UAPI connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"bogus=1\n\n").unwrap();
+    let mut got = Vec::new();
+    let answer = s
+        .read_to_end(&mut got)
+        .ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned());
+    (mode, answer)
 }
 
 /// Runs `which` on `a` against wireguard-go on `b` (which never initiates)
@@ -245,6 +272,7 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
     const ORDER: &str = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
     t.launch(which, a, Some(log));
     let up_at_start = link_flags(a).iter().any(|f| f == "UP");
+    let (socket_mode, unknown_op_answer) = uapi_manners(a);
     let unreachable = PrivateKey::generate().public_key().to_string();
     let b_ep = format!("{}:51820", b.underlay);
     wg(
@@ -322,6 +350,8 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
         received_while_down: (down_1, down_2),
         sent_to_unreachable,
         allowed_ips,
+        socket_mode,
+        unknown_op_answer,
     }
 }
 
@@ -344,7 +374,7 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
     eprintln!("wireguard-go: {reference:?}\nours: {ours:?}");
     // Where `wg` users see the same thing on Debian's wireguard-go
     // (0.0.20220316): the link is left down at start, failed sends are not
-    // "sent", allowed IPs keep their order.
+    // "sent", allowed IPs keep their order, the UAPI socket's manners.
     assert!(
         !reference.up_at_start && !ours.up_at_start,
         "link brought up"
@@ -354,6 +384,16 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
     let order = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
     assert_eq!(reference.allowed_ips, order);
     assert_eq!(ours.allowed_ips, order, "allowed IPs reordered");
+    // The UAPI socket: mode 0700, and an unknown operation closes the
+    // connection without a word.
+    assert_eq!(reference.socket_mode, 0o700);
+    assert_eq!(ours.socket_mode, 0o700, "UAPI socket mode");
+    assert_eq!(reference.unknown_op_answer.as_deref(), Some(""));
+    assert_eq!(
+        ours.unknown_op_answer.as_deref(),
+        Some(""),
+        "unknown UAPI operation"
+    );
     // Nothing leaves while the link is down, before the first `up` and after
     // `ip link set down` (that wireguard-go version still sends handshakes
     // and keepalives then: `reference.received_while_down` is not zero).
