@@ -10,7 +10,7 @@
 mod dataplane_support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dataplane_support::*;
 use meshlib::keys::{PrivateKey, PublicKey};
@@ -237,6 +237,33 @@ struct Seen {
     sent_to_unreachable: u64,
     /// `wg show allowed-ips` of the reachable peer.
     allowed_ips: String,
+    /// Permission bits of its UAPI socket file.
+    socket_mode: u32,
+    /// What it answered to an unknown UAPI operation before closing the
+    /// connection (`None`: it did not close it within 2 s).
+    unknown_op_answer: Option<String>,
+}
+
+/// Permission bits of `host`'s UAPI socket, and what it sends to an unknown
+/// operation until it closes the connection (at most 2 s).
+fn uapi_manners(host: &Host) -> (u32, Option<String>) {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let path = format!("/var/run/wireguard/{}.sock", host.ifname);
+    let mode = std::fs::metadata(&path)
+        .expect("UAPI socket")
+        .permissions()
+        .mode()
+        & 0o7777;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("UAPI connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"bogus=1\n\n").unwrap();
+    let mut got = Vec::new();
+    let answer = s
+        .read_to_end(&mut got)
+        .ok()
+        .map(|_| String::from_utf8_lossy(&got).into_owned());
+    (mode, answer)
 }
 
 /// Runs `which` on `a` against wireguard-go on `b` (which never initiates)
@@ -245,6 +272,7 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
     const ORDER: &str = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
     t.launch(which, a, Some(log));
     let up_at_start = link_flags(a).iter().any(|f| f == "UP");
+    let (socket_mode, unknown_op_answer) = uapi_manners(a);
     let unreachable = PrivateKey::generate().public_key().to_string();
     let b_ep = format!("{}:51820", b.underlay);
     wg(
@@ -322,6 +350,8 @@ fn observe(t: &mut Topo, which: Impl, a: &Host, b: &Host, log: &std::path::Path)
         received_while_down: (down_1, down_2),
         sent_to_unreachable,
         allowed_ips,
+        socket_mode,
+        unknown_op_answer,
     }
 }
 
@@ -344,7 +374,7 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
     eprintln!("wireguard-go: {reference:?}\nours: {ours:?}");
     // Where `wg` users see the same thing on Debian's wireguard-go
     // (0.0.20220316): the link is left down at start, failed sends are not
-    // "sent", allowed IPs keep their order.
+    // "sent", allowed IPs keep their order, the UAPI socket's manners.
     assert!(
         !reference.up_at_start && !ours.up_at_start,
         "link brought up"
@@ -354,6 +384,16 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
     let order = "10.240.3.0/24,fd00:1::/64,10.240.0.2/32,10.240.0.0/23";
     assert_eq!(reference.allowed_ips, order);
     assert_eq!(ours.allowed_ips, order, "allowed IPs reordered");
+    // The UAPI socket: mode 0700, and an unknown operation closes the
+    // connection without a word.
+    assert_eq!(reference.socket_mode, 0o700);
+    assert_eq!(ours.socket_mode, 0o700, "UAPI socket mode");
+    assert_eq!(reference.unknown_op_answer.as_deref(), Some(""));
+    assert_eq!(
+        ours.unknown_op_answer.as_deref(),
+        Some(""),
+        "unknown UAPI operation"
+    );
     // Nothing leaves while the link is down, before the first `up` and after
     // `ip link set down` (that wireguard-go version still sends handshakes
     // and keepalives then: `reference.received_while_down` is not zero).
@@ -369,6 +409,52 @@ fn behaves_like_wireguard_go_where_wg_users_see_it() {
         "{failures} failure lines:\n{log}"
     );
     assert!(!log.contains('\x1b'), "no colours in a log file:\n{log}");
+}
+
+/// How long a ping from `from` to `to` took to get its first answer, trying
+/// `ping -c1 -W1` again until `limit` has passed; `None` without answer.
+fn first_answer(from: &Host, to: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    for _ in 0..limit.as_secs().max(1) {
+        let out = run("ip", &["netns", "exec", &from.ns, "ping", "-c1", "-W1", to]);
+        if out.status.success() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+    }
+    None
+}
+
+#[test]
+fn answers_wireguard_go_right_after_link_up() {
+    require_netns!();
+    // wireguard-go configures, brings its link up and pings at once, while
+    // ours was brought up a moment before: its first handshake initiation
+    // must be answered, not lost (wireguard-go sends the next one only after
+    // its 5 s rekey timeout, so any answer within 3 s answers the first).
+    const ROUNDS: usize = 8;
+    let limit = Duration::from_secs(3);
+    let mut took = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut t = Topo::new();
+        let (a, b) = (t.host(1), t.host(2));
+        t.launch(Impl::Ours, &a, None);
+        t.launch(Impl::WireguardGo, &b, None);
+        add_peer(&a, &b, false, &[]);
+        add_peer(&b, &a, true, &[]);
+        // Configured a while ago (ours' packet loop has moved to the socket
+        // `listen-port` bound; until then datagrams wait in it, unread);
+        // then both links up and the ping at once.
+        std::thread::sleep(Duration::from_millis(500));
+        t.overlay_up(&b);
+        t.overlay_up(&a);
+        took.push(first_answer(&b, &a.overlay, limit));
+    }
+    let answered = took.iter().filter(|t| t.is_some()).count();
+    eprintln!("answered {answered}/{ROUNDS} within {limit:?}: {took:?}");
+    assert_eq!(answered, ROUNDS, "first handshakes lost: {took:?}");
 }
 
 #[test]

@@ -7,10 +7,11 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::netlink::RouteOp;
+use super::netlink::{LinkEvents, RouteOp};
 use tun_rs::{DeviceBuilder, GROTable, InterruptEvent, SyncDevice};
 
 /// Default MTU of the tunnel interface (room for the WireGuard and UDP/IPv6
@@ -64,10 +65,21 @@ pub trait Device: Send + Sync + 'static {
 
     /// Whether the link is up. While it is down the engine sends nothing
     /// (no handshakes, keepalives or answers), as wireguard-go waits for its
-    /// interface to be up. Asked every timer tick (100 ms), so it must be
-    /// cheap. Always up by default.
+    /// interface to be up. Asked by the default [`Device::wait_link`] every
+    /// 100 ms, and by the packet loops when a packet comes while the link
+    /// was last seen down, so it must be cheap. Always up by default.
     fn is_up(&self) -> bool {
         true
+    }
+
+    /// Waits at most `timeout` for the link state to change: `Some(up)`
+    /// when it did (or may have), `None` when there is no news. The
+    /// engine's link thread calls it in a loop and acts on the answer at
+    /// once. By default it sleeps `timeout` and answers [`Device::is_up`]:
+    /// a device without link notifications is polled.
+    fn wait_link(&self, timeout: Duration) -> Option<bool> {
+        std::thread::sleep(timeout);
+        Some(self.is_up())
     }
 }
 
@@ -118,12 +130,15 @@ pub struct TunDevice {
     offload: bool,
     stop: InterruptEvent,
     gro: parking_lot::Mutex<GROTable>,
+    /// Notifications of the interface's link changes (up, down, deleted).
+    link: LinkEvents,
 }
 
 impl TunDevice {
     /// Creates the interface, sets its address (the kernel adds the route of
-    /// its prefix, through netlink), its MTU, and brings it up if
-    /// [`TunConfig::up`].
+    /// its prefix, through netlink), its MTU, brings it up if
+    /// [`TunConfig::up`], and subscribes to its link notifications
+    /// ([`Device::wait_link`]).
     pub fn create(cfg: &TunConfig) -> io::Result<Self> {
         let mut builder = DeviceBuilder::new()
             .name(&cfg.name)
@@ -149,12 +164,14 @@ impl TunDevice {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let offload = cfg.offload && dev.tcp_gso();
+        let link = LinkEvents::open(dev.if_index()?)?;
         Ok(Self {
             dev,
             extra,
             offload,
             stop: InterruptEvent::new()?,
             gro: parking_lot::Mutex::new(GROTable::default()),
+            link,
         })
     }
 
@@ -247,5 +264,21 @@ impl Device for TunDevice {
     /// network namespace: the engine's threads live in the TUN's.
     fn is_up(&self) -> bool {
         self.dev.is_running().unwrap_or(false)
+    }
+
+    /// The link notifications (`RTMGRP_LINK`) about the interface, read as
+    /// they come. When some were lost (`ENOBUFS`) the kernel is asked; if
+    /// the socket fails otherwise, the link is polled every `timeout`.
+    fn wait_link(&self, timeout: Duration) -> Option<bool> {
+        match self.link.wait(timeout) {
+            Ok(news) => news,
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::ENOBUFS) {
+                    tracing::debug!("link notifications: {e}");
+                    std::thread::sleep(timeout);
+                }
+                Some(self.is_up())
+            }
+        }
     }
 }

@@ -86,14 +86,18 @@ pub struct EngineStats {
     /// Datagrams the UDP socket refused to send (no route, buffer full
     /// after waiting, ...): not counted in any peer's `tx_bytes`.
     pub send_failed: u64,
+    /// Datagrams that arrived while the link was down, dropped unanswered
+    /// (wireguard-go's socket is closed then; the sender tries again).
+    pub link_down: u64,
 }
 
 /// A packet loop's body.
 type LoopFn = Box<dyn FnOnce(Arc<Shared>) + Send>;
 
 /// A multi-peer WireGuard engine: one `boringtun::noise::Tunn` per peer, a
-/// UDP socket, a [`Device`] for the clear-text side, and three threads (device
-/// → network with encryption, network → device with decryption, timers).
+/// UDP socket, a [`Device`] for the clear-text side, and its threads (device
+/// → network with encryption, network → device with decryption, timers,
+/// and one following the device's link state).
 ///
 /// Every method may be called while traffic flows; changes to one peer do
 /// not disturb the others. Dropping the engine stops it.
@@ -143,6 +147,7 @@ impl Engine {
         let mut loops: Vec<(String, LoopFn)> = vec![
             ("wg-udp".into(), Box::new(io::network_loop)),
             ("wg-timers".into(), Box::new(io::timer_loop)),
+            ("wg-link".into(), Box::new(io::link_loop)),
         ];
         for q in 0..shared.device.queues() {
             loops.push((
@@ -322,11 +327,13 @@ impl Engine {
             malformed: c.malformed.load(Relaxed),
             no_route: c.no_route.load(Relaxed),
             send_failed: c.send_failed.load(Relaxed),
+            link_down: c.link_down.load(Relaxed),
         }
     }
 
-    /// Whether the device's link was up at the last check (every 100 ms):
-    /// while it is down the engine sends nothing.
+    /// Whether the device's link is up, as the engine last learned it (from
+    /// the device's link notifications, [`Device::wait_link`]): while it is
+    /// down the engine sends nothing.
     pub fn link_up(&self) -> bool {
         self.shared.link_up.load(Relaxed)
     }

@@ -158,7 +158,9 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
             }
         };
         errors = 0;
-        if shared.key.read().is_none() || !shared.link_up.load(Relaxed) {
+        // A packet came from the device, so its link is up unless it just
+        // went down: ask before dropping on a stale flag.
+        if shared.key.read().is_none() || !link_is_up(&shared) {
             continue;
         }
         let udp = udp.refresh(&shared);
@@ -307,9 +309,16 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
                 }
             }
         };
-        if !shared.link_up.load(Relaxed) {
+        if !link_is_up(&shared) {
             // Down: read and drop, answer nothing (wireguard-go closes its
-            // socket while the interface is down).
+            // socket while the interface is down), but count it.
+            let dropped: usize = meta
+                .iter()
+                .take(n)
+                .map(|m| m.len.div_ceil(m.stride.max(1)))
+                .sum();
+            shared.counters.link_down.fetch_add(dropped as u64, Relaxed);
+            tracing::debug!("link down: dropped {dropped} datagrams");
             continue;
         }
         for (buf, m) in rx.iter().zip(&meta).take(n) {
@@ -623,7 +632,7 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
             Some(k) if ticks % 10 == 0 => k.limiter.reset_count(),
             Some(_) => {}
         }
-        if !link_state(&shared) {
+        if !shared.link_up.load(Relaxed) {
             continue;
         }
         let udp = current.refresh(&shared);
@@ -636,11 +645,30 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Reads the device's link state into `shared.link_up` (logging changes)
-/// and returns it. While the link is down nothing is sent: no handshakes,
-/// no keepalives, no answers (wireguard-go waits for the interface to be up).
-fn link_state(shared: &Shared) -> bool {
-    let up = shared.device.is_up();
+/// Follows the device's link state into `shared.link_up` as the device
+/// reports changes ([`super::Device::wait_link`]: at once for a TUN device,
+/// which reads the kernel's link notifications, as wireguard-go does).
+pub(crate) fn link_loop(shared: Arc<Shared>) {
+    while !shared.stop.load(Relaxed) {
+        if let Some(up) = shared.device.wait_link(TICK) {
+            set_link(&shared, up);
+        }
+    }
+}
+
+/// Whether the link is up: the flag, and when it says down the device
+/// itself, so a datagram that arrives between the link coming up and the
+/// link loop hearing of it is answered, not dropped (the peer would wait
+/// for its 5 s rekey timeout to try again). Only the link loop writes the
+/// flag, so a late answer here never overwrites a newer state.
+fn link_is_up(shared: &Shared) -> bool {
+    shared.link_up.load(Relaxed) || shared.device.is_up()
+}
+
+/// Stores the link state in `shared.link_up`, logging changes. While the
+/// link is down nothing is sent: no handshakes, no keepalives, no answers
+/// (wireguard-go waits for the interface to be up).
+fn set_link(shared: &Shared, up: bool) {
     if shared.link_up.swap(up, Relaxed) != up {
         tracing::info!(
             "link {}",
@@ -651,7 +679,6 @@ fn link_state(shared: &Shared) -> bool {
             }
         );
     }
-    up
 }
 
 fn tick_peer(shared: &Shared, peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u64) {

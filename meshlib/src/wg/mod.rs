@@ -16,7 +16,8 @@
 //!   implementation [`TunDevice`] (tun-rs, with TSO/GRO offloads).
 //! - [`Engine`] — the peer table, key, UDP socket (quinn-udp: GSO/GRO and
 //!   `recvmmsg`) and its threads: device → network (encrypt), network →
-//!   device (decrypt, allowed-IP check, roaming), timers. Encryption and
+//!   device (decrypt, allowed-IP check, roaming), timers, and the link
+//!   state (the TUN's rtnetlink notifications, `netlink`). Encryption and
 //!   decryption run on different threads, so both cores work while each
 //!   peer's packets stay in order.
 //! - `udp` — the engine's UDP socket (quinn-udp: GSO/GRO, `recvmmsg`),

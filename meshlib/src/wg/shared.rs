@@ -22,6 +22,8 @@ pub(crate) struct Counters {
     pub malformed: AtomicU64,
     pub no_route: AtomicU64,
     pub send_failed: AtomicU64,
+    /// Datagrams read while the link was down, dropped unanswered.
+    pub link_down: AtomicU64,
     /// When a send failure was last logged (ms since the epoch; 0: never).
     pub send_logged_ms: AtomicU64,
     /// Send failures since the last logged one.
@@ -55,8 +57,10 @@ pub(crate) struct Shared {
     pub stop: AtomicBool,
     /// Set when a loop ended on its own (e.g. the interface was deleted).
     pub failed: AtomicBool,
-    /// The device's link is up ([`Device::is_up`], read by the timer loop):
-    /// nothing is sent while it is down.
+    /// The device's link is up: written by the link loop only, as the
+    /// device reports changes ([`Device::wait_link`]); the packet loops ask
+    /// [`Device::is_up`] before dropping a packet while it says down.
+    /// Nothing is sent while the link is down.
     pub link_up: AtomicBool,
     pub counters: Counters,
     pub epoch: Instant,

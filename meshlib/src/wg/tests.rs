@@ -2,7 +2,7 @@
 //! (no root needed): handshake and data, allowed-IP enforcement, live
 //! removal, unknown keys, and the UAPI socket.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -289,7 +289,8 @@ fn uapi_socket_get_set_and_malformed_input() {
         uapi_exchange(&path, "set=1\nallowed_ip=1.2.3.4/32\n\n"),
         "errno=-22\n"
     );
-    assert_eq!(uapi_exchange(&path, "bogus=1\n\n"), "errno=-95\n");
+    // `get=1` with more than its empty line: invalid, as for wireguard-go.
+    assert_eq!(uapi_exchange(&path, "get=1\nx\n"), "errno=-22\n");
     let k = PrivateKey::generate().public_key();
     let set = format!(
         "set=1\npublic_key={}\nallowed_ip=10.9.0.0/16\n\n",
@@ -305,6 +306,40 @@ fn uapi_socket_get_set_and_malformed_input() {
         UapiServer::start(b.engine.clone(), &path),
         Err(uapi_server::UapiServerError::InUse(_))
     ));
+}
+
+/// What the server sends to `request` before it closes the connection
+/// (`None`: it kept it open for 2 s).
+fn uapi_until_closed(path: &std::path::Path, request: &str) -> Option<Vec<u8>> {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).ok().map(|_| got)
+}
+
+#[test]
+fn uapi_socket_is_0700_and_an_unknown_operation_is_not_answered() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let a = Node::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.sock");
+    let _server = UapiServer::start(a.engine.clone(), &path).unwrap();
+    // As wireguard-go's (bound under umask 077): srwx------.
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+    // An unknown operation: the connection is closed, not a byte answered,
+    // at once (its body is not waited for), and what follows is ignored.
+    for request in ["bogus=1\n\n", "bogus=1\n", "get=2\n\nget=1\n\n", "\n"] {
+        assert_eq!(
+            uapi_until_closed(&path, request),
+            Some(Vec::new()),
+            "{request:?}"
+        );
+    }
+    // The server still serves the next connection.
+    assert!(uapi_exchange(&path, "get=1\n\n").ends_with("errno=0\n"));
 }
 
 #[test]
@@ -544,6 +579,31 @@ fn nothing_is_sent_while_the_link_is_down() {
         a.engine.peer_stats(&b).unwrap().tx_bytes >= 148
     }));
     assert!(a.engine.link_up());
+}
+
+#[test]
+fn a_handshake_arriving_as_the_link_comes_up_is_answered() {
+    // Down: B's first handshake initiation is dropped, and counted.
+    let a = Node::with_link(false);
+    let (b, c) = (Node::new(), Node::new());
+    a.add(&b, "10.240.0.2");
+    a.add(&c, "10.240.0.3");
+    b.add(&a, "10.240.0.1");
+    b.send(packet(B_IP, A_IP, 100, 1));
+    assert!(eventually(WAIT, || a.engine.stats().link_down >= 1));
+    assert_eq!(a.recv(Duration::from_millis(200)), None);
+    // Up, and C's first initiation at once, before the link loop looks
+    // again (this device has no link notifications: every 100 ms). It is
+    // answered: dropped, C would try again only after 5 s.
+    a.up.store(true, Ordering::Relaxed);
+    c.add(&a, "10.240.0.1");
+    let p = packet([10, 240, 0, 3], A_IP, 100, 2);
+    c.send(p.clone());
+    assert_eq!(
+        a.recv(Duration::from_secs(2)),
+        Some(p),
+        "first handshake lost"
+    );
 }
 
 #[test]

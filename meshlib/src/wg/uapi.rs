@@ -15,8 +15,6 @@ use crate::keys::{PrivateKey, PublicKey};
 pub const ERRNO_INVALID: i32 = -22;
 /// `errno` when the listen port cannot be bound (wireguard-go's `-EADDRINUSE`).
 pub const ERRNO_PORT_IN_USE: i32 = -98;
-/// `errno` of an operation this implementation does not know.
-pub const ERRNO_UNKNOWN_OP: i32 = -95;
 
 /// Why a `set=1` body was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
