@@ -157,8 +157,10 @@ fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
     let ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| GatewayError::Config(format!("TLS session tickets: {e}")))?;
     let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+        // TLS 1.2 and 1.3, as the README says (and nginx's default); the
+        // `tls12` feature of rustls must be on for the first.
         let mut c = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| GatewayError::Config(e.to_string()))?
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key.clone_key())
@@ -559,5 +561,33 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let e = load_tls(&missing, &key).err().unwrap().to_string();
         assert!(e.contains("tls-cert") && e.contains("missing.pem"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tls_1_2_and_1_3_handshakes_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["*.apps.example".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let tls = load_tls(&cert, &key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let server = tokio_rustls::TlsAcceptor::from(tls.http.clone());
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = rustls::pki_types::ServerName::try_from("web.apps.example").unwrap();
+            let (s, c) = tokio::join!(server.accept(a), connector.connect(name, b));
+            s.unwrap();
+            let c = c.unwrap();
+            assert_eq!(c.get_ref().1.protocol_version(), Some(version.version));
+        }
     }
 }
