@@ -13,23 +13,23 @@
 //! wake hook holding a connection, malformed input, and metrics.
 
 mod dataplane_support;
+mod gateway_support;
 mod mesh_support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use dataplane_support::{must, run, Host};
+use dataplane_support::{run, Host};
+use gateway_support::{counter, make_certs, out, script, sh, DOMAIN};
 use mesh_support::{bin, Mesh, Sidecar};
 
-const DOMAIN: &str = "apps.ist-mesh.internal";
-
 fn backend_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway_support/backend.py")
+    script("backend.py")
 }
 
 fn ws_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway_support/ws_client.py")
+    script("ws_client.py")
 }
 
 /// Why these tests cannot run here, if they cannot.
@@ -47,33 +47,6 @@ fn skip_reason() -> Option<String> {
         }
     }
     None
-}
-
-/// `sh -c script` inside `ns`.
-fn sh(ns: &str, script: &str) -> Output {
-    run("ip", &["netns", "exec", ns, "sh", "-c", script])
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A test CA and a wildcard certificate for the service domain.
-fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let d = dir.display();
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName=DNS:*.{DOMAIN}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    let script = format!(
-        "set -e; cd {d}; \
-         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=ist-test-ca 2>/dev/null; \
-         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout gw.key -out gw.csr -subj '/CN=*.{DOMAIN}' 2>/dev/null; \
-         openssl x509 -req -in gw.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out gw.pem -days 2 -extfile ext.cnf 2>/dev/null"
-    );
-    must("sh", &["-c", &script]);
-    (dir.join("ca.pem"), dir.join("gw.pem"), dir.join("gw.key"))
 }
 
 /// The test's world.
@@ -853,11 +826,4 @@ fn gateway_serves_service_groups() {
     }
     step("15. metrics", t);
     drop(sidecars);
-}
-
-/// A counter's value in Prometheus text (0 if absent).
-fn counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0)))
-        .unwrap_or(0)
 }

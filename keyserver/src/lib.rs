@@ -11,7 +11,8 @@
 //!   change to push.
 //! - [`session`] — one member's control stream: hello, pushes, catch-up,
 //!   revocation and client requests, without I/O.
-//! - [`admission`] — the budget of connections that have not said hello.
+//! - [`admission`] — the budget of connections that have not said hello
+//!   (`meshlib::admission`, shared with the gateway's per-client budget).
 //! - [`listing`] — seed 003's listing: every private name of a network and
 //!   its answer, one member with its names (and their CLI tables).
 //! - [`traffic`] — members' traffic reports in memory, and a network's
@@ -36,7 +37,7 @@
 //! a shutdown future completes, so tests run it in-process on port 0.
 
 pub mod admin;
-pub mod admission;
+pub use meshlib::admission;
 pub mod backup;
 pub mod config;
 pub mod hooks;

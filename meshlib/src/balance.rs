@@ -293,6 +293,15 @@ impl Pool {
         }
     }
 
+    /// Whether `instance` is marked down at `now` (a failed dial's backoff
+    /// not over, or a failed health check not yet followed by a success).
+    pub fn is_down(&self, instance: &InstanceName, now: Instant) -> bool {
+        self.backends
+            .iter()
+            .find(|b| &b.pick.instance == instance)
+            .is_some_and(|b| !b.eligible(now) && b.online)
+    }
+
     /// Instances online in the map.
     pub fn online(&self) -> usize {
         self.backends.iter().filter(|b| b.online).count()
@@ -399,6 +408,7 @@ mod tests {
             panic!()
         };
         p.failed(&first.instance, now);
+        assert!(p.is_down(&first.instance, now));
         for _ in 0..5 {
             let Admit::Go(pick) = p.admit(true, now) else {
                 panic!()
@@ -411,8 +421,10 @@ mod tests {
             panic!()
         };
         assert_eq!(pick.instance, first.instance);
+        assert!(!p.is_down(&first.instance, later));
         // A failed health check keeps it out; a good one brings it back.
         p.unhealthy(&first.instance, later);
+        assert!(p.is_down(&first.instance, later));
         assert!(p
             .active()
             .iter()

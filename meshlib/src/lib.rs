@@ -28,6 +28,9 @@
 //! - [`balance`] — the one balancing policy (least active, in turn; soft
 //!   and hard limits; held while nothing is online; backoff after a failed
 //!   dial), for service groups and service addresses alike.
+//! - [`admission`] — connection budgets per source address (IPv4, IPv6
+//!   /64): the keyserver's connections without a hello, the gateway's
+//!   clients.
 //! - [`traffic`] — traffic per service: what a member counted per
 //!   destination service, as it reports it to the keyserver.
 //! - [`nat`] — NAT traversal: STUN messages, authenticated path probes,
@@ -56,6 +59,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod balance;
 pub mod control;
 pub mod dns;

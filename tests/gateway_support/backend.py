@@ -4,7 +4,7 @@
 HTTP/1.1 on --http (GET /who: the instance name; /headers: the request
 headers as JSON; /slow?ms=N: answers after N ms; /ws: a WebSocket echo),
 a TCP echo on --tcp (each line back, prefixed with the name) and a UDP
-echo on --udp. Every request, connection and datagram is counted in
+echo on --udp. Every request, connection (`conn`, HTTP) and datagram is counted in
 <state>/<name>.log, one line each, so the test sees who served what.
 """
 import argparse, base64, hashlib, json, socket, socketserver, struct, threading, time
@@ -57,6 +57,12 @@ class H(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def setup(self):
+        # One line per accepted connection: the tests count how many
+        # connections the gateway opened to this instance.
+        note("conn")
+        super().setup()
 
     def send_text(self, code, body, ctype="text/plain"):
         body = body.encode()

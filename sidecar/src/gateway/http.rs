@@ -26,83 +26,17 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 
-use super::member::Dialer;
+use super::idle::{Check, Closed, IdleClock};
+use super::member::{is_local_exhaustion, Dialer};
 use super::metrics::Counters;
 use super::routes::{normalize_host, GroupRt, RouteSettings, Routes, Slot};
+use super::upstream::{Upstream, Upstreams};
 use meshlib::services::PortMode;
 
 /// Errors inside bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Idle upstream connections kept per instance address.
-const IDLE_PER_ADDR: usize = 64;
-/// How long an idle upstream connection may wait for reuse.
-const IDLE_FOR: Duration = Duration::from_secs(60);
-
-/// HTTP/1.1 connections to instances, reused.
-#[derive(Default)]
-pub struct Upstreams {
-    idle: Mutex<std::collections::HashMap<SocketAddrV4, Vec<SendRequest<ProxyBody>>>>,
-}
-
-impl Upstreams {
-    /// An idle connection to `addr`, or a new one (dialed through the mesh).
-    async fn get(
-        &self,
-        addr: SocketAddrV4,
-        dialer: &dyn Dialer,
-        timeout: Duration,
-        upgrades: bool,
-    ) -> std::io::Result<SendRequest<ProxyBody>> {
-        if !upgrades {
-            loop {
-                let next = self.idle.lock().get_mut(&addr).and_then(Vec::pop);
-                match next {
-                    Some(s) if s.is_ready() => return Ok(s),
-                    Some(_) => continue,
-                    None => break,
-                }
-            }
-        }
-        let stream = dialer.dial(addr, timeout).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
-    }
-
-    /// Keeps `sender` for reuse: at once when it is ready (its response is
-    /// done), else once it is.
-    fn recycle(self: &Arc<Self>, addr: SocketAddrV4, mut sender: SendRequest<ProxyBody>) {
-        if sender.is_ready() {
-            let mut idle = self.idle.lock();
-            let list = idle.entry(addr).or_default();
-            if list.len() < IDLE_PER_ADDR {
-                list.push(sender);
-            }
-            return;
-        }
-        if sender.is_closed() {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(IDLE_FOR, sender.ready()).await {
-                let mut idle = me.idle.lock();
-                let list = idle.entry(addr).or_default();
-                if list.len() < IDLE_PER_ADDR {
-                    list.push(sender);
-                }
-            }
-        });
-    }
-}
 
 /// What every HTTP connection shares.
 pub struct HttpCtx {
@@ -116,9 +50,17 @@ pub struct HttpCtx {
     pub upstreams: Arc<Upstreams>,
     /// Largest request head, bytes.
     pub max_header_bytes: usize,
-    /// Time allowed for a request head.
+    /// Time allowed for a request head, and for the first request of a
+    /// connection to arrive (HTTP/2 detection, preface and SETTINGS
+    /// included).
     pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
 }
+
+/// Time a connection closed for idleness gets to send its HTTP/2 GOAWAY
+/// (or finish what it was writing) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// One client connection.
 struct Conn {
@@ -139,54 +81,129 @@ pub enum Alpn {
     Detect,
 }
 
-/// Serves one client connection (after TLS, if any) until it ends.
+/// Serves one client connection (after TLS, if any) until it ends, or
+/// until it has no request in flight for longer than its deadline
+/// ([`IdleClock`]: the first request's, then the idle timeout).
 pub async fn serve<S>(ctx: Arc<HttpCtx>, stream: S, peer: SocketAddr, port: u16, alpn: Alpn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let clock = Arc::new(Mutex::new(IdleClock::new(
+        Instant::now(),
+        ctx.header_timeout,
+        ctx.idle_timeout,
+    )));
     let conn = Arc::new(Conn {
         ctx: ctx.clone(),
         peer,
         port,
         tls: alpn != Alpn::Detect,
     });
+    let in_flight = clock.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        let guard = InFlight::start(in_flight.clone());
+        async move {
+            let resp = handle(conn, req).await;
+            Ok::<_, Infallible>(resp.map(|body| {
+                Tracked {
+                    inner: body,
+                    _guard: guard,
+                }
+                .boxed_unsync()
+            }))
+        }
     });
-    let io = TokioIo::new(stream);
     let max_list = u32::try_from(ctx.max_header_bytes).unwrap_or(u32::MAX);
-    let result = match alpn {
-        Alpn::H2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(max_list)
-            .serve_connection(io, service)
-            .await
-            .map_err(BoxError::from),
-        Alpn::Http1 => hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(ctx.header_timeout)
-            .max_buf_size(ctx.max_header_bytes.max(8192))
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
-            .map_err(BoxError::from),
-        Alpn::Detect => {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ctx.header_timeout)
-                .max_buf_size(ctx.max_header_bytes.max(8192));
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(max_list);
-            builder.serve_connection_with_upgrades(io, service).await
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's head timer runs from the moment a keep-alive connection
+    // waits for its next request: the idle timeout, then the head's own
+    // time. (The first request's deadline, and the idle timeout itself,
+    // are the clock's below.)
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.idle_timeout.saturating_add(ctx.header_timeout))
+        .max_buf_size(ctx.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(max_list);
+    let builder = match alpn {
+        Alpn::H2 => builder.http2_only(),
+        Alpn::Http1 => builder.http1_only(),
+        Alpn::Detect => builder,
+    };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    // Bounded: each turn sleeps until the clock's next deadline, which
+    // only moves forward; the connection's end also ends the loop.
+    let closed = loop {
+        let check = clock.lock().check(Instant::now());
+        let when = match check {
+            Check::Close(why) => break why,
+            Check::At(when) => when,
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(when.into()) => {}
         }
     };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    let stats = &ctx.routes.gateway;
+    match closed {
+        Closed::NoRequest => stats.closed_no_request.fetch_add(1, Relaxed),
+        Closed::Idle => stats.closed_idle.fetch_add(1, Relaxed),
+    };
+    tracing::debug!(%peer, port, why = ?closed, "HTTP connection closed: no request in time");
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+}
+
+/// A request in flight on its connection's [`IdleClock`], from its head to
+/// the end (or drop) of its response.
+struct InFlight(Arc<Mutex<IdleClock>>);
+
+impl InFlight {
+    fn start(clock: Arc<Mutex<IdleClock>>) -> Self {
+        clock.lock().request_started();
+        Self(clock)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().request_done(Instant::now());
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+struct Tracked {
+    inner: ProxyBody,
+    _guard: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -331,36 +348,39 @@ async fn proxy(
         .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
     parts.version = Version::HTTP_11;
     // Find an instance that takes the request; failed dials try others.
+    let stats = &ctx.routes.gateway;
     let mut chosen = None;
     for _ in 0..4 {
         let Some(slot) = rt.acquire(true, &ctx.settings).await else {
             break;
         };
         let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
+        let timeout = ctx.settings.connect_timeout;
         match ctx
             .upstreams
-            .get(
-                addr,
-                ctx.dialer.as_ref(),
-                ctx.settings.connect_timeout,
-                upgrade,
-            )
+            .get(addr, ctx.dialer.as_ref(), timeout, upgrade, stats)
             .await
         {
-            Ok(sender) => {
-                chosen = Some((slot, addr, sender));
+            Ok(upstream) => {
+                chosen = Some((slot, addr, upstream));
+                break;
+            }
+            // The gateway's own ports or descriptors ran out: not the
+            // instance's fault, and no other instance would do better.
+            Err(e) if is_local_exhaustion(&e) => {
+                stats.local_error("connection to an instance", &e);
                 break;
             }
             Err(e) => {
                 tracing::debug!(instance = %slot.pick().instance, error = %e, "upstream dial failed");
                 slot.counters.dial_failures.fetch_add(1, Relaxed);
                 rt.stats.total.dial_failures.fetch_add(1, Relaxed);
-                slot.fail();
+                slot.fail(&e);
             }
         }
     }
     let group = || rt.group_name();
-    let Some((slot, addr, mut sender)) = chosen else {
+    let Some((slot, addr, upstream)) = chosen else {
         let resp = text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -389,7 +409,7 @@ async fn proxy(
     .boxed_unsync();
     instance.forwarded.fetch_add(1, Relaxed);
     rt.stats.total.forwarded.fetch_add(1, Relaxed);
-    let result = sender.send_request(Request::from_parts(parts, body)).await;
+    let (result, sender) = send(ctx, addr, upstream, Request::from_parts(parts, body)).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -425,6 +445,42 @@ async fn proxy(
         give_back,
     };
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Sends `req` on `upstream`; if a kept connection turns out closed before
+/// the request left (the instance closed it while it was idle), once more
+/// on a new connection. The result, and the connection it used.
+async fn send(
+    ctx: &HttpCtx,
+    addr: SocketAddrV4,
+    upstream: Upstream,
+    req: Request<ProxyBody>,
+) -> (
+    Result<Response<Incoming>, hyper::Error>,
+    SendRequest<ProxyBody>,
+) {
+    let Upstream { mut sender, reused } = upstream;
+    let mut e = match sender.try_send_request(req).await {
+        Ok(resp) => return (Ok(resp), sender),
+        Err(e) => e,
+    };
+    let Some(req) = e.take_message().filter(|_| reused) else {
+        return (Err(e.into_error()), sender);
+    };
+    let fresh = ctx
+        .upstreams
+        .get(
+            addr,
+            ctx.dialer.as_ref(),
+            ctx.settings.connect_timeout,
+            true,
+            &ctx.routes.gateway,
+        )
+        .await;
+    match fresh {
+        Ok(Upstream { mut sender, .. }) => (sender.send_request(req).await, sender),
+        Err(_) => (Err(e.into_error()), sender),
+    }
 }
 
 /// `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`,
@@ -497,10 +553,13 @@ struct Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        // A body hyper never polled to its end (empty, or the client left):
-        // the connection is kept if it turns out ready.
+        // A body hyper never polled (it was empty): the connection is kept.
+        // One the client left before its end is not (the rest of the
+        // response is still on its way): it closes.
         if let Some((pool, addr, sender)) = self.give_back.take() {
-            pool.recycle(addr, sender);
+            if self.inner.is_end_stream() {
+                pool.put(addr, sender);
+            }
         }
     }
 }
@@ -524,7 +583,7 @@ impl Body for Counted {
             // and keep the upstream connection.
             self._slot = None;
             if let Some((pool, addr, sender)) = self.give_back.take() {
-                pool.recycle(addr, sender);
+                pool.put(addr, sender);
             }
         }
         polled

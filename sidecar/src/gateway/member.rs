@@ -53,6 +53,24 @@ pub trait Dialer: Send + Sync + 'static {
     fn udp(&self, addr: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>>;
 }
 
+/// Whether a dial failed for the gateway's own lack of resources (local
+/// ports, file descriptors, socket buffers, memory) rather than for
+/// anything the instance did: such a failure must not mark the instance
+/// down (the next dial to any instance would fail the same way).
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EADDRNOTAVAIL
+                | libc::EADDRINUSE
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+        )
+    )
+}
+
 /// Kernel mode: the overlay is routed through this host's TUN interface,
 /// so plain sockets reach instances.
 #[derive(Debug, Clone, Copy, Default)]
@@ -256,5 +274,29 @@ impl Membership {
         if !self.node.leave().await {
             tracing::warn!("the keyserver did not confirm the gateway's leave");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_exhaustion_is_told_from_the_instances_failures() {
+        for local in [
+            libc::EADDRNOTAVAIL,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+        ] {
+            assert!(is_local_exhaustion(&io::Error::from_raw_os_error(local)));
+        }
+        for remote in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ETIMEDOUT] {
+            assert!(!is_local_exhaustion(&io::Error::from_raw_os_error(remote)));
+        }
+        assert!(!is_local_exhaustion(&io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect timed out"
+        )));
     }
 }

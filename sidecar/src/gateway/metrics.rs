@@ -135,6 +135,94 @@ impl GroupStats {
     }
 }
 
+/// Counters of the gateway as a whole (client connections before any group
+/// is known, upstream connections, local errors).
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Client connections closed at once: their address held its budget.
+    pub refused_per_client: AtomicU64,
+    /// HTTP connections closed without a request within the deadline.
+    pub closed_no_request: AtomicU64,
+    /// HTTP connections closed after the idle timeout.
+    pub closed_idle: AtomicU64,
+    /// Connections opened to instances for HTTP requests.
+    pub upstream_opened: AtomicU64,
+    /// HTTP requests sent on a kept upstream connection.
+    pub upstream_reused: AtomicU64,
+    /// Dials that failed for the gateway's own lack of resources.
+    pub local_errors: AtomicU64,
+    /// When a local error was last logged (ms since `UNIX_EPOCH`).
+    last_local_warn_ms: AtomicU64,
+}
+
+impl GatewayStats {
+    /// Counts a dial that failed for the gateway's own lack of resources
+    /// (`what`: the dial's purpose), logging it at warn at most once a
+    /// second (with the count so far).
+    pub fn local_error(&self, what: &str, error: &std::io::Error) {
+        let n = self.local_errors.fetch_add(1, Relaxed) + 1;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let last = self.last_local_warn_ms.load(Relaxed);
+        let due = now_ms.saturating_sub(last) >= 1000;
+        if due
+            && self
+                .last_local_warn_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %error,
+                what,
+                local_errors = n,
+                "the gateway is out of local resources (ports, descriptors or buffers): \
+                 this request gets 503, the instance is not marked down"
+            );
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let all = [
+            (
+                "client_connections_refused_total counter",
+                "",
+                &self.refused_per_client,
+            ),
+            (
+                "client_connections_closed_total counter",
+                "{reason=\"no-request\"}",
+                &self.closed_no_request,
+            ),
+            (
+                "client_connections_closed_total counter",
+                "{reason=\"idle\"}",
+                &self.closed_idle,
+            ),
+            (
+                "upstream_connections_total counter",
+                "",
+                &self.upstream_opened,
+            ),
+            ("upstream_reused_total counter", "", &self.upstream_reused),
+            ("local_errors_total counter", "", &self.local_errors),
+        ];
+        let mut typed = String::new();
+        for (name, labels, value) in all {
+            let (metric, kind) = name.split_once(' ').unwrap_or((name, "counter"));
+            if typed != metric {
+                let _ = writeln!(out, "# TYPE istmesh_gateway_{metric} {kind}");
+                typed = metric.to_owned();
+            }
+            let _ = writeln!(
+                out,
+                "istmesh_gateway_{metric}{labels} {}",
+                value.load(Relaxed)
+            );
+        }
+    }
+}
+
 /// Gauges read from the balancers at render time.
 #[derive(Debug, Clone)]
 pub struct GroupGauges {
@@ -187,13 +275,16 @@ fn counters(out: &mut String, labels: &str, c: &Counters, prefix: &str) {
     );
 }
 
-/// Renders every group's metrics in the Prometheus text format.
+/// Renders the gateway's and every group's metrics in the Prometheus text
+/// format.
 pub fn render(
+    gateway: &GatewayStats,
     groups: &[(String, Arc<GroupStats>)],
     gauges: &[GroupGauges],
     generation: u64,
 ) -> String {
     let mut out = String::new();
+    gateway.render(&mut out);
     out.push_str("# TYPE istmesh_gateway_map_generation gauge\n");
     let _ = writeln!(out, "istmesh_gateway_map_generation {generation}");
     out.push_str("# TYPE istmesh_gateway_groups gauge\n");
@@ -277,7 +368,19 @@ mod tests {
             queued: 2,
             instances: vec![("web-1".into(), 1, false)],
         }];
-        let text = render(&[("g".into(), s)], &gauges, 7);
+        let gw = GatewayStats::default();
+        gw.closed_idle.fetch_add(2, Relaxed);
+        gw.refused_per_client.fetch_add(1, Relaxed);
+        let text = render(&gw, &[("g".into(), s)], &gauges, 7);
+        assert!(text.contains("istmesh_gateway_client_connections_closed_total{reason=\"idle\"} 2"));
+        assert!(text
+            .contains("istmesh_gateway_client_connections_closed_total{reason=\"no-request\"} 0"));
+        assert!(text.contains("istmesh_gateway_client_connections_refused_total 1"));
+        assert_eq!(
+            text.matches("# TYPE istmesh_gateway_client_connections_closed_total")
+                .count(),
+            1
+        );
         assert!(
             text.contains("istmesh_gateway_connections_total{group=\"g\",outcome=\"rejected\"} 1")
         );

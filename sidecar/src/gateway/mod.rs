@@ -12,6 +12,10 @@
 //!   slots, dials with retries, wake hooks.
 //! - [`http`] — HTTP mode (ports 80 and 443): reverse proxy, redirect,
 //!   WebSocket upgrades.
+//! - [`idle`] — deadlines of HTTP connections: the first request's, then
+//!   the idle timeout (pure).
+//! - [`upstream`] — kept-alive HTTP/1.1 connections to instances, a
+//!   bounded idle pool per instance.
 //! - [`tcp`] — TCP mode (other TCP ports): TLS terminated, bytes both ways.
 //! - [`udp`] — UDP ports: per-client flows with an idle timeout.
 //! - [`wake`] — scale to zero: the wake hook (command or URL).
@@ -23,11 +27,13 @@
 
 pub use meshlib::balance;
 pub mod http;
+pub mod idle;
 pub mod member;
 pub mod metrics;
 pub mod routes;
 pub mod tcp;
 pub mod udp;
+pub mod upstream;
 pub mod wake;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,9 +108,42 @@ pub struct GatewayArgs {
     /// A UDP flow ends after this long without a datagram.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
-    /// Time allowed for a TLS handshake or an HTTP request head.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Time allowed for a TLS handshake, for an HTTP request head, and for
+    /// the first request of an HTTP connection to arrive (on port 80 this
+    /// covers HTTP/2 detection, the preface and SETTINGS): a connection
+    /// that sends nothing, or only part of that, is closed.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_HANDSHAKE_TIMEOUT",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
     pub handshake_timeout: Duration,
+    /// An HTTP connection (HTTP/1.1 keep-alive or HTTP/2) with no request
+    /// in flight is closed after this long.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_parser = humantime::parse_duration
+    )]
+    pub idle_timeout: Duration,
+    /// Most connections open at once from one client address (IPv6: one
+    /// /64), on every TCP port; a connection past it is closed at once
+    /// (and counted), so that one client cannot hold every connection.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 1024
+    )]
+    pub max_connections_per_client: usize,
+    /// Idle HTTP/1.1 connections kept per instance for the next requests
+    /// (past it, a finished connection is closed).
+    #[arg(long, default_value_t = 256)]
+    pub upstream_idle_per_instance: usize,
+    /// An idle kept connection to an instance is closed after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub upstream_idle_timeout: Duration,
     /// Largest HTTP request head, bytes (past it: 431 / stream reset).
     #[arg(long, default_value_t = 65_536)]
     pub max_header_bytes: usize,
@@ -157,8 +196,10 @@ fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
     let ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| GatewayError::Config(format!("TLS session tickets: {e}")))?;
     let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+        // TLS 1.2 and 1.3, as the README says (and nginx's default); the
+        // `tls12` feature of rustls must be on for the first.
         let mut c = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| GatewayError::Config(e.to_string()))?
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key.clone_key())
@@ -193,6 +234,32 @@ fn token(args: &GatewayArgs) -> Result<JoinToken, GatewayError> {
         .map_err(|e| GatewayError::Config(format!("token: {e}")))
 }
 
+/// Client connections per address, under a budget.
+struct ClientBudget(parking_lot::Mutex<meshlib::admission::PerSource>);
+
+/// A client connection's place in its address's budget; freed on drop.
+struct ClientPlace {
+    budget: Arc<ClientBudget>,
+    source: IpAddr,
+}
+
+impl ClientBudget {
+    /// A place for a new connection from `ip`, or `None` past the budget.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientPlace> {
+        let source = self.0.lock().try_add(ip)?;
+        Some(ClientPlace {
+            budget: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        self.budget.0.lock().remove(self.source);
+    }
+}
+
 /// Everything the listeners share.
 struct Shared {
     routes: Arc<Routes>,
@@ -202,6 +269,7 @@ struct Shared {
     udp: Arc<udp::UdpCtx>,
     public: Vec<IpAddr>,
     limit: Arc<Semaphore>,
+    clients: Arc<ClientBudget>,
 }
 
 /// Runs the gateway until `shutdown` turns true, then leaves the network.
@@ -278,15 +346,20 @@ async fn serve(
         connect_timeout: args.connect_timeout,
         allow_wake_commands: args.allow_wake_commands,
     };
+    let upstreams = Arc::new(upstream::Upstreams::new(
+        args.upstream_idle_per_instance,
+        args.upstream_idle_timeout,
+    ));
     let shared = Arc::new(Shared {
         routes: routes.clone(),
         http: Arc::new(http::HttpCtx {
             routes: routes.clone(),
             dialer: dialer.clone(),
             settings: settings.clone(),
-            upstreams: Arc::default(),
+            upstreams: upstreams.clone(),
             max_header_bytes: args.max_header_bytes,
             header_timeout: args.handshake_timeout,
+            idle_timeout: args.idle_timeout,
         }),
         tcp: tls.as_ref().map(|t| {
             Arc::new(tcp::TcpCtx {
@@ -310,6 +383,16 @@ async fn serve(
             args.listen.clone()
         },
         limit: Arc::new(Semaphore::new(args.max_connections.max(1))),
+        clients: Arc::new(ClientBudget(parking_lot::Mutex::new(
+            meshlib::admission::PerSource::new(args.max_connections_per_client),
+        ))),
+    });
+    let sweep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(upstreams.sweep_interval());
+        loop {
+            tick.tick().await;
+            upstreams.sweep();
+        }
     });
     let metrics_task = match metrics_addr {
         Some(addr) => Some(serve_metrics(addr, routes.clone()).await?),
@@ -349,6 +432,7 @@ async fn serve(
         }
     }
     health.abort();
+    sweep.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -427,6 +511,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                 continue;
             }
         };
+        let Some(place) = shared.clients.admit(peer.ip()) else {
+            // Past its address's budget: closed at once, counted.
+            shared
+                .routes
+                .gateway
+                .refused_per_client
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, port, "client address at its connection budget; closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -458,6 +552,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                     }
                 }
             }
+            drop(place);
             drop(permit);
         });
     }
@@ -488,12 +583,21 @@ async fn health_loop(
             };
             for pick in rt.online_instances() {
                 let (rt, dialer) = (rt.clone(), dialer.clone());
+                let routes = routes.clone();
                 checks.spawn(async move {
                     let addr = std::net::SocketAddrV4::new(pick.ip, port);
-                    let ok = dialer.dial(addr, timeout).await.is_ok();
-                    if !ok {
-                        tracing::debug!(instance = %pick.instance, %addr, "health check failed");
-                    }
+                    let ok = match dialer.dial(addr, timeout).await {
+                        Ok(_) => true,
+                        // Says nothing about the instance: no verdict.
+                        Err(e) if member::is_local_exhaustion(&e) => {
+                            routes.gateway.local_error("health check", &e);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(instance = %pick.instance, %addr, error = %e, "health check failed");
+                            false
+                        }
+                    };
                     rt.health(&pick, ok);
                 });
             }
@@ -559,5 +663,33 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let e = load_tls(&missing, &key).err().unwrap().to_string();
         assert!(e.contains("tls-cert") && e.contains("missing.pem"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tls_1_2_and_1_3_handshakes_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["*.apps.example".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let tls = load_tls(&cert, &key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let server = tokio_rustls::TlsAcceptor::from(tls.http.clone());
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = rustls::pki_types::ServerName::try_from("web.apps.example").unwrap();
+            let (s, c) = tokio::join!(server.accept(a), connector.connect(name, b));
+            s.unwrap();
+            let c = c.unwrap();
+            assert_eq!(c.get_ref().1.protocol_version(), Some(version.version));
+        }
     }
 }

@@ -15,8 +15,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use super::balance::{Admit, Pick, Pool};
-use super::member::{Dialer, MeshStream};
-use super::metrics::{Counters, GroupGauges, GroupStats};
+use super::member::{is_local_exhaustion, Dialer, MeshStream};
+use super::metrics::{Counters, GatewayStats, GroupGauges, GroupStats};
 
 /// Timeouts and switches the routes need (from the gateway config).
 #[derive(Debug, Clone)]
@@ -59,12 +59,19 @@ impl Slot {
         self.pick.as_ref().expect("a live slot has its pick")
     }
 
-    /// The dial to this instance failed: skip it for a while.
-    pub fn fail(mut self) {
+    /// The dial to this instance failed (`error`): skip it for a while.
+    pub fn fail(mut self, error: &std::io::Error) {
         if let Some(p) = self.pick.take() {
             let mut inner = self.rt.inner.lock();
             let out = inner.pool.failed(&p.instance, Instant::now());
             self.rt.hand_out(&mut inner, out);
+            drop(inner);
+            tracing::warn!(
+                group = %self.rt.group.read().name,
+                instance = %p.instance,
+                %error,
+                "instance marked down after a failed dial (retried after a backoff or a good health check)"
+            );
         }
     }
 }
@@ -182,12 +189,15 @@ impl GroupRt {
 
     /// Takes a slot and opens a connection to the instance's `port`,
     /// retrying other instances when a dial fails (each failure marks its
-    /// instance down for a backoff). `None`: refused or nothing reachable.
+    /// instance down for a backoff; a failure for the gateway's own lack of
+    /// resources marks nothing and gives up). `None`: refused or nothing
+    /// reachable.
     pub async fn connect(
         self: &Arc<Self>,
         destination_port: u16,
         dialer: &dyn Dialer,
         s: &RouteSettings,
+        stats: &GatewayStats,
     ) -> Option<(Slot, Box<dyn MeshStream>)> {
         for _ in 0..4 {
             let slot = self.acquire(true, s).await?;
@@ -198,11 +208,15 @@ impl GroupRt {
                     self.stats.total.forwarded.fetch_add(1, Relaxed);
                     return Some((slot, stream));
                 }
+                Err(e) if is_local_exhaustion(&e) => {
+                    stats.local_error("connection to an instance", &e);
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(group = %self.group.read().name, instance = %slot.pick().instance, error = %e, "dial failed; trying another instance");
                     slot.counters.dial_failures.fetch_add(1, Relaxed);
                     self.stats.total.dial_failures.fetch_add(1, Relaxed);
-                    slot.fail();
+                    slot.fail(&e);
                 }
             }
         }
@@ -241,15 +255,27 @@ impl GroupRt {
         });
     }
 
-    /// Health check results.
+    /// Health check results (changes are logged).
     pub fn health(&self, pick: &Pick, ok: bool) {
         let mut inner = self.inner.lock();
         let now = Instant::now();
+        let was_down = inner.pool.is_down(&pick.instance, now);
         if ok {
             let out = inner.pool.healthy(&pick.instance, now);
             self.hand_out(&mut inner, out);
         } else {
             inner.pool.unhealthy(&pick.instance, now);
+        }
+        drop(inner);
+        let group = &self.group.read().name;
+        match (was_down, ok) {
+            (true, true) => {
+                tracing::info!(%group, instance = %pick.instance, "instance up again: its health check succeeded")
+            }
+            (false, false) => {
+                tracing::warn!(%group, instance = %pick.instance, "instance marked down: its health check failed")
+            }
+            _ => {}
         }
     }
 
@@ -287,6 +313,8 @@ pub enum Listen {
 pub struct Routes {
     groups: RwLock<HashMap<GroupName, Arc<GroupRt>>>,
     generation: Mutex<u64>,
+    /// Counters of the gateway as a whole.
+    pub gateway: GatewayStats,
 }
 
 impl Routes {
@@ -403,7 +431,7 @@ impl Routes {
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         let mut gauges: Vec<GroupGauges> = all.iter().map(|rt| rt.gauges()).collect();
         gauges.sort_by(|a, b| a.group.cmp(&b.group));
-        super::metrics::render(&stats, &gauges, *self.generation.lock())
+        super::metrics::render(&self.gateway, &stats, &gauges, *self.generation.lock())
     }
 }
 

@@ -50,7 +50,12 @@ pub async fn serve(ctx: Arc<TcpCtx>, stream: TcpStream, peer: SocketAddr, port: 
     };
     // Refused (or nothing reachable): the connection closes unanswered.
     let Some((slot, mut upstream)) = rt
-        .connect(route.destination_port, ctx.dialer.as_ref(), &ctx.settings)
+        .connect(
+            route.destination_port,
+            ctx.dialer.as_ref(),
+            &ctx.settings,
+            &ctx.routes.gateway,
+        )
         .await
     else {
         return;

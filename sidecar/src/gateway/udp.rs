@@ -102,9 +102,16 @@ async fn flow(
     let addr = SocketAddrV4::new(slot.pick().ip, published.destination_port);
     let upstream: Box<dyn MeshDatagram> = match ctx.dialer.udp(addr).await {
         Ok(u) => u,
+        Err(e) if super::member::is_local_exhaustion(&e) => {
+            ctx.routes
+                .gateway
+                .local_error("UDP flow to an instance", &e);
+            forget();
+            return;
+        }
         Err(e) => {
             tracing::debug!(%client, error = %e, "UDP flow to the instance failed");
-            slot.fail();
+            slot.fail(&e);
             forget();
             return;
         }

@@ -1,6 +1,11 @@
-//! Admission of connections that have not said hello yet (pure: no I/O, no
-//! clock).
+//! Connection budgets per source address (pure: no I/O, no clock).
 //!
+//! [`PerSource`] counts open connections per source (an IPv4 address, or an
+//! IPv6 /64, [`source_of`]) under a budget: the gateway closes a client's
+//! connection at once when its address already holds its budget.
+//!
+//! [`Admission`] admits connections that have not said hello yet (the
+//! keyserver's).
 //! A QUIC connection costs the keyserver memory and a task before the
 //! client has proven anything. Such pending connections get their own
 //! budget, apart from the established members' `max-connections`: at most
@@ -20,15 +25,73 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+/// Open connections per source, each source under the same budget.
+#[derive(Debug)]
+pub struct PerSource {
+    max: usize,
+    counts: HashMap<IpAddr, usize>,
+}
+
+impl PerSource {
+    /// At most `max` connections per source (at least 1).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            counts: HashMap::new(),
+        }
+    }
+
+    /// Counts a new connection from `ip`: its source (for
+    /// [`PerSource::remove`]), or `None` if the source holds its budget
+    /// already (nothing is counted).
+    pub fn try_add(&mut self, ip: IpAddr) -> Option<IpAddr> {
+        let source = source_of(ip);
+        if self.is_full(source) {
+            return None;
+        }
+        self.add(source);
+        Some(source)
+    }
+
+    /// Whether `source` holds its whole budget.
+    pub fn is_full(&self, source: IpAddr) -> bool {
+        self.count(source) >= self.max
+    }
+
+    /// Counts a connection from `source`, budget or not.
+    pub fn add(&mut self, source: IpAddr) {
+        *self.counts.entry(source).or_insert(0) += 1;
+    }
+
+    /// A connection from `source` ended.
+    pub fn remove(&mut self, source: IpAddr) {
+        if let Some(n) = self.counts.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&source);
+            }
+        }
+    }
+
+    /// Connections from `source` now.
+    pub fn count(&self, source: IpAddr) -> usize {
+        self.counts.get(&source).copied().unwrap_or(0)
+    }
+
+    /// Connections from every source now.
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+}
+
 /// The pending connections and their budgets.
 #[derive(Debug)]
 pub struct Admission {
     max_pending: usize,
-    max_per_source: usize,
     /// Pending connections by id; ids grow, so the first is the oldest.
     pending: BTreeMap<u64, IpAddr>,
     /// Pending connections per source.
-    per_source: HashMap<IpAddr, usize>,
+    per_source: PerSource,
     next_id: u64,
 }
 
@@ -59,9 +122,8 @@ impl Admission {
     pub fn new(max_pending: usize, max_per_source: usize) -> Self {
         Self {
             max_pending: max_pending.max(1),
-            max_per_source: max_per_source.max(1),
             pending: BTreeMap::new(),
-            per_source: HashMap::new(),
+            per_source: PerSource::new(max_per_source),
             next_id: 0,
         }
     }
@@ -70,7 +132,7 @@ impl Admission {
     pub fn admit(&mut self, ip: IpAddr) -> Admitted {
         let source = source_of(ip);
         let mut evict = Vec::new();
-        if self.per_source.get(&source).copied().unwrap_or(0) >= self.max_per_source {
+        if self.per_source.is_full(source) {
             let oldest = self
                 .pending
                 .iter()
@@ -87,21 +149,15 @@ impl Admission {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(id, source);
-        *self.per_source.entry(source).or_insert(0) += 1;
+        self.per_source.add(source);
         Admitted { id, evict }
     }
 
     /// A pending connection said hello, failed or timed out (unknown ids,
     /// e.g. already evicted, are ignored).
     pub fn leave(&mut self, id: u64) {
-        let Some(source) = self.pending.remove(&id) else {
-            return;
-        };
-        if let Some(n) = self.per_source.get_mut(&source) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&source);
-            }
+        if let Some(source) = self.pending.remove(&id) {
+            self.per_source.remove(source);
         }
     }
 
@@ -160,7 +216,21 @@ mod tests {
             )));
         }
         assert_eq!(a.pending(), 3);
-        assert!(a.per_source.values().sum::<usize>() == 3);
+        assert_eq!(a.per_source.total(), 3);
+    }
+
+    #[test]
+    fn per_source_budget_refuses_past_it_and_frees_on_remove() {
+        let mut b = PerSource::new(2);
+        let s = b.try_add(ip("192.0.2.1")).unwrap();
+        assert_eq!(b.try_add(ip("::ffff:192.0.2.1")), Some(s), "v4-mapped");
+        assert_eq!(b.try_add(ip("192.0.2.1")), None, "at its budget");
+        assert!(b.try_add(ip("192.0.2.2")).is_some(), "another source");
+        assert_eq!((b.count(s), b.total()), (2, 3));
+        b.remove(s);
+        assert!(b.try_add(ip("192.0.2.1")).is_some());
+        b.remove(ip("192.0.2.9"));
+        assert_eq!(b.total(), 3);
     }
 
     #[test]

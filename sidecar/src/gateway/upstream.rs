@@ -1,0 +1,150 @@
+//! HTTP/1.1 connections to instances, kept alive and reused: a bounded
+//! pool of idle connections per instance address.
+//!
+//! A request takes the most recently used idle connection of its instance
+//! (waiting the moment it takes hyper to mark a finished response's
+//! connection ready), or dials a new one; once its response body is done
+//! the connection goes back at once. At most `max_idle` idle connections
+//! are kept per instance (past that a finished connection is closed), and
+//! an idle connection is closed after `idle_timeout` (a sweep every few
+//! seconds). So the gateway holds about as many connections to an
+//! instance as requests were in flight to it at the peak, and opens new
+//! ones only when the load grows, not one per request: churn would leave a
+//! TIME-WAIT socket per request and run the gateway out of ports.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddrV4;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+
+use super::http::ProxyBody;
+use super::member::Dialer;
+use super::metrics::GatewayStats;
+
+/// Longest wait for a pooled connection to be ready for its next request
+/// (hyper marks it ready as soon as the previous response is read; a
+/// connection that closed instead is skipped at once).
+const READY_WAIT: Duration = Duration::from_millis(250);
+
+/// An idle connection and since when.
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// The idle connections to instances.
+pub struct Upstreams {
+    idle: Mutex<HashMap<SocketAddrV4, Vec<Idle>>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// A connection for one request.
+pub struct Upstream {
+    /// Where requests go.
+    pub sender: SendRequest<ProxyBody>,
+    /// It served requests before (a failure to send on it is retried once
+    /// on a new connection: the instance may have closed it meanwhile).
+    pub reused: bool,
+}
+
+impl Upstreams {
+    /// At most `max_idle` idle connections per instance, each closed after
+    /// `idle_timeout` unused.
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::default(),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// A connection to `addr`: an idle one, unless `fresh`, or a new one
+    /// (dialed through the mesh within `timeout`).
+    pub async fn get(
+        &self,
+        addr: SocketAddrV4,
+        dialer: &dyn Dialer,
+        timeout: Duration,
+        fresh: bool,
+        stats: &GatewayStats,
+    ) -> io::Result<Upstream> {
+        if !fresh {
+            if let Some(sender) = self.take_idle(addr).await {
+                stats.upstream_reused.fetch_add(1, Relaxed);
+                return Ok(Upstream {
+                    sender,
+                    reused: true,
+                });
+            }
+        }
+        let stream = dialer.dial(addr, timeout).await?;
+        stats.upstream_opened.fetch_add(1, Relaxed);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Upstream {
+            sender,
+            reused: false,
+        })
+    }
+
+    /// The most recently used idle connection to `addr` that is still open
+    /// and ready (the others are closed on the way).
+    async fn take_idle(&self, addr: SocketAddrV4) -> Option<SendRequest<ProxyBody>> {
+        loop {
+            let idle = self.idle.lock().get_mut(&addr).and_then(Vec::pop)?;
+            let mut sender = idle.sender;
+            if sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Keeps `sender` (its response is done) for the next request to
+    /// `addr`, unless the instance's idle connections are at the bound.
+    pub fn put(&self, addr: SocketAddrV4, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the connections idle for `idle_timeout` or closed by their
+    /// instance; returns how many idle connections are left.
+    pub fn sweep(&self) -> usize {
+        let mut idle = self.idle.lock();
+        idle.retain(|_, list| {
+            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout);
+            !list.is_empty()
+        });
+        idle.values().map(Vec::len).sum()
+    }
+
+    /// How often [`Upstreams::sweep`] should run.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}

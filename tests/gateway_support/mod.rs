@@ -1,0 +1,55 @@
+//! What the gateway's end-to-end tests share: the test CA and wildcard
+//! certificate, the python3 backend and client scripts, and shell helpers.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::dataplane_support::{must, run};
+
+/// The service domain of the tests' groups.
+pub const DOMAIN: &str = "apps.ist-mesh.internal";
+
+/// A script of this folder.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/gateway_support")
+        .join(name)
+}
+
+/// `sh -c script` inside `ns`.
+pub fn sh(ns: &str, script: &str) -> Output {
+    run("ip", &["netns", "exec", ns, "sh", "-c", script])
+}
+
+/// Standard output as text.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A test CA and a wildcard certificate for the service domain: the CA,
+/// the certificate and its key, in `dir`.
+pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:*.{DOMAIN}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=ist-test-ca 2>/dev/null; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout gw.key -out gw.csr -subj '/CN=*.{DOMAIN}' 2>/dev/null; \
+         openssl x509 -req -in gw.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out gw.pem -days 2 -extfile ext.cnf 2>/dev/null"
+    );
+    must("sh", &["-c", &script]);
+    (dir.join("ca.pem"), dir.join("gw.pem"), dir.join("gw.key"))
+}
+
+/// A counter's value in Prometheus text (0 if absent).
+pub fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
