@@ -1,13 +1,22 @@
-//! The shared state of a running keyserver: the [`Registry`] and its
-//! [`Store`] under one lock, and one push channel per network.
+//! The shared state of a running keyserver: the writer's [`Registry`] and
+//! its [`Store`] under one lock, the readers' registry, and one push channel
+//! per network.
 //!
-//! Every mutation runs as: lock, registry operation (validates, changes
-//! memory), store commit (atomic, durable), publish the change's frame to the
-//! network's channel — all under the lock, so pushes leave in generation
-//! order. A failed commit reloads the registry from the store, so memory never
-//! runs ahead of disk (if even the reload fails, changes are refused until
-//! one succeeds). [`Shared::readiness`] probes the store for `/readyz`. The frame of a change is encoded once and the same
-//! bytes go to every subscriber: work per change is O(members affected).
+//! Every mutation runs as: writer lock, registry operation (validates,
+//! changes the writer's memory, returns the records to write and the changes
+//! to push), store commit (atomic, durable), then — under the readers'
+//! registry's write lock, held for microseconds — the same records applied
+//! to the readers' registry and the changes published to the network's
+//! channel, so pushes leave in generation order and a reader that
+//! subscribes misses none. Readers (admin GETs, `GetMap`, catch-up from the
+//! change log, metrics) only take the readers' lock: they never wait for a
+//! store commit, however slow (an etcd leader election takes seconds), and
+//! never see a change the store has not taken. A failed commit puts the
+//! writer's memory back (or reloads it from the store), so memory never runs
+//! ahead of disk (if even the reload fails, changes are refused until one
+//! succeeds). [`Shared::readiness`] probes the store for `/readyz`. The
+//! frame of a change is encoded once and the same bytes go to every
+//! subscriber: work per change is O(members affected).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
 use meshlib::proto::{self, ServerMsg};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::registry::{Change, Lifecycle, Records, Registry, StoreOp};
@@ -130,7 +139,7 @@ pub enum OpError<E> {
     Store(#[from] StoreError),
 }
 
-/// Registry + store under one lock.
+/// The writer's registry + the store, under one lock.
 struct Core {
     reg: Registry,
     store: Box<dyn Store>,
@@ -146,6 +155,9 @@ const PROBE_REUSE: Duration = Duration::from_secs(1);
 /// The state every driver task shares.
 pub struct Shared {
     core: Mutex<Core>,
+    /// The readers' registry: what the store holds, as of the last commit
+    /// (see the module docs).
+    view: RwLock<Registry>,
     hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
     /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
     seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
@@ -209,6 +221,7 @@ impl Shared {
         now: SystemTime,
     ) -> Result<(Self, Vec<String>), StoreError> {
         let records = store.load()?;
+        let (view, _) = Self::build(records.clone(), &limits, now);
         let (reg, warnings) = Self::build(records, &limits, now);
         let max_ops = store.max_ops();
         let shared = Self {
@@ -217,6 +230,7 @@ impl Shared {
                 store,
                 stale: false,
             }),
+            view: RwLock::new(view),
             hubs: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashSet::new()),
@@ -248,9 +262,11 @@ impl Shared {
         (reg, warnings)
     }
 
-    /// Reads the registry.
+    /// Reads the registry as of the last commit. Never waits for a store
+    /// commit (only for the microseconds a committed change takes to be
+    /// applied to it).
     pub fn read<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
-        f(&self.core.lock().reg)
+        f(&self.view.read())
     }
 
     /// Runs one mutation: `f` changes the registry and returns its result,
@@ -304,8 +320,14 @@ impl Shared {
                     return Err(OpError::Store(e));
                 }
             }
-            for change in changes {
-                self.publish(change);
+            if !ops.is_empty() {
+                let mut view = self.view.write();
+                for w in view.apply(&ops) {
+                    tracing::warn!("readers' registry: {w}");
+                }
+                for change in changes {
+                    self.publish(change);
+                }
             }
             let extra = after(&core.reg, &value, self);
             return Ok((value, extra));
@@ -350,9 +372,13 @@ impl Shared {
                     for w in core.reg.apply(&ops) {
                         tracing::warn!("skipped a record from another replica: {w}");
                     }
+                    let mut view = self.view.write();
+                    // The same records as above: the same warnings.
+                    let _same = view.apply(&ops);
                     for change in crate::registry::changes_of(&ops) {
                         self.publish(change);
                     }
+                    drop(view);
                     for op in &ops {
                         if let StoreOp::DeleteNetwork(n) = op {
                             self.forget_network(*n);
@@ -632,7 +658,9 @@ impl Shared {
     fn reload(&self, core: &mut Core) -> Result<(), StoreError> {
         match core.store.load() {
             Ok(records) => {
-                core.reg = Self::build(records, &self.limits, SystemTime::now()).0;
+                let now = SystemTime::now();
+                *self.view.write() = Self::build(records.clone(), &self.limits, now).0;
+                core.reg = Self::build(records, &self.limits, now).0;
                 core.stale = false;
                 // Sessions catch up from the new state at their next push.
                 self.hubs.lock().clear();
@@ -735,14 +763,15 @@ impl Shared {
             .subscribe()
     }
 
-    /// Runs `f` under the registry lock and subscribes at the same instant.
+    /// Reads the registry and subscribes at the same instant (no push is
+    /// published between the two).
     pub fn subscribe_at<T>(
         &self,
         network: NetworkId,
         f: impl FnOnce(&Registry) -> T,
     ) -> (T, broadcast::Receiver<Push>) {
-        let core = self.core.lock();
-        let value = f(&core.reg);
+        let view = self.view.read();
+        let value = f(&view);
         (value, self.subscribe(network))
     }
 

@@ -336,7 +336,20 @@ async fn traffic_reports_make_the_service_graph_and_bad_ones_change_nothing() {
         s.core().is_caught_up()
     })
     .await;
-    let m = metrics(&h).await;
+    // `is_caught_up` may hold before the report is handled: wait for the
+    // count (bounded), then check it is exactly one.
+    let mut m = metrics(&h).await;
+    for _ in 0..100 {
+        let counted = m.lines().any(|l| {
+            l.strip_prefix("keyserver_traffic_dropped_total{reason=\"malformed\"} ")
+                .is_some_and(|v| v.trim() != "0")
+        });
+        if counted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = metrics(&h).await;
+    }
     assert_eq!(
         series(&m, "keyserver_traffic_dropped_total{reason=\"malformed\"}"),
         1

@@ -165,6 +165,39 @@ impl EtcdCluster {
         }
     }
 
+    /// Index of the node that is the leader now (asked over each node's
+    /// HTTP gateway, `/v3/maintenance/status`), if one answers.
+    pub fn leader(&self) -> Option<usize> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(status) = http_post_json(n.client, "/v3/maintenance/status", "{}") else {
+                continue;
+            };
+            let me = status["header"]["member_id"].as_str().map(str::to_owned);
+            let leader = status["leader"].as_str().map(str::to_owned);
+            if me.is_some() && me == leader {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Freezes node `i` (SIGSTOP): its sockets stay open, nothing answers.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Thaws node `i` (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, sig: libc::c_int) {
+        if let Some(c) = &self.nodes[i].child {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
     /// Starts node `i` again on its data directory.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
@@ -204,4 +237,24 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+/// A JSON POST to `127.0.0.1:port` (HTTP/1.1, one connection), its JSON
+/// answer; `None` on any failure (1 s deadlines).
+fn http_post_json(port: u16, path: &str, body: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let (_, json) = text.split_once("\r\n\r\n")?;
+    serde_json::from_str(json.trim()).ok()
 }

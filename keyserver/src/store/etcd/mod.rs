@@ -414,24 +414,61 @@ impl EtcdStore {
     /// progress notification ahead of the events it covers, so
     /// [`Store::catch_up`] alone is not proof). The watch's own copies of
     /// these events are skipped later as known.
+    ///
+    /// A network's record names only its generation: the members,
+    /// quarantined addresses and service groups another replica wrote with
+    /// it are other keys. So for every network the batch touches, those
+    /// written since the network record this replica knows are read too:
+    /// learning a network's new generation without the member that came
+    /// with it would let this replica hand that member's address out again
+    /// (two members on one address, both stored).
     fn learn(&mut self, batch: &Batch, creates: bool, revision: i64) {
-        let mut reads: Vec<(String, Vec<u8>, Vec<u8>)> = batch
+        let mut reads: Vec<(String, Vec<u8>, Vec<u8>, i64)> = batch
             .puts
             .keys()
-            .map(|k| (k.clone(), self.full(k), vec![]))
+            .map(|k| (k.clone(), self.full(k), vec![], 0))
             .collect();
         if creates {
             let all = self.full("networks/");
             let end = keys::prefix_end(&all);
-            reads.push((String::new(), all, end));
+            reads.push((String::new(), all, end, 0));
+        }
+        let networks: std::collections::BTreeSet<&str> = batch
+            .puts
+            .keys()
+            .filter_map(|k| {
+                let mut parts = k.split('/');
+                match (parts.next(), parts.next()) {
+                    (Some("networks" | "members" | "log" | "services" | "quarantine"), Some(u))
+                        if !u.is_empty() =>
+                    {
+                        Some(u)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for uuid in networks {
+            // Every write that moves addresses moves the network's
+            // generation too: what this replica applied of the network
+            // record bounds what it has seen of the rest (the watch's
+            // revision does not: a progress notification may run ahead
+            // of the events it covers).
+            let since = self.rev_of(&format!("networks/{uuid}")) + 1;
+            for table in ["members", "quarantine", "services"] {
+                let prefix = self.full(&format!("{table}/{uuid}/"));
+                let end = keys::prefix_end(&prefix);
+                reads.push((String::new(), prefix, end, since));
+            }
         }
         let mut found = Vec::new();
-        for (rel, key, range_end) in reads {
+        for (rel, key, range_end, min_mod_revision) in reads {
             let single = range_end.is_empty();
             let req = pb::RangeRequest {
                 key: key.clone(),
                 range_end,
                 revision,
+                min_mod_revision,
                 ..Default::default()
             };
             let Ok(resp) = self.conn.range(req) else {
