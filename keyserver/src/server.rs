@@ -148,6 +148,18 @@ struct Core {
     stale: bool,
 }
 
+/// How many generations a shared snapshot may lag before it is encoded
+/// again: a joiner gets it and one merged delta to the present (see
+/// [`Shared::map_replies`]).
+const SNAPSHOT_REUSE: u64 = 64;
+
+/// A network's map, encoded once and shared by the members that need it.
+#[derive(Debug)]
+struct SharedSnapshot {
+    generation: u64,
+    frame: Arc<[u8]>,
+}
+
 /// How long a readiness answer is reused: `/readyz` polled by several
 /// monitors must not turn into a stream of store writes.
 const PROBE_REUSE: Duration = Duration::from_secs(1);
@@ -191,6 +203,9 @@ pub struct Shared {
     hooks: OnceLock<Arc<dyn crate::hooks::HookRunner>>,
     /// Members' latest traffic reports (memory only).
     traffic: Mutex<crate::traffic::TrafficBook>,
+    /// The last encoded snapshot of each network (see
+    /// [`Shared::map_replies`]).
+    snapshots: Mutex<HashMap<NetworkId, Arc<SharedSnapshot>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -246,6 +261,7 @@ impl Shared {
             relay_metrics: OnceLock::new(),
             hooks: OnceLock::new(),
             traffic: Mutex::new(Default::default()),
+            snapshots: Mutex::new(HashMap::new()),
         };
         shared.metrics.started.store(
             crate::registry::unix(now),
@@ -664,6 +680,7 @@ impl Shared {
                 core.stale = false;
                 // Sessions catch up from the new state at their next push.
                 self.hubs.lock().clear();
+                self.snapshots.lock().clear();
                 // Memory-only notes went with the old registry.
                 self.confirmed.lock().clear();
                 Ok(())
@@ -703,6 +720,72 @@ impl Shared {
     /// what is buffered, then see it closed).
     pub fn forget_network(&self, network: NetworkId) {
         self.hubs.lock().remove(&network);
+        self.snapshots.lock().remove(&network);
+    }
+
+    /// What brings a member of protocol version 4 or later from nothing to
+    /// the network's current map, and the generation it ends at. The
+    /// network's snapshot is encoded once per generation and the same
+    /// bytes go to every member that needs it at that generation. With
+    /// `lag` (a `GetMap`), a shared snapshot up to [`SNAPSHOT_REUSE`]
+    /// generations old is sent with one merged delta to the present, so
+    /// members asking for their map during a join storm cost O(changes)
+    /// each rather than O(members); without (a join, whose first map must
+    /// already hold the joiner), only a snapshot of the current generation.
+    /// `None` for an unknown network.
+    pub fn map_replies(
+        &self,
+        network: NetworkId,
+        lag: bool,
+    ) -> Option<(u64, Vec<crate::session::Reply>)> {
+        use crate::registry::Catchup;
+        use crate::session::Reply;
+        let view = self.view.read();
+        let now = view.network(network)?.generation;
+        let reuse = if lag { SNAPSHOT_REUSE } else { 0 };
+        let cached = self.snapshots.lock().get(&network).cloned();
+        if let Some(c) = cached.filter(|c| c.generation <= now && now - c.generation <= reuse) {
+            match view.catchup(network, c.generation) {
+                Some(Catchup::UpToDate) => {
+                    return Some((now, vec![Reply::Frame(c.frame.clone())]));
+                }
+                Some(Catchup::Delta(d)) => {
+                    let to = d.to;
+                    return Some((
+                        to,
+                        vec![
+                            Reply::Frame(c.frame.clone()),
+                            Reply::Msg(ServerMsg::Delta(d)),
+                        ],
+                    ));
+                }
+                // The log no longer reaches back to it.
+                Some(Catchup::Snapshot(_)) | None => {}
+            }
+        }
+        let map = view.snapshot(network)?;
+        drop(view);
+        let generation = map.generation;
+        let msg = ServerMsg::Snapshot(map);
+        let Ok(frame) = proto::encode_frame(&msg, self.limits.max_frame) else {
+            // Too large to send: the writer reports it.
+            return Some((generation, vec![Reply::Msg(msg)]));
+        };
+        let frame: Arc<[u8]> = frame.into();
+        let mut snapshots = self.snapshots.lock();
+        let slot = snapshots.entry(network).or_insert_with(|| {
+            Arc::new(SharedSnapshot {
+                generation,
+                frame: frame.clone(),
+            })
+        });
+        if slot.generation < generation {
+            *slot = Arc::new(SharedSnapshot {
+                generation,
+                frame: frame.clone(),
+            });
+        }
+        Some((generation, vec![Reply::Frame(frame)]))
     }
 
     /// Forgets expired and used-up tokens; returns how many. Blocking.
@@ -948,6 +1031,141 @@ mod tests {
             }
             self.inner.commit(ops)
         }
+    }
+
+    /// A member's map (`GetMap`): one encoded snapshot per network shared
+    /// (the same bytes), plus a merged delta to the present; the two
+    /// together are exactly the registry's map. Past [`SNAPSHOT_REUSE`]
+    /// generations a new snapshot is encoded. A joiner gets only a
+    /// snapshot of the present, shared at that generation.
+    #[test]
+    fn joiners_share_one_encoded_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+        let now = SystemTime::now();
+        let (shared, _) = Shared::new(Box::new(store), Limits::default(), [0; 32], now).unwrap();
+        let (net, ()) = shared
+            .mutate(
+                |r| {
+                    r.create_network("prod", meshlib::ipam::DEFAULT_RANGE, now)
+                        .map(|(n, ops)| (n, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        shared
+            .mutate(
+                |r| {
+                    r.create_token(
+                        net.id,
+                        &[1; 32],
+                        500,
+                        Duration::from_secs(60),
+                        None,
+                        None,
+                        now,
+                    )
+                    .map(|(t, ops)| (t, ops, vec![]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+        let join = |shared: &Shared| {
+            let req = JoinRequest {
+                network: net.id,
+                token_secret: [1; 32],
+                public_key: PrivateKey::generate().public_key(),
+                service: "api".into(),
+                app_id: None,
+                process_type: Default::default(),
+                instance: None,
+                runner: "r".into(),
+                ports: vec![],
+                endpoints: vec![],
+                service_groups: vec![],
+                publish: vec![],
+                replace: false,
+                ephemeral: false,
+            };
+            shared
+                .mutate(
+                    |r| {
+                        let j =
+                            r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
+                        Ok::<_, crate::registry::ProtoOpError>((j.generation, j.ops, j.changes))
+                    },
+                    |_, _, _| (),
+                )
+                .unwrap()
+                .0
+        };
+        let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
+        // The map a member ends with after the replies.
+        let replay = |replies: &[crate::session::Reply]| {
+            let mut map = None::<meshlib::netmap::NetworkMap>;
+            for r in replies {
+                let msg = match r {
+                    crate::session::Reply::Frame(f) => decode(f),
+                    crate::session::Reply::Msg(m) => m.clone(),
+                };
+                match msg {
+                    ServerMsg::Snapshot(m) => map = Some(m),
+                    ServerMsg::Delta(d) => map.as_mut().unwrap().apply(&d).unwrap(),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            map.unwrap()
+        };
+        for _ in 0..10 {
+            join(&shared);
+        }
+        let (g1, first) = shared.map_replies(net.id, true).unwrap();
+        assert_eq!(g1, 10);
+        assert_eq!(first.len(), 1, "a fresh snapshot alone");
+        let shared_frame = match &first[0] {
+            crate::session::Reply::Frame(f) => f.clone(),
+            _ => panic!("an encoded frame"),
+        };
+        for i in 1..=SNAPSHOT_REUSE {
+            let g = join(&shared);
+            let (to, replies) = shared.map_replies(net.id, true).unwrap();
+            assert_eq!((to, replies.len()), (g, 2), "join {i}: snapshot and delta");
+            match &replies[0] {
+                crate::session::Reply::Frame(f) => {
+                    assert!(Arc::ptr_eq(f, &shared_frame), "the same bytes")
+                }
+                _ => panic!("an encoded frame"),
+            }
+            let want = shared.read(|r| r.snapshot(net.id)).unwrap();
+            assert_eq!(replay(&replies), want);
+        }
+        // One generation too many: encoded again, and shared from then on.
+        join(&shared);
+        let (_, replies) = shared.map_replies(net.id, true).unwrap();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            replay(&replies),
+            shared.read(|r| r.snapshot(net.id)).unwrap()
+        );
+        assert_eq!(replay(&replies).members.len(), 11 + SNAPSHOT_REUSE as usize);
+        // A joiner: the present only, the same bytes at the same generation.
+        let (g, a) = shared.map_replies(net.id, false).unwrap();
+        let (_, b) = shared.map_replies(net.id, false).unwrap();
+        assert_eq!((a.len(), b.len()), (1, 1));
+        match (&a[0], &b[0]) {
+            (crate::session::Reply::Frame(x), crate::session::Reply::Frame(y)) => {
+                assert!(Arc::ptr_eq(x, y))
+            }
+            _ => panic!("encoded frames"),
+        }
+        join(&shared);
+        let (g2, c) = shared.map_replies(net.id, false).unwrap();
+        assert_eq!(
+            (g2, c.len()),
+            (g + 1, 1),
+            "never a stale snapshot for a joiner"
+        );
+        assert_eq!(replay(&c), shared.read(|r| r.snapshot(net.id)).unwrap());
     }
 
     #[test]

@@ -214,12 +214,12 @@ impl StreamSession {
                             let open = shared.is_online(req.network, &req.public_key);
                             let j = reg.join(&req, observed, &credential, open, now)?;
                             let (ops, changes) = (j.ops.clone(), j.changes.clone());
-                            let generation = j.map.generation;
+                            let generation = j.generation;
                             Ok(((j, generation), ops, changes))
                         },
                         |_, (j, _), sh| {
                             let key = j.member.public_key;
-                            (sh.subscribe(j.map.network), sh.online(j.map.network, key))
+                            (sh.subscribe(j.network), sh.online(j.network, key))
                         },
                     )
                     .map_err(op_fatal)?;
@@ -228,12 +228,16 @@ impl StreamSession {
                     .joins
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if joined.rejoined {
-                    tracing::info!(network = %joined.map.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
+                    tracing::info!(network = %joined.network, member = %joined.member.public_key, "retried join: membership given back with a new credential");
                 }
                 if let Some(old) = joined.replaced {
-                    tracing::info!(network = %joined.map.network, instance = %joined.member.instance, old = %old, new = %joined.member.public_key, "slot taken over by a new key");
+                    tracing::info!(network = %joined.network, instance = %joined.member.instance, old = %old, new = %joined.member.public_key, "slot taken over by a new key");
                 }
-                let network = joined.map.network;
+                let network = joined.network;
+                // The network's map, at least as new as the join (encoded
+                // once per generation, shared).
+                let (sent, map) = Self::map_for(shared, network, hello.version, false)
+                    .ok_or_else(Self::revoked)?;
                 let welcome = welcome_of(
                     &joined.member,
                     network,
@@ -247,16 +251,14 @@ impl StreamSession {
                     version: hello.version,
                     key: joined.member.public_key,
                     instance: joined.member.instance.clone(),
-                    sent: generation,
+                    sent: sent.max(generation),
                     observed,
                     advertised,
                     closed: false,
                     _open: open,
                 };
-                let replies = vec![
-                    Reply::Msg(ServerMsg::Welcome(welcome)),
-                    Reply::Msg(ServerMsg::Snapshot(joined.map)),
-                ];
+                let mut replies = vec![Reply::Msg(ServerMsg::Welcome(welcome))];
+                replies.extend(map);
                 Ok((s, replies, pushes))
             }
             Request::Resume(req) => {
@@ -329,6 +331,23 @@ impl StreamSession {
                 Some(Reply::Msg(ServerMsg::Snapshot(map)))
             }
         }
+    }
+
+    /// The replies that give a member its network's current map, and the
+    /// generation they end at: the shared snapshot (with `lag`, perhaps a
+    /// delta) for protocol version 4 and later ([`Shared::map_replies`]), a
+    /// snapshot of its own for older members.
+    fn map_for(
+        shared: &Shared,
+        network: NetworkId,
+        version: u16,
+        lag: bool,
+    ) -> Option<(u64, Vec<Reply>)> {
+        if version >= 4 {
+            return shared.map_replies(network, lag);
+        }
+        let map = shared.read(|r| r.snapshot(network))?;
+        Some((map.generation, vec![Reply::Msg(ServerMsg::Snapshot(map))]))
     }
 
     fn revoked() -> Fatal {
@@ -434,10 +453,10 @@ impl StreamSession {
                 code: ErrorCode::Forbidden,
                 message: format!("not a member of network {other}"),
             })),
-            ClientMsg::GetMap(_) => match shared.read(|r| r.snapshot(net)) {
-                Some(map) => {
-                    self.sent = map.generation;
-                    reply(ServerMsg::Snapshot(map))
+            ClientMsg::GetMap(_) => match Self::map_for(shared, net, self.version, true) {
+                Some((generation, replies)) => {
+                    self.sent = generation;
+                    Ok((replies, Next::Continue))
                 }
                 None => Err(Self::revoked()),
             },

@@ -613,7 +613,8 @@ impl Registry {
             change
         });
         Ok(Joined {
-            map: net.snapshot(),
+            network: net.rec.id,
+            generation: net.rec.generation,
             member,
             changes: change.into_iter().collect(),
             replaced: None,

@@ -290,8 +290,15 @@ pub enum Catchup {
 pub struct Joined {
     /// The new member.
     pub member: Member,
-    /// The map including the new member.
-    pub map: NetworkMap,
+    /// The member's network.
+    pub network: NetworkId,
+    /// The network's generation after the join (the map the joiner must
+    /// start from; [`Registry::snapshot`] builds it, and the server shares
+    /// one encoded snapshot per network and generation rather than build
+    /// one per join).
+    ///
+    /// [`Registry::snapshot`]: super::Registry::snapshot
+    pub generation: u64,
     /// The changes to push, in order: an offline member the join reclaimed
     /// (pushed as its expiry), then the join itself (a takeover removes the
     /// slot's old key in the same delta). Empty for a retried join that

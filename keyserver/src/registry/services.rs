@@ -598,7 +598,7 @@ mod tests {
         let owned = groups.iter().find(|r| !r.group.persistent()).unwrap();
         assert_eq!(owned.group.owner.as_ref().unwrap().as_str(), "web-1");
         assert!(owned.group.name.as_str().starts_with("web-1-"));
-        assert_eq!(j.map.services.len(), 2);
+        assert_eq!(reg.snapshot(j.network).unwrap().services.len(), 2);
         // The instance leaves: its group goes, it is detached from the other.
         let (change, ops) = reg.remove_member(net, "web-1", now()).unwrap();
         assert!(ops

@@ -239,7 +239,7 @@ impl Registry {
             services::apply_takeover(net, input.plan, &member.instance, input.now);
         changes.extend(service_changes);
         let (change, net_op) = net.record(changes, Some(old), log_cap);
-        let map = net.snapshot();
+        let (network, generation) = (net.rec.id, net.rec.generation);
         let mut ops = vec![
             StoreOp::DeleteMember(req.network, old),
             StoreOp::PutMember(rec),
@@ -249,7 +249,8 @@ impl Registry {
         ops.extend(service_ops);
         Joined {
             member,
-            map,
+            network,
+            generation,
             changes: vec![change],
             replaced: Some(old),
             rejoined: false,
@@ -367,7 +368,7 @@ impl Registry {
         delta.extend(service_changes);
         let (change, net_op) = net.record(delta, None, log_cap);
         changes.push(change);
-        let map = net.snapshot();
+        let (network, generation) = (net.rec.id, net.rec.generation);
         ops.push(StoreOp::PutMember(rec));
         ops.push(StoreOp::DeleteQuarantine(req.network, ip));
         ops.extend(self.use_token(&input.token_hash));
@@ -375,7 +376,8 @@ impl Registry {
         ops.extend(service_ops);
         Ok(Joined {
             member,
-            map,
+            network,
+            generation,
             changes,
             replaced: None,
             rejoined: false,
