@@ -296,8 +296,17 @@ fn step(name: &str, t: Instant) {
     eprintln!("== {name}: {:.2} s", t.elapsed().as_secs_f64());
 }
 
+/// These tests load the gateway on purpose (thousands of idle
+/// connections, 20,000 requests): run one at a time, so one test's load is
+/// not another's dial timeouts on a two-core machine.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn gateway_closes_idle_connections_and_keeps_budgets() {
+    let _one = one_at_a_time();
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
@@ -373,6 +382,7 @@ fn gateway_closes_idle_connections_and_keeps_budgets() {
 
 #[test]
 fn gateway_reuses_upstream_connections_under_load() {
+    let _one = one_at_a_time();
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
@@ -423,6 +433,7 @@ fn gateway_reuses_upstream_connections_under_load() {
 
 #[test]
 fn gateway_speaks_tls_1_2_and_1_3() {
+    let _one = one_at_a_time();
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
