@@ -395,6 +395,11 @@ impl Keyserver {
             }
             advertise.push(local);
         }
+        // Announced at once (tokens name every replica), again below with
+        // the relay once it is bound.
+        if let Some(c) = self.shared.cluster() {
+            c.register(advertise.clone(), None, None);
+        }
         self.shared.set_hook_runner(Arc::new(hooks::Runner::new(
             self.allow_wake_commands,
             self.shared.metrics.hooks.clone(),

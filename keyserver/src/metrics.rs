@@ -97,6 +97,11 @@ pub struct Metrics {
     store_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Batches of records applied from other replicas.
     pub remote_batches: AtomicU64,
+    /// Store commits that succeeded.
+    commits: AtomicU64,
+    /// Operations those commits held (more than one per commit when
+    /// grouped).
+    committed_operations: AtomicU64,
     /// When the process started (Unix seconds).
     pub started: AtomicU64,
     /// Wake requests from members, by result (`started`, `already_waking`,
@@ -207,6 +212,13 @@ impl Metrics {
         out
     }
 
+    /// Counts a successful store commit of `operations` operations.
+    pub fn commit_group(&self, operations: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.committed_operations
+            .fetch_add(operations as u64, Ordering::Relaxed);
+    }
+
     /// Counts a failed store commit.
     pub fn store_error(&self, e: &crate::store::StoreError) {
         use crate::store::StoreError;
@@ -266,6 +278,16 @@ impl Metrics {
             &mut out,
             "keyserver_store_commit_seconds",
             "Store commit time.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_store_commits_total Store commits that succeeded.\n# TYPE keyserver_store_commits_total counter\nkeyserver_store_commits_total {}",
+            self.commits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keyserver_store_committed_operations_total Operations those commits held (a commit holds every operation run while the previous one was written).\n# TYPE keyserver_store_committed_operations_total counter\nkeyserver_store_committed_operations_total {}",
+            self.committed_operations.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP keyserver_store_errors_total Failed store commits, by kind.\n# TYPE keyserver_store_errors_total counter");
         for kind in ["conflict", "unavailable", "too_large", "other"] {

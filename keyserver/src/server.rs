@@ -139,13 +139,44 @@ pub enum OpError<E> {
     Store(#[from] StoreError),
 }
 
-/// The writer's registry + the store, under one lock.
+/// The writer's registry, under the writer's lock.
 struct Core {
     reg: Registry,
-    store: Box<dyn Store>,
     /// A commit failed and reloading from the store failed too: memory may
     /// hold what the store does not, so the next operation reloads first.
     stale: bool,
+}
+
+/// The store, under the commit lock. Lock order: commit lock, then the
+/// writer's lock, then the readers' registry, then the push channels.
+struct Committer {
+    store: Box<dyn Store>,
+}
+
+/// How a queued operation's commit ended (filled by whoever committed its
+/// group).
+type Outcome = Arc<Mutex<Option<Result<(), StoreError>>>>;
+
+/// Operations run on the writer's registry and not committed yet, in
+/// order: the next group (embedded store only).
+#[derive(Default)]
+struct Pending {
+    batches: Vec<(Vec<StoreOp>, Vec<Change>, Outcome)>,
+}
+
+/// The same failure again, for another operation of a failed group.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict { revision } => StoreError::Conflict {
+            revision: *revision,
+        },
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::TooLarge { ops, max } => StoreError::TooLarge {
+            ops: *ops,
+            max: *max,
+        },
+        other => StoreError::Db(other.to_string()),
+    }
 }
 
 /// How many generations a shared snapshot may lag before it is encoded
@@ -167,6 +198,10 @@ const PROBE_REUSE: Duration = Duration::from_secs(1);
 /// The state every driver task shares.
 pub struct Shared {
     core: Mutex<Core>,
+    /// The store (the commit lock).
+    committer: Mutex<Committer>,
+    /// The next commit group (see [`Shared::mutate`]).
+    pending: Mutex<Pending>,
     /// The readers' registry: what the store holds, as of the last commit
     /// (see the module docs).
     view: RwLock<Registry>,
@@ -240,11 +275,9 @@ impl Shared {
         let (reg, warnings) = Self::build(records, &limits, now);
         let max_ops = store.max_ops();
         let shared = Self {
-            core: Mutex::new(Core {
-                reg,
-                store,
-                stale: false,
-            }),
+            core: Mutex::new(Core { reg, stale: false }),
+            committer: Mutex::new(Committer { store }),
+            pending: Mutex::new(Pending::default()),
             view: RwLock::new(view),
             hubs: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -285,11 +318,22 @@ impl Shared {
         f(&self.view.read())
     }
 
-    /// Runs one mutation: `f` changes the registry and returns its result,
-    /// the writes and the changes to push; the writes (with the change-log
-    /// entries of the changes) are committed, then the changes published.
-    /// `after` runs under the same lock once everything succeeded (to
-    /// subscribe without missing a push).
+    /// Runs one mutation: `f` changes the writer's registry and returns its
+    /// result, the writes and the changes to push; the writes (with the
+    /// change-log entries of the changes) are committed, then applied to the
+    /// readers' registry and the changes published. `after` runs once
+    /// on the writer's registry with no push published meanwhile (to
+    /// subscribe without missing one): on the embedded store right after
+    /// `f`, before the commit (its result is dropped if the commit fails);
+    /// on a shared store once everything succeeded.
+    ///
+    /// On the embedded store, commits are grouped: `f` runs under the
+    /// writer's lock, its writes join the pending group, and whoever takes
+    /// the commit lock next commits every pending write in one transaction
+    /// (one fsync), publishes in order and tells each operation; meanwhile
+    /// more operations run and fill the next group. A failed group puts the
+    /// writer's memory back (its writes and everything run on top of them)
+    /// and fails every operation in it and after it.
     ///
     /// On a shared store, changes other replicas made are applied first;
     /// if another replica changed the same records meanwhile, memory is put
@@ -297,27 +341,131 @@ impl Shared {
     /// most [`CONFLICT_TRIES`] times).
     pub fn mutate<T, E, R>(
         &self,
+        f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        after: impl FnOnce(&Registry, &T, &Self) -> R,
+    ) -> Result<(T, R), OpError<E>> {
+        if self.cluster.is_some() {
+            return self.mutate_shared(f, after);
+        }
+        self.mutate_grouped(f, after)
+    }
+
+    fn mutate_grouped<T, E, R>(
+        &self,
         mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
         after: impl FnOnce(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
         let mut core = self.core.lock();
         if core.stale {
-            self.reload(&mut core)?;
+            drop(core);
+            let mut c = self.committer.lock();
+            core = self.core.lock();
+            if core.stale {
+                self.reload(&mut core, &mut c)?;
+            }
+        }
+        let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
+        if !changes.is_empty() {
+            ops.extend(core.reg.log_ops(&changes));
+        }
+        // Under the writer's lock, before the commit: a session subscribes
+        // (its own change comes back as a push it skips) and is counted
+        // open before the next operation runs; if the commit fails, what
+        // `after` returned is dropped.
+        let extra = after(&core.reg, &value, self);
+        if ops.is_empty() {
+            return Ok((value, extra));
+        }
+        let outcome: Outcome = Arc::new(Mutex::new(None));
+        self.pending
+            .lock()
+            .batches
+            .push((ops, changes, outcome.clone()));
+        drop(core);
+        self.commit_pending(&outcome).map_err(OpError::Store)?;
+        Ok((value, extra))
+    }
+
+    /// Waits for the commit lock, then commits the pending group unless
+    /// another thread already committed the one holding `outcome`.
+    fn commit_pending(&self, outcome: &Outcome) -> Result<(), StoreError> {
+        let mut c = self.committer.lock();
+        // Bounded: the first pass commits every pending operation, ours
+        // included.
+        for _ in 0..2 {
+            if let Some(result) = outcome.lock().take() {
+                return result;
+            }
+            let batches = std::mem::take(&mut self.pending.lock().batches);
+            if batches.is_empty() {
+                break;
+            }
+            let ops: Vec<StoreOp> = batches.iter().flat_map(|b| b.0.iter().cloned()).collect();
+            let t0 = Instant::now();
+            let committed = c.store.commit(&ops);
+            self.metrics.store_latency.observe(t0.elapsed());
+            match committed {
+                Ok(()) => {
+                    self.metrics.commit_group(batches.len());
+                    let mut view = self.view.write();
+                    for (ops, changes, done) in batches {
+                        for w in view.apply(&ops) {
+                            tracing::warn!("readers' registry: {w}");
+                        }
+                        for change in changes {
+                            self.publish(change);
+                        }
+                        *done.lock() = Some(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.store_error(&e);
+                    tracing::error!(operations = batches.len(), "store commit failed: {e}");
+                    // Memory back: this group's writes and every operation
+                    // run on top of them since (they fail too).
+                    let mut core = self.core.lock();
+                    let later = std::mem::take(&mut self.pending.lock().batches);
+                    let mut all = ops;
+                    all.extend(later.iter().flat_map(|b| b.0.iter().cloned()));
+                    self.put_back(&mut core, &mut c, &all);
+                    drop(core);
+                    for (_, _, done) in batches.iter().chain(later.iter()) {
+                        *done.lock() = Some(Err(again(&e)));
+                    }
+                    *self.probe.lock() = None;
+                }
+            }
+        }
+        outcome
+            .lock()
+            .take()
+            .unwrap_or_else(|| Err(StoreError::Db("the operation was not committed".into())))
+    }
+
+    fn mutate_shared<T, E, R>(
+        &self,
+        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        after: impl FnOnce(&Registry, &T, &Self) -> R,
+    ) -> Result<(T, R), OpError<E>> {
+        let mut c = self.committer.lock();
+        let mut core = self.core.lock();
+        if core.stale {
+            self.reload(&mut core, &mut c)?;
         }
         let mut tries = 0;
         loop {
-            self.sync_locked(&mut core);
+            self.sync_locked(&mut core, &mut c);
             let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
             if !changes.is_empty() {
                 ops.extend(core.reg.log_ops(&changes));
             }
             if !ops.is_empty() {
                 let t0 = Instant::now();
-                let committed = core.store.commit(&ops);
+                let committed = c.store.commit(&ops);
                 self.metrics.store_latency.observe(t0.elapsed());
                 if let Err(e) = committed {
                     self.metrics.store_error(&e);
-                    self.put_back(&mut core, &ops);
+                    self.put_back(&mut core, &mut c, &ops);
                     if let StoreError::Conflict { revision } = e {
                         tries += 1;
                         if tries < CONFLICT_TRIES {
@@ -326,7 +474,7 @@ impl Shared {
                                 tries,
                                 "store conflict: running the operation again on fresh state"
                             );
-                            core.store.catch_up(revision)?;
+                            c.store.catch_up(revision)?;
                             continue;
                         }
                     } else {
@@ -335,8 +483,7 @@ impl Shared {
                     *self.probe.lock() = None;
                     return Err(OpError::Store(e));
                 }
-            }
-            if !ops.is_empty() {
+                self.metrics.commit_group(1);
                 let mut view = self.view.write();
                 for w in view.apply(&ops) {
                     tracing::warn!("readers' registry: {w}");
@@ -353,10 +500,10 @@ impl Shared {
     /// After a refused commit: memory back to what the store holds — the
     /// touched records as last committed, or (a store that cannot tell) a
     /// reload of everything.
-    fn put_back(&self, core: &mut Core, ops: &[StoreOp]) {
+    fn put_back(&self, core: &mut Core, c: &mut Committer, ops: &[StoreOp]) {
         // Memory-only notes may have gone with the records.
         self.confirmed.lock().clear();
-        match core.store.known(ops) {
+        match c.store.known(ops) {
             Some(back) => {
                 for w in core.reg.apply(&back) {
                     tracing::warn!("putting back a refused commit: {w}");
@@ -364,7 +511,7 @@ impl Shared {
             }
             None => {
                 tracing::error!("reloading the state from the store");
-                if let Err(again) = self.reload(core) {
+                if let Err(again) = self.reload(core, c) {
                     tracing::error!("{again}; changes are refused until the store can be read");
                 }
             }
@@ -374,12 +521,13 @@ impl Shared {
     /// Applies what other replicas committed (a shared store) and pushes
     /// their changes to this replica's members. Blocking (it may reload).
     pub fn sync(&self) {
+        let mut c = self.committer.lock();
         let mut core = self.core.lock();
-        self.sync_locked(&mut core);
+        self.sync_locked(&mut core, &mut c);
     }
 
-    fn sync_locked(&self, core: &mut Core) {
-        match core.store.remote() {
+    fn sync_locked(&self, core: &mut Core, c: &mut Committer) {
+        match c.store.remote() {
             Ok(batches) => {
                 self.metrics
                     .remote_batches
@@ -404,7 +552,7 @@ impl Shared {
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                if let Err(again) = self.reload(core) {
+                if let Err(again) = self.reload(core, c) {
                     tracing::error!("{again}; changes are refused until the store can be read");
                 }
             }
@@ -449,16 +597,16 @@ impl Shared {
                 let (changes, ops) = reg.delete_network(id, force, now)?;
                 Ok((changes.len(), ops, changes))
             },
-            |_, _, sh| sh.forget_network(id),
+            |_, _, _| (),
         )?;
+        self.forget_network(id);
         Ok(removed + n)
     }
 
     /// A consistent snapshot of every stored record (a read of the store
-    /// under the registry lock: no commit is half in it). Blocking.
+    /// under the commit lock: no commit is half in it). Blocking.
     pub fn backup(&self) -> Result<crate::backup::Backup, StoreError> {
-        let mut core = self.core.lock();
-        let records = core.store.load_snapshot()?;
+        let records = self.committer.lock().store.load_snapshot()?;
         Ok(crate::backup::Backup::of(
             records,
             crate::registry::unix(SystemTime::now()),
@@ -671,8 +819,8 @@ impl Shared {
     }
 
     /// Rebuilds the registry from the store; on failure marks it stale.
-    fn reload(&self, core: &mut Core) -> Result<(), StoreError> {
-        match core.store.load() {
+    fn reload(&self, core: &mut Core, c: &mut Committer) -> Result<(), StoreError> {
+        match c.store.load() {
             Ok(records) => {
                 let now = SystemTime::now();
                 *self.view.write() = Self::build(records.clone(), &self.limits, now).0;
@@ -702,14 +850,16 @@ impl Shared {
             }
         }
         let answer = {
+            let mut c = self.committer.lock();
             let mut core = self.core.lock();
             let reloaded = if core.stale {
-                self.reload(&mut core)
+                self.reload(&mut core, &mut c)
             } else {
                 Ok(())
             };
+            drop(core);
             reloaded
-                .and_then(|()| core.store.probe())
+                .and_then(|()| c.store.probe())
                 .map_err(|e| e.to_string())
         };
         *self.probe.lock() = Some((Instant::now(), answer.clone()));

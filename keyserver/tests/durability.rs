@@ -306,3 +306,143 @@ fn serve_reads_a_toml_file_and_env_overrides_it() {
         "{err}"
     );
 }
+
+/// A join storm into a real `keyserver serve`, killed (SIGKILL) while
+/// joins are in flight: every join that was answered is stored after the
+/// restart, with its address; no address is stored twice; the token's
+/// uses match the stored members. Commits are grouped while the storm
+/// runs (fewer commits than operations in `/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_group_keeps_every_answered_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().to_owned();
+    let server = spawn_server(&dir);
+    cli(&dir, &["network", "create", "prod"]);
+    let tok = cli(
+        &dir,
+        &[
+            "token",
+            "create",
+            "--network",
+            "prod",
+            "--uses",
+            "400",
+            "--expires",
+            "1h",
+        ],
+    );
+    let token: meshlib::proto::JoinToken = tok["token"].as_str().unwrap().parse().unwrap();
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let (token, answered, stop) = (token.clone(), answered.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let ep = client_endpoint();
+            let mut held = Vec::new();
+            // Bounded: at most 20 joins per task.
+            for _ in 0..20 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (_k, m) = meta("api");
+                let cfg = control::ClientConfig {
+                    connect_timeout: Duration::from_secs(2),
+                    ..control::ClientConfig::default()
+                };
+                let joined = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    control::join(&ep, &token, m, &cfg),
+                )
+                .await;
+                match joined {
+                    Ok(Ok(s)) => {
+                        let w = s.welcome();
+                        answered
+                            .lock()
+                            .unwrap()
+                            .push((s.membership().public_key.to_string(), w.ip.to_string()));
+                        held.push(s);
+                    }
+                    // The server is gone (an error, or no answer).
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+            held.len()
+        }));
+    }
+    // Let the storm run, then check grouping and kill mid-flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.lock().unwrap().len() < 120 {
+        assert!(Instant::now() < deadline, "the storm did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = std::fs::read_to_string(dir.join("api.url")).unwrap();
+    let metrics = reqwest_text(url.trim(), "/metrics").await;
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let (commits, operations) = (
+        counter("keyserver_store_commits_total"),
+        counter("keyserver_store_committed_operations_total"),
+    );
+    eprintln!("{operations} operations in {commits} commits");
+    assert!(
+        commits < operations,
+        "joins in flight together share commits: {operations} operations, {commits} commits"
+    );
+    drop(server); // SIGKILL with joins in flight
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let answered = answered.lock().unwrap().clone();
+    let _server = spawn_server(&dir);
+    let stored = cli(&dir, &["member", "list", "--network", "prod"]);
+    let stored: std::collections::HashMap<String, String> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["public_key"].as_str().unwrap().to_owned(),
+                m["ip"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (key, ip) in &answered {
+        assert_eq!(
+            stored.get(key),
+            Some(ip),
+            "an answered join was lost: {key}"
+        );
+    }
+    let ips: std::collections::HashSet<&String> = stored.values().collect();
+    assert_eq!(ips.len(), stored.len(), "an address stored twice");
+    let tokens = cli(&dir, &["token", "list", "--network", "prod"]);
+    assert_eq!(
+        tokens[0]["uses_left"].as_u64(),
+        Some(400 - stored.len() as u64),
+        "one token use per stored member"
+    );
+    eprintln!(
+        "{} joins answered, {} stored after the kill",
+        answered.len(),
+        stored.len()
+    );
+}
+
+/// The body of an unauthenticated GET.
+async fn reqwest_text(api: &str, path: &str) -> String {
+    let addr = api.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
