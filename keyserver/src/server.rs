@@ -1,14 +1,15 @@
-//! The shared state of a running keyserver: the writer's [`Registry`] and
-//! its [`Store`] under one lock, the readers' registry, and one push channel
-//! per network.
+//! The shared state of a running keyserver: the writer's [`Registry`]
+//! (under the writer's lock), its [`Store`] (under the commit lock), the
+//! readers' registry, and one push channel per network.
 //!
-//! Every mutation runs as: writer lock, registry operation (validates,
-//! changes the writer's memory, returns the records to write and the changes
-//! to push), store commit (atomic, durable), then — under the readers'
-//! registry's write lock, held for microseconds — the same records applied
-//! to the readers' registry and the changes published to the network's
-//! channel, so pushes leave in generation order and a reader that
-//! subscribes misses none. Readers (admin GETs, `GetMap`, catch-up from the
+//! Every mutation runs as: registry operation under the writer's lock
+//! (validates, changes the writer's memory, returns the records to write and
+//! the changes to push), store commit under the commit lock (atomic,
+//! durable; on the embedded store several operations share one commit, see
+//! [`Shared::mutate`]), then — under the readers' registry's write lock,
+//! held for microseconds — the same records applied to the readers'
+//! registry and the changes published to the network's channel, so pushes
+//! leave in generation order and a reader that subscribes misses none. Readers (admin GETs, `GetMap`, catch-up from the
 //! change log, metrics) only take the readers' lock: they never wait for a
 //! store commit, however slow (an etcd leader election takes seconds), and
 //! never see a change the store has not taken. A failed commit puts the
@@ -180,8 +181,8 @@ fn again(e: &StoreError) -> StoreError {
 }
 
 /// How many generations a shared snapshot may lag before it is encoded
-/// again: a joiner gets it and one merged delta to the present (see
-/// [`Shared::map_replies`]).
+/// again: a member asking for its map gets it and one merged delta to the
+/// present (see [`Shared::map_replies`]).
 const SNAPSHOT_REUSE: u64 = 64;
 
 /// A network's map, encoded once and shared by the members that need it.
