@@ -183,7 +183,7 @@ fn again(e: &StoreError) -> StoreError {
 /// How many generations a shared snapshot may lag before it is encoded
 /// again: a member asking for its map gets it and one merged delta to the
 /// present (see [`Shared::map_replies`]).
-const SNAPSHOT_REUSE: u64 = 64;
+pub const SNAPSHOT_REUSE: u64 = 64;
 
 /// A network's map, encoded once and shared by the members that need it.
 #[derive(Debug)]
