@@ -133,7 +133,8 @@ struct ServeArgs {
     /// embedded store in the data directory.
     #[arg(long, env = "KEYSERVER_STORE")]
     store: Option<String>,
-    /// UDP address of STUN and the relay, or `off`.
+    /// UDP address of STUN and the relay, or `off` [default: port 3478 on
+    /// the QUIC listen host].
     #[arg(long, env = "KEYSERVER_RELAY_LISTEN", value_parser = parse_relay_listen)]
     relay_listen: Option<Listen>,
     /// The relay address members are told.
