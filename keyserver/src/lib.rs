@@ -461,6 +461,7 @@ impl Keyserver {
             );
         }
         let _ = self.shared.advertise.set(advertise);
+        self.shared.check_relay();
         let router = http::router(
             self.shared.clone(),
             self.admin_token.clone(),
@@ -473,6 +474,21 @@ impl Keyserver {
             .feed
             .clone()
             .map(|feed| tokio::spawn(follow(self.shared.clone(), feed, wait(stop_rx.clone()))));
+        // With replicas the shared relay changes as replicas come and go:
+        // sessions tell their members (see `Shared::check_relay`).
+        let relay_task = self.shared.cluster().is_some().then(|| {
+            let (sh, stop) = (self.shared.clone(), wait(stop_rx.clone()));
+            tokio::spawn(async move {
+                tokio::pin!(stop);
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tick.tick() => sh.check_relay(),
+                    }
+                }
+            })
+        });
         let gc_task = self
             .token_gc
             .map(|every| tokio::spawn(collect_tokens(self.shared.clone(), every, wait(stop_rx))));
@@ -487,6 +503,9 @@ impl Keyserver {
             let _ = task.await;
         }
         if let Some(task) = follow_task {
+            let _ = task.await;
+        }
+        if let Some(task) = relay_task {
             let _ = task.await;
         }
         // Blocking store operations started by dropped sessions may still

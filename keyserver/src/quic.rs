@@ -433,8 +433,15 @@ where
             .await??;
     write(send, first, max).await?;
     let mut client = FrameReader::new(recv, max);
+    let mut relay = shared.watch_relay();
+    relay.borrow_and_update();
     loop {
         tokio::select! {
+            Ok(()) = relay.changed() => {
+                relay.borrow_and_update();
+                let replies = session.on_relay_change(shared);
+                write(send, replies, max).await?;
+            }
             push = pushes.recv() => {
                 let at = push.as_ref().ok().map(|p| p.at);
                 let replies = session.on_push(shared, push)?;

@@ -233,6 +233,10 @@ pub struct Shared {
     pub relay: OnceLock<crate::relay::RelaySettings>,
     /// The embedded relay's counters, when it runs.
     pub relay_metrics: OnceLock<Arc<crate::relay::RelayMetrics>>,
+    /// The relay members are told now (see [`Shared::relay_settings`]):
+    /// with replicas it changes as replicas come and go, and sessions
+    /// send their member the new one ([`Shared::watch_relay`]).
+    relay_now: tokio::sync::watch::Sender<Option<SocketAddr>>,
     /// Runs service-address hooks (wake, idle); set when serving starts
     /// ([`Shared::set_hook_runner`]). Unset, a hook is logged and counted
     /// as failed.
@@ -293,6 +297,7 @@ impl Shared {
             metrics: crate::metrics::Metrics::default(),
             relay: OnceLock::new(),
             relay_metrics: OnceLock::new(),
+            relay_now: tokio::sync::watch::channel(None).0,
             hooks: OnceLock::new(),
             traffic: Mutex::new(Default::default()),
             snapshots: Mutex::new(HashMap::new()),
@@ -798,6 +803,27 @@ impl Shared {
             }
         }
         Some(settings)
+    }
+
+    /// Follows the relay members are told (its UDP address): a session
+    /// sends its member a new ticket and relay when it changes.
+    pub fn watch_relay(&self) -> tokio::sync::watch::Receiver<Option<SocketAddr>> {
+        self.relay_now.subscribe()
+    }
+
+    /// Looks at the relay members should be told now and wakes the
+    /// sessions if it changed (replicas: another replica's relay became
+    /// the shared one). Cheap; called every half second while serving.
+    pub fn check_relay(&self) {
+        let now = self.relay_settings().and_then(|s| s.relay);
+        self.relay_now.send_if_modified(|seen| {
+            let changed = *seen != now;
+            if changed {
+                tracing::info!(relay = ?now, "members are told a new relay");
+                *seen = now;
+            }
+            changed
+        });
     }
 
     /// The replica set, when the store is shared.

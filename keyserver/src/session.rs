@@ -406,6 +406,26 @@ impl StreamSession {
         }
     }
 
+    /// The relay members are told changed (replicas): the member gets a
+    /// ticket for the new one, as if it had asked (`GetRelay`). Nothing
+    /// for a session that ended or a member that is gone (its stream ends
+    /// at the next push).
+    pub fn on_relay_change(&mut self, shared: &Shared) -> Vec<Reply> {
+        if self.closed {
+            return vec![];
+        }
+        let (net, key) = (self.network, self.key);
+        match (
+            shared.read(|r| r.member(net, &key).cloned()),
+            shared.relay_settings(),
+        ) {
+            (Some(m), Some(settings)) => vec![Reply::Msg(ServerMsg::Relay(
+                crate::relay::info_for(&settings, net, &m),
+            ))],
+            _ => vec![],
+        }
+    }
+
     /// One client message. `observed` is the client's address now (QUIC
     /// follows a client whose address changes, e.g. a NAT rebinding; the
     /// observed endpoint follows it).
