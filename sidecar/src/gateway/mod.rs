@@ -100,7 +100,9 @@ pub struct GatewayArgs {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
     /// Time a connect to an instance may take (health checks and traffic).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Longer than the kernel's first SYN retransmission (1 s), so one
+    /// SYN lost (a path being set up) does not mark an instance down.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
     /// Longest wait in a group's queue (all instances at their soft limit).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
