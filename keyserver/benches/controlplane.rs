@@ -18,6 +18,9 @@
 //! per join); and the registry's own CPU per join into a network of 1000
 //! members (the pure core, no I/O).
 //!
+//! `CP_BENCH_ONLY=joins` stops after the etcd scenarios (no 10,000-member
+//! run, no restarts).
+//!
 //! Then stateless restarts (issue 18; `CP_BENCH_ONLY=restarts` alone): one
 //! network of 1000 members, and 10,000 restarts of 10 ephemeral instances
 //! (each a graceful stop, then a new key joining as the same service, which
@@ -675,6 +678,9 @@ async fn main() -> anyhow::Result<()> {
 
     for ep in eps {
         ep.close(0u32.into(), b"done");
+    }
+    if std::env::var("CP_BENCH_ONLY").as_deref() == Ok("joins") {
+        return Ok(());
     }
     scale_scenario(quick, &mut next_id).await?;
     restarts_scenario(quick, &mut next_id).await

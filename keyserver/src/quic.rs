@@ -8,15 +8,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use meshlib::proto::{self, ClientMsg, ErrorCode, FrameError, Hello};
 use parking_lot::Mutex;
 use rand_core::RngCore as _;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::Admission;
-use crate::server::Shared;
+use crate::server::{Push, Shared};
 use crate::session::{Fatal, Next, Reply, StreamSession};
 
 /// Why the QUIC endpoint could not be set up.
@@ -382,16 +382,70 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt as _;
-    for r in replies {
-        match r {
-            Reply::Msg(m) => proto::write_frame(send, &m, max).await?,
-            Reply::Frame(f) => send
-                .write_all(&f)
-                .await
-                .map_err(|e| Fatal(ErrorCode::Internal, e.to_string()))?,
+    let io = |e: std::io::Error| Fatal(ErrorCode::Internal, e.to_string());
+    match replies.as_slice() {
+        [] => Ok(()),
+        [Reply::Frame(f)] => send.write_all(f).await.map_err(io),
+        _ if replies
+            .iter()
+            .any(|r| matches!(r, Reply::Frame(f) if f.len() > COPY_BELOW)) =>
+        {
+            // A shared snapshot: written from its shared bytes, not copied.
+            for r in replies {
+                match r {
+                    Reply::Msg(m) => proto::write_frame(send, &m, max).await?,
+                    Reply::Frame(f) => send.write_all(&f).await.map_err(io)?,
+                }
+            }
+            Ok(())
+        }
+        _ => {
+            // Several small frames: one write, so the transport sends them
+            // in as few packets as fit (and wakes its driver once).
+            let mut buf = Vec::new();
+            for r in &replies {
+                match r {
+                    Reply::Msg(m) => buf.extend(proto::encode_frame(m, max)?),
+                    Reply::Frame(f) => buf.extend_from_slice(f),
+                }
+            }
+            send.write_all(&buf).await.map_err(io)
         }
     }
-    Ok(())
+}
+
+/// Frames up to this size are copied to be written together ([`write`]).
+const COPY_BELOW: usize = 16 * 1024;
+
+/// Most pushes taken together into one write (see [`drive_stream`]).
+const PUSH_BATCH: usize = 64;
+
+/// The pushes already waiting after `first`, up to [`PUSH_BATCH`] in all,
+/// turned into replies in order: a member that fell behind (a change storm
+/// while its task waited for a core) gets what piled up in one write rather
+/// than one write per change. Waits for nothing.
+fn take_pushes(
+    session: &mut StreamSession,
+    shared: &Shared,
+    pushes: &mut broadcast::Receiver<Push>,
+    first: Result<Push, broadcast::error::RecvError>,
+) -> Result<(Vec<Reply>, Option<Instant>), Fatal> {
+    use broadcast::error::{RecvError, TryRecvError};
+    let mut oldest = first.as_ref().ok().map(|p| p.at);
+    let mut replies = session.on_push(shared, first)?;
+    for _ in 1..PUSH_BATCH {
+        let next = match pushes.try_recv() {
+            Ok(p) => Ok(p),
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+        };
+        if let Ok(p) = &next {
+            oldest = Some(oldest.map_or(p.at, |o| o.min(p.at)));
+        }
+        replies.extend(session.on_push(shared, next)?);
+    }
+    Ok((replies, oldest))
 }
 
 /// Drives one member's [`StreamSession`] over the QUIC stream.
@@ -443,11 +497,12 @@ where
                 write(send, replies, max).await?;
             }
             push = pushes.recv() => {
-                let at = push.as_ref().ok().map(|p| p.at);
-                let replies = session.on_push(shared, push)?;
-                let wrote = !replies.is_empty();
+                let (replies, at) = take_pushes(&mut session, shared, &mut pushes, push)?;
+                if replies.is_empty() {
+                    continue;
+                }
                 write(send, replies, max).await?;
-                if let (Some(at), true) = (at, wrote) {
+                if let Some(at) = at {
                     shared.metrics.push_latency.observe(at.elapsed());
                 }
             }

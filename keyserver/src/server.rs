@@ -907,9 +907,9 @@ impl Shared {
     /// `lag` (a `GetMap`), a shared snapshot up to [`SNAPSHOT_REUSE`]
     /// generations old is sent with one merged delta to the present, so
     /// members asking for their map during a join storm cost O(changes)
-    /// each rather than O(members); without (a join, whose first map must
-    /// already hold the joiner), only a snapshot of the current generation.
-    /// `None` for an unknown network.
+    /// each rather than O(members); without (a join: the joiner's first
+    /// snapshot holds the joiner, a contract clients rely on), only a
+    /// snapshot of the current generation. `None` for an unknown network.
     pub fn map_replies(
         &self,
         network: NetworkId,

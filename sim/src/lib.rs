@@ -23,6 +23,15 @@
 //! member's frames vanish and its connection attempts time out; the keyserver
 //! drops a connection silent for `idle_timeout`, the member notices through
 //! its heartbeat reply timeout. A killed member stops without a word.
+//!
+//! With [`SimConfig::replicas`] above one, that many keyservers share one
+//! store ([`SharedMemStore`]): each catches up with the others' commits
+//! before it handles a frame and pushes them to its own members, as
+//! replicas following etcd do; presence (heartbeats) is shared, and the
+//! first running replica sweeps. [`Sim::kill_replica`] stops one without a
+//! word: its members' connections give it up after
+//! [`SimConfig::client_idle_timeout`] and they resume on the next replica
+//! of their list.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -34,7 +43,7 @@ use keyserver::hooks::HookRunner;
 use keyserver::registry::{AddressInfo, AddressSettings, AdminError, HookJob, HookKind, Lifecycle};
 use keyserver::server::{Limits, Push, Shared};
 use keyserver::session::{Next, Reply, StreamSession};
-use keyserver::store::MemStore;
+use keyserver::store::{MemStore, SharedMemStore};
 use meshlib::ids::{NetworkId, ProcessType};
 use meshlib::ist::config::Overrides;
 use meshlib::ist::table::IstTable;
@@ -42,7 +51,7 @@ use meshlib::keys::{PrivateKey, PublicKey};
 use meshlib::member::{End, Event, Frame, MemberConfig, MemberCore, MemberMeta, Transmit};
 use meshlib::names::{Lookup, NameIndex};
 use meshlib::netmap::{MapChange, NetworkMap};
-use meshlib::proto::{self, JoinToken, ServerMsg};
+use meshlib::proto::{self, ClientMsg, JoinToken, ServerMsg};
 use meshlib::reconcile::{desired_peer, DesiredPeers};
 use tokio::sync::broadcast;
 
@@ -74,6 +83,13 @@ pub struct SimConfig {
     pub change_log: usize,
     /// Pushes buffered per connection before it must catch up from the log.
     pub push_buffer: usize,
+    /// How long a member's QUIC connection waits on a silent keyserver
+    /// before giving it up (`ClientConfig::idle_timeout`, 10 s).
+    pub client_idle_timeout: Duration,
+    /// Keyserver replicas sharing one store (at least 1): members' tokens
+    /// name every replica, a member connects to the first one its core
+    /// picks, and [`Sim::kill_replica`] takes one away.
+    pub replicas: usize,
 }
 
 impl Default for SimConfig {
@@ -90,6 +106,8 @@ impl Default for SimConfig {
             member: MemberConfig::default(),
             change_log: 1024,
             push_buffer: 1024,
+            client_idle_timeout: Duration::from_secs(10),
+            replicas: 1,
         }
     }
 }
@@ -276,6 +294,8 @@ struct ServerSide {
 /// One connection between a member and the keyserver.
 struct Conn {
     member: MemberId,
+    /// The keyserver replica it reached.
+    replica: usize,
     server: Option<ServerSide>,
     /// The member side is open.
     member_open: bool,
@@ -297,6 +317,9 @@ enum Delivery {
     ToMember { conn: u64, msg: ServerMsg },
     /// The keyserver closed the connection; the member learns it.
     ServerClosed { conn: u64 },
+    /// The member's QUIC connection gave a silent keyserver up (its idle
+    /// timeout).
+    Silent { conn: u64 },
 }
 
 /// A seeded RNG (splitmix64): small, deterministic, good enough for jitter.
@@ -340,8 +363,12 @@ pub struct Sim {
     clock: Duration,
     base: Instant,
     rng: Rng,
-    /// The keyserver's shared state (registry, store, push hubs).
+    /// The keyserver's shared state (registry, store, push hubs): the
+    /// first replica's.
     pub shared: Arc<Shared>,
+    /// Every replica, and whether it runs.
+    replicas: Vec<Arc<Shared>>,
+    replica_up: Vec<bool>,
     members: Vec<SimMember>,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
@@ -375,18 +402,33 @@ impl Sim {
             ..Limits::default()
         };
         let base_system = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let (shared, _) = Shared::new(Box::new(MemStore::new()), limits, [7; 32], base_system)
-            .expect("an empty memory store loads");
         let hooks = Arc::new(HookLog::default());
-        shared.set_hook_runner(hooks.clone());
+        let stores: Vec<Box<dyn keyserver::store::Store>> = match cfg.replicas {
+            0 | 1 => vec![Box::new(MemStore::new())],
+            n => SharedMemStore::replicas(n)
+                .into_iter()
+                .map(|s| Box::new(s) as Box<dyn keyserver::store::Store>)
+                .collect(),
+        };
+        let replicas: Vec<Arc<Shared>> = stores
+            .into_iter()
+            .map(|store| {
+                let (shared, _) = Shared::new(store, limits.clone(), [7; 32], base_system)
+                    .expect("an empty memory store loads");
+                shared.set_hook_runner(hooks.clone());
+                Arc::new(shared)
+            })
+            .collect();
         Self {
+            shared: replicas[0].clone(),
+            replica_up: vec![true; replicas.len()],
+            replicas,
             hooks,
             rng: Rng(cfg.seed),
             next_sweep: cfg.sweep_interval,
             cfg,
             clock: Duration::ZERO,
             base: Instant::now(),
-            shared: Arc::new(shared),
             members: Vec::new(),
             conns: BTreeMap::new(),
             next_conn: 1,
@@ -452,7 +494,7 @@ impl Sim {
     pub fn create_network(&mut self, name: &str) -> NetworkId {
         let now = self.system_now();
         let (rec, ()) = self
-            .shared
+            .admin()
             .mutate(
                 |r| {
                     r.create_network(name, meshlib::ipam::DEFAULT_RANGE, now)
@@ -468,7 +510,7 @@ impl Sim {
     pub fn token(&mut self, network: NetworkId, uses: u32) -> JoinToken {
         let secret = self.rng.bytes();
         let now = self.system_now();
-        self.shared
+        self.admin()
             .mutate(
                 |r| {
                     r.create_token(
@@ -486,13 +528,68 @@ impl Sim {
             )
             .expect("token created");
         JoinToken {
-            addrs: vec!["192.0.2.1:7443".parse().expect("literal")],
+            addrs: (0..self.replicas.len()).map(replica_addr).collect(),
             cert_sha256: [7; 32],
             network,
             secret,
             service: None,
             process_type: None,
         }
+    }
+
+    /// The replica admin calls and the lifecycle sweep go to: the first
+    /// one running, caught up with the shared store.
+    fn admin(&self) -> Arc<Shared> {
+        let i = self.replica_up.iter().position(|up| *up).unwrap_or(0);
+        let r = self.replicas[i].clone();
+        if self.replicas.len() > 1 {
+            r.sync();
+        }
+        r
+    }
+
+    /// Keyserver replica `i` (see [`SimConfig::replicas`]).
+    pub fn replica(&self, i: usize) -> &Arc<Shared> {
+        &self.replicas[i]
+    }
+
+    /// The replica member `id` is connected to and has a session on, if any.
+    pub fn replica_of(&self, id: MemberId) -> Option<usize> {
+        let conn = self.members[id].conn?;
+        let c = self.conns.get(&conn)?;
+        c.server.as_ref().map(|_| c.replica)
+    }
+
+    /// Replica `i` dies without a word (a crash, a lost host): its sessions
+    /// end, nothing reaches its members, connection attempts to it time
+    /// out. Its members notice through their heartbeats and connect to
+    /// another replica of their list; what they committed is in the shared
+    /// store.
+    pub fn kill_replica(&mut self, i: usize) {
+        self.replica_up[i] = false;
+        let mut silent = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            if c.replica == i {
+                c.server = None;
+                if c.member_open {
+                    silent.push(*id);
+                }
+            }
+        }
+        let at = self.clock + self.cfg.client_idle_timeout;
+        for conn in silent {
+            self.schedule(at, Delivery::Silent { conn });
+        }
+        self.log("keyserver", format!("replica {i} killed"));
+    }
+
+    /// A join token like [`Sim::token`] whose address list starts at
+    /// replica `first` (members using it connect there first).
+    pub fn token_at(&mut self, network: NetworkId, uses: u32, first: usize) -> JoinToken {
+        let mut token = self.token(network, uses);
+        let turn = first % token.addrs.len().max(1);
+        token.addrs.rotate_left(turn);
+        token
     }
 
     /// Removes a member at the keyserver (revocation).
@@ -502,7 +599,7 @@ impl Sim {
             self.members[id].public_key(),
         );
         let now = self.system_now();
-        let _ = self.shared.mutate(
+        let _ = self.admin().mutate(
             |r| {
                 r.remove_member(net, &key.to_string(), now)
                     .map(|(c, ops)| ((), ops, vec![c]))
@@ -515,7 +612,7 @@ impl Sim {
 
     /// Sets a network's `expire-after`.
     pub fn set_expire_after(&mut self, network: NetworkId, d: Duration) {
-        let _ = self.shared.mutate(
+        let _ = self.admin().mutate(
             |r| {
                 r.set_expire_after(network, Some(d))
                     .map(|ops| ((), ops, vec![]))
@@ -533,7 +630,7 @@ impl Sim {
         settings: &AddressSettings,
     ) -> Result<AddressInfo, AdminError> {
         let now = self.system_now();
-        let result = self.shared.mutate(
+        let result = self.admin().mutate(
             |r| r.set_address(network, service, settings, now),
             |_, _, _| (),
         );
@@ -549,7 +646,7 @@ impl Sim {
     /// A service address as the admin API shows it now.
     pub fn address(&self, network: NetworkId, service: &str) -> Option<AddressInfo> {
         let now = self.system_now();
-        self.shared
+        self.admin()
             .addresses(network, now)
             .ok()?
             .into_iter()
@@ -610,7 +707,7 @@ impl Sim {
         use meshlib::netmap::{Member, MemberState};
         assert!(self.conns.is_empty(), "populate before anything connects");
         let mut records = Records {
-            networks: self.shared.read(|r| r.networks()),
+            networks: self.admin().read(|r| r.networks()),
             ..Records::default()
         };
         let net = records
@@ -657,6 +754,7 @@ impl Sim {
             keys.push((key, public, credential));
         }
         net.generation += count as u64;
+        assert_eq!(self.replicas.len(), 1, "populate runs with one replica");
         let limits = self.shared.limits.clone();
         let (shared, warnings) = Shared::new(
             Box::new(MemStore::with(records)),
@@ -668,6 +766,7 @@ impl Sim {
         assert!(warnings.is_empty(), "{warnings:?}");
         shared.set_hook_runner(self.hooks.clone());
         self.shared = Arc::new(shared);
+        self.replicas = vec![self.shared.clone()];
         let map = self
             .shared
             .read(|r| r.snapshot(network))
@@ -900,7 +999,9 @@ impl Sim {
         }
         if self.clock >= self.next_sweep {
             self.next_sweep = self.clock + self.cfg.sweep_interval;
-            if self.shared.sweep(self.system_now()).unwrap_or(0) > 0 {
+            // One replica sweeps (the replicas' presence is shared, as
+            // through etcd): the first one running.
+            if self.admin().sweep(self.system_now()).unwrap_or(0) > 0 {
                 self.pushes_pending = true;
             }
             // QUIC idle timeouts, to the sweep's precision.
@@ -1012,6 +1113,20 @@ impl Sim {
                     m.core.handle_message(now, msg);
                 }
             }
+            Delivery::Silent { conn } => {
+                let Some(c) = self.conns.remove(&conn) else {
+                    return;
+                };
+                self.dirty.insert(c.member);
+                let m = &mut self.members[c.member];
+                if !m.dead && m.conn == Some(conn) {
+                    m.conn = None;
+                    m.core.handle_disconnected(
+                        now,
+                        "the keyserver went silent (QUIC idle timeout)".into(),
+                    );
+                }
+            }
             Delivery::ServerClosed { conn } => {
                 let Some(c) = self.conns.remove(&conn) else {
                     return;
@@ -1035,13 +1150,30 @@ impl Sim {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if !self.replica_up[c.replica] {
+            // A replica that died hears nothing.
+            return;
+        }
         c.last_heard = clock;
         self.pushes_pending = true;
+        let shared = self.replicas[c.replica].clone();
+        // What the other replicas wrote first, as a replica following the
+        // shared store does.
+        shared.sync();
         let observed = self.members[c.member].observed;
+        if let (Frame::Msg(ClientMsg::Heartbeat), Some(side)) = (&frame, c.server.as_ref()) {
+            // Presence is shared by the replicas (leases in etcd).
+            let (net, key) = (side.session.network(), side.session.key());
+            for (r, up) in self.replicas.iter().zip(&self.replica_up) {
+                if *up && !Arc::ptr_eq(r, &shared) {
+                    r.heartbeat(net, &key, now);
+                }
+            }
+        }
         let result = match (frame, c.server.as_mut()) {
             (Frame::Hello(hello), None) => {
                 let credential = self.rng.bytes();
-                match StreamSession::open(&self.shared, hello, observed, credential, now) {
+                match StreamSession::open(&shared, hello, observed, credential, now) {
                     Ok((session, replies, pushes)) => {
                         let c = self.conns.get_mut(&conn).expect("present");
                         c.server = Some(ServerSide { session, pushes });
@@ -1050,9 +1182,7 @@ impl Sim {
                     Err(f) => Err(f),
                 }
             }
-            (Frame::Msg(msg), Some(side)) => {
-                side.session.on_client(&self.shared, msg, observed, now)
-            }
+            (Frame::Msg(msg), Some(side)) => side.session.on_client(&shared, msg, observed, now),
             // A frame out of order (no session yet, or a second hello).
             _ => Err(keyserver::session::Fatal(
                 proto::ErrorCode::Malformed,
@@ -1164,7 +1294,14 @@ impl Sim {
 
     fn transmit(&mut self, id: MemberId, t: Transmit) {
         match t {
-            Transmit::Connect { .. } => {
+            Transmit::Connect { addrs, .. } => {
+                // The replica at the first address (a connection is made
+                // to one address at a time; the core rotates its list
+                // after a failure).
+                let replica = addrs
+                    .first()
+                    .and_then(|a| (0..self.replicas.len()).find(|i| replica_addr(*i) == *a))
+                    .unwrap_or(0);
                 let conn = self.next_conn;
                 self.next_conn += 1;
                 if let Some(old) = self.members[id].conn.replace(conn) {
@@ -1176,6 +1313,7 @@ impl Sim {
                     conn,
                     Conn {
                         member: id,
+                        replica,
                         server: None,
                         member_open: true,
                         last_heard: self.clock,
@@ -1183,7 +1321,7 @@ impl Sim {
                         last_down: self.clock,
                     },
                 );
-                if self.members[id].partitioned {
+                if self.members[id].partitioned || !self.replica_up[replica] {
                     let at = self.clock + self.cfg.member.connect_timeout;
                     self.schedule(at, Delivery::Connected { conn, ok: false });
                 } else {
@@ -1268,8 +1406,23 @@ impl Sim {
 
     fn drain_pushes(&mut self) -> bool {
         let mut moved = false;
+        if self.replicas.len() > 1 {
+            // Each running replica pushes what the others committed.
+            for (r, up) in self.replicas.iter().zip(&self.replica_up) {
+                if *up {
+                    r.sync();
+                }
+            }
+        }
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for conn in ids {
+            let Some(shared) = self
+                .conns
+                .get(&conn)
+                .map(|c| self.replicas[c.replica].clone())
+            else {
+                continue;
+            };
             while let Some(side) = self.conns.get_mut(&conn).and_then(|c| c.server.as_mut()) {
                 let push = match side.pushes.try_recv() {
                     Ok(p) => Ok(p),
@@ -1282,7 +1435,7 @@ impl Sim {
                     }
                 };
                 moved = true;
-                match side.session.on_push(&self.shared, push) {
+                match side.session.on_push(&shared, push) {
                     Ok(replies) => self.send_replies(conn, replies),
                     Err(fatal) => {
                         self.down(
@@ -1300,6 +1453,12 @@ impl Sim {
         }
         moved
     }
+}
+
+/// The address of keyserver replica `i` in members' tokens (a label: the
+/// simulation has no sockets).
+pub fn replica_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, 1], 7443 + i as u16))
 }
 
 /// The underlay endpoint of member `id`: a documentation address (nothing

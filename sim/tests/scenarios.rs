@@ -555,3 +555,96 @@ fn key_lifetime_rotates_on_its_own() {
     s.run_until(secs(5), |s| all_see_each_other(s, &[a, b]))
         .unwrap();
 }
+
+#[test]
+fn a_replica_dies_and_its_members_resume_on_another() {
+    let mut s = Sim::new(SimConfig {
+        seed: 11,
+        replicas: 2,
+        lifecycle: Lifecycle {
+            offline_after: secs(30),
+            expire_after: secs(120),
+            ephemeral_after: None,
+        },
+        ..SimConfig::default()
+    });
+    let net = s.create_network("prod");
+    let (via0, via1) = (s.token_at(net, 10, 0), s.token_at(net, 10, 1));
+    let mut ids = Vec::new();
+    for (i, svc) in ["web", "api", "db"].iter().enumerate() {
+        ids.push(s.join(&via0, svc, "web"));
+        ids.push(s.join(&via1, &format!("{svc}{i}"), "web"));
+    }
+    s.run_until(secs(5), |s| {
+        all_see_each_other(s, &ids) && ids.iter().all(|&m| s.replica_of(m).is_some())
+    })
+    .expect("members on both replicas see each other");
+    let on0: Vec<MemberId> = ids
+        .iter()
+        .copied()
+        .filter(|&m| s.replica_of(m) == Some(0))
+        .collect();
+    assert_eq!(on0.len(), 3, "three members on each replica");
+    let ips: Vec<_> = ids
+        .iter()
+        .map(|&m| s.member(m).core.welcome().unwrap().ip)
+        .collect();
+    s.run_for(secs(3));
+
+    s.kill_replica(0);
+    // Step by step: every member keeps every peer throughout (nobody is
+    // taken offline while its replica's members move), and replica 0's
+    // members are back in session on replica 1.
+    let start = s.elapsed();
+    let mut moved = None;
+    while s.elapsed() < start + secs(60) {
+        s.step();
+        if !all_see_each_other(&s, &ids) {
+            for l in s.trace() {
+                eprintln!("{l}");
+            }
+        }
+        assert!(
+            all_see_each_other(&s, &ids),
+            "a peer was lost during the failover at {:?}",
+            s.elapsed()
+        );
+        if moved.is_none() && ids.iter().all(|&m| s.replica_of(m) == Some(1)) {
+            moved = Some(s.elapsed() - start);
+        }
+        if moved.is_some_and(|t| s.elapsed() >= start + t + secs(40)) {
+            break;
+        }
+    }
+    let took = moved.expect("every member resumed on replica 1");
+    eprintln!("failover: every member in session on replica 1 after {took:?}");
+    // A heartbeat interval and its reply timeout, then a reconnection:
+    // well before anyone would be taken offline (30 s).
+    assert!(took < secs(25), "failover took {took:?}");
+    for (i, &m) in ids.iter().enumerate() {
+        let w = s.member(m).core.welcome().unwrap();
+        assert_eq!(w.ip, ips[i], "member {m} kept its address");
+        assert!(s.member(m).ended.is_none());
+    }
+    // The surviving replica holds each member once, online.
+    let members = s.replica(1).members(net);
+    assert_eq!(members.len(), ids.len(), "nothing lost or doubled");
+    assert!(members
+        .iter()
+        .all(|m| m.member.state == MemberState::Online));
+
+    // Changes after the failover reach everyone: a removal and a join.
+    s.remove_member(ids[1]);
+    let late = s.join(&via0, "late", "web");
+    let rest: Vec<MemberId> = ids
+        .iter()
+        .copied()
+        .filter(|&m| m != ids[1])
+        .chain([late])
+        .collect();
+    s.run_until(secs(30), |s| {
+        all_see_each_other(s, &rest) && rest.iter().all(|&m| !sees(s, m, ids[1]))
+    })
+    .expect("a removal and a join after the failover reach every member");
+    assert_eq!(s.replica_of(late), Some(1), "the dead replica is skipped");
+}

@@ -125,3 +125,97 @@ impl Store for MemStore {
         Ok(())
     }
 }
+
+/// One in-memory state shared by keyserver replicas in one process (the
+/// simulator): every handle commits to the same records, and each learns
+/// the others' commits, in commit order, through [`Store::remote`], as
+/// replicas sharing etcd do. Commits are never refused: the caller runs
+/// one replica at a time and lets it catch up ([`crate::server::Shared::sync`])
+/// before each operation. Every commit is kept for the replicas still to
+/// read it (a simulation's length).
+#[derive(Debug)]
+pub struct SharedMemStore {
+    log: std::sync::Arc<parking_lot::Mutex<SharedLog>>,
+    /// This handle's replica.
+    id: usize,
+    /// Commits of the log this handle has seen.
+    seen: usize,
+}
+
+#[derive(Debug, Default)]
+struct SharedLog {
+    store: MemStore,
+    /// Every commit: the replica that made it and its writes.
+    commits: Vec<(usize, Vec<StoreOp>)>,
+}
+
+impl SharedMemStore {
+    /// `n` handles on one empty state, one per replica.
+    pub fn replicas(n: usize) -> Vec<Self> {
+        let log = std::sync::Arc::new(parking_lot::Mutex::new(SharedLog::default()));
+        (0..n)
+            .map(|id| Self {
+                log: log.clone(),
+                id,
+                seen: 0,
+            })
+            .collect()
+    }
+}
+
+impl Store for SharedMemStore {
+    fn load(&mut self) -> Result<Records, StoreError> {
+        let mut log = self.log.lock();
+        self.seen = log.commits.len();
+        log.store.load()
+    }
+
+    fn commit(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut log = self.log.lock();
+        log.store.commit(ops)?;
+        if !ops.is_empty() {
+            log.commits.push((self.id, ops.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn remote(&mut self) -> Result<Vec<Vec<StoreOp>>, StoreError> {
+        let log = self.log.lock();
+        let theirs = log.commits[self.seen.min(log.commits.len())..]
+            .iter()
+            .filter(|(id, _)| *id != self.id)
+            .map(|(_, ops)| ops.clone())
+            .collect();
+        self.seen = log.commits.len();
+        Ok(theirs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_learn_each_others_commits_once_in_order() {
+        let mut r = SharedMemStore::replicas(2);
+        let (mut a, mut b) = (r.remove(0), r.remove(0));
+        assert!(a.load().unwrap().networks.is_empty());
+        assert!(b.load().unwrap().networks.is_empty());
+        let net = meshlib::ids::NetworkId::random();
+        let op = |t: u8| StoreOp::DeleteQuarantine(net, std::net::Ipv4Addr::new(10, 240, 0, t));
+        a.commit(&[op(1)]).unwrap();
+        b.commit(&[op(2)]).unwrap();
+        a.commit(&[op(3)]).unwrap();
+        a.commit(&[]).unwrap();
+        let seen_by_b: Vec<_> = b.remote().unwrap();
+        assert_eq!(seen_by_b.len(), 2, "a's two commits, not b's own");
+        assert!(
+            matches!(&seen_by_b[0][..], [StoreOp::DeleteQuarantine(_, ip)] if ip.octets()[3] == 1)
+        );
+        assert!(
+            matches!(&seen_by_b[1][..], [StoreOp::DeleteQuarantine(_, ip)] if ip.octets()[3] == 3)
+        );
+        assert!(b.remote().unwrap().is_empty(), "each commit once");
+        assert_eq!(a.remote().unwrap().len(), 1, "b's commit");
+    }
+}

@@ -26,7 +26,7 @@ pub mod redb;
 
 pub use codec::legacy;
 pub(crate) use codec::Stored;
-pub use mem::MemStore;
+pub use mem::{MemStore, SharedMemStore};
 pub use redb::RedbStore;
 
 use crate::registry::{Records, StoreOp};
