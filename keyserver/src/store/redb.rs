@@ -25,6 +25,10 @@ const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine
 const SERVICES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("services");
 /// Change-log entries by network UUID bytes + generation (big-endian u64).
 const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
+/// API tokens by SHA-256 of the secret.
+const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_tokens");
+/// The audit trail by sequence number (big-endian u64).
+const AUDIT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audit");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 /// redb's page cache (see [`RedbStore::open`]).
@@ -78,6 +82,8 @@ impl RedbStore {
                 txn.open_table(QUARANTINE).map_err(db)?;
                 txn.open_table(SERVICES).map_err(db)?;
                 txn.open_table(LOG).map_err(db)?;
+                txn.open_table(API_TOKENS).map_err(db)?;
+                txn.open_table(AUDIT).map_err(db)?;
                 txn.open_table(PROBE).map_err(db)?;
             }
             txn.commit().map_err(db)?;
@@ -213,6 +219,8 @@ fn load(database: &Database) -> Result<Records, StoreError> {
             Err(e) => tracing::warn!("skipped a change-log entry: {e}"),
         }
     }
+    let api_tokens = read_json(&txn, API_TOKENS, "api_tokens")?;
+    let audit = read_json(&txn, AUDIT, "audit")?;
     Ok(Records {
         networks,
         tokens,
@@ -220,7 +228,28 @@ fn load(database: &Database) -> Result<Records, StoreError> {
         quarantine,
         services,
         log,
+        api_tokens,
+        audit,
     })
+}
+
+/// Reads a whole table of JSON records (kinds that were never postcard).
+fn read_json<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&[u8], &[u8]>,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let table = txn.open_table(def).map_err(db)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(db)? {
+        let (_, v) = row.map_err(db)?;
+        let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Decode {
+            table: name,
+            reason: e.to_string(),
+        })?;
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 /// Applies `ops` in one transaction.
@@ -233,6 +262,8 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
         let mut services = txn.open_table(SERVICES).map_err(db)?;
         let mut log = txn.open_table(LOG).map_err(db)?;
+        let mut api_tokens = txn.open_table(API_TOKENS).map_err(db)?;
+        let mut audit = txn.open_table(AUDIT).map_err(db)?;
         for op in ops {
             match op {
                 StoreOp::PutNetwork(n) => {
@@ -280,6 +311,20 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteLog(n, to) => {
                     log.remove(&log_key(n, *to)[..]).map_err(db)?;
+                }
+                StoreOp::PutApiToken(t) => {
+                    api_tokens.insert(&t.hash[..], &enc(t)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteApiToken(h) => {
+                    api_tokens.remove(&h[..]).map_err(db)?;
+                }
+                StoreOp::PutAudit(e) => {
+                    audit
+                        .insert(&e.seq.to_be_bytes()[..], &enc(e)?[..])
+                        .map_err(db)?;
+                }
+                StoreOp::DeleteAudit(seq) => {
+                    audit.remove(&seq.to_be_bytes()[..]).map_err(db)?;
                 }
             }
         }
