@@ -9,7 +9,9 @@
 //! answers 404 — as for an unknown name — when the token's scope does not
 //! cover it, 403 when the role does not allow the change. Then, for every
 //! mutation (POST, PUT, PATCH, DELETE), whatever its answer, it appends an
-//! entry to the audit trail before the answer leaves.
+//! entry to the audit trail before the answer leaves — except when the
+//! store itself failed the request (500, 503: nothing changed), when the
+//! entry is logged instead of written to the failing store.
 
 use std::time::{Duration, SystemTime};
 
@@ -178,6 +180,14 @@ pub(super) async fn guard(State(api): State<Api>, mut req: Request, next: Next) 
         target,
         status: resp.status().as_u16(),
     };
+    if matches!(entry.status, 500 | 503) {
+        // The store just failed this request (nothing changed): writing to
+        // it again now would only fail too, or take the space or time a
+        // recovery needs. The entry goes to the log instead.
+        let text = serde_json::to_string(&entry).unwrap_or_default();
+        tracing::warn!(entry = %text, "audit entry logged, not stored: the store failed this request");
+        return resp;
+    }
     record(&api, entry).await;
     resp
 }

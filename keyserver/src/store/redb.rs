@@ -110,6 +110,21 @@ impl RedbStore {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem of
+/// `path` (`None` when it cannot be told).
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) with a valid NUL-terminated path and a zeroed
+    // struct it fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 /// redb's transaction error, boxed into [`StoreError::Db`].
 fn db_err(e: redb::TransactionError) -> StoreError {
     StoreError::Db(e.to_string())
@@ -172,6 +187,17 @@ impl Store for RedbStore {
     }
 
     fn probe(&mut self) -> Result<(), StoreError> {
+        // A write into pages the file already has free succeeds on a full
+        // disk while a commit that must grow the file fails: the free
+        // space of the filesystem is checked first.
+        if let Some(free) = free_bytes(&self.path) {
+            if free < PROBE_BYTES as u64 {
+                return Err(StoreError::Db(format!(
+                    "{}: no space left on its filesystem ({free} bytes free)",
+                    self.path.display()
+                )));
+            }
+        }
         self.with_db(|database| {
             let txn = database.begin_write().map_err(db_err)?;
             {
