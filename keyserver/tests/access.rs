@@ -836,3 +836,34 @@ fn serve_help_shows_defaults() {
     assert!(!text.to_lowercase().contains("seed 00"), "{text}");
     assert!(text.contains("api-token") && text.contains("audit"));
 }
+
+/// The README's "Running it" shows what the commands print: the token
+/// create line asks for the bare token, and the settings two sidecars on
+/// one host must not share are all named.
+#[test]
+fn the_readme_running_it_matches_the_commands() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let running = readme
+        .split("## Running it")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let create = running
+        .lines()
+        .find(|l| l.starts_with("keyserver token create"))
+        .unwrap();
+    assert!(create.contains("--bare"), "{create}");
+    for setting in [
+        "`state-dir`",
+        "`interface`",
+        "`listen-port`",
+        "`dns.listen`",
+        "`metrics`",
+        "`loopback-octet`",
+    ] {
+        assert!(running.contains(setting), "{setting} not in Running it");
+    }
+}
