@@ -849,7 +849,10 @@ mod tests {
             offline_since: None,
             ephemeral,
         };
-        let text = render_members(&[info(a, 995, false), info(b, 1000 - 7200, true)], 1000);
+        let text = render_members(
+            &[info(a, 9995, false), info(b, 10_000 - 7200, true)],
+            10_000,
+        );
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("INSTANCE") && lines[0].contains("LAST SEEN"));

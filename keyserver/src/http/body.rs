@@ -54,6 +54,14 @@ pub(super) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("the body is not valid JSON ({e})"),
         )
     })?;
+    // Every body of the API is an object (serde would also take a struct
+    // written as an array of its fields).
+    if !value.is_object() {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid body: expected an object".into(),
+        ));
+    }
     integral(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -110,6 +118,15 @@ fn in_our_words(text: &str) -> String {
         .replace("floating point", "the number")
         .replace("integer", "the number")
         .replace("a map", "an object");
+    // `struct CreateToken` (a Rust name) is an object to the reader.
+    while let Some(at) = out.find("struct ") {
+        let rest = &out[at + 7..];
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        out = format!("{}an object{}", &out[..at], &rest[end..]);
+    }
+    out = out.replace("got sequence", "got an array");
     for (rust, ours) in TYPES {
         out = out.replace(&format!("expected {rust}"), &format!("expected {ours}"));
     }
@@ -159,6 +176,8 @@ mod tests {
         let e = parse::<Body>(br#"{"port": 1, "nope": 1}"#).unwrap_err();
         assert!(e.1.contains("unknown field `nope`"), "{}", e.1);
         assert!(!e.1.contains("Failed to deserialize"));
+        let e = parse::<Body>(b"[]").unwrap_err();
+        assert_eq!(e.1, "invalid body: expected an object");
         let e = parse::<Body>(br#"{"port": "#).unwrap_err();
         assert_eq!(e.0, StatusCode::BAD_REQUEST);
     }
