@@ -130,7 +130,7 @@ for _ in $(seq 200); do
     [ "$(inns "$CL" curl -s -o /dev/null -w '%{http_code}' "http://$FQDN/")" = 200 ] && break
     sleep 0.2
 done
-UP=$(admin member list --network prod | python3 -c '
+UP=$(admin member list --network prod --json | python3 -c '
 import json, sys
 print(" ".join(m["ip"] for m in json.load(sys.stdin) if m["service"] == "bench"))')
 [ "$(echo "$UP" | wc -w)" = 2 ] || { echo "gateway.sh: backends not found: $UP" >&2; cat "$WORK/gw.log" >&2; exit 1; }

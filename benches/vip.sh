@@ -109,7 +109,7 @@ for _ in $(seq 200); do
     [ -n "$VIP" ] && break
     sleep 0.1
 done
-MEMBER=$(admin member list --network prod | python3 -c '
+MEMBER=$(admin member list --network prod --json | python3 -c '
 import json, sys
 print(" ".join(m["ip"] for m in json.load(sys.stdin) if m["service"] == "api"))')
 case "$VIP" in 10.240.4.*) ;; *) echo "vip.sh: no service address for api.warp (${VIP:-none})" >&2; cat "$WORK/cl.log" >&2; exit 1 ;; esac

@@ -7,10 +7,32 @@ use std::path::Path;
 
 pub use clap_complete::Shell;
 
-/// Writes the completion script of `cmd` for `shell` to stdout.
-pub fn completions(mut cmd: clap::Command, shell: Shell) {
+/// Writes the completion script of `cmd` for `shell` to stdout. Hidden
+/// subcommands (these two among them) are left out: a user never types
+/// them, packaging runs them.
+pub fn completions(cmd: clap::Command, shell: Shell) {
+    let mut cmd = visible(&cmd);
     let name = cmd.get_name().to_string();
     clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+}
+
+/// `cmd` without its hidden subcommands (at every level): clap can add
+/// subcommands but not remove them, so the tree is built again from the
+/// visible ones.
+fn visible(cmd: &clap::Command) -> clap::Command {
+    // clap takes names as `&'static str` (no `string` feature): this runs
+    // once, in a process that prints the script and exits.
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_owned().into_boxed_str()) };
+    let mut out = clap::Command::new(leak(cmd.get_name()))
+        .args(cmd.get_arguments().cloned())
+        .aliases(cmd.get_all_aliases().map(leak).collect::<Vec<_>>());
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        out = out.subcommand(visible(sub));
+    }
+    out
 }
 
 /// Writes the man pages of `cmd` into `dir` (`<program>.1`, and one per

@@ -58,6 +58,13 @@ pub fn check_completions(program: &str, name: &str, subcommands: &[Vec<String>])
         let script = stdout_of(program, &["completions", shell]);
         assert!(script.len() > 200, "{shell}: {script}");
         assert!(script.contains(name), "{shell} script does not name {name}");
+        // The hidden packaging subcommands are not offered.
+        for hidden in ["completions", "Print the man page"] {
+            assert!(
+                !script.contains(hidden),
+                "{shell} completion offers the hidden {hidden:?}"
+            );
+        }
         for path in subcommands {
             for word in path {
                 assert!(

@@ -103,7 +103,7 @@ fn kill_stop_restart_leave_and_a_new_instance() {
     eprintln!("kill -9 to gone from both peers: {offline:?} (offline-after 4 s)");
     assert!(offline <= Duration::from_secs(6), "{offline:?}");
     // Listed as offline, address kept.
-    let listed = mesh.admin(&["member", "list", "--network", "prod"]);
+    let listed = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
     assert!(listed.contains("\"offline\""), "{listed}");
     assert!(listed.contains(&c_ip), "{listed}");
 
@@ -142,7 +142,7 @@ fn kill_stop_restart_leave_and_a_new_instance() {
         "leave stops the sidecar"
     );
     wait_for(Duration::from_secs(5), || !knows(&a, &c_key, "cache.warp"));
-    let listed = mesh.admin(&["member", "list", "--network", "prod"]);
+    let listed = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
     assert!(!listed.contains(&c_key), "left members are gone: {listed}");
     std::thread::sleep(Duration::from_secs(4));
     let hd = mesh.host(5);
@@ -158,7 +158,7 @@ fn kill_stop_restart_leave_and_a_new_instance() {
     // then takes index 1 and api.warp.
     wait_for(Duration::from_secs(20), || {
         !mesh
-            .admin(&["member", "list", "--network", "prod"])
+            .admin(&["member", "list", "--network", "prod", "--json"])
             .contains(&b_key)
     });
     let b2 = mesh.sidecar_in(&hb, "api", "up", &["--token", &token], "-new");

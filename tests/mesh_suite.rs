@@ -217,7 +217,7 @@ fn multi_runner_suite() {
             .collect();
         (insts, "all members see their network's peers".into())
     });
-    let members = mesh.admin(&["member", "list", "--network", "prod"]);
+    let members = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
     let prod_id = insts[0].sc.status().unwrap()["network"]
         .as_str()
         .unwrap()

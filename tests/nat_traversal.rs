@@ -426,7 +426,7 @@ fn coturn_gives_members_their_server_reflexive_address() {
     let start = Instant::now();
     let mut learned = None;
     while start.elapsed() < Duration::from_secs(20) && learned.is_none() {
-        let list = lab.admin(&["member", "list", "--network", "coturn"]);
+        let list = lab.admin(&["member", "list", "--network", "coturn", "--json"]);
         let members: serde_json::Value = serde_json::from_str(&list).unwrap();
         learned = members
             .as_array()

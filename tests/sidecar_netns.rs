@@ -103,7 +103,7 @@ fn sidecars_resolve_reach_and_forget_each_other() {
         dig(&a, &format!("+short {b_instance}.internal")).trim(),
         b_ip
     );
-    let members = mesh.admin(&["member", "list", "--network", "prod"]);
+    let members = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
     let app_id = members
         .split(|c: char| c == '"' || c.is_whitespace())
         .find(|w| w.starts_with("ap-"))

@@ -77,7 +77,7 @@ fn status_field(sc: &Sidecar, field: &str) -> String {
 
 /// The app id the keyserver gave `service`.
 fn app_id(mesh: &Mesh, service: &str) -> String {
-    let list = mesh.admin(&["member", "list", "--network", "prod"]);
+    let list = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
     let members: serde_json::Value = serde_json::from_str(&list).expect("member list is JSON");
     members
         .as_array()
@@ -173,7 +173,7 @@ fn stateless_restarts_keep_address_and_names_kernel_and_userspace() {
             });
         }
         // One member per slot: the stopped keys are gone, not offline.
-        let list = mesh.admin(&["member", "list", "--network", "prod"]);
+        let list = mesh.admin(&["member", "list", "--network", "prod", "--json"]);
         let members: serde_json::Value = serde_json::from_str(&list).unwrap();
         let of_service = members
             .as_array()

@@ -292,7 +292,9 @@ fn three_members_wake_a_sleeping_service_once_and_are_all_answered() {
     // removed it, a member started now has never seen an instance of `api`
     // and learns its ports from the address (which remembers them).
     wait_for(SETTLE, || {
-        let out = s.mesh.admin(&["member", "list", "--network", "prod"]);
+        let out = s
+            .mesh
+            .admin(&["member", "list", "--network", "prod", "--json"]);
         let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         let list = json.as_array().or_else(|| json["members"].as_array());
         list.is_some_and(|l| l.iter().all(|m| m["service"] != "api"))

@@ -9,7 +9,10 @@ use std::path::Path;
 use meshlib::ids::NetworkId;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{LogRecord, MemberRecord, NetworkRecord, Records, StoreOp, TokenRecord};
+use crate::auth::{ApiTokenRecord, AuditRecord};
+use crate::registry::{
+    LogRecord, MemberRecord, NetworkRecord, Records, ServiceRecord, StoreOp, TokenRecord,
+};
 use crate::store::{RedbStore, Store, StoreError};
 
 /// The format tag of a backup document.
@@ -44,6 +47,15 @@ pub struct Backup {
     /// Change logs.
     #[serde(default)]
     pub log: Vec<LogRecord>,
+    /// Service groups.
+    #[serde(default)]
+    pub services: Vec<ServiceRecord>,
+    /// API tokens (hashes only).
+    #[serde(default)]
+    pub api_tokens: Vec<ApiTokenRecord>,
+    /// The audit trail, oldest first.
+    #[serde(default)]
+    pub audit: Vec<AuditRecord>,
 }
 
 /// Why a restore failed.
@@ -75,6 +87,13 @@ impl Backup {
                 .map(|(network, ip, until)| Quarantined { network, ip, until })
                 .collect(),
             log: records.log,
+            services: records.services,
+            api_tokens: records.api_tokens,
+            audit: {
+                let mut audit = records.audit;
+                audit.sort_by_key(|e| e.seq);
+                audit
+            },
         }
     }
 
@@ -90,6 +109,9 @@ impl Backup {
                 .map(|q| StoreOp::PutQuarantine(q.network, q.ip, q.until)),
         );
         ops.extend(self.log.iter().cloned().map(StoreOp::PutLog));
+        ops.extend(self.services.iter().cloned().map(StoreOp::PutService));
+        ops.extend(self.api_tokens.iter().cloned().map(StoreOp::PutApiToken));
+        ops.extend(self.audit.iter().cloned().map(StoreOp::PutAudit));
         ops
     }
 

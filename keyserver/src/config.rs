@@ -190,6 +190,10 @@ pub struct Config {
     /// the admin token cannot run programs here unless the operator
     /// chose it.
     pub allow_wake_commands: bool,
+    /// Entries the audit trail keeps (every mutation through the admin API
+    /// or CLI: who, from where, what, when, the result); past it the oldest
+    /// are dropped. Default 10000.
+    pub audit_entries: usize,
 }
 
 impl Default for Config {
@@ -230,6 +234,7 @@ impl Default for Config {
             tcp_enabled: true,
             tcp_listen: None,
             allow_wake_commands: false,
+            audit_entries: limits.audit_entries,
         }
     }
 }
@@ -258,6 +263,7 @@ impl Config {
                 ephemeral_after: self.ephemeral_after_secs.map(Duration::from_secs),
             },
             service_domain: self.service_domain.clone(),
+            audit_entries: self.audit_entries.max(1),
         }
     }
 

@@ -15,6 +15,8 @@
 //!   (`meshlib::admission`, shared with the gateway's per-client budget).
 //! - [`listing`] — seed 003's listing: every private name of a network and
 //!   its answer, one member with its names (and their CLI tables).
+//! - [`auth`] — scoped API tokens (roles, tenants), the [`auth::Principal`]
+//!   a bearer token resolves to, and the audit trail's records.
 //! - [`traffic`] — members' traffic reports in memory, and a network's
 //!   service graph summed from them.
 //!
@@ -37,6 +39,7 @@
 //! a shutdown future completes, so tests run it in-process on port 0.
 
 pub mod admin;
+pub mod auth;
 pub use meshlib::admission;
 pub mod backup;
 pub mod config;

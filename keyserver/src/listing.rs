@@ -28,7 +28,7 @@ use meshlib::ist::config::Overrides;
 use meshlib::ist::table::IstTable;
 use meshlib::keys::PublicKey;
 use meshlib::names::{NameIndex, INTERNAL_ZONE, PRIVATE_NETWORK_ZONE};
-use meshlib::netmap::NetworkMap;
+use meshlib::netmap::{MemberState, NetworkMap};
 use meshlib::render::text::Escaped;
 use serde::{Deserialize, Serialize};
 
@@ -337,6 +337,129 @@ pub fn render_names(listing: &NameListing) -> String {
     }
     for w in &listing.warnings {
         let _ = writeln!(out, "warning: {}", safe(w));
+    }
+    out
+}
+
+/// Columns padded to their widest cell (two spaces apart), the header
+/// first; the last column is not padded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; N]| {
+        let mut text = String::new();
+        for (cell, w) in cells.iter().zip(widths) {
+            text.push_str(cell);
+            text.push_str(&" ".repeat(w.saturating_sub(cell.chars().count()) + 2));
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line(*header);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// The audit trail as `keyserver audit` prints it: one line per entry,
+/// oldest first (time in UTC, token id and name, role, client, method and
+/// path, network, target, status). Every text is escaped.
+pub fn render_audit(entries: &[crate::auth::AuditRecord]) -> String {
+    let header = [
+        "TIME", "TOKEN", "ROLE", "CLIENT", "REQUEST", "NETWORK", "TARGET", "STATUS",
+    ];
+    let rows: Vec<[String; 8]> = entries
+        .iter()
+        .map(|e| {
+            let secs = e.time_ms / 1000;
+            let time = if secs < LAST_RFC3339_SECOND {
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+                    .to_string()
+            } else {
+                secs.to_string()
+            };
+            [
+                time,
+                safe(&format!("{} ({})", e.token, e.token_name)),
+                e.role.to_string(),
+                safe(e.client.as_deref().unwrap_or("-")),
+                safe(&format!("{} {}", e.method, e.path)),
+                safe(e.network_name.as_deref().unwrap_or("-")),
+                safe(e.target.as_deref().unwrap_or("-")),
+                e.status.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(&header, &rows);
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no entries)");
+    }
+    out
+}
+
+/// How long ago `then` was, from `now` (Unix seconds): `5s ago`, `3m ago`,
+/// `2h ago`, `4d ago`; `-` for never (0).
+fn ago(then: u64, now: u64) -> String {
+    if then == 0 {
+        return "-".into();
+    }
+    let d = now.saturating_sub(then);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86_399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86_400),
+    }
+}
+
+/// `GET …/members` as the CLI prints it by default (as `wg show` does for
+/// peers): one line per member with its instance name, address, state,
+/// last contact (relative to `now`, Unix seconds), endpoints (the first,
+/// and how many more), service and runner. Every text from the network is
+/// escaped.
+pub fn render_members(members: &[MemberInfo], now: u64) -> String {
+    let header = [
+        "INSTANCE",
+        "ADDRESS",
+        "STATE",
+        "LAST SEEN",
+        "ENDPOINT",
+        "SERVICE",
+        "RUNNER",
+    ];
+    let rows: Vec<[String; 7]> = members
+        .iter()
+        .map(|m| {
+            let endpoint = match m.member.endpoints.as_slice() {
+                [] => "-".to_owned(),
+                [one] => one.to_string(),
+                [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+            };
+            let state = match (m.member.state, m.ephemeral) {
+                (MemberState::Online, false) => "online",
+                (MemberState::Online, true) => "online, ephemeral",
+                (MemberState::Offline, false) => "offline",
+                (MemberState::Offline, true) => "offline, ephemeral",
+            };
+            [
+                safe(m.member.instance.as_str()),
+                m.member.ip.to_string(),
+                state.to_owned(),
+                ago(m.last_seen, now),
+                endpoint,
+                safe(&m.member.service),
+                safe(&m.member.runner),
+            ]
+        })
+        .collect();
+    let mut out = table(&header, &rows);
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no members)");
     }
     out
 }
@@ -708,5 +831,49 @@ mod tests {
         assert!(text.contains("evil-1.internal."), "{text}");
         // Not an object: printed as is, escaped.
         assert!(!render_member(&serde_json::json!("\u{1b}")).contains('\u{1b}'));
+    }
+
+    #[test]
+    fn member_table_shows_what_wg_show_would() {
+        let mut a = member("api-web-1", "api", "ap-1", "web", 1, 1);
+        a.endpoints = vec![
+            "192.0.2.10:51820".parse().unwrap(),
+            "198.51.100.7:40000".parse().unwrap(),
+        ];
+        let mut b = member("evil-1", "x\u{202e}y\u{1b}[2J", "evil", "web", 1, 2);
+        b.state = MemberState::Offline;
+        let info = |m: Member, last_seen: u64, ephemeral: bool| MemberInfo {
+            member: m,
+            joined: 1,
+            last_seen,
+            offline_since: None,
+            ephemeral,
+        };
+        let text = render_members(
+            &[info(a, 9995, false), info(b, 10_000 - 7200, true)],
+            10_000,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("INSTANCE") && lines[0].contains("LAST SEEN"));
+        assert!(lines[1].starts_with("api-web-1"), "{text}");
+        for part in [
+            "10.240.0.1",
+            "online",
+            "5s ago",
+            "192.0.2.10:51820 (+1)",
+            "api",
+            "r1",
+        ] {
+            assert!(lines[1].contains(part), "{part}: {text}");
+        }
+        for part in ["offline, ephemeral", "2h ago", "  -  "] {
+            assert!(lines[2].contains(part), "{part}: {text}");
+        }
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}'));
+        // Columns line up: the address starts at the same place on every line.
+        let col = lines[0].find("ADDRESS").unwrap();
+        assert_eq!(lines[1].find("10.240.0.1"), Some(col));
+        assert_eq!(render_members(&[], 0).lines().nth(1), Some("(no members)"));
     }
 }

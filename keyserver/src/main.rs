@@ -1,13 +1,16 @@
 //! `keyserver`: the IST Mesh control plane.
 //!
 //! `keyserver serve` runs the servers. The admin subcommands (`network`,
-//! `token`, `member`, `service`, `service-address`) talk to a running keyserver's HTTP API: by default the
+//! `token`, `member`, `service`, `service-address`, `api-token`, `audit`)
+//! talk to a running keyserver's HTTP API: by default the
 //! address in `<data-dir>/api.url` (written by `serve`) and the bearer token
 //! in `<data-dir>/admin-token`; `--api` and `--token-file` override them.
 //! Names in URL paths are percent-encoded, so any network name works.
 //! They print the API's JSON, except `network names`, `network traffic`,
-//! `member get` and `service-address list`, which print a table (text from
-//! the network escaped) unless `--json`.
+//! `member list`, `member get`, `service-address list` and `audit`, which
+//! print a table (text from the network escaped) unless `--json`, and
+//! `token create --bare` / `api-token create --bare`, which print only the
+//! secret.
 //!
 //! Logs go to stderr: coloured only on a terminal and without `NO_COLOR`,
 //! or one JSON object per line with `--log-format json`.
@@ -25,7 +28,7 @@ use hyper::Method;
 use keyserver::admin::path_segment;
 use keyserver::admin::AdminClient;
 use keyserver::config::{Config, LogFormat, RelayListen};
-use keyserver::listing::{render_member, render_names, NameListing};
+use keyserver::listing::{render_member, render_members, render_names, NameListing};
 use keyserver::Keyserver;
 use serde_json::json;
 
@@ -55,14 +58,39 @@ enum Cmd {
     /// Manage members.
     #[command(subcommand)]
     Member(MemberCmd),
-    /// Manage service groups (seed 002): published ports of a group of
-    /// instances, served by gateways (`sidecar gateway`).
+    /// Manage service groups: a group of instances published to the
+    /// outside on public ports, served by gateways (`sidecar gateway`).
     #[command(subcommand)]
     Service(ServiceCmd),
     /// Manage service addresses (each service's own address): scale to
     /// zero on internal traffic (a wake hook, `idle-after`, an idle hook).
     #[command(subcommand)]
     ServiceAddress(AddressCmd),
+    /// Manage API tokens: scoped bearer tokens (viewer, operator, admin;
+    /// one tenant's networks or all) for the admin API and these commands.
+    #[command(subcommand)]
+    ApiToken(ApiTokenCmd),
+    /// Show the audit trail: every change made through the admin API or
+    /// these commands (who, from where, what, when, the result).
+    Audit {
+        /// Only entries about this network (id or name).
+        #[arg(long)]
+        network: Option<String>,
+        /// From this time: Unix seconds, RFC 3339, or an age (`1h` ago).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time: Unix seconds, RFC 3339, or an age (`10m` ago).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many entries (the latest).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Write every record into a file (a consistent snapshot, also while
     /// the keyserver serves: through its API, else from the store).
     Backup {
@@ -99,63 +127,72 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML configuration file (flags and env override it).
+    /// TOML configuration file (flags and env override it) [default: none:
+    /// the defaults below].
     #[arg(long, env = "KEYSERVER_CONFIG")]
     config: Option<PathBuf>,
-    /// QUIC listen address.
+    /// QUIC listen address [default: 0.0.0.0:7443].
     #[arg(long, env = "KEYSERVER_QUIC_LISTEN")]
     quic_listen: Option<SocketAddr>,
-    /// Admin API listen address.
+    /// Admin API listen address [default: 127.0.0.1:7480].
     #[arg(long, env = "KEYSERVER_API_LISTEN")]
     api_listen: Option<SocketAddr>,
-    /// QUIC address to put into join tokens (repeatable).
+    /// QUIC address to put into join tokens (repeatable) [default: the
+    /// QUIC listen address, loopback if it is unspecified].
     #[arg(long, env = "KEYSERVER_ADVERTISE", value_delimiter = ',')]
     advertise: Vec<SocketAddr>,
-    /// Log filter.
+    /// Log filter [default: info].
     #[arg(long, env = "KEYSERVER_LOG")]
     log_level: Option<String>,
-    /// Log format: `text` or `json`.
+    /// Log format [default: text] [possible values: text, json].
     #[arg(long, env = "KEYSERVER_LOG_FORMAT", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
-    /// A member silent this long goes offline (`30s`).
+    /// A member silent this long goes offline [default: 30s].
     #[arg(long, env = "KEYSERVER_OFFLINE_AFTER", value_parser = humantime::parse_duration)]
     offline_after: Option<std::time::Duration>,
-    /// An offline member expires this long after (`24h`), unless its
-    /// network says otherwise.
+    /// An offline member expires this long after, unless its network says
+    /// otherwise [default: 24h].
     #[arg(long, env = "KEYSERVER_EXPIRE_AFTER", value_parser = humantime::parse_duration)]
     expire_after: Option<std::time::Duration>,
     /// An offline *ephemeral* member is removed (its slot freed) this long
-    /// after it went offline (`30s`); default `offline-after`.
+    /// after it went offline [default: --offline-after].
     #[arg(long, env = "KEYSERVER_EPHEMERAL_AFTER", value_parser = humantime::parse_duration)]
     ephemeral_after: Option<std::time::Duration>,
     /// Where the records live: `etcd://host:2379[,host:2379...][/prefix]`
-    /// for an etcd cluster shared by keyserver replicas; default the
-    /// embedded store in the data directory.
+    /// for an etcd cluster shared by keyserver replicas [default: the
+    /// embedded store in the data directory].
     #[arg(long, env = "KEYSERVER_STORE")]
     store: Option<String>,
+    /// Entries the audit trail keeps; the oldest are dropped past it
+    /// [default: 10000].
+    #[arg(long, env = "KEYSERVER_AUDIT_ENTRIES")]
+    audit_entries: Option<usize>,
     /// UDP address of STUN and the relay, or `off` [default: port 3478 on
     /// the QUIC listen host].
     #[arg(long, env = "KEYSERVER_RELAY_LISTEN", value_parser = parse_relay_listen)]
     relay_listen: Option<Listen>,
-    /// The relay address members are told.
+    /// The relay address members are told [default: the first advertised
+    /// QUIC address's host, with the relay's port].
     #[arg(long, env = "KEYSERVER_RELAY_ADVERTISE")]
     relay_advertise: Option<SocketAddr>,
-    /// Another STUN server for members (repeatable).
+    /// Another STUN server for members (repeatable) [default: none but
+    /// this keyserver's].
     #[arg(
         long = "stun-server",
         env = "KEYSERVER_STUN_SERVERS",
         value_delimiter = ','
     )]
     stun_servers: Vec<SocketAddr>,
-    /// Bytes a second one member may send through the relay.
+    /// Bytes a second one member may send through the relay [default:
+    /// 12500000, 100 Mbit/s].
     #[arg(long, env = "KEYSERVER_RELAY_RATE")]
     relay_rate: Option<u64>,
     /// TCP address of control and relay over TLS (members whose UDP is
-    /// blocked), or `off`; default: the QUIC address, on TCP.
+    /// blocked), or `off` [default: the QUIC address, on TCP].
     #[arg(long, env = "KEYSERVER_TCP_LISTEN", value_parser = parse_relay_listen)]
     tcp_listen: Option<Listen>,
-    /// Let service addresses' command hooks (wake, idle) run on this host;
-    /// without it only URL hooks run.
+    /// Let service addresses' command hooks (wake, idle) run on this host
+    /// [default: off: only URL hooks run].
     #[arg(long, env = "KEYSERVER_ALLOW_WAKE_COMMANDS")]
     allow_wake_commands: bool,
 }
@@ -211,7 +248,8 @@ struct ApiArgs {
     /// Admin API base URL (default: `<data-dir>/api.url`).
     #[arg(long, env = "KEYSERVER_API")]
     api: Option<String>,
-    /// File holding the admin bearer token (default: `<data-dir>/admin-token`).
+    /// File holding the bearer token: the admin token or an API token
+    /// (default: `<data-dir>/admin-token`).
     #[arg(long, env = "KEYSERVER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
 }
@@ -229,6 +267,11 @@ enum NetworkCmd {
         /// default: the keyserver's `expire-after-secs`.
         #[arg(long)]
         expire_after: Option<String>,
+        /// The tenant the network belongs to (API tokens of that tenant
+        /// reach it); default: none (only global tokens), or the token's
+        /// own tenant.
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -238,8 +281,11 @@ enum NetworkCmd {
         name: String,
         /// How long an offline member is kept before it expires (`90s`,
         /// `24h`), or `default` for the keyserver's.
+        #[arg(long, required_unless_present = "tenant")]
+        expire_after: Option<String>,
+        /// Move the network to this tenant, or `none` (global admins only).
         #[arg(long)]
-        expire_after: String,
+        tenant: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -248,8 +294,8 @@ enum NetworkCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// List every private name of a network with its current answer
-    /// (seed 003's listing): `<instance>.internal`, the
+    /// List every private name of a network with its current answer:
+    /// `<instance>.internal`, the
     /// `[<n>.][<type>.]<app-id>.<pn-id>.private-network.internal` names
     /// and their aliases, and each service's `.warp` name. Offline members
     /// are not named.
@@ -313,6 +359,10 @@ enum TokenCmd {
         /// goes offline), whatever the sidecar says.
         #[arg(long)]
         ephemeral: bool,
+        /// Print only the token (for `TOKEN=$(keyserver token create ...)`)
+        /// instead of the API's JSON.
+        #[arg(long)]
+        bare: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -338,11 +388,15 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum MemberCmd {
-    /// List members.
+    /// List members as a table (instance, address, state, last seen,
+    /// endpoint, service, runner), like `wg show` for peers.
     List {
         /// Network id or name.
         #[arg(long)]
         network: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -367,6 +421,43 @@ enum MemberCmd {
         network: String,
         /// Public key or instance name.
         member: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiTokenCmd {
+    /// Create an API token (its secret is printed once).
+    Create {
+        /// Who or what uses it (shown in listings and the audit trail).
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// The tenant whose networks it reaches; default: every network
+        /// (or the creating token's tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime (`30d`); default: until revoked.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Print only the secret instead of the API's JSON.
+        #[arg(long)]
+        bare: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List API tokens (not their secrets).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke an API token by its id (`at-...`).
+    Revoke {
+        /// The token's id.
+        id: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -754,6 +845,71 @@ async fn service_admin(
     })
 }
 
+/// Now, Unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `--since`/`--until` of `audit`: Unix seconds, RFC 3339 (passed on), or
+/// an age (`1h`: that long ago).
+fn time_arg(text: &str) -> anyhow::Result<String> {
+    if text.parse::<u64>().is_ok() || humantime::parse_rfc3339_weak(text).is_ok() {
+        return Ok(path_segment(text));
+    }
+    let age = humantime::parse_duration(text).with_context(|| {
+        format!("{text:?}: expected Unix seconds, an RFC 3339 time or an age such as 1h")
+    })?;
+    Ok(unix_now().saturating_sub(age.as_secs()).to_string())
+}
+
+/// Prints the `token` field of a creation answer alone.
+fn print_secret(out: &serde_json::Value) -> anyhow::Result<()> {
+    let token = out["token"]
+        .as_str()
+        .context("the keyserver's answer has no token")?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `keyserver api-token ...`.
+async fn api_token_admin(data_dir: &std::path::Path, cmd: ApiTokenCmd) -> anyhow::Result<()> {
+    let out = match cmd {
+        ApiTokenCmd::Create {
+            name,
+            role,
+            tenant,
+            expires,
+            bare,
+            api,
+        } => {
+            let body = json!({ "name": name, "role": role, "tenant": tenant, "expires": expires });
+            let out = client(data_dir, api)?
+                .call(Method::POST, "/v1/api-tokens", Some(&body))
+                .await?;
+            if bare {
+                return print_secret(&out);
+            }
+            out
+        }
+        ApiTokenCmd::List { api } => {
+            client(data_dir, api)?
+                .call(Method::GET, "/v1/api-tokens", None)
+                .await?
+        }
+        ApiTokenCmd::Revoke { id, api } => {
+            let path = format!("/v1/api-tokens/{}", path_segment(&id));
+            client(data_dir, api)?
+                .call(Method::DELETE, &path, None)
+                .await?;
+            json!({ "revoked": true, "id": id })
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -874,6 +1030,7 @@ async fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()>
         None => {}
     }
     config.allow_wake_commands |= args.allow_wake_commands;
+    config.audit_entries = args.audit_entries.unwrap_or(config.audit_entries);
     init_logs(&config.log_level, config.log_format)?;
     tame_malloc();
     let mut ks = Keyserver::open(&config).context("opening the data directory")?;
@@ -1088,9 +1245,10 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             name,
             range,
             expire_after,
+            tenant,
             api,
         }) => {
-            let body = json!({ "name": name, "range": range, "expire_after": expire_after });
+            let body = json!({ "name": name, "range": range, "expire_after": expire_after, "tenant": tenant });
             client(&data_dir, api)?
                 .call(Method::POST, "/v1/networks", Some(&body))
                 .await?
@@ -1098,10 +1256,16 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Network(NetworkCmd::Set {
             name,
             expire_after,
+            tenant,
             api,
         }) => {
-            let value = (expire_after != "default").then_some(expire_after);
-            let body = json!({ "expire_after": value });
+            let mut body = json!({});
+            if let Some(e) = expire_after {
+                body["expire_after"] = json!((e != "default").then_some(e));
+            }
+            if let Some(t) = tenant {
+                body["tenant"] = json!((t != "none").then_some(t));
+            }
             let path = format!("/v1/networks/{}", path_segment(&name));
             client(&data_dir, api)?
                 .call(Method::PATCH, &path, Some(&body))
@@ -1139,13 +1303,18 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
             process_type,
             service_group,
             ephemeral,
+            bare,
             api,
         }) => {
             let body = json!({ "uses": uses, "expires": expires, "service": app, "process_type": process_type, "service_group": service_group, "ephemeral": ephemeral });
             let path = format!("/v1/networks/{}/tokens", path_segment(&network));
-            client(&data_dir, api)?
+            let out = client(&data_dir, api)?
                 .call(Method::POST, &path, Some(&body))
-                .await?
+                .await?;
+            if bare {
+                return print_secret(&out);
+            }
+            out
         }
         Cmd::Token(TokenCmd::List { network, api }) => {
             let path = format!("/v1/networks/{}/tokens", path_segment(&network));
@@ -1163,11 +1332,48 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
                 .call(Method::DELETE, &path, None)
                 .await?
         }
-        Cmd::Member(MemberCmd::List { network, api }) => {
+        Cmd::Member(MemberCmd::List { network, json, api }) => {
             let path = format!("/v1/networks/{}/members", path_segment(&network));
-            client(&data_dir, api)?
+            let out = client(&data_dir, api)?
                 .call(Method::GET, &path, None)
-                .await?
+                .await?;
+            if !json {
+                let members: Vec<keyserver::registry::MemberInfo> = serde_json::from_value(out)
+                    .context("the keyserver's answer is not a list of members")?;
+                print!("{}", render_members(&members, unix_now()));
+                return Ok(());
+            }
+            out
+        }
+        Cmd::ApiToken(cmd) => return api_token_admin(&data_dir, cmd).await,
+        Cmd::Audit {
+            network,
+            since,
+            until,
+            limit,
+            json,
+            api,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            if let Some(n) = network {
+                query.push(format!("network={}", path_segment(&n)));
+            }
+            for (key, value) in [("since", since), ("until", until)] {
+                if let Some(v) = value {
+                    query.push(format!("{key}={}", time_arg(&v)?));
+                }
+            }
+            let path = format!("/v1/audit?{}", query.join("&"));
+            let out = client(&data_dir, api)?
+                .call(Method::GET, &path, None)
+                .await?;
+            if !json {
+                let entries: Vec<keyserver::auth::AuditRecord> = serde_json::from_value(out)
+                    .context("the keyserver's answer is not a list of audit entries")?;
+                print!("{}", keyserver::listing::render_audit(&entries));
+                return Ok(());
+            }
+            out
         }
         Cmd::Member(MemberCmd::Get {
             network,

@@ -65,6 +65,8 @@ pub struct Limits {
     pub lifecycle: Lifecycle,
     /// Domain of service groups' generated FQDNs (`<name>-<random>.<domain>`).
     pub service_domain: String,
+    /// Entries the audit trail keeps ([`crate::auth`]).
+    pub audit_entries: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +84,7 @@ impl Default for Limits {
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),
             service_domain: crate::registry::DEFAULT_SERVICE_DOMAIN.to_owned(),
+            audit_entries: crate::registry::DEFAULT_AUDIT_ENTRIES,
         }
     }
 }
@@ -314,6 +317,7 @@ impl Shared {
             Registry::load(records, limits.change_log, limits.quarantine, now);
         reg.set_lifecycle(limits.lifecycle);
         reg.set_service_domain(&limits.service_domain);
+        reg.set_audit_cap(limits.audit_entries);
         (reg, warnings)
     }
 

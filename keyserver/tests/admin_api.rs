@@ -662,7 +662,7 @@ async fn networks_are_deleted_and_names_with_any_characters_work_in_the_cli() {
         let id = tok["id"].as_str().unwrap();
         cli(&["token", "delete", "--network", name, id]).unwrap();
         assert_eq!(
-            cli(&["member", "list", "--network", name]).unwrap(),
+            cli(&["member", "list", "--network", name, "--json"]).unwrap(),
             json!([])
         );
         cli(&["network", "delete", name]).unwrap();

@@ -161,11 +161,11 @@ async fn kill_9_loses_nothing_committed() {
     for _ in 0..10 {
         sessions.push(join(&ep, &token, "api").await);
     }
-    let before = cli(dir, &["member", "list", "--network", "prod"]);
+    let before = cli(dir, &["member", "list", "--network", "prod", "--json"]);
     assert_eq!(before.as_array().unwrap().len(), 10);
     let victim = sessions[0].1.welcome().instance.to_string();
     cli(dir, &["member", "remove", "--network", "prod", &victim]);
-    let before = cli(dir, &["member", "list", "--network", "prod"]);
+    let before = cli(dir, &["member", "list", "--network", "prod", "--json"]);
     let (k, s) = sessions.pop().unwrap();
     let req = s.resume_request(k.public_key(), vec!["192.0.2.10:51820".parse().unwrap()]);
     // SIGKILL, no shutdown path at all.
@@ -173,7 +173,7 @@ async fn kill_9_loses_nothing_committed() {
     drop(sessions);
 
     let _server = spawn_server(dir);
-    let after = cli(dir, &["member", "list", "--network", "prod"]);
+    let after = cli(dir, &["member", "list", "--network", "prod", "--json"]);
     let ips = |v: &Value| -> Vec<(String, String)> {
         v.as_array()
             .unwrap()
@@ -401,7 +401,7 @@ async fn kill_9_mid_group_keeps_every_answered_join() {
     }
     let answered = answered.lock().unwrap().clone();
     let _server = spawn_server(&dir);
-    let stored = cli(&dir, &["member", "list", "--network", "prod"]);
+    let stored = cli(&dir, &["member", "list", "--network", "prod", "--json"]);
     let stored: std::collections::HashMap<String, String> = stored
         .as_array()
         .unwrap()

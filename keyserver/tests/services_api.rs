@@ -411,7 +411,18 @@ async fn aliases_need_a_network_when_there_are_several() {
     let h = Harness::start(dir.path(), |_| {}).await;
     h.network("a", "10.240.0.0/22").await;
     h.network("b", "10.241.0.0/22").await;
+    // Listing without ?network=: every network's groups (none yet).
     let (status, body) = raw(&h, "GET", "/services", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!([]));
+    // Creating without it is ambiguous: 400, saying how to choose.
+    let (status, body) = raw(
+        &h,
+        "POST",
+        "/services",
+        Some(json!({"name": "x", "ports": [port(443, &["http", "tls"])]})),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("?network="));
     let (status, _) = raw(
@@ -452,5 +463,39 @@ async fn aliases_need_a_network_when_there_are_several() {
         doc["components"]["schemas"]["Service"]["properties"]["persistent"]["type"],
         "boolean"
     );
+    // A group named once is found without ?network=; a name two networks
+    // use is a 400 naming them, and every alias operation documents 400.
+    let (status, body) = raw(&h, "GET", "/services/x", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = raw(
+        &h,
+        "POST",
+        "/services?network=a",
+        Some(json!({"name": "x", "ports": [port(443, &["http", "tls"])]})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body) = raw(&h, "GET", "/services", None).await;
+    assert_eq!((status, body.as_array().unwrap().len()), (200, 2));
+    for (method, path) in [
+        ("GET", "/services/x"),
+        ("PATCH", "/services/x"),
+        ("DELETE", "/services/x"),
+        ("PUT", "/services/x/instances/nobody"),
+        ("DELETE", "/services/x/instances/nobody"),
+    ] {
+        let body = (method == "PATCH").then(|| json!({"soft_limit": 2}));
+        let (status, answer) = raw(&h, method, path, body).await;
+        assert_eq!(status, 400, "{method} {path}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("2 networks (a, b)"), "{error}");
+        let template = path.replace("/x", "/{name}").replace("nobody", "{member}");
+        let documented = &doc["paths"][&template][method.to_lowercase()]["responses"]["400"];
+        assert!(
+            documented.is_object(),
+            "{method} {template}: 400 undocumented"
+        );
+    }
+    assert_eq!(raw(&h, "GET", "/services/nope", None).await.0, 404);
     h.stop().await;
 }

@@ -114,6 +114,11 @@ async fn takeover_replace_and_refusals_over_quic() {
         if let Some(t) = v["tokens"].as_array_mut() {
             t.retain(|t| t["service"] != "web");
         }
+        // The audit trail records the admin API's changes (the web token's
+        // creation); joins, refused or not, add nothing to it.
+        if let Some(a) = v["audit"].as_array_mut() {
+            a.retain(|e| e["route"] != "/v1/networks/{net}/tokens");
+        }
         serde_json::to_string(&v).unwrap()
     };
     assert_eq!(strip(&before), strip(&after), "refusals changed the store");

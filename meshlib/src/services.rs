@@ -289,6 +289,18 @@ impl HandlerRule {
     }
 }
 
+/// A broken handler rule in words, naming the port once: `port 443 must
+/// have the tls handler`, `port 8443: ports other than 80 and 443 must have
+/// the tls handler`.
+fn handler_text(port: u16, rule: HandlerRule) -> String {
+    let text = rule.text();
+    if text.starts_with(&format!("port {port} ")) {
+        text.to_owned()
+    } else {
+        format!("port {port}: {text}")
+    }
+}
+
 /// Checks seed 002's handler rules for one port. The first rule broken is
 /// returned; the order is: `udp` takes none, `redirect` only on 80, then
 /// the port's own rules (`http` before `tls`).
@@ -737,7 +749,7 @@ pub enum ServiceError {
         handler: String,
     },
     /// A seed-002 handler rule is broken.
-    #[error("port {port}: {}", rule.text())]
+    #[error("{}", handler_text(*port, *rule))]
     Handler {
         /// The port.
         port: u16,
@@ -1032,6 +1044,23 @@ pub fn patch_group(group: &ServiceGroup, patch: &GroupPatch) -> Result<ServiceGr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn handler_errors_name_the_port_once() {
+        let e = ServiceError::Handler {
+            port: 443,
+            rule: HandlerRule::Port443NeedsTls,
+        };
+        assert_eq!(e.to_string(), "port 443 must have the tls handler");
+        let e = ServiceError::Handler {
+            port: 8443,
+            rule: HandlerRule::OtherNeedsTls,
+        };
+        assert_eq!(
+            e.to_string(),
+            "port 8443: ports other than 80 and 443 must have the tls handler"
+        );
+    }
+
     use super::*;
 
     fn spec(port: i64, handlers: &[&str]) -> PortSpec {

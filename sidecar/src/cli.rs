@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use meshlib::ids::{InstanceName, ProcessType};
 
+use clap::builder::TypedValueParser as _;
+
 use crate::config::{Config, ConfigError, Mode};
 
 /// Options shared by `sidecar up` and `sidecar run`.
@@ -58,8 +60,15 @@ pub struct UpArgs {
     /// State directory (default /var/lib/ist-mesh).
     #[arg(long, env = "ISTM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// kernel (TUN) or userspace.
-    #[arg(long, env = "ISTM_MODE")]
+    /// How the sidecar meets the instance: `kernel` (a TUN interface; needs
+    /// CAP_NET_ADMIN and /dev/net/tun) or `userspace` (a userspace TCP/IP
+    /// stack on loopback addresses; no privileges) [default: kernel].
+    #[arg(
+        long,
+        env = "ISTM_MODE",
+        value_parser = clap::builder::PossibleValuesParser::new(["kernel", "userspace"])
+            .try_map(|s| s.parse::<Mode>())
+    )]
     pub mode: Option<Mode>,
     /// TUN interface name (default istm0).
     #[arg(long, env = "ISTM_INTERFACE")]
@@ -116,8 +125,8 @@ pub struct UpArgs {
     /// Rotate the WireGuard key every this many seconds (default 0: never).
     #[arg(long, env = "ISTM_KEY_LIFETIME")]
     pub key_lifetime: Option<u64>,
-    /// Attach this instance to an existing service group at its first join
-    /// (seed 002); repeat or comma-separate.
+    /// Attach this instance to an existing service group (published ports
+    /// served by gateways) at its first join; repeat or comma-separate.
     #[arg(
         long = "service-group",
         env = "ISTM_SERVICE_GROUPS",

@@ -125,8 +125,8 @@ enum Command {
         #[arg(long, env = "ISTM_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Serve the published ports of the network's service groups (seed
-    /// 002) on this host's public addresses: TLS, HTTP reverse proxy,
+    /// Serve the published ports of the network's service groups on this
+    /// host's public addresses: TLS, HTTP reverse proxy,
     /// redirect, TCP and UDP, balanced over the groups' online instances.
     Gateway(sidecar::gateway::GatewayArgs),
     /// Show peers, endpoints, handshakes, bytes, map generation and the

@@ -223,6 +223,69 @@ async fn bad_values_fail_before_the_join_and_cost_no_token_use() {
     ks.stop().await;
 }
 
+/// A second sidecar on a host that shares another's interface name fails
+/// before joining (`wg show` would lose one of them), naming every setting
+/// that clashes at once and the settings each sidecar needs its own of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_interface_is_an_error_with_every_clash_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let iface = support::interface();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Another sidecar's WireGuard socket for this interface name, where a
+    // sidecar without access to /var/run/wireguard serves it.
+    let _other =
+        std::os::unix::net::UnixListener::bind(state.join(format!("{iface}.sock"))).unwrap();
+    let (_udp, busy) = taken_udp();
+    let mut a: Vec<String> = vec!["up".into(), "--service".into(), "api".into()];
+    a.extend(rootless_args(dir.path(), &iface));
+    let at = a.iter().position(|x| x == "--listen-port").unwrap();
+    a[at + 1] = busy.to_string();
+    let mut sc = Sidecar::spawn(dir.path(), &a, &[]);
+    let status = sc.wait_exit(Duration::from_secs(20)).await;
+    let log = sc.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    for part in [
+        "sidecar: listen-port:",
+        &format!("; interface: \"{iface}\" is in use on this host"),
+        "each sidecar on a host needs its own state-dir, interface, listen-port",
+        "loopback-octet",
+    ] {
+        assert!(log.contains(part), "{part}:\n{log}");
+    }
+}
+
+#[test]
+fn mode_help_shows_its_default_and_values() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["up", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mode: String = text
+        .split("--mode <MODE>")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"))
+        .split("\n      --")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(mode.contains("[default: kernel]"), "{mode}");
+    assert!(
+        mode.contains("[possible values: kernel, userspace]"),
+        "{mode}"
+    );
+    assert!(!text.contains("seed 00"), "{text}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["up", "--mode", "kernal"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values: kernel, userspace"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_stays_out_of_ps_and_state_is_private() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,7 +47,7 @@ pub(super) async fn get(
 pub(super) async fn update(
     State(api): State<Api>,
     Path((net, service)): Path<(String, String)>,
-    Json(body): Json<AddressPatch>,
+    super::body::JsonBody(body): super::body::JsonBody<AddressPatch>,
 ) -> Result<Json<AddressInfo>, ApiError> {
     let id = resolve(&api, &net)?;
     let settings = body.settings()?;

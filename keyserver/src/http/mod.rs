@@ -32,7 +32,9 @@
 //! one closes the oldest ([`crate::admission::Admission`]), so connections
 //! that trickle cannot keep an operator waiting.
 
+mod access;
 mod addresses;
+mod body;
 mod openapi;
 mod routes;
 mod services;
@@ -50,14 +52,16 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use parking_lot::Mutex;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+pub use access::{ApiTokenView, ClientAddr, CreateApiToken};
+pub use body::JsonBody;
 pub use openapi::openapi_doc;
 pub use routes::{CreateNetwork, CreateToken, NetworkView, TokenView};
 pub use services::{AttachedView, ServiceView};
 
 use crate::admission::Admission;
+pub use crate::auth::Principal;
 use crate::registry::AdminError;
 use crate::server::{OpError, Shared};
 
@@ -164,6 +168,13 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
             "/services/{name}/instances/{member}",
             axum::routing::put(services::alias_attach).delete(services::alias_detach),
         )
+        .route(
+            "/v1/api-tokens",
+            get(access::list_tokens).post(access::create_token),
+        )
+        .route("/v1/api-tokens/{id}", delete(access::revoke_token))
+        .route("/v1/audit", get(access::audit))
+        .route_layer(middleware::from_fn_with_state(api.clone(), access::guard))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), read_body))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
@@ -232,22 +243,30 @@ async fn not_found(req: Request) -> ApiError {
     )
 }
 
-async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+/// Resolves the bearer token to a [`Principal`] (401 when it is missing,
+/// unknown, revoked or expired) and puts it into the request's extensions
+/// for [`access::guard`] and the handlers.
+async fn auth(State(api): State<Api>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let ok: bool = given.as_bytes().ct_eq(api.token.as_bytes()).into();
-    if !ok {
-        return ApiError(
+        .unwrap_or("")
+        .trim();
+    let now = crate::registry::unix(std::time::SystemTime::now());
+    let lookup = |hash: &[u8; 32]| api.shared.read(|r| r.api_token(hash).cloned());
+    match crate::auth::resolve(given, &api.token, now, lookup) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(_) => ApiError(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
+            "missing, wrong, revoked or expired bearer token".into(),
         )
-        .into_response();
+        .into_response(),
     }
-    next.run(req).await
 }
 
 /// Reads the body of a request that has one (POST, PUT, PATCH) within the
@@ -365,7 +384,9 @@ pub async fn serve(
             state.1.insert(admitted.id, tx);
             (admitted.id, rx)
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // Handlers and the audit trail see the client's address.
+        let with_peer = router.clone().layer(axum::Extension(ClientAddr(peer)));
+        let service = hyper_util::service::TowerToHyperService::new(with_peer);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let mut stop = stop_rx.clone();
         let grace = limits.request_timeout;

@@ -5,17 +5,26 @@
 use serde_json::{json, Map, Value};
 
 /// Statuses and what they mean, each a shared response with the `Error` body.
-const ERRORS: [(&str, &str, &str); 11] = [
+const ERRORS: [(&str, &str, &str); 12] = [
     (
         "400",
         "BadRequest",
         "invalid input (name, range, expiry, binding, query), or malformed JSON",
     ),
-    ("401", "Unauthorized", "missing or wrong bearer token"),
+    (
+        "401",
+        "Unauthorized",
+        "missing, wrong, revoked or expired bearer token",
+    ),
+    (
+        "403",
+        "Forbidden",
+        "the token's role does not allow this (a viewer changing anything, an operator changing a network itself or API tokens, a tenant token reading backups); a network outside the token's tenant answers 404 instead",
+    ),
     (
         "404",
         "NotFound",
-        "no such network, member, token, service address or route",
+        "no such network, member, token, service address or route; also a network outside the token's tenant (it does not exist for that token)",
     ),
     (
         "405",
@@ -98,7 +107,12 @@ fn expire_after() -> Value {
 
 /// `expire_after` in a request body.
 fn expire_text() -> Value {
-    json!({"type": ["string", "null"], "description": "how long an offline member is kept before it expires (`90s`, `1h`, `7d`; 1 s to 3650 days); null: the keyserver's default"})
+    json!({"type": ["string", "null"], "description": "how long an offline member is kept before it expires (`90s`, `1h`, `7d`; 1 s to 3650 days); null or empty: the keyserver's default"})
+}
+
+/// A tenant name in a request body.
+fn tenant_text(what: &str) -> Value {
+    json!({"type": ["string", "null"], "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "description": what})
 }
 
 /// The shared schemas.
@@ -121,6 +135,7 @@ fn schemas() -> Value {
             "expire_after": expire_after(),
             "service_range": {"type": ["string", "null"], "format": "cidr", "description": "where service addresses come from; null: the default, the block of the same size after `range` (`10.240.4.0/22` for `10.240.0.0/22`)"},
             "addresses": {"type": "object", "additionalProperties": schema_ref("ServiceAddress"), "description": "every service's own address (its VIP), by service name: what `<service>.warp` and `WARP_IST_*` give; kept while the network exists"},
+            "tenant": {"type": "string", "description": "the tenant the network belongs to (absent: none; only global tokens see it)"},
             "members": {"type": "integer", "format": "int64", "minimum": 0}}},
         "NewNetwork": {"type": "object", "required": ["id", "name", "range", "generation", "created"], "properties": {
             "id": schema_ref("NetworkId"),
@@ -130,6 +145,7 @@ fn schemas() -> Value {
             "created": unix_seconds("creation time"),
             "expire_after": expire_after(),
             "service_range": {"type": ["string", "null"], "format": "cidr"},
+            "tenant": {"type": "string"},
             "addresses": {"type": "object", "additionalProperties": schema_ref("ServiceAddress")}}},
         "Member": {"type": "object", "required": ["public_key", "ip", "endpoints", "service", "app_id", "process_type", "index", "instance", "runner", "ports", "state", "joined", "last_seen"], "properties": {
             "public_key": {"type": "string", "format": "byte", "description": "WireGuard public key, base64 (44 characters)"},
@@ -376,7 +392,7 @@ pub fn openapi_doc() -> Value {
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "IST Mesh keyserver admin API", "version": "1",
-            "description": "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <admin-token>`; without it every other path, unknown ones included, answers 401. Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
+            "description": "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <token>`: the keyserver's admin token (a global admin) or an API token (`/v1/api-tokens`: role viewer, operator or admin, for one tenant's networks or all); without one every other path, unknown ones included, answers 401. A network outside the token's tenant answers 404 like an unknown one, and listings leave it out; a change the role does not allow answers 403. Every change (POST, PUT, PATCH, DELETE), whatever its answer, is recorded in the audit trail (`/v1/audit`). Numbers without a fractional part are integers however they are written (`554.0`). Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
         "servers": [{"url": "/", "description": "this keyserver (relative to where this document was fetched)"}],
         "security": [{"bearer": []}],
         "components": {
@@ -389,8 +405,8 @@ pub fn openapi_doc() -> Value {
                 "responses": responses(("200", "alive", Some(schema_ref("Status"))), &["405"])}},
             "/readyz": {"get": {"summary": "the store takes writes", "security": [],
                 "responses": responses(("200", "ready", Some(schema_ref("Status"))), &["405", "503"])}},
-            "/v1/backup": {"get": {"summary": "every stored record, one consistent snapshot (restore with `keyserver restore`)",
-                "responses": responses(("200", "backup document", Some(json!({"type": "object"}))), &["401", "405", "503"])}},
+            "/v1/backup": {"get": {"summary": "every stored record (API tokens' hashes and the audit trail included), one consistent snapshot (restore with `keyserver restore`); global admins only",
+                "responses": responses(("200", "backup document", Some(json!({"type": "object"}))), &["401", "403", "405", "503"])}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text exposition 0.0.4)", "security": [],
                 "responses": responses(("200", "metrics", None), &["405"])}},
             "/openapi.json": {"get": {"summary": "this document",
@@ -401,8 +417,9 @@ pub fn openapi_doc() -> Value {
                 "post": {"summary": "create a network",
                     "requestBody": body(json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
                         "name": {"type": "string", "minLength": 1, "maxLength": 64, "description": "unique, also under case folding and look-alike characters; no control, bidi or invisible characters; not `.`/`..`; not starting with `pn-`"},
-                        "range": {"type": "string", "format": "cidr", "default": "10.240.0.0/22", "description": "/16 to /30, not overlapping 0/8, 127/8, 169.254/16, 224/4, 240/4"},
-                        "expire_after": expire_text()}})),
+                        "range": {"type": ["string", "null"], "format": "cidr", "default": "10.240.0.0/22", "description": "/16 to /30, not overlapping 0/8, 127/8, 169.254/16, 224/4, 240/4; null: the default"},
+                        "expire_after": expire_text(),
+                        "tenant": tenant_text("the tenant it belongs to; null: none (only global tokens see it); a tenant admin's networks always get its tenant (another is 403)")}})),
                     "responses": responses(("201", "created", Some(schema_ref("NewNetwork"))), &["400", "401", "405", "408", "409", "413", "415", "422", "500"])}
             },
             "/v1/networks/{net}": {
@@ -410,7 +427,8 @@ pub fn openapi_doc() -> Value {
                     "responses": responses(("200", "the network", Some(schema_ref("Network"))), &read_one)},
                 "patch": {"summary": "change a network's settings", "parameters": [net],
                     "requestBody": body(json!({"type": "object", "additionalProperties": false, "properties": {
-                        "expire_after": expire_text()}})),
+                        "expire_after": expire_text(),
+                        "tenant": tenant_text("move the network to this tenant; null: to none (global admins only, else 403)")}})),
                     "responses": responses(("200", "the network", Some(schema_ref("Network"))), &write_body)},
                 "delete": {"summary": "delete a network with its tokens; refused (409) while it has members unless force", "parameters": [net, force],
                     "responses": responses(("200", "deleted", Some(json!({"type": "object", "properties": {
@@ -437,11 +455,11 @@ pub fn openapi_doc() -> Value {
                     "responses": responses(("200", "tokens", Some(array_of("Token"))), &read_one)},
                 "post": {"summary": "create a join token (shown once)", "parameters": [net],
                     "requestBody": body(json!({"type": "object", "additionalProperties": false, "properties": {
-                        "uses": {"type": "integer", "format": "int64", "minimum": 1, "maximum": 4_294_967_295_u64, "default": 1},
-                        "expires": {"type": "string", "default": "1h", "description": "lifetime (`30m`, `1h`, `7d`), 1 s to 365 days"},
-                        "service": {"type": "string", "minLength": 1, "maxLength": 128, "description": "bind to this service; no control or bidi characters"},
-                        "process_type": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"},
-                        "service_group": {"type": "string", "description": "attach members joining with it to this existing service group (seed 002)"},
+                        "uses": {"type": ["integer", "null"], "format": "int64", "minimum": 1, "maximum": 4_294_967_295_u64, "default": 1, "description": "null: the default"},
+                        "expires": {"type": ["string", "null"], "default": "1h", "description": "lifetime (`30m`, `1h`, `7d`), 1 s to 365 days; null or empty: the default"},
+                        "service": {"type": ["string", "null"], "minLength": 1, "maxLength": 128, "description": "bind to this service; no control or bidi characters; null: no binding"},
+                        "process_type": {"type": ["string", "null"], "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "description": "null: no binding"},
+                        "service_group": {"type": ["string", "null"], "description": "attach members joining with it to this existing service group; null: none"},
                         "ephemeral": {"type": "boolean", "default": false, "description": "make every member joining with it ephemeral (freed soon after it goes offline), whatever the sidecar asks"}}})),
                     "responses": responses(("201", "created", Some(schema_ref("Token"))), &write_body)}
             },
@@ -450,12 +468,103 @@ pub fn openapi_doc() -> Value {
         }
     });
     if let Some(paths) = doc["paths"].as_object_mut() {
+        access_paths(paths);
         address_paths(paths, &net);
         service_paths(paths, "/v1/networks/{net}", std::slice::from_ref(&net));
         let network = json!({"name": "network", "in": "query", "required": false,
             "description": "network id or name; default: the keyserver's only network (400 when it has several)",
             "schema": {"type": "string"}});
         service_paths(paths, "", &[network]);
+        more_statuses(paths);
     }
+    access_schemas(&mut doc["components"]["schemas"]);
     doc
+}
+
+/// Statuses every operation of a kind can answer: 403 for every change
+/// (and the admin-only reads); 400 for the `/services` aliases (which
+/// network, and an invalid query).
+fn more_statuses(paths: &mut Map<String, Value>) {
+    for (path, item) in paths.iter_mut() {
+        let Some(ops) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in ops.iter_mut() {
+            let public = op.get("security").is_some_and(|s| s == &json!([]));
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let mut add = |code: &str, name: &str| {
+                if !responses.contains_key(code) {
+                    responses.insert(
+                        code.into(),
+                        json!({"$ref": format!("#/components/responses/{name}")}),
+                    );
+                }
+            };
+            if !public && (method != "get" || path.starts_with("/v1/api-tokens")) {
+                add("403", "Forbidden");
+            }
+            if path.starts_with("/services") {
+                add("400", "BadRequest");
+            }
+        }
+    }
+}
+
+/// The paths of API tokens and the audit trail ([`crate::auth`]).
+fn access_paths(paths: &mut Map<String, Value>) {
+    let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^at-[0-9a-f]{12}$"}});
+    let query = |name: &str, schema: Value, what: &str| json!({"name": name, "in": "query", "required": false, "description": what, "schema": schema});
+    paths.insert("/v1/api-tokens".into(), json!({
+        "get": {"summary": "the API tokens of the caller's scope (admins only; never their secrets)",
+            "responses": responses(("200", "API tokens, oldest first", Some(array_of("ApiToken"))), &["401", "405"])},
+        "post": {"summary": "create an API token (shown once); a tenant admin creates tokens of its tenant only",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref("NewApiToken")}}},
+            "responses": responses(("201", "created, with `token`", Some(schema_ref("ApiToken"))), &["400", "401", "405", "408", "413", "415", "422", "500", "503"])}}));
+    paths.insert("/v1/api-tokens/{id}".into(), json!({
+        "delete": {"summary": "revoke an API token of the caller's scope (at once: its next request answers 401)", "parameters": [id],
+            "responses": responses(("204", "revoked", None), &["401", "404", "405", "500", "503"])}}));
+    paths.insert("/v1/audit".into(), json!({
+        "get": {"summary": "the audit trail: every change through the API or the CLI, whatever its result; a tenant token sees its tenant's entries only",
+            "parameters": [
+                query("network", json!({"type": "string"}), "only entries about this network (id, or its name at the time)"),
+                query("since", json!({"type": "string"}), "from this time: Unix seconds or RFC 3339 (`2025-01-31T12:00:00Z`)"),
+                query("until", json!({"type": "string"}), "before this time: Unix seconds or RFC 3339"),
+                query("limit", json!({"type": "integer", "minimum": 1, "default": 100}), "at most this many: the latest")],
+            "responses": responses(("200", "entries, oldest first", Some(array_of("AuditEntry"))), &["400", "401", "405"])}}));
+}
+
+/// The schemas of API tokens and the audit trail.
+fn access_schemas(schemas: &mut Value) {
+    let role = json!({"type": "string", "enum": ["viewer", "operator", "admin"], "description": "viewer: reads; operator: also members, join tokens, service groups and service addresses of its networks; admin: also networks and API tokens of its scope"});
+    schemas["NewApiToken"] = json!({"type": "object", "additionalProperties": false, "required": ["name", "role"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64, "description": "who or what uses it; no control or bidi characters"},
+        "role": role.clone(),
+        "tenant": tenant_text("the tenant whose networks it reaches; null or absent: every network (global admins only); a tenant admin's tokens always get its tenant (another is 403)"),
+        "expires": {"type": ["string", "null"], "description": "lifetime (`30d`, 1 s to 3650 days); null, absent or empty: until revoked"}}});
+    schemas["ApiToken"] = json!({"type": "object", "required": ["id", "name", "role", "tenant", "created", "expires", "created_by"], "properties": {
+        "id": {"type": "string", "pattern": "^at-[0-9a-f]{12}$"},
+        "name": {"type": "string"},
+        "role": role.clone(),
+        "tenant": {"type": ["string", "null"], "description": "null: every network"},
+        "created": unix_seconds("creation time"),
+        "expires": {"type": ["integer", "null"], "format": "int64", "minimum": 0, "description": "expiry, Unix time in seconds; null: until revoked"},
+        "created_by": {"type": "string", "description": "id of the token that created it (`admin`: the keyserver's admin token)"},
+        "token": {"type": "string", "pattern": "^istk1\\.", "description": "the bearer secret, only in the creation answer"}}});
+    schemas["AuditEntry"] = json!({"type": "object", "required": ["seq", "time_ms", "token", "token_name", "role", "method", "route", "path", "status"], "properties": {
+        "seq": {"type": "integer", "format": "int64", "minimum": 1, "description": "position in the trail"},
+        "time_ms": {"type": "integer", "format": "int64", "minimum": 0, "description": "when, Unix time in milliseconds"},
+        "token": {"type": "string", "description": "the token's id (`admin`: the keyserver's admin token)"},
+        "token_name": {"type": "string"},
+        "role": role,
+        "client": {"type": ["string", "null"], "description": "the client's address, `ip:port`"},
+        "method": {"type": "string"},
+        "route": {"type": "string", "description": "the route, as in this document (`/v1/networks/{net}/members/{member}`)"},
+        "path": {"type": "string", "description": "the path as sent"},
+        "network": {"type": ["string", "null"], "description": "the network concerned"},
+        "network_name": {"type": ["string", "null"], "description": "its name then"},
+        "tenant": {"type": ["string", "null"], "description": "whose entry it is (the network's tenant, or the token's)"},
+        "target": {"type": ["string", "null"], "description": "what inside the network: member, token id, group, service, ..."},
+        "status": {"type": "integer", "format": "int32", "minimum": 100, "maximum": 599, "description": "the answer's HTTP status"}}});
 }

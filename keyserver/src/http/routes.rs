@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use ipnet::Ipv4Net;
 use meshlib::ids::{NetworkId, ProcessType};
 use meshlib::proto::JoinToken;
@@ -13,12 +13,15 @@ use rand_core::RngCore as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::access::AuditNote;
+use super::body::JsonBody;
 use super::{Api, ApiError};
+use crate::auth::Principal;
 use crate::listing::{find_member, MemberView, NameListing};
 use crate::registry::{AdminError, MemberInfo, NetworkRecord, TokenRecord};
 
 /// Runs a blocking mutation (the store fsyncs).
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -100,10 +103,15 @@ pub struct NetworkView {
     pub members: usize,
 }
 
-pub(super) async fn list_networks(State(api): State<Api>) -> Json<Vec<NetworkView>> {
+/// `GET /v1/networks`: the networks the token sees.
+pub(super) async fn list_networks(
+    State(api): State<Api>,
+    Extension(p): Extension<Principal>,
+) -> Json<Vec<NetworkView>> {
     Json(api.shared.read(|r| {
         r.networks()
             .into_iter()
+            .filter(|n| p.can_read(n))
             .map(|n| NetworkView {
                 members: r.member_count(n.id),
                 network: n,
@@ -120,20 +128,28 @@ pub struct CreateNetwork {
     pub name: String,
     /// Range (`10.240.0.0/22` form); default `10.240.0.0/22`.
     pub range: Option<String>,
-    /// How long an offline member is kept (`24h`); default: the
-    /// keyserver's `expire-after-secs`.
+    /// How long an offline member is kept (`24h`); absent, `null` or
+    /// empty: the keyserver's `expire-after-secs`.
     #[serde(default)]
     pub expire_after: Option<String>,
+    /// The tenant the network belongs to ([`crate::auth`]); a tenant
+    /// admin's networks always get its tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// Body of `PATCH /v1/networks/{net}`.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateNetwork {
-    /// `"1h"` sets the network's expire-after; `null` goes back to the
-    /// keyserver's default; absent leaves it.
+    /// `"1h"` sets the network's expire-after; `null` or `""` goes back to
+    /// the keyserver's default; absent leaves it.
     #[serde(default, deserialize_with = "present")]
     pub expire_after: Option<Option<String>>,
+    /// A tenant moves the network to it, `null` makes it tenantless
+    /// (global admins only); absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Option<String>>,
 }
 
 /// A field that is present (even `null`) becomes `Some`.
@@ -158,23 +174,46 @@ fn expire_after(text: &str) -> Result<std::time::Duration, ApiError> {
 
 pub(super) async fn update_network(
     State(api): State<Api>,
+    Extension(p): Extension<Principal>,
     Path(net): Path<String>,
-    Json(body): Json<UpdateNetwork>,
+    JsonBody(body): JsonBody<UpdateNetwork>,
 ) -> Result<Json<NetworkView>, ApiError> {
     let id = resolve(&api, &net)?;
-    let expire = match &body.expire_after {
-        Some(Some(text)) => Some(Some(expire_after(text)?)),
-        Some(None) => Some(None),
+    let expire = match body
+        .expire_after
+        .as_ref()
+        .map(|t| t.as_deref().map(str::trim))
+    {
+        Some(Some(text)) if !text.is_empty() => Some(Some(expire_after(text)?)),
+        Some(_) => Some(None),
         None => None,
+    };
+    if body.tenant.is_some() && !p.is_admin() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {} ({} role) may not move networks between tenants: only a global admin may",
+                p.token_id, p.role
+            ),
+        ));
+    }
+    let tenant = match body.tenant.clone() {
+        Some(Some(t)) => Some(Some(
+            crate::auth::tenant(&t).map_err(|e| bad_request(e.to_string()))?,
+        )),
+        other => other,
     };
     let shared = api.shared.clone();
     blocking(move || {
         shared.mutate(
             |reg| {
-                let ops = match expire {
+                let mut ops = match expire {
                     Some(e) => reg.set_expire_after(id, e)?,
                     None => vec![],
                 };
+                if let Some(t) = &tenant {
+                    ops.extend(reg.set_tenant(id, t.clone())?.1);
+                }
                 Ok::<_, AdminError>(((), ops, vec![]))
             },
             |_, _, _| (),
@@ -187,15 +226,40 @@ pub(super) async fn update_network(
 
 pub(super) async fn create_network(
     State(api): State<Api>,
-    Json(body): Json<CreateNetwork>,
-) -> Result<(StatusCode, Json<NetworkRecord>), ApiError> {
+    Extension(p): Extension<Principal>,
+    JsonBody(body): JsonBody<CreateNetwork>,
+) -> Result<(StatusCode, Extension<AuditNote>, Json<NetworkRecord>), ApiError> {
+    let tenant = match (p.tenant(), body.tenant.clone()) {
+        (None, t) => t,
+        (Some(mine), Some(t)) if t != mine => {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "token {} may only create networks of its tenant {mine:?}",
+                    p.token_id
+                ),
+            ))
+        }
+        (Some(mine), _) => Some(mine.to_owned()),
+    };
+    let tenant = tenant
+        .as_deref()
+        .map(crate::auth::tenant)
+        .transpose()
+        .map_err(|e| bad_request(e.to_string()))?;
     let range = match &body.range {
         None => meshlib::ipam::DEFAULT_RANGE,
         Some(text) => text
             .parse::<Ipv4Net>()
             .map_err(|e| bad_request(format!("invalid range {text:?}: {e}")))?,
     };
-    let expire = body.expire_after.as_deref().map(expire_after).transpose()?;
+    let expire = body
+        .expire_after
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(expire_after)
+        .transpose()?;
     let rec = blocking(move || {
         let (rec, ()) = api.shared.mutate(
             |reg| {
@@ -205,6 +269,12 @@ pub(super) async fn create_network(
                     ops = reg.set_expire_after(rec.id, expire)?;
                     rec.expire_after = expire.map(|d| d.as_secs());
                 }
+                if tenant.is_some() {
+                    // Checked above: cannot fail.
+                    let (with, more) = reg.set_tenant(rec.id, tenant.clone())?;
+                    rec = with;
+                    ops.extend(more);
+                }
                 Ok::<_, AdminError>((rec, ops, vec![]))
             },
             |_, _, _| (),
@@ -212,7 +282,11 @@ pub(super) async fn create_network(
         Ok(rec)
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(rec)))
+    let note = AuditNote {
+        network: Some(rec.id),
+        target: Some(rec.name.clone()),
+    };
+    Ok((StatusCode::CREATED, Extension(note), Json(rec)))
 }
 
 fn resolve(api: &Api, net: &str) -> Result<NetworkId, ApiError> {
@@ -397,11 +471,11 @@ pub struct CreateToken {
 pub(super) async fn create_token(
     State(api): State<Api>,
     Path(net): Path<String>,
-    Json(body): Json<CreateToken>,
-) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+    JsonBody(body): JsonBody<CreateToken>,
+) -> Result<(StatusCode, Extension<AuditNote>, Json<TokenView>), ApiError> {
     let id = resolve(&api, &net)?;
-    let ttl = match &body.expires {
-        None => Duration::from_secs(3600),
+    let ttl = match body.expires.as_deref().map(str::trim) {
+        None | Some("") => Duration::from_secs(3600),
         Some(text) => humantime::parse_duration(text)
             .map_err(|e| bad_request(format!("expires {text:?}: {e}")))?,
     };
@@ -460,8 +534,13 @@ pub(super) async fn create_token(
         Ok(rec)
     })
     .await?;
+    let note = AuditNote {
+        network: Some(id),
+        target: Some(rec.id.clone()),
+    };
     Ok((
         StatusCode::CREATED,
+        Extension(note),
         Json(TokenView::of(rec, Some(token.to_string()))),
     ))
 }

@@ -3,7 +3,10 @@
 //! `GET/PATCH/DELETE /v1/networks/{net}/services/{name}`,
 //! `PUT/DELETE /v1/networks/{net}/services/{name}/instances/{member}`,
 //! and the seed-shaped aliases `/services[/{name}[/instances/{member}]]`
-//! whose network is `?network=` (or the keyserver's only network).
+//! whose network is `?network=`; without it, the network the token sees
+//! that has the group named (400 when several do), or the only network it
+//! sees (400 when it sees several); `GET /services` lists the groups of
+//! every network the token sees.
 //!
 //! A request that breaks a rule answers 400 with
 //! `{"error": "...", "rule": "<id>", "port": <n>}` (`port` when the rule is
@@ -15,7 +18,7 @@ use std::time::SystemTime;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use meshlib::ids::NetworkId;
 use meshlib::netmap::MemberState;
 use meshlib::services::{GroupPatch, GroupSpec, PublishedPort, ServiceError, WakeHook};
@@ -23,7 +26,10 @@ use rand_core::RngCore as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::access::{AliasNetwork, AuditNote};
+use super::body::JsonBody;
 use super::{Api, ApiError};
+use crate::auth::Principal;
 use crate::registry::{AdminError, Change, Registry, ServiceRecord, StoreOp};
 use crate::server::OpError;
 
@@ -198,8 +204,8 @@ pub(super) async fn get(
 pub(super) async fn create(
     State(api): State<Api>,
     Path(net): Path<String>,
-    Json(spec): Json<GroupSpec>,
-) -> Answer<(StatusCode, Json<ServiceView>)> {
+    JsonBody(spec): JsonBody<GroupSpec>,
+) -> Answer<Response> {
     let id = resolve(&api, &net)?;
     let random = random_letters();
     let rec = mutate(&api, move |reg| {
@@ -208,13 +214,17 @@ pub(super) async fn create(
         Ok((rec, ops, vec![change]))
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(view(&api, rec))))
+    let note = AuditNote {
+        network: Some(id),
+        target: Some(rec.group.name.to_string()),
+    };
+    Ok((StatusCode::CREATED, Extension(note), Json(view(&api, rec))).into_response())
 }
 
 pub(super) async fn update(
     State(api): State<Api>,
     Path((net, name)): Path<(String, String)>,
-    Json(patch): Json<GroupPatch>,
+    JsonBody(patch): JsonBody<GroupPatch>,
 ) -> Answer<Json<ServiceView>> {
     let id = resolve(&api, &net)?;
     let rec = mutate(&api, move |reg| {
@@ -278,88 +288,103 @@ pub(super) async fn detach(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NetworkQuery {
-    /// Network id or name; default: the keyserver's only network.
+    /// Network id or name; default: see [`super::access`] (the network the
+    /// token sees that has the group named, or its only network; for a
+    /// listing, every network it sees). Read by the guard, which puts the
+    /// network found into [`AliasNetwork`].
     #[serde(default)]
+    #[allow(dead_code)]
     network: Option<String>,
 }
 
-/// The network of an alias request.
-fn alias_network(api: &Api, q: &NetworkQuery) -> Answer<String> {
-    if let Some(n) = &q.network {
-        return Ok(n.clone());
-    }
-    let all = api.shared.read(|r| r.networks());
-    match all.as_slice() {
-        [only] => Ok(only.id.to_string()),
-        _ => Err(ServiceApiError::Api(ApiError(
+/// The network of an alias request, as the guard found it.
+fn alias_network(net: AliasNetwork) -> Answer<String> {
+    net.0.map(|id| id.to_string()).ok_or_else(|| {
+        ServiceApiError::Api(ApiError(
             StatusCode::BAD_REQUEST,
-            format!(
-                "this keyserver has {} networks: say which with ?network=<id or name>",
-                all.len()
-            ),
-        ))),
-    }
+            "say which network with ?network=<id or name>".into(),
+        ))
+    })
 }
 
+/// `GET /services`: the groups of `?network=`, or of every network the
+/// token sees.
 pub(super) async fn alias_list(
     State(api): State<Api>,
-    Query(q): Query<NetworkQuery>,
+    Extension(p): Extension<Principal>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
 ) -> Answer<Json<Vec<ServiceView>>> {
-    let net = alias_network(&api, &q)?;
-    list(State(api), Path(net)).await
+    if let Some(id) = net.0 {
+        return list(State(api), Path(id.to_string())).await;
+    }
+    let recs: Vec<ServiceRecord> = api.shared.read(|r| {
+        r.networks()
+            .into_iter()
+            .filter(|n| p.can_read(n))
+            .flat_map(|n| r.services(n.id))
+            .collect()
+    });
+    Ok(Json(recs.into_iter().map(|r| view(&api, r)).collect()))
 }
 
 pub(super) async fn alias_create(
     State(api): State<Api>,
-    Query(q): Query<NetworkQuery>,
-    body: Json<GroupSpec>,
-) -> Answer<(StatusCode, Json<ServiceView>)> {
-    let net = alias_network(&api, &q)?;
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
+    body: JsonBody<GroupSpec>,
+) -> Answer<Response> {
+    let net = alias_network(net)?;
     create(State(api), Path(net), body).await
 }
 
 pub(super) async fn alias_get(
     State(api): State<Api>,
     Path(name): Path<String>,
-    Query(q): Query<NetworkQuery>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
 ) -> Answer<Json<ServiceView>> {
-    let net = alias_network(&api, &q)?;
+    let net = alias_network(net)?;
     get(State(api), Path((net, name))).await
 }
 
 pub(super) async fn alias_update(
     State(api): State<Api>,
     Path(name): Path<String>,
-    Query(q): Query<NetworkQuery>,
-    body: Json<GroupPatch>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
+    body: JsonBody<GroupPatch>,
 ) -> Answer<Json<ServiceView>> {
-    let net = alias_network(&api, &q)?;
+    let net = alias_network(net)?;
     update(State(api), Path((net, name)), body).await
 }
 
 pub(super) async fn alias_delete(
     State(api): State<Api>,
     Path(name): Path<String>,
-    Query(q): Query<NetworkQuery>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
 ) -> Answer<StatusCode> {
-    let net = alias_network(&api, &q)?;
+    let net = alias_network(net)?;
     delete(State(api), Path((net, name))).await
 }
 
 pub(super) async fn alias_attach(
     State(api): State<Api>,
     Path((name, member)): Path<(String, String)>,
-    Query(q): Query<NetworkQuery>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
 ) -> Answer<Json<ServiceView>> {
-    let net = alias_network(&api, &q)?;
+    let net = alias_network(net)?;
     membership(api, net, name, member, true).await
 }
 
 pub(super) async fn alias_detach(
     State(api): State<Api>,
     Path((name, member)): Path<(String, String)>,
-    Query(q): Query<NetworkQuery>,
+    Extension(net): Extension<AliasNetwork>,
+    Query(_): Query<NetworkQuery>,
 ) -> Answer<Json<ServiceView>> {
-    let net = alias_network(&api, &q)?;
+    let net = alias_network(net)?;
     membership(api, net, name, member, false).await
 }

@@ -8,6 +8,7 @@
 //! [`StoreOp`]s the driver must commit and, for member changes, the
 //! [`Change`] (one [`MapDelta`]) to push to the network's members.
 
+mod access;
 #[cfg(test)]
 mod address_tests;
 mod addresses;
@@ -36,6 +37,7 @@ use meshlib::netmap::{MapChange, Member, NetworkMap};
 use meshlib::proto::{sha256, ErrorCode, JoinRequest, ResumeRequest, Secret};
 use subtle::ConstantTimeEq;
 
+pub use access::{NewApiToken, DEFAULT_AUDIT_ENTRIES};
 pub use addresses::{
     AddressInfo, AddressPatch, AddressSettings, HookJob, HookKind, Wake, WakeError,
     DEFAULT_WAKE_TIMEOUT_SECS, IDLE_HOOK_TIMEOUT, MAX_IDLE_AFTER_SECS,
@@ -218,6 +220,8 @@ pub struct Registry {
     loaded_at: u64,
     /// The domain of service groups' generated FQDNs.
     service_domain: String,
+    /// API tokens and the audit trail ([`crate::auth`]).
+    access: access::Access,
 }
 
 impl Registry {
@@ -239,6 +243,7 @@ impl Registry {
             lifecycle: Lifecycle::default(),
             loaded_at: unix(now),
             service_domain: DEFAULT_SERVICE_DOMAIN.to_owned(),
+            access: access::Access::load(records.api_tokens, records.audit),
         };
         let mut warnings = Vec::new();
         for rec in records.networks {
@@ -347,6 +352,7 @@ impl Registry {
             expire_after: None,
             service_range: meshlib::netmap::default_service_range(range),
             addresses: Default::default(),
+            tenant: None,
         };
         let net = Network::new(rec.clone(), self.quarantine)
             .map_err(|e| AdminError::BadRange(e.to_string()))?;

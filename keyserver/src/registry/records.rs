@@ -42,6 +42,10 @@ pub struct NetworkRecord {
     /// zero instances), with its scale-to-zero settings and state.
     #[serde(default)]
     pub addresses: std::collections::BTreeMap<String, AddressRecord>,
+    /// The tenant the network belongs to ([`crate::auth`]): API tokens of
+    /// that tenant reach it; `None`: only global tokens do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A service address as the keyserver stores it: what members' maps carry
@@ -231,6 +235,14 @@ pub enum StoreOp {
     PutLog(LogRecord),
     /// Forget the change-log entry of a network ending at a generation.
     DeleteLog(NetworkId, u64),
+    /// Insert or replace an API token ([`crate::auth`]).
+    PutApiToken(crate::auth::ApiTokenRecord),
+    /// Delete an API token by the hash of its secret.
+    DeleteApiToken([u8; 32]),
+    /// Append an entry to the audit trail.
+    PutAudit(crate::auth::AuditRecord),
+    /// Drop an entry of the audit trail (the oldest, past the bound).
+    DeleteAudit(u64),
 }
 
 /// One stored entry of a network's change log: the delta from one
@@ -261,6 +273,10 @@ pub struct Records {
     pub services: Vec<ServiceRecord>,
     /// The stored change log of every network (any order).
     pub log: Vec<LogRecord>,
+    /// API tokens (hashes only).
+    pub api_tokens: Vec<crate::auth::ApiTokenRecord>,
+    /// The audit trail (any order).
+    pub audit: Vec<crate::auth::AuditRecord>,
 }
 
 /// A change to push: one delta of one network.

@@ -35,6 +35,11 @@ fn rank(op: &StoreOp) -> u8 {
         StoreOp::PutMember(_) | StoreOp::PutToken(_) | StoreOp::PutService(_) => 2,
         StoreOp::PutQuarantine(..) | StoreOp::PutLog(_) => 3,
         StoreOp::DeleteNetwork(_) => 4,
+        // Independent of networks.
+        StoreOp::PutApiToken(_)
+        | StoreOp::DeleteApiToken(_)
+        | StoreOp::PutAudit(_)
+        | StoreOp::DeleteAudit(_) => 5,
     }
 }
 
@@ -177,6 +182,10 @@ impl Registry {
                     net.services.remove(name);
                 }
             }
+            StoreOp::PutApiToken(_)
+            | StoreOp::DeleteApiToken(_)
+            | StoreOp::PutAudit(_)
+            | StoreOp::DeleteAudit(_) => self.access.apply(op),
         }
         Ok(())
     }

@@ -80,6 +80,7 @@ pub mod legacy {
                 expire_after: None,
                 service_range: None,
                 addresses: Default::default(),
+                tenant: None,
             })
         }
     }

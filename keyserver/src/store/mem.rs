@@ -21,6 +21,8 @@ pub struct MemStore {
         ServiceRecord,
     >,
     log: std::collections::BTreeMap<(meshlib::ids::NetworkId, u64), LogRecord>,
+    api_tokens: std::collections::BTreeMap<[u8; 32], crate::auth::ApiTokenRecord>,
+    audit: std::collections::BTreeMap<u64, crate::auth::AuditRecord>,
     /// Commits so far.
     commits: u64,
 }
@@ -52,6 +54,12 @@ impl MemStore {
         for rec in records.log {
             s.log.insert((rec.network, rec.delta.to), rec);
         }
+        for t in records.api_tokens {
+            s.api_tokens.insert(t.hash, t);
+        }
+        for e in records.audit {
+            s.audit.insert(e.seq, e);
+        }
         s
     }
 
@@ -74,6 +82,8 @@ impl Store for MemStore {
                 .collect(),
             services: self.services.values().cloned().collect(),
             log: self.log.values().cloned().collect(),
+            api_tokens: self.api_tokens.values().cloned().collect(),
+            audit: self.audit.values().cloned().collect(),
         })
     }
 
@@ -118,6 +128,18 @@ impl Store for MemStore {
                 }
                 StoreOp::DeleteLog(n, to) => {
                     self.log.remove(&(*n, *to));
+                }
+                StoreOp::PutApiToken(t) => {
+                    self.api_tokens.insert(t.hash, t.clone());
+                }
+                StoreOp::DeleteApiToken(h) => {
+                    self.api_tokens.remove(h);
+                }
+                StoreOp::PutAudit(e) => {
+                    self.audit.insert(e.seq, e.clone());
+                }
+                StoreOp::DeleteAudit(seq) => {
+                    self.audit.remove(seq);
                 }
             }
         }

@@ -25,6 +25,10 @@ const QUARANTINE: TableDefinition<&[u8], u64> = TableDefinition::new("quarantine
 const SERVICES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("services");
 /// Change-log entries by network UUID bytes + generation (big-endian u64).
 const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
+/// API tokens by SHA-256 of the secret.
+const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_tokens");
+/// The audit trail by sequence number (big-endian u64).
+const AUDIT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audit");
 /// Scratch row written by [`Store::probe`].
 const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 /// redb's page cache (see [`RedbStore::open`]).
@@ -78,6 +82,8 @@ impl RedbStore {
                 txn.open_table(QUARANTINE).map_err(db)?;
                 txn.open_table(SERVICES).map_err(db)?;
                 txn.open_table(LOG).map_err(db)?;
+                txn.open_table(API_TOKENS).map_err(db)?;
+                txn.open_table(AUDIT).map_err(db)?;
                 txn.open_table(PROBE).map_err(db)?;
             }
             txn.commit().map_err(db)?;
@@ -102,6 +108,21 @@ impl RedbStore {
         }
         result
     }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of
+/// `path` (`None` when it cannot be told).
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) with a valid NUL-terminated path and a zeroed
+    // struct it fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// redb's transaction error, boxed into [`StoreError::Db`].
@@ -166,6 +187,17 @@ impl Store for RedbStore {
     }
 
     fn probe(&mut self) -> Result<(), StoreError> {
+        // A write into pages the file already has free succeeds on a full
+        // disk while a commit that must grow the file fails: the free
+        // space of the filesystem is checked first.
+        if let Some(free) = free_bytes(&self.path) {
+            if free < PROBE_BYTES as u64 {
+                return Err(StoreError::Db(format!(
+                    "{}: no space left on its filesystem ({free} bytes free)",
+                    self.path.display()
+                )));
+            }
+        }
         self.with_db(|database| {
             let txn = database.begin_write().map_err(db_err)?;
             {
@@ -213,6 +245,8 @@ fn load(database: &Database) -> Result<Records, StoreError> {
             Err(e) => tracing::warn!("skipped a change-log entry: {e}"),
         }
     }
+    let api_tokens = read_json(&txn, API_TOKENS, "api_tokens")?;
+    let audit = read_json(&txn, AUDIT, "audit")?;
     Ok(Records {
         networks,
         tokens,
@@ -220,7 +254,28 @@ fn load(database: &Database) -> Result<Records, StoreError> {
         quarantine,
         services,
         log,
+        api_tokens,
+        audit,
     })
+}
+
+/// Reads a whole table of JSON records (kinds that were never postcard).
+fn read_json<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&[u8], &[u8]>,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let table = txn.open_table(def).map_err(db)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(db)? {
+        let (_, v) = row.map_err(db)?;
+        let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Decode {
+            table: name,
+            reason: e.to_string(),
+        })?;
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 /// Applies `ops` in one transaction.
@@ -233,6 +288,8 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
         let mut quarantine = txn.open_table(QUARANTINE).map_err(db)?;
         let mut services = txn.open_table(SERVICES).map_err(db)?;
         let mut log = txn.open_table(LOG).map_err(db)?;
+        let mut api_tokens = txn.open_table(API_TOKENS).map_err(db)?;
+        let mut audit = txn.open_table(AUDIT).map_err(db)?;
         for op in ops {
             match op {
                 StoreOp::PutNetwork(n) => {
@@ -280,6 +337,20 @@ fn commit(database: &Database, ops: &[StoreOp]) -> Result<(), StoreError> {
                 }
                 StoreOp::DeleteLog(n, to) => {
                     log.remove(&log_key(n, *to)[..]).map_err(db)?;
+                }
+                StoreOp::PutApiToken(t) => {
+                    api_tokens.insert(&t.hash[..], &enc(t)?[..]).map_err(db)?;
+                }
+                StoreOp::DeleteApiToken(h) => {
+                    api_tokens.remove(&h[..]).map_err(db)?;
+                }
+                StoreOp::PutAudit(e) => {
+                    audit
+                        .insert(&e.seq.to_be_bytes()[..], &enc(e)?[..])
+                        .map_err(db)?;
+                }
+                StoreOp::DeleteAudit(seq) => {
+                    audit.remove(&seq.to_be_bytes()[..]).map_err(db)?;
                 }
             }
         }

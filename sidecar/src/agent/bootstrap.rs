@@ -99,32 +99,75 @@ fn hostname() -> String {
 }
 
 /// Checks, before joining, what only the system can say: the WireGuard and
-/// DNS ports can be bound, and kernel mode has what it needs.
+/// DNS ports can be bound, the interface name is not taken (by another
+/// sidecar, or any WireGuard interface: `wg show` would lose one of them),
+/// and kernel mode has what it needs. Every clash is reported at once, so
+/// a second sidecar on a host learns in one go which settings it must give
+/// its own values (see [`DISTINCT`]).
 fn preflight(config: &Config) -> Result<(), AgentError> {
-    let bad = |key, message: String| AgentError::Config(ConfigError::invalid(key, message));
+    let mut clashes: Vec<(&'static str, String)> = vec![];
     if config.listen_port != 0 {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.listen_port));
-        std::net::UdpSocket::bind(addr).map_err(|e| {
-            bad(
+        if let Err(e) = std::net::UdpSocket::bind(addr) {
+            clashes.push((
                 "listen-port",
                 format!("UDP port {}: {e}", config.listen_port),
-            )
-        })?;
+            ));
+        }
     }
     if config.dns.enabled {
         let listen = config.dns.listen;
-        std::net::UdpSocket::bind(listen)
-            .and_then(|_| std::net::TcpListener::bind(listen))
-            .map_err(|e| bad("dns.listen", format!("{listen}: {e}")))?;
+        if let Err(e) =
+            std::net::UdpSocket::bind(listen).and_then(|_| std::net::TcpListener::bind(listen))
+        {
+            clashes.push(("dns.listen", format!("{listen}: {e}")));
+        }
+    }
+    if let Some(taken) = interface_taken(config) {
+        clashes.push(("interface", taken));
+    }
+    if let Some((key, first)) = clashes.first() {
+        let mut message = first.clone();
+        for (key, m) in &clashes[1..] {
+            message.push_str(&format!("; {key}: {m}"));
+        }
+        message.push_str(&format!(
+            " (each sidecar on a host needs its own {DISTINCT})"
+        ));
+        return Err(AgentError::Config(ConfigError::invalid(key, message)));
     }
     if config.mode == Mode::Kernel && !has_net_admin() {
-        return Err(bad(
+        return Err(AgentError::Config(ConfigError::invalid(
             "mode",
-            "kernel mode needs CAP_NET_ADMIN and /dev/net/tun (run as root, or use --mode userspace)"
-                .into(),
-        ));
+            "kernel mode needs CAP_NET_ADMIN and /dev/net/tun (run as root, or use --mode userspace)",
+        )));
     }
     Ok(())
+}
+
+/// The settings two sidecars on one host must not share.
+pub const DISTINCT: &str = "state-dir, interface, listen-port (or 0), dns.listen, metrics (or off) and, in userspace mode, loopback-octet";
+
+/// Why the interface name is taken, if it is: its UAPI socket answers (a
+/// running sidecar or WireGuard implementation), or, in kernel mode, a
+/// network interface of that name exists.
+fn interface_taken(config: &Config) -> Option<String> {
+    let name = &config.interface;
+    let mut sockets = vec![meshlib::wg::uapi_server::socket_path(name)];
+    if config.mode == Mode::Userspace {
+        sockets.push(config.state_dir.join(format!("{name}.sock")));
+    }
+    for path in sockets {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Some(format!(
+                "{name:?} is in use on this host (its WireGuard socket {} answers)",
+                path.display()
+            ));
+        }
+    }
+    let sys = std::path::Path::new("/sys/class/net").join(name);
+    (config.mode == Mode::Kernel && sys.exists())
+        .then(|| format!("a network interface named {name:?} exists on this host"))
 }
 
 /// Whether this process may create a TUN interface: `CAP_NET_ADMIN` in its

@@ -196,6 +196,17 @@ impl Agent {
         };
         let uapi = match uapi {
             Ok(u) => Some(u),
+            // Another sidecar took the name since the check before the
+            // join: `wg show` would show only one of them.
+            Err(e @ meshlib::wg::uapi_server::UapiServerError::InUse(_)) => {
+                return Err(AgentError::Config(ConfigError::invalid(
+                    "interface",
+                    format!(
+                        "{e} (each sidecar on a host needs its own {})",
+                        bootstrap::DISTINCT
+                    ),
+                )));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no UAPI socket: `wg show` will not see this interface");
                 None

@@ -8,6 +8,8 @@
 //! | `tokens/<SHA-256 of the secret, hex>` | [`TokenRecord`] |
 //! | `quarantine/<uuid>/<IPv4>` | Unix seconds until the address is free |
 //! | `log/<uuid>/<generation, 20 digits>` | [`LogRecord`] (the delta ending there) |
+//! | `api-tokens/<SHA-256 of the secret, hex>` | [`crate::auth::ApiTokenRecord`] |
+//! | `audit/<sequence, 20 digits>` | [`crate::auth::AuditRecord`] |
 //! | `replicas/<replica id>` | [`ReplicaInfo`] (under the replica's lease) |
 //! | `presence/<uuid>/<public key, hex>` | id of the replica holding the member's session (under its lease) |
 //! | `identity` | [`IdentityRecord`]: the QUIC certificate and key, the admin token and the relay secret every replica uses |
@@ -169,6 +171,10 @@ pub fn encode(op: &StoreOp) -> Result<(String, Option<Vec<u8>>), String> {
             Some(json(r)?),
         ),
         StoreOp::DeleteService(id, name) => (format!("{}{name}", services_of(id)), None),
+        StoreOp::PutApiToken(t) => (format!("api-tokens/{}", hex(&t.hash)), Some(json(t)?)),
+        StoreOp::DeleteApiToken(h) => (format!("api-tokens/{}", hex(h)), None),
+        StoreOp::PutAudit(e) => (format!("audit/{:020}", e.seq), Some(json(e)?)),
+        StoreOp::DeleteAudit(seq) => (format!("audit/{seq:020}"), None),
     })
 }
 
@@ -285,6 +291,34 @@ pub fn decode(key: &str, value: Option<&[u8]>) -> Result<Decoded, String> {
                 }
             }
         }
+        ["api-tokens", hash] => {
+            let hash = unhex32(hash)?;
+            match value {
+                None => record(StoreOp::DeleteApiToken(hash)),
+                Some(v) => {
+                    let rec: crate::auth::ApiTokenRecord =
+                        serde_json::from_slice(v).map_err(|e| e.to_string())?;
+                    if rec.hash != hash {
+                        return Err(format!("API token {} filed under {key}", rec.id));
+                    }
+                    record(StoreOp::PutApiToken(rec))
+                }
+            }
+        }
+        ["audit", seq] => {
+            let seq: u64 = seq.parse().map_err(|e| format!("{seq:?}: {e}"))?;
+            match value {
+                None => record(StoreOp::DeleteAudit(seq)),
+                Some(v) => {
+                    let rec: crate::auth::AuditRecord =
+                        serde_json::from_slice(v).map_err(|e| e.to_string())?;
+                    if rec.seq != seq {
+                        return Err(format!("audit entry {} filed under {key}", rec.seq));
+                    }
+                    record(StoreOp::PutAudit(rec))
+                }
+            }
+        }
         ["identity"] => Ok(Decoded::Ignored),
         ["replicas", id] if !id.is_empty() => Ok(Decoded::Side(Side::Replica((*id).to_owned()))),
         ["presence", uuid, pk] => Ok(Decoded::Side(Side::Presence(
@@ -325,6 +359,8 @@ mod tests {
             StoreOp::PutQuarantine(id, ip, 1234),
             StoreOp::DeleteQuarantine(id, ip),
             StoreOp::DeleteLog(id, 42),
+            StoreOp::DeleteApiToken([3; 32]),
+            StoreOp::DeleteAudit(77),
         ] {
             let (key, value) = encode(&op).unwrap();
             assert_eq!(decode(&key, value.as_deref()).unwrap(), Decoded::Record(op));

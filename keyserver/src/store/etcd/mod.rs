@@ -768,6 +768,8 @@ fn push_record(records: &mut Records, op: StoreOp) {
         StoreOp::PutQuarantine(n, ip, until) => records.quarantine.push((n, ip, until)),
         StoreOp::PutLog(rec) => records.log.push(rec),
         StoreOp::PutService(r) => records.services.push(r),
+        StoreOp::PutApiToken(t) => records.api_tokens.push(t),
+        StoreOp::PutAudit(e) => records.audit.push(e),
         _ => {}
     }
 }
