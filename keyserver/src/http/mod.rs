@@ -24,6 +24,7 @@
 //!   `GET|PATCH|DELETE /v1/networks/{net}/services/{name}`,
 //!   `PUT|DELETE /v1/networks/{net}/services/{name}/instances/{member}`, and
 //!   the same under `/services` with `?network=` (see `services.rs`)
+//! - `/ui`: the web console, no bearer token (a session cookie; see [`ui`])
 //!
 //! Slow clients cannot hold the API: request headers must arrive within
 //! [`ApiLimits::header_timeout`], a request body within
@@ -36,6 +37,7 @@ mod addresses;
 mod openapi;
 mod routes;
 mod services;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -167,7 +169,10 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), read_body))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
+    // The web console calls the API's own routes (token check included).
+    let console = ui::router(api.clone(), protected.clone().with_state(api.clone()));
     Router::new()
+        .nest_service("/ui", console)
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
@@ -239,8 +244,7 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let ok: bool = given.as_bytes().ct_eq(api.token.as_bytes()).into();
-    if !ok {
+    if !bearer_allows(&api, given) {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -248,6 +252,12 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         .into_response();
     }
     next.run(req).await
+}
+
+/// Whether `given` is a token the API takes (compared in constant time);
+/// the web console signs in and authorizes with it too ([`ui`]).
+fn bearer_allows(api: &Api, given: &str) -> bool {
+    given.as_bytes().ct_eq(api.token.as_bytes()).into()
 }
 
 /// Reads the body of a request that has one (POST, PUT, PATCH) within the
