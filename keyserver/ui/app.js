@@ -235,8 +235,13 @@ function schedule(ms) {
 }
 
 /** Notes a finished render (the browser test reads it). */
-function rendered(view, rows) {
-  window.__istRender = { view, rows, at: Date.now(), ms: performance.now() };
+function rendered(view, rows, started, fetched) {
+  const now = performance.now();
+  window.__istRender = {
+    view, rows, at: Date.now(), ms: now,
+    fetchMs: started != null ? fetched - started : null,
+    renderMs: fetched != null ? now - fetched : null,
+  };
   document.body.dataset.rendered = view;
 }
 
@@ -316,11 +321,13 @@ function pathSummary(report, instanceOf) {
 function membersView(r) {
   const net = r.net;
   return async () => {
+    const started = performance.now();
     const [members, listing, paths] = await Promise.all([
       call('GET', v1('/networks/' + enc(net) + '/members')),
       call('GET', v1('/networks/' + enc(net) + '/names')).catch(() => null),
       call('GET', '/ui/paths?network=' + enc(net)).catch(() => []),
     ]);
+    const fetched = performance.now();
     const names = new Map();
     for (const entry of (listing && listing.names) || []) {
       if (entry.alias) continue;
@@ -362,7 +369,7 @@ function membersView(r) {
       el('table', { id: 'members' },
         el('thead', {}, el('tr', {}, head.map((h) => el('th', {}, h)))),
         el('tbody', {}, rows)));
-    rendered('members', rows.length);
+    rendered('members', rows.length, started, fetched);
   };
 }
 

@@ -389,6 +389,16 @@ async fn forward(State(ui): State<Ui>, req: Request) -> Response {
         return ApiError(StatusCode::BAD_REQUEST, "bad path".into()).into_response();
     };
     parts.uri = uri;
+    // Not this router's path parameters (the API's `Path` would see
+    // them); the client's address, for whoever reads it.
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .cloned();
+    parts.extensions = Default::default();
+    if let Some(peer) = peer {
+        parts.extensions.insert(peer);
+    }
     // Only what the API reads; the browser's cookies stay here.
     let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
     parts.headers.clear();
