@@ -287,7 +287,7 @@ fn report(pairs: &[(&str, u64, u64)]) -> TrafficReport {
             })
             .collect(),
         ..Default::default()
-    }..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
