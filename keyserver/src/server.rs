@@ -748,6 +748,12 @@ impl Shared {
         Some(self.traffic.lock().graph(&map, &addresses))
     }
 
+    /// The peer paths members of `network` reported to this replica
+    /// ([`crate::traffic::TrafficBook::paths`]).
+    pub fn member_paths(&self, network: NetworkId) -> Vec<crate::traffic::MemberPaths> {
+        self.traffic.lock().paths(network)
+    }
+
     /// A network's service addresses, `last_flow` including the flows
     /// reported to this replica and not yet stored.
     pub fn addresses(

@@ -80,6 +80,17 @@ struct Entry {
     at: u64,
 }
 
+/// How one member reaches its peers, as it last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberPaths {
+    /// The reporting member.
+    pub member: PublicKey,
+    /// When its report arrived (Unix seconds).
+    pub at: u64,
+    /// Its path to each peer.
+    pub paths: Vec<meshlib::traffic::PeerPath>,
+}
+
 /// The latest report of every member, and the last flow seen per service.
 #[derive(Debug, Default)]
 pub struct TrafficBook {
@@ -183,6 +194,21 @@ impl TrafficBook {
     /// The last flow to `service` seen in a report here (Unix seconds).
     pub fn last_flow(&self, network: NetworkId, service: &str) -> Option<u64> {
         self.recent.get(&(network, service.to_owned())).copied()
+    }
+
+    /// The peer paths each member of `network` last reported
+    /// ([`meshlib::traffic::TrafficReport::paths`]), with when (Unix
+    /// seconds), by member.
+    pub fn paths(&self, network: NetworkId) -> Vec<MemberPaths> {
+        self.reports
+            .iter()
+            .filter(|((n, _), e)| *n == network && !e.report.paths.is_empty())
+            .map(|((_, member), e)| MemberPaths {
+                member: *member,
+                at: e.at,
+                paths: e.report.paths.clone(),
+            })
+            .collect()
     }
 
     /// The service graph of `map`'s network: every service with its
@@ -436,6 +462,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -487,6 +514,7 @@ mod tests {
             pairs: (0..=MAX_PAIRS)
                 .map(|i| report(&[(&format!("s{i}"), 1)]).pairs.remove(0))
                 .collect(),
+            ..Default::default()
         };
         assert!(matches!(
             book.take((net, b), "web", huge, known, 300),

@@ -286,6 +286,7 @@ fn report(pairs: &[(&str, u64, u64)]) -> TrafficReport {
                 },
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -128,12 +128,75 @@ pub struct PairTraffic {
     pub counters: TrafficCounters,
 }
 
+/// Most peer paths in one report ([`TrafficReport::paths`]).
+pub const MAX_PATHS: usize = 256;
+
+/// How the reporting member reaches one peer now, for operators (the
+/// keyserver's web console): the path its data plane chose and its round
+/// trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPath {
+    /// The peer's WireGuard public key.
+    pub peer: crate::keys::PublicKey,
+    /// Through the relay (`false`: a direct path, or none chosen yet).
+    pub relay: bool,
+    /// Whether a path (direct or relay) answered probes; `false`: no
+    /// path is known to work (nothing sent yet, or blind).
+    pub working: bool,
+    /// The path's last measured round trip, microseconds.
+    pub rtt_micros: Option<u32>,
+}
+
 /// One member's report: its flows per destination service; the source is
 /// the member's own service.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TrafficReport {
     /// At most [`MAX_PAIRS`], each destination once.
     pub pairs: Vec<PairTraffic>,
+    /// The path to each managed peer (at most [`MAX_PATHS`]). Appended:
+    /// a keyserver that predates it ignores the trailing bytes, and the
+    /// report of a member that predates it (its frame ends after
+    /// `pairs`) decodes with none (see the `Deserialize` impl).
+    pub paths: Vec<PeerPath>,
+}
+
+/// By hand for the appended [`TrafficReport::paths`]: postcard has no
+/// "missing field", so a frame that ends after `pairs` (a member that
+/// predates paths) fails on `paths`; that failure means "none". Nothing
+/// follows a report in a frame ([`crate::proto::ClientMsg::Traffic`] is
+/// the whole message), so nothing is misread after it.
+impl<'de> Deserialize<'de> for TrafficReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TrafficReport;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a traffic report")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let pairs = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let paths = seq.next_element().ok().flatten().unwrap_or_default();
+                Ok(TrafficReport { pairs, paths })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut report = TrafficReport::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "pairs" => report.pairs = map.next_value()?,
+                        "paths" => report.paths = map.next_value()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(report)
+            }
+        }
+        d.deserialize_struct("TrafficReport", &["pairs", "paths"], V)
+    }
 }
 
 /// Why a report is refused as a whole.
@@ -149,6 +212,9 @@ pub enum ReportError {
     /// [`MAX_SERVICE_LEN`], or with a control character.
     #[error("destination is not a service name: {0:?}")]
     BadName(String),
+    /// More peer paths than [`MAX_PATHS`].
+    #[error("{0} peer paths in one report; at most {MAX_PATHS}")]
+    TooManyPaths(usize),
 }
 
 impl TrafficReport {
@@ -157,6 +223,9 @@ impl TrafficReport {
     pub fn check(&self) -> Result<(), ReportError> {
         if self.pairs.len() > MAX_PAIRS {
             return Err(ReportError::TooManyPairs(self.pairs.len()));
+        }
+        if self.paths.len() > MAX_PATHS {
+            return Err(ReportError::TooManyPaths(self.paths.len()));
         }
         let mut seen = std::collections::HashSet::with_capacity(self.pairs.len());
         for p in &self.pairs {
@@ -201,21 +270,25 @@ mod tests {
     fn checks_bounds_and_names() {
         let ok = TrafficReport {
             pairs: vec![pair("api", 3, 1), pair("db ✓", 0, 0)],
+            ..Default::default()
         };
         assert_eq!(ok.check(), Ok(()));
         let many = TrafficReport {
             pairs: (0..=MAX_PAIRS)
                 .map(|i| pair(&format!("s{i}"), 0, 0))
                 .collect(),
+            ..Default::default()
         };
         assert_eq!(many.check(), Err(ReportError::TooManyPairs(MAX_PAIRS + 1)));
         let twice = TrafficReport {
             pairs: vec![pair("api", 1, 0), pair("api", 2, 0)],
+            ..Default::default()
         };
         assert!(matches!(twice.check(), Err(ReportError::Duplicate(_))));
         for bad in ["", "a\nb", &"x".repeat(MAX_SERVICE_LEN + 1)] {
             let r = TrafficReport {
                 pairs: vec![pair(bad, 0, 0)],
+                ..Default::default()
             };
             assert!(matches!(r.check(), Err(ReportError::BadName(_))), "{bad:?}");
         }
@@ -253,5 +326,51 @@ mod tests {
         assert!(c(2, 1).shows_flow_since(Some(&c(2, 1))), "an open flow");
         assert!(c(1, 0).shows_flow_since(Some(&c(5, 0))), "restarted");
         assert!(!c(0, 0).shows_flow_since(Some(&c(5, 0))));
+    }
+
+    /// Reports of members that predate paths decode with none; a
+    /// keyserver that predates them reads new reports' pairs.
+    #[test]
+    fn paths_are_appended_compatibly() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Old {
+            pairs: Vec<PairTraffic>,
+        }
+        let old = Old {
+            pairs: vec![pair("api", 3, 1)],
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let got: TrafficReport = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(got.pairs, old.pairs);
+        assert!(got.paths.is_empty());
+        let new = TrafficReport {
+            pairs: old.pairs.clone(),
+            paths: vec![PeerPath {
+                peer: crate::keys::PublicKey::from_bytes([7; 32]),
+                relay: true,
+                working: true,
+                rtt_micros: Some(1500),
+            }],
+        };
+        let bytes = postcard::to_stdvec(&new).unwrap();
+        assert_eq!(postcard::from_bytes::<Old>(&bytes).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<TrafficReport>(&bytes).unwrap(), new);
+        // The whole message, as members send it.
+        let msg = crate::proto::ClientMsg::Traffic(new.clone());
+        let bytes = postcard::to_stdvec(&msg).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<crate::proto::ClientMsg>(&bytes).unwrap(),
+            msg
+        );
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<TrafficReport>(&json).unwrap(), new);
+        let too_many = TrafficReport {
+            paths: vec![new.paths[0]; MAX_PATHS + 1],
+            ..Default::default()
+        };
+        assert_eq!(
+            too_many.check(),
+            Err(ReportError::TooManyPaths(MAX_PATHS + 1))
+        );
     }
 }

@@ -136,6 +136,7 @@ fn report(opened: u64) -> TrafficReport {
                 ..Default::default()
             },
         }],
+        ..Default::default()
     }
 }
 

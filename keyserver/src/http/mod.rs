@@ -24,6 +24,7 @@
 //!   `GET|PATCH|DELETE /v1/networks/{net}/services/{name}`,
 //!   `PUT|DELETE /v1/networks/{net}/services/{name}/instances/{member}`, and
 //!   the same under `/services` with `?network=` (see `services.rs`)
+//! - `/ui`: the web console, no bearer token (a session cookie; see [`ui`])
 //!
 //! Slow clients cannot hold the API: request headers must arrive within
 //! [`ApiLimits::header_timeout`], a request body within
@@ -38,6 +39,7 @@ mod body;
 mod openapi;
 mod routes;
 mod services;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -178,7 +180,10 @@ pub fn router(shared: Arc<Shared>, token: String, limits: ApiLimits) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), read_body))
         .layer(middleware::from_fn_with_state(api.clone(), auth));
+    // The web console calls the API's own routes (token check included).
+    let console = ui::router(api.clone(), protected.clone().with_state(api.clone()));
     Router::new()
+        .nest_service("/ui", console)
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
@@ -252,21 +257,28 @@ async fn auth(State(api): State<Api>, mut req: Request, next: Next) -> Response 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .trim();
-    let now = crate::registry::unix(std::time::SystemTime::now());
-    let lookup = |hash: &[u8; 32]| api.shared.read(|r| r.api_token(hash).cloned());
-    match crate::auth::resolve(given, &api.token, now, lookup) {
-        Ok(principal) => {
+        .unwrap_or("");
+    match bearer_principal(&api, given) {
+        Some(principal) => {
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Err(_) => ApiError(
+        None => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing, wrong, revoked or expired bearer token".into(),
         )
         .into_response(),
     }
+}
+
+/// Who `given` (a bearer token) is: the keyserver's admin token or a
+/// live API token ([`crate::auth::resolve`]); `None` for anything else.
+/// The web console signs in and authorizes every request with it too
+/// ([`ui`]).
+fn bearer_principal(api: &Api, given: &str) -> Option<crate::auth::Principal> {
+    let now = crate::registry::unix(std::time::SystemTime::now());
+    let lookup = |hash: &[u8; 32]| api.shared.read(|r| r.api_token(hash).cloned());
+    crate::auth::resolve(given.trim(), &api.token, now, lookup).ok()
 }
 
 /// Reads the body of a request that has one (POST, PUT, PATCH) within the

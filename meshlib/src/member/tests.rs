@@ -1040,6 +1040,7 @@ fn traffic_reports_are_rate_limited_and_resent_after_a_reconnect() {
                 ..Default::default()
             },
         }],
+        ..Default::default()
     };
     let is_report = |m: &ClientMsg| matches!(m, ClientMsg::Traffic(_));
     let t0 = Instant::now();

@@ -44,6 +44,9 @@ pub(super) struct Driver {
     pub(super) on_map: Option<super::MapHook>,
     /// Reasons for a retry already logged.
     pub(super) setbacks: SetbackLog,
+    /// The pairs of the data plane's last traffic report (userspace
+    /// mode's come from the sidecar), sent again with fresh peer paths.
+    pub(super) reported_pairs: Vec<crate::traffic::PairTraffic>,
 }
 
 impl Driver {
@@ -61,7 +64,7 @@ impl Driver {
         let mut report = tokio::time::interval(crate::traffic::REPORT_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         report.tick().await;
-        let reports = self.plane.is_kernel();
+        let kernel = self.plane.is_kernel();
         loop {
             tokio::select! {
                 ev = self.session.next_event() => {
@@ -97,11 +100,17 @@ impl Driver {
                     Some(cmd) => self.on_command(cmd).await,
                 },
                 Some(req) = requests.recv() => self.on_plane_request(req),
-                _ = report.tick(), if reports => {
-                    let traffic = self.plane.engine.traffic();
-                    if !traffic.pairs.is_empty() {
-                        self.on_plane_request(PlaneRequest::Traffic(traffic));
-                    }
+                _ = report.tick() => {
+                    // Userspace mode: the sidecar's stack counts the
+                    // pairs (its last report's are kept); both: the
+                    // paths to peers, fresh.
+                    let pairs = if kernel {
+                        self.plane.engine.traffic().pairs
+                    } else {
+                        self.reported_pairs.clone()
+                    };
+                    let traffic = crate::traffic::TrafficReport { pairs, paths: vec![] };
+                    self.on_plane_request(PlaneRequest::Traffic(traffic));
                 }
                 _ = detect.tick() => {
                     // Local addresses (unless configured) plus what the
@@ -153,7 +162,14 @@ impl Driver {
                     tracing::info!(service = %escape(&service), "asked the keyserver to wake a service");
                 }
             }),
-            PlaneRequest::Traffic(report) => self.session.report_traffic(report),
+            PlaneRequest::Traffic(mut report) => {
+                self.reported_pairs.clone_from(&report.pairs);
+                report.paths = self.plane.engine.peer_paths();
+                if report.pairs.is_empty() && report.paths.is_empty() {
+                    return;
+                }
+                self.session.report_traffic(report)
+            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "data-plane request not sent");

@@ -547,6 +547,7 @@ impl Node {
             announced: Vec::new(),
             on_map: cfg.on_map.clone(),
             setbacks: SetbackLog::default(),
+            reported_pairs: Vec::new(),
         };
         let driver = tokio::spawn(driver.run(rx, requests_rx));
         Ok(Node {

@@ -507,6 +507,43 @@ impl Engine {
         slot.as_ref().map(|pp| pp.manager.state(Instant::now()))
     }
 
+    /// How this member reaches each peer now (at most
+    /// [`crate::traffic::MAX_PATHS`]), for its traffic report: a managed
+    /// peer's chosen path and round trip; an unmanaged peer (fixed
+    /// endpoint) is direct, working if it completed a handshake within the
+    /// last three minutes, with no round trip measured.
+    pub fn peer_paths(&self) -> Vec<crate::traffic::PeerPath> {
+        use crate::nat::path::Path;
+        let now = Instant::now();
+        let recent = std::time::SystemTime::now() - std::time::Duration::from_secs(180);
+        let table = self.shared.table.read();
+        let mut out: Vec<_> = table
+            .iter()
+            .map(|(_, peer)| {
+                let state = peer.path.lock().as_ref().map(|pp| pp.manager.state(now));
+                match state {
+                    Some(st) => crate::traffic::PeerPath {
+                        peer: peer.key,
+                        relay: st.path == Path::Relay,
+                        working: matches!(st.path, Path::Direct(_) | Path::Relay),
+                        rtt_micros: st
+                            .rtt
+                            .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                    },
+                    None => crate::traffic::PeerPath {
+                        peer: peer.key,
+                        relay: false,
+                        working: peer.last_handshake.lock().is_some_and(|t| t > recent),
+                        rtt_micros: None,
+                    },
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| p.peer);
+        out.truncate(crate::traffic::MAX_PATHS);
+        out
+    }
+
     /// STUN servers to learn the socket's server-reflexive addresses from
     /// (binding requests sent from the WireGuard socket every 20 s).
     pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {

@@ -422,7 +422,10 @@ impl ServicePlane {
                 .then_with(|| a.destination.cmp(&b.destination))
         });
         pairs.truncate(MAX_PAIRS);
-        TrafficReport { pairs }
+        TrafficReport {
+            pairs,
+            paths: vec![],
+        }
     }
 
     /// Connections and UDP flows of `service` held for a wake now.

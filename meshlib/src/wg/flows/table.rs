@@ -987,7 +987,10 @@ impl FlowTable {
             })
             .filter(|p| p.counters != TrafficCounters::default())
             .collect();
-        TrafficReport { pairs }
+        TrafficReport {
+            pairs,
+            paths: vec![],
+        }
     }
 }
 
