@@ -18,7 +18,7 @@
 //! Layout: [`NameListing::of`] builds the listing, [`MemberView::of`] one
 //! member's view, [`find_member`] finds a member by key or instance name.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::{Duration, UNIX_EPOCH};
@@ -33,6 +33,7 @@ use meshlib::render::text::Escaped;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::MemberInfo;
+use crate::traffic::{MemberPaths, PathSummary};
 
 /// Which form of private name an entry is (DESIGN.md, "Names").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -255,11 +256,62 @@ pub struct MemberView {
     /// Every private name that answers this member now (empty while it is
     /// offline: offline members are not named).
     pub names: Vec<NameEntry>,
+    /// Its path to each peer, as it last reported it; absent when it
+    /// reported none (to this keyserver replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<PathsView>,
+}
+
+/// A member's reported paths: the summary the listing shows, and each peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathsView {
+    /// The counts and median round trip (as in `GET …/members`).
+    #[serde(flatten)]
+    pub summary: PathSummary,
+    /// The path to each peer.
+    pub peers: Vec<PeerPathView>,
+}
+
+/// The path to one peer, as a member reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPathView {
+    /// The peer's public key.
+    pub peer: PublicKey,
+    /// The peer's instance name, when it is still a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceName>,
+    /// Through the relay.
+    pub relay: bool,
+    /// Whether a path answered probes.
+    pub working: bool,
+    /// The path's last measured round trip, microseconds.
+    pub rtt_micros: Option<u32>,
+}
+
+impl PathsView {
+    /// `paths` (one member's report), its peers named from `map`.
+    pub fn of(map: &NetworkMap, paths: &MemberPaths) -> Self {
+        Self {
+            summary: PathSummary::of(paths.at, &paths.paths),
+            peers: paths
+                .paths
+                .iter()
+                .map(|p| PeerPathView {
+                    peer: p.peer,
+                    instance: map.members.get(&p.peer).map(|m| m.instance.clone()),
+                    relay: p.relay,
+                    working: p.working,
+                    rtt_micros: p.rtt_micros,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl MemberView {
-    /// `info`'s view in `map` (the map it was read with).
-    pub fn of(map: &NetworkMap, info: MemberInfo) -> Self {
+    /// `info`'s view in `map` (the map it was read with), with the paths
+    /// it reported.
+    pub fn of(map: &NetworkMap, info: MemberInfo, paths: Option<&MemberPaths>) -> Self {
         let names = if info.member.is_online() {
             NameListing::of(map)
                 .answering(info.member.ip)
@@ -273,8 +325,85 @@ impl MemberView {
             generation: map.generation,
             info,
             names,
+            paths: paths.map(|p| PathsView::of(map, p)),
         }
     }
+}
+
+/// One member as `GET …/members` lists it: the registry's fields, the
+/// names that answer it now, and the summary of the paths it reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRow {
+    /// The member as the registry keeps it.
+    #[serde(flatten)]
+    pub info: MemberInfo,
+    /// The names that answer it now, aliases left out (instance name,
+    /// seed-003 names by id, `.warp` names); empty while it is offline.
+    /// `GET …/members/{member}` has every one with its answers.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// How it reaches its peers, as it last reported; absent when it
+    /// reported no path (to this keyserver replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<PathSummary>,
+}
+
+impl MemberRow {
+    /// The rows of `members` (read together with `map`), with their names
+    /// from `map` and the path summaries reported (`paths`, by key). One
+    /// pass over the network's names: O(names + answers), not per member.
+    pub fn list(
+        map: &NetworkMap,
+        members: Vec<MemberInfo>,
+        mut paths: HashMap<PublicKey, PathSummary>,
+    ) -> Vec<Self> {
+        let mut names = names_by_address(map);
+        members
+            .into_iter()
+            .map(|info| {
+                let own = if info.member.is_online() {
+                    names.remove(&info.member.ip).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                Self {
+                    paths: paths.remove(&info.member.public_key),
+                    names: own,
+                    info,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The names (aliases left out) that answer each online member's address,
+/// in the listing's order.
+fn names_by_address(map: &NetworkMap) -> HashMap<Ipv4Addr, Vec<String>> {
+    let online = map.online();
+    let ist = IstTable::build(online.services(), &Overrides::default());
+    let index = NameIndex::build(&online, &ist);
+    let ids = Ids::of(&online);
+    let mut out: HashMap<Ipv4Addr, Vec<(u8, &str)>> = HashMap::new();
+    for (name, ips) in index.entries() {
+        let kind = NameKind::of(name);
+        if ids.is_alias(name, kind) {
+            continue;
+        }
+        let rank = match kind {
+            NameKind::Instance => 0,
+            NameKind::Warp => 2,
+            _ => 1,
+        };
+        for ip in ips {
+            out.entry(*ip).or_default().push((rank, name));
+        }
+    }
+    out.into_iter()
+        .map(|(ip, mut list)| {
+            list.sort_unstable();
+            (ip, list.into_iter().map(|(_, n)| n.to_owned()).collect())
+        })
+        .collect()
 }
 
 /// The member `key_or_instance` names (a public key, or an instance name)
@@ -377,12 +506,7 @@ pub fn render_audit(entries: &[crate::auth::AuditRecord]) -> String {
         .iter()
         .map(|e| {
             let secs = e.time_ms / 1000;
-            let time = if secs < LAST_RFC3339_SECOND {
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
-                    .to_string()
-            } else {
-                secs.to_string()
-            };
+            let time = rfc3339(secs);
             [
                 time,
                 safe(&format!("{} ({})", e.token, e.token_name)),
@@ -418,23 +542,34 @@ fn ago(then: u64, now: u64) -> String {
 }
 
 /// `GET …/members` as the CLI prints it by default (as `wg show` does for
-/// peers): one line per member with its instance name, address, state,
-/// last contact (relative to `now`, Unix seconds), endpoints (the first,
-/// and how many more), service and runner. Every text from the network is
-/// escaped.
-pub fn render_members(members: &[MemberInfo], now: u64) -> String {
+/// peers), the facts the web console shows: one line per member with its
+/// instance name, address, state, last contact (relative to `now`, Unix
+/// seconds), path to its peers and median round trip (as it reported
+/// them), endpoints (the first, and how many more), service, process type
+/// and index, how many names answer it, and runner. Every text from the
+/// network is escaped.
+pub fn render_members(members: &[MemberRow], now: u64) -> String {
     let header = [
         "INSTANCE",
         "ADDRESS",
         "STATE",
         "LAST SEEN",
+        "PATH",
+        "RTT",
         "ENDPOINT",
         "SERVICE",
+        "TYPE",
+        "NAMES",
         "RUNNER",
     ];
-    let rows: Vec<[String; 7]> = members
+    let rows: Vec<[String; 11]> = members
         .iter()
-        .map(|m| {
+        .map(|row| {
+            let m = &row.info;
+            let (path, rtt) = row.paths.as_ref().map_or_else(
+                || ("-".to_owned(), "-".to_owned()),
+                |p| (p.path_text(), p.rtt_text()),
+            );
             let endpoint = match m.member.endpoints.as_slice() {
                 [] => "-".to_owned(),
                 [one] => one.to_string(),
@@ -451,8 +586,16 @@ pub fn render_members(members: &[MemberInfo], now: u64) -> String {
                 m.member.ip.to_string(),
                 state.to_owned(),
                 ago(m.last_seen, now),
+                path,
+                rtt,
                 endpoint,
                 safe(&m.member.service),
+                format!(
+                    "{} #{}",
+                    safe(m.member.process_type.as_str()),
+                    m.member.index
+                ),
+                row.names.len().to_string(),
                 safe(&m.member.runner),
             ]
         })
@@ -492,6 +635,16 @@ const TIME_FIELDS: [&str; 3] = ["joined", "last_seen", "offline_since"];
 /// as its number.
 const LAST_RFC3339_SECOND: u64 = 253_402_300_800;
 
+/// `secs` (Unix seconds) as an RFC 3339 time in UTC; the number itself
+/// past the year 9999.
+fn rfc3339(secs: u64) -> String {
+    if secs < LAST_RFC3339_SECOND {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+    } else {
+        secs.to_string()
+    }
+}
+
 /// `GET …/members/{member}`'s answer as the CLI prints it: one `field:
 /// value` line per field of the member, then its names. Works on the JSON
 /// value so fields the keyserver adds later are printed too.
@@ -507,7 +660,10 @@ pub fn render_member(view: &serde_json::Value) -> String {
     let mut rest: Vec<&str> = obj
         .keys()
         .map(String::as_str)
-        .filter(|k| !MEMBER_FIELDS.contains(k) && !matches!(*k, "names" | "network" | "generation"))
+        .filter(|k| {
+            !MEMBER_FIELDS.contains(k)
+                && !matches!(*k, "names" | "network" | "generation" | "paths")
+        })
         .collect();
     rest.sort_unstable();
     keys.extend(rest);
@@ -541,6 +697,42 @@ pub fn render_member(view: &serde_json::Value) -> String {
         };
         let _ = writeln!(out, "{label:width$}  {}{note}", safe(&e.name));
         label = "";
+    }
+    let paths: Option<PathsView> = obj
+        .get("paths")
+        .and_then(|p| serde_json::from_value(p.clone()).ok());
+    match paths {
+        None => {
+            let _ = writeln!(out, "{:width$}  (none reported)", "paths");
+        }
+        Some(p) => {
+            let s = &p.summary;
+            let _ = writeln!(
+                out,
+                "{:width$}  {}, median round trip {} (reported {})",
+                "paths",
+                s.path_text(),
+                s.rtt_text(),
+                rfc3339(s.reported)
+            );
+            for peer in &p.peers {
+                let who = peer
+                    .instance
+                    .as_ref()
+                    .map_or_else(|| peer.peer.to_string(), |i| safe(i.as_str()));
+                let kind = match (peer.working, peer.relay) {
+                    (false, _) => "no path",
+                    (true, true) => "relay",
+                    (true, false) => "direct",
+                };
+                let rtt = PathSummary {
+                    rtt_micros: peer.rtt_micros,
+                    ..s.clone()
+                }
+                .rtt_text();
+                let _ = writeln!(out, "{:width$}  {who}: {kind} {rtt}", "");
+            }
+        }
     }
     if !generation.is_empty() {
         let _ = writeln!(out, "(map generation {generation})");
@@ -576,6 +768,8 @@ mod tests {
     use meshlib::keys::PrivateKey;
     use meshlib::names::Lookup;
     use meshlib::netmap::{Member, MemberState};
+    use meshlib::traffic::PeerPath;
+    use serde_json::json;
 
     const PN: &str = "pn-ad0fd6a1-d05e-40ea-bf63-c4f8a75a9d8c";
     /// The last octets of `api`'s online web members.
@@ -743,17 +937,92 @@ mod tests {
             offline_since: None,
             ephemeral: false,
         };
-        let v = MemberView::of(&map, info("api-worker-1"));
+        let v = MemberView::of(&map, info("api-worker-1"), None);
         let names: Vec<&str> = v.names.iter().map(|e| e.name.as_str()).collect();
         assert!(names.contains(&"api-worker-1.internal."), "{names:?}");
         assert!(names.contains(&format!("1.worker.ap-1.{PN}.private-network.internal.").as_str()));
         // `api.warp` answers the web members only.
         assert!(!names.contains(&"api.warp."), "{names:?}");
-        assert!(MemberView::of(&map, info("api-web-3")).names.is_empty());
+        assert!(MemberView::of(&map, info("api-web-3"), None)
+            .names
+            .is_empty());
+        assert!(json_has_no_paths(&v));
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["instance"], "api-worker-1");
         assert_eq!(json["generation"], 9);
         assert_eq!(json["index"], 1);
+    }
+
+    fn json_has_no_paths(v: &MemberView) -> bool {
+        serde_json::to_value(v).unwrap().get("paths").is_none()
+    }
+
+    /// The listing's rows carry the names that answer each member (as the
+    /// name listing has them, aliases left out) and the paths reported.
+    #[test]
+    fn member_rows_have_their_names_and_paths() {
+        let map = map();
+        let list: Vec<MemberInfo> = map
+            .members
+            .values()
+            .map(|m| MemberInfo {
+                member: m.clone(),
+                joined: 0,
+                last_seen: 0,
+                offline_since: None,
+                ephemeral: false,
+            })
+            .collect();
+        let worker = map.by_instance(&"api-worker-1".parse().unwrap()).unwrap();
+        let summary = PathSummary::of(
+            5,
+            &[PeerPath {
+                peer: worker.public_key,
+                relay: true,
+                working: true,
+                rtt_micros: Some(1500),
+            }],
+        );
+        let paths = HashMap::from([(worker.public_key, summary.clone())]);
+        let rows = MemberRow::list(&map, list, paths);
+        let listing = NameListing::of(&map);
+        for row in &rows {
+            let m = &row.info.member;
+            let want: Vec<&str> = listing
+                .answering(m.ip)
+                .filter(|e| !e.alias)
+                .map(|e| e.name.as_str())
+                .collect();
+            let mut got: Vec<&str> = row.names.iter().map(String::as_str).collect();
+            got.sort_unstable();
+            let mut want_sorted = want.clone();
+            want_sorted.sort_unstable();
+            assert_eq!(got, want_sorted, "{}", m.instance);
+            if m.is_online() {
+                assert_eq!(row.names[0], format!("{}.internal.", m.instance));
+            } else {
+                assert!(row.names.is_empty());
+            }
+            let expect = (m.public_key == worker.public_key).then_some(&summary);
+            assert_eq!(row.paths.as_ref(), expect, "{}", m.instance);
+        }
+        let json = serde_json::to_value(&rows).unwrap();
+        let back: Vec<MemberRow> = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.len(), rows.len());
+        let w = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["instance"] == "api-worker-1")
+            .unwrap();
+        assert_eq!(
+            (
+                &w["paths"]["relay"],
+                &w["paths"]["rtt_micros"],
+                &w["paths"]["reported"]
+            ),
+            (&json!(1), &json!(1500), &json!(5))
+        );
     }
 
     #[test]
@@ -805,6 +1074,25 @@ mod tests {
         assert_eq!(table.matches("api.warp.").count(), 1, "{table}");
         assert!(table.contains("10.240.0.10"), "{table}");
 
+        let api = map.by_instance(&"api-web-1".parse().unwrap()).unwrap();
+        let reported = MemberPaths {
+            member: api.public_key,
+            at: 1_700_000_000,
+            paths: vec![
+                PeerPath {
+                    peer: api.public_key,
+                    relay: true,
+                    working: true,
+                    rtt_micros: Some(1500),
+                },
+                PeerPath {
+                    peer: PrivateKey::generate().public_key(),
+                    relay: false,
+                    working: false,
+                    rtt_micros: None,
+                },
+            ],
+        };
         let mut v = serde_json::to_value(MemberView::of(
             &map,
             MemberInfo {
@@ -814,6 +1102,7 @@ mod tests {
                 offline_since: None,
                 ephemeral: false,
             },
+            Some(&reported),
         ))
         .unwrap();
         v["future_field"] = serde_json::json!("a\nb");
@@ -829,6 +1118,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("evil-1.internal."), "{text}");
+        // Its reported paths: the summary, then each peer by name (or key).
+        assert_eq!(v["paths"]["relay"], 1, "{v}");
+        assert_eq!(v["paths"]["peers"][0]["instance"], "api-web-1", "{v}");
+        assert!(
+            text.contains(
+                "relay 1, no path 1, median round trip 1.50 ms (reported 2023-11-14T22:13:20Z)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("api-web-1: relay 1.50 ms"), "{text}");
+        assert!(text.contains(": no path -"), "{text}");
         // Not an object: printed as is, escaped.
         assert!(!render_member(&serde_json::json!("\u{1b}")).contains('\u{1b}'));
     }
@@ -849,10 +1149,42 @@ mod tests {
             offline_since: None,
             ephemeral,
         };
-        let text = render_members(
-            &[info(a, 9995, false), info(b, 10_000 - 7200, true)],
-            10_000,
+        let reported = PathSummary::of(
+            9990,
+            &[
+                PeerPath {
+                    peer: b.public_key,
+                    relay: false,
+                    working: true,
+                    rtt_micros: Some(800),
+                },
+                PeerPath {
+                    peer: b.public_key,
+                    relay: true,
+                    working: true,
+                    rtt_micros: Some(40_000),
+                },
+                PeerPath {
+                    peer: b.public_key,
+                    relay: false,
+                    working: true,
+                    rtt_micros: Some(2_250),
+                },
+            ],
         );
+        let rows = [
+            MemberRow {
+                info: info(a, 9995, false),
+                names: vec!["api-web-1.internal.".into(), "api.warp.".into()],
+                paths: Some(reported),
+            },
+            MemberRow {
+                info: info(b, 10_000 - 7200, true),
+                names: vec![],
+                paths: None,
+            },
+        ];
+        let text = render_members(&rows, 10_000);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("INSTANCE") && lines[0].contains("LAST SEEN"));
@@ -864,9 +1196,19 @@ mod tests {
             "192.0.2.10:51820 (+1)",
             "api",
             "r1",
+            "direct 2, relay 1",
+            "2.25 ms",
+            "web #1",
         ] {
             assert!(lines[1].contains(part), "{part}: {text}");
         }
+        assert!(
+            lines[0].contains("PATH") && lines[0].contains("RTT"),
+            "{text}"
+        );
+        let names_col = lines[0].find("NAMES").unwrap();
+        assert_eq!(lines[1][names_col..].split_whitespace().next(), Some("2"));
+        assert_eq!(lines[2][names_col..].split_whitespace().next(), Some("0"));
         for part in ["offline, ephemeral", "2h ago", "  -  "] {
             assert!(lines[2].contains(part), "{part}: {text}");
         }

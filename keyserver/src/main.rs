@@ -1338,7 +1338,7 @@ async fn admin(data_dir: PathBuf, cmd: Cmd) -> anyhow::Result<()> {
                 .call(Method::GET, &path, None)
                 .await?;
             if !json {
-                let members: Vec<keyserver::registry::MemberInfo> = serde_json::from_value(out)
+                let members: Vec<keyserver::listing::MemberRow> = serde_json::from_value(out)
                     .context("the keyserver's answer is not a list of members")?;
                 print!("{}", render_members(&members, unix_now()));
                 return Ok(());

@@ -754,6 +754,11 @@ impl Shared {
         self.traffic.lock().paths(network)
     }
 
+    /// The traffic reports' book, for reads (paths, summaries).
+    pub fn traffic_book(&self) -> parking_lot::MutexGuard<'_, crate::traffic::TrafficBook> {
+        self.traffic.lock()
+    }
+
     /// A network's service addresses, `last_flow` including the flows
     /// reported to this replica and not yet stored.
     pub fn addresses(

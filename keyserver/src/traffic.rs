@@ -91,6 +91,76 @@ pub struct MemberPaths {
     pub paths: Vec<meshlib::traffic::PeerPath>,
 }
 
+/// How one member reaches its peers, summed up from its last report
+/// ([`MemberPaths`]): what `GET …/members` lists per member, and the
+/// console and `keyserver member list` show (path, round trip).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathSummary {
+    /// When its report arrived (Unix seconds).
+    pub reported: u64,
+    /// Peers reached on a direct path that answers probes.
+    pub direct: usize,
+    /// Peers reached through the relay.
+    pub relay: usize,
+    /// Peers with no working path (none chosen yet, or blind).
+    pub none: usize,
+    /// The median of the round trips measured to its peers,
+    /// microseconds; `None` when none was measured.
+    pub rtt_micros: Option<u32>,
+}
+
+impl PathSummary {
+    /// The summary of `paths`, reported at `at` (Unix seconds).
+    pub fn of(at: u64, paths: &[meshlib::traffic::PeerPath]) -> Self {
+        let mut s = Self {
+            reported: at,
+            direct: 0,
+            relay: 0,
+            none: 0,
+            rtt_micros: None,
+        };
+        let mut rtts: Vec<u32> = Vec::with_capacity(paths.len());
+        for p in paths {
+            match (p.working, p.relay) {
+                (false, _) => s.none += 1,
+                (true, true) => s.relay += 1,
+                (true, false) => s.direct += 1,
+            }
+            rtts.extend(p.rtt_micros);
+        }
+        rtts.sort_unstable();
+        s.rtt_micros = rtts.get(rtts.len() / 2).copied();
+        s
+    }
+
+    /// The path column of the tables: `direct 3, relay 1, no path 1`
+    /// (only the kinds present; `-` for none).
+    pub fn path_text(&self) -> String {
+        let parts: Vec<String> = [
+            ("direct", self.direct),
+            ("relay", self.relay),
+            ("no path", self.none),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+        if parts.is_empty() {
+            "-".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// The round-trip column: `1.50 ms`, or `-`.
+    pub fn rtt_text(&self) -> String {
+        self.rtt_micros.map_or_else(
+            || "-".to_owned(),
+            |us| format!("{:.2} ms", f64::from(us) / 1000.0),
+        )
+    }
+}
+
 /// The latest report of every member, and the last flow seen per service.
 #[derive(Debug, Default)]
 pub struct TrafficBook {
@@ -209,6 +279,26 @@ impl TrafficBook {
                 paths: e.report.paths.clone(),
             })
             .collect()
+    }
+
+    /// The [`PathSummary`] of each member of `network` that reported
+    /// paths, by member (what the member listing shows).
+    pub fn path_summaries(&self, network: NetworkId) -> HashMap<PublicKey, PathSummary> {
+        self.reports
+            .iter()
+            .filter(|((n, _), e)| *n == network && !e.report.paths.is_empty())
+            .map(|((_, member), e)| (*member, PathSummary::of(e.at, &e.report.paths)))
+            .collect()
+    }
+
+    /// The peer paths `member` of `network` last reported, if any.
+    pub fn paths_of(&self, network: NetworkId, member: &PublicKey) -> Option<MemberPaths> {
+        let e = self.reports.get(&(network, *member))?;
+        (!e.report.paths.is_empty()).then(|| MemberPaths {
+            member: *member,
+            at: e.at,
+            paths: e.report.paths.clone(),
+        })
     }
 
     /// The service graph of `map`'s network: every service with its

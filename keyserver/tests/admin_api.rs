@@ -534,12 +534,31 @@ async fn the_openapi_document_describes_what_the_api_returns() {
     h.network("prod", "10.240.0.0/22").await;
     let token = h.token("prod", json!({"uses": 2, "service": "api"})).await;
     let (_k, _s) = join(&client_endpoint(), &token, "api").await;
-    let check = |schema: &str, value: &Value| {
-        let props = schemas[schema]["properties"].as_object().unwrap();
-        for key in value.as_object().unwrap().keys() {
-            assert!(props.contains_key(key), "{schema}.{key} undocumented");
+    // A schema's parts: itself, or each of its `allOf` (inline or `$ref`).
+    let parts = |schema: &str| -> Vec<Value> {
+        match schemas[schema]["allOf"].as_array() {
+            None => vec![schemas[schema].clone()],
+            Some(all) => all
+                .iter()
+                .map(|p| match p["$ref"].as_str() {
+                    Some(r) => schemas[r.trim_start_matches("#/components/schemas/")].clone(),
+                    None => p.clone(),
+                })
+                .collect(),
         }
-        for key in schemas[schema]["required"].as_array().into_iter().flatten() {
+    };
+    let check = |schema: &str, value: &Value| {
+        let parts = parts(schema);
+        for key in value.as_object().unwrap().keys() {
+            assert!(
+                parts.iter().any(|p| p["properties"].get(key).is_some()),
+                "{schema}.{key} undocumented"
+            );
+        }
+        for key in parts
+            .iter()
+            .flat_map(|p| p["required"].as_array().cloned().unwrap_or_default())
+        {
             assert!(
                 value.get(key.as_str().unwrap()).is_some(),
                 "{schema}.{key} missing"
@@ -551,7 +570,27 @@ async fn the_openapi_document_describes_what_the_api_returns() {
         .await
         .unwrap();
     check("Network", &nets[0]);
-    check("Member", &h.members("prod").await[0]);
+    let member = &h.members("prod").await[0];
+    check("MemberListed", member);
+    check("Member", &{
+        let mut bare = member.clone();
+        for extra in ["names", "paths"] {
+            bare.as_object_mut().unwrap().remove(extra);
+        }
+        bare
+    });
+    let one = h
+        .call(
+            hyper::Method::GET,
+            &format!(
+                "/v1/networks/prod/members/{}",
+                member["instance"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    check("MemberDetail", &one);
     check("Token", &h.tokens("prod").await[0]);
     h.stop().await;
 }

@@ -105,7 +105,28 @@ async fn actions_need_the_csrf_token_and_this_origin() {
         .await;
         assert_eq!(a.status, 403, "sign-in with {headers:?}");
     }
-    let (cookie, csrf) = sign_in(&addr, &h.admin_token).await;
+    // An operator's API token of the network's tenant: its actions
+    // through the console are audited under its id.
+    h.call(
+        hyper::Method::PATCH,
+        "/v1/networks/prod",
+        Some(json!({"tenant": "acme"})),
+    )
+    .await
+    .unwrap();
+    let op = h
+        .call(
+            hyper::Method::POST,
+            "/v1/api-tokens",
+            Some(json!({"name": "console-op", "role": "operator", "tenant": "acme"})),
+        )
+        .await
+        .unwrap();
+    let (op_id, op_secret) = (
+        op["id"].as_str().unwrap().to_owned(),
+        op["token"].as_str().unwrap().to_owned(),
+    );
+    let (cookie, csrf) = sign_in(&addr, &op_secret).await;
     let path = format!("/ui/api/v1/networks/prod/members/{}", urlencode(&key));
     let read = http(&addr, "GET", &path, &[("Cookie", &cookie)], None).await;
     assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
@@ -164,6 +185,34 @@ async fn actions_need_the_csrf_token_and_this_origin() {
     .await;
     assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
     assert!(h.members("prod").await.is_empty());
+    // Its audit entry: the session's token, the browser's address (this
+    // test's loopback socket, not the keyserver's own), the removal.
+    let trail = h
+        .call(hyper::Method::GET, "/v1/audit?network=prod", None)
+        .await
+        .unwrap();
+    let removal = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["method"] == "DELETE" && e["route"] == "/v1/networks/{net}/members/{member}")
+        .unwrap_or_else(|| panic!("no audit entry of the removal: {trail}"));
+    assert_eq!(removal["token"], op_id.as_str(), "{removal}");
+    assert_eq!(removal["token_name"], "console-op", "{removal}");
+    assert_eq!(removal["role"], "operator", "{removal}");
+    assert_eq!(removal["status"], 200, "{removal}");
+    let client: std::net::SocketAddr = removal["client"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client address: {removal}"))
+        .parse()
+        .unwrap();
+    assert!(client.ip().is_loopback() && client.port() != 0, "{removal}");
+    assert_ne!(
+        client.to_string(),
+        addr,
+        "the browser's address, not the server's"
+    );
     // Only /v1/ is forwarded (not the backup's neighbours, not /metrics).
     let metrics = http(
         &addr,

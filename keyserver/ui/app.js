@@ -294,57 +294,35 @@ function networksView() {
   };
 }
 
-/** The path summary of one member's report: "direct 3 · relay 1". */
-function pathSummary(report, instanceOf) {
-  if (!report || !report.paths.length) return { path: '', rtt: '', title: '' };
-  let direct = 0, relay = 0, down = 0;
-  const rtts = [];
-  const lines = [];
-  for (const p of report.paths) {
-    if (!p.working) down++;
-    else if (p.relay) relay++;
-    else direct++;
-    if (p.rtt_micros != null) rtts.push(p.rtt_micros);
-    const kind = !p.working ? 'no path' : p.relay ? 'relay' : 'direct';
-    const rtt = p.rtt_micros != null ? ' ' + (p.rtt_micros / 1000).toFixed(2) + ' ms' : '';
-    lines.push(visible(instanceOf(p.peer) || p.peer) + ': ' + kind + rtt);
-  }
-  rtts.sort((a, b) => a - b);
+/** The path and round-trip cells of a member's reported paths (the
+ * listing's `paths` summary; the same text as `keyserver member list`). */
+function pathCells(p) {
+  if (!p) return { path: '', rtt: '', title: '' };
   const parts = [];
-  if (direct) parts.push('direct ' + direct);
-  if (relay) parts.push('relay ' + relay);
-  if (down) parts.push('no path ' + down);
-  const rtt = rtts.length ? (rtts[Math.floor(rtts.length / 2)] / 1000).toFixed(2) + ' ms' : '';
-  return { path: parts.join(' · '), rtt, title: lines.join('\n') + '\nreported ' + ago(report.at) };
+  if (p.direct) parts.push('direct ' + p.direct);
+  if (p.relay) parts.push('relay ' + p.relay);
+  if (p.none) parts.push('no path ' + p.none);
+  const rtt = p.rtt_micros != null ? (p.rtt_micros / 1000).toFixed(2) + ' ms' : '';
+  return {
+    path: parts.join(', ') || '-',
+    rtt,
+    title: 'median round trip to its peers; reported ' + ago(p.reported) + ' (every peer: keyserver member get)',
+  };
 }
 
 function membersView(r) {
   const net = r.net;
   return async () => {
     const started = performance.now();
-    const [members, listing, paths] = await Promise.all([
-      call('GET', v1('/networks/' + enc(net) + '/members')),
-      call('GET', v1('/networks/' + enc(net) + '/names')).catch(() => null),
-      call('GET', '/ui/paths?network=' + enc(net)).catch(() => []),
-    ]);
+    // One call: each member comes with its names and reported paths.
+    const members = await call('GET', v1('/networks/' + enc(net) + '/members'));
     const fetched = performance.now();
-    const names = new Map();
-    for (const entry of (listing && listing.names) || []) {
-      if (entry.alias) continue;
-      for (const a of entry.answers || []) {
-        if (!a.instance) continue;
-        if (!names.has(a.instance)) names.set(a.instance, []);
-        names.get(a.instance).push(entry.name);
-      }
-    }
-    const byKey = new Map(members.map((m) => [m.public_key, m.instance]));
-    const reports = new Map(paths.map((p) => [p.member, p]));
     members.sort((a, b) => String(a.instance).localeCompare(String(b.instance)));
     const head = ['Instance', 'Service', 'Type', 'State', 'Address', 'Names', 'Runner', 'Last seen', 'Path', 'Round trip'];
     if (S.canAct) head.push('');
     const rows = members.map((m) => {
-      const p = pathSummary(reports.get(m.public_key), (k) => byKey.get(k));
-      const own = names.get(m.instance) || [];
+      const p = pathCells(m.paths);
+      const own = m.names || [];
       return el('tr', { 'data-key': m.public_key, 'data-instance': m.instance, 'data-state': m.state },
         el('td', { class: 'instance' }, m.instance, el('div', { class: 'mono muted' }, m.public_key)),
         el('td', { class: 'service' }, m.service),

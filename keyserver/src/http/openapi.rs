@@ -179,7 +179,7 @@ fn schemas() -> Value {
             "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "the map generation the names were computed from"},
             "names": {"type": "array", "items": schema_ref("NameEntry"), "description": "every name of the online members: instance names, seed-003 names (ids, then aliases), `.warp` names; offline members are not named"},
             "warnings": {"type": "array", "items": {"type": "string"}, "description": "why a service has no `.warp` name (two services encoding to one hostname or variable)"}}},
-        "MemberDetail": {"description": "a `Member` (every field of `GET …/members`) plus these", "allOf": [schema_ref("Member"),
+        "MemberDetail": {"description": "a `Member` plus these (its `names` with their answers, where the listing has name strings)", "allOf": [schema_ref("Member"),
             {"type": "object", "required": ["network", "generation", "names"], "properties": {
                 "network": schema_ref("NetworkId"),
                 "generation": {"type": "integer", "format": "int64", "minimum": 0, "description": "the map generation `names` were computed from"},
@@ -243,7 +243,34 @@ fn schemas() -> Value {
         "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "maxItems": 256, "description": "every port the service's instances announced while the address existed (sorted): where members expect the service also at zero instances"}},
         "description": "in a network's `addresses`, the stored record also carries the fields of `ServiceAddressDetail` (settings and state)"});
     address_schemas(&mut schemas);
+    member_schemas(&mut schemas);
     schemas
+}
+
+/// The schemas of members' reported paths (`PathSummary`, the listing's
+/// `MemberListed`) and `MemberDetail`'s `paths` (macro calls of their own:
+/// serde_json's recursion limit).
+fn member_schemas(schemas: &mut Value) {
+    let rtt = json!({"type": ["integer", "null"], "format": "int32", "minimum": 0});
+    schemas["PathSummary"] = json!({"type": "object", "required": ["reported", "direct", "relay", "none", "rtt_micros"], "description": "how a member reaches its peers, from its last traffic report to this keyserver replica", "properties": {
+        "reported": unix_seconds("when the report arrived"),
+        "direct": {"type": "integer", "format": "int64", "minimum": 0, "description": "peers reached on a direct path that answers probes"},
+        "relay": {"type": "integer", "format": "int64", "minimum": 0, "description": "peers reached through the relay"},
+        "none": {"type": "integer", "format": "int64", "minimum": 0, "description": "peers with no working path (none chosen yet, or blind)"},
+        "rtt_micros": {"type": ["integer", "null"], "format": "int32", "minimum": 0, "description": "median round trip measured to its peers, microseconds"}}});
+    schemas["MemberListed"] = json!({"description": "a `Member` as `GET …/members` lists it: every field of `Member` plus these", "allOf": [schema_ref("Member"),
+        {"type": "object", "required": ["names"], "properties": {
+            "names": {"type": "array", "items": {"type": "string"}, "description": "the names that answer it now, aliases left out (instance name, seed-003 names by id, `.warp` names); empty while it is offline; `GET …/members/{member}` has every one with its answers"},
+            "paths": schema_ref("PathSummary")}}]});
+    let peer = json!({"type": "object", "required": ["peer", "relay", "working", "rtt_micros"], "properties": {
+        "peer": {"type": "string", "description": "the peer's public key"},
+        "instance": {"type": "string", "description": "the peer's instance name, while it is a member"},
+        "relay": {"type": "boolean"}, "working": {"type": "boolean"}, "rtt_micros": rtt}});
+    let paths = json!({"description": "absent when it reported no path: the summary and its path to each peer", "allOf": [schema_ref("PathSummary"),
+        {"type": "object", "required": ["peers"], "properties": {"peers": {"type": "array", "items": peer}}}]});
+    if let Some(props) = schemas["MemberDetail"]["allOf"][1]["properties"].as_object_mut() {
+        props.insert("paths".into(), paths);
+    }
 }
 
 /// The schemas of service addresses' settings and state and of the
@@ -437,7 +464,7 @@ pub fn openapi_doc() -> Value {
                         &["400", "401", "404", "405", "409", "500"])}
             },
             "/v1/networks/{net}/members": {"get": {"summary": "members with IP, key, app, type, index, instance, endpoints, ports, last seen",
-                "parameters": [net], "responses": responses(("200", "members by IP", Some(array_of("Member"))), &read_one)}},
+                "parameters": [net], "responses": responses(("200", "members by IP", Some(array_of("MemberListed"))), &read_one)}},
             "/v1/networks/{net}/names": {"get": {"summary": "every private name of the network with its current answer (seed 003's listing)",
                 "parameters": [net], "responses": responses(("200", "the names", Some(schema_ref("NameListing"))), &read_one)}},
             "/v1/networks/{net}/members/{member}": {

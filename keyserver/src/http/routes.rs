@@ -17,8 +17,8 @@ use super::access::AuditNote;
 use super::body::JsonBody;
 use super::{Api, ApiError};
 use crate::auth::Principal;
-use crate::listing::{find_member, MemberView, NameListing};
-use crate::registry::{AdminError, MemberInfo, NetworkRecord, TokenRecord};
+use crate::listing::{find_member, MemberRow, MemberView, NameListing};
+use crate::registry::{AdminError, NetworkRecord, TokenRecord};
 
 /// Runs a blocking mutation (the store fsyncs).
 pub(super) async fn blocking<T: Send + 'static>(
@@ -336,12 +336,19 @@ pub(super) async fn delete_network(
     ))
 }
 
+/// `GET /v1/networks/{net}/members`: every member with the names that
+/// answer it and the summary of the paths it reported ([`MemberRow`]).
 pub(super) async fn list_members(
     State(api): State<Api>,
     Path(net): Path<String>,
-) -> Result<Json<Vec<MemberInfo>>, ApiError> {
+) -> Result<Json<Vec<MemberRow>>, ApiError> {
     let id = resolve(&api, &net)?;
-    Ok(Json(api.shared.members(id)))
+    let (map, members) = api
+        .shared
+        .map_and_members(id)
+        .ok_or(AdminError::UnknownNetwork(net))?;
+    let paths = api.shared.traffic_book().path_summaries(id);
+    Ok(Json(MemberRow::list(&map, members, paths)))
 }
 
 /// `GET /v1/networks/{net}/members/{member}`: one member (by public key or
@@ -357,7 +364,11 @@ pub(super) async fn get_member(
         .map_and_members(id)
         .ok_or(AdminError::UnknownNetwork(net))?;
     let info = find_member(members, &member).ok_or(AdminError::UnknownMember(member))?;
-    Ok(Json(MemberView::of(&map, info)))
+    let paths = api
+        .shared
+        .traffic_book()
+        .paths_of(id, &info.member.public_key);
+    Ok(Json(MemberView::of(&map, info, paths.as_ref())))
 }
 
 /// `GET /v1/networks/{net}/names`: every private name of the network with

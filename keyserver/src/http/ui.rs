@@ -10,21 +10,24 @@
 //! - `GET|POST|PUT|PATCH|DELETE /ui/api/v1/...`: the admin API's own
 //!   router, called in-process with the session's token — the console
 //!   shows and changes exactly what that token may through the API
-//!   (the same handlers, checks and, once it exists, audit trail);
+//!   (the same handlers, checks and audit trail: an action's entry names
+//!   the session's token and the browser's address);
 //! - `GET /ui/events?network=`: Server-Sent Events fed by the pushes
 //!   members get ([`crate::server::Shared::subscribe`]), plus a `tick`
 //!   every few seconds for heartbeats (last seen);
-//! - `GET /ui/paths?network=`: the peer paths and round trips members
-//!   report ([`crate::server::Shared::member_paths`]).
+//!
+//! Members' paths and round trips come with the API's member listing
+//! (`GET /v1/networks/{net}/members`, [`crate::listing::MemberRow`]), as
+//! for `keyserver member list`.
 //!
 //! Actions (every method but GET) need the session's CSRF token in an
 //! `X-CSRF-Token` header and an `Origin` naming this host.
 //!
 //! **All** of the console's authentication and authorization is in
 //! [`authorize`]: it calls the admin API's token check
-//! ([`super::bearer_principal`]), so when scoped tokens land the console
-//! follows them there (role → [`Principal`], tenant → the API's own
-//! filtering of what the forwarded calls return).
+//! ([`super::bearer_principal`]), so the console follows scoped tokens
+//! (role → [`Principal`], tenant → the API's own filtering of what the
+//! forwarded calls return).
 //!
 //! Every answer carries a strict Content-Security-Policy (no inline
 //! script or style, nothing but this origin), `X-Content-Type-Options`,
@@ -157,7 +160,6 @@ pub(super) fn router(api: Api, admin: Router) -> Router {
         .route("/session", get(session_info).post(sign_in).delete(sign_out))
         .route("/api/{*path}", any(forward))
         .route("/events", get(events))
-        .route("/paths", get(paths))
         .fallback(asset)
         .layer(middleware::from_fn(security_headers))
         .with_state(ui)
@@ -392,11 +394,9 @@ async fn forward(State(ui): State<Ui>, req: Request) -> Response {
     };
     parts.uri = uri;
     // Not this router's path parameters (the API's `Path` would see
-    // them); the client's address, for whoever reads it.
-    let peer = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .cloned();
+    // them); the browser's address ([`super::ClientAddr`], set per
+    // connection by [`super::serve`]), for the audit trail's "from where".
+    let peer = parts.extensions.get::<super::ClientAddr>().copied();
     parts.extensions = Default::default();
     if let Some(peer) = peer {
         parts.extensions.insert(peer);
@@ -468,17 +468,6 @@ fn percent_encode(text: &str) -> String {
         }
     }
     out
-}
-
-/// `GET /ui/paths?network=`: members' reported paths to their peers.
-async fn paths(
-    State(ui): State<Ui>,
-    headers: HeaderMap,
-    Query(q): Query<NetQuery>,
-) -> Result<Response, ApiError> {
-    let grant = authorize(&ui, &headers, Need::Read)?;
-    let id = visible(&ui, &grant, &q.network).await?;
-    Ok(Json(ui.api.shared.member_paths(id)).into_response())
 }
 
 /// `GET /ui/events?network=`: a Server-Sent Events stream: `change` for
