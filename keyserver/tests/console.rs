@@ -507,7 +507,11 @@ async fn walk_through() {
         appeared.as_millis(),
         offline.as_millis()
     );
-    assert!(appeared < Duration::from_secs(5) && offline < Duration::from_secs(5));
+    // The target (issue 23): live updates reach the page within 1 s.
+    assert!(
+        appeared < Duration::from_secs(1) && offline < Duration::from_secs(1),
+        "{appeared:?}, {offline:?}"
+    );
 
     // Paths and round trips, as members report them.
     observer
@@ -730,8 +734,8 @@ async fn walk_through() {
         times.push(ms);
     }
     // The target (issue 23): under 1 s. The best of the three: the
-    // machine is shared (CI), and a page load that waited for the CPU
-    // says nothing about the page.
+    // machine is shared (CI), and one load that waited for the CPU says
+    // little about the page.
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     println!("console: 1000 members: best of three {best:.0} ms (target: under 1000 ms)");
     assert!(best < 1000.0, "1000 members took {times:?} ms");
@@ -941,11 +945,23 @@ async fn scoped_tokens(browser: &Browser, ks: &Server, origin: &str) {
         .exec("return document.querySelector('#members tbody tr').dataset.instance")
         .await;
     let victim = victim.as_str().unwrap().to_owned();
+    // Clicked in the page in one step: the table may be redrawn (a tick)
+    // between finding the button and clicking it through WebDriver.
+    let button = format!(
+        "#members tr[data-instance=\"{}\"] button.remove",
+        css_escape(&victim)
+    );
     browser
-        .click(&format!(
-            "#members tr[data-instance=\"{}\"] button.remove",
-            css_escape(&victim)
+        .exec(&format!(
+            "document.querySelector({button:?}).click(); return 1"
         ))
+        .await;
+    browser
+        .wait(
+            "the confirmation",
+            Duration::from_secs(5),
+            "return !document.getElementById('dialog').hidden",
+        )
         .await;
     browser.click("#dialog-ok").await;
     browser

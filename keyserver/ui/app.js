@@ -200,12 +200,13 @@ function nav(r) {
   $('nav').replaceChildren(...items);
 }
 
-function route() {
+async function route() {
   if (!S.csrf) return;
   const r = parseHash();
   S.route = r;
   nav(r);
-  if (r.net) openEvents(r.net); else closeEvents();
+  if (r.net) await openEvents(r.net); else closeEvents();
+  if (S.route !== r) return;
   clearInterval(S.poll);
   // Views without a network's event stream refresh every 5 s.
   if (!r.net) S.poll = setInterval(() => schedule(0), 5000);
@@ -252,10 +253,18 @@ function replaceLive(...kids) {
 
 // ---- live events -----------------------------------------------------------
 
+/** Subscribes to a network's changes; resolves once the stream is open
+ * (its `hello`), so that the first fetch comes after the subscription
+ * and misses no change (or after 1 s, or at once when already open). */
 function openEvents(net) {
-  if (S.events && S.eventsNet === net) return;
+  if (S.events && S.eventsNet === net) return Promise.resolve();
   closeEvents();
   const es = new EventSource('/ui/events?network=' + enc(net));
+  const opened = new Promise((resolve) => {
+    es.addEventListener('hello', resolve, { once: true });
+    es.addEventListener('error', resolve, { once: true });
+    setTimeout(resolve, 1000);
+  });
   es.addEventListener('change', () => schedule(20));
   es.addEventListener('tick', () => {
     if (S.route && S.route.view === 'members') schedule(0);
@@ -268,6 +277,7 @@ function openEvents(net) {
   });
   S.events = es;
   S.eventsNet = net;
+  return opened;
 }
 
 function closeEvents() {

@@ -11,8 +11,10 @@
 //!   `GET /metrics` (Prometheus), no token
 //! - `GET /v1/networks`, `POST /v1/networks` `{name, range?}`
 //! - `GET /v1/networks/{net}`, `DELETE /v1/networks/{net}[?force=true]`
-//! - `GET /v1/networks/{net}/members`, `GET|DELETE /v1/networks/{net}/members/{member}`
-//!   (GET: the member with the names that answer it, [`crate::listing`])
+//! - `GET /v1/networks/{net}/members` (each with its names and the summary
+//!   of the paths it reported, [`crate::listing::MemberRow`]),
+//!   `GET|DELETE /v1/networks/{net}/members/{member}` (GET: the member with
+//!   the names that answer it and its path to each peer, [`crate::listing`])
 //! - `GET /v1/networks/{net}/names`: every private name and its answer (seed 003)
 //! - `GET /v1/networks/{net}/addresses`, `GET|PATCH /v1/networks/{net}/addresses/{service}`:
 //!   service addresses, their wake and idle settings and state (scale to
