@@ -256,20 +256,17 @@ pub struct MemberView {
     /// Every private name that answers this member now (empty while it is
     /// offline: offline members are not named).
     pub names: Vec<NameEntry>,
-    /// Its path to each peer, as it last reported it; absent when it
-    /// reported none (to this keyserver replica).
+    /// The names that answer it, aliases left out, as `member list` has
+    /// them ([`MemberRow::dns_names`]).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// How it reaches its peers, as it last reported (as `member list`
+    /// has it); absent when it reported no path (to this replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub paths: Option<PathsView>,
-}
-
-/// A member's reported paths: the summary the listing shows, and each peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PathsView {
-    /// The counts and median round trip (as in `GET …/members`).
-    #[serde(flatten)]
-    pub summary: PathSummary,
-    /// The path to each peer.
-    pub peers: Vec<PeerPathView>,
+    pub path: Option<PathSummary>,
+    /// Its path to each peer, as it last reported it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_paths: Vec<PeerPathView>,
 }
 
 /// The path to one peer, as a member reported it.
@@ -288,26 +285,6 @@ pub struct PeerPathView {
     pub rtt_micros: Option<u32>,
 }
 
-impl PathsView {
-    /// `paths` (one member's report), its peers named from `map`.
-    pub fn of(map: &NetworkMap, paths: &MemberPaths) -> Self {
-        Self {
-            summary: PathSummary::of(paths.at, &paths.paths),
-            peers: paths
-                .paths
-                .iter()
-                .map(|p| PeerPathView {
-                    peer: p.peer,
-                    instance: map.members.get(&p.peer).map(|m| m.instance.clone()),
-                    relay: p.relay,
-                    working: p.working,
-                    rtt_micros: p.rtt_micros,
-                })
-                .collect(),
-        }
-    }
-}
-
 impl MemberView {
     /// `info`'s view in `map` (the map it was read with), with the paths
     /// it reported.
@@ -320,12 +297,33 @@ impl MemberView {
         } else {
             Vec::new()
         };
+        let dns_names = if info.member.is_online() {
+            names_by_address(map)
+                .remove(&info.member.ip)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let peer_paths = paths.map_or_else(Vec::new, |p| {
+            p.paths
+                .iter()
+                .map(|pp| PeerPathView {
+                    peer: pp.peer,
+                    instance: map.members.get(&pp.peer).map(|m| m.instance.clone()),
+                    relay: pp.relay,
+                    working: pp.working,
+                    rtt_micros: pp.rtt_micros,
+                })
+                .collect()
+        });
         Self {
             network: map.network,
             generation: map.generation,
             info,
             names,
-            paths: paths.map(|p| PathsView::of(map, p)),
+            dns_names,
+            path: paths.map(|p| PathSummary::of(p.at, &p.paths)),
+            peer_paths,
         }
     }
 }
@@ -341,11 +339,11 @@ pub struct MemberRow {
     /// seed-003 names by id, `.warp` names); empty while it is offline.
     /// `GET …/members/{member}` has every one with its answers.
     #[serde(default)]
-    pub names: Vec<String>,
+    pub dns_names: Vec<String>,
     /// How it reaches its peers, as it last reported; absent when it
     /// reported no path (to this keyserver replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub paths: Option<PathSummary>,
+    pub path: Option<PathSummary>,
 }
 
 impl MemberRow {
@@ -367,8 +365,8 @@ impl MemberRow {
                     Vec::new()
                 };
                 Self {
-                    paths: paths.remove(&info.member.public_key),
-                    names: own,
+                    path: paths.remove(&info.member.public_key),
+                    dns_names: own,
                     info,
                 }
             })
@@ -566,7 +564,7 @@ pub fn render_members(members: &[MemberRow], now: u64) -> String {
         .iter()
         .map(|row| {
             let m = &row.info;
-            let (path, rtt) = row.paths.as_ref().map_or_else(
+            let (path, rtt) = row.path.as_ref().map_or_else(
                 || ("-".to_owned(), "-".to_owned()),
                 |p| (p.path_text(), p.rtt_text()),
             );
@@ -595,7 +593,7 @@ pub fn render_members(members: &[MemberRow], now: u64) -> String {
                     safe(m.member.process_type.as_str()),
                     m.member.index
                 ),
-                row.names.len().to_string(),
+                row.dns_names.len().to_string(),
                 safe(&m.member.runner),
             ]
         })
@@ -662,7 +660,10 @@ pub fn render_member(view: &serde_json::Value) -> String {
         .map(String::as_str)
         .filter(|k| {
             !MEMBER_FIELDS.contains(k)
-                && !matches!(*k, "names" | "network" | "generation" | "paths")
+                && !matches!(
+                    *k,
+                    "names" | "network" | "generation" | "dns_names" | "path" | "peer_paths"
+                )
         })
         .collect();
     rest.sort_unstable();
@@ -698,24 +699,27 @@ pub fn render_member(view: &serde_json::Value) -> String {
         let _ = writeln!(out, "{label:width$}  {}{note}", safe(&e.name));
         label = "";
     }
-    let paths: Option<PathsView> = obj
-        .get("paths")
+    let path: Option<PathSummary> = obj
+        .get("path")
         .and_then(|p| serde_json::from_value(p.clone()).ok());
-    match paths {
+    let peers: Vec<PeerPathView> = obj
+        .get("peer_paths")
+        .and_then(|p| serde_json::from_value(p.clone()).ok())
+        .unwrap_or_default();
+    match path {
         None => {
-            let _ = writeln!(out, "{:width$}  (none reported)", "paths");
+            let _ = writeln!(out, "{:width$}  (none reported)", "path");
         }
-        Some(p) => {
-            let s = &p.summary;
+        Some(s) => {
             let _ = writeln!(
                 out,
                 "{:width$}  {}, median round trip {} (reported {})",
-                "paths",
+                "path",
                 s.path_text(),
                 s.rtt_text(),
                 rfc3339(s.reported)
             );
-            for peer in &p.peers {
+            for peer in &peers {
                 let who = peer
                     .instance
                     .as_ref()
@@ -954,7 +958,8 @@ mod tests {
     }
 
     fn json_has_no_paths(v: &MemberView) -> bool {
-        serde_json::to_value(v).unwrap().get("paths").is_none()
+        let json = serde_json::to_value(v).unwrap();
+        json.get("path").is_none() && json.get("peer_paths").is_none()
     }
 
     /// The listing's rows carry the names that answer each member (as the
@@ -993,18 +998,21 @@ mod tests {
                 .filter(|e| !e.alias)
                 .map(|e| e.name.as_str())
                 .collect();
-            let mut got: Vec<&str> = row.names.iter().map(String::as_str).collect();
+            let mut got: Vec<&str> = row.dns_names.iter().map(String::as_str).collect();
             got.sort_unstable();
             let mut want_sorted = want.clone();
             want_sorted.sort_unstable();
             assert_eq!(got, want_sorted, "{}", m.instance);
             if m.is_online() {
-                assert_eq!(row.names[0], format!("{}.internal.", m.instance));
+                assert_eq!(row.dns_names[0], format!("{}.internal.", m.instance));
             } else {
-                assert!(row.names.is_empty());
+                assert!(row.dns_names.is_empty());
             }
             let expect = (m.public_key == worker.public_key).then_some(&summary);
-            assert_eq!(row.paths.as_ref(), expect, "{}", m.instance);
+            assert_eq!(row.path.as_ref(), expect, "{}", m.instance);
+            // `member get` has the same.
+            let view = MemberView::of(&map, row.info.clone(), None);
+            assert_eq!(view.dns_names, row.dns_names, "{}", m.instance);
         }
         let json = serde_json::to_value(&rows).unwrap();
         let back: Vec<MemberRow> = serde_json::from_value(json.clone()).unwrap();
@@ -1017,9 +1025,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             (
-                &w["paths"]["relay"],
-                &w["paths"]["rtt_micros"],
-                &w["paths"]["reported"]
+                &w["path"]["relay"],
+                &w["path"]["rtt_micros"],
+                &w["path"]["reported"]
             ),
             (&json!(1), &json!(1500), &json!(5))
         );
@@ -1119,8 +1127,8 @@ mod tests {
         );
         assert!(text.contains("evil-1.internal."), "{text}");
         // Its reported paths: the summary, then each peer by name (or key).
-        assert_eq!(v["paths"]["relay"], 1, "{v}");
-        assert_eq!(v["paths"]["peers"][0]["instance"], "api-web-1", "{v}");
+        assert_eq!(v["path"]["relay"], 1, "{v}");
+        assert_eq!(v["peer_paths"][0]["instance"], "api-web-1", "{v}");
         assert!(
             text.contains(
                 "relay 1, no path 1, median round trip 1.50 ms (reported 2023-11-14T22:13:20Z)"
@@ -1175,13 +1183,13 @@ mod tests {
         let rows = [
             MemberRow {
                 info: info(a, 9995, false),
-                names: vec!["api-web-1.internal.".into(), "api.warp.".into()],
-                paths: Some(reported),
+                dns_names: vec!["api-web-1.internal.".into(), "api.warp.".into()],
+                path: Some(reported),
             },
             MemberRow {
                 info: info(b, 10_000 - 7200, true),
-                names: vec![],
-                paths: None,
+                dns_names: vec![],
+                path: None,
             },
         ];
         let text = render_members(&rows, 10_000);

@@ -305,7 +305,7 @@ function networksView() {
 }
 
 /** The path and round-trip cells of a member's reported paths (the
- * listing's `paths` summary; the same text as `keyserver member list`). */
+ * listing's `path` summary; the same text as `keyserver member list`). */
 function pathCells(p) {
   if (!p) return { path: '', rtt: '', title: '' };
   const parts = [];
@@ -331,8 +331,8 @@ function membersView(r) {
     const head = ['Instance', 'Service', 'Type', 'State', 'Address', 'Names', 'Runner', 'Last seen', 'Path', 'Round trip'];
     if (S.canAct) head.push('');
     const rows = members.map((m) => {
-      const p = pathCells(m.paths);
-      const own = m.names || [];
+      const p = pathCells(m.path);
+      const own = m.dns_names || [];
       return el('tr', { 'data-key': m.public_key, 'data-instance': m.instance, 'data-state': m.state },
         el('td', { class: 'instance' }, m.instance, el('div', { class: 'mono muted' }, m.public_key)),
         el('td', { class: 'service' }, m.service),

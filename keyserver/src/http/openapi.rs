@@ -259,17 +259,18 @@ fn member_schemas(schemas: &mut Value) {
         "none": {"type": "integer", "format": "int64", "minimum": 0, "description": "peers with no working path (none chosen yet, or blind)"},
         "rtt_micros": {"type": ["integer", "null"], "format": "int32", "minimum": 0, "description": "median round trip measured to its peers, microseconds"}}});
     schemas["MemberListed"] = json!({"description": "a `Member` as `GET …/members` lists it: every field of `Member` plus these", "allOf": [schema_ref("Member"),
-        {"type": "object", "required": ["names"], "properties": {
-            "names": {"type": "array", "items": {"type": "string"}, "description": "the names that answer it now, aliases left out (instance name, seed-003 names by id, `.warp` names); empty while it is offline; `GET …/members/{member}` has every one with its answers"},
-            "paths": schema_ref("PathSummary")}}]});
+        {"type": "object", "required": ["dns_names"], "properties": {
+            "dns_names": {"type": "array", "items": {"type": "string"}, "description": "the names that answer it now, aliases left out (instance name, seed-003 names by id, `.warp` names); empty while it is offline; `GET …/members/{member}` has every one with its answers in `names`"},
+            "path": schema_ref("PathSummary")}}]});
     let peer = json!({"type": "object", "required": ["peer", "relay", "working", "rtt_micros"], "properties": {
         "peer": {"type": "string", "description": "the peer's public key"},
         "instance": {"type": "string", "description": "the peer's instance name, while it is a member"},
         "relay": {"type": "boolean"}, "working": {"type": "boolean"}, "rtt_micros": rtt}});
-    let paths = json!({"description": "absent when it reported no path: the summary and its path to each peer", "allOf": [schema_ref("PathSummary"),
-        {"type": "object", "required": ["peers"], "properties": {"peers": {"type": "array", "items": peer}}}]});
+    let dns_names = schemas["MemberListed"]["allOf"][1]["properties"]["dns_names"].clone();
     if let Some(props) = schemas["MemberDetail"]["allOf"][1]["properties"].as_object_mut() {
-        props.insert("paths".into(), paths);
+        props.insert("dns_names".into(), dns_names);
+        props.insert("path".into(), schema_ref("PathSummary"));
+        props.insert("peer_paths".into(), json!({"type": "array", "items": peer, "description": "its path to each peer, as it last reported (absent: none reported)"}));
     }
 }
 
