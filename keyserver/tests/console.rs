@@ -4,7 +4,8 @@
 //! - in headless Chromium through chromedriver (SKIPPED when `chromium` or
 //!   `chromedriver` is missing): sign in, a member appears and goes
 //!   offline live, a hostile name renders as text, a removal reaches a
-//!   member's names, tokens and service groups are made and revoked with
+//!   member's names (its pushed map here; a real sidecar's DNS answering
+//!   `dig` in the root package's `tests/console_dns.rs`), tokens and service groups are made and revoked with
 //!   confirmation, a screenshot of every page, no request leaves the
 //!   keyserver, and 1000 members render quickly.
 
