@@ -7,7 +7,8 @@
 //!
 //! One topology, scenarios in order (each prints its time): routing and
 //! headers, HTTP/2, redirect, TCP mode, UDP, WebSocket, balancing over three
-//! instances, an unpublished port and a private instance have no listener,
+//! instances, held requests shown as the group's live connections in the
+//! keyserver's API (the gateway's report) and back to 0, an unpublished port and a private instance have no listener,
 //! a killed instance is skipped within the health interval, soft and hard
 //! limits with exact counts, instance-owned versus persistent groups, the
 //! wake hook holding a connection, malformed input, and metrics.
@@ -233,6 +234,8 @@ fn gateway_serves_service_groups() {
             &gw_token,
             "--interface",
             &format!("g{}", mesh.topo.tag),
+            "--instance",
+            "gw-main",
         ])
         .arg("--tls-cert")
         .arg(&cert)
@@ -419,6 +422,80 @@ fn gateway_serves_service_groups() {
     );
     eprintln!("   30 requests over 3 instances: {got:?}");
     step("7. balancing", t);
+
+    // 7b. The gateway reports its open connections per group to the
+    // keyserver (with its traffic report, at most every 10 s when they
+    // change): N requests held open show as live connections in the
+    // admin API under this gateway's instance, and 0 once they close.
+    const HELD: u64 = 4;
+    let pids = w.logs.join("held.pids");
+    let hold = (0..HELD)
+        .map(|_| {
+            format!(
+                "curl -sS --max-time 70 --cacert {ca} --connect-to '::{gw_ip}:' -o /dev/null https://{web}/slow?ms=60000 & echo $! >> {pids};",
+                ca = w.ca.display(),
+                pids = pids.display()
+            )
+        })
+        .collect::<String>();
+    let holder = Command::new("ip")
+        .args(["netns", "exec", &w.client.ns, "sh", "-c"])
+        .arg(format!("{hold} wait"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("held requests");
+    w.backends.push(holder);
+    // The curls themselves end with their --max-time if the test fails.
+    let loads = |w: &World| {
+        let g = w.admin(&["service", "get", "web", "--network", "prod"]);
+        let mine = g["gateways"]
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["instance"] == "gw-main").cloned());
+        (g["live_connections"].as_u64(), mine, g)
+    };
+    let held_at = Instant::now();
+    w.wait("held connections reported", Duration::from_secs(20), || {
+        let (live, mine, _) = loads(&w);
+        live == Some(HELD) && mine.is_some_and(|m| m["open"] == HELD)
+    });
+    let shown = held_at.elapsed();
+    let (_, mine, g) = loads(&w);
+    let mine = mine.unwrap();
+    assert_eq!(g["queued_connections"], 0, "{g}");
+    assert_eq!(mine["queued"], 0, "{g}");
+    assert!(mine["reported"].as_u64().unwrap_or(0) > 0, "{g}");
+    eprintln!(
+        "   {HELD} held requests shown as live_connections in {:.1} s",
+        shown.as_secs_f64()
+    );
+    let held_pids = std::fs::read_to_string(&pids).unwrap_or_default();
+    assert_eq!(held_pids.split_whitespace().count() as u64, HELD);
+    let closed = Instant::now();
+    sh(
+        &w.client.ns,
+        &format!(
+            "kill {}",
+            held_pids.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+    );
+    w.wait(
+        "closed connections reported",
+        Duration::from_secs(20),
+        || {
+            let (live, mine, _) = loads(&w);
+            live == Some(0) && mine.is_some_and(|m| m["open"] == 0)
+        },
+    );
+    eprintln!(
+        "   closed: live_connections back to 0 in {:.1} s",
+        closed.elapsed().as_secs_f64()
+    );
+    step(
+        "7b. live connections per group reported to the keyserver",
+        t,
+    );
 
     // 8. Private by default: no listener for an unpublished port, nor for
     // an instance in no group.

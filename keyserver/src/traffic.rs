@@ -24,7 +24,7 @@ use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
 use meshlib::netmap::NetworkMap;
 use meshlib::render::text::escape;
-use meshlib::traffic::{ReportError, TrafficCounters, TrafficReport};
+use meshlib::traffic::{GroupLoad, ReportError, TrafficCounters, TrafficReport};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::AddressInfo;
@@ -289,6 +289,27 @@ impl TrafficBook {
             .filter(|((n, _), e)| *n == network && !e.report.paths.is_empty())
             .map(|((_, member), e)| (*member, PathSummary::of(e.at, &e.report.paths)))
             .collect()
+    }
+
+    /// The service-group loads the gateways of `network` last reported
+    /// ([`meshlib::traffic::TrafficReport::groups`]), by group name: each
+    /// reporting member with its load and when it reported (Unix seconds).
+    pub fn group_loads(
+        &self,
+        network: NetworkId,
+    ) -> HashMap<String, Vec<(PublicKey, GroupLoad, u64)>> {
+        let mut out: HashMap<String, Vec<_>> = HashMap::new();
+        for ((n, member), e) in &self.reports {
+            if *n != network {
+                continue;
+            }
+            for g in &e.report.groups {
+                out.entry(g.group.clone())
+                    .or_default()
+                    .push((*member, g.clone(), e.at));
+            }
+        }
+        out
     }
 
     /// The peer paths `member` of `network` last reported, if any.

@@ -524,6 +524,7 @@ async fn walk_through() {
                 working: true,
                 rtt_micros: Some(1500),
             }],
+            groups: vec![],
         })
         .unwrap();
     let observer_name = observer.welcome().instance.to_string();

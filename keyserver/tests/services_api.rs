@@ -499,3 +499,107 @@ async fn aliases_need_a_network_when_there_are_several() {
     assert_eq!(raw(&h, "GET", "/services/nope", None).await.0, 404);
     h.stop().await;
 }
+
+/// Live connections: a gateway's report of its load per service group
+/// (`TrafficReport::groups`) shows in the group's answers, summed and per
+/// gateway; groups the network does not have are not shown; an offline
+/// gateway's load no longer counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_reported_connections_show_per_group() {
+    use meshlib::traffic::{GroupLoad, TrafficReport};
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    for name in ["shop", "idle"] {
+        let body = json!({"name": name, "ports": [port(443, &["http", "tls"])]});
+        h.call(Method::POST, "/v1/networks/prod/services", Some(body))
+            .await
+            .unwrap();
+    }
+    let shop = h
+        .call(Method::GET, "/v1/networks/prod/services/shop", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (&shop["live_connections"], &shop["queued_connections"]),
+        (&json!(0), &json!(0)),
+        "none reported yet: {shop}"
+    );
+    assert_eq!(shop["gateways"], json!([]));
+
+    let ep = client_endpoint();
+    let token = h.token("prod", json!({"uses": 2})).await;
+    let (_k, mut gw) = common::join(&ep, &token, "gateway").await;
+    let gw_name = gw.welcome().instance.to_string();
+    let load = |group: &str, open, queued| GroupLoad {
+        group: group.into(),
+        open,
+        queued,
+    };
+    gw.report_traffic(TrafficReport {
+        groups: vec![load("shop", 7, 2), load("not-a-group", 9, 9)],
+        ..Default::default()
+    })
+    .unwrap();
+    let start = std::time::Instant::now();
+    let shop = loop {
+        let shop = h
+            .call(Method::GET, "/v1/networks/prod/services/shop", None)
+            .await
+            .unwrap();
+        if shop["live_connections"] == 7 {
+            break shop;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the report never showed: {shop}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(shop["queued_connections"], 2);
+    assert_eq!(shop["gateways"].as_array().unwrap().len(), 1, "{shop}");
+    assert_eq!(shop["gateways"][0]["instance"], gw_name.as_str());
+    assert_eq!(
+        (&shop["gateways"][0]["open"], &shop["gateways"][0]["queued"]),
+        (&json!(7), &json!(2))
+    );
+    assert!(shop["gateways"][0]["reported"].as_u64().unwrap() > 0);
+    let list = h
+        .call(Method::GET, "/v1/networks/prod/services", None)
+        .await
+        .unwrap();
+    let listed: Vec<(String, Value)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["name"].as_str().unwrap().to_owned(),
+                g["live_connections"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(listed.len(), 2, "no group made of the unknown name: {list}");
+    for (name, live) in listed {
+        assert_eq!(live, json!(if name == "shop" { 7 } else { 0 }), "{name}");
+    }
+
+    // The gateway stops: its load no longer counts.
+    assert!(gw.shutdown().await);
+    let start = std::time::Instant::now();
+    loop {
+        let shop = h
+            .call(Method::GET, "/v1/networks/prod/services/shop", None)
+            .await
+            .unwrap();
+        if shop["live_connections"] == 0 && shop["gateways"] == json!([]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "an offline gateway still counted: {shop}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+}

@@ -409,7 +409,7 @@ function groupsView(r, page) {
     for (const s of (graph && graph.services) || []) {
       for (const i of s.instances) byInstance.set(i, s.service);
     }
-    const head = ['Name', 'FQDN', 'Ports', 'Limits (soft / hard)', 'Instances', 'Live flows', 'Owner'];
+    const head = ['Name', 'FQDN', 'Ports', 'Limits (soft / hard)', 'Instances', 'Live connections', 'Live flows', 'Owner'];
     if (S.canAct) head.push('');
     const rows = groups.map((g) => {
       const services = new Set(g.instances.map((i) => byInstance.get(i.instance)).filter(Boolean));
@@ -423,6 +423,12 @@ function groupsView(r, page) {
         el('td', {}, g.soft_limit, ' / ', g.hard_limit),
         el('td', {}, g.instances.length ? g.instances.map((i) => el('div', {},
           i.instance, ' ', el('span', { class: 'state-' + i.state }, i.state))) : el('span', { class: 'muted' }, 'none')),
+        // Connections the gateways hold open for the group (their reports).
+        el('td', { class: 'live' },
+          el('span', { class: 'live-total' }, g.live_connections || 0),
+          g.queued_connections ? ' (' + g.queued_connections + ' queued)' : '',
+          (g.gateways || []).map((l) => el('div', { class: 'muted' },
+            l.instance, ': ', l.open, l.queued ? ' + ' + l.queued + ' queued' : ''))),
         el('td', {}, flows),
         el('td', {}, g.persistent ? 'persistent' : (g.owner || '')),
         S.canAct ? el('td', {}, el('button', {

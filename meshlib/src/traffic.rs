@@ -147,6 +147,26 @@ pub struct PeerPath {
     pub rtt_micros: Option<u32>,
 }
 
+/// Most service groups in one report ([`TrafficReport::groups`]).
+pub const MAX_GROUPS: usize = 256;
+
+/// Longest service-group name in a report, bytes.
+pub const MAX_GROUP_LEN: usize = 128;
+
+/// A gateway's load of one service group now, for operators (the
+/// keyserver's API and web console): the connections it holds open to the
+/// group's instances and those waiting for a place (past the soft limit,
+/// or for a woken instance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLoad {
+    /// The service group's name.
+    pub group: String,
+    /// Connections open to the group's instances.
+    pub open: u32,
+    /// Connections waiting for an instance.
+    pub queued: u32,
+}
+
 /// One member's report: its flows per destination service; the source is
 /// the member's own service.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -158,11 +178,18 @@ pub struct TrafficReport {
     /// report of a member that predates it (its frame ends after
     /// `pairs`) decodes with none (see the `Deserialize` impl).
     pub paths: Vec<PeerPath>,
+    /// A gateway's load per service group (at most [`MAX_GROUPS`], each
+    /// group once; empty for other members). Appended after `paths`, with
+    /// the same rules: a keyserver that predates it ignores it, a report
+    /// that ends before it decodes with none.
+    pub groups: Vec<GroupLoad>,
 }
 
-/// By hand for the appended [`TrafficReport::paths`]: postcard has no
-/// "missing field", so a frame that ends after `pairs` (a member that
-/// predates paths) fails on `paths`; that failure means "none". Nothing
+/// By hand for the appended [`TrafficReport::paths`] and
+/// [`TrafficReport::groups`]: postcard has no "missing field", so a frame
+/// that ends after `pairs` (a member that predates paths) fails on
+/// `paths`, one that ends after `paths` fails on `groups`; that failure
+/// means "none". Nothing
 /// follows a report in a frame ([`crate::proto::ClientMsg::Traffic`] is
 /// the whole message), so nothing is misread after it.
 impl<'de> Deserialize<'de> for TrafficReport {
@@ -179,7 +206,12 @@ impl<'de> Deserialize<'de> for TrafficReport {
                     .next_element()?
                     .ok_or_else(|| A::Error::invalid_length(0, &self))?;
                 let paths = seq.next_element().ok().flatten().unwrap_or_default();
-                Ok(TrafficReport { pairs, paths })
+                let groups = seq.next_element().ok().flatten().unwrap_or_default();
+                Ok(TrafficReport {
+                    pairs,
+                    paths,
+                    groups,
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut report = TrafficReport::default();
@@ -187,6 +219,7 @@ impl<'de> Deserialize<'de> for TrafficReport {
                     match key.as_str() {
                         "pairs" => report.pairs = map.next_value()?,
                         "paths" => report.paths = map.next_value()?,
+                        "groups" => report.groups = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -195,7 +228,7 @@ impl<'de> Deserialize<'de> for TrafficReport {
                 Ok(report)
             }
         }
-        d.deserialize_struct("TrafficReport", &["pairs", "paths"], V)
+        d.deserialize_struct("TrafficReport", &["pairs", "paths", "groups"], V)
     }
 }
 
@@ -215,6 +248,13 @@ pub enum ReportError {
     /// More peer paths than [`MAX_PATHS`].
     #[error("{0} peer paths in one report; at most {MAX_PATHS}")]
     TooManyPaths(usize),
+    /// More service groups than [`MAX_GROUPS`].
+    #[error("{0} service groups in one report; at most {MAX_GROUPS}")]
+    TooManyGroups(usize),
+    /// A service group named twice, or a name no group can have (empty,
+    /// longer than [`MAX_GROUP_LEN`], or with a control character).
+    #[error("service group {0:?} is named twice or is not a group name")]
+    BadGroup(String),
 }
 
 impl TrafficReport {
@@ -226,6 +266,21 @@ impl TrafficReport {
         }
         if self.paths.len() > MAX_PATHS {
             return Err(ReportError::TooManyPaths(self.paths.len()));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(ReportError::TooManyGroups(self.groups.len()));
+        }
+        let mut groups = std::collections::HashSet::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let name = &g.group;
+            if name.is_empty()
+                || name.len() > MAX_GROUP_LEN
+                || name.chars().any(char::is_control)
+                || !groups.insert(name.as_str())
+            {
+                let shown: String = name.chars().take(MAX_GROUP_LEN).collect();
+                return Err(ReportError::BadGroup(shown));
+            }
         }
         let mut seen = std::collections::HashSet::with_capacity(self.pairs.len());
         for p in &self.pairs {
@@ -351,6 +406,7 @@ mod tests {
                 working: true,
                 rtt_micros: Some(1500),
             }],
+            groups: vec![],
         };
         let bytes = postcard::to_stdvec(&new).unwrap();
         assert_eq!(postcard::from_bytes::<Old>(&bytes).unwrap(), old);
@@ -372,5 +428,89 @@ mod tests {
             too_many.check(),
             Err(ReportError::TooManyPaths(MAX_PATHS + 1))
         );
+    }
+
+    /// Reports of members that predate groups (pairs and paths only)
+    /// decode with none; a keyserver that predates them (reading pairs
+    /// and paths) reads new reports as before; bounds hold.
+    #[test]
+    fn groups_are_appended_compatibly() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Paths {
+            pairs: Vec<PairTraffic>,
+            paths: Vec<PeerPath>,
+        }
+        let path = PeerPath {
+            peer: crate::keys::PublicKey::from_bytes([7; 32]),
+            relay: false,
+            working: true,
+            rtt_micros: Some(900),
+        };
+        let old = Paths {
+            pairs: vec![pair("api", 3, 1)],
+            paths: vec![path],
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let got: TrafficReport = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((&got.pairs, &got.paths), (&old.pairs, &old.paths));
+        assert!(got.groups.is_empty());
+        let new = TrafficReport {
+            pairs: old.pairs.clone(),
+            paths: old.paths.clone(),
+            groups: vec![
+                GroupLoad {
+                    group: "shop".into(),
+                    open: 7,
+                    queued: 2,
+                },
+                GroupLoad {
+                    group: "api".into(),
+                    open: 0,
+                    queued: 0,
+                },
+            ],
+        };
+        let bytes = postcard::to_stdvec(&new).unwrap();
+        assert_eq!(postcard::from_bytes::<Paths>(&bytes).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<TrafficReport>(&bytes).unwrap(), new);
+        let msg = crate::proto::ClientMsg::Traffic(new.clone());
+        let bytes = postcard::to_stdvec(&msg).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<crate::proto::ClientMsg>(&bytes).unwrap(),
+            msg
+        );
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<TrafficReport>(&json).unwrap(), new);
+        // Truncated frames never panic.
+        let bytes = postcard::to_stdvec(&new).unwrap();
+        for cut in 0..bytes.len() {
+            let _ = postcard::from_bytes::<TrafficReport>(&bytes[..cut]);
+        }
+        assert_eq!(new.check(), Ok(()));
+        let g = |name: &str| GroupLoad {
+            group: name.into(),
+            open: 1,
+            queued: 0,
+        };
+        let too_many = TrafficReport {
+            groups: (0..=MAX_GROUPS).map(|i| g(&format!("g{i}"))).collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            too_many.check(),
+            Err(ReportError::TooManyGroups(MAX_GROUPS + 1))
+        );
+        for bad in [
+            vec![g("")],
+            vec![g("a\nb")],
+            vec![g(&"x".repeat(MAX_GROUP_LEN + 1))],
+            vec![g("shop"), g("shop")],
+        ] {
+            let r = TrafficReport {
+                groups: bad,
+                ..Default::default()
+            };
+            assert!(matches!(r.check(), Err(ReportError::BadGroup(_))), "{r:?}");
+        }
     }
 }

@@ -220,7 +220,7 @@ fn schemas() -> Value {
             "hard_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535},
             "wake": {"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}]},
             "wake_timeout_secs": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 3600}}},
-        "Service": {"type": "object", "required": ["network", "name", "fqdn", "ports", "soft_limit", "hard_limit", "persistent", "instances", "wake_timeout_secs", "created"], "properties": {
+        "Service": {"type": "object", "required": ["network", "name", "fqdn", "ports", "soft_limit", "hard_limit", "persistent", "instances", "wake_timeout_secs", "created", "live_connections", "queued_connections", "gateways"], "properties": {
             "network": schema_ref("NetworkId"),
             "name": {"type": "string"},
             "fqdn": {"type": "string"},
@@ -234,6 +234,16 @@ fn schemas() -> Value {
             "wake_timeout_secs": {"type": "integer", "format": "int32"},
             "created": unix_seconds("creation time")}}
     });
+    // Live connections per service group, from the gateways' reports
+    // (macro calls of their own, for the same recursion limit).
+    let service = &mut schemas["Service"]["properties"];
+    service["live_connections"] = json!({"type": "integer", "format": "int64", "minimum": 0, "description": "connections the online gateways hold open to the group's instances, summed from their latest reports (sent every 10 s at most, when changed; 0 when none reported)"});
+    service["queued_connections"] = json!({"type": "integer", "format": "int64", "minimum": 0, "description": "connections waiting at the online gateways for an instance (past the soft limit, or for a wake), summed"});
+    service["gateways"] = json!({"type": "array", "description": "each online gateway's latest report for this group", "items": {"type": "object", "required": ["instance", "open", "queued", "reported"], "properties": {
+        "instance": {"type": "string"},
+        "open": {"type": "integer", "format": "int32", "minimum": 0},
+        "queued": {"type": "integer", "format": "int32", "minimum": 0},
+        "reported": unix_seconds("when the report arrived")}}});
     // A macro call of its own: one more in the literal above passes
     // serde_json's recursion limit.
     schemas["ServiceAddress"] = json!({"type": "object", "required": ["service", "ip"], "properties": {

@@ -93,6 +93,19 @@ pub struct AttachedView {
     pub state: MemberState,
 }
 
+/// One gateway's load of a service group, as it last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayLoadView {
+    /// The gateway's instance name.
+    pub instance: String,
+    /// Connections it holds open to the group's instances.
+    pub open: u32,
+    /// Connections waiting at it for an instance.
+    pub queued: u32,
+    /// When its report arrived (Unix seconds).
+    pub reported: u64,
+}
+
 /// A service group as the API shows it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceView {
@@ -121,17 +134,52 @@ pub struct ServiceView {
     pub wake_timeout_secs: u32,
     /// Creation time (Unix seconds).
     pub created: u64,
+    /// Live connections: the open connections the online gateways last
+    /// reported for this group, summed (0 when none reported).
+    #[serde(default)]
+    pub live_connections: u64,
+    /// Connections waiting at the online gateways, summed.
+    #[serde(default)]
+    pub queued_connections: u64,
+    /// Each online gateway's last report for this group, by instance name.
+    #[serde(default)]
+    pub gateways: Vec<GatewayLoadView>,
 }
 
 fn view(api: &Api, rec: ServiceRecord) -> ServiceView {
-    let states = api.shared.read(|r| {
-        r.members(rec.network)
-            .into_iter()
-            .map(|m| (m.member.instance.clone(), m.member.state))
-            .collect::<std::collections::HashMap<_, _>>()
-    });
+    let members = api.shared.read(|r| r.members(rec.network));
+    let states: std::collections::HashMap<_, _> = members
+        .iter()
+        .map(|m| (m.member.instance.clone(), m.member.state))
+        .collect();
+    let online: std::collections::HashMap<_, _> = members
+        .iter()
+        .filter(|m| m.member.state == MemberState::Online)
+        .map(|m| (m.member.public_key, m.member.instance.to_string()))
+        .collect();
+    let loads = api
+        .shared
+        .traffic_book()
+        .group_loads(rec.network)
+        .remove(rec.group.name.as_str())
+        .unwrap_or_default();
+    let mut gateways: Vec<GatewayLoadView> = loads
+        .into_iter()
+        .filter_map(|(key, load, at)| {
+            Some(GatewayLoadView {
+                instance: online.get(&key)?.clone(),
+                open: load.open,
+                queued: load.queued,
+                reported: at,
+            })
+        })
+        .collect();
+    gateways.sort_by(|a, b| a.instance.cmp(&b.instance));
     let g = rec.group;
     ServiceView {
+        live_connections: gateways.iter().map(|l| u64::from(l.open)).sum(),
+        queued_connections: gateways.iter().map(|l| u64::from(l.queued)).sum(),
+        gateways,
         network: rec.network,
         persistent: g.persistent(),
         name: g.name.to_string(),

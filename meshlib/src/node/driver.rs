@@ -47,6 +47,8 @@ pub(super) struct Driver {
     /// The pairs of the data plane's last traffic report (userspace
     /// mode's come from the sidecar), sent again with fresh peer paths.
     pub(super) reported_pairs: Vec<crate::traffic::PairTraffic>,
+    /// A gateway's last load per service group, sent with every report.
+    pub(super) reported_groups: Vec<crate::traffic::GroupLoad>,
 }
 
 impl Driver {
@@ -109,7 +111,7 @@ impl Driver {
                     } else {
                         self.reported_pairs.clone()
                     };
-                    let traffic = crate::traffic::TrafficReport { pairs, paths: vec![] };
+                    let traffic = crate::traffic::TrafficReport { pairs, ..Default::default() };
                     self.on_plane_request(PlaneRequest::Traffic(traffic));
                 }
                 _ = detect.tick() => {
@@ -162,10 +164,19 @@ impl Driver {
                     tracing::info!(service = %escape(&service), "asked the keyserver to wake a service");
                 }
             }),
+            PlaneRequest::Groups(groups) => {
+                self.reported_groups = groups;
+                let report = crate::traffic::TrafficReport {
+                    pairs: self.reported_pairs.clone(),
+                    ..Default::default()
+                };
+                return self.on_plane_request(PlaneRequest::Traffic(report));
+            }
             PlaneRequest::Traffic(mut report) => {
                 self.reported_pairs.clone_from(&report.pairs);
                 report.paths = self.plane.engine.peer_paths();
-                if report.pairs.is_empty() && report.paths.is_empty() {
+                report.groups.clone_from(&self.reported_groups);
+                if report.pairs.is_empty() && report.paths.is_empty() && report.groups.is_empty() {
                     return;
                 }
                 self.session.report_traffic(report)

@@ -328,6 +328,7 @@ enum Command {
 enum PlaneRequest {
     Wake(String),
     Traffic(crate::traffic::TrafficReport),
+    Groups(Vec<crate::traffic::GroupLoad>),
 }
 
 /// Requests a queued data-plane handle may have waiting: more are dropped
@@ -368,6 +369,14 @@ impl ControlRequests {
     /// changed. A report out of bounds is dropped (logged at debug).
     pub fn report_traffic(&self, report: crate::traffic::TrafficReport) -> bool {
         self.tx.try_send(PlaneRequest::Traffic(report)).is_ok()
+    }
+
+    /// A gateway's load per service group now
+    /// ([`crate::traffic::TrafficReport::groups`]): kept, and sent with
+    /// every traffic report from now on (the latest replaces the earlier;
+    /// the same pace as [`ControlRequests::report_traffic`]).
+    pub fn report_groups(&self, groups: Vec<crate::traffic::GroupLoad>) -> bool {
+        self.tx.try_send(PlaneRequest::Groups(groups)).is_ok()
     }
 }
 
@@ -548,6 +557,7 @@ impl Node {
             on_map: cfg.on_map.clone(),
             setbacks: SetbackLog::default(),
             reported_pairs: Vec::new(),
+            reported_groups: Vec::new(),
         };
         let driver = tokio::spawn(driver.run(rx, requests_rx));
         Ok(Node {
@@ -799,6 +809,12 @@ impl Node {
     /// [`ControlRequests::report_traffic`].
     pub fn report_traffic(&self, report: crate::traffic::TrafficReport) -> bool {
         self.requests.report_traffic(report)
+    }
+
+    /// Hands the control plane a gateway's load per service group; see
+    /// [`ControlRequests::report_groups`].
+    pub fn report_groups(&self, groups: Vec<crate::traffic::GroupLoad>) -> bool {
+        self.requests.report_groups(groups)
     }
 
     /// Announces the ports the instance serves (replacing the list).

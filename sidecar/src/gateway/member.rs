@@ -267,6 +267,12 @@ impl Membership {
         }
     }
 
+    /// The node's line to the keyserver (the gateway's load per service
+    /// group goes out with its traffic report).
+    pub fn control_requests(&self) -> meshlib::node::ControlRequests {
+        self.node.control_requests()
+    }
+
     /// Leaves the network (peers forget the gateway within a second) and
     /// takes the data plane down.
     pub async fn leave(self) {

@@ -274,6 +274,9 @@ struct Shared {
     clients: Arc<ClientBudget>,
 }
 
+/// How often the gateway looks whether its load per service group changed.
+const LOAD_CHECK: Duration = Duration::from_secs(1);
+
 /// Runs the gateway until `shutdown` turns true, then leaves the network.
 pub async fn run(
     args: GatewayArgs,
@@ -312,6 +315,7 @@ pub async fn run(
         metrics_addr,
         dialer,
         membership.map.clone(),
+        Some(membership.control_requests()),
         &mut shutdown,
     )
     .await;
@@ -331,7 +335,7 @@ pub async fn serve_maps(
         (Some(c), Some(k)) => Some(load_tls(c, k)?),
         _ => None,
     };
-    serve(args, tls, None, dialer, maps, shutdown).await
+    serve(args, tls, None, dialer, maps, None, shutdown).await
 }
 
 async fn serve(
@@ -340,6 +344,7 @@ async fn serve(
     metrics_addr: Option<SocketAddr>,
     dialer: Arc<dyn Dialer>,
     mut maps: watch::Receiver<Arc<NetworkMap>>,
+    control: Option<meshlib::node::ControlRequests>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
     let routes = Arc::new(Routes::default());
@@ -396,6 +401,23 @@ async fn serve(
             upstreams.sweep();
         }
     });
+    // Live connections per group, for the keyserver's API and console:
+    // handed to the node when they change (it sends them with its traffic
+    // report, every 10 s at most).
+    let loads_task = control.map(|control| {
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOAD_CHECK);
+            let mut last = None;
+            loop {
+                tick.tick().await;
+                let loads = routes.group_loads();
+                if last.as_ref() != Some(&loads) && control.report_groups(loads.clone()) {
+                    last = Some(loads);
+                }
+            }
+        })
+    });
     let metrics_task = match metrics_addr {
         Some(addr) => Some(serve_metrics(addr, routes.clone()).await?),
         None => None,
@@ -435,6 +457,9 @@ async fn serve(
     }
     health.abort();
     sweep.abort();
+    if let Some(t) = loads_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

@@ -421,6 +421,34 @@ impl Routes {
         self.groups.read().values().cloned().collect()
     }
 
+    /// The load of every group now (open connections to its instances,
+    /// connections waiting), by name, at most
+    /// [`meshlib::traffic::MAX_GROUPS`]: what the keyserver is told.
+    pub fn group_loads(&self) -> Vec<meshlib::traffic::GroupLoad> {
+        let mut loads: Vec<meshlib::traffic::GroupLoad> = self
+            .all()
+            .iter()
+            .map(|rt| {
+                let g = rt.gauges();
+                let open: u64 = g
+                    .instances
+                    .iter()
+                    .map(|(_, active, _)| u64::from(*active))
+                    .sum();
+                meshlib::traffic::GroupLoad {
+                    group: g.group,
+                    open: u32::try_from(open).unwrap_or(u32::MAX),
+                    queued: u32::try_from(g.queued).unwrap_or(u32::MAX),
+                }
+            })
+            .filter(|l| !l.group.is_empty() && l.group.len() <= meshlib::traffic::MAX_GROUP_LEN)
+            .collect();
+        loads.sort_by(|a, b| a.group.cmp(&b.group));
+        loads.dedup_by(|a, b| a.group == b.group);
+        loads.truncate(meshlib::traffic::MAX_GROUPS);
+        loads
+    }
+
     /// The Prometheus text of every group.
     pub fn metrics(&self) -> String {
         let all = self.all();

@@ -425,6 +425,7 @@ impl ServicePlane {
         TrafficReport {
             pairs,
             paths: vec![],
+            groups: vec![],
         }
     }
 

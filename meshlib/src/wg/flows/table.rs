@@ -990,6 +990,7 @@ impl FlowTable {
         TrafficReport {
             pairs,
             paths: vec![],
+            groups: vec![],
         }
     }
 }
