@@ -128,10 +128,10 @@ for _ in $(seq 100); do
 done
 metric() { ip netns exec "$RL" curl -s http://127.0.0.1:9478/metrics | sed -n "s/^$1 //p"; }
 cpu() { awk '{print $14 + $15}' "/proc/$RELAY_PID/stat"; }
-BYTES0=$(metric istm_relay_forwarded_bytes_total)
+BYTES0=$(metric istmesh_relay_forwarded_bytes_total)
 CPU0=$(cpu)
 read -r R_BPS R_RTT < <(measure relay)
-BYTES1=$(metric istm_relay_forwarded_bytes_total)
+BYTES1=$(metric istmesh_relay_forwarded_bytes_total)
 CPU1=$(cpu)
 TICKS=$(getconf CLK_TCK)
 python3 - "$D_BPS" "$D_RTT" "$R_BPS" "$R_RTT" "$BYTES0" "$BYTES1" "$CPU0" "$CPU1" "$TICKS" <<'PY'

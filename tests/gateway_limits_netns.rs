@@ -419,7 +419,7 @@ fn gateway_reuses_upstream_connections_under_load() {
     assert_eq!(
         counter(
             &m,
-            "istmesh_gateway_instance_down{group=\"web\",instance=\"web-a\"}"
+            "istmesh_gateway_instance_down{group=\"web\",member=\"web-a\"}"
         ),
         0,
         "{m}"

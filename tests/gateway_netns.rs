@@ -314,7 +314,29 @@ fn gateway_serves_service_groups() {
     );
     assert_eq!(headers["x-forwarded-proto"], "https");
     assert_eq!(headers["host"], web.as_str());
-    step("1. HTTPS with the test CA, X-Forwarded-*", t);
+    // An upgrade to cleartext HTTP/2 never reaches an instance (h2c
+    // smuggling): the request goes through as a plain one.
+    let smuggle: serde_json::Value = serde_json::from_str(&out(&w.curl(&format!(
+        "--http1.1 -H 'Connection: Upgrade, HTTP2-Settings' -H 'Upgrade: h2c' \
+         -H 'HTTP2-Settings: AAMAAABkAAQAAP__' https://{web}/headers"
+    ))))
+    .unwrap();
+    for h in ["upgrade", "http2-settings"] {
+        assert!(
+            smuggle.get(h).is_none(),
+            "{h} reached the instance: {smuggle}"
+        );
+    }
+    assert!(
+        smuggle["connection"]
+            .as_str()
+            .is_none_or(|c| !c.to_ascii_lowercase().contains("upgrade")),
+        "{smuggle}"
+    );
+    step(
+        "1. HTTPS with the test CA, X-Forwarded-*, no h2c upgrade",
+        t,
+    );
 
     // 2. HTTP/2.
     let v = out(&w.curl(&format!(
@@ -891,8 +913,8 @@ fn gateway_serves_service_groups() {
     // 15. Metrics per group and instance.
     let m = w.metrics();
     for needle in [
-        "istmesh_gateway_active_connections{group=\"web\",instance=\"web-a\"}",
-        "istmesh_gateway_instance_forwarded_total{group=\"web\",instance=\"web-b\"}",
+        "istmesh_gateway_active_connections{group=\"web\",member=\"web-a\"}",
+        "istmesh_gateway_instance_forwarded_total{group=\"web\",member=\"web-b\"}",
         "istmesh_gateway_http_responses_total{group=\"web\",code=\"200\"}",
         "istmesh_gateway_http_responses_total{group=\"web\",code=\"503\"}",
         "istmesh_gateway_request_duration_seconds_bucket{group=\"web\",le=\"+Inf\"}",
@@ -901,6 +923,18 @@ fn gateway_serves_service_groups() {
     ] {
         assert!(m.contains(needle), "{needle} missing:\n{m}");
     }
+    // One naming scheme, the build and process families, and what
+    // promtool checks.
+    for line in m.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            line.starts_with("istmesh_gateway_") || line.starts_with("process_"),
+            "{line}"
+        );
+    }
+    assert!(m.contains("istmesh_gateway_build_info{version=\""), "{m}");
+    assert!(counter(&m, "process_resident_memory_bytes") > 0, "{m}");
+    assert_eq!(meshlib::metrics::lint(&m), Ok(()));
+    gateway_support::promtool_check(&m);
     step("15. metrics", t);
     drop(sidecars);
 }

@@ -236,7 +236,7 @@ fn nat_matrix() {
     );
     let forwarded: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("istm_relay_forwarded_bytes_total "))
+        .find_map(|l| l.strip_prefix("istmesh_relay_forwarded_bytes_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(
@@ -536,11 +536,14 @@ fn the_relay_runs_as_its_own_process() {
     );
     let forwarded: u64 = out
         .lines()
-        .find_map(|l| l.strip_prefix("istm_relay_forwarded_bytes_total "))
+        .find_map(|l| l.strip_prefix("istmesh_relay_forwarded_bytes_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(forwarded > 1 << 20, "{out}");
-    assert!(out.contains("istm_relay_members 2"), "{out}");
+    assert!(out.contains("istmesh_relay_members 2"), "{out}");
+    assert!(out.contains("istmesh_relay_build_info{version=\""), "{out}");
+    assert!(out.contains("# TYPE process_open_fds gauge"), "{out}");
+    assert_eq!(meshlib::metrics::lint(&out), Ok(()));
 }
 
 #[test]

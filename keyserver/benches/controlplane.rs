@@ -860,7 +860,7 @@ async fn scale_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<()> 
     let (scale, m) = scenario(&server, &scale_eps, nets, per, "scale", next_id).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = server.rss_kib();
-    let heap_kib = server.metric("keyserver_heap_in_use_bytes").await / 1024.0;
+    let heap_kib = server.metric("istmesh_keyserver_heap_in_use_bytes").await / 1024.0;
     print(&format!("{nets} networks x {per}"), &scale);
     println!(
         "{} members connected: keyserver RSS {rss0} -> {rss1} KiB, {:.1} KiB per connected member (heap in use {:.1} KiB per member); keyserver CPU per join {:.1?} (fan-out to the network included)",

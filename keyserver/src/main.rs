@@ -1170,7 +1170,9 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             while let Ok((mut s, _)) = listener.accept().await {
-                let body = metrics.render();
+                let body = meshlib::metrics::build_info_text("relay", env!("CARGO_PKG_VERSION"))
+                    + &metrics.render()
+                    + &meshlib::metrics::process_text();
                 tokio::spawn(async move {
                     let mut req = [0u8; 1024];
                     let _ =

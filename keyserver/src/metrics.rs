@@ -164,51 +164,51 @@ impl Metrics {
     ) -> String {
         use crate::registry::HookKind;
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP keyserver_wake_requests_total Wake requests from members, by result.\n# TYPE keyserver_wake_requests_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_wake_requests_total Wake requests from members, by result.\n# TYPE istmesh_keyserver_wake_requests_total counter");
         for result in ["started", "already_waking", "refused", "failed"] {
             let n = self.wake_requests.lock().get(result).copied().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "keyserver_wake_requests_total{{result=\"{result}\"}} {n}"
+                "istmesh_keyserver_wake_requests_total{{result=\"{result}\"}} {n}"
             );
         }
-        let _ = writeln!(out, "# HELP keyserver_service_hooks_total Service-address hooks started, by hook.\n# TYPE keyserver_service_hooks_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_service_hooks_total Service-address hooks started, by hook.\n# TYPE istmesh_keyserver_service_hooks_total counter");
         for kind in [HookKind::Wake, HookKind::Idle] {
             let n = self.hooks.started_count(kind);
             let _ = writeln!(
                 out,
-                "keyserver_service_hooks_total{{hook=\"{}\"}} {n}",
+                "istmesh_keyserver_service_hooks_total{{hook=\"{}\"}} {n}",
                 kind.as_str()
             );
         }
-        let _ = writeln!(out, "# HELP keyserver_service_hook_failures_total Service-address hooks that failed or timed out, by hook.\n# TYPE keyserver_service_hook_failures_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_service_hook_failures_total Service-address hooks that failed or timed out, by hook.\n# TYPE istmesh_keyserver_service_hook_failures_total counter");
         for kind in [HookKind::Wake, HookKind::Idle] {
             let n = self.hooks.failed_count(kind);
             let _ = writeln!(
                 out,
-                "keyserver_service_hook_failures_total{{hook=\"{}\"}} {n}",
+                "istmesh_keyserver_service_hook_failures_total{{hook=\"{}\"}} {n}",
                 kind.as_str()
             );
         }
-        let _ = writeln!(out, "# HELP keyserver_service_idle Whether a service with idle-after set has had no flow for it (1) or not (0).\n# TYPE keyserver_service_idle gauge");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_service_idle Whether a service with idle-after set has had no flow for it (1) or not (0).\n# TYPE istmesh_keyserver_service_idle gauge");
         for (net, service, is_idle) in idle.iter().take(MAX_SERVICE_SERIES) {
             let _ = writeln!(
                 out,
-                "keyserver_service_idle{{network=\"{net}\",service=\"{}\"}} {}",
+                "istmesh_keyserver_service_idle{{network=\"{net}\",service=\"{}\"}} {}",
                 label(service),
                 u8::from(*is_idle)
             );
         }
-        let _ = writeln!(out, "# HELP keyserver_traffic_reports_total Traffic reports from members taken.\n# TYPE keyserver_traffic_reports_total counter\nkeyserver_traffic_reports_total {}", traffic.taken);
-        let _ = writeln!(out, "# HELP keyserver_traffic_dropped_total Traffic reports dropped, by reason (unknown_service counts pairs).\n# TYPE keyserver_traffic_dropped_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_traffic_reports_total Traffic reports from members taken.\n# TYPE istmesh_keyserver_traffic_reports_total counter\nistmesh_keyserver_traffic_reports_total {}", traffic.taken);
+        let _ = writeln!(out, "# HELP istmesh_keyserver_traffic_dropped_total Traffic reports dropped, by reason (unknown_service counts pairs).\n# TYPE istmesh_keyserver_traffic_dropped_total counter");
         for reason in ["malformed", "too_often", "full", "unknown_service"] {
             let n = traffic.dropped.get(reason).copied().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "keyserver_traffic_dropped_total{{reason=\"{reason}\"}} {n}"
+                "istmesh_keyserver_traffic_dropped_total{{reason=\"{reason}\"}} {n}"
             );
         }
-        let _ = writeln!(out, "# HELP keyserver_traffic_pairs Service pairs held from members' reports.\n# TYPE keyserver_traffic_pairs gauge\nkeyserver_traffic_pairs {}", traffic.held.1);
+        let _ = writeln!(out, "# HELP istmesh_keyserver_traffic_pairs Service pairs held from members' reports.\n# TYPE istmesh_keyserver_traffic_pairs gauge\nistmesh_keyserver_traffic_pairs {}", traffic.held.1);
         out
     }
 
@@ -237,72 +237,78 @@ impl Metrics {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# HELP keyserver_build_info Version of this keyserver.\n# TYPE keyserver_build_info gauge\nkeyserver_build_info{{version=\"{}\"}} 1",
+            "# HELP istmesh_keyserver_build_info Version of this keyserver.\n# TYPE istmesh_keyserver_build_info gauge\nistmesh_keyserver_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
         let _ = writeln!(
             out,
-            "# HELP keyserver_start_timestamp_seconds When this keyserver started.\n# TYPE keyserver_start_timestamp_seconds gauge\nkeyserver_start_timestamp_seconds {}",
+            "# HELP istmesh_keyserver_start_timestamp_seconds When this keyserver started.\n# TYPE istmesh_keyserver_start_timestamp_seconds gauge\nistmesh_keyserver_start_timestamp_seconds {}",
             self.started.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP keyserver_members Members by network and state.\n# TYPE keyserver_members gauge");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_members Members by network and state.\n# TYPE istmesh_keyserver_members gauge");
         for (net, online, offline) in members {
             let _ = writeln!(
                 out,
-                "keyserver_members{{network=\"{net}\",state=\"online\"}} {online}"
+                "istmesh_keyserver_members{{network=\"{net}\",state=\"online\"}} {online}"
             );
             let _ = writeln!(
                 out,
-                "keyserver_members{{network=\"{net}\",state=\"offline\"}} {offline}"
+                "istmesh_keyserver_members{{network=\"{net}\",state=\"offline\"}} {offline}"
             );
         }
         let _ = writeln!(
             out,
-            "# HELP keyserver_connected_members Members with an open session on this keyserver.\n# TYPE keyserver_connected_members gauge\nkeyserver_connected_members {connected}"
+            "# HELP istmesh_keyserver_connected_members Members with an open session on this keyserver.\n# TYPE istmesh_keyserver_connected_members gauge\nistmesh_keyserver_connected_members {connected}"
         );
         let _ = writeln!(
             out,
-            "# HELP keyserver_joins_total Joins welcomed.\n# TYPE keyserver_joins_total counter\nkeyserver_joins_total {}",
+            "# HELP istmesh_keyserver_joins_total Joins welcomed.\n# TYPE istmesh_keyserver_joins_total counter\nistmesh_keyserver_joins_total {}",
             self.joins.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP keyserver_refusals_total Sessions refused or ended with an error, by reason.\n# TYPE keyserver_refusals_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_refusals_total Sessions refused or ended with an error, by reason.\n# TYPE istmesh_keyserver_refusals_total counter");
         for (reason, n) in self.refusals.lock().iter() {
-            let _ = writeln!(out, "keyserver_refusals_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "istmesh_keyserver_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         self.push_latency.render(
             &mut out,
-            "keyserver_push_latency_seconds",
+            "istmesh_keyserver_push_latency_seconds",
             "From a change's commit to its frame written to a member.",
         );
         self.store_latency.render(
             &mut out,
-            "keyserver_store_commit_seconds",
+            "istmesh_keyserver_store_commit_seconds",
             "Store commit time.",
         );
         let _ = writeln!(
             out,
-            "# HELP keyserver_store_commits_total Store commits that succeeded.\n# TYPE keyserver_store_commits_total counter\nkeyserver_store_commits_total {}",
+            "# HELP istmesh_keyserver_store_commits_total Store commits that succeeded.\n# TYPE istmesh_keyserver_store_commits_total counter\nistmesh_keyserver_store_commits_total {}",
             self.commits.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# HELP keyserver_store_committed_operations_total Operations those commits held (a commit holds every operation run while the previous one was written).\n# TYPE keyserver_store_committed_operations_total counter\nkeyserver_store_committed_operations_total {}",
+            "# HELP istmesh_keyserver_store_committed_operations_total Operations those commits held (a commit holds every operation run while the previous one was written).\n# TYPE istmesh_keyserver_store_committed_operations_total counter\nistmesh_keyserver_store_committed_operations_total {}",
             self.committed_operations.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP keyserver_store_errors_total Failed store commits, by kind.\n# TYPE keyserver_store_errors_total counter");
+        let _ = writeln!(out, "# HELP istmesh_keyserver_store_errors_total Failed store commits, by kind.\n# TYPE istmesh_keyserver_store_errors_total counter");
         for kind in ["conflict", "unavailable", "too_large", "other"] {
             let n = self.store_errors.lock().get(kind).copied().unwrap_or(0);
-            let _ = writeln!(out, "keyserver_store_errors_total{{kind=\"{kind}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "istmesh_keyserver_store_errors_total{{kind=\"{kind}\"}} {n}"
+            );
         }
         if let Some(bytes) = heap_in_use() {
             let _ = writeln!(
                 out,
-                "# HELP keyserver_heap_in_use_bytes Heap memory in use (the allocator's count; RSS also holds freed pages not yet returned).\n# TYPE keyserver_heap_in_use_bytes gauge\nkeyserver_heap_in_use_bytes {bytes}"
+                "# HELP istmesh_keyserver_heap_in_use_bytes Heap memory in use (the allocator's count; RSS also holds freed pages not yet returned).\n# TYPE istmesh_keyserver_heap_in_use_bytes gauge\nistmesh_keyserver_heap_in_use_bytes {bytes}"
             );
         }
         let _ = writeln!(
             out,
-            "# HELP keyserver_remote_batches_total Transactions of other replicas applied.\n# TYPE keyserver_remote_batches_total counter\nkeyserver_remote_batches_total {}",
+            "# HELP istmesh_keyserver_remote_batches_total Transactions of other replicas applied.\n# TYPE istmesh_keyserver_remote_batches_total counter\nistmesh_keyserver_remote_batches_total {}",
             self.remote_batches.load(Ordering::Relaxed)
         );
         out

@@ -386,8 +386,8 @@ async fn kill_9_mid_group_keeps_every_answered_join() {
             .unwrap_or_else(|| panic!("no {name} in /metrics"))
     };
     let (commits, operations) = (
-        counter("keyserver_store_commits_total"),
-        counter("keyserver_store_committed_operations_total"),
+        counter("istmesh_keyserver_store_commits_total"),
+        counter("istmesh_keyserver_store_committed_operations_total"),
     );
     eprintln!("{operations} operations in {commits} commits");
     assert!(

@@ -68,36 +68,42 @@ async fn metrics_count_members_joins_refusals_pushes_and_store_commits() {
         "{head}"
     );
     assert!(text.contains(&format!(
-        "keyserver_build_info{{version=\"{}\"}} 1",
+        "istmesh_keyserver_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     )));
     assert_eq!(
         value(
             &text,
-            &format!("keyserver_members{{network=\"{net}\",state=\"online\"}}")
+            &format!("istmesh_keyserver_members{{network=\"{net}\",state=\"online\"}}")
         ),
         1.0
     );
     assert_eq!(
         value(
             &text,
-            &format!("keyserver_members{{network=\"{net}\",state=\"offline\"}}")
+            &format!("istmesh_keyserver_members{{network=\"{net}\",state=\"offline\"}}")
         ),
         0.0
     );
-    assert_eq!(value(&text, "keyserver_joins_total"), 2.0);
+    assert_eq!(value(&text, "istmesh_keyserver_joins_total"), 2.0);
     assert_eq!(
-        value(&text, "keyserver_refusals_total{reason=\"invalidtoken\"}"),
+        value(
+            &text,
+            "istmesh_keyserver_refusals_total{reason=\"invalidtoken\"}"
+        ),
         1.0
     );
-    assert_eq!(value(&text, "keyserver_connected_members"), 1.0);
-    assert!(value(&text, "keyserver_push_latency_seconds_count") >= 1.0);
-    assert!(value(&text, "keyserver_store_commit_seconds_count") >= 4.0);
+    assert_eq!(value(&text, "istmesh_keyserver_connected_members"), 1.0);
+    assert!(value(&text, "istmesh_keyserver_push_latency_seconds_count") >= 1.0);
+    assert!(value(&text, "istmesh_keyserver_store_commit_seconds_count") >= 4.0);
     assert_eq!(
-        value(&text, "keyserver_store_errors_total{kind=\"other\"}"),
+        value(
+            &text,
+            "istmesh_keyserver_store_errors_total{kind=\"other\"}"
+        ),
         0.0
     );
-    assert!(value(&text, "keyserver_start_timestamp_seconds") > 1.7e9);
+    assert!(value(&text, "istmesh_keyserver_start_timestamp_seconds") > 1.7e9);
     assert!(
         !text.contains("instance="),
         "no instance label: Prometheus adds it"
@@ -111,6 +117,21 @@ async fn metrics_count_members_joins_refusals_pushes_and_store_commits() {
             "{line}"
         );
     }
+    // One naming scheme, the process families, and the exposition rules
+    // promtool checks (HELP and TYPE for every family, samples together).
+    assert!(value(&text, "process_resident_memory_bytes") > 0.0);
+    assert!(value(&text, "process_open_fds") > 0.0);
+    assert!(value(&text, "process_start_time_seconds") > 1.7e9);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            line.starts_with("istmesh_keyserver_")
+                || line.starts_with("istmesh_relay_")
+                || line.starts_with("process_"),
+            "{line}"
+        );
+    }
+    assert_eq!(meshlib::metrics::lint(&text), Ok(()));
+    common::promtool_check(&text);
     a.close();
     b.close();
     h.stop().await;

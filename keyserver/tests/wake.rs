@@ -142,22 +142,28 @@ async fn three_members_waking_at_once_run_the_command_once() {
     assert!(a["waking_since"].is_u64() && a["last_flow"].is_u64());
     let m = metrics(&h).await;
     assert_eq!(
-        series(&m, "keyserver_wake_requests_total{result=\"started\"}"),
+        series(
+            &m,
+            "istmesh_keyserver_wake_requests_total{result=\"started\"}"
+        ),
         1
     );
     assert_eq!(
         series(
             &m,
-            "keyserver_wake_requests_total{result=\"already_waking\"}"
+            "istmesh_keyserver_wake_requests_total{result=\"already_waking\"}"
         ),
         2
     );
     assert_eq!(
-        series(&m, "keyserver_service_hooks_total{hook=\"wake\"}"),
+        series(&m, "istmesh_keyserver_service_hooks_total{hook=\"wake\"}"),
         1
     );
     assert_eq!(
-        series(&m, "keyserver_service_hook_failures_total{hook=\"wake\"}"),
+        series(
+            &m,
+            "istmesh_keyserver_service_hook_failures_total{hook=\"wake\"}"
+        ),
         0
     );
     // After the wake timeout, with still nothing online: once more.
@@ -193,7 +199,10 @@ async fn three_members_waking_at_once_run_the_command_once() {
     assert_eq!(lines(&out), 2);
     let m = metrics(&h).await;
     assert_eq!(
-        series(&m, "keyserver_wake_requests_total{result=\"refused\"}"),
+        series(
+            &m,
+            "istmesh_keyserver_wake_requests_total{result=\"refused\"}"
+        ),
         3
     );
     h.stop().await;
@@ -212,7 +221,7 @@ async fn url_hooks_are_posted_once_and_commands_need_the_flag() {
     let failed = || async {
         series(
             &metrics(&h).await,
-            "keyserver_service_hook_failures_total{hook=\"wake\"}",
+            "istmesh_keyserver_service_hook_failures_total{hook=\"wake\"}",
         )
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -342,7 +351,7 @@ async fn traffic_reports_make_the_service_graph_and_bad_ones_change_nothing() {
     let mut m = metrics(&h).await;
     for _ in 0..100 {
         let counted = m.lines().any(|l| {
-            l.strip_prefix("keyserver_traffic_dropped_total{reason=\"malformed\"} ")
+            l.strip_prefix("istmesh_keyserver_traffic_dropped_total{reason=\"malformed\"} ")
                 .is_some_and(|v| v.trim() != "0")
         });
         if counted {
@@ -352,13 +361,16 @@ async fn traffic_reports_make_the_service_graph_and_bad_ones_change_nothing() {
         m = metrics(&h).await;
     }
     assert_eq!(
-        series(&m, "keyserver_traffic_dropped_total{reason=\"malformed\"}"),
+        series(
+            &m,
+            "istmesh_keyserver_traffic_dropped_total{reason=\"malformed\"}"
+        ),
         1
     );
     assert_eq!(
         series(
             &m,
-            "keyserver_traffic_dropped_total{reason=\"unknown_service\"}"
+            "istmesh_keyserver_traffic_dropped_total{reason=\"unknown_service\"}"
         ),
         1
     );

@@ -69,6 +69,7 @@ pub mod ipam;
 pub mod ist;
 pub mod keys;
 pub mod member;
+pub mod metrics;
 pub mod names;
 pub mod nat;
 pub mod netmap;

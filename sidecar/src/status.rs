@@ -652,7 +652,7 @@ pub fn render_prometheus(s: &Status) -> String {
         ),
     ];
     if !s.dns_responses.is_empty() {
-        let name = "istm_dns_responses_total";
+        let name = "istmesh_dns_responses_total";
         let _ = writeln!(
             out,
             "# HELP {name} Private DNS responses sent, by RCODE.\n# TYPE {name} counter"
@@ -673,6 +673,7 @@ pub fn render_prometheus(s: &Status) -> String {
             );
         }
     }
+    out.push_str(&meshlib::metrics::process_text());
     out
 }
 
@@ -923,7 +924,7 @@ mod tests {
         );
         assert!(p.contains("istmesh_inbound_refused_total 4\n"), "{p}");
         assert!(
-            p.contains("istm_dns_responses_total{rcode=\"NXDOMAIN\"} 2\n"),
+            p.contains("istmesh_dns_responses_total{rcode=\"NXDOMAIN\"} 2\n"),
             "{p}"
         );
     }
@@ -947,6 +948,11 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(p.contains(&build), "{p}");
+        assert!(
+            p.contains("# TYPE process_cpu_seconds_total counter"),
+            "{p}"
+        );
+        assert_eq!(meshlib::metrics::lint(&p), Ok(()), "{p}");
         // Every series has its HELP and TYPE; counters end in _total.
         for line in p.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();

@@ -178,7 +178,7 @@ fn a_service_without_flows_for_idle_after_is_reported_once() {
     let page = s.shared.render_metrics();
     assert!(
         page.contains(&format!(
-            "keyserver_service_idle{{network=\"{net}\",service=\"api\"}} 1"
+            "istmesh_keyserver_service_idle{{network=\"{net}\",service=\"api\"}} 1"
         )),
         "{page}"
     );

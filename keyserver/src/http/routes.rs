@@ -57,9 +57,10 @@ pub(super) async fn readyz(State(api): State<Api>) -> Response {
 pub(super) async fn metrics(State(api): State<Api>) -> Response {
     let shared = api.shared.clone();
     let rendered = tokio::task::spawn_blocking(move || {
-        // The embedded relay's counters follow the keyserver's own.
+        // The embedded relay's counters follow the keyserver's own, then
+        // the process's.
         let relay = shared.relay_metrics.get().map(|m| m.render());
-        shared.render_metrics() + relay.as_deref().unwrap_or("")
+        shared.render_metrics() + relay.as_deref().unwrap_or("") + &meshlib::metrics::process_text()
     });
     match rendered.await {
         Ok(text) => (

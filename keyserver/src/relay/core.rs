@@ -69,49 +69,49 @@ impl RelayMetrics {
     pub fn render(&self) -> String {
         let rows = [
             (
-                "istm_relay_members",
+                "istmesh_relay_members",
                 "gauge",
                 "registered members",
                 &self.members,
             ),
             (
-                "istm_relay_forwarded_packets_total",
+                "istmesh_relay_forwarded_packets_total",
                 "counter",
                 "datagrams forwarded",
                 &self.forwarded_packets,
             ),
             (
-                "istm_relay_forwarded_bytes_total",
+                "istmesh_relay_forwarded_bytes_total",
                 "counter",
                 "bytes forwarded",
                 &self.forwarded_bytes,
             ),
             (
-                "istm_relay_dropped_rate_limited_total",
+                "istmesh_relay_dropped_rate_limited_total",
                 "counter",
                 "datagrams over the sender's rate limit",
                 &self.dropped_rate,
             ),
             (
-                "istm_relay_dropped_no_destination_total",
+                "istmesh_relay_dropped_no_destination_total",
                 "counter",
                 "datagrams for no member of the sender's network",
                 &self.dropped_no_destination,
             ),
             (
-                "istm_relay_dropped_unregistered_total",
+                "istmesh_relay_dropped_unregistered_total",
                 "counter",
                 "datagrams from unregistered senders or with a wrong token",
                 &self.dropped_unregistered,
             ),
             (
-                "istm_relay_refused_tickets_total",
+                "istmesh_relay_refused_tickets_total",
                 "counter",
                 "registrations refused",
                 &self.refused_tickets,
             ),
             (
-                "istm_relay_stun_answers_total",
+                "istmesh_relay_stun_answers_total",
                 "counter",
                 "STUN binding requests answered",
                 &self.stun_answers,

@@ -193,3 +193,33 @@ pub async fn until(s: &mut Session, limit: Duration, done: impl Fn(&Session) -> 
     }
 }
 pub mod etcd;
+
+/// Runs `promtool check metrics` on an exposition (CI installs promtool);
+/// says SKIPPED where it is not installed. Panics with promtool's words.
+pub fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("SKIPPED promtool check: promtool is not installed");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

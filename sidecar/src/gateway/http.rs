@@ -280,8 +280,9 @@ fn redirect(host: &str, uri: &Uri) -> Response<ProxyBody> {
     resp
 }
 
-/// Headers that belong to one hop only (RFC 9110 7.6.1).
-const HOP: [&str; 8] = [
+/// Headers that belong to one hop only (RFC 9110 7.6.1), and the HTTP/2
+/// upgrade's settings (RFC 7540 3.2.1), which never reach an instance.
+const HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -290,6 +291,7 @@ const HOP: [&str; 8] = [
     "te",
     "trailer",
     "transfer-encoding",
+    "http2-settings",
 ];
 
 fn strip_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -314,18 +316,33 @@ fn strip_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
+/// Whether a request asks to switch protocols and may: an HTTP/1.1
+/// `Upgrade` named by `Connection`, unless it asks for `h2c`. An upgrade to
+/// cleartext HTTP/2 is the gateway's business, not an instance's: passed
+/// through, it would open an HTTP/2 connection to an instance that bypasses
+/// the gateway's routing and checks (h2c smuggling). Such a request is
+/// forwarded as a plain request, its `Upgrade` and `HTTP2-Settings` removed.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    let tokens = |name| {
+        req.headers()
+            .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+    };
+    let upgrades = tokens(header::UPGRADE);
+    req.version() == Version::HTTP_11
+        && !upgrades.is_empty()
+        && !upgrades.iter().any(|t| {
+            t.split('/')
+                .next()
+                .is_some_and(|p| p.eq_ignore_ascii_case("h2c"))
+        })
+        && tokens(header::CONNECTION)
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 async fn proxy(
@@ -595,5 +612,43 @@ impl Body for Counted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/").version(Version::HTTP_11);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn websocket_upgrades_pass_and_h2c_upgrades_do_not() {
+        let ws = request(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&ws));
+        for h2c in ["h2c", "H2C", "websocket, h2c", "h2c/1"] {
+            let r = request(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", h2c),
+                ("http2-settings", "AAMAAABkAAQAAP__"),
+            ]);
+            assert!(!is_upgrade(&r), "{h2c}");
+            let mut headers = r.headers().clone();
+            strip_hop(&mut headers, false);
+            assert!(headers.is_empty(), "{h2c}: {headers:?}");
+        }
+        // Without `Connection: upgrade`, or over HTTP/1.0: no upgrade.
+        assert!(!is_upgrade(&request(&[("upgrade", "websocket")])));
+        let mut old = request(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        *old.version_mut() = Version::HTTP_10;
+        assert!(!is_upgrade(&old));
     }
 }

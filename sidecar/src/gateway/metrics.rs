@@ -2,11 +2,11 @@
 //! text form (`GET /metrics` on the gateway's metrics address).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshlib::metrics::{Exposition, Kind};
 use parking_lot::RwLock;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -34,18 +34,26 @@ impl Histogram {
             .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    fn render(&self, e: &mut Exposition, name: &str, labels: &[(&str, &str)]) {
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += self.counts[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            let le = bound.to_string();
+            e.sample(name, "_bucket", &with(labels, ("le", &le)), cumulative);
         }
         cumulative += self.over.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        e.sample(name, "_bucket", &with(labels, ("le", "+Inf")), cumulative);
         let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+        e.sample(name, "_sum", labels, sum);
+        e.sample(name, "_count", labels, cumulative);
     }
+}
+
+/// `labels` and one more.
+fn with<'a>(labels: &[(&'a str, &'a str)], more: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+    let mut all = labels.to_vec();
+    all.push(more);
+    all
 }
 
 /// Counters shared by a group and each of its instances.
@@ -182,44 +190,39 @@ impl GatewayStats {
         }
     }
 
-    fn render(&self, out: &mut String) {
-        let all = [
-            (
-                "client_connections_refused_total counter",
-                "",
-                &self.refused_per_client,
-            ),
-            (
-                "client_connections_closed_total counter",
-                "{reason=\"no-request\"}",
-                &self.closed_no_request,
-            ),
-            (
-                "client_connections_closed_total counter",
-                "{reason=\"idle\"}",
-                &self.closed_idle,
-            ),
-            (
-                "upstream_connections_total counter",
-                "",
-                &self.upstream_opened,
-            ),
-            ("upstream_reused_total counter", "", &self.upstream_reused),
-            ("local_errors_total counter", "", &self.local_errors),
-        ];
-        let mut typed = String::new();
-        for (name, labels, value) in all {
-            let (metric, kind) = name.split_once(' ').unwrap_or((name, "counter"));
-            if typed != metric {
-                let _ = writeln!(out, "# TYPE istmesh_gateway_{metric} {kind}");
-                typed = metric.to_owned();
-            }
-            let _ = writeln!(
-                out,
-                "istmesh_gateway_{metric}{labels} {}",
-                value.load(Relaxed)
-            );
-        }
+    fn render(&self, e: &mut Exposition) {
+        e.single(
+            "istmesh_gateway_client_connections_refused_total",
+            Kind::Counter,
+            "Client connections closed at once: their address held its budget.",
+            self.refused_per_client.load(Relaxed),
+        );
+        let closed = "istmesh_gateway_client_connections_closed_total";
+        e.family(
+            closed,
+            Kind::Counter,
+            "HTTP client connections closed by the gateway, by reason (no-request: none within the deadline; idle: the idle timeout).",
+        )
+        .sample(closed, "", &[("reason", "no-request")], self.closed_no_request.load(Relaxed))
+        .sample(closed, "", &[("reason", "idle")], self.closed_idle.load(Relaxed));
+        e.single(
+            "istmesh_gateway_upstream_connections_total",
+            Kind::Counter,
+            "Connections opened to instances for HTTP requests.",
+            self.upstream_opened.load(Relaxed),
+        )
+        .single(
+            "istmesh_gateway_upstream_reused_total",
+            Kind::Counter,
+            "HTTP requests sent on a kept upstream connection.",
+            self.upstream_reused.load(Relaxed),
+        )
+        .single(
+            "istmesh_gateway_local_errors_total",
+            Kind::Counter,
+            "Dials that failed for the gateway's own lack of resources (ports, descriptors, buffers).",
+            self.local_errors.load(Relaxed),
+        );
     }
 }
 
@@ -234,124 +237,166 @@ pub struct GroupGauges {
     pub instances: Vec<(String, u32, bool)>,
 }
 
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The families of a group's or an instance's counters (`prefix`: `""`
+/// or `"_instance"`).
+fn counter_families(e: &mut Exposition, prefix: &str, whose: &str) {
+    let name = |n: &str| format!("istmesh_gateway{prefix}_{n}");
+    e.family(
+        &name("forwarded_total"),
+        Kind::Counter,
+        &format!("Connections (HTTP: requests) forwarded to {whose}."),
+    )
+    .family(
+        &name("bytes_total"),
+        Kind::Counter,
+        &format!("Bytes between clients and {whose}, by direction (in: from clients)."),
+    )
+    .family(
+        &name("dial_failures_total"),
+        Kind::Counter,
+        &format!("Dials to {whose} that failed or timed out."),
+    )
+    .family(
+        &name("http_responses_total"),
+        Kind::Counter,
+        &format!("HTTP responses from {whose}, by status code."),
+    )
+    .family(
+        &name("request_duration_seconds"),
+        Kind::Histogram,
+        &format!("Time from a request to the response head of {whose}."),
+    );
 }
 
-fn counters(out: &mut String, labels: &str, c: &Counters, prefix: &str) {
-    let _ = writeln!(
-        out,
-        "istmesh_gateway{prefix}_forwarded_total{{{labels}}} {}",
-        c.forwarded.load(Relaxed)
+fn counters(e: &mut Exposition, labels: &[(&str, &str)], c: &Counters, prefix: &str) {
+    let name = |n: &str| format!("istmesh_gateway{prefix}_{n}");
+    e.sample(
+        &name("forwarded_total"),
+        "",
+        labels,
+        c.forwarded.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "istmesh_gateway{prefix}_bytes_total{{{labels},direction=\"in\"}} {}",
-        c.bytes_in.load(Relaxed)
+    let bytes = name("bytes_total");
+    e.sample(
+        &bytes,
+        "",
+        &with(labels, ("direction", "in")),
+        c.bytes_in.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "istmesh_gateway{prefix}_bytes_total{{{labels},direction=\"out\"}} {}",
-        c.bytes_out.load(Relaxed)
+    e.sample(
+        &bytes,
+        "",
+        &with(labels, ("direction", "out")),
+        c.bytes_out.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "istmesh_gateway{prefix}_dial_failures_total{{{labels}}} {}",
-        c.dial_failures.load(Relaxed)
+    e.sample(
+        &name("dial_failures_total"),
+        "",
+        labels,
+        c.dial_failures.load(Relaxed),
     );
     for (code, n) in c.status.seen() {
-        let _ = writeln!(
-            out,
-            "istmesh_gateway{prefix}_http_responses_total{{{labels},code=\"{code}\"}} {n}"
+        let code = code.to_string();
+        e.sample(
+            &name("http_responses_total"),
+            "",
+            &with(labels, ("code", &code)),
+            n,
         );
     }
-    c.latency.render(
-        out,
-        &format!("istmesh_gateway{prefix}_request_duration_seconds"),
-        labels,
-    );
+    c.latency
+        .render(e, &name("request_duration_seconds"), labels);
 }
 
 /// Renders the gateway's and every group's metrics in the Prometheus text
-/// format.
+/// format, with the build and `process_*` families. Instances are labelled
+/// `member` (Prometheus owns the label `instance`).
 pub fn render(
     gateway: &GatewayStats,
     groups: &[(String, Arc<GroupStats>)],
     gauges: &[GroupGauges],
     generation: u64,
 ) -> String {
-    let mut out = String::new();
-    gateway.render(&mut out);
-    out.push_str("# TYPE istmesh_gateway_map_generation gauge\n");
-    let _ = writeln!(out, "istmesh_gateway_map_generation {generation}");
-    out.push_str("# TYPE istmesh_gateway_groups gauge\n");
-    let _ = writeln!(out, "istmesh_gateway_groups {}", gauges.len());
-    for name in [
-        "active_connections gauge",
-        "queued_connections gauge",
-        "instance_down gauge",
-        "connections_total counter",
-        "wakes_total counter",
-        "forwarded_total counter",
-        "bytes_total counter",
-        "dial_failures_total counter",
-        "http_responses_total counter",
-        "request_duration_seconds histogram",
-        "instance_forwarded_total counter",
-        "instance_bytes_total counter",
-        "instance_dial_failures_total counter",
-        "instance_http_responses_total counter",
-        "instance_request_duration_seconds histogram",
-    ] {
-        let (metric, kind) = name.split_once(' ').unwrap_or((name, "gauge"));
-        let _ = writeln!(out, "# TYPE istmesh_gateway_{metric} {kind}");
-    }
+    let mut out = meshlib::metrics::build_info_text("gateway", env!("CARGO_PKG_VERSION"));
+    let mut e = Exposition::new();
+    gateway.render(&mut e);
+    e.single(
+        "istmesh_gateway_map_generation",
+        Kind::Gauge,
+        "Generation of the network map the gateway routes by.",
+        generation,
+    )
+    .single(
+        "istmesh_gateway_groups",
+        Kind::Gauge,
+        "Service groups served.",
+        gauges.len(),
+    );
+    e.family(
+        "istmesh_gateway_queued_connections",
+        Kind::Gauge,
+        "Connections waiting for a slot of the group.",
+    )
+    .family(
+        "istmesh_gateway_active_connections",
+        Kind::Gauge,
+        "Connections open to an instance.",
+    )
+    .family(
+        "istmesh_gateway_instance_down",
+        Kind::Gauge,
+        "1 while an instance is marked down after failed dials.",
+    )
+    .family(
+        "istmesh_gateway_connections_total",
+        Kind::Counter,
+        "Client connections of a group by outcome (forwarded, queued: had to wait, rejected).",
+    )
+    .family(
+        "istmesh_gateway_wakes_total",
+        Kind::Counter,
+        "Wake hook runs for a group scaled to zero.",
+    );
+    counter_families(&mut e, "", "a group's instances");
+    counter_families(&mut e, "_instance", "one instance");
     for g in gauges {
-        let gl = format!("group=\"{}\"", esc(&g.group));
-        let _ = writeln!(
-            out,
-            "istmesh_gateway_queued_connections{{{gl}}} {}",
-            g.queued
-        );
+        let gl = [("group", g.group.as_str())];
+        e.sample("istmesh_gateway_queued_connections", "", &gl, g.queued);
         for (i, active, down) in &g.instances {
-            let il = format!("{gl},instance=\"{}\"", esc(i));
-            let _ = writeln!(out, "istmesh_gateway_active_connections{{{il}}} {active}");
-            let _ = writeln!(
-                out,
-                "istmesh_gateway_instance_down{{{il}}} {}",
-                u8::from(*down)
-            );
+            let il = with(&gl, ("member", i));
+            e.sample("istmesh_gateway_active_connections", "", &il, active);
+            e.sample("istmesh_gateway_instance_down", "", &il, u8::from(*down));
         }
     }
     for (group, s) in groups {
-        let gl = format!("group=\"{}\"", esc(group));
+        let gl = [("group", group.as_str())];
         for (outcome, n) in [
             ("forwarded", s.total.forwarded.load(Relaxed)),
             ("queued", s.queued.load(Relaxed)),
             ("rejected", s.rejected.load(Relaxed)),
         ] {
-            let _ = writeln!(
-                out,
-                "istmesh_gateway_connections_total{{{gl},outcome=\"{outcome}\"}} {n}"
+            e.sample(
+                "istmesh_gateway_connections_total",
+                "",
+                &with(&gl, ("outcome", outcome)),
+                n,
             );
         }
-        let _ = writeln!(
-            out,
-            "istmesh_gateway_wakes_total{{{gl}}} {}",
-            s.wakes.load(Relaxed)
+        e.sample(
+            "istmesh_gateway_wakes_total",
+            "",
+            &gl,
+            s.wakes.load(Relaxed),
         );
-        counters(&mut out, &gl, &s.total, "");
+        counters(&mut e, &gl, &s.total, "");
         for (inst, c) in s.instances.read().iter() {
-            let il = format!("{gl},instance=\"{}\"", esc(inst));
-            counters(&mut out, &il, c, "_instance");
+            counters(&mut e, &with(&gl, ("member", inst)), c, "_instance");
         }
     }
+    meshlib::metrics::process_families(&mut e);
+    e.render_into(&mut out);
     out
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,8 +435,12 @@ mod tests {
             "istmesh_gateway_request_duration_seconds_bucket{group=\"g\",le=\"0.005\"} 1"
         ));
         assert!(text.contains(
-            "istmesh_gateway_instance_request_duration_seconds_bucket{group=\"g\",instance=\"web-1\",le=\"+Inf\"} 1"
+            "istmesh_gateway_instance_request_duration_seconds_bucket{group=\"g\",member=\"web-1\",le=\"+Inf\"} 1"
         ));
         assert!(text.contains("istmesh_gateway_map_generation 7"));
+        assert!(text.contains("istmesh_gateway_build_info{version=\""));
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
+        // Every family once, with HELP and TYPE, its samples together.
+        assert_eq!(meshlib::metrics::lint(&text), Ok(()));
     }
 }
