@@ -12,6 +12,8 @@
 #
 #   sudo benches/relay.sh              # DURATION=5 seconds per iperf3 run
 #   DURATION=10 sudo benches/relay.sh
+#   RELAY_METRICS=1 sudo benches/relay.sh   # also print the relay's counters
+#   KEEP_WORK=1 sudo benches/relay.sh       # keep the logs' directory
 #
 # Ends with: relay: <r> Mbit/s (<x.xx>x direct's <d> Mbit/s), rtt <a> ms
 # (direct <b> ms), <c> CPU-s per GB forwarded. A benchmark: never fails on
@@ -27,6 +29,7 @@ RL=rlb${TAG}r
 NA=rlb${TAG}a
 NB=rlb${TAG}b
 WORK=$(mktemp -d)
+KEEP=${KEEP_WORK:-}
 ALL="$HUB $KS $RL $NA $NB"
 
 cleanup() {
@@ -39,7 +42,7 @@ cleanup() {
         ip netns del "$ns" 2>/dev/null || true
     done
     rm -f "/var/run/wireguard/rlb${TAG}a.sock" "/var/run/wireguard/rlb${TAG}b.sock"
-    rm -rf "$WORK"
+    [ -n "$KEEP" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -133,6 +136,7 @@ CPU0=$(cpu)
 read -r R_BPS R_RTT < <(measure relay)
 BYTES1=$(metric istmesh_relay_forwarded_bytes_total)
 CPU1=$(cpu)
+if [ -n "${RELAY_METRICS:-}" ]; then ip netns exec "$RL" curl -s http://127.0.0.1:9478/metrics | grep "^istmesh_relay" >&2; fi
 TICKS=$(getconf CLK_TCK)
 python3 - "$D_BPS" "$D_RTT" "$R_BPS" "$R_RTT" "$BYTES0" "$BYTES1" "$CPU0" "$CPU1" "$TICKS" <<'PY'
 import sys

@@ -62,6 +62,9 @@ pub struct RelayMetrics {
     pub refused_tickets: AtomicU64,
     /// STUN binding requests answered.
     pub stun_answers: AtomicU64,
+    /// Datagrams the relay could not send (its socket buffer stayed full,
+    /// or the destination's network was unreachable).
+    pub dropped_send: AtomicU64,
 }
 
 impl RelayMetrics {
@@ -115,6 +118,12 @@ impl RelayMetrics {
                 "counter",
                 "STUN binding requests answered",
                 &self.stun_answers,
+            ),
+            (
+                "istmesh_relay_dropped_send_total",
+                "counter",
+                "datagrams that could not be sent (socket buffer full, destination unreachable)",
+                &self.dropped_send,
             ),
         ];
         let mut out = String::new();

@@ -91,6 +91,21 @@ pub struct RelayBindError {
 pub fn bind(addr: SocketAddr) -> Result<UdpSocket, RelayBindError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |cause| RelayBindError { addr, cause };
+    // `SO_REUSEPORT` would let a second relay on this host bind the same
+    // port and take half its flows without a word: a plain bind first
+    // fails as before when the port is taken (a relay started later fails
+    // the same way, as our sockets hold the port), and gives the port
+    // asked for with port 0.
+    let addr = {
+        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err)?;
+        if addr.is_ipv6() {
+            let _ = probe.set_only_v6(false);
+        }
+        probe.bind(&addr.into()).map_err(err)?;
+        probe.local_addr().map_err(err)?.as_socket().unwrap_or(addr)
+    };
+    let err = |cause| RelayBindError { addr, cause };
     let s =
         Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
     if addr.is_ipv6() {
@@ -98,9 +113,28 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, RelayBindError> {
     }
     let _ = s.set_recv_buffer_size(8 << 20);
     let _ = s.set_send_buffer_size(8 << 20);
+    // The relay's threads each read their own socket on this port (the
+    // kernel keeps each flow on one socket, so a flow keeps its order).
+    s.set_reuse_port(true).map_err(err)?;
     s.bind(&addr.into()).map_err(err)?;
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(err)?;
+    Ok(s.into())
+}
+
+/// Another socket on the port of `first` (which was bound by [`bind`], with
+/// `SO_REUSEPORT`), for one more relay thread.
+fn sibling(first: &UdpSocket) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = first.local_addr()?;
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(socket2::SockRef::from(first).only_v6()?)?;
+    }
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
     Ok(s.into())
 }
 
@@ -155,7 +189,7 @@ impl RelayShared {
 /// A running relay: its thread stops when this is dropped or stopped.
 pub struct RelayHandle {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Its counters.
     pub metrics: Arc<RelayMetrics>,
     /// Where it listens.
@@ -176,7 +210,7 @@ impl RelayHandle {
     /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
         self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -199,6 +233,22 @@ pub fn serve_udp(
     let local = socket.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(RelayMetrics::default());
+    // One thread per core (at most MAX_THREADS), each on its own socket of
+    // the port; the first socket also sends what TCP members relay to UDP
+    // ones.
+    let wanted = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_THREADS);
+    let mut sockets = vec![socket.try_clone()?];
+    for _ in 1..wanted {
+        match sibling(&socket) {
+            Ok(s) => sockets.push(s),
+            Err(e) => {
+                tracing::debug!(%local, "relay: one socket fewer ({e})");
+                break;
+            }
+        }
+    }
     let shared = Arc::new(RelayShared {
         core: Mutex::new(RelayCore::new(secret, limits)),
         metrics: metrics.clone(),
@@ -207,34 +257,228 @@ pub fn serve_udp(
         next_tcp: AtomicU64::new(1),
         clock: (Instant::now(), SystemTime::now()),
     });
-    let (s, sh) = (stop.clone(), shared.clone());
-    let thread = std::thread::Builder::new()
-        .name("relay-udp".into())
-        .spawn(move || udp_loop(&sh, &s))?;
+    let mut threads = Vec::new();
+    for (i, sock) in sockets.into_iter().enumerate() {
+        let batch = Batch::new(sock)?;
+        let (s, sh) = (stop.clone(), shared.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("relay-udp-{i}"))
+                .spawn(move || udp_loop(&sh, batch, &s))?,
+        );
+    }
     Ok(RelayHandle {
         stop,
-        thread: Some(thread),
+        threads,
         metrics,
         local,
         shared,
     })
 }
 
-fn udp_loop(shared: &RelayShared, stop: &AtomicBool) {
-    let mut buf = vec![0u8; 65_535];
-    let mut out = vec![0u8; 65_535];
+/// Most relay threads (and sockets).
+const MAX_THREADS: usize = 4;
+/// Most bytes in one GSO send (a UDP datagram's limit, 65,507 over IPv4,
+/// with room).
+const GSO_MAX_BYTES: usize = 64_000;
+/// Bytes of one receive buffer: a datagram, or a GRO batch of one flow's.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// One relay thread's socket, its quinn-udp state (`recvmmsg`, GRO, GSO)
+/// and buffers, allocated once.
+struct Batch {
+    sock: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    /// An IPv6 socket also carrying IPv4 (destinations are v4-mapped).
+    dual: bool,
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<quinn_udp::RecvMeta>,
+    /// What goes out: the frames, back to back.
+    out: Vec<u8>,
+    /// Per frame: destination, start in `out`, length.
+    sends: Vec<(SocketAddr, usize, usize)>,
+}
+
+impl Batch {
+    fn new(sock: UdpSocket) -> std::io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new(quinn_udp::UdpSockRef::from(&sock))?;
+        let dual = sock.local_addr()?.is_ipv6();
+        let n = quinn_udp::BATCH_SIZE;
+        Ok(Self {
+            sock,
+            state,
+            dual,
+            bufs: vec![vec![0u8; RECV_BUFFER]; n],
+            meta: vec![quinn_udp::RecvMeta::default(); n],
+            out: vec![0u8; n * RECV_BUFFER + RECV_BUFFER],
+            sends: Vec::with_capacity(n * 64),
+        })
+    }
+
+    /// Waits until the socket is readable, at most 200 ms.
+    fn wait(&self) {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1.
+        unsafe { libc::poll(&mut pfd, 1, 200) };
+    }
+
+    /// Sends the frames collected, consecutive ones to the same destination
+    /// of the same size (the last may be shorter) as one GSO send.
+    fn flush(&mut self, metrics: &RelayMetrics) {
+        let max = self.state.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < self.sends.len() {
+            let j = i + gso_run(&self.sends[i..], max);
+            let (to, start, len) = self.sends[i];
+            let (_, last_start, last_len) = self.sends[j - 1];
+            let end = last_start + last_len;
+            let destination = match to {
+                SocketAddr::V4(v4) if self.dual => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                _ => to,
+            };
+            let t = quinn_udp::Transmit {
+                destination,
+                ecn: None,
+                contents: &self.out[start..end],
+                segment_size: (j - i > 1).then_some(len),
+                src_ip: None,
+            };
+            if let Err(e) = self.send(&t) {
+                tracing::trace!(%to, "relay send: {e}");
+                metrics.dropped_send.fetch_add((j - i) as u64, Relaxed);
+            }
+            i = j;
+        }
+        self.sends.clear();
+    }
+
+    /// One send; a full socket buffer is waited on (a little), as a
+    /// blocking send would.
+    fn send(&self, t: &quinn_udp::Transmit<'_>) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        for _ in 0..8 {
+            match self
+                .state
+                .try_send(quinn_udp::UdpSockRef::from(&self.sock), t)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut pfd = libc::pollfd {
+                        fd: self.sock.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, count 1.
+                    unsafe { libc::poll(&mut pfd, 1, 50) };
+                }
+                other => return other,
+            }
+        }
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// How many of `sends` (frames: destination, start, length; at least one)
+/// go out as one GSO send: consecutive frames, back to back in the buffer,
+/// to the first one's destination, as long as the first (only the last may
+/// be shorter), at most `max` of them and [`GSO_MAX_BYTES`] together.
+fn gso_run(sends: &[(SocketAddr, usize, usize)], max: usize) -> usize {
+    let Some(&(to, start, len)) = sends.first() else {
+        return 0;
+    };
+    let mut end = start + len;
+    let mut n = 1;
+    while let Some(&(t2, s2, l2)) = sends.get(n) {
+        if n >= max || t2 != to || s2 != end || l2 > len || end - start + l2 > GSO_MAX_BYTES {
+            break;
+        }
+        end += l2;
+        n += 1;
+        if l2 < len {
+            break;
+        }
+    }
+    n
+}
+
+/// One relay thread: reads batches (`recvmmsg`, GRO), handles them under
+/// one lock of the core, then sends without it (GSO where frames allow).
+fn udp_loop(shared: &RelayShared, mut b: Batch, stop: &AtomicBool) {
+    use std::io::IoSliceMut;
     while !stop.load(Relaxed) {
-        let (n, from) = match shared.udp.recv_from(&mut buf) {
-            Ok(x) => x,
-            // Timeouts (to look at `stop`), and ICMP errors from earlier
-            // sends: keep going.
-            Err(e) => {
-                tracing::trace!("relay receive: {e}");
-                continue;
+        let n = {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                b.bufs.iter_mut().map(|v| IoSliceMut::new(v)).collect();
+            match b.state.recv(
+                quinn_udp::UdpSockRef::from(&b.sock),
+                &mut slices,
+                &mut b.meta,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    drop(slices);
+                    b.wait();
+                    continue;
+                }
+                // ICMP errors from earlier sends: keep going.
+                Err(e) => {
+                    tracing::trace!("relay receive: {e}");
+                    continue;
+                }
             }
         };
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        shared.handle(from, &buf[..n], &mut out);
+        let now = Instant::now();
+        let unix = shared.unix(now);
+        let mut pos = 0;
+        let mut tcp = Vec::new();
+        {
+            let mut core = shared.core.lock();
+            for (meta, buf) in b.meta.iter().zip(&b.bufs).take(n) {
+                let from = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+                let stride = meta.stride.max(1);
+                for d in buf[..meta.len.min(buf.len())].chunks(stride) {
+                    let room = &mut b.out[pos..pos + RECV_BUFFER];
+                    let Some((to, len)) = core.handle(now, unix, from, d, room, &shared.metrics)
+                    else {
+                        continue;
+                    };
+                    if is_tcp_member(&to) {
+                        tcp.push((to, room[..len].to_vec()));
+                    } else {
+                        b.sends.push((to, pos, len));
+                        pos += len;
+                    }
+                    if pos + RECV_BUFFER > b.out.len() {
+                        break;
+                    }
+                }
+            }
+        }
+        if !tcp.is_empty() {
+            let writers = shared.tcp.lock();
+            for (to, frame) in tcp {
+                if let Some(w) = writers.get(&to) {
+                    let _ = w.try_send(frame);
+                }
+            }
+        }
+        b.flush(&shared.metrics);
+    }
+}
+
+/// Whether `addr` stands for a member on a TCP relay connection (see
+/// [`tcp_session`]: addresses from `100::/64`).
+fn is_tcp_member(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0x100, 0, 0, 0],
+        std::net::IpAddr::V4(_) => false,
     }
 }
 
@@ -328,5 +572,157 @@ pub fn load_or_create_secret(path: &std::path::Path) -> std::io::Result<[u8; 32]
             Ok(secret)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlib::keys::PrivateKey;
+    use meshlib::nat::relay::{self as frames, Frame};
+    use std::net::Ipv4Addr;
+
+    fn ticket(secret: &[u8; 32], network: NetworkId, ip: Ipv4Addr) -> Vec<u8> {
+        Ticket::sign(
+            secret,
+            TicketBody {
+                network,
+                public_key: PrivateKey::generate().public_key(),
+                ip,
+                expires: u64::MAX,
+            },
+        )
+        .to_bytes()
+    }
+
+    /// Registers `sock` with the relay at `relay`: its token.
+    fn register(sock: &UdpSocket, relay: SocketAddr, ticket: &[u8]) -> [u8; 8] {
+        sock.send_to(&frames::register(ticket), relay).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = sock.recv_from(&mut buf).expect("registered in time");
+        match frames::parse(&buf[..n]) {
+            Some(Frame::Registered { token, .. }) => token,
+            other => panic!("not a registration answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gso_runs_hold_one_destination_one_size_and_fit_a_datagram() {
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:1".parse().unwrap();
+        let frames = |list: &[(SocketAddr, usize)]| {
+            let mut pos = 0;
+            list.iter()
+                .map(|(to, len)| {
+                    pos += len;
+                    (*to, pos - len, *len)
+                })
+                .collect::<Vec<_>>()
+        };
+        // 64 full-size frames: at most 64,000 bytes in one send.
+        let full = frames(&[(a, 1460); 64]);
+        assert_eq!(gso_run(&full, 64), 43);
+        assert_eq!(gso_run(&full[43..], 64), 21);
+        assert_eq!(gso_run(&full, 10), 10);
+        // A shorter frame ends a run (it is its last); a longer one or
+        // another destination starts the next.
+        let mixed = frames(&[
+            (a, 1000),
+            (a, 1000),
+            (a, 500),
+            (a, 1000),
+            (b, 1000),
+            (a, 1200),
+        ]);
+        assert_eq!(gso_run(&mixed, 64), 3);
+        assert_eq!(gso_run(&mixed[3..], 64), 1);
+        assert_eq!(gso_run(&mixed[4..], 64), 1);
+        assert_eq!(gso_run(&frames(&[(a, 100), (a, 200)]), 64), 1);
+        assert_eq!(gso_run(&[], 64), 0);
+    }
+
+    #[test]
+    fn a_second_relay_cannot_take_the_port() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let _relay = serve_udp(first, [1; 32], RelayLimits::default()).unwrap();
+        let err = bind(addr).expect_err("the port is taken");
+        assert_eq!(err.cause.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    }
+
+    /// Bursts of datagrams of one flow (the relay reads them as GRO
+    /// batches and sends them as GSO batches), with a shorter last one and
+    /// sizes that change within a burst: every datagram arrives, intact and
+    /// in order.
+    #[test]
+    fn bursts_arrive_whole_and_in_order() {
+        let secret = [3; 32];
+        let limits = RelayLimits {
+            rate: 1 << 30,
+            burst: 1 << 30,
+            ..RelayLimits::default()
+        };
+        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay = socket.local_addr().unwrap();
+        let handle = serve_udp(socket, secret, limits).unwrap();
+        let net = NetworkId::random();
+        let (ip_a, ip_b) = (Ipv4Addr::new(10, 240, 0, 1), Ipv4Addr::new(10, 240, 0, 2));
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            socket2::SockRef::from(s)
+                .set_recv_buffer_size(4 << 20)
+                .unwrap();
+        }
+        let token = register(&a, relay, &ticket(&secret, net, ip_a));
+        register(&b, relay, &ticket(&secret, net, ip_b));
+        let mut seq: u32 = 0;
+        let mut frame = vec![0u8; 2048];
+        let mut buf = vec![0u8; 4096];
+        for burst in 0..40u32 {
+            let sizes: Vec<usize> = (0..64u32)
+                .map(|i| match (burst % 3, i) {
+                    (_, 63) => 100,                             // a shorter last one
+                    (1, i) if i % 16 == 15 => 700,              // shorter in the middle
+                    (2, i) => 200 + ((i * 37) % 1000) as usize, // every size differs
+                    _ => 1200,
+                })
+                .collect();
+            for size in &sizes {
+                let body = &mut frame[..frames::SEND_HEADER + size];
+                frames::send_header(body, ip_b, token);
+                let payload = &mut body[frames::SEND_HEADER..];
+                payload[..4].copy_from_slice(&seq.to_be_bytes());
+                for (k, byte) in payload[4..].iter_mut().enumerate() {
+                    *byte = (seq as usize + k) as u8;
+                }
+                a.send_to(body, relay).unwrap();
+                seq += 1;
+            }
+            for (i, size) in sizes.iter().enumerate() {
+                let (n, from) = b.recv_from(&mut buf).unwrap_or_else(|e| {
+                    panic!("burst {burst}: datagram {i} of {}: {e}", sizes.len())
+                });
+                assert_eq!(from, relay);
+                let Some(Frame::Deliver { src, packet }) = frames::parse(&buf[..n]) else {
+                    panic!("not a delivery");
+                };
+                assert_eq!(src, ip_a);
+                assert_eq!(packet.len(), *size, "burst {burst}, datagram {i}");
+                let want = seq - sizes.len() as u32 + i as u32;
+                let got = u32::from_be_bytes(packet[..4].try_into().unwrap());
+                assert_eq!(got, want, "in order");
+                assert!(packet[4..]
+                    .iter()
+                    .enumerate()
+                    .all(|(k, byte)| *byte == (want as usize + k) as u8));
+            }
+        }
+        assert_eq!(
+            handle.metrics.forwarded_packets.load(Relaxed),
+            u64::from(seq)
+        );
+        assert_eq!(handle.metrics.dropped_send.load(Relaxed), 0);
     }
 }
