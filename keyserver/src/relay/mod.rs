@@ -517,9 +517,19 @@ pub(crate) async fn tcp_session<S>(
     shared.tcp.lock().insert(addr, tx);
     let (mut r, mut w) = tokio::io::split(stream);
     let writer = tokio::spawn(async move {
+        // Frames waiting are written together (one TLS record and one
+        // write for many), each behind its length.
+        let mut batch = Vec::with_capacity(TCP_BATCH + MAX_TCP_FRAME + 2);
         while let Some(frame) = rx.recv().await {
-            let len = (frame.len() as u16).to_be_bytes();
-            if w.write_all(&len).await.is_err() || w.write_all(&frame).await.is_err() {
+            batch.clear();
+            push_frame(&mut batch, &frame);
+            while batch.len() < TCP_BATCH {
+                match rx.try_recv() {
+                    Ok(frame) => push_frame(&mut batch, &frame),
+                    Err(_) => break,
+                }
+            }
+            if w.write_all(&batch).await.is_err() || w.flush().await.is_err() {
                 return;
             }
         }
@@ -553,6 +563,16 @@ pub(crate) async fn tcp_session<S>(
     }
     shared.tcp.lock().remove(&addr);
     writer.abort();
+}
+
+/// Bytes of frames a TCP relay connection writes at once (at most; one
+/// frame more may follow the last that fit).
+const TCP_BATCH: usize = 64 * 1024;
+
+/// Appends a frame behind its 2-byte big-endian length.
+fn push_frame(batch: &mut Vec<u8>, frame: &[u8]) {
+    batch.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    batch.extend_from_slice(frame);
 }
 
 /// Reads the relay secret at `path` (32 raw bytes), or creates it (0600).
