@@ -85,6 +85,11 @@ impl World {
     /// Keyserver, gateway, one instance `web-a` of group `web` (ports 80
     /// and 443, HTTP), two clients that resolve the group's name.
     fn new() -> Self {
+        Self::with_client_share(None)
+    }
+
+    /// [`World::new`] with the gateway's `--client-share` (percent).
+    fn with_client_share(share: Option<u8>) -> Self {
         let mut mesh = Mesh::new();
         let logs = mesh.topo.temp_path("logs");
         std::fs::create_dir_all(&logs).unwrap();
@@ -133,6 +138,10 @@ impl World {
                 BUDGET.to_string(),
             )
             .env("ISTM_LOG", "info")
+            .env(
+                "ISTM_GATEWAY_CLIENT_SHARE",
+                share.map_or("100".to_owned(), |p| p.to_string()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&gw_log).unwrap())
@@ -475,4 +484,91 @@ fn gateway_speaks_tls_1_2_and_1_3() {
     ));
     assert!(verbose.contains("TLSv1.2"), "{verbose}");
     step("TLS 1.2 with openssl and curl", t);
+}
+
+/// One client holding every slot of a group (slow requests here; idle
+/// WebSockets alike) locks others out; with `--client-share 50` it holds
+/// half and waits for the rest, and another client is served at once.
+#[test]
+fn a_client_holds_only_its_share_of_a_group() {
+    let _one = one_at_a_time();
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let t = Instant::now();
+    let w = World::with_client_share(Some(50));
+    w.mesh.admin(&[
+        "service",
+        "set",
+        "web",
+        "--network",
+        "prod",
+        "--soft-limit",
+        "4",
+        "--hard-limit",
+        "4",
+    ]);
+    w.wait("limits 4/4 applied", Duration::from_secs(20), || {
+        let g: serde_json::Value =
+            serde_json::from_str(
+                &w.mesh
+                    .admin(&["service", "get", "web", "--network", "prod"]),
+            )
+            .unwrap();
+        g["hard_limit"] == 4
+    });
+    // Let the gateway's map follow.
+    std::thread::sleep(Duration::from_secs(1));
+    step("setup, limits 4/4, client share 50%", t);
+    // Client 0: four slow requests at once (4 s each): two hold its share
+    // (4 slots x 50%), two wait for them.
+    let slow = format!(
+        "for i in 1 2 3 4; do curl -sS --max-time 30 -o /dev/null -w '%{{http_code}} %{{time_total}}\\n' http://{}/slow?ms=4000 & done; wait",
+        w.web
+    );
+    let ns = w.clients[0].ns.clone();
+    let hog = std::thread::spawn(move || out(&sh(&ns, &slow)));
+    std::thread::sleep(Duration::from_millis(800));
+    let m = w.metrics();
+    assert_eq!(
+        counter(
+            &m,
+            "istmesh_gateway_active_connections{group=\"web\",member=\"web-a\"}"
+        ),
+        2,
+        "client 0 holds its share, not the group:\n{m}"
+    );
+    // Client 1 is served at once, though client 0 asked for every slot.
+    let started = Instant::now();
+    let got = w.curl(1, &format!("http://{}/who", w.web));
+    let took = started.elapsed();
+    assert_eq!(got, "web-a\n");
+    assert!(took < Duration::from_secs(2), "client 1 waited {took:?}");
+    // Client 0's four all succeed: two after the first two.
+    let lines = hog.join().unwrap();
+    let times: Vec<f64> = lines
+        .lines()
+        .map(|l| {
+            let (code, time) = l.split_once(' ').unwrap();
+            assert_eq!(code, "200", "{lines}");
+            time.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(times.len(), 4, "{lines}");
+    assert_eq!(
+        times.iter().filter(|t| **t > 7.0).count(),
+        2,
+        "two waited for the first two: {times:?}"
+    );
+    let m = w.metrics();
+    assert_eq!(
+        counter(
+            &m,
+            "istmesh_gateway_client_share_refused_total{group=\"web\"}"
+        ),
+        0,
+        "{m}"
+    );
+    step("client share", t);
 }

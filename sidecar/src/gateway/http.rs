@@ -368,7 +368,10 @@ async fn proxy(
     let stats = &ctx.routes.gateway;
     let mut chosen = None;
     for _ in 0..4 {
-        let Some(slot) = rt.acquire(true, &ctx.settings).await else {
+        let Some(slot) = rt
+            .acquire_for(conn.peer.ip().to_canonical(), true, &ctx.settings)
+            .await
+        else {
             break;
         };
         let addr = SocketAddrV4::new(slot.pick().ip, destination_port);

@@ -126,6 +126,9 @@ pub struct GroupStats {
     pub rejected: AtomicU64,
     /// Wake hook runs.
     pub wakes: AtomicU64,
+    /// Connections refused: their client held its share of the group past
+    /// the queue timeout.
+    pub client_share_refused: AtomicU64,
     instances: RwLock<BTreeMap<String, Arc<Counters>>>,
 }
 
@@ -356,6 +359,11 @@ pub fn render(
         "istmesh_gateway_wakes_total",
         Kind::Counter,
         "Wake hook runs for a group scaled to zero.",
+    )
+    .family(
+        "istmesh_gateway_client_share_refused_total",
+        Kind::Counter,
+        "Connections refused because their client address held its share of the group (--client-share) past the queue timeout.",
     );
     counter_families(&mut e, "", "a group's instances");
     counter_families(&mut e, "_instance", "one instance");

@@ -107,6 +107,20 @@ pub struct GatewayArgs {
     /// Longest wait in a group's queue (all instances at their soft limit).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub queue_timeout: Duration,
+    /// The share of a group's slots (`hard_limit` per online instance) one
+    /// client address may hold at once, in percent: past it, the client's
+    /// next connection waits (as in the queue) until one of its own ends,
+    /// or is refused after the queue timeout, so one client cannot lock
+    /// others out with idle connections or WebSockets. 100 (the default)
+    /// is no share: the group's limits alone, as seed 002 defines them;
+    /// many users behind one NAT address share one client address.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_CLIENT_SHARE",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u8).range(1..=100)
+    )]
+    pub client_share: u8,
     /// A UDP flow ends after this long without a datagram.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
@@ -350,6 +364,7 @@ async fn serve(
     let routes = Arc::new(Routes::default());
     let settings = RouteSettings {
         queue_timeout: args.queue_timeout,
+        client_share: args.client_share,
         connect_timeout: args.connect_timeout,
         allow_wake_commands: args.allow_wake_commands,
     };

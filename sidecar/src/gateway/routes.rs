@@ -23,6 +23,9 @@ use super::metrics::{Counters, GatewayStats, GroupGauges, GroupStats};
 pub struct RouteSettings {
     /// Longest wait in a group's queue.
     pub queue_timeout: Duration,
+    /// Percent of a group's slots one client address may hold (100: no
+    /// share).
+    pub client_share: u8,
     /// Time allowed to open a connection to an instance.
     pub connect_timeout: Duration,
     /// Whether command wake hooks may run.
@@ -43,12 +46,18 @@ pub struct GroupRt {
     pub stats: Arc<GroupStats>,
     /// A wake hook is running.
     waking: Mutex<bool>,
+    /// Slots held per client address.
+    clients: Mutex<HashMap<IpAddr, u32>>,
+    /// A client's slot was freed.
+    client_freed: tokio::sync::Notify,
 }
 
 /// A taken connection slot on one instance; freed on drop.
 pub struct Slot {
     rt: Arc<GroupRt>,
     pick: Option<Pick>,
+    /// The client address whose share this slot counts in.
+    client: Option<IpAddr>,
     /// The instance's counters.
     pub counters: Arc<Counters>,
 }
@@ -83,6 +92,9 @@ impl Drop for Slot {
             let out = inner.pool.release(&p.instance, Instant::now());
             self.rt.hand_out(&mut inner, out);
         }
+        if let Some(client) = self.client.take() {
+            self.rt.leave_share(client);
+        }
     }
 }
 
@@ -96,6 +108,8 @@ impl GroupRt {
             group: RwLock::new(group),
             stats: Arc::default(),
             waking: Mutex::new(false),
+            clients: Mutex::new(HashMap::new()),
+            client_freed: tokio::sync::Notify::new(),
         }
     }
 
@@ -119,6 +133,77 @@ impl GroupRt {
             };
             if let Some(p) = gone {
                 out.extend(inner.pool.release(&p.instance, Instant::now()));
+            }
+        }
+    }
+
+    /// The most slots one client address may hold now: `share` percent of
+    /// `hard_limit` per online instance (at least one instance counted, so
+    /// a group waking from zero is not shut to its first client), at least 1.
+    fn client_limit(&self, share: u8) -> u32 {
+        let inner = self.inner.lock();
+        let capacity =
+            u32::from(inner.pool.limits().hard_limit) * (inner.pool.online().max(1) as u32);
+        (capacity * u32::from(share) / 100).max(1)
+    }
+
+    /// Counts a slot for `client` if its share has room.
+    fn enter_share(&self, client: IpAddr, limit: u32) -> bool {
+        let mut clients = self.clients.lock();
+        let held = clients.entry(client).or_insert(0);
+        if *held >= limit {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    fn leave_share(&self, client: IpAddr) {
+        let mut clients = self.clients.lock();
+        if let Some(held) = clients.get_mut(&client) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                clients.remove(&client);
+            }
+        }
+        drop(clients);
+        self.client_freed.notify_waiters();
+    }
+
+    /// Takes a slot for `client`: within the client's share of the group
+    /// (waiting, as in the queue, while it holds its share), then
+    /// [`Self::acquire`].
+    pub async fn acquire_for(
+        self: &Arc<Self>,
+        client: IpAddr,
+        may_wait: bool,
+        s: &RouteSettings,
+    ) -> Option<Slot> {
+        if s.client_share >= 100 {
+            return self.acquire(may_wait, s).await;
+        }
+        let deadline = tokio::time::Instant::now() + s.queue_timeout;
+        loop {
+            let freed = self.client_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.enter_share(client, self.client_limit(s.client_share)) {
+                break;
+            }
+            if !may_wait || tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.stats.rejected.fetch_add(1, Relaxed);
+                self.stats.client_share_refused.fetch_add(1, Relaxed);
+                return None;
+            }
+        }
+        match self.acquire(may_wait, s).await {
+            Some(mut slot) => {
+                slot.client = Some(client);
+                Some(slot)
+            }
+            None => {
+                self.leave_share(client);
+                None
             }
         }
     }
@@ -183,6 +268,7 @@ impl GroupRt {
         Slot {
             rt: self.clone(),
             pick: Some(pick),
+            client: None,
             counters,
         }
     }
@@ -194,13 +280,14 @@ impl GroupRt {
     /// reachable.
     pub async fn connect(
         self: &Arc<Self>,
+        client: IpAddr,
         destination_port: u16,
         dialer: &dyn Dialer,
         s: &RouteSettings,
         stats: &GatewayStats,
     ) -> Option<(Slot, Box<dyn MeshStream>)> {
         for _ in 0..4 {
-            let slot = self.acquire(true, s).await?;
+            let slot = self.acquire_for(client, true, s).await?;
             let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
             match dialer.dial(addr, s.connect_timeout).await {
                 Ok(stream) => {

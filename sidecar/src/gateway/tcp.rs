@@ -51,6 +51,7 @@ pub async fn serve(ctx: Arc<TcpCtx>, stream: TcpStream, peer: SocketAddr, port: 
     // Refused (or nothing reachable): the connection closes unanswered.
     let Some((slot, mut upstream)) = rt
         .connect(
+            peer.ip().to_canonical(),
             route.destination_port,
             ctx.dialer.as_ref(),
             &ctx.settings,

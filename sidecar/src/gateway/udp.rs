@@ -95,7 +95,10 @@ async fn flow(
         forget();
         return;
     };
-    let Some(slot) = rt.acquire(false, &ctx.settings).await else {
+    let Some(slot) = rt
+        .acquire_for(client.ip().to_canonical(), false, &ctx.settings)
+        .await
+    else {
         forget();
         return;
     };
