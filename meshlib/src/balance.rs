@@ -43,6 +43,10 @@ pub const MAX_HELD: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Failed health checks in a row that mark an instance down (as HAProxy's
+/// `fall`): one check lost to a path being set up (the gateway just
+/// started, a WireGuard handshake under way) leaves the instance in.
+pub const HEALTH_FALL: u32 = 2;
 
 /// An instance a connection was given to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +82,8 @@ struct Backend {
     active: u32,
     down_until: Option<Instant>,
     failures: u32,
+    /// Failed health checks in a row.
+    check_failures: u32,
 }
 
 impl Backend {
@@ -135,6 +141,7 @@ impl Pool {
                     active: 0,
                     down_until: None,
                     failures: 0,
+                    check_failures: 0,
                 },
             });
         }
@@ -277,20 +284,28 @@ impl Pool {
         {
             b.down_until = None;
             b.failures = 0;
+            b.check_failures = 0;
         }
         self.dispatch(now)
     }
 
-    /// A health check of `instance` failed: down until one succeeds.
-    pub fn unhealthy(&mut self, instance: &InstanceName, now: Instant) {
-        if let Some(b) = self
+    /// A health check of `instance` failed: after [`HEALTH_FALL`] in a row,
+    /// down until one succeeds. True when this check marked it down.
+    pub fn unhealthy(&mut self, instance: &InstanceName, now: Instant) -> bool {
+        let Some(b) = self
             .backends
             .iter_mut()
             .find(|b| &b.pick.instance == instance)
-        {
-            b.failures = b.failures.saturating_add(1);
-            b.down_until = Some(now + BACKOFF_MAX);
+        else {
+            return false;
+        };
+        b.check_failures = b.check_failures.saturating_add(1);
+        if b.check_failures < HEALTH_FALL {
+            return false;
         }
+        b.failures = b.failures.saturating_add(1);
+        b.down_until = Some(now + BACKOFF_MAX);
+        b.check_failures == HEALTH_FALL
     }
 
     /// Whether `instance` is marked down at `now` (a failed dial's backoff
@@ -422,8 +437,15 @@ mod tests {
         };
         assert_eq!(pick.instance, first.instance);
         assert!(!p.is_down(&first.instance, later));
-        // A failed health check keeps it out; a good one brings it back.
-        p.unhealthy(&first.instance, later);
+        // One failed health check leaves it in (a path being set up); two
+        // in a row keep it out; a good one brings it back.
+        assert!(!p.unhealthy(&first.instance, later));
+        assert!(!p.is_down(&first.instance, later));
+        p.healthy(&first.instance, later);
+        assert!(!p.unhealthy(&first.instance, later), "the count starts again");
+        assert!(p.unhealthy(&first.instance, later));
+        assert!(p.is_down(&first.instance, later));
+        assert!(!p.unhealthy(&first.instance, later), "already down");
         assert!(p.is_down(&first.instance, later));
         assert!(p
             .active()

@@ -347,22 +347,21 @@ impl GroupRt {
         let mut inner = self.inner.lock();
         let now = Instant::now();
         let was_down = inner.pool.is_down(&pick.instance, now);
-        if ok {
+        let marked_down = if ok {
             let out = inner.pool.healthy(&pick.instance, now);
             self.hand_out(&mut inner, out);
+            false
         } else {
-            inner.pool.unhealthy(&pick.instance, now);
-        }
+            inner.pool.unhealthy(&pick.instance, now)
+        };
         drop(inner);
         let group = &self.group.read().name;
-        match (was_down, ok) {
-            (true, true) => {
-                tracing::info!(%group, instance = %pick.instance, "instance up again: its health check succeeded")
-            }
-            (false, false) => {
-                tracing::warn!(%group, instance = %pick.instance, "instance marked down: its health check failed")
-            }
-            _ => {}
+        if was_down && ok {
+            tracing::info!(%group, instance = %pick.instance, "instance up again: its health check succeeded");
+        } else if marked_down {
+            tracing::warn!(%group, instance = %pick.instance, fall = meshlib::balance::HEALTH_FALL, "instance marked down: its health checks failed in a row");
+        } else if !ok {
+            tracing::debug!(%group, instance = %pick.instance, "a health check failed (the instance stays in until more fail in a row)");
         }
     }
 
