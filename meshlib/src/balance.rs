@@ -47,6 +47,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// `fall`): one check lost to a path being set up (the gateway just
 /// started, a WireGuard handshake under way) leaves the instance in.
 pub const HEALTH_FALL: u32 = 2;
+/// How long after coming online an instance is fresh ([`Pool::is_fresh`]):
+/// a woken or new instance's path (a WireGuard handshake) or listener may
+/// lag its `online` by a moment, so the gateway does not mark it down for a
+/// failed dial then, and tries again after a pause.
+pub const FRESH: Duration = Duration::from_secs(5);
 
 /// An instance a connection was given to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +89,8 @@ struct Backend {
     failures: u32,
     /// Failed health checks in a row.
     check_failures: u32,
+    /// When it came online (as the map says), while it is.
+    online_since: Option<Instant>,
 }
 
 impl Backend {
@@ -129,10 +136,16 @@ impl Pool {
         let mut next = Vec::with_capacity(instances.len());
         for (name, ip, online) in instances {
             let old = self.backends.iter().find(|b| b.pick.instance == name);
+            let since = |was: Option<Instant>| match (online, was) {
+                (false, _) => None,
+                (true, Some(t)) => Some(t),
+                (true, None) => Some(now),
+            };
             next.push(match old {
                 Some(b) => Backend {
                     pick: Pick { instance: name, ip },
                     online,
+                    online_since: since(b.online_since),
                     ..b.clone()
                 },
                 None => Backend {
@@ -142,6 +155,7 @@ impl Pool {
                     down_until: None,
                     failures: 0,
                     check_failures: 0,
+                    online_since: since(None),
                 },
             });
         }
@@ -258,8 +272,19 @@ impl Pool {
         }
     }
 
+    /// Whether `instance` came online less than [`FRESH`] ago.
+    pub fn is_fresh(&self, instance: &InstanceName, now: Instant) -> bool {
+        self.backends.iter().any(|b| {
+            &b.pick.instance == instance
+                && b.online_since
+                    .is_some_and(|t| now.saturating_duration_since(t) < FRESH)
+        })
+    }
+
     /// A dial to `instance` failed or timed out: it is skipped until a
     /// backoff passes (or a health check succeeds). Its slot is released.
+    /// (The gateway first asks [`Pool::is_fresh`]: a fresh instance's slot
+    /// is only released, and the dial tried again after a pause.)
     pub fn failed(&mut self, instance: &InstanceName, now: Instant) -> Vec<(u64, Pick)> {
         if let Some(b) = self
             .backends
@@ -442,7 +467,10 @@ mod tests {
         assert!(!p.unhealthy(&first.instance, later));
         assert!(!p.is_down(&first.instance, later));
         p.healthy(&first.instance, later);
-        assert!(!p.unhealthy(&first.instance, later), "the count starts again");
+        assert!(
+            !p.unhealthy(&first.instance, later),
+            "the count starts again"
+        );
         assert!(p.unhealthy(&first.instance, later));
         assert!(p.is_down(&first.instance, later));
         assert!(!p.unhealthy(&first.instance, later), "already down");
@@ -453,6 +481,37 @@ mod tests {
             .any(|(n, _, down)| *n == first.instance && *down));
         p.healthy(&first.instance, later);
         assert!(p.active().iter().all(|(_, _, down)| !down));
+    }
+
+    #[test]
+    fn an_instance_is_fresh_for_a_while_after_it_comes_online() {
+        let now = Instant::now();
+        let mut p = Pool::new(Limits::default());
+        let name: InstanceName = "web-1".parse().unwrap();
+        let ip = Ipv4Addr::new(10, 240, 0, 9);
+        p.update(Limits::default(), vec![(name.clone(), ip, false)], now);
+        assert!(!p.is_fresh(&name, now), "offline: not fresh");
+        let on = now + Duration::from_secs(60);
+        p.update(Limits::default(), vec![(name.clone(), ip, true)], on);
+        assert!(p.is_fresh(&name, on));
+        // Still online in the next map: as fresh as it was, not renewed.
+        let next = on + Duration::from_secs(1);
+        p.update(Limits::default(), vec![(name.clone(), ip, true)], next);
+        assert!(p.is_fresh(&name, next));
+        assert!(!p.is_fresh(&name, on + FRESH));
+        // Offline, then online again: fresh again.
+        p.update(
+            Limits::default(),
+            vec![(name.clone(), ip, false)],
+            on + FRESH,
+        );
+        assert!(!p.is_fresh(&name, on + FRESH));
+        p.update(
+            Limits::default(),
+            vec![(name.clone(), ip, true)],
+            on + FRESH,
+        );
+        assert!(p.is_fresh(&name, on + FRESH));
     }
 
     #[test]

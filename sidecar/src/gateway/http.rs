@@ -395,7 +395,9 @@ async fn proxy(
                 tracing::debug!(instance = %slot.pick().instance, error = %e, "upstream dial failed");
                 slot.counters.dial_failures.fetch_add(1, Relaxed);
                 rt.stats.total.dial_failures.fetch_add(1, Relaxed);
-                slot.fail(&e);
+                if slot.fail(&e) {
+                    tokio::time::sleep(super::routes::FRESH_RETRY).await;
+                }
             }
         }
     }

@@ -68,10 +68,26 @@ impl Slot {
         self.pick.as_ref().expect("a live slot has its pick")
     }
 
-    /// The dial to this instance failed (`error`): skip it for a while.
-    pub fn fail(mut self, error: &std::io::Error) {
+    /// The dial to this instance failed (`error`): skip it for a while;
+    /// unless it came online a moment ago ([`meshlib::balance::FRESH`]):
+    /// then the slot is only released, and the caller pauses
+    /// ([`FRESH_RETRY`]) before it tries again. Returns whether it was fresh.
+    pub fn fail(mut self, error: &std::io::Error) -> bool {
         if let Some(p) = self.pick.take() {
             let mut inner = self.rt.inner.lock();
+            let now = Instant::now();
+            if inner.pool.is_fresh(&p.instance, now) {
+                let out = inner.pool.release(&p.instance, now);
+                self.rt.hand_out(&mut inner, out);
+                drop(inner);
+                tracing::info!(
+                    group = %self.rt.group.read().name,
+                    instance = %p.instance,
+                    %error,
+                    "a dial to an instance that just came online failed: trying again"
+                );
+                return true;
+            }
             let out = inner.pool.failed(&p.instance, Instant::now());
             self.rt.hand_out(&mut inner, out);
             drop(inner);
@@ -82,8 +98,12 @@ impl Slot {
                 "instance marked down after a failed dial (retried after a backoff or a good health check)"
             );
         }
+        false
     }
 }
+
+/// Pause before another dial after a fresh instance's failed one.
+pub const FRESH_RETRY: Duration = Duration::from_millis(300);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -303,7 +323,9 @@ impl GroupRt {
                     tracing::debug!(group = %self.group.read().name, instance = %slot.pick().instance, error = %e, "dial failed; trying another instance");
                     slot.counters.dial_failures.fetch_add(1, Relaxed);
                     self.stats.total.dial_failures.fetch_add(1, Relaxed);
-                    slot.fail(&e);
+                    if slot.fail(&e) {
+                        tokio::time::sleep(FRESH_RETRY).await;
+                    }
                 }
             }
         }
@@ -590,6 +612,105 @@ pub fn describe(hook: &WakeHook) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::member::{DialFuture, MeshDatagram};
+    use std::sync::atomic::AtomicUsize;
+
+    /// Refuses its first `refuse` dials, then connects (an in-memory pipe).
+    struct Flaky {
+        refuse: usize,
+        dials: AtomicUsize,
+    }
+
+    impl Dialer for Flaky {
+        fn dial(&self, _: SocketAddrV4, _: Duration) -> DialFuture<Box<dyn MeshStream>> {
+            let n = self.dials.fetch_add(1, Relaxed);
+            let refuse = n < self.refuse;
+            Box::pin(async move {
+                if refuse {
+                    Err(std::io::ErrorKind::ConnectionRefused.into())
+                } else {
+                    let (a, _b) = tokio::io::duplex(64);
+                    Ok(Box::new(a) as Box<dyn MeshStream>)
+                }
+            })
+        }
+
+        fn udp(&self, _: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>> {
+            Box::pin(async { Err(std::io::ErrorKind::Unsupported.into()) })
+        }
+    }
+
+    fn group() -> Arc<GroupRt> {
+        let g = ServiceGroup {
+            name: "web".parse().unwrap(),
+            fqdn: "web.example.test".into(),
+            ports: Vec::new(),
+            limits: meshlib::services::Limits::default(),
+            owner: None,
+            instances: vec!["web-1".parse().unwrap()],
+            wake: None,
+            wake_timeout_secs: 30,
+        };
+        let rt = Arc::new(GroupRt::new(g));
+        let mut inner = rt.inner.lock();
+        let out = inner.pool.update(
+            meshlib::services::Limits::default(),
+            vec![(
+                "web-1".parse().unwrap(),
+                std::net::Ipv4Addr::new(10, 240, 0, 9),
+                true,
+            )],
+            Instant::now(),
+        );
+        assert!(out.is_empty());
+        drop(inner);
+        rt
+    }
+
+    fn settings() -> RouteSettings {
+        RouteSettings {
+            queue_timeout: Duration::from_secs(1),
+            client_share: 100,
+            connect_timeout: Duration::from_secs(1),
+            allow_wake_commands: false,
+        }
+    }
+
+    /// A dial to an instance that just came online fails (its path or
+    /// listener lags): it is not marked down, the dial is tried again after
+    /// a pause and succeeds.
+    #[tokio::test]
+    async fn a_fresh_instance_gets_a_second_dial() {
+        let rt = group();
+        let dialer = Flaky {
+            refuse: 1,
+            dials: AtomicUsize::new(0),
+        };
+        let started = Instant::now();
+        let client = std::net::Ipv4Addr::new(192, 0, 2, 1).into();
+        let got = rt
+            .connect(client, 80, &dialer, &settings(), &GatewayStats::default())
+            .await;
+        assert!(got.is_some(), "connected on the second dial");
+        assert_eq!(dialer.dials.load(Relaxed), 2);
+        assert!(started.elapsed() >= FRESH_RETRY);
+        let name: meshlib::ids::InstanceName = "web-1".parse().unwrap();
+        assert!(!rt.inner.lock().pool.is_down(&name, Instant::now()));
+        drop(got);
+        // Past the fresh window, a failed dial marks it down (and with one
+        // instance, the connection is refused).
+        let rt = group();
+        {
+            let mut inner = rt.inner.lock();
+            let later = Instant::now() + meshlib::balance::FRESH;
+            let pick = match inner.pool.admit(true, later) {
+                meshlib::balance::Admit::Go(p) => p,
+                _ => panic!("a slot"),
+            };
+            inner.pool.failed(&pick.instance, later);
+            assert!(inner.pool.is_down(&name, later));
+        }
+    }
 
     #[test]
     fn hosts_are_normalized() {
