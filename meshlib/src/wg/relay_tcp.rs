@@ -111,10 +111,18 @@ fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Writes one frame behind its length, as one write (rustls makes a TLS
+/// record of each write: the length and the frame apart would be two).
 fn put_frame(tls: &mut rustls::ClientConnection, frame: &[u8]) -> io::Result<()> {
-    let mut w = tls.writer();
-    w.write_all(&(frame.len() as u16).to_be_bytes())?;
-    w.write_all(frame)
+    let mut batch = Vec::with_capacity(frame.len() + 2);
+    push_frame(&mut batch, frame);
+    tls.writer().write_all(&batch)
+}
+
+/// Appends a frame behind its 2-byte big-endian length.
+fn push_frame(batch: &mut Vec<u8>, frame: &[u8]) {
+    batch.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+    batch.extend_from_slice(frame);
 }
 
 impl Ctx {
@@ -133,6 +141,7 @@ impl Ctx {
         let mut inbox: Vec<u8> = Vec::new();
         let mut plain = vec![0u8; 65_536];
         let mut side = SideReceiver::new(&self.shared);
+        let mut batch: Vec<u8> = Vec::with_capacity(64 * 1500);
         while !self.stop.load(Relaxed) && !self.shared.stop.load(Relaxed) {
             if renewed.elapsed() >= RENEW {
                 renewed = Instant::now();
@@ -150,13 +159,19 @@ impl Ctx {
                 )?;
             }
             // New frames only once the earlier ones reached the socket.
+            // Frames waiting go as one write: full TLS records, not two
+            // small ones per frame.
             if !tls.wants_write() {
+                batch.clear();
                 for _ in 0..64 {
                     match self.rx.try_recv() {
-                        Ok(f) => put_frame(&mut tls, &f)?,
+                        Ok(f) => push_frame(&mut batch, &f),
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => return Ok(()),
                     }
+                }
+                if !batch.is_empty() {
+                    tls.writer().write_all(&batch)?;
                 }
             }
             while tls.wants_write() {
