@@ -186,7 +186,7 @@ impl RelayShared {
     }
 }
 
-/// A running relay: its thread stops when this is dropped or stopped.
+/// A running relay: its threads stop when this is dropped or stopped.
 pub struct RelayHandle {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -207,7 +207,7 @@ impl std::fmt::Debug for RelayHandle {
 }
 
 impl RelayHandle {
-    /// Stops the thread and waits for it.
+    /// Stops the threads and waits for them.
     pub fn stop(&mut self) {
         self.stop.store(true, Relaxed);
         for t in self.threads.drain(..) {
@@ -222,9 +222,12 @@ impl Drop for RelayHandle {
     }
 }
 
-/// Runs STUN and the relay on `socket` in a thread of its own (blocking
-/// receive, one datagram at a time: the work per datagram is a lookup and a
-/// copy).
+/// Runs STUN and the relay on `socket` (from [`bind`]) and on sibling
+/// sockets of its port, a thread each (one per core, at most
+/// [`MAX_THREADS`]): batches in (`recvmmsg`, GRO), one lock of the state per
+/// batch, GSO sends out. `socket` becomes non-blocking: a frame a TCP member
+/// sends to a UDP one is dropped when the socket buffer is full, as UDP
+/// would.
 pub fn serve_udp(
     socket: UdpSocket,
     secret: [u8; 32],
