@@ -348,7 +348,7 @@ impl Shared {
     /// On a shared store, changes other replicas made are applied first;
     /// if another replica changed the same records meanwhile, memory is put
     /// back, the store catches up and `f` runs again on fresh state (at
-    /// most [`CONFLICT_TRIES`] times).
+    /// most `CONFLICT_TRIES` times).
     pub fn mutate<T, E, R>(
         &self,
         f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,

@@ -1,7 +1,7 @@
 //! The keyserver's TCP port (TLS 1.3, the QUIC certificate): for members
 //! whose UDP is blocked. By ALPN it carries the control protocol (the same
 //! frames and [`crate::session::StreamSession`] as QUIC, with the same
-//! admission) or the relay ([`crate::relay::tcp_session`]), as DERP does
+//! admission) or the relay (`relay::tcp_session`), as DERP does
 //! over HTTPS.
 
 use std::future::Future;

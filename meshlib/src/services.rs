@@ -124,7 +124,7 @@ fn is_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Checks an external FQDN: lowercase labels ([`is_label`]), at least two,
+/// Checks an external FQDN: lowercase labels (`is_label`), at least two,
 /// 253 bytes at most.
 pub fn check_fqdn(fqdn: &str) -> Result<(), ServiceError> {
     let bad = |reason: &str| ServiceError::BadFqdn {

@@ -3,7 +3,7 @@
 //! [`meshlib::userspace::Stack`] (the node runs the stack and the engine).
 //!
 //! For every other member and every port it declares, the sidecar listens
-//! (TCP and UDP) on `127.77.<c>.<d>:<port>` ([`loopback_for`] of the
+//! (TCP and UDP) on `127.77.<c>.<d>:<port>` ([`loopback_for`](meshlib::userspace::ports::loopback_for) of the
 //! member's private IP) and relays into the tunnel. The outputs (hosts, env,
 //! DNS) give those loopback addresses ([`address_map`]); this member itself
 //! is `127.0.0.1`. Inbound traffic reaches only the ports this member

@@ -24,8 +24,8 @@
 //! `X-CSRF-Token` header and an `Origin` naming this host.
 //!
 //! **All** of the console's authentication and authorization is in
-//! [`authorize`]: it calls the admin API's token check
-//! ([`super::bearer_principal`]), so the console follows scoped tokens
+//! `authorize`: it calls the admin API's token check
+//! (`bearer_principal`), so the console follows scoped tokens
 //! (role → [`Principal`], tenant → the API's own filtering of what the
 //! forwarded calls return).
 //!

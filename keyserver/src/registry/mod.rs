@@ -6,7 +6,7 @@
 //! call operations. Every mutating operation validates first (an error leaves
 //! the registry unchanged), then applies the change in memory and returns the
 //! [`StoreOp`]s the driver must commit and, for member changes, the
-//! [`Change`] (one [`MapDelta`]) to push to the network's members.
+//! [`Change`] (one [`MapDelta`](meshlib::netmap::MapDelta)) to push to the network's members.
 
 mod access;
 #[cfg(test)]

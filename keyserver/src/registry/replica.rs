@@ -87,7 +87,7 @@ impl Registry {
 
     /// Makes memory match stored records written elsewhere (or put back
     /// after a refused commit). Each op is the state of one record; a batch
-    /// is applied in an order that keeps memory consistent (see [`rank`]).
+    /// is applied in an order that keeps memory consistent (see `rank`).
     /// Records that do not fit (a member of an unknown network, an address
     /// held by another member) are skipped; the reasons are returned.
     pub fn apply(&mut self, ops: &[StoreOp]) -> Vec<String> {

@@ -223,8 +223,7 @@ impl Drop for RelayHandle {
 }
 
 /// Runs STUN and the relay on `socket` (from [`bind`]) and on sibling
-/// sockets of its port, a thread each (one per core, at most
-/// [`MAX_THREADS`]): batches in (`recvmmsg`, GRO), one lock of the state per
+/// sockets of its port, a thread each (one per core, at most 4): batches in (`recvmmsg`, GRO), one lock of the state per
 /// batch, GSO sends out. `socket` becomes non-blocking: a frame a TCP member
 /// sends to a UDP one is dropped when the socket buffer is full, as UDP
 /// would.
