@@ -28,6 +28,35 @@ pub fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A certificate for `names` (DNS names) signed by a CA of its own made
+/// with `openssl` (P-256) and named `ca`: writes `<stem>.crt` and
+/// `<stem>.key` into `into` (each under a temporary name, then renamed, as
+/// a renewal tool would), and returns the path of the CA (`<ca>.pem`, in
+/// `work`).
+pub fn issue_cert(work: &Path, into: &Path, stem: &str, ca: &str, names: &[&str]) -> PathBuf {
+    let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let ext = work.join(format!("{stem}.cnf"));
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+            sans.join(",")
+        ),
+    )
+    .unwrap();
+    let (w, i) = (work.display(), into.display());
+    let script = format!(
+        "set -e; cd {w}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {ca}.key -out {ca}.pem -days 2 -subj /CN={ca}-test-ca 2>/dev/null; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {stem}.tmpkey -out {stem}.csr -subj '/CN={first}' 2>/dev/null; \
+         openssl x509 -req -in {stem}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {stem}.tmpcrt -days 2 -extfile {stem}.cnf 2>/dev/null; \
+         mv {stem}.tmpkey {i}/{stem}.key; mv {stem}.tmpcrt {i}/{stem}.crt",
+        first = names[0]
+    );
+    must("sh", &["-c", &script]);
+    work.join(format!("{ca}.pem"))
+}
+
 /// A test CA and a wildcard certificate for the service domain: the CA,
 /// the certificate and its key, in `dir`.
 pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {

@@ -56,6 +56,9 @@ pub struct HttpCtx {
     pub header_timeout: Duration,
     /// A connection with no request in flight is closed after this long.
     pub idle_timeout: Duration,
+    /// The certificates of port 443 (to answer 421 to a request for a
+    /// name the connection's certificate does not cover).
+    pub certs: Option<Arc<super::certs::Certs>>,
 }
 
 /// Time a connection closed for idleness gets to send its HTTP/2 GOAWAY
@@ -68,6 +71,9 @@ struct Conn {
     peer: SocketAddr,
     port: u16,
     tls: bool,
+    /// Over TLS with SNI: the name, and the certificate the client was
+    /// shown for it.
+    shown: Option<(String, Arc<rustls::sign::CertifiedKey>)>,
 }
 
 /// The HTTP version a connection speaks, when TLS's ALPN said it.
@@ -84,8 +90,19 @@ pub enum Alpn {
 /// Serves one client connection (after TLS, if any) until it ends, or
 /// until it has no request in flight for longer than its deadline
 /// ([`IdleClock`]: the first request's, then the idle timeout).
-pub async fn serve<S>(ctx: Arc<HttpCtx>, stream: S, peer: SocketAddr, port: u16, alpn: Alpn)
-where
+///
+/// `sni` is the TLS server name the client sent, if any: a request for a
+/// name the certificate shown for it does not cover (HTTP/2 connection
+/// coalescing gone wrong, or a `Host` of another name) is answered 421
+/// Misdirected Request, so the client opens a connection for that name.
+pub async fn serve<S>(
+    ctx: Arc<HttpCtx>,
+    stream: S,
+    peer: SocketAddr,
+    port: u16,
+    alpn: Alpn,
+    sni: Option<String>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let clock = Arc::new(Mutex::new(IdleClock::new(
@@ -93,11 +110,16 @@ where
         ctx.header_timeout,
         ctx.idle_timeout,
     )));
+    let shown = match (&ctx.certs, sni) {
+        (Some(certs), Some(sni)) => certs.pick(Some(&sni)).map(|ck| (normalize_host(&sni), ck)),
+        _ => None,
+    };
     let conn = Arc::new(Conn {
         ctx: ctx.clone(),
         peer,
         port,
         tls: alpn != Alpn::Detect,
+        shown,
     });
     let in_flight = clock.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -241,6 +263,15 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
     let Some(host) = host_of(&req) else {
         return text(StatusCode::BAD_REQUEST, "no Host\n".into());
     };
+    if let Some((sni, cert)) = &conn.shown {
+        let name = normalize_host(&host);
+        if name != *sni && super::certs::covers(&cert.cert[0], &name).is_none() {
+            return text(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("this connection's certificate is not for {name}: open one for it\n"),
+            );
+        }
+    }
     let Some((rt, port)) = conn.ctx.routes.find(conn.port, Some(&host)) else {
         return text(
             StatusCode::NOT_FOUND,

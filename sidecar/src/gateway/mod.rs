@@ -5,6 +5,8 @@
 //! own).
 //!
 //! ## Layout
+//! - [`certs`] — the certificates of TLS ports: per SNI, reloaded on
+//!   change, self-signed ECDSA P-256 on request.
 //! - [`member`] — joining, following the map, reaching instances
 //!   ([`member::Dialer`]); the one file that knows how the gateway is a member.
 //! - [`balance`] — the pure balancer of one group: limits, queue, health.
@@ -26,6 +28,7 @@
 //! port is TLS + TCP; UDP ports are served on the address they name.
 
 pub use meshlib::balance;
+pub mod certs;
 pub mod http;
 pub mod idle;
 pub mod member;
@@ -44,8 +47,6 @@ use std::time::Duration;
 
 use meshlib::netmap::NetworkMap;
 use meshlib::proto::JoinToken;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -66,12 +67,32 @@ pub struct GatewayArgs {
     /// Public address to serve on (repeat; default 0.0.0.0, every address).
     #[arg(long = "listen", env = "ISTM_GATEWAY_LISTEN", value_delimiter = ',')]
     pub listen: Vec<IpAddr>,
-    /// Certificate chain (PEM) for TLS ports: a wildcard for the service domain.
+    /// Certificate chain (PEM) for TLS ports: the platform's wildcard for
+    /// the service domain, shown for every name no other certificate covers.
     #[arg(long, env = "ISTM_GATEWAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of the certificate.
     #[arg(long, env = "ISTM_GATEWAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Directory of certificates picked by SNI (groups' own, or more
+    /// platform ones): each `NAME.crt` with `NAME.key`, or a `NAME.pem`
+    /// holding both. A certificate serves the names it holds; one naming
+    /// the SNI exactly wins over a wildcard, and over `--tls-cert`.
+    #[arg(long, env = "ISTM_GATEWAY_TLS_CERT_DIR")]
+    pub tls_cert_dir: Option<PathBuf>,
+    /// Make a self-signed ECDSA P-256 certificate for each group FQDN no
+    /// file covers (development; clients must trust it explicitly).
+    #[arg(long, env = "ISTM_GATEWAY_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+    /// How often certificate files are checked for changes (they are also
+    /// read again at once on SIGHUP); new handshakes get the new ones.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_TLS_RELOAD_INTERVAL",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub tls_reload_interval: Duration,
     /// Service name the gateway joins as.
     #[arg(long, default_value = "gateway")]
     pub service: String,
@@ -182,26 +203,50 @@ pub enum GatewayError {
     Member(#[from] member::MemberError),
 }
 
-/// The TLS configurations: HTTP mode (ALPN h2, http/1.1) and TCP mode.
+/// The TLS configurations: HTTP mode (ALPN h2, http/1.1) and TCP mode,
+/// over one set of certificates.
 struct Tls {
     http: Arc<rustls::ServerConfig>,
     tcp: Arc<rustls::ServerConfig>,
+    certs: Arc<certs::Certs>,
 }
 
-/// Loads the certificate chain and key.
-fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
-    let bad = |what: &str, path: &PathBuf, e: &dyn std::fmt::Display| {
-        GatewayError::Config(format!("{what} {}: {e}", path.display()))
+/// The certificate sources the flags name.
+fn cert_sources(args: &GatewayArgs) -> Result<certs::CertSources, GatewayError> {
+    let default = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => {
+            return Err(GatewayError::Config(
+                "give both --tls-cert and --tls-key".into(),
+            ))
+        }
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad("tls-cert", cert, &e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad("tls-cert", cert, &e))?;
-    if chain.is_empty() {
-        return Err(bad("tls-cert", cert, &"no certificate"));
+    if let Some(dir) = &args.tls_cert_dir {
+        if !dir.is_dir() {
+            return Err(GatewayError::Config(format!(
+                "tls-cert-dir {}: not a directory",
+                dir.display()
+            )));
+        }
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("tls-key", key, &e))?;
+    Ok(certs::CertSources {
+        default,
+        dir: args.tls_cert_dir.clone(),
+        self_signed: args.tls_self_signed,
+    })
+}
+
+/// Loads the certificates (`None`: no source, no TLS port).
+fn load_tls(sources: certs::CertSources) -> Result<Option<Tls>, GatewayError> {
+    if !sources.any() {
+        return Ok(None);
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = Arc::new(
+        certs::Certs::load(sources, provider.clone())
+            .map_err(|e| GatewayError::Config(e.to_string()))?,
+    );
     // Resumption for returning clients without a full handshake (no
     // certificate, no signature): stateless tickets under keys that rotate
     // every 6 hours (rustls' `Ticketer`), as nginx and Go's crypto/tls
@@ -218,17 +263,38 @@ fn load_tls(cert: &PathBuf, key: &PathBuf) -> Result<Tls, GatewayError> {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| GatewayError::Config(e.to_string()))?
             .with_no_client_auth()
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| GatewayError::Config(format!("tls-cert/tls-key: {e}")))?;
+            .with_cert_resolver(Arc::new(certs::Resolver(certs.clone())));
         c.alpn_protocols = alpn;
         c.ticketer = ticketer.clone();
         c.send_tls13_tickets = 1;
         Ok(Arc::new(c))
     };
-    Ok(Tls {
+    Ok(Some(Tls {
         http: build(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
         tcp: build(vec![])?,
-    })
+        certs,
+    }))
+}
+
+/// Reads certificate files again when they change: every `interval`, and
+/// at once on SIGHUP.
+async fn reload_loop(certs: Arc<certs::Certs>, interval: Duration) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => tracing::info!("SIGHUP: reading certificates again"),
+        }
+        let c = certs.clone();
+        let _ = tokio::task::spawn_blocking(move || c.reload_if_changed()).await;
+    }
 }
 
 /// The token from the flag or its file.
@@ -296,15 +362,7 @@ pub async fn run(
     args: GatewayArgs,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(c), Some(k)) => Some(load_tls(c, k)?),
-        (None, None) => None,
-        _ => {
-            return Err(GatewayError::Config(
-                "give both --tls-cert and --tls-key".into(),
-            ))
-        }
-    };
+    let tls = load_tls(cert_sources(&args)?)?;
     let metrics_addr: Option<SocketAddr> = match args.metrics.as_str() {
         "off" | "" => None,
         a => Some(a.parse().map_err(|_| {
@@ -345,10 +403,7 @@ pub async fn serve_maps(
     maps: watch::Receiver<Arc<NetworkMap>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(c), Some(k)) => Some(load_tls(c, k)?),
-        _ => None,
-    };
+    let tls = load_tls(cert_sources(args)?)?;
     serve(args, tls, None, dialer, maps, None, shutdown).await
 }
 
@@ -362,6 +417,14 @@ async fn serve(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
     let routes = Arc::new(Routes::default());
+    let certs = tls.as_ref().map(|t| t.certs.clone());
+    if let Some(c) = &certs {
+        let r = routes.clone();
+        c.set_group_names(Box::new(move |name| r.has_name(name)));
+    }
+    let reload = certs
+        .clone()
+        .map(|c| tokio::spawn(reload_loop(c, args.tls_reload_interval)));
     let settings = RouteSettings {
         queue_timeout: args.queue_timeout,
         client_share: args.client_share,
@@ -382,6 +445,7 @@ async fn serve(
             max_header_bytes: args.max_header_bytes,
             header_timeout: args.handshake_timeout,
             idle_timeout: args.idle_timeout,
+            certs: certs.clone(),
         }),
         tcp: tls.as_ref().map(|t| {
             Arc::new(tcp::TcpCtx {
@@ -434,7 +498,7 @@ async fn serve(
         })
     });
     let metrics_task = match metrics_addr {
-        Some(addr) => Some(serve_metrics(addr, routes.clone()).await?),
+        Some(addr) => Some(serve_metrics(addr, routes.clone(), certs.clone()).await?),
         None => None,
     };
     let health = tokio::spawn(health_loop(
@@ -472,6 +536,9 @@ async fn serve(
     }
     health.abort();
     sweep.abort();
+    if let Some(t) = reload {
+        t.abort();
+    }
     if let Some(t) = loads_task {
         t.abort();
     }
@@ -526,7 +593,7 @@ async fn open(shared: &Arc<Shared>, key: Listen) -> std::io::Result<Vec<JoinHand
         Listen::Tcp(port) => {
             if port != 80 && shared.tcp.is_none() || port == 443 && shared.tls_http.is_none() {
                 return Err(std::io::Error::other(
-                    "a TLS port needs --tls-cert and --tls-key",
+                    "a TLS port needs a certificate (--tls-cert and --tls-key, --tls-cert-dir or --tls-self-signed)",
                 ));
             }
             let mut tasks = Vec::new();
@@ -568,7 +635,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
         tokio::spawn(async move {
             match port {
                 80 => {
-                    http::serve(shared.http.clone(), stream, peer, port, http::Alpn::Detect).await
+                    http::serve(
+                        shared.http.clone(),
+                        stream,
+                        peer,
+                        port,
+                        http::Alpn::Detect,
+                        None,
+                    )
+                    .await
                 }
                 443 => {
                     let Some(cfg) = shared.tls_http.clone() else {
@@ -583,7 +658,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
                                 Some(b"h2") => http::Alpn::H2,
                                 _ => http::Alpn::Http1,
                             };
-                            http::serve(shared.http.clone(), tls, peer, port, alpn).await;
+                            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                            http::serve(shared.http.clone(), tls, peer, port, alpn, sni).await;
                         }
                         _ => tracing::debug!(%peer, "TLS handshake failed or timed out; closed"),
                     }
@@ -652,6 +728,7 @@ async fn health_loop(
 async fn serve_metrics(
     addr: SocketAddr,
     routes: Arc<Routes>,
+    certs: Option<Arc<certs::Certs>>,
 ) -> Result<JoinHandle<()>, GatewayError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -659,14 +736,18 @@ async fn serve_metrics(
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let routes = routes.clone();
+            let (routes, certs) = (routes.clone(), certs.clone());
             async move {
+                let mut text = routes.metrics();
+                if let Some(c) = certs {
+                    text.push_str(&c.metrics());
+                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    routes.metrics(),
+                    text,
                 )
             }
         }),
@@ -680,6 +761,15 @@ async fn serve_metrics(
 mod tests {
     use super::*;
 
+    /// The TLS configurations of one certificate and key.
+    fn pair_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, GatewayError> {
+        load_tls(certs::CertSources {
+            default: Some((cert.to_owned(), key.to_owned())),
+            ..Default::default()
+        })
+        .map(|t| t.expect("a source"))
+    }
+
     #[test]
     fn tls_resumes_with_stateless_tickets_one_per_connection() {
         let dir = tempfile::tempdir().unwrap();
@@ -687,7 +777,7 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-        let tls = load_tls(&cert, &key).unwrap();
+        let tls = pair_tls(&cert, &key).unwrap();
         for c in [&tls.http, &tls.tcp] {
             assert!(
                 c.ticketer.enabled(),
@@ -703,7 +793,7 @@ mod tests {
 
         // Errors name the file.
         let missing = dir.path().join("missing.pem");
-        let e = load_tls(&missing, &key).err().unwrap().to_string();
+        let e = pair_tls(&missing, &key).err().unwrap().to_string();
         assert!(e.contains("tls-cert") && e.contains("missing.pem"), "{e}");
     }
 
@@ -714,7 +804,7 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-        let tls = load_tls(&cert, &key).unwrap();
+        let tls = pair_tls(&cert, &key).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());

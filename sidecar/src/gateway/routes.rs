@@ -487,6 +487,16 @@ impl Routes {
         }
     }
 
+    /// Whether `host` (an FQDN, any case, perhaps with a port or a
+    /// trailing dot) is a group's.
+    pub fn has_name(&self, host: &str) -> bool {
+        let h = host_part(host);
+        self.groups.read().values().any(|rt| {
+            let g = rt.group.read();
+            g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)
+        })
+    }
+
     /// The group and port published as UDP `port` on `ip`.
     pub fn find_udp(&self, ip: IpAddr, port: u16) -> Option<(Arc<GroupRt>, PublishedPort)> {
         let groups = self.groups.read();
