@@ -15,6 +15,11 @@
 //!   - `operator`: a viewer that also manages what is inside its networks:
 //!     members (removal), join tokens, service groups and their instances,
 //!     service-address settings.
+//!   - `gateway`: a gateway's credential (`istg1.`, which also carries
+//!     the keyserver's address and pinned certificate). No admin API, no
+//!     console; over the control protocol it lists the networks of its
+//!     scope that have service groups, and gets a one-use join token (bound
+//!     to service `gateway`, ephemeral) for each network it joins.
 //!   - `admin`: an operator that also creates, changes and deletes networks
 //!     (a tenant admin's new networks get its tenant) and manages the API
 //!     tokens of its scope. A global admin (scope `all`) also reads backups
@@ -43,6 +48,11 @@ pub const SECRET_PREFIX: &str = "istk1.";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// A gateway's credential: no admin API at all; over the control
+    /// protocol it lists the networks of its scope that have service
+    /// groups and gets a one-use join token for each
+    /// ([`meshlib::proto::Request::Gateway`]).
+    Gateway,
     /// Reads only.
     Viewer,
     /// Reads, and manages members, join tokens, service groups and service
@@ -53,9 +63,10 @@ pub enum Role {
 }
 
 impl Role {
-    /// The role's name (`viewer`, `operator`, `admin`).
+    /// The role's name (`gateway`, `viewer`, `operator`, `admin`).
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Gateway => "gateway",
             Self::Viewer => "viewer",
             Self::Operator => "operator",
             Self::Admin => "admin",
@@ -74,6 +85,7 @@ impl FromStr for Role {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "gateway" => Ok(Self::Gateway),
             "viewer" => Ok(Self::Viewer),
             "operator" => Ok(Self::Operator),
             "admin" => Ok(Self::Admin),
@@ -113,7 +125,7 @@ impl Scope {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// Not `viewer`, `operator` or `admin`.
-    #[error("unknown role {0:?}: viewer, operator or admin")]
+    #[error("unknown role {0:?}: viewer, operator, admin or gateway")]
     BadRole(String),
     /// A tenant name that is not a DNS label.
     #[error("invalid tenant {0:?}: 1 to 63 of a-z, 0-9 and '-', not starting or ending with '-'")]
@@ -262,9 +274,16 @@ impl Principal {
     }
 
     /// Whether something of `tenant` (a network's, an audit entry's, an
-    /// API token's) is in its scope.
+    /// API token's) is in its scope. A gateway credential sees nothing
+    /// through the admin API.
     pub fn sees(&self, tenant: Option<&str>) -> bool {
-        self.scope.covers(tenant)
+        self.role != Role::Gateway && self.scope.covers(tenant)
+    }
+
+    /// Whether it may use the admin API (and the console) at all: every
+    /// role but `gateway`.
+    pub fn uses_api(&self) -> bool {
+        self.role != Role::Gateway
     }
 
     /// Whether it may create networks (in its tenant, for a tenant admin).

@@ -43,6 +43,7 @@ pub mod auth;
 pub use meshlib::admission;
 pub mod backup;
 pub mod config;
+pub mod gateway;
 pub mod hooks;
 pub mod http;
 pub mod listing;

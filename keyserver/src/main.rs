@@ -433,8 +433,10 @@ enum ApiTokenCmd {
         /// Who or what uses it (shown in listings and the audit trail).
         #[arg(long)]
         name: String,
-        /// What it may do.
-        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        /// What it may do. `gateway`: a gateway's credential (`istg1.`, for
+        /// `sidecar gateway --gateway-token-file`): no admin API; it serves
+        /// every network of its scope that has service groups.
+        #[arg(long, value_parser = ["viewer", "operator", "admin", "gateway"])]
         role: String,
         /// The tenant whose networks it reaches; default: every network
         /// (or the creating token's tenant).

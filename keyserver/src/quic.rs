@@ -479,6 +479,18 @@ where
         .await??;
     let hello: Hello = proto::parse_hello(&payload)?;
     ticket.promote()?;
+    if let proto::Request::Gateway(req) = hello.request {
+        // A gateway's question: one answer, then the stream ends.
+        let sh = shared.clone();
+        let grant = blocking(move || crate::gateway::grant(&sh, &req, SystemTime::now())).await??;
+        write(
+            send,
+            vec![Reply::Msg(proto::ServerMsg::GatewayGrant(grant))],
+            max,
+        )
+        .await?;
+        return Ok(());
+    }
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
     let (sh, observed) = (shared.clone(), observe());

@@ -296,6 +296,11 @@ impl StreamSession {
                 replies.extend(s.catchup(resumed.catchup));
                 Ok((s, replies, pushes))
             }
+            // Answered before a session opens (`quic::drive_stream`).
+            Request::Gateway(_) => Err(Fatal(
+                ErrorCode::Malformed,
+                "a gateway request opens no member session".into(),
+            )),
         }
     }
 

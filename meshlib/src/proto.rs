@@ -119,6 +119,9 @@ pub enum TokenParseError {
     /// The text does not start with `istm1.` (unknown or missing version).
     #[error("join token must start with '{TOKEN_PREFIX}'")]
     BadPrefix,
+    /// A gateway credential's text does not start with `istg1.`.
+    #[error("gateway credential must start with '{GATEWAY_TOKEN_PREFIX}'")]
+    BadGatewayPrefix,
     /// The part after the prefix is not base64url.
     #[error("join token is not valid base64url")]
     BadBase64,
@@ -174,6 +177,92 @@ pub enum Request {
     Join(JoinRequest),
     /// Reconnect of an existing member.
     Resume(ResumeRequest),
+    /// A gateway's credential asks which networks it serves, with join
+    /// tokens for those it names ([`GatewayRequest`]). Answered with
+    /// [`ServerMsg::GatewayGrant`], then the stream closes. Appended: a
+    /// keyserver that predates it refuses the hello as malformed.
+    Gateway(GatewayRequest),
+}
+
+/// Most networks one [`GatewayRequest`] asks join tokens for.
+pub const MAX_GATEWAY_JOINS: usize = 64;
+
+/// What a gateway asks with its credential ([`GatewayToken`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRequest {
+    /// The credential's secret.
+    pub secret: Secret,
+    /// Networks (of those the last grant listed) the gateway wants to join
+    /// now: each gets a one-use join token in the grant. At most
+    /// [`MAX_GATEWAY_JOINS`].
+    pub join: Vec<NetworkId>,
+}
+
+/// The networks a gateway serves: every network in its credential's scope
+/// that has a service group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayGrant {
+    /// The networks, sorted by id.
+    pub networks: Vec<GatewayNetwork>,
+}
+
+/// One network of a [`GatewayGrant`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayNetwork {
+    /// Its id.
+    pub id: NetworkId,
+    /// Its name (for logs and metrics).
+    pub name: String,
+    /// A join token (one use, minutes of validity, bound to service
+    /// `gateway`, ephemeral) if the request asked for this network.
+    pub token: Option<JoinToken>,
+}
+
+/// Text prefix of a gateway credential.
+const GATEWAY_TOKEN_PREFIX: &str = "istg1.";
+
+/// A gateway credential: where the keyserver is, its pinned certificate,
+/// and the secret of an API token of role `gateway`. Text form
+/// `istg1.<base64url(postcard)>`. It joins no network by itself: the
+/// gateway asks with it ([`Request::Gateway`]) for the networks to serve
+/// and a join token for each.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayToken {
+    /// Where the keyserver's QUIC endpoint listens.
+    pub addrs: Vec<SocketAddr>,
+    /// SHA-256 of the keyserver's certificate (DER), pinned by the client.
+    pub cert_sha256: [u8; 32],
+    /// The secret; the keyserver stores only its SHA-256.
+    pub secret: Secret,
+}
+
+impl fmt::Display for GatewayToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = postcard::to_stdvec(self).map_err(|_| fmt::Error)?;
+        write!(f, "{GATEWAY_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+    }
+}
+
+impl fmt::Debug for GatewayToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayToken")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromStr for GatewayToken {
+    type Err = TokenParseError;
+    fn from_str(s: &str) -> Result<Self, TokenParseError> {
+        let body = s
+            .trim()
+            .strip_prefix(GATEWAY_TOKEN_PREFIX)
+            .ok_or(TokenParseError::BadGatewayPrefix)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenParseError::BadBase64)?;
+        postcard::from_bytes(&bytes).map_err(|_| TokenParseError::BadContent)
+    }
 }
 
 /// Metadata of a joining member.
@@ -399,6 +488,8 @@ pub enum ServerMsg {
     },
     /// Answer to [`ClientMsg::GetRelay`].
     Relay(RelayInfo),
+    /// Answer to [`Request::Gateway`]. Appended.
+    GatewayGrant(GatewayGrant),
 }
 
 /// An error reported to the client.

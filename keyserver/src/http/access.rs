@@ -355,7 +355,9 @@ pub struct ApiTokenView {
     pub expires: Option<u64>,
     /// Id of the token that created it.
     pub created_by: String,
-    /// The secret: only in the answer to its creation.
+    /// The secret: only in the answer to its creation. For role
+    /// `gateway`, the gateway credential (`istg1.`: the keyserver's
+    /// address, its pinned certificate and the secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
@@ -440,6 +442,17 @@ pub(super) async fn create_token(
     rand_core::OsRng.fill_bytes(&mut random);
     let secret = crate::auth::new_secret(&random);
     let hash = crate::auth::secret_hash(&secret);
+    // A gateway's credential carries where to find the keyserver, like a
+    // join token; its secret hashes to the same record.
+    let secret = match new.role {
+        Role::Gateway => meshlib::proto::GatewayToken {
+            addrs: api.shared.token_addrs(),
+            cert_sha256: api.shared.cert_sha256,
+            secret: random,
+        }
+        .to_string(),
+        _ => secret,
+    };
     let shared = api.shared.clone();
     let by = p.clone();
     let rec = super::routes::blocking(move || {

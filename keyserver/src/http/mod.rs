@@ -261,6 +261,11 @@ async fn auth(State(api): State<Api>, mut req: Request, next: Next) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     match bearer_principal(&api, given) {
+        Some(principal) if !principal.uses_api() => ApiError(
+            StatusCode::FORBIDDEN,
+            "a gateway credential has no access to the admin API".into(),
+        )
+        .into_response(),
         Some(principal) => {
             req.extensions_mut().insert(principal);
             next.run(req).await

@@ -430,7 +430,7 @@ pub fn openapi_doc() -> Value {
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "IST Mesh keyserver admin API", "version": "1",
-            "description": "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <token>`: the keyserver's admin token (a global admin) or an API token (`/v1/api-tokens`: role viewer, operator or admin, for one tenant's networks or all); without one every other path, unknown ones included, answers 401. A network outside the token's tenant answers 404 like an unknown one, and listings leave it out; a change the role does not allow answers 403. Every change (POST, PUT, PATCH, DELETE), whatever its answer, is recorded in the audit trail (`/v1/audit`). Numbers without a fractional part are integers however they are written (`554.0`). Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
+            "description": "Every route but /healthz, /readyz and /metrics needs `Authorization: Bearer <token>`: the keyserver's admin token (a global admin) or an API token (`/v1/api-tokens`: role viewer, operator or admin, for one tenant's networks or all; a `gateway` credential is refused with 403); without one every other path, unknown ones included, answers 401. A network outside the token's tenant answers 404 like an unknown one, and listings leave it out; a change the role does not allow answers 403. Every change (POST, PUT, PATCH, DELETE), whatever its answer, is recorded in the audit trail (`/v1/audit`). Numbers without a fractional part are integers however they are written (`554.0`). Unknown paths answer 404. Every error is `{\"error\": \"...\"}` as application/json."},
         "servers": [{"url": "/", "description": "this keyserver (relative to where this document was fetched)"}],
         "security": [{"bearer": []}],
         "components": {
@@ -575,7 +575,7 @@ fn access_paths(paths: &mut Map<String, Value>) {
 
 /// The schemas of API tokens and the audit trail.
 fn access_schemas(schemas: &mut Value) {
-    let role = json!({"type": "string", "enum": ["viewer", "operator", "admin"], "description": "viewer: reads; operator: also members, join tokens, service groups and service addresses of its networks; admin: also networks and API tokens of its scope"});
+    let role = json!({"type": "string", "enum": ["viewer", "operator", "admin", "gateway"], "description": "viewer: reads; operator: also members, join tokens, service groups and service addresses of its networks; admin: also networks and API tokens of its scope; gateway: a gateway's credential (its `token` is `istg1.`, for `sidecar gateway --gateway-token-file`), refused by every admin route (403) and the console; over the control protocol it lists the networks of its scope that have service groups and gets a one-use join token for each"});
     schemas["NewApiToken"] = json!({"type": "object", "additionalProperties": false, "required": ["name", "role"], "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 64, "description": "who or what uses it; no control or bidi characters"},
         "role": role.clone(),

@@ -198,7 +198,7 @@ fn authorize(ui: &Ui, headers: &HeaderMap, need: Need) -> Result<Grant, ApiError
             (Some(id.to_owned()), s.token.clone(), s.csrf.clone())
         }
     };
-    let Some(who) = super::bearer_principal(&ui.api, &token) else {
+    let Some(who) = super::bearer_principal(&ui.api, &token).filter(|p| p.uses_api()) else {
         if let Some(id) = &id {
             ui.sessions.lock().remove(id);
         }

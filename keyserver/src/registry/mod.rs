@@ -542,6 +542,10 @@ impl Registry {
             credential,
             &self.service_domain,
         )?;
+        if let Some(g) = &plan.owned {
+            self.check_other_networks(req.network, g)
+                .map_err(|e| ProtoOpError::InvalidMetadata(format!("--publish: {e}")))?;
+        }
         let input = slots::JoinInputs {
             req,
             observed,

@@ -95,7 +95,7 @@ pub(super) struct JoinPlan {
     /// Groups to attach the new instance to.
     attach: Vec<GroupName>,
     /// The group its `--publish` creates.
-    owned: Option<ServiceGroup>,
+    pub(super) owned: Option<ServiceGroup>,
 }
 
 /// Checks a join's service requests against the network: the token's group
@@ -289,6 +289,19 @@ impl Registry {
             .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))
     }
 
+    /// The networks a gateway credential of `scope` serves: those of the
+    /// scope with at least one service group, sorted by id, with names.
+    pub fn gateway_networks(&self, scope: &crate::auth::Scope) -> Vec<(NetworkId, String)> {
+        let mut out: Vec<(NetworkId, String)> = self
+            .networks
+            .values()
+            .filter(|n| !n.services.is_empty() && scope.covers(n.rec.tenant.as_deref()))
+            .map(|n| (n.rec.id, n.rec.name.clone()))
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
     /// The service groups of a network, by name.
     pub fn services(&self, network: NetworkId) -> Vec<ServiceRecord> {
         self.networks
@@ -323,9 +336,10 @@ impl Registry {
         now: SystemTime,
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Change), AdminError> {
         let (domain, log_cap) = (self.service_domain.clone(), self.log_cap);
-        let net = self.network_mut(network)?;
         let mut group =
             services::check_group(spec, None, random, &domain).map_err(AdminError::Service)?;
+        self.check_other_networks(network, &group)?;
+        let net = self.network_mut(network)?;
         for text in &spec.instances {
             group.attach(member_instance(net, text)?);
         }
@@ -347,6 +361,42 @@ impl Registry {
         Ok((rec, ops, change))
     }
 
+    /// A group's FQDN and UDP addresses are the whole keyserver's, not one
+    /// network's: one gateway serves every network, and routes a
+    /// connection by name (and a UDP datagram by address) alone. The other
+    /// network is not named (it may be another tenant's).
+    pub(super) fn check_other_networks(
+        &self,
+        network: NetworkId,
+        group: &ServiceGroup,
+    ) -> Result<(), AdminError> {
+        let udp: Vec<(Option<std::net::IpAddr>, u16)> = group
+            .ports
+            .iter()
+            .filter(|p| p.protocol == meshlib::services::Protocol::Udp)
+            .map(|p| (p.ip, p.port))
+            .collect();
+        for other in self.networks.values().filter(|n| n.rec.id != network) {
+            for r in other.services.values() {
+                if r.group.fqdn.eq_ignore_ascii_case(&group.fqdn) {
+                    return Err(AdminError::ServiceTaken(format!(
+                        "fqdn {:?} is already used by a service group of another network",
+                        group.fqdn
+                    )));
+                }
+                let clash = r.group.ports.iter().any(|p| {
+                    p.protocol == meshlib::services::Protocol::Udp && udp.contains(&(p.ip, p.port))
+                });
+                if clash {
+                    return Err(AdminError::ServiceTaken(
+                        "a UDP port of this group is already published on that address by a service group of another network".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces a group after `f` changed a copy of it (nothing changes on
     /// error; no delta when nothing changed).
     fn change_service(
@@ -357,13 +407,20 @@ impl Registry {
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Option<Change>), AdminError> {
         let current = self.service(network, name)?;
         let log_cap = self.log_cap;
-        let net = self.network_mut(network)?;
         let mut group = current.group.clone();
-        f(net, &mut group)?;
-        if group == current.group {
-            return Ok((current, vec![], None));
+        {
+            let net = self
+                .networks
+                .get(&network)
+                .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))?;
+            f(net, &mut group)?;
+            if group == current.group {
+                return Ok((current, vec![], None));
+            }
+            check_udp(net, &group).map_err(AdminError::Service)?;
         }
-        check_udp(net, &group).map_err(AdminError::Service)?;
+        self.check_other_networks(network, &group)?;
+        let net = self.network_mut(network)?;
         let rec = ServiceRecord { group, ..current };
         net.services.insert(rec.group.name.clone(), rec.clone());
         let changes = vec![MapChange::ServiceUpsert(rec.group.clone())];
@@ -612,6 +669,118 @@ mod tests {
         let left = reg.services(net);
         assert_eq!(left.len(), 1);
         assert!(left[0].group.instances.is_empty() && left[0].group.persistent());
+    }
+
+    /// One gateway serves every network: a name or a UDP address is the
+    /// keyserver's, not one network's; a gateway credential lists the
+    /// networks of its scope that have groups.
+    #[test]
+    fn names_and_udp_addresses_are_unique_across_networks() {
+        let (mut reg, a) = setup();
+        let (b, _) = reg
+            .create_network("other", meshlib::ipam::DEFAULT_RANGE, now())
+            .unwrap();
+        let b = b.id;
+        let spec = |name: &str, fqdn: &str, ports: Vec<PortSpec>| GroupSpec {
+            name: name.into(),
+            fqdn: Some(fqdn.into()),
+            ports,
+            ..GroupSpec::default()
+        };
+        let udp = |ip: &str| PortSpec {
+            port: 5353,
+            destination_port: Some(53),
+            protocol: Some("udp".into()),
+            ip: Some(ip.into()),
+            ..PortSpec::default()
+        };
+        reg.create_service(
+            a,
+            &spec(
+                "shop",
+                "shop.example.test",
+                vec![port(443, &["http", "tls"]), udp("192.0.2.7")],
+            ),
+            "aaaaaaaa",
+            now(),
+        )
+        .unwrap();
+        // The same name in another network: refused, the other not named.
+        let e = reg
+            .create_service(
+                b,
+                &spec(
+                    "shop",
+                    "SHOP.example.test",
+                    vec![port(443, &["http", "tls"])],
+                ),
+                "bbbbbbbb",
+                now(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another network") && !e.contains("prod"), "{e}");
+        // The same UDP address in another network: refused.
+        let e = reg
+            .create_service(
+                b,
+                &spec("dns", "dns.example.test", vec![udp("192.0.2.7")]),
+                "cccccccc",
+                now(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("UDP"), "{e}");
+        // Another address, another name: fine; a PATCH onto a taken UDP
+        // address is refused and changes nothing.
+        reg.create_service(
+            b,
+            &spec("dns", "dns.example.test", vec![udp("192.0.2.8")]),
+            "cccccccc",
+            now(),
+        )
+        .unwrap();
+        let patch = GroupPatch {
+            ports: Some(vec![udp("192.0.2.7")]),
+            ..GroupPatch::default()
+        };
+        assert!(reg.update_service(b, "dns", &patch).is_err());
+        assert_eq!(
+            reg.service(b, "dns").unwrap().group.ports[0].ip,
+            Some("192.0.2.8".parse().unwrap())
+        );
+        // Within one network the old rule holds.
+        assert!(reg
+            .create_service(
+                a,
+                &spec(
+                    "shop2",
+                    "shop.example.test",
+                    vec![port(443, &["http", "tls"])]
+                ),
+                "dddddddd",
+                now()
+            )
+            .is_err());
+
+        // Gateway listings: networks with groups, in scope.
+        let (c, _) = reg
+            .create_network("empty", meshlib::ipam::DEFAULT_RANGE, now())
+            .unwrap();
+        reg.set_tenant(b, Some("acme".into())).unwrap();
+        let all = reg.gateway_networks(&crate::auth::Scope::All);
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(all.iter().map(|(id, _)| *id).collect::<Vec<_>>(), want);
+        assert!(
+            !all.iter().any(|(id, _)| *id == c.id),
+            "no groups: not listed"
+        );
+        let acme = reg.gateway_networks(&crate::auth::Scope::Tenant("acme".into()));
+        assert_eq!(acme, vec![(b, "other".to_owned())]);
+        assert!(reg
+            .gateway_networks(&crate::auth::Scope::Tenant("nobody".into()))
+            .is_empty());
     }
 
     #[test]

@@ -990,6 +990,13 @@ impl MemberCore {
                 self.transmits.push_back(Transmit::Close);
                 self.lost(now, Setback::Protocol("second welcome".into()));
             }
+            ServerMsg::GatewayGrant(_) => {
+                self.transmits.push_back(Transmit::Close);
+                self.lost(
+                    now,
+                    Setback::Protocol("a gateway grant on a member's stream".into()),
+                );
+            }
         }
     }
 
@@ -1182,5 +1189,6 @@ fn kind(msg: &ServerMsg) -> &'static str {
         ServerMsg::Goodbye(_) => "goodbye",
         ServerMsg::KeyRotated { .. } => "key rotation answer",
         ServerMsg::Relay(_) => "relay ticket",
+        ServerMsg::GatewayGrant(_) => "gateway grant",
     }
 }
