@@ -395,6 +395,57 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Asks the keyserver, with a gateway's credential, which networks the
+/// gateway serves, with a one-use join token for each network of `join`
+/// that the answer lists ([`proto::Request::Gateway`]). One connection,
+/// one question, one answer; a refused credential is
+/// [`ControlError::Refused`].
+pub async fn gateway_grant(
+    endpoint: &quinn::Endpoint,
+    token: &proto::GatewayToken,
+    join: Vec<crate::ids::NetworkId>,
+    cfg: &ClientConfig,
+) -> Result<proto::GatewayGrant, ControlError> {
+    let link = open(
+        endpoint.clone(),
+        token.addrs.clone(),
+        token.cert_sha256,
+        cfg.clone(),
+    )
+    .await?;
+    let hello = proto::Hello {
+        version: proto::VERSION,
+        request: proto::Request::Gateway(proto::GatewayRequest {
+            secret: token.secret,
+            join,
+        }),
+    };
+    let frame = proto::encode_frame(&hello, cfg.max_frame)?;
+    let mut link = link;
+    let answer = async {
+        link.tx
+            .send(frame)
+            .map_err(|_| ControlError::Connection("the link closed".into()))?;
+        match link.rx.recv().await {
+            Some(msg) => Ok(msg?),
+            None => Err(ControlError::Connection("closed before an answer".into())),
+        }
+    };
+    let answer = tokio::time::timeout(cfg.connect_timeout, answer)
+        .await
+        .map_err(|_| ControlError::Timeout)
+        .and_then(|r| r);
+    link.close();
+    match answer? {
+        ServerMsg::GatewayGrant(g) => Ok(g),
+        ServerMsg::Error(e) => Err(ControlError::Refused(e)),
+        other => Err(ControlError::Protocol(format!(
+            "a {} in answer to a gateway's request",
+            crate::member::kind_name(&other)
+        ))),
+    }
+}
+
 /// Joins the network of `token` with this member's metadata. Returns once
 /// the welcome and the first snapshot arrived; a refusal is an error. With
 /// [`MemberConfig::reconnect`] (the default) an unreachable keyserver is

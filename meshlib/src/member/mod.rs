@@ -1179,6 +1179,10 @@ fn seed_of(key: &PublicKey) -> u64 {
 }
 
 /// The name of a server message's kind, for errors.
+pub fn kind_name(msg: &ServerMsg) -> &'static str {
+    kind(msg)
+}
+
 fn kind(msg: &ServerMsg) -> &'static str {
     match msg {
         ServerMsg::Welcome(_) => "welcome",

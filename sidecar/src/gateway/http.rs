@@ -42,8 +42,6 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 pub struct HttpCtx {
     /// The groups.
     pub routes: Arc<Routes>,
-    /// The way to instances.
-    pub dialer: Arc<dyn Dialer>,
     /// Timeouts.
     pub settings: RouteSettings,
     /// Reused upstream connections.
@@ -74,6 +72,10 @@ struct Conn {
     /// Over TLS with SNI: the name, and the certificate the client was
     /// shown for it.
     shown: Option<(String, Arc<rustls::sign::CertifiedKey>)>,
+    /// Over TLS, the network whose group the SNI names: the connection is
+    /// that network's, and a request for another network's group on it is
+    /// refused (421), however the certificate covers its name.
+    sni_network: Option<meshlib::ids::NetworkId>,
 }
 
 /// The HTTP version a connection speaks, when TLS's ALPN said it.
@@ -110,6 +112,7 @@ pub async fn serve<S>(
         ctx.header_timeout,
         ctx.idle_timeout,
     )));
+    let sni_network = sni.as_deref().and_then(|n| ctx.routes.network_of(n));
     let shown = match (&ctx.certs, sni) {
         (Some(certs), Some(sni)) => certs.pick(Some(&sni)).map(|ck| (normalize_host(&sni), ck)),
         _ => None,
@@ -120,6 +123,7 @@ pub async fn serve<S>(
         port,
         tls: alpn != Alpn::Detect,
         shown,
+        sni_network,
     });
     let in_flight = clock.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -282,6 +286,17 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
             ),
         );
     };
+    if conn.sni_network.is_some_and(|n| n != rt.network) {
+        // A connection made for one network's name (HTTP/2 coalescing
+        // under a shared wildcard, or a forged Host): never another's.
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "{} is not served on this connection: open one for it\n",
+                normalize_host(&host)
+            ),
+        );
+    }
     match port.mode {
         PortMode::Redirect => redirect(&host, req.uri()),
         PortMode::Http { .. } => {
@@ -397,6 +412,7 @@ async fn proxy(
     parts.version = Version::HTTP_11;
     // Find an instance that takes the request; failed dials try others.
     let stats = &ctx.routes.gateway;
+    let dialer = rt.dialer();
     let mut chosen = None;
     for _ in 0..4 {
         let Some(slot) = rt
@@ -405,11 +421,14 @@ async fn proxy(
         else {
             break;
         };
-        let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
+        let addr = (
+            rt.network,
+            SocketAddrV4::new(slot.pick().ip, destination_port),
+        );
         let timeout = ctx.settings.connect_timeout;
         match ctx
             .upstreams
-            .get(addr, ctx.dialer.as_ref(), timeout, upgrade, stats)
+            .get(addr, dialer.as_ref(), timeout, upgrade, stats)
             .await
         {
             Ok(upstream) => {
@@ -462,7 +481,14 @@ async fn proxy(
     .boxed_unsync();
     instance.forwarded.fetch_add(1, Relaxed);
     rt.stats.total.forwarded.fetch_add(1, Relaxed);
-    let (result, sender) = send(ctx, addr, upstream, Request::from_parts(parts, body)).await;
+    let (result, sender) = send(
+        ctx,
+        addr,
+        &dialer,
+        upstream,
+        Request::from_parts(parts, body),
+    )
+    .await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -505,7 +531,8 @@ async fn proxy(
 /// on a new connection. The result, and the connection it used.
 async fn send(
     ctx: &HttpCtx,
-    addr: SocketAddrV4,
+    addr: super::upstream::Key,
+    dialer: &Arc<dyn Dialer>,
     upstream: Upstream,
     req: Request<ProxyBody>,
 ) -> (
@@ -524,7 +551,7 @@ async fn send(
         .upstreams
         .get(
             addr,
-            ctx.dialer.as_ref(),
+            dialer.as_ref(),
             ctx.settings.connect_timeout,
             true,
             &ctx.routes.gateway,
@@ -592,7 +619,7 @@ impl Totals {
 }
 
 /// An upstream connection to keep once a response body is done.
-type GiveBack = (Arc<Upstreams>, SocketAddrV4, SendRequest<ProxyBody>);
+type GiveBack = (Arc<Upstreams>, super::upstream::Key, SendRequest<ProxyBody>);
 
 /// A body that counts its bytes (and holds a slot until it is done; a
 /// response body also gives its upstream connection back for reuse then).

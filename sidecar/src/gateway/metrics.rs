@@ -232,6 +232,8 @@ impl GatewayStats {
 /// Gauges read from the balancers at render time.
 #[derive(Debug, Clone)]
 pub struct GroupGauges {
+    /// The group's network's name.
+    pub network: String,
     /// Group name.
     pub group: String,
     /// Waiting connections.
@@ -314,22 +316,35 @@ fn counters(e: &mut Exposition, labels: &[(&str, &str)], c: &Counters, prefix: &
 /// Renders the gateway's and every group's metrics in the Prometheus text
 /// format, with the build and `process_*` families. Instances are labelled
 /// `member` (Prometheus owns the label `instance`).
+///
+/// `groups` are (network, group, counters); with `multi` (a gateway serving
+/// several networks) every group's samples carry a `network` label first,
+/// and the map generation is one sample per network.
 pub fn render(
     gateway: &GatewayStats,
-    groups: &[(String, Arc<GroupStats>)],
+    groups: &[(String, String, Arc<GroupStats>)],
     gauges: &[GroupGauges],
-    generation: u64,
+    generations: &[(String, u64)],
+    multi: bool,
 ) -> String {
     let mut out = meshlib::metrics::build_info_text("gateway", env!("CARGO_PKG_VERSION"));
     let mut e = Exposition::new();
     gateway.render(&mut e);
-    e.single(
-        "istmesh_gateway_map_generation",
+    let generation = "istmesh_gateway_map_generation";
+    e.family(
+        generation,
         Kind::Gauge,
         "Generation of the network map the gateway routes by.",
-        generation,
-    )
-    .single(
+    );
+    if multi {
+        for (net, g) in generations {
+            e.sample(generation, "", &[("network", net.as_str())], g);
+        }
+    } else {
+        let g = generations.first().map_or(0, |(_, g)| *g);
+        e.sample(generation, "", &[], g);
+    }
+    e.single(
         "istmesh_gateway_groups",
         Kind::Gauge,
         "Service groups served.",
@@ -367,17 +382,29 @@ pub fn render(
     );
     counter_families(&mut e, "", "a group's instances");
     counter_families(&mut e, "_instance", "one instance");
+    let labels = |net: &'_ str, group: &'_ str| -> Vec<(&'static str, String)> {
+        let mut l = Vec::with_capacity(2);
+        if multi {
+            l.push(("network", net.to_owned()));
+        }
+        l.push(("group", group.to_owned()));
+        l
+    };
     for g in gauges {
-        let gl = [("group", g.group.as_str())];
-        e.sample("istmesh_gateway_queued_connections", "", &gl, g.queued);
+        let owned = labels(&g.network, &g.group);
+        let gl: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let gl = gl.as_slice();
+        e.sample("istmesh_gateway_queued_connections", "", gl, g.queued);
         for (i, active, down) in &g.instances {
-            let il = with(&gl, ("member", i));
+            let il = with(gl, ("member", i));
             e.sample("istmesh_gateway_active_connections", "", &il, active);
             e.sample("istmesh_gateway_instance_down", "", &il, u8::from(*down));
         }
     }
-    for (group, s) in groups {
-        let gl = [("group", group.as_str())];
+    for (net, group, s) in groups {
+        let owned = labels(net, group);
+        let gl: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let gl = gl.as_slice();
         for (outcome, n) in [
             ("forwarded", s.total.forwarded.load(Relaxed)),
             ("queued", s.queued.load(Relaxed)),
@@ -386,19 +413,19 @@ pub fn render(
             e.sample(
                 "istmesh_gateway_connections_total",
                 "",
-                &with(&gl, ("outcome", outcome)),
+                &with(gl, ("outcome", outcome)),
                 n,
             );
         }
         e.sample(
             "istmesh_gateway_wakes_total",
             "",
-            &gl,
+            gl,
             s.wakes.load(Relaxed),
         );
-        counters(&mut e, &gl, &s.total, "");
+        counters(&mut e, gl, &s.total, "");
         for (inst, c) in s.instances.read().iter() {
-            counters(&mut e, &with(&gl, ("member", inst)), c, "_instance");
+            counters(&mut e, &with(gl, ("member", inst)), c, "_instance");
         }
     }
     meshlib::metrics::process_families(&mut e);
@@ -417,6 +444,7 @@ mod tests {
         s.total.response(200, Duration::from_millis(3));
         s.instance("web-1").response(503, Duration::from_secs(20));
         let gauges = vec![GroupGauges {
+            network: "prod".into(),
             group: "my \"svc\"".into(),
             queued: 2,
             instances: vec![("web-1".into(), 1, false)],
@@ -424,7 +452,8 @@ mod tests {
         let gw = GatewayStats::default();
         gw.closed_idle.fetch_add(2, Relaxed);
         gw.refused_per_client.fetch_add(1, Relaxed);
-        let text = render(&gw, &[("g".into(), s)], &gauges, 7);
+        let groups = [("prod".to_owned(), "g".to_owned(), s)];
+        let text = render(&gw, &groups, &gauges, &[("prod".into(), 7)], false);
         assert!(text.contains("istmesh_gateway_client_connections_closed_total{reason=\"idle\"} 2"));
         assert!(text
             .contains("istmesh_gateway_client_connections_closed_total{reason=\"no-request\"} 0"));
@@ -449,6 +478,29 @@ mod tests {
         assert!(text.contains("istmesh_gateway_build_info{version=\""));
         assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
         // Every family once, with HELP and TYPE, its samples together.
+        assert_eq!(meshlib::metrics::lint(&text), Ok(()));
+
+        // Several networks: a `network` label first, a generation each.
+        let more = GroupStats::default();
+        more.rejected.fetch_add(5, Relaxed);
+        let groups = [
+            groups[0].clone(),
+            ("acme".to_owned(), "g".to_owned(), Arc::new(more)),
+        ];
+        let text = render(
+            &gw,
+            &groups,
+            &gauges,
+            &[("prod".into(), 7), ("acme".into(), 3)],
+            true,
+        );
+        assert!(text.contains(
+            "istmesh_gateway_connections_total{network=\"prod\",group=\"g\",outcome=\"rejected\"} 1"
+        ));
+        assert!(text.contains(
+            "istmesh_gateway_connections_total{network=\"acme\",group=\"g\",outcome=\"rejected\"} 5"
+        ));
+        assert!(text.contains("istmesh_gateway_map_generation{network=\"acme\"} 3"));
         assert_eq!(meshlib::metrics::lint(&text), Ok(()));
     }
 }

@@ -1,12 +1,18 @@
-//! `sidecar gateway`: a mesh member of one network that serves every
-//! published port of every service group of that network (seed 002) on its
-//! public addresses, following the keyserver's pushes with no restart.
+//! `sidecar gateway`: a mesh member of one network (a join token) or of
+//! every network of a gateway credential's scope that has service groups,
+//! serving every published port of every group (seed 002) on its public
+//! addresses, following the keyserver's pushes with no restart. Several
+//! networks share the public ports: a connection goes to a group by port,
+//! then SNI or `Host` (unique across networks), and a TLS connection made
+//! for one network's name never carries a request to another's (421).
 //! Several gateways can serve one network (each balances and counts on its
 //! own).
 //!
 //! ## Layout
 //! - [`certs`] — the certificates of TLS ports: per SNI, reloaded on
 //!   change, self-signed ECDSA P-256 on request.
+//! - [`fleet`] — a gateway credential: every network of its scope, one
+//!   membership each, followed without a restart.
 //! - [`member`] — joining, following the map, reaching instances
 //!   ([`member::Dialer`]); the one file that knows how the gateway is a member.
 //! - [`balance`] — the pure balancer of one group: limits, queue, health.
@@ -29,6 +35,7 @@
 
 pub use meshlib::balance;
 pub mod certs;
+pub mod fleet;
 pub mod http;
 pub mod idle;
 pub mod member;
@@ -64,6 +71,30 @@ pub struct GatewayArgs {
     /// File holding the join token.
     #[arg(long, env = "ISTM_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// A gateway credential (`istg1.`, `keyserver api-token create --role
+    /// gateway`) instead of a join token: the gateway serves every network
+    /// of the credential's scope that has service groups, joining each
+    /// (userspace data plane) and picking up new ones without a restart.
+    /// Visible in `ps`: prefer --gateway-token-file.
+    #[arg(long, env = "ISTM_GATEWAY_TOKEN", hide_env_values = true)]
+    pub gateway_token: Option<String>,
+    /// File holding the gateway credential.
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_TOKEN_FILE",
+        conflicts_with = "gateway_token"
+    )]
+    pub gateway_token_file: Option<PathBuf>,
+    /// With a gateway credential: how often the keyserver is asked which
+    /// networks to serve (a new network or one that lost its last group
+    /// shows within it).
+    #[arg(
+        long,
+        env = "ISTM_GATEWAY_NETWORKS_INTERVAL",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub networks_interval: Duration,
     /// Public address to serve on (repeat; default 0.0.0.0, every address).
     #[arg(long = "listen", env = "ISTM_GATEWAY_LISTEN", value_delimiter = ',')]
     pub listen: Vec<IpAddr>,
@@ -369,6 +400,9 @@ pub async fn run(
             GatewayError::Config(format!("--metrics: {a:?} is neither ip:port nor \"off\""))
         })?),
     };
+    if let Some(credential) = gateway_credential(&args)? {
+        return fleet::run(args, credential, tls, metrics_addr, shutdown).await;
+    }
     let token = token(&args)?;
     let membership = Membership::start(MemberSettings {
         token,
@@ -380,19 +414,64 @@ pub async fn run(
         userspace: args.mode == crate::config::Mode::Userspace,
     })
     .await?;
-    let dialer: Arc<dyn Dialer> = membership.dialer();
-    let result = serve(
-        &args,
-        tls,
-        metrics_addr,
-        dialer,
-        membership.map.clone(),
-        Some(membership.control_requests()),
-        &mut shutdown,
-    )
-    .await;
+    let served = Served::of(&membership);
+    let (_keep, networks) = watch::channel(BTreeMap::from([(served.id, Arc::new(served))]));
+    let result = serve(&args, tls, metrics_addr, networks, false, &mut shutdown).await;
     membership.leave().await;
     result
+}
+
+/// One network the gateway serves: its map, how its instances are
+/// reached, and its line to the keyserver.
+pub struct Served {
+    /// The network.
+    pub id: meshlib::ids::NetworkId,
+    /// Its name (logs, metrics).
+    pub name: String,
+    /// How its instances are reached.
+    pub dialer: Arc<dyn Dialer>,
+    /// Its map, as the keyserver pushes it.
+    pub maps: watch::Receiver<Arc<NetworkMap>>,
+    /// The membership's requests to the keyserver (the gateway's load per
+    /// group goes with its traffic report); `None` for embedders.
+    pub control: Option<meshlib::node::ControlRequests>,
+}
+
+impl Served {
+    /// The network of a running membership.
+    pub fn of(m: &Membership) -> Self {
+        let map = m.map.borrow().clone();
+        Self {
+            id: map.network,
+            name: map.name.clone(),
+            dialer: m.dialer(),
+            maps: m.map.clone(),
+            control: Some(m.control_requests()),
+        }
+    }
+}
+
+/// The gateway credential from its flag, variable or file, if given.
+fn gateway_credential(
+    args: &GatewayArgs,
+) -> Result<Option<meshlib::proto::GatewayToken>, GatewayError> {
+    let text = match (&args.gateway_token, &args.gateway_token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => {
+            meshlib::fsutil::read_text_limited(path, meshlib::fsutil::MAX_SMALL_FILE)
+                .map_err(|e| GatewayError::Config(format!("gateway-token-file: {e}")))?
+        }
+        (None, None) => return Ok(None),
+    };
+    if args.token.is_some() || args.token_file.is_some() {
+        return Err(GatewayError::Config(
+            "give a join token (one network) or a gateway credential (every network of its scope), not both".into(),
+        ));
+    }
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| GatewayError::Config(format!("gateway credential: {e}")))
 }
 
 /// Serves the groups of the maps arriving on `maps` until `shutdown`.
@@ -404,19 +483,78 @@ pub async fn serve_maps(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
     let tls = load_tls(cert_sources(args)?)?;
-    serve(args, tls, None, dialer, maps, None, shutdown).await
+    let map = maps.borrow().clone();
+    let served = Served {
+        id: map.network,
+        name: map.name.clone(),
+        dialer,
+        maps,
+        control: None,
+    };
+    let (_keep, networks) = watch::channel(BTreeMap::from([(served.id, Arc::new(served))]));
+    serve(args, tls, None, networks, false, shutdown).await
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows one network's map into the routes until its membership ends
+/// (or the task is aborted: the network is no longer served); tells the
+/// listeners' loop through `dirty` after each change.
+async fn follow(served: Arc<Served>, routes: Arc<Routes>, dirty: Arc<tokio::sync::Notify>) {
+    // Live connections per group, for the keyserver's API and console:
+    // handed to the node when they change (it sends them with its traffic
+    // report, every 10 s at most).
+    let _loads = served.control.clone().map(|control| {
+        let (routes, network) = (routes.clone(), served.id);
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOAD_CHECK);
+            let mut last = None;
+            loop {
+                tick.tick().await;
+                let loads = routes.group_loads(network);
+                if last.as_ref() != Some(&loads) && control.report_groups(loads.clone()) {
+                    last = Some(loads);
+                }
+            }
+        }))
+    });
+    let mut maps = served.maps.clone();
+    loop {
+        let map = maps.borrow_and_update().clone();
+        routes.apply(&map, &served.name, &served.dialer);
+        tracing::info!(
+            network = %served.name,
+            generation = map.generation,
+            groups = map.services.len(),
+            "service groups applied"
+        );
+        dirty.notify_one();
+        if maps.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn serve(
     args: &GatewayArgs,
     tls: Option<Tls>,
     metrics_addr: Option<SocketAddr>,
-    dialer: Arc<dyn Dialer>,
-    mut maps: watch::Receiver<Arc<NetworkMap>>,
-    control: Option<meshlib::node::ControlRequests>,
+    mut networks: watch::Receiver<BTreeMap<meshlib::ids::NetworkId, Arc<Served>>>,
+    multi: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
-    let routes = Arc::new(Routes::default());
+    let routes = Arc::new(if multi {
+        Routes::multi()
+    } else {
+        Routes::default()
+    });
     let certs = tls.as_ref().map(|t| t.certs.clone());
     if let Some(c) = &certs {
         let r = routes.clone();
@@ -439,7 +577,6 @@ async fn serve(
         routes: routes.clone(),
         http: Arc::new(http::HttpCtx {
             routes: routes.clone(),
-            dialer: dialer.clone(),
             settings: settings.clone(),
             upstreams: upstreams.clone(),
             max_header_bytes: args.max_header_bytes,
@@ -450,7 +587,6 @@ async fn serve(
         tcp: tls.as_ref().map(|t| {
             Arc::new(tcp::TcpCtx {
                 routes: routes.clone(),
-                dialer: dialer.clone(),
                 settings: settings.clone(),
                 tls: t.tcp.clone(),
                 handshake_timeout: args.handshake_timeout,
@@ -459,7 +595,6 @@ async fn serve(
         tls_http: tls.as_ref().map(|t| t.http.clone()),
         udp: Arc::new(udp::UdpCtx {
             routes: routes.clone(),
-            dialer: dialer.clone(),
             settings,
             idle_timeout: args.udp_idle_timeout,
         }),
@@ -480,55 +615,48 @@ async fn serve(
             upstreams.sweep();
         }
     });
-    // Live connections per group, for the keyserver's API and console:
-    // handed to the node when they change (it sends them with its traffic
-    // report, every 10 s at most).
-    let loads_task = control.map(|control| {
-        let routes = routes.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LOAD_CHECK);
-            let mut last = None;
-            loop {
-                tick.tick().await;
-                let loads = routes.group_loads();
-                if last.as_ref() != Some(&loads) && control.report_groups(loads.clone()) {
-                    last = Some(loads);
-                }
-            }
-        })
-    });
     let metrics_task = match metrics_addr {
         Some(addr) => Some(serve_metrics(addr, routes.clone(), certs.clone()).await?),
         None => None,
     };
     let health = tokio::spawn(health_loop(
         routes.clone(),
-        dialer,
         args.health_interval,
         args.connect_timeout,
     ));
     let mut listeners: BTreeMap<Listen, Vec<JoinHandle<()>>> = BTreeMap::new();
-    let mut dirty = true;
+    // One follower per network served (its task ends the network's part).
+    let mut followers: BTreeMap<meshlib::ids::NetworkId, AbortOnDrop> = BTreeMap::new();
+    let dirty = Arc::new(tokio::sync::Notify::new());
+    let mut networks_changed = true;
     loop {
-        if std::mem::take(&mut dirty) {
-            let map = maps.borrow_and_update().clone();
-            routes.apply(&map);
+        if std::mem::take(&mut networks_changed) {
+            let set = networks.borrow_and_update().clone();
+            followers.retain(|id, _| {
+                let keep = set.contains_key(id);
+                if !keep {
+                    routes.remove_network(*id);
+                    tracing::info!(network = %id, "network no longer served");
+                }
+                keep
+            });
+            for (id, served) in set {
+                followers.entry(id).or_insert_with(|| {
+                    AbortOnDrop(tokio::spawn(follow(served, routes.clone(), dirty.clone())))
+                });
+            }
             reconcile(&shared, &mut listeners).await;
-            tracing::info!(
-                generation = map.generation,
-                groups = map.services.len(),
-                listeners = listeners.len(),
-                "service groups applied"
-            );
         }
         tokio::select! {
-            r = maps.changed() => match r {
-                Ok(()) => dirty = true,
+            r = networks.changed() => match r {
+                Ok(()) => networks_changed = true,
                 Err(_) => break,
             },
+            () = dirty.notified() => reconcile(&shared, &mut listeners).await,
             _ = shutdown.changed() => break,
         }
     }
+    drop(followers);
     for (_, tasks) in listeners {
         for t in tasks {
             t.abort();
@@ -537,9 +665,6 @@ async fn serve(
     health.abort();
     sweep.abort();
     if let Some(t) = reload {
-        t.abort();
-    }
-    if let Some(t) = loads_task {
         t.abort();
     }
     if let Some(t) = metrics_task {
@@ -678,12 +803,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
 
 /// Active health checks: every `interval`, a TCP connect to each online
 /// instance's first TCP internal port, through the mesh.
-async fn health_loop(
-    routes: Arc<Routes>,
-    dialer: Arc<dyn Dialer>,
-    interval: Duration,
-    timeout: Duration,
-) {
+async fn health_loop(routes: Arc<Routes>, interval: Duration, timeout: Duration) {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -700,7 +820,7 @@ async fn health_loop(
                 continue;
             };
             for pick in rt.online_instances() {
-                let (rt, dialer) = (rt.clone(), dialer.clone());
+                let (rt, dialer) = (rt.clone(), rt.dialer());
                 let routes = routes.clone();
                 checks.spawn(async move {
                     let addr = std::net::SocketAddrV4::new(pick.ip, port);

@@ -1,14 +1,17 @@
-//! The gateway's view of its network's service groups: which group a
-//! connection is for (port, then `Host` or TLS SNI), each group's balancer
+//! The gateway's view of the service groups of its networks (one, with a
+//! join token; every network of its credential's scope, with a gateway
+//! credential): which group a connection is for (port, then `Host` or TLS
+//! SNI, which are unique across networks), each group's balancer
 //! ([`super::balance::Pool`]) with its waiters, slots that free themselves,
 //! dials with retries over the instances, and the wake hook.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshlib::ids::NetworkId;
 use meshlib::netmap::NetworkMap;
 use meshlib::services::{GroupName, PortMode, Protocol, PublishedPort, ServiceGroup, WakeHook};
 use parking_lot::{Mutex, RwLock};
@@ -40,6 +43,12 @@ struct Inner {
 
 /// One service group at run time.
 pub struct GroupRt {
+    /// Its network.
+    pub network: NetworkId,
+    /// Its network's name (logs, metrics).
+    pub network_name: String,
+    /// How its network's instances are reached.
+    dialer: RwLock<Arc<dyn Dialer>>,
     group: RwLock<ServiceGroup>,
     inner: Mutex<Inner>,
     /// Its counters.
@@ -119,8 +128,16 @@ impl Drop for Slot {
 }
 
 impl GroupRt {
-    fn new(group: ServiceGroup) -> Self {
+    fn new(
+        network: NetworkId,
+        network_name: String,
+        dialer: Arc<dyn Dialer>,
+        group: ServiceGroup,
+    ) -> Self {
         Self {
+            network,
+            network_name,
+            dialer: RwLock::new(dialer),
             inner: Mutex::new(Inner {
                 pool: Pool::new(group.limits),
                 waiters: HashMap::new(),
@@ -131,6 +148,11 @@ impl GroupRt {
             clients: Mutex::new(HashMap::new()),
             client_freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// How this group's instances are reached (its network's membership).
+    pub fn dialer(&self) -> Arc<dyn Dialer> {
+        self.dialer.read().clone()
     }
 
     /// The group's name.
@@ -302,10 +324,10 @@ impl GroupRt {
         self: &Arc<Self>,
         client: IpAddr,
         destination_port: u16,
-        dialer: &dyn Dialer,
         s: &RouteSettings,
         stats: &GatewayStats,
     ) -> Option<(Slot, Box<dyn MeshStream>)> {
+        let dialer = self.dialer();
         for _ in 0..4 {
             let slot = self.acquire_for(client, true, s).await?;
             let addr = SocketAddrV4::new(slot.pick().ip, destination_port);
@@ -395,6 +417,7 @@ impl GroupRt {
     fn gauges(&self) -> GroupGauges {
         let inner = self.inner.lock();
         GroupGauges {
+            network: self.network_name.clone(),
             group: self.group.read().name.to_string(),
             queued: inner.pool.queued(),
             instances: inner
@@ -416,28 +439,52 @@ pub enum Listen {
     Udp(IpAddr, u16),
 }
 
-/// Every group of the network, by name.
+/// Every group of every network served, by network and name.
 #[derive(Default)]
 pub struct Routes {
-    groups: RwLock<HashMap<GroupName, Arc<GroupRt>>>,
-    generation: Mutex<u64>,
+    groups: RwLock<HashMap<(NetworkId, GroupName), Arc<GroupRt>>>,
+    /// Per network: its name and the generation of its map applied.
+    generations: Mutex<BTreeMap<NetworkId, (String, u64)>>,
+    /// Metrics carry a `network` label (a gateway serving several networks;
+    /// group names are unique only within one).
+    pub multi: bool,
     /// Counters of the gateway as a whole.
     pub gateway: GatewayStats,
 }
 
 impl Routes {
-    /// Follows a new map: groups added, changed (limits, ports, instances
-    /// and their states) or removed; waiters dispatched if there is room.
-    /// Waiters of a removed group are refused.
-    pub fn apply(&self, map: &NetworkMap) {
+    /// Routes of a gateway serving several networks (metrics labelled by
+    /// network).
+    pub fn multi() -> Self {
+        Self {
+            multi: true,
+            ..Self::default()
+        }
+    }
+
+    /// Follows a new map of network `name`, whose instances `dialer`
+    /// reaches: its groups added, changed (limits, ports, instances and
+    /// their states) or removed; waiters dispatched if there is room.
+    /// Waiters of a removed group are refused. Other networks' groups are
+    /// left as they are.
+    pub fn apply(&self, map: &NetworkMap, name: &str, dialer: &Arc<dyn Dialer>) {
         let now = Instant::now();
+        let net = map.network;
         let mut groups = self.groups.write();
-        groups.retain(|name, _| map.services.contains_key(name));
-        for (name, g) in &map.services {
+        groups.retain(|(n, g), _| *n != net || map.services.contains_key(g));
+        for (gname, g) in &map.services {
             let rt = groups
-                .entry(name.clone())
-                .or_insert_with(|| Arc::new(GroupRt::new(g.clone())))
+                .entry((net, gname.clone()))
+                .or_insert_with(|| {
+                    Arc::new(GroupRt::new(
+                        net,
+                        name.to_owned(),
+                        dialer.clone(),
+                        g.clone(),
+                    ))
+                })
                 .clone();
+            *rt.dialer.write() = dialer.clone();
             *rt.group.write() = g.clone();
             let instances = g
                 .instances
@@ -451,7 +498,25 @@ impl Routes {
             let out = inner.pool.update(g.limits, instances, now);
             rt.hand_out(&mut inner, out);
         }
-        *self.generation.lock() = map.generation;
+        self.generations
+            .lock()
+            .insert(net, (name.to_owned(), map.generation));
+    }
+
+    /// Forgets every group of a network (no longer served); their waiters
+    /// are refused, open connections carry on.
+    pub fn remove_network(&self, network: NetworkId) {
+        self.groups.write().retain(|(n, _), _| *n != network);
+        self.generations.lock().remove(&network);
+    }
+
+    /// The networks whose maps were applied, with their names.
+    pub fn networks(&self) -> Vec<(NetworkId, String)> {
+        self.generations
+            .lock()
+            .iter()
+            .map(|(id, (name, _))| (*id, name.clone()))
+            .collect()
     }
 
     /// The group that publishes TCP `port` for `host` (the FQDN from `Host`
@@ -467,15 +532,22 @@ impl Routes {
         match host {
             Some(h) => {
                 let h = host_part(h);
-                groups.values().find_map(|rt| {
+                let mut named = groups.values().filter(|rt| {
                     let g = rt.group.read();
-                    let same = g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h);
-                    if same {
-                        route(&g).map(|r| (rt.clone(), r))
-                    } else {
-                        None
-                    }
-                })
+                    g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)
+                });
+                let rt = named.next()?;
+                if named.next().is_some() {
+                    // Two networks claim the name (the keyserver refuses
+                    // that; a stale map might not): serve neither.
+                    tracing::warn!(
+                        host = h,
+                        "several networks' groups have this name: not served"
+                    );
+                    return None;
+                }
+                let r = route(&rt.group.read())?;
+                Some((rt.clone(), r))
             }
             None => {
                 let mut on_port = groups
@@ -485,6 +557,19 @@ impl Routes {
                 on_port.next().is_none().then_some(first)
             }
         }
+    }
+
+    /// The network whose group has the name `host` (any case, perhaps
+    /// with a port or a trailing dot), if exactly one has.
+    pub fn network_of(&self, host: &str) -> Option<NetworkId> {
+        let h = host_part(host);
+        let groups = self.groups.read();
+        let mut nets = groups.values().filter_map(|rt| {
+            let g = rt.group.read();
+            (g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)).then_some(rt.network)
+        });
+        let first = nets.next()?;
+        nets.all(|n| n == first).then_some(first)
     }
 
     /// Whether `host` (an FQDN, any case, perhaps with a port or a
@@ -500,13 +585,16 @@ impl Routes {
     /// The group and port published as UDP `port` on `ip`.
     pub fn find_udp(&self, ip: IpAddr, port: u16) -> Option<(Arc<GroupRt>, PublishedPort)> {
         let groups = self.groups.read();
-        groups.values().find_map(|rt| {
+        let mut found = groups.values().filter_map(|rt| {
             let g = rt.group.read();
             g.port(port, Protocol::Udp)
                 .filter(|p| p.ip == Some(ip))
                 .cloned()
                 .map(|p| (rt.clone(), p))
-        })
+        });
+        let first = found.next()?;
+        // Two networks on one address and port: neither (see `find`).
+        found.next().is_none().then_some(first)
     }
 
     /// Every listener the groups need, for a gateway on `public` addresses
@@ -542,10 +630,11 @@ impl Routes {
     /// The load of every group now (open connections to its instances,
     /// connections waiting), by name, at most
     /// [`meshlib::traffic::MAX_GROUPS`]: what the keyserver is told.
-    pub fn group_loads(&self) -> Vec<meshlib::traffic::GroupLoad> {
+    pub fn group_loads(&self, network: NetworkId) -> Vec<meshlib::traffic::GroupLoad> {
         let mut loads: Vec<meshlib::traffic::GroupLoad> = self
             .all()
             .iter()
+            .filter(|rt| rt.network == network)
             .map(|rt| {
                 let g = rt.gauges();
                 let open: u64 = g
@@ -570,14 +659,21 @@ impl Routes {
     /// The Prometheus text of every group.
     pub fn metrics(&self) -> String {
         let all = self.all();
-        let mut stats: Vec<(String, Arc<GroupStats>)> = all
+        let mut stats: Vec<(String, String, Arc<GroupStats>)> = all
             .iter()
-            .map(|rt| (rt.group.read().name.to_string(), rt.stats.clone()))
+            .map(|rt| {
+                (
+                    rt.network_name.clone(),
+                    rt.group.read().name.to_string(),
+                    rt.stats.clone(),
+                )
+            })
             .collect();
-        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut gauges: Vec<GroupGauges> = all.iter().map(|rt| rt.gauges()).collect();
-        gauges.sort_by(|a, b| a.group.cmp(&b.group));
-        super::metrics::render(&self.gateway, &stats, &gauges, *self.generation.lock())
+        gauges.sort_by(|a, b| (&a.network, &a.group).cmp(&(&b.network, &b.group)));
+        let generations: Vec<(String, u64)> = self.generations.lock().values().cloned().collect();
+        super::metrics::render(&self.gateway, &stats, &gauges, &generations, self.multi)
     }
 }
 
@@ -650,7 +746,7 @@ mod tests {
         }
     }
 
-    fn group() -> Arc<GroupRt> {
+    fn group(dialer: Arc<dyn Dialer>) -> Arc<GroupRt> {
         let g = ServiceGroup {
             name: "web".parse().unwrap(),
             fqdn: "web.example.test".into(),
@@ -661,7 +757,7 @@ mod tests {
             wake: None,
             wake_timeout_secs: 30,
         };
-        let rt = Arc::new(GroupRt::new(g));
+        let rt = Arc::new(GroupRt::new(NetworkId::random(), "prod".into(), dialer, g));
         let mut inner = rt.inner.lock();
         let out = inner.pool.update(
             meshlib::services::Limits::default(),
@@ -691,15 +787,15 @@ mod tests {
     /// a pause and succeeds.
     #[tokio::test]
     async fn a_fresh_instance_gets_a_second_dial() {
-        let rt = group();
-        let dialer = Flaky {
+        let dialer = Arc::new(Flaky {
             refuse: 1,
             dials: AtomicUsize::new(0),
-        };
+        });
+        let rt = group(dialer.clone());
         let started = Instant::now();
         let client = std::net::Ipv4Addr::new(192, 0, 2, 1).into();
         let got = rt
-            .connect(client, 80, &dialer, &settings(), &GatewayStats::default())
+            .connect(client, 80, &settings(), &GatewayStats::default())
             .await;
         assert!(got.is_some(), "connected on the second dial");
         assert_eq!(dialer.dials.load(Relaxed), 2);
@@ -709,7 +805,7 @@ mod tests {
         drop(got);
         // Past the fresh window, a failed dial marks it down (and with one
         // instance, the connection is refused).
-        let rt = group();
+        let rt = group(dialer.clone());
         {
             let mut inner = rt.inner.lock();
             let later = Instant::now() + meshlib::balance::FRESH;
@@ -720,6 +816,108 @@ mod tests {
             inner.pool.failed(&pick.instance, later);
             assert!(inner.pool.is_down(&name, later));
         }
+    }
+
+    /// A map of network `name` with one group `group` at `fqdn` publishing
+    /// 443 and UDP `udp` on 192.0.2.1.
+    fn map(id: NetworkId, name: &str, group: &str, fqdn: &str, udp: u16) -> NetworkMap {
+        let mut m = NetworkMap::new(id, name, meshlib::ipam::DEFAULT_RANGE);
+        let port = |port, protocol, ip| PublishedPort {
+            port,
+            destination_port: 8080,
+            protocol,
+            handlers: if protocol == Protocol::Tcp {
+                [
+                    meshlib::services::Handler::Http,
+                    meshlib::services::Handler::Tls,
+                ]
+                .into()
+            } else {
+                Default::default()
+            },
+            ip,
+        };
+        let g = ServiceGroup {
+            name: group.parse().unwrap(),
+            fqdn: fqdn.into(),
+            ports: vec![
+                port(443, Protocol::Tcp, None),
+                port(udp, Protocol::Udp, Some("192.0.2.1".parse().unwrap())),
+            ],
+            limits: meshlib::services::Limits::default(),
+            owner: None,
+            instances: vec![],
+            wake: None,
+            wake_timeout_secs: 30,
+        };
+        m.services.insert(g.name.clone(), g);
+        m.generation = 3;
+        m
+    }
+
+    /// Several networks in one gateway: each group keeps its network (and
+    /// its dialer), names pick across networks, a name or UDP address two
+    /// networks claim is served by neither, a network's removal leaves the
+    /// others.
+    #[test]
+    fn groups_of_several_networks_keep_apart() {
+        let routes = Routes::multi();
+        let (a, b) = (NetworkId::random(), NetworkId::random());
+        let da: Arc<dyn Dialer> = Arc::new(Flaky {
+            refuse: 0,
+            dials: AtomicUsize::new(0),
+        });
+        let db: Arc<dyn Dialer> = Arc::new(Flaky {
+            refuse: 0,
+            dials: AtomicUsize::new(0),
+        });
+        // The same group name in both networks.
+        routes.apply(&map(a, "prod", "web", "web.one.test", 5353), "prod", &da);
+        routes.apply(&map(b, "acme", "web", "web.two.test", 5354), "acme", &db);
+        let (rt, _) = routes.find(443, Some("WEB.one.test")).unwrap();
+        assert_eq!(rt.network, a);
+        assert!(Arc::ptr_eq(&rt.dialer(), &da));
+        let (rt, _) = routes.find(443, Some("web.two.test:443")).unwrap();
+        assert_eq!(rt.network, b);
+        assert!(Arc::ptr_eq(&rt.dialer(), &db));
+        assert_eq!(routes.network_of("web.two.test"), Some(b));
+        assert_eq!(routes.network_of("nothing.test"), None);
+        assert_eq!(
+            routes
+                .find_udp("192.0.2.1".parse().unwrap(), 5354)
+                .unwrap()
+                .0
+                .network,
+            b
+        );
+        // No Host: two groups publish 443, so none is picked.
+        assert!(routes.find(443, None).is_none());
+        assert_eq!(routes.group_loads(a).len(), 1);
+        let text = routes.metrics();
+        assert!(text.contains("network=\"acme\",group=\"web\""), "{text}");
+        assert_eq!(meshlib::metrics::lint(&text), Ok(()));
+
+        // A stale map claims another network's name and UDP address:
+        // neither is served.
+        let c = NetworkId::random();
+        routes.apply(&map(c, "stale", "x", "web.one.test", 5354), "stale", &db);
+        assert!(routes.find(443, Some("web.one.test")).is_none());
+        assert!(routes.network_of("web.one.test").is_none());
+        assert!(routes
+            .find_udp("192.0.2.1".parse().unwrap(), 5354)
+            .is_none());
+        routes.remove_network(c);
+        assert_eq!(routes.find(443, Some("web.one.test")).unwrap().0.network, a);
+
+        // A network left: its groups go, the other's stay.
+        routes.remove_network(a);
+        assert!(routes.find(443, Some("web.one.test")).is_none());
+        assert!(routes.find(443, Some("web.two.test")).is_some());
+        assert_eq!(routes.networks(), vec![(b, "acme".to_owned())]);
+        // A new map of one network leaves the other's groups alone.
+        routes.apply(&map(a, "prod", "api", "api.one.test", 5355), "prod", &da);
+        assert!(routes.find(443, Some("web.two.test")).is_some());
+        assert!(routes.find(443, Some("api.one.test")).is_some());
     }
 
     #[test]

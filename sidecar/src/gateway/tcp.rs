@@ -12,15 +12,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::member::Dialer;
 use super::routes::{RouteSettings, Routes};
 
 /// What every TCP-mode connection shares.
 pub struct TcpCtx {
     /// The groups.
     pub routes: Arc<Routes>,
-    /// The way to instances.
-    pub dialer: Arc<dyn Dialer>,
     /// Timeouts.
     pub settings: RouteSettings,
     /// The TLS configuration (the wildcard certificate, no ALPN).
@@ -53,7 +50,6 @@ pub async fn serve(ctx: Arc<TcpCtx>, stream: TcpStream, peer: SocketAddr, port: 
         .connect(
             peer.ip().to_canonical(),
             route.destination_port,
-            ctx.dialer.as_ref(),
             &ctx.settings,
             &ctx.routes.gateway,
         )

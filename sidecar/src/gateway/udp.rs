@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::member::{Dialer, MeshDatagram};
+use super::member::MeshDatagram;
 use super::routes::{RouteSettings, Routes};
 
 /// Largest datagram relayed.
@@ -29,8 +29,6 @@ const MAX_FLOWS: usize = 16_384;
 pub struct UdpCtx {
     /// The groups.
     pub routes: Arc<Routes>,
-    /// The way to instances.
-    pub dialer: Arc<dyn Dialer>,
     /// Timeouts.
     pub settings: RouteSettings,
     /// A flow ends after this long without a datagram.
@@ -103,7 +101,7 @@ async fn flow(
         return;
     };
     let addr = SocketAddrV4::new(slot.pick().ip, published.destination_port);
-    let upstream: Box<dyn MeshDatagram> = match ctx.dialer.udp(addr).await {
+    let upstream: Box<dyn MeshDatagram> = match rt.dialer().udp(addr).await {
         Ok(u) => u,
         Err(e) if super::member::is_local_exhaustion(&e) => {
             ctx.routes

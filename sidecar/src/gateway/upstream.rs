@@ -22,6 +22,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 
+use meshlib::ids::NetworkId;
+
 use super::http::ProxyBody;
 use super::member::Dialer;
 use super::metrics::GatewayStats;
@@ -31,6 +33,11 @@ use super::metrics::GatewayStats;
 /// connection that closed instead is skipped at once).
 const READY_WAIT: Duration = Duration::from_millis(250);
 
+/// An instance's address in its network: overlay addresses of different
+/// networks overlap, so a pooled connection is never handed to a request
+/// for another network's instance at the same address.
+pub type Key = (NetworkId, SocketAddrV4);
+
 /// An idle connection and since when.
 struct Idle {
     sender: SendRequest<ProxyBody>,
@@ -39,7 +46,7 @@ struct Idle {
 
 /// The idle connections to instances.
 pub struct Upstreams {
-    idle: Mutex<HashMap<SocketAddrV4, Vec<Idle>>>,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -64,18 +71,18 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `addr`: an idle one, unless `fresh`, or a new one
-    /// (dialed through the mesh within `timeout`).
+    /// A connection to instance `key`: an idle one, unless `fresh`, or a
+    /// new one (dialed through `dialer`, its network's, within `timeout`).
     pub async fn get(
         &self,
-        addr: SocketAddrV4,
+        key: Key,
         dialer: &dyn Dialer,
         timeout: Duration,
         fresh: bool,
         stats: &GatewayStats,
     ) -> io::Result<Upstream> {
         if !fresh {
-            if let Some(sender) = self.take_idle(addr).await {
+            if let Some(sender) = self.take_idle(key).await {
                 stats.upstream_reused.fetch_add(1, Relaxed);
                 return Ok(Upstream {
                     sender,
@@ -83,7 +90,7 @@ impl Upstreams {
                 });
             }
         }
-        let stream = dialer.dial(addr, timeout).await?;
+        let stream = dialer.dial(key.1, timeout).await?;
         stats.upstream_opened.fetch_add(1, Relaxed);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -100,9 +107,9 @@ impl Upstreams {
 
     /// The most recently used idle connection to `addr` that is still open
     /// and ready (the others are closed on the way).
-    async fn take_idle(&self, addr: SocketAddrV4) -> Option<SendRequest<ProxyBody>> {
+    async fn take_idle(&self, key: Key) -> Option<SendRequest<ProxyBody>> {
         loop {
-            let idle = self.idle.lock().get_mut(&addr).and_then(Vec::pop)?;
+            let idle = self.idle.lock().get_mut(&key).and_then(Vec::pop)?;
             let mut sender = idle.sender;
             if sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
                 continue;
@@ -118,12 +125,12 @@ impl Upstreams {
 
     /// Keeps `sender` (its response is done) for the next request to
     /// `addr`, unless the instance's idle connections are at the bound.
-    pub fn put(&self, addr: SocketAddrV4, sender: SendRequest<ProxyBody>) {
+    pub fn put(&self, key: Key, sender: SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender,
