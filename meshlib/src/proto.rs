@@ -759,6 +759,48 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// A gateway credential's text goes back to the same credential; a join
+    /// token's text is not one (and the other way round), and its Debug
+    /// form never shows the secret.
+    #[test]
+    fn gateway_credentials_round_trip_and_are_told_from_join_tokens() {
+        let g = GatewayToken {
+            addrs: vec!["192.0.2.1:7443".parse().unwrap()],
+            cert_sha256: [3; 32],
+            secret: [4; 32],
+        };
+        let text = g.to_string();
+        assert!(text.starts_with("istg1."));
+        assert_eq!(text.parse::<GatewayToken>().unwrap(), g);
+        assert_eq!(
+            text.parse::<JoinToken>().unwrap_err(),
+            TokenParseError::BadPrefix
+        );
+        assert_eq!(
+            "istm1.AAAA".parse::<GatewayToken>().unwrap_err(),
+            TokenParseError::BadGatewayPrefix
+        );
+        assert_eq!(
+            "istg1.!!".parse::<GatewayToken>().unwrap_err(),
+            TokenParseError::BadBase64
+        );
+        assert_eq!(
+            "istg1.AAAA".parse::<GatewayToken>().unwrap_err(),
+            TokenParseError::BadContent
+        );
+        assert!(!format!("{g:?}").contains("secret"));
+        // The hello carrying it decodes as a current hello.
+        let hello = Hello {
+            version: VERSION,
+            request: Request::Gateway(GatewayRequest {
+                secret: [4; 32],
+                join: vec![NetworkId::random()],
+            }),
+        };
+        let bytes = postcard::to_stdvec(&hello).unwrap();
+        assert_eq!(parse_hello(&bytes).unwrap(), hello);
+    }
+
     #[test]
     fn token_round_trip_and_rejects() {
         let t = JoinToken {

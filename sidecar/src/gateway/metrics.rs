@@ -417,12 +417,7 @@ pub fn render(
                 n,
             );
         }
-        e.sample(
-            "istmesh_gateway_wakes_total",
-            "",
-            gl,
-            s.wakes.load(Relaxed),
-        );
+        e.sample("istmesh_gateway_wakes_total", "", gl, s.wakes.load(Relaxed));
         counters(&mut e, gl, &s.total, "");
         for (inst, c) in s.instances.read().iter() {
             counters(&mut e, &with(gl, ("member", inst)), c, "_instance");
