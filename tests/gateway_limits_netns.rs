@@ -572,3 +572,129 @@ fn a_client_holds_only_its_share_of_a_group() {
     );
     step("client share", t);
 }
+
+/// A second gateway of the same network, on its own host; killed (and its
+/// UAPI socket removed) on drop.
+struct SecondGateway {
+    child: Child,
+    host: Host,
+    socket: String,
+    log: PathBuf,
+}
+
+impl Drop for SecondGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Two gateways serve one group whose limits are 4/4 (one instance): each
+/// takes half (`istmesh_gateway_limit` 2), and under a load of 3×
+/// `hard_limit` (six slow requests through each gateway at once) the
+/// instance serves 4 at most at once; the other 8 are refused (503).
+#[test]
+fn two_gateways_hold_one_groups_hard_limit() {
+    let _one = one_at_a_time();
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let t = Instant::now();
+    let mut w = World::new();
+    let (_, cert, key) = (
+        (),
+        w.ca.with_file_name("gw.pem"),
+        w.ca.with_file_name("gw.key"),
+    );
+    let host = w.mesh.host(8);
+    let token = w.mesh.token_for("prod", 1);
+    let iface = format!("h{}", w.mesh.topo.tag);
+    let log = w.mesh.topo.temp_path("gateway2.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &host.ns])
+        .arg(bin("sidecar"))
+        .args(["gateway", "--token", &token, "--interface", &iface])
+        .args(["--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("ISTM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the second gateway");
+    let second = SecondGateway {
+        child,
+        host,
+        socket: format!("/var/run/wireguard/{iface}.sock"),
+        log,
+    };
+    w.mesh.admin(&[
+        "service",
+        "set",
+        "web",
+        "--network",
+        "prod",
+        "--soft-limit",
+        "4",
+        "--hard-limit",
+        "4",
+    ]);
+    let hard = "istmesh_gateway_limit{group=\"web\",limit=\"hard\"}";
+    let metrics2 = || {
+        out(&sh(
+            &second.host.ns,
+            "curl -sS http://127.0.0.1:9478/metrics",
+        ))
+    };
+    let via2 = |path: &str| {
+        format!(
+            "curl -sS --max-time 30 --connect-to '::{}:' -o /dev/null -w '%{{http_code}}\\n' http://{}{path}",
+            second.host.underlay, w.web
+        )
+    };
+    w.wait(
+        "both gateways hold half of 4",
+        Duration::from_secs(30),
+        || {
+            counter(&w.metrics(), hard) == 2
+                && counter(&metrics2(), hard) == 2
+                && out(&sh(&w.clients[1].ns, &via2("/who"))) == "200\n"
+        },
+    );
+    step("setup: two gateways, limits 4/4, 2 each", t);
+    // 3 x hard_limit at once: six through each gateway.
+    let six = |target: String| format!("for i in 1 2 3 4 5 6; do {target} & done; wait");
+    let one = format!(
+        "curl -sS --max-time 30 -o /dev/null -w '%{{http_code}}\\n' http://{}/slow?ms=3000",
+        w.web
+    );
+    let (ns0, ns1) = (w.clients[0].ns.clone(), w.clients[1].ns.clone());
+    let (load0, load1) = (six(one), six(via2("/slow?ms=3000")));
+    let a = std::thread::spawn(move || out(&sh(&ns0, &load0)));
+    let b = std::thread::spawn(move || out(&sh(&ns1, &load1)));
+    let codes: Vec<String> = [a.join().unwrap(), b.join().unwrap()]
+        .iter()
+        .flat_map(|o| o.lines().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(codes.len(), 12, "{codes:?}");
+    let most = std::fs::read_to_string(w.logs.join("web-a.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("inflight ")?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most <= 4,
+        "the instance served {most} at once through two gateways (hard limit 4); log:\n{}",
+        std::fs::read_to_string(&second.log).unwrap_or_default()
+    );
+    let ok = codes.iter().filter(|c| *c == "200").count();
+    let refused = codes.iter().filter(|c| *c == "503").count();
+    assert_eq!((ok, refused), (4, 8), "{codes:?}");
+    assert_eq!(most, 4, "both gateways used their part");
+    step("3 x hard_limit through two gateways: 4 at once", t);
+}

@@ -19,6 +19,7 @@ p.add_argument("--udp", type=int, default=5353)
 p.add_argument("--log", required=True)
 a = p.parse_args()
 lock = threading.Lock()
+inflight = 0
 
 
 def note(what):
@@ -93,9 +94,20 @@ class H(BaseHTTPRequestHandler):
         if u.path == "/headers":
             self.send_text(200, json.dumps({k.lower(): v for k, v in self.headers.items()}), "application/json")
         elif u.path == "/slow":
+            # "inflight N": slow requests being served at once, as this
+            # one starts (the tests read the largest).
+            global inflight
+            with lock:
+                inflight += 1
+                n = inflight
+            note("inflight %d" % n)
             ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
-            time.sleep(ms / 1000)
-            self.send_text(200, a.name + "\n")
+            try:
+                time.sleep(ms / 1000)
+                self.send_text(200, a.name + "\n")
+            finally:
+                with lock:
+                    inflight -= 1
         else:
             self.send_text(200, a.name + "\n")
 

@@ -166,6 +166,36 @@ impl MeshDatagram for KernelUdp {
     }
 }
 
+/// The runner label every gateway membership carries: how gateways of a
+/// network count each other ([`fleet_share`]).
+pub const GATEWAY_RUNNER: &str = "gateway";
+
+/// This gateway's part of a group's per-instance limits when `gateways`
+/// gateways (online members with the [`GATEWAY_RUNNER`] label, this one
+/// included) serve the network and this one is `rank`th among them (by
+/// instance name): `hard_limit` split so that the parts add up to it
+/// exactly (the remainder to the first ranks); `soft_limit` split the same
+/// way but at least 1 where the hard part allows one, and never above the
+/// hard part. A part of 0 (more gateways than `hard_limit`) serves nothing.
+pub fn fleet_share(
+    limits: meshlib::services::Limits,
+    gateways: usize,
+    rank: usize,
+) -> meshlib::services::Limits {
+    let n = gateways.max(1);
+    let split = |total: u16| -> u16 {
+        let total = usize::from(total);
+        let part = total / n + usize::from(rank < total % n);
+        u16::try_from(part).unwrap_or(u16::MAX)
+    };
+    let hard = split(limits.hard_limit);
+    let soft = split(limits.soft_limit).max(1).min(hard);
+    meshlib::services::Limits {
+        soft_limit: soft,
+        hard_limit: hard,
+    }
+}
+
 /// What the gateway joins as.
 #[derive(Debug, Clone)]
 pub struct MemberSettings {
@@ -220,7 +250,7 @@ impl Membership {
             token: Some(s.token),
             service: Some(s.service),
             instance: s.instance,
-            runner: "gateway".into(),
+            runner: GATEWAY_RUNNER.into(),
             mode,
             listen_port: s.listen_port,
             endpoints: s.endpoints,
@@ -259,6 +289,11 @@ impl Membership {
         })
     }
 
+    /// The gateway's instance name in the network.
+    pub fn instance(&self) -> meshlib::ids::InstanceName {
+        self.node.instance().clone()
+    }
+
     /// How this membership reaches instances.
     pub fn dialer(&self) -> Arc<dyn Dialer> {
         match self.node.stack() {
@@ -286,6 +321,44 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_shares_add_up_to_the_group_limits() {
+        use meshlib::services::Limits;
+        let l = |soft, hard| Limits {
+            soft_limit: soft,
+            hard_limit: hard,
+        };
+        for (limits, n) in [
+            (l(4, 4), 2),
+            (l(5, 7), 3),
+            (l(1, 65535), 2),
+            (l(3, 3), 5),
+            (l(100, 100), 1),
+            (l(65535, 65535), 7),
+        ] {
+            let parts: Vec<Limits> = (0..n).map(|r| fleet_share(limits, n, r)).collect();
+            let hard: u32 = parts.iter().map(|p| u32::from(p.hard_limit)).sum();
+            assert_eq!(hard, u32::from(limits.hard_limit), "{limits:?} over {n}");
+            for p in &parts {
+                assert!(p.soft_limit <= p.hard_limit, "{p:?}");
+                // Each gateway with room may hold one before queueing.
+                assert!(p.hard_limit == 0 || p.soft_limit >= 1, "{p:?}");
+            }
+            let soft: u32 = parts.iter().map(|p| u32::from(p.soft_limit)).sum();
+            assert!(
+                soft < u32::from(limits.soft_limit) + n as u32,
+                "{limits:?} over {n}: soft parts {soft}"
+            );
+        }
+        // Two gateways, 4/4: 2/2 each.
+        assert_eq!(fleet_share(l(4, 4), 2, 0), l(2, 2));
+        assert_eq!(fleet_share(l(4, 4), 2, 1), l(2, 2));
+        // Five gateways, hard 3: the last two serve nothing.
+        assert_eq!(fleet_share(l(3, 3), 5, 4), l(0, 0));
+        // Alone: the limits as they are.
+        assert_eq!(fleet_share(l(2, 9), 1, 0), l(2, 9));
+    }
 
     #[test]
     fn local_exhaustion_is_told_from_the_instances_failures() {

@@ -238,6 +238,9 @@ pub struct GroupGauges {
     pub group: String,
     /// Waiting connections.
     pub queued: usize,
+    /// This gateway's part of the per-instance limits (soft, hard): the
+    /// group's own when it is the network's only gateway.
+    pub limits: (u16, u16),
     /// Per instance: name, active connections, marked down.
     pub instances: Vec<(String, u32, bool)>,
 }
@@ -356,6 +359,11 @@ pub fn render(
         "Connections waiting for a slot of the group.",
     )
     .family(
+        "istmesh_gateway_limit",
+        Kind::Gauge,
+        "This gateway's part of the group's per-instance limit (soft, hard): the network's online gateways split each limit between them.",
+    )
+    .family(
         "istmesh_gateway_active_connections",
         Kind::Gauge,
         "Connections open to an instance.",
@@ -395,6 +403,9 @@ pub fn render(
         let gl: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let gl = gl.as_slice();
         e.sample("istmesh_gateway_queued_connections", "", gl, g.queued);
+        for (kind, v) in [("soft", g.limits.0), ("hard", g.limits.1)] {
+            e.sample("istmesh_gateway_limit", "", &with(gl, ("limit", kind)), v);
+        }
         for (i, active, down) in &g.instances {
             let il = with(gl, ("member", i));
             e.sample("istmesh_gateway_active_connections", "", &il, active);
@@ -442,6 +453,7 @@ mod tests {
             network: "prod".into(),
             group: "my \"svc\"".into(),
             queued: 2,
+            limits: (2, 5),
             instances: vec![("web-1".into(), 1, false)],
         }];
         let gw = GatewayStats::default();
@@ -470,6 +482,7 @@ mod tests {
             "istmesh_gateway_instance_request_duration_seconds_bucket{group=\"g\",member=\"web-1\",le=\"+Inf\"} 1"
         ));
         assert!(text.contains("istmesh_gateway_map_generation 7"));
+        assert!(text.contains("istmesh_gateway_limit{group=\"my \\\"svc\\\"\",limit=\"hard\"} 5"));
         assert!(text.contains("istmesh_gateway_build_info{version=\""));
         assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
         // Every family once, with HELP and TYPE, its samples together.

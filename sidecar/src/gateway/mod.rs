@@ -435,6 +435,10 @@ pub struct Served {
     /// The membership's requests to the keyserver (the gateway's load per
     /// group goes with its traffic report); `None` for embedders.
     pub control: Option<meshlib::node::ControlRequests>,
+    /// The gateway's instance in the network: the network's gateways
+    /// split each group's limits ([`member::fleet_share`]); `None`: this
+    /// gateway counts alone.
+    pub me: Option<meshlib::ids::InstanceName>,
 }
 
 impl Served {
@@ -447,6 +451,7 @@ impl Served {
             dialer: m.dialer(),
             maps: m.map.clone(),
             control: Some(m.control_requests()),
+            me: Some(m.instance()),
         }
     }
 }
@@ -490,6 +495,7 @@ pub async fn serve_maps(
         dialer,
         maps,
         control: None,
+        me: None,
     };
     let (_keep, networks) = watch::channel(BTreeMap::from([(served.id, Arc::new(served))]));
     serve(args, tls, None, networks, false, shutdown).await
@@ -528,7 +534,7 @@ async fn follow(served: Arc<Served>, routes: Arc<Routes>, dirty: Arc<tokio::sync
     let mut maps = served.maps.clone();
     loop {
         let map = maps.borrow_and_update().clone();
-        routes.apply(&map, &served.name, &served.dialer);
+        routes.apply(&map, &served.name, &served.dialer, served.me.as_ref());
         tracing::info!(
             network = %served.name,
             generation = map.generation,

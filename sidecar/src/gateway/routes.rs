@@ -420,6 +420,10 @@ impl GroupRt {
             network: self.network_name.clone(),
             group: self.group.read().name.to_string(),
             queued: inner.pool.queued(),
+            limits: (
+                inner.pool.limits().soft_limit,
+                inner.pool.limits().hard_limit,
+            ),
             instances: inner
                 .pool
                 .active()
@@ -466,10 +470,19 @@ impl Routes {
     /// reaches: its groups added, changed (limits, ports, instances and
     /// their states) or removed; waiters dispatched if there is room.
     /// Waiters of a removed group are refused. Other networks' groups are
-    /// left as they are.
-    pub fn apply(&self, map: &NetworkMap, name: &str, dialer: &Arc<dyn Dialer>) {
+    /// left as they are. `me`: this gateway's instance in the network: the
+    /// network's online gateways split each group's limits between them
+    /// ([`super::member::fleet_share`]); `None`: this gateway alone.
+    pub fn apply(
+        &self,
+        map: &NetworkMap,
+        name: &str,
+        dialer: &Arc<dyn Dialer>,
+        me: Option<&meshlib::ids::InstanceName>,
+    ) {
         let now = Instant::now();
         let net = map.network;
+        let (gateways, rank) = fleet_rank(map, me);
         let mut groups = self.groups.write();
         groups.retain(|(n, g), _| *n != net || map.services.contains_key(g));
         for (gname, g) in &map.services {
@@ -495,7 +508,8 @@ impl Routes {
                 })
                 .collect();
             let mut inner = rt.inner.lock();
-            let out = inner.pool.update(g.limits, instances, now);
+            let limits = super::member::fleet_share(g.limits, gateways, rank);
+            let out = inner.pool.update(limits, instances, now);
             rt.hand_out(&mut inner, out);
         }
         self.generations
@@ -675,6 +689,28 @@ impl Routes {
         let generations: Vec<(String, u64)> = self.generations.lock().values().cloned().collect();
         super::metrics::render(&self.gateway, &stats, &gauges, &generations, self.multi)
     }
+}
+
+/// How many gateways serve the network of `map` (online members labelled
+/// [`super::member::GATEWAY_RUNNER`], `me` counted even before the map
+/// shows it online) and `me`'s rank among them by instance name.
+fn fleet_rank(map: &NetworkMap, me: Option<&meshlib::ids::InstanceName>) -> (usize, usize) {
+    let Some(me) = me else {
+        return (1, 0);
+    };
+    let mut gateways: Vec<&meshlib::ids::InstanceName> = map
+        .members
+        .values()
+        .filter(|m| m.runner == super::member::GATEWAY_RUNNER && m.is_online())
+        .map(|m| &m.instance)
+        .collect();
+    if !gateways.contains(&me) {
+        gateways.push(me);
+    }
+    gateways.sort();
+    gateways.dedup();
+    let rank = gateways.iter().position(|g| *g == me).unwrap_or(0);
+    (gateways.len(), rank)
 }
 
 /// How a published TCP port is served, for one group.
@@ -872,8 +908,18 @@ mod tests {
             dials: AtomicUsize::new(0),
         });
         // The same group name in both networks.
-        routes.apply(&map(a, "prod", "web", "web.one.test", 5353), "prod", &da);
-        routes.apply(&map(b, "acme", "web", "web.two.test", 5354), "acme", &db);
+        routes.apply(
+            &map(a, "prod", "web", "web.one.test", 5353),
+            "prod",
+            &da,
+            None,
+        );
+        routes.apply(
+            &map(b, "acme", "web", "web.two.test", 5354),
+            "acme",
+            &db,
+            None,
+        );
         let (rt, _) = routes.find(443, Some("WEB.one.test")).unwrap();
         assert_eq!(rt.network, a);
         assert!(Arc::ptr_eq(&rt.dialer(), &da));
@@ -900,7 +946,12 @@ mod tests {
         // A stale map claims another network's name and UDP address:
         // neither is served.
         let c = NetworkId::random();
-        routes.apply(&map(c, "stale", "x", "web.one.test", 5354), "stale", &db);
+        routes.apply(
+            &map(c, "stale", "x", "web.one.test", 5354),
+            "stale",
+            &db,
+            None,
+        );
         assert!(routes.find(443, Some("web.one.test")).is_none());
         assert!(routes.network_of("web.one.test").is_none());
         assert!(routes
@@ -915,7 +966,12 @@ mod tests {
         assert!(routes.find(443, Some("web.two.test")).is_some());
         assert_eq!(routes.networks(), vec![(b, "acme".to_owned())]);
         // A new map of one network leaves the other's groups alone.
-        routes.apply(&map(a, "prod", "api", "api.one.test", 5355), "prod", &da);
+        routes.apply(
+            &map(a, "prod", "api", "api.one.test", 5355),
+            "prod",
+            &da,
+            None,
+        );
         assert!(routes.find(443, Some("web.two.test")).is_some());
         assert!(routes.find(443, Some("api.one.test")).is_some());
     }
