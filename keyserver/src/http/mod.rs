@@ -285,7 +285,13 @@ async fn auth(State(api): State<Api>, mut req: Request, next: Next) -> Response 
 fn bearer_principal(api: &Api, given: &str) -> Option<crate::auth::Principal> {
     let now = crate::registry::unix(std::time::SystemTime::now());
     let lookup = |hash: &[u8; 32]| api.shared.read(|r| r.api_token(hash).cloned());
-    crate::auth::resolve(given.trim(), &api.token, now, lookup).ok()
+    // A gateway credential's text (`istg1.`) stands for its API token: it
+    // resolves, so that it is told it may not use the API (403).
+    let given = match given.trim().parse::<meshlib::proto::GatewayToken>() {
+        Ok(g) => crate::auth::new_secret(&g.secret),
+        Err(_) => given.trim().to_owned(),
+    };
+    crate::auth::resolve(&given, &api.token, now, lookup).ok()
 }
 
 /// Reads the body of a request that has one (POST, PUT, PATCH) within the

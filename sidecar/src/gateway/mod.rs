@@ -511,9 +511,14 @@ impl Drop for AbortOnDrop {
 }
 
 /// Follows one network's map into the routes until its membership ends
-/// (or the task is aborted: the network is no longer served); tells the
-/// listeners' loop through `dirty` after each change.
-async fn follow(served: Arc<Served>, routes: Arc<Routes>, dirty: Arc<tokio::sync::Notify>) {
+/// (said on `ended`) or the task is aborted (the network is no longer
+/// served); tells the listeners' loop through `dirty` after each change.
+async fn follow(
+    served: Arc<Served>,
+    routes: Arc<Routes>,
+    dirty: Arc<tokio::sync::Notify>,
+    ended: tokio::sync::mpsc::UnboundedSender<meshlib::ids::NetworkId>,
+) {
     // Live connections per group, for the keyserver's API and console:
     // handed to the node when they change (it sends them with its traffic
     // report, every 10 s at most).
@@ -543,6 +548,7 @@ async fn follow(served: Arc<Served>, routes: Arc<Routes>, dirty: Arc<tokio::sync
         );
         dirty.notify_one();
         if maps.changed().await.is_err() {
+            let _ = ended.send(served.id);
             return;
         }
     }
@@ -634,6 +640,7 @@ async fn serve(
     // One follower per network served (its task ends the network's part).
     let mut followers: BTreeMap<meshlib::ids::NetworkId, AbortOnDrop> = BTreeMap::new();
     let dirty = Arc::new(tokio::sync::Notify::new());
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
     let mut networks_changed = true;
     loop {
         if std::mem::take(&mut networks_changed) {
@@ -648,7 +655,12 @@ async fn serve(
             });
             for (id, served) in set {
                 followers.entry(id).or_insert_with(|| {
-                    AbortOnDrop(tokio::spawn(follow(served, routes.clone(), dirty.clone())))
+                    AbortOnDrop(tokio::spawn(follow(
+                        served,
+                        routes.clone(),
+                        dirty.clone(),
+                        ended_tx.clone(),
+                    )))
                 });
             }
             reconcile(&shared, &mut listeners).await;
@@ -659,6 +671,15 @@ async fn serve(
                 Err(_) => break,
             },
             () = dirty.notified() => reconcile(&shared, &mut listeners).await,
+            Some(id) = ended.recv() => {
+                // One network (a join token): its membership ended, so
+                // does the gateway. Several: the credential's manager
+                // joins it again.
+                if !multi {
+                    tracing::warn!(network = %id, "the gateway's membership ended");
+                    break;
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }
