@@ -574,6 +574,7 @@ fn gateway_serves_service_groups() {
         .stderr(Stdio::null())
         .spawn()
         .expect("second gateway");
+    let gw2_pid = gw2.id();
     w.backends.push(gw2);
     let via_gw2 = format!(
         "curl -sS --max-time 10 --cacert {} --connect-to '::{}:' https://{web}/who",
@@ -585,8 +586,51 @@ fn gateway_serves_service_groups() {
         Duration::from_secs(30),
         || out(&sh(&w.client.ns, &via_gw2)).starts_with("web-"),
     );
+    // Two gateways split the group's limits (8 and 16 per instance: 4 and
+    // 8 each).
+    let limit = |text: &str, kind: &str| {
+        counter(
+            text,
+            &format!("istmesh_gateway_limit{{group=\"web\",limit=\"{kind}\"}}"),
+        )
+    };
+    w.wait(
+        "the gateways split the limits",
+        Duration::from_secs(20),
+        || {
+            let (a, b) = (
+                w.metrics(),
+                out(&sh(
+                    &private_host.ns,
+                    "curl -sS http://127.0.0.1:9479/metrics",
+                )),
+            );
+            (
+                limit(&a, "soft"),
+                limit(&a, "hard"),
+                limit(&b, "soft"),
+                limit(&b, "hard"),
+            ) == (4, 8, 4, 8)
+        },
+    );
+    // It stops (SIGTERM: it leaves the network): the first one holds the
+    // whole limits again, as the steps below expect.
+    // `ip netns exec` execs the gateway: the child is the gateway.
+    assert!(Command::new("kill")
+        .args(["-TERM", &gw2_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    w.wait(
+        "the first gateway holds the whole limits",
+        Duration::from_secs(20),
+        || {
+            let m = w.metrics();
+            (limit(&m, "soft"), limit(&m, "hard")) == (8, 16)
+        },
+    );
     step(
-        "8b. a second gateway (userspace mode) serves the same network",
+        "8b. a second gateway (userspace mode) serves the same network; the two split the limits; it leaves",
         t,
     );
 
