@@ -99,7 +99,7 @@ pub struct UpArgs {
     /// warp.config.js to read `ist` overrides from.
     #[arg(long, env = "ISTM_WARP_CONFIG")]
     pub warp_config: Option<PathBuf>,
-    /// Status socket path (default <state-dir>/status.sock).
+    /// Status socket path (default: status.sock in the state directory).
     #[arg(long, env = "ISTM_STATUS_SOCKET")]
     pub status_socket: Option<PathBuf>,
     /// Port this instance serves (announced to peers; in userspace mode the
