@@ -12,11 +12,17 @@
 #   sudo benches/gateway.sh              # ROUNDS=3, DURATION=10 s per wrk run
 #   ROUNDS=5 DURATION=5 CONNS=64 sudo benches/gateway.sh
 #   ONLY="handshakes" ROUNDS=1 sudo benches/gateway.sh   # some measures only
+#       (any of: http https handshakes full resumed stream idle)
 #
 # Measures: HTTP requests/s and p99 latency, plain and over TLS (keep-alive,
 # wrk -t2 -c$CONNS), new TLS handshakes/s (`Connection: close` on every
-# request), and one TCP-mode stream's throughput (TLS terminated, 512 MiB
-# through socat), alternating ours and nginx for ROUNDS rounds; prints the
+# request; wrk keeps its TLS session, so these are mostly resumptions),
+# full and resumed TLS handshakes/s on their own (`openssl s_time -new` and
+# `-reuse`, two clients at once), one TCP-mode stream's throughput (TLS
+# terminated, 512 MiB through socat), and the memory each idle TLS
+# connection costs the server (RSS of our gateway and of nginx's processes,
+# before and after IDLE_CONNS handshaken connections that send nothing),
+# alternating ours and nginx for ROUNDS rounds; prints the
 # median of each figure, every run, and the ratios ours/nginx. A benchmark,
 # not a test: it never fails on speed. Needs root, wrk, nginx with the
 # stream module (libnginx-mod-stream), socat, openssl, curl, python3.
@@ -26,7 +32,8 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 STREAM_MB=${STREAM_MB:-512}
-ONLY=${ONLY:-http https handshakes stream}
+IDLE_CONNS=${IDLE_CONNS:-2000}
+ONLY=${ONLY:-http https handshakes full resumed stream idle}
 wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TAG=$$
@@ -123,6 +130,7 @@ done
 # Our gateway, then nginx on the same host and path.
 inns "$GW" "$SIDECAR" gateway --token "$(token 1)" --interface "gwb${TAG}gw" \
     --tls-cert "$WORK/gw.pem" --tls-key "$WORK/gw.key" --metrics 127.0.0.1:9478 \
+    --handshake-timeout 60s --max-connections-per-client 100000 \
     >"$WORK/gw.log" 2>&1 &
 mkdir -p "/etc/netns/$CL"
 printf '127.0.0.1 localhost\n%s %s\n' "$GW_IP" "$FQDN" >"/etc/netns/$CL/hosts"
@@ -182,6 +190,54 @@ stream() {
     echo "$STREAM_MB $start $end" | awk '{ printf "%.0f", $1 * 8 * 1.048576 / ($3 - $2) }'
 }
 
+# Full (`-new`) or resumed (`-reuse`) TLS handshakes/s: two `openssl
+# s_time` clients at once for DURATION s, connections over real seconds
+# summed. No SNI: both servers show their one certificate.
+s_time() { # port -new|-reuse
+    local pa
+    inns "$CL" openssl s_time -connect "$FQDN:$1" "$2" -time "$DURATION" >"$WORK/st.a" 2>/dev/null &
+    pa=$!
+    inns "$CL" openssl s_time -connect "$FQDN:$1" "$2" -time "$DURATION" >"$WORK/st.b" 2>/dev/null || true
+    wait "$pa" || true
+    cat "$WORK/st.a" "$WORK/st.b" | awk '/connections in [0-9]+ real seconds/ { n += $1; t = $4 > t ? $4 : t } END { if (t > 0) printf "%.0f", n / t; else print 0 }'
+}
+
+# RSS (KiB) of our gateway, or of nginx's master and workers.
+rss() {
+    local pids
+    if [ "$1" = ours ]; then
+        pids=$(for p in $(ip netns pids "$GW"); do [ "$(cat "/proc/$p/comm" 2>/dev/null)" = sidecar ] && echo "$p"; done)
+    else
+        pids="$(cat "$WORK/gwn.pid") $(pgrep -P "$(cat "$WORK/gwn.pid")" | tr '\n' ' ')"
+    fi
+    for p in $pids; do awk '/^VmRSS/ { print $2 }' "/proc/$p/status"; done | awk '{ s += $1 } END { print s + 0 }'
+}
+
+# Memory per idle TLS connection (bytes): IDLE_CONNS connections that
+# finish their TLS handshake and send nothing, held while RSS is read.
+cat >"$WORK/idle.py" <<'PYEOF'
+import socket, ssl, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+held = []
+for _ in range(n):
+    s = socket.create_connection((host, port), timeout=10)
+    held.append(ctx.wrap_socket(s, server_hostname=host))
+print("open", flush=True)
+sys.stdin.readline()
+PYEOF
+idle_mem() { # who port
+    local before after
+    before=$(rss "$1")
+    coproc IDLE { inns "$CL" python3 "$WORK/idle.py" "$FQDN" "$2" "$IDLE_CONNS"; }
+    read -r _ <&"${IDLE[0]}"
+    sleep 1
+    after=$(rss "$1")
+    echo >&"${IDLE[1]}"
+    wait "$IDLE_PID" 2>/dev/null || true
+    awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }'
+}
+
 # Whether a client that kept its session resumes it (wrk keeps its
 # connection's session across reconnects, so the handshake measure counts
 # resumptions where a server allows them).
@@ -224,8 +280,17 @@ for round in $(seq "$ROUNDS"); do
                 echo "nginx handshakes12 $rps $p99" >>"$WORK/results"
             fi
         fi
+        if wanted full; then
+            echo "$who full $(s_time "$P443" -new) 0" >>"$WORK/results"
+        fi
+        if wanted resumed; then
+            echo "$who resumed $(s_time "$P443" -reuse) 0" >>"$WORK/results"
+        fi
         if wanted stream; then
             echo "$who stream $(stream "$PTCP") 0" >>"$WORK/results"
+        fi
+        if wanted idle; then
+            echo "$who idle $(idle_mem "$who" "$P443") 0" >>"$WORK/results"
         fi
     done
     echo "round $round done" >&2
@@ -240,6 +305,9 @@ O_TLS=$(median ours https 3) O_TLS99=$(median ours https 4)
 N_TLS=$(median nginx https 3) N_TLS99=$(median nginx https 4)
 O_HS=$(median ours handshakes 3) N_HS=$(median nginx handshakes 3) N_HS12=$(median nginx handshakes12 3)
 O_STREAM=$(median ours stream 3) N_STREAM=$(median nginx stream 3)
+O_FULL=$(median ours full 3) N_FULL=$(median nginx full 3)
+O_RES=$(median ours resumed 3) N_RES=$(median nginx resumed 3)
+O_IDLE=$(median ours idle 3) N_IDLE=$(median nginx idle 3)
 echo "every run (who, measure, value, p99 ms):" >&2
 cat "$WORK/results" >&2
 
@@ -251,5 +319,8 @@ printf '%-34s %14s %14s %8s\n' "HTTPS req/s (keep-alive)" "$O_TLS" "$N_TLS" "$(r
 printf '%-34s %14s %14s %8s\n' "HTTPS p99 ms" "$O_TLS99" "$N_TLS99" "$(ratio "$O_TLS99" "$N_TLS99")"
 printf '%-34s %14s %14s %8s\n' "new TLS handshakes/s" "$O_HS" "$N_HS" "$(ratio "$O_HS" "$N_HS")"
 printf '%-34s %14s %14s %8s\n' "  nginx TLS <=1.2 only (1.22 default)" "$O_HS" "$N_HS12" "$(ratio "$O_HS" "$N_HS12")"
+printf '%-34s %14s %14s %8s\n' "full TLS handshakes/s (s_time -new)" "$O_FULL" "$N_FULL" "$(ratio "$O_FULL" "$N_FULL")"
+printf '%-34s %14s %14s %8s\n' "resumed TLS handshakes/s (-reuse)" "$O_RES" "$N_RES" "$(ratio "$O_RES" "$N_RES")"
 printf '%-34s %14s %14s %8s\n' "TCP mode, one stream, Mbit/s" "$O_STREAM" "$N_STREAM" "$(ratio "$O_STREAM" "$N_STREAM")"
+printf '%-34s %14s %14s %8s\n' "bytes per idle TLS connection" "$O_IDLE" "$N_IDLE" "$(ratio "$O_IDLE" "$N_IDLE")"
 echo "gateway: HTTP $(ratio "$O_HTTP" "$N_HTTP")x nginx req/s (p99 $O_HTTP99 vs $N_HTTP99 ms), HTTPS $(ratio "$O_TLS" "$N_TLS")x (p99 $O_TLS99 vs $N_TLS99 ms), handshakes $(ratio "$O_HS" "$N_HS")x ($(ratio "$O_HS" "$N_HS12")x against TLS <=1.2 only), TCP stream $(ratio "$O_STREAM" "$N_STREAM")x"
