@@ -976,6 +976,53 @@ mod tests {
         assert!(routes.find(443, Some("api.one.test")).is_some());
     }
 
+    /// The gateways of a network are its online members labelled
+    /// `gateway`; this one counts before its map shows it; rank by name.
+    #[test]
+    fn gateways_count_each_other_from_the_map() {
+        let member = |inst: &str, runner: &str, online: bool, n: u8| meshlib::netmap::Member {
+            public_key: meshlib::keys::PrivateKey::generate().public_key(),
+            ip: std::net::Ipv4Addr::new(10, 240, 0, n),
+            endpoints: vec![],
+            service: "gateway".into(),
+            app_id: "gateway".parse().unwrap(),
+            process_type: "web".parse().unwrap(),
+            index: u32::from(n),
+            instance: inst.parse().unwrap(),
+            runner: runner.into(),
+            ports: vec![],
+            state: if online {
+                meshlib::netmap::MemberState::Online
+            } else {
+                meshlib::netmap::MemberState::Offline
+            },
+        };
+        let mut m = NetworkMap::new(NetworkId::random(), "prod", meshlib::ipam::DEFAULT_RANGE);
+        for (i, (inst, runner, online)) in [
+            ("gateway-web-2", "gateway", true),
+            ("gateway-web-1", "gateway", true),
+            ("gateway-web-3", "gateway", false),
+            ("api-web-1", "host-a", true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mem = member(inst, runner, online, i as u8 + 1);
+            m.members.insert(mem.public_key, mem);
+        }
+        let name = |s: &str| -> meshlib::ids::InstanceName { s.parse().unwrap() };
+        assert_eq!(fleet_rank(&m, None), (1, 0), "alone without a name");
+        assert_eq!(fleet_rank(&m, Some(&name("gateway-web-1"))), (2, 0));
+        assert_eq!(fleet_rank(&m, Some(&name("gateway-web-2"))), (2, 1));
+        // Not in the map yet: counted.
+        assert_eq!(fleet_rank(&m, Some(&name("gateway-web-0"))), (3, 0));
+        // The offline one comes back: three.
+        for mem in m.members.values_mut() {
+            mem.state = meshlib::netmap::MemberState::Online;
+        }
+        assert_eq!(fleet_rank(&m, Some(&name("gateway-web-3"))), (3, 2));
+    }
+
     #[test]
     fn hosts_are_normalized() {
         assert_eq!(
