@@ -71,6 +71,23 @@ async fn reads_never_wait_for_a_frozen_etcd_leader() {
         .await
         .expect("join the watcher");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The network reaches the other replica through etcd's watch: the reads
+    // below start once both replicas know it (the setup, not the storm).
+    for h in &hs {
+        let client = keyserver::admin::AdminClient::new(&h.api, &h.admin_token);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while client
+            .call(Method::GET, &format!("/v1/networks/{net}/members"), None)
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a replica did not learn the network within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     // Admin GETs on both replicas, every 20 ms.
     let mut readers = Vec::new();
     for h in &hs {
