@@ -32,19 +32,7 @@ use mesh_support::{bin, Mesh, Sidecar};
 
 /// Why this test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
-    if let Some(why) = dataplane_support::skip_reason() {
-        return Some(why.to_owned());
-    }
-    for tool in ["curl", "openssl", "python3"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
+    gateway_support::skip_reason(&["curl", "openssl", "python3"])
 }
 
 /// The test's world; everything is stopped and removed on drop.
@@ -107,16 +95,8 @@ impl World {
     }
 
     /// Waits until `cond` holds, printing the gateway's log if not.
-    fn wait(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}; gateway log:\n{}",
-                self.gw_log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    fn wait(&self, what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+        gateway_support::wait_until(what, limit, || self.gw_log(), cond);
     }
 }
 

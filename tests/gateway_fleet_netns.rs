@@ -32,19 +32,7 @@ use mesh_support::{bin, Mesh, Sidecar};
 
 /// Why this test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
-    if let Some(why) = dataplane_support::skip_reason() {
-        return Some(why.to_owned());
-    }
-    for tool in ["curl", "openssl", "python3"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
+    gateway_support::skip_reason(&["curl", "openssl", "python3"])
 }
 
 /// The test's world; everything is stopped and removed on drop.
@@ -113,17 +101,9 @@ impl World {
             .join("\n----\n")
     }
 
-    /// Waits until `cond` holds, printing the gateways' logs if not.
-    fn wait(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}; gateway logs:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    /// Waits until `cond` holds, printing the gateway's log if not.
+    fn wait(&self, what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+        gateway_support::wait_until(what, limit, || self.logs(), cond);
     }
 
     /// A gateway with the credential in `credential` (a file), on the

@@ -35,19 +35,7 @@ fn ws_script() -> PathBuf {
 
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
-    if let Some(why) = dataplane_support::skip_reason() {
-        return Some(why.to_owned());
-    }
-    for tool in ["curl", "openssl", "socat", "python3"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return Some(format!("needs {tool}"));
-        }
-    }
-    None
+    gateway_support::skip_reason(&["curl", "openssl", "socat", "python3"])
 }
 
 /// The test's world.

@@ -11,6 +11,43 @@ use crate::dataplane_support::{must, run};
 /// The service domain of the tests' groups.
 pub const DOMAIN: &str = "apps.ist-mesh.internal";
 
+/// Why a gateway test cannot run here, if it cannot: the namespace
+/// prerequisites, or one of `tools` missing.
+pub fn skip_reason(tools: &[&str]) -> Option<String> {
+    if let Some(why) = crate::dataplane_support::skip_reason() {
+        return Some(why.to_owned());
+    }
+    for tool in tools {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            return Some(format!("needs {tool}"));
+        }
+    }
+    None
+}
+
+/// Waits (bounded by `limit`, polling every 200 ms) until `cond` holds;
+/// fails naming `what` with `logs()` (the gateways' logs) if not.
+pub fn wait_until(
+    what: &str,
+    limit: std::time::Duration,
+    logs: impl Fn() -> String,
+    mut cond: impl FnMut() -> bool,
+) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}; gateway log:\n{}",
+            logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A script of this folder.
 pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
