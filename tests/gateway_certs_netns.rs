@@ -358,4 +358,93 @@ fn the_gateway_picks_and_reloads_certificates_per_name() {
     assert_eq!(meshlib::metrics::lint(&m), Ok(()));
     gateway_support::promtool_check(&m);
     step("6. metrics", t);
+
+    // 7. A group's own names beside its FQDN: added to a running group
+    // (PATCH through the CLI) and given at creation, served without a
+    // restart with the certificate that covers them; removed, no longer
+    // routed to the group.
+    let names_ca = issue_cert(
+        &work,
+        &dir,
+        "shop-own",
+        "names-ca",
+        &["shop.test", "*.shop.test", "blog.test"],
+    );
+    let set = w.admin(&[
+        "service",
+        "set",
+        "shop",
+        "--network",
+        "prod",
+        "--also",
+        "www.shop.test",
+        "--also",
+        "SHOP.test",
+    ]);
+    assert!(
+        set.contains("\"shop.test\"") && set.contains("www.shop.test"),
+        "{set}"
+    );
+    for name in ["shop.test", "www.shop.test"] {
+        w.wait(
+            &format!("shop served as {name}"),
+            Duration::from_secs(20),
+            || out(&w.curl(&names_ca, &format!("https://{name}/who"))) == "web-a\n",
+        );
+    }
+    let shown = w.s_client("www.shop.test");
+    assert!(shown.contains("names-ca"), "{shown}");
+    // Its FQDN still works, with its own certificate.
+    assert_eq!(
+        out(&w.curl(&renewed_ca, "https://shop.example.test/who")),
+        "web-a\n"
+    );
+    let blog = w.admin(&[
+        "service",
+        "create",
+        "blog",
+        "--network",
+        "prod",
+        "--also",
+        "blog.test",
+        "-p",
+        "443:8080/http+tls",
+        "--instance",
+        "web-a",
+    ]);
+    assert!(blog.contains("blog.test"), "{blog}");
+    w.wait("blog served as blog.test", Duration::from_secs(20), || {
+        out(&w.curl(&names_ca, "https://blog.test/who")) == "web-a\n"
+    });
+    // A name another group holds is refused, and nothing changes.
+    let taken = w.mesh.admin_fails(&[
+        "service",
+        "set",
+        "blog",
+        "--network",
+        "prod",
+        "--also",
+        "shop.test",
+    ]);
+    assert!(taken.contains("already used"), "{taken}");
+    let shown = w.admin(&["service", "get", "blog", "--network", "prod"]);
+    assert!(!shown.contains("\"shop.test\""), "{shown}");
+    // Removed: the name reaches no group (the certificate still covers
+    // it, so the request is routed by its Host and finds none).
+    w.admin(&["service", "set", "shop", "--network", "prod", "--no-names"]);
+    w.wait(
+        "www.shop.test no longer routed",
+        Duration::from_secs(20),
+        || {
+            out(&w.curl(
+                &names_ca,
+                "-o /dev/null -w '%{http_code}' https://www.shop.test/who",
+            )) == "404"
+        },
+    );
+    assert_eq!(
+        out(&w.curl(&renewed_ca, "https://shop.example.test/who")),
+        "web-a\n"
+    );
+    step("7. a group's own names, added and removed live", t);
 }

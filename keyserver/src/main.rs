@@ -482,6 +482,10 @@ enum ServiceCmd {
         /// External FQDN (default `<name>-<random>.<service-domain>`).
         #[arg(long)]
         fqdn: Option<String>,
+        /// Another name the group answers to (its own domain; repeat, at
+        /// most 16), e.g. `--also www.example.com`.
+        #[arg(long = "also", value_name = "FQDN")]
+        names: Vec<String>,
         /// Per-instance soft limit (default 1).
         #[arg(long)]
         soft_limit: Option<i64>,
@@ -540,6 +544,12 @@ enum ServiceCmd {
         /// Seconds a connection waits for a woken instance.
         #[arg(long)]
         wake_timeout_secs: Option<i64>,
+        /// Replace the names beside the FQDN (repeat).
+        #[arg(long = "also", value_name = "FQDN", conflicts_with = "no_names")]
+        names: Vec<String>,
+        /// Remove every name beside the FQDN.
+        #[arg(long)]
+        no_names: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -755,6 +765,7 @@ async fn service_admin(
             network,
             publish,
             fqdn,
+            names,
             soft_limit,
             hard_limit,
             instances,
@@ -771,7 +782,7 @@ async fn service_admin(
             let mut body = json!({
                 "name": name, "ports": publish_specs(&publish)?, "instances": instances,
                 "soft_limit": soft_limit, "hard_limit": hard_limit, "fqdn": fqdn,
-                "wake_timeout_secs": wake_timeout_secs,
+                "names": names, "wake_timeout_secs": wake_timeout_secs,
             });
             if !wake.is_null() {
                 body["wake"] = wake;
@@ -797,11 +808,16 @@ async fn service_admin(
             soft_limit,
             hard_limit,
             wake_timeout_secs,
+            names,
+            no_names,
             api,
         } => {
             let mut body = json!({});
             if !publish.is_empty() {
                 body["ports"] = json!(publish_specs(&publish)?);
+            }
+            if !names.is_empty() || no_names {
+                body["names"] = json!(names);
             }
             for (key, value) in [
                 ("soft_limit", soft_limit),

@@ -122,10 +122,11 @@ pub struct Push {
     pub to: u64,
     /// The encoded [`ServerMsg::Delta`] frame.
     pub frame: Arc<[u8]>,
-    /// The frame for members of protocol version 3 or older, when the
-    /// delta holds changes they cannot decode (service addresses); `None`:
-    /// `frame` is fine for them too.
-    pub legacy: Option<Arc<[u8]>>,
+    /// Frames for members of older protocol versions, when the delta
+    /// holds changes they cannot decode ([`meshlib::netmap::MapChange::since`]):
+    /// `(v, frame)` is for members of version `v` or older, ascending by
+    /// `v`; a member of a version none covers gets `frame`.
+    pub legacy: Vec<(u16, Arc<[u8]>)>,
     /// The member this change removed, if any.
     pub removed: Option<PublicKey>,
     /// When it was published (push latency).
@@ -1011,9 +1012,14 @@ impl Shared {
             return;
         }
         let (from, to) = (change.delta.from, change.delta.to);
-        let legacy = crate::session::legacy_delta(&change.delta)
-            .and_then(|d| proto::encode_frame(&ServerMsg::Delta(d), usize::MAX).ok())
-            .map(Arc::from);
+        let legacy = [3, proto::VERSION - 1]
+            .into_iter()
+            .filter_map(|v| {
+                let d = crate::session::legacy_delta(&change.delta, v)?;
+                let frame = proto::encode_frame(&ServerMsg::Delta(d), usize::MAX).ok()?;
+                Some((v, Arc::from(frame)))
+            })
+            .collect();
         let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(change.delta), usize::MAX) else {
             return;
         };

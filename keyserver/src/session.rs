@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
-use meshlib::netmap::{MapChange, MapDelta, Member};
+use meshlib::netmap::{MapDelta, Member};
 use meshlib::proto::{
     self, ClientMsg, ErrorCode, Goodbye, Hello, ProtoError, Request, Secret, ServerMsg, Welcome,
 };
@@ -100,11 +100,12 @@ pub struct StreamSession {
     _open: OpenSession,
 }
 
-/// The delta a member of protocol version 3 or older is sent: without the
-/// changes it cannot decode (service addresses, version 4); `None` when
-/// there are none (the delta is fine as it is).
-pub fn legacy_delta(d: &MapDelta) -> Option<MapDelta> {
-    if d.changes.iter().all(MapChange::before_v4) {
+/// The delta a member of protocol version `version` is sent: without the
+/// changes it cannot decode ([`meshlib::netmap::MapChange::since`]: service addresses came
+/// with version 4, a group's own names with version 5); `None` when there
+/// are none (the delta is fine as it is).
+pub fn legacy_delta(d: &MapDelta, version: u16) -> Option<MapDelta> {
+    if d.changes.iter().all(|c| c.since() <= version) {
         return None;
     }
     Some(MapDelta {
@@ -113,7 +114,7 @@ pub fn legacy_delta(d: &MapDelta) -> Option<MapDelta> {
         changes: d
             .changes
             .iter()
-            .filter(|c| c.before_v4())
+            .filter(|c| c.since() <= version)
             .cloned()
             .collect(),
     })
@@ -325,10 +326,7 @@ impl StreamSession {
             Catchup::UpToDate => None,
             Catchup::Delta(d) => {
                 self.sent = d.to;
-                let d = match self.version < 4 {
-                    true => legacy_delta(&d).unwrap_or(d),
-                    false => d,
-                };
+                let d = legacy_delta(&d, self.version).unwrap_or(d);
                 Some(Reply::Msg(ServerMsg::Delta(d)))
             }
             Catchup::Snapshot(map) => {
@@ -391,10 +389,11 @@ impl StreamSession {
                     // The removal itself is not sent: the stream ends.
                     return Err(self.gone(shared));
                 }
-                let frame = match (self.version < 4, p.legacy) {
-                    (true, Some(legacy)) => legacy,
-                    _ => p.frame,
-                };
+                let frame = p
+                    .legacy
+                    .into_iter()
+                    .find(|(upto, _)| self.version <= *upto)
+                    .map_or(p.frame, |(_, f)| f);
                 Ok(vec![Reply::Frame(frame)])
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -590,5 +589,44 @@ impl StreamSession {
     /// async runtime moves it to a blocking thread).
     pub fn may_write(&self, msg: &ClientMsg, observed: SocketAddr) -> bool {
         observed != self.observed || !matches!(msg, ClientMsg::GetMap(_) | ClientMsg::GetRelay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshlib::netmap::{MapChange, ServiceAddress};
+
+    use super::*;
+
+    /// Each member is sent what its protocol version decodes: version 3
+    /// neither service addresses nor a group's names, version 4 no names,
+    /// version 5 everything (the delta as it is).
+    #[test]
+    fn older_members_get_deltas_without_what_they_cannot_decode() {
+        let group: meshlib::services::GroupName = "shop".parse().unwrap();
+        let address = ServiceAddress {
+            service: "api".into(),
+            ip: std::net::Ipv4Addr::new(10, 240, 4, 1),
+            wake_timeout_secs: None,
+            ports: vec![],
+        };
+        let d = MapDelta {
+            from: 4,
+            to: 5,
+            changes: vec![
+                MapChange::ServiceRemove("old".parse().unwrap()),
+                MapChange::AddressUpsert(address),
+                MapChange::GroupNames(group, vec!["shop.test".into()]),
+            ],
+        };
+        let kinds = |d: &MapDelta| d.changes.iter().map(MapChange::since).collect::<Vec<_>>();
+        assert_eq!(kinds(&legacy_delta(&d, 3).unwrap()), [2]);
+        assert_eq!(kinds(&legacy_delta(&d, 4).unwrap()), [2, 4]);
+        assert!(legacy_delta(&d, proto::VERSION).is_none());
+        let old_only = MapDelta {
+            changes: vec![MapChange::ServiceRemove("old".parse().unwrap())],
+            ..d
+        };
+        assert!(legacy_delta(&old_only, 3).is_none());
     }
 }

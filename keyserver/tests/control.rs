@@ -336,3 +336,98 @@ async fn observed_endpoint_follows_a_rebinding() {
     );
     h.stop().await;
 }
+
+/// A group's own names (protocol version 5) reach a current member by
+/// snapshot and delta; a member that joined with version 4 gets the same
+/// generations with the names left out of its deltas (it could not decode
+/// them), and everything else it can decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_4_member_is_not_sent_group_names() {
+    use meshlib::proto::{self, Hello, JoinRequest, Request, ServerMsg};
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 5})).await;
+    let ep = client_endpoint();
+    let config = control::quic_config(h.fingerprint, &cfg()).unwrap();
+    let conn = ep
+        .connect_with(config, h.quic, proto::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (_ka, meta_a) = meta("api");
+    let hello = Hello {
+        version: 4,
+        request: Request::Join(JoinRequest {
+            network: token.network,
+            token_secret: token.secret,
+            public_key: meta_a.public_key,
+            service: meta_a.service,
+            app_id: None,
+            process_type: meta_a.process_type,
+            instance: None,
+            runner: meta_a.runner,
+            ports: vec![],
+            endpoints: vec![],
+            service_groups: vec![],
+            publish: vec![],
+            replace: false,
+            ephemeral: false,
+        }),
+    };
+    proto::write_frame(&mut send, &hello, 1 << 20)
+        .await
+        .unwrap();
+    let max = 1 << 20;
+    let first: ServerMsg = proto::read_frame(&mut recv, max).await.unwrap();
+    assert!(matches!(first, ServerMsg::Welcome(_)), "{first:?}");
+    let ServerMsg::Snapshot(mut old) = proto::read_frame(&mut recv, max).await.unwrap() else {
+        panic!("expected a snapshot");
+    };
+    let (_kb, mut b) = join(&ep, &token, "api").await;
+    let services = "/v1/networks/prod/services";
+    h.call(
+        Method::POST,
+        services,
+        Some(json!({"name": "shop", "fqdn": "shop.example.test",
+            "names": ["www.shop.test"], "ports": [{"port": 443, "destination_port": 8080,
+            "handlers": ["http", "tls"]}]})),
+    )
+    .await
+    .unwrap();
+    h.call(
+        Method::PATCH,
+        &format!("{services}/shop"),
+        Some(json!({"names": ["www.shop.test", "shop.test"]})),
+    )
+    .await
+    .unwrap();
+    let shop: meshlib::services::GroupName = "shop".parse().unwrap();
+    until(&mut b, Duration::from_secs(10), |s| {
+        s.map().group_names(&shop) == ["shop.example.test", "shop.test", "www.shop.test"]
+    })
+    .await;
+    let target = b.map().generation;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old.generation < target {
+        assert!(Instant::now() < deadline, "stuck at {}", old.generation);
+        let next = tokio::time::timeout(Duration::from_secs(10), proto::read_frame(&mut recv, max));
+        match next.await.unwrap().unwrap() {
+            ServerMsg::Delta(d) => {
+                assert!(
+                    d.changes.iter().all(|c| c.since() <= 4),
+                    "a version 4 member was sent {:?}",
+                    d.changes
+                );
+                old.apply(&d).expect("no gaps");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(old.services[&shop].fqdn, "shop.example.test");
+    assert!(old.names.is_empty(), "{:?}", old.names);
+    // A current member's snapshot holds them.
+    let (_kc, c) = join(&ep, &token, "api").await;
+    assert_eq!(c.map().names[&shop], ["shop.test", "www.shop.test"]);
+}

@@ -114,6 +114,12 @@ pub struct NetworkMap {
     /// ([`ServiceAddress`]). Appended; older maps have none.
     #[serde(default)]
     pub addresses: BTreeMap<String, ServiceAddress>,
+    /// The names a service group answers to beside its
+    /// [`ServiceGroup::fqdn`] (its own domains: `Host` and SNI pick the
+    /// group by any of them), by group; a group without is absent.
+    /// Version 5, appended: older members read the map without it.
+    #[serde(default)]
+    pub names: BTreeMap<GroupName, Vec<String>>,
 }
 
 /// A service's own stable private address (its VIP): what `<service>.warp`
@@ -167,13 +173,30 @@ pub enum MapChange {
     AddressUpsert(ServiceAddress),
     /// A service address was released (its service is gone). Version 4.
     AddressRemove(String),
+    /// A service group's own names ([`NetworkMap::names`]) were set; empty:
+    /// it has none. Version 5: older members are sent deltas without it.
+    GroupNames(GroupName, Vec<String>),
 }
 
 impl MapChange {
+    /// The first protocol version whose members can decode this change
+    /// (service addresses came with version 4, a group's own names with
+    /// version 5); the keyserver leaves it out of what older members are
+    /// sent.
+    pub fn since(&self) -> u16 {
+        match self {
+            Self::Upsert(_) | Self::Remove(_) | Self::ServiceUpsert(_) | Self::ServiceRemove(_) => {
+                2
+            }
+            Self::AddressUpsert(_) | Self::AddressRemove(_) => 4,
+            Self::GroupNames(..) => 5,
+        }
+    }
+
     /// Whether a member of protocol version 3 or older can decode this
     /// change (service addresses came with version 4).
     pub fn before_v4(&self) -> bool {
-        !matches!(self, Self::AddressUpsert(_) | Self::AddressRemove(_))
+        self.since() < 4
     }
 }
 
@@ -222,6 +245,7 @@ impl NetworkMap {
             services: BTreeMap::new(),
             service_range: None,
             addresses: BTreeMap::new(),
+            names: BTreeMap::new(),
         }
     }
 
@@ -253,12 +277,20 @@ impl NetworkMap {
                 }
                 MapChange::ServiceRemove(name) => {
                     self.services.remove(name);
+                    self.names.remove(name);
                 }
                 MapChange::AddressUpsert(a) => {
                     self.addresses.insert(a.service.clone(), a.clone());
                 }
                 MapChange::AddressRemove(service) => {
                     self.addresses.remove(service);
+                }
+                MapChange::GroupNames(group, names) => {
+                    if names.is_empty() {
+                        self.names.remove(group);
+                    } else {
+                        self.names.insert(group.clone(), names.clone());
+                    }
                 }
             }
         }
@@ -284,6 +316,7 @@ impl NetworkMap {
             services: self.services.clone(),
             service_range: self.service_range,
             addresses: self.addresses.clone(),
+            names: self.names.clone(),
         }
     }
 
@@ -309,6 +342,23 @@ impl NetworkMap {
     /// The service whose address is `ip`, if any.
     pub fn address_of(&self, ip: Ipv4Addr) -> Option<&ServiceAddress> {
         self.addresses.values().find(|a| a.ip == ip)
+    }
+
+    /// Every name service group `group` answers to: its FQDN, then its
+    /// own names ([`NetworkMap::names`]); empty for no such group.
+    pub fn group_names(&self, group: &GroupName) -> Vec<&str> {
+        let Some(g) = self.services.get(group) else {
+            return Vec::new();
+        };
+        std::iter::once(g.fqdn.as_str())
+            .chain(
+                self.names
+                    .get(group)
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            )
+            .collect()
     }
 
     /// The member with this instance name.
@@ -525,6 +575,123 @@ pub(crate) mod tests {
         assert_eq!(
             default_service_range("255.255.255.0/24".parse().unwrap()),
             None
+        );
+    }
+
+    /// A group's own names (version 5): applied by a current member and
+    /// cleared with the group; a version 4 member reads a snapshot that
+    /// holds them (they come last in the frame) but not the change, which
+    /// the keyserver leaves out for it.
+    #[test]
+    fn group_names_travel_to_current_members_only() {
+        use crate::services::{check_group, check_names, GroupSpec, PortSpec};
+        #[derive(Deserialize)]
+        struct MapV4 {
+            _network: NetworkId,
+            _name: String,
+            _range: Ipv4Net,
+            generation: u64,
+            _members: BTreeMap<PublicKey, Member>,
+            services: BTreeMap<GroupName, ServiceGroup>,
+            _service_range: Option<Ipv4Net>,
+            _addresses: BTreeMap<String, ServiceAddress>,
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        enum ChangeV4 {
+            _Upsert(Member),
+            _Remove(PublicKey),
+            _ServiceUpsert(ServiceGroup),
+            _ServiceRemove(GroupName),
+            _AddressUpsert(ServiceAddress),
+            _AddressRemove(String),
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        enum ServerMsgV4 {
+            _Welcome(crate::proto::Welcome),
+            Snapshot(MapV4),
+            Delta {
+                _from: u64,
+                _to: u64,
+                _changes: Vec<ChangeV4>,
+            },
+        }
+        let spec = GroupSpec {
+            name: "web".into(),
+            ports: vec![PortSpec {
+                port: 443,
+                handlers: vec!["http".into(), "tls".into()],
+                ..PortSpec::default()
+            }],
+            ..GroupSpec::default()
+        };
+        let g = check_group(&spec, None, "abcdefgh", "example.test").unwrap();
+        let names = check_names(&["WWW.Shop.test.".into(), "shop.test".into()], &g.fqdn).unwrap();
+        assert_eq!(names, ["shop.test", "www.shop.test"]);
+        let mut map = empty_map();
+        map.apply(&MapDelta {
+            from: 0,
+            to: 1,
+            changes: vec![
+                MapChange::ServiceUpsert(g.clone()),
+                MapChange::GroupNames(g.name.clone(), names.clone()),
+            ],
+        })
+        .unwrap();
+        assert_eq!(
+            map.group_names(&g.name),
+            ["web-abcdefgh.example.test", "shop.test", "www.shop.test"]
+        );
+        let frame =
+            crate::proto::encode_frame(&crate::proto::ServerMsg::Snapshot(map.clone()), 1 << 20)
+                .unwrap();
+        match crate::proto::decode_payload::<ServerMsgV4>(&frame[4..]).unwrap() {
+            ServerMsgV4::Snapshot(old) => {
+                assert_eq!(old.generation, 1);
+                assert_eq!(old.services[&g.name], g);
+            }
+            _ => panic!("not a snapshot"),
+        }
+        let set = MapChange::GroupNames(g.name.clone(), vec![]);
+        assert_eq!((set.since(), set.before_v4()), (5, false));
+        let delta = MapDelta {
+            from: 1,
+            to: 2,
+            changes: vec![set],
+        };
+        let frame =
+            crate::proto::encode_frame(&crate::proto::ServerMsg::Delta(delta.clone()), 1 << 20)
+                .unwrap();
+        assert!(crate::proto::decode_payload::<ServerMsgV4>(&frame[4..]).is_err());
+        // Empty names clear them; the group stays.
+        let mut cleared = map.clone();
+        cleared.apply(&delta).unwrap();
+        assert_eq!(cleared.group_names(&g.name), ["web-abcdefgh.example.test"]);
+        assert!(cleared.names.is_empty());
+        // Removing the group takes its names with it.
+        map.apply(&MapDelta {
+            from: 1,
+            to: 2,
+            changes: vec![MapChange::ServiceRemove(g.name.clone())],
+        })
+        .unwrap();
+        assert!(map.names.is_empty() && map.group_names(&g.name).is_empty());
+        // Bad names are refused with the rule.
+        let e = check_names(&["shop.test".into(), "SHOP.test".into()], &g.fqdn).unwrap_err();
+        assert_eq!(e.rule(), "name-twice");
+        let e = check_names(&[g.fqdn.clone()], &g.fqdn).unwrap_err();
+        assert_eq!(e.rule(), "name-twice");
+        assert_eq!(
+            check_names(&["no_dots".into()], &g.fqdn)
+                .unwrap_err()
+                .rule(),
+            "fqdn"
+        );
+        let many: Vec<String> = (0..17).map(|i| format!("n{i}.shop.test")).collect();
+        assert_eq!(
+            check_names(&many, &g.fqdn).unwrap_err().rule(),
+            "too-many-names"
         );
     }
 

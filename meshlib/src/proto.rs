@@ -56,8 +56,11 @@ use crate::netmap::{MapDelta, NetworkMap};
 /// map's appended fields, two [`crate::netmap::MapChange`] variants, which
 /// the keyserver leaves out of the deltas it sends older members) and the
 /// member requests of scale to zero and traffic per service
-/// ([`ClientMsg::Wake`], [`ClientMsg::Traffic`]).
-pub const VERSION: u16 = 4;
+/// ([`ClientMsg::Wake`], [`ClientMsg::Traffic`]); version 5 added a
+/// service group's own names ([`crate::netmap::NetworkMap::names`], an
+/// appended map field, and [`crate::netmap::MapChange::GroupNames`], left
+/// out of the deltas older members are sent).
+pub const VERSION: u16 = 5;
 
 /// The first protocol version whose keyserver takes [`ClientMsg::Wake`]
 /// and [`ClientMsg::Traffic`] (an older one cannot decode them and would
@@ -669,8 +672,8 @@ pub fn parse_hello(payload: &[u8]) -> Result<Hello, HelloError> {
         .map_err(|e| HelloError::Malformed(e.to_string()))?;
     let malformed = |e: postcard::Error| HelloError::Malformed(e.to_string());
     match version {
-        // Versions 3 and 4 share the hello.
-        3 | VERSION => postcard::from_bytes::<Hello>(payload).map_err(malformed),
+        // Versions 3 to 5 share the hello.
+        3..=VERSION => postcard::from_bytes::<Hello>(payload).map_err(malformed),
         2 => postcard::from_bytes::<HelloV2>(payload)
             .map(Hello::from)
             .map_err(malformed),
@@ -920,6 +923,15 @@ mod tests {
         }
         let bytes = postcard::to_stdvec(&now).unwrap();
         assert_eq!(parse_hello(&bytes).unwrap(), now);
+        // Every version from 3 on shares this hello: each is read.
+        for v in 3..=VERSION {
+            let older = Hello {
+                version: v,
+                ..now.clone()
+            };
+            let bytes = postcard::to_stdvec(&older).unwrap();
+            assert_eq!(parse_hello(&bytes).unwrap(), older, "version {v}");
+        }
         // A future version is named, not called malformed.
         let mut future = bytes.clone();
         future[0] = 9;

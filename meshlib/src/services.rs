@@ -57,6 +57,8 @@ pub const MAX_WAKE_TIMEOUT_SECS: u32 = 3600;
 pub const MAX_PORTS: usize = 32;
 /// Most instances attached to one group.
 pub const MAX_INSTANCES: usize = 1024;
+/// Most names a group may have beside its FQDN ([`check_names`]).
+pub const MAX_GROUP_NAMES: usize = 16;
 /// Longest group name: the FQDN label `<name>-<8 random letters>` must fit
 /// one DNS label (63 bytes).
 pub const MAX_NAME: usize = 54;
@@ -144,6 +146,30 @@ pub fn check_fqdn(fqdn: &str) -> Result<(), ServiceError> {
         ));
     }
     Ok(())
+}
+
+/// Checks the names a group answers to beside its FQDN `fqdn` (its own
+/// domains): each an FQDN ([`check_fqdn`], any case, a trailing dot
+/// dropped), none twice nor the FQDN itself, at most [`MAX_GROUP_NAMES`].
+/// Returns them lowercased and sorted.
+pub fn check_names(names: &[String], fqdn: &str) -> Result<Vec<String>, ServiceError> {
+    if names.len() > MAX_GROUP_NAMES {
+        return Err(ServiceError::TooManyNames {
+            count: names.len(),
+            max: MAX_GROUP_NAMES,
+        });
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        let n = n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase();
+        check_fqdn(&n)?;
+        if n == fqdn || out.contains(&n) {
+            return Err(ServiceError::DuplicateName { name: n });
+        }
+        out.push(n);
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// The external FQDN of a group: `<name>-<random>.<domain>` (seed 002's
@@ -823,6 +849,20 @@ pub enum ServiceError {
         /// The value.
         value: i64,
     },
+    /// More names than [`MAX_GROUP_NAMES`].
+    #[error("at most {max} names beside the fqdn ({count} given)")]
+    TooManyNames {
+        /// How many were given.
+        count: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A name is given twice, or is the group's FQDN.
+    #[error("name {name:?} is given twice (or is the group's fqdn)")]
+    DuplicateName {
+        /// The name.
+        name: String,
+    },
 }
 
 impl ServiceError {
@@ -846,6 +886,8 @@ impl ServiceError {
             Self::SoftAboveHard { .. } => "soft-above-hard",
             Self::BadWake(_) => "wake",
             Self::WakeTimeout { .. } => "wake-timeout",
+            Self::TooManyNames { .. } => "too-many-names",
+            Self::DuplicateName { .. } => "name-twice",
         }
     }
 
@@ -942,6 +984,10 @@ pub struct GroupSpec {
     /// The FQDN; default `<name>-<random>.<domain>`.
     #[serde(default)]
     pub fqdn: Option<String>,
+    /// Names the group answers to beside its FQDN (its own domains; at
+    /// most [`MAX_GROUP_NAMES`]).
+    #[serde(default)]
+    pub names: Vec<String>,
     /// Published ports (seed 002 calls them `services`; both are taken).
     #[serde(default, alias = "services")]
     pub ports: Vec<PortSpec>,
@@ -1015,6 +1061,9 @@ pub struct GroupPatch {
     /// New wake timeout.
     #[serde(default)]
     pub wake_timeout_secs: Option<i64>,
+    /// New names beside the FQDN (replace all; `[]` removes them).
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
 }
 
 /// A field that is present (even `null`) becomes `Some`.

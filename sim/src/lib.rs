@@ -148,9 +148,10 @@ impl Plane {
                 MapChange::Remove(k) => {
                     self.peers.remove(k);
                 }
-                // Service groups and addresses change no peer.
+                // Service groups, their names and addresses change no peer.
                 MapChange::ServiceUpsert(_)
                 | MapChange::ServiceRemove(_)
+                | MapChange::GroupNames(..)
                 | MapChange::AddressUpsert(_)
                 | MapChange::AddressRemove(_) => {}
             }

@@ -164,6 +164,20 @@ impl Mesh {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs a keyserver admin subcommand that must fail; its stderr.
+    pub fn admin_fails(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ks.ns])
+            .arg(bin("keyserver"))
+            .arg("--data-dir")
+            .arg(&self.ks_dir)
+            .args(args)
+            .output()
+            .expect("run keyserver");
+        assert!(!out.status.success(), "keyserver {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Runs a keyserver admin subcommand that must succeed.
     pub fn admin(&self, args: &[&str]) -> String {
         self.try_admin(args)

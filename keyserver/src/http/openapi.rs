@@ -122,7 +122,7 @@ fn schemas() -> Value {
     let label = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "maxLength": 63});
     let mut schemas = json!({
         "Error": {"type": "object", "properties": {"error": {"type": "string", "description": "what went wrong"},
-            "rule": {"type": "string", "description": "service-group routes only: the seed-002 rule broken: `port-80-requires-http`, `port-80-forbids-tls`, `port-443-requires-http`, `port-443-requires-tls`, `redirect-only-on-port-80`, `other-ports-require-tls`, `other-ports-forbid-http`, `udp-takes-no-handlers`, `udp-requires-ip`, `udp-port-taken`, `port-range`, `port-twice`, `protocol`, `handler-name`, `handler-twice`, `ip`, `no-ports`, `too-many-ports`, `limit-range`, `soft-above-hard`, `wake`, `wake-timeout`, `name`, `fqdn`"},
+            "rule": {"type": "string", "description": "service-group routes only: the seed-002 rule broken: `port-80-requires-http`, `port-80-forbids-tls`, `port-443-requires-http`, `port-443-requires-tls`, `redirect-only-on-port-80`, `other-ports-require-tls`, `other-ports-forbid-http`, `udp-takes-no-handlers`, `udp-requires-ip`, `udp-port-taken`, `port-range`, `port-twice`, `protocol`, `handler-name`, `handler-twice`, `ip`, `no-ports`, `too-many-ports`, `limit-range`, `soft-above-hard`, `wake`, `wake-timeout`, `name`, `fqdn`, `too-many-names`, `name-twice`"},
             "port": {"type": "integer", "format": "int64", "description": "service-group routes only: the published port the rule is about, when it is about one"}},
             "required": ["error"], "additionalProperties": false},
         "NetworkId": network_id,
@@ -220,7 +220,7 @@ fn schemas() -> Value {
             "hard_limit": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 65535},
             "wake": {"type": ["object", "null"], "oneOf": [schema_ref("Wake"), {"type": "null"}]},
             "wake_timeout_secs": {"type": "integer", "format": "int32", "minimum": 1, "maximum": 3600}}},
-        "Service": {"type": "object", "required": ["network", "name", "fqdn", "ports", "soft_limit", "hard_limit", "persistent", "instances", "wake_timeout_secs", "created", "live_connections", "queued_connections", "gateways"], "properties": {
+        "Service": {"type": "object", "required": ["network", "name", "fqdn", "names", "ports", "soft_limit", "hard_limit", "persistent", "instances", "wake_timeout_secs", "created", "live_connections", "queued_connections", "gateways"], "properties": {
             "network": schema_ref("NetworkId"),
             "name": {"type": "string"},
             "fqdn": {"type": "string"},
@@ -236,6 +236,10 @@ fn schemas() -> Value {
     });
     // Live connections per service group, from the gateways' reports
     // (macro calls of their own, for the same recursion limit).
+    // A group's own names (macro calls of their own, as below).
+    schemas["NewService"]["properties"]["names"] = json!({"type": "array", "items": {"type": "string"}, "maxItems": 16, "description": "names the group answers to beside its fqdn (its own domains; `Host` and SNI pick the group by any of them); each unique across every network's groups"});
+    schemas["ServicePatch"]["properties"]["names"] = json!({"type": "array", "items": {"type": "string"}, "maxItems": 16, "description": "replaces the names beside the fqdn; `[]` removes them"});
+    schemas["Service"]["properties"]["names"] = json!({"type": "array", "items": {"type": "string"}, "description": "names beside the fqdn, sorted"});
     let service = &mut schemas["Service"]["properties"];
     service["live_connections"] = json!({"type": "integer", "format": "int64", "minimum": 0, "description": "connections the online gateways hold open to the group's instances, summed from their latest reports (sent every 10 s at most, when changed; 0 when none reported)"});
     service["queued_connections"] = json!({"type": "integer", "format": "int64", "minimum": 0, "description": "connections waiting at the online gateways for an instance (past the soft limit, or for a wake), summed"});

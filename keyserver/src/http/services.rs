@@ -115,6 +115,9 @@ pub struct ServiceView {
     pub name: String,
     /// External FQDN.
     pub fqdn: String,
+    /// Names it answers to beside the FQDN (its own domains), sorted.
+    #[serde(default)]
+    pub names: Vec<String>,
     /// Published ports.
     pub ports: Vec<PublishedPort>,
     /// Per-instance soft limit (new connections queue from here).
@@ -177,6 +180,7 @@ fn view(api: &Api, rec: ServiceRecord) -> ServiceView {
     gateways.sort_by(|a, b| a.instance.cmp(&b.instance));
     let g = rec.group;
     ServiceView {
+        names: rec.names,
         live_connections: gateways.iter().map(|l| u64::from(l.open)).sum(),
         queued_connections: gateways.iter().map(|l| u64::from(l.queued)).sum(),
         gateways,

@@ -543,7 +543,7 @@ impl Registry {
             &self.service_domain,
         )?;
         if let Some(g) = &plan.owned {
-            self.check_other_networks(req.network, g)
+            self.check_other_networks(req.network, g, &[g.fqdn.as_str()])
                 .map_err(|e| ProtoOpError::InvalidMetadata(format!("--publish: {e}")))?;
         }
         let input = slots::JoinInputs {

@@ -136,6 +136,12 @@ impl Network {
             .iter()
             .map(|(n, r)| (n.clone(), r.group.clone()))
             .collect();
+        map.names = self
+            .services
+            .iter()
+            .filter(|(_, r)| !r.names.is_empty())
+            .map(|(n, r)| (n.clone(), r.names.clone()))
+            .collect();
         map.service_range = self.service_range();
         map.addresses = self
             .rec
@@ -204,32 +210,45 @@ impl Network {
     }
 }
 
-/// What a change is about: a member, a service group or a service address.
+/// What a change is about: a member, a service group, a group's own names
+/// or a service address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Subject {
     Member(PublicKey),
     Service(meshlib::services::GroupName),
+    Names(meshlib::services::GroupName),
     Address(String),
 }
 
-/// Keeps only the last change of each member (and of each service group):
-/// changes to different subjects commute, and a later change of one
-/// supersedes its earlier ones, so the result takes a map to the same state
-/// with at most one change per subject.
+/// Keeps only the changes that a later one does not supersede: changes to
+/// different subjects commute, and a later change of one subject replaces
+/// its earlier ones, so the result takes a map to the same state with at
+/// most one change per subject. A group's removal is about the group and
+/// its names (it clears both), so it goes only once both were set again.
 fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
-    let key = |c: &MapChange| match c {
-        MapChange::Upsert(m) => Subject::Member(m.public_key),
-        MapChange::Remove(k) => Subject::Member(*k),
-        MapChange::ServiceUpsert(g) => Subject::Service(g.name.clone()),
-        MapChange::ServiceRemove(n) => Subject::Service(n.clone()),
-        MapChange::AddressUpsert(a) => Subject::Address(a.service.clone()),
-        MapChange::AddressRemove(s) => Subject::Address(s.clone()),
+    let subjects = |c: &MapChange| -> Vec<Subject> {
+        match c {
+            MapChange::Upsert(m) => vec![Subject::Member(m.public_key)],
+            MapChange::Remove(k) => vec![Subject::Member(*k)],
+            MapChange::ServiceUpsert(g) => vec![Subject::Service(g.name.clone())],
+            MapChange::ServiceRemove(n) => {
+                vec![Subject::Service(n.clone()), Subject::Names(n.clone())]
+            }
+            MapChange::GroupNames(n, _) => vec![Subject::Names(n.clone())],
+            MapChange::AddressUpsert(a) => vec![Subject::Address(a.service.clone())],
+            MapChange::AddressRemove(s) => vec![Subject::Address(s.clone())],
+        }
     };
     let all: Vec<&MapChange> = changes.collect();
-    let last: HashMap<Subject, usize> = all.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+    let mut last: HashMap<Subject, usize> = HashMap::new();
+    for (i, c) in all.iter().enumerate() {
+        for s in subjects(c) {
+            last.insert(s, i);
+        }
+    }
     all.iter()
         .enumerate()
-        .filter(|(i, c)| last[&key(c)] == *i)
+        .filter(|(i, c)| subjects(c).iter().any(|s| last[s] == *i))
         .map(|(_, c)| (*c).clone())
         .collect()
 }

@@ -162,6 +162,17 @@ pub struct ServiceRecord {
     pub group: meshlib::services::ServiceGroup,
     /// Creation time (Unix seconds).
     pub created: u64,
+    /// The names it answers to beside its FQDN, lowercased and sorted
+    /// (members' maps carry them in [`meshlib::netmap::NetworkMap::names`]).
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+impl ServiceRecord {
+    /// Every name the group answers to: its FQDN and its own names.
+    pub fn all_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.group.fqdn.as_str()).chain(self.names.iter().map(String::as_str))
+    }
 }
 
 /// A stored member.

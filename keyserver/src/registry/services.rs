@@ -59,22 +59,39 @@ fn check_udp(net: &Network, group: &ServiceGroup) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// The name or FQDN is used by another group of the network.
-fn check_unique(net: &Network, group: &ServiceGroup) -> Result<(), AdminError> {
+/// The name, or one of the names it answers to (`names`: its FQDN and its
+/// own), is used by another group of the network.
+fn check_unique(net: &Network, group: &ServiceGroup, names: &[&str]) -> Result<(), AdminError> {
     if net.services.contains_key(&group.name) {
         return Err(AdminError::ServiceTaken(format!(
             "a service group named {:?} already exists in this network",
             group.name.as_str()
         )));
     }
-    if let Some(other) = net.services.values().find(|r| r.group.fqdn == group.fqdn) {
-        return Err(AdminError::ServiceTaken(format!(
-            "fqdn {:?} is already used by service group {:?}",
-            group.fqdn,
-            other.group.name.as_str()
-        )));
+    check_names_free(net, &group.name, names)
+}
+
+/// No other group of the network answers to one of `names`.
+fn check_names_free(net: &Network, group: &GroupName, names: &[&str]) -> Result<(), AdminError> {
+    for other in net.services.values().filter(|r| &r.group.name != group) {
+        if let Some(n) = other.all_names().find(|n| names.contains(n)) {
+            return Err(AdminError::ServiceTaken(format!(
+                "{} {n:?} is already used by service group {:?}",
+                if n == group_fqdn_of(names) {
+                    "fqdn"
+                } else {
+                    "name"
+                },
+                other.group.name.as_str()
+            )));
+        }
     }
     Ok(())
+}
+
+/// The FQDN in a list of names whose first is the FQDN.
+fn group_fqdn_of<'a>(names: &[&'a str]) -> &'a str {
+    names.first().copied().unwrap_or_default()
 }
 
 /// The group changes, recorded as one delta.
@@ -170,7 +187,10 @@ pub(super) fn plan_join(
     group.attach(instance.clone());
     check_udp(net, &group).map_err(bad)?;
     if net.services.contains_key(&group.name)
-        || net.services.values().any(|r| r.group.fqdn == group.fqdn)
+        || net
+            .services
+            .values()
+            .any(|r| r.all_names().any(|n| n == group.fqdn))
     {
         return Err(ProtoOpError::InvalidMetadata(
             "--publish: the generated service group name is taken; join again".into(),
@@ -197,14 +217,15 @@ pub(super) fn apply_join(
         }
     }
     if let Some(group) = plan.owned {
-        let created = net
+        let (created, names) = net
             .services
             .get(&group.name)
-            .map_or(unix(now), |r| r.created);
+            .map_or((unix(now), Vec::new()), |r| (r.created, r.names.clone()));
         let rec = ServiceRecord {
             network: net.rec.id,
             group,
             created,
+            names,
         };
         if net.services.get(&rec.group.name) != Some(&rec) {
             changes.push(MapChange::ServiceUpsert(rec.group.clone()));
@@ -338,20 +359,32 @@ impl Registry {
         let (domain, log_cap) = (self.service_domain.clone(), self.log_cap);
         let mut group =
             services::check_group(spec, None, random, &domain).map_err(AdminError::Service)?;
-        self.check_other_networks(network, &group)?;
+        let names = services::check_names(&spec.names, &group.fqdn).map_err(AdminError::Service)?;
+        let fqdn = group.fqdn.clone();
+        let all: Vec<&str> = std::iter::once(fqdn.as_str())
+            .chain(names.iter().map(String::as_str))
+            .collect();
+        self.check_other_networks(network, &group, &all)?;
         let net = self.network_mut(network)?;
         for text in &spec.instances {
             group.attach(member_instance(net, text)?);
         }
-        check_unique(net, &group)?;
+        check_unique(net, &group, &all)?;
         check_udp(net, &group).map_err(AdminError::Service)?;
         let rec = ServiceRecord {
             network,
             group,
             created: unix(now),
+            names,
         };
         net.services.insert(rec.group.name.clone(), rec.clone());
-        let changes = vec![MapChange::ServiceUpsert(rec.group.clone())];
+        let mut changes = vec![MapChange::ServiceUpsert(rec.group.clone())];
+        if !rec.names.is_empty() {
+            changes.push(MapChange::GroupNames(
+                rec.group.name.clone(),
+                rec.names.clone(),
+            ));
+        }
         let (ops, change) = record(
             net,
             changes,
@@ -369,6 +402,7 @@ impl Registry {
         &self,
         network: NetworkId,
         group: &ServiceGroup,
+        names: &[&str],
     ) -> Result<(), AdminError> {
         let udp: Vec<(Option<std::net::IpAddr>, u16)> = group
             .ports
@@ -378,10 +412,13 @@ impl Registry {
             .collect();
         for other in self.networks.values().filter(|n| n.rec.id != network) {
             for r in other.services.values() {
-                if r.group.fqdn.eq_ignore_ascii_case(&group.fqdn) {
+                if let Some(n) = r
+                    .all_names()
+                    .find(|n| names.iter().any(|m| m.eq_ignore_ascii_case(n)))
+                {
                     return Err(AdminError::ServiceTaken(format!(
-                        "fqdn {:?} is already used by a service group of another network",
-                        group.fqdn
+                        "{} {n:?} is already used by a service group of another network",
+                        if n == group.fqdn { "fqdn" } else { "name" }
                     )));
                 }
                 let clash = r.group.ports.iter().any(|p| {
@@ -397,33 +434,51 @@ impl Registry {
         Ok(())
     }
 
-    /// Replaces a group after `f` changed a copy of it (nothing changes on
-    /// error; no delta when nothing changed).
+    /// Replaces a group after `f` changed a copy of it and of its names
+    /// (nothing changes on error; no delta when nothing changed).
     fn change_service(
         &mut self,
         network: NetworkId,
         name: &str,
-        f: impl FnOnce(&Network, &mut ServiceGroup) -> Result<(), AdminError>,
+        f: impl FnOnce(&Network, &mut ServiceGroup, &mut Vec<String>) -> Result<(), AdminError>,
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Option<Change>), AdminError> {
         let current = self.service(network, name)?;
         let log_cap = self.log_cap;
         let mut group = current.group.clone();
+        let mut names = current.names.clone();
         {
             let net = self
                 .networks
                 .get(&network)
                 .ok_or_else(|| AdminError::UnknownNetwork(network.to_string()))?;
-            f(net, &mut group)?;
-            if group == current.group {
+            f(net, &mut group, &mut names)?;
+            if group == current.group && names == current.names {
                 return Ok((current, vec![], None));
             }
             check_udp(net, &group).map_err(AdminError::Service)?;
+            let all: Vec<&str> = std::iter::once(group.fqdn.as_str())
+                .chain(names.iter().map(String::as_str))
+                .collect();
+            check_names_free(net, &group.name, &all)?;
         }
-        self.check_other_networks(network, &group)?;
+        let all: Vec<&str> = std::iter::once(group.fqdn.as_str())
+            .chain(names.iter().map(String::as_str))
+            .collect();
+        self.check_other_networks(network, &group, &all)?;
         let net = self.network_mut(network)?;
-        let rec = ServiceRecord { group, ..current };
+        let mut changes = Vec::new();
+        if group != current.group {
+            changes.push(MapChange::ServiceUpsert(group.clone()));
+        }
+        if names != current.names {
+            changes.push(MapChange::GroupNames(group.name.clone(), names.clone()));
+        }
+        let rec = ServiceRecord {
+            group,
+            names,
+            ..current
+        };
         net.services.insert(rec.group.name.clone(), rec.clone());
-        let changes = vec![MapChange::ServiceUpsert(rec.group.clone())];
         let (ops, change) = record(
             net,
             changes,
@@ -433,15 +488,18 @@ impl Registry {
         Ok((rec, ops, Some(change)))
     }
 
-    /// Changes a group's ports, limits or wake hook (`PATCH`).
+    /// Changes a group's ports, limits, wake hook or names (`PATCH`).
     pub fn update_service(
         &mut self,
         network: NetworkId,
         name: &str,
         patch: &GroupPatch,
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Option<Change>), AdminError> {
-        self.change_service(network, name, |_, g| {
+        self.change_service(network, name, |_, g, names| {
             *g = services::patch_group(g, patch).map_err(AdminError::Service)?;
+            if let Some(new) = &patch.names {
+                *names = services::check_names(new, &g.fqdn).map_err(AdminError::Service)?;
+            }
             Ok(())
         })
     }
@@ -453,7 +511,7 @@ impl Registry {
         name: &str,
         member: &str,
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Option<Change>), AdminError> {
-        self.change_service(network, name, |net, g| {
+        self.change_service(network, name, |net, g, _| {
             if g.instances.len() >= services::MAX_INSTANCES {
                 return Err(AdminError::Service(ServiceError::BadName {
                     name: g.name.to_string(),
@@ -472,7 +530,7 @@ impl Registry {
         name: &str,
         member: &str,
     ) -> Result<(ServiceRecord, Vec<StoreOp>, Option<Change>), AdminError> {
-        self.change_service(network, name, |net, g| {
+        self.change_service(network, name, |net, g, _| {
             let instance = member_instance(net, member).or_else(|_| {
                 member
                     .parse()
@@ -557,6 +615,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use meshlib::keys::PrivateKey;
+    use meshlib::netmap::NetworkMap;
     use meshlib::services::PortSpec;
 
     use super::*;
@@ -781,6 +840,131 @@ mod tests {
         assert!(reg
             .gateway_networks(&crate::auth::Scope::Tenant("nobody".into()))
             .is_empty());
+    }
+
+    /// A group's own names: pushed as their own change, in snapshots and
+    /// catch-ups, unique across every group of every network (against
+    /// FQDNs too), replaced and cleared by PATCH, gone with the group.
+    #[test]
+    fn own_names_are_pushed_unique_and_patched() {
+        use crate::registry::Catchup;
+        let (mut reg, a) = setup();
+        let (b, _) = reg
+            .create_network("other", meshlib::ipam::DEFAULT_RANGE, now())
+            .unwrap();
+        let b = b.id;
+        let spec = |name: &str, fqdn: &str, names: &[&str]| GroupSpec {
+            name: name.into(),
+            fqdn: Some(fqdn.into()),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            ports: vec![port(443, &["http", "tls"])],
+            ..GroupSpec::default()
+        };
+        // (A generation past 0, so that a catch-up is a delta.)
+        reg.create_service(a, &spec("pre", "pre.example.test", &[]), "p", now())
+            .unwrap();
+        let start = reg.snapshot(a).unwrap().generation;
+        let (rec, _, change) = reg
+            .create_service(
+                a,
+                &spec(
+                    "shop",
+                    "shop.example.test",
+                    &["WWW.Shop.test", "shop.test."],
+                ),
+                "aaaaaaaa",
+                now(),
+            )
+            .unwrap();
+        assert_eq!(rec.names, ["shop.test", "www.shop.test"]);
+        let shop: GroupName = "shop".parse().unwrap();
+        assert!(matches!(
+            &change.delta.changes[..],
+            [MapChange::ServiceUpsert(g), MapChange::GroupNames(n, names)]
+                if g.name == shop && n == &shop && names == &rec.names
+        ));
+        let map = reg.snapshot(a).unwrap();
+        assert_eq!(
+            map.group_names(&shop),
+            ["shop.example.test", "shop.test", "www.shop.test"]
+        );
+        match reg.catchup(a, start).unwrap() {
+            Catchup::Delta(d) => {
+                let mut m = NetworkMap::new(a, "prod", meshlib::ipam::DEFAULT_RANGE);
+                m.generation = start;
+                m.apply(&d).unwrap();
+                assert_eq!(m.names, map.names);
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+        // Taken: an own name as another group's FQDN or name, in this
+        // network or another; an FQDN that is another group's own name.
+        for (net, s) in [
+            (a, spec("blog", "shop.test", &[])),
+            (b, spec("blog", "blog.example.test", &["www.shop.test"])),
+            (b, spec("blog", "www.shop.test", &[])),
+            (a, spec("blog", "blog.example.test", &["shop.example.test"])),
+        ] {
+            let e = reg.create_service(net, &s, "bbbbbbbb", now()).unwrap_err();
+            assert!(e.to_string().contains("already used"), "{e}");
+            assert!(reg.service(net, "blog").is_err(), "nothing made");
+        }
+        reg.create_service(
+            b,
+            &spec("blog", "blog.example.test", &["blog.test"]),
+            "b",
+            now(),
+        )
+        .unwrap();
+        // PATCH: onto a taken name is refused and changes nothing.
+        let patch = |names: &[&str]| GroupPatch {
+            names: Some(names.iter().map(|n| (*n).to_owned()).collect()),
+            ..GroupPatch::default()
+        };
+        let gen = reg.snapshot(a).unwrap().generation;
+        let e = reg
+            .update_service(a, "shop", &patch(&["blog.test"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("another network"), "{e}");
+        assert_eq!(reg.snapshot(a).unwrap().generation, gen);
+        // A change of names alone is one GroupNames change.
+        let (rec, _, change) = reg
+            .update_service(a, "shop", &patch(&["shop.test"]))
+            .unwrap();
+        assert_eq!(rec.names, ["shop.test"]);
+        assert!(matches!(
+            &change.unwrap().delta.changes[..],
+            [MapChange::GroupNames(n, names)] if n == &shop && names == &["shop.test"]
+        ));
+        // The same names again: no change at all.
+        let (_, _, change) = reg
+            .update_service(a, "shop", &patch(&["SHOP.test"]))
+            .unwrap();
+        assert!(change.is_none());
+        // Freed names can be taken: www.shop.test is free again.
+        reg.update_service(b, "blog", &patch(&["blog.test", "www.shop.test"]))
+            .unwrap();
+        // Cleared with [].
+        let (rec, _, _) = reg.update_service(a, "shop", &patch(&[])).unwrap();
+        assert!(rec.names.is_empty());
+        assert!(reg.snapshot(a).unwrap().names.is_empty());
+        // Deleted with the group: a catch-up across a delete and a
+        // re-create without names leaves no stale names.
+        let gen = reg.snapshot(b).unwrap().generation;
+        reg.delete_service(b, "blog").unwrap();
+        reg.create_service(b, &spec("blog", "blog.example.test", &[]), "c", now())
+            .unwrap();
+        match reg.catchup(b, gen).unwrap() {
+            Catchup::Delta(d) => {
+                let mut m = reg.snapshot(b).unwrap();
+                m.generation = gen;
+                m.names
+                    .insert("blog".parse().unwrap(), vec!["blog.test".into()]);
+                m.apply(&d).unwrap();
+                assert!(m.names.is_empty(), "{:?}", m.names);
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
     }
 
     #[test]

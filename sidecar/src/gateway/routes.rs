@@ -50,6 +50,8 @@ pub struct GroupRt {
     /// How its network's instances are reached.
     dialer: RwLock<Arc<dyn Dialer>>,
     group: RwLock<ServiceGroup>,
+    /// Every name it answers to: its FQDN, then its own names.
+    names: RwLock<Vec<String>>,
     inner: Mutex<Inner>,
     /// Its counters.
     pub stats: Arc<GroupStats>,
@@ -137,6 +139,7 @@ impl GroupRt {
         Self {
             network,
             network_name,
+            names: RwLock::new(vec![group.fqdn.clone()]),
             dialer: RwLock::new(dialer),
             inner: Mutex::new(Inner {
                 pool: Pool::new(group.limits),
@@ -163,6 +166,15 @@ impl GroupRt {
     /// The group's definition now.
     pub fn group(&self) -> ServiceGroup {
         self.group.read().clone()
+    }
+
+    /// Whether the group answers to `host` (a bare name, any case): its
+    /// FQDN or one of its own names.
+    pub fn answers(&self, host: &str) -> bool {
+        self.names
+            .read()
+            .iter()
+            .any(|n| n.len() == host.len() && n.eq_ignore_ascii_case(host))
     }
 
     /// Gives dispatched slots to their waiters; a waiter that is gone gives
@@ -499,6 +511,11 @@ impl Routes {
                 .clone();
             *rt.dialer.write() = dialer.clone();
             *rt.group.write() = g.clone();
+            *rt.names.write() = map
+                .group_names(gname)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
             let instances = g
                 .instances
                 .iter()
@@ -533,8 +550,9 @@ impl Routes {
             .collect()
     }
 
-    /// The group that publishes TCP `port` for `host` (the FQDN from `Host`
-    /// or SNI); without a host, the only group publishing the port.
+    /// The group that publishes TCP `port` for `host` (the name from `Host`
+    /// or SNI: a group's FQDN or one of its own names); without a host, the
+    /// only group publishing the port.
     pub fn find(&self, port: u16, host: Option<&str>) -> Option<(Arc<GroupRt>, Route)> {
         let groups = self.groups.read();
         let route = |g: &ServiceGroup| {
@@ -546,10 +564,7 @@ impl Routes {
         match host {
             Some(h) => {
                 let h = host_part(h);
-                let mut named = groups.values().filter(|rt| {
-                    let g = rt.group.read();
-                    g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)
-                });
+                let mut named = groups.values().filter(|rt| rt.answers(h));
                 let rt = named.next()?;
                 if named.next().is_some() {
                     // Two networks claim the name (the keyserver refuses
@@ -578,10 +593,9 @@ impl Routes {
     pub fn network_of(&self, host: &str) -> Option<NetworkId> {
         let h = host_part(host);
         let groups = self.groups.read();
-        let mut nets = groups.values().filter_map(|rt| {
-            let g = rt.group.read();
-            (g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)).then_some(rt.network)
-        });
+        let mut nets = groups
+            .values()
+            .filter_map(|rt| rt.answers(h).then_some(rt.network));
         let first = nets.next()?;
         nets.all(|n| n == first).then_some(first)
     }
@@ -590,10 +604,7 @@ impl Routes {
     /// trailing dot) is a group's.
     pub fn has_name(&self, host: &str) -> bool {
         let h = host_part(host);
-        self.groups.read().values().any(|rt| {
-            let g = rt.group.read();
-            g.fqdn.len() == h.len() && g.fqdn.eq_ignore_ascii_case(h)
-        })
+        self.groups.read().values().any(|rt| rt.answers(h))
     }
 
     /// The group and port published as UDP `port` on `ip`.
@@ -889,6 +900,51 @@ mod tests {
         m.services.insert(g.name.clone(), g);
         m.generation = 3;
         m
+    }
+
+    /// A group's own names pick it like its FQDN (any case, with a port or
+    /// a trailing dot), in its network only; a name dropped from the map
+    /// is no longer served.
+    #[test]
+    fn own_names_pick_their_group() {
+        let routes = Routes::multi();
+        let (a, b) = (NetworkId::random(), NetworkId::random());
+        let dialer: Arc<dyn Dialer> = Arc::new(Flaky {
+            refuse: 0,
+            dials: AtomicUsize::new(0),
+        });
+        let mut ma = map(a, "prod", "web", "web.one.test", 5353);
+        let web: GroupName = "web".parse().unwrap();
+        ma.names.insert(
+            web.clone(),
+            vec!["shop.test".into(), "www.shop.test".into()],
+        );
+        routes.apply(&ma, "prod", &dialer, None);
+        routes.apply(
+            &map(b, "acme", "api", "api.two.test", 5354),
+            "acme",
+            &dialer,
+            None,
+        );
+        for host in [
+            "web.one.test",
+            "shop.test",
+            "WWW.Shop.test.",
+            "www.shop.test:443",
+        ] {
+            let (rt, r) = routes.find(443, Some(host)).unwrap();
+            assert_eq!((rt.network, rt.group_name().as_str()), (a, "web"), "{host}");
+            assert_eq!(r.destination_port, 8080);
+        }
+        assert_eq!(routes.network_of("www.shop.test"), Some(a));
+        assert!(routes.has_name("shop.test"));
+        assert!(routes.find(443, Some("other.shop.test")).is_none());
+        ma.names.clear();
+        ma.generation += 1;
+        routes.apply(&ma, "prod", &dialer, None);
+        assert!(routes.find(443, Some("shop.test")).is_none());
+        assert!(!routes.has_name("www.shop.test"));
+        assert!(routes.find(443, Some("web.one.test")).is_some());
     }
 
     /// Several networks in one gateway: each group keeps its network (and
