@@ -680,7 +680,7 @@ pub(crate) mod tests {
         // Bad names are refused with the rule.
         let e = check_names(&["shop.test".into(), "SHOP.test".into()], &g.fqdn).unwrap_err();
         assert_eq!(e.rule(), "name-twice");
-        let e = check_names(&[g.fqdn.clone()], &g.fqdn).unwrap_err();
+        let e = check_names(std::slice::from_ref(&g.fqdn), &g.fqdn).unwrap_err();
         assert_eq!(e.rule(), "name-twice");
         assert_eq!(
             check_names(&["no_dots".into()], &g.fqdn)
