@@ -417,7 +417,8 @@ function groupsView(r, page) {
       for (const s of services) flows += active.get(s) || 0;
       return el('tr', { 'data-group': g.name },
         el('td', {}, g.name),
-        el('td', { class: 'mono' }, g.fqdn),
+        el('td', { class: 'mono' }, g.fqdn,
+          (g.names || []).map((n) => el('div', { class: 'muted' }, n))),
         el('td', {}, g.ports.map((p) => el('div', {}, p.port, ' → ', p.destination_port, ' ', p.protocol || '',
           p.handlers && p.handlers.length ? ' [' + p.handlers.join(', ') + ']' : ''))),
         el('td', {}, g.soft_limit, ' / ', g.hard_limit),
