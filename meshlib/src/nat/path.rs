@@ -11,7 +11,9 @@
 //!
 //! - The path in use is pinged every [`PathConfig::heartbeat`]: that keeps
 //!   the NAT mappings open and notices a path that went quiet within
-//!   `trust`, after which the relay takes over.
+//!   `trust`, after which the relay takes over. A heartbeat left
+//!   unanswered makes the pings four times as frequent until one is
+//!   answered, so a lost datagram or two does not cost a working path.
 //! - Every candidate is probed ("full probe") at once when the candidates
 //!   change, when the peer asks (call-me-maybe), and when the direct path is
 //!   lost; then every [`PathConfig::probe_fast`] for
@@ -196,6 +198,8 @@ pub struct PathManager {
     next_heartbeat: Instant,
     out: VecDeque<Outgoing>,
     rng: u64,
+    /// The latest time passed in (a deadline already passed is no timer).
+    now: Instant,
 }
 
 /// Most pings outstanding per peer.
@@ -221,6 +225,7 @@ impl PathManager {
             next_heartbeat: now,
             out: VecDeque::new(),
             rng: seed | 1,
+            now,
         }
     }
 
@@ -308,13 +313,17 @@ impl PathManager {
         self.out.pop_front()
     }
 
-    /// When [`PathManager::handle_timeout`] is due.
+    /// When [`PathManager::handle_timeout`] is due: the next probe or
+    /// heartbeat, or the moment a working candidate's trust runs out (one
+    /// that ran out before the last call is no deadline: a driver that
+    /// sleeps until this never spins).
     pub fn poll_timeout(&self) -> Instant {
         let trust_end = self
             .candidates
             .iter()
             .filter_map(|c| c.last_pong)
             .map(|t| t + self.cfg.trust)
+            .filter(|end| *end > self.now)
             .min();
         [Some(self.next_probe), Some(self.next_heartbeat), trust_end]
             .into_iter()
@@ -326,6 +335,7 @@ impl PathManager {
     /// Timers: forget stale pings and learned candidates, heartbeat, full
     /// probes, and re-choose the path.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         let timeout = self.cfg.ping_timeout;
         self.pending.retain(|p| now.duration_since(p.at) < timeout);
         let ttl = self.cfg.learned_ttl;
@@ -448,7 +458,23 @@ impl PathManager {
     }
 
     fn heartbeat(&mut self, now: Instant) {
-        self.next_heartbeat = now + self.cfg.heartbeat;
+        // A direct path whose last heartbeat went unanswered is pinged four
+        // times as often until it answers or its trust runs out: one lost
+        // ping (or pong) does not cost the path, a dead one still falls
+        // back when its trust ends.
+        let unanswered = match self.path {
+            Path::Direct(a) => self.find(a).is_some_and(|c| {
+                c.last_pong
+                    .is_none_or(|t| now.duration_since(t) >= self.cfg.heartbeat)
+            }),
+            _ => false,
+        };
+        self.next_heartbeat = now
+            + if unanswered {
+                self.cfg.heartbeat / 4
+            } else {
+                self.cfg.heartbeat
+            };
         match self.path {
             Path::Direct(a) => self.ping(now, Via::Direct(a)),
             Path::Relay
@@ -650,6 +676,60 @@ mod tests {
             }
         }
         assert!(back, "upgraded back to direct");
+    }
+
+    /// A lost heartbeat (or its pong) does not cost a working path: the
+    /// next pings come sooner and one answer keeps it. A trust window that
+    /// ran out is no deadline any more (a driver sleeping until
+    /// `poll_timeout` does not spin).
+    #[test]
+    fn a_lost_heartbeat_is_retried_sooner_and_expired_trust_is_no_timer() {
+        let t0 = Instant::now();
+        let cfg = PathConfig::default();
+        let mut pm = PathManager::new(cfg.clone(), 6, t0);
+        let a = addr("203.0.113.7:51820");
+        pm.set_relay(t0, true);
+        pm.set_candidates(t0, &[a]);
+        pm.handle_timeout(t0);
+        answer(&mut pm, t0, &[Via::Direct(a)], Duration::from_millis(2));
+        assert_eq!(pm.path(), Path::Direct(a));
+        // Heartbeats at 1 s and 2 s are lost; the retries every 250 ms
+        // after the first loss mean one answered before 2.5 s keeps it.
+        let mut t = t0;
+        let (mut pings, mut last) = (0, None);
+        while t < t0 + Duration::from_millis(2200) {
+            t = pm.poll_timeout().max(t + Duration::from_millis(1));
+            pm.handle_timeout(t);
+            while let Some(o) = pm.poll_transmit() {
+                if let Outgoing::Ping {
+                    via: Via::Direct(_),
+                    tx,
+                } = o
+                {
+                    pings += 1;
+                    last = Some(tx);
+                }
+            }
+        }
+        assert!(pings >= 4, "{pings} pings between 1 s and 2.2 s");
+        // The last one is answered.
+        pm.handle_pong(t + Duration::from_millis(2), last.unwrap());
+        pm.handle_timeout(t0 + Duration::from_millis(2600));
+        assert_eq!(pm.path(), Path::Direct(a), "kept by the retried ping");
+        // Now nothing answers: the path falls back once its trust ends,
+        // and that passed deadline is not offered again.
+        let mut t = t0 + Duration::from_millis(2600);
+        let end = t + Duration::from_secs(10);
+        let mut wakeups = 0;
+        while t < end {
+            t = pm.poll_timeout().max(t + Duration::from_millis(1));
+            pm.handle_timeout(t);
+            while pm.poll_transmit().is_some() {}
+            wakeups += 1;
+            assert!(wakeups < 200, "the timer spins at {:?}", t - t0);
+        }
+        assert_eq!(pm.path(), Path::Relay);
+        assert!(pm.poll_timeout() > t, "a past deadline is offered again");
     }
 
     #[test]
