@@ -33,6 +33,8 @@
 //! [`SimConfig::client_idle_timeout`] and they resume on the next replica
 //! of their list.
 
+pub mod paths;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};

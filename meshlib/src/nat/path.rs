@@ -463,10 +463,9 @@ impl PathManager {
         // ping (or pong) does not cost the path, a dead one still falls
         // back when its trust ends.
         let unanswered = match self.path {
-            Path::Direct(a) => self.find(a).is_some_and(|c| {
-                c.last_pong
-                    .is_none_or(|t| now.duration_since(t) >= self.cfg.heartbeat)
-            }),
+            Path::Direct(a) => self
+                .find(a)
+                .is_some_and(|c| c.last_ping.is_some() && c.last_pong < c.last_ping),
             _ => false,
         };
         self.next_heartbeat = now

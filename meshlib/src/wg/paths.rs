@@ -51,6 +51,8 @@ pub(crate) struct PeerPath {
     pub kick_until: Option<Instant>,
     /// When the handshake was last sent so.
     pub last_kick: Option<Instant>,
+    /// The path in use was a direct one (its loss asks STUN again).
+    pub was_direct: bool,
 }
 
 /// How often a handshake is re-sent on a new path while no session exists.
@@ -90,6 +92,10 @@ struct StunState {
 #[derive(Default)]
 pub(crate) struct Nat {
     stun: Mutex<StunState>,
+    /// A peer's direct path was lost: ask the STUN servers at the next
+    /// tick, not at the next [`STUN_EVERY`] (our NAT may have given our
+    /// socket a new port, which the map must advertise).
+    restun: std::sync::atomic::AtomicBool,
     pub relay: parking_lot::RwLock<Option<RelayClient>>,
     /// The relay over TCP, while in use.
     pub tcp: Mutex<Option<super::relay_tcp::TcpRelay>>,
@@ -364,6 +370,11 @@ fn flush_peer(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
 /// peer wait for the relay or a direct path only as long as those take.
 fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, pp: &mut PeerPath) {
     let path = pp.manager.path();
+    let direct = matches!(path, Path::Direct(_));
+    if pp.was_direct && !direct {
+        shared.nat.restun.store(true, Relaxed);
+    }
+    pp.was_direct = direct;
     let target = match path {
         Path::Direct(a) | Path::Blind(a) => Some(a),
         Path::Relay => shared.nat.route().map(|(a, _)| a),
@@ -441,7 +452,8 @@ pub(crate) fn tick(shared: &Arc<Shared>, udp: &Udp, peers: &[Arc<Peer>]) {
 
 fn stun_tick(shared: &Shared, udp: &Udp, now: Instant) {
     let mut s = shared.nat.stun.lock();
-    if s.servers.is_empty() || s.next.is_some_and(|t| now < t) {
+    let restun = shared.nat.restun.swap(false, Relaxed);
+    if s.servers.is_empty() || (!restun && s.next.is_some_and(|t| now < t)) {
         return;
     }
     let all_answered = s
@@ -537,6 +549,7 @@ pub(crate) fn new_peer_path(
         advertised: Vec::new(),
         kick_until: None,
         last_kick: None,
+        was_direct: false,
     }
 }
 
