@@ -564,18 +564,16 @@ impl PathSim {
                 let at = self.now + self.cfg.relay_reconnect;
                 self.schedule(at, Event::RelayConnect { peer });
             }
-            Event::RelayConnect { peer } => {
-                match self.relays_up.iter().position(|up| *up) {
-                    Some(r) => {
-                        self.peers[peer].relay = Some(r);
-                        self.relay_changed();
-                    }
-                    None => {
-                        let at = self.now + self.cfg.relay_reconnect;
-                        self.schedule(at, Event::RelayConnect { peer });
-                    }
+            Event::RelayConnect { peer } => match self.relays_up.iter().position(|up| *up) {
+                Some(r) => {
+                    self.peers[peer].relay = Some(r);
+                    self.relay_changed();
                 }
-            }
+                None => {
+                    let at = self.now + self.cfg.relay_reconnect;
+                    self.schedule(at, Event::RelayConnect { peer });
+                }
+            },
         }
     }
 
@@ -604,14 +602,20 @@ impl PathSim {
             let (via, msg) = match o {
                 Outgoing::Ping { via, tx } => (via, Msg::Ping(tx)),
                 Outgoing::Pong { via, tx, .. } => (via, Msg::Pong(tx)),
-                Outgoing::CallMeMaybe { .. } => {
-                    (Via::Relay, Msg::CallMeMaybe(self.peers[i].advertised.clone()))
-                }
+                Outgoing::CallMeMaybe { .. } => (
+                    Via::Relay,
+                    Msg::CallMeMaybe(self.peers[i].advertised.clone()),
+                ),
             };
             self.send(i, via, msg);
         }
         let path = self.peers[i].pm.path();
-        let last = self.trace.iter().rev().find(|c| c.peer == i).map(|c| c.path);
+        let last = self
+            .trace
+            .iter()
+            .rev()
+            .find(|c| c.peer == i)
+            .map(|c| c.path);
         if matches!(last, Some(Path::Direct(_))) && !matches!(path, Path::Direct(_)) {
             // The engine asks STUN again when a direct path is lost.
             self.peers[i].next_stun = self.now;
@@ -653,11 +657,14 @@ impl PathSim {
                     return;
                 }
                 let at = self.now + self.delay(self.cfg.relay_delay);
-                self.schedule(at, Event::Relayed {
-                    to: 1 - i,
-                    relay,
-                    msg,
-                });
+                self.schedule(
+                    at,
+                    Event::Relayed {
+                        to: 1 - i,
+                        relay,
+                        msg,
+                    },
+                );
             }
         }
     }

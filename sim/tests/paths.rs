@@ -150,7 +150,10 @@ fn a_nat_rebinding_is_followed_within_seconds() {
 fn a_relay_that_dies_hands_over_to_the_second_relay() {
     let cfg = PathSimConfig::default();
     let outage = cfg.relay_detect + cfg.relay_reconnect;
-    let mut sim = PathSim::new(cfg, [Some(NatKind::symmetric()), Some(NatKind::symmetric())]);
+    let mut sim = PathSim::new(
+        cfg,
+        [Some(NatKind::symmetric()), Some(NatKind::symmetric())],
+    );
     sim.run_until(secs(60.0));
     assert_eq!((sim.path(0), sim.path(1)), (Path::Relay, Path::Relay));
     sim.kill_relay(0);
