@@ -163,10 +163,19 @@ struct Committer {
 type Outcome = Arc<Mutex<Option<Result<(), StoreError>>>>;
 
 /// Operations run on the writer's registry and not committed yet, in
-/// order: the next group (embedded store only).
+/// order: the next group.
 #[derive(Default)]
 struct Pending {
     batches: Vec<(Vec<StoreOp>, Vec<Change>, Outcome)>,
+}
+
+/// What a write costs in a store transaction's bound: a network's deletion
+/// also deletes the ranges of its members, log and quarantine.
+fn weight(op: &StoreOp) -> usize {
+    match op {
+        StoreOp::DeleteNetwork(_) => 4,
+        _ => 1,
+    }
 }
 
 /// The same failure again, for another operation of a failed group.
@@ -332,39 +341,57 @@ impl Shared {
     /// Runs one mutation: `f` changes the writer's registry and returns its
     /// result, the writes and the changes to push; the writes (with the
     /// change-log entries of the changes) are committed, then applied to the
-    /// readers' registry and the changes published. `after` runs once
-    /// on the writer's registry with no push published meanwhile (to
-    /// subscribe without missing one): on the embedded store right after
-    /// `f`, before the commit (its result is dropped if the commit fails);
-    /// on a shared store once everything succeeded.
+    /// readers' registry and the changes published. `after` runs on the
+    /// writer's registry right after `f`, with no push published meanwhile
+    /// (to subscribe without missing one), before the commit; if the
+    /// commit fails its result is dropped (and if `f` runs again, so does
+    /// `after`).
     ///
-    /// On the embedded store, commits are grouped: `f` runs under the
-    /// writer's lock, its writes join the pending group, and whoever takes
-    /// the commit lock next commits every pending write in one transaction
-    /// (one fsync), publishes in order and tells each operation; meanwhile
-    /// more operations run and fill the next group. A failed group puts the
-    /// writer's memory back (its writes and everything run on top of them)
-    /// and fails every operation in it and after it.
+    /// Commits are grouped: `f` runs under the writer's lock, its writes
+    /// join the pending group, and whoever takes the commit lock next
+    /// commits every pending write in one transaction (one fsync on the
+    /// embedded store, one etcd transaction of at most the store's
+    /// [`Store::max_ops`] writes on a shared one), publishes in order and
+    /// tells each operation; meanwhile more operations run and fill the
+    /// next group. A failed group puts the writer's memory back (its writes
+    /// and everything run on top of them) and fails every operation in it
+    /// and after it.
     ///
-    /// On a shared store, changes other replicas made are applied first;
-    /// if another replica changed the same records meanwhile, memory is put
-    /// back, the store catches up and `f` runs again on fresh state (at
-    /// most `CONFLICT_TRIES` times).
+    /// On a shared store, changes other replicas made are applied before
+    /// `f` when no group is waiting for its commit (never under computed,
+    /// uncommitted writes: a write computed on older state must meet the
+    /// store's check, not overwrite a newer record). If another replica
+    /// changed the same records meanwhile, the store refuses the group
+    /// (`Conflict`); memory is put back, the store catches up, and each
+    /// operation of the group runs `f` again on fresh state (at most
+    /// `CONFLICT_TRIES` times).
     pub fn mutate<T, E, R>(
         &self,
-        f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
-        after: impl FnOnce(&Registry, &T, &Self) -> R,
+        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        mut after: impl FnMut(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
-        if self.cluster.is_some() {
-            return self.mutate_shared(f, after);
+        let mut tries = 0;
+        loop {
+            match self.mutate_grouped(&mut f, &mut after) {
+                Err(OpError::Store(StoreError::Conflict { revision }))
+                    if self.cluster.is_some() && tries + 1 < CONFLICT_TRIES =>
+                {
+                    tries += 1;
+                    tracing::debug!(
+                        revision,
+                        tries,
+                        "store conflict: running the operation again on fresh state"
+                    );
+                }
+                other => return other,
+            }
         }
-        self.mutate_grouped(f, after)
     }
 
     fn mutate_grouped<T, E, R>(
         &self,
-        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
-        after: impl FnOnce(&Registry, &T, &Self) -> R,
+        f: &mut impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
+        after: &mut impl FnMut(&Registry, &T, &Self) -> R,
     ) -> Result<(T, R), OpError<E>> {
         let mut core = self.core.lock();
         if core.stale {
@@ -373,6 +400,16 @@ impl Shared {
             core = self.core.lock();
             if core.stale {
                 self.reload(&mut core, &mut c)?;
+            }
+        }
+        if self.cluster.is_some() && self.pending.lock().batches.is_empty() {
+            // Other replicas' changes first, while nothing computed waits
+            // for its commit (only a holder of the writer's lock adds to
+            // the group, and we hold it). The commit lock comes before the
+            // writer's: only try it; if a commit is under way, `f` runs on
+            // this state and the store's check catches a conflict.
+            if let Some(mut c) = self.committer.try_lock() {
+                self.sync_locked(&mut core, &mut c);
             }
         }
         let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
@@ -397,20 +434,44 @@ impl Shared {
         Ok((value, extra))
     }
 
-    /// Waits for the commit lock, then commits the pending group unless
+    /// Waits for the commit lock, then commits the pending groups unless
     /// another thread already committed the one holding `outcome`.
     fn commit_pending(&self, outcome: &Outcome) -> Result<(), StoreError> {
         let mut c = self.committer.lock();
-        // Bounded: the first pass commits every pending operation, ours
-        // included.
-        for _ in 0..2 {
-            if let Some(result) = outcome.lock().take() {
-                return result;
-            }
-            let batches = std::mem::take(&mut self.pending.lock().batches);
-            if batches.is_empty() {
-                break;
-            }
+        if let Some(result) = outcome.lock().take() {
+            return result;
+        }
+        self.commit_locked(&mut c);
+        outcome
+            .lock()
+            .take()
+            .unwrap_or_else(|| Err(StoreError::Db("the operation was not committed".into())))
+    }
+
+    /// Commits every pending operation, in groups of at most the store's
+    /// [`Store::max_ops`] writes (one group when the store has no bound).
+    fn commit_locked(&self, c: &mut Committer) {
+        // Bounded: every pass takes at least one pending operation, and
+        // only holders of the writer's lock add more (each thread at most
+        // one at a time).
+        for _ in 0..100_000 {
+            let batches = {
+                let mut pending = self.pending.lock();
+                if pending.batches.is_empty() {
+                    return;
+                }
+                let mut total = 0;
+                let take = pending
+                    .batches
+                    .iter()
+                    .take_while(|b| {
+                        total += b.0.iter().map(weight).sum::<usize>();
+                        total <= self.max_ops
+                    })
+                    .count()
+                    .max(1);
+                pending.batches.drain(..take).collect::<Vec<_>>()
+            };
             let ops: Vec<StoreOp> = batches.iter().flat_map(|b| b.0.iter().cloned()).collect();
             let t0 = Instant::now();
             let committed = c.store.commit(&ops);
@@ -431,14 +492,23 @@ impl Shared {
                 }
                 Err(e) => {
                     self.metrics.store_error(&e);
-                    tracing::error!(operations = batches.len(), "store commit failed: {e}");
+                    if !matches!(e, StoreError::Conflict { .. }) {
+                        tracing::error!(operations = batches.len(), "store commit failed: {e}");
+                    }
                     // Memory back: this group's writes and every operation
                     // run on top of them since (they fail too).
                     let mut core = self.core.lock();
                     let later = std::mem::take(&mut self.pending.lock().batches);
                     let mut all = ops;
                     all.extend(later.iter().flat_map(|b| b.0.iter().cloned()));
-                    self.put_back(&mut core, &mut c, &all);
+                    self.put_back(&mut core, c, &all);
+                    if let StoreError::Conflict { revision } = e {
+                        // Fresh state for the operations that run again.
+                        match c.store.catch_up(revision) {
+                            Ok(()) => self.sync_locked(&mut core, c),
+                            Err(again) => tracing::warn!("catching up after a conflict: {again}"),
+                        }
+                    }
                     drop(core);
                     for (_, _, done) in batches.iter().chain(later.iter()) {
                         *done.lock() = Some(Err(again(&e)));
@@ -446,65 +516,6 @@ impl Shared {
                     *self.probe.lock() = None;
                 }
             }
-        }
-        outcome
-            .lock()
-            .take()
-            .unwrap_or_else(|| Err(StoreError::Db("the operation was not committed".into())))
-    }
-
-    fn mutate_shared<T, E, R>(
-        &self,
-        mut f: impl FnMut(&mut Registry) -> Result<(T, Vec<StoreOp>, Vec<Change>), E>,
-        after: impl FnOnce(&Registry, &T, &Self) -> R,
-    ) -> Result<(T, R), OpError<E>> {
-        let mut c = self.committer.lock();
-        let mut core = self.core.lock();
-        if core.stale {
-            self.reload(&mut core, &mut c)?;
-        }
-        let mut tries = 0;
-        loop {
-            self.sync_locked(&mut core, &mut c);
-            let (value, mut ops, changes) = f(&mut core.reg).map_err(OpError::Refused)?;
-            if !changes.is_empty() {
-                ops.extend(core.reg.log_ops(&changes));
-            }
-            if !ops.is_empty() {
-                let t0 = Instant::now();
-                let committed = c.store.commit(&ops);
-                self.metrics.store_latency.observe(t0.elapsed());
-                if let Err(e) = committed {
-                    self.metrics.store_error(&e);
-                    self.put_back(&mut core, &mut c, &ops);
-                    if let StoreError::Conflict { revision } = e {
-                        tries += 1;
-                        if tries < CONFLICT_TRIES {
-                            tracing::debug!(
-                                revision,
-                                tries,
-                                "store conflict: running the operation again on fresh state"
-                            );
-                            c.store.catch_up(revision)?;
-                            continue;
-                        }
-                    } else {
-                        tracing::error!("store commit failed: {e}");
-                    }
-                    *self.probe.lock() = None;
-                    return Err(OpError::Store(e));
-                }
-                self.metrics.commit_group(1);
-                let mut view = self.view.write();
-                for w in view.apply(&ops) {
-                    tracing::warn!("readers' registry: {w}");
-                }
-                for change in changes {
-                    self.publish(change);
-                }
-            }
-            let extra = after(&core.reg, &value, self);
-            return Ok((value, extra));
         }
     }
 
@@ -533,8 +544,20 @@ impl Shared {
     /// their changes to this replica's members. Blocking (it may reload).
     pub fn sync(&self) {
         let mut c = self.committer.lock();
-        let mut core = self.core.lock();
-        self.sync_locked(&mut core, &mut c);
+        // Never under computed, uncommitted writes: applying other
+        // replicas' records (and their revisions) under them would let
+        // them overwrite those records unchecked. They go first; one that
+        // ran meanwhile (it does not need the commit lock to run) is
+        // committed in the next turn. Bounded: a few turns, then the next
+        // sync does it.
+        for _ in 0..8 {
+            self.commit_locked(&mut c);
+            let mut core = self.core.lock();
+            if self.pending.lock().batches.is_empty() {
+                self.sync_locked(&mut core, &mut c);
+                return;
+            }
+        }
     }
 
     fn sync_locked(&self, core: &mut Core, c: &mut Committer) {

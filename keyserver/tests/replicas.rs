@@ -109,6 +109,25 @@ async fn replicas(
     (dirs, hs)
 }
 
+/// `GET /metrics` of a replica's admin API.
+async fn metrics_text(api: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = api.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// A sample's value.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
 fn sessions_cfg() -> ClientConfig {
     ClientConfig {
         connect_timeout: Duration::from_secs(2),
@@ -187,6 +206,19 @@ async fn concurrent_joins_over_three_replicas_never_collide() {
             .collect();
         assert_eq!((ips.len(), names.len(), idx.len()), (N, N, N), "duplicates");
     }
+    // Commits are grouped on etcd too: concurrent joins on one replica
+    // share etcd transactions (fewer commits than operations committed).
+    let (mut commits, mut operations) = (0.0, 0.0);
+    for h in &hs {
+        let text = metrics_text(&h.api).await;
+        commits += metric(&text, "istmesh_keyserver_store_commits_total");
+        operations += metric(&text, "istmesh_keyserver_store_committed_operations_total");
+    }
+    eprintln!("{operations} operations in {commits} etcd transactions");
+    assert!(
+        operations >= N as f64 && commits < operations,
+        "{operations} operations in {commits} commits: no group"
+    );
     let mut waits = Vec::new();
     for (ep, mut s) in sessions {
         waits.push(tokio::spawn(async move {
