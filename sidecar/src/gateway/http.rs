@@ -27,10 +27,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 
 use super::idle::{Check, Closed, IdleClock};
-use super::member::{is_local_exhaustion, Dialer};
+use super::member::is_local_exhaustion;
 use super::metrics::Counters;
 use super::routes::{normalize_host, GroupRt, RouteSettings, Routes, Slot};
-use super::upstream::{Upstream, Upstreams};
+use super::upstream::Upstreams;
 use meshlib::services::PortMode;
 
 /// Errors inside bodies.
@@ -426,11 +426,18 @@ async fn proxy(
             SocketAddrV4::new(slot.pick().ip, destination_port),
         );
         let timeout = ctx.settings.connect_timeout;
-        match ctx
-            .upstreams
-            .get(addr, dialer.as_ref(), timeout, upgrade, stats)
-            .await
-        {
+        let got = if upgrade {
+            ctx.upstreams
+                .dial_upgrade(addr, dialer.as_ref(), timeout, stats)
+                .await
+                .map(Up::Upgrade)
+        } else {
+            ctx.upstreams
+                .get(addr, dialer.as_ref(), timeout, false, stats)
+                .await
+                .map(Up::H1)
+        };
+        match got {
             Ok(upstream) => {
                 chosen = Some((slot, addr, upstream));
                 break;
@@ -476,20 +483,73 @@ async fn proxy(
         counted: totals.clone(),
         inbound: true,
         _slot: None,
-        give_back: None,
     }
     .boxed_unsync();
     instance.forwarded.fetch_add(1, Relaxed);
     rt.stats.total.forwarded.fetch_add(1, Relaxed);
-    let (result, sender) = send(
-        ctx,
-        addr,
-        &dialer,
-        upstream,
-        Request::from_parts(parts, body),
-    )
-    .await;
-    let mut resp = match result {
+    let result: Result<Response<ProxyBody>, String> = match upstream {
+        Up::Upgrade(mut sender) => {
+            let req = Request::from_parts(parts, body);
+            match sender.send_request(req).await {
+                Ok(mut resp) => {
+                    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) =
+                        (client_upgrade, resp.status())
+                    {
+                        let code = resp.status().as_u16();
+                        instance.response(code, started.elapsed());
+                        rt.stats.total.response(code, started.elapsed());
+                        let server = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(client, server, totals, slot));
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(
+                            parts,
+                            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+                        );
+                    }
+                    Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Up::H1(upstream) => {
+            let empty = body.is_end_stream();
+            let give_back = |pool: Arc<Upstreams>| -> super::h1::GiveBack {
+                Box::new(move |c| pool.put(addr, c))
+            };
+            let first = upstream
+                .conn
+                .exchange(&parts, body, give_back(ctx.upstreams.clone()))
+                .await;
+            let result = match first {
+                // A kept connection the instance closed while it was idle:
+                // once more on a new one (nothing was sent on that one).
+                Err(e) if upstream.reused && empty && e.retryable() => {
+                    let fresh = ctx
+                        .upstreams
+                        .get(
+                            addr,
+                            dialer.as_ref(),
+                            ctx.settings.connect_timeout,
+                            true,
+                            stats,
+                        )
+                        .await;
+                    match fresh {
+                        Ok(f) => {
+                            let none = Empty::new().map_err(|never| match never {}).boxed_unsync();
+                            f.conn
+                                .exchange(&parts, none, give_back(ctx.upstreams.clone()))
+                                .await
+                        }
+                        Err(_) => Err(e),
+                    }
+                }
+                other => other,
+            };
+            result.map_err(|e| e.to_string())
+        }
+    };
+    let resp = match result {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(group = %group(), error = %e, "upstream request failed");
@@ -504,63 +564,23 @@ async fn proxy(
     let code = resp.status().as_u16();
     instance.response(code, started.elapsed());
     rt.stats.total.response(code, started.elapsed());
-    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
-        let server = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client, server, totals, slot));
-        let (parts, _) = resp.into_parts();
-        return Response::from_parts(
-            parts,
-            Empty::new().map_err(|never| match never {}).boxed_unsync(),
-        );
-    }
-    let give_back = (!upgrade).then(|| (ctx.upstreams.clone(), addr, sender));
     let (mut parts, body) = resp.into_parts();
     strip_hop(&mut parts.headers, false);
     let body = Counted {
-        inner: body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        inner: body,
         counted: totals,
         inbound: false,
         _slot: Some(slot),
-        give_back,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
 
-/// Sends `req` on `upstream`; if a kept connection turns out closed before
-/// the request left (the instance closed it while it was idle), once more
-/// on a new connection. The result, and the connection it used.
-async fn send(
-    ctx: &HttpCtx,
-    addr: super::upstream::Key,
-    dialer: &Arc<dyn Dialer>,
-    upstream: Upstream,
-    req: Request<ProxyBody>,
-) -> (
-    Result<Response<Incoming>, hyper::Error>,
-    SendRequest<ProxyBody>,
-) {
-    let Upstream { mut sender, reused } = upstream;
-    let mut e = match sender.try_send_request(req).await {
-        Ok(resp) => return (Ok(resp), sender),
-        Err(e) => e,
-    };
-    let Some(req) = e.take_message().filter(|_| reused) else {
-        return (Err(e.into_error()), sender);
-    };
-    let fresh = ctx
-        .upstreams
-        .get(
-            addr,
-            dialer.as_ref(),
-            ctx.settings.connect_timeout,
-            true,
-            &ctx.routes.gateway,
-        )
-        .await;
-    match fresh {
-        Ok(Upstream { mut sender, .. }) => (sender.send_request(req).await, sender),
-        Err(_) => (Err(e.into_error()), sender),
-    }
+/// The connection a request goes out on.
+enum Up {
+    /// A kept or new HTTP/1.1 connection ([`super::h1`]).
+    H1(super::upstream::Upstream),
+    /// A new connection through hyper's client, for an upgrade.
+    Upgrade(SendRequest<ProxyBody>),
 }
 
 /// `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`,
@@ -618,30 +638,12 @@ impl Totals {
     }
 }
 
-/// An upstream connection to keep once a response body is done.
-type GiveBack = (Arc<Upstreams>, super::upstream::Key, SendRequest<ProxyBody>);
-
-/// A body that counts its bytes (and holds a slot until it is done; a
-/// response body also gives its upstream connection back for reuse then).
+/// A body that counts its bytes (and holds a slot until it is done).
 struct Counted {
     inner: ProxyBody,
     counted: Totals,
     inbound: bool,
     _slot: Option<Slot>,
-    give_back: Option<GiveBack>,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        // A body hyper never polled (it was empty): the connection is kept.
-        // One the client left before its end is not (the rest of the
-        // response is still on its way): it closes.
-        if let Some((pool, addr, sender)) = self.give_back.take() {
-            if self.inner.is_end_stream() {
-                pool.put(addr, sender);
-            }
-        }
-    }
 }
 
 impl Body for Counted {
@@ -659,12 +661,8 @@ impl Body for Counted {
             }
         }
         if let Poll::Ready(None) = &polled {
-            // Done: free the instance's slot now, not when hyper drops us,
-            // and keep the upstream connection.
+            // Done: free the instance's slot now, not when hyper drops us.
             self._slot = None;
-            if let Some((pool, addr, sender)) = self.give_back.take() {
-                pool.put(addr, sender);
-            }
         }
         polled
     }

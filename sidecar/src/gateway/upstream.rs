@@ -1,9 +1,9 @@
 //! HTTP/1.1 connections to instances, kept alive and reused: a bounded
-//! pool of idle connections per instance address.
+//! pool of idle connections per instance address ([`super::h1`] speaks on
+//! them).
 //!
 //! A request takes the most recently used idle connection of its instance
-//! (waiting the moment it takes hyper to mark a finished response's
-//! connection ready), or dials a new one; once its response body is done
+//! that is still open, or dials a new one; once its response body is done
 //! the connection goes back at once. At most `max_idle` idle connections
 //! are kept per instance (past that a finished connection is closed), and
 //! an idle connection is closed after `idle_timeout` (a sweep every few
@@ -24,14 +24,10 @@ use parking_lot::Mutex;
 
 use meshlib::ids::NetworkId;
 
+use super::h1::H1Conn;
 use super::http::ProxyBody;
 use super::member::Dialer;
 use super::metrics::GatewayStats;
-
-/// Longest wait for a pooled connection to be ready for its next request
-/// (hyper marks it ready as soon as the previous response is read; a
-/// connection that closed instead is skipped at once).
-const READY_WAIT: Duration = Duration::from_millis(250);
 
 /// An instance's address in its network: overlay addresses of different
 /// networks overlap, so a pooled connection is never handed to a request
@@ -40,7 +36,7 @@ pub type Key = (NetworkId, SocketAddrV4);
 
 /// An idle connection and since when.
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -53,8 +49,8 @@ pub struct Upstreams {
 
 /// A connection for one request.
 pub struct Upstream {
-    /// Where requests go.
-    pub sender: SendRequest<ProxyBody>,
+    /// The connection.
+    pub conn: H1Conn,
     /// It served requests before (a failure to send on it is retried once
     /// on a new connection: the instance may have closed it meanwhile).
     pub reused: bool,
@@ -82,14 +78,28 @@ impl Upstreams {
         stats: &GatewayStats,
     ) -> io::Result<Upstream> {
         if !fresh {
-            if let Some(sender) = self.take_idle(key).await {
+            if let Some(conn) = self.take_idle(key) {
                 stats.upstream_reused.fetch_add(1, Relaxed);
-                return Ok(Upstream {
-                    sender,
-                    reused: true,
-                });
+                return Ok(Upstream { conn, reused: true });
             }
         }
+        let stream = dialer.dial(key.1, timeout).await?;
+        stats.upstream_opened.fetch_add(1, Relaxed);
+        Ok(Upstream {
+            conn: H1Conn::new(stream),
+            reused: false,
+        })
+    }
+
+    /// A new connection to instance `key` for an upgrade (a WebSocket),
+    /// through hyper's client; never pooled.
+    pub async fn dial_upgrade(
+        &self,
+        key: Key,
+        dialer: &dyn Dialer,
+        timeout: Duration,
+        stats: &GatewayStats,
+    ) -> io::Result<SendRequest<ProxyBody>> {
         let stream = dialer.dial(key.1, timeout).await?;
         stats.upstream_opened.fetch_add(1, Relaxed);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
@@ -99,41 +109,31 @@ impl Upstreams {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(Upstream {
-            sender,
-            reused: false,
-        })
+        Ok(sender)
     }
 
-    /// The most recently used idle connection to `addr` that is still open
-    /// and ready (the others are closed on the way).
-    async fn take_idle(&self, key: Key) -> Option<SendRequest<ProxyBody>> {
+    /// The most recently used idle connection to `key` that is still open
+    /// (the others are closed on the way).
+    fn take_idle(&self, key: Key) -> Option<H1Conn> {
+        // Bounded: every turn removes one idle connection.
         loop {
             let idle = self.idle.lock().get_mut(&key).and_then(Vec::pop)?;
-            let mut sender = idle.sender;
-            if sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+            let mut conn = idle.conn;
+            if idle.since.elapsed() >= self.idle_timeout || conn.is_closed() {
                 continue;
             }
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some(sender);
-            }
+            return Some(conn);
         }
     }
 
-    /// Keeps `sender` (its response is done) for the next request to
-    /// `addr`, unless the instance's idle connections are at the bound.
-    pub fn put(&self, key: Key, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Keeps `conn` (its response is done) for the next request to `key`,
+    /// unless the instance's idle connections are at the bound.
+    pub fn put(&self, key: Key, conn: H1Conn) {
         let mut idle = self.idle.lock();
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -144,7 +144,7 @@ impl Upstreams {
     pub fn sweep(&self) -> usize {
         let mut idle = self.idle.lock();
         idle.retain(|_, list| {
-            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout);
+            list.retain_mut(|i| i.since.elapsed() < self.idle_timeout && !i.conn.is_closed());
             !list.is_empty()
         });
         idle.values().map(Vec::len).sum()
