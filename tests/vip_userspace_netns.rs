@@ -34,8 +34,11 @@ macro_rules! require_netns {
 }
 
 /// An instance's application in `ns`: answers every connection on
-/// 127.0.0.1:[`PORT`] with `name` and closes it, until `stop` is set (then
-/// it stops listening at once).
+/// 127.0.0.1:[`PORT`] with `name` and closes it, until `stop` is set; then
+/// it answers the connections its listen queue already holds and stops
+/// listening (as a server stopping gracefully does: one that dropped its
+/// queue would reset connections the kernel had already accepted for it,
+/// which no mesh can save).
 fn app(ns: &str, name: &'static str, stop: Arc<AtomicBool>) {
     let (tx, rx) = std::sync::mpsc::channel();
     in_ns(ns, move || {
@@ -51,6 +54,12 @@ fn app(ns: &str, name: &'static str, stop: Arc<AtomicBool>) {
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
+        }
+        // Bounded: the queue holds at most the listen backlog.
+        for _ in 0..4096 {
+            let Ok((mut s, _)) = l.accept() else { break };
+            let _ = s.set_nonblocking(false);
+            let _ = s.write_all(name.as_bytes());
         }
     });
     rx.recv_timeout(Duration::from_secs(10)).unwrap();
