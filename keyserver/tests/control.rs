@@ -194,11 +194,39 @@ where
     out
 }
 
+/// A raw join hello of protocol `version` with `token` for `meta`.
+fn join_hello(
+    version: u16,
+    token: &meshlib::proto::JoinToken,
+    meta: meshlib::control::MemberMeta,
+) -> meshlib::proto::Hello {
+    use meshlib::proto::{Hello, JoinRequest, Request};
+    Hello {
+        version,
+        request: Request::Join(JoinRequest {
+            network: token.network,
+            token_secret: token.secret,
+            public_key: meta.public_key,
+            service: meta.service,
+            app_id: None,
+            process_type: meta.process_type,
+            instance: None,
+            runner: meta.runner,
+            ports: vec![],
+            endpoints: vec![],
+            service_groups: vec![],
+            publish: vec![],
+            replace: false,
+            ephemeral: false,
+        }),
+    }
+}
+
 /// A member that stops reading falls behind the push buffer; once it reads
 /// again it is caught up from the change log (or a snapshot) and converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_member_catches_up() {
-    use meshlib::proto::{self, Hello, JoinRequest, Request, ServerMsg};
+    use meshlib::proto::{self, ServerMsg};
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::start(dir.path(), |c| c.push_buffer = 16).await;
     h.network("prod", "10.240.0.0/22").await;
@@ -217,25 +245,7 @@ async fn a_lagging_member_catches_up() {
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let (_ka, meta_a) = meta("api");
-    let hello = Hello {
-        version: proto::VERSION,
-        request: Request::Join(JoinRequest {
-            network: token.network,
-            token_secret: token.secret,
-            public_key: meta_a.public_key,
-            service: meta_a.service,
-            app_id: None,
-            process_type: meta_a.process_type,
-            instance: None,
-            runner: meta_a.runner,
-            ports: vec![],
-            endpoints: vec![],
-            service_groups: vec![],
-            publish: vec![],
-            replace: false,
-            ephemeral: false,
-        }),
-    };
+    let hello = join_hello(proto::VERSION, &token, meta_a);
     proto::write_frame(&mut send, &hello, 1 << 20)
         .await
         .unwrap();
@@ -343,7 +353,7 @@ async fn observed_endpoint_follows_a_rebinding() {
 /// them), and everything else it can decode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_4_member_is_not_sent_group_names() {
-    use meshlib::proto::{self, Hello, JoinRequest, Request, ServerMsg};
+    use meshlib::proto::{self, ServerMsg};
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::start(dir.path(), |_| {}).await;
     h.network("prod", "10.240.0.0/22").await;
@@ -357,25 +367,7 @@ async fn a_version_4_member_is_not_sent_group_names() {
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let (_ka, meta_a) = meta("api");
-    let hello = Hello {
-        version: 4,
-        request: Request::Join(JoinRequest {
-            network: token.network,
-            token_secret: token.secret,
-            public_key: meta_a.public_key,
-            service: meta_a.service,
-            app_id: None,
-            process_type: meta_a.process_type,
-            instance: None,
-            runner: meta_a.runner,
-            ports: vec![],
-            endpoints: vec![],
-            service_groups: vec![],
-            publish: vec![],
-            replace: false,
-            ephemeral: false,
-        }),
-    };
+    let hello = join_hello(4, &token, meta_a);
     proto::write_frame(&mut send, &hello, 1 << 20)
         .await
         .unwrap();

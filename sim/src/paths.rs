@@ -273,7 +273,7 @@ pub struct PathSim {
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: BTreeMap<u64, Event>,
     seq: u64,
-    rng: u64,
+    rng: crate::Rng,
     trace: Vec<Change>,
     /// Datagrams sent and lost, direct and relayed.
     pub sent: u64,
@@ -312,7 +312,7 @@ impl PathSim {
         };
         let relays = cfg.relays.max(1);
         let mut sim = Self {
-            rng: cfg.seed | 1,
+            rng: crate::Rng(cfg.seed | 1),
             t0,
             now: Duration::ZERO,
             peers: [peer(0, nats[0]), peer(1, nats[1])],
@@ -471,17 +471,9 @@ impl PathSim {
         self.events.insert(self.seq, e);
     }
 
-    fn random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// True with probability `p`.
     fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && ((self.random() >> 11) as f64 / (1u64 << 53) as f64) < p
+        p > 0.0 && self.rng.unit() < p
     }
 
     /// `base` ± jitter.
@@ -490,7 +482,7 @@ impl PathSim {
         if j == 0 {
             return base;
         }
-        let offset = self.random() % (2 * j + 1);
+        let offset = self.rng.next() % (2 * j + 1);
         (base + Duration::from_micros(offset)).saturating_sub(Duration::from_micros(j))
     }
 

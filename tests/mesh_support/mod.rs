@@ -150,15 +150,19 @@ impl Mesh {
         }
     }
 
-    fn try_admin(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("ip")
+    /// Runs a keyserver admin subcommand in the keyserver's namespace.
+    fn run_admin(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new("ip")
             .args(["netns", "exec", &self.ks.ns])
             .arg(bin("keyserver"))
             .arg("--data-dir")
             .arg(&self.ks_dir)
             .args(args)
             .output()
-            .ok()?;
+    }
+
+    fn try_admin(&self, args: &[&str]) -> Option<String> {
+        let out = self.run_admin(args).ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -166,14 +170,7 @@ impl Mesh {
 
     /// Runs a keyserver admin subcommand that must fail; its stderr.
     pub fn admin_fails(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ks.ns])
-            .arg(bin("keyserver"))
-            .arg("--data-dir")
-            .arg(&self.ks_dir)
-            .args(args)
-            .output()
-            .expect("run keyserver");
+        let out = self.run_admin(args).expect("run keyserver");
         assert!(!out.status.success(), "keyserver {args:?} succeeded");
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
