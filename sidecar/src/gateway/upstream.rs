@@ -142,11 +142,31 @@ impl Upstreams {
     /// Closes the connections idle for `idle_timeout` or closed by their
     /// instance; returns how many idle connections are left.
     pub fn sweep(&self) -> usize {
+        // The checks read from sockets: not under the lock. Connections
+        // put back meanwhile stay; the survivors join them, most recent
+        // last as before.
+        let taken = std::mem::take(&mut *self.idle.lock());
+        let mut kept: HashMap<Key, Vec<Idle>> = HashMap::new();
+        for (key, list) in taken {
+            let list: Vec<Idle> = list
+                .into_iter()
+                .filter_map(|mut i| {
+                    (i.since.elapsed() < self.idle_timeout && !i.conn.is_closed()).then_some(i)
+                })
+                .collect();
+            if !list.is_empty() {
+                kept.insert(key, list);
+            }
+        }
         let mut idle = self.idle.lock();
-        idle.retain(|_, list| {
-            list.retain_mut(|i| i.since.elapsed() < self.idle_timeout && !i.conn.is_closed());
-            !list.is_empty()
-        });
+        for (key, mut list) in kept {
+            let now = idle.entry(key).or_default();
+            list.append(now);
+            // Over the bound: the oldest go.
+            let extra = list.len().saturating_sub(self.max_idle);
+            list.drain(..extra);
+            *now = list;
+        }
         idle.values().map(Vec::len).sum()
     }
 
