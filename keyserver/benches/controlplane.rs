@@ -19,7 +19,8 @@
 //! members (the pure core, no I/O).
 //!
 //! `CP_BENCH_ONLY=joins` stops after the etcd scenarios (no 10,000-member
-//! run, no restarts).
+//! run, no restarts); `CP_BENCH_ONLY=size` runs the 100- and the 1000-member
+//! networks only (join rate against network size).
 //!
 //! Then stateless restarts (issue 18; `CP_BENCH_ONLY=restarts` alone): one
 //! network of 1000 members, and 10,000 restarts of 10 ephemeral instances
@@ -416,6 +417,8 @@ struct Figures {
     fan_worst: Duration,
     cpu_per_change: Duration,
     rss_kib: u64,
+    /// Generations per push while joining (changes merged into one push).
+    merged: f64,
 }
 
 async fn scenario(
@@ -430,6 +433,10 @@ async fn scenario(
     let mut all = Vec::new();
     let mut join_time = Duration::ZERO;
     let cpu0 = server.cpu();
+    let pushes0 = server.metric("istmesh_keyserver_pushes_total").await;
+    let gens0 = server
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await;
     let mut first = (String::new(), Vec::new(), 0);
     for n in 0..networks {
         let name = format!("{tag}-{n}");
@@ -446,6 +453,11 @@ async fn scenario(
         }
     }
     let cpu_per_join = (server.cpu() - cpu0) / (networks * per_network) as u32;
+    let pushes = server.metric("istmesh_keyserver_pushes_total").await - pushes0;
+    let gens = server
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await
+        - gens0;
     let rss_kib = server.rss_kib();
     let (name, mut members, id0) = first;
     let changes = 10;
@@ -462,6 +474,7 @@ async fn scenario(
             fan_worst,
             cpu_per_change,
             rss_kib,
+            merged: gens / pushes.max(1.0),
         },
         all,
     ))
@@ -494,10 +507,19 @@ async fn etcd_scenario(
     let token = first.token(prefix, replicas).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cpu0 = first.cpu();
+    let pushes0 = first.metric("istmesh_keyserver_pushes_total").await;
+    let gens0 = first
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await;
     let id0 = *next_id;
     let (mut members, t) = join_many(eps, &token, n, id0, &tx).await?;
     *next_id += n;
     let cpu_per_join = (first.cpu() - cpu0) / n as u32;
+    let pushes = first.metric("istmesh_keyserver_pushes_total").await - pushes0;
+    let gens = first
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await
+        - gens0;
     let rss_kib = first.rss_kib();
     let (fan_median, fan_worst, cpu_per_change) =
         fan_out(first, prefix, &mut members, id0, 10, &mut rx).await?;
@@ -512,6 +534,7 @@ async fn etcd_scenario(
         fan_worst,
         cpu_per_change,
         rss_kib,
+        merged: gens / pushes.max(1.0),
     })
 }
 
@@ -578,8 +601,8 @@ fn registry_join_cpu(size: usize) -> (Duration, Duration) {
 
 fn print(name: &str, f: &Figures) {
     println!(
-        "{name:<22} joins {:>5}  join rate {:>5.0}/s (keyserver CPU/join {:>6.1?})  change->all median {:>8.1?} worst {:>8.1?}  keyserver CPU/change {:>6.1?}  keyserver RSS {:>6} KiB",
-        f.joins, f.join_rate, f.cpu_per_join, f.fan_median, f.fan_worst, f.cpu_per_change, f.rss_kib
+        "{name:<22} joins {:>5}  join rate {:>5.0}/s (keyserver CPU/join {:>6.1?}, {:.1} generations per push)  change->all median {:>8.1?} worst {:>8.1?}  keyserver CPU/change {:>6.1?}  keyserver RSS {:>6} KiB",
+        f.joins, f.join_rate, f.cpu_per_join, f.merged, f.fan_median, f.fan_worst, f.cpu_per_change, f.rss_kib
     );
 }
 
@@ -621,6 +644,16 @@ async fn main() -> anyhow::Result<()> {
     let (big, m) = scenario(&server, &eps, 1, large, "large", &mut next_id).await?;
     keep.extend(m);
     let rss_after_large = server.rss_kib();
+    if std::env::var("CP_BENCH_ONLY").as_deref() == Ok("size") {
+        // `CP_BENCH_ONLY=size`: the 100- and the large network only.
+        print("1 network x 100", &small);
+        print(&format!("1 network x {large}"), &big);
+        println!(
+            "  join rate {large} vs 100 members: {:.2}x",
+            big.join_rate / small.join_rate
+        );
+        return Ok(());
+    }
     let (multi, m) = scenario(&server, &eps, 10, 100, "multi", &mut next_id).await?;
     keep.extend(m);
     let rss_end = server.rss_kib();

@@ -126,6 +126,10 @@ pub struct Config {
     /// from the change log). Default 128: the buffer holds the last pushes of
     /// every network, whatever its members read.
     pub push_buffer: usize,
+    /// Most milliseconds a change waits to go out merged with the next ones
+    /// while members are still taking the last push (a change storm: a join
+    /// storm, a rolling restart). Default 10; 0 pushes every change alone.
+    pub push_hold_ms: u64,
     /// Seconds a released address stays unused. Default 300 (well above the DNS TTL).
     pub quarantine_secs: u64,
     /// Seconds without a heartbeat after which a member goes offline
@@ -215,6 +219,7 @@ impl Default for Config {
             hello_timeout_secs: limits.hello_timeout.as_secs(),
             change_log: limits.change_log,
             push_buffer: limits.push_buffer,
+            push_hold_ms: limits.push_hold.as_millis() as u64,
             quarantine_secs: limits.quarantine.as_secs(),
             offline_after_secs: limits.lifecycle.offline_after.as_secs(),
             expire_after_secs: limits.lifecycle.expire_after.as_secs(),
@@ -255,6 +260,7 @@ impl Config {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             hello_timeout: Duration::from_secs(self.hello_timeout_secs.max(1)),
             push_buffer: self.push_buffer,
+            push_hold: Duration::from_millis(self.push_hold_ms.min(1000)),
             change_log: self.change_log,
             quarantine: Duration::from_secs(self.quarantine_secs),
             lifecycle: crate::registry::Lifecycle {

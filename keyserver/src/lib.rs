@@ -474,6 +474,7 @@ impl Keyserver {
         let http = http::serve(api, router, self.api_limits, wait(stop_rx.clone()));
         let quic_task = tokio::spawn(quic::run(quic, self.shared.clone(), wait(stop_rx.clone())));
         let sweeper = tokio::spawn(sweep(self.shared.clone(), wait(stop_rx.clone())));
+        let flusher = tokio::spawn(flush_pushes(self.shared.clone(), wait(stop_rx.clone())));
         let follow_task = self
             .feed
             .clone()
@@ -503,6 +504,7 @@ impl Keyserver {
         drop(relay_thread);
         let _ = quic_task.await;
         let _ = sweeper.await;
+        let _ = flusher.await;
         if let Some(task) = gc_task {
             let _ = task.await;
         }
@@ -523,6 +525,26 @@ impl Keyserver {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         result
+    }
+}
+
+/// Sends held pushes (see [`Shared::flush_pushes`]): wakes when a change
+/// is held, then looks every millisecond until nothing is, until `shutdown`.
+async fn flush_pushes(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = shared.held_pushes() => {}
+            () = &mut shutdown => return,
+        }
+        // Bounded: every change is held for at most `push_hold`, and a
+        // change held after this loop ends wakes it again.
+        for _ in 0..10_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if !shared.flush_pushes(std::time::Instant::now()) {
+                break;
+            }
+        }
     }
 }
 

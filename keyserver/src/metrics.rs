@@ -86,6 +86,12 @@ impl Histogram {
 pub struct Metrics {
     /// Joins that got a welcome (retried joins included).
     pub joins: AtomicU64,
+    /// Pushes sent to networks' members (each to every member of one
+    /// network; see [`crate::server::Shared::flush_pushes`]).
+    pub pushes: AtomicU64,
+    /// Generations those pushes carried (more than `pushes` when changes
+    /// were merged).
+    pub pushed_generations: AtomicU64,
     /// Sessions refused or ended with an error, by wire error code.
     refusals: Mutex<BTreeMap<String, u64>>,
     /// From a change's commit (or its arrival from another replica) to its
@@ -264,6 +270,16 @@ impl Metrics {
             out,
             "# HELP istmesh_keyserver_joins_total Joins welcomed.\n# TYPE istmesh_keyserver_joins_total counter\nistmesh_keyserver_joins_total {}",
             self.joins.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP istmesh_keyserver_pushes_total Pushes sent, each to the members of one network.\n# TYPE istmesh_keyserver_pushes_total counter\nistmesh_keyserver_pushes_total {}",
+            self.pushes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP istmesh_keyserver_pushed_generations_total Generations those pushes carried (changes published while members were still taking the last push go out merged).\n# TYPE istmesh_keyserver_pushed_generations_total counter\nistmesh_keyserver_pushed_generations_total {}",
+            self.pushed_generations.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP istmesh_keyserver_refusals_total Sessions refused or ended with an error, by reason.\n# TYPE istmesh_keyserver_refusals_total counter");
         for (reason, n) in self.refusals.lock().iter() {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
+use meshlib::netmap::MapDelta;
 use meshlib::proto::{self, ServerMsg};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
@@ -57,6 +58,9 @@ pub struct Limits {
     pub hello_timeout: Duration,
     /// Pushes buffered per subscriber before it must catch up from the log.
     pub push_buffer: usize,
+    /// Longest a change waits to be merged with the next ones into one
+    /// push (see [`Shared::flush_pushes`]); zero pushes every change alone.
+    pub push_hold: Duration,
     /// Deltas kept per network for resumes.
     pub change_log: usize,
     /// Quarantine of released addresses.
@@ -80,6 +84,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(3),
             push_buffer: 128,
+            push_hold: DEFAULT_PUSH_HOLD,
             change_log: 1024,
             quarantine: meshlib::ipam::DEFAULT_QUARANTINE,
             lifecycle: Lifecycle::default(),
@@ -88,6 +93,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// The default of [`Limits::push_hold`].
+pub const DEFAULT_PUSH_HOLD: Duration = Duration::from_millis(10);
 
 /// An open session of a member, counted while this lives.
 #[derive(Debug)]
@@ -127,10 +135,48 @@ pub struct Push {
     /// `(v, frame)` is for members of version `v` or older, ascending by
     /// `v`; a member of a version none covers gets `frame`.
     pub legacy: Vec<(u16, Arc<[u8]>)>,
-    /// The member this change removed, if any.
-    pub removed: Option<PublicKey>,
-    /// When it was published (push latency).
+    /// The members this push removed (the keys whose sessions end).
+    pub removed: Vec<PublicKey>,
+    /// When its first change was published (push latency).
     pub at: Instant,
+}
+
+/// A network's push channel, and the changes held to go out together.
+struct Hub {
+    tx: broadcast::Sender<Push>,
+    /// Changes published while subscribers were still taking the last
+    /// push: merged, they go out as one ([`Shared::flush_pushes`]).
+    held: Option<Held>,
+    /// When the last push was sent.
+    sent: Option<Instant>,
+}
+
+impl Hub {
+    /// Whether a push may leave now: every subscriber took the last one,
+    /// and the last one left at least `pace` ago, a time proportional to
+    /// the network's subscribers (a push to 1000 members costs the
+    /// keyserver about 10 ms of CPU; pushes closer together than that are
+    /// merged) and at most `hold`.
+    fn may_send(&self, now: Instant, hold: Duration) -> bool {
+        let pace = (PACE_PER_SUBSCRIBER * self.tx.receiver_count() as u32).min(hold);
+        self.tx.is_empty()
+            && self
+                .sent
+                .is_none_or(|t| now.saturating_duration_since(t) >= pace)
+    }
+}
+
+/// See [`Hub::may_send`].
+const PACE_PER_SUBSCRIBER: Duration = Duration::from_micros(10);
+
+/// Changes merged into one delta, not pushed yet.
+struct Held {
+    delta: MapDelta,
+    removed: Vec<PublicKey>,
+    /// When the first of them was published.
+    at: Instant,
+    /// More than one change was merged (compact before sending).
+    merged: bool,
 }
 
 /// Why a mutation failed.
@@ -219,7 +265,9 @@ pub struct Shared {
     /// The readers' registry: what the store holds, as of the last commit
     /// (see the module docs).
     view: RwLock<Registry>,
-    hubs: Mutex<HashMap<NetworkId, broadcast::Sender<Push>>>,
+    hubs: Mutex<HashMap<NetworkId, Hub>>,
+    /// Woken when a change is held (see [`Shared::flush_pushes`]).
+    held_wake: tokio::sync::Notify,
     /// Last heartbeat of each member (Unix seconds), kept apart from the registry.
     seen: Mutex<HashMap<(NetworkId, PublicKey), u64>>,
     /// Members whose credential use the registry has noted (see
@@ -298,6 +346,7 @@ impl Shared {
             pending: Mutex::new(Pending::default()),
             view: RwLock::new(view),
             hubs: Mutex::new(HashMap::new()),
+            held_wake: tokio::sync::Notify::new(),
             seen: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashSet::new()),
             online: Arc::new(Mutex::new(HashMap::new())),
@@ -935,7 +984,11 @@ impl Shared {
     /// Drops the push channel of a deleted network (its subscribers read
     /// what is buffered, then see it closed).
     pub fn forget_network(&self, network: NetworkId) {
-        self.hubs.lock().remove(&network);
+        if let Some(mut hub) = self.hubs.lock().remove(&network) {
+            if let Some(held) = hub.held.take() {
+                self.send_held(&hub.tx, held);
+            }
+        }
         self.snapshots.lock().remove(&network);
     }
 
@@ -1021,29 +1074,87 @@ impl Shared {
         }
     }
 
-    /// Sends a change to the subscribers of its network.
+    /// Sends a change to the subscribers of its network: at once when
+    /// every subscriber has taken the last push, otherwise merged with the
+    /// changes that follow into one push that leaves when they have (or
+    /// after [`Limits::push_hold`]): in a change storm each member gets
+    /// one push per round it can take instead of one per change, in
+    /// generation order either way.
     fn publish(&self, change: Change) {
         if let Some(key) = &change.removed {
             self.seen.lock().remove(&(change.network, *key));
             self.confirmed.lock().remove(&(change.network, *key));
         }
-        let hubs = self.hubs.lock();
-        let Some(tx) = hubs.get(&change.network) else {
+        let mut hubs = self.hubs.lock();
+        let Some(hub) = hubs.get_mut(&change.network) else {
             return;
         };
-        if tx.receiver_count() == 0 {
+        if hub.tx.receiver_count() == 0 {
+            // Nobody to tell (a subscriber that comes later starts from
+            // the registry).
+            hub.held = None;
             return;
         }
-        let (from, to) = (change.delta.from, change.delta.to);
+        let removed: Vec<PublicKey> = change.removed.into_iter().collect();
+        if let Some(held) = &mut hub.held {
+            if held.delta.to == change.delta.from {
+                held.delta.to = change.delta.to;
+                held.delta.changes.extend(change.delta.changes);
+                held.removed.extend(removed);
+                held.merged = true;
+                return;
+            }
+            // Not contiguous (a reload in between): what is held goes first.
+            let held = hub.held.take().expect("checked above");
+            self.send_held(&hub.tx, held);
+        }
+        let now = Instant::now();
+        let held = Held {
+            delta: change.delta,
+            removed,
+            at: now,
+            merged: false,
+        };
+        if self.limits.push_hold.is_zero() || hub.may_send(now, self.limits.push_hold) {
+            self.send_held(&hub.tx, held);
+            hub.sent = Some(now);
+        } else {
+            hub.held = Some(held);
+            self.held_wake.notify_one();
+        }
+    }
+
+    /// Encodes held changes (once for every subscriber, plus once per
+    /// older protocol version that needs them filtered) and sends them.
+    fn send_held(&self, tx: &broadcast::Sender<Push>, held: Held) {
+        let Held {
+            mut delta,
+            removed,
+            at,
+            merged,
+        } = held;
+        if merged {
+            // One change per member, group or address: a later change of
+            // one replaces its earlier ones (as in a catch-up).
+            delta.changes = crate::registry::compact(delta.changes.iter());
+        }
+        self.metrics
+            .pushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.pushed_generations.fetch_add(
+            delta.to.saturating_sub(delta.from),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (from, to) = (delta.from, delta.to);
         let legacy = [3, proto::VERSION - 1]
             .into_iter()
             .filter_map(|v| {
-                let d = crate::session::legacy_delta(&change.delta, v)?;
+                let d = crate::session::legacy_delta(&delta, v)?;
                 let frame = proto::encode_frame(&ServerMsg::Delta(d), usize::MAX).ok()?;
                 Some((v, Arc::from(frame)))
             })
             .collect();
-        let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(change.delta), usize::MAX) else {
+        let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(delta), usize::MAX) else {
             return;
         };
         // No receivers is fine: nobody to tell.
@@ -1052,9 +1163,42 @@ impl Shared {
             to,
             frame: frame.into(),
             legacy,
-            removed: change.removed,
-            at: Instant::now(),
+            removed,
+            at,
         });
+    }
+
+    /// Sends the held changes of every network whose subscribers have all
+    /// taken the last push, or that were held for [`Limits::push_hold`]
+    /// (a subscriber that takes long must not delay the others for
+    /// longer). Returns whether changes are still held (call again in a
+    /// millisecond or so). The server calls it while anything is held
+    /// ([`Shared::held_pushes`]).
+    pub fn flush_pushes(&self, now: Instant) -> bool {
+        let mut hubs = self.hubs.lock();
+        let mut left = false;
+        for hub in hubs.values_mut() {
+            let Some(held) = &hub.held else {
+                continue;
+            };
+            if hub.may_send(now, self.limits.push_hold)
+                || now.saturating_duration_since(held.at) >= self.limits.push_hold
+            {
+                let held = hub.held.take().expect("checked above");
+                self.send_held(&hub.tx, held);
+                hub.sent = Some(now);
+            } else {
+                left = true;
+            }
+        }
+        left
+    }
+
+    /// Completes when a change was held since the last call (the server's
+    /// flusher waits on it, then calls [`Shared::flush_pushes`] until
+    /// nothing is held).
+    pub async fn held_pushes(&self) {
+        self.held_wake.notified().await;
     }
 
     /// Subscribes to a network's pushes. Call under the registry lock (from a
@@ -1063,7 +1207,12 @@ impl Shared {
         self.hubs
             .lock()
             .entry(network)
-            .or_insert_with(|| broadcast::channel(self.limits.push_buffer.max(16)).0)
+            .or_insert_with(|| Hub {
+                tx: broadcast::channel(self.limits.push_buffer.max(16)).0,
+                held: None,
+                sent: None,
+            })
+            .tx
             .subscribe()
     }
 
@@ -1221,7 +1370,7 @@ impl Shared {
         self.hubs
             .lock()
             .values()
-            .map(|tx| tx.receiver_count())
+            .map(|hub| hub.tx.receiver_count())
             .sum()
     }
 }
@@ -1259,12 +1408,12 @@ mod tests {
     /// together are exactly the registry's map. Past [`SNAPSHOT_REUSE`]
     /// generations a new snapshot is encoded. A joiner gets only a
     /// snapshot of the present, shared at that generation.
-    #[test]
-    fn joiners_share_one_encoded_snapshot() {
+    /// A keyserver state on the embedded store with network `prod` and a
+    /// token for 500 joins.
+    fn prod(limits: Limits, now: SystemTime) -> (tempfile::TempDir, Shared, NetworkId) {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("s.redb")).unwrap();
-        let now = SystemTime::now();
-        let (shared, _) = Shared::new(Box::new(store), Limits::default(), [0; 32], now).unwrap();
+        let (shared, _) = Shared::new(Box::new(store), limits, [0; 32], now).unwrap();
         let (net, ()) = shared
             .mutate(
                 |r| {
@@ -1291,35 +1440,45 @@ mod tests {
                 |_, _, _| (),
             )
             .unwrap();
-        let join = |shared: &Shared| {
-            let req = JoinRequest {
-                network: net.id,
-                token_secret: [1; 32],
-                public_key: PrivateKey::generate().public_key(),
-                service: "api".into(),
-                app_id: None,
-                process_type: Default::default(),
-                instance: None,
-                runner: "r".into(),
-                ports: vec![],
-                endpoints: vec![],
-                service_groups: vec![],
-                publish: vec![],
-                replace: false,
-                ephemeral: false,
-            };
-            shared
-                .mutate(
-                    |r| {
-                        let j =
-                            r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
-                        Ok::<_, crate::registry::ProtoOpError>((j.generation, j.ops, j.changes))
-                    },
-                    |_, _, _| (),
-                )
-                .unwrap()
-                .0
+        (dir, shared, net.id)
+    }
+
+    /// Joins a new member to `net`: its generation and key.
+    fn join_one(shared: &Shared, net: NetworkId, now: SystemTime) -> (u64, PublicKey) {
+        let req = JoinRequest {
+            network: net,
+            token_secret: [1; 32],
+            public_key: PrivateKey::generate().public_key(),
+            service: "api".into(),
+            app_id: None,
+            process_type: Default::default(),
+            instance: None,
+            runner: "r".into(),
+            ports: vec![],
+            endpoints: vec![],
+            service_groups: vec![],
+            publish: vec![],
+            replace: false,
+            ephemeral: false,
         };
+        let generation = shared
+            .mutate(
+                |r| {
+                    let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
+                    Ok::<_, crate::registry::ProtoOpError>((j.generation, j.ops, j.changes))
+                },
+                |_, _, _| (),
+            )
+            .unwrap()
+            .0;
+        (generation, req.public_key)
+    }
+
+    #[test]
+    fn joiners_share_one_encoded_snapshot() {
+        let now = SystemTime::now();
+        let (_dir, shared, net) = prod(Limits::default(), now);
+        let join = |shared: &Shared| join_one(shared, net, now).0;
         let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
         // The map a member ends with after the replies.
         let replay = |replies: &[crate::session::Reply]| {
@@ -1340,7 +1499,7 @@ mod tests {
         for _ in 0..10 {
             join(&shared);
         }
-        let (g1, first) = shared.map_replies(net.id, true).unwrap();
+        let (g1, first) = shared.map_replies(net, true).unwrap();
         assert_eq!(g1, 10);
         assert_eq!(first.len(), 1, "a fresh snapshot alone");
         let shared_frame = match &first[0] {
@@ -1349,7 +1508,7 @@ mod tests {
         };
         for i in 1..=SNAPSHOT_REUSE {
             let g = join(&shared);
-            let (to, replies) = shared.map_replies(net.id, true).unwrap();
+            let (to, replies) = shared.map_replies(net, true).unwrap();
             assert_eq!((to, replies.len()), (g, 2), "join {i}: snapshot and delta");
             match &replies[0] {
                 crate::session::Reply::Frame(f) => {
@@ -1357,21 +1516,18 @@ mod tests {
                 }
                 _ => panic!("an encoded frame"),
             }
-            let want = shared.read(|r| r.snapshot(net.id)).unwrap();
+            let want = shared.read(|r| r.snapshot(net)).unwrap();
             assert_eq!(replay(&replies), want);
         }
         // One generation too many: encoded again, and shared from then on.
         join(&shared);
-        let (_, replies) = shared.map_replies(net.id, true).unwrap();
+        let (_, replies) = shared.map_replies(net, true).unwrap();
         assert_eq!(replies.len(), 1);
-        assert_eq!(
-            replay(&replies),
-            shared.read(|r| r.snapshot(net.id)).unwrap()
-        );
+        assert_eq!(replay(&replies), shared.read(|r| r.snapshot(net)).unwrap());
         assert_eq!(replay(&replies).members.len(), 11 + SNAPSHOT_REUSE as usize);
         // A joiner: the present only, the same bytes at the same generation.
-        let (g, a) = shared.map_replies(net.id, false).unwrap();
-        let (_, b) = shared.map_replies(net.id, false).unwrap();
+        let (g, a) = shared.map_replies(net, false).unwrap();
+        let (_, b) = shared.map_replies(net, false).unwrap();
         assert_eq!((a.len(), b.len()), (1, 1));
         match (&a[0], &b[0]) {
             (crate::session::Reply::Frame(x), crate::session::Reply::Frame(y)) => {
@@ -1380,13 +1536,90 @@ mod tests {
             _ => panic!("encoded frames"),
         }
         join(&shared);
-        let (g2, c) = shared.map_replies(net.id, false).unwrap();
+        let (g2, c) = shared.map_replies(net, false).unwrap();
         assert_eq!(
             (g2, c.len()),
             (g + 1, 1),
             "never a stale snapshot for a joiner"
         );
-        assert_eq!(replay(&c), shared.read(|r| r.snapshot(net.id)).unwrap());
+        assert_eq!(replay(&c), shared.read(|r| r.snapshot(net)).unwrap());
+    }
+
+    #[test]
+    fn changes_pile_up_into_one_push_while_members_take_the_last() {
+        let now = SystemTime::now();
+        let hold = Duration::from_secs(3600);
+        let limits = Limits {
+            push_hold: hold,
+            ..Limits::default()
+        };
+        let (_dir, shared, net) = prod(limits, now);
+        let mut rx = shared.subscribe(net);
+        let remove = |key: PublicKey| {
+            shared
+                .mutate(
+                    |r| {
+                        let (c, ops) = r.remove_member(net, &key.to_string(), now)?;
+                        Ok::<_, crate::registry::AdminError>(((), ops, vec![c]))
+                    },
+                    |_, _, _| (),
+                )
+                .unwrap();
+        };
+        // Nothing pushed yet: the first change goes out at once.
+        let (g1, a) = join_one(&shared, net, now);
+        let first = rx.try_recv().expect("pushed at once");
+        assert_eq!((first.from, first.to), (g1 - 1, g1));
+        // Taken: the next goes out at once too, if the last left long
+        // enough ago (one subscriber: 10 µs).
+        std::thread::sleep(Duration::from_millis(2));
+        let (g2, b) = join_one(&shared, net, now);
+        // Not taken yet: the next changes are held, merged.
+        let (_, c) = join_one(&shared, net, now);
+        let held_from = g2;
+        assert!(shared.flush_pushes(Instant::now()), "still held");
+        remove(a);
+        remove(c);
+        let (g5, _) = join_one(&shared, net, now);
+        assert_eq!(rx.try_recv().expect("pushed at once").to, g2);
+        assert!(
+            matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Empty)),
+            "held while the subscriber had not taken the last push"
+        );
+        // Flushed once every subscriber took the last push (here: none
+        // is waiting) …
+        assert!(!shared.flush_pushes(Instant::now()));
+        let merged = rx.try_recv().expect("one merged push");
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+        assert_eq!((merged.from, merged.to), (held_from, g5));
+        assert_eq!(merged.removed, vec![a, c]);
+        let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
+        let ServerMsg::Delta(d) = decode(&merged.frame) else {
+            panic!("a delta");
+        };
+        // Compacted: c's join is replaced by its removal.
+        assert_eq!(d.changes.len(), 3, "{d:?}");
+        // The merged delta takes a map at `held_from` to the present.
+        let mut map = shared.read(|r| r.snapshot(net)).unwrap();
+        map.generation = held_from;
+        map.apply(&d).unwrap();
+        assert_eq!(map, shared.read(|r| r.snapshot(net)).unwrap());
+        assert!(map.members.contains_key(&b) && !map.members.contains_key(&a));
+        // A subscriber that never takes its pushes delays the others by
+        // at most `push_hold`.
+        let _slow = shared.subscribe(net);
+        let _ = join_one(&shared, net, now);
+        let (g7, _) = join_one(&shared, net, now);
+        assert!(shared.flush_pushes(Instant::now()));
+        assert!(!shared.flush_pushes(Instant::now() + hold));
+        let mut last = 0;
+        while let Ok(p) = rx.try_recv() {
+            last = p.to;
+        }
+        assert_eq!(last, g7);
     }
 
     #[test]

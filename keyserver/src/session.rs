@@ -385,7 +385,7 @@ impl StreamSession {
             Ok(p) if p.to <= self.sent => Ok(vec![]),
             Ok(p) if p.from == self.sent => {
                 self.sent = p.to;
-                if p.removed == Some(self.key) {
+                if p.removed.contains(&self.key) {
                     // The removal itself is not sent: the stream ends.
                     return Err(self.gone(shared));
                 }

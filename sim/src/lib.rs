@@ -401,6 +401,10 @@ impl Sim {
         let limits = Limits {
             change_log: cfg.change_log,
             push_buffer: cfg.push_buffer,
+            // Every change is pushed alone (held pushes leave on the
+            // keyserver's real-time flusher, which the virtual clock does
+            // not drive).
+            push_hold: Duration::ZERO,
             lifecycle: cfg.lifecycle,
             ..Limits::default()
         };

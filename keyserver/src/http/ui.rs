@@ -496,7 +496,10 @@ async fn events(
                 pushed = pushes.recv() => match pushed {
                     Ok(p) => format!(
                         "event: change\ndata: {}\n\n",
-                        json!({ "generation": p.to, "removed": p.removed.map(|k| k.to_string()) })
+                        json!({
+                            "generation": p.to,
+                            "removed": p.removed.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                        })
                     ),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         "event: change\ndata: {}\n\n".to_owned()

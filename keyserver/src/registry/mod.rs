@@ -43,6 +43,7 @@ pub use addresses::{
     DEFAULT_WAKE_TIMEOUT_SECS, IDLE_HOOK_TIMEOUT, MAX_IDLE_AFTER_SECS,
 };
 pub use lifecycle::{Lifecycle, RotateError};
+pub use network::compact;
 use network::Network;
 pub use records::{
     unix, AddressRecord, Catchup, Change, Joined, LogRecord, MemberInfo, MemberRecord,

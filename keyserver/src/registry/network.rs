@@ -225,7 +225,7 @@ enum Subject {
 /// its earlier ones, so the result takes a map to the same state with at
 /// most one change per subject. A group's removal is about the group and
 /// its names (it clears both), so it goes only once both were set again.
-fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
+pub fn compact<'a>(changes: impl Iterator<Item = &'a MapChange>) -> Vec<MapChange> {
     let subjects = |c: &MapChange| -> Vec<Subject> {
         match c {
             MapChange::Upsert(m) => vec![Subject::Member(m.public_key)],
