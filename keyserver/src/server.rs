@@ -1443,9 +1443,9 @@ mod tests {
         (dir, shared, net.id)
     }
 
-    /// Joins a new member to `net`: its generation and key.
-    fn join_one(shared: &Shared, net: NetworkId, now: SystemTime) -> (u64, PublicKey) {
-        let req = JoinRequest {
+    /// A join to `net` with token `[1; 32]` and a fresh key.
+    fn join_req(net: NetworkId) -> JoinRequest {
+        JoinRequest {
             network: net,
             token_secret: [1; 32],
             public_key: PrivateKey::generate().public_key(),
@@ -1460,7 +1460,12 @@ mod tests {
             publish: vec![],
             replace: false,
             ephemeral: false,
-        };
+        }
+    }
+
+    /// Joins a new member to `net`: its generation and key.
+    fn join_one(shared: &Shared, net: NetworkId, now: SystemTime) -> (u64, PublicKey) {
+        let req = join_req(net);
         let generation = shared
             .mutate(
                 |r| {
@@ -1659,22 +1664,7 @@ mod tests {
             )
             .unwrap();
         let join = |shared: &Shared| {
-            let req = JoinRequest {
-                network: net.id,
-                token_secret: [1; 32],
-                public_key: PrivateKey::generate().public_key(),
-                service: "api".into(),
-                app_id: None,
-                process_type: Default::default(),
-                instance: None,
-                runner: "r".into(),
-                ports: vec![],
-                endpoints: vec![],
-                service_groups: vec![],
-                publish: vec![],
-                replace: false,
-                ephemeral: false,
-            };
+            let req = join_req(net.id);
             shared.mutate(
                 |r| {
                     let j = r.join(&req, "127.0.0.1:1".parse().unwrap(), &[2; 32], false, now)?;
