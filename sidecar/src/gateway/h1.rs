@@ -246,17 +246,95 @@ impl H1Conn {
     }
 }
 
+impl H1Conn {
+    /// Writes bytes of a request (its head, or body bytes after it).
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ExchangeError> {
+        self.io.write_all(bytes).await.map_err(ExchangeError::Send)
+    }
+
+    /// Reads the final response head (1xx heads are skipped) and writes it
+    /// for an HTTP/1.1 client into `out`: the status line and the headers
+    /// the instance sent, without hop-by-hop headers and without the blank
+    /// line that ends the head. The body is read with [`H1Conn::body`].
+    pub async fn read_head_raw(
+        &mut self,
+        head_request: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<RawHead, ExchangeError> {
+        let bad = |m: String| ExchangeError::Response(m);
+        // Bounded: every turn reads more of the head or skips a 1xx head;
+        // the head is at most MAX_HEAD bytes.
+        loop {
+            if !self.buf.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut headers);
+                match parsed.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let info = head_info(&parsed, head_request).map_err(bad)?;
+                        let Some(info) = info else {
+                            self.buf.advance(n);
+                            continue; // a 1xx answer: the final one follows
+                        };
+                        let has_date = write_head(&parsed, &info, out);
+                        self.buf.advance(n);
+                        return Ok(RawHead {
+                            code: info.status.as_u16(),
+                            framing: info.framing,
+                            reusable: info.reusable,
+                            rechunk: matches!(info.framing, Framing::Chunk(_) | Framing::Close),
+                            has_date,
+                        });
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(e) => return Err(bad(format!("malformed head: {e}"))),
+                }
+                if self.buf.len() > MAX_HEAD {
+                    return Err(bad(format!("head longer than {MAX_HEAD} bytes")));
+                }
+            }
+            let was_empty = self.buf.is_empty();
+            let n = read_more(&mut self.io, &mut self.buf)
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            if n == 0 {
+                return Err(bad(if was_empty {
+                    CLOSED_BEFORE_HEAD.into()
+                } else {
+                    "the instance closed the connection in the middle of the head".into()
+                }));
+            }
+        }
+    }
+
+    /// The body of the response whose head [`H1Conn::read_head_raw`] read;
+    /// once it is done, the connection goes to `give_back` if it can serve
+    /// another request.
+    pub fn body(self, head: &RawHead, give_back: GiveBack) -> H1Body {
+        H1Body {
+            conn: Some(self),
+            framing: head.framing,
+            reusable: head.reusable,
+            give_back: Some(give_back),
+            done: false,
+        }
+    }
+}
+
 fn method_has_body(m: &Method) -> bool {
     matches!(*m, Method::POST | Method::PUT | Method::PATCH)
 }
 
 /// Reads what is there into `buf`; 0 at the end of the stream.
-async fn read_more(io: &mut Box<dyn MeshStream>, buf: &mut BytesMut) -> io::Result<usize> {
+pub async fn read_more<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_more(io, buf, cx)).await
 }
 
-fn poll_read_more(
-    io: &mut Box<dyn MeshStream>,
+/// [`read_more`] as a poll.
+pub fn poll_read_more<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
@@ -276,12 +354,22 @@ fn poll_read_more(
     }
 }
 
-/// The response, its body's framing, and whether the connection can serve
-/// another request after it; `None` for a 1xx head.
-fn build(
+/// What a response head says about its body and its connection.
+struct HeadInfo {
+    status: StatusCode,
+    framing: Framing,
+    /// The connection can serve another request after this response.
+    reusable: bool,
+    /// Both a transfer coding and a length: the length is not forwarded.
+    drop_length: bool,
+}
+
+/// Reads the framing of a final response head (RFC 9112 section 6.3);
+/// `None` for a 1xx head.
+fn head_info(
     parsed: &httparse::Response<'_, '_>,
     head_request: bool,
-) -> Result<Option<(Response<ProxyBody>, Framing, bool)>, String> {
+) -> Result<Option<HeadInfo>, String> {
     let code = parsed.code.ok_or("no status")?;
     let status = StatusCode::from_u16(code).map_err(|_| format!("bad status {code}"))?;
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -291,16 +379,12 @@ fn build(
         return Ok(None);
     }
     let http10 = parsed.version == Some(0);
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     let (mut length, mut chunked, mut te, mut close, mut keep_alive) =
         (None::<u64>, false, false, http10, false);
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("bad header name {:?}", h.name))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| format!("bad value of header {}", h.name))?;
-        if name == header::CONTENT_LENGTH {
-            let text = value.to_str().map_err(|_| "bad content-length")?;
+        let value = || std::str::from_utf8(h.value).ok();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let text = value().ok_or("bad content-length")?;
             for part in text.split(',') {
                 let n: u64 = part
                     .trim()
@@ -311,15 +395,13 @@ fn build(
                 }
                 length = Some(n);
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
-            chunked = value
-                .to_str()
-                .ok()
+            chunked = value()
                 .and_then(|v| v.rsplit(',').next())
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name == header::CONNECTION {
-            for t in value.to_str().unwrap_or("").split(',') {
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in value().unwrap_or("").split(',') {
                 let t = t.trim();
                 if t.eq_ignore_ascii_case("close") {
                     close = true;
@@ -328,11 +410,11 @@ fn build(
                 }
             }
         }
-        headers.append(name, value);
     }
     if http10 && keep_alive {
         close = false;
     }
+    let mut drop_length = false;
     let framing =
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Length(0)
@@ -340,7 +422,7 @@ fn build(
             if length.is_some() {
                 // Both: the transfer coding wins, and the connection is not
                 // trusted with another request (RFC 9112 6.3).
-                headers.remove(header::CONTENT_LENGTH);
+                drop_length = true;
                 close = true;
             }
             if chunked {
@@ -355,20 +437,109 @@ fn build(
             }
         };
     let reusable = !close && !matches!(framing, Framing::Close);
+    Ok(Some(HeadInfo {
+        status,
+        framing,
+        reusable,
+        drop_length,
+    }))
+}
+
+/// The response, its body's framing, and whether the connection can serve
+/// another request after it; `None` for a 1xx head.
+fn build(
+    parsed: &httparse::Response<'_, '_>,
+    head_request: bool,
+) -> Result<Option<(Response<ProxyBody>, Framing, bool)>, String> {
+    let Some(info) = head_info(parsed, head_request)? else {
+        return Ok(None);
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("bad header name {:?}", h.name))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| format!("bad value of header {}", h.name))?;
+        if info.drop_length && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        headers.append(name, value);
+    }
     let mut resp = Response::new(
         http_body_util::Empty::new()
             .map_err(|n| match n {})
             .boxed_unsync(),
     );
-    *resp.status_mut() = status;
+    *resp.status_mut() = info.status;
     *resp.version_mut() = Version::HTTP_11;
     *resp.headers_mut() = headers;
-    Ok(Some((resp, framing, reusable)))
+    Ok(Some((resp, info.framing, info.reusable)))
+}
+
+/// A response head as the gateway forwards it to an HTTP/1.1 client
+/// ([`H1Conn::read_head_raw`]).
+pub struct RawHead {
+    /// The status code.
+    pub code: u16,
+    /// How the body ends on the instance's connection.
+    pub framing: Framing,
+    /// Whether the instance's connection can serve another request.
+    pub reusable: bool,
+    /// The body goes to the client chunked (it is chunked, or ends when
+    /// the instance closes): `transfer-encoding: chunked` is still to be
+    /// added to the head.
+    pub rechunk: bool,
+    /// The instance sent a `Date`.
+    pub has_date: bool,
+}
+
+/// Whether `name` is named by one of the `Connection` headers' values.
+fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// Writes the head of a final response for the client: the status line and
+/// the headers, without the hop-by-hop ones and without the blank line
+/// that ends the head (the caller adds its own headers first).
+fn write_head(parsed: &httparse::Response<'_, '_>, info: &HeadInfo, out: &mut Vec<u8>) -> bool {
+    use std::io::Write as _;
+    let _ = write!(out, "HTTP/1.1 {} ", info.status.as_u16());
+    match parsed.reason {
+        Some(r) if !r.is_empty() => out.extend_from_slice(r.as_bytes()),
+        _ => out.extend_from_slice(
+            info.status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for h in parsed.headers.iter() {
+        let name = h.name;
+        if super::http::HOP.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || name.eq_ignore_ascii_case("upgrade")
+            || (info.drop_length && name.eq_ignore_ascii_case("content-length"))
+            || named_by_connection(parsed.headers, name)
+        {
+            continue;
+        }
+        has_date |= name.eq_ignore_ascii_case("date");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    has_date
 }
 
 /// How a response body ends.
 #[derive(Debug, Clone, Copy)]
-enum Framing {
+pub enum Framing {
     /// This many bytes are left.
     Length(u64),
     /// Chunked, at this point.
@@ -379,7 +550,7 @@ enum Framing {
 
 /// Where a chunked body is.
 #[derive(Debug, Clone, Copy)]
-enum Chunk {
+pub enum Chunk {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk: this many bytes left.
@@ -391,7 +562,7 @@ enum Chunk {
 }
 
 /// A response body read straight from the instance's connection.
-struct H1Body {
+pub struct H1Body {
     conn: Option<H1Conn>,
     framing: Framing,
     reusable: bool,

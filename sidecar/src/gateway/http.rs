@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
@@ -30,7 +31,7 @@ use super::idle::{Check, Closed, IdleClock};
 use super::member::is_local_exhaustion;
 use super::metrics::Counters;
 use super::routes::{normalize_host, GroupRt, RouteSettings, Routes, Slot};
-use super::upstream::Upstreams;
+use super::upstream::{Key, Upstreams};
 use meshlib::services::PortMode;
 
 /// Errors inside bodies.
@@ -61,14 +62,14 @@ pub struct HttpCtx {
 
 /// Time a connection closed for idleness gets to send its HTTP/2 GOAWAY
 /// (or finish what it was writing) before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// One client connection.
-struct Conn {
-    ctx: Arc<HttpCtx>,
-    peer: SocketAddr,
-    port: u16,
-    tls: bool,
+pub(super) struct Conn {
+    pub(super) ctx: Arc<HttpCtx>,
+    pub(super) peer: SocketAddr,
+    pub(super) port: u16,
+    pub(super) tls: bool,
     /// Over TLS with SNI: the name, and the certificate the client was
     /// shown for it.
     shown: Option<(String, Arc<rustls::sign::CertifiedKey>)>,
@@ -76,6 +77,30 @@ struct Conn {
     /// that network's, and a request for another network's group on it is
     /// refused (421), however the certificate covers its name.
     sni_network: Option<meshlib::ids::NetworkId>,
+}
+
+impl Conn {
+    /// The group and the instances' port a request for `host` is proxied
+    /// to; `None` when [`handle`] answers it itself (421 for a name this
+    /// connection is not for, 404, a redirect, a port that is not HTTP).
+    pub(super) fn proxy_route(&self, host: &str) -> Option<(Arc<GroupRt>, u16)> {
+        if let Some((sni, cert)) = &self.shown {
+            let name = super::routes::host_part(host);
+            if !name.eq_ignore_ascii_case(sni)
+                && super::certs::covers(&cert.cert[0], &normalize_host(host)).is_none()
+            {
+                return None;
+            }
+        }
+        let (rt, port) = self.ctx.routes.find(self.port, Some(host))?;
+        if self.sni_network.is_some_and(|n| n != rt.network) {
+            return None;
+        }
+        match port.mode {
+            PortMode::Http { .. } => Some((rt, port.destination_port)),
+            PortMode::Redirect | PortMode::TlsTcp | PortMode::Udp => None,
+        }
+    }
 }
 
 /// The HTTP version a connection speaks, when TLS's ALPN said it.
@@ -107,11 +132,7 @@ pub async fn serve<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let clock = Arc::new(Mutex::new(IdleClock::new(
-        Instant::now(),
-        ctx.header_timeout,
-        ctx.idle_timeout,
-    )));
+    let mut clock = IdleClock::new(Instant::now(), ctx.header_timeout, ctx.idle_timeout);
     let sni_network = sni.as_deref().and_then(|n| ctx.routes.network_of(n));
     let shown = match (&ctx.certs, sni) {
         (Some(certs), Some(sni)) => certs.pick(Some(&sni)).map(|ck| (normalize_host(&sni), ck)),
@@ -125,6 +146,23 @@ pub async fn serve<S>(
         shown,
         sni_network,
     });
+    // HTTP/1.1's common requests are the gateway's own loop's; the rest
+    // of the connection goes to hyper at the first request the loop does
+    // not serve.
+    let mut stream = stream;
+    let mut read = BytesMut::new();
+    if alpn != Alpn::H2 {
+        match super::front::serve(&conn, &mut stream, &mut read, &mut clock).await {
+            super::front::End::Closed => return,
+            super::front::End::Deadline(why) => {
+                count_closed(&ctx, why, peer, port);
+                return;
+            }
+            super::front::End::Handoff => {}
+        }
+    }
+    let stream = super::front::Rewind::new(read.freeze(), stream);
+    let clock = Arc::new(Mutex::new(clock));
     let in_flight = clock.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -180,14 +218,19 @@ pub async fn serve<S>(
             () = tokio::time::sleep_until(when.into()) => {}
         }
     };
+    count_closed(&ctx, closed, peer, port);
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+}
+
+/// Counts and logs a connection closed for its deadline.
+fn count_closed(ctx: &HttpCtx, closed: Closed, peer: SocketAddr, port: u16) {
     let stats = &ctx.routes.gateway;
     match closed {
         Closed::NoRequest => stats.closed_no_request.fetch_add(1, Relaxed),
         Closed::Idle => stats.closed_idle.fetch_add(1, Relaxed),
     };
     tracing::debug!(%peer, port, why = ?closed, "HTTP connection closed: no request in time");
-    connection.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
 }
 
 /// A request in flight on its connection's [`IdleClock`], from its head to
@@ -328,7 +371,7 @@ fn redirect(host: &str, uri: &Uri) -> Response<ProxyBody> {
 
 /// Headers that belong to one hop only (RFC 9110 7.6.1), and the HTTP/2
 /// upgrade's settings (RFC 7540 3.2.1), which never reach an instance.
-const HOP: [&str; 9] = [
+pub(super) const HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -410,54 +453,9 @@ async fn proxy(
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
     parts.version = Version::HTTP_11;
-    // Find an instance that takes the request; failed dials try others.
     let stats = &ctx.routes.gateway;
     let dialer = rt.dialer();
-    let mut chosen = None;
-    for _ in 0..4 {
-        let Some(slot) = rt
-            .acquire_for(conn.peer.ip().to_canonical(), true, &ctx.settings)
-            .await
-        else {
-            break;
-        };
-        let addr = (
-            rt.network,
-            SocketAddrV4::new(slot.pick().ip, destination_port),
-        );
-        let timeout = ctx.settings.connect_timeout;
-        let got = if upgrade {
-            ctx.upstreams
-                .dial_upgrade(addr, dialer.as_ref(), timeout, stats)
-                .await
-                .map(Up::Upgrade)
-        } else {
-            ctx.upstreams
-                .get(addr, dialer.as_ref(), timeout, false, stats)
-                .await
-                .map(Up::H1)
-        };
-        match got {
-            Ok(upstream) => {
-                chosen = Some((slot, addr, upstream));
-                break;
-            }
-            // The gateway's own ports or descriptors ran out: not the
-            // instance's fault, and no other instance would do better.
-            Err(e) if is_local_exhaustion(&e) => {
-                stats.local_error("connection to an instance", &e);
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(instance = %slot.pick().instance, error = %e, "upstream dial failed");
-                slot.counters.dial_failures.fetch_add(1, Relaxed);
-                rt.stats.total.dial_failures.fetch_add(1, Relaxed);
-                if slot.fail(&e) {
-                    tokio::time::sleep(super::routes::FRESH_RETRY).await;
-                }
-            }
-        }
-    }
+    let chosen = choose(conn, &rt, destination_port, upgrade).await;
     let group = || rt.group_name();
     let Some((slot, addr, upstream)) = chosen else {
         let resp = text(
@@ -575,8 +573,62 @@ async fn proxy(
     Response::from_parts(parts, body.boxed_unsync())
 }
 
+/// An instance of `rt` that takes a request, and a connection to it on
+/// `destination_port`: a kept or new one, or for an upgrade a new one
+/// through hyper's client. A failed dial tries other instances (at most
+/// four dials). `None`: no instance can take the request now.
+pub(super) async fn choose(
+    conn: &Conn,
+    rt: &Arc<GroupRt>,
+    destination_port: u16,
+    upgrade: bool,
+) -> Option<(Slot, Key, Up)> {
+    let ctx = &conn.ctx;
+    let stats = &ctx.routes.gateway;
+    let dialer = rt.dialer();
+    for _ in 0..4 {
+        let slot = rt
+            .acquire_for(conn.peer.ip().to_canonical(), true, &ctx.settings)
+            .await?;
+        let addr = (
+            rt.network,
+            SocketAddrV4::new(slot.pick().ip, destination_port),
+        );
+        let timeout = ctx.settings.connect_timeout;
+        let got = if upgrade {
+            ctx.upstreams
+                .dial_upgrade(addr, dialer.as_ref(), timeout, stats)
+                .await
+                .map(Up::Upgrade)
+        } else {
+            ctx.upstreams
+                .get(addr, dialer.as_ref(), timeout, false, stats)
+                .await
+                .map(Up::H1)
+        };
+        match got {
+            Ok(upstream) => return Some((slot, addr, upstream)),
+            // The gateway's own ports or descriptors ran out: not the
+            // instance's fault, and no other instance would do better.
+            Err(e) if is_local_exhaustion(&e) => {
+                stats.local_error("connection to an instance", &e);
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(instance = %slot.pick().instance, error = %e, "upstream dial failed");
+                slot.counters.dial_failures.fetch_add(1, Relaxed);
+                rt.stats.total.dial_failures.fetch_add(1, Relaxed);
+                if slot.fail(&e) {
+                    tokio::time::sleep(super::routes::FRESH_RETRY).await;
+                }
+            }
+        }
+    }
+    None
+}
+
 /// The connection a request goes out on.
-enum Up {
+pub(super) enum Up {
     /// A kept or new HTTP/1.1 connection ([`super::h1`]).
     H1(super::upstream::Upstream),
     /// A new connection through hyper's client, for an upgrade.
@@ -624,13 +676,13 @@ async fn tunnel(
 
 /// Where bytes are counted: the group's totals and the instance's.
 #[derive(Clone)]
-struct Totals {
-    group: Arc<GroupRt>,
-    instance: Arc<Counters>,
+pub(super) struct Totals {
+    pub(super) group: Arc<GroupRt>,
+    pub(super) instance: Arc<Counters>,
 }
 
 impl Totals {
-    fn add(&self, inbound: bool, n: u64) {
+    pub(super) fn add(&self, inbound: bool, n: u64) {
         for c in [&self.group.stats.total, self.instance.as_ref()] {
             let counter: &AtomicU64 = if inbound { &c.bytes_in } else { &c.bytes_out };
             counter.fetch_add(n, Relaxed);

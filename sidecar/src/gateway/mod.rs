@@ -36,6 +36,7 @@
 pub use meshlib::balance;
 pub mod certs;
 pub mod fleet;
+mod front;
 pub mod h1;
 pub mod http;
 pub mod idle;

@@ -734,7 +734,7 @@ pub struct Route {
 }
 
 /// A `Host` or SNI value without its port and trailing dot (case kept).
-fn host_part(host: &str) -> &str {
+pub(super) fn host_part(host: &str) -> &str {
     let h = if host.starts_with('[') {
         host.split_once(']')
             .map_or(host, |(h, _)| &host[..=h.len()])
