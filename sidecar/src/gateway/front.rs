@@ -150,7 +150,9 @@ fn examine(buf: &[u8], tls: bool, peer_ip: &str, up: &mut Vec<u8>, host: &mut St
             }
         } else if name.eq_ignore_ascii_case("x-forwarded-for")
             && xff.is_none()
-            && h.value.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
+            && h.value
+                .iter()
+                .all(|b| (0x20..0x7f).contains(b) || *b == b'\t')
         {
             xff = Some(h.value);
         }
@@ -295,9 +297,7 @@ where
             rt.stats.total.response(503, started.elapsed());
             // The body is skipped if it is all here; else the connection
             // closes after the answer.
-            let skip = usize::try_from(req.length)
-                .ok()
-                .filter(|n| *n <= buf.len());
+            let skip = usize::try_from(req.length).ok().filter(|n| *n <= buf.len());
             if let Some(n) = skip {
                 buf.advance(n);
             }
@@ -323,7 +323,18 @@ where
     totals.add(true, have as u64);
     let left = req.length - have as u64;
     let mut sent = Sent::default();
-    let mut result = exchange(&mut upstream.conn, up, io, buf, left, &totals, req, out, &mut sent).await;
+    let mut result = exchange(
+        &mut upstream.conn,
+        up,
+        io,
+        buf,
+        left,
+        &totals,
+        req,
+        out,
+        &mut sent,
+    )
+    .await;
     if let Err(e) = &result {
         // A kept connection the instance closed while it was idle: once
         // more on a new one (nothing of the request reached the instance).
@@ -341,8 +352,18 @@ where
                 .await;
             if let Ok(f) = fresh {
                 upstream = f;
-                result =
-                    exchange(&mut upstream.conn, up, io, buf, 0, &totals, req, out, &mut sent).await;
+                result = exchange(
+                    &mut upstream.conn,
+                    up,
+                    io,
+                    buf,
+                    0,
+                    &totals,
+                    req,
+                    out,
+                    &mut sent,
+                )
+                .await;
             }
         }
     }
@@ -603,5 +624,548 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::gateway::http::{Alpn, HttpCtx};
+    use crate::gateway::member::{DialFuture, Dialer, MeshDatagram, MeshStream};
+    use crate::gateway::routes::{RouteSettings, Routes};
+    use crate::gateway::upstream::Upstreams;
+    use meshlib::ids::NetworkId;
+    use meshlib::netmap::{Member, MemberState, NetworkMap};
+    use meshlib::services::{Handler, Protocol, PublishedPort, ServiceGroup};
+
+    /// Dials the loopback "instance", whatever the overlay address.
+    struct Loopback(SocketAddr);
+
+    impl Dialer for Loopback {
+        fn dial(&self, _: SocketAddrV4, _: Duration) -> DialFuture<Box<dyn MeshStream>> {
+            let to = self.0;
+            Box::pin(
+                async move { Ok(Box::new(TcpStream::connect(to).await?) as Box<dyn MeshStream>) },
+            )
+        }
+
+        fn udp(&self, _: SocketAddrV4) -> DialFuture<Box<dyn MeshDatagram>> {
+            Box::pin(async { Err(io::ErrorKind::Unsupported.into()) })
+        }
+    }
+
+    /// A loopback "instance": for every request it reads (on any of its
+    /// connections) it records the bytes and sends the next answer, then
+    /// closes the connection if the answer says so.
+    struct Instance {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<u8>>>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    async fn instance(answers: Vec<(&'static [u8], bool)>) -> Instance {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
+        let (log, count) = (seen.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Relaxed);
+                let (log, answers) = (log.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut b = [0u8; 4096];
+                    loop {
+                        while request_len(&got).is_none() {
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        let n = request_len(&got).unwrap();
+                        log.lock().extend(got.drain(..n));
+                        let Some((answer, close)) = answers.lock().pop_front() else {
+                            return;
+                        };
+                        s.write_all(answer).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Instance {
+            addr,
+            seen,
+            accepted,
+        }
+    }
+
+    /// The length of the request at the start of `got`, once it is all
+    /// there (a content-length or chunked body).
+    fn request_len(got: &[u8]) -> Option<usize> {
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        if head.contains("transfer-encoding: chunked") {
+            let at = got[end..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+            return Some(end + at + 5);
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        (got.len() >= end + len).then_some(end + len)
+    }
+
+    /// A gateway on loopback serving group `web` at `web.test` (port 80,
+    /// HTTP) with one instance, online or not, reached at `instance`.
+    async fn gateway(instance: SocketAddr, online: bool) -> (SocketAddr, Arc<HttpCtx>) {
+        let mut map = NetworkMap::new(NetworkId::random(), "prod", meshlib::ipam::DEFAULT_RANGE);
+        let member = Member {
+            public_key: meshlib::keys::PrivateKey::generate().public_key(),
+            ip: Ipv4Addr::new(10, 240, 0, 9),
+            endpoints: vec![],
+            service: "web".into(),
+            app_id: "web".parse().unwrap(),
+            process_type: "web".parse().unwrap(),
+            index: 1,
+            instance: "web-1".parse().unwrap(),
+            runner: "host-a".into(),
+            ports: vec![],
+            state: if online {
+                MemberState::Online
+            } else {
+                MemberState::Offline
+            },
+        };
+        map.members.insert(member.public_key, member);
+        let group = ServiceGroup {
+            name: "web".parse().unwrap(),
+            fqdn: "web.test".into(),
+            ports: vec![PublishedPort {
+                port: 80,
+                destination_port: 8080,
+                protocol: Protocol::Tcp,
+                handlers: [Handler::Http].into(),
+                ip: None,
+            }],
+            limits: meshlib::services::Limits::default(),
+            owner: None,
+            instances: vec!["web-1".parse().unwrap()],
+            wake: None,
+            wake_timeout_secs: 30,
+        };
+        map.services.insert(group.name.clone(), group);
+        let routes = Routes::multi();
+        let dialer: Arc<dyn Dialer> = Arc::new(Loopback(instance));
+        routes.apply(&map, "prod", &dialer, None);
+        let ctx = Arc::new(HttpCtx {
+            routes: Arc::new(routes),
+            settings: RouteSettings {
+                queue_timeout: Duration::from_millis(200),
+                client_share: 100,
+                connect_timeout: Duration::from_secs(2),
+                allow_wake_commands: false,
+            },
+            upstreams: Arc::new(Upstreams::new(4, Duration::from_secs(30))),
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+            certs: None,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = l.accept().await {
+                tokio::spawn(super::super::http::serve(
+                    c.clone(),
+                    s,
+                    peer,
+                    80,
+                    Alpn::Detect,
+                    None,
+                ));
+            }
+        });
+        (addr, ctx)
+    }
+
+    /// A response as the client read it.
+    #[derive(Debug)]
+    struct Resp {
+        code: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Resp {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Reads more of a response into `buf`.
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
+        let mut b = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&b[..n]);
+    }
+
+    /// Reads one response (1xx ones skipped) from `s`; `buf` keeps what
+    /// follows it.
+    async fn response(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> Resp {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut headers);
+            let n = match r.parse(buf).unwrap() {
+                httparse::Status::Complete(n) => n,
+                httparse::Status::Partial => {
+                    fill(s, buf).await;
+                    continue;
+                }
+            };
+            let code = r.code.unwrap();
+            let headers: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8(h.value.to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+            buf.drain(..n);
+            if code < 200 {
+                continue;
+            }
+            let mut resp = Resp {
+                code,
+                headers,
+                body: Vec::new(),
+            };
+            if head_request || code == 204 || code == 304 {
+                return resp;
+            }
+            if resp.header("transfer-encoding") == Some("chunked") {
+                loop {
+                    let (used, size) = loop {
+                        match httparse::parse_chunk_size(buf).unwrap() {
+                            httparse::Status::Complete(x) => break x,
+                            httparse::Status::Partial => fill(s, buf).await,
+                        }
+                    };
+                    let size = size as usize;
+                    while buf.len() < used + size + 2 {
+                        fill(s, buf).await;
+                    }
+                    resp.body.extend_from_slice(&buf[used..used + size]);
+                    buf.drain(..used + size + 2);
+                    if size == 0 {
+                        return resp;
+                    }
+                }
+            }
+            let len: usize = resp.header("content-length").unwrap().parse().unwrap();
+            while buf.len() < len {
+                fill(s, buf).await;
+            }
+            resp.body = buf.drain(..len).collect();
+            return resp;
+        }
+    }
+
+    /// Whether the gateway closes the connection (nothing more comes).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// The common requests on one client connection and one kept instance
+    /// connection: hop-by-hop headers go neither way, the forwarding
+    /// headers are set, bodies of known length arrive whole (part with the
+    /// head, part later), a chunked response stays chunked, HEAD has no
+    /// body, pipelined requests are answered in order, and `Connection:
+    /// close` is answered and honoured.
+    #[tokio::test]
+    async fn common_requests_are_forwarded_as_bytes() {
+        let inst = instance(vec![
+            (
+                &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Drop\r\nKeep-Alive: timeout=5\r\nX-Drop: 1\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello"[..],
+                false,
+            ),
+            (
+                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", false),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc", false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        ])
+        .await;
+        let (gw, _) = gateway(inst.addr, true).await;
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        let mut buf = Vec::new();
+
+        c.write_all(b"GET /a?b=1 HTTP/1.1\r\nHost: WEB.test:80\r\nConnection: keep-alive\r\nKeep-Alive: 300\r\nTE: trailers\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: gopher\r\nX-Forwarded-Host: evil.test\r\nAccept: */*\r\n\r\n").await.unwrap();
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!((r.code, &r.body[..]), (200, &b"hello"[..]));
+        assert_eq!(r.header("x-a"), Some("1"));
+        assert_eq!(r.header("content-length"), Some("5"));
+        for hop in ["connection", "keep-alive", "x-drop"] {
+            assert_eq!(r.header(hop), None, "{hop}: {r:?}");
+        }
+        assert!(r.header("date").is_some(), "a Date is added: {r:?}");
+
+        // A body: part with the head, the rest later.
+        c.write_all(b"POST /up HTTP/1.1\r\nhost: web.test\r\ncontent-length: 10\r\n\r\n012")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.write_all(b"3456789").await.unwrap();
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!((r.code, &r.body[..]), (201, &b"abc"[..]));
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(r.header("date"), Some("Tue, 01 Dec 2026 00:00:00 GMT"));
+
+        c.write_all(b"HEAD /h HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut c, &mut buf, true).await;
+        assert_eq!((r.code, r.header("content-length")), (200, Some("99")));
+
+        // A POST without a body; then two pipelined requests.
+        c.write_all(b"POST /empty HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!(r.body, b"a", "the 100 Continue is not passed on");
+        c.write_all(
+            b"GET /p1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /p2 HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"b");
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"c");
+
+        c.write_all(b"DELETE /x HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!((r.code, r.header("connection")), (204, Some("close")));
+        assert!(closed(&mut c).await, "closed after Connection: close");
+
+        assert_eq!(
+            inst.accepted.load(Relaxed),
+            1,
+            "one kept instance connection"
+        );
+        let seen = String::from_utf8(inst.seen.lock().clone()).unwrap();
+        let first = seen.split("\r\n\r\n").next().unwrap();
+        assert_eq!(
+            first,
+            "GET /a?b=1 HTTP/1.1\r\nHost: WEB.test:80\r\nAccept: */*\r\nx-forwarded-for: 192.0.2.7, 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: web.test"
+        );
+        assert!(
+            seen.contains("POST /up HTTP/1.1\r\nhost: web.test\r\ncontent-length: 10\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: web.test\r\n\r\n0123456789"),
+            "{seen}"
+        );
+        assert!(seen.contains("HEAD /h HTTP/1.1\r\n"), "{seen}");
+        assert!(
+            seen.contains("POST /empty HTTP/1.1\r\nHost: web.test\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: web.test\r\ncontent-length: 0\r\n\r\n"),
+            "{seen}"
+        );
+        let p1 = seen.find("GET /p1 ").unwrap();
+        assert!(seen.find("GET /p2 ").unwrap() > p1, "in order: {seen}");
+        assert!(
+            seen.contains("DELETE /x HTTP/1.1\r\nHost: web.test\r\nx-forwarded-for"),
+            "Connection: close is not forwarded: {seen}"
+        );
+    }
+
+    /// A response that ends when the instance closes goes to the client
+    /// chunked, the client's connection stays open, and the instance's is
+    /// not used again.
+    #[tokio::test]
+    async fn a_body_until_close_is_chunked_for_the_client() {
+        let inst = instance(vec![
+            (&b"HTTP/1.1 200 OK\r\n\r\nuntil the end"[..], true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+        ])
+        .await;
+        let (gw, _) = gateway(inst.addr, true).await;
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        let mut buf = Vec::new();
+        for want in [&b"until the end"[..], b"ok"] {
+            c.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+                .await
+                .unwrap();
+            let r = response(&mut c, &mut buf, false).await;
+            assert_eq!(r.body, want);
+        }
+        assert_eq!(inst.accepted.load(Relaxed), 2);
+    }
+
+    /// Requests the loop does not serve go to hyper's server with the
+    /// bytes already read, on the same connection: an unknown host (404),
+    /// a chunked request body, an `Expect: 100-continue`; hyper then serves
+    /// what follows. HTTP/2 with prior knowledge works on the same port.
+    #[tokio::test]
+    async fn other_requests_go_to_hyper_on_the_same_connection() {
+        let inst = instance(vec![
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"[..], false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n4", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh2", false),
+        ])
+        .await;
+        let (gw, _) = gateway(inst.addr, true).await;
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        let mut buf = Vec::new();
+        // The loop's, then hyper's in the same write.
+        c.write_all(b"GET /1 HTTP/1.1\r\nHost: web.test\r\n\r\nGET /x HTTP/1.1\r\nHost: nothing.test\r\n\r\n").await.unwrap();
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"1");
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!(r.code, 404);
+        assert!(String::from_utf8_lossy(&r.body).contains("nothing.test"));
+        c.write_all(b"PUT /2 HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n").await.unwrap();
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"2");
+        c.write_all(b"PUT /3 HTTP/1.1\r\nHost: web.test\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n").await.unwrap();
+        // hyper asks for the body once it reads it.
+        let mut got = Vec::new();
+        let mut b = [0u8; 256];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 100 Continue\r\n"), "{got:?}");
+        c.write_all(b"abc").await.unwrap();
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"3");
+        c.write_all(b"GET /4 HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(response(&mut c, &mut buf, false).await.body, b"4");
+        let seen = String::from_utf8(inst.seen.lock().clone()).unwrap();
+        assert!(seen.contains("\r\n\r\n4\r\nbody\r\n0\r\n\r\n"), "{seen}");
+        assert!(seen.contains("\r\n\r\nabc"), "{seen}");
+
+        // HTTP/2 with prior knowledge.
+        let s = TcpStream::connect(gw).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(s),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get("http://web.test/h2")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"h2");
+    }
+
+    /// With no instance to take a request: 503 with `Retry-After`, and the
+    /// connection serves on. A connection that sends nothing, or half a
+    /// head, is closed at the first request's deadline and counted.
+    #[tokio::test]
+    async fn refusals_and_deadlines() {
+        let inst = instance(vec![]).await;
+        let (gw, ctx) = gateway(inst.addr, false).await;
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            c.write_all(b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\n\r\nhi")
+                .await
+                .unwrap();
+            let r = response(&mut c, &mut buf, false).await;
+            assert_eq!((r.code, r.header("retry-after")), (503, Some("1")));
+            assert!(String::from_utf8_lossy(&r.body).contains("service group web"));
+        }
+        for half in [&b""[..], b"GET / HTTP/1.1\r\nHost: web"] {
+            let mut c = TcpStream::connect(gw).await.unwrap();
+            c.write_all(half).await.unwrap();
+            let started = Instant::now();
+            assert!(closed(&mut c).await);
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(3), "{took:?}");
+        }
+        let stats = &ctx.routes.gateway;
+        assert_eq!(stats.closed_no_request.load(Relaxed), 2);
+    }
+
+    /// Heads the loop forwards, and those it leaves to hyper.
+    #[test]
+    fn what_the_loop_takes() {
+        let take = |head: &str| {
+            let (mut up, mut host) = (Vec::new(), String::new());
+            matches!(
+                examine(head.as_bytes(), false, "192.0.2.1", &mut up, &mut host),
+                Parse::Forward(_)
+            )
+        };
+        assert!(take("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        assert!(take(
+            "POST /x?y HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nConnection: Keep-Alive, close\r\n\r\n"
+        ));
+        for head in [
+            "GET / HTTP/1.0\r\nHost: a.test\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nUpgrade: h2c\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: X-Secret\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(!take(head), "{head:?}");
+        }
+        assert!(matches!(
+            examine(
+                b"GET / HTTP/1.1\r\nHost: a",
+                false,
+                "",
+                &mut Vec::new(),
+                &mut String::new()
+            ),
+            Parse::Partial
+        ));
     }
 }

@@ -521,7 +521,9 @@ fn write_head(parsed: &httparse::Response<'_, '_>, info: &HeadInfo, out: &mut Ve
     let mut has_date = false;
     for h in parsed.headers.iter() {
         let name = h.name;
-        if super::http::HOP.iter().any(|n| n.eq_ignore_ascii_case(name))
+        if super::http::HOP
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
             || name.eq_ignore_ascii_case("upgrade")
             || (info.drop_length && name.eq_ignore_ascii_case("content-length"))
             || named_by_connection(parsed.headers, name)
