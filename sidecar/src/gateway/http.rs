@@ -6,8 +6,14 @@
 //! `X-Forwarded-Host` are set; a WebSocket upgrade passes through (the
 //! slot is held while the socket is open); a `redirect` port answers 308
 //! to `https://`. Refused requests get 503, unknown hosts 404, an
-//! unreachable instance 502. hyper parses everything (no hand-written
-//! parser); oversized headers get 431 (HTTP/1.1) or a reset stream (HTTP/2).
+//! unreachable instance 502. Oversized headers get 431 (HTTP/1.1) or a
+//! reset stream (HTTP/2).
+//!
+//! HTTP/1.1's common requests are served by the gateway's own loop
+//! (`gateway::front`, httparse and bytes); hyper's server takes HTTP/2 and
+//! the rest of an HTTP/1.1 connection from the first request the loop
+//! leaves to it (so hyper answers malformed heads, upgrades and the
+//! gateway's own answers).
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, SocketAddrV4};
