@@ -74,6 +74,7 @@ pub mod names;
 pub mod nat;
 pub mod netmap;
 pub mod node;
+pub mod pinned;
 pub mod proto;
 pub mod reconcile;
 pub mod render;

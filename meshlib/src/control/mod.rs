@@ -22,7 +22,10 @@
 //! the next call. The server's certificate is pinned by SHA-256
 //! ([`tls::PinnedCert`]).
 
-pub mod tls;
+/// Certificate pinning (moved to [`crate::pinned`]; kept here by name).
+pub mod tls {
+    pub use crate::pinned::PinnedCert;
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -349,21 +352,12 @@ pub async fn tls_over_tcp(
 }
 
 /// The rustls client configuration pinning `fingerprint`, TLS 1.3, ALPN
-/// `alpn`.
+/// `alpn` ([`crate::pinned::client_config`]).
 pub fn tls_client_config(
     fingerprint: [u8; 32],
     alpn: &[u8],
 ) -> Result<rustls::ClientConfig, ControlError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = tls::PinnedCert::new(fingerprint, provider.clone());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ControlError::Setup(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    Ok(tls)
+    crate::pinned::client_config(fingerprint, alpn).map_err(|e| ControlError::Setup(e.to_string()))
 }
 
 /// Spawns the task that reads server frames into a channel.

@@ -123,7 +123,7 @@ impl Driver {
                     } else {
                         self.endpoints.clone()
                     };
-                    let eps = crate::nat::candidates(&self.plane.engine, &local);
+                    let eps = self.plane.engine.advertise(&local);
                     if eps != self.announced {
                         self.announced = eps.clone();
                         let _ = self.session.update_endpoints(eps).await;
@@ -257,7 +257,7 @@ impl Driver {
                 tracing::warn!(error = %escape(&e.to_string()), "keyserver rejected a request")
             }
             Event::Ended(end) => return Some(self.node_end(end, None)),
-            Event::Relay(info) => crate::nat::use_relay_info(&self.plane.engine, &info),
+            Event::Relay(info) => self.plane.engine.use_relay_info(&info),
             Event::Joined(_) | Event::Welcomed(_) | Event::HeartbeatAck { .. } => {}
         }
         None

@@ -592,6 +592,51 @@ impl Engine {
         self.shared.nat.reflexive(Instant::now())
     }
 
+    /// The candidates a member advertises: its `local` addresses (configured,
+    /// or detected, with the WireGuard port), then the engine's
+    /// server-reflexive addresses (STUN, relay-observed), then the relay's
+    /// address if registered; without duplicates, at most
+    /// [`crate::nat::MAX_ADVERTISED`]. Also tells the engine, which sends them in
+    /// call-me-maybe probes.
+    ///
+    /// The sidecar calls this wherever it computes the endpoints it announces
+    /// (at join, at resume, and on every re-check), so that learned addresses
+    /// reach the map with the next announcement.
+    pub fn advertise(&self, local: &[SocketAddr]) -> Vec<SocketAddr> {
+        let relay = self.relay_addr();
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for a in local
+            .iter()
+            .copied()
+            .chain(self.reflexive_addrs())
+            .chain(relay)
+        {
+            if !out.contains(&a) && out.len() < crate::nat::MAX_ADVERTISED {
+                out.push(a);
+            }
+        }
+        // The relay's address must survive the cap: peers reach us there.
+        if let Some(r) = relay {
+            if !out.contains(&r) {
+                out.pop();
+                out.push(r);
+            }
+        }
+        self.set_own_candidates(out.iter().filter(|a| Some(**a) != relay).copied().collect());
+        out
+    }
+
+    /// Gives the engine what the keyserver said about STUN and the relay
+    /// ([`crate::proto::RelayInfo`], from [`crate::member::Event::Relay`]).
+    pub fn use_relay_info(&self, info: &crate::proto::RelayInfo) {
+        self.set_stun_servers(info.stun.clone());
+        self.set_relay(info.relay.map(|udp| RelayTarget {
+            udp,
+            tcp: info.tcp.map(|t| (t, info.cert_sha256)),
+            ticket: info.ticket.clone(),
+        }));
+    }
+
     /// Our own candidates, as advertised (sent in call-me-maybe probes).
     pub fn set_own_candidates(&self, candidates: Vec<SocketAddr>) {
         *self.shared.nat.own.lock() = candidates;

@@ -130,8 +130,8 @@ impl Ctx {
         let mut sock = TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
         sock.set_nodelay(true)?;
         sock.set_nonblocking(true)?;
-        let config = crate::control::tls_client_config(fingerprint, crate::proto::ALPN_RELAY)
-            .map_err(other)?;
+        let config =
+            crate::pinned::client_config(fingerprint, crate::proto::ALPN_RELAY).map_err(other)?;
         let name =
             rustls::pki_types::ServerName::try_from(crate::proto::SERVER_NAME).map_err(other)?;
         let mut tls = rustls::ClientConnection::new(Arc::new(config), name).map_err(other)?;

@@ -1,6 +1,10 @@
-//! Certificate pinning: the client accepts exactly the certificate whose
-//! SHA-256 matches the fingerprint carried in the join token, and still checks
-//! that the server holds its private key (handshake signature).
+//! Certificate pinning, for every TLS connection a member opens to the
+//! keyserver (control over QUIC or TCP) and to its relay (over TCP): the
+//! client accepts exactly the certificate whose SHA-256 matches the
+//! fingerprint carried in the join token, and still checks that the server
+//! holds its private key (handshake signature). Its own module, so that the
+//! control client and the data plane's relay both use it without depending
+//! on each other.
 
 use std::sync::Arc;
 
@@ -10,6 +14,20 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
 use crate::proto::sha256;
+
+/// The rustls client configuration pinning `fingerprint`: TLS 1.3 only,
+/// ALPN `alpn`, ring's algorithms.
+pub fn client_config(fingerprint: [u8; 32], alpn: &[u8]) -> Result<rustls::ClientConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCert::new(fingerprint, provider.clone());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
 
 /// A [`ServerCertVerifier`] that pins the end-entity certificate's SHA-256.
 #[derive(Debug)]
