@@ -21,7 +21,7 @@
 //!   keyserver-signed ticket names ([`relay`]).
 //!
 //! Everything here is pure (no sockets, no clock); the engine's driver is
-//! `wg::paths`, the keyserver's STUN and relay servers live in the
+//! `wg::transport`, the keyserver's STUN and relay servers live in the
 //! keyserver crate.
 
 pub mod disco;

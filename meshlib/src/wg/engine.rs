@@ -2,7 +2,7 @@
 //! change them live. The packet loops are in [`super::io`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -17,6 +17,7 @@ use super::io;
 use super::peer::{Peer, PeerConfig, PeerStats};
 use super::shared::{Counters, Shared, StaticKey, HANDSHAKE_RATE_LIMIT};
 use super::table::PeerTable;
+use super::transport::{RelaySetting, Sink, Transport};
 use super::uapi::{self, InterfaceInfo, PeerChange, PeerInfo, SetRequest};
 use super::udp::Udp;
 use crate::keys::{PrivateKey, PublicKey};
@@ -125,11 +126,12 @@ impl Engine {
                 port: config.listen_port,
                 source,
             })?;
+        let key = config.private_key.as_ref().map(static_key);
+        let transport = Transport::new(udp, key.as_ref().map(|k| &k.secret));
         let shared = Arc::new(Shared {
             table: RwLock::new(PeerTable::new()),
-            key: RwLock::new(config.private_key.as_ref().map(static_key)),
-            udp: RwLock::new(Arc::new(udp)),
-            udp_generation: AtomicU64::new(0),
+            key: RwLock::new(key),
+            transport,
             fwmark: AtomicU32::new(config.fwmark),
             device: device.clone(),
             stop: AtomicBool::new(false),
@@ -137,9 +139,15 @@ impl Engine {
             link_up: AtomicBool::new(device.is_up()),
             counters: Counters::default(),
             epoch: Instant::now(),
-            nat: super::paths::Nat::default(),
-            vips: super::vip::Vips::new(Instant::now()),
+            vips: super::vips::Vips::new(Instant::now()),
         });
+        // WireGuard datagrams that come over the relay's TCP connection
+        // are decrypted here (the transport knows no peers).
+        let weak = Arc::downgrade(&shared);
+        shared.transport.set_sink_factory(Box::new(move || {
+            let shared = weak.upgrade()?;
+            Some(Box::new(io::TcpSink::new(shared)) as Box<dyn Sink>)
+        }));
         let engine = Engine {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
@@ -186,11 +194,11 @@ impl Engine {
                 peer.tunn
                     .lock()
                     .set_static_private(k.secret.clone(), k.public, None);
-                if let Some(pp) = peer.path.lock().as_mut() {
-                    pp.key = crate::nat::disco::PairKey::from_dalek(&k.secret, &peer.key);
-                }
             }
         }
+        self.shared
+            .transport
+            .set_key(new.as_ref().map(|k| &k.secret));
         *slot = new;
     }
 
@@ -201,7 +209,7 @@ impl Engine {
 
     /// The bound UDP port.
     pub fn listen_port(&self) -> u16 {
-        self.shared.udp.read().port
+        self.shared.transport.udp().0.port
     }
 
     /// Rebinds the UDP socket to `port` (0: any). Peers and sessions stay.
@@ -212,15 +220,14 @@ impl Engine {
         }
         let fwmark = self.shared.fwmark.load(Relaxed);
         let udp = Udp::bind(port, fwmark).map_err(|source| EngineError::Bind { port, source })?;
-        *self.shared.udp.write() = Arc::new(udp);
-        self.shared.udp_generation.fetch_add(1, Relaxed);
+        self.shared.transport.rebind(udp);
         Ok(())
     }
 
     /// Sets the firewall mark of the UDP socket (0 clears it).
     pub fn set_fwmark(&self, mark: u32) -> Result<(), EngineError> {
         self.shared.fwmark.store(mark, Relaxed);
-        let udp = self.shared.udp.read().clone();
+        let (udp, _) = self.shared.transport.udp();
         udp.set_mark(mark).map_err(|source| EngineError::Bind {
             port: udp.port,
             source,
@@ -297,6 +304,7 @@ impl Engine {
     /// Removes a peer; its packets are refused from this call on. Returns
     /// whether it existed.
     pub fn remove_peer(&self, key: &PublicKey) -> bool {
+        self.shared.transport.forget(key);
         self.shared.table.write().remove(key).is_some()
     }
 
@@ -348,6 +356,7 @@ impl Engine {
         let mut table = self.shared.table.write();
         if change.remove {
             table.remove(&change.public_key);
+            self.shared.transport.forget(&change.public_key);
             return Ok(());
         }
         let index = match table.by_key(&change.public_key) {
@@ -418,6 +427,7 @@ impl Engine {
         }
         if req.replace_peers {
             self.shared.table.write().clear();
+            self.shared.transport.forget_all();
         }
         for change in &req.peers {
             self.apply_peer_change(change)?;
@@ -485,15 +495,10 @@ impl Engine {
         let Some((index, peer)) = table.by_key(key) else {
             return false;
         };
-        let Some(secret) = self.shared.key.read().as_ref().map(|k| k.secret.clone()) else {
+        let ip = super::transport::relay_ip_of(&table.allowed_of(index));
+        if !self.shared.transport.manage(key, ip, candidates) {
             return false;
-        };
-        let ip = super::paths::relay_ip_of(&table.allowed_of(index));
-        let mut slot = peer.path.lock();
-        let pp = slot
-            .get_or_insert_with(|| super::paths::new_peer_path(&secret, key, &self.shared.nat.cfg));
-        pp.ip = ip;
-        pp.advertised = candidates.iter().take(32).copied().collect();
+        }
         peer.relay_ip.store(ip.map_or(0, u32::from), Relaxed);
         peer.managed.store(true, Relaxed);
         true
@@ -503,8 +508,10 @@ impl Engine {
     pub fn peer_path(&self, key: &PublicKey) -> Option<crate::nat::path::PathState> {
         let table = self.shared.table.read();
         let (_, peer) = table.by_key(key)?;
-        let slot = peer.path.lock();
-        slot.as_ref().map(|pp| pp.manager.state(Instant::now()))
+        if !peer.is_managed() {
+            return None;
+        }
+        self.shared.transport.path_state(key, Instant::now())
     }
 
     /// How this member reaches each peer now (at most
@@ -520,7 +527,10 @@ impl Engine {
         let mut out: Vec<_> = table
             .iter()
             .map(|(_, peer)| {
-                let state = peer.path.lock().as_ref().map(|pp| pp.manager.state(now));
+                let state = peer
+                    .is_managed()
+                    .then(|| self.shared.transport.path_state(&peer.key, now))
+                    .flatten();
                 match state {
                     Some(st) => crate::traffic::PeerPath {
                         peer: peer.key,
@@ -547,7 +557,7 @@ impl Engine {
     /// STUN servers to learn the socket's server-reflexive addresses from
     /// (binding requests sent from the WireGuard socket every 20 s).
     pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {
-        self.shared.nat.set_stun_servers(servers);
+        self.shared.transport.set_stun_servers(servers);
     }
 
     /// The relay to register with (its UDP address, its TCP address and
@@ -555,41 +565,23 @@ impl Engine {
     /// member's ticket), or none. A new ticket for the same relay keeps the
     /// registration.
     pub fn set_relay(&self, relay: Option<RelayTarget>) {
-        let mut slot = self.shared.nat.relay.write();
-        match (slot.as_mut(), relay) {
-            (Some(r), Some(t)) if r.addr == t.udp => r.ticket = t.ticket,
-            (_, Some(t)) => {
-                *self.shared.nat.tcp.lock() = None;
-                *slot = Some(super::paths::RelayClient {
-                    addr: t.udp,
-                    tcp: t.tcp,
-                    over_tcp: false,
-                    since: Instant::now(),
-                    ticket: t.ticket,
-                    token: None,
-                    confirmed: None,
-                    sent: None,
-                    keepalive: std::time::Duration::from_secs(15),
-                    observed: None,
-                })
-            }
-            (_, None) => {
-                *self.shared.nat.tcp.lock() = None;
-                *slot = None
-            }
-        }
+        self.shared.transport.set_relay(relay.map(|t| RelaySetting {
+            udp: t.udp,
+            tcp: t.tcp,
+            ticket: t.ticket,
+        }));
     }
 
     /// The relay's address once registered with it (a candidate to
     /// advertise: peers reach this member there).
     pub fn relay_addr(&self) -> Option<SocketAddr> {
-        self.shared.nat.route().map(|(a, _)| a)
+        self.shared.transport.route().map(|(a, _)| a)
     }
 
     /// This socket's server-reflexive addresses: fresh STUN answers and the
     /// address the relay saw.
     pub fn reflexive_addrs(&self) -> Vec<SocketAddr> {
-        self.shared.nat.reflexive(Instant::now())
+        self.shared.transport.reflexive(Instant::now())
     }
 
     /// The candidates a member advertises: its `local` addresses (configured,
@@ -639,7 +631,7 @@ impl Engine {
 
     /// Our own candidates, as advertised (sent in call-me-maybe probes).
     pub fn set_own_candidates(&self, candidates: Vec<SocketAddr>) {
-        *self.shared.nat.own.lock() = candidates;
+        self.shared.transport.set_own_candidates(candidates);
     }
 
     /// Balances flows to service addresses (kernel mode; see
@@ -689,6 +681,7 @@ impl Engine {
     /// Stops the loops and waits for them.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Relaxed);
+        self.shared.transport.stop();
         self.shared.device.interrupt();
         for handle in self.threads.lock().drain(..) {
             let _ = handle.join();

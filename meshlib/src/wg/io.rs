@@ -7,7 +7,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -16,11 +16,13 @@ use quinn_udp::{RecvMeta, UdpSockRef};
 
 use super::device::{BATCH, MAX_SUPER_PACKET};
 use super::flows::Inbound as Reply;
-use super::paths::{self, Inbound};
 use super::peer::Peer;
+use super::send::{send_failed, sent};
 use super::shared::Shared;
+use super::transport::{self, Inbound, PathUse, Sink};
 use super::udp::Udp;
 use super::vip::{InCursor, OutCursor};
+use crate::nat::path::Path;
 use crate::nat::relay;
 
 /// Timer tick (boringtun's timers have this granularity at best).
@@ -41,14 +43,12 @@ struct CurrentUdp {
 
 impl CurrentUdp {
     fn new(shared: &Shared) -> Self {
-        Self {
-            generation: shared.udp_generation.load(Relaxed),
-            udp: shared.udp.read().clone(),
-        }
+        let (udp, generation) = shared.transport.udp();
+        Self { generation, udp }
     }
 
     fn refresh(&mut self, shared: &Shared) -> &Arc<Udp> {
-        let generation = shared.udp_generation.load(Relaxed);
+        let generation = shared.transport.generation();
         if generation != self.generation {
             *self = Self::new(shared);
         }
@@ -119,7 +119,7 @@ impl GsoBatch {
     fn flush(&mut self, shared: &Shared, udp: &Udp) {
         if let (Some(dest), Some(peer)) = (self.dest.take(), self.peer.take()) {
             let data = &self.buf[self.start..self.start + self.len];
-            let result = paths::transmit(shared, udp, dest, data, self.segment);
+            let result = shared.transport.transmit(udp, dest, data, self.segment);
             sent(shared, &peer, dest, data.len(), result);
         }
         self.start += self.len;
@@ -211,7 +211,7 @@ fn encrypt_one(
     // Through the relay: the same datagram behind a `send` header.
     let relayed = if peer.via_relay.load(Relaxed) {
         shared
-            .nat
+            .transport
             .route()
             .filter(|(addr, _)| *addr == endpoint)
             .and_then(|(_, token)| peer.relay_ip().map(|ip| (ip, token)))
@@ -236,24 +236,6 @@ fn encrypt_one(
         relay::send_header(space, ip, token);
     }
     out.commit(shared, udp, &peer, endpoint, n + hdr);
-}
-
-/// Encrypts and sends one clear-text packet to `peer` outside the device
-/// loop (a held packet of a flow whose service woke). Without a session
-/// the packet waits in the peer's queue for the handshake this starts.
-pub(crate) fn send_to_peer(shared: &Shared, peer: &Peer, packet: &[u8]) {
-    let Some(endpoint) = *peer.endpoint.lock() else {
-        peer.drop_no_endpoint.fetch_add(1, Relaxed);
-        return;
-    };
-    let mut buf = vec![0u8; (packet.len() + OVERHEAD).max(148)];
-    let n = match peer.tunn.lock().encapsulate(packet, &mut buf) {
-        TunnResult::WriteToNetwork(d) => d.len(),
-        _ => return,
-    };
-    let udp = shared.udp.read().clone();
-    let result = paths::send_to(shared, &udp, peer, endpoint, &buf[..n]);
-    sent(shared, peer, endpoint, n, result);
 }
 
 /// Clear-text packets decrypted from one receive batch, waiting to be
@@ -292,6 +274,7 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
     };
     let mut reply = vec![0u8; MAX_DATAGRAM];
     let mut current = CurrentUdp::new(&shared);
+    let mut uses = Vec::new();
     while !shared.stop.load(Relaxed) {
         let udp = current.refresh(&shared).clone();
         let n = {
@@ -325,18 +308,27 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
             let stride = m.stride.max(1);
             for dgram in buf[..m.len].chunks(stride) {
                 let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
-                if paths::is_wireguard(dgram) {
+                if transport::is_wireguard(dgram) {
                     decrypt_one(&shared, &udp, &mut dev, &mut reply, from, dgram);
                 } else {
-                    match paths::on_datagram(&shared, &udp, from, dgram) {
+                    let now = Instant::now();
+                    match shared
+                        .transport
+                        .on_datagram(&udp, from, dgram, now, &mut uses)
+                    {
                         Some(Inbound::Relayed(relay, inner)) => {
                             decrypt_one(&shared, &udp, &mut dev, &mut reply, relay, inner)
                         }
                         Some(Inbound::Done) => {}
+                        Some(Inbound::UnknownKey) => {
+                            shared.counters.unknown_key.fetch_add(1, Relaxed);
+                        }
                         None => {
                             shared.counters.malformed.fetch_add(1, Relaxed);
                         }
                     }
+                    apply_paths(&shared, &udp, &uses, now);
+                    uses.clear();
                 }
                 if dev.count == dev.bufs.len() {
                     dev.flush(&shared);
@@ -380,6 +372,37 @@ impl SideReceiver {
     /// Writes what is pending to the device.
     pub fn flush(&mut self, shared: &Shared) {
         self.dev.flush(shared);
+    }
+}
+
+/// The engine's side of the relay over TCP: its WireGuard datagrams are
+/// decrypted and written to the device as the network loop does, and the
+/// path choices made on its thread are applied.
+pub(crate) struct TcpSink {
+    shared: Arc<Shared>,
+    side: SideReceiver,
+}
+
+impl TcpSink {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let side = SideReceiver::new(&shared);
+        Self { shared, side }
+    }
+}
+
+impl Sink for TcpSink {
+    fn wireguard(&mut self, from: SocketAddr, dgram: &[u8]) {
+        let (udp, _) = self.shared.transport.udp();
+        self.side.receive(&self.shared, &udp, from, dgram);
+    }
+
+    fn paths(&mut self, uses: &[PathUse]) {
+        let (udp, _) = self.shared.transport.udp();
+        apply_paths(&self.shared, &udp, uses, Instant::now());
+    }
+
+    fn flush(&mut self) {
+        self.side.flush(&self.shared);
     }
 }
 
@@ -462,10 +485,12 @@ fn decrypt_one(
         }
         TunnResult::WriteToNetwork(p) => {
             let n = p.len();
-            let result = paths::send_to(shared, udp, &peer, from, &buf[off..off + n]);
-            sent(shared, &peer, from, n, result);
-            flush_queued(shared, &mut tunn, udp, from, reply, &peer);
             drop(tunn);
+            let result = shared
+                .transport
+                .send_to(udp, peer.relay_ip(), from, &buf[off..off + n]);
+            sent(shared, &peer, from, n, result);
+            flush_queued(shared, udp, from, reply, &peer);
             if is_handshake(dgram) {
                 *peer.last_handshake.lock() = Some(std::time::SystemTime::now());
             }
@@ -527,77 +552,78 @@ fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
     }
 }
 
-/// After a handshake message, sends the packets boringtun queued meanwhile.
-fn flush_queued(
-    shared: &Shared,
-    tunn: &mut Tunn,
-    udp: &Udp,
-    to: SocketAddr,
-    buf: &mut [u8],
-    peer: &Peer,
-) {
+/// After a handshake message, sends the packets boringtun queued meanwhile
+/// (the session's lock is taken for each, and not held while it is sent).
+fn flush_queued(shared: &Shared, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer: &Peer) {
     for _ in 0..1024 {
-        match tunn.decapsulate(None, &[], buf) {
-            TunnResult::WriteToNetwork(p) => {
-                let n = p.len();
-                let result = paths::send_to(shared, udp, peer, to, &buf[..n]);
-                sent(shared, peer, to, n, result);
-            }
+        let n = match peer.tunn.lock().decapsulate(None, &[], buf) {
+            TunnResult::WriteToNetwork(p) => p.len(),
             _ => break,
+        };
+        let result = shared
+            .transport
+            .send_to(udp, peer.relay_ip(), to, &buf[..n]);
+        sent(shared, peer, to, n, result);
+    }
+}
+
+/// How often a handshake is re-sent on a new path while no session exists.
+const KICK_EVERY: Duration = Duration::from_millis(500);
+/// For how long after the path came up.
+const KICK_FOR: Duration = Duration::from_secs(10);
+
+/// Applies the transport's path choices: each managed peer's endpoint
+/// follows its path. A handshake that went out on no path or a dead one is
+/// sent again at once on a confirmed path (not after WireGuard's 5 s
+/// retry), so the first packets of a new peer wait for the relay or a
+/// direct path only as long as those take.
+pub(crate) fn apply_paths(shared: &Shared, udp: &Udp, uses: &[PathUse], now: Instant) {
+    for u in uses {
+        let peer = shared.table.read().by_key(&u.key).map(|(_, p)| p.clone());
+        if let Some(peer) = peer.filter(|p| p.is_managed()) {
+            apply_path(shared, udp, &peer, u, now);
         }
     }
 }
 
-/// Accounts one send of `bytes` to `peer` at `to`: on success its transfer
-/// counter (as `wg show`'s "sent": bytes that left, as wireguard-go counts
-/// them) and last-send time; on failure, the failure.
-pub(crate) fn sent(
-    shared: &Shared,
-    peer: &Peer,
-    to: SocketAddr,
-    bytes: usize,
-    result: io::Result<()>,
-) {
-    match result {
-        Ok(()) => {
-            peer.tx_bytes.fetch_add(bytes as u64, Relaxed);
-            peer.last_tx_ms.store(shared.now_ms(), Relaxed);
+fn apply_path(shared: &Shared, udp: &Udp, peer: &Peer, u: &PathUse, now: Instant) {
+    peer.via_relay.store(matches!(u.path, Path::Relay), Relaxed);
+    let Some(t) = u.target else { return };
+    let changed = {
+        let mut ep = peer.endpoint.lock();
+        let changed = *ep != Some(t);
+        if changed {
+            tracing::info!(peer = %peer.key, from = ?*ep, to = %t, path = ?u.path, "peer path changed");
+            *ep = Some(t);
         }
-        Err(e) => send_failed(shared, Some(peer), to, &e),
-    }
-}
-
-/// Least time between two logged send failures; those in between are
-/// counted and summed up in the next line.
-const SEND_LOG_INTERVAL_MS: u64 = 5_000;
-
-/// Counts a failed send and logs it, at most once per
-/// [`SEND_LOG_INTERVAL_MS`] per engine.
-fn send_failed(shared: &Shared, peer: Option<&Peer>, to: SocketAddr, e: &io::Error) {
-    let c = &shared.counters;
-    c.send_failed.fetch_add(1, Relaxed);
-    let now = shared.now_ms();
-    let last = c.send_logged_ms.load(Relaxed);
-    if last != 0 && now.saturating_sub(last) < SEND_LOG_INTERVAL_MS {
-        c.send_unlogged.fetch_add(1, Relaxed);
+        changed
+    };
+    if matches!(u.path, Path::Blind(_)) {
         return;
     }
-    if c.send_logged_ms
-        .compare_exchange(last, now, Relaxed, Relaxed)
-        .is_err()
     {
-        c.send_unlogged.fetch_add(1, Relaxed);
+        let mut kick = peer.kick.lock();
+        if changed {
+            kick.until = Some(now + KICK_FOR);
+        } else if kick.until.is_none_or(|until| now >= until)
+            || kick
+                .last
+                .is_some_and(|k| now.duration_since(k) < KICK_EVERY)
+        {
+            return;
+        }
+        kick.last = Some(now);
+    }
+    let mut buf = [0u8; 256];
+    let mut tunn = peer.tunn.lock();
+    if tunn.time_since_last_handshake().is_some() {
         return;
     }
-    let more = c.send_unlogged.swap(0, Relaxed);
-    match peer {
-        Some(p) => tracing::warn!(
-            peer = %p.key,
-            endpoint = %to,
-            suppressed = more,
-            "failed to send to peer: {e}"
-        ),
-        None => tracing::warn!(endpoint = %to, suppressed = more, "failed to send: {e}"),
+    if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut buf, true) {
+        let n = p.len();
+        drop(tunn);
+        let result = shared.transport.send_to(udp, peer.relay_ip(), t, &buf[..n]);
+        sent(shared, peer, t, n, result);
     }
 }
 
@@ -637,7 +663,14 @@ pub(crate) fn timer_loop(shared: Arc<Shared>) {
         }
         let udp = current.refresh(&shared);
         let peers: Vec<Arc<Peer>> = shared.table.read().iter().map(|(_, p)| p.clone()).collect();
-        paths::tick(&shared, udp, &peers);
+        let managed: Vec<_> = peers
+            .iter()
+            .filter(|p| p.is_managed())
+            .map(|p| p.key)
+            .collect();
+        let now = Instant::now();
+        let uses = shared.transport.tick(udp, now, &managed);
+        apply_paths(&shared, udp, &uses, now);
         let now = shared.now_ms();
         for peer in peers {
             tick_peer(&shared, &peer, udp, &mut buf, now);
@@ -699,7 +732,9 @@ fn tick_peer(shared: &Shared, peer: &Peer, udp: &Udp, buf: &mut [u8], now_ms: u6
     if let (Some(to), true) = (endpoint, len > 0) {
         // The keepalive clock runs from the attempt, sent or not.
         peer.last_tx_ms.store(now_ms, Relaxed);
-        let result = paths::send_to(shared, udp, peer, to, &buf[..len]);
+        let result = shared
+            .transport
+            .send_to(udp, peer.relay_ip(), to, &buf[..len]);
         sent(shared, peer, to, len, result);
     }
 }

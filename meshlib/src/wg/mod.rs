@@ -21,11 +21,25 @@
 //!   decryption run on different threads, so both cores work while each
 //!   peer's packets stay in order.
 //! - `udp` — the engine's UDP socket (quinn-udp: GSO/GRO, `recvmmsg`),
-//!   depending on no other part of the engine; `shared` — the state the
-//!   engine's API and its packet loops (`io`) share (peer table, key,
-//!   counters); `vip` — service addresses in the packet loops: the flow
-//!   table asked once per run of a flow's packets, refusals and resets
-//!   written to the device.
+//!   depending on no other part of the engine.
+//! - `transport` — the transport owner (magicsock's `Conn` in tailscale):
+//!   the socket, STUN, the relay (UDP, and TLS over TCP in
+//!   `transport::relay_tcp`) and each managed peer's path state. The
+//!   packet loops send to endpoints through it and hand it what is not
+//!   WireGuard; it gives back WireGuard datagrams and path choices, and
+//!   knows nothing of peers, the table or the loops.
+//! - `shared` — the state the engine's API and its packet loops (`io`)
+//!   share (peer table, key, transport, counters); `vip` — service
+//!   addresses in the packet loops: the flow table asked once per run of a
+//!   flow's packets, refusals and resets written to the device.
+//!
+//! Imports go one way: `udp` ← `transport` ← `shared` ← `io` ← `engine`
+//! (`peer`, `table`, `device` below `shared`). Lock order: the peer table,
+//! then the static key, then a peer's `Tunn`, `endpoint` or `kick` (one at
+//! a time); in the transport, its peers' paths before its key, relay or
+//! own candidates, and the relay before the TCP relay. No lock is held
+//! across a send: a peer's `Tunn` is released before its datagram goes
+//! out, and the transport sends what a locked section decided after it.
 //! - [`uapi_server`] — `/var/run/wireguard/<if>.sock`, so `wg show` and
 //!   `wg set` work on the interface.
 //!
@@ -60,15 +74,16 @@ mod engine;
 pub mod flows;
 mod io;
 mod netlink;
-mod paths;
 mod peer;
-mod relay_tcp;
+mod send;
 mod shared;
 pub mod table;
+mod transport;
 pub mod uapi;
 pub mod uapi_server;
 mod udp;
 mod vip;
+mod vips;
 
 #[cfg(test)]
 mod tests;

@@ -89,16 +89,28 @@ pub(crate) struct Peer {
     pub drop_spoofed: AtomicU64,
     pub drop_rejected: AtomicU64,
     pub drop_no_endpoint: AtomicU64,
-    /// Path selection, once the peer has candidates (`None`: unmanaged,
-    /// the endpoint roams to the last authenticated source).
-    pub path: Mutex<Option<super::paths::PeerPath>>,
-    /// `path` is set (read on every authenticated packet, without the lock).
+    /// Path selection decides the endpoint (the transport manages the
+    /// peer's path); else the endpoint roams to the last authenticated
+    /// source. Read on every authenticated packet.
     pub managed: AtomicBool,
+    /// Handshakes sent again on a new path while no session exists.
+    pub kick: Mutex<Kick>,
     /// The path in use is the relay (the endpoint is the relay's address).
     pub via_relay: AtomicBool,
     /// The peer's private IPv4 address as a number (0: none), how the
     /// relay names it.
     pub relay_ip: AtomicU32,
+}
+
+/// When a handshake is sent again on a new path ([`super::io`]).
+#[derive(Debug, Default)]
+pub(crate) struct Kick {
+    /// Until then, while no session exists, the handshake is sent again
+    /// (the peer may register with the relay, or open its NAT, a moment
+    /// after our path came up).
+    pub until: Option<std::time::Instant>,
+    /// When the handshake was last sent so.
+    pub last: Option<std::time::Instant>,
 }
 
 impl Peer {
@@ -116,7 +128,7 @@ impl Peer {
             drop_spoofed: AtomicU64::new(0),
             drop_rejected: AtomicU64::new(0),
             drop_no_endpoint: AtomicU64::new(0),
-            path: Mutex::new(None),
+            kick: Mutex::new(Kick::default()),
             managed: AtomicBool::new(false),
             via_relay: AtomicBool::new(false),
             relay_ip: AtomicU32::new(0),

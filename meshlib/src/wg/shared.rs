@@ -1,6 +1,6 @@
 //! The engine's state shared between its API ([`super::Engine`]) and its
 //! packet loops ([`super::io`]): the peer table, the static key, the
-//! socket, counters and flags.
+//! transport (the socket and paths), counters and flags.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 use super::device::Device;
 use super::peer::Peer;
 use super::table::PeerTable;
-use super::udp::Udp;
+use super::transport::Transport;
 
 /// Counters shared by the loops.
 #[derive(Default)]
@@ -49,9 +49,8 @@ pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
 pub(crate) struct Shared {
     pub table: RwLock<PeerTable<Peer>>,
     pub key: RwLock<Option<StaticKey>>,
-    pub udp: RwLock<Arc<Udp>>,
-    /// Bumped whenever `udp` is replaced, so loops notice cheaply.
-    pub udp_generation: AtomicU64,
+    /// The socket, STUN, the relay and managed peers' paths.
+    pub transport: Arc<Transport>,
     pub fwmark: AtomicU32,
     pub device: Arc<dyn Device>,
     pub stop: AtomicBool,
@@ -64,11 +63,9 @@ pub(crate) struct Shared {
     pub link_up: AtomicBool,
     pub counters: Counters,
     pub epoch: Instant,
-    /// STUN, relay and path-selection state ([`super::paths`]).
-    pub nat: super::paths::Nat,
     /// Service addresses: the flow table and the range it covers
     /// ([`super::vip`]).
-    pub vips: super::vip::Vips,
+    pub vips: super::vips::Vips,
 }
 
 impl Shared {

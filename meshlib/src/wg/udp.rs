@@ -1,6 +1,6 @@
 //! The engine's UDP socket: dual-stack, large buffers, optional mark,
 //! non-blocking, with quinn-udp's GSO/GRO state. Used by the packet loops
-//! ([`super::io`]) and path selection ([`super::paths`]); depends on no
+//! ([`super::io`]) and the transport ([`super::transport`]); depends on no
 //! other part of the engine.
 
 use std::io;

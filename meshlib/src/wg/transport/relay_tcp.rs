@@ -1,8 +1,10 @@
 //! The relay over TLS on TCP, for a member whose UDP is blocked: one thread
 //! drives a rustls client connection (pinned certificate, ALPN
 //! [`crate::proto::ALPN_RELAY`]) on a non-blocking socket. The frames are
-//! the UDP relay's, each behind a 2-byte length; datagrams it delivers are
-//! decrypted here as if they had come from the relay's address.
+//! the UDP relay's, each behind a 2-byte length. What it reads goes to
+//! [`Frames`] (the transport's: registrations, probes, and WireGuard
+//! datagrams for the engine, as if they had come from the relay's
+//! address); this module knows only the connection.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,11 +16,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::io::SideReceiver;
-use super::paths;
-use super::shared::Shared;
-use crate::nat::path::Via;
-use crate::nat::{disco, relay};
+use crate::nat::relay;
+
+/// What the connection's thread does with what it reads.
+pub(super) trait Frames: Send + 'static {
+    /// The relay confirmed our registration.
+    fn registered(&mut self, token: [u8; 8], keepalive: u16);
+    /// A packet the relay delivered (WireGuard or a probe).
+    fn deliver(&mut self, packet: &[u8]);
+    /// The end of what one read brought.
+    fn flush(&mut self);
+    /// The latest ticket (the keyserver renews it every 2 min).
+    fn ticket(&self) -> Option<Vec<u8>>;
+    /// The engine stopped.
+    fn stopped(&self) -> bool;
+}
 
 /// Frames waiting for the connection (more are dropped, as UDP would).
 const QUEUE: usize = 1024;
@@ -37,12 +49,13 @@ pub(crate) struct TcpRelay {
 }
 
 impl TcpRelay {
-    /// Connects (in its own thread) and registers with `ticket`.
-    pub fn start(
-        shared: Arc<Shared>,
+    /// Connects (in its own thread) and registers with `ticket`; what it
+    /// reads goes to `frames`.
+    pub fn start<F: Frames>(
         addr: SocketAddr,
         fingerprint: [u8; 32],
         ticket: Vec<u8>,
+        frames: F,
     ) -> io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
         let (wake, wake_rx) = UnixDatagram::pair()?;
@@ -54,8 +67,8 @@ impl TcpRelay {
         let thread = std::thread::Builder::new()
             .name("wg-relay-tcp".into())
             .spawn(move || {
-                let ctx = Ctx {
-                    shared,
+                let mut ctx = Ctx {
+                    frames,
                     addr,
                     rx,
                     wake: wake_rx,
@@ -99,8 +112,8 @@ impl Drop for TcpRelay {
     }
 }
 
-struct Ctx {
-    shared: Arc<Shared>,
+struct Ctx<F> {
+    frames: F,
     addr: SocketAddr,
     rx: Receiver<Vec<u8>>,
     wake: UnixDatagram,
@@ -125,8 +138,8 @@ fn push_frame(batch: &mut Vec<u8>, frame: &[u8]) {
     batch.extend_from_slice(frame);
 }
 
-impl Ctx {
-    fn session(&self, fingerprint: [u8; 32], ticket: &[u8]) -> io::Result<()> {
+impl<F: Frames> Ctx<F> {
+    fn session(&mut self, fingerprint: [u8; 32], ticket: &[u8]) -> io::Result<()> {
         let mut sock = TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
         sock.set_nodelay(true)?;
         sock.set_nonblocking(true)?;
@@ -140,19 +153,11 @@ impl Ctx {
         let mut renewed = Instant::now();
         let mut inbox: Vec<u8> = Vec::new();
         let mut plain = vec![0u8; 65_536];
-        let mut side = SideReceiver::new(&self.shared);
         let mut batch: Vec<u8> = Vec::with_capacity(64 * 1500);
-        while !self.stop.load(Relaxed) && !self.shared.stop.load(Relaxed) {
+        while !self.stop.load(Relaxed) && !self.frames.stopped() {
             if renewed.elapsed() >= RENEW {
                 renewed = Instant::now();
-                // The latest ticket (the keyserver renews it every 2 min).
-                let fresh = self
-                    .shared
-                    .nat
-                    .relay
-                    .read()
-                    .as_ref()
-                    .map(|r| r.ticket.clone());
+                let fresh = self.frames.ticket();
                 put_frame(
                     &mut tls,
                     &relay::register(fresh.as_deref().unwrap_or(ticket)),
@@ -206,11 +211,17 @@ impl Ctx {
                 if inbox.len() < at + 2 + len {
                     break;
                 }
-                self.on_frame(&inbox[at + 2..at + 2 + len], &mut side);
+                match relay::parse(&inbox[at + 2..at + 2 + len]) {
+                    Some(relay::Frame::Registered {
+                        token, keepalive, ..
+                    }) => self.frames.registered(token, keepalive),
+                    Some(relay::Frame::Deliver { packet, .. }) => self.frames.deliver(packet),
+                    _ => {}
+                }
                 at += 2 + len;
             }
             inbox.drain(..at);
-            side.flush(&self.shared);
+            self.frames.flush();
         }
         Ok(())
     }
@@ -233,22 +244,5 @@ impl Ctx {
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
         let mut b = [0u8; 64];
         while self.wake.recv(&mut b).is_ok() {}
-    }
-
-    fn on_frame(&self, frame: &[u8], side: &mut SideReceiver) {
-        match relay::parse(frame) {
-            Some(relay::Frame::Registered {
-                token, keepalive, ..
-            }) => paths::registered(&self.shared, self.addr, token, keepalive, None),
-            Some(relay::Frame::Deliver { packet, .. }) => {
-                let udp = self.shared.udp.read().clone();
-                if paths::is_wireguard(packet) {
-                    side.receive(&self.shared, &udp, self.addr, packet);
-                } else if disco::is_disco(packet) {
-                    paths::on_disco(&self.shared, &udp, Via::Relay, packet, Instant::now());
-                }
-            }
-            _ => {}
-        }
     }
 }
