@@ -185,6 +185,10 @@ pub(crate) struct Transport {
 struct Out {
     to: SocketAddr,
     bytes: Vec<u8>,
+    /// For the relay (behind its header): into the TCP relay connection
+    /// when `to` is its address. Otherwise always on the UDP socket (STUN,
+    /// registrations and direct probes test UDP itself).
+    relayed: bool,
 }
 
 impl Transport {
@@ -573,10 +577,15 @@ impl Transport {
             };
             let bytes = disco::encode(&msg, &own, &pp.key);
             match (via, route, pp.ip) {
-                (Via::Direct(to), _, _) => out.push(Out { to, bytes }),
+                (Via::Direct(to), _, _) => out.push(Out {
+                    to,
+                    bytes,
+                    relayed: false,
+                }),
                 (Via::Relay, Some((addr, token)), Some(ip)) => out.push(Out {
                     to: addr,
                     bytes: relay_frame(ip, token, &bytes),
+                    relayed: true,
                 }),
                 (Via::Relay, _, _) => {}
             }
@@ -602,8 +611,13 @@ impl Transport {
     /// Sends what a locked section collected.
     fn send_all(&self, udp: &Udp, out: Vec<Out>) {
         for o in out {
-            if let Err(e) = self.transmit(udp, o.to, &o.bytes, o.bytes.len()) {
-                tracing::trace!(to = %o.to, "probe not sent: {e}");
+            let result = if o.relayed {
+                self.transmit(udp, o.to, &o.bytes, o.bytes.len())
+            } else {
+                udp.send(o.to, &o.bytes, o.bytes.len())
+            };
+            if let Err(e) = result {
+                tracing::debug!(to = %o.to, "not sent: {e}");
             }
         }
     }
@@ -665,6 +679,7 @@ impl Transport {
             out.push(Out {
                 to: srv,
                 bytes: stun::binding_request(&tx).to_vec(),
+                relayed: false,
             });
         }
     }
@@ -690,6 +705,7 @@ impl Transport {
                 out.push(Out {
                     to: r.addr,
                     bytes: relay::register(&r.ticket),
+                    relayed: false,
                 });
             }
             return;
@@ -736,6 +752,7 @@ impl Transport {
         out.push(Out {
             to: r.addr,
             bytes: relay::register(&r.ticket),
+            relayed: false,
         });
     }
 }
