@@ -697,3 +697,57 @@ fn stun_answers_on_the_wireguard_socket_become_reflexive_addresses() {
     let local: SocketAddr = "192.0.2.9:51820".parse().unwrap();
     assert_eq!(a.engine.advertise(&[local]), vec![local, a.endpoint()]);
 }
+
+/// A managed peer that is removed loses its path state in the transport:
+/// probing its candidates stops at once, and the same key added again is
+/// unmanaged (its endpoint is the configured one) until it gets
+/// candidates again. A probe from it meanwhile is a stranger's.
+#[test]
+fn a_removed_peer_is_no_longer_probed() {
+    let a = Node::new();
+    // A "peer" that only counts what reaches its candidate address.
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let candidate = sink.local_addr().unwrap();
+    let b = PrivateKey::generate().public_key();
+    let config = PeerConfig {
+        public_key: b,
+        preshared_key: None,
+        endpoint: None,
+        allowed_ips: vec!["10.240.0.2/32".parse().unwrap()],
+        persistent_keepalive: 0,
+    };
+    a.engine.set_peer(config.clone()).unwrap();
+    assert!(a.engine.set_peer_candidates(&b, &[candidate]));
+    let mut buf = [0u8; 1500];
+    let probed = eventually(WAIT, || {
+        sink.recv_from(&mut buf)
+            .is_ok_and(|(n, _)| crate::nat::disco::is_disco(&buf[..n]))
+    });
+    assert!(probed, "the candidate is probed while the peer is managed");
+    assert!(a.engine.peer_path(&b).is_some());
+
+    assert!(a.engine.remove_peer(&b));
+    assert!(a.engine.peer_path(&b).is_none());
+    // What was in flight drains; then nothing comes for 3 s (probes run
+    // every tick while a path is not confirmed).
+    std::thread::sleep(Duration::from_millis(300));
+    while sink.recv_from(&mut buf).is_ok() {}
+    let quiet_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < quiet_until {
+        if let Ok((n, _)) = sink.recv_from(&mut buf) {
+            panic!("sent to a removed peer's candidate: {:?}", &buf[..n.min(8)]);
+        }
+    }
+    // Added again without candidates: unmanaged, its configured endpoint.
+    let endpoint: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    a.engine
+        .set_peer(PeerConfig {
+            endpoint: Some(endpoint),
+            ..config
+        })
+        .unwrap();
+    assert!(a.engine.peer_path(&b).is_none());
+    assert_eq!(a.engine.endpoint(&b), Some(endpoint));
+}
