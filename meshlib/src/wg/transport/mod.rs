@@ -632,6 +632,7 @@ impl Transport {
         let relay = self.route().map(|(a, _)| a);
         let mut uses = Vec::new();
         {
+            let live: std::collections::HashSet<&PublicKey> = live.iter().collect();
             let mut peers = self.peers.lock();
             peers.retain(|k, _| live.contains(k));
             for (key, pp) in peers.iter_mut() {
