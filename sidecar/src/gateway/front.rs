@@ -1123,6 +1123,53 @@ mod tests {
         assert_eq!(stats.closed_no_request.load(Relaxed), 2);
     }
 
+    /// Large bodies both ways go through whole: a 3 MiB request body that
+    /// arrives over many reads, and a 3 MiB response (written past the
+    /// gathering buffer) and a chunked one of many chunks.
+    #[tokio::test]
+    async fn large_bodies_go_through_whole() {
+        const N: usize = 3 << 20;
+        let pattern = |i: usize| (i.wrapping_mul(31) % 251) as u8;
+        let big: Vec<u8> = (0..N).map(pattern).collect();
+        let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {N}\r\n\r\n").into_bytes();
+        answer.extend_from_slice(&big);
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for part in big.chunks(10_000) {
+            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let inst = instance(vec![
+            (Box::leak(answer.into_boxed_slice()), false),
+            (Box::leak(chunked.into_boxed_slice()), false),
+        ])
+        .await;
+        let (gw, _) = gateway(inst.addr, true).await;
+        let mut c = TcpStream::connect(gw).await.unwrap();
+        let mut buf = Vec::new();
+        let head = format!("PUT /big HTTP/1.1\r\nHost: web.test\r\nContent-Length: {N}\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
+        for part in big.chunks(64 * 1024) {
+            c.write_all(part).await.unwrap();
+        }
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!(r.code, 200);
+        assert!(r.body == big, "the response body arrived whole");
+        c.write_all(b"GET /chunks HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            .await
+            .unwrap();
+        let r = response(&mut c, &mut buf, false).await;
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+        assert!(r.body == big, "the chunked body arrived whole");
+        let seen = inst.seen.lock().clone();
+        let at = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(
+            seen[at..at + N] == big[..],
+            "the request body arrived whole"
+        );
+    }
+
     /// Heads the loop forwards, and those it leaves to hyper.
     #[test]
     fn what_the_loop_takes() {
