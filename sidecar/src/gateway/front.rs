@@ -35,7 +35,7 @@ use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::h1::{read_more, ExchangeError, H1Body, H1Conn, RawHead};
-use super::http::{choose, Conn, Totals, Up};
+use super::http::{choose, Conn, Totals, Up, HOP};
 use super::idle::{Check, Closed, IdleClock};
 use super::routes::{host_part, GroupRt};
 
@@ -79,20 +79,9 @@ enum Parse {
     Handoff,
 }
 
-/// Headers the loop drops from requests: hop-by-hop ones and the
-/// forwarding headers it sets itself.
-const DROPPED: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-];
+/// Headers the loop sets itself in requests (the client's are dropped),
+/// beside the hop-by-hop ones ([`super::http::HOP`]).
+const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
 
 /// Reads the request head at the start of `buf`. For a request the loop
 /// forwards, writes the head the instance gets into `up` and the `Host`
@@ -172,7 +161,11 @@ fn examine(buf: &[u8], tls: bool, peer_ip: &str, up: &mut Vec<u8>, host: &mut St
     up.extend_from_slice(path.as_bytes());
     up.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
-        if DROPPED.iter().any(|d| d.eq_ignore_ascii_case(h.name)) {
+        if HOP
+            .iter()
+            .chain(&FORWARDING)
+            .any(|d| d.eq_ignore_ascii_case(h.name))
+        {
             continue;
         }
         up.extend_from_slice(h.name.as_bytes());

@@ -187,40 +187,40 @@ impl H1Conn {
         }
         self.io.flush().await.map_err(ExchangeError::Send)?;
         let head_request = parts.method == Method::HEAD;
-        // Bounded: every turn reads more of the head or skips a 1xx head;
-        // the head is at most MAX_HEAD bytes.
-        loop {
-            let (resp, framing, reusable) = match self.read_head(head_request).await? {
-                Some(r) => r,
-                None => continue, // a 1xx answer: the final one follows
-            };
-            let body = H1Body {
-                conn: Some(self),
-                framing,
-                reusable,
-                give_back: Some(give_back),
-                done: false,
-            };
-            let mut resp = resp;
-            let body = body.boxed_unsync();
-            *resp.body_mut() = body;
-            return Ok(resp);
-        }
+        let (mut resp, framing, reusable) = self.read_final_head(head_request, build).await?;
+        let body = H1Body {
+            conn: Some(self),
+            framing,
+            reusable,
+            give_back: Some(give_back),
+            done: false,
+        };
+        *resp.body_mut() = body.boxed_unsync();
+        Ok(resp)
     }
 
-    /// Reads one response head. `None` for an informational (1xx) one.
-    async fn read_head(
+    /// Reads the final response head (1xx heads are skipped) and gives it
+    /// to `take` with its framing.
+    async fn read_final_head<T>(
         &mut self,
         head_request: bool,
-    ) -> Result<Option<(Response<ProxyBody>, Framing, bool)>, ExchangeError> {
+        mut take: impl FnMut(&httparse::Response<'_, '_>, HeadInfo) -> Result<T, String>,
+    ) -> Result<T, ExchangeError> {
         let bad = |m: String| ExchangeError::Response(m);
+        // Bounded: every turn reads more of the head or skips a 1xx head;
+        // the head is at most MAX_HEAD bytes.
         loop {
             if !self.buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut parsed = httparse::Response::new(&mut headers);
                 match parsed.parse(&self.buf) {
                     Ok(httparse::Status::Complete(n)) => {
-                        let out = build(&parsed, head_request).map_err(bad)?;
+                        let info = head_info(&parsed, head_request).map_err(bad)?;
+                        let Some(info) = info else {
+                            self.buf.advance(n);
+                            continue; // a 1xx answer: the final one follows
+                        };
+                        let out = take(&parsed, info).map_err(bad)?;
                         self.buf.advance(n);
                         return Ok(out);
                     }
@@ -261,49 +261,17 @@ impl H1Conn {
         head_request: bool,
         out: &mut Vec<u8>,
     ) -> Result<RawHead, ExchangeError> {
-        let bad = |m: String| ExchangeError::Response(m);
-        // Bounded: every turn reads more of the head or skips a 1xx head;
-        // the head is at most MAX_HEAD bytes.
-        loop {
-            if !self.buf.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut parsed = httparse::Response::new(&mut headers);
-                match parsed.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let info = head_info(&parsed, head_request).map_err(bad)?;
-                        let Some(info) = info else {
-                            self.buf.advance(n);
-                            continue; // a 1xx answer: the final one follows
-                        };
-                        let has_date = write_head(&parsed, &info, out);
-                        self.buf.advance(n);
-                        return Ok(RawHead {
-                            code: info.status.as_u16(),
-                            framing: info.framing,
-                            reusable: info.reusable,
-                            rechunk: matches!(info.framing, Framing::Chunk(_) | Framing::Close),
-                            has_date,
-                        });
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(e) => return Err(bad(format!("malformed head: {e}"))),
-                }
-                if self.buf.len() > MAX_HEAD {
-                    return Err(bad(format!("head longer than {MAX_HEAD} bytes")));
-                }
-            }
-            let was_empty = self.buf.is_empty();
-            let n = read_more(&mut self.io, &mut self.buf)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
-            if n == 0 {
-                return Err(bad(if was_empty {
-                    CLOSED_BEFORE_HEAD.into()
-                } else {
-                    "the instance closed the connection in the middle of the head".into()
-                }));
-            }
-        }
+        self.read_final_head(head_request, |parsed, info| {
+            let has_date = write_head(parsed, &info, out);
+            Ok(RawHead {
+                code: info.status.as_u16(),
+                framing: info.framing,
+                reusable: info.reusable,
+                rechunk: matches!(info.framing, Framing::Chunk(_) | Framing::Close),
+                has_date,
+            })
+        })
+        .await
     }
 
     /// The body of the response whose head [`H1Conn::read_head_raw`] read;
@@ -445,15 +413,12 @@ fn head_info(
     }))
 }
 
-/// The response, its body's framing, and whether the connection can serve
-/// another request after it; `None` for a 1xx head.
+/// The response of a final head, its body's framing, and whether the
+/// connection can serve another request after it.
 fn build(
     parsed: &httparse::Response<'_, '_>,
-    head_request: bool,
-) -> Result<Option<(Response<ProxyBody>, Framing, bool)>, String> {
-    let Some(info) = head_info(parsed, head_request)? else {
-        return Ok(None);
-    };
+    info: HeadInfo,
+) -> Result<(Response<ProxyBody>, Framing, bool), String> {
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -473,7 +438,7 @@ fn build(
     *resp.status_mut() = info.status;
     *resp.version_mut() = Version::HTTP_11;
     *resp.headers_mut() = headers;
-    Ok(Some((resp, info.framing, info.reusable)))
+    Ok((resp, info.framing, info.reusable))
 }
 
 /// A response head as the gateway forwards it to an HTTP/1.1 client
