@@ -22,6 +22,9 @@
 //! run, no restarts); `CP_BENCH_ONLY=size` runs the 100- and the 1000-member
 //! networks only (join rate against network size).
 //!
+//! `CP_BENCH_WRAP=heaptrack` (any command) starts the keyserver under it,
+//! e.g. for a heap profile of the 10,000-member run.
+//!
 //! Then stateless restarts (issue 18; `CP_BENCH_ONLY=restarts` alone): one
 //! network of 1000 members, and 10,000 restarts of 10 ephemeral instances
 //! (each a graceful stop, then a new key joining as the same service, which
@@ -72,7 +75,14 @@ impl Server {
             None => "127.0.0.1:0".to_owned(),
             Some(_) => format!("127.0.0.1:{}", free_port()?),
         };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyserver"));
+        let mut cmd = match std::env::var("CP_BENCH_WRAP") {
+            Ok(w) => {
+                let mut c = Command::new(w);
+                c.arg(env!("CARGO_BIN_EXE_keyserver"));
+                c
+            }
+            Err(_) => Command::new(env!("CARGO_BIN_EXE_keyserver")),
+        };
         cmd.args([
             "serve",
             "--quic-listen",

@@ -134,6 +134,8 @@ pub async fn run(
         let ticket = gate.admit(incoming.remote_address(), shared.limits.hello_timeout);
         let shared = shared.clone();
         let mut stop = stop_rx.clone();
+        // Boxed: what a task captures stays in it for as long as it runs.
+        let incoming = Box::new(incoming);
         tasks.spawn(async move {
             tokio::select! {
                 () = connection(incoming, shared, ticket) => {}
@@ -279,12 +281,13 @@ impl From<NotInTime> for Fatal {
 }
 
 /// Handles one connection from handshake to close.
-async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: Ticket) {
+///
+/// Every step but the session is boxed while it runs: a task's memory is
+/// that of its largest state for as long as it lives, and a member's task
+/// lives as long as its session.
+async fn connection(incoming: Box<quinn::Incoming>, shared: Arc<Shared>, mut ticket: Ticket) {
     let remote = incoming.remote_address();
-    // The handshake's state is boxed and gone once it is done: a task's
-    // memory is that of its largest state for as long as it lives, and a
-    // member's task lives as long as its session.
-    let handshake = Box::pin(ticket.pending(async { incoming.accept()?.await }));
+    let handshake = Box::pin(ticket.pending(async { (*incoming).accept()?.await }));
     let conn = match handshake.await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -296,18 +299,28 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, mut ticket: 
             return;
         }
     };
-    let Ok(Ok((mut send, recv))) = ticket.pending(conn.accept_bi()).await else {
+    let Ok(Ok((mut send, recv))) = Box::pin(ticket.pending(conn.accept_bi())).await else {
         conn.close(1u32.into(), b"no control stream");
         return;
     };
     let result = Box::pin(drive(&conn, &mut send, recv, &shared, &mut ticket)).await;
+    Box::pin(end(&conn, send, result, &shared)).await;
+}
+
+/// Ends a connection: the reason if it failed, then the stream's end, which
+/// the client gets to read before the connection goes away.
+async fn end(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    result: Result<(), Fatal>,
+    shared: &Shared,
+) {
     if let Err(fatal) = result {
         shared.metrics.refused(fatal.0);
         tracing::debug!(remote = %conn.remote_address(), code = ?fatal.0, message = %fatal.1, "session ended");
         let _ = proto::write_frame(&mut send, &fatal.frame(), shared.limits.max_frame).await;
     }
     let _ = send.finish();
-    // Let the client read the last frame before the connection goes away.
     let _ = tokio::time::timeout(shared.limits.hello_timeout, send.stopped()).await;
     conn.close(0u32.into(), b"done");
 }
@@ -462,13 +475,46 @@ async fn drive(
 /// Drives one member's [`StreamSession`] over any ordered byte stream (the
 /// QUIC stream, or TLS over TCP for members whose UDP is blocked);
 /// `observed` says where the client is seen now.
+///
+/// A member's task lives as long as its session and its memory is that of
+/// its largest state, so the opening (hello, snapshot) runs in its own
+/// boxed future, freed once done, and the loop's transient steps (a write,
+/// a commit) are boxed while they run: what stays per member is the
+/// session, the reader and the loop's select.
 pub(crate) async fn drive_stream<W, R>(
+    observe: &(dyn Fn() -> SocketAddr + Sync),
+    send: &mut W,
+    recv: R,
+    shared: &Arc<Shared>,
+    ticket: &mut Ticket,
+) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    let Some((session, mut live)) = Box::pin(open(observe, send, recv, shared, ticket)).await?
+    else {
+        return Ok(());
+    };
+    session_loop(observe, send, session, &mut live, shared).await
+}
+
+/// What a running session's loop waits on, besides the session itself.
+struct Live<R> {
+    client: FrameReader<R>,
+    pushes: broadcast::Receiver<Push>,
+    relay: tokio::sync::watch::Receiver<Option<SocketAddr>>,
+}
+
+/// Reads the hello and opens the session (or answers a gateway's question
+/// and ends: `None`).
+async fn open<W, R>(
     observe: &(dyn Fn() -> SocketAddr + Sync),
     send: &mut W,
     mut recv: R,
     shared: &Arc<Shared>,
     ticket: &mut Ticket,
-) -> Result<(), Fatal>
+) -> Result<Option<(Box<StreamSession>, Box<Live<R>>)>, Fatal>
 where
     W: tokio::io::AsyncWrite + Unpin + Send,
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
@@ -489,46 +535,68 @@ where
             max,
         )
         .await?;
-        return Ok(());
+        return Ok(None);
     }
     let mut credential = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut credential);
     let (sh, observed) = (shared.clone(), observe());
-    let (mut session, first, mut pushes) =
+    let (session, first, pushes) =
         blocking(move || StreamSession::open(&sh, hello, observed, credential, SystemTime::now()))
             .await??;
     write(send, first, max).await?;
-    let mut client = FrameReader::new(recv, max);
     let mut relay = shared.watch_relay();
     relay.borrow_and_update();
+    Ok(Some((
+        Box::new(session),
+        Box::new(Live {
+            client: FrameReader::new(recv, max),
+            pushes,
+            relay,
+        }),
+    )))
+}
+
+/// The session's loop: pushes out, client messages in, relay changes.
+async fn session_loop<W, R>(
+    observe: &(dyn Fn() -> SocketAddr + Sync),
+    send: &mut W,
+    mut session: Box<StreamSession>,
+    live: &mut Live<R>,
+    shared: &Arc<Shared>,
+) -> Result<(), Fatal>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    let max = shared.limits.max_frame;
     loop {
         tokio::select! {
-            Ok(()) = relay.changed() => {
-                relay.borrow_and_update();
+            Ok(()) = live.relay.changed() => {
+                live.relay.borrow_and_update();
                 let replies = session.on_relay_change(shared);
-                write(send, replies, max).await?;
+                Box::pin(write(send, replies, max)).await?;
             }
-            push = pushes.recv() => {
-                let (replies, at) = take_pushes(&mut session, shared, &mut pushes, push)?;
+            push = live.pushes.recv() => {
+                let (replies, at) = take_pushes(&mut session, shared, &mut live.pushes, push)?;
                 if replies.is_empty() {
                     continue;
                 }
-                write(send, replies, max).await?;
+                Box::pin(write(send, replies, max)).await?;
                 if let Some(at) = at {
                     shared.metrics.push_latency.observe(at.elapsed());
                 }
             }
-            msg = client.next() => match msg {
+            msg = live.client.next() => match msg {
                 Err(FrameError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok(msg) => {
                     let observed = observe();
                     let (s, result) = if session.may_write(&msg, observed) {
                         let sh = shared.clone();
-                        blocking(move || {
+                        Box::pin(blocking(move || {
                             let r = session.on_client(&sh, msg, observed, SystemTime::now());
                             (session, r)
-                        })
+                        }))
                         .await?
                     } else {
                         let r = session.on_client(shared, msg, observed, SystemTime::now());
@@ -536,7 +604,7 @@ where
                     };
                     session = s;
                     let (replies, next) = result?;
-                    write(send, replies, max).await?;
+                    Box::pin(write(send, replies, max)).await?;
                     if next == Next::Close {
                         return Ok(());
                     }

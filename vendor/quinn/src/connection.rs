@@ -1006,8 +1006,11 @@ impl State {
             let t = match self.buffered_transmit.take() {
                 Some(t) => t,
                 None => {
+                    // IST Mesh patch: no up-front reserve (`poll_transmit`
+                    // reserves what it writes), and the buffer is freed once
+                    // there is nothing more to send, so an idle connection
+                    // holds no send buffer (see PATCHED.md).
                     self.send_buffer.clear();
-                    self.send_buffer.reserve(self.inner.current_mtu() as usize);
                     match self
                         .inner
                         .poll_transmit(now, max_datagrams, &mut self.send_buffer)
@@ -1019,7 +1022,10 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            self.send_buffer = Vec::new();
+                            break;
+                        }
                     }
                 }
             };
