@@ -22,6 +22,12 @@
 //! run, no restarts); `CP_BENCH_ONLY=size` runs the 100- and the 1000-member
 //! networks only (join rate against network size).
 //!
+//! `CP_BENCH_ONLY=100k` runs only the large run (issue 20): 100 networks
+//! of 1000 members (`CP_BENCH_NETS`, `CP_BENCH_PER`) joined through three
+//! keyserver replicas on a 3-node etcd, members spread over the replicas.
+//! Its members are thin (see [`ThinMember`]): 100,000 maps of 1000 peers
+//! would not fit in this machine's memory beside the keyservers.
+//!
 //! `CP_BENCH_WRAP=heaptrack` (any command) starts the keyserver under it,
 //! e.g. for a heap profile of the 10,000-member run.
 //!
@@ -35,6 +41,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +78,11 @@ impl Server {
     /// A keyserver on `store` (`None`: its embedded store). Replicas on
     /// etcd need a known QUIC port (it goes into the others' tokens).
     fn start_on(dir: &Path, store: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(dir, store, None)
+    }
+
+    /// [`Server::start_on`] with a configuration file's text.
+    fn start_with(dir: &Path, store: Option<&str>, config: Option<&str>) -> anyhow::Result<Self> {
         let quic = match store {
             None => "127.0.0.1:0".to_owned(),
             Some(_) => format!("127.0.0.1:{}", free_port()?),
@@ -96,6 +108,11 @@ impl Server {
         .stdout(Stdio::null());
         if let Some(url) = store {
             cmd.args(["--store", url]);
+        }
+        if let Some(text) = config {
+            let path = dir.join("keyserver.toml");
+            std::fs::write(&path, text)?;
+            cmd.arg("--config").arg(path);
         }
         let child = cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -254,6 +271,16 @@ impl Etcd {
                         "new",
                     ])
                     .args(["--log-level", "error"])
+                    // As keyserver/README asks of an operator: bounded
+                    // history (the large run writes ~100,000 members).
+                    .args([
+                        "--auto-compaction-mode",
+                        "revision",
+                        "--auto-compaction-retention",
+                        "20000",
+                        "--quota-backend-bytes",
+                        "8589934592",
+                    ])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?,
@@ -646,6 +673,16 @@ async fn main() -> anyhow::Result<()> {
             drop(server);
             return restarts_scenario(quick, &mut next_id).await;
         }
+        Ok("100k") => {
+            drop(server);
+            let var = |name: &str, default: usize| {
+                std::env::var(name)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(default)
+            };
+            return hundred_k_scenario(var("CP_BENCH_NETS", 100), var("CP_BENCH_PER", 1000)).await;
+        }
         _ => {}
     }
     let (small, m) = scenario(&server, &eps, 1, 100, "small", &mut next_id).await?;
@@ -916,6 +953,333 @@ async fn scale_scenario(quick: bool, next_id: &mut usize) -> anyhow::Result<()> 
         m.task.abort();
     }
     for ep in scale_eps {
+        ep.close(0u32.into(), b"done");
+    }
+    Ok(())
+}
+
+/// A member that speaks the control protocol without keeping a map: it
+/// reads every frame the keyserver sends, decodes only the head of
+/// snapshots and deltas (the generation; on two cores shared with the
+/// keyservers, 100,000 members decoding every map would measure the
+/// clients), and keeps the generation it reached and when.
+struct ThinMember {
+    instance: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Per thin member: the generation reached, and when (nanoseconds since
+/// the run's start).
+struct Reached {
+    generation: Vec<AtomicU64>,
+    at: Vec<AtomicU64>,
+    start: Instant,
+}
+
+impl Reached {
+    fn new(n: usize) -> Self {
+        Self {
+            generation: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            start: Instant::now(),
+        }
+    }
+
+    fn set(&self, id: usize, generation: u64) {
+        self.at[id].store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.generation[id].store(generation, Ordering::Release);
+    }
+}
+
+/// The generation a `Snapshot` or `Delta` payload carries (postcard: the
+/// variant's index, then the fields in order); `None` for other messages.
+fn generation_of(payload: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct MapHead {
+        _network: meshlib::ids::NetworkId,
+        _name: String,
+        _range: ipnet::Ipv4Net,
+        generation: u64,
+    }
+    let (variant, rest) = postcard::take_from_bytes::<u32>(payload).ok()?;
+    match variant {
+        // `ServerMsg::Snapshot(NetworkMap)`
+        1 => Some(
+            postcard::take_from_bytes::<MapHead>(rest)
+                .ok()?
+                .0
+                .generation,
+        ),
+        // `ServerMsg::Delta(MapDelta { from, to, .. })`
+        2 => Some(postcard::take_from_bytes::<(u64, u64)>(rest).ok()?.0 .1),
+        _ => None,
+    }
+}
+
+/// Joins one thin member (the first address of `token` first); retried on
+/// a refusal or a failed connection, at most 5 times.
+async fn thin_join(
+    ep: &quinn::Endpoint,
+    token: &JoinToken,
+    config: &quinn::ClientConfig,
+    id: usize,
+    reached: Arc<Reached>,
+) -> anyhow::Result<ThinMember> {
+    use meshlib::proto::{Hello, JoinRequest, Request, ServerMsg};
+    let max = ClientConfig::default().max_frame;
+    let mut last = anyhow::anyhow!("no address");
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let addr = token.addrs[attempt as usize % token.addrs.len()];
+        let opened = async {
+            let conn = ep
+                .connect_with(config.clone(), addr, meshlib::proto::SERVER_NAME)?
+                .await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let hello = Hello {
+                version: meshlib::proto::VERSION,
+                request: Request::Join(JoinRequest {
+                    network: token.network,
+                    token_secret: token.secret,
+                    public_key: PrivateKey::generate().public_key(),
+                    service: format!("svc{}", id % 10),
+                    app_id: None,
+                    process_type: Default::default(),
+                    instance: None,
+                    runner: "bench".into(),
+                    ports: vec![],
+                    endpoints: vec!["192.0.2.1:51820".parse()?],
+                    service_groups: vec![],
+                    publish: vec![],
+                    replace: false,
+                    ephemeral: false,
+                }),
+            };
+            meshlib::proto::write_frame(&mut send, &hello, max).await?;
+            let mut instance = None;
+            loop {
+                let payload = meshlib::proto::read_payload(&mut recv, max).await?;
+                if let Some(generation) = generation_of(&payload) {
+                    if id == 0 {
+                        // The head read agrees with a full decode.
+                        let full = match meshlib::proto::decode_payload::<ServerMsg>(&payload)? {
+                            ServerMsg::Snapshot(m) => m.generation,
+                            ServerMsg::Delta(d) => d.to,
+                            _ => bail!("not a map message"),
+                        };
+                        anyhow::ensure!(full == generation, "head {generation} != {full}");
+                    }
+                    reached.set(id, generation);
+                    if let Some(instance) = instance.take() {
+                        return anyhow::Ok((conn, send, recv, instance));
+                    }
+                    continue;
+                }
+                match meshlib::proto::decode_payload::<ServerMsg>(&payload)? {
+                    ServerMsg::Welcome(w) => instance = Some(w.instance.to_string()),
+                    ServerMsg::Error(e) => bail!("refused: {e:?}"),
+                    _ => {}
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), opened).await {
+            Ok(Ok((conn, send, mut recv, instance))) => {
+                let task = tokio::spawn(async move {
+                    // Kept open: a finished stream ends the session.
+                    let _send = send;
+                    let _conn = conn;
+                    while let Ok(payload) = meshlib::proto::read_payload(&mut recv, max).await {
+                        if let Some(generation) = generation_of(&payload) {
+                            reached.set(id, generation);
+                        }
+                    }
+                });
+                return Ok(ThinMember { instance, task });
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = anyhow::anyhow!("timed out"),
+        }
+    }
+    Err(last.context(format!("member {id} to {:?}", token.addrs)))
+}
+
+/// Sum of the resident memory (KiB) of the processes `pids`.
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// `CP_BENCH_ONLY=100k`: `nets` networks of `per` members joined through
+/// three keyserver replicas on a 3-node etcd (issue 20's large run).
+async fn hundred_k_scenario(nets: usize, per: usize) -> anyhow::Result<()> {
+    let Some(etcd) = Etcd::start()? else {
+        bail!("the large run needs etcd (apt-get install etcd-server)");
+    };
+    let total = nets * per;
+    // Past the defaults: a third of the members on each replica, and every
+    // member from 127.0.0.1 (a default of 64 handshakes per source).
+    let config = format!(
+        "max-connections = {}\nmax-unauthenticated = 4096\nmax-unauthenticated-per-source = 4096\n",
+        total / 2 + 1000
+    );
+    let url = format!("{}/large", etcd.url);
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let mut servers = Vec::new();
+    for d in &dirs {
+        servers.push(Server::start_with(d.path(), Some(&url), Some(&config))?);
+    }
+    let first = &servers[0];
+    let mut tokens = Vec::new();
+    for n in 0..nets {
+        let name = format!("large-{n}");
+        first
+            .admin
+            .call(Method::POST, "/v1/networks", Some(&json!({"name": name})))
+            .await?;
+        tokens.push(first.token(&name, 3).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let etcd_pids: Vec<u32> = etcd.children.iter().map(|c| c.id()).collect();
+    let rss0: Vec<u64> = servers.iter().map(Server::rss_kib).collect();
+    let etcd_rss0 = rss_of(&etcd_pids);
+    let cpu0: Vec<Duration> = servers.iter().map(Server::cpu).collect();
+    // One client socket per 50 members.
+    let eps: Vec<quinn::Endpoint> = (0..total / 50 + 1)
+        .map(|_| control::client_endpoint("127.0.0.1:0".parse().expect("literal")))
+        .collect::<Result<_, _>>()?;
+    let config = control::quic_config(tokens[0].cert_sha256, &ClientConfig::default())?;
+    let reached = Arc::new(Reached::new(total));
+    // Members join the networks in turn (member i into network i % nets),
+    // each starting at replica i % 3, 96 joins at a time.
+    let slots = Arc::new(Semaphore::new(96));
+    let start = Instant::now();
+    let mut joins = Vec::with_capacity(total);
+    for i in 0..total {
+        let mut token = tokens[i % nets].clone();
+        let spread = i % token.addrs.len().max(1);
+        token.addrs.rotate_left(spread);
+        let (ep, config, slots, reached) = (
+            eps[i / 50].clone(),
+            config.clone(),
+            slots.clone(),
+            reached.clone(),
+        );
+        joins.push(tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await?;
+            thin_join(&ep, &token, &config, i, reached).await
+        }));
+        if (i + 1) % 10_000 == 0 {
+            eprintln!("large: {} joins started, {:?}", i + 1, start.elapsed());
+        }
+    }
+    let mut members = Vec::with_capacity(total);
+    for (i, j) in joins.into_iter().enumerate() {
+        members.push(j.await??);
+        if (i + 1) % 10_000 == 0 {
+            eprintln!("large: {} joined, {:?}", i + 1, start.elapsed());
+        }
+    }
+    let join_time = start.elapsed();
+    let cpu_join: Duration = servers.iter().zip(&cpu0).map(|(s, c0)| s.cpu() - *c0).sum();
+    // Let the last pushes land, then read memory.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss1: Vec<u64> = servers.iter().map(Server::rss_kib).collect();
+    let etcd_rss1 = rss_of(&etcd_pids);
+    let connected: Vec<f64> = {
+        let mut v = Vec::new();
+        for s in &servers {
+            v.push(s.metric("istmesh_keyserver_connected_members").await);
+        }
+        v
+    };
+    // Changes to network 0: remove one of its members at a time (through
+    // replica 0); each must reach the others, spread over the replicas.
+    let net0: Vec<usize> = (0..total).step_by(nets).collect();
+    let info = first
+        .admin
+        .call(Method::GET, "/v1/networks/large-0", None)
+        .await?;
+    let generation0 = info["generation"].as_u64().context("generation")?;
+    let mut alive: Vec<usize> = net0.clone();
+    let mut times = Vec::new();
+    for change in 1..=10 {
+        let victim = alive.pop().context("no member left")?;
+        let t0 = reached.start.elapsed().as_nanos() as u64;
+        let path = format!("/v1/networks/large-0/members/{}", members[victim].instance);
+        first.admin.call(Method::DELETE, &path, None).await?;
+        let generation = generation0 + change;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let behind = alive
+                .iter()
+                .filter(|&&m| reached.generation[m].load(Ordering::Acquire) < generation)
+                .count();
+            if behind == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "a change reached {} of {} members in 60 s",
+                    alive.len() - behind,
+                    alive.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = alive
+            .iter()
+            .map(|&m| reached.at[m].load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(t0);
+        times.push(Duration::from_nanos(last.saturating_sub(t0)));
+        members[victim].task.abort();
+    }
+    times.sort();
+    println!(
+        "{total} members ({nets} networks x {per}) over 3 replicas on a 3-node etcd: joined in {join_time:.1?}, {:.0} joins/s; keyserver CPU per join {:.2?} (the three replicas together)",
+        total as f64 / join_time.as_secs_f64(),
+        cpu_join / total as u32,
+    );
+    for (r, ((a, b), c)) in rss0.iter().zip(&rss1).zip(&connected).enumerate() {
+        println!(
+            "  replica {r}: {c} members connected, RSS {a} -> {b} KiB ({:.1} KiB per member connected to it; each replica also holds the registry of all {total})",
+            b.saturating_sub(*a) as f64 / c.max(1.0)
+        );
+    }
+    let grown: u64 = rss0
+        .iter()
+        .zip(&rss1)
+        .map(|(a, b)| b.saturating_sub(*a))
+        .sum();
+    println!(
+        "  keyservers together: +{} MiB, {:.1} KiB per member; etcd (3 nodes) {} -> {} MiB",
+        grown / 1024,
+        grown as f64 / total as f64,
+        etcd_rss0 / 1024,
+        etcd_rss1 / 1024
+    );
+    println!(
+        "  a change to the {} members of one network (spread over the replicas): median {:.1?}, worst {:.1?} (10 removals)",
+        alive.len(),
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    for m in members {
+        m.task.abort();
+    }
+    for ep in eps {
         ep.close(0u32.into(), b"done");
     }
     Ok(())

@@ -154,6 +154,75 @@ async fn until_members(s: &mut Session, n: usize, limit: Duration) {
 /// 300 joins at once, spread over three replicas: every address, index
 /// and instance name is handed out once, every replica lists all 300, and
 /// every member ends up seeing every other.
+/// A replica keeps one lease while etcd answers (the keep-alive stream gets
+/// its first refresh before it waits for etcd's answer), and writes its
+/// members' presence keys in batches: 1000 sessions claimed cost a few
+/// etcd revisions, not 1000; all 1000 keys are there, and go again when
+/// released.
+#[test]
+fn a_replica_keeps_its_lease_and_batches_presence_keys() {
+    use keyserver::store::etcd::conn::Conn;
+    use keyserver::store::etcd::keys::prefix_end;
+    let Some(etcd) = EtcdCluster::start(3) else {
+        return;
+    };
+    let url: EtcdUrl = etcd.url("lease").parse().unwrap();
+    let store = EtcdStore::connect(&url).unwrap();
+    let cluster = store.cluster();
+    let probe = Conn::new(&etcd.endpoints()).unwrap();
+    let presence = |count_only: bool| {
+        let key = b"/lease/presence/".to_vec();
+        probe
+            .range(etcdv3client::pb::RangeRequest {
+                range_end: prefix_end(&key),
+                key,
+                count_only,
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: not in 15 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until("a lease", &|| cluster.lease_id() != 0);
+    let lease = cluster.lease_id();
+    let granted = std::time::Instant::now();
+    let rev0 = presence(true).header.unwrap().revision;
+    let members: Vec<_> = (0..1000)
+        .map(|_| {
+            (
+                meshlib::ids::NetworkId::random(),
+                meshlib::keys::PrivateKey::generate().public_key(),
+            )
+        })
+        .collect();
+    for (n, k) in &members {
+        cluster.claim(*n, *k);
+    }
+    until("1000 presence keys", &|| presence(true).count == 1000);
+    let rev1 = presence(true).header.unwrap().revision;
+    assert!(
+        rev1 - rev0 <= 40,
+        "1000 presence keys took {} revisions",
+        rev1 - rev0
+    );
+    let kvs = presence(false).kvs;
+    assert!(kvs
+        .iter()
+        .all(|kv| kv.lease == lease && kv.value == cluster.id().as_bytes()));
+    // Past two keep-alive call deadlines (3 s each): still the first lease.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(granted.elapsed()));
+    assert_eq!(cluster.lease_id(), lease, "the lease was granted again");
+    for (n, k) in &members {
+        cluster.release(*n, *k);
+    }
+    until("presence keys released", &|| presence(true).count == 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_joins_over_three_replicas_never_collide() {
     let Some(etcd) = tokio::task::spawn_blocking(|| EtcdCluster::start(3))

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use super::conn::Conn;
 use super::keys::{self, ReplicaInfo, Side};
+use super::MAX_TXN_OPS;
 
 /// Handle to the replica set (cheap to clone).
 #[derive(Clone)]
@@ -41,6 +42,15 @@ struct Inner {
     prefix: String,
     conn: Conn,
     state: Mutex<State>,
+    /// Wakes the presence writer ([`presence_writer`]).
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The writer holds only a weak reference: let it see the end.
+        self.wake.notify_one();
+    }
 }
 
 #[derive(Default)]
@@ -54,6 +64,12 @@ struct State {
     mine: HashSet<(NetworkId, PublicKey)>,
     /// What this replica announces.
     advertise: Option<ReplicaInfo>,
+    /// Presence keys to write (`true`: put under the lease; `false`:
+    /// delete if still this replica's), the latest wish per member. One
+    /// writer takes them in transactions of [`MAX_TXN_OPS`]: a replica
+    /// holding tens of thousands of sessions puts them again after a new
+    /// lease without a call per member.
+    pending: HashMap<(NetworkId, PublicKey), bool>,
 }
 
 impl Cluster {
@@ -65,9 +81,11 @@ impl Cluster {
                 prefix,
                 conn: conn.clone(),
                 state: Mutex::new(State::default()),
+                wake: Arc::new(tokio::sync::Notify::new()),
             }),
         };
         let weak: Weak<Inner> = Arc::downgrade(&cluster.inner);
+        conn.spawn_task(presence_writer(weak.clone(), cluster.inner.wake.clone()));
         conn.start_lease(move |lease| {
             if let Some(inner) = weak.upgrade() {
                 (Cluster { inner }).on_grant(lease);
@@ -81,25 +99,29 @@ impl Cluster {
         &self.inner.id
     }
 
+    /// The lease this replica's keys live under now (0: none yet).
+    pub fn lease_id(&self) -> i64 {
+        self.inner.conn.lease_id()
+    }
+
     fn full(&self, key: &str) -> Vec<u8> {
         format!("{}{key}", self.inner.prefix).into_bytes()
     }
 
     /// A new lease: put this replica's keys under it.
     fn on_grant(&self, lease: i64) {
-        let (advertise, mine) = {
-            let st = self.inner.state.lock();
-            (
-                st.advertise.clone(),
-                st.mine.iter().copied().collect::<Vec<_>>(),
-            )
+        let advertise = {
+            let mut st = self.inner.state.lock();
+            let mine: Vec<_> = st.mine.iter().copied().collect();
+            for m in mine {
+                st.pending.insert(m, true);
+            }
+            st.advertise.clone()
         };
         if let Some(info) = advertise {
             self.put(keys::replica(&self.inner.id), &info, lease);
         }
-        for (n, k) in mine {
-            self.put_presence(n, k, lease);
-        }
+        self.inner.wake.notify_one();
     }
 
     fn put<T: serde::Serialize>(&self, key: String, value: &T, lease: i64) {
@@ -119,14 +141,6 @@ impl Cluster {
         self.inner.conn.spawn(move |mut c| async move {
             let _ = c.kv.put(req).await;
         });
-    }
-
-    fn put_presence(&self, n: NetworkId, k: PublicKey, lease: i64) {
-        self.put_raw(
-            keys::presence(&n, &k),
-            self.inner.id.clone().into_bytes(),
-            lease,
-        );
     }
 
     /// Announces this replica's QUIC addresses and its relay's (under its
@@ -156,40 +170,20 @@ impl Cluster {
             st.mine.insert((n, k));
             st.presence.insert((n, k), self.inner.id.clone());
             st.orphaned.remove(&(n, k));
+            st.pending.insert((n, k), true);
         }
-        let lease = self.inner.conn.lease_id();
-        if lease != 0 {
-            self.put_presence(n, k, lease);
-        }
+        self.inner.wake.notify_one();
     }
 
     /// This replica's last session of the member ended: its presence key
     /// goes, unless another replica took the member over meanwhile.
     pub fn release(&self, n: NetworkId, k: PublicKey) {
-        self.inner.state.lock().mine.remove(&(n, k));
-        let key = self.full(&keys::presence(&n, &k));
-        let mine = self.inner.id.clone().into_bytes();
-        let txn = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                result: pb::compare::CompareResult::Equal as i32,
-                target: pb::compare::CompareTarget::Value as i32,
-                key: key.clone(),
-                range_end: vec![],
-                target_union: Some(pb::compare::TargetUnion::Value(mine)),
-            }],
-            success: vec![pb::RequestOp {
-                request: Some(pb::request_op::Request::RequestDeleteRange(
-                    pb::DeleteRangeRequest {
-                        key,
-                        ..Default::default()
-                    },
-                )),
-            }],
-            failure: vec![],
-        };
-        self.inner.conn.spawn(move |mut c| async move {
-            let _ = c.kv.txn(txn).await;
-        });
+        {
+            let mut st = self.inner.state.lock();
+            st.mine.remove(&(n, k));
+            st.pending.insert((n, k), false);
+        }
+        self.inner.wake.notify_one();
     }
 
     /// Follows a replica or presence key written or deleted (by anyone).
@@ -290,5 +284,111 @@ impl Cluster {
     /// Whether the lease is held (the replica's keys live).
     pub fn has_lease(&self) -> bool {
         self.inner.conn.lease_id() != 0
+    }
+}
+
+/// Most presence deletions in flight at once.
+const RELEASES_AT_ONCE: usize = 32;
+
+/// Writes presence keys: puts in transactions of up to [`MAX_TXN_OPS`]
+/// under the lease in force (none: they wait for the next grant, which
+/// puts every member of the replica again), deletions each compared with
+/// this replica's id (another replica may hold the member now), up to
+/// [`RELEASES_AT_ONCE`] at a time. One task, so a replica never floods etcd
+/// with a call per member (which delayed its lease's keep-alives past the
+/// TTL under load, and a lost lease made it put every key again).
+async fn presence_writer(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let notified = wake.notified();
+        let Some(cluster) = inner.upgrade().map(|inner| Cluster { inner }) else {
+            return;
+        };
+        let (puts, releases, lease) = {
+            let mut st = cluster.inner.state.lock();
+            let batch: Vec<_> = st.pending.keys().take(MAX_TXN_OPS).copied().collect();
+            let mut puts = Vec::new();
+            let mut releases = Vec::new();
+            for m in batch {
+                match st.pending.remove(&m) {
+                    Some(true) => puts.push(m),
+                    Some(false) => releases.push(m),
+                    None => {}
+                }
+            }
+            (puts, releases, cluster.inner.conn.lease_id())
+        };
+        if puts.is_empty() && releases.is_empty() {
+            drop(cluster);
+            notified.await;
+            continue;
+        }
+        let mut failed = false;
+        if !puts.is_empty() && lease != 0 {
+            let value = cluster.inner.id.clone().into_bytes();
+            let txn = pb::TxnRequest {
+                compare: vec![],
+                success: puts
+                    .iter()
+                    .map(|(n, k)| pb::RequestOp {
+                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                            key: cluster.full(&keys::presence(n, k)),
+                            value: value.clone(),
+                            lease,
+                            ..Default::default()
+                        })),
+                    })
+                    .collect(),
+                failure: vec![],
+            };
+            let mut client = cluster.inner.conn.client_now();
+            let done = tokio::time::timeout(super::conn::CALL_TIMEOUT, client.kv.txn(txn)).await;
+            if !matches!(done, Ok(Ok(_))) {
+                tracing::debug!("etcd presence puts failed: {done:?}");
+                failed = true;
+                // Again, unless a newer wish came meanwhile (a lost lease
+                // puts them all again anyway).
+                let mut st = cluster.inner.state.lock();
+                for m in puts {
+                    if st.mine.contains(&m) {
+                        st.pending.entry(m).or_insert(true);
+                    }
+                }
+            }
+        }
+        for chunk in releases.chunks(RELEASES_AT_ONCE) {
+            let mut calls = tokio::task::JoinSet::new();
+            for (n, k) in chunk {
+                let key = cluster.full(&keys::presence(n, k));
+                let mine = cluster.inner.id.clone().into_bytes();
+                let txn = pb::TxnRequest {
+                    compare: vec![pb::Compare {
+                        result: pb::compare::CompareResult::Equal as i32,
+                        target: pb::compare::CompareTarget::Value as i32,
+                        key: key.clone(),
+                        range_end: vec![],
+                        target_union: Some(pb::compare::TargetUnion::Value(mine)),
+                    }],
+                    success: vec![pb::RequestOp {
+                        request: Some(pb::request_op::Request::RequestDeleteRange(
+                            pb::DeleteRangeRequest {
+                                key,
+                                ..Default::default()
+                            },
+                        )),
+                    }],
+                    failure: vec![],
+                };
+                let mut client = cluster.inner.conn.client_now();
+                calls.spawn(async move {
+                    let _ =
+                        tokio::time::timeout(super::conn::CALL_TIMEOUT, client.kv.txn(txn)).await;
+                });
+            }
+            while calls.join_next().await.is_some() {}
+        }
+        drop(cluster);
+        if failed {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 }

@@ -259,6 +259,18 @@ impl Conn {
         self.inner.lease.load(Ordering::Relaxed)
     }
 
+    /// Runs a task on the connection's runtime (it ends when it returns or
+    /// the connection goes).
+    pub fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.handle.spawn(task);
+    }
+
+    /// A client of the endpoint in use (for a task of
+    /// [`Conn::spawn_task`]).
+    pub fn client_now(&self) -> etcdv3client::Client<TonicClient> {
+        self.client()
+    }
+
     /// Runs a call in the background, without waiting (presence keys).
     pub fn spawn<F>(&self, call: impl FnOnce(etcdv3client::Client<TonicClient>) -> F)
     where
@@ -445,6 +457,13 @@ async fn lease_loop(inner: std::sync::Weak<Inner>, on_grant: Arc<dyn Fn(i64) + S
 /// reports it expired.
 async fn keep_alive(client: &mut etcdv3client::Client<TonicClient>, id: i64) {
     let (tx, rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(1);
+    // The first refresh is queued before the call: etcd answers the
+    // stream's headers with its first response, so a call that waited for
+    // them before sending would time out (and the lease be granted again
+    // every `CALL_TIMEOUT`, with every presence key put again).
+    if tx.try_send(pb::LeaseKeepAliveRequest { id }).is_err() {
+        return;
+    }
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let Ok(Ok(mut answers)) =
         tokio::time::timeout(CALL_TIMEOUT, client.lease.lease_keep_alive(stream)).await
@@ -453,8 +472,9 @@ async fn keep_alive(client: &mut etcdv3client::Client<TonicClient>, id: i64) {
     };
     let every = Duration::from_millis(LEASE_TTL as u64 * 1000 / 3);
     let mut last_ok = Instant::now();
+    let mut first = true;
     loop {
-        if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+        if !std::mem::take(&mut first) && tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
             return;
         }
         match tokio::time::timeout(CALL_TIMEOUT, answers.message()).await {
