@@ -95,6 +95,15 @@ rtt() {
         awk -F'/' '/^rtt/ { print $5 } END {}' | head -1
 }
 
+# Ping RTT after load: 200 pings 20 ms apart: "avg max over1ms" (ms, ms,
+# count of pings over 1 ms). $1 namespace, $2 address.
+rtt_after() {
+    ip netns exec "$1" ping -c 200 -i 0.02 -W 2 "$2" 2>/dev/null |
+        awk -F'time=' '/time=/ { split($2, t, " "); v = t[1] + 0; n++; s += v;
+            if (v > m) m = v; if (v > 1) o++ }
+            END { if (n) printf "%.3f %.2f %d", s / n, m, o; else print "? ? ?" }'
+}
+
 declare -A RESULT
 
 # Measures between A and B at $2 (address of B): label $1.
@@ -110,6 +119,8 @@ measure() {
     RESULT[$label,1down]=$(iperf "$NS_B" "$a_addr")
     RESULT[$label,4up]=$(iperf "$NS_A" "$b_addr" -P 4)
     RESULT[$label,4down]=$(iperf "$NS_B" "$a_addr" -P 4)
+    # Then RTT right after the load (average, worst, pings over 1 ms).
+    RESULT[$label,after]=$(rtt_after "$NS_A" "$b_addr")
     pkill_ns_iperf
 }
 
@@ -169,10 +180,11 @@ LABELS+=(veth)
 
 echo
 echo "iperf3 TCP receiver Mbit/s (${DURATION}s each), ping RTT ms; A->B = up, B->A = down"
-printf '%-14s %10s %10s %10s %10s %9s\n' impl "1 up" "1 down" "4 up" "4 down" "rtt ms"
+printf '%-14s %10s %10s %10s %10s %9s  %s\n' impl "1 up" "1 down" "4 up" "4 down" "rtt ms" \
+    "after load: avg ms, worst ms, pings over 1 ms (of 200)"
 for l in "${LABELS[@]}"; do
-    printf '%-14s %10s %10s %10s %10s %9s\n' "$l" "${RESULT[$l,1up]}" "${RESULT[$l,1down]}" \
-        "${RESULT[$l,4up]}" "${RESULT[$l,4down]}" "${RESULT[$l,rtt]:-?}"
+    printf '%-14s %10s %10s %10s %10s %9s  %s\n' "$l" "${RESULT[$l,1up]}" "${RESULT[$l,1down]}" \
+        "${RESULT[$l,4up]}" "${RESULT[$l,4down]}" "${RESULT[$l,rtt]:-?}" "${RESULT[$l,after]:-?}"
 done
 [ -n "$GOTATUN_NOTE" ] && echo "$GOTATUN_NOTE"
 
