@@ -11,12 +11,17 @@
 #
 #   benches/dataplane.sh            # DURATION=5 seconds per iperf3 run
 #   DURATION=10 benches/dataplane.sh
+#   WORKERS=3 benches/dataplane.sh  # crypto workers of the "ours+workers" row (2)
+#   ROWS="ours ours+workers" benches/dataplane.sh   # only some rows
 #
 # Ends with: dataplane: <ours> Mbit/s, <x.xx>x wireguard-go, <y.yy>x gotatun
 # (single-stream TCP, A -> B). A benchmark, not a test: it never fails on speed.
 set -euo pipefail
 
 DURATION=${DURATION:-5}
+WORKERS=${WORKERS:-2}
+ROWS=${ROWS:-"ours ours+workers wireguard-go gotatun veth"}
+row() { case " $ROWS " in *" $1 "*) return 0 ;; esac; return 1; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TAG=$$
 NS_A=dpbench${TAG}a
@@ -53,7 +58,7 @@ OURS=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
 GOTATUN=$(command -v gotatun || true)
 GOTATUN_NOTE=""
 if [ -z "$GOTATUN" ] && [ -x "$HOME/.cargo/bin/gotatun" ]; then GOTATUN="$HOME/.cargo/bin/gotatun"; fi
-if [ -z "$GOTATUN" ]; then
+if [ -z "$GOTATUN" ] && row gotatun; then
     echo "installing gotatun-cli..." >&2
     if cargo install -q gotatun-cli >&2; then
         GOTATUN="$HOME/.cargo/bin/gotatun"
@@ -134,14 +139,16 @@ pkill_ns_iperf() {
 }
 
 # Starts implementation $2 (label $1) on both sides, configured with wg set,
-# measures, and tears it down.
+# measures, and tears it down. $3: our crypto workers (0: none).
 tunnel() {
-    local label=$1 impl=$2
+    local label=$1 impl=$2 workers=${3:-0}
     echo "measuring $label..." >&2
     # WG_LOG_FILE / WG_SUDO: gotatun's log file, and keeping root (its
     # privilege drop fails without a login session); ignored by the others.
-    WG_LOG_FILE=/dev/null WG_SUDO=1 ip netns exec "$NS_A" "$impl" "$IF_A" >/dev/null 2>&1
-    WG_LOG_FILE=/dev/null WG_SUDO=1 ip netns exec "$NS_B" "$impl" "$IF_B" >/dev/null 2>&1
+    WG_LOG_FILE=/dev/null WG_SUDO=1 IST_WG_CRYPTO_WORKERS=$workers \
+        ip netns exec "$NS_A" "$impl" "$IF_A" >/dev/null 2>&1
+    WG_LOG_FILE=/dev/null WG_SUDO=1 IST_WG_CRYPTO_WORKERS=$workers \
+        ip netns exec "$NS_B" "$impl" "$IF_B" >/dev/null 2>&1
     for i in $(seq 1 100); do
         [ -S "/var/run/wireguard/$IF_A.sock" ] && [ -S "/var/run/wireguard/$IF_B.sock" ] && break
         sleep 0.05
@@ -167,16 +174,19 @@ tunnel() {
     rm -f "/var/run/wireguard/$IF_A.sock" "/var/run/wireguard/$IF_B.sock"
 }
 
-LABELS=(ours wireguard-go)
-tunnel ours "$OURS"
-tunnel wireguard-go wireguard-go
-if [ -n "$GOTATUN" ]; then
+LABELS=()
+if row ours; then LABELS+=(ours); tunnel ours "$OURS"; fi
+if row ours+workers; then LABELS+=(ours+workers); tunnel ours+workers "$OURS" "$WORKERS"; fi
+if row wireguard-go; then LABELS+=(wireguard-go); tunnel wireguard-go wireguard-go; fi
+if row gotatun && [ -n "$GOTATUN" ]; then
     LABELS+=(gotatun)
     tunnel gotatun "$GOTATUN"
 fi
-echo "measuring raw veth..." >&2
-measure veth 198.51.100.2 198.51.100.1
-LABELS+=(veth)
+if row veth; then
+    echo "measuring raw veth..." >&2
+    measure veth 198.51.100.2 198.51.100.1
+    LABELS+=(veth)
+fi
 
 echo
 echo "iperf3 TCP receiver Mbit/s (${DURATION}s each), ping RTT ms; A->B = up, B->A = down"
@@ -189,9 +199,12 @@ done
 [ -n "$GOTATUN_NOTE" ] && echo "$GOTATUN_NOTE"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-OURS_1=${RESULT[ours,1up]}
-LINE="dataplane: $OURS_1 Mbit/s, $(ratio "$OURS_1" "${RESULT[wireguard-go,1up]}")x wireguard-go"
-if [ -n "$GOTATUN" ]; then
+OURS_1=${RESULT[ours,1up]:-0}
+if row ours+workers; then
+    echo "crypto workers ($WORKERS): 1 stream $(ratio "${RESULT[ours+workers,1up]}" "$OURS_1")x up, $(ratio "${RESULT[ours+workers,1down]}" "${RESULT[ours,1down]:-0}")x down; 4 streams $(ratio "${RESULT[ours+workers,4up]}" "${RESULT[ours,4up]:-0}")x up, $(ratio "${RESULT[ours+workers,4down]}" "${RESULT[ours,4down]:-0}")x down (against ours without)"
+fi
+LINE="dataplane: $OURS_1 Mbit/s, $(ratio "$OURS_1" "${RESULT[wireguard-go,1up]:-0}")x wireguard-go"
+if [ -n "${RESULT[gotatun,1up]:-}" ]; then
     LINE="$LINE, $(ratio "$OURS_1" "${RESULT[gotatun,1up]}")x gotatun"
 else
     LINE="$LINE, n/a gotatun (skipped)"

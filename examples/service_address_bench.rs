@@ -57,6 +57,7 @@ fn member(ip: Ipv4Addr) -> anyhow::Result<Member> {
             listen_port: 0,
             private_key: Some(private),
             fwmark: 0,
+            crypto_workers: 0,
         },
     )?;
     Ok(Member {

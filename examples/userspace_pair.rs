@@ -38,6 +38,7 @@ fn member(ip: &str) -> anyhow::Result<Member> {
             listen_port: 0,
             private_key: Some(private),
             fwmark: 0,
+            crypto_workers: 0,
         },
     )?;
     Ok(Member {

@@ -30,6 +30,7 @@ fn engine_in(host: &Host, queues: usize) -> Arc<Engine> {
             listen_port: 51820,
             private_key: Some(PrivateKey::from_base64(&h.private_key).unwrap()),
             fwmark: 0,
+            crypto_workers: 0,
         };
         Arc::new(Engine::start(Arc::new(tun), config).expect("start engine"))
     })

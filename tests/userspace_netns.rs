@@ -170,6 +170,7 @@ fn userspace_member_talks_to_wireguard_go() {
                     listen_port: 51820,
                     private_key: Some(key),
                     fwmark: 0,
+                    crypto_workers: 0,
                 },
             )
             .unwrap();

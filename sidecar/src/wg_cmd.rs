@@ -36,6 +36,12 @@ pub struct WgArgs {
     /// TUN queues, each read and encrypted by its own thread.
     #[arg(long, env = "IST_WG_QUEUES", default_value_t = 1)]
     pub queues: usize,
+    /// Threads that seal and open packets for the packet loops, so one
+    /// busy peer's traffic uses several cores (in order); 0 (the default)
+    /// keeps the crypto on the loops' own threads, which measured faster
+    /// on two cores (benches/RESULTS.md).
+    #[arg(long, env = "IST_WG_CRYPTO_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub crypto_workers: u16,
     /// Print the version and exit (as `wireguard-go --version`).
     #[arg(long, short = 'V')]
     pub version: bool,
@@ -69,7 +75,7 @@ pub fn run(args: &WgArgs) -> anyhow::Result<()> {
     }
     init_logs();
     if args.foreground {
-        run_foreground(ifname, args.queues)
+        run_foreground(ifname, args.queues, args.crypto_workers.into())
     } else {
         daemonize(ifname)
     }
@@ -159,7 +165,7 @@ fn daemonize(ifname: &str) -> anyhow::Result<()> {
 /// Creates the TUN interface in the current network namespace (down, as
 /// wireguard-go leaves it), starts the engine and its UAPI socket, and runs
 /// until SIGINT/SIGTERM or until the interface disappears.
-fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
+fn run_foreground(ifname: &str, queues: usize, crypto_workers: usize) -> anyhow::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe {
@@ -178,7 +184,11 @@ fn run_foreground(ifname: &str, queues: usize) -> anyhow::Result<()> {
         "sidecar wg: interface {ifname} created (offloads {}); bring it up with `ip link set {ifname} up`",
         if tun.offload() { "on" } else { "off" }
     );
-    let engine = Arc::new(Engine::start(Arc::new(tun), EngineConfig::default())?);
+    let engine_config = EngineConfig {
+        crypto_workers,
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::start(Arc::new(tun), engine_config)?);
     let path = uapi_server::socket_path(ifname);
     let server = UapiServer::start(engine.clone(), &path)?;
     if std::env::var_os(DAEMON_ENV).is_some() {

@@ -60,6 +60,7 @@ impl Plane {
             listen_port,
             private_key: Some(key.clone()),
             fwmark: 0,
+            crypto_workers: 0,
         };
         let (engine, stack, kernel) = match mode {
             NodeMode::Kernel { interface } => {

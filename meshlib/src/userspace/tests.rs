@@ -34,6 +34,7 @@ impl Member {
             listen_port: 0,
             private_key: Some(private),
             fwmark: 0,
+            crypto_workers: 0,
         };
         let engine = Engine::start(dev, config).unwrap();
         Self {

@@ -13,13 +13,13 @@ use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
 
 use super::device::Device;
-use super::io;
 use super::peer::{Peer, PeerConfig, PeerStats};
 use super::shared::{Counters, Shared, StaticKey, HANDSHAKE_RATE_LIMIT};
 use super::table::PeerTable;
 use super::transport::{RelaySetting, Sink, Transport};
 use super::uapi::{self, InterfaceInfo, PeerChange, PeerInfo, SetRequest};
 use super::udp::Udp;
+use super::{batch, io};
 use crate::keys::{PrivateKey, PublicKey};
 
 /// Why an engine operation failed.
@@ -62,6 +62,9 @@ pub struct RelayTarget {
     pub ticket: Vec<u8>,
 }
 
+/// Most crypto workers an engine starts.
+pub const MAX_CRYPTO_WORKERS: usize = 64;
+
 /// Engine-wide configuration at start.
 #[derive(Clone, Default)]
 pub struct EngineConfig {
@@ -71,6 +74,11 @@ pub struct EngineConfig {
     pub private_key: Option<PrivateKey>,
     /// Firewall mark for the UDP socket; 0 (the default) sets none.
     pub fwmark: u32,
+    /// Threads that seal and open packets for the packet loops, so one
+    /// busy peer's traffic uses several cores, in order (wireguard-go's
+    /// design). 0 (the default): none, each loop does its own crypto,
+    /// which measured faster on two cores (`benches/RESULTS.md`).
+    pub crypto_workers: usize,
 }
 
 /// Drops not attributable to a configured peer.
@@ -140,6 +148,13 @@ impl Engine {
             counters: Counters::default(),
             epoch: Instant::now(),
             vips: super::vips::Vips::new(Instant::now()),
+            crypt: match config.crypto_workers {
+                0 => None,
+                n => Some(
+                    super::crypt::Pool::start(n.min(MAX_CRYPTO_WORKERS))
+                        .map_err(EngineError::Thread)?,
+                ),
+            },
         });
         // WireGuard datagrams that come over the relay's TCP connection
         // are decrypted here (the transport knows no peers).
@@ -152,16 +167,21 @@ impl Engine {
             shared: shared.clone(),
             threads: Mutex::new(Vec::new()),
         };
+        let network: LoopFn = match shared.crypt.clone() {
+            Some(pool) => Box::new(move |s| batch::network_loop(s, pool)),
+            None => Box::new(io::network_loop),
+        };
         let mut loops: Vec<(String, LoopFn)> = vec![
-            ("wg-udp".into(), Box::new(io::network_loop)),
+            ("wg-udp".into(), network),
             ("wg-timers".into(), Box::new(io::timer_loop)),
             ("wg-link".into(), Box::new(io::link_loop)),
         ];
         for q in 0..shared.device.queues() {
-            loops.push((
-                format!("wg-tun{q}"),
-                Box::new(move |s| io::device_loop(s, q)),
-            ));
+            let device: LoopFn = match shared.crypt.clone() {
+                Some(pool) => Box::new(move |s| batch::device_loop(s, q, pool)),
+                None => Box::new(move |s| io::device_loop(s, q)),
+            };
+            loops.push((format!("wg-tun{q}"), device));
         }
         for (name, f) in loops {
             let s = shared.clone();
@@ -683,8 +703,17 @@ impl Engine {
         self.shared.stop.store(true, Relaxed);
         self.shared.transport.stop();
         self.shared.device.interrupt();
+        if let Some(pool) = &self.shared.crypt {
+            // The workers finish what is queued; loops waiting for a job
+            // see the pool stopped.
+            pool.stop();
+        }
         for handle in self.threads.lock().drain(..) {
             let _ = handle.join();
+        }
+        if let Some(pool) = &self.shared.crypt {
+            // Jobs a loop queued after the workers left.
+            pool.clear();
         }
     }
 }

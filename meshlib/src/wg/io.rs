@@ -4,7 +4,7 @@
 //! once per loop; the hot path allocates nothing.
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,26 +28,26 @@ use crate::nat::relay;
 /// Timer tick (boringtun's timers have this granularity at best).
 const TICK: Duration = Duration::from_millis(100);
 /// Largest UDP payload handled; bigger datagrams cannot come from a peer.
-const MAX_DATAGRAM: usize = 65_535;
+pub(super) const MAX_DATAGRAM: usize = 65_535;
 /// Most bytes packed into one GSO send.
-const MAX_GSO_BYTES: usize = 64_000;
+pub(super) const MAX_GSO_BYTES: usize = 64_000;
 /// Room the encrypted form of one packet needs beyond its clear text
 /// (header, tag, padding to 16), and boringtun's 148-byte minimum.
 const OVERHEAD: usize = 32 + 16;
 
 /// The socket to use now, re-read only when the engine replaced it.
-struct CurrentUdp {
+pub(super) struct CurrentUdp {
     generation: u64,
     udp: Arc<Udp>,
 }
 
 impl CurrentUdp {
-    fn new(shared: &Shared) -> Self {
+    pub(super) fn new(shared: &Shared) -> Self {
         let (udp, generation) = shared.transport.udp();
         Self { generation, udp }
     }
 
-    fn refresh(&mut self, shared: &Shared) -> &Arc<Udp> {
+    pub(super) fn refresh(&mut self, shared: &Shared) -> &Arc<Udp> {
         let generation = shared.transport.generation();
         if generation != self.generation {
             *self = Self::new(shared);
@@ -174,24 +174,23 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
     }
 }
 
-/// Encrypts one packet into `out`; `last` caches the previous route;
-/// `vip` routes packets to service addresses.
-fn encrypt_one(
+/// A packet's way out: its peer, the peer's endpoint, and the relay's
+/// address and token when it goes through the relay.
+pub(super) type OutRoute = (Arc<Peer>, SocketAddr, Option<(Ipv4Addr, [u8; 8])>);
+
+/// Where `packet` goes: its peer (`last` caches the previous route; `vip`
+/// routes packets to service addresses), the peer's endpoint, and the
+/// relay's address and token when it goes through the relay. `None` (and
+/// the reason counted) when it goes nowhere.
+pub(super) fn route_out(
     shared: &Shared,
-    udp: &Udp,
-    out: &mut GsoBatch,
     last: &mut Option<(IpAddr, Arc<Peer>)>,
     vip: &mut OutCursor,
     packet: &[u8],
-) {
-    let Some(dst) = Tunn::dst_address(packet) else {
-        return;
-    };
+) -> Option<OutRoute> {
+    let dst = Tunn::dst_address(packet)?;
     let peer = match (dst, &*last) {
-        (IpAddr::V4(v4), _) if shared.vips.covers(v4) => match vip.route(shared, packet) {
-            Some(p) => p,
-            None => return,
-        },
+        (IpAddr::V4(v4), _) if shared.vips.covers(v4) => vip.route(shared, packet)?,
         (_, Some((ip, p))) if *ip == dst => p.clone(),
         _ => match shared.table.read().by_ip(dst) {
             Some((_, p)) => {
@@ -200,13 +199,13 @@ fn encrypt_one(
             }
             None => {
                 shared.counters.no_route.fetch_add(1, Relaxed);
-                return;
+                return None;
             }
         },
     };
     let Some(endpoint) = *peer.endpoint.lock() else {
         peer.drop_no_endpoint.fetch_add(1, Relaxed);
-        return;
+        return None;
     };
     // Through the relay: the same datagram behind a `send` header.
     let relayed = if peer.via_relay.load(Relaxed) {
@@ -217,6 +216,22 @@ fn encrypt_one(
             .and_then(|(_, token)| peer.relay_ip().map(|ip| (ip, token)))
     } else {
         None
+    };
+    Some((peer, endpoint, relayed))
+}
+
+/// Encrypts one packet into `out`; `last` caches the previous route;
+/// `vip` routes packets to service addresses.
+fn encrypt_one(
+    shared: &Shared,
+    udp: &Udp,
+    out: &mut GsoBatch,
+    last: &mut Option<(IpAddr, Arc<Peer>)>,
+    vip: &mut OutCursor,
+    packet: &[u8],
+) {
+    let Some((peer, endpoint, relayed)) = route_out(shared, last, vip, packet) else {
+        return;
     };
     let hdr = if relayed.is_some() {
         relay::SEND_HEADER
@@ -342,7 +357,7 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
 /// Decrypts datagrams that arrived outside the UDP socket (the relay over
 /// TCP) and writes their packets to the device, batched as the network
 /// loop does.
-pub(crate) struct SideReceiver {
+pub(super) struct SideReceiver {
     dev: DeviceBatch,
     reply: Vec<u8>,
 }
@@ -506,31 +521,66 @@ fn decrypt_one(
     };
     drop(tunn);
     authenticated(&peer, from, dgram.len());
-    let allowed = shared
-        .table
-        .read()
-        .by_ip(src)
-        .is_some_and(|(_, p)| Arc::ptr_eq(p, &peer));
-    if !allowed {
-        // A service address answers only for flows pinned to this peer.
-        let verdict = match src {
-            IpAddr::V4(v4) if shared.vips.covers(v4) => {
-                dev.vip.check(shared, &peer, &buf[off..off + len])
-            }
-            _ => Reply::Foreign,
-        };
-        match verdict {
-            Reply::Accept => {}
-            Reply::Drop => return,
-            Reply::Foreign => {
-                peer.drop_spoofed.fetch_add(1, Relaxed);
-                return;
-            }
-        }
+    if !accept_in(shared, &peer, &mut dev.vip, src, &buf[off..off + len]) {
+        return;
     }
     buf.truncate(off + len);
     buf[..off].fill(0);
     dev.count += 1;
+}
+
+/// Whether a decrypted `packet` from `peer` with inner source `src` may be
+/// written to the device: the source is in the peer's allowed IPs, or it
+/// is a service address answering for a flow pinned to this peer. Counts
+/// spoofed sources.
+pub(super) fn accept_in(
+    shared: &Shared,
+    peer: &Arc<Peer>,
+    vip: &mut InCursor,
+    src: IpAddr,
+    packet: &[u8],
+) -> bool {
+    let allowed = shared
+        .table
+        .read()
+        .by_ip(src)
+        .is_some_and(|(_, p)| Arc::ptr_eq(p, peer));
+    if allowed {
+        return true;
+    }
+    // A service address answers only for flows pinned to this peer.
+    let verdict = match src {
+        IpAddr::V4(v4) if shared.vips.covers(v4) => vip.check(shared, peer, packet),
+        _ => Reply::Foreign,
+    };
+    match verdict {
+        Reply::Accept => true,
+        Reply::Drop => false,
+        Reply::Foreign => {
+            peer.drop_spoofed.fetch_add(1, Relaxed);
+            false
+        }
+    }
+}
+
+/// The length an IP packet's header gives and its source address, as
+/// boringtun checks a decrypted packet; `None` when `packet` is not an IP
+/// packet or is shorter than its header says.
+pub(super) fn inner_packet(packet: &[u8]) -> Option<(usize, IpAddr)> {
+    let (len, src) = match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let len = u16::from_be_bytes([packet[2], packet[3]]) as usize;
+            let src: [u8; 4] = packet[12..16].try_into().ok()?;
+            (len, IpAddr::from(src))
+        }
+        6 if packet.len() >= 40 => {
+            let len = u16::from_be_bytes([packet[4], packet[5]]) as usize + 40;
+            let src: [u8; 16] = packet[8..24].try_into().ok()?;
+            (len, IpAddr::from(src))
+        }
+        _ => return None,
+    };
+    (len <= packet.len()).then_some((len, src))
 }
 
 /// True for a handshake initiation or response (message types 1 and 2),
@@ -541,7 +591,7 @@ fn is_handshake(dgram: &[u8]) -> bool {
 
 /// Records an authenticated datagram: counters and endpoint roaming (only
 /// for peers without path selection, whose manager decides instead).
-fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
+pub(super) fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
     peer.rx_bytes.fetch_add(len as u64, Relaxed);
     if peer.is_managed() {
         return;
@@ -694,7 +744,7 @@ pub(crate) fn link_loop(shared: Arc<Shared>) {
 /// link loop hearing of it is answered, not dropped (the peer would wait
 /// for its 5 s rekey timeout to try again). Only the link loop writes the
 /// flag, so a late answer here never overwrites a newer state.
-fn link_is_up(shared: &Shared) -> bool {
+pub(super) fn link_is_up(shared: &Shared) -> bool {
     shared.link_up.load(Relaxed) || shared.device.is_up()
 }
 

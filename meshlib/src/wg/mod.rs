@@ -33,7 +33,8 @@
 //!   addresses in the packet loops: the flow table asked once per run of a
 //!   flow's packets, refusals and resets written to the device.
 //!
-//! Imports go one way: `udp` ← `transport` ← `shared` ← `io` ← `engine`
+//! Imports go one way: `udp` ← `transport` ← `shared` ← `io` ← `batch` ←
+//! `engine` (`crypt` imports none of them)
 //! (`peer`, `table`, `device` below `shared`). Lock order: the peer table,
 //! then the static key, then a peer's `Tunn`, `endpoint` or `kick` (one at
 //! a time); in the transport, its peers' paths before its key, relay or
@@ -50,11 +51,16 @@
 //!
 //! Cores: decryption runs on the network thread, encryption on one thread
 //! per TUN queue ([`TunConfig::queues`], `IFF_MULTI_QUEUE`; the kernel keeps
-//! each flow on one queue, so a flow's packets stay in order). One peer's
-//! crypto is serialized by its `Tunn` (boringtun encrypts under `&mut self`),
-//! so extra queues help only with several peers; and with more than one
-//! queue, two flows to the same peer may interleave differently on the wire
-//! (each flow keeps its order; the receiver's replay window accepts it).
+//! each flow on one queue, so a flow's packets stay in order), and with
+//! [`EngineConfig::crypto_workers`] both move to a pool of workers: the
+//! loops read batches, take sessions and counters in order on their own
+//! thread, and workers seal and open the batches in parallel; each loop's
+//! batches leave in the order they were read, so one busy peer uses
+//! several cores (`crypt`: the pool and its ordered lanes; `batch`: the
+//! loops' jobs; boringtun patched to share a `Tunn`'s sessions,
+//! `vendor/boringtun/PATCHED.md`). With more than one queue, two flows to
+//! the same peer may interleave differently on the wire (each flow keeps
+//! its order; the receiver's replay window accepts it).
 //!
 //! The UDP socket sets DF (quinn-udp's default), so the underlay must carry
 //! MTU + 80 bytes.
@@ -69,6 +75,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod batch;
+mod crypt;
 pub mod device;
 mod engine;
 pub mod flows;
@@ -91,7 +99,7 @@ mod tests;
 mod vip_tests;
 
 pub use device::{Device, TunConfig, TunDevice, DEFAULT_MTU};
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RelayTarget, MAX_CRYPTO_WORKERS};
 pub use peer::{PeerConfig, PeerDrops, PeerStats};
 pub use table::{AllowedIps, PeerTable};
 pub use uapi_server::UapiServer;

@@ -66,6 +66,9 @@ pub(crate) struct Shared {
     /// Service addresses: the flow table and the range it covers
     /// ([`super::vip`]).
     pub vips: super::vips::Vips,
+    /// The crypto pool ([`super::crypt`]): `None` with no workers (each
+    /// packet loop seals or opens on its own thread).
+    pub crypt: Option<Arc<super::crypt::Pool>>,
 }
 
 impl Shared {
