@@ -508,7 +508,9 @@ fn the_relay_runs_as_its_own_process() {
     let (ma, _ra) = lab.member(Nat::Symmetric);
     let (mb, _rb) = lab.member(Nat::Symmetric);
     let t0 = Instant::now();
-    let sa = lab.sidecar(&ma, &token, "a");
+    // A opens and seals on two crypto workers (relayed datagrams too: the
+    // WireGuard datagram inside a relay frame); B on its loops.
+    let sa = lab.sidecar_with(&ma, &token, "a", &["--crypto-workers", "2"]);
     let sb = lab.sidecar(&mb, &token, "b");
     let ip_b = joined_ip(&sb, Duration::from_secs(20)).expect("b joined");
     let tr = transfer(

@@ -125,6 +125,10 @@ pub struct UpArgs {
     /// Rotate the WireGuard key every this many seconds (default 0: never).
     #[arg(long, env = "ISTM_KEY_LIFETIME")]
     pub key_lifetime: Option<u64>,
+    /// Threads that seal and open packets, so one busy peer uses several
+    /// cores (default 0: none; at most 64).
+    #[arg(long, env = "ISTM_CRYPTO_WORKERS")]
+    pub crypto_workers: Option<usize>,
     /// Attach this instance to an existing service group (published ports
     /// served by gateways) at its first join; repeat or comma-separate.
     #[arg(
@@ -192,6 +196,9 @@ impl UpArgs {
         }
         if let Some(t) = self.key_lifetime {
             c.key_lifetime = t;
+        }
+        if let Some(n) = self.crypto_workers {
+            c.crypto_workers = n;
         }
         if !self.ports.is_empty() {
             c.ports = self.ports.clone();

@@ -226,6 +226,11 @@ pub struct Config {
     /// key is made here; the address and names stay). Default 0: never
     /// (`sidecar rotate-key` rotates on demand).
     pub key_lifetime: u64,
+    /// Threads that seal and open packets for the data plane (either mode),
+    /// so one busy peer's traffic uses several cores, in order. Default 0:
+    /// none (each packet loop does its own crypto, which measured faster on
+    /// two cores); at most 64.
+    pub crypto_workers: usize,
     /// Service groups (seed 002) to attach this instance to at its first
     /// join (`--service-group`); each must exist. Default none.
     pub service_groups: Vec<String>,
@@ -288,6 +293,7 @@ impl Default for Config {
             loopback_octet: 77,
             catch_up_timeout: 5,
             key_lifetime: 0,
+            crypto_workers: 0,
             service_groups: Vec::new(),
             publish: Vec::new(),
             ephemeral: None,
@@ -394,6 +400,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "replace",
                 "names no slot: set instance (--instance) to the instance to replace",
+            ));
+        }
+        if self.crypto_workers > meshlib::wg::MAX_CRYPTO_WORKERS {
+            return Err(ConfigError::invalid(
+                "crypto-workers",
+                format!("at most {}", meshlib::wg::MAX_CRYPTO_WORKERS),
             ));
         }
         if self.ports.contains(&0) {
@@ -643,12 +655,17 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.service_address, IpAddr::from([127, 0, 0, 1]));
         assert!(!d.discover_ports && d.ports.is_empty());
+        assert_eq!(d.crypto_workers, 0);
+        let w = Config::from_toml("crypto-workers = 4", Path::new("c")).unwrap();
+        assert_eq!(w.crypto_workers, 4);
         for (text, key) in [
             ("ports = [0]", "ports:"),
             ("service-address = \"0.0.0.0\"", "service-address:"),
             ("service-address = \"224.0.0.1\"", "service-address:"),
             ("token = \"x\"\ntoken-file = \"/t\"", "token-file:"),
             ("interface = \"much-too-long-name\"", "interface:"),
+            ("crypto-workers = 65", "crypto-workers:"),
+            ("crypto-workers = -1", ""),
         ] {
             let err = Config::from_toml(text, Path::new("c"))
                 .unwrap_err()

@@ -131,6 +131,9 @@ pub struct NodeConfig {
     pub ports: Vec<u16>,
     /// Persistent keepalive of every peer, seconds (0: off).
     pub persistent_keepalive: u16,
+    /// The engine's crypto workers
+    /// ([`crate::wg::EngineConfig::crypto_workers`]); 0 (the default): none.
+    pub crypto_workers: usize,
     /// The control client's settings (timers, reconnect).
     pub client: ClientConfig,
     /// Called with every map before the data plane applies it.
@@ -168,6 +171,7 @@ impl Default for NodeConfig {
             endpoints: vec![],
             ports: vec![],
             persistent_keepalive: 25,
+            crypto_workers: 0,
             client: ClientConfig::default(),
             on_map: None,
             services: Default::default(),
@@ -512,12 +516,10 @@ impl Node {
         let (requests_tx, requests_rx) = mpsc::channel(PLANE_REQUESTS);
         let requests = ControlRequests { tx: requests_tx };
         let plane = plane::Plane::start(
-            &cfg.mode,
+            &cfg,
             next.as_ref().unwrap_or(&key),
             stored.ip,
             stored.range,
-            cfg.listen_port,
-            cfg.persistent_keepalive,
             &requests,
         )?;
         if let Some(hook) = &cfg.on_map {

@@ -43,26 +43,26 @@ struct Applied {
 }
 
 impl Plane {
-    /// Starts the data plane for a member at `ip` in `range`. In kernel
-    /// mode the engine's held flows ask for wakes through `requests`.
+    /// Starts the data plane for a member at `ip` in `range`, as `cfg`
+    /// says (mode, port, keepalive, crypto workers). In kernel mode the
+    /// engine's held flows ask for wakes through `requests`.
     pub(super) fn start(
-        mode: &NodeMode,
+        cfg: &super::NodeConfig,
         key: &PrivateKey,
         ip: Ipv4Addr,
         range: Ipv4Net,
-        listen_port: u16,
-        keepalive: u16,
         requests: &ControlRequests,
     ) -> Result<Self, NodeError> {
         let dp =
             |what: &str, e: &dyn std::fmt::Display| NodeError::DataPlane(format!("{what}: {e}"));
         let engine_config = EngineConfig {
-            listen_port,
+            listen_port: cfg.listen_port,
             private_key: Some(key.clone()),
             fwmark: 0,
-            crypto_workers: 0,
+            crypto_workers: cfg.crypto_workers,
         };
-        let (engine, stack, kernel) = match mode {
+        let keepalive = cfg.persistent_keepalive;
+        let (engine, stack, kernel) = match &cfg.mode {
             NodeMode::Kernel { interface } => {
                 let mut tun_config = TunConfig::new(interface);
                 let addr = Ipv4Net::new(ip, range.prefix_len())

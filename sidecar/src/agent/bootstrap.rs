@@ -63,6 +63,7 @@ pub(super) fn prepare(config: &Config) -> Result<Prepared, AgentError> {
         endpoints: config.endpoints.clone(),
         ports: crate::ports::announced_ports(config, None),
         persistent_keepalive: config.persistent_keepalive,
+        crypto_workers: config.crypto_workers,
         client: client_config(config),
         on_map: None,
         services,
