@@ -708,10 +708,12 @@ fn members_on_two_replicas_behind_symmetric_nats_meet_at_one_relay() {
     );
     assert!(
         tr.error.is_none() && tr.first_byte.is_some(),
-        "{:?}\n--- a:\n{}\n--- b:\n{}",
+        "{:?}\n--- a:\n{}\n--- b:\n{}\n--- ks0:\n{}\n--- ks1:\n{}",
         tr.error,
         sa.log_text(),
-        sb.log_text()
+        sb.log_text(),
+        std::fs::read_to_string(lab.dir.path().join("keyserver.log")).unwrap_or_default(),
+        std::fs::read_to_string(lab.dir.path().join("keyserver1.log")).unwrap_or_default()
     );
     assert_eq!(tr.sent_sha, tr.received_sha, "1 MiB, checksum intact");
     assert_eq!(sa.path(), "relay");

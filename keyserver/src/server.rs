@@ -903,6 +903,9 @@ impl Shared {
     /// sessions if it changed (replicas: another replica's relay became
     /// the shared one). Cheap; called every half second while serving.
     pub fn check_relay(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.ensure_registered();
+        }
         let now = self.relay_settings().and_then(|s| s.relay);
         self.relay_now.send_if_modified(|seen| {
             let changed = *seen != now;

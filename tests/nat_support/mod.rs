@@ -352,8 +352,13 @@ impl Lab {
             .to_owned()
     }
 
-    fn next_underlay(&self) -> String {
-        format!("192.0.2.{}", self.next_host.fetch_add(1, Ordering::SeqCst))
+    /// The next host number on the underlay and its address: one
+    /// `fetch_add`, so threads setting up pairs at once (the matrix) never
+    /// get the same number (a namespace named from a separate `load` once
+    /// collided: "File exists").
+    fn next_underlay(&self) -> (u32, String) {
+        let i = self.next_host.fetch_add(1, Ordering::SeqCst);
+        (i, format!("192.0.2.{i}"))
     }
 
     /// A host on the underlay at `addr` (outside the members' range).
@@ -368,18 +373,16 @@ impl Lab {
 
     /// A member on the underlay itself.
     pub fn public(&self) -> Member {
-        let i = self.next_host.load(Ordering::SeqCst);
+        let (i, addr) = self.next_underlay();
         let ns = format!("nt{}p{i}", self.tag);
-        let addr = self.next_underlay();
         self.underlay_ns(&ns, &addr);
         Member { ns, addr }
     }
 
     /// A router of kind `nat` with a LAN bridge.
     pub fn router(&self, nat: Nat) -> Router {
-        let i = self.next_host.load(Ordering::SeqCst);
+        let (i, wan) = self.next_underlay();
         let ns = format!("nt{}r{i}", self.tag);
-        let wan = self.next_underlay();
         self.underlay_ns(&ns, &wan);
         let lan_base = 8 * self.next_lan.fetch_add(1, Ordering::SeqCst);
         must("ip", &["-n", &ns, "link", "add", "lan", "type", "bridge"]);

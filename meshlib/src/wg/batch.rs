@@ -17,8 +17,8 @@ use quinn_udp::{RecvMeta, UdpSockRef};
 use super::crypt::{Job, Lane, Pool};
 use super::device::{BATCH, MAX_SUPER_PACKET};
 use super::io::{
-    accept_in, apply_paths, authenticated, inner_packet, link_is_up, route_out, CurrentUdp,
-    SideReceiver, MAX_DATAGRAM, MAX_GSO_BYTES,
+    accept_in, apply_paths, authenticated, drain_queue, inner_packet, link_is_up, queue_behind,
+    route_out, CurrentUdp, SideReceiver, MAX_DATAGRAM, MAX_GSO_BYTES,
 };
 use super::peer::Peer;
 use super::send::{send_to_peer, sent};
@@ -127,7 +127,27 @@ impl SealJob {
             let session = match &current {
                 Some((p, s)) if Arc::ptr_eq(p, &peer) => *s,
                 _ => {
-                    let got = peer.tunn.lock().sending_session(size, size > 0);
+                    let got = {
+                        let mut tunn = peer.tunn.lock();
+                        match queue_behind(&mut tunn, &peer, packet) {
+                            Some(drain) => Err(drain),
+                            None => Ok(tunn.sending_session(size, size > 0)),
+                        }
+                    };
+                    let got = match got {
+                        Ok(got) => got,
+                        Err(drain) => {
+                            // Queued behind packets that waited for the
+                            // session: they and it leave now, in order
+                            // (this job's earlier packets went to other
+                            // peers, or wait in the queue too).
+                            current = None;
+                            if drain {
+                                drain_queue(shared, udp, endpoint, &peer);
+                            }
+                            continue;
+                        }
+                    };
                     let Some(session) = got else {
                         // No session: boringtun queues the packet and
                         // starts a handshake, as without the pool.

@@ -243,9 +243,21 @@ fn encrypt_one(
         return;
     }
     let space = out.space(shared, udp, need);
-    let n = match peer.tunn.lock().encapsulate(packet, &mut space[hdr..]) {
-        TunnResult::WriteToNetwork(d) => d.len(),
-        _ => return,
+    let n = {
+        let mut tunn = peer.tunn.lock();
+        if let Some(drain) = queue_behind(&mut tunn, &peer, packet) {
+            drop(tunn);
+            if drain {
+                // This batch's earlier packets first, then the queue.
+                out.flush(shared, udp);
+                drain_queue(shared, udp, endpoint, &peer);
+            }
+            return;
+        }
+        match tunn.encapsulate(packet, &mut space[hdr..]) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return,
+        }
     };
     if let Some((ip, token)) = relayed {
         relay::send_header(space, ip, token);
@@ -603,18 +615,78 @@ pub(super) fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
 }
 
 /// After a handshake message, sends the packets boringtun queued meanwhile
-/// (the session's lock is taken for each, and not held while it is sent).
+/// (the session's lock is taken for each, and not held while it is sent),
+/// unless another thread is already sending them.
 fn flush_queued(shared: &Shared, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer: &Peer) {
-    for _ in 0..1024 {
-        let n = match peer.tunn.lock().decapsulate(None, &[], buf) {
+    {
+        let tunn = peer.tunn.lock();
+        // Without a session to send with, boringtun would take each
+        // packet off the front and queue it again at the back (the queue
+        // turning over): leave it for when there is one.
+        if peer.draining.load(Relaxed) || tunn.queued_packets() == 0 || !tunn.has_session() {
+            return;
+        }
+        peer.draining.store(true, Relaxed);
+    }
+    drain_with(shared, udp, to, buf, peer);
+}
+
+/// Most packets one drain sends: the queue holds 256, and packets read
+/// meanwhile join it.
+const DRAIN_MAX: usize = 1024;
+
+/// Whether `packet` must wait behind the packets queued for a session (so
+/// it leaves after them, in the order read): `Some(true)` when it was
+/// queued and this thread is now the one to send the queue
+/// ([`drain_queue`]), `Some(false)` when it was queued and another thread
+/// sends it, `None` when it may be sent now. Without a session the queue is
+/// `encapsulate`'s (it keeps the order itself).
+pub(super) fn queue_behind(tunn: &mut Tunn, peer: &Peer, packet: &[u8]) -> Option<bool> {
+    let draining = peer.draining.load(Relaxed);
+    if !draining && (tunn.queued_packets() == 0 || !tunn.has_session()) {
+        return None;
+    }
+    tunn.queue(packet);
+    if draining {
+        return Some(false);
+    }
+    peer.draining.store(true, Relaxed);
+    Some(true)
+}
+
+/// Sends `peer`'s queue to `to` after [`queue_behind`] made this thread
+/// its sender.
+pub(super) fn drain_queue(shared: &Shared, udp: &Udp, to: SocketAddr, peer: &Peer) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    drain_with(shared, udp, to, &mut buf, peer);
+}
+
+/// Sends the queue (this thread set `peer.draining`), then clears the flag
+/// with the queue empty, under the lock, so no packet is left behind.
+fn drain_with(shared: &Shared, udp: &Udp, to: SocketAddr, buf: &mut [u8], peer: &Peer) {
+    for _ in 0..DRAIN_MAX {
+        let mut tunn = peer.tunn.lock();
+        if !tunn.has_session() {
+            // The session went (key change): the queue waits for the next.
+            peer.draining.store(false, Relaxed);
+            return;
+        }
+        let n = match tunn.decapsulate(None, &[], buf) {
             TunnResult::WriteToNetwork(p) => p.len(),
-            _ => break,
+            _ => {
+                peer.draining.store(false, Relaxed);
+                return;
+            }
         };
+        drop(tunn);
         let result = shared
             .transport
             .send_to(udp, peer.relay_ip(), to, &buf[..n]);
         sent(shared, peer, to, n, result);
     }
+    // Still more: the next packet read finds them queued and sends them.
+    let _tunn = peer.tunn.lock();
+    peer.draining.store(false, Relaxed);
 }
 
 /// How often a handshake is re-sent on a new path while no session exists.

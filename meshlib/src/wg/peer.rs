@@ -100,6 +100,11 @@ pub(crate) struct Peer {
     /// The peer's private IPv4 address as a number (0: none), how the
     /// relay names it.
     pub relay_ip: AtomicU32,
+    /// A thread is sending the packets that waited in the `Tunn`'s queue
+    /// for a session ([`super::io::drain_queue`]); meanwhile new packets
+    /// join the queue, so they leave after the waiting ones. Written only
+    /// with the `Tunn` locked.
+    pub draining: AtomicBool,
 }
 
 /// When a handshake is sent again on a new path ([`super::io`]).
@@ -128,6 +133,7 @@ impl Peer {
             drop_spoofed: AtomicU64::new(0),
             drop_rejected: AtomicU64::new(0),
             drop_no_endpoint: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             kick: Mutex::new(Kick::default()),
             managed: AtomicBool::new(false),
             via_relay: AtomicBool::new(false),

@@ -64,6 +64,8 @@ struct State {
     mine: HashSet<(NetworkId, PublicKey)>,
     /// What this replica announces.
     advertise: Option<ReplicaInfo>,
+    /// When this replica last put its `replicas/<id>` key.
+    registered: Option<std::time::Instant>,
     /// Presence keys to write (`true`: put under the lease; `false`:
     /// delete if still this replica's), the latest wish per member. One
     /// writer takes them in transactions of [`MAX_TXN_OPS`]: a replica
@@ -116,12 +118,43 @@ impl Cluster {
             for m in mine {
                 st.pending.insert(m, true);
             }
+            if st.advertise.is_some() {
+                st.registered = Some(std::time::Instant::now());
+            }
             st.advertise.clone()
         };
         if let Some(info) = advertise {
             self.put(keys::replica(&self.inner.id), &info, lease);
         }
         self.inner.wake.notify_one();
+    }
+
+    /// Puts this replica's `replicas/<id>` key again when its own watch
+    /// does not show what it announces a while after the last put. The
+    /// puts are calls in flight at once, so the first announcement
+    /// (without the relay, at start) could land after the second (with
+    /// it), and a put that failed (etcd starting) is not retried: the
+    /// lease lives on, so the other replicas would never learn this one's
+    /// relay, and two members on two replicas would be told two relays.
+    /// Cheap; the server calls it every half second.
+    pub fn ensure_registered(&self) {
+        let lease = self.inner.conn.lease_id();
+        let info = {
+            let mut st = self.inner.state.lock();
+            let due = st
+                .registered
+                .is_none_or(|t| t.elapsed() >= REREGISTER_AFTER);
+            if lease == 0 || !due || st.replicas.get(&self.inner.id) == st.advertise.as_ref() {
+                return;
+            }
+            let Some(info) = st.advertise.clone() else {
+                return;
+            };
+            st.registered = Some(std::time::Instant::now());
+            info
+        };
+        tracing::info!(replica = %self.inner.id, "announcing this replica again (etcd does not show what it announces)");
+        self.put(keys::replica(&self.inner.id), &info, lease);
     }
 
     fn put<T: serde::Serialize>(&self, key: String, value: &T, lease: i64) {
@@ -156,8 +189,15 @@ impl Cluster {
             relay,
             relay_tcp,
         };
-        self.inner.state.lock().advertise = Some(info.clone());
-        let lease = self.inner.conn.lease_id();
+        let lease = {
+            let mut st = self.inner.state.lock();
+            st.advertise = Some(info.clone());
+            let lease = self.inner.conn.lease_id();
+            if lease != 0 {
+                st.registered = Some(std::time::Instant::now());
+            }
+            lease
+        };
         if lease != 0 {
             self.put(keys::replica(&self.inner.id), &info, lease);
         }
@@ -286,6 +326,10 @@ impl Cluster {
         self.inner.conn.lease_id() != 0
     }
 }
+
+/// How long a replica waits to see its own `replicas/<id>` key before it
+/// puts it again ([`Cluster::ensure_registered`]).
+const REREGISTER_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most presence deletions in flight at once.
 const RELEASES_AT_ONCE: usize = 32;

@@ -286,6 +286,26 @@ impl Tunn {
         Some(session)
     }
 
+    /// IST Mesh: whether a session to send with exists (else
+    /// [`Self::encapsulate`] queues packets and starts a handshake).
+    pub fn has_session(&self) -> bool {
+        self.sessions[self.current % N_SESSIONS].is_some()
+    }
+
+    /// IST Mesh: the number of packets waiting for a session (queued by
+    /// [`Self::encapsulate`] while a handshake runs).
+    pub fn queued_packets(&self) -> usize {
+        self.packet_queue.len()
+    }
+
+    /// IST Mesh: queues `packet` behind those waiting, even with a session,
+    /// so it is sent after them (they are sent by calling
+    /// [`Self::decapsulate`] with an empty datagram); dropped when the queue
+    /// is full, as [`Self::encapsulate`] drops.
+    pub fn queue(&mut self, packet: &[u8]) {
+        self.queue_packet(packet);
+    }
+
     /// IST Mesh: the session a data packet with this receiver index is for,
     /// to open it outside this tunnel's lock ([`Session::open`]); then
     /// [`Self::received_data`] records it.
