@@ -17,11 +17,12 @@ use quinn_udp::{RecvMeta, UdpSockRef};
 use super::crypt::{Job, Lane, Pool};
 use super::device::{BATCH, MAX_SUPER_PACKET};
 use super::io::{
-    accept_in, apply_paths, authenticated, drain_queue, inner_packet, link_is_up, queue_behind,
-    route_out, CurrentUdp, SideReceiver, MAX_DATAGRAM, MAX_GSO_BYTES,
+    accept_in, apply_paths, authenticated, drain_queue, dropped_link_down, inner_packet,
+    link_is_up, queue_behind, read_failed, route_out, CurrentUdp, SideReceiver, MAX_DATAGRAM,
+    MAX_GSO_BYTES,
 };
 use super::peer::Peer;
-use super::send::{send_to_peer, sent};
+use super::send::{encapsulate_alone, send_alone, sent};
 use super::shared::Shared;
 use super::transport::{self, Inbound};
 use super::udp::Udp;
@@ -130,13 +131,21 @@ impl SealJob {
                     let got = {
                         let mut tunn = peer.tunn.lock();
                         match queue_behind(&mut tunn, &peer, packet) {
-                            Some(drain) => Err(drain),
-                            None => Ok(tunn.sending_session(size, size > 0)),
+                            Some(drain) => Got::Queued { drain },
+                            None => match tunn.sending_session(size, size > 0) {
+                                Some(session) => Got::Session(session),
+                                // No session: boringtun queues the packet
+                                // and starts a handshake, as without the
+                                // pool. Under the same lock: a session
+                                // coming up in between would seal this
+                                // packet ahead of the queue being sent.
+                                None => Got::Alone(encapsulate_alone(&mut tunn, packet)),
+                            },
                         }
                     };
-                    let got = match got {
-                        Ok(got) => got,
-                        Err(drain) => {
+                    let session = match got {
+                        Got::Session(session) => session,
+                        Got::Queued { drain } => {
                             // Queued behind packets that waited for the
                             // session: they and it leave now, in order
                             // (this job's earlier packets went to other
@@ -147,13 +156,13 @@ impl SealJob {
                             }
                             continue;
                         }
-                    };
-                    let Some(session) = got else {
-                        // No session: boringtun queues the packet and
-                        // starts a handshake, as without the pool.
-                        current = None;
-                        send_to_peer(shared, &peer, packet);
-                        continue;
+                        Got::Alone(dgram) => {
+                            current = None;
+                            if let Some(dgram) = dgram {
+                                send_alone(shared, &peer, endpoint, &dgram);
+                            }
+                            continue;
+                        }
                     };
                     self.sessions.push(session);
                     current = Some((peer.clone(), self.sessions.len() - 1));
@@ -208,6 +217,18 @@ impl SealJob {
     }
 }
 
+/// What staging found for a packet under its peer's tunnel lock.
+enum Got {
+    /// The session to seal it with.
+    Session(Arc<Session>),
+    /// Queued behind packets waiting for the session (`drain`: this
+    /// thread sends the queue).
+    Queued { drain: bool },
+    /// No session: queued by boringtun, with the handshake initiation to
+    /// send if one was due.
+    Alone(Option<Vec<u8>>),
+}
+
 impl Job for SealJob {
     type Finish = SealFinish;
 
@@ -257,13 +278,7 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize, pool: Arc<Pool>) {
             Ok(n) => n,
             Err(e) => {
                 lane.give_back(job);
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                errors += 1;
-                tracing::debug!("device read: {e}");
-                if errors > 100 || e.raw_os_error() == Some(libc::EBADFD) {
-                    shared.failed.store(true, Relaxed);
+                if e.kind() != io::ErrorKind::Interrupted && read_failed(&shared, &mut errors, &e) {
                     break;
                 }
                 continue;
@@ -278,13 +293,21 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize, pool: Arc<Pool>) {
         let mut last = None;
         job.stage(&shared, udp, n, &mut vip, &mut last);
         vip.end_batch(&shared);
-        if job.items.is_empty() {
-            lane.give_back(job);
-        } else if job.items.len() <= INLINE_MAX && lane.idle() {
-            lane.run_here(job);
-        } else {
-            lane.submit(job);
-        }
+        let items = job.items.len();
+        dispatch(&lane, job, items);
+    }
+}
+
+/// Hands a staged job of `items` packets on: back to the free list when
+/// it holds none, run on this thread when small and nothing is in flight
+/// (a ping takes no hop), else to the pool.
+fn dispatch<J: Job>(lane: &Arc<Lane<J>>, job: J, items: usize) {
+    if items == 0 {
+        lane.give_back(job);
+    } else if items <= INLINE_MAX && lane.idle() {
+        lane.run_here(job);
+    } else {
+        lane.submit(job);
     }
 }
 
@@ -532,26 +555,13 @@ pub(crate) fn network_loop(shared: Arc<Shared>, pool: Arc<Pool>) {
                 continue;
             }
         };
-        if !link_is_up(&shared) {
-            let dropped: usize = job
-                .meta
-                .iter()
-                .take(n)
-                .map(|m| m.len.div_ceil(m.stride.max(1)))
-                .sum();
-            shared.counters.link_down.fetch_add(dropped as u64, Relaxed);
-            tracing::debug!("link down: dropped {dropped} datagrams");
+        if dropped_link_down(&shared, &job.meta[..n]) {
             lane.give_back(job);
             continue;
         }
         job.stage(&shared, &udp, n, &mut side, &mut uses);
         side.flush(&shared);
-        if job.items.is_empty() {
-            lane.give_back(job);
-        } else if job.items.len() <= INLINE_MAX && lane.idle() {
-            lane.run_here(job);
-        } else {
-            lane.submit(job);
-        }
+        let items = job.items.len();
+        dispatch(&lane, job, items);
     }
 }

@@ -147,15 +147,8 @@ pub(crate) fn device_loop(shared: Arc<Shared>, queue: usize) {
         let n = match device.recv_batch(queue, &mut scratch, &mut bufs, &mut sizes) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                errors += 1;
-                tracing::debug!("device read: {e}");
-                if errors > 100 || e.raw_os_error() == Some(libc::EBADFD) {
-                    shared.failed.store(true, Relaxed);
-                    break;
-                }
-                continue;
-            }
+            Err(e) if read_failed(&shared, &mut errors, &e) => break,
+            Err(_) => continue,
         };
         errors = 0;
         // A packet came from the device, so its link is up unless it just
@@ -287,6 +280,31 @@ impl DeviceBatch {
     }
 }
 
+/// Counts a failed device read; whether the loop must end (the device is
+/// gone, or a hundred reads failed in a row: the engine reports failure).
+pub(super) fn read_failed(shared: &Shared, errors: &mut u32, e: &io::Error) -> bool {
+    *errors += 1;
+    tracing::debug!("device read: {e}");
+    let fatal = *errors > 100 || e.raw_os_error() == Some(libc::EBADFD);
+    if fatal {
+        shared.failed.store(true, Relaxed);
+    }
+    fatal
+}
+
+/// With the link down, the datagrams just read (`meta`) are dropped and
+/// counted, and nothing is answered (wireguard-go closes its socket while
+/// the interface is down): whether it is down.
+pub(super) fn dropped_link_down(shared: &Shared, meta: &[RecvMeta]) -> bool {
+    if link_is_up(shared) {
+        return false;
+    }
+    let dropped: usize = meta.iter().map(|m| m.len.div_ceil(m.stride.max(1))).sum();
+    shared.counters.link_down.fetch_add(dropped as u64, Relaxed);
+    tracing::debug!("link down: dropped {dropped} datagrams");
+    true
+}
+
 /// Receives datagram batches (GRO), decrypts them, checks inner sources
 /// against the sender's allowed IPs, and writes the packets to the device.
 pub(crate) fn network_loop(shared: Arc<Shared>) {
@@ -319,16 +337,7 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
                 }
             }
         };
-        if !link_is_up(&shared) {
-            // Down: read and drop, answer nothing (wireguard-go closes its
-            // socket while the interface is down), but count it.
-            let dropped: usize = meta
-                .iter()
-                .take(n)
-                .map(|m| m.len.div_ceil(m.stride.max(1)))
-                .sum();
-            shared.counters.link_down.fetch_add(dropped as u64, Relaxed);
-            tracing::debug!("link down: dropped {dropped} datagrams");
+        if dropped_link_down(&shared, &meta[..n]) {
             continue;
         }
         for (buf, m) in rx.iter().zip(&meta).take(n) {

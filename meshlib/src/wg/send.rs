@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
-use boringtun::noise::TunnResult;
+use boringtun::noise::{Tunn, TunnResult};
 
 use super::peer::Peer;
 use super::shared::Shared;
@@ -23,16 +23,32 @@ pub(crate) fn send_to_peer(shared: &Shared, peer: &Peer, packet: &[u8]) {
         peer.drop_no_endpoint.fetch_add(1, Relaxed);
         return;
     };
-    let mut buf = vec![0u8; (packet.len() + OVERHEAD).max(148)];
-    let n = match peer.tunn.lock().encapsulate(packet, &mut buf) {
-        TunnResult::WriteToNetwork(d) => d.len(),
-        _ => return,
+    let Some(dgram) = encapsulate_alone(&mut peer.tunn.lock(), packet) else {
+        return;
     };
+    send_alone(shared, peer, endpoint, &dgram);
+}
+
+/// `tunn.encapsulate` into a buffer of its own: the datagram to send, if
+/// any (sealed with the current session; without one, boringtun queues
+/// the packet and returns a handshake initiation when one is due).
+pub(crate) fn encapsulate_alone(tunn: &mut Tunn, packet: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; (packet.len() + OVERHEAD).max(148)];
+    let n = match tunn.encapsulate(packet, &mut buf) {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        _ => return None,
+    };
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Sends one datagram from [`encapsulate_alone`] to `peer` at `endpoint`.
+pub(crate) fn send_alone(shared: &Shared, peer: &Peer, endpoint: SocketAddr, dgram: &[u8]) {
     let (udp, _) = shared.transport.udp();
     let result = shared
         .transport
-        .send_to(&udp, peer.relay_ip(), endpoint, &buf[..n]);
-    sent(shared, peer, endpoint, n, result);
+        .send_to(&udp, peer.relay_ip(), endpoint, dgram);
+    sent(shared, peer, endpoint, dgram.len(), result);
 }
 
 /// Accounts one send of `bytes` to `peer` at `to`: on success its transfer
