@@ -324,6 +324,22 @@ struct Member {
 /// (member id, generation reached, when).
 type Report = (usize, u64, Instant);
 
+/// A bench member's join: a fresh key, `service`, one underlay endpoint.
+fn bench_meta(service: String, ephemeral: bool) -> MemberMeta {
+    MemberMeta {
+        public_key: PrivateKey::generate().public_key(),
+        service,
+        app_id: None,
+        process_type: Default::default(),
+        instance: None,
+        runner: "bench".into(),
+        ports: vec![],
+        endpoints: vec![std::net::SocketAddr::from(([192, 0, 2, 1], 51820))],
+        replace: false,
+        ephemeral,
+    }
+}
+
 /// Joins `n` members to `token`'s network, 64 at a time. Returns the members
 /// and the elapsed time.
 async fn join_many(
@@ -354,18 +370,7 @@ async fn join_many(
         joins.push(tokio::spawn(async move {
             let start = Instant::now();
             let _permit = slots.acquire_owned().await?;
-            let meta = MemberMeta {
-                public_key: PrivateKey::generate().public_key(),
-                service: format!("svc{}", i % 10),
-                app_id: None,
-                process_type: Default::default(),
-                instance: None,
-                runner: "bench".into(),
-                ports: vec![],
-                endpoints: vec!["192.0.2.1:51820".parse()?],
-                replace: false,
-                ephemeral: false,
-            };
+            let meta = bench_meta(format!("svc{}", i % 10), false);
             let mut s = control::join(&ep, &token, meta, &cfg)
                 .await
                 .map_err(|e| anyhow::anyhow!("member {i} after {:?}: {e:?}", start.elapsed()))?;
@@ -799,18 +804,7 @@ async fn stateless_join(
     token: &JoinToken,
     service: &str,
 ) -> anyhow::Result<control::Session> {
-    let meta = MemberMeta {
-        public_key: PrivateKey::generate().public_key(),
-        service: service.into(),
-        app_id: None,
-        process_type: Default::default(),
-        instance: None,
-        runner: "bench".into(),
-        ports: vec![],
-        endpoints: vec!["192.0.2.1:51820".parse()?],
-        replace: false,
-        ephemeral: true,
-    };
+    let meta = bench_meta(service.into(), true);
     let cfg = ClientConfig {
         connect_timeout: Duration::from_secs(60),
         ..ClientConfig::default()
@@ -1038,23 +1032,24 @@ async fn thin_join(
                 .connect_with(config.clone(), addr, meshlib::proto::SERVER_NAME)?
                 .await?;
             let (mut send, mut recv) = conn.open_bi().await?;
+            let meta = bench_meta(format!("svc{}", id % 10), false);
             let hello = Hello {
                 version: meshlib::proto::VERSION,
                 request: Request::Join(JoinRequest {
                     network: token.network,
                     token_secret: token.secret,
-                    public_key: PrivateKey::generate().public_key(),
-                    service: format!("svc{}", id % 10),
-                    app_id: None,
-                    process_type: Default::default(),
-                    instance: None,
-                    runner: "bench".into(),
-                    ports: vec![],
-                    endpoints: vec!["192.0.2.1:51820".parse()?],
+                    public_key: meta.public_key,
+                    service: meta.service,
+                    app_id: meta.app_id,
+                    process_type: meta.process_type,
+                    instance: meta.instance,
+                    runner: meta.runner,
+                    ports: meta.ports,
+                    endpoints: meta.endpoints,
                     service_groups: vec![],
                     publish: vec![],
-                    replace: false,
-                    ephemeral: false,
+                    replace: meta.replace,
+                    ephemeral: meta.ephemeral,
                 }),
             };
             meshlib::proto::write_frame(&mut send, &hello, max).await?;
