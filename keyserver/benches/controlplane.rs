@@ -20,7 +20,12 @@
 //!
 //! `CP_BENCH_ONLY=joins` stops after the etcd scenarios (no 10,000-member
 //! run, no restarts); `CP_BENCH_ONLY=size` runs the 100- and the 1000-member
-//! networks only (join rate against network size).
+//! networks only (join rate against network size), then the same two with
+//! thin members (see [`ThinMember`]) on a keyserver of their own: the
+//! keyserver's own cost of a network's size, without the members' maps
+//! decoded and kept in this process on the same cores
+//! (`CP_BENCH_DEBUG=1` names thin members that took over 300 ms to join
+//! or needed another attempt).
 //!
 //! `CP_BENCH_ONLY=100k` runs only the large run (issue 20): 100 networks
 //! of 1000 members (`CP_BENCH_NETS`, `CP_BENCH_PER`) joined through three
@@ -704,7 +709,11 @@ async fn main() -> anyhow::Result<()> {
             "  join rate {large} vs 100 members: {:.2}x",
             big.join_rate / small.join_rate
         );
-        return Ok(());
+        for m in keep {
+            m.task.abort();
+        }
+        drop(server);
+        return thin_size(&eps, large).await;
     }
     let (multi, m) = scenario(&server, &eps, 10, 100, "multi", &mut next_id).await?;
     keep.extend(m);
@@ -1093,11 +1102,92 @@ async fn thin_join(
                 });
                 return Ok(ThinMember { instance, task });
             }
-            Ok(Err(e)) => last = e,
+            Ok(Err(e)) => {
+                if std::env::var("CP_BENCH_DEBUG").is_ok() {
+                    eprintln!("thin member {id} attempt {attempt}: {e:#}");
+                }
+                last = e
+            }
             Err(_) => last = anyhow::anyhow!("timed out"),
         }
     }
     Err(last.context(format!("member {id} to {:?}", token.addrs)))
+}
+
+/// Join rate into one network of `n` thin members (one at a time per
+/// slot, 64 slots), keyserver CPU per join and generations per push: the
+/// keyserver's own cost of a network's size, without `n` full maps
+/// decoded and kept in this process on the same two cores.
+async fn thin_joins(
+    server: &Server,
+    eps: &[quinn::Endpoint],
+    name: &str,
+    n: usize,
+) -> anyhow::Result<(f64, Duration, f64)> {
+    let token = server.network(name).await?;
+    let config = control::quic_config(token.cert_sha256, &ClientConfig::default())?;
+    let reached = Arc::new(Reached::new(n));
+    let cpu0 = server.cpu();
+    let pushes0 = server.metric("istmesh_keyserver_pushes_total").await;
+    let gens0 = server
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await;
+    let slots = Arc::new(Semaphore::new(64));
+    let start = Instant::now();
+    let mut joins = Vec::with_capacity(n);
+    for i in 0..n {
+        let (ep, token, config, slots, reached) = (
+            eps[i / 25 % eps.len()].clone(),
+            token.clone(),
+            config.clone(),
+            slots.clone(),
+            reached.clone(),
+        );
+        joins.push(tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await?;
+            let t0 = Instant::now();
+            let m = thin_join(&ep, &token, &config, i, reached).await;
+            if std::env::var("CP_BENCH_DEBUG").is_ok() && t0.elapsed() > Duration::from_millis(300)
+            {
+                eprintln!("thin member {i}: joined in {:?}", t0.elapsed());
+            }
+            m
+        }));
+    }
+    let mut members = Vec::with_capacity(n);
+    for j in joins {
+        members.push(j.await??);
+    }
+    let t = start.elapsed();
+    let cpu = (server.cpu() - cpu0) / n as u32;
+    let pushes = server.metric("istmesh_keyserver_pushes_total").await - pushes0;
+    let gens = server
+        .metric("istmesh_keyserver_pushed_generations_total")
+        .await
+        - gens0;
+    for m in members {
+        m.task.abort();
+    }
+    Ok((n as f64 / t.as_secs_f64(), cpu, gens / pushes.max(1.0)))
+}
+
+/// [`thin_joins`] into 100 members (the anchor) and into `large`, on a
+/// keyserver of their own; printed with the ratio.
+async fn thin_size(eps: &[quinn::Endpoint], large: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path())?;
+    let small = thin_joins(&server, eps, "thin-small", 100).await?;
+    let big = thin_joins(&server, eps, "thin-large", large).await?;
+    for (n, (rate, cpu, merged)) in [(100, small), (large, big)] {
+        println!(
+            "thin members, 1 network x {n:<5} join rate {rate:>5.0}/s (keyserver CPU/join {cpu:>6.1?}, {merged:.1} generations per push)"
+        );
+    }
+    println!(
+        "  join rate {large} vs 100 thin members (the keyserver's own cost): {:.2}x",
+        big.0 / small.0
+    );
+    Ok(())
 }
 
 /// Sum of the resident memory (KiB) of the processes `pids`.

@@ -528,23 +528,25 @@ impl Keyserver {
     }
 }
 
-/// Sends held pushes (see [`Shared::flush_pushes`]): wakes when a change
-/// is held, then looks every millisecond until nothing is, until `shutdown`.
+/// Sends held pushes (see [`Shared::flush_pushes`]) until `shutdown`:
+/// wakes when a change is held, or when [`Shared::flush_pushes`] said to
+/// look again (a pace or hold ending), and sleeps while nothing is held.
 async fn flush_pushes(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let mut next: Option<std::time::Instant> = None;
     loop {
+        let due = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shared.held_pushes() => {}
+            () = due => {}
             () = &mut shutdown => return,
         }
-        // Bounded: every change is held for at most `push_hold`, and a
-        // change held after this loop ends wakes it again.
-        for _ in 0..10_000 {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            if !shared.flush_pushes(std::time::Instant::now()) {
-                break;
-            }
-        }
+        next = shared.flush_pushes(std::time::Instant::now());
     }
 }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshlib::ids::NetworkId;
 use meshlib::keys::PublicKey;
-use meshlib::netmap::MapDelta;
+use meshlib::netmap::{MapDelta, NetworkMap};
 use meshlib::proto::{self, ServerMsg};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
@@ -95,7 +95,7 @@ impl Default for Limits {
 }
 
 /// The default of [`Limits::push_hold`].
-pub const DEFAULT_PUSH_HOLD: Duration = Duration::from_millis(10);
+pub const DEFAULT_PUSH_HOLD: Duration = Duration::from_millis(100);
 
 /// An open session of a member, counted while this lives.
 #[derive(Debug)]
@@ -149,25 +149,56 @@ struct Hub {
     held: Option<Held>,
     /// When the last push was sent.
     sent: Option<Instant>,
+    /// The pace learned from a change storm: doubled by every push that
+    /// carried merged changes (they came faster than pushes could go),
+    /// back to zero by a push of one change. See [`Hub::may_send`].
+    storm: Duration,
 }
 
 impl Hub {
     /// Whether a push may leave now: every subscriber took the last one,
-    /// and the last one left at least `pace` ago, a time proportional to
-    /// the network's subscribers (a push to 1000 members costs the
-    /// keyserver about 10 ms of CPU; pushes closer together than that are
-    /// merged) and at most `hold`.
+    /// and the last one left at least the pace ago. The pace is
+    /// proportional to the network's subscribers (a push to 1000 members
+    /// costs the keyserver about 10 ms of CPU; pushes closer together than
+    /// that are merged), or longer during a change storm ([`Hub::storm`]),
+    /// and at most `hold`: in a storm (a deployment scaled up by a
+    /// thousand instances) every member gets one push per `hold` with
+    /// everything that changed, so a join costs the keyserver about the
+    /// same in a network of 1000 as in one of 100. A lone change, or the
+    /// first after a quiet spell, is never delayed.
     fn may_send(&self, now: Instant, hold: Duration) -> bool {
-        let pace = (PACE_PER_SUBSCRIBER * self.tx.receiver_count() as u32).min(hold);
         self.tx.is_empty()
             && self
                 .sent
-                .is_none_or(|t| now.saturating_duration_since(t) >= pace)
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.pace(hold))
+    }
+
+    /// See [`Hub::may_send`].
+    fn pace(&self, hold: Duration) -> Duration {
+        let base = PACE_PER_SUBSCRIBER * self.tx.receiver_count() as u32;
+        base.max(self.storm).min(hold)
+    }
+
+    /// Records a push leaving at `now` with `generations` changes.
+    fn pushed(&mut self, now: Instant, generations: u64, hold: Duration) {
+        self.sent = Some(now);
+        self.storm = if generations > 1 {
+            (self.storm * 2).max(STORM_PACE_MIN).min(hold)
+        } else {
+            Duration::ZERO
+        };
     }
 }
 
+/// How often held changes are looked at while their network's
+/// subscribers are still taking the last push ([`Shared::flush_pushes`]).
+const FLUSH_POLL: Duration = Duration::from_millis(1);
+
 /// See [`Hub::may_send`].
 const PACE_PER_SUBSCRIBER: Duration = Duration::from_micros(10);
+
+/// The storm pace a first push of merged changes sets ([`Hub::storm`]).
+const STORM_PACE_MIN: Duration = Duration::from_millis(5);
 
 /// Changes merged into one delta, not pushed yet.
 struct Held {
@@ -307,6 +338,11 @@ pub struct Shared {
     /// The last encoded snapshot of each network (see
     /// [`Shared::map_replies`]).
     snapshots: Mutex<HashMap<NetworkId, Arc<SharedSnapshot>>>,
+    /// The map of each network's last snapshot, kept to build the next
+    /// one from it and the changes since (O(changes), not a copy of every
+    /// member; see [`Shared::map_replies`]). Taken while one is built:
+    /// lock order after `view`.
+    maps: Mutex<HashMap<NetworkId, NetworkMap>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -363,6 +399,7 @@ impl Shared {
             hooks: OnceLock::new(),
             traffic: Mutex::new(Default::default()),
             snapshots: Mutex::new(HashMap::new()),
+            maps: Mutex::new(HashMap::new()),
         };
         shared.metrics.started.store(
             crate::registry::unix(now),
@@ -947,6 +984,7 @@ impl Shared {
                 // Sessions catch up from the new state at their next push.
                 self.hubs.lock().clear();
                 self.snapshots.lock().clear();
+                self.maps.lock().clear();
                 // Memory-only notes went with the old registry.
                 self.confirmed.lock().clear();
                 Ok(())
@@ -993,30 +1031,33 @@ impl Shared {
             }
         }
         self.snapshots.lock().remove(&network);
+        self.maps.lock().remove(&network);
     }
 
     /// What brings a member of protocol version 4 or later from nothing to
     /// the network's current map, and the generation it ends at. The
-    /// network's snapshot is encoded once per generation and the same
-    /// bytes go to every member that needs it at that generation. With
-    /// `lag` (a `GetMap`), a shared snapshot up to [`SNAPSHOT_REUSE`]
-    /// generations old is sent with one merged delta to the present, so
-    /// members asking for their map during a join storm cost O(changes)
-    /// each rather than O(members); without (a join: the joiner's first
-    /// snapshot holds the joiner, a contract clients rely on), only a
-    /// snapshot of the current generation. `None` for an unknown network.
+    /// network's snapshot is encoded once and the same bytes go to every
+    /// member that needs it, with one merged delta to the present when it
+    /// is older: `joined` `None` (a `GetMap`) takes a shared snapshot up to
+    /// [`SNAPSHOT_REUSE`] generations old, so members asking for their map
+    /// during a join storm cost O(changes) each rather than O(members);
+    /// `Some(g)` (a member that joined at generation `g`) takes one of
+    /// generation `g` or later, so the joiner's first snapshot holds the
+    /// joiner (a contract clients rely on), and joiners of one storm share
+    /// it instead of each having the network copied and encoded. `None`
+    /// for an unknown network.
     pub fn map_replies(
         &self,
         network: NetworkId,
-        lag: bool,
+        joined: Option<u64>,
     ) -> Option<(u64, Vec<crate::session::Reply>)> {
         use crate::registry::Catchup;
         use crate::session::Reply;
         let view = self.view.read();
         let now = view.network(network)?.generation;
-        let reuse = if lag { SNAPSHOT_REUSE } else { 0 };
+        let oldest = joined.unwrap_or_else(|| now.saturating_sub(SNAPSHOT_REUSE));
         let cached = self.snapshots.lock().get(&network).cloned();
-        if let Some(c) = cached.filter(|c| c.generation <= now && now - c.generation <= reuse) {
+        if let Some(c) = cached.filter(|c| c.generation <= now && c.generation >= oldest) {
             match view.catchup(network, c.generation) {
                 Some(Catchup::UpToDate) => {
                     return Some((now, vec![Reply::Frame(c.frame.clone())]));
@@ -1035,14 +1076,35 @@ impl Shared {
                 Some(Catchup::Snapshot(_)) | None => {}
             }
         }
-        let map = view.snapshot(network)?;
+        // The last snapshot's map brought to the present by the changes
+        // since, else a copy of the registry's.
+        let kept = self.maps.lock().remove(&network);
+        let brought = kept.and_then(|mut map| match view.catchup(network, map.generation) {
+            Some(Catchup::UpToDate) => Some(map),
+            Some(Catchup::Delta(d)) => map.apply(&d).ok().map(|()| map),
+            Some(Catchup::Snapshot(_)) | None => None,
+        });
+        let map = match brought {
+            Some(map) => map,
+            None => view.snapshot(network)?,
+        };
         drop(view);
         let generation = map.generation;
         let msg = ServerMsg::Snapshot(map);
-        let Ok(frame) = proto::encode_frame(&msg, self.limits.max_frame) else {
-            // Too large to send: the writer reports it.
-            return Some((generation, vec![Reply::Msg(msg)]));
+        let encoded = proto::encode_frame(&msg, self.limits.max_frame);
+        let ServerMsg::Snapshot(map) = msg else {
+            unreachable!("built above")
         };
+        let Ok(frame) = encoded else {
+            // Too large to send: the writer reports it.
+            return Some((generation, vec![Reply::Msg(ServerMsg::Snapshot(map))]));
+        };
+        {
+            let mut maps = self.maps.lock();
+            if maps.get(&network).is_none_or(|m| m.generation < generation) {
+                maps.insert(network, map);
+            }
+        }
         let frame: Arc<[u8]> = frame.into();
         let mut snapshots = self.snapshots.lock();
         let slot = snapshots.entry(network).or_insert_with(|| {
@@ -1119,8 +1181,8 @@ impl Shared {
             merged: false,
         };
         if self.limits.push_hold.is_zero() || hub.may_send(now, self.limits.push_hold) {
-            self.send_held(&hub.tx, held);
-            hub.sent = Some(now);
+            let generations = self.send_held(&hub.tx, held);
+            hub.pushed(now, generations, self.limits.push_hold);
         } else {
             hub.held = Some(held);
             self.held_wake.notify_one();
@@ -1129,7 +1191,8 @@ impl Shared {
 
     /// Encodes held changes (once for every subscriber, plus once per
     /// older protocol version that needs them filtered) and sends them.
-    fn send_held(&self, tx: &broadcast::Sender<Push>, held: Held) {
+    /// Returns how many generations they span.
+    fn send_held(&self, tx: &broadcast::Sender<Push>, held: Held) -> u64 {
         let Held {
             mut delta,
             removed,
@@ -1158,7 +1221,7 @@ impl Shared {
             })
             .collect();
         let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(delta), usize::MAX) else {
-            return;
+            return 0;
         };
         // No receivers is fine: nobody to tell.
         let _ = tx.send(Push {
@@ -1169,32 +1232,42 @@ impl Shared {
             removed,
             at,
         });
+        to.saturating_sub(from)
     }
 
     /// Sends the held changes of every network whose subscribers have all
-    /// taken the last push, or that were held for [`Limits::push_hold`]
-    /// (a subscriber that takes long must not delay the others for
-    /// longer). Returns whether changes are still held (call again in a
-    /// millisecond or so). The server calls it while anything is held
+    /// taken the last push (once its pace has passed), or that were held
+    /// for [`Limits::push_hold`] (a subscriber that takes long must not
+    /// delay the others for longer). Returns when to call again while
+    /// changes are still held (`None`: nothing is): when a pace or hold
+    /// ends, or in a millisecond while subscribers are still taking the
+    /// last push. The server calls it while anything is held
     /// ([`Shared::held_pushes`]).
-    pub fn flush_pushes(&self, now: Instant) -> bool {
+    pub fn flush_pushes(&self, now: Instant) -> Option<Instant> {
+        let hold = self.limits.push_hold;
         let mut hubs = self.hubs.lock();
-        let mut left = false;
+        let mut next: Option<Instant> = None;
         for hub in hubs.values_mut() {
             let Some(held) = &hub.held else {
                 continue;
             };
-            if hub.may_send(now, self.limits.push_hold)
-                || now.saturating_duration_since(held.at) >= self.limits.push_hold
-            {
+            let held_until = held.at + hold;
+            if hub.may_send(now, hold) || now >= held_until {
                 let held = hub.held.take().expect("checked above");
-                self.send_held(&hub.tx, held);
-                hub.sent = Some(now);
-            } else {
-                left = true;
+                let generations = self.send_held(&hub.tx, held);
+                hub.pushed(now, generations, hold);
+                continue;
             }
+            let paced_until = hub.sent.map_or(now, |t| t + hub.pace(hold));
+            let at = if paced_until > now {
+                paced_until.min(held_until)
+            } else {
+                // Paced out: waiting for subscribers to take the last push.
+                (now + FLUSH_POLL).min(held_until)
+            };
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
-        left
+        next
     }
 
     /// Completes when a change was held since the last call (the server's
@@ -1214,6 +1287,7 @@ impl Shared {
                 tx: broadcast::channel(self.limits.push_buffer.max(16)).0,
                 held: None,
                 sent: None,
+                storm: Duration::ZERO,
             })
             .tx
             .subscribe()
@@ -1507,7 +1581,7 @@ mod tests {
         for _ in 0..10 {
             join(&shared);
         }
-        let (g1, first) = shared.map_replies(net, true).unwrap();
+        let (g1, first) = shared.map_replies(net, None).unwrap();
         assert_eq!(g1, 10);
         assert_eq!(first.len(), 1, "a fresh snapshot alone");
         let shared_frame = match &first[0] {
@@ -1516,7 +1590,7 @@ mod tests {
         };
         for i in 1..=SNAPSHOT_REUSE {
             let g = join(&shared);
-            let (to, replies) = shared.map_replies(net, true).unwrap();
+            let (to, replies) = shared.map_replies(net, None).unwrap();
             assert_eq!((to, replies.len()), (g, 2), "join {i}: snapshot and delta");
             match &replies[0] {
                 crate::session::Reply::Frame(f) => {
@@ -1529,28 +1603,81 @@ mod tests {
         }
         // One generation too many: encoded again, and shared from then on.
         join(&shared);
-        let (_, replies) = shared.map_replies(net, true).unwrap();
+        let (_, replies) = shared.map_replies(net, None).unwrap();
         assert_eq!(replies.len(), 1);
         assert_eq!(replay(&replies), shared.read(|r| r.snapshot(net)).unwrap());
         assert_eq!(replay(&replies).members.len(), 11 + SNAPSHOT_REUSE as usize);
         // A joiner: the present only, the same bytes at the same generation.
-        let (g, a) = shared.map_replies(net, false).unwrap();
-        let (_, b) = shared.map_replies(net, false).unwrap();
-        assert_eq!((a.len(), b.len()), (1, 1));
+        let now_gen = join(&shared);
+        let (g, a) = shared.map_replies(net, Some(now_gen)).unwrap();
+        let (_, b) = shared.map_replies(net, Some(now_gen)).unwrap();
+        assert_eq!((g, a.len(), b.len()), (now_gen, 1, 1));
         match (&a[0], &b[0]) {
             (crate::session::Reply::Frame(x), crate::session::Reply::Frame(y)) => {
                 assert!(Arc::ptr_eq(x, y))
             }
             _ => panic!("encoded frames"),
         }
-        join(&shared);
-        let (g2, c) = shared.map_replies(net, false).unwrap();
-        assert_eq!(
-            (g2, c.len()),
-            (g + 1, 1),
-            "never a stale snapshot for a joiner"
-        );
+        // A joiner of an earlier generation (joins of one storm) shares
+        // that snapshot, which holds it, and gets a delta to the present.
+        let later = join(&shared);
+        let (g2, c) = shared.map_replies(net, Some(now_gen)).unwrap();
+        assert_eq!((g2, c.len()), (later, 2));
+        match &c[0] {
+            crate::session::Reply::Frame(f) => assert!(Arc::ptr_eq(
+                f,
+                match &a[0] {
+                    crate::session::Reply::Frame(x) => x,
+                    _ => unreachable!(),
+                }
+            )),
+            _ => panic!("the shared frame"),
+        }
         assert_eq!(replay(&c), shared.read(|r| r.snapshot(net)).unwrap());
+        // The later joiner is not in that snapshot: it gets a new one.
+        let (g3, d) = shared.map_replies(net, Some(later)).unwrap();
+        assert_eq!(
+            (g3, d.len()),
+            (later, 1),
+            "never a snapshot without the joiner"
+        );
+        let ServerMsg::Snapshot(m) = (match &d[0] {
+            crate::session::Reply::Frame(f) => decode(f),
+            crate::session::Reply::Msg(m) => m.clone(),
+        }) else {
+            panic!("a snapshot");
+        };
+        assert_eq!(m.generation, later);
+        assert_eq!(replay(&d), shared.read(|r| r.snapshot(net)).unwrap());
+        // Snapshots are built from the last one's map and the changes
+        // since: after removals and joins, the same as the registry's.
+        let mut victims = shared
+            .read(|r| r.snapshot(net))
+            .unwrap()
+            .members
+            .into_keys();
+        for key in [victims.next().unwrap(), victims.nth(3).unwrap()] {
+            shared
+                .mutate(
+                    |r| {
+                        let (c, ops) = r.remove_member(net, &key.to_string(), now)?;
+                        Ok::<_, crate::registry::AdminError>(((), ops, vec![c]))
+                    },
+                    |_, _, _| (),
+                )
+                .unwrap();
+            let g = join(&shared);
+            let (_, e) = shared.map_replies(net, Some(g)).unwrap();
+            assert_eq!(e.len(), 1);
+            let ServerMsg::Snapshot(m) = (match &e[0] {
+                crate::session::Reply::Frame(f) => decode(f),
+                crate::session::Reply::Msg(m) => m.clone(),
+            }) else {
+                panic!("a snapshot");
+            };
+            assert!(!m.members.contains_key(&key));
+            assert_eq!(m, shared.read(|r| r.snapshot(net)).unwrap());
+        }
     }
 
     #[test]
@@ -1585,7 +1712,7 @@ mod tests {
         // Not taken yet: the next changes are held, merged.
         let (_, c) = join_one(&shared, net, now);
         let held_from = g2;
-        assert!(shared.flush_pushes(Instant::now()), "still held");
+        assert!(shared.flush_pushes(Instant::now()).is_some(), "still held");
         remove(a);
         remove(c);
         let (g5, _) = join_one(&shared, net, now);
@@ -1596,7 +1723,7 @@ mod tests {
         );
         // Flushed once every subscriber took the last push (here: none
         // is waiting) …
-        assert!(!shared.flush_pushes(Instant::now()));
+        assert!(shared.flush_pushes(Instant::now()).is_none());
         let merged = rx.try_recv().expect("one merged push");
         assert!(matches!(
             rx.try_recv(),
@@ -1617,17 +1744,60 @@ mod tests {
         assert_eq!(map, shared.read(|r| r.snapshot(net)).unwrap());
         assert!(map.members.contains_key(&b) && !map.members.contains_key(&a));
         // A subscriber that never takes its pushes delays the others by
-        // at most `push_hold`.
+        // at most `push_hold` (after a quiet spell: the merged push set a
+        // storm pace).
+        std::thread::sleep(STORM_PACE_MIN * 2);
         let _slow = shared.subscribe(net);
         let _ = join_one(&shared, net, now);
         let (g7, _) = join_one(&shared, net, now);
-        assert!(shared.flush_pushes(Instant::now()));
-        assert!(!shared.flush_pushes(Instant::now() + hold));
+        assert!(shared.flush_pushes(Instant::now()).is_some());
+        assert!(shared.flush_pushes(Instant::now() + hold).is_none());
         let mut last = 0;
         while let Ok(p) = rx.try_recv() {
             last = p.to;
         }
         assert_eq!(last, g7);
+    }
+
+    #[test]
+    fn a_change_storm_slows_pushes_to_one_per_hold_and_a_lone_change_goes_at_once() {
+        let hold = Duration::from_millis(100);
+        let mut hub = Hub {
+            tx: broadcast::channel(16).0,
+            held: None,
+            sent: None,
+            storm: Duration::ZERO,
+        };
+        let _rx = hub.tx.subscribe();
+        let mut t = Instant::now();
+        assert!(hub.may_send(t, hold), "nothing sent yet");
+        hub.pushed(t, 1, hold);
+        // One subscriber: the pace of its size.
+        assert_eq!(hub.pace(hold), PACE_PER_SUBSCRIBER);
+        assert!(!hub.may_send(t, hold));
+        // Pushes that carry merged changes (they come faster than pushes
+        // go): the pace doubles, up to `hold`.
+        let mut paces = Vec::new();
+        for _ in 0..8 {
+            t += hub.pace(hold);
+            assert!(hub.may_send(t, hold));
+            hub.pushed(t, 5, hold);
+            paces.push(hub.pace(hold));
+        }
+        let ms = Duration::from_millis;
+        assert_eq!(paces[..3], [ms(5), ms(10), ms(20)]);
+        assert_eq!(paces.last(), Some(&hold));
+        assert!(!hub.may_send(t + hold / 2, hold));
+        assert!(hub.may_send(t + hold, hold));
+        // After a quiet spell a lone change leaves at once, and ends the
+        // storm: the next one is paced by the network's size again.
+        t += hold * 3;
+        assert!(hub.may_send(t, hold));
+        hub.pushed(t, 1, hold);
+        assert_eq!(hub.pace(hold), PACE_PER_SUBSCRIBER);
+        // A hold of zero (or below the storm pace) caps it.
+        hub.pushed(t, 5, ms(2));
+        assert_eq!(hub.pace(ms(2)), ms(2));
     }
 
     #[test]

@@ -236,8 +236,8 @@ impl StreamSession {
                 }
                 let network = joined.network;
                 // The network's map, at least as new as the join (encoded
-                // once per generation, shared).
-                let (sent, map) = Self::map_for(shared, network, hello.version, false)
+                // once, shared by the joiners of a storm).
+                let (sent, map) = Self::map_for(shared, network, hello.version, Some(generation))
                     .ok_or_else(Self::revoked)?;
                 let welcome = welcome_of(
                     &joined.member,
@@ -337,17 +337,18 @@ impl StreamSession {
     }
 
     /// The replies that give a member its network's current map, and the
-    /// generation they end at: the shared snapshot (with `lag`, perhaps a
-    /// delta) for protocol version 4 and later ([`Shared::map_replies`]), a
-    /// snapshot of its own for older members.
+    /// generation they end at: the shared snapshot (perhaps with a delta;
+    /// `joined`: the generation of the member's join, which the snapshot
+    /// must hold) for protocol version 4 and later
+    /// ([`Shared::map_replies`]), a snapshot of its own for older members.
     fn map_for(
         shared: &Shared,
         network: NetworkId,
         version: u16,
-        lag: bool,
+        joined: Option<u64>,
     ) -> Option<(u64, Vec<Reply>)> {
         if version >= 4 {
-            return shared.map_replies(network, lag);
+            return shared.map_replies(network, joined);
         }
         let map = shared.read(|r| r.snapshot(network))?;
         Some((map.generation, vec![Reply::Msg(ServerMsg::Snapshot(map))]))
@@ -477,7 +478,7 @@ impl StreamSession {
                 code: ErrorCode::Forbidden,
                 message: format!("not a member of network {other}"),
             })),
-            ClientMsg::GetMap(_) => match Self::map_for(shared, net, self.version, true) {
+            ClientMsg::GetMap(_) => match Self::map_for(shared, net, self.version, None) {
                 Some((generation, replies)) => {
                     self.sent = generation;
                     Ok((replies, Next::Continue))

@@ -135,8 +135,34 @@ pub enum ControlError {
 
 /// A QUIC client endpoint bound to `bind` (use port 0).
 pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ControlError> {
-    quinn::Endpoint::client(bind).map_err(|e| ControlError::Setup(e.to_string()))
+    use socket2::{Domain, Protocol, Socket, Type};
+    let setup = |e: std::io::Error| ControlError::Setup(e.to_string());
+    let socket =
+        Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP)).map_err(setup)?;
+    if bind.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    // The map of a large network arrives as one burst (a snapshot of a
+    // thousand members is ~120 KB, and several sessions may share the
+    // endpoint): the kernel's default buffer drops part of it, and each
+    // loss costs a retransmission timeout. Best effort: capped at
+    // `rmem_max`.
+    let _ = socket.set_recv_buffer_size(CLIENT_SOCKET_BUFFER);
+    socket.bind(&bind.into()).map_err(setup)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| ControlError::Setup("no async runtime".into()))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        runtime,
+    )
+    .map_err(setup)
 }
+
+/// Receive buffer a control client's socket asks for
+/// ([`client_endpoint`]).
+const CLIENT_SOCKET_BUFFER: usize = 2 << 20;
 
 /// The quinn client configuration pinning `fingerprint` (ALPN, TLS 1.3,
 /// keep-alive and idle timeout from `cfg`).
