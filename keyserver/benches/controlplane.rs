@@ -136,6 +136,15 @@ impl Server {
         })
     }
 
+    /// Pushes sent and generations they carried, so far.
+    async fn push_counters(&self) -> (f64, f64) {
+        (
+            self.metric("istmesh_keyserver_pushes_total").await,
+            self.metric("istmesh_keyserver_pushed_generations_total")
+                .await,
+        )
+    }
+
     /// One value of `/metrics` (0 if absent).
     async fn metric(&self, name: &str) -> f64 {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -480,10 +489,7 @@ async fn scenario(
     let mut all = Vec::new();
     let mut join_time = Duration::ZERO;
     let cpu0 = server.cpu();
-    let pushes0 = server.metric("istmesh_keyserver_pushes_total").await;
-    let gens0 = server
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await;
+    let (pushes0, gens0) = server.push_counters().await;
     let mut first = (String::new(), Vec::new(), 0);
     for n in 0..networks {
         let name = format!("{tag}-{n}");
@@ -500,11 +506,8 @@ async fn scenario(
         }
     }
     let cpu_per_join = (server.cpu() - cpu0) / (networks * per_network) as u32;
-    let pushes = server.metric("istmesh_keyserver_pushes_total").await - pushes0;
-    let gens = server
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await
-        - gens0;
+    let (pushes, gens) = server.push_counters().await;
+    let (pushes, gens) = (pushes - pushes0, gens - gens0);
     let rss_kib = server.rss_kib();
     let (name, mut members, id0) = first;
     let changes = 10;
@@ -554,19 +557,13 @@ async fn etcd_scenario(
     let token = first.token(prefix, replicas).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cpu0 = first.cpu();
-    let pushes0 = first.metric("istmesh_keyserver_pushes_total").await;
-    let gens0 = first
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await;
+    let (pushes0, gens0) = first.push_counters().await;
     let id0 = *next_id;
     let (mut members, t) = join_many(eps, &token, n, id0, &tx).await?;
     *next_id += n;
     let cpu_per_join = (first.cpu() - cpu0) / n as u32;
-    let pushes = first.metric("istmesh_keyserver_pushes_total").await - pushes0;
-    let gens = first
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await
-        - gens0;
+    let (pushes, gens) = first.push_counters().await;
+    let (pushes, gens) = (pushes - pushes0, gens - gens0);
     let rss_kib = first.rss_kib();
     let (fan_median, fan_worst, cpu_per_change) =
         fan_out(first, prefix, &mut members, id0, 10, &mut rx).await?;
@@ -1128,10 +1125,7 @@ async fn thin_joins(
     let config = control::quic_config(token.cert_sha256, &ClientConfig::default())?;
     let reached = Arc::new(Reached::new(n));
     let cpu0 = server.cpu();
-    let pushes0 = server.metric("istmesh_keyserver_pushes_total").await;
-    let gens0 = server
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await;
+    let (pushes0, gens0) = server.push_counters().await;
     let slots = Arc::new(Semaphore::new(64));
     let start = Instant::now();
     let mut joins = Vec::with_capacity(n);
@@ -1160,11 +1154,8 @@ async fn thin_joins(
     }
     let t = start.elapsed();
     let cpu = (server.cpu() - cpu0) / n as u32;
-    let pushes = server.metric("istmesh_keyserver_pushes_total").await - pushes0;
-    let gens = server
-        .metric("istmesh_keyserver_pushed_generations_total")
-        .await
-        - gens0;
+    let (pushes, gens) = server.push_counters().await;
+    let (pushes, gens) = (pushes - pushes0, gens - gens0);
     for m in members {
         m.task.abort();
     }

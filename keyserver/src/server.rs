@@ -1556,12 +1556,31 @@ mod tests {
         (generation, req.public_key)
     }
 
+    fn remove_one(shared: &Shared, net: NetworkId, key: PublicKey, now: SystemTime) {
+        shared
+            .mutate(
+                |r| {
+                    let (c, ops) = r.remove_member(net, &key.to_string(), now)?;
+                    Ok::<_, crate::registry::AdminError>(((), ops, vec![c]))
+                },
+                |_, _, _| (),
+            )
+            .unwrap();
+    }
+
     #[test]
     fn joiners_share_one_encoded_snapshot() {
         let now = SystemTime::now();
         let (_dir, shared, net) = prod(Limits::default(), now);
         let join = |shared: &Shared| join_one(shared, net, now).0;
         let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
+        let snapshot_in = |reply: &crate::session::Reply| match reply {
+            crate::session::Reply::Frame(f) => match decode(f) {
+                ServerMsg::Snapshot(m) => m,
+                other => panic!("not a snapshot: {other:?}"),
+            },
+            other => panic!("not an encoded frame: {other:?}"),
+        };
         // The map a member ends with after the replies.
         let replay = |replies: &[crate::session::Reply]| {
             let mut map = None::<meshlib::netmap::NetworkMap>;
@@ -1641,12 +1660,7 @@ mod tests {
             (later, 1),
             "never a snapshot without the joiner"
         );
-        let ServerMsg::Snapshot(m) = (match &d[0] {
-            crate::session::Reply::Frame(f) => decode(f),
-            crate::session::Reply::Msg(m) => m.clone(),
-        }) else {
-            panic!("a snapshot");
-        };
+        let m = snapshot_in(&d[0]);
         assert_eq!(m.generation, later);
         assert_eq!(replay(&d), shared.read(|r| r.snapshot(net)).unwrap());
         // Snapshots are built from the last one's map and the changes
@@ -1657,24 +1671,11 @@ mod tests {
             .members
             .into_keys();
         for key in [victims.next().unwrap(), victims.nth(3).unwrap()] {
-            shared
-                .mutate(
-                    |r| {
-                        let (c, ops) = r.remove_member(net, &key.to_string(), now)?;
-                        Ok::<_, crate::registry::AdminError>(((), ops, vec![c]))
-                    },
-                    |_, _, _| (),
-                )
-                .unwrap();
+            remove_one(&shared, net, key, now);
             let g = join(&shared);
             let (_, e) = shared.map_replies(net, Some(g)).unwrap();
             assert_eq!(e.len(), 1);
-            let ServerMsg::Snapshot(m) = (match &e[0] {
-                crate::session::Reply::Frame(f) => decode(f),
-                crate::session::Reply::Msg(m) => m.clone(),
-            }) else {
-                panic!("a snapshot");
-            };
+            let m = snapshot_in(&e[0]);
             assert!(!m.members.contains_key(&key));
             assert_eq!(m, shared.read(|r| r.snapshot(net)).unwrap());
         }
@@ -1690,17 +1691,7 @@ mod tests {
         };
         let (_dir, shared, net) = prod(limits, now);
         let mut rx = shared.subscribe(net);
-        let remove = |key: PublicKey| {
-            shared
-                .mutate(
-                    |r| {
-                        let (c, ops) = r.remove_member(net, &key.to_string(), now)?;
-                        Ok::<_, crate::registry::AdminError>(((), ops, vec![c]))
-                    },
-                    |_, _, _| (),
-                )
-                .unwrap();
-        };
+        let remove = |key: PublicKey| remove_one(&shared, net, key, now);
         // Nothing pushed yet: the first change goes out at once.
         let (g1, a) = join_one(&shared, net, now);
         let first = rx.try_recv().expect("pushed at once");
