@@ -270,6 +270,7 @@ impl Config {
             },
             service_domain: self.service_domain.clone(),
             audit_entries: self.audit_entries.max(1),
+            ..Limits::default()
         }
     }
 

@@ -71,6 +71,12 @@ pub struct Limits {
     pub service_domain: String,
     /// Entries the audit trail keeps ([`crate::auth`]).
     pub audit_entries: usize,
+    /// Members from which a network's last snapshot is also kept decoded,
+    /// to build the next one from it and the changes since rather than
+    /// copy every member ([`Shared::map_replies`]): it saves CPU in a join
+    /// storm into a large network, and costs about a member's record of
+    /// memory per member; below this a copy is cheap.
+    pub keep_map_from: usize,
 }
 
 impl Default for Limits {
@@ -90,6 +96,7 @@ impl Default for Limits {
             lifecycle: Lifecycle::default(),
             service_domain: crate::registry::DEFAULT_SERVICE_DOMAIN.to_owned(),
             audit_entries: crate::registry::DEFAULT_AUDIT_ENTRIES,
+            keep_map_from: 256,
         }
     }
 }
@@ -1099,7 +1106,7 @@ impl Shared {
             // Too large to send: the writer reports it.
             return Some((generation, vec![Reply::Msg(ServerMsg::Snapshot(map))]));
         };
-        {
+        if map.members.len() >= self.limits.keep_map_from {
             let mut maps = self.maps.lock();
             if maps.get(&network).is_none_or(|m| m.generation < generation) {
                 maps.insert(network, map);
@@ -1571,7 +1578,13 @@ mod tests {
     #[test]
     fn joiners_share_one_encoded_snapshot() {
         let now = SystemTime::now();
-        let (_dir, shared, net) = prod(Limits::default(), now);
+        // Every network's last map kept (the default keeps those of 256
+        // members or more).
+        let limits = Limits {
+            keep_map_from: 0,
+            ..Limits::default()
+        };
+        let (_dir, shared, net) = prod(limits, now);
         let join = |shared: &Shared| join_one(shared, net, now).0;
         let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
         let snapshot_in = |reply: &crate::session::Reply| match reply {
