@@ -1,7 +1,8 @@
 //! Control-protocol frames from the network: `decode_payload` of each
 //! message type a peer can send (`Hello`, `ClientMsg` to the keyserver,
-//! `ServerMsg` to the sidecar), `parse_hello` (every supported version's
-//! hello, as the keyserver reads it), and the length-prefixed frame reader.
+//! `ServerMsg` to the sidecar, a packed one unpacked), `parse_hello` (every
+//! supported version's hello, as the keyserver reads it), and the
+//! length-prefixed frame reader.
 //! A decoded message must re-encode and decode to itself.
 #![no_main]
 

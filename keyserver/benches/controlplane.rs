@@ -1012,6 +1012,13 @@ fn generation_of(payload: &[u8]) -> Option<u64> {
         ),
         // `ServerMsg::Delta(MapDelta { from, to, .. })`
         2 => Some(postcard::take_from_bytes::<(u64, u64)>(rest).ok()?.0 .1),
+        // `ServerMsg::Packed`: unpacked (never packed twice), not decoded.
+        9 => {
+            let packed = postcard::take_from_bytes::<meshlib::proto::Packed>(rest)
+                .ok()?
+                .0;
+            generation_of(&packed.payload().ok()?)
+        }
         _ => None,
     }
 }

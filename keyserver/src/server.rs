@@ -148,6 +148,18 @@ pub struct Push {
     pub at: Instant,
 }
 
+impl Push {
+    /// The frame for a member of protocol `version`: the first of
+    /// [`Push::legacy`] that covers it, else [`Push::frame`].
+    pub fn frame_for(&self, version: u16) -> Arc<[u8]> {
+        self.legacy
+            .iter()
+            .find(|(upto, _)| version <= *upto)
+            .map_or(&self.frame, |(_, f)| f)
+            .clone()
+    }
+}
+
 /// A network's push channel, and the changes held to go out together.
 struct Hub {
     tx: broadcast::Sender<Push>,
@@ -287,6 +299,20 @@ pub const SNAPSHOT_REUSE: u64 = 64;
 struct SharedSnapshot {
     generation: u64,
     frame: Arc<[u8]>,
+    /// The same, packed for members that read packed messages
+    /// ([`proto::PACKED_VERSION`]); `None` when packing does not pay
+    /// ([`proto::pack_frame`]).
+    packed: Option<Arc<[u8]>>,
+}
+
+impl SharedSnapshot {
+    /// The frame for a member that reads packed messages (`packed`) or not.
+    fn frame(&self, packed: bool) -> Arc<[u8]> {
+        match &self.packed {
+            Some(p) if packed => p.clone(),
+            _ => self.frame.clone(),
+        }
+    }
 }
 
 /// How long a readiness answer is reused: `/readyz` polled by several
@@ -1052,11 +1078,13 @@ impl Shared {
     /// generation `g` or later, so the joiner's first snapshot holds the
     /// joiner (a contract clients rely on), and joiners of one storm share
     /// it instead of each having the network copied and encoded. `None`
-    /// for an unknown network.
+    /// for an unknown network. `packed`: the member reads packed messages
+    /// ([`proto::PACKED_VERSION`]), so a large snapshot goes packed.
     pub fn map_replies(
         &self,
         network: NetworkId,
         joined: Option<u64>,
+        packed: bool,
     ) -> Option<(u64, Vec<crate::session::Reply>)> {
         use crate::registry::Catchup;
         use crate::session::Reply;
@@ -1067,14 +1095,14 @@ impl Shared {
         if let Some(c) = cached.filter(|c| c.generation <= now && c.generation >= oldest) {
             match view.catchup(network, c.generation) {
                 Some(Catchup::UpToDate) => {
-                    return Some((now, vec![Reply::Frame(c.frame.clone())]));
+                    return Some((now, vec![Reply::Frame(c.frame(packed))]));
                 }
                 Some(Catchup::Delta(d)) => {
                     let to = d.to;
                     return Some((
                         to,
                         vec![
-                            Reply::Frame(c.frame.clone()),
+                            Reply::Frame(c.frame(packed)),
                             Reply::Msg(ServerMsg::Delta(d)),
                         ],
                     ));
@@ -1112,21 +1140,20 @@ impl Shared {
                 maps.insert(network, map);
             }
         }
-        let frame: Arc<[u8]> = frame.into();
-        let mut snapshots = self.snapshots.lock();
-        let slot = snapshots.entry(network).or_insert_with(|| {
-            Arc::new(SharedSnapshot {
-                generation,
-                frame: frame.clone(),
-            })
+        let built = Arc::new(SharedSnapshot {
+            generation,
+            packed: proto::pack_frame(&frame).map(Arc::from),
+            frame: frame.into(),
         });
-        if slot.generation < generation {
-            *slot = Arc::new(SharedSnapshot {
-                generation,
-                frame: frame.clone(),
-            });
+        let reply = Reply::Frame(built.frame(packed));
+        let mut snapshots = self.snapshots.lock();
+        match snapshots.get(&network) {
+            Some(slot) if slot.generation >= generation => {}
+            _ => {
+                snapshots.insert(network, built);
+            }
         }
-        Some((generation, vec![Reply::Frame(frame)]))
+        Some((generation, vec![reply]))
     }
 
     /// Forgets expired and used-up tokens; returns how many. Blocking.
@@ -1219,7 +1246,10 @@ impl Shared {
             std::sync::atomic::Ordering::Relaxed,
         );
         let (from, to) = (delta.from, delta.to);
-        let legacy = [3, proto::VERSION - 1]
+        // Versions 3 and 4 cannot decode every change (see
+        // `legacy_delta`); members older than `PACKED_VERSION` cannot
+        // decode a packed delta.
+        let mut legacy: Vec<(u16, Arc<[u8]>)> = [3, 4]
             .into_iter()
             .filter_map(|v| {
                 let d = crate::session::legacy_delta(&delta, v)?;
@@ -1227,9 +1257,13 @@ impl Shared {
                 Some((v, Arc::from(frame)))
             })
             .collect();
-        let Ok(frame) = proto::encode_frame(&ServerMsg::Delta(delta), usize::MAX) else {
+        let Ok(mut frame) = proto::encode_frame(&ServerMsg::Delta(delta), usize::MAX) else {
             return 0;
         };
+        if let Some(packed) = proto::pack_frame(&frame) {
+            let plain = std::mem::replace(&mut frame, packed);
+            legacy.push((proto::PACKED_VERSION - 1, Arc::from(plain)));
+        }
         // No receivers is fine: nobody to tell.
         let _ = tx.send(Push {
             from,
@@ -1613,7 +1647,7 @@ mod tests {
         for _ in 0..10 {
             join(&shared);
         }
-        let (g1, first) = shared.map_replies(net, None).unwrap();
+        let (g1, first) = shared.map_replies(net, None, true).unwrap();
         assert_eq!(g1, 10);
         assert_eq!(first.len(), 1, "a fresh snapshot alone");
         let shared_frame = match &first[0] {
@@ -1622,7 +1656,7 @@ mod tests {
         };
         for i in 1..=SNAPSHOT_REUSE {
             let g = join(&shared);
-            let (to, replies) = shared.map_replies(net, None).unwrap();
+            let (to, replies) = shared.map_replies(net, None, true).unwrap();
             assert_eq!((to, replies.len()), (g, 2), "join {i}: snapshot and delta");
             match &replies[0] {
                 crate::session::Reply::Frame(f) => {
@@ -1635,14 +1669,14 @@ mod tests {
         }
         // One generation too many: encoded again, and shared from then on.
         join(&shared);
-        let (_, replies) = shared.map_replies(net, None).unwrap();
+        let (_, replies) = shared.map_replies(net, None, true).unwrap();
         assert_eq!(replies.len(), 1);
         assert_eq!(replay(&replies), shared.read(|r| r.snapshot(net)).unwrap());
         assert_eq!(replay(&replies).members.len(), 11 + SNAPSHOT_REUSE as usize);
         // A joiner: the present only, the same bytes at the same generation.
         let now_gen = join(&shared);
-        let (g, a) = shared.map_replies(net, Some(now_gen)).unwrap();
-        let (_, b) = shared.map_replies(net, Some(now_gen)).unwrap();
+        let (g, a) = shared.map_replies(net, Some(now_gen), true).unwrap();
+        let (_, b) = shared.map_replies(net, Some(now_gen), true).unwrap();
         assert_eq!((g, a.len(), b.len()), (now_gen, 1, 1));
         match (&a[0], &b[0]) {
             (crate::session::Reply::Frame(x), crate::session::Reply::Frame(y)) => {
@@ -1653,7 +1687,7 @@ mod tests {
         // A joiner of an earlier generation (joins of one storm) shares
         // that snapshot, which holds it, and gets a delta to the present.
         let later = join(&shared);
-        let (g2, c) = shared.map_replies(net, Some(now_gen)).unwrap();
+        let (g2, c) = shared.map_replies(net, Some(now_gen), true).unwrap();
         assert_eq!((g2, c.len()), (later, 2));
         match &c[0] {
             crate::session::Reply::Frame(f) => assert!(Arc::ptr_eq(
@@ -1667,7 +1701,7 @@ mod tests {
         }
         assert_eq!(replay(&c), shared.read(|r| r.snapshot(net)).unwrap());
         // The later joiner is not in that snapshot: it gets a new one.
-        let (g3, d) = shared.map_replies(net, Some(later)).unwrap();
+        let (g3, d) = shared.map_replies(net, Some(later), true).unwrap();
         assert_eq!(
             (g3, d.len()),
             (later, 1),
@@ -1686,12 +1720,84 @@ mod tests {
         for key in [victims.next().unwrap(), victims.nth(3).unwrap()] {
             remove_one(&shared, net, key, now);
             let g = join(&shared);
-            let (_, e) = shared.map_replies(net, Some(g)).unwrap();
+            let (_, e) = shared.map_replies(net, Some(g), true).unwrap();
             assert_eq!(e.len(), 1);
             let m = snapshot_in(&e[0]);
             assert!(!m.members.contains_key(&key));
             assert_eq!(m, shared.read(|r| r.snapshot(net)).unwrap());
         }
+    }
+
+    /// Members of `PACKED_VERSION` or later get a large snapshot and a
+    /// large push packed; older members the same messages plain (they
+    /// cannot decode a packed one), including what filters their deltas.
+    #[test]
+    fn large_snapshots_and_pushes_go_packed_to_members_that_read_them_only() {
+        let now = SystemTime::now();
+        let limits = Limits {
+            push_hold: Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let (_dir, shared, net) = prod(limits, now);
+        let variant = |frame: &[u8]| postcard::take_from_bytes::<u32>(&frame[4..]).unwrap().0;
+        let decode = |frame: &[u8]| -> ServerMsg { proto::decode_payload(&frame[4..]).unwrap() };
+        let frame_of = |r: &crate::session::Reply| match r {
+            crate::session::Reply::Frame(f) => f.clone(),
+            other => panic!("not an encoded frame: {other:?}"),
+        };
+        // Snapshots: 40 members (about 5 KB plain).
+        for _ in 0..40 {
+            join_one(&shared, net, now);
+        }
+        let (_, plain) = shared.map_replies(net, None, false).unwrap();
+        let (_, packed) = shared.map_replies(net, None, true).unwrap();
+        let (plain, packed) = (frame_of(&plain[0]), frame_of(&packed[0]));
+        assert_eq!((variant(&plain), variant(&packed)), (1, 9));
+        assert!(
+            packed.len() * 2 < plain.len(),
+            "{} {}",
+            packed.len(),
+            plain.len()
+        );
+        let want = ServerMsg::Snapshot(shared.read(|r| r.snapshot(net)).unwrap());
+        assert_eq!((decode(&plain), decode(&packed)), (want.clone(), want));
+        // Pushes: a merged push of 20 joins (about 2.5 KB plain).
+        let mut rx = shared.subscribe(net);
+        // A subscriber that never reads: what follows is held until
+        // `push_hold`, then goes as one push.
+        let _slow = shared.subscribe(net);
+        join_one(&shared, net, now);
+        let lone = rx.try_recv().expect("a lone change goes at once");
+        for v in [3, 5, proto::PACKED_VERSION] {
+            // Small: plain for everyone.
+            assert_eq!(variant(&lone.frame_for(v)), 2, "version {v}");
+        }
+        let from = lone.to;
+        for _ in 0..20 {
+            join_one(&shared, net, now);
+        }
+        assert!(shared.flush_pushes(Instant::now()).is_some(), "held");
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(shared.flush_pushes(later).is_none());
+        let merged = rx.try_recv().expect("one merged push");
+        assert_eq!((merged.from, merged.to), (from, from + 20));
+        let (new, old) = (
+            merged.frame_for(proto::PACKED_VERSION),
+            merged.frame_for(proto::PACKED_VERSION - 1),
+        );
+        assert_eq!((variant(&new), variant(&old)), (9, 2));
+        assert!(new.len() < old.len());
+        assert_eq!(decode(&new), decode(&old));
+        for v in [3, 4] {
+            assert_eq!(variant(&merged.frame_for(v)), 2, "version {v}");
+        }
+        let ServerMsg::Delta(d) = decode(&new) else {
+            panic!("a delta");
+        };
+        let mut map = shared.read(|r| r.snapshot(net)).unwrap();
+        map.generation = from;
+        map.apply(&d).unwrap();
+        assert_eq!(map, shared.read(|r| r.snapshot(net)).unwrap());
     }
 
     #[test]

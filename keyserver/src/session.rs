@@ -294,7 +294,7 @@ impl StreamSession {
                     _open: open,
                 };
                 let mut replies = vec![Reply::Msg(ServerMsg::Welcome(welcome))];
-                replies.extend(s.catchup(resumed.catchup));
+                replies.extend(s.catchup(resumed.catchup, shared.limits.max_frame));
                 Ok((s, replies, pushes))
             }
             // Answered before a session opens (`quic::drive_stream`).
@@ -321,18 +321,36 @@ impl StreamSession {
     }
 
     /// A catch-up as replies, advancing `sent`.
-    fn catchup(&mut self, c: Catchup) -> Option<Reply> {
-        match c {
-            Catchup::UpToDate => None,
+    fn catchup(&mut self, c: Catchup, max_frame: usize) -> Option<Reply> {
+        let msg = match c {
+            Catchup::UpToDate => return None,
             Catchup::Delta(d) => {
                 self.sent = d.to;
                 let d = legacy_delta(&d, self.version).unwrap_or(d);
-                Some(Reply::Msg(ServerMsg::Delta(d)))
+                ServerMsg::Delta(d)
             }
             Catchup::Snapshot(map) => {
                 self.sent = map.generation;
-                Some(Reply::Msg(ServerMsg::Snapshot(map)))
+                ServerMsg::Snapshot(map)
             }
+        };
+        Some(self.packed_if_large(msg, max_frame))
+    }
+
+    /// `msg` packed when this member reads packed messages and packing
+    /// pays ([`proto::pack_frame`]), else as it is (a frame over
+    /// `max_frame` stays a message, for the writer to refuse).
+    fn packed_if_large(&self, msg: ServerMsg, max_frame: usize) -> Reply {
+        if self.version < proto::PACKED_VERSION {
+            return Reply::Msg(msg);
+        }
+        let Ok(plain) = proto::encode_frame(&msg, usize::MAX) else {
+            return Reply::Msg(msg);
+        };
+        match proto::pack_frame(&plain) {
+            Some(packed) if packed.len() - 4 <= max_frame => Reply::Frame(packed.into()),
+            _ if plain.len() - 4 <= max_frame => Reply::Frame(plain.into()),
+            _ => Reply::Msg(msg),
         }
     }
 
@@ -348,7 +366,7 @@ impl StreamSession {
         joined: Option<u64>,
     ) -> Option<(u64, Vec<Reply>)> {
         if version >= 4 {
-            return shared.map_replies(network, joined);
+            return shared.map_replies(network, joined, version >= proto::PACKED_VERSION);
         }
         let map = shared.read(|r| r.snapshot(network))?;
         Some((map.generation, vec![Reply::Msg(ServerMsg::Snapshot(map))]))
@@ -390,12 +408,7 @@ impl StreamSession {
                     // The removal itself is not sent: the stream ends.
                     return Err(self.gone(shared));
                 }
-                let frame = p
-                    .legacy
-                    .into_iter()
-                    .find(|(upto, _)| self.version <= *upto)
-                    .map_or(p.frame, |(_, f)| f);
-                Ok(vec![Reply::Frame(frame)])
+                Ok(vec![Reply::Frame(p.frame_for(self.version))])
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 let (net, key, sent) = (self.network, self.key, self.sent);
@@ -403,7 +416,9 @@ impl StreamSession {
                 if !still {
                     return Err(self.gone(shared));
                 }
-                Ok(c.and_then(|c| self.catchup(c)).into_iter().collect())
+                Ok(c.and_then(|c| self.catchup(c, shared.limits.max_frame))
+                    .into_iter()
+                    .collect())
             }
             Err(broadcast::error::RecvError::Closed) => {
                 Err(Fatal(ErrorCode::Internal, "shutting down".into()))

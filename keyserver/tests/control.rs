@@ -423,3 +423,67 @@ async fn a_version_4_member_is_not_sent_group_names() {
     let (_kc, c) = join(&ep, &token, "api").await;
     assert_eq!(c.map().names[&shop], ["shop.test", "www.shop.test"]);
 }
+
+/// A large snapshot goes packed (protocol version 6) to a member that
+/// reads packed messages, and plain to a member of version 5: the same
+/// map either way, and the library's member gets it unpacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_snapshots_go_packed_only_to_members_that_read_them() {
+    use meshlib::proto::{self, ServerMsg};
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path(), |_| {}).await;
+    h.network("prod", "10.240.0.0/22").await;
+    let token = h.token("prod", json!({"uses": 100})).await;
+    let ep = client_endpoint();
+    let mut members = Vec::new();
+    for _ in 0..30 {
+        members.push(join(&ep, &token, "api").await);
+    }
+    // The raw snapshot frame a member of `version` is sent on joining.
+    let raw_snapshot = |version: u16| {
+        let (ep, token, fingerprint, quic) = (&ep, &token, h.fingerprint, h.quic);
+        async move {
+            let config = control::quic_config(fingerprint, &cfg()).unwrap();
+            let conn = ep
+                .connect_with(config, quic, proto::SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let (_k, m) = meta("api");
+            let hello = join_hello(version, token, m);
+            proto::write_frame(&mut send, &hello, 1 << 20)
+                .await
+                .unwrap();
+            let welcome = proto::read_payload(&mut recv, 1 << 20).await.unwrap();
+            assert!(matches!(
+                proto::decode_payload::<ServerMsg>(&welcome).unwrap(),
+                ServerMsg::Welcome(_)
+            ));
+            let payload = proto::read_payload(&mut recv, 1 << 20).await.unwrap();
+            let (variant, _) = postcard::take_from_bytes::<u32>(&payload).unwrap();
+            let ServerMsg::Snapshot(map) = proto::decode_payload(&payload).unwrap() else {
+                panic!("expected a snapshot");
+            };
+            (variant, payload.len(), map, conn)
+        }
+    };
+    let (v5, plain_len, old_map, _c5) = raw_snapshot(5).await;
+    let (v6, packed_len, new_map, _c6) = raw_snapshot(proto::VERSION).await;
+    assert_eq!(v5, 1, "a version 5 member reads a plain snapshot");
+    assert_eq!(v6, 9, "a current member gets it packed");
+    assert_eq!(proto::PACKED_VERSION, proto::VERSION);
+    assert!(
+        packed_len * 2 < plain_len,
+        "packed {packed_len} of {plain_len} bytes"
+    );
+    assert_eq!(old_map.members.len(), 31);
+    assert_eq!(new_map.members.len(), 32);
+    // The library's member decodes it unpacked and agrees.
+    let (_k, last) = join(&ep, &token, "api").await;
+    assert_eq!(last.map().members.len(), 33);
+    for (k, m) in &new_map.members {
+        assert_eq!(&last.map().members[k].ip, &m.ip);
+    }
+    h.stop().await;
+}

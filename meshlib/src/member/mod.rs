@@ -634,6 +634,17 @@ impl MemberCore {
 
     /// A message from the keyserver arrived on the open stream.
     pub fn handle_message(&mut self, now: Instant, msg: ServerMsg) {
+        // Decoding unpacks; a host that built one itself is served too.
+        let msg = match msg {
+            ServerMsg::Packed(p) => match p.unpack() {
+                Ok(msg) => msg,
+                Err(e) => {
+                    self.transmits.push_back(Transmit::Close);
+                    return self.lost(now, Setback::Protocol(e.to_string()));
+                }
+            },
+            msg => msg,
+        };
         match self.phase {
             Phase::Hello { .. } => self.on_first(now, msg),
             Phase::Live | Phase::Closing { .. } => self.on_live(now, msg),
@@ -997,6 +1008,11 @@ impl MemberCore {
                     Setback::Protocol("a gateway grant on a member's stream".into()),
                 );
             }
+            ServerMsg::Packed(_) => {
+                // Unpacked in `handle_message`; one inside is malformed.
+                self.transmits.push_back(Transmit::Close);
+                self.lost(now, Setback::Protocol("packed twice".into()));
+            }
         }
     }
 
@@ -1194,5 +1210,6 @@ fn kind(msg: &ServerMsg) -> &'static str {
         ServerMsg::KeyRotated { .. } => "key rotation answer",
         ServerMsg::Relay(_) => "relay ticket",
         ServerMsg::GatewayGrant(_) => "gateway grant",
+        ServerMsg::Packed(_) => "packed message",
     }
 }
