@@ -115,7 +115,8 @@ pub struct Config {
     /// /64). Default 64 (a fleet behind one NAT address restarting at once);
     /// when full, that source's oldest is closed.
     pub max_unauthenticated_per_source: usize,
-    /// QUIC idle timeout in seconds. Default 30 (clients keep alive every 5).
+    /// QUIC idle timeout in seconds. Default 30 (clients keep alive every 3
+    /// and give a silent keyserver up after 10).
     pub idle_timeout_secs: u64,
     /// Seconds from a connection's first packet to its hello. Default 3.
     #[serde(alias = "handshake-timeout-secs")]
@@ -128,7 +129,7 @@ pub struct Config {
     pub push_buffer: usize,
     /// Most milliseconds a change waits to go out merged with the next ones
     /// while members are still taking the last push (a change storm: a join
-    /// storm, a rolling restart). Default 10; 0 pushes every change alone.
+    /// storm, a rolling restart). Default 100; 0 pushes every change alone.
     pub push_hold_ms: u64,
     /// Seconds a released address stays unused. Default 300 (well above the DNS TTL).
     pub quarantine_secs: u64,
