@@ -35,6 +35,9 @@
 //!
 //! `CP_BENCH_WRAP=heaptrack` (any command) starts the keyserver under it,
 //! e.g. for a heap profile of the 10,000-member run.
+//! `CP_BENCH_CONFIG='push-hold-ms = 250'` (a keyserver configuration
+//! file's text) starts the single keyservers on the embedded store with
+//! it, to compare settings.
 //!
 //! Then stateless restarts (issue 18; `CP_BENCH_ONLY=restarts` alone): one
 //! network of 1000 members, and 10,000 restarts of 10 ephemeral instances
@@ -76,8 +79,11 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// A keyserver on its embedded store, with `CP_BENCH_CONFIG`'s
+    /// configuration if set.
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_on(dir, None)
+        let text = std::env::var("CP_BENCH_CONFIG").ok();
+        Self::start_with(dir, None, text.as_deref())
     }
 
     /// A keyserver on `store` (`None`: its embedded store). Replicas on
