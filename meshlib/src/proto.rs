@@ -518,7 +518,7 @@ pub enum ServerMsg {
     GatewayGrant(GatewayGrant),
     /// Another message, compressed (version 6, appended; sent only to
     /// members of [`PACKED_VERSION`] or later): a large snapshot or delta
-    /// costs the keyserver and the network a third of the datagrams.
+    /// costs the keyserver and the network about half the datagrams.
     /// Decoding a `ServerMsg` unpacks it, so a reader never sees this
     /// variant; a `Packed` inside a `Packed` is malformed.
     Packed(Packed),
