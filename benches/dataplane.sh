@@ -14,8 +14,8 @@
 #   WORKERS=3 benches/dataplane.sh  # crypto workers of the "ours+workers" row (2)
 #   ROWS="ours ours+workers" benches/dataplane.sh   # only some rows
 #
-# Ends with: dataplane: <ours> Mbit/s, <x.xx>x wireguard-go, <y.yy>x gotatun
-# (single-stream TCP, A -> B). A benchmark, not a test: it never fails on speed.
+# Ends with: dataplane: <ours> Mbit/s (<c> CPU-s/GB), <x.xx>x wireguard-go, <y.yy>x gotatun
+# (single-stream TCP, A -> B; CPU: both tunnel processes). A benchmark, not a test: it never fails on speed.
 set -euo pipefail
 
 DURATION=${DURATION:-5}
@@ -111,6 +111,19 @@ rtt_after() {
 
 declare -A RESULT
 
+# CPU ticks (user + system) of every process in both namespaces but iperf3:
+# the tunnel implementation's two processes.
+tunnel_ticks() {
+    local t=0 pid
+    for ns in "$NS_A" "$NS_B"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = iperf3 ] && continue
+            t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$t"
+}
+
 # Measures between A and B at $2 (address of B): label $1.
 measure() {
     local label=$1 b_addr=$2 a_addr=$3
@@ -120,7 +133,13 @@ measure() {
     ip netns exec "$NS_A" ping -c 3 -i 0.2 -W 2 "$b_addr" >/dev/null 2>&1 || true
     # Idle RTT first (after the warm-up ping), the same for every impl.
     RESULT[$label,rtt]=$(rtt "$NS_A" "$b_addr")
+    local t0 t1
+    t0=$(tunnel_ticks)
     RESULT[$label,1up]=$(iperf "$NS_A" "$b_addr")
+    t1=$(tunnel_ticks)
+    # CPU seconds of the tunnel processes per GB (10^9 bytes) received.
+    RESULT[$label,cpu]=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v m="${RESULT[$label,1up]}" \
+        -v d="$DURATION" 'BEGIN { gb = m * d / 8000; if (gb > 0 && t > 0) printf "%.2f", t / hz / gb; else print "-" }')
     RESULT[$label,1down]=$(iperf "$NS_B" "$a_addr")
     RESULT[$label,4up]=$(iperf "$NS_A" "$b_addr" -P 4)
     RESULT[$label,4down]=$(iperf "$NS_B" "$a_addr" -P 4)
@@ -189,12 +208,13 @@ if row veth; then
 fi
 
 echo
-echo "iperf3 TCP receiver Mbit/s (${DURATION}s each), ping RTT ms; A->B = up, B->A = down"
-printf '%-14s %10s %10s %10s %10s %9s  %s\n' impl "1 up" "1 down" "4 up" "4 down" "rtt ms" \
+echo "iperf3 TCP receiver Mbit/s (${DURATION}s each), ping RTT ms; A->B = up, B->A = down;"
+echo "CPU-s/GB: user+system seconds of both tunnel processes per 10^9 bytes in the 1-up run"
+printf '%-14s %10s %10s %10s %10s %9s %9s  %s\n' impl "1 up" "1 down" "4 up" "4 down" "CPU-s/GB" "rtt ms" \
     "after load: avg ms, worst ms, pings over 1 ms (of 200)"
 for l in "${LABELS[@]}"; do
-    printf '%-14s %10s %10s %10s %10s %9s  %s\n' "$l" "${RESULT[$l,1up]}" "${RESULT[$l,1down]}" \
-        "${RESULT[$l,4up]}" "${RESULT[$l,4down]}" "${RESULT[$l,rtt]:-?}" "${RESULT[$l,after]:-?}"
+    printf '%-14s %10s %10s %10s %10s %9s %9s  %s\n' "$l" "${RESULT[$l,1up]}" "${RESULT[$l,1down]}" \
+        "${RESULT[$l,4up]}" "${RESULT[$l,4down]}" "${RESULT[$l,cpu]:--}" "${RESULT[$l,rtt]:-?}" "${RESULT[$l,after]:-?}"
 done
 [ -n "$GOTATUN_NOTE" ] && echo "$GOTATUN_NOTE"
 
@@ -203,7 +223,7 @@ OURS_1=${RESULT[ours,1up]:-0}
 if row ours+workers; then
     echo "crypto workers ($WORKERS): 1 stream $(ratio "${RESULT[ours+workers,1up]}" "$OURS_1")x up, $(ratio "${RESULT[ours+workers,1down]}" "${RESULT[ours,1down]:-0}")x down; 4 streams $(ratio "${RESULT[ours+workers,4up]}" "${RESULT[ours,4up]:-0}")x up, $(ratio "${RESULT[ours+workers,4down]}" "${RESULT[ours,4down]:-0}")x down (against ours without)"
 fi
-LINE="dataplane: $OURS_1 Mbit/s, $(ratio "$OURS_1" "${RESULT[wireguard-go,1up]:-0}")x wireguard-go"
+LINE="dataplane: $OURS_1 Mbit/s (${RESULT[ours,cpu]:--} CPU-s/GB), $(ratio "$OURS_1" "${RESULT[wireguard-go,1up]:-0}")x wireguard-go"
 if [ -n "${RESULT[gotatun,1up]:-}" ]; then
     LINE="$LINE, $(ratio "$OURS_1" "${RESULT[gotatun,1up]}")x gotatun"
 else

@@ -170,6 +170,59 @@ fn crypto_workers_move_data_intact_with_wireguard_go_and_ours() {
     engine.shutdown();
 }
 
+/// Packets the kernel took from userspace writes on `host`'s interface (a
+/// TUN's `rx_packets` counts one per write: a coalesced super-packet is one).
+fn tun_writes(host: &Host) -> u64 {
+    let path = format!("/sys/class/net/{}/statistics/rx_packets", host.ifname);
+    must("ip", &["netns", "exec", &host.ns, "cat", &path])
+        .trim()
+        .parse()
+        .expect("rx_packets")
+}
+
+#[test]
+fn received_tcp_segments_reach_the_tun_coalesced() {
+    require_netns!();
+    // Two engines of ours on real TUNs (offloads on); B decrypts on its
+    // loop's thread, C with two crypto workers. What A sends as TSO
+    // super-packets arrives as MSS-sized segments; the receiver hands
+    // each batch's consecutive segments of one flow to the kernel as one
+    // GRO super-packet, so far fewer writes than segments (one write per
+    // segment costs the kernel's TCP receive as much as the crypto).
+    let mut t = Topo::new();
+    let (a, b, c) = (t.host(1), t.host(2), t.host(3));
+    let ea = engine_in(&a, 1);
+    let eb = engine_in(&b, 1);
+    let ec = engine_with(&c, 1, 2);
+    ea.set_peer(peer_config(&b, &[])).unwrap();
+    ea.set_peer(peer_config(&c, &[])).unwrap();
+    eb.set_peer(peer_config(&a, &[])).unwrap();
+    ec.set_peer(peer_config(&a, &[])).unwrap();
+    for to in [&b, &c] {
+        assert!(ping(&a, &to.overlay, None, 3), "a -> {}", to.ns);
+    }
+    const LEN: usize = 16 << 20;
+    // 1420-byte MTU: at most 1380 bytes of payload per segment.
+    let segments = (LEN / 1380) as u64;
+    for (i, to) in [&b, &c].into_iter().enumerate() {
+        let before = tun_writes(to);
+        assert_transfer(&a, to, 5230 + i as u16, LEN);
+        let writes = tun_writes(to) - before;
+        eprintln!(
+            "{}: {writes} TUN writes for {segments} segments or more",
+            to.ns
+        );
+        assert!(
+            writes * 3 < segments,
+            "{}: {writes} TUN writes for at least {segments} segments (not coalesced)",
+            to.ns
+        );
+    }
+    for e in [ea, eb, ec] {
+        e.shutdown();
+    }
+}
+
 #[test]
 fn three_peer_mesh_survives_live_removal() {
     require_netns!();

@@ -15,7 +15,7 @@ use boringtun::noise::Session;
 use quinn_udp::{RecvMeta, UdpSockRef};
 
 use super::crypt::{Job, Lane, Pool};
-use super::device::{BATCH, MAX_SUPER_PACKET};
+use super::device::{out_buffer, BATCH, MAX_SUPER_PACKET};
 use super::io::{
     accept_in, apply_paths, authenticated, drain_queue, dropped_link_down, inner_packet,
     link_is_up, queue_behind, read_failed, route_out, CurrentUdp, SideReceiver, MAX_DATAGRAM,
@@ -455,7 +455,7 @@ impl Job for OpenJob {
         let off = self.off;
         for (k, item) in self.items.iter_mut().enumerate() {
             if self.out.len() <= k {
-                self.out.push(Vec::with_capacity(off + 2048));
+                self.out.push(out_buffer(off));
             }
             let dgram = &self.rx[item.buf][item.start..item.start + item.len];
             let out = &mut self.out[k];

@@ -24,6 +24,20 @@ pub const MAX_SUPER_PACKET: usize = 65_535 + tun_rs::VIRTIO_NET_HDR_LEN;
 /// Number of packets one read or write batch holds at most.
 pub const BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 
+/// An empty buffer for a packet that will be written to a device with
+/// `headroom` bytes before each packet. With offloads on (headroom > 0)
+/// the device coalesces the packets of one TCP flow into the first one's
+/// buffer (GRO, up to a 64 KiB super-packet), and refuses to when that
+/// buffer's capacity is short: so it gets room for a whole super-packet
+/// (capacity only, the pages are touched when a write uses them).
+pub(super) fn out_buffer(headroom: usize) -> Vec<u8> {
+    if headroom > 0 {
+        Vec::with_capacity(2 * headroom + 65_535)
+    } else {
+        Vec::with_capacity(2048)
+    }
+}
+
 /// Free packet slots needed to read one more super-packet into a batch
 /// (64 KiB split at the smallest useful MSS).
 const DRAIN_ROOM: usize = 64;

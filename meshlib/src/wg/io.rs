@@ -14,7 +14,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use quinn_udp::{RecvMeta, UdpSockRef};
 
-use super::device::{BATCH, MAX_SUPER_PACKET};
+use super::device::{out_buffer, BATCH, MAX_SUPER_PACKET};
 use super::flows::Inbound as Reply;
 use super::peer::Peer;
 use super::send::{send_failed, sent};
@@ -312,7 +312,7 @@ pub(crate) fn network_loop(shared: Arc<Shared>) {
     let mut rx = vec![vec![0u8; MAX_DATAGRAM]; quinn_udp::BATCH_SIZE];
     let mut meta = vec![RecvMeta::default(); quinn_udp::BATCH_SIZE];
     let mut dev = DeviceBatch {
-        bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
+        bufs: (0..BATCH).map(|_| out_buffer(off)).collect(),
         count: 0,
         off,
         vip: InCursor::default(),
@@ -388,7 +388,7 @@ impl SideReceiver {
         let off = shared.device.headroom();
         Self {
             dev: DeviceBatch {
-                bufs: (0..BATCH).map(|_| Vec::with_capacity(off + 2048)).collect(),
+                bufs: (0..BATCH).map(|_| out_buffer(off)).collect(),
                 count: 0,
                 off,
                 vip: InCursor::default(),
