@@ -32,6 +32,11 @@
 //! keyserver replicas on a 3-node etcd, members spread over the replicas.
 //! Its members are thin (see [`ThinMember`]): 100,000 maps of 1000 peers
 //! would not fit in this machine's memory beside the keyservers.
+//! `CP_BENCH_KEEPALIVE_S=10` makes its members keep their connections alive
+//! every 10 s instead of a member's default 3 (their idle timeout and the
+//! replicas' `idle-timeout-secs` become three keep-alives, at least the
+//! defaults): at 70,000 members the keep-alives and their ACKs were most of
+//! the machine's packets. A run with it says so.
 //!
 //! `CP_BENCH_WRAP=heaptrack` (any command) starts the keyserver under it,
 //! e.g. for a heap profile of the 10,000-member run.
@@ -202,7 +207,9 @@ impl Server {
         self.token(name, 1).await
     }
 
-    /// A token of network `name` once it carries `replicas` addresses.
+    /// A join token of network `name` once it carries `replicas` addresses
+    /// (valid 24 h: the large run takes over an hour, and 1 h tokens ended
+    /// one at its 95,795th join).
     async fn token(&self, name: &str, replicas: usize) -> anyhow::Result<JoinToken> {
         let path = format!("/v1/networks/{name}/tokens");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -212,7 +219,7 @@ impl Server {
                 .call(
                     Method::POST,
                     &path,
-                    Some(&json!({"uses": 10_000, "expires": "1h"})),
+                    Some(&json!({"uses": 10_000, "expires": "24h"})),
                 )
                 .await?;
             let t: JoinToken = t["token"].as_str().context("token")?.parse()?;
@@ -1217,9 +1224,25 @@ async fn hundred_k_scenario(nets: usize, per: usize) -> anyhow::Result<()> {
     let total = nets * per;
     // Past the defaults: a third of the members on each replica, and every
     // member from 127.0.0.1 (a default of 64 handshakes per source).
+    let keep_alive = std::env::var("CP_BENCH_KEEPALIVE_S")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(ClientConfig::default().keep_alive, |s| {
+            Duration::from_secs(s.max(1))
+        });
+    let client = ClientConfig {
+        keep_alive,
+        idle_timeout: (3 * keep_alive).max(ClientConfig::default().idle_timeout),
+        ..ClientConfig::default()
+    };
     let config = format!(
-        "max-connections = {}\nmax-unauthenticated = 4096\nmax-unauthenticated-per-source = 4096\n",
-        total / 2 + 1000
+        "max-connections = {}\nmax-unauthenticated = 4096\nmax-unauthenticated-per-source = 4096\nidle-timeout-secs = {}\n",
+        total / 2 + 1000,
+        (3 * keep_alive.as_secs()).max(30)
+    );
+    println!(
+        "large run: members keep alive every {keep_alive:?} (idle timeout {:?})",
+        client.idle_timeout
     );
     let url = format!("{}/large", etcd.url);
     let dirs: Vec<tempfile::TempDir> = (0..3)
@@ -1248,7 +1271,7 @@ async fn hundred_k_scenario(nets: usize, per: usize) -> anyhow::Result<()> {
     let eps: Vec<quinn::Endpoint> = (0..total / 50 + 1)
         .map(|_| control::client_endpoint("127.0.0.1:0".parse().expect("literal")))
         .collect::<Result<_, _>>()?;
-    let config = control::quic_config(tokens[0].cert_sha256, &ClientConfig::default())?;
+    let config = control::quic_config(tokens[0].cert_sha256, &client)?;
     let reached = Arc::new(Reached::new(total));
     // Members join the networks in turn (member i into network i % nets),
     // each starting at replica i % 3, 96 joins at a time.
