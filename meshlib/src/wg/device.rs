@@ -136,6 +136,13 @@ impl TunConfig {
     }
 }
 
+thread_local! {
+    /// Each writing thread's GRO table ([`TunDevice`]'s `send_batch`):
+    /// tun-rs resets it at every call, so one per thread serves every
+    /// device that thread writes to.
+    static GRO_TABLE: std::cell::RefCell<GROTable> = std::cell::RefCell::new(GROTable::new());
+}
+
 /// A Linux TUN interface (needs `CAP_NET_ADMIN` and `/dev/net/tun`).
 pub struct TunDevice {
     /// Queue 0 (also used for writes), then the extra queues.
@@ -143,7 +150,6 @@ pub struct TunDevice {
     extra: Vec<SyncDevice>,
     offload: bool,
     stop: InterruptEvent,
-    gro: parking_lot::Mutex<GROTable>,
     /// Notifications of the interface's link changes (up, down, deleted).
     link: LinkEvents,
 }
@@ -184,7 +190,6 @@ impl TunDevice {
             extra,
             offload,
             stop: InterruptEvent::new()?,
-            gro: parking_lot::Mutex::new(GROTable::default()),
             link,
         })
     }
@@ -262,11 +267,15 @@ impl Device for TunDevice {
         Ok(n)
     }
 
+    /// Coalesces with the calling thread's GRO table: the threads that
+    /// write to the device (the network loop, side receivers, crypto-worker
+    /// batches) share no lock, and none is held across the `write(2)` calls.
     fn send_batch(&self, bufs: &mut [Vec<u8>]) -> io::Result<()> {
-        let mut gro = self.gro.lock();
-        self.dev
-            .send_multiple(&mut gro, bufs, self.headroom())
-            .map(|_| ())
+        GRO_TABLE.with_borrow_mut(|gro| {
+            self.dev
+                .send_multiple(gro, bufs, self.headroom())
+                .map(|_| ())
+        })
     }
 
     fn interrupt(&self) {
