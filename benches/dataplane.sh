@@ -13,6 +13,7 @@
 #   DURATION=10 benches/dataplane.sh
 #   WORKERS=3 benches/dataplane.sh  # crypto workers of the "ours+workers" row (2)
 #   ROWS="ours ours+workers" benches/dataplane.sh   # only some rows
+#   OURS_BIN=/tmp/ist-wg-old ROWS=ours benches/dataplane.sh  # another build of ours
 #
 # Ends with: dataplane: <ours> Mbit/s (<c> CPU-s/GB), <x.xx>x wireguard-go, <y.yy>x gotatun
 # (single-stream TCP, A -> B; CPU: both tunnel processes). A benchmark, not a test: it never fails on speed.
@@ -49,11 +50,15 @@ for tool in iperf3 wg wireguard-go ping; do
     command -v "$tool" >/dev/null || { echo "dataplane.sh: needs $tool" >&2; exit 1; }
 done
 
-echo "building ours (release)..." >&2
-(cd "$ROOT" && cargo build --release -q -p ist-mesh --bin ist-wg)
-OURS=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/ist-wg
-[ -x "$OURS" ] || OURS="$ROOT/target/release/ist-wg"
+if [ -n "${OURS_BIN:-}" ]; then
+    OURS=$OURS_BIN # another build of ours, to compare two (nothing is built)
+else
+    echo "building ours (release)..." >&2
+    (cd "$ROOT" && cargo build --release -q -p ist-mesh --bin ist-wg)
+    OURS=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/ist-wg
+    [ -x "$OURS" ] || OURS="$ROOT/target/release/ist-wg"
+fi
 
 GOTATUN=$(command -v gotatun || true)
 GOTATUN_NOTE=""
